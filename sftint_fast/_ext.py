@@ -1,0 +1,57 @@
+"""Loads the C++ extension ``sftint_fast._C`` (ops under ``torch.ops.sftint``).
+
+The build degrades in steps, never silently: when the extension is missing or broken the package
+uses pure-torch fallbacks and warns once, saying why; ``SFTINT_REQUIRE_EXT=1`` turns that into an
+ImportError (CI sets it). ``python -m sftint_fast.info`` prints the status.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import warnings
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_OPS = ("subset_mobius", "subset_zeta", "superset_mobius", "superset_zeta")
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> tuple[bool, str]:
+    """Returns (loaded, reason). Cached: the import is tried once per process."""
+    if os.environ.get("SFTINT_SKIP_EXT", "0") == "1" and os.environ.get("SFTINT_REQUIRE_EXT", "0") != "1":
+        return False, "SFTINT_SKIP_EXT=1 is set"
+    try:
+        from sftint_fast import _C  # noqa: F401  (registers torch.ops.sftint.*)
+    except ImportError as exc:
+        reason = f"the C++ extension sftint_fast._C could not be imported ({exc})"
+        return False, reason
+    missing = [op for op in _OPS if not hasattr(torch.ops.sftint, op)]
+    if missing:
+        return False, f"the C++ extension loaded but lacks ops {missing}"
+    _register_fakes()
+    return True, "loaded"
+
+
+def _register_fakes() -> None:
+    for op in _OPS:
+        torch.library.register_fake(f"sftint::{op}")(lambda x: torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+def extension_status() -> tuple[bool, str]:
+    """(available, reason) of the C++ extension, without warning."""
+    return _load()
+
+
+@functools.lru_cache(maxsize=None)
+def has_ext() -> bool:
+    """True when the C++ ops are usable. Warns once (or raises under SFTINT_REQUIRE_EXT=1) when not."""
+    ok, reason = _load()
+    if ok:
+        return True
+    if os.environ.get("SFTINT_REQUIRE_EXT", "0") == "1":
+        raise ImportError(f"SFTINT_REQUIRE_EXT=1 but {reason}. Rebuild with `pip install -e .`.")
+    warnings.warn(f"sftint_fast: using pure-torch transforms because {reason}.", RuntimeWarning, stacklevel=3)
+    return False

@@ -1,0 +1,44 @@
+"""``python -m sftint_fast.info``: versions, extension status, threads, devices, Triton mode."""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+
+
+def collect() -> dict[str, str]:
+    import torch
+
+    from sftint_fast import _ext
+
+    def version(pkg: str) -> str:
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    ok, reason = _ext.extension_status()
+    info = {
+        "sftint_fast": version("sftint_fast"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": version("transformers"),
+        "triton": version("triton"),
+        "C++ extension": "built and loaded" if ok else f"NOT available: {reason}",
+        "torch threads (intra-op)": str(torch.get_num_threads()),
+        "OpenMP parallel backend": torch.__config__.parallel_info().splitlines()[0] if hasattr(torch, "__config__") else "?",
+        "CUDA available": str(torch.cuda.is_available()),
+        "CUDA devices": ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none",
+        "Triton mode": "interpreter (TRITON_INTERPRET=1)" if os.environ.get("TRITON_INTERPRET") == "1"
+        else ("compiled (CUDA)" if torch.cuda.is_available() else "unused (no CUDA; set TRITON_INTERPRET=1 to run kernels on CPU)"),
+    }
+    return info
+
+
+def main() -> None:
+    for key, value in collect().items():
+        print(f"{key:28s} {value}")
+
+
+if __name__ == "__main__":
+    main()

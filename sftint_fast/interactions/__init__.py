@@ -1,0 +1,1 @@
+"""Interactions computed from a game's output vector ``v`` alone (never imports the engine)."""

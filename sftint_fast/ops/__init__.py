@@ -1,0 +1,1 @@
+"""Fast ops (C++ / Triton) and their plain references."""

@@ -1,0 +1,49 @@
+"""Shared fixtures and capability-based skip markers (defined once, here)."""
+import os
+
+# Triton kernels run on CPU only under the interpreter, which must be set before any @triton.jit is defined.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sftint_fast import _ext  # noqa: E402
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+requires_ext = pytest.mark.skipif(not _ext.extension_status()[0], reason="needs the C++ extension sftint_fast._C")
+requires_triton = pytest.mark.skipif(not _has_triton(), reason="needs triton (compiled on CUDA or TRITON_INTERPRET=1)")
+
+
+def tiny_model(arch: str = "llama", *, seed: int = 0, attn: str = "eager", **overrides):
+    """A tiny random-init decoder (~30k params) of the given architecture, in eval mode."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if arch == "llama":
+        cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=128, **common)
+    elif arch == "qwen2":
+        cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=128, **common)
+    elif arch == "gpt2":
+        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, **common)
+    else:
+        raise ValueError(arch)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return tiny_model("llama")
