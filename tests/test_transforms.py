@@ -1,0 +1,169 @@
+"""Transforms and the AND/Shapley/OR core against brute-force subset sums (METHOD.md section 2)."""
+import pytest
+import torch
+
+import sftint_fast as sf
+from sftint_fast.interactions.harsanyi import shapley_from_harsanyi
+from sftint_fast.ops import transforms as T
+from sftint_fast.ops.reference import brute_or_interactions, brute_shapley, brute_transform
+
+from conftest import requires_ext
+
+KINDS = ["subset_mobius", "subset_zeta", "superset_mobius", "superset_zeta"]
+INVERSE = {"subset_mobius": "subset_zeta", "subset_zeta": "subset_mobius",
+           "superset_mobius": "superset_zeta", "superset_zeta": "superset_mobius"}
+
+
+# The brute-force reference is O(4^n): the 2x3 batch only up to n=6.
+SHAPES = [(n, batch) for n in range(0, 9) for batch in [(), (1,), (3,), (2, 3)] if n <= 6 or batch != (2, 3)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n, batch", SHAPES, ids=[f"n{n}-b{'x'.join(map(str, b)) or 'none'}" for n, b in SHAPES])
+def test_transform_matches_brute_force(kind, n, batch):
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(*batch, 2**n, generator=gen, dtype=torch.float64)
+    expected = brute_transform(x, kind)
+    torch.testing.assert_close(getattr(sf, kind)(x), expected, rtol=0, atol=1e-10)
+    torch.testing.assert_close(T._torch_butterfly(x, kind), expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_float32_error_within_twice_plain_float32(kind):
+    """fp32 fast path vs the fp64 reference: at most ~2x the error of the plain fp32 torch butterfly."""
+    x = torch.randn(8, 2**12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    exact = T._torch_butterfly(x, kind)
+    fast_err = (getattr(sf, kind)(x.float()).double() - exact).abs().max()
+    plain_err = (T._torch_butterfly(x.float(), kind).double() - exact).abs().max()
+    assert fast_err <= 2 * plain_err + 1e-6
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("n", [1, 5, 12, 16])
+def test_inverse_roundtrip(kind, n):
+    x = torch.randn(2, 2**n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    back = getattr(sf, INVERSE[kind])(getattr(sf, kind)(x))
+    torch.testing.assert_close(back, x, rtol=0, atol=1e-9 * max(1, n))
+
+
+def test_single_row_parallel_path_matches_torch():
+    """A single large row takes the C++ within-row parallel path (size >= 2^15)."""
+    x = torch.randn(2**16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    for kind in KINDS:
+        torch.testing.assert_close(getattr(sf, kind)(x), T._torch_butterfly(x, kind), rtol=0, atol=1e-9)
+
+
+def test_harsanyi_docstring_example():
+    torch.testing.assert_close(sf.harsanyi(torch.tensor([0.0, 1.0, 2.0, 4.0])), torch.tensor([0.0, 1.0, 2.0, 1.0]))
+
+
+def test_planted_sparse_game_recovered_exactly():
+    n = 8
+    planted = torch.zeros(2**n, dtype=torch.float64)
+    for mask, value in {0b1: 0.5, 0b101: -1.25, 0b11010010: 2.0, 0b11111111: 0.75}.items():
+        planted[mask] = value
+    v = sf.inverse_harsanyi(planted)
+    recovered = sf.harsanyi(v)
+    torch.testing.assert_close(recovered, planted, rtol=0, atol=1e-12)
+    assert set(recovered.abs().gt(1e-9).nonzero().flatten().tolist()) == {0b1, 0b101, 0b11010010, 0b11111111}
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 7])
+def test_shapley_matches_permutation_formula_and_efficiency(n):
+    v = torch.randn(3, 2**n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    phi = sf.shapley(v)
+    torch.testing.assert_close(phi, brute_shapley(v), rtol=0, atol=1e-10)
+    torch.testing.assert_close(phi.sum(-1), v[:, -1] - v[:, 0], rtol=0, atol=1e-10)
+
+
+def test_shapley_symmetry():
+    """A game that depends only on |S| gives every player the same Shapley value."""
+    n = 6
+    size_of = T.popcount(2**n).double()
+    v = size_of**2 - 3 * size_of
+    phi = sf.shapley(v)
+    torch.testing.assert_close(phi, torch.full((n,), phi[0].item(), dtype=torch.float64))
+    # A dummy player (never changes v) gets zero.
+    v2 = torch.tensor([float(bin(s & 0b11).count("1")) for s in range(2**3)], dtype=torch.float64)
+    assert sf.shapley(v2)[2].abs() < 1e-12
+
+
+@pytest.mark.parametrize("n", range(0, 8))
+def test_or_interactions_match_brute_force_and_universal_matching(n):
+    v_or = torch.randn(2, 2**n, generator=torch.Generator().manual_seed(10 + n), dtype=torch.float64)
+    i_or = sf.or_interactions(v_or)
+    torch.testing.assert_close(i_or, brute_or_interactions(v_or), rtol=0, atol=1e-10)
+    # v_or(T) = I_or(∅) + Σ_{S∩T≠∅, S≠∅} I_or(S)
+    size = 2**n
+    matched = torch.stack(
+        [i_or[:, 0] + sum((i_or[:, s] for s in range(1, size) if s & t), torch.zeros(2, dtype=torch.float64))
+         for t in range(size)], dim=-1)
+    torch.testing.assert_close(matched, v_or, rtol=0, atol=1e-10)
+    torch.testing.assert_close(sf.inverse_or_interactions(i_or), v_or, rtol=0, atol=1e-10)
+
+
+@requires_ext
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(kind, dtype):
+    op = getattr(torch.ops.sftint, kind)
+    for shape in [(1,), (8,), (3, 16), (2, 2, 4)]:
+        torch.library.opcheck(op, (torch.randn(*shape, dtype=dtype),))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck(kind):
+    x = torch.randn(2, 2**4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: T.transform(t, kind), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: T.transform(t, kind), (x,))
+
+
+def test_gradcheck_or_and_shapley():
+    x = torch.randn(3, 2**3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(sf.or_interactions, (x,))
+    assert torch.autograd.gradcheck(sf.shapley, (x,))
+
+
+@requires_ext
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (torch.ones(3), "power of two"),
+        (torch.ones(4, dtype=torch.int64), "float32 or float64"),
+        (torch.ones(4, dtype=torch.float16), "float32 or float64"),
+    ],
+    ids=["size3", "int64", "float16"],
+)
+def test_cpp_op_checks(bad, message):
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.sftint.subset_mobius(bad)
+
+
+@pytest.mark.parametrize("fn", [sf.harsanyi, sf.inverse_harsanyi, sf.shapley, sf.or_interactions, sf.superset_mobius])
+def test_bad_inputs(fn):
+    with pytest.raises(ValueError, match=r"size 2\^n.*got 6"):
+        fn(torch.zeros(6))
+    with pytest.raises(TypeError, match="float32 or float64, got torch.int64"):
+        fn(torch.zeros(8, dtype=torch.int64))
+    with pytest.raises(TypeError, match="float32 or float64, got torch.complex64"):
+        fn(torch.zeros(8, dtype=torch.complex64))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        fn([0.0, 1.0])
+    with pytest.raises(ValueError, match="NaN/inf"):
+        fn(torch.tensor([0.0, float("nan"), 1.0, 2.0]))
+    with pytest.raises(ValueError, match="NaN/inf"):
+        fn(torch.tensor([0.0, float("inf"), 1.0, 2.0]))
+    with pytest.raises(ValueError, match="0-d"):
+        fn(torch.tensor(1.0))
+
+
+def test_player_limit_is_configurable():
+    x = torch.zeros(2**5)
+    with pytest.raises(ValueError, match=r"n=5 players exceeds the limit max_players=4"):
+        sf.harsanyi(x, max_players=4)
+    sf.harsanyi(x, max_players=5)
+
+
+def test_shapley_from_harsanyi_matches():
+    v = torch.randn(2**4, dtype=torch.float64)
+    torch.testing.assert_close(shapley_from_harsanyi(sf.harsanyi(v)), sf.shapley(v))
