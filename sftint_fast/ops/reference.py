@@ -54,3 +54,53 @@ def brute_shapley(v: torch.Tensor) -> torch.Tensor:
             w = math.factorial(k) * math.factorial(n - k - 1) / math.factorial(n)
             phi[..., i] += w * (vd[..., s | (1 << i)] - vd[..., s])
     return phi
+
+
+def subset_attention_reference(
+    q: torch.Tensor,
+    k_store: torch.Tensor,
+    v_store: torch.Tensor,
+    node_ids: torch.Tensor,
+    level_offsets: torch.Tensor,
+    level_lens: torch.Tensor,
+    player_lens: torch.Tensor,
+    level_positions: torch.Tensor,
+    *,
+    level: int,
+    scale: float,
+    attention_masking: bool = False,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Ancestor-path attention over the flat KV store by explicit key lists, in float32.
+
+    ``q`` ``[C, S, Hq, D]``, stores ``[T_total, Hkv, D]`` → ``[C, S, Hq, D]`` in ``q``'s dtype. For each node and
+    query token the visible keys are listed one by one (ancestors' segments at levels ``< level``, then the own
+    segment up to the query), see ``sftint_fast.ops.subset_attention.subset_attention`` for the semantics.
+    """
+    offsets, lens, players, positions = (t.tolist() for t in (level_offsets, level_lens, player_lens, level_positions))
+    num_nodes, seq_len, num_q_heads, _ = q.shape
+    group = num_q_heads // k_store.shape[1]
+    kf, vf = k_store.float(), v_store.float()
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    for c, node in enumerate(node_ids.tolist()):
+        for t in range(seq_len):
+            query_pos = positions[level] + t
+            rows = []
+            for k in range(level + 1):
+                ancestor = node & ((1 << k) - 1)
+                absent = attention_masking and k >= 1 and not (node >> (k - 1)) & 1
+                for j in range(lens[k] if k < level else t + 1):
+                    if absent and j < players[k] and not (k == level and j == t):
+                        continue
+                    if sliding_window is not None and query_pos - (positions[k] + j) >= sliding_window:
+                        continue
+                    rows.append(offsets[k] + ancestor * lens[k] + j)
+            index = torch.tensor(rows, dtype=torch.long, device=q.device)
+            for h in range(num_q_heads):
+                keys, values = kf[index, h // group], vf[index, h // group]
+                logits = (keys @ q[c, t, h].float()) * scale
+                if softcap is not None:
+                    logits = softcap * torch.tanh(logits / softcap)
+                out[c, t, h] = torch.softmax(logits, dim=0) @ values
+    return out.to(q.dtype)

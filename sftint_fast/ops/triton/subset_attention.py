@@ -1,0 +1,287 @@
+"""Fused ancestor-path ("subset") attention over the trie's flat KV store, in Triton.
+
+One trie level at a time: the queries of a chunk of nodes at level ``level`` attend to the segments of
+their ancestors at every level ``k < level`` (ancestor id ``node & ((1 << k) - 1)``) and to their own
+segment causally, with one online softmax (fp32 running max, sum and accumulator) across all of them.
+The per-layer flat store holds every level's segments back to back (level ``k``, node ``m``, token
+``t`` at row ``level_offsets[k] + m * level_lens[k] + t``), so the kernel computes each ancestor's row
+range from the node's bits and reads it in place.
+
+Why this replaces per-variant KV copies: a cache-based trie must hand each node a contiguous KV cache,
+i.e. copy (``repeat_interleave``) its parent's keys and values once per child at every level, so the
+deepest level holds ``2^level`` copies of the whole prefix. Here every segment is stored exactly once
+(``Σ_k 2^k len_k`` rows per layer) and the ancestor path is resolved by index arithmetic inside the KV
+loop. Attention masking is fused the same way: masked players' key blocks are skipped, so no dense mask
+is ever built.
+
+Layout of one program: the rows of a query block are (token, head-in-group) pairs of one node and one
+KV head (GQA packing: the ``Hq // Hkv`` query heads sharing a KV head share every K/V load), which also
+keeps the ``tl.dot`` tiles at least 16 rows tall when segments are only a few tokens long.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Finite "minus infinity" for the running max, so a block with no visible key gives exp2(-inf - finite) = 0
+# instead of NaN; real scores never get near it.
+_NEG_BIG = tl.constexpr(-1.0e30)
+
+
+def _configs() -> list[triton.Config]:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in ((16, 16, 4, 2), (32, 32, 4, 2), (64, 32, 4, 3), (64, 64, 8, 3))
+    ]
+
+
+@triton.jit
+def _attend_segment(
+    acc, m_i, l_i, q, q_tok, q_pos,
+    k_ptr, v_ptr, stride_kt, stride_vt, seg_row0, n_keys, key_pos0, hidden_players, start,
+    qk_scale, softcap, window,
+    offs_d, d_mask,
+    IS_OWN: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Online-softmax update of (acc, m_i, l_i) with keys ``start .. n_keys-1`` of one segment."""
+    for n0 in range(start, n_keys, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < n_keys
+        rows = (seg_row0 + offs_n).to(tl.int64)
+        kv_mask = n_valid[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + rows[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + rows[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        if HAS_SOFTCAP:
+            # softcap * tanh(x / softcap), with tanh written through sigmoid (available in every triton 3.x)
+            capped = qk * (qk_scale / softcap)
+            s = softcap * (2.0 * tl.sigmoid(2.0 * capped) - 1.0) * 1.4426950408889634
+        else:
+            s = qk * (qk_scale * 1.4426950408889634)
+        hidden = offs_n < hidden_players
+        if IS_OWN:
+            diag = offs_n[None, :] == q_tok[:, None]
+            visible = n_valid[None, :] & (offs_n[None, :] <= q_tok[:, None]) & (diag | ~hidden[None, :])
+        else:
+            visible = n_valid[None, :] & ~hidden[None, :]
+        if HAS_WINDOW:
+            visible = visible & ((q_pos[:, None] - (key_pos0 + offs_n)[None, :]) < window)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.autotune(configs=_configs(), key=["seq_len", "GROUP", "HEAD_DIM", "IS_FP32"])
+@triton.jit
+def _subset_attention_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, node_ids_ptr, offsets_ptr, lens_ptr, players_ptr, positions_ptr,
+    stride_qc, stride_qs, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_oc, stride_os, stride_oh,
+    level, seq_len, qk_scale, softcap, window,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP32: tl.constexpr,
+    ATTENTION_MASKING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1).to(tl.int64)
+    num_m_blocks = tl.cdiv(seq_len * GROUP, BLOCK_M)
+    chunk = pid // num_m_blocks
+    m_block = pid % num_m_blocks
+    node = tl.load(node_ids_ptr + chunk)
+
+    # Query rows of this block: (token, head-in-group) pairs, token-major.
+    offs_r = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_valid = offs_r < seq_len * GROUP
+    q_tok = offs_r // GROUP
+    q_head = kv_head * GROUP + offs_r % GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    q_off = chunk * stride_qc + q_tok * stride_qs + q_head * stride_qh
+    q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :], mask=r_valid[:, None] & d_mask[None, :], other=0.0)
+    q_pos = tl.load(positions_ptr + level) + q_tok
+
+    k_head_ptr = k_ptr + kv_head * stride_kh
+    v_head_ptr = v_ptr + kv_head * stride_vh
+    m_i = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    for lvl in range(0, level):
+        seg_len = tl.load(lens_ptr + lvl)
+        ancestor = node % (1 << lvl)
+        seg_row0 = tl.load(offsets_ptr + lvl) + ancestor * seg_len
+        if ATTENTION_MASKING:
+            # player tokens of a level-k segment (k >= 1) belong to player k-1; hidden when its bit is 0
+            player_absent = (lvl > 0) & (((node >> tl.maximum(lvl - 1, 0)) & 1) == 0)
+            hidden_players = tl.where(player_absent, tl.load(players_ptr + lvl), 0)
+        else:
+            hidden_players = 0
+        # key blocks made only of hidden player tokens are never loaded
+        start = (hidden_players // BLOCK_N) * BLOCK_N
+        acc, m_i, l_i = _attend_segment(
+            acc, m_i, l_i, q, q_tok, q_pos,
+            k_head_ptr, v_head_ptr, stride_kt, stride_vt, seg_row0, seg_len, tl.load(positions_ptr + lvl),
+            hidden_players, start, qk_scale, softcap, window, offs_d, d_mask,
+            False, HAS_SOFTCAP, HAS_WINDOW, BLOCK_N, INPUT_PRECISION,
+        )
+
+    # Own segment, causal: keys past the block's last query token are never needed.
+    own_row0 = tl.load(offsets_ptr + level) + node * seq_len
+    last_tok = (tl.minimum((m_block + 1) * BLOCK_M, seq_len * GROUP) - 1) // GROUP
+    if ATTENTION_MASKING:
+        own_absent = (level > 0) & (((node >> tl.maximum(level - 1, 0)) & 1) == 0)
+        own_hidden = tl.where(own_absent, tl.load(players_ptr + level), 0)
+    else:
+        own_hidden = 0
+    acc, m_i, l_i = _attend_segment(
+        acc, m_i, l_i, q, q_tok, q_pos,
+        k_head_ptr, v_head_ptr, stride_kt, stride_vt, own_row0, last_tok + 1, tl.load(positions_ptr + level),
+        own_hidden, 0, qk_scale, softcap, window, offs_d, d_mask,
+        True, HAS_SOFTCAP, HAS_WINDOW, BLOCK_N, INPUT_PRECISION,
+    )
+
+    out = acc / l_i[:, None]
+    o_off = chunk * stride_oc + q_tok * stride_os + q_head * stride_oh
+    tl.store(o_ptr + o_off[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=r_valid[:, None] & d_mask[None, :])
+
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _check_table(name: str, table: torch.Tensor, level: int, device: torch.device) -> None:
+    if not isinstance(table, torch.Tensor) or table.dtype != torch.int64 or table.dim() != 1:
+        got = f"{table.dtype}, shape {tuple(table.shape)}" if isinstance(table, torch.Tensor) else type(table).__name__
+        raise ValueError(f"{name}: expected a 1-D int64 tensor, got {got}")
+    if table.numel() < level + 1:
+        raise ValueError(f"{name}: expected at least level+1={level + 1} entries, got {table.numel()}")
+    if table.device != device:
+        raise ValueError(f"{name}: expected device {device} (that of q), got {table.device}")
+
+
+def _launch(
+    q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, node_ids: torch.Tensor,
+    tables: dict[str, torch.Tensor], level: int, scale: float, attention_masking: bool,
+    softcap: float | None, sliding_window: int | None,
+) -> torch.Tensor:
+    """Checks shapes, dtypes and devices, then launches the kernel on a ``(C·m_blocks, Hkv)`` grid."""
+    if q.dim() != 4:
+        raise ValueError(f"q: expected shape [C, S, Hq, D], got {tuple(q.shape)}")
+    if q.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"q: expected dtype float16, bfloat16 or float32, got {q.dtype}")
+    num_nodes, seq_len, num_q_heads, head_dim = q.shape
+    for name, store in (("k_store", k_store), ("v_store", v_store)):
+        if store.dim() != 3 or store.shape[2] != head_dim:
+            raise ValueError(f"{name}: expected shape [T_total, Hkv, D={head_dim}], got {tuple(store.shape)}")
+        if store.dtype != q.dtype or store.device != q.device:
+            raise ValueError(f"{name}: expected dtype {q.dtype} on {q.device} (those of q), "
+                             f"got {store.dtype} on {store.device}")
+        if store.stride(2) != 1:
+            raise ValueError(f"{name}: expected a contiguous last dimension, got strides {store.stride()}")
+    if k_store.shape != v_store.shape:
+        raise ValueError(f"v_store: expected the shape of k_store {tuple(k_store.shape)}, got {tuple(v_store.shape)}")
+    num_kv_heads = k_store.shape[1]
+    if num_kv_heads == 0 or num_q_heads % num_kv_heads:
+        raise ValueError(f"q: expected a number of heads divisible by k_store's {num_kv_heads}, got {num_q_heads}")
+    if node_ids.dtype != torch.int64 or node_ids.shape != (num_nodes,) or node_ids.device != q.device:
+        raise ValueError(f"node_ids: expected int64 of shape ({num_nodes},) on {q.device}, "
+                         f"got {node_ids.dtype} of shape {tuple(node_ids.shape)} on {node_ids.device}")
+    if level < 0:
+        raise ValueError(f"level: expected >= 0, got {level}")
+    for name, table in tables.items():
+        _check_table(name, table, level, q.device)
+    if not scale > 0:
+        raise ValueError(f"scale: expected a positive float, got {scale}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap: expected None or a positive float, got {softcap}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window: expected None or an int >= 1, got {sliding_window}")
+
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if num_nodes == 0 or seq_len == 0:
+        return out
+    if q.stride(3) != 1:
+        q = q.contiguous()
+    group = num_q_heads // num_kv_heads
+    is_fp32 = q.dtype == torch.float32
+    strict_fp32 = is_fp32 and not torch.backends.cuda.matmul.allow_tf32
+
+    def grid(meta):
+        return (num_nodes * triton.cdiv(seq_len * group, meta["BLOCK_M"]), num_kv_heads)
+
+    _subset_attention_kernel[grid](
+        q, k_store, v_store, out, node_ids.contiguous(), tables["level_offsets"].contiguous(),
+        tables["level_lens"].contiguous(), tables["player_lens"].contiguous(), tables["level_positions"].contiguous(),
+        q.stride(0), q.stride(1), q.stride(2), k_store.stride(0), k_store.stride(1),
+        v_store.stride(0), v_store.stride(1), out.stride(0), out.stride(1), out.stride(2),
+        level, seq_len, float(scale), float(softcap or 0.0), int(sliding_window or 0),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), IS_FP32=is_fp32,
+        ATTENTION_MASKING=bool(attention_masking), HAS_SOFTCAP=softcap is not None,
+        HAS_WINDOW=sliding_window is not None, INPUT_PRECISION="ieee" if strict_fp32 else "tf32",
+    )
+    return out
+
+
+def subset_attention(
+    q: torch.Tensor,
+    k_store: torch.Tensor,
+    v_store: torch.Tensor,
+    node_ids: torch.Tensor,
+    level_offsets: torch.Tensor,
+    level_lens: torch.Tensor,
+    player_lens: torch.Tensor,
+    level_positions: torch.Tensor,
+    *,
+    level: int,
+    scale: float,
+    attention_masking: bool = False,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Attention of one trie level's queries over their ancestor path in the flat KV store (Triton).
+
+    Args:
+        q: ``[C, S, Hq, D]`` float16/bfloat16/float32 queries (after RoPE) of ``C`` nodes at level ``level``;
+            ``S = level_lens[level]``.
+        k_store, v_store: ``[T_total, Hkv, D]``, same dtype and device as ``q``; level ``k``'s segment of node
+            ``m`` is at rows ``level_offsets[k] + m * level_lens[k] + t``. The own level must already be written.
+        node_ids: ``[C]`` int64 ids of the query nodes at level ``level`` (any order, need not be consecutive).
+        level_offsets, level_lens, player_lens, level_positions: 1-D int64 tables (at least ``level + 1``
+            entries, on ``q``'s device): first store row of each level, tokens per node, player tokens at the
+            start of each segment (0 for level 0), absolute position of each segment's first token.
+        level: the trie level of the queries. scale: softmax scale (usually ``D ** -0.5``).
+        attention_masking: hide the player tokens of every segment at level ``k >= 1`` whose node has bit
+            ``k - 1`` cleared, as keys, except from the query at that very position.
+        softcap: logits become ``softcap * tanh(scale * q·k / softcap)`` (Gemma-2 style) when given.
+        sliding_window: ``w`` keeps a key only when ``query_pos - key_pos < w``.
+
+    Returns:
+        ``[C, S, Hq, D]`` in ``q``'s dtype; query head ``h`` reads KV head ``h // (Hq // Hkv)``. Scores and the
+        softmax are accumulated in float32; float32 inputs use IEEE dots unless TF32 matmuls are allowed
+        (``torch.backends.cuda.matmul.allow_tf32``).
+
+    Example (two levels: a 3-token root segment and two 2-token children)::
+
+        k = torch.randn(3 + 2 * 2, 1, 64, device="cuda"); v = torch.randn_like(k)
+        q = torch.randn(2, 2, 4, 64, device="cuda")               # both children, 4 query heads
+        i64 = dict(dtype=torch.int64, device="cuda")
+        out = subset_attention(q, k, v, torch.tensor([0, 1], **i64), torch.tensor([0, 3], **i64),
+                               torch.tensor([3, 2], **i64), torch.tensor([0, 1], **i64),
+                               torch.tensor([0, 3], **i64), level=1, scale=64 ** -0.5)   # [2, 2, 4, 64]
+
+    Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before import (tests).
+    """
+    tables = {"level_offsets": level_offsets, "level_lens": level_lens, "player_lens": player_lens,
+              "level_positions": level_positions}
+    return _launch(q, k_store, v_store, node_ids, tables, int(level), scale, attention_masking, softcap,
+                   sliding_window)
