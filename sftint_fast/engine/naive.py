@@ -1,0 +1,117 @@
+"""The reference engine: every variant is its own sequence, run through the model's own forward.
+
+Exact and slow (``2^n · L`` tokens); the trie engine is tested against it. The LM head runs only on
+the ``m`` scored positions (the last ``m`` of ``input_ids``, ``logits_to_keep``-style).
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sftint_fast.game import Game
+
+MAX_BATCH = 512
+
+
+def model_device(model: Any) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def available_memory(device: torch.device) -> int:
+    """Free bytes on ``device``: CUDA free memory, or the host's available physical memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+def sequence_bytes(model: Any, game: Game) -> int:
+    """Rough peak activation bytes of one variant's forward (no grad): hidden states, QKV, MLP, scores, logits."""
+    cfg = model.config
+    hidden = model.get_input_embeddings().weight.shape[1]
+    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1)
+    vocab = model.get_input_embeddings().num_embeddings
+    length = game.input_ids.numel()
+    elem = model.get_input_embeddings().weight.element_size()
+    activations = length * (8 * hidden + 3 * inter + 3 * heads * length) * elem
+    logits = 3 * game.target.numel() * vocab * 4
+    return activations + logits
+
+
+def naive_batch_size(model: Any, game: Game, *, max_memory: int | None = None) -> int:
+    """Variants per forward that fit ``max_memory`` bytes (default: half of CUDA free memory, or 1/4 of host
+    available memory capped at 2 GiB)."""
+    device = model_device(model)
+    if max_memory is None:
+        free = available_memory(device)
+        max_memory = free // 2 if device.type == "cuda" else min(free // 4, 2 << 30)
+    return int(max(1, min(MAX_BATCH, max_memory // max(1, sequence_bytes(model, game)))))
+
+
+def attention_keep_mask(game: Game, subsets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(B, 1, L, L)`` additive mask for ``"attention"`` masking: causal, masked players hidden as keys except
+    on the diagonal; 0 where allowed and ``finfo(dtype).min`` elsewhere."""
+    device = subsets.device
+    rows = game.player_mask_rows().to(device)
+    length = rows.numel()
+    present = (rows < 0) | (((subsets[:, None] >> rows.clamp(min=0)[None, :]) & 1) == 1)  # (B, L) keys kept
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    diagonal = torch.eye(length, dtype=torch.bool, device=device)
+    allowed = causal[None] & (present[:, None, :] | diagonal[None])
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def _accepts_logits_to_keep(model: Any) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def evaluate_naive(
+    model: Any,
+    game: Game,
+    subsets: torch.Tensor,
+    *,
+    batch_size: int | None = None,
+    progress: bool = True,
+    max_memory: int | None = None,
+) -> torch.Tensor:
+    """``v`` for each bitmask of ``subsets`` ``(B,)`` int64 → float32 ``(B,)`` on the model's device.
+
+    Every variant is a full sequence given as ``inputs_embeds`` (embedding masking: baseline rows
+    substituted; attention masking: a 4D mask and explicit ``position_ids``). Callers (``evaluate``) handle
+    validation, ``no_grad`` and eval mode.
+    """
+    device = model_device(model)
+    subsets = subsets.to(device=device, dtype=torch.int64)
+    embeds = model.get_input_embeddings()(game.input_ids.to(device)[None])[0]  # (L, H)
+    length, m = game.input_ids.numel(), game.target.numel()
+    if batch_size is None:
+        batch_size = naive_batch_size(model, game, max_memory=max_memory)
+    keep_kw = {"logits_to_keep": m} if _accepts_logits_to_keep(model) else {}
+    out = torch.empty(subsets.numel(), dtype=torch.float32, device=device)
+    bar = tqdm(total=subsets.numel(), desc="naive", unit="variant", disable=not progress)
+    for lo in range(0, subsets.numel(), batch_size):
+        chunk = subsets[lo:lo + batch_size]
+        if game.masking == "attention":
+            inputs = embeds[None].expand(chunk.numel(), -1, -1)
+            extra = {
+                "attention_mask": attention_keep_mask(game, chunk, embeds.dtype),
+                "position_ids": torch.arange(length, device=device)[None].expand(chunk.numel(), -1),
+            }
+        else:
+            inputs = game.masked_embeds(embeds, chunk)
+            extra = {}
+        logits = model(inputs_embeds=inputs, use_cache=False, **extra, **keep_kw).logits[:, -m:]
+        out[lo:lo + chunk.numel()] = game.values_from_logits(logits, subsets=chunk)
+        bar.update(chunk.numel())
+    bar.close()
+    return out

@@ -1,0 +1,302 @@
+"""The game: a prompt, its players, a baseline, a target and a value function.
+
+``v(S)`` for a bitmask ``S`` (bit ``i`` set = player ``i`` present) is the model's value on the prompt
+with the players outside ``S`` masked. ``"embedding"`` masking replaces a masked player's embedding
+outputs by the baseline rows; ``"attention"`` masking hides its tokens as keys from every other query
+(positions unchanged). The default value is the log-odds of the target,
+``Σ_k [logit_{y_k} - logsumexp(logits without y_k)]`` over the ``m`` teacher-forced target tokens.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+
+from sftint_fast import players as P
+
+logger = logging.getLogger(__name__)
+
+Masking = Literal["embedding", "attention"]
+ValueFn = Callable[[torch.Tensor], torch.Tensor]
+MAX_PLAYERS = 62  # bitmasks are int64
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class Game:
+    """One sample: ``input_ids (L,)`` = prompt ids + ``target[:-1]`` (teacher forcing), players inside the prompt.
+
+    Fields:
+        input_ids: ``(L,)`` int64, exactly what the model sees.
+        player_spans: token spans ``(start, end)``, end-exclusive, sorted, disjoint, inside the prompt.
+        words: the text of each player.
+        target: ``(m,)`` int64 target ids; ``target[k]`` is scored at position ``prompt_length - 1 + k``.
+        baseline: ``(hidden,)`` or ``(n, hidden)`` rows that replace masked players' embedding outputs.
+        masking: ``"embedding"`` or ``"attention"``.
+        value: ``"log_odds"`` or a callable mapping float32 logits ``(B, m, V)`` to ``(B,)`` values.
+        prompt_length: number of prompt tokens.
+    """
+
+    input_ids: torch.Tensor
+    player_spans: tuple[tuple[int, int], ...]
+    words: tuple[str, ...]
+    target: torch.Tensor
+    baseline: torch.Tensor
+    masking: Masking = "embedding"
+    value: str | ValueFn = "log_odds"
+    prompt_length: int
+    _player_rows: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        ids, target, baseline = self.input_ids, self.target, self.baseline
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.dtype != torch.int64:
+            raise TypeError(f"input_ids: expected a 1-D int64 tensor, received {_describe(ids)}")
+        if not isinstance(target, torch.Tensor) or target.dim() != 1 or target.dtype != torch.int64 or target.numel() < 1:
+            raise TypeError(f"target: expected a non-empty 1-D int64 tensor, received {_describe(target)}")
+        if not 1 <= self.prompt_length <= ids.numel():
+            raise ValueError(f"prompt_length: expected 1..{ids.numel()}, received {self.prompt_length}")
+        m = target.numel()
+        if ids.numel() != self.prompt_length + m - 1:
+            raise ValueError(
+                f"input_ids: expected prompt_length + m - 1 = {self.prompt_length + m - 1} tokens (prompt + target[:-1]),"
+                f" received {ids.numel()}"
+            )
+        if m > 1 and not torch.equal(ids[self.prompt_length:].cpu(), target[:-1].cpu()):
+            raise ValueError("input_ids: expected the tokens after the prompt to equal target[:-1] (teacher forcing)")
+        spans = P.validate_spans(self.player_spans, self.prompt_length)
+        object.__setattr__(self, "player_spans", spans)
+        n = len(spans)
+        if n > MAX_PLAYERS:
+            raise ValueError(f"player_spans: expected at most {MAX_PLAYERS} players (int64 bitmasks), received {n}")
+        if len(self.words) != n:
+            raise ValueError(f"words: expected one text per player ({n}), received {len(self.words)}")
+        object.__setattr__(self, "words", tuple(self.words))
+        if not isinstance(baseline, torch.Tensor) or not baseline.is_floating_point():
+            raise TypeError(f"baseline: expected a floating-point tensor, received {_describe(baseline)}")
+        if baseline.dim() == 2 and baseline.shape[0] != n:
+            raise ValueError(f"baseline: expected (hidden,) or ({n}, hidden), received {tuple(baseline.shape)}")
+        if baseline.dim() not in (1, 2):
+            raise ValueError(f"baseline: expected (hidden,) or ({n}, hidden), received {tuple(baseline.shape)}")
+        if self.masking not in ("embedding", "attention"):
+            raise ValueError(f"masking: expected 'embedding' or 'attention', received {self.masking!r}")
+        if not (self.value == "log_odds" or callable(self.value)):
+            raise ValueError(f"value: expected 'log_odds' or a callable on logits (B, m, V), received {self.value!r}")
+        rows = torch.full((ids.numel(),), -1, dtype=torch.int64)
+        for i, (start, end) in enumerate(spans):
+            rows[start:end] = i
+        object.__setattr__(self, "_player_rows", rows)
+
+    @property
+    def num_players(self) -> int:
+        return len(self.player_spans)
+
+    @property
+    def score_positions(self) -> torch.Tensor:
+        """``(m,)`` int64: the positions whose logits score ``target[k]`` = ``prompt_length - 1 + k``."""
+        return self.prompt_length - 1 + torch.arange(self.target.numel(), dtype=torch.int64)
+
+    def player_mask_rows(self) -> torch.Tensor:
+        """``(L,)`` int64: the player index of every token, ``-1`` for background."""
+        return self._player_rows.clone()
+
+    def masked_embeds(self, embed_tokens_output: torch.Tensor, subsets: torch.Tensor) -> torch.Tensor:
+        """Embedding outputs ``(L, H)`` of ``input_ids`` and bitmasks ``(B,)`` → ``(B, L, H)``.
+
+        Every token of player ``i`` is replaced by the baseline (row ``i`` if 2-D) where bit ``i`` of the
+        subset is 0. Differentiable w.r.t. the baseline.
+        """
+        device = embed_tokens_output.device
+        rows = self._player_rows.to(device)
+        subsets = subsets.to(device=device, dtype=torch.int64)
+        keep = (rows < 0) | (((subsets[:, None] >> rows.clamp(min=0)[None, :]) & 1) == 1)  # (B, L)
+        base = self.baseline.to(device=device, dtype=embed_tokens_output.dtype)
+        if base.dim() == 2:
+            base = base[rows.clamp(min=0)] if base.shape[0] else base.new_zeros(embed_tokens_output.shape)
+        return torch.where(keep[:, :, None], embed_tokens_output[None], base)
+
+    def values_from_logits(self, logits: torch.Tensor, *, subsets: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits ``(B, m, V)`` (any float dtype) at :attr:`score_positions` → float32 values ``(B,)``.
+
+        Raises ``ValueError`` naming the subsets (bitmasks, when ``subsets`` is given) whose logits hold
+        NaN or inf.
+        """
+        m = self.target.numel()
+        if logits.dim() != 3 or logits.shape[1] != m:
+            raise ValueError(f"logits: expected (B, {m}, V), received {tuple(logits.shape)}")
+        logits = logits.float()
+        bad = ~torch.isfinite(logits).flatten(1).all(dim=1)
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten().tolist()
+            names = subsets.cpu()[rows].tolist() if subsets is not None else rows
+            what = "subsets (bitmasks)" if subsets is not None else "batch rows"
+            raise ValueError(f"non-finite (NaN/inf) logits for {what} {names[:10]}{' ...' if len(names) > 10 else ''}")
+        if callable(self.value):
+            values = self.value(logits)
+            if not isinstance(values, torch.Tensor) or values.shape != (logits.shape[0],):
+                raise ValueError(
+                    f"value: expected the callable to return a ({logits.shape[0]},) tensor, received {_describe(values)}"
+                )
+            return values.float()
+        y = self.target.to(logits.device).view(1, m, 1).expand(logits.shape[0], m, 1)
+        picked = logits.gather(-1, y).squeeze(-1)
+        others = logits.scatter(-1, y, float("-inf")).logsumexp(-1)
+        return (picked - others).sum(-1)
+
+    @classmethod
+    def from_text(
+        cls,
+        model: Any,
+        tokenizer: Any,
+        text: str,
+        *,
+        players: Literal["words", "all"] | Sequence[int] | Sequence[tuple[int, int]] = "words",
+        span_unit: Literal["tokens", "chars"] = "tokens",
+        baseline: Literal["pad", "unk"] | torch.Tensor = "pad",
+        target: None | str | Sequence[int] | torch.Tensor = None,
+        masking: Masking = "embedding",
+        value: str | ValueFn = "log_odds",
+        chat: bool = False,
+        n_players: int | None = None,
+        pick: Literal["first", "last"] = "first",
+    ) -> "Game":
+        """Build a game from a prompt text.
+
+        Args:
+            players: ``"words"``/``"all"`` (every whitespace word of ``text``), a list of word indices, or a
+                list of ``(start, end)`` spans — token indices of the model input (``span_unit="tokens"``)
+                or character offsets into ``text`` (``span_unit="chars"``).
+            baseline: ``"pad"`` (falls back to unk, then zeros, with a warning), ``"unk"``, or a tensor
+                ``(hidden,)`` / ``(n, hidden)`` of embedding-module outputs.
+            target: None = the model's argmax next token on the full prompt; a string (tokenised without
+                special tokens) or ids, teacher-forced.
+            chat: wrap ``text`` as a user message with ``tokenizer.apply_chat_template`` (generation prompt
+                added); players are the words of ``text`` inside the templated ids.
+            n_players / pick: with ``players="words"``, keep only the first/last ``n_players`` content words.
+        """
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"text: expected a non-empty string, received {text!r}")
+        if chat:
+            rendered = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+            )
+            tokenized = P.tokenize_with_offsets(tokenizer, rendered, add_special_tokens=False)
+            start = rendered.rfind(text)
+            if start < 0:
+                raise ValueError("chat: the user text was not found verbatim in the rendered chat template")
+            region = (start, start + len(text))
+            templated = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+            templated_ids = list(templated["input_ids"] if hasattr(templated, "keys") else templated)
+            if templated_ids != list(tokenized.input_ids):
+                logger.warning("chat: tokenising the rendered template differs from apply_chat_template's ids; using the former")
+        else:
+            tokenized = P.tokenize_with_offsets(tokenizer, text)
+            region = (0, len(text))
+        prompt_ids = torch.tensor(tokenized.input_ids, dtype=torch.int64)
+        if prompt_ids.numel() == 0:
+            raise ValueError("text: the tokenizer produced no tokens")
+        vocab = model.get_input_embeddings().num_embeddings
+        _check_ids(prompt_ids, vocab, "input_ids")
+
+        if isinstance(players, str):
+            spans, words = P.word_players(tokenized, region=region, players=players, n_players=n_players, pick=pick)
+        elif _is_span_list(players):
+            if n_players is not None:
+                raise ValueError("n_players: expected None when players are explicit spans")
+            if span_unit == "chars":
+                lo = region[0]
+                shifted = [(lo + int(a), lo + int(b)) for a, b in players]
+                if any(b > region[1] for _, b in shifted):
+                    raise ValueError(f"players: expected character spans inside the text [0, {len(text)}], received {list(players)}")
+                spans, words = P.char_players(tokenized, shifted)
+            elif span_unit == "tokens":
+                spans = list(P.validate_spans(players, prompt_ids.numel()))
+                words = [tokenizer.decode(prompt_ids[a:b].tolist()) for a, b in spans]
+            else:
+                raise ValueError(f"span_unit: expected 'tokens' or 'chars', received {span_unit!r}")
+        else:
+            spans, words = P.word_players(tokenized, region=region, players=list(players), n_players=n_players)
+
+        target_ids = _resolve_target(model, tokenizer, prompt_ids, target, vocab)
+        input_ids = torch.cat([prompt_ids, target_ids[:-1]])
+        base = _resolve_baseline(model, tokenizer, baseline, len(spans))
+        return cls(
+            input_ids=input_ids,
+            player_spans=tuple(spans),
+            words=tuple(words),
+            target=target_ids,
+            baseline=base,
+            masking=masking,
+            value=value,
+            prompt_length=int(prompt_ids.numel()),
+        )
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return f"{type(x).__name__} {x!r}"
+
+
+def _is_span_list(players: Any) -> bool:
+    items = list(players)
+    return bool(items) and all(isinstance(p, (tuple, list)) for p in items)
+
+
+def _check_ids(ids: torch.Tensor, vocab: int, name: str) -> None:
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        raise ValueError(f"{name}: expected token ids in [0, {vocab}) (the model's vocabulary), received {ids.tolist()}")
+
+
+def _model_device(model: Any) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+def _resolve_target(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, target: Any, vocab: int) -> torch.Tensor:
+    if target is None:
+        with torch.no_grad():
+            logits = model(input_ids=prompt_ids[None].to(_model_device(model))).logits[0, -1]
+        return logits.argmax().view(1).to(torch.int64).cpu()
+    if isinstance(target, str):
+        ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+        out = torch.tensor(list(ids), dtype=torch.int64)
+        if out.numel() == 0:
+            raise ValueError(f"target: expected a string with at least one token, received {target!r}")
+    elif isinstance(target, torch.Tensor):
+        if target.is_floating_point() or target.dim() > 1:
+            raise TypeError(f"target: expected integer token ids (m,), received {_describe(target)}")
+        out = target.reshape(-1).to(torch.int64).cpu()
+    else:
+        items = list(target)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+            raise TypeError(f"target: expected a string or a list of int token ids, received {target!r}")
+        out = torch.tensor(items, dtype=torch.int64)
+    if out.numel() == 0:
+        raise ValueError("target: expected at least one token id, received none")
+    _check_ids(out, vocab, "target")
+    return out
+
+
+def _resolve_baseline(model: Any, tokenizer: Any, baseline: Any, num_players: int) -> torch.Tensor:
+    embed = model.get_input_embeddings()
+    hidden = embed.weight.shape[1]
+    if isinstance(baseline, torch.Tensor):
+        if not baseline.is_floating_point():
+            raise TypeError(f"baseline: expected a floating-point tensor, received {_describe(baseline)}")
+        if baseline.shape not in ((hidden,), (num_players, hidden)):
+            raise ValueError(f"baseline: expected shape ({hidden},) or ({num_players}, {hidden}), received {tuple(baseline.shape)}")
+        return baseline
+    if baseline not in ("pad", "unk"):
+        raise ValueError(f"baseline: expected 'pad', 'unk' or a tensor, received {baseline!r}")
+    candidates = ["pad", "unk"] if baseline == "pad" else ["unk"]
+    for kind in candidates:
+        token_id = getattr(tokenizer, f"{kind}_token_id", None)
+        if token_id is not None:
+            if kind != baseline:
+                warnings.warn(f"baseline: the tokenizer has no pad token; using the unk token ({token_id})", stacklevel=3)
+            # The module's output, not weight[id]: some embeddings scale (Gemma multiplies by sqrt(hidden)).
+            with torch.no_grad():
+                return embed(torch.tensor([token_id], device=embed.weight.device))[0].detach()
+    warnings.warn(f"baseline: the tokenizer has no {' or '.join(candidates)} token; using a zero vector", stacklevel=3)
+    return torch.zeros(hidden, dtype=embed.weight.dtype, device=embed.weight.device)

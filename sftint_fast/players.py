@@ -1,0 +1,226 @@
+"""Players of a game: token spans of the prompt, usually one per whitespace-separated word.
+
+A player is a half-open token span ``(start, end)`` of the prompt's ids; player ``i`` is bit ``i`` of
+a subset bitmask, so spans are kept sorted by position. Words are mapped to tokens with the
+tokenizer's character offsets (``return_offsets_mapping``); tokenizers without offsets fall back to
+incremental decoding. A token that straddles two words merges them into one player.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+logger = logging.getLogger(__name__)
+
+Span = tuple[int, int]
+
+# Function words skipped when choosing the first/last ``n`` content words as players.
+STOPWORDS = frozenset(
+    """a an the and or but if of to in on at by for with from as is are was were be been being am do does did
+    this that these those it its i you he she we they me him her us them my your his our their what which who
+    whom whose not no so than then there here can could will would shall should may might must have has had
+    into onto about over under up down out off very just also too""".split()
+)
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """Ids of a text with, for each token, its character span ``(start, end)`` in ``text`` (``(0, 0)`` for
+    special tokens that cover no characters)."""
+
+    text: str
+    input_ids: tuple[int, ...]
+    offsets: tuple[Span, ...]
+
+
+def word_char_spans(text: str) -> list[Span]:
+    """Character spans of the whitespace-separated words of ``text``, in order."""
+    return [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
+
+
+def tokenize_with_offsets(tokenizer: Any, text: str, *, add_special_tokens: bool = True) -> Tokenized:
+    """Tokenise ``text`` and give every token its character span.
+
+    Uses ``return_offsets_mapping`` when the tokenizer supports it (fast tokenizers); otherwise decodes
+    the ids incrementally, which requires the decoded ids to reproduce ``text``.
+    """
+    try:
+        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError):
+        enc = None
+    if enc is not None and "offset_mapping" in enc:
+        ids = tuple(int(i) for i in enc["input_ids"])
+        offsets = tuple((int(a), int(b)) for a, b in enc["offset_mapping"])
+        return Tokenized(text, ids, offsets)
+    ids = tuple(int(i) for i in tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    return Tokenized(text, ids, _offsets_by_decoding(tokenizer, text, ids))
+
+
+def _offsets_by_decoding(tokenizer: Any, text: str, ids: Sequence[int]) -> tuple[Span, ...]:
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    offsets: list[Span] = []
+    previous = ""
+    cursor = 0
+    for k in range(len(ids)):
+        if ids[k] in special:
+            offsets.append((cursor, cursor))
+            continue
+        decoded = tokenizer.decode([i for i in ids[: k + 1] if i not in special])
+        if not decoded.startswith(previous):
+            raise ValueError(
+                "players: the tokenizer has no offsets and its incremental decoding is not prefix-stable; "
+                "pass explicit token spans as players"
+            )
+        piece = decoded[len(previous):]
+        start = text.find(piece.strip(), cursor) if piece.strip() else cursor
+        if start < 0:
+            raise ValueError(
+                f"players: could not locate token {k} ({piece!r}) in the text; pass explicit token spans as players"
+            )
+        end = start + len(piece.strip())
+        offsets.append((start, end))
+        cursor = end
+        previous = decoded
+    return tuple(offsets)
+
+
+def char_spans_to_token_spans(tokenized: Tokenized, char_spans: Sequence[Span]) -> tuple[list[Span], list[Span]]:
+    """Map sorted, disjoint character spans to token spans.
+
+    A token belongs to every character span that its non-whitespace characters overlap; neighbouring
+    spans that share a token are merged. Returns ``(token_spans, merged_char_spans)`` of equal length.
+    """
+    text = tokenized.text
+    trimmed: list[Span] = []
+    for a, b in tokenized.offsets:
+        while a < b and text[a].isspace():
+            a += 1
+        while b > a and text[b - 1].isspace():
+            b -= 1
+        trimmed.append((a, b))
+    groups: list[list[int]] = []  # [char_start, char_end, tok_start, tok_end]
+    for cs, ce in char_spans:
+        hits = [t for t, (a, b) in enumerate(trimmed) if a < b and a < ce and b > cs]
+        if not hits:
+            raise ValueError(f"players: the character span ({cs}, {ce}) {text[cs:ce]!r} covers no token")
+        if groups and hits[0] < groups[-1][3]:
+            groups[-1][1] = ce
+            groups[-1][3] = max(groups[-1][3], hits[-1] + 1)
+        else:
+            groups.append([cs, ce, hits[0], hits[-1] + 1])
+    if len(groups) < len(char_spans):
+        logger.info("players: %d words share tokens with a neighbour and were merged", len(char_spans) - len(groups))
+    return [(g[2], g[3]) for g in groups], [(g[0], g[1]) for g in groups]
+
+
+def validate_spans(spans: Sequence[Sequence[int]], prompt_length: int) -> tuple[Span, ...]:
+    """Check player token spans: integer pairs, non-empty, sorted, disjoint, inside ``[0, prompt_length)``.
+
+    Raises ``ValueError``/``TypeError`` saying what was expected and what was received.
+    """
+    out: list[Span] = []
+    for i, span in enumerate(spans):
+        if len(span) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in span):
+            raise TypeError(f"player {i}: expected a (start, end) pair of ints, received {span!r}")
+        start, end = int(span[0]), int(span[1])
+        if end <= start:
+            raise ValueError(f"player {i}: expected a non-empty span start < end, received ({start}, {end})")
+        if start < 0 or end > prompt_length:
+            raise ValueError(
+                f"player {i}: expected a span inside the prompt [0, {prompt_length}) (target tokens are never "
+                f"players), received ({start}, {end})"
+            )
+        if out and start < out[-1][1]:
+            raise ValueError(
+                f"player {i}: expected spans sorted by position and disjoint, received ({start}, {end}) after "
+                f"{out[-1]}"
+            )
+        out.append((start, end))
+    return tuple(out)
+
+
+def is_content_word(word: str) -> bool:
+    """A word with a letter or digit that is not a stop word (punctuation around it ignored)."""
+    core = re.sub(r"^\W+|\W+$", "", word).lower()
+    return bool(core) and any(c.isalnum() for c in core) and core not in STOPWORDS
+
+
+def select_words(
+    words: Sequence[str],
+    players: Literal["words", "all"] | Sequence[int],
+    *,
+    n_players: int | None = None,
+    pick: Literal["first", "last"] = "first",
+) -> list[int]:
+    """Indices of the words that become players, in prompt order.
+
+    ``players="words"``/``"all"``: every word, or with ``n_players`` the first (``pick="first"``) or last
+    ``n_players`` content words. A list of ints: those word indices (``n_players`` must then be None).
+    """
+    num = len(words)
+    if isinstance(players, str):
+        if players not in ("words", "all"):
+            raise ValueError(f"players: expected 'words', 'all' or a list, received {players!r}")
+        if n_players is None:
+            return list(range(num))
+        if not isinstance(n_players, int) or n_players < 0:
+            raise ValueError(f"n_players: expected a non-negative int, received {n_players!r}")
+        if pick not in ("first", "last"):
+            raise ValueError(f"pick: expected 'first' or 'last', received {pick!r}")
+        content = [i for i, w in enumerate(words) if is_content_word(w)]
+        if n_players > len(content):
+            raise ValueError(
+                f"n_players: expected at most {len(content)} (the number of content words), received {n_players}"
+            )
+        chosen = content[:n_players] if pick == "first" else content[len(content) - n_players:]
+        return sorted(chosen)
+    if n_players is not None:
+        raise ValueError("n_players: expected None when players is an explicit list")
+    indices = list(players)
+    for i in indices:
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise TypeError(f"players: expected word indices (ints), received {i!r}")
+        if not 0 <= i < num:
+            raise ValueError(f"players: expected word indices in [0, {num}), received {i}")
+    if sorted(set(indices)) != indices:
+        raise ValueError(f"players: expected strictly increasing word indices, received {indices}")
+    return indices
+
+
+def word_players(
+    tokenized: Tokenized,
+    *,
+    region: Span | None = None,
+    players: Literal["words", "all"] | Sequence[int] = "words",
+    n_players: int | None = None,
+    pick: Literal["first", "last"] = "first",
+) -> tuple[list[Span], list[str]]:
+    """Token spans and texts of the chosen words of ``tokenized.text[region]`` (default: the whole text)."""
+    lo, hi = region if region is not None else (0, len(tokenized.text))
+    char_spans = [(lo + a, lo + b) for a, b in word_char_spans(tokenized.text[lo:hi])]
+    token_spans, merged = char_spans_to_token_spans(tokenized, char_spans)
+    texts = [tokenized.text[a:b] for a, b in merged]
+    chosen = select_words(texts, players, n_players=n_players, pick=pick)
+    return [token_spans[i] for i in chosen], [texts[i] for i in chosen]
+
+
+def char_players(tokenized: Tokenized, char_spans: Sequence[Sequence[int]]) -> tuple[list[Span], list[str]]:
+    """Token spans of explicit character spans of ``tokenized.text`` (sorted, disjoint)."""
+    spans: list[Span] = []
+    for i, span in enumerate(char_spans):
+        if len(span) != 2 or not all(isinstance(x, int) for x in span):
+            raise TypeError(f"player {i}: expected a (start, end) character pair of ints, received {span!r}")
+        a, b = int(span[0]), int(span[1])
+        if not 0 <= a < b <= len(tokenized.text):
+            raise ValueError(
+                f"player {i}: expected a non-empty character span inside [0, {len(tokenized.text)}], received {span!r}"
+            )
+        if spans and a < spans[-1][1]:
+            raise ValueError(f"player {i}: expected sorted, disjoint character spans, received {span!r} after {spans[-1]}")
+        spans.append((a, b))
+    token_spans, merged = char_spans_to_token_spans(tokenized, spans)
+    if len(token_spans) != len(spans):
+        raise ValueError("players: two character spans share a token; expected spans on distinct tokens")
+    return token_spans, [tokenized.text[a:b] for a, b in merged]
