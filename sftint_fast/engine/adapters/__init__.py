@@ -1,0 +1,24 @@
+"""Architecture adapters for the trie engine. ``get_adapter(model)`` → an :class:`Adapter`, or None if unsupported."""
+from __future__ import annotations
+
+import torch
+
+from sftint_fast.engine.adapters.base import Adapter, AttendFn, LayerSpec, ModelDims
+from sftint_fast.engine.adapters.gpt2 import GPT2Adapter
+from sftint_fast.engine.adapters.llama import LlamaLikeAdapter
+
+__all__ = ["Adapter", "AttendFn", "LayerSpec", "ModelDims", "get_adapter"]
+
+_ADAPTERS: tuple[type[Adapter], ...] = (LlamaLikeAdapter, GPT2Adapter)
+
+
+def get_adapter(model: torch.nn.Module) -> Adapter | None:
+    """The adapter that runs ``model`` layer by layer for the trie engine, or None for an unsupported architecture.
+
+    Supported: Llama / SmolLM2, Qwen2, Mistral, Gemma-3 text (``model_type`` llama, qwen2, mistral, gemma3_text)
+    and GPT-2. The adapter reuses the model's own modules, so it follows later changes to the model's weights.
+    """
+    for adapter_cls in _ADAPTERS:
+        if adapter_cls.supports(model):
+            return adapter_cls(model)
+    return None

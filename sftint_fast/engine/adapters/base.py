@@ -1,0 +1,58 @@
+"""What the trie engine needs from a decoder: its shapes and a lean layer loop over the HF model's own modules."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+#: ``attend(layer, q, k, v) -> out``: q ``[C, S, Hq, D]`` (after RoPE), k/v ``[C, S, Hkv, D]`` of the segment
+#: being computed, out ``[C, S, Hq, D]``. The engine stores k/v and attends over the ancestors' KV as well.
+AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Shapes that size the trie's KV store and activations."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    dtype: torch.dtype
+
+    @property
+    def dtype_bytes(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Attention options of one layer: softmax scale, sliding window (keys with ``q_pos - k_pos < w``), soft-cap."""
+
+    scale: float
+    sliding_window: int | None = None
+    softcap: float | None = None
+
+
+class Adapter(ABC):
+    """A decoder seen as ``embed → layers (attention through a callback) → final norm → LM head``."""
+
+    dims: ModelDims
+    layers: tuple[LayerSpec, ...]
+
+    @abstractmethod
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``(L,)`` ids → ``(L, H)``: the embedding module's output, the rows a game's baseline replaces."""
+
+    @abstractmethod
+    def run_layers(self, embeds: torch.Tensor, positions: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+        """``embeds [C, S, H]`` at absolute ``positions [S]`` → hidden states ``[C, S, H]`` before the final norm."""
+
+    @abstractmethod
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head on the requested rows only: ``[..., H]`` → ``[..., V]``."""

@@ -1,0 +1,55 @@
+"""GPT-2: learned absolute position embeddings, fused Conv1D ``c_attn``, multi-head attention (no GQA)."""
+from __future__ import annotations
+
+import torch
+
+from sftint_fast.engine.adapters.base import Adapter, AttendFn, LayerSpec, ModelDims
+
+
+class GPT2Adapter(Adapter):
+    """Adapter over ``model.transformer.{wte, wpe, h, ln_f}`` and ``model.lm_head``."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        config = model.config
+        inner = model.transformer
+        self._wte = inner.wte
+        self._wpe = inner.wpe
+        self._blocks = list(inner.h)
+        self._ln_f = inner.ln_f
+        self._lm_head = model.lm_head
+        hidden = config.n_embd
+        self.dims = ModelDims(
+            num_layers=len(self._blocks),
+            num_heads=config.n_head,
+            num_kv_heads=config.n_head,
+            head_dim=hidden // config.n_head,
+            hidden_size=hidden,
+            intermediate_size=config.n_inner or 4 * hidden,
+            vocab_size=config.vocab_size,
+            dtype=self._wte.weight.dtype,
+        )
+        self.layers = tuple(LayerSpec(scale=float(block.attn.scaling)) for block in self._blocks)
+
+    @classmethod
+    def supports(cls, model: torch.nn.Module) -> bool:
+        config = getattr(model, "config", None)
+        return (getattr(config, "model_type", None) == "gpt2" and not getattr(config, "add_cross_attention", False)
+                and hasattr(model, "transformer") and hasattr(model, "lm_head"))
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self._wte(input_ids)
+
+    def run_layers(self, embeds: torch.Tensor, positions: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+        chunk, seg_len, width = embeds.shape
+        head_dim = self.dims.head_dim
+        hidden = embeds + self._wpe(positions)
+        for index, block in enumerate(self._blocks):
+            q, k, v = block.attn.c_attn(block.ln_1(hidden)).split(width, dim=-1)
+            shape = (chunk, seg_len, -1, head_dim)
+            out = attend(index, q.view(shape), k.view(shape), v.view(shape))
+            hidden = hidden + block.attn.c_proj(out.reshape(chunk, seg_len, width))
+            hidden = hidden + block.mlp(block.ln_2(hidden))
+        return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._lm_head(self._ln_f(hidden))

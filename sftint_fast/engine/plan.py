@@ -1,0 +1,235 @@
+"""The trie plan: segments, nodes per level, token counts and the memory budget that sets the chunk sizes.
+
+Prompt = ``bg_0 p_0 bg_1 p_1 … p_{n-1} bg_n``. Level 0 is one node owning ``bg_0``; node ``m`` of level ``j+1``
+(a bitmask over players ``< j+1``) owns ``p_j bg_{j+1}``. Tokens computed:
+``|bg_0| + Σ_j 2^{j+1}(|p_j| + |bg_{j+1}|)`` instead of ``2^n · L``.
+
+KV store layout (per layer, ``[store_rows, Hkv, D]``): levels ``0..n-1`` back to back, all ``2^j`` rows of a level
+(node ``m`` at ``level_offsets[j] + m * level_lens[j]``), then a window for the last level. The last level's KV is
+read only by its own nodes, so it is never stored whole: a chunk of nodes with ids in ``[a, a + W)`` writes into
+the window, addressed with the shifted offset ``window_start - a * level_lens[n]``
+(:meth:`TriePlan.last_level_offset`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sftint_fast.engine.adapters import ModelDims, get_adapter
+
+logger = logging.getLogger(__name__)
+
+#: Tokens per chunk the planner aims for: large enough to keep the GEMMs efficient, small enough to stream.
+TARGET_CHUNK_TOKENS = 8192
+#: Share of the free memory used when ``max_memory`` is not given.
+FREE_MEMORY_FRACTION = 0.6
+_GIB = 1024**3
+
+
+@dataclass(frozen=True, eq=False)
+class TriePlan:
+    """A game's trie schedule. Per-level tuples have ``n + 1`` entries (levels ``0..n``).
+
+    Attributes:
+        num_players, seq_len: ``n`` and ``L``.
+        level_lens: tokens each node owns at each level; level_positions: absolute position of each segment's
+            first token; player_lens: player tokens at the start of each segment (0 at level 0).
+        level_nodes: per level, the sorted int64 node ids computed (all ``2^j``, or those the subsets reach).
+        leaf_index: ``(len(subsets),)`` int64: row of each requested subset among ``level_nodes[n]``.
+        level_chunk_nodes: nodes per chunk at each level (chunks of the last level span ids ``[a, a + W)``).
+        level_offsets: start row of each stored level (levels ``< n``); ``window_start``/``window_rows``: the last
+            level's window; ``store_rows``: rows per layer store.
+        trie_tokens, naive_tokens, ideal_ratio: tokens computed by the trie, by ``2^n`` (or ``len(subsets)``) full
+            sequences, and their ratio.
+        kv_bytes, activation_bytes, peak_bytes: memory estimates (KV stores of all layers; the largest chunk's
+            activations; their sum). ``max_memory``: the budget the chunk sizes were fitted to (None = no model).
+    """
+
+    num_players: int
+    seq_len: int
+    level_lens: tuple[int, ...]
+    level_positions: tuple[int, ...]
+    player_lens: tuple[int, ...]
+    level_nodes: tuple[torch.Tensor, ...]
+    leaf_index: torch.Tensor
+    level_chunk_nodes: tuple[int, ...]
+    level_offsets: tuple[int, ...]
+    window_start: int
+    window_rows: int
+    store_rows: int
+    trie_tokens: int
+    naive_tokens: int
+    ideal_ratio: float
+    kv_bytes: int
+    activation_bytes: int
+    peak_bytes: int
+    max_memory: int | None
+
+    @property
+    def node_counts(self) -> tuple[int, ...]:
+        return tuple(len(nodes) for nodes in self.level_nodes)
+
+    def chunks(self, level: int) -> list[torch.Tensor]:
+        """The node-id chunks of ``level`` in order; a last-level chunk's ids lie in ``[ids[0], ids[0] + W)``."""
+        nodes = self.level_nodes[level]
+        width = self.level_chunk_nodes[level]
+        if level < self.num_players:
+            return list(nodes.split(width))
+        chunks, start = [], 0
+        while start < len(nodes):
+            stop = int(torch.searchsorted(nodes, nodes[start] + width))
+            chunks.append(nodes[start:stop])
+            start = stop
+        return chunks
+
+    def last_level_offset(self, first_node: int) -> int:
+        """Virtual start row of the last level for a chunk whose smallest node id is ``first_node``."""
+        return self.window_start - first_node * self.level_lens[self.num_players]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data summary (JSON-serialisable)."""
+        return {
+            "num_players": self.num_players, "seq_len": self.seq_len, "level_lens": list(self.level_lens),
+            "player_lens": list(self.player_lens), "node_counts": list(self.node_counts),
+            "level_chunk_nodes": list(self.level_chunk_nodes), "trie_tokens": self.trie_tokens,
+            "naive_tokens": self.naive_tokens, "ideal_ratio": self.ideal_ratio, "kv_bytes": self.kv_bytes,
+            "activation_bytes": self.activation_bytes, "peak_bytes": self.peak_bytes, "max_memory": self.max_memory,
+        }
+
+
+def default_max_memory(device: torch.device) -> int:
+    """A safe fraction of the free memory on ``device`` (CUDA: ``mem_get_info``; CPU: available RAM)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        import psutil
+
+        free = psutil.virtual_memory().available
+    return int(free * FREE_MEMORY_FRACTION)
+
+
+def _segments(seq_len: int, player_spans: tuple[tuple[int, int], ...]) -> tuple[list[int], list[int], list[int]]:
+    starts = [0] + [start for start, _ in player_spans]
+    ends = starts[1:] + [seq_len]
+    player_lens = [0] + [end - start for start, end in player_spans]
+    return [end - start for start, end in zip(starts, ends)], starts, player_lens
+
+
+def _level_nodes(num_players: int, subsets: torch.Tensor | None) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    if subsets is None:
+        nodes = tuple(torch.arange(1 << j, dtype=torch.int64) for j in range(num_players + 1))
+        return nodes, nodes[-1]
+    leaves, leaf_index = torch.unique(subsets, sorted=True, return_inverse=True)
+    nodes = tuple(torch.unique(leaves & ((1 << j) - 1), sorted=True) for j in range(num_players)) + (leaves,)
+    return nodes, leaf_index
+
+
+def _chunk_activation_bytes(dims: ModelDims, seg_len: int, num_keys: int, num_targets: int, last: bool) -> int:
+    """Bytes one node of a chunk needs while a layer runs (hidden states, gathered K/V, scores, mask, logits)."""
+    size = dims.dtype_bytes
+    per_token = (4 * dims.hidden_size + 3 * dims.intermediate_size + 2 * dims.num_heads * dims.head_dim) * size
+    gathered = 2 * num_keys * dims.num_heads * dims.head_dim * size  # K and V, GQA expanded in the worst case
+    scores = dims.num_heads * seg_len * num_keys * 4 + seg_len * num_keys
+    logits = 2 * num_targets * dims.vocab_size * 4 if last else 0
+    window = dims.num_layers * 2 * seg_len * dims.num_kv_heads * dims.head_dim * size if last else 0
+    return seg_len * per_token + gathered + scores + logits + window
+
+
+def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn.Module | None = None,
+              dims: ModelDims | None = None, batch_size: int | None = None, max_memory: int | None = None,
+              num_targets: int | None = None) -> TriePlan:
+    """Plan the trie evaluation of ``game`` (anything with ``input_ids (L,)`` and ``player_spans``).
+
+    Args:
+        game: a :class:`~sftint_fast.game.Game` or a layout object with ``input_ids`` and ``player_spans``.
+        subsets: ``(B,)`` int64 bitmasks to evaluate (None = all ``2^n``); only the nodes they reach are planned.
+        model / dims: the model (or its :class:`ModelDims`) that sizes memory; without either, no memory plan
+            (chunks are sized by :data:`TARGET_CHUNK_TOKENS` alone and memory fields are 0).
+        batch_size: at most this many nodes per chunk.
+        max_memory: bytes available for the KV store and activations (default: a safe fraction of free memory
+            on the model's device).
+        num_targets: scored positions ``m`` (default: ``len(game.target)`` if present, else 1).
+
+    Raises:
+        ValueError: bad spans or subsets, or a plan that does not fit ``max_memory`` even one node per chunk
+            (the message says how many GiB it needs).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> plan = plan_trie(SimpleNamespace(input_ids=torch.zeros(9), player_spans=((2, 3), (5, 7))))
+        >>> plan.level_lens, plan.trie_tokens, plan.naive_tokens
+        ((2, 3, 4), 24, 36)
+    """
+    seq_len = int(game.input_ids.shape[-1])
+    player_spans = tuple((int(s), int(e)) for s, e in game.player_spans)
+    previous_end = 0
+    for start, end in player_spans:
+        if not previous_end <= start < end <= seq_len:
+            raise ValueError(f"player_spans must be sorted, disjoint, non-empty and inside [0, {seq_len}), "
+                             f"got {player_spans}")
+        previous_end = end
+    num_players = len(player_spans)
+    if subsets is not None:
+        if subsets.dtype != torch.int64 or subsets.dim() != 1:
+            raise TypeError(f"subsets must be a 1-D int64 tensor, got {subsets.dtype} of shape {tuple(subsets.shape)}")
+        if len(subsets) and (int(subsets.min()) < 0 or int(subsets.max()) >= 1 << num_players):
+            raise ValueError(f"subsets must lie in [0, 2^{num_players}), got range "
+                             f"[{int(subsets.min())}, {int(subsets.max())}]")
+        subsets = subsets.cpu()
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size}")
+
+    level_lens, level_positions, player_lens = _segments(seq_len, player_spans)
+    level_nodes, leaf_index = _level_nodes(num_players, subsets)
+    counts = [len(nodes) for nodes in level_nodes]
+    trie_tokens = sum(count * length for count, length in zip(counts, level_lens))
+    naive_tokens = (len(subsets) if subsets is not None else 1 << num_players) * seq_len
+    if num_targets is None:
+        target = getattr(game, "target", None)
+        num_targets = int(target.numel()) if target is not None else 1
+    if dims is None and model is not None:
+        adapter = get_adapter(model)
+        dims = adapter.dims if adapter is not None else None
+
+    chunk_nodes = [max(1, min(count, TARGET_CHUNK_TOKENS // max(length, 1))) for count, length in
+                   zip(counts, level_lens)]
+    if batch_size is not None:
+        chunk_nodes = [min(c, batch_size) for c in chunk_nodes]
+    stored = [(1 << j) * level_lens[j] for j in range(num_players)]
+    level_offsets = [sum(stored[:j]) for j in range(num_players)]
+    window_start = sum(stored)
+
+    kv_bytes = activation_bytes = 0
+    if dims is not None:
+        if max_memory is None:
+            device = model.device if model is not None and hasattr(model, "device") else torch.device("cpu")
+            max_memory = default_max_memory(torch.device(device))
+        row_bytes = dims.num_layers * 2 * dims.num_kv_heads * dims.head_dim * dims.dtype_bytes
+        fixed = window_start * row_bytes
+        per_node = [_chunk_activation_bytes(dims, level_lens[j], level_positions[j] + level_lens[j], num_targets,
+                                            j == num_players) for j in range(num_players + 1)]
+        room = max_memory - fixed
+        needed = fixed + max(per_node)
+        if room < max(per_node):
+            raise ValueError(f"the trie for n={num_players}, L={seq_len} needs at least {needed / _GIB:.2f} GiB "
+                             f"(KV store {fixed / _GIB:.2f} GiB + one node's activations), but max_memory is "
+                             f"{max_memory / _GIB:.2f} GiB; evaluate fewer subsets or use method='naive'")
+        chunk_nodes = [max(1, min(c, room // max(p, 1))) for c, p in zip(chunk_nodes, per_node)]
+        kv_bytes = fixed + chunk_nodes[-1] * level_lens[-1] * row_bytes
+        activation_bytes = max(c * p for c, p in zip(chunk_nodes, per_node))
+    window_rows = chunk_nodes[-1] * level_lens[-1]
+    plan = TriePlan(
+        num_players=num_players, seq_len=seq_len, level_lens=tuple(level_lens),
+        level_positions=tuple(level_positions), player_lens=tuple(player_lens), level_nodes=level_nodes,
+        leaf_index=leaf_index, level_chunk_nodes=tuple(chunk_nodes), level_offsets=tuple(level_offsets),
+        window_start=window_start, window_rows=window_rows, store_rows=window_start + window_rows,
+        trie_tokens=trie_tokens, naive_tokens=naive_tokens,
+        ideal_ratio=naive_tokens / trie_tokens if trie_tokens else math.inf, kv_bytes=kv_bytes,
+        activation_bytes=activation_bytes, peak_bytes=kv_bytes + activation_bytes, max_memory=max_memory,
+    )
+    logger.debug("trie plan: %s", plan.to_dict())
+    return plan

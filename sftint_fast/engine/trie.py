@@ -1,0 +1,130 @@
+"""The trie engine: every distinct prefix of the ``2^n`` variants computed once, its KV reused by its descendants.
+
+Levels run in order (see :mod:`sftint_fast.engine.plan`). Per level and chunk of nodes: the segment's input
+embeddings (embedding masking: the baseline replaces player ``j``'s rows where the node's bit ``j`` is 0), the
+adapter's layer loop writing K/V into one flat store per layer and attending through
+:func:`~sftint_fast.ops.subset_attention.subset_attention`, and at the last level the LM head on the scored
+positions only.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from sftint_fast.engine.adapters import Adapter, get_adapter
+from sftint_fast.engine.plan import TriePlan, default_max_memory, plan_trie
+from sftint_fast.ops.subset_attention import subset_attention
+
+logger = logging.getLogger(__name__)
+
+
+def _segment_embeds(embeds: torch.Tensor, baseline: torch.Tensor, plan: TriePlan, level: int,
+                    nodes: torch.Tensor, embedding_masking: bool) -> torch.Tensor:
+    """``[C, S, H]`` inputs of ``nodes`` at ``level``: the segment's embedding rows, masked player replaced."""
+    start = plan.level_positions[level]
+    seg = embeds[start:start + plan.level_lens[level]]
+    chunk_embeds = seg.unsqueeze(0).expand(len(nodes), -1, -1)
+    player_len = plan.player_lens[level]
+    if not embedding_masking or level == 0 or player_len == 0:
+        return chunk_embeds
+    player = level - 1
+    row = baseline if baseline.dim() == 1 else baseline[player]
+    dropped = ((nodes.to(seg.device) >> player) & 1) == 0
+    replace = dropped[:, None] & (torch.arange(seg.shape[0], device=seg.device) < player_len)[None, :]
+    return torch.where(replace[:, :, None], row.to(seg.dtype), chunk_embeds)
+
+
+def _check_game(game: Any, adapter: Adapter, subsets: torch.Tensor | None) -> None:
+    masking = getattr(game, "masking", "embedding")
+    if masking not in ("embedding", "attention"):
+        raise ValueError(f"game.masking must be 'embedding' or 'attention', got {masking!r}")
+    hidden = adapter.dims.hidden_size
+    baseline = game.baseline
+    n = len(game.player_spans)
+    if masking == "embedding" and baseline.shape not in ((hidden,), (n, hidden)):
+        raise ValueError(f"game.baseline must have shape ({hidden},) or ({n}, {hidden}), got "
+                         f"{tuple(baseline.shape)}")
+    score_start = int(game.score_positions[0])
+    if n and score_start < game.player_spans[-1][0]:
+        raise ValueError(f"the scored positions (from {score_start}) must lie after the last player's start "
+                         f"({game.player_spans[-1][0]})")
+    if subsets is not None and subsets.dtype != torch.int64:
+        raise TypeError(f"subsets must be an int64 tensor of bitmasks, got {subsets.dtype}")
+
+
+@torch.no_grad()
+def evaluate_trie(model: torch.nn.Module, game: Any, subsets: torch.Tensor | None = None, *,
+                  batch_size: int | None = None, max_memory: int | None = None, progress: bool = True,
+                  attention_backend: Literal["torch", "triton"] = "torch") -> torch.Tensor:
+    """Values of ``game`` on the requested variants, each distinct prefix computed once.
+
+    Args:
+        model: a causal LM that :func:`~sftint_fast.engine.adapters.get_adapter` supports.
+        game: the :class:`~sftint_fast.game.Game` (``input_ids (L,)``, ``player_spans``, ``baseline``, ``masking``,
+            ``score_positions (m,)``, ``values_from_logits``).
+        subsets: ``(B,)`` int64 bitmasks (bit ``i`` = player ``i`` kept); None = all ``2^n`` in bitmask order.
+        batch_size: at most this many trie nodes per chunk. max_memory: byte budget (default: a safe fraction of
+            free memory). progress: tqdm bar over levels and chunks.
+        attention_backend: ``"torch"`` (gather + SDPA) or ``"triton"`` (fused kernel).
+
+    Returns:
+        float32 ``(2^n,)`` indexed by bitmask, or ``(B,)`` in the order of ``subsets``, on the model's device.
+
+    Example:
+        >>> v = evaluate_trie(model, game)  # doctest: +SKIP
+    """
+    adapter = get_adapter(model)
+    if adapter is None:
+        raise ValueError(f"no trie adapter for model type {getattr(model.config, 'model_type', type(model))!r}; "
+                         f"use method='naive'")
+    _check_game(game, adapter, subsets)
+    device = next(model.parameters()).device
+    if max_memory is None:
+        max_memory = default_max_memory(device)
+    plan = plan_trie(game, subsets=subsets, dims=adapter.dims, batch_size=batch_size, max_memory=max_memory,
+                     num_targets=int(game.score_positions.numel()))
+    dims = adapter.dims
+    n = plan.num_players
+    attention_masking = getattr(game, "masking", "embedding") == "attention"
+    embeds = adapter.embed(game.input_ids.to(device))
+    baseline = game.baseline.to(device)
+    store_shape = (plan.store_rows, dims.num_kv_heads, dims.head_dim)
+    k_stores = [torch.empty(store_shape, dtype=dims.dtype, device=device) for _ in range(dims.num_layers)]
+    v_stores = [torch.empty(store_shape, dtype=dims.dtype, device=device) for _ in range(dims.num_layers)]
+    level_lens = torch.tensor(plan.level_lens)
+    player_lens = torch.tensor(plan.player_lens)
+    level_positions = torch.tensor(plan.level_positions)
+    score_rel = (game.score_positions.to(device) - plan.level_positions[n]).long()
+
+    leaf_values = torch.empty(len(plan.level_nodes[n]), dtype=torch.float32)
+    schedule = [(level, chunk) for level in range(n + 1) if plan.level_lens[level] > 0 for chunk in plan.chunks(level)]
+    done = 0
+    for level, nodes_cpu in tqdm(schedule, desc="trie chunks", disable=not progress, leave=False):
+        nodes = nodes_cpu.to(device)
+        seg_len = plan.level_lens[level]
+        if level == n:
+            offsets = torch.tensor(plan.level_offsets + (plan.last_level_offset(int(nodes_cpu[0])),))
+        else:
+            offsets = torch.tensor(plan.level_offsets[:level + 1])
+        rows = (int(offsets[level]) + nodes[:, None] * seg_len + torch.arange(seg_len, device=device)).reshape(-1)
+        positions = plan.level_positions[level] + torch.arange(seg_len, device=device)
+        tables = (offsets, level_lens[:level + 1], player_lens[:level + 1], level_positions[:level + 1])
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            k_stores[layer].index_copy_(0, rows, k.reshape(-1, dims.num_kv_heads, dims.head_dim))
+            v_stores[layer].index_copy_(0, rows, v.reshape(-1, dims.num_kv_heads, dims.head_dim))
+            spec = adapter.layers[layer]
+            return subset_attention(q, k_stores[layer], v_stores[layer], nodes, *tables, level=level,
+                                    scale=spec.scale, attention_masking=attention_masking, softcap=spec.softcap,
+                                    sliding_window=spec.sliding_window, backend=attention_backend)
+
+        inputs = _segment_embeds(embeds, baseline, plan, level, nodes, not attention_masking)
+        hidden = adapter.run_layers(inputs, positions, attend)
+        if level == n:
+            logits = adapter.logits(hidden[:, score_rel]).float()
+            leaf_values[done:done + len(nodes)] = game.values_from_logits(logits, subsets=nodes_cpu).cpu()
+            done += len(nodes)
+    return leaf_values[plan.leaf_index].to(device)

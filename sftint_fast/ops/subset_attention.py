@@ -1,0 +1,134 @@
+"""Subset (ancestor-path) attention over the trie's flat per-layer KV store.
+
+Store layout (one K and one V store per layer, ``[T_total, Hkv, D]``): level ``k`` occupies rows
+``level_offsets[k] + node * level_lens[k] + t`` for ``t < level_lens[k]``; node ``m`` of level ``j`` has the
+ancestor ``m & ((1 << k) - 1)`` at level ``k < j``. A query of node ``m`` at level ``level`` attends to its
+ancestors' whole segments and to its own segment causally.
+
+Backends: ``"torch"`` gathers each node's ancestor rows (one ``index_select`` per chunk) and calls
+``scaled_dot_product_attention``; other backends register themselves in ``_BACKENDS``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Backend = Literal["torch", "triton"]
+
+
+def _key_layout(node_ids: torch.Tensor, level_offsets: list[int], level_lens: list[int], player_lens: list[int],
+                level_positions: list[int], level: int, attention_masking: bool
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Rows ``[C, K]`` into the store, key positions ``[K]`` and (attention masking) hidden keys ``[C, K]``."""
+    device = node_ids.device
+    rows, positions, hidden = [], [], []
+    for k in range(level + 1):
+        length = level_lens[k]
+        if length == 0:
+            continue
+        ancestors = node_ids if k == level else node_ids & ((1 << k) - 1)
+        offsets = torch.arange(length, device=device)
+        rows.append(level_offsets[k] + ancestors[:, None] * length + offsets)
+        positions.append(level_positions[k] + offsets)
+        if attention_masking:
+            is_player = offsets < player_lens[k]
+            if k == 0 or player_lens[k] == 0:
+                hidden.append(torch.zeros(len(node_ids), length, dtype=torch.bool, device=device))
+            else:
+                dropped = ((ancestors >> (k - 1)) & 1) == 0
+                hidden.append(dropped[:, None] & is_player[None, :])
+    return torch.cat(rows, dim=1), torch.cat(positions), (torch.cat(hidden, dim=1) if attention_masking else None)
+
+
+def _subset_attention_torch(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, node_ids: torch.Tensor,
+                            level_offsets: torch.Tensor, level_lens: torch.Tensor, player_lens: torch.Tensor,
+                            level_positions: torch.Tensor, *, level: int, scale: float, attention_masking: bool,
+                            softcap: float | None, sliding_window: int | None) -> torch.Tensor:
+    chunk, seg_len, num_heads, head_dim = q.shape
+    num_kv_heads = k_store.shape[1]
+    rows, key_pos, hidden = _key_layout(node_ids, level_offsets.tolist(), level_lens.tolist(), player_lens.tolist(),
+                                        level_positions.tolist(), level, attention_masking)
+    num_keys = rows.shape[1]
+    flat_rows = rows.reshape(-1)
+    keys = k_store.index_select(0, flat_rows).view(chunk, num_keys, num_kv_heads, head_dim).transpose(1, 2)
+    values = v_store.index_select(0, flat_rows).view(chunk, num_keys, num_kv_heads, head_dim).transpose(1, 2)
+
+    query_pos = int(level_positions[level]) + torch.arange(seg_len, device=q.device)
+    allowed = key_pos[None, :] <= query_pos[:, None]  # [S, K]: ancestors entirely, own segment causally
+    if sliding_window is not None:
+        allowed = allowed & (query_pos[:, None] - key_pos[None, :] < sliding_window)
+    if hidden is not None:
+        diagonal = key_pos[None, :] == query_pos[:, None]
+        allowed = allowed[None] & ~(hidden[:, None, :] & ~diagonal[None])  # [C, S, K]
+    mask = allowed.view(-1, 1, seg_len, num_keys)
+
+    queries = q.transpose(1, 2)
+    if softcap is None:
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale,
+                                             enable_gqa=num_heads != num_kv_heads)
+    else:
+        group = num_heads // num_kv_heads
+        keys = keys.repeat_interleave(group, dim=1)
+        values = values.repeat_interleave(group, dim=1)
+        scores = torch.matmul(queries, keys.transpose(-1, -2)).float() * scale
+        scores = torch.tanh(scores / softcap) * softcap
+        weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(values.dtype)
+        out = torch.matmul(weights, values)
+    return out.transpose(1, 2)
+
+
+_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {"torch": _subset_attention_torch}
+
+
+def subset_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, node_ids: torch.Tensor,
+                     level_offsets: torch.Tensor, level_lens: torch.Tensor, player_lens: torch.Tensor,
+                     level_positions: torch.Tensor, *, level: int, scale: float, attention_masking: bool = False,
+                     softcap: float | None = None, sliding_window: int | None = None,
+                     backend: Backend = "torch") -> torch.Tensor:
+    """Attention of one trie level's chunk of nodes over their ancestors' KV and their own segment.
+
+    Args:
+        q: ``[C, S, Hq, D]`` queries of ``C`` nodes at ``level`` (``S = level_lens[level]``), after RoPE.
+        k_store, v_store: ``[T_total, Hkv, D]`` flat stores; the own level's K/V already written. ``Hq`` must be a
+            multiple of ``Hkv`` (query head ``h`` reads kv head ``h // (Hq // Hkv)``).
+        node_ids: ``[C]`` int64 node ids at ``level`` (any order, need not be consecutive).
+        level_offsets, level_lens, player_lens, level_positions: ``[level + 1]`` int64: start row of each level in
+            the store, tokens per node, player tokens at the start of each segment (0 for level 0) and absolute
+            position of each segment's first token.
+        level: the level of the queries. scale: softmax scale.
+        attention_masking: skip, as keys, the player tokens of every segment (level ``k >= 1``) whose node's bit
+            ``k - 1`` is 0, except at the query's own position.
+        softcap: attention logit soft-cap ``c·tanh(s/c)``. sliding_window: keys with ``q_pos - k_pos < w`` only.
+        backend: ``"torch"`` (gather + SDPA) or a registered fused kernel.
+
+    Returns:
+        ``[C, S, Hq, D]`` in ``q``'s dtype.
+
+    Example:
+        >>> q = torch.randn(2, 3, 4, 8); store = torch.randn(1 + 2 * 3, 2, 8)
+        >>> i64 = lambda *x: torch.tensor(x)
+        >>> subset_attention(q, store, store, i64(0, 1), i64(0, 1), i64(1, 3), i64(0, 2), i64(0, 1),
+        ...                  level=1, scale=8 ** -0.5).shape
+        torch.Size([2, 3, 4, 8])
+    """
+    impl = _BACKENDS.get(backend)
+    if impl is None:
+        raise ValueError(f"backend must be one of {sorted(_BACKENDS)}, got {backend!r}")
+    if q.dim() != 4 or k_store.dim() != 3 or k_store.shape != v_store.shape:
+        raise ValueError(f"expected q [C, S, Hq, D] and k_store/v_store [T, Hkv, D] of equal shapes, got "
+                         f"{tuple(q.shape)}, {tuple(k_store.shape)}, {tuple(v_store.shape)}")
+    if q.shape[-1] != k_store.shape[-1] or q.shape[2] % k_store.shape[1]:
+        raise ValueError(f"head dims must match and Hq must be a multiple of Hkv, got q {tuple(q.shape)}, "
+                         f"store {tuple(k_store.shape)}")
+    for name, table in (("level_offsets", level_offsets), ("level_lens", level_lens), ("player_lens", player_lens),
+                        ("level_positions", level_positions)):
+        if table.shape != (level + 1,):
+            raise ValueError(f"{name} must have shape ({level + 1},) for level={level}, got {tuple(table.shape)}")
+    if q.shape[1] != int(level_lens[level]) or node_ids.shape != (q.shape[0],):
+        raise ValueError(f"q must be [len(node_ids), level_lens[level], Hq, D] = [{node_ids.shape[0]}, "
+                         f"{int(level_lens[level])}, ...], got {tuple(q.shape)}")
+    return impl(q, k_store, v_store, node_ids, level_offsets, level_lens, player_lens, level_positions, level=level,
+                scale=scale, attention_masking=attention_masking, softcap=softcap, sliding_window=sliding_window)
