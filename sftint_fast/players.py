@@ -60,6 +60,7 @@ def tokenize_with_offsets(tokenizer: Any, text: str, *, add_special_tokens: bool
 
 def _offsets_by_decoding(tokenizer: Any, text: str, ids: Sequence[int]) -> tuple[Span, ...]:
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    folded = text.casefold()  # decoding may normalise case (e.g. lower-casing tokenizers)
     offsets: list[Span] = []
     previous = ""
     cursor = 0
@@ -73,13 +74,13 @@ def _offsets_by_decoding(tokenizer: Any, text: str, ids: Sequence[int]) -> tuple
                 "players: the tokenizer has no offsets and its incremental decoding is not prefix-stable; "
                 "pass explicit token spans as players"
             )
-        piece = decoded[len(previous):]
-        start = text.find(piece.strip(), cursor) if piece.strip() else cursor
+        piece = decoded[len(previous):].strip().casefold()
+        start = folded.find(piece, cursor) if piece else cursor
         if start < 0:
             raise ValueError(
                 f"players: could not locate token {k} ({piece!r}) in the text; pass explicit token spans as players"
             )
-        end = start + len(piece.strip())
+        end = start + len(piece)
         offsets.append((start, end))
         cursor = end
         previous = decoded

@@ -1,0 +1,154 @@
+"""Game.from_text: ids, players, targets, baselines, chat; masked_embeds and values_from_logits."""
+import dataclasses
+
+import pytest
+import torch
+
+from sftint_fast.game import Game
+
+from conftest import tiny_model
+from word_tokenizer import word_tokenizer
+
+TEXT = "The cat, sat on the mat!"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return word_tokenizer()
+
+
+def test_from_text_ids_players_and_default_target(model, tok):
+    game = Game.from_text(model, tok, TEXT)
+    ids = torch.tensor(tok(TEXT)["input_ids"])
+    assert torch.equal(game.input_ids, ids)
+    assert game.words == ("The", "cat,", "sat", "on", "the", "mat!")
+    assert game.player_spans == ((0, 1), (1, 3), (3, 4), (4, 5), (5, 6), (6, 8))
+    assert game.prompt_length == ids.numel() and game.num_players == 6
+    with torch.no_grad():
+        expected = model(input_ids=ids[None]).logits[0, -1].argmax()
+    assert game.target.tolist() == [int(expected)]
+    assert game.score_positions.tolist() == [ids.numel() - 1]
+    rows = game.player_mask_rows()
+    assert rows.tolist() == [0, 1, 1, 2, 3, 4, 5, 5]
+
+
+def test_string_target_is_teacher_forced(model, tok):
+    game = Game.from_text(model, tok, "the cat sat on", target="the big mat", players=[1, 2])
+    prompt = tok("the cat sat on")["input_ids"]
+    target = tok("the big mat", add_special_tokens=False)["input_ids"]
+    assert game.target.tolist() == target
+    assert game.input_ids.tolist() == prompt + target[:-1]
+    assert game.score_positions.tolist() == [3, 4, 5]
+    assert game.words == ("cat", "sat")
+
+
+def test_explicit_spans_and_n_players(model, tok):
+    game = Game.from_text(model, tok, TEXT, players=[(1, 3), (7, 8)])
+    assert game.player_spans == ((1, 3), (7, 8))
+    assert game.words == (tok.decode([11, 18]), "!")
+    chars = Game.from_text(model, tok, TEXT, players=[(4, 8)], span_unit="chars")
+    assert chars.player_spans == ((1, 3),) and chars.words == ("cat,",)
+    last = Game.from_text(model, tok, TEXT, n_players=2, pick="last")
+    assert last.words == ("sat", "mat!")
+
+
+def test_bad_inputs_raise(model, tok):
+    with pytest.raises(ValueError, match="inside the prompt"):
+        Game.from_text(model, tok, "the cat", players=[(1, 3)], target="sat on")
+    with pytest.raises(ValueError, match=r"\[0, 128\)"):
+        Game.from_text(model, tok, "the cat", target=[500])
+    with pytest.raises(TypeError):
+        Game.from_text(model, tok, "the cat", target=[1.5])
+    with pytest.raises(ValueError, match="shape"):
+        Game.from_text(model, tok, "the cat", baseline=torch.zeros(31))
+    with pytest.raises(ValueError, match="expected 'pad'"):
+        Game.from_text(model, tok, "the cat", baseline="mask")
+    with pytest.raises(ValueError, match="non-empty"):
+        Game.from_text(model, tok, "   ")
+    with pytest.raises(ValueError, match="disjoint"):
+        Game.from_text(model, tok, TEXT, players=[(0, 2), (1, 3)])
+    game = Game.from_text(model, tok, "the cat sat")
+    with pytest.raises(ValueError, match="prompt_length"):
+        dataclasses.replace(game, prompt_length=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        game.masking = "attention"
+
+
+class ScaledEmbedding(torch.nn.Embedding):
+    """Like Gemma's: the module's output is weight[id] * scale, so baselines must come from the module."""
+
+    def forward(self, ids):
+        return super().forward(ids) * 3.0
+
+
+def test_baselines(tok):
+    model = tiny_model("llama")
+    old = model.get_input_embeddings()
+    scaled = ScaledEmbedding(old.num_embeddings, old.embedding_dim)
+    with torch.no_grad():
+        scaled.weight.normal_()
+    model.set_input_embeddings(scaled)
+    pad = Game.from_text(model, tok, "the cat", baseline="pad", target=[5])
+    assert torch.equal(pad.baseline, scaled.weight[tok.pad_token_id].detach() * 3.0)
+    unk = Game.from_text(model, tok, "the cat", baseline="unk", target=[5])
+    assert torch.equal(unk.baseline, scaled.weight[tok.unk_token_id].detach() * 3.0)
+    with pytest.warns(UserWarning, match="unk"):
+        fallback = Game.from_text(model, word_tokenizer(pad=False), "the cat", target=[5])
+    assert torch.equal(fallback.baseline, unk.baseline)
+    with pytest.warns(UserWarning, match="zero"):
+        zeros = Game.from_text(model, word_tokenizer(pad=False, unk=False), "the cat", target=[5])
+    assert torch.equal(zeros.baseline, torch.zeros(32))
+    rows = torch.randn(2, 32)
+    assert Game.from_text(model, tok, "the cat", baseline=rows, target=[5]).baseline is rows
+
+
+def test_masked_embeds_equal_substituted_ids_and_grad(model, tok):
+    game = Game.from_text(model, tok, TEXT, baseline="unk")
+    embed = model.get_input_embeddings()
+    subsets = torch.tensor([0, 5, 63, 34])
+    out = game.masked_embeds(embed(game.input_ids), subsets)
+    rows = game.player_mask_rows()
+    for b, s in enumerate(subsets.tolist()):
+        ids = game.input_ids.clone()
+        masked = (rows >= 0) & (((s >> rows.clamp(min=0)) & 1) == 0)
+        ids[masked] = tok.unk_token_id
+        assert torch.equal(out[b], embed(ids))
+    per_player = torch.zeros(6, 32, requires_grad=True)
+    two_d = dataclasses.replace(game, baseline=per_player)
+    two_d.masked_embeds(embed(game.input_ids).detach(), torch.tensor([0b111110])).sum().backward()
+    expected = torch.zeros(6, 32)
+    expected[0] = 1.0  # only player 0 (one token) is masked
+    assert torch.equal(per_player.grad, expected)
+
+
+def test_values_from_logits(model, tok):
+    game = Game.from_text(model, tok, "the cat sat on", target="the big mat")
+    logits = torch.randn(4, 3, 128, dtype=torch.float64) * 5
+    p = logits.softmax(-1).gather(-1, game.target.view(1, 3, 1).expand(4, 3, 1)).squeeze(-1)
+    expected = (p.log() - (-p).log1p()).sum(-1)
+    got = game.values_from_logits(logits.to(torch.bfloat16).float())
+    assert got.dtype == torch.float32
+    assert torch.allclose(got.double(), expected, atol=0.2)
+    assert torch.allclose(game.values_from_logits(logits.float()).double(), expected, atol=1e-4)
+    bad = logits.float().clone()
+    bad[2, 1, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"subsets \(bitmasks\) \[6\]"):
+        game.values_from_logits(bad, subsets=torch.tensor([1, 3, 6, 7]))
+    custom = dataclasses.replace(game, value=lambda lg: lg[:, 0, 0])
+    assert torch.equal(custom.values_from_logits(logits.float()), logits[:, 0, 0].float())
+    wrong = dataclasses.replace(game, value=lambda lg: lg[:, 0])
+    with pytest.raises(ValueError, match="callable"):
+        wrong.values_from_logits(logits.float())
+
+
+def test_chat_players_are_user_words(model, tok):
+    game = Game.from_text(model, tok, "hello big world", chat=True)
+    templated = tok.apply_chat_template([{"role": "user", "content": "hello big world"}], add_generation_prompt=True)
+    assert game.input_ids.tolist() == list(templated["input_ids"])
+    assert game.words == ("hello", "big", "world")
+    assert [game.input_ids[a:b].tolist() for a, b in game.player_spans] == [[t] for t in tok("hello big world")["input_ids"]]

@@ -1,0 +1,107 @@
+"""Players: words → token spans via offsets (and by decoding), selection, validation."""
+import pytest
+
+from sftint_fast import players as P
+
+from word_tokenizer import NoOffsetsTokenizer, word_tokenizer
+
+TEXT = "The cat, sat on the mat!"
+
+
+def _brute_word_spans(tok, text):
+    # Reference: a token belongs to the word whose character range contains the token's first character.
+    enc = tok(text, return_offsets_mapping=True)
+    words = P.word_char_spans(text)
+    spans = []
+    for cs, ce in words:
+        toks = [t for t, (a, b) in enumerate(enc["offset_mapping"]) if cs <= a < ce and b > a]
+        spans.append((min(toks), max(toks) + 1))
+    return spans, [text[a:b] for a, b in words]
+
+
+def test_words_from_offsets_match_brute_force():
+    tok = word_tokenizer()
+    tokenized = P.tokenize_with_offsets(tok, TEXT)
+    spans, words = P.word_players(tokenized)
+    assert (spans, words) == _brute_word_spans(tok, TEXT)
+    assert words[1] == "cat," and spans[1][1] - spans[1][0] == 2  # a multi-token word
+
+
+def test_fallback_without_offsets_matches_offsets():
+    tok = word_tokenizer()
+    with_offsets = P.tokenize_with_offsets(tok, TEXT)
+    decoded = P.tokenize_with_offsets(NoOffsetsTokenizer(tok), TEXT)
+    assert decoded.input_ids == with_offsets.input_ids
+    assert P.word_players(decoded) == P.word_players(with_offsets)
+
+
+def test_token_straddling_two_words_merges_them():
+    tokenized = P.Tokenized("ab cd ef", (10, 11, 12), ((0, 4), (4, 5), (6, 8)))  # token 0 covers "ab c"
+    spans, words = P.word_players(tokenized)
+    assert spans == [(0, 2), (2, 3)]
+    assert words == ["ab cd", "ef"]
+
+
+def test_region_restricts_to_a_part_of_the_text():
+    tok = word_tokenizer()
+    text = "hello world the cat sat"
+    tokenized = P.tokenize_with_offsets(tok, text)
+    spans, words = P.word_players(tokenized, region=(12, len(text)))
+    assert words == ["the", "cat", "sat"]
+    assert spans == [(2, 3), (3, 4), (4, 5)]
+
+
+@pytest.mark.parametrize("pick,expected", [("first", [1, 2]), ("last", [2, 5])])
+def test_first_and_last_content_words(pick, expected):
+    words = ["The", "cat,", "sat", "on", "the", "mat!"]
+    assert P.select_words(words, "words", n_players=2, pick=pick) == expected
+
+
+def test_select_word_indices_and_errors():
+    words = ["a", "b", "c"]
+    assert P.select_words(words, [0, 2]) == [0, 2]
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        P.select_words(words, [3])
+    with pytest.raises(ValueError, match="increasing"):
+        P.select_words(words, [2, 0])
+    with pytest.raises(ValueError, match="at most"):
+        P.select_words(["the", "cat"], "words", n_players=2)
+    with pytest.raises(ValueError, match="expected 'words'"):
+        P.select_words(words, "tokens")
+    with pytest.raises(TypeError):
+        P.select_words(words, [0.5])
+
+
+@pytest.mark.parametrize(
+    "spans,match",
+    [
+        ([(0, 2), (1, 3)], "disjoint"),
+        ([(2, 2)], "non-empty"),
+        ([(3, 1)], "non-empty"),
+        ([(-1, 1)], "inside the prompt"),
+        ([(4, 6)], "inside the prompt"),
+        ([(2, 3), (0, 1)], "sorted"),
+    ],
+)
+def test_validate_spans_rejects(spans, match):
+    with pytest.raises(ValueError, match=match):
+        P.validate_spans(spans, 5)
+
+
+def test_validate_spans_types_and_ok():
+    assert P.validate_spans([(0, 1), (1, 5)], 5) == ((0, 1), (1, 5))
+    with pytest.raises(TypeError):
+        P.validate_spans([(0, 1.5)], 5)
+    with pytest.raises(TypeError):
+        P.validate_spans([(0,)], 5)
+
+
+def test_char_players():
+    tokenized = P.tokenize_with_offsets(word_tokenizer(), TEXT)
+    spans, words = P.char_players(tokenized, [(4, 8), (20, 24)])
+    assert spans == [(1, 3), (6, 8)]
+    assert words == ["cat,", "mat!"]
+    with pytest.raises(ValueError, match="inside"):
+        P.char_players(tokenized, [(20, 99)])
+    with pytest.raises(ValueError, match="covers no token"):
+        P.char_players(tokenized, [(3, 4)])  # only a space
