@@ -1,0 +1,267 @@
+"""Many games across ``torch.distributed`` ranks (as launched by ``torchrun``), with resumable shards.
+
+The work is embarrassingly parallel over games (prompts) and checkpoints, so there is no scheduler: every
+rank computes the same deterministic assignment of games to ranks (greedy longest-processing-time on a cost
+per game, :func:`assign_shards`), evaluates its own games, saves each finished ``v`` atomically as
+``<out_dir>/shard-<key>.safetensors`` and all ranks exchange their results (``all_gather_object``). A
+restarted job finds the files whose key matches and skips those games, whatever the new world size.
+
+The key (:func:`game_key`) hashes everything that decides the values: the game's ids, spans, target,
+baseline, prompt length, masking and value function (a callable by its module and qualified name), the
+evaluation options that change values (``method``, ``subsets``, ``compute_dtype``, ``attention_backend``;
+not ``batch_size``, ``max_memory`` or ``progress``) and a fingerprint of the model's weights
+(:func:`model_fingerprint`: every parameter's name, shape, dtype and the bytes of up to 64 evenly spaced
+elements). Pass ``model_key=`` to name the weights yourself (e.g. a checkpoint path).
+
+Backends: gloo on CPU, NCCL on GPU (call ``torch.cuda.set_device(local_rank)`` first, as usual under
+``torchrun``; :func:`init_from_env` does both). Without an initialised process group every function here
+behaves as a world of one rank.
+
+Under DDP (e.g. a ``Trainer`` callback) use :func:`shard_indices` to pick this rank's probes and
+:func:`gather_metrics` to merge the per-probe results on every rank; log on :func:`is_main_process` only.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Hashable, Mapping, Sequence, TypeVar
+
+import torch
+from tqdm.auto import tqdm
+
+from sftint_fast.game import Game
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+EvaluateFn = Callable[..., torch.Tensor]
+
+#: Options of ``sf.evaluate`` that change the values, hence part of a shard's key.
+VALUE_OPTIONS = ("method", "subsets", "compute_dtype", "attention_backend")
+_FINGERPRINT_ELEMENTS = 64
+
+
+def is_distributed() -> bool:
+    """True when ``torch.distributed`` is available and a process group is initialised."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    """Number of ranks (1 without a process group)."""
+    return torch.distributed.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and without a process group): the rank that logs and writes reports."""
+    return rank() == 0
+
+
+def init_from_env(backend: str | None = None) -> bool:
+    """Initialise the default process group from ``torchrun``'s environment, if it describes several ranks.
+
+    ``backend`` None = ``"nccl"`` when CUDA is available (after ``torch.cuda.set_device(LOCAL_RANK)``), else
+    ``"gloo"``. Returns True when a process group is (now) initialised; False for a single process.
+    """
+    if is_distributed():
+        return True
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not torch.distributed.is_available():
+        return False
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(backend)
+    logger.info("initialised %s process group: rank %d of %d", backend, rank(), world_size())
+    return True
+
+
+def game_cost(game: Game, *, method: str = "auto") -> int:
+    """Tokens the engine computes for all ``2^n`` variants: the trie's count from ``plan_trie`` (its
+    ``trie_tokens``), or ``len(input_ids) · 2^n`` for the naive engine or when the planner is not installed."""
+    naive = int(game.input_ids.numel()) << game.num_players
+    if method == "naive":
+        return naive
+    try:
+        from sftint_fast.engine.plan import plan_trie
+    except ImportError:
+        return naive
+    return int(plan_trie(game).trie_tokens)
+
+
+def assign_shards(costs: Sequence[float], num_ranks: int) -> list[list[int]]:
+    """Deterministic balanced assignment of items to ranks: items by decreasing cost (ties: lower index first)
+    go to the least-loaded rank (ties: lower rank). Returns, per rank, its item indices in increasing order
+    (a rank may get none)."""
+    if not isinstance(num_ranks, int) or num_ranks < 1:
+        raise ValueError(f"num_ranks: expected a positive int, received {num_ranks!r}")
+    loads = [0.0] * num_ranks
+    shards: list[list[int]] = [[] for _ in range(num_ranks)]
+    for index in sorted(range(len(costs)), key=lambda i: (-float(costs[i]), i)):
+        target = min(range(num_ranks), key=lambda r: (loads[r], r))
+        loads[target] += float(costs[index])
+        shards[target].append(index)
+    return [sorted(shard) for shard in shards]
+
+
+def shard_indices(costs: Sequence[float] | int) -> list[int]:
+    """This rank's item indices: ``costs`` per item (or a number of items, all of equal cost), split by
+    :func:`assign_shards` over the current world."""
+    if isinstance(costs, int):
+        costs = [1.0] * costs
+    return assign_shards(costs, world_size())[rank()]
+
+
+def shard_probes(probes: Sequence[T], *, costs: Sequence[float] | None = None) -> list[tuple[int, T]]:
+    """This rank's ``(index, probe)`` pairs (all probes without a process group); ``costs`` default: equal."""
+    return [(i, probes[i]) for i in shard_indices(list(costs) if costs is not None else len(probes))]
+
+
+def gather_metrics(local: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+    """Merge every rank's ``{key: value}`` into one dict, returned on every rank (``all_gather_object``;
+    values are pickled, so move tensors to CPU first). Keys must be distinct across ranks (ValueError)."""
+    if not is_distributed():
+        return dict(local)
+    parts: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(parts, dict(local))
+    merged: dict[Hashable, Any] = {}
+    for part in parts:
+        clash = merged.keys() & part.keys()
+        if clash:
+            raise ValueError(f"gather_metrics: expected distinct keys across ranks, received duplicates {sorted(map(str, clash))[:5]}")
+        merged.update(part)
+    return merged
+
+
+def _tensor_bytes(x: torch.Tensor) -> bytes:
+    flat = x.detach().to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the model's class and weights (names, shapes, dtypes, up to 64 evenly spaced elements of
+    each parameter): cheap, exact on the sampled bytes, and different after any real training step."""
+    digest = hashlib.sha256(type(model).__qualname__.encode())
+    for name, param in model.named_parameters():
+        flat = param.detach().reshape(-1)
+        step = max(1, flat.numel() // _FINGERPRINT_ELEMENTS)
+        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}".encode())
+        digest.update(_tensor_bytes(flat[::step][:_FINGERPRINT_ELEMENTS]))
+    return digest.hexdigest()[:16]
+
+
+def _value_name(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__qualname__)}"
+
+
+def game_key(game: Game, *, model_key: str, options: Mapping[str, Any] | None = None) -> str:
+    """Stable hex key of (game, model, value-changing options); equal inputs give equal keys in any process."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({
+        "spans": [list(s) for s in game.player_spans], "prompt_length": game.prompt_length,
+        "masking": game.masking, "value": _value_name(game.value), "model": model_key,
+        "baseline": [str(game.baseline.dtype), list(game.baseline.shape)],
+    }, sort_keys=True).encode())
+    for tensor in (game.input_ids, game.target, game.baseline):
+        digest.update(_tensor_bytes(tensor))
+    for name in sorted(options or {}):
+        value = (options or {})[name]
+        digest.update(name.encode())
+        digest.update(_tensor_bytes(value) if isinstance(value, torch.Tensor) else repr(value).encode())
+    return digest.hexdigest()[:32]
+
+
+def shard_path(out_dir: str | os.PathLike[str], key: str) -> Path:
+    """Where the finished ``v`` of the game with ``key`` is saved."""
+    return Path(out_dir) / f"shard-{key}.safetensors"
+
+
+def save_shard(path: Path, v: torch.Tensor, metadata: Mapping[str, str]) -> None:
+    """Write ``v`` to ``path`` atomically (temp file in the same folder, then ``os.replace``)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file({"v": v.detach().to("cpu").contiguous()}, str(tmp), metadata=dict(metadata))
+    os.replace(tmp, path)
+
+
+def load_shard(path: Path) -> torch.Tensor:
+    """The ``v`` saved by :func:`save_shard`."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))["v"]
+
+
+def _default_evaluate(model: Any, game: Game, **kwargs: Any) -> torch.Tensor:
+    from sftint_fast.engine import evaluate
+
+    return evaluate(model, game, **kwargs)
+
+
+def evaluate_sharded(
+    model: Any,
+    games: Sequence[Game],
+    *,
+    out_dir: str | os.PathLike[str] | None = None,
+    model_key: str | None = None,
+    costs: Sequence[float] | None = None,
+    progress: bool = True,
+    evaluate_fn: EvaluateFn | None = None,
+    **evaluate_kwargs: Any,
+) -> list[torch.Tensor]:
+    """``v`` of every game, computed across the ranks of the process group (or here, without one).
+
+    Each rank evaluates its share (:func:`assign_shards` on ``costs``, default :func:`game_cost`), skipping
+    games whose shard file exists in ``out_dir`` and saving each new one as soon as it is done. The results
+    are exchanged so that **every rank returns the full list, in the order of ``games``, as CPU float32
+    tensors** ``(2^n,)`` (or ``(len(subsets),)``).
+
+    Args:
+        out_dir: folder for ``shard-<key>.safetensors`` files (None = nothing saved, nothing resumed).
+        model_key: names the weights in the keys (None = :func:`model_fingerprint` of ``model``).
+        costs: one cost per game for the balancing (None = :func:`game_cost`).
+        evaluate_fn: ``fn(model, game, **evaluate_kwargs) -> v``; None = ``sf.evaluate``.
+        **evaluate_kwargs: passed to ``evaluate_fn`` (``method``, ``subsets``, ``batch_size``, …); the
+            per-game progress bar is off, one bar counts this rank's games.
+    """
+    games = list(games)
+    for i, game in enumerate(games):
+        if not isinstance(game, Game):
+            raise TypeError(f"games[{i}]: expected a sftint_fast.Game, received {type(game).__name__}")
+    if costs is not None and len(costs) != len(games):
+        raise ValueError(f"costs: expected one cost per game ({len(games)}), received {len(costs)}")
+    evaluate_fn = evaluate_fn or _default_evaluate
+    if costs is None:
+        costs = [game_cost(g, method=evaluate_kwargs.get("method", "auto")) for g in games]
+    mine = assign_shards(costs, world_size())[rank()]
+    keys: dict[int, str] = {}
+    if out_dir is not None:
+        model_key = model_key or model_fingerprint(model)
+        options = {name: evaluate_kwargs.get(name) for name in VALUE_OPTIONS}
+        keys = {i: game_key(games[i], model_key=model_key, options=options) for i in mine}
+    local: dict[int, torch.Tensor] = {}
+    skipped = 0
+    for i in tqdm(mine, desc=f"games (rank {rank()})", unit="game", disable=not progress):
+        path = shard_path(out_dir, keys[i]) if out_dir is not None else None
+        if path is not None and path.exists():
+            local[i] = load_shard(path)
+            skipped += 1
+            continue
+        v = evaluate_fn(model, games[i], progress=False, **evaluate_kwargs).detach().to("cpu", torch.float32)
+        if path is not None:
+            save_shard(path, v, {"key": keys[i], "words": json.dumps(list(games[i].words))})
+        local[i] = v
+    if skipped:
+        logger.info("rank %d: %d of %d games resumed from %s", rank(), skipped, len(mine), out_dir)
+    gathered = gather_metrics(local)
+    return [gathered[i] for i in range(len(games))]

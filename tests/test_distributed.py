@@ -1,0 +1,167 @@
+"""Sharding, keys and resume in-process (stand-in evaluate), and 2-rank gloo runs under torchrun vs one process."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sftint_fast import distributed as D
+
+SCRIPT = Path(__file__).parent / "dist_scripts" / "evaluate_games.py"
+sys.path.insert(0, str(SCRIPT.parent))
+
+from evaluate_games import make_games  # noqa: E402
+
+
+# ---------------------------------------------------------------- pure logic, one process
+
+
+@pytest.mark.parametrize("costs,ranks", [([5, 1, 1, 1, 1, 1], 2), ([3, 3, 3], 2), ([7], 2), ([], 3),
+                                         ([1, 2, 3, 4, 5, 6, 7], 3), ([2, 2], 4)],
+                         ids=["heavy-first", "odd-count", "one-item", "empty", "seven-on-three", "more-ranks"])
+def test_assign_shards_partitions_and_balances(costs, ranks):
+    shards = D.assign_shards(costs, ranks)
+    assert len(shards) == ranks
+    assert sorted(i for s in shards for i in s) == list(range(len(costs)))
+    assert all(s == sorted(s) for s in shards)
+    loads = [sum(costs[i] for i in s) for s in shards]
+    # LPT guarantee: the heaviest rank exceeds the lightest by at most the largest single item
+    assert max(loads) - min(loads) <= max(costs, default=0)
+    assert D.assign_shards(costs, ranks) == shards
+
+
+def test_assign_shards_rejects_bad_world():
+    with pytest.raises(ValueError, match="num_ranks"):
+        D.assign_shards([1.0], 0)
+
+
+def test_single_process_helpers():
+    assert not D.is_distributed() and D.rank() == 0 and D.world_size() == 1 and D.is_main_process()
+    assert D.shard_indices(4) == [0, 1, 2, 3]
+    assert D.shard_probes(["a", "b"]) == [(0, "a"), (1, "b")]
+    assert D.gather_metrics({3: "x"}) == {3: "x"}
+
+
+def test_game_cost_naive_and_trie():
+    game = make_games(4)[3]  # 5 players
+    assert D.game_cost(game, method="naive") == game.input_ids.numel() * 2**5
+    assert 0 < D.game_cost(game) <= D.game_cost(game, method="naive")
+
+
+def test_game_key_changes_with_what_changes_values():
+    a, b = make_games(2)
+    key = D.game_key(a, model_key="m")
+    assert key == D.game_key(make_games(1)[0], model_key="m")
+    assert key != D.game_key(b, model_key="m")
+    assert key != D.game_key(a, model_key="other")
+    assert key != D.game_key(a, model_key="m", options={"subsets": torch.tensor([0, 1])})
+    assert D.game_key(a, model_key="m", options={"subsets": torch.tensor([0, 1])}) != \
+        D.game_key(a, model_key="m", options={"subsets": torch.tensor([0, 2])})
+
+
+def test_model_fingerprint_tracks_weights(tiny_llama):
+    before = D.model_fingerprint(tiny_llama)
+    assert before == D.model_fingerprint(tiny_llama)
+    with torch.no_grad():
+        next(tiny_llama.parameters()).add_(1e-3)
+    assert D.model_fingerprint(tiny_llama) != before
+
+
+def _fake_evaluate(calls):
+    def evaluate(model, game, *, progress, **kwargs):
+        calls.append(game.words[0])
+        return game.input_ids.float().sum() * torch.arange(1 << game.num_players, dtype=torch.float32)
+    return evaluate
+
+
+def test_evaluate_sharded_resumes_from_saved_shards(tmp_path):
+    games = make_games(5)
+    calls: list[str] = []
+    first = D.evaluate_sharded(None, games, out_dir=tmp_path, model_key="m", evaluate_fn=_fake_evaluate(calls),
+                               progress=False)
+    assert len(calls) == 5 and len(list(tmp_path.glob("shard-*.safetensors"))) == 5
+    expected = [_fake_evaluate([])(None, g, progress=False) for g in games]
+    assert all(torch.equal(x, y) for x, y in zip(first, expected))
+    next(iter(sorted(tmp_path.glob("shard-*.safetensors")))).unlink()
+    again = D.evaluate_sharded(None, games, out_dir=tmp_path, model_key="m", evaluate_fn=_fake_evaluate(calls),
+                               progress=False)
+    assert len(calls) == 6  # only the deleted shard was recomputed
+    assert all(torch.equal(x, y) for x, y in zip(again, expected))
+    D.evaluate_sharded(None, games, out_dir=tmp_path, model_key="other", evaluate_fn=_fake_evaluate(calls),
+                       progress=False)
+    assert len(calls) == 11  # other weights: nothing reused
+
+
+def test_evaluate_sharded_rejects_non_games():
+    with pytest.raises(TypeError, match=r"games\[1\]"):
+        D.evaluate_sharded(None, [make_games(1)[0], "text"], evaluate_fn=_fake_evaluate([]))
+    with pytest.raises(ValueError, match="one cost per game"):
+        D.evaluate_sharded(None, make_games(2), costs=[1.0], evaluate_fn=_fake_evaluate([]))
+
+
+# ---------------------------------------------------------------- torchrun, 2 gloo ranks on CPU
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(tmp: Path, name: str, *args: str, nproc: int = 0, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
+    launcher = [sys.executable]
+    if nproc:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                    "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    cmd = launcher + [str(SCRIPT), "--out", str(tmp / f"{name}.safetensors"), "--count-dir", str(tmp / name), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{name} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _load(path: Path) -> list[torch.Tensor]:
+    from safetensors.torch import load_file
+
+    values = load_file(str(path))
+    return [values[f"v{i}"] for i in range(len(values))]
+
+
+def _counts(folder: Path) -> list[str]:
+    return [line for f in sorted(folder.glob("rank*.txt")) for line in f.read_text().split()]
+
+
+def test_torchrun_matches_single_process_and_resumes_after_a_crash(tmp_path):
+    games = "--num-games", "9"  # 9 games of 2..5 players: uneven counts and costs on 2 ranks
+    _run(tmp_path, "single", *games)
+    reference = _load(tmp_path / "single.safetensors")
+    assert len(reference) == 9 and sorted(_counts(tmp_path / "single")) == sorted(f"g{i}" for i in range(9))
+
+    shards = str(tmp_path / "shards")
+    crashed = _run(tmp_path, "crash", *games, "--shard-dir", shards, "--crash-after", "2", nproc=2, check=False)
+    assert crashed.returncode != 0
+    saved = set(Path(shards).glob("shard-*.safetensors"))
+    first = _counts(tmp_path / "crash")
+    assert len(saved) >= 2 and len(first) == len(saved) < 9  # rank 0 saved 2, then died before its 3rd
+
+    _run(tmp_path, "resume", *games, "--shard-dir", shards, nproc=2)
+    second = _counts(tmp_path / "resume")
+    assert sorted(first + second) == sorted(f"g{i}" for i in range(9))  # nothing evaluated twice
+    assert saved <= set(Path(shards).glob("shard-*.safetensors"))
+    resumed = _load(tmp_path / "resume.safetensors")
+    for v, ref in zip(resumed, reference, strict=True):
+        assert torch.equal(v, ref), (v - ref).abs().max()
+
+
+def test_torchrun_rank_without_games(tmp_path):
+    _run(tmp_path, "single", "--num-games", "1")
+    _run(tmp_path, "two", "--num-games", "1", nproc=2)
+    assert len(_counts(tmp_path / "two")) == 1
+    (v,), (ref,) = _load(tmp_path / "two.safetensors"), _load(tmp_path / "single.safetensors")
+    assert torch.equal(v, ref)
