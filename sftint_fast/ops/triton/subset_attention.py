@@ -150,7 +150,8 @@ def _subset_attention_kernel(
         True, HAS_SOFTCAP, HAS_WINDOW, BLOCK_N, INPUT_PRECISION,
     )
 
-    out = acc / l_i[:, None]
+    # padding rows may have seen no key at all (l_i = 0); they are not stored
+    out = acc / tl.where(r_valid, l_i, 1.0)[:, None]
     o_off = chunk * stride_oc + q_tok * stride_os + q_head * stride_oh
     tl.store(o_ptr + o_off[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=r_valid[:, None] & d_mask[None, :])

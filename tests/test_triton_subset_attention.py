@@ -1,0 +1,191 @@
+"""Fused subset-attention kernel (Triton, interpreter on CPU) against the plain gather reference."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import requires_triton
+from sftint_fast.ops.reference import subset_attention_reference
+
+pytestmark = requires_triton
+
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3}
+
+
+def make_store(lens, players, num_kv_heads, head_dim, dtype, seed):
+    """Random flat K/V store for a trie whose level k has 2^k nodes of lens[k] tokens, plus its int64 tables."""
+    gen = torch.Generator().manual_seed(seed)
+    offsets, positions, total, pos = [], [], 0, 0
+    for k, length in enumerate(lens):
+        offsets.append(total)
+        positions.append(pos)
+        total += (1 << k) * length
+        pos += length
+    k_store = torch.randn(total, num_kv_heads, head_dim, generator=gen).to(dtype)
+    v_store = torch.randn(total, num_kv_heads, head_dim, generator=gen).to(dtype)
+    tables = [torch.tensor(t, dtype=torch.int64) for t in (offsets, list(lens), list(players), positions)]
+    return k_store, v_store, tables, gen
+
+
+def run_both(lens, players, level, nodes, num_q_heads, num_kv_heads, head_dim, dtype, seed=0, **options):
+    from sftint_fast.ops.triton.subset_attention import subset_attention
+
+    k_store, v_store, tables, gen = make_store(lens, players, num_kv_heads, head_dim, dtype, seed)
+    q = torch.randn(len(nodes), lens[level], num_q_heads, head_dim, generator=gen).to(dtype)
+    node_ids = torch.tensor(nodes, dtype=torch.int64)
+    args = (q, k_store, v_store, node_ids, *tables)
+    kw = dict(level=level, scale=head_dim ** -0.5, **options)
+    return subset_attention(*args, **kw), subset_attention_reference(*args, **kw)
+
+
+# (lens per level, player tokens per level, level, node ids, Hq, Hkv, D)
+CASES = {
+    "level0-causal-only": ([7], [0], 0, [0], 4, 2, 32),
+    "level1-mha": ([3, 2], [0, 1], 1, [1, 0], 2, 2, 64),
+    "level2-gqa2": ([4, 1, 6], [0, 1, 2], 2, [3, 1], 4, 2, 32),
+    "level3-gqa3-noncons": ([2, 5, 3, 7], [0, 2, 1, 3], 3, [6, 1, 4], 6, 2, 32),
+    "level4-gqa4": ([5, 3, 1, 2, 4], [0, 1, 1, 2, 3], 4, [15, 2, 9, 4, 11], 4, 1, 64),
+    "empty-bg0": ([0, 3, 2], [0, 1, 1], 2, [2, 3, 0], 4, 2, 32),
+    "seg-len-1": ([1, 1, 1, 1], [0, 1, 1, 1], 3, [5, 2], 2, 1, 32),
+    "player-block-skip": ([2, 23, 3], [0, 18, 2], 2, [0, 2, 3], 2, 1, 32),
+}
+OPTIONS = {
+    "plain": {},
+    "masking": {"attention_masking": True},
+    "softcap": {"softcap": 5.0},
+    "window": {"sliding_window": 6},
+    "masking-window-softcap": {"attention_masking": True, "sliding_window": 4, "softcap": 3.0},
+}
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+@pytest.mark.parametrize("option", ["plain", "masking"])
+def test_kernel_matches_reference_fp32(case, option):
+    lens, players, level, nodes, hq, hkv, d = CASES[case]
+    out, ref = run_both(lens, players, level, nodes, hq, hkv, d, torch.float32, **OPTIONS[option])
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=TOL[torch.float32], rtol=0)
+
+
+@pytest.mark.parametrize("case", ["level3-gqa3-noncons", "level4-gqa4", "player-block-skip"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_kernel_matches_reference_fp16(case, option):
+    lens, players, level, nodes, hq, hkv, d = CASES[case]
+    out, ref = run_both(lens, players, level, nodes, hq, hkv, d, torch.float16, seed=1, **OPTIONS[option])
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[torch.float16], rtol=0)
+
+
+@pytest.mark.parametrize("option", ["softcap", "window", "masking-window-softcap"])
+def test_kernel_matches_reference_fp32_options(option):
+    lens, players, level, nodes, hq, hkv, d = CASES["level4-gqa4"]
+    out, ref = run_both(lens, players, level, nodes, hq, hkv, d, torch.float32, seed=2, **OPTIONS[option])
+    torch.testing.assert_close(out, ref, atol=TOL[torch.float32], rtol=0)
+
+
+def test_options_change_the_result():
+    """Masking, window and softcap each move the output (so the comparisons above can fail)."""
+    lens, players, level, nodes, hq, hkv, d = CASES["level3-gqa3-noncons"]
+    plain, _ = run_both(lens, players, level, nodes, hq, hkv, d, torch.float32)
+    for option in ("masking", "softcap", "window"):
+        out, _ = run_both(lens, players, level, nodes, hq, hkv, d, torch.float32, **OPTIONS[option])
+        assert (out - plain).abs().max() > 1e-3, option
+
+
+def test_full_presence_node_ignores_masking():
+    """A node whose players are all present sees every key: masking must not change it."""
+    lens, players, level, _, hq, hkv, d = CASES["level3-gqa3-noncons"]
+    plain, _ = run_both(lens, players, level, [7], hq, hkv, d, torch.float32)
+    masked, _ = run_both(lens, players, level, [7], hq, hkv, d, torch.float32, attention_masking=True)
+    torch.testing.assert_close(masked, plain, atol=0, rtol=0)
+
+
+def test_noncontiguous_query_heads():
+    """q may be a strided view (e.g. a slice of a fused qkv projection)."""
+    from sftint_fast.ops.triton.subset_attention import subset_attention
+
+    lens, players, level, nodes, hq, hkv, d = CASES["level2-gqa2"]
+    k_store, v_store, tables, gen = make_store(lens, players, hkv, d, torch.float32, 3)
+    big = torch.randn(len(nodes), lens[level], 2 * hq, d, generator=gen)
+    q = big[:, :, ::2]
+    node_ids = torch.tensor(nodes)
+    kw = dict(level=level, scale=0.3)
+    out = subset_attention(q, k_store, v_store, node_ids, *tables, **kw)
+    ref = subset_attention_reference(q.contiguous(), k_store, v_store, node_ids, *tables, **kw)
+    torch.testing.assert_close(out, ref, atol=TOL[torch.float32], rtol=0)
+
+
+def test_bad_inputs_raise_value_error():
+    from sftint_fast.ops.triton.subset_attention import subset_attention
+
+    lens, players, level, nodes, hq, hkv, d = CASES["level2-gqa2"]
+    k_store, v_store, tables, gen = make_store(lens, players, hkv, d, torch.float32, 0)
+    q = torch.randn(len(nodes), lens[level], hq, d)
+    node_ids = torch.tensor(nodes)
+    good = dict(level=level, scale=0.1)
+    bad_calls = {
+        "q rank": ((q[0], k_store, v_store, node_ids, *tables), good),
+        "dtype mismatch": ((q, k_store.half(), v_store, node_ids, *tables), good),
+        "heads": ((torch.randn(len(nodes), lens[level], 3, d), k_store, v_store, node_ids, *tables), good),
+        "node dtype": ((q, k_store, v_store, node_ids.int(), *tables), good),
+        "short table": ((q, k_store, v_store, node_ids, tables[0][:1], *tables[1:]), good),
+        "window": ((q, k_store, v_store, node_ids, *tables), dict(good, sliding_window=0)),
+        "softcap": ((q, k_store, v_store, node_ids, *tables), dict(good, softcap=-1.0)),
+        "integer q": ((q.long(), k_store, v_store, node_ids, *tables), good),
+    }
+    for name, (args, kw) in bad_calls.items():
+        with pytest.raises(ValueError):
+            subset_attention(*args, **kw)
+            pytest.fail(name)
+
+
+def _cuda_backend_available() -> bool:
+    try:
+        from triton.backends import backends
+    except ImportError:
+        return False
+    return "nvidia" in backends
+
+
+@pytest.mark.skipif(not _cuda_backend_available(), reason="triton has no NVIDIA backend to compile with")
+def test_kernels_compile_for_sm90():
+    """The interpreter accepts code a GPU compiler rejects: compile both kernels ahead of time for sm_90.
+
+    Runs in a subprocess because TRITON_INTERPRET=1 (set by conftest) turns @triton.jit into the interpreter.
+    """
+    script = textwrap.dedent("""
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from sftint_fast.ops.triton.subset_attention import _subset_attention_kernel
+        from sftint_fast.ops.triton.transforms import _butterfly_kernel
+
+        target = GPUTarget("cuda", 90, 32)
+        fn = _subset_attention_kernel.fn
+        tables = {"node_ids_ptr", "offsets_ptr", "lens_ptr", "players_ptr", "positions_ptr"}
+        for dtype, fp32 in (("bf16", False), ("fp32", True)):
+            const = dict(GROUP=3, HEAD_DIM=64, BLOCK_D=64, IS_FP32=fp32, ATTENTION_MASKING=True, HAS_SOFTCAP=True,
+                         HAS_WINDOW=True, INPUT_PRECISION="ieee" if fp32 else "tf32", BLOCK_M=64, BLOCK_N=32)
+            sig = {}
+            for name in fn.arg_names:
+                if name.endswith("_ptr"):
+                    sig[name] = "*i64" if name in tables else "*" + dtype
+                elif name in const:
+                    sig[name] = "constexpr"
+                else:
+                    sig[name] = "fp32" if name in ("qk_scale", "softcap") else "i32"
+            triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const), target=target)
+        for dtype in ("fp32", "fp64"):
+            for r, u in ((10, 1), (4, 64)):
+                sig = {"x_ptr": "*" + dtype, "stride": "i64", "tiles_per_row": "i64", "cols_per_stride": "i64",
+                       "R": "constexpr", "U": "constexpr", "SIGN": "constexpr", "SUPERSET": "constexpr"}
+                const = dict(R=r, U=u, SIGN=-1.0, SUPERSET=True)
+                triton.compile(triton.compiler.ASTSource(fn=_butterfly_kernel, signature=sig, constexprs=const),
+                               target=target)
+        print("compiled")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]

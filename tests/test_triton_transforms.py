@@ -1,0 +1,72 @@
+"""Triton butterflies (interpreter on CPU) against the brute-force subset sums."""
+import pytest
+import torch
+
+from conftest import requires_triton
+from sftint_fast.ops.reference import brute_transform
+
+pytestmark = requires_triton
+
+KINDS = ["subset_mobius", "subset_zeta", "superset_mobius", "superset_zeta"]
+INVERSE = {"subset_mobius": "subset_zeta", "subset_zeta": "subset_mobius",
+           "superset_mobius": "superset_zeta", "superset_zeta": "superset_mobius"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("n", range(9), ids=[f"n={n}" for n in range(9)])
+@pytest.mark.parametrize("kind", KINDS)
+def test_butterfly_matches_brute_force(kind, n, dtype):
+    from sftint_fast.ops.triton.transforms import butterfly
+
+    x = torch.randn(2, 1 << n, generator=torch.Generator().manual_seed(n), dtype=torch.float64).to(dtype)
+    out = butterfly(x, kind)
+    assert out.shape == x.shape and out.dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 1e-5 * 2 ** (n / 2)
+    torch.testing.assert_close(out.double(), brute_transform(x, kind), atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("n", [9, 11, 14], ids=["n=9", "n=11", "n=14"])
+@pytest.mark.parametrize("kind", ["subset_mobius", "superset_zeta"])
+def test_butterfly_high_bits_match_torch(kind, n):
+    """n > 10 exercises the strided launches after the in-block one (the torch butterfly is exact in fp64)."""
+    from sftint_fast.ops.transforms import _torch_butterfly
+    from sftint_fast.ops.triton.transforms import butterfly
+
+    x = torch.randn(1 << n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
+    torch.testing.assert_close(butterfly(x, kind), _torch_butterfly(x, kind), atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("n", [0, 3, 11], ids=["n=0", "n=3", "n=11"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_inverse_of_transform_is_identity(kind, n):
+    from sftint_fast.ops.triton.transforms import butterfly
+
+    x = torch.randn(3, 1 << n, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    torch.testing.assert_close(butterfly(butterfly(x, kind), INVERSE[kind]), x, atol=1e-10, rtol=0)
+
+
+def test_batch_dims_and_input_untouched():
+    from sftint_fast.ops.triton.transforms import butterfly
+
+    x = torch.randn(2, 3, 16, dtype=torch.float64)
+    before = x.clone()
+    out = butterfly(x, "subset_mobius")
+    assert torch.equal(x, before)
+    torch.testing.assert_close(out, brute_transform(x, "subset_mobius"), atol=1e-12, rtol=0)
+
+
+def test_bad_inputs_raise_value_error():
+    from sftint_fast.ops.triton.transforms import butterfly
+
+    with pytest.raises(ValueError):
+        butterfly(torch.zeros(6), "subset_mobius")
+    with pytest.raises(ValueError):
+        butterfly(torch.zeros(4, dtype=torch.float16), "subset_mobius")
+    with pytest.raises(ValueError):
+        butterfly(torch.zeros(4), "mobius")
+
+
+def test_available_under_interpreter():
+    from sftint_fast.ops.triton.transforms import available
+
+    assert available(torch.zeros(1))
