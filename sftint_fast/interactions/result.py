@@ -1,0 +1,95 @@
+"""Result container of the AND-OR decomposition, saved as safetensors + JSON."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_TENSORS = ("I_and", "I_or", "p", "q", "objective")
+
+
+@dataclass(frozen=True)
+class AndOrResult:
+    """Output of :func:`sftint_fast.and_or`.
+
+    Attributes:
+        I_and: ``(..., 2^n)`` AND interactions, indexed by bitmask (bit ``i`` = player ``i``); order 0 holds
+            ``I_and(∅) + I_or(∅)`` (METHOD.md reporting convention).
+        I_or: ``(..., 2^n)`` OR interactions; ``I_or[..., 0] == 0`` after folding.
+        p, q: ``(..., 2^n)`` the learned split and the bounded noise term.
+        objective: ``(K,)`` or ``(K, B)`` the optimised ``Σ|I_and| + Σ|I_or|`` (before folding) per recorded
+            step and row.
+        config: plain JSON-able dict of the options and per-row facts (``q_bound``, ``v_empty``, ...).
+    """
+
+    I_and: torch.Tensor
+    I_or: torch.Tensor
+    p: torch.Tensor
+    q: torch.Tensor
+    objective: torch.Tensor
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"I_and": ..., "I_or": ..., "p": ..., "q": ..., "objective": ..., "config": {...}}``."""
+        out: dict[str, Any] = {name: getattr(self, name) for name in _TENSORS}
+        out["config"] = dict(self.config)
+        return out
+
+    def save(self, path: str | os.PathLike) -> tuple[Path, Path]:
+        """Writes ``<path>.safetensors`` (tensors) and ``<path>.json`` (config), each atomically.
+
+        A trailing ``.safetensors`` or ``.json`` on ``path`` is dropped. Returns both paths.
+        """
+        from safetensors.torch import save_file
+
+        base = _base(path)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        tensors_path = base.with_name(base.name + ".safetensors")
+        json_path = base.with_name(base.name + ".json")
+        tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in _TENSORS}
+        _atomic_write(tensors_path, lambda tmp: save_file(tensors, tmp))
+        text = json.dumps(self.config, indent=1, sort_keys=True)
+        _atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))
+        return tensors_path, json_path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> AndOrResult:
+        """Reads what :meth:`save` wrote (same ``path``; tensors on CPU)."""
+        from safetensors.torch import load_file
+
+        base = _base(path)
+        tensors_path = base.with_name(base.name + ".safetensors")
+        json_path = base.with_name(base.name + ".json")
+        for required in (tensors_path, json_path):
+            if not required.exists():
+                raise FileNotFoundError(f"AndOrResult.load: expected {required} (written by save), not found")
+        tensors = load_file(str(tensors_path))
+        missing = [name for name in _TENSORS if name not in tensors]
+        if missing:
+            raise ValueError(f"AndOrResult.load: {tensors_path} lacks tensors {missing}, has {sorted(tensors)}")
+        return cls(**{name: tensors[name] for name in _TENSORS}, config=json.loads(json_path.read_text()))
+
+
+def _base(path: str | os.PathLike) -> Path:
+    base = Path(path)
+    if base.suffix in (".safetensors", ".json"):
+        base = base.with_suffix("")
+    return base
+
+
+def _atomic_write(target: Path, write) -> None:
+    """Writes through ``write(tmp_path)`` into a temp file beside ``target``, then renames it over."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
