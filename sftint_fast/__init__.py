@@ -28,6 +28,7 @@ _API: dict[str, str] = {
     "and_or": "sftint_fast.interactions.andor",
     "AndOrResult": "sftint_fast.interactions.result",
     "salient": "sftint_fast.interactions.measures",
+    "salient_sets": "sftint_fast.interactions.measures",
     "strength_by_order": "sftint_fast.interactions.measures",
     "uncancelled_ratio": "sftint_fast.interactions.measures",
     "sharing": "sftint_fast.interactions.measures",
