@@ -97,6 +97,8 @@ def evaluate_trie(model: torch.nn.Module, game: Any, subsets: torch.Tensor | Non
     level_lens = torch.tensor(plan.level_lens)
     player_lens = torch.tensor(plan.player_lens)
     level_positions = torch.tensor(plan.level_positions)
+    # The fused kernel reads the tables on the device; the torch path reads them as Python ints (no syncs).
+    table_device = device if attention_backend != "torch" else torch.device("cpu")
     score_rel = (game.score_positions.to(device) - plan.level_positions[n]).long()
 
     leaf_values = torch.empty(len(plan.level_nodes[n]), dtype=torch.float32)
@@ -111,7 +113,8 @@ def evaluate_trie(model: torch.nn.Module, game: Any, subsets: torch.Tensor | Non
             offsets = torch.tensor(plan.level_offsets[:level + 1])
         rows = (int(offsets[level]) + nodes[:, None] * seg_len + torch.arange(seg_len, device=device)).reshape(-1)
         positions = plan.level_positions[level] + torch.arange(seg_len, device=device)
-        tables = (offsets, level_lens[:level + 1], player_lens[:level + 1], level_positions[:level + 1])
+        tables = tuple(t.to(table_device) for t in
+                       (offsets, level_lens[:level + 1], player_lens[:level + 1], level_positions[:level + 1]))
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             k_stores[layer].index_copy_(0, rows, k.reshape(-1, dims.num_kv_heads, dims.head_dim))

@@ -1,0 +1,180 @@
+"""The trie engine equals the naive engine (every variant its own HF forward) on tiny random models."""
+import pytest
+import torch
+from conftest import tiny_model
+
+from sftint_fast.engine.adapters import get_adapter
+from sftint_fast.engine.naive import evaluate_naive
+from sftint_fast.engine.trie import evaluate_trie
+from sftint_fast.game import Game
+from sftint_fast.ops.reference import subset_attention_reference
+from sftint_fast.ops.subset_attention import subset_attention
+
+HIDDEN = 32
+#: (prompt length, player spans): a player at position 0 and one on the last prompt token, multi-token words,
+#: zero-length background between players, n = 1 and n = 0.
+LAYOUTS = {
+    "first_and_last": (12, ((0, 1), (3, 5), (7, 8), (11, 12))),
+    "adjacent_multi_token": (11, ((2, 4), (4, 7), (7, 8), (9, 10))),
+    "n1": (7, ((3, 5),)),
+    "n0": (6, ()),
+    "spread_n5": (16, ((1, 2), (4, 6), (7, 8), (10, 12), (13, 14))),
+}
+
+
+def make_game(layout: str, *, masking: str = "embedding", num_targets: int = 1, seed: int = 0,
+              baseline_rows: bool = False) -> Game:
+    prompt_length, spans = LAYOUTS[layout]
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(3, 128, (prompt_length,), generator=gen)
+    target = torch.randint(3, 128, (num_targets,), generator=gen)
+    baseline = torch.randn((len(spans), HIDDEN) if baseline_rows else (HIDDEN,), generator=gen)
+    return Game(input_ids=torch.cat([prompt, target[:-1]]), player_spans=spans,
+                words=tuple(f"w{i}" for i in range(len(spans))), target=target, baseline=baseline,
+                masking=masking, prompt_length=prompt_length)
+
+
+def model(arch: str, attn: str = "sdpa"):
+    # A larger init than HF's default spreads v over the variants, so a wrong variant cannot hide in the tolerance.
+    return tiny_model(arch, attn=attn, initializer_range=0.2)
+
+
+def check_close(trie: torch.Tensor, naive: torch.Tensor) -> None:
+    assert trie.dtype == torch.float32 and trie.shape == naive.shape
+    tol = 1e-4 * naive.abs().clamp(min=1)
+    assert bool(((trie - naive).abs() <= tol).all()), (trie - naive).abs().max().item()
+
+
+def run_both(net, game: Game, subsets=None, **kwargs):
+    if subsets is None:
+        subsets = torch.arange(1 << game.num_players)
+    with torch.no_grad():
+        naive = evaluate_naive(net, game, subsets, progress=False)
+        trie = evaluate_trie(net, game, subsets, progress=False, **kwargs)
+    return trie, naive
+
+
+@pytest.mark.parametrize("masking", ["embedding", "attention"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_trie_matches_naive(arch, attn, masking):
+    net = model(arch, attn)
+    trie, naive = run_both(net, make_game("first_and_last", masking=masking), batch_size=3)
+    check_close(trie, naive)
+    assert naive.std() > 1e-2  # the variants really differ
+
+
+@pytest.mark.parametrize("masking", ["embedding", "attention"])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_trie_layouts(arch, layout, masking):
+    trie, naive = run_both(model(arch), make_game(layout, masking=masking, seed=1))
+    check_close(trie, naive)
+
+
+@pytest.mark.parametrize("masking", ["embedding", "attention"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_multi_token_target_and_baseline_rows(arch, masking):
+    game = make_game("adjacent_multi_token", masking=masking, num_targets=3, seed=2, baseline_rows=True)
+    trie, naive = run_both(model(arch), game, batch_size=5)
+    check_close(trie, naive)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 7])
+def test_chunking_forced_small(batch_size):
+    trie, naive = run_both(model("llama"), make_game("spread_n5", seed=3), batch_size=batch_size)
+    check_close(trie, naive)
+
+
+def test_tiny_memory_budget_chunks_and_still_matches():
+    net = model("qwen2")
+    game = make_game("spread_n5", seed=4)
+    trie, naive = run_both(net, game, max_memory=400_000)
+    check_close(trie, naive)
+
+
+@pytest.mark.parametrize("masking", ["embedding", "attention"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_random_subset_list(arch, masking):
+    game = make_game("spread_n5", masking=masking, seed=5)
+    subsets = torch.randint(0, 32, (11,), generator=torch.Generator().manual_seed(0))  # repeats, any order
+    trie, naive = run_both(model(arch), game, subsets=subsets, batch_size=2)
+    check_close(trie, naive)
+    full, _ = run_both(model(arch), game)
+    check_close(trie, full[subsets])
+
+
+def _sliding_model(kind: str, attn: str):
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, MistralConfig
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=128, hidden_size=HIDDEN, intermediate_size=64, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, initializer_range=0.2)
+    if kind == "gemma3":
+        cfg = Gemma3TextConfig(num_hidden_layers=3, head_dim=8, sliding_window=4, query_pre_attn_scalar=16,
+                               layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                               final_logit_softcapping=5.0, bos_token_id=2, eos_token_id=1, **common)
+    else:
+        cfg = MistralConfig(num_hidden_layers=2, sliding_window=5, bos_token_id=1, eos_token_id=2, **common)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("kind", ["gemma3", "mistral"])
+def test_sliding_window_models(kind, attn):
+    net = _sliding_model(kind, attn)
+    assert get_adapter(net) is not None
+    trie, naive = run_both(net, make_game("first_and_last", seed=6), batch_size=3)
+    check_close(trie, naive)
+    # Attention masking: with every player present the trie must equal the model's own forward (sliding window
+    # included).
+    game = make_game("first_and_last", masking="attention", seed=6)
+    full = torch.tensor([(1 << game.num_players) - 1])
+    with torch.no_grad():
+        own = game.values_from_logits(net(input_ids=game.input_ids[None]).logits[:, -1:])
+        trie_full = evaluate_trie(net, game, full, progress=False)
+    check_close(trie_full, own)
+
+
+def test_unsupported_model_has_no_adapter():
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    cfg = OPTConfig(vocab_size=128, hidden_size=HIDDEN, num_hidden_layers=1, ffn_dim=64, num_attention_heads=4,
+                    word_embed_proj_dim=HIDDEN, max_position_embeddings=64)
+    net = AutoModelForCausalLM.from_config(cfg).eval()
+    assert get_adapter(net) is None
+    with pytest.raises(ValueError, match="naive"):
+        evaluate_trie(net, make_game("n1"), torch.arange(2), progress=False)
+
+
+def _random_store_case(seed: int, *, level: int, seg_lens: list[int], heads: int, kv_heads: int, dim: int):
+    gen = torch.Generator().manual_seed(seed)
+    lens = torch.tensor(seg_lens[:level + 1])
+    players = torch.tensor([0] + [min(2, n) for n in seg_lens[1:level + 1]])
+    positions = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.int64), lens[:-1]]), 0)
+    counts = torch.tensor([1 << k for k in range(level + 1)])
+    offsets = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.int64), (counts * lens)[:-1]]), 0)
+    total = int((counts * lens).sum())
+    k_store = torch.randn(total, kv_heads, dim, generator=gen)
+    v_store = torch.randn(total, kv_heads, dim, generator=gen)
+    nodes = torch.randperm(1 << level, generator=gen)[:3].sort().values
+    q = torch.randn(len(nodes), int(lens[level]), heads, dim, generator=gen)
+    return q, k_store, v_store, nodes, offsets, lens, players, positions
+
+
+@pytest.mark.parametrize("options", [{}, {"attention_masking": True}, {"sliding_window": 3},
+                                     {"softcap": 2.0, "attention_masking": True}])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (2, 2)])
+def test_torch_subset_attention_matches_reference(heads, kv_heads, options):
+    case = _random_store_case(7, level=3, seg_lens=[2, 3, 1, 4], heads=heads, kv_heads=kv_heads, dim=8)
+    got = subset_attention(*case, level=3, scale=0.3, **options)
+    want = subset_attention_reference(*case, level=3, scale=0.3, **options)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_subset_attention_rejects_bad_inputs():
+    case = _random_store_case(8, level=2, seg_lens=[2, 3, 2], heads=4, kv_heads=2, dim=8)
+    with pytest.raises(ValueError, match="backend"):
+        subset_attention(*case, level=2, scale=1.0, backend="cuda")
+    with pytest.raises(ValueError, match="level_offsets"):
+        subset_attention(*case, level=1, scale=1.0)
