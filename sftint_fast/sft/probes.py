@@ -1,0 +1,217 @@
+"""Probe sets for SFT tracking: JSONL loading, builders from the bundled datasets, SFT examples.
+
+A probe is a prompt, an optional answer and optional players. JSONL rows look like
+``{"prompt": "What is the capital city of France?", "answer": " Paris", "players": [0, 2, 5]}``;
+``players`` are word indices or ``[start, end]`` character spans of the prompt.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One tracked prompt. ``players``: word indices or ``(start, end)`` character spans, None = first words."""
+
+    prompt: str
+    answer: str | None = None
+    players: tuple | None = None
+
+
+def as_probes(items: Sequence[Any]) -> list[Probe]:
+    """Normalises strings, dicts ``{"prompt", "answer"?, "players"?}`` and :class:`Probe` objects."""
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+        raise TypeError(f"probes: expected a list of prompts, dicts or Probe, got {type(items).__name__}")
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, Probe):
+            out.append(item)
+        elif isinstance(item, str):
+            out.append(Probe(prompt=item))
+        elif isinstance(item, dict):
+            if not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
+                raise ValueError(f"probes[{i}]: expected a non-empty 'prompt' string, got {item.get('prompt')!r}")
+            players = item.get("players")
+            if players is not None:
+                players = tuple(tuple(p) if isinstance(p, (list, tuple)) else int(p) for p in players)
+            out.append(Probe(prompt=item["prompt"], answer=item.get("answer"), players=players))
+        else:
+            raise TypeError(f"probes[{i}]: expected a str, dict or Probe, got {type(item).__name__}")
+    if not out:
+        raise ValueError("probes: expected at least one probe, got none")
+    return out
+
+
+def load_probes(path: str | os.PathLike) -> list[Probe]:
+    """Reads a JSONL file of probes (one JSON object per line; blank lines skipped)."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: expected a JSON object per line, got {line[:60]!r} ({err})") from err
+    return as_probes(rows)
+
+
+def save_probes(probes: Sequence[Probe], path: str | os.PathLike) -> Path:
+    """Writes probes as JSONL (atomically)."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    lines = [json.dumps({k: v for k, v in {"prompt": p.prompt, "answer": p.answer,
+                                           "players": list(p.players) if p.players else None}.items() if v is not None})
+             for p in probes]
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, target)
+    return target
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+
+
+def chatterbot_pairs(*, language: str = "english") -> list[tuple[str, str]]:
+    """First-turn (question, answer) pairs of the bundled chatterbot-corpus, in a fixed file order."""
+    import yaml
+
+    spec = importlib.util.find_spec("chatterbot_corpus")
+    if spec is None or spec.origin is None:
+        raise ImportError("chatterbot-corpus is not installed: pip install --no-deps chatterbot-corpus==1.3.3")
+    root = Path(spec.origin).parent / "data" / language
+    pairs = []
+    for f in sorted(root.glob("*.yml")):
+        for conv in yaml.safe_load(f.read_text(encoding="utf-8")).get("conversations", []):
+            if len(conv) >= 2 and str(conv[0]).strip() and str(conv[1]).strip():
+                pairs.append((str(conv[0]).strip(), str(conv[1]).strip()))
+    return pairs
+
+
+def split_pairs(pairs: Sequence[tuple[str, str]], *, heldout_fraction: float = 0.1,
+                seed: int = 0) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """Deterministic (train, held-out) split of pairs by a seeded shuffle."""
+    if not 0 < heldout_fraction < 1:
+        raise ValueError(f"heldout_fraction: expected a number in (0, 1), got {heldout_fraction!r}")
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    cut = max(1, int(round(len(pairs) * heldout_fraction)))
+    return [pairs[i] for i in order[cut:]], [pairs[i] for i in order[:cut]]
+
+
+def chat_probes(pairs: Sequence[tuple[str, str]], *, count: int, min_words: int) -> list[Probe]:
+    """The first ``count`` pairs whose prompt has at least ``min_words`` words, as probes."""
+    out = [Probe(prompt=q, answer=a) for q, a in pairs if len(q.split()) >= min_words]
+    return out[:count]
+
+
+def confident_candidates() -> list[Probe]:
+    """Capital-city questions (countryinfo, when installed) and chatterbot trivia questions."""
+    out = []
+    if importlib.util.find_spec("countryinfo") is not None:
+        import countryinfo
+
+        for country in countryinfo.all_countries():
+            capital = country.capital()
+            if isinstance(capital, list):
+                capital = capital[0] if capital else None
+            name = country.name()
+            if capital and name:
+                out.append(Probe(prompt=f"What is the capital city of {name.title()}?", answer=f" {capital}"))
+    try:
+        pairs = chatterbot_pairs()
+    except ImportError:
+        pairs = []
+    out.extend(Probe(prompt=q, answer=a) for q, a in pairs if q.endswith("?") and len(a.split()) <= 4)
+    return out
+
+
+def confident_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 0.5, n_players: int = 8,
+                     candidates: Sequence[Probe] | None = None, chat: bool = True, max_tries: int = 200) -> list[Probe]:
+    """Probes whose base-model target probability ``p_y`` (argmax next token) is at least ``min_py``.
+
+    Scores candidates (default :func:`confident_candidates`) with one forward pass each, keeping those with
+    at least ``n_players`` words, until ``count`` are found or ``max_tries`` were scored.
+    """
+    pool = list(candidates) if candidates is not None else confident_candidates()
+    chosen = []
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for probe in pool[:max_tries]:
+                if len(probe.prompt.split()) < n_players:
+                    continue
+                ids = prompt_ids(tokenizer, probe.prompt, chat=chat)
+                logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float()
+                if torch.softmax(logits, -1).max().item() >= min_py:
+                    chosen.append(probe)
+                    if len(chosen) == count:
+                        break
+    finally:
+        model.train(was_training)
+    if len(chosen) < count:
+        logger.warning("confident_probes: found %d of %d probes with p_y >= %g", len(chosen), count, min_py)
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------- SFT examples
+
+
+def prompt_ids(tokenizer: Any, prompt: str, *, chat: bool) -> list[int]:
+    """Token ids of a prompt, as a chat user turn with the generation prompt when ``chat``."""
+    if chat:
+        out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+    return list(tokenizer(prompt)["input_ids"])
+
+
+def sft_example(tokenizer: Any, prompt: str, answer: str, *, max_length: int = 96) -> dict[str, list[int]]:
+    """Chat SFT example: ``input_ids`` of ``[user, assistant]`` and ``labels`` = -100 on the prompt prefix."""
+    head = prompt_ids(tokenizer, prompt, chat=True)
+    full = tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}])
+    full = list(full["input_ids"] if hasattr(full, "keys") else full)
+    if full[:len(head)] != head:
+        raise ValueError(f"sft_example: the prompt tokens are not a prefix of the full chat for {prompt!r}")
+    labels = [-100] * len(head) + full[len(head):]
+    return {"input_ids": full[:max_length], "labels": labels[:max_length]}
+
+
+def pad_batch(examples: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pads ``input_ids`` with ``pad_id`` and ``labels`` with -100; adds ``attention_mask``."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.int64)
+    labels = torch.full((len(examples), width), -100, dtype=torch.int64)
+    mask = torch.zeros((len(examples), width), dtype=torch.int64)
+    for i, e in enumerate(examples):
+        k = len(e["input_ids"])
+        ids[i, :k] = torch.tensor(e["input_ids"])
+        labels[i, :k] = torch.tensor(e["labels"])
+        mask[i, :k] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def heldout_batches(heldout: Sequence[Any], tokenizer: Any, *, batch_size: int = 8) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches for the held-out loss from ``(prompt, answer)`` pairs or ready ``{"input_ids", "labels"}`` dicts."""
+    pending = []
+    pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    for item in heldout:
+        if isinstance(item, dict):
+            yield {k: torch.as_tensor(v) for k, v in item.items()}
+            continue
+        prompt, answer = item
+        pending.append(sft_example(tokenizer, prompt, answer))
+        if len(pending) == batch_size:
+            yield pad_batch(pending, pad)
+            pending = []
+    if pending:
+        yield pad_batch(pending, pad)

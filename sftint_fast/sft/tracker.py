@@ -1,0 +1,835 @@
+"""Checkpoint-by-checkpoint tracking of AND-OR interactions through SFT (METHOD.md sections 6 and 7).
+
+``SFTTracker.add_checkpoint(model, step)`` evaluates every probe's game on ``model``, decomposes the
+values, updates the removed / preserved / emerged sets (:mod:`sftint_fast.sft.noise` has the set logic),
+measures a noise floor for the changes and saves the checkpoint under ``out_dir``. ``report()`` returns a
+frozen :class:`TrackReport` with every curve, bootstrap intervals and the phase boundary.
+
+Games (players, baseline, target) are built once, from the first (base) checkpoint, and fixed for the run.
+``add_values`` feeds game values directly (used by the offline path and by tests on synthetic games).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import torch
+
+from sftint_fast.interactions.harsanyi import harsanyi
+from sftint_fast.ops.transforms import popcount
+from sftint_fast.sft import noise as N
+from sftint_fast.sft.probes import Probe, as_probes, heldout_batches
+
+logger = logging.getLogger(__name__)
+
+AndOrMethod = Literal["sgd", "lp", "and"]
+SETS = ("removed", "preserved", "emerged")
+
+
+@dataclass(frozen=True)
+class TrackerConfig:
+    """Every option that changes what the tracker computes (saved with each run, compared on resume)."""
+
+    n_players: int = 8
+    baseline: str = "pad"
+    qthres: float = 0.04
+    tau: float = 0.05
+    andor_method: str = "sgd"
+    andor_niter: int = 20000
+    andor_lr: float = 1e-6
+    warm_start: bool = False
+    seed: int = 0
+    noise_floor: str | None = "order_matched"
+    noise_draws: int = 3
+    threshold_reference: str = "base"
+    hysteresis: bool = True
+    persistence: int = 2
+    compute_dtype: str = "float32"
+    engine_method: str = "auto"
+    min_base_py: float = 0.5
+    irrelevant_fraction: float = 0.1
+    boundary_removed_fraction: float = 0.9
+    boundary_significant: bool = True
+    bootstrap: int = 1000
+    chat: bool = False
+    target: str = "base"
+
+    def validate(self) -> None:
+        choices = {
+            "andor_method": ("sgd", "lp", "and"),
+            "noise_floor": ("order_matched", "iid", None),
+            "threshold_reference": ("base", "checkpoint", "absolute"),
+            "compute_dtype": ("float32", "tf32", "bfloat16", "auto"),
+            "engine_method": ("auto", "naive", "trie"),
+            "target": ("base", "answer"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}: expected one of {allowed}, got {getattr(self, name)!r}")
+        positive_ints = ("n_players", "noise_draws", "persistence", "bootstrap")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        for name in ("tau", "qthres", "min_base_py", "irrelevant_fraction", "boundary_removed_fraction"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """Interaction kinds tracked: AND and OR, or AND alone for the plain-Harsanyi solver."""
+        return ("and",) if self.andor_method == "and" else ("and", "or")
+
+
+@dataclass(frozen=True)
+class TrackReport:
+    """All curves of one tracked run (plain lists, index = checkpoint) and the phase boundary.
+
+    ``curves`` maps names to per-checkpoint lists; names are ``<kind>/<quantity>`` with kind ``and``, ``or``
+    or ``all`` (counts summed over kinds). ``intervals`` maps a curve name to ``(lo, hi)`` bootstrap lists.
+    ``probes`` holds per-probe tables (``p_y``, ``gain`` = ``v(N)−v(∅)``, ``irrelevant`` flags), each
+    ``[checkpoint][probe]``. ``phase_boundary`` is a step (not an index) or None.
+    """
+
+    steps: tuple[int, ...]
+    config: dict[str, Any]
+    curves: dict[str, list]
+    intervals: dict[str, tuple[list[float], list[float]]]
+    probes: dict[str, Any]
+    phase_boundary: int | None
+    heldout_loss_min_step: int | None
+    solver: str
+    gamma_available: bool
+    floor_cost: dict[str, float]
+    numerics: dict[str, Any] | None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["intervals"] = {k: [list(lo), list(hi)] for k, (lo, hi) in self.intervals.items()}
+        out["steps"] = list(self.steps)
+        out["notes"] = list(self.notes)
+        return _json_safe(out)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Writes ``report.json`` (or ``path`` when it names a .json file) atomically; returns the path."""
+        target = Path(path)
+        if target.suffix != ".json":
+            target = target / "report.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(target, json.dumps(self.to_dict(), indent=1))
+        return target
+
+
+@dataclass
+class _Record:
+    """What is saved per checkpoint: everything the report needs without recomputation."""
+
+    step: int
+    values: torch.Tensor                       # (B, 2^n) float64
+    interactions: dict[str, torch.Tensor]     # kind -> (B, 2^n) float64
+    p_y: torch.Tensor                          # (B,)
+    heldout_loss: float | None
+    floors: dict[str, torch.Tensor]           # "<kind>/<count>" -> (K, B)
+    extra: dict[str, torch.Tensor]            # solver state (p, q) for warm starts
+    meta: dict[str, Any]
+
+
+class SFTTracker:
+    """Tracks the salient AND/OR interactions of fixed probes across the checkpoints of one SFT run.
+
+    Args:
+        probes: prompts (strings, dicts ``{"prompt", "answer"?, "players"?}`` or :class:`Probe`), or None
+            when values are fed with :meth:`add_values`.
+        tokenizer: the base model's tokenizer (None with ``probes=None``).
+        n_players: players per probe (the first ``n`` content words unless the probe names them).
+        baseline: ``"pad"``/``"unk"``/tensor, taken from the base model and fixed.
+        qthres, andor_method, andor_niter, andor_lr, warm_start: the decomposition (``"and"`` = plain
+            Harsanyi, no OR part).
+        tau, threshold_reference, hysteresis, persistence: the set logic (module :mod:`~sftint_fast.sft.noise`).
+        reference: ``(model, tokenizer)`` of a reference model, or its saved interactions (a dict or a
+            safetensors path with ``I_and`` and optionally ``I_or`` of shape ``(B, 2^n)``); γ needs one.
+        heldout: ``(prompt, answer)`` pairs or batches ``{"input_ids", "labels"}`` for the held-out loss.
+        out_dir: each checkpoint is saved there; a new tracker on the same folder resumes.
+        noise_floor: ``"order_matched"``, ``"iid"`` or None; ``noise_draws`` draws per checkpoint.
+        compute_dtype, engine_method: passed to :func:`sftint_fast.evaluate`.
+        min_base_py: probes whose base target probability is lower are dropped at the base checkpoint.
+        irrelevant_fraction: a probe whose ``p_y`` falls under this fraction of its base value is flagged
+            and its changes are counted apart.
+    """
+
+    def __init__(
+        self,
+        probes: Sequence[Any] | None,
+        tokenizer: Any = None,
+        *,
+        n_players: int = 8,
+        baseline: Literal["pad", "unk"] | torch.Tensor = "pad",
+        qthres: float = 0.04,
+        tau: float = 0.05,
+        andor_method: AndOrMethod = "sgd",
+        andor_niter: int = 20000,
+        andor_lr: float = 1e-6,
+        warm_start: bool = False,
+        reference: Any = None,
+        heldout: Sequence[Any] | None = None,
+        out_dir: str | os.PathLike | None = None,
+        seed: int = 0,
+        noise_floor: Literal["order_matched", "iid"] | None = "order_matched",
+        noise_draws: int = 3,
+        threshold_reference: N.ThresholdReference = "base",
+        hysteresis: bool = True,
+        persistence: int = 2,
+        compute_dtype: Literal["float32", "tf32", "bfloat16", "auto"] = "float32",
+        engine_method: Literal["auto", "naive", "trie"] = "auto",
+        min_base_py: float = 0.5,
+        irrelevant_fraction: float = 0.1,
+        boundary_removed_fraction: float = 0.9,
+        boundary_significant: bool = True,
+        bootstrap: int = 1000,
+        chat: bool = False,
+        target: Literal["base", "answer"] = "base",
+        numerics_check: bool = True,
+        progress: bool = True,
+    ) -> None:
+        self.config = TrackerConfig(
+            n_players=n_players, baseline=baseline if isinstance(baseline, str) else "tensor", qthres=qthres,
+            tau=tau, andor_method=andor_method, andor_niter=andor_niter, andor_lr=andor_lr, warm_start=warm_start,
+            seed=seed, noise_floor=noise_floor, noise_draws=noise_draws, threshold_reference=threshold_reference,
+            hysteresis=hysteresis, persistence=persistence, compute_dtype=compute_dtype, engine_method=engine_method,
+            min_base_py=min_base_py, irrelevant_fraction=irrelevant_fraction,
+            boundary_removed_fraction=boundary_removed_fraction, boundary_significant=boundary_significant,
+            bootstrap=bootstrap, chat=chat, target=target,
+        )
+        self.config.validate()
+        if probes is not None and tokenizer is None:
+            raise ValueError("tokenizer: expected the base model's tokenizer when probes are given, got None")
+        self.probes: list[Probe] = as_probes(probes) if probes is not None else []
+        self.tokenizer = tokenizer
+        self._baseline = baseline
+        self._reference_source = reference
+        self._heldout = list(heldout) if heldout is not None else None
+        self.numerics_check = numerics_check
+        self.progress = progress
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+
+        self.games: list[Any] | None = None
+        self.kept: list[int] | None = None
+        self.signature: dict[str, Any] | None = None
+        self.records: list[_Record] = []
+        self.states: list[dict[str, N.SetState]] = []
+        self.reference: dict[str, torch.Tensor] | None = None
+        self.numerics: dict[str, Any] | None = None
+        self._generator = torch.Generator().manual_seed(seed)
+        if self.out_dir is not None:
+            self._open_out_dir()
+
+    # ------------------------------------------------------------------------------------------------ public
+
+    @property
+    def steps(self) -> list[int]:
+        """Steps of the checkpoints recorded so far (saved ones included after a resume)."""
+        return [r.step for r in self.records]
+
+    def add_checkpoint(self, model: Any, step: int) -> None:
+        """Evaluate every probe on ``model`` (the first call: the base model) and record checkpoint ``step``.
+
+        Runs under ``torch.no_grad`` with the model in eval mode and restores its train mode. A step already
+        saved under ``out_dir`` is skipped. Raises ValueError for a model of another vocabulary size or
+        architecture than the base, or a step not after the last one.
+        """
+        if not self.probes:
+            raise ValueError("add_checkpoint: this tracker has no probes; pass probes (and a tokenizer) or use add_values")
+        if step in self.steps:
+            logger.info("step %d is already recorded; skipped", step)
+            return
+        self._check_step(step)
+        signature = _model_signature(model)
+        if self.signature is not None and signature != self.signature:
+            diff = {k: (self.signature.get(k), signature.get(k)) for k in signature if signature.get(k) != self.signature.get(k)}
+            raise ValueError(f"model: expected the base model's architecture {self.signature}, got a model that differs in "
+                             f"(base, given): {diff}")
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                if self.games is None:
+                    self.signature = signature
+                    self._build_games(model)
+                values = self._evaluate(model)
+                loss = self._heldout_loss(model) if self._heldout else None
+                if not self.records and self._reference_source is not None and self.reference is None:
+                    self.reference = self._reference_interactions(values)
+        finally:
+            model.train(was_training)
+        self.add_values(step, values, heldout_loss=loss)
+
+    def add_values(self, step: int, values: torch.Tensor, *, heldout_loss: float | None = None,
+                   p_y: torch.Tensor | None = None) -> None:
+        """Record checkpoint ``step`` from game values ``(B, 2^n)`` (one row per probe, bitmask-indexed).
+
+        ``p_y`` ``(B,)`` defaults to ``sigmoid(v(N))`` (the target probability for a one-token log-odds game).
+        The first call is the base checkpoint.
+        """
+        if step in self.steps:
+            logger.info("step %d is already recorded; skipped", step)
+            return
+        self._check_step(step)
+        values = _check_values(values, self.records[0].values.shape if self.records else None)
+        t0 = time.perf_counter()
+        previous = self.records[-1] if self.records else None
+        interactions, extra = self._decompose(values, init=previous.extra if previous and self.config.warm_start else None)
+        decompose_s = time.perf_counter() - t0
+        py = torch.sigmoid(values[:, -1]) if p_y is None else p_y.detach().double().reshape(-1)
+        if py.shape[0] != values.shape[0]:
+            raise ValueError(f"p_y: expected shape ({values.shape[0]},), got {tuple(p_y.shape)}")
+        t1 = time.perf_counter()
+        floors, rows = self._floors(values)
+        floor_s = time.perf_counter() - t1
+        meta = {"step": int(step), "solver": self.solver, "seconds_decompose": decompose_s, "seconds_floor": floor_s,
+                "floor_rows_decomposed": rows, "heldout_loss": heldout_loss}
+        record = _Record(step=int(step), values=values, interactions=interactions, p_y=py, heldout_loss=heldout_loss,
+                         floors=floors, extra=extra, meta=meta)
+        self._ingest(record)
+        if self.out_dir is not None:
+            self._save_record(record)
+
+    @property
+    def solver(self) -> str:
+        """Which decomposition produced the sets, e.g. ``"sgd(niter=20000, lr=1e-06)"``."""
+        c = self.config
+        if c.andor_method == "sgd":
+            return f"sgd(niter={c.andor_niter}, lr={c.andor_lr:g}{', warm start' if c.warm_start else ''})"
+        return "lp(highs)" if c.andor_method == "lp" else "and(harsanyi only)"
+
+    def solver_overlap(self) -> dict[str, float]:
+        """Jaccard overlap of the base model's salient sets from the LP and SGD solvers, per kind."""
+        if not self.records:
+            raise ValueError("solver_overlap: expected a recorded base checkpoint, got none")
+        values = self.records[0].values
+        out = {}
+        sets = {}
+        for method in ("lp", "sgd"):
+            inter, _ = _decompose(values, method=method, config=self.config, progress=self.progress)
+            sets[method] = {k: N.initial_state(inter[k], tau=self.config.tau, reference="checkpoint").base
+                            for k in ("and", "or")}
+        for kind in ("and", "or"):
+            a, b = sets["lp"][kind], sets["sgd"][kind]
+            union = (a | b).sum().item()
+            out[kind] = (a & b).sum().item() / union if union else math.nan
+        return out
+
+    def report(self) -> TrackReport:
+        """All curves so far, their probe-bootstrap intervals and the phase boundary."""
+        if not self.records:
+            raise ValueError("report: expected at least the base checkpoint, got none")
+        return _build_report(self)
+
+    # --------------------------------------------------------------------------------------------- internals
+
+    def _check_step(self, step: int) -> None:
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step: expected an int >= 0, got {step!r}")
+        if self.records and step <= self.records[-1].step:
+            raise ValueError(f"step: expected a step after the last recorded one ({self.records[-1].step}), got {step}")
+
+    def _decompose(self, values: torch.Tensor, *, init: dict[str, torch.Tensor] | None) -> tuple[dict, dict]:
+        return _decompose(values, method=self.config.andor_method, config=self.config, progress=self.progress, init=init)
+
+    def _floors(self, values: torch.Tensor) -> tuple[dict[str, torch.Tensor], int]:
+        """Null counts for the checkpoint about to be added (METHOD.md 7.1); ``(K, B)`` per count."""
+        c = self.config
+        t = len(self.records)
+        if c.noise_floor is None or t < c.persistence:
+            return {}, 0
+        anchor = t - c.persistence
+        base_v = self.records[anchor].values
+        later = [r.values for r in self.records[anchor + 1:]] + [values]
+        draws = torch.stack([N.null_perturbations(v - base_v, kind=c.noise_floor, draws=c.noise_draws,
+                                                  generator=self._generator) for v in later])   # (p, K, B, 2^n)
+        p, k, b, size = draws.shape
+        fakes = (base_v + draws).reshape(p * k * b, size)
+        inter, _ = _decompose(fakes, method=c.andor_method, config=c, progress=False)
+        counts: dict[str, torch.Tensor] = {}
+        for kind in c.kinds:
+            fake = inter[kind].reshape(p, k * b, size)
+            start = _repeat_state(self.states[anchor][kind], k)
+            state = start
+            before = start
+            for j in range(p):
+                before = state
+                state = N.step_state(state, fake[j], index=anchor + j + 1, tau=c.tau, reference=c.threshold_reference,
+                                     hysteresis=c.hysteresis, persistence=c.persistence)
+            removed, emerged = N.new_changes(before, state)
+            counts[f"{kind}/removed_new"] = removed.sum(-1).reshape(k, b).double()
+            counts[f"{kind}/emerged_new"] = emerged.sum(-1).reshape(k, b).double()
+            if self.reference is not None:
+                shared = _shared(fake[-1], self.reference, kind, c.tau, _repeat=k)
+                counts[f"{kind}/emerged_unshared_new"] = (emerged & ~shared).sum(-1).reshape(k, b).double()
+        return counts, p * k * b
+
+    def _ingest(self, record: _Record) -> None:
+        c = self.config
+        t = len(self.records)
+        states = {}
+        for kind in c.kinds:
+            inter = record.interactions[kind]
+            if t == 0:
+                states[kind] = N.initial_state(inter, tau=c.tau, reference=c.threshold_reference)
+            else:
+                states[kind] = N.step_state(self.states[-1][kind], inter, index=t, tau=c.tau, reference=c.threshold_reference,
+                                            hysteresis=c.hysteresis, persistence=c.persistence)
+        self.records.append(record)
+        self.states.append(states)
+
+    # ---------------------------------------------------------------------------------------- model side
+
+    def _build_games(self, model: Any) -> None:
+        from sftint_fast.game import Game
+
+        c = self.config
+        games, kept = [], []
+        for i, probe in enumerate(self.probes):
+            target = probe.answer if c.target == "answer" else None
+            if c.target == "answer" and not probe.answer:
+                raise ValueError(f"probes[{i}]: target='answer' needs an answer, got none for {probe.prompt!r}")
+            players: Any = "words" if probe.players is None else probe.players
+            kwargs: dict[str, Any] = {"n_players": c.n_players} if probe.players is None else {}
+            if probe.players is not None and probe.players and isinstance(probe.players[0], (tuple, list)):
+                kwargs["span_unit"] = "chars"
+            game = Game.from_text(model, self.tokenizer, probe.prompt, players=players, baseline=self._baseline,
+                                  target=target, chat=c.chat, **kwargs)
+            if game.num_players != c.n_players:
+                logger.warning("probe %d has %d players, expected %d; dropped: %r", i, game.num_players, c.n_players,
+                               probe.prompt)
+                continue
+            games.append(game)
+            kept.append(i)
+        if not games:
+            raise ValueError(f"probes: expected at least one probe with {c.n_players} players, got none")
+        self.games, self.kept = games, kept
+        values = self._evaluate(model)
+        py = torch.sigmoid(values[:, -1])
+        keep = (py >= c.min_base_py).tolist()
+        if not any(keep):
+            raise ValueError(f"probes: no probe has base p_y >= min_base_py={c.min_base_py} (got p_y {py.tolist()}); "
+                             "use confident probes or lower min_base_py")
+        dropped = [self.kept[i] for i, k in enumerate(keep) if not k]
+        if dropped:
+            logger.info("dropped %d probe(s) with base p_y < %g: %s", len(dropped), c.min_base_py, dropped)
+        self.games = [g for g, k in zip(self.games, keep) if k]
+        self.kept = [i for i, k in zip(self.kept, keep) if k]
+        if self.numerics_check:
+            self.numerics = self._numerics(model)
+        if self.out_dir is not None:
+            self._save_games()
+
+    def _evaluate(self, model: Any) -> torch.Tensor:
+        import sftint_fast as sf
+
+        rows = [sf.evaluate(model, g, method=self.config.engine_method, progress=False,
+                            compute_dtype=self.config.compute_dtype) for g in self.games]
+        return torch.stack(rows).double()
+
+    def _numerics(self, model: Any) -> dict[str, Any] | None:
+        """Numerical error of the engine: the first probe through both exact engines (trie vs naive)."""
+        import sftint_fast as sf
+        from sftint_fast.engine.adapters import get_adapter
+
+        if get_adapter(model) is None:
+            return None
+        game = self.games[0]
+        a = sf.evaluate(model, game, method="trie", progress=False, compute_dtype=self.config.compute_dtype).double()
+        b = sf.evaluate(model, game, method="naive", progress=False, compute_dtype=self.config.compute_dtype).double()
+        diff = a - b
+        return {"compared": "trie vs naive, probe 0", "compute_dtype": self.config.compute_dtype,
+                "max_abs": diff.abs().max().item(), "rms": diff.pow(2).mean().sqrt().item()}
+
+    def _heldout_loss(self, model: Any) -> float:
+        device = next(model.parameters()).device
+        total, count = 0.0, 0
+        for batch in heldout_batches(self._heldout, self.tokenizer):
+            ids = batch["input_ids"].to(device)
+            labels = batch["labels"].to(device)
+            mask = batch.get("attention_mask")
+            logits = model(input_ids=ids, attention_mask=None if mask is None else mask.to(device)).logits.float()
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:]
+            loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),
+                                                     shift_labels.reshape(-1), ignore_index=-100, reduction="sum")
+            total += loss.item()
+            count += int((shift_labels != -100).sum())
+        return total / max(count, 1)
+
+    def _reference_interactions(self, values: torch.Tensor) -> dict[str, torch.Tensor]:
+        source = self._reference_source
+        if isinstance(source, (str, os.PathLike)):
+            from safetensors.torch import load_file
+
+            source = load_file(str(source))
+        if isinstance(source, dict):
+            ref = {k: source[f"I_{k}"].double() for k in self.config.kinds if f"I_{k}" in source}
+            for k, v in ref.items():
+                if v.shape != values.shape:
+                    raise ValueError(f"reference I_{k}: expected shape {tuple(values.shape)}, got {tuple(v.shape)}")
+            if "and" not in ref:
+                raise ValueError("reference: expected saved interactions with an 'I_and' tensor")
+        elif isinstance(source, (tuple, list)) and len(source) == 2:
+            ref_values = self._reference_values(*source)
+            ref, _ = _decompose(ref_values, method=self.config.andor_method, config=self.config, progress=self.progress)
+        else:
+            raise TypeError(f"reference: expected (model, tokenizer), a dict of tensors or a safetensors path, got "
+                            f"{type(source).__name__}")
+        if self.out_dir is not None:
+            _atomic_save_tensors(self.out_dir / "reference.safetensors", {f"I_{k}": v.contiguous() for k, v in ref.items()})
+        return ref
+
+    def _reference_values(self, model: Any, tokenizer: Any) -> torch.Tensor:
+        """The same prompts, words and target text on the reference model (its own tokens)."""
+        import sftint_fast as sf
+        from sftint_fast.game import Game
+
+        rows = []
+        was_training = model.training
+        model.eval()
+        try:
+            for i, game in zip(self.kept, self.games):
+                prompt = self.probes[i].prompt
+                spans = _char_spans(prompt, game.words)
+                target = self.tokenizer.decode(game.target.tolist())
+                ref_game = Game.from_text(model, tokenizer, prompt, players=spans, span_unit="chars",
+                                          baseline=self._baseline if isinstance(self._baseline, str) else "pad",
+                                          target=target, chat=bool(self.config.chat and getattr(tokenizer, "chat_template", None)))
+                rows.append(sf.evaluate(model, ref_game, method=self.config.engine_method, progress=False,
+                                        compute_dtype=self.config.compute_dtype))
+        finally:
+            model.train(was_training)
+        return torch.stack(rows).double()
+
+    # -------------------------------------------------------------------------------------- persistence
+
+    def _config_blob(self) -> dict[str, Any]:
+        return {"tracker": asdict(self.config), "probes": [asdict(p) for p in self.probes],
+                "heldout": _digest(self._heldout), "reference": _describe_reference(self._reference_source)}
+
+    def _open_out_dir(self) -> None:
+        out = self.out_dir
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / "config.json"
+        blob = _json_safe(self._config_blob())
+        if not path.exists():
+            _atomic_write_text(path, json.dumps(blob, indent=1))
+            return
+        saved = json.loads(path.read_text())
+        if saved != blob:
+            diff = sorted(k for k in set(saved) | set(blob) if saved.get(k) != blob.get(k))
+            detail = {}
+            if "tracker" in diff:
+                detail = {k: (saved["tracker"].get(k), blob["tracker"].get(k)) for k in blob["tracker"]
+                          if saved["tracker"].get(k) != blob["tracker"].get(k)}
+            raise ValueError(f"out_dir {out}: holds a run with another configuration (differs in {diff}; "
+                             f"tracker options (saved, given): {detail}); use a new out_dir")
+        self._load_saved()
+
+    def _load_saved(self) -> None:
+        from safetensors.torch import load_file
+
+        out = self.out_dir
+        games_json = out / "games.json"
+        if games_json.exists():
+            self._load_games(games_json, load_file(str(out / "games.safetensors")))
+        if (out / "reference.safetensors").exists():
+            self.reference = {k[2:]: v for k, v in load_file(str(out / "reference.safetensors")).items()}
+        for meta_path in sorted(out.glob("step_*.json")):
+            meta = json.loads(meta_path.read_text())
+            tensors = load_file(str(meta_path.with_suffix(".safetensors")))
+            record = _Record(
+                step=meta["step"], values=tensors["values"],
+                interactions={k: tensors[f"I_{k}"] for k in self.config.kinds}, p_y=tensors["p_y"],
+                heldout_loss=meta["heldout_loss"],
+                floors={k[len("floor:"):]: v for k, v in tensors.items() if k.startswith("floor:")},
+                extra={k[len("extra:"):]: v for k, v in tensors.items() if k.startswith("extra:")}, meta=meta)
+            self._ingest(record)
+        if self.records:
+            logger.info("resumed %s: %d checkpoint(s) already saved (steps %s)", out, len(self.records), self.steps)
+            self._generator.manual_seed(self.config.seed + len(self.records))
+
+    def _save_games(self) -> None:
+        meta = {"kept": self.kept, "signature": self.signature, "numerics": self.numerics,
+                "games": [{"player_spans": g.player_spans, "words": g.words, "masking": g.masking,
+                           "prompt_length": g.prompt_length} for g in self.games]}
+        tensors = {}
+        for i, g in enumerate(self.games):
+            tensors[f"{i}:input_ids"] = g.input_ids.contiguous()
+            tensors[f"{i}:target"] = g.target.contiguous()
+            tensors[f"{i}:baseline"] = g.baseline.detach().float().contiguous()
+        _atomic_save_tensors(self.out_dir / "games.safetensors", tensors)
+        _atomic_write_text(self.out_dir / "games.json", json.dumps(_json_safe(meta), indent=1))
+
+    def _load_games(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        from sftint_fast.game import Game
+
+        meta = json.loads(path.read_text())
+        self.kept, self.signature, self.numerics = meta["kept"], meta["signature"], meta["numerics"]
+        self.games = [Game(input_ids=tensors[f"{i}:input_ids"], player_spans=tuple(tuple(s) for s in g["player_spans"]),
+                           words=tuple(g["words"]), target=tensors[f"{i}:target"], baseline=tensors[f"{i}:baseline"],
+                           masking=g["masking"], prompt_length=g["prompt_length"])
+                      for i, g in enumerate(meta["games"])]
+
+    def _save_record(self, record: _Record) -> None:
+        tensors = {"values": record.values, "p_y": record.p_y}
+        tensors.update({f"I_{k}": v for k, v in record.interactions.items()})
+        tensors.update({f"floor:{k}": v for k, v in record.floors.items()})
+        tensors.update({f"extra:{k}": v for k, v in record.extra.items()})
+        base = self.out_dir / f"step_{record.step:09d}"
+        # tensors first, JSON last: a step counts as saved only once its JSON exists
+        _atomic_save_tensors(base.with_suffix(".safetensors"), {k: v.contiguous() for k, v in tensors.items()})
+        _atomic_write_text(base.with_suffix(".json"), json.dumps(_json_safe(record.meta), indent=1))
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _decompose(values: torch.Tensor, *, method: str, config: TrackerConfig, progress: bool,
+               init: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Interactions per kind ``(B, 2^n)`` of the games ``values - values[:, :1]``, and solver state."""
+    if method == "and":
+        return {"and": harsanyi(values - values[:, :1])}, {}
+    import sftint_fast as sf
+
+    warm = (init["p"], init["q"]) if init and "p" in init else None
+    res = sf.and_or(values, qthres=config.qthres, niter=config.andor_niter, lr=config.andor_lr, method=method,
+                    progress=progress, seed=config.seed, init=warm if method == "sgd" else None)
+    extra = {"p": res.p.double(), "q": res.q.double()} if config.warm_start and method == "sgd" else {}
+    return {"and": res.I_and.double(), "or": res.I_or.double()}, extra
+
+
+def _repeat_state(state: N.SetState, k: int) -> N.SetState:
+    return N.SetState(**{name: getattr(state, name).repeat(k, 1) for name in state.__dataclass_fields__})
+
+
+def _shared(interactions: torch.Tensor, reference: dict[str, torch.Tensor], kind: str, tau: float, *,
+            _repeat: int = 1) -> torch.Tensor:
+    """``G_S = 1[S ∈ Ω_ref] · 1[sign I(S) = sign I_ref(S)]`` as a bool ``(B, 2^n)`` tensor."""
+    if kind not in reference:
+        return torch.zeros_like(interactions, dtype=torch.bool)
+    ref = reference[kind].repeat(_repeat, 1)
+    salient = N.initial_state(ref, tau=tau, reference="checkpoint").base
+    return salient & (torch.sign(interactions) == torch.sign(ref))
+
+
+def _check_values(values: torch.Tensor, expected: torch.Size | None) -> torch.Tensor:
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"values: expected a torch.Tensor (B, 2^n), got {type(values).__name__}")
+    if values.dim() != 2 or values.shape[-1] < 2 or values.shape[-1] & (values.shape[-1] - 1):
+        raise ValueError(f"values: expected shape (B, 2^n) with n >= 1, got {tuple(values.shape)}")
+    if expected is not None and values.shape != expected:
+        raise ValueError(f"values: expected shape {tuple(expected)} (as the base checkpoint), got {tuple(values.shape)}")
+    if not torch.isfinite(values).all():
+        raise ValueError("values: expected finite values, got NaN/inf")
+    return values.detach().double().cpu()
+
+
+def _model_signature(model: Any) -> dict[str, Any]:
+    embed = model.get_input_embeddings()
+    cfg = getattr(model, "config", None)
+    return {"vocab_size": int(embed.num_embeddings), "hidden_size": int(embed.embedding_dim),
+            "model_type": getattr(cfg, "model_type", type(model).__name__),
+            "num_layers": getattr(cfg, "num_hidden_layers", None)}
+
+
+def _char_spans(prompt: str, words: Sequence[str]) -> list[tuple[int, int]]:
+    spans, cursor = [], 0
+    for word in words:
+        text = word.strip()
+        start = prompt.find(text, cursor)
+        if start < 0 or not text:
+            raise ValueError(f"reference: could not find the player {word!r} in the prompt {prompt!r} after offset {cursor}")
+        spans.append((start, start + len(text)))
+        cursor = start + len(text)
+    return spans
+
+
+def _describe_reference(source: Any) -> str | None:
+    if source is None:
+        return None
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, (tuple, list)):
+        return f"model:{getattr(getattr(source[0], 'config', None), 'model_type', type(source[0]).__name__)}"
+    return "interactions"
+
+
+def _digest(items: Any) -> str | None:
+    if items is None:
+        return None
+    return hashlib.sha256(repr([x if isinstance(x, (tuple, list, str)) else sorted(x) for x in items]).encode()).hexdigest()[:16]
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, torch.Tensor):
+        return _json_safe(x.tolist())
+    return x
+
+
+def _atomic_write_text(target: Path, text: str) -> None:
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, target)
+
+
+def _atomic_save_tensors(target: Path, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, target)
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def _build_report(tracker: SFTTracker) -> TrackReport:
+    c = tracker.config
+    records, states = tracker.records, tracker.states
+    steps = tuple(r.step for r in records)
+    T = len(records)
+    B, size = records[0].values.shape
+    n = size.bit_length() - 1
+    order = popcount(size).double()
+    boot = N.bootstrap_indices(B, resamples=c.bootstrap, seed=c.seed)
+    py = torch.stack([r.p_y for r in records])                                  # (T, B)
+    gain = torch.stack([r.values[:, -1] - r.values[:, 0] for r in records])
+    irrelevant = py < c.irrelevant_fraction * py[:1]
+    relevant = (~irrelevant).double()
+    curves: dict[str, list] = {}
+    intervals: dict[str, tuple[list[float], list[float]]] = {}
+
+    def put_sum(name: str, per_probe: torch.Tensor) -> None:
+        curves[name] = per_probe.sum(-1).tolist()
+        intervals[name] = N.bootstrap_sum(per_probe, boot)
+
+    totals: dict[str, torch.Tensor] = {}
+    for kind in c.kinds:
+        inters = torch.stack([r.interactions[kind] for r in records])          # (T, B, 2^n)
+        shared = None
+        if tracker.reference is not None and kind in tracker.reference:
+            shared = torch.stack([_shared(inters[t], tracker.reference, kind, c.tau) for t in range(T)])
+        sets = {name: torch.stack([getattr(s[kind], name) for s in states]) for name in SETS}
+        for name, member in sets.items():
+            values = inters[:1].expand_as(inters) if name == "removed" else inters
+            put_sum(f"{kind}/{name}", member.sum(-1).double() * relevant)
+            _set_measures(curves, intervals, f"{kind}/{name}", values, member, order, n, boot, shared)
+        new = {"removed_new": torch.zeros(T, B), "emerged_new": torch.zeros(T, B)}
+        if shared is not None:
+            new["emerged_unshared_new"] = torch.zeros(T, B)
+        for t in range(1, T):
+            removed, emerged = N.new_changes(states[t - 1][kind], states[t][kind])
+            new["removed_new"][t] = removed.sum(-1)
+            new["emerged_new"][t] = emerged.sum(-1)
+            if shared is not None:
+                new["emerged_unshared_new"][t] = (emerged & ~shared[t]).sum(-1)
+        for name, observed in new.items():
+            observed = observed.double()
+            floor = torch.zeros(T, B, dtype=torch.float64)
+            floor_sd = [0.0] * T
+            for t, r in enumerate(records):
+                draws = r.floors.get(f"{kind}/{name}")
+                if draws is not None:
+                    floor[t] = draws.mean(0)
+                    floor_sd[t] = (draws * relevant[t]).sum(-1).std(unbiased=False).item()
+            excess = observed - floor
+            put_sum(f"{kind}/{name}", observed * relevant)
+            put_sum(f"{kind}/{name}_floor", floor * relevant)
+            curves[f"{kind}/{name}_floor_sd"] = floor_sd
+            put_sum(f"{kind}/{name}_excess", excess * relevant)
+            put_sum(f"{kind}/{name}_excess_cumulative", (excess * relevant).cumsum(0))
+            put_sum(f"{kind}/{name}_irrelevant", observed * (1 - relevant))
+            for suffix, tensor in (("", observed), ("_floor", floor), ("_excess", excess)):
+                key = f"{name}{suffix}"
+                totals[key] = totals.get(key, 0) + tensor
+        for name in SETS:
+            totals[name] = totals.get(name, 0) + sets[name].sum(-1).double()
+    for key, tensor in totals.items():
+        put_sum(f"all/{key}", tensor * relevant)
+        if key.endswith("_excess"):
+            put_sum(f"all/{key}_cumulative", (tensor * relevant).cumsum(0))
+
+    has_ref = tracker.reference is not None
+    emerged_key = "emerged_unshared_new_excess" if has_ref else "emerged_new_excess"
+    boundary_index = N.phase_boundary(
+        curves["all/removed_new_excess_cumulative"], intervals["all/removed_new_excess_cumulative"][0],
+        curves[f"all/{emerged_key}"], intervals[f"all/{emerged_key}"][0],
+        removed_fraction=c.boundary_removed_fraction, require_significant=c.boundary_significant,
+    )
+    losses = [r.heldout_loss for r in records]
+    curves["heldout_loss"] = losses
+    finite = [(loss, s) for loss, s in zip(losses, steps) if loss is not None]
+    curves["p_y_mean"] = py.mean(-1).tolist()
+    intervals["p_y_mean"] = N.bootstrap_nanmean(py, boot)
+    curves["irrelevant_probes"] = irrelevant.sum(-1).tolist()
+    notes = []
+    if not has_ref:
+        notes.append("gamma unavailable: no reference model or reference interactions were given")
+    if c.noise_floor is None:
+        notes.append("noise floor disabled: excess counts equal observed counts")
+    if c.persistence > 1:
+        notes.append(f"persistence {c.persistence}: a change is counted at the checkpoint that confirms it, "
+                     f"{c.persistence - 1} checkpoint(s) after its onset")
+    floor_cost = {"rows_decomposed": float(sum(r.meta.get("floor_rows_decomposed", 0) for r in records)),
+                  "seconds": float(sum(r.meta.get("seconds_floor", 0.0) for r in records)),
+                  "seconds_decompose_observed": float(sum(r.meta.get("seconds_decompose", 0.0) for r in records)),
+                  "forward_passes": 0.0}
+    probes_table = {"kept": tracker.kept if tracker.kept is not None else list(range(B)),
+                    "p_y": py.tolist(), "gain": gain.tolist(), "irrelevant": irrelevant.tolist()}
+    if tracker.games is not None:
+        probes_table["words"] = [list(g.words) for g in tracker.games]
+        probes_table["prompts"] = [tracker.probes[i].prompt for i in tracker.kept]
+    return TrackReport(
+        steps=steps, config={**asdict(c), "solver": tracker.solver}, curves=curves, intervals=intervals,
+        probes=probes_table, phase_boundary=None if boundary_index is None else steps[boundary_index],
+        heldout_loss_min_step=min(finite)[1] if finite else None, solver=tracker.solver, gamma_available=has_ref,
+        floor_cost=floor_cost, numerics=tracker.numerics, notes=tuple(notes),
+    )
+
+
+def _set_measures(curves: dict, intervals: dict, prefix: str, values: torch.Tensor, member: torch.Tensor,
+                  order: torch.Tensor, n: int, boot: torch.Tensor, shared: torch.Tensor | None) -> None:
+    """Mean |I|, ρ, γ, mean order and strength by order of one set over checkpoints (pooled over probes)."""
+    m = member.double()
+    mag = values.abs() * m                                                       # (T, B, 2^n)
+    abs_sum = mag.sum(-1)
+    count = m.sum(-1)
+    curves[f"{prefix}_mean_abs"] = _ratio(abs_sum.sum(-1), count.sum(-1))
+    intervals[f"{prefix}_mean_abs"] = N.bootstrap_ratio(abs_sum, count, boot)
+    rho = (values * m).sum(-1).abs() / abs_sum
+    rho = torch.where(count > 0, rho, torch.full_like(rho, math.nan))
+    curves[f"{prefix}_rho"] = rho.nanmean(-1).tolist()
+    intervals[f"{prefix}_rho"] = N.bootstrap_nanmean(rho, boot)
+    curves[f"{prefix}_mean_order"] = _ratio((mag * order).sum(-1).sum(-1), abs_sum.sum(-1))
+    if shared is not None:
+        g = (mag * shared.double()).sum(-1)
+        curves[f"{prefix}_gamma"] = _ratio(g.sum(-1), abs_sum.sum(-1))
+        intervals[f"{prefix}_gamma"] = N.bootstrap_ratio(g, abs_sum, boot)
+    denom = abs_sum.sum(-1, keepdim=True).clamp(min=1e-300)
+    plus = torch.stack([((values.clamp(min=0) * m) * (order == k)).sum(-1).sum(-1) for k in range(n + 1)], -1)
+    minus = torch.stack([(((-values).clamp(min=0) * m) * (order == k)).sum(-1).sum(-1) for k in range(n + 1)], -1)
+    curves[f"{prefix}_strength_plus"] = (plus / denom).tolist()
+    curves[f"{prefix}_strength_minus"] = (minus / denom).tolist()
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> list[float]:
+    return [a / b if b > 0 else math.nan for a, b in zip(num.tolist(), den.tolist())]
