@@ -135,8 +135,7 @@ def _chunk_activation_bytes(dims: ModelDims, seg_len: int, num_keys: int, num_ta
     gathered = 2 * num_keys * dims.num_heads * dims.head_dim * size  # K and V, GQA expanded in the worst case
     scores = dims.num_heads * seg_len * num_keys * 4 + seg_len * num_keys
     logits = 2 * num_targets * dims.vocab_size * 4 if last else 0
-    window = dims.num_layers * 2 * seg_len * dims.num_kv_heads * dims.head_dim * size if last else 0
-    return seg_len * per_token + gathered + scores + logits + window
+    return seg_len * per_token + gathered + scores + logits
 
 
 def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn.Module | None = None,
@@ -212,14 +211,18 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
         fixed = window_start * row_bytes
         per_node = [_chunk_activation_bytes(dims, level_lens[j], level_positions[j] + level_lens[j], num_targets,
                                             j == num_players) for j in range(num_players + 1)]
-        room = max_memory - fixed
-        needed = fixed + max(per_node)
-        if room < max(per_node):
+        window = level_lens[-1] * row_bytes  # per last-level node, allocated for the whole run
+        other = max(per_node[:-1], default=0)
+        needed = fixed + window + max(other, per_node[-1])
+        if max_memory < needed:
             raise ValueError(f"the trie for n={num_players}, L={seq_len} needs at least {needed / _GIB:.2f} GiB "
                              f"(KV store {fixed / _GIB:.2f} GiB + one node's activations), but max_memory is "
                              f"{max_memory / _GIB:.2f} GiB; evaluate fewer subsets or use method='naive'")
-        chunk_nodes = [max(1, min(c, room // max(p, 1))) for c, p in zip(chunk_nodes, per_node)]
-        kv_bytes = fixed + chunk_nodes[-1] * level_lens[-1] * row_bytes
+        room = max_memory - fixed
+        chunk_nodes[-1] = max(1, min(chunk_nodes[-1], room // (per_node[-1] + window), (room - other) // window))
+        room -= chunk_nodes[-1] * window
+        chunk_nodes[:-1] = [max(1, min(c, room // max(p, 1))) for c, p in zip(chunk_nodes[:-1], per_node[:-1])]
+        kv_bytes = fixed + chunk_nodes[-1] * window
         activation_bytes = max(c * p for c, p in zip(chunk_nodes, per_node))
     window_rows = chunk_nodes[-1] * level_lens[-1]
     plan = TriePlan(

@@ -1,0 +1,89 @@
+"""The trie plan: segments, token counts against the closed formula, node sets for subsets, memory planning."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from sftint_fast.engine.adapters import ModelDims
+from sftint_fast.engine.plan import plan_trie
+
+DIMS = ModelDims(num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, hidden_size=576, intermediate_size=1536,
+                 vocab_size=49152, dtype=torch.float32)
+LAYOUTS = [
+    (9, ((2, 3), (5, 7))),
+    (12, ((0, 1), (3, 5), (7, 8), (11, 12))),
+    (11, ((2, 4), (4, 7), (7, 8), (9, 10))),
+    (6, ()),
+    (85, tuple((20 + 5 * i, 22 + 5 * i) for i in range(10))),
+]
+
+
+def layout(seq_len, spans):
+    return SimpleNamespace(input_ids=torch.zeros(seq_len, dtype=torch.int64), player_spans=spans)
+
+
+def formula_tokens(seq_len, spans):
+    """``|bg_0| + Σ_j 2^{j+1}(|p_j| + |bg_{j+1}|)``."""
+    starts = [s for s, _ in spans] + [seq_len]
+    total = starts[0]
+    for j, (start, end) in enumerate(spans):
+        total += (1 << (j + 1)) * ((end - start) + (starts[j + 1] - end))
+    return total
+
+
+@pytest.mark.parametrize("seq_len,spans", LAYOUTS)
+def test_token_counts_match_formula(seq_len, spans):
+    plan = plan_trie(layout(seq_len, spans))
+    n = len(spans)
+    assert plan.trie_tokens == formula_tokens(seq_len, spans)
+    assert plan.naive_tokens == (1 << n) * seq_len
+    assert plan.ideal_ratio == pytest.approx(plan.naive_tokens / plan.trie_tokens)
+    assert sum(plan.level_lens) == seq_len
+    assert plan.node_counts == tuple(1 << j for j in range(n + 1))
+    for j, (start, end) in enumerate(spans):
+        assert plan.level_positions[j + 1] == start and plan.player_lens[j + 1] == end - start
+    # Every node of every level is in exactly one chunk.
+    for level in range(n + 1):
+        chunked = torch.cat(plan.chunks(level))
+        assert torch.equal(chunked, plan.level_nodes[level])
+
+
+def test_subsets_reach_only_their_prefixes():
+    seq_len, spans = LAYOUTS[-1]
+    gen = torch.Generator().manual_seed(0)
+    subsets = torch.randint(0, 1 << len(spans), (40,), generator=gen)
+    plan = plan_trie(layout(seq_len, spans), subsets=subsets, batch_size=4)
+    for j in range(len(spans) + 1):
+        want = sorted({int(s) & ((1 << j) - 1) for s in subsets})
+        assert plan.level_nodes[j].tolist() == want
+    assert torch.equal(plan.level_nodes[-1][plan.leaf_index], subsets)
+    assert plan.trie_tokens == sum(c * n for c, n in zip(plan.node_counts, plan.level_lens))
+    assert plan.naive_tokens == len(subsets) * seq_len
+    # Last-level chunks span at most `batch_size` consecutive ids (the KV window's width).
+    for chunk in plan.chunks(len(spans)):
+        assert int(chunk[-1] - chunk[0]) < plan.level_chunk_nodes[-1] <= 4
+
+
+def test_memory_plan_chunks_and_errors():
+    game = layout(*LAYOUTS[-1])
+    roomy = plan_trie(game, dims=DIMS, max_memory=64 << 30)
+    tight = plan_trie(game, dims=DIMS, max_memory=roomy.kv_bytes // 2 + (64 << 20))
+    assert tight.peak_bytes <= tight.max_memory
+    assert max(tight.level_chunk_nodes) < max(roomy.level_chunk_nodes)
+    rows = DIMS.num_layers * 2 * DIMS.num_kv_heads * DIMS.head_dim * 4
+    assert roomy.kv_bytes == roomy.store_rows * rows
+    with pytest.raises(ValueError, match=r"needs at least \d+\.\d+ GiB"):
+        plan_trie(game, dims=DIMS, max_memory=1 << 20)
+
+
+@pytest.mark.parametrize("spans", [((3, 2),), ((0, 2), (1, 3)), ((5, 10),)])
+def test_bad_spans(spans):
+    with pytest.raises(ValueError, match="player_spans"):
+        plan_trie(layout(8, spans))
+
+
+def test_bad_subsets():
+    with pytest.raises(ValueError, match="subsets"):
+        plan_trie(layout(9, ((2, 3), (5, 7))), subsets=torch.tensor([0, 4]))
+    with pytest.raises(TypeError, match="subsets"):
+        plan_trie(layout(9, ((2, 3), (5, 7))), subsets=torch.tensor([0.0]))
