@@ -80,7 +80,14 @@ def _subset_attention_torch(q: torch.Tensor, k_store: torch.Tensor, v_store: tor
     return out.transpose(1, 2)
 
 
-_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {"torch": _subset_attention_torch}
+def _subset_attention_triton(*args, **kwargs) -> torch.Tensor:
+    from sftint_fast.ops.triton.subset_attention import subset_attention as fused
+
+    return fused(*args, **kwargs)
+
+
+_BACKENDS: dict[str, Callable[..., torch.Tensor]] = {"torch": _subset_attention_torch,
+                                                     "triton": _subset_attention_triton}
 
 
 def subset_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, node_ids: torch.Tensor,
