@@ -87,10 +87,16 @@ def test_chunking_forced_small(batch_size):
 
 
 def test_tiny_memory_budget_chunks_and_still_matches():
+    from sftint_fast.engine.plan import plan_trie
+
     net = model("qwen2")
     game = make_game("spread_n5", seed=4)
-    trie, naive = run_both(net, game, max_memory=400_000)
+    plan = plan_trie(game, dims=get_adapter(net).dims, max_memory=100_000)
+    assert plan.level_chunk_nodes[-1] < plan.node_counts[-1] and plan.peak_bytes <= 100_000
+    trie, naive = run_both(net, game, max_memory=100_000)
     check_close(trie, naive)
+    with pytest.raises(ValueError, match="GiB"):
+        evaluate_trie(net, game, torch.arange(32), max_memory=10_000, progress=False)
 
 
 @pytest.mark.parametrize("masking", ["embedding", "attention"])
