@@ -1,0 +1,72 @@
+"""shapiq on our engine: exact Möbius = sf.harsanyi, an approximator end to end, the bit-order mapping."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import sftint_fast as sf
+from conftest import tiny_model
+
+shapiq = pytest.importorskip("shapiq")
+
+from sftint_fast.integrations.shapiq import MaskedLMGame, coalitions_to_bitmasks  # noqa: E402
+
+
+def six_player_game(seed: int = 0) -> sf.Game:
+    """Players at the very start, multi-token players, background between; 2 target tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    target = torch.randint(3, 128, (2,), generator=gen)
+    prompt = torch.randint(3, 128, (14,), generator=gen)
+    spans = ((0, 1), (2, 4), (4, 5), (6, 8), (9, 10), (12, 13))
+    return sf.Game(input_ids=torch.cat([prompt, target[:-1]]), player_spans=spans,
+                   words=tuple(f"w{i}" for i in range(6)), target=target,
+                   baseline=torch.randn(6, 32, generator=gen), prompt_length=14)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama", initializer_range=0.3)  # larger weights than default: interactions well above fp32 noise
+
+
+def test_coalition_columns_are_bits():
+    coalitions = np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 0, 1], [1, 1, 1]], dtype=bool)
+    assert coalitions_to_bitmasks(coalitions).tolist() == [0, 1, 2, 5, 7]
+    with pytest.raises(ValueError, match="2-D"):
+        coalitions_to_bitmasks(np.zeros(3, dtype=bool))
+
+
+def test_value_function_matches_evaluate(model):
+    game = six_player_game()
+    v = sf.evaluate(model, game, method="naive", progress=False).double()
+    shap_game = MaskedLMGame(model, game, method="naive")
+    assert shap_game.normalization_value == pytest.approx(float(v[0]), abs=1e-6)
+    rng = np.random.default_rng(0)
+    coalitions = rng.random((20, 6)) < 0.5
+    masks = [sum(1 << i for i in range(6) if row[i]) for row in coalitions]
+    np.testing.assert_allclose(shap_game(coalitions), (v[masks] - v[0]).numpy(), atol=1e-5)
+    raw = MaskedLMGame(model, game, method="naive", normalize=False)
+    np.testing.assert_allclose(raw(coalitions), v[masks].numpy(), atol=1e-5)
+
+
+def test_exact_moebius_equals_harsanyi(model):
+    game = six_player_game(seed=1)
+    v = sf.evaluate(model, game, method="naive", progress=False).double()
+    expected = sf.harsanyi(v - v[0])
+    moebius = shapiq.ExactComputer(MaskedLMGame(model, game, method="naive"))("Moebius")
+    got = torch.zeros(64, dtype=torch.float64)
+    for players, position in moebius.interaction_lookup.items():
+        got[sum(1 << i for i in players)] = float(moebius.values[position])
+    assert len(moebius.interaction_lookup) == 64
+    assert expected[1:].abs().max() > 0.1  # a non-trivial game
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_kernelshap_runs_and_matches_shapley_at_full_budget(model):
+    game = six_player_game(seed=2)
+    v = sf.evaluate(model, game, method="naive", progress=False).double()
+    approximator = shapiq.KernelSHAP(n=6, random_state=0)
+    estimate = approximator.approximate(budget=64, game=MaskedLMGame(model, game, method="naive"))
+    phi = np.array([estimate[(i,)] for i in range(6)])
+    np.testing.assert_allclose(phi, sf.shapley(v).numpy(), atol=1e-4)
+
