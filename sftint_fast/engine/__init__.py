@@ -182,7 +182,17 @@ def evaluate(
     return values.to(torch.float32)
 
 
-def evaluate_many(model: Any, games: Sequence[Game], *, progress: bool = True, **kwargs: Any) -> list[torch.Tensor]:
-    """``evaluate`` on each game in turn → one ``v`` per game; one progress bar over the games."""
+def evaluate_many(model: Any, games: Sequence[Game], *, progress: bool = True, out_dir: str | None = None,
+                  **kwargs: Any) -> list[torch.Tensor]:
+    """``evaluate`` on each game in turn → one ``v`` per game; one progress bar over the games.
+
+    Under ``torch.distributed`` (e.g. ``torchrun``) or with ``out_dir`` (resumable per-game shard files) this is
+    :func:`sftint_fast.distributed.evaluate_sharded`: games split across ranks, the full list (CPU tensors)
+    returned on every rank.
+    """
+    from sftint_fast import distributed
+
+    if out_dir is not None or distributed.is_distributed():
+        return distributed.evaluate_sharded(model, games, out_dir=out_dir, progress=progress, **kwargs)
     return [evaluate(model, game, progress=False, **kwargs)
             for game in tqdm(list(games), desc="games", unit="game", disable=not progress)]
