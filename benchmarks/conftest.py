@@ -11,11 +11,18 @@ import torch  # noqa: E402
 
 def pytest_addoption(parser):
     parser.addoption("--full", action="store_true", default=False, help="run the full benchmark sizes")
+    parser.addoption("--tiny", action="store_true", default=False,
+                     help="GPU benchmarks: tiny shapes, runs on CPU (with TRITON_INTERPRET=1) as a dry run")
 
 
 @pytest.fixture
 def full(request) -> bool:
     return bool(request.config.getoption("--full"))
+
+
+@pytest.fixture
+def tiny(request) -> bool:
+    return bool(request.config.getoption("--tiny"))
 
 
 @pytest.fixture
