@@ -1,0 +1,190 @@
+"""Learned baseline embedding (METHOD.md section 5).
+
+The baseline ``b`` (one embedding ``(hidden,)``, or one per player ``(n, hidden)``) is optimised to make masked
+players "absent" in the sense of removing their interactions with the rest: it minimises, over random
+disjoint player sets ``S1, S2, S3`` (``S1, S2`` non-empty),
+
+    E |v(S1∪S2∪S3) - v(S1∪S3) - v(S2∪S3) + v(S3)|
+
+with SGD (momentum 0.9). Each term costs 4 forward passes of the masked prompt (through the model's own
+forward with ``inputs_embeds``, as the naive engine does), never the ``2^n`` sweep. Only the embedding
+masking mode uses a baseline.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from sftint_fast.engine.naive import _accepts_logits_to_keep, model_device
+from sftint_fast.game import Game
+
+logger = logging.getLogger(__name__)
+
+
+def sample_triples(num_players: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` random disjoint ``(S1, S2, S3)`` as int64 bitmasks ``(count, 3)``.
+
+    Two distinct random players seed ``S1`` and ``S2`` (so neither is empty); every other player joins
+    ``S1``, ``S2``, ``S3`` or none with probability 1/4 each.
+    """
+    masks = torch.zeros(count, 3, dtype=torch.int64)
+    for row in range(count):
+        order = torch.randperm(num_players, generator=generator)
+        masks[row, 0] |= 1 << int(order[0])
+        masks[row, 1] |= 1 << int(order[1])
+        groups = torch.randint(0, 4, (num_players - 2,), generator=generator)
+        for player, group in zip(order[2:].tolist(), groups.tolist()):
+            if group < 3:
+                masks[row, group] |= 1 << player
+    return masks
+
+
+def _subsets_of(triples: torch.Tensor) -> torch.Tensor:
+    """``(k, 3)`` triples → ``(4k,)`` bitmasks ordered ``[S1∪S2∪S3, S1∪S3, S2∪S3, S3]`` per triple."""
+    s1, s2, s3 = triples.unbind(-1)
+    return torch.stack([s1 | s2 | s3, s1 | s3, s2 | s3, s3], dim=-1).flatten()
+
+
+def _objective(model: Any, game: Game, baseline: torch.Tensor, triples: torch.Tensor) -> torch.Tensor:
+    """Mean ``|v(S1∪S2∪S3) - v(S1∪S3) - v(S2∪S3) + v(S3)|`` over ``triples`` (differentiable in ``baseline``)."""
+    device = model_device(model)
+    subsets = _subsets_of(triples).to(device)
+    with_baseline = dataclasses.replace(game, baseline=baseline)
+    embeds = model.get_input_embeddings()(game.input_ids.to(device)[None])[0]
+    m = game.target.numel()
+    keep_kw = {"logits_to_keep": m} if _accepts_logits_to_keep(model) else {}
+    logits = model(inputs_embeds=with_baseline.masked_embeds(embeds, subsets), use_cache=False, **keep_kw).logits
+    values = game.values_from_logits(logits[:, -m:], subsets=subsets).view(-1, 4)
+    return (values[:, 0] - values[:, 1] - values[:, 2] + values[:, 3]).abs().mean()
+
+
+def _check_games(model: Any, games: Game | Sequence[Game], per_player: bool) -> list[Game]:
+    game_list = [games] if isinstance(games, Game) else list(games)
+    if not game_list or not all(isinstance(g, Game) for g in game_list):
+        raise TypeError(f"games: expected a Game or a non-empty sequence of Games, got {type(games).__name__}")
+    hidden = model.get_input_embeddings().weight.shape[1]
+    for index, game in enumerate(game_list):
+        if game.masking != "embedding":
+            raise ValueError(f"games[{index}]: a learned baseline needs masking='embedding', got {game.masking!r}")
+        if game.num_players < 2:
+            raise ValueError(f"games[{index}]: expected at least 2 players (S1, S2 non-empty), got {game.num_players}")
+        if game.baseline.shape[-1] != hidden:
+            raise ValueError(
+                f"games[{index}]: baseline hidden size {game.baseline.shape[-1]} != the model's {hidden}"
+            )
+    if per_player and len({g.num_players for g in game_list}) > 1:
+        raise ValueError(
+            "per_player=True: expected every game to have the same number of players, got "
+            f"{sorted({g.num_players for g in game_list})}"
+        )
+    return game_list
+
+
+def _initial_baseline(game: Game, per_player: bool, init: torch.Tensor | None) -> torch.Tensor:
+    start = game.baseline if init is None else init
+    if not isinstance(start, torch.Tensor) or not start.is_floating_point():
+        raise TypeError(f"init: expected a floating-point tensor, got {type(start).__name__}")
+    start = start.detach().float()
+    hidden = game.baseline.shape[-1]
+    if per_player and start.dim() == 1:
+        start = start.expand(game.num_players, hidden)
+    if not per_player and start.dim() == 2:
+        start = start.mean(0)
+    expected = (game.num_players, hidden) if per_player else (hidden,)
+    if tuple(start.shape) != expected:
+        raise ValueError(f"init: expected shape {expected}, got {tuple(start.shape)}")
+    return start.clone()
+
+
+def baseline_objective(
+    model: Any, games: Game | Sequence[Game], baseline: torch.Tensor, *, samples: int = 16, seed: int = 0
+) -> float:
+    """The section-5 objective of ``baseline`` averaged over ``games``, on ``samples`` triples per game drawn
+    with ``seed`` (the same triples for every baseline: use it to compare baselines)."""
+    game_list = _check_games(model, games, per_player=baseline.dim() == 2)
+    generator = torch.Generator().manual_seed(seed)
+    device = model_device(model)
+    total = 0.0
+    with torch.no_grad():
+        for game in game_list:
+            triples = sample_triples(game.num_players, samples, generator)
+            total += float(_objective(model, game, baseline.to(device), triples))
+    return total / len(game_list)
+
+
+def learn_baseline(
+    model: Any,
+    games: Game | Sequence[Game],
+    *,
+    epochs: int = 100,
+    lr: float = 1e-3,
+    per_player: bool = False,
+    seed: int = 0,
+    samples_per_epoch: int = 8,
+    momentum: float = 0.9,
+    init: torch.Tensor | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Learns a baseline embedding minimising METHOD.md section 5's objective.
+
+    Args:
+        model: a HF causal LM (embedding output fed back as ``inputs_embeds``).
+        games: one :class:`~sftint_fast.game.Game` or several (``masking="embedding"``, ``n ≥ 2``).
+        epochs: passes over ``games``; each game gets one SGD step per epoch.
+        lr, momentum: SGD settings (METHOD.md: 1e-3, 0.9).
+        per_player: learn one row per player ``(n, hidden)`` (all games need the same ``n``) instead of
+            one ``(hidden,)`` embedding.
+        seed: seeds the sampled triples.
+        samples_per_epoch: triples ``(S1, S2, S3)`` per game and step (4 forward rows each).
+        init: starting baseline; default the first game's (averaged over players when it is per-player and
+            ``per_player=False``).
+        progress: tqdm bar over epochs.
+
+    Returns:
+        float32 ``(hidden,)`` or ``(n, hidden)`` on the model's device; put it in a game with
+        ``dataclasses.replace(game, baseline=b)``.
+
+    The model's parameters get no gradients (``requires_grad`` is switched off and restored) and the model
+    runs in eval mode (restored after).
+    """
+    game_list = _check_games(model, games, per_player)
+    if not (isinstance(epochs, int) and epochs >= 0):
+        raise ValueError(f"epochs: expected an int >= 0, got {epochs!r}")
+    if not (isinstance(samples_per_epoch, int) and samples_per_epoch >= 1):
+        raise ValueError(f"samples_per_epoch: expected an int >= 1, got {samples_per_epoch!r}")
+    if not lr > 0:
+        raise ValueError(f"lr: expected > 0, got {lr!r}")
+    device = model_device(model)
+    baseline = _initial_baseline(game_list[0], per_player, init).to(device).requires_grad_(True)
+    optimizer = torch.optim.SGD([baseline], lr=lr, momentum=momentum)
+    generator = torch.Generator().manual_seed(seed)
+    params = list(model.parameters())
+    grad_flags = [p.requires_grad for p in params]
+    was_training = model.training
+    model.eval()
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        bar = tqdm(range(epochs), desc="learn_baseline", disable=not progress)
+        for epoch in bar:
+            losses = []
+            for game in game_list:
+                triples = sample_triples(game.num_players, samples_per_epoch, generator)
+                optimizer.zero_grad()
+                loss = _objective(model, game, baseline, triples)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+            mean = sum(losses) / len(losses)
+            bar.set_postfix(objective=f"{mean:.4g}")
+            logger.debug("learn_baseline epoch %d: objective %.6g", epoch, mean)
+    finally:
+        for p, flag in zip(params, grad_flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return baseline.detach()

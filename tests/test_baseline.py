@@ -1,0 +1,82 @@
+"""Learned baseline (METHOD.md section 5) on a tiny random model."""
+import dataclasses
+
+import pytest
+import torch
+
+import sftint_fast as sf
+from conftest import tiny_model
+from sftint_fast.baseline import _subsets_of, baseline_objective, sample_triples
+from sftint_fast.game import Game
+
+
+def make_game(seed=0, n=5, hidden=32):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (14,), generator=gen)
+    spans = tuple((1 + 2 * i, 3 + 2 * i) for i in range(n))
+    return Game(
+        input_ids=ids,
+        player_spans=spans,
+        words=tuple(f"w{i}" for i in range(n)),
+        target=torch.tensor([7]),
+        baseline=torch.randn(hidden, generator=gen),
+        prompt_length=14,
+    )
+
+
+def test_sample_triples_are_disjoint_and_nonempty():
+    triples = sample_triples(6, 200, torch.Generator().manual_seed(0))
+    s1, s2, s3 = triples.unbind(-1)
+    assert bool(((s1 & s2) == 0).all() and ((s1 & s3) == 0).all() and ((s2 & s3) == 0).all())
+    assert bool((s1 > 0).all() and (s2 > 0).all())
+    assert int((s1 | s2 | s3).max()) < 64 and bool((s3 > 0).any())
+    subsets = _subsets_of(triples[:1])
+    a, b, c = triples[0].tolist()
+    assert subsets.tolist() == [a | b | c, a | c, b | c, c]
+
+
+def test_objective_goes_down_and_model_untouched():
+    model = tiny_model("llama")
+    games = [make_game(0), make_game(1)]
+    # The tiny random model's objective is ~7e-3 with small gradients, hence the large lr.
+    flags_before = [p.requires_grad for p in model.parameters()]
+    weights_before = [p.detach().clone() for p in model.parameters()]
+    start = games[0].baseline
+    learned = sf.learn_baseline(model, games, epochs=12, lr=10.0, seed=0, samples_per_epoch=8, progress=False)
+    assert learned.shape == start.shape and learned.dtype == torch.float32
+    before = baseline_objective(model, games, start, samples=32, seed=123)
+    after = baseline_objective(model, games, learned, samples=32, seed=123)
+    assert after < 0.75 * before, (before, after)
+    assert [p.requires_grad for p in model.parameters()] == flags_before
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(weights_before, model.parameters()))
+    assert not model.training
+    # the learned baseline plugs into a game
+    assert torch.equal(dataclasses.replace(games[0], baseline=learned).baseline, learned)
+
+
+def test_per_player_shape_and_determinism():
+    model = tiny_model("llama")
+    game = make_game(2)
+    one = sf.learn_baseline(model, game, epochs=3, lr=0.01, per_player=True, progress=False)
+    two = sf.learn_baseline(model, game, epochs=3, lr=0.01, per_player=True, progress=False)
+    assert one.shape == (5, 32)
+    assert torch.equal(one, two)
+    assert not torch.equal(one[0], one[1])
+
+
+def test_bad_inputs():
+    model = tiny_model("llama")
+    game = make_game(0)
+    with pytest.raises(TypeError, match="games"):
+        sf.learn_baseline(model, [], progress=False)
+    with pytest.raises(ValueError, match="masking"):
+        sf.learn_baseline(model, dataclasses.replace(game, masking="attention"), progress=False)
+    with pytest.raises(ValueError, match="2 players"):
+        sf.learn_baseline(model, make_game(0, n=1), progress=False)
+    with pytest.raises(ValueError, match="same number of players"):
+        sf.learn_baseline(model, [game, make_game(1, n=4)], per_player=True, progress=False)
+    with pytest.raises(ValueError, match="init"):
+        sf.learn_baseline(model, game, init=torch.zeros(7), progress=False)
+    with pytest.raises(ValueError, match="epochs"):
+        sf.learn_baseline(model, game, epochs=-1, progress=False)
