@@ -137,12 +137,18 @@ def _counts(folder: Path) -> list[str]:
     return [line for f in sorted(folder.glob("rank*.txt")) for line in f.read_text().split()]
 
 
-def test_torchrun_matches_single_process_and_resumes_after_a_crash(tmp_path):
-    games = "--num-games", "9"  # 9 games of 2..5 players: uneven counts and costs on 2 ranks
-    _run(tmp_path, "single", *games)
-    reference = _load(tmp_path / "single.safetensors")
-    assert len(reference) == 9 and sorted(_counts(tmp_path / "single")) == sorted(f"g{i}" for i in range(9))
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory) -> tuple[Path, list[torch.Tensor]]:
+    """The reference: the same script, 9 games, one plain process (no process group)."""
+    tmp = tmp_path_factory.mktemp("single")
+    _run(tmp, "single", "--num-games", "9")
+    assert sorted(_counts(tmp / "single")) == sorted(f"g{i}" for i in range(9))
+    return tmp, _load(tmp / "single.safetensors")
 
+
+def test_torchrun_matches_single_process_and_resumes_after_a_crash(tmp_path, single_process):
+    games = "--num-games", "9"  # 9 games of 2..5 players: uneven counts and costs on 2 ranks
+    reference = single_process[1]
     shards = str(tmp_path / "shards")
     crashed = _run(tmp_path, "crash", *games, "--shard-dir", shards, "--crash-after", "2", nproc=2, check=False)
     assert crashed.returncode != 0
@@ -159,9 +165,10 @@ def test_torchrun_matches_single_process_and_resumes_after_a_crash(tmp_path):
         assert torch.equal(v, ref), (v - ref).abs().max()
 
 
-def test_torchrun_rank_without_games(tmp_path):
-    _run(tmp_path, "single", "--num-games", "1")
-    _run(tmp_path, "two", "--num-games", "1", nproc=2)
-    assert len(_counts(tmp_path / "two")) == 1
-    (v,), (ref,) = _load(tmp_path / "two.safetensors"), _load(tmp_path / "single.safetensors")
-    assert torch.equal(v, ref)
+def test_torchrun_evaluate_many_with_a_rank_without_games(tmp_path, single_process):
+    """1 game on 2 ranks through ``sf.evaluate_many``: rank 1 idles, both get the game's exact ``v``."""
+    shards = tmp_path / "shards"
+    _run(tmp_path, "two", "--num-games", "1", "--many", "--shard-dir", str(shards), nproc=2)
+    assert len(list(shards.glob("shard-*.safetensors"))) == 1
+    (v,) = _load(tmp_path / "two.safetensors")
+    assert torch.equal(v, single_process[1][0])

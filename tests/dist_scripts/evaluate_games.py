@@ -62,7 +62,7 @@ def main() -> None:
         return sf.evaluate(model, game, **kwargs)
 
     if args.many:
-        values = sf.evaluate_many(model, games, out_dir=args.shard_dir, progress=False)
+        values = sf.evaluate_many(model, games, out_dir=args.shard_dir, progress=False, method="naive")
     else:
         values = distributed.evaluate_sharded(model, games, out_dir=args.shard_dir, progress=False,
                                               evaluate_fn=counting_evaluate, method="naive")
