@@ -152,6 +152,10 @@ def test_mode_restored_no_grad_and_compute_dtypes():
     assert torch.equal(sf.evaluate(model, game, method="naive", compute_dtype="tf32", progress=False), v)
     low = sf.evaluate(model, game, method="naive", compute_dtype="bfloat16", progress=False)
     assert 0 < (low - v).abs().max() < 0.1
+    with pytest.warns(UserWarning, match="autocast"):
+        assert torch.equal(sf.evaluate(model, game, compute_dtype="bfloat16", progress=False), low)
+    with pytest.raises(ValueError, match="autocast"):
+        sf.evaluate(model, game, method="trie", compute_dtype="bfloat16", progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         direct = evaluate_naive(model, game, torch.arange(64), progress=False)

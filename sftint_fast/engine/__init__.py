@@ -7,7 +7,8 @@ sequence, ``engine/naive.py``) or ``"trie"`` (shared prefixes computed once, ``e
 
 ``compute_dtype`` (None = the model's own dtype, no change):
   - ``"float32"`` / ``"bfloat16"``: equal to the model's dtype → nothing to do; a float32 model asked for
-    ``"bfloat16"`` runs under ``torch.autocast``; anything else (autocast cannot upcast) raises ValueError.
+    ``"bfloat16"`` runs under ``torch.autocast`` (naive engine only: ``"auto"`` falls back to it with a
+    warning, ``"trie"`` raises); anything else (autocast cannot upcast) raises ValueError.
   - ``"tf32"``: a float32 model with TF32 matmuls allowed on CUDA for the call (no effect on CPU).
 No weights are copied.
 """
@@ -67,6 +68,10 @@ def _validate_subsets(subsets: Any, n: int, device: torch.device, max_memory: in
     return subsets
 
 
+def _uses_autocast(model: Any, compute_dtype: ComputeDtype | None) -> bool:
+    return compute_dtype == "bfloat16" and model.get_input_embeddings().weight.dtype == torch.float32
+
+
 @contextlib.contextmanager
 def _compute_context(model: Any, compute_dtype: ComputeDtype | None, device: torch.device) -> Iterator[None]:
     if compute_dtype is None:
@@ -93,7 +98,7 @@ def _compute_context(model: Any, compute_dtype: ComputeDtype | None, device: tor
     if wanted == model_dtype:
         yield
         return
-    if model_dtype == torch.float32 and wanted == torch.bfloat16:
+    if _uses_autocast(model, compute_dtype):
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
             yield
         return
@@ -164,6 +169,14 @@ def evaluate(
     device = model_device(model)
     subsets = _validate_subsets(subsets, game.num_players, device, None if max_memory is None else int(max_memory))
     engine = _choose_engine(model, method)
+    if engine is not evaluate_naive and _uses_autocast(model, compute_dtype):
+        # The trie engine keeps its KV stores in the model's dtype, so it cannot run under autocast.
+        if method == "trie":
+            raise ValueError("compute_dtype='bfloat16' on a float32 model runs under torch.autocast, which the trie "
+                             "engine does not support; convert the model (model.to(torch.bfloat16)) or use method='naive'")
+        warnings.warn("compute_dtype='bfloat16' on a float32 model runs under torch.autocast, which the trie engine "
+                      "does not support; using the naive engine", stacklevel=2)
+        engine = evaluate_naive
     kwargs: dict[str, Any] = {"batch_size": batch_size, "progress": progress,
                               "max_memory": None if max_memory is None else int(max_memory)}
     if engine is not evaluate_naive:
