@@ -228,7 +228,6 @@ class SFTTracker:
         self.states: list[dict[str, N.SetState]] = []
         self.reference: dict[str, torch.Tensor] | None = None
         self.numerics: dict[str, Any] | None = None
-        self._generator = torch.Generator().manual_seed(seed)
         if self.out_dir is not None:
             self._open_out_dir()
 
@@ -353,8 +352,10 @@ class SFTTracker:
         anchor = t - c.persistence
         base_v = self.records[anchor].values
         later = [r.values for r in self.records[anchor + 1:]] + [values]
+        # seeded per checkpoint so a resumed run draws exactly what an uninterrupted one would
+        generator = torch.Generator().manual_seed(c.seed * 1_000_003 + t)
         draws = torch.stack([N.null_perturbations(v - base_v, kind=c.noise_floor, draws=c.noise_draws,
-                                                  generator=self._generator) for v in later])   # (p, K, B, 2^n)
+                                                  generator=generator) for v in later])   # (p, K, B, 2^n)
         p, k, b, size = draws.shape
         fakes = (base_v + draws).reshape(p * k * b, size)
         inter, _ = _decompose(fakes, method=c.andor_method, config=c, progress=False)
@@ -405,8 +406,14 @@ class SFTTracker:
             kwargs: dict[str, Any] = {"n_players": c.n_players} if probe.players is None else {}
             if probe.players is not None and probe.players and isinstance(probe.players[0], (tuple, list)):
                 kwargs["span_unit"] = "chars"
-            game = Game.from_text(model, self.tokenizer, probe.prompt, players=players, baseline=self._baseline,
-                                  target=target, chat=c.chat, **kwargs)
+            try:
+                game = Game.from_text(model, self.tokenizer, probe.prompt, players=players, baseline=self._baseline,
+                                      target=target, chat=c.chat, **kwargs)
+            except ValueError as err:
+                if not str(err).startswith("n_players"):
+                    raise
+                logger.warning("probe %d dropped (%s): %r", i, err, probe.prompt)
+                continue
             if game.num_players != c.n_players:
                 logger.warning("probe %d has %d players, expected %d; dropped: %r", i, game.num_players, c.n_players,
                                probe.prompt)
@@ -503,7 +510,8 @@ class SFTTracker:
             for i, game in zip(self.kept, self.games):
                 prompt = self.probes[i].prompt
                 spans = _char_spans(prompt, game.words)
-                target = self.tokenizer.decode(game.target.tolist())
+                # same tokenizer: the same ids; another one: the same target text in its own tokens
+                target = game.target if tokenizer is self.tokenizer else self.tokenizer.decode(game.target.tolist())
                 ref_game = Game.from_text(model, tokenizer, prompt, players=spans, span_unit="chars",
                                           baseline=self._baseline if isinstance(self._baseline, str) else "pad",
                                           target=target, chat=bool(self.config.chat and getattr(tokenizer, "chat_template", None)))
@@ -559,7 +567,6 @@ class SFTTracker:
             self._ingest(record)
         if self.records:
             logger.info("resumed %s: %d checkpoint(s) already saved (steps %s)", out, len(self.records), self.steps)
-            self._generator.manual_seed(self.config.seed + len(self.records))
 
     def _save_games(self) -> None:
         meta = {"kept": self.kept, "signature": self.signature, "numerics": self.numerics,

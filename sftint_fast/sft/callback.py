@@ -1,0 +1,101 @@
+"""A transformers ``TrainerCallback`` that runs an :class:`~sftint_fast.sft.tracker.SFTTracker` during training.
+
+Usage::
+
+    tracker = sf.SFTTracker(probes, tokenizer, out_dir="run/interactions")
+    callback = sf.InteractionCallback(tracker, every=50)
+    callback.attach(trainer)          # = trainer.add_callback(callback) + logging through trainer.log
+    trainer.train()
+
+Callbacks are not handed the ``Trainer``; ``attach`` keeps a reference so the scalars go through
+``trainer.log`` (``state.log_history`` plus every reporting callback: console, TensorBoard, W&B). Without it,
+the scalars are appended to ``state.log_history`` and the module logger only.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from transformers import TrainerCallback
+
+from sftint_fast.sft.tracker import SFTTracker
+
+logger = logging.getLogger(__name__)
+
+
+class InteractionCallback(TrainerCallback):
+    """Runs ``tracker.add_checkpoint`` at step 0, every ``every`` steps and on every save.
+
+    The model is evaluated in eval mode under ``torch.no_grad`` and its train mode is restored. Logged scalars
+    (``interactions/<name>``): ``removed``, ``preserved``, ``emerged`` (cumulative set sizes),
+    ``removed_new``/``emerged_new`` with ``_floor`` and ``_excess``, ``gamma_emerged``/``gamma_removed`` (with
+    a reference), ``rho_emerged``, ``p_y_mean``, ``heldout_loss``.
+    """
+
+    def __init__(self, tracker: SFTTracker, every: int = 50, *, trainer: Any = None) -> None:
+        if not isinstance(tracker, SFTTracker):
+            raise TypeError(f"tracker: expected an SFTTracker, got {type(tracker).__name__}")
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise ValueError(f"every: expected an int >= 1, got {every!r}")
+        self.tracker = tracker
+        self.every = every
+        self.trainer = trainer
+
+    def attach(self, trainer: Any) -> "InteractionCallback":
+        """Adds this callback to ``trainer`` and logs through ``trainer.log``; returns self."""
+        self.trainer = trainer
+        trainer.add_callback(self)
+        return self
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._track(state, model, state.global_step)
+        return control
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0:
+            self._track(state, model, state.global_step)
+        return control
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        self._track(state, model, state.global_step)
+        return control
+
+    def _track(self, state: Any, model: Any, step: int) -> None:
+        if model is None or step in self.tracker.steps:
+            return
+        self.tracker.add_checkpoint(_unwrap(model), step)
+        metrics = scalars(self.tracker)
+        if self.trainer is not None:
+            self.trainer.log(dict(metrics))
+        else:
+            state.log_history.append({**metrics, "step": step})
+        logger.info("step %d: %s", step, metrics)
+
+
+def scalars(tracker: SFTTracker) -> dict[str, float]:
+    """The latest checkpoint's headline numbers, keyed ``interactions/<name>`` (NaN-free: missing ones dropped)."""
+    report = tracker.report()
+    curves = report.curves
+    names = {
+        "removed": "all/removed", "preserved": "all/preserved", "emerged": "all/emerged",
+        "removed_new": "all/removed_new", "removed_floor": "all/removed_new_floor",
+        "removed_excess": "all/removed_new_excess", "emerged_new": "all/emerged_new",
+        "emerged_floor": "all/emerged_new_floor", "emerged_excess": "all/emerged_new_excess",
+        "rho_emerged": "and/emerged_rho", "rho_removed": "and/removed_rho",
+        "gamma_emerged": "and/emerged_gamma", "gamma_removed": "and/removed_gamma",
+        "gamma_preserved": "and/preserved_gamma", "p_y_mean": "p_y_mean", "heldout_loss": "heldout_loss",
+        "irrelevant_probes": "irrelevant_probes",
+    }
+    out = {}
+    for short, key in names.items():
+        if key in curves:
+            value = curves[key][-1]
+            if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                out[f"interactions/{short}"] = float(value)
+    return out
+
+
+def _unwrap(model: Any) -> Any:
+    # accelerate / DDP wrappers keep the real model in .module
+    return getattr(model, "module", model)

@@ -1,0 +1,145 @@
+"""SFTTracker on tiny random models: resume, refusals, probes, the Trainer callback."""
+import copy
+import json
+
+import pytest
+import torch
+
+import sftint_fast as sf
+from conftest import tiny_model
+from sftint_fast.sft.probes import Probe, load_probes, save_probes
+from sftint_fast.sft.tracker import SFTTracker
+
+WORDS = ("the a cat dog sat on mat quickly red blue green big small house tree river what is capital city of "
+         "france paris why how when where who did run jump over under sky sun moon star").split()
+PROMPTS = ["the big cat sat on the red mat", "a small dog did run over the blue river",
+           "what is the capital city of france", "why did the cow jump"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({w: i + 4 for i, w in enumerate(WORDS)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>")
+
+
+def _checkpoints(count, seed=0):
+    base = tiny_model("llama", seed=seed)
+    out = [base]
+    g = torch.Generator().manual_seed(seed + 100)
+    for _ in range(count - 1):
+        m = copy.deepcopy(out[-1])
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        out.append(m)
+    return out
+
+
+def _tracker(tokenizer, out_dir=None, **kw):
+    opts = dict(n_players=4, andor_method="and", min_base_py=0.0, bootstrap=100, progress=False,
+                numerics_check=False, out_dir=out_dir)
+    opts.update(kw)
+    return SFTTracker(PROMPTS, tokenizer, **opts)
+
+
+def test_resume_recomputes_nothing_and_gives_the_same_report(tokenizer, tmp_path, monkeypatch):
+    models = _checkpoints(4)
+    full = _tracker(tokenizer, tmp_path / "full")
+    for step, m in enumerate(models):
+        full.add_checkpoint(m, step * 10)
+    expected = full.report().to_dict()
+
+    first = _tracker(tokenizer, tmp_path / "run")
+    for step, m in enumerate(models[:2]):
+        first.add_checkpoint(m, step * 10)
+    del first   # "killed" after 2 of 4 checkpoints
+
+    calls = []
+    real = sf.evaluate
+    monkeypatch.setattr(sf, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    resumed = _tracker(tokenizer, tmp_path / "run")
+    assert resumed.steps == [0, 10]
+    for step, m in enumerate(models):
+        resumed.add_checkpoint(m, step * 10)
+    assert len(calls) == 2 * len(resumed.games)  # only the two new checkpoints were evaluated
+    got = resumed.report().to_dict()
+    got["floor_cost"] = expected["floor_cost"] = None  # timings differ
+    assert json.dumps(got, sort_keys=True) == json.dumps(expected, sort_keys=True)
+    assert (tmp_path / "run" / "step_000000030.safetensors").exists()
+
+
+def test_refuses_mismatched_config_and_architecture(tokenizer, tmp_path):
+    tracker = _tracker(tokenizer, tmp_path)
+    tracker.add_checkpoint(tiny_model("llama"), 0)
+    with pytest.raises(ValueError, match="another configuration.*tau"):
+        _tracker(tokenizer, tmp_path, tau=0.1)
+    with pytest.raises(ValueError, match="architecture"):
+        tracker.add_checkpoint(tiny_model("gpt2"), 1)
+    with pytest.raises(ValueError, match="vocab_size"):
+        tracker.add_checkpoint(tiny_model("llama", vocab_size=200), 1)
+    plain = SFTTracker(None, andor_method="and", noise_floor=None)
+    plain.add_values(5, torch.zeros(3, 16))
+    with pytest.raises(ValueError, match="after the last"):
+        plain.add_values(4, torch.zeros(3, 16))
+    with pytest.raises(ValueError, match=r"shape \(3, 16\)"):
+        plain.add_values(6, torch.zeros(3, 8))
+    resumed = _tracker(tokenizer, tmp_path)
+    with pytest.raises(ValueError, match="architecture"):
+        resumed.add_checkpoint(tiny_model("qwen2"), 5)
+
+
+def test_tracker_with_sgd_sets_and_or_and_reference(tokenizer):
+    models = _checkpoints(3)
+    ref = tiny_model("qwen2", seed=3)
+    tracker = _tracker(tokenizer, andor_method="sgd", andor_niter=50, andor_lr=1e-3, reference=(ref, tokenizer),
+                       heldout=[{"input_ids": torch.tensor([[5, 6, 7, 8]]), "labels": torch.tensor([[-100, 6, 7, 8]])}],
+                       persistence=1, noise_draws=2)
+    for step, m in enumerate(models):
+        tracker.add_checkpoint(m, step)
+    rep = tracker.report()
+    assert rep.gamma_available and rep.solver.startswith("sgd(niter=50")
+    assert len(rep.curves["or/removed"]) == 3 and len(rep.curves["and/emerged_gamma"]) == 3
+    assert all(isinstance(x, float) for x in rep.curves["heldout_loss"])
+    # gamma of the base set against the reference is a fraction
+    g0 = rep.curves["and/preserved_gamma"][0]
+    assert 0.0 <= g0 <= 1.0
+    assert rep.curves["all/removed_new_floor"][1] >= 0 and rep.floor_cost["rows_decomposed"] == 2 * len(tracker.games) * 2  # checkpoints x probes x draws
+
+
+def test_probe_jsonl_roundtrip_and_validation(tmp_path):
+    probes = [Probe("What is the capital city of France?", " Paris"), Probe("a b c d", players=(0, 2))]
+    path = save_probes(probes, tmp_path / "p.jsonl")
+    assert load_probes(path) == probes
+    (tmp_path / "bad.jsonl").write_text('{"answer": "x"}\n')
+    with pytest.raises(ValueError, match="prompt"):
+        load_probes(tmp_path / "bad.jsonl")
+
+
+def test_callback_with_trainer_logs_metrics(tokenizer, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_model("llama").train()
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": (ids := torch.randint(4, 40, (12,), generator=g)), "labels": ids.clone()} for _ in range(16)]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=4,
+                             learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    tracker = _tracker(tokenizer, tmp_path / "track", persistence=1)
+    callback = sf.InteractionCallback(tracker, every=2).attach(trainer)
+    trainer.train()
+    assert tracker.steps == [0, 2, 4]
+    logged = [h for h in trainer.state.log_history if "interactions/removed" in h]
+    assert [h["step"] for h in logged] == [0, 2, 4]
+    assert {"interactions/emerged", "interactions/removed_excess", "interactions/emerged_floor"} <= set(logged[-1])
+    assert model.training  # train mode restored
+    assert callback.tracker is tracker
+    with pytest.raises(ValueError, match="architecture"):
+        tracker.add_checkpoint(tiny_model("gpt2"), 10)
