@@ -180,7 +180,10 @@ def _initial(
 def _l1_and_grad(
     v: torch.Tensor, p: torch.Tensor, q: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Objective per row and its gradient w.r.t. ``p`` and ``q``, analytically. All ``(B, 2^n)``.
+    """Objective per row and the gradients w.r.t. ``v_and`` and ``v_or``, analytically. All ``(B, 2^n)``.
+
+    The gradient w.r.t. ``p`` is ``grad_and - grad_or`` and w.r.t. ``q`` is ``(grad_and + grad_or)/2``; the
+    caller folds them into its momentum buffers without materialising them.
 
     The OR transform reads ``v_or`` reversed; since ``Σ_{L⊆S} (-1)^{|S|-|L|} v_or(N\\L)`` equals
     ``superset_mobius(v_or)(N\\S)``, ``I_or(S) = -u(N\\S)`` with ``u = superset_mobius(v_or)``, and
@@ -199,7 +202,7 @@ def _l1_and_grad(
     grad_and = T.apply_unchecked(i_and.sign(), "superset_mobius")
     grad_or = T.apply_unchecked(sign_u, "subset_mobius")
     grad_or[:, 0] += or_empty.sign()
-    return objective, grad_and - grad_or, grad_and.add_(grad_or).mul_(0.5)
+    return objective, grad_and, grad_or
 
 
 def _sgd(
@@ -219,10 +222,10 @@ def _sgd(
     buf_q = torch.zeros_like(q)
     with torch.no_grad():
         for step in tqdm(range(niter), desc="and_or sgd", disable=not progress):
-            loss, grad_p, grad_q = _l1_and_grad(v, p, q)
+            loss, grad_and, grad_or = _l1_and_grad(v, p, q)
             objective[step] = loss
-            buf_p.mul_(_MOMENTUM).add_(grad_p)
-            buf_q.mul_(_MOMENTUM).add_(grad_q)
+            buf_p.mul_(_MOMENTUM).add_(grad_and).sub_(grad_or)
+            buf_q.mul_(_MOMENTUM).add_(grad_and.add_(grad_or), alpha=0.5)
             p.sub_(buf_p, alpha=lrs[step])
             q.sub_(buf_q, alpha=lrs[step])
             torch.minimum(q, bound, out=q)
