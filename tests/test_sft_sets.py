@@ -217,3 +217,24 @@ def test_planted_removal_and_emergence_are_above_the_floor(null):
         assert rep.curves["and/emerged_new_excess"][7] < 0
         assert rep.phase_boundary is None
     assert math.isnan(rep.curves["and/emerged_mean_abs"][0])
+
+
+def test_write_report_makes_figures_json_and_markdown(tmp_path):
+    import json as _json
+
+    from sftint_fast.plot import headline, write_report
+
+    I, _, g = _planted_games(B=6, seed=4)
+    tracker = SFTTracker(None, andor_method="and", min_base_py=0.0, bootstrap=100)
+    v = inverse_harsanyi(I)
+    for t in range(4):
+        tracker.add_values(t, v + 0.01 * torch.randn(v.shape, generator=g, dtype=torch.float64), heldout_loss=2.0 - 0.1 * t)
+    rep = tracker.report()
+    md = write_report(rep, tmp_path)
+    for name in ("counts.png", "floor.png", "orders.png", "rho_gamma.png", "report.json", "report.md"):
+        assert (tmp_path / name).stat().st_size > 0
+    data = _json.loads((tmp_path / "report.json").read_text())
+    assert data["steps"] == [0, 1, 2, 3] and data["curves"]["heldout_loss"][-1] == pytest.approx(1.7)
+    h = headline(rep)
+    assert h["verdict"] in md.read_text()
+    assert ("No denoising" in h["verdict"]) == (h["removed_excess_cumulative_lo"] <= 0)

@@ -1,0 +1,220 @@
+"""Figures and the written report of an SFT tracking run (matplotlib, Agg backend).
+
+``write_report(report, out_dir)`` writes ``counts.png`` (removed/preserved/emerged vs step, held-out loss on
+a second axis, phase boundary marked), ``floor.png`` (observed vs floor per checkpoint, bootstrap bands),
+``orders.png`` (strength by order of removed vs preserved vs emerged at the last checkpoint),
+``rho_gamma.png`` (ρ and γ per set over steps), ``report.json`` and ``report.md``.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from sftint_fast.sft.tracker import TrackReport, _atomic_write_text
+
+SET_COLORS = {"removed": "tab:red", "preserved": "tab:gray", "emerged": "tab:blue"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _mark_boundary(ax: Any, report: TrackReport) -> None:
+    if report.phase_boundary is not None:
+        ax.axvline(report.phase_boundary, color="k", linestyle="--", linewidth=1, label="phase boundary")
+    if report.heldout_loss_min_step is not None:
+        ax.axvline(report.heldout_loss_min_step, color="tab:green", linestyle=":", linewidth=1, label="held-out loss min")
+
+
+def plot_counts(report: TrackReport, path: str | os.PathLike) -> Path:
+    """Cumulative set sizes (with bootstrap bands) vs step; held-out loss on a second axis."""
+    plt = _plt()
+    steps = list(report.steps)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, color in SET_COLORS.items():
+        key = f"all/{name}"
+        ax.plot(steps, report.curves[key], marker="o", color=color, label=name)
+        lo, hi = report.intervals[key]
+        ax.fill_between(steps, lo, hi, color=color, alpha=0.15)
+    ax.set_xlabel("step")
+    ax.set_ylabel("salient interactions (all probes)")
+    _mark_boundary(ax, report)
+    losses = report.curves.get("heldout_loss", [])
+    if any(x is not None for x in losses):
+        ax2 = ax.twinx()
+        ax2.plot([s for s, x in zip(steps, losses) if x is not None], [x for x in losses if x is not None],
+                 color="tab:green", marker="s", linewidth=1, label="held-out loss")
+        ax2.set_ylabel("held-out loss")
+        ax2.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(f"Salient interactions through SFT ({report.solver})", fontsize=9)
+    return _save(fig, path)
+
+
+def plot_floor(report: TrackReport, path: str | os.PathLike) -> Path:
+    """New removals / emergences per checkpoint: observed vs noise floor, excess with bootstrap bands."""
+    plt = _plt()
+    steps = list(report.steps)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    for ax, name in zip(axes, ("removed_new", "emerged_new")):
+        obs, floor = report.curves[f"all/{name}"], report.curves[f"all/{name}_floor"]
+        ax.plot(steps, obs, marker="o", color="k", label="observed")
+        ax.plot(steps, floor, marker="x", color="tab:orange", label="noise floor")
+        lo, hi = report.intervals[f"all/{name}_floor"]
+        ax.fill_between(steps, lo, hi, color="tab:orange", alpha=0.2)
+        ex = report.curves[f"all/{name}_excess"]
+        elo, ehi = report.intervals[f"all/{name}_excess"]
+        ax.plot(steps, ex, color="tab:purple", label="excess")
+        ax.fill_between(steps, elo, ehi, color="tab:purple", alpha=0.15)
+        ax.axhline(0, color="gray", linewidth=0.5)
+        _mark_boundary(ax, report)
+        ax.set_title(name.replace("_new", " (new at this checkpoint)"), fontsize=9)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_orders(report: TrackReport, path: str | os.PathLike, *, index: int = -1) -> Path:
+    """Strength by order (A⁺ up, A⁻ down) of removed, preserved and emerged sets at one checkpoint."""
+    plt = _plt()
+    kinds = [k for k in ("and", "or") if f"{k}/removed_strength_plus" in report.curves]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        width = 0.27
+        for j, name in enumerate(SET_COLORS):
+            plus = report.curves[f"{kind}/{name}_strength_plus"][index]
+            minus = report.curves[f"{kind}/{name}_strength_minus"][index]
+            xs = [k + (j - 1) * width for k in range(len(plus))]
+            ax.bar(xs, plus, width, color=SET_COLORS[name], label=name)
+            ax.bar(xs, [-m for m in minus], width, color=SET_COLORS[name], alpha=0.5)
+        ax.axhline(0, color="k", linewidth=0.5)
+        ax.set_xlabel("order")
+        ax.set_ylabel("A+ (up) / A- (down), share of the set's |I|")
+        ax.set_title(f"{kind.upper()} strength by order, step {report.steps[index]}", fontsize=9)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_rho_gamma(report: TrackReport, path: str | os.PathLike) -> Path:
+    """ρ (and γ when a reference was given) of each set over steps, AND interactions."""
+    plt = _plt()
+    steps = list(report.steps)
+    panels = ["rho"] + (["gamma"] if report.gamma_available else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, measure in zip(axes[0], panels):
+        for name, color in SET_COLORS.items():
+            key = f"and/{name}_{measure}"
+            ax.plot(steps, _nan(report.curves[key]), marker="o", color=color, label=name)
+            if key in report.intervals:
+                lo, hi = report.intervals[key]
+                ax.fill_between(steps, _nan(lo), _nan(hi), color=color, alpha=0.15)
+        _mark_boundary(ax, report)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("step")
+        ax.set_title({"rho": "uncancelled ratio ρ", "gamma": "sharing γ with the reference"}[measure], fontsize=9)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def write_report(report: TrackReport, out_dir: str | os.PathLike) -> Path:
+    """All figures plus ``report.json`` and ``report.md`` in ``out_dir``; returns the path of report.md."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = {
+        "counts.png": plot_counts(report, out / "counts.png"),
+        "floor.png": plot_floor(report, out / "floor.png"),
+        "orders.png": plot_orders(report, out / "orders.png"),
+        "rho_gamma.png": plot_rho_gamma(report, out / "rho_gamma.png"),
+    }
+    report.save(out / "report.json")
+    md = out / "report.md"
+    _atomic_write_text(md, markdown(report, figures=list(figures)))
+    return md
+
+
+def headline(report: TrackReport) -> dict[str, Any]:
+    """The numbers a reader wants first, plus one sentence computed from them."""
+    c = report.curves
+    excess_removed = c["all/removed_new_excess_cumulative"][-1]
+    lo_removed = report.intervals["all/removed_new_excess_cumulative"][0][-1]
+    emerged_key = "all/emerged_unshared_new_excess" if report.gamma_available else "all/emerged_new_excess"
+    emerged_excess_total = sum(c[emerged_key])
+    base = c["all/preserved"][0]
+    if lo_removed > 0:
+        verdict = (f"A denoising stage above the noise floor is visible: {excess_removed:.0f} removals beyond the "
+                   f"floor (bootstrap lower bound {lo_removed:.0f} > 0) out of {base:.0f} base salient interactions")
+    else:
+        verdict = (f"No denoising stage above the noise floor is visible: cumulative excess removals are "
+                   f"{excess_removed:.0f} (bootstrap lower bound {lo_removed:.0f} <= 0) out of {base:.0f} base "
+                   f"salient interactions")
+    verdict += (f"; emergence beyond the floor totals {emerged_excess_total:.0f}"
+                + (f", and the phase boundary falls at step {report.phase_boundary}." if report.phase_boundary is not None
+                   else ", and no phase boundary is reported."))
+    return {
+        "steps": list(report.steps), "base_salient": base, "removed": c["all/removed"][-1],
+        "preserved": c["all/preserved"][-1], "emerged": c["all/emerged"][-1],
+        "removed_excess_cumulative": excess_removed, "removed_excess_cumulative_lo": lo_removed,
+        "emerged_excess_total": emerged_excess_total, "phase_boundary": report.phase_boundary,
+        "heldout_loss_min_step": report.heldout_loss_min_step, "p_y_mean": c["p_y_mean"],
+        "rho_removed": c["and/removed_rho"][-1], "rho_emerged": c["and/emerged_rho"][-1],
+        "gamma_removed": c.get("and/removed_gamma", [None])[-1], "gamma_emerged": c.get("and/emerged_gamma", [None])[-1],
+        "mean_order_removed": c["and/removed_mean_order"][-1], "mean_order_emerged": c["and/emerged_mean_order"][-1],
+        "verdict": verdict,
+    }
+
+
+def markdown(report: TrackReport, *, figures: list[str]) -> str:
+    """The report as Markdown: headline, per-checkpoint table, notes, figures."""
+    h = headline(report)
+    c = report.curves
+    lines = ["# SFT interaction tracking report", "", h["verdict"], "",
+             f"- solver: {report.solver}; noise floor: {report.config['noise_floor']} "
+             f"(K={report.config['noise_draws']}); threshold: {report.config['threshold_reference']}, "
+             f"tau={report.config['tau']}; hysteresis: {report.config['hysteresis']}; "
+             f"persistence: {report.config['persistence']}",
+             f"- probes tracked: {len(report.probes['kept'])}; gamma available: {report.gamma_available}",
+             f"- phase boundary: {report.phase_boundary}; held-out loss minimum at step: {report.heldout_loss_min_step}",
+             f"- floor cost: {report.floor_cost['rows_decomposed']:.0f} extra decompositions, "
+             f"{report.floor_cost['seconds']:.1f} s, no forward passes",
+             f"- numerical error of the engine: {report.numerics}", "",
+             "| step | removed | preserved | emerged | new removed (floor, excess) | new emerged (floor, excess) "
+             "| ρ emerged | γ emerged | mean p_y | held-out loss |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for t, step in enumerate(report.steps):
+        gamma = c.get("and/emerged_gamma", [math.nan] * len(report.steps))[t]
+        loss = c["heldout_loss"][t]
+        lines.append(
+            f"| {step} | {c['all/removed'][t]:.0f} | {c['all/preserved'][t]:.0f} | {c['all/emerged'][t]:.0f} "
+            f"| {c['all/removed_new'][t]:.0f} ({c['all/removed_new_floor'][t]:.1f}, {c['all/removed_new_excess'][t]:+.1f}) "
+            f"| {c['all/emerged_new'][t]:.0f} ({c['all/emerged_new_floor'][t]:.1f}, {c['all/emerged_new_excess'][t]:+.1f}) "
+            f"| {_fmt(c['and/emerged_rho'][t])} | {_fmt(gamma)} | {c['p_y_mean'][t]:.3f} | {_fmt(loss)} |")
+    lines += ["", "## Notes", ""] + [f"- {n}" for n in report.notes] + [""]
+    lines += [f"![{f}]({f})" for f in figures]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(x: Any) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def _nan(xs: list) -> list[float]:
+    return [math.nan if x is None else x for x in xs]
+
+
+def _save(fig: Any, path: str | os.PathLike) -> Path:
+    import matplotlib.pyplot as plt
+
+    target = Path(path)
+    tmp = target.with_name(f".{target.stem}.tmp{os.getpid()}{target.suffix}")
+    fig.tight_layout()
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, target)
+    return target
