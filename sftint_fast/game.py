@@ -255,8 +255,13 @@ def _model_device(model: Any) -> torch.device:
 
 def _resolve_target(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, target: Any, vocab: int) -> torch.Tensor:
     if target is None:
-        with torch.no_grad():
-            logits = model(input_ids=prompt_ids[None].to(_model_device(model))).logits[0, -1]
+        was_training = model.training
+        model.eval()  # no dropout in the greedy answer
+        try:
+            with torch.no_grad():
+                logits = model(input_ids=prompt_ids[None].to(_model_device(model))).logits[0, -1]
+        finally:
+            model.train(was_training)
         return logits.argmax().view(1).to(torch.int64).cpu()
     if isinstance(target, str):
         ids = tokenizer(target, add_special_tokens=False)["input_ids"]

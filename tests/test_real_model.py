@@ -29,7 +29,7 @@ def test_load_default_greedy_paris(smollm2):
 
 
 @pytest.mark.parametrize("masking", ["embedding", "attention"])
-def test_naive_full_variant_is_the_model_log_odds(smollm2, masking):
+def test_full_variant_is_the_model_log_odds_and_auto_equals_naive(smollm2, masking):
     model, tok = smollm2
     game = Game.from_text(model, tok, "The capital city of France is", masking=masking)
     assert game.num_players == 6
@@ -42,6 +42,9 @@ def test_naive_full_variant_is_the_model_log_odds(smollm2, masking):
     own = float(p.log() - (-p).log1p())
     assert v.shape == ((64,) if subsets is None else (4,))
     assert abs(float(v[-1]) - own) < 1e-4 * max(1.0, abs(own))
+    # The default engine (the trie for Llama-like models) computes the same numbers.
+    auto = sf.evaluate(model, game, method="auto", subsets=subsets, progress=False)
+    assert (auto - v).abs().max() <= 1e-4 * max(1.0, float(v.abs().max()))
     if masking == "embedding":
         # Replacing the country by pad must hurt the answer " Paris" more than replacing "The".
         assert float(v[-1] - v[63 & ~(1 << 4)]) > float(v[-1] - v[63 & ~1])
