@@ -58,8 +58,11 @@ def worker(num_games: int, out: str) -> None:
         from safetensors.torch import save_file
 
         save_file({f"v{i}": v.cpu() for i, v in enumerate(values)}, out + ".safetensors")
+        from sftint_fast.engine import _choose_engine
+
         Path(out).write_text(json.dumps({"seconds": seconds, "world": distributed.world_size(),
-                                         "threads": torch.get_num_threads()}))
+                                         "threads": torch.get_num_threads(),
+                                         "engine": _choose_engine(model, "auto").__name__}))
     if distributed.is_distributed():
         torch.distributed.destroy_process_group()
 
@@ -102,7 +105,7 @@ def test_evaluate_many_one_vs_two_processes(benchmark, full, env_info, tmp_path)
     benchmark.extra_info.update(env_info)
     benchmark.extra_info.update({
         "games": num_games, "players": N_PLAYERS, "prompt_tokens": PROMPT_TOKENS, "cpu_count": cores,
-        "eval_seconds": seconds,
+        "engine": runs["1x1"][0]["engine"], "eval_seconds": seconds,
         "wall_seconds_with_startup": {name: result["wall_seconds"] for name, (result, _) in runs.items()},
         "seconds_per_prompt": {name: s / num_games for name, s in seconds.items()},
         "speedup_2proc_vs_1proc_1thread": seconds["1x1"] / seconds["2x1"],

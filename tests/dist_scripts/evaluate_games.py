@@ -44,10 +44,16 @@ def main() -> None:
     parser.add_argument("--count-dir", required=True)
     parser.add_argument("--crash-after", type=int, default=-1)
     parser.add_argument("--many", action="store_true", help="go through sf.evaluate_many instead")
+    parser.add_argument("--backend", default="gloo", help="process group backend (nccl: model on this rank's GPU)")
     args = parser.parse_args()
-    distributed.init_from_env("gloo")
+    device = torch.device("cpu")
+    if args.backend == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl")
+    distributed.init_from_env(args.backend)
     rank = distributed.rank()
-    model = tiny_model("llama")
+    model = tiny_model("llama").to(device)
     games = make_games(args.num_games)
     counter = Path(args.count_dir) / f"rank{rank}.txt"
     counter.parent.mkdir(parents=True, exist_ok=True)
