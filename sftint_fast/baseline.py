@@ -58,7 +58,8 @@ def _objective(model: Any, game: Game, baseline: torch.Tensor, triples: torch.Te
     embeds = model.get_input_embeddings()(game.input_ids.to(device)[None])[0]
     m = game.target.numel()
     keep_kw = {"logits_to_keep": m} if _accepts_logits_to_keep(model) else {}
-    logits = model(inputs_embeds=with_baseline.masked_embeds(embeds, subsets), use_cache=False, **keep_kw).logits
+    inputs = with_baseline.masked_embeds(embeds, subsets)
+    logits = model(inputs_embeds=inputs, use_cache=False, **keep_kw).logits
     values = game.values_from_logits(logits[:, -m:], subsets=subsets).view(-1, 4)
     return (values[:, 0] - values[:, 1] - values[:, 2] + values[:, 3]).abs().mean()
 

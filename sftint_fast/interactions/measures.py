@@ -118,7 +118,9 @@ def _membership(subset_mask: torch.Tensor, interactions: torch.Tensor) -> torch.
     """Bool ``(..., 2^n)`` from a bool mask (broadcastable) or a 1-D int64 list of bitmasks."""
     size = interactions.shape[-1]
     if not isinstance(subset_mask, torch.Tensor):
-        raise TypeError(f"subset_mask: expected a bool tensor (..., 2^n) or int64 bitmasks, got {type(subset_mask).__name__}")
+        raise TypeError(
+            f"subset_mask: expected a bool tensor (..., 2^n) or int64 bitmasks, got {type(subset_mask).__name__}"
+        )
     if subset_mask.dtype == torch.bool:
         if not _broadcasts(subset_mask.shape, interactions.shape):
             raise ValueError(
@@ -186,7 +188,8 @@ def sharing(
     _check(reference, "I_ref")
     if interactions.shape != reference.shape:
         raise ValueError(
-            f"sharing: expected I and I_ref of the same shape, got {tuple(interactions.shape)} and {tuple(reference.shape)}"
+            f"sharing: expected I and I_ref of the same shape, "
+            f"got {tuple(interactions.shape)} and {tuple(reference.shape)}"
         )
     _check_tau(tau)
     if over not in ("salient", "all"):
