@@ -97,6 +97,19 @@ def test_evaluate_sharded_resumes_from_saved_shards(tmp_path):
     assert len(calls) == 11  # other weights: nothing reused
 
 
+def test_evaluate_many_with_out_dir_resumes_and_matches_evaluate(tmp_path, tiny_llama):
+    import sftint_fast as sf
+
+    games = make_games(3)
+    direct = [sf.evaluate(tiny_llama, g, method="naive", progress=False) for g in games]
+    first = sf.evaluate_many(tiny_llama, games, out_dir=tmp_path, method="naive", progress=False)
+    files = {p: p.stat().st_mtime_ns for p in tmp_path.glob("shard-*.safetensors")}
+    again = sf.evaluate_many(tiny_llama, games, out_dir=tmp_path, method="naive", progress=False)
+    assert len(files) == 3 and files == {p: p.stat().st_mtime_ns for p in tmp_path.glob("shard-*.safetensors")}
+    for a, b, ref in zip(first, again, direct, strict=True):
+        assert torch.equal(a, ref.cpu()) and torch.equal(b, ref.cpu())
+
+
 def test_evaluate_sharded_rejects_non_games():
     with pytest.raises(TypeError, match=r"games\[1\]"):
         D.evaluate_sharded(None, [make_games(1)[0], "text"], evaluate_fn=_fake_evaluate([]))
