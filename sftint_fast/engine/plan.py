@@ -9,6 +9,12 @@ KV store layout (per layer, ``[store_rows, Hkv, D]``): levels ``0..n-1`` back to
 read only by its own nodes, so it is never stored whole: a chunk of nodes with ids in ``[a, a + W)`` writes into
 the window, addressed with the shifted offset ``window_start - a * level_lens[n]``
 (:meth:`TriePlan.last_level_offset`).
+
+Execution is in passes: a pass is a run of consecutive chunks (in level order) that goes through the layers
+together — one set of GEMMs over all its tokens, with each chunk's attention done after every chunk of the pass
+has written that layer's K/V (a chunk's ancestors are in the same pass or an earlier one). Small early levels
+thus share their weight reads instead of costing a full pass each. A pass holds at most one last-level chunk
+(the window holds one chunk).
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from sftint_fast.engine.adapters import ModelDims, get_adapter
 
 logger = logging.getLogger(__name__)
 
-#: Tokens per chunk the planner aims for: large enough to keep the GEMMs efficient, small enough to stream.
+#: Tokens per chunk and per pass the planner aims for: large GEMMs, activations still small.
 TARGET_CHUNK_TOKENS = 8192
 #: Share of the free memory used when ``max_memory`` is not given.
 FREE_MEMORY_FRACTION = 0.6
@@ -41,11 +47,13 @@ class TriePlan:
         level_nodes: per level, the sorted int64 node ids computed (all ``2^j``, or those the subsets reach).
         leaf_index: ``(len(subsets),)`` int64: row of each requested subset among ``level_nodes[n]``.
         level_chunk_nodes: nodes per chunk at each level (chunks of the last level span ids ``[a, a + W)``).
+        passes: the execution schedule: each pass a tuple of ``(level, node ids)`` chunks run through the layers
+            together (``batch_size`` bounds the nodes of a pass).
         level_offsets: start row of each stored level (levels ``< n``); ``window_start``/``window_rows``: the last
             level's window; ``store_rows``: rows per layer store.
         trie_tokens, naive_tokens, ideal_ratio: tokens computed by the trie, by ``2^n`` (or ``len(subsets)``) full
             sequences, and their ratio.
-        kv_bytes, activation_bytes, peak_bytes: memory estimates (KV stores of all layers; the largest chunk's
+        kv_bytes, activation_bytes, peak_bytes: memory estimates (KV stores of all layers; the largest pass's
             activations; their sum). ``max_memory``: the budget the chunk sizes were fitted to (None = no model).
     """
 
@@ -57,6 +65,7 @@ class TriePlan:
     level_nodes: tuple[torch.Tensor, ...]
     leaf_index: torch.Tensor
     level_chunk_nodes: tuple[int, ...]
+    passes: tuple[tuple[tuple[int, torch.Tensor], ...], ...]
     level_offsets: tuple[int, ...]
     window_start: int
     window_rows: int
@@ -75,16 +84,7 @@ class TriePlan:
 
     def chunks(self, level: int) -> list[torch.Tensor]:
         """The node-id chunks of ``level`` in order; a last-level chunk's ids lie in ``[ids[0], ids[0] + W)``."""
-        nodes = self.level_nodes[level]
-        width = self.level_chunk_nodes[level]
-        if level < self.num_players:
-            return list(nodes.split(width))
-        chunks, start = [], 0
-        while start < len(nodes):
-            stop = int(torch.searchsorted(nodes, nodes[start] + width))
-            chunks.append(nodes[start:stop])
-            start = stop
-        return chunks
+        return _split_level(self.level_nodes[level], self.level_chunk_nodes[level], level == self.num_players)
 
     def last_level_offset(self, first_node: int) -> int:
         """Virtual start row of the last level for a chunk whose smallest node id is ``first_node``."""
@@ -95,7 +95,8 @@ class TriePlan:
         return {
             "num_players": self.num_players, "seq_len": self.seq_len, "level_lens": list(self.level_lens),
             "player_lens": list(self.player_lens), "node_counts": list(self.node_counts),
-            "level_chunk_nodes": list(self.level_chunk_nodes), "trie_tokens": self.trie_tokens,
+            "level_chunk_nodes": list(self.level_chunk_nodes), "num_passes": len(self.passes),
+            "trie_tokens": self.trie_tokens,
             "naive_tokens": self.naive_tokens, "ideal_ratio": self.ideal_ratio, "kv_bytes": self.kv_bytes,
             "activation_bytes": self.activation_bytes, "peak_bytes": self.peak_bytes, "max_memory": self.max_memory,
         }
@@ -110,6 +111,39 @@ def default_max_memory(device: torch.device) -> int:
 
         free = psutil.virtual_memory().available
     return int(free * FREE_MEMORY_FRACTION)
+
+
+def _split_level(nodes: torch.Tensor, width: int, last: bool) -> list[torch.Tensor]:
+    if not last:
+        return list(nodes.split(width))
+    chunks, start = [], 0
+    while start < len(nodes):
+        stop = int(torch.searchsorted(nodes, nodes[start] + width))
+        chunks.append(nodes[start:stop])
+        start = stop
+    return chunks
+
+
+def _group_passes(units: list[tuple[int, torch.Tensor]], level_lens: list[int], unit_bytes: list[int],
+                  last_level: int, max_nodes: int | None, room: int | None) -> tuple[list, int]:
+    """Greedy grouping of consecutive chunks into passes under the token, node and byte budgets."""
+    passes, current, tokens, nodes, used, peak = [], [], 0, 0, 0, 0
+    for (level, ids), cost in zip(units, unit_bytes):
+        size = len(ids) * level_lens[level]
+        fits = (tokens + size <= TARGET_CHUNK_TOKENS and (max_nodes is None or nodes + len(ids) <= max_nodes)
+                and (room is None or used + cost <= room))
+        if current and not fits:
+            passes.append(tuple(current))
+            current, tokens, nodes, used = [], 0, 0, 0
+        current.append((level, ids))
+        tokens, nodes, used = tokens + size, nodes + len(ids), used + cost
+        peak = max(peak, used)
+        if level == last_level:
+            passes.append(tuple(current))
+            current, tokens, nodes, used = [], 0, 0, 0
+    if current:
+        passes.append(tuple(current))
+    return passes, peak
 
 
 def _segments(seq_len: int, player_spans: tuple[tuple[int, int], ...]) -> tuple[list[int], list[int], list[int]]:
@@ -202,7 +236,7 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
     level_offsets = [sum(stored[:j]) for j in range(num_players)]
     window_start = sum(stored)
 
-    kv_bytes = activation_bytes = 0
+    kv_bytes = 0
     if dims is not None:
         if max_memory is None:
             device = model.device if model is not None and hasattr(model, "device") else torch.device("cpu")
@@ -223,12 +257,18 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
         room -= chunk_nodes[-1] * window
         chunk_nodes[:-1] = [max(1, min(c, room // max(p, 1))) for c, p in zip(chunk_nodes[:-1], per_node[:-1])]
         kv_bytes = fixed + chunk_nodes[-1] * window
-        activation_bytes = max(c * p for c, p in zip(chunk_nodes, per_node))
+    else:
+        per_node, room = [0] * (num_players + 1), None
+    units = [(level, ids) for level in range(num_players + 1) if level_lens[level] > 0
+             for ids in _split_level(level_nodes[level], chunk_nodes[level], level == num_players)]
+    passes, activation_bytes = _group_passes(units, level_lens, [len(ids) * per_node[level] for level, ids in units],
+                                             num_players, batch_size, room)
     window_rows = chunk_nodes[-1] * level_lens[-1]
     plan = TriePlan(
         num_players=num_players, seq_len=seq_len, level_lens=tuple(level_lens),
         level_positions=tuple(level_positions), player_lens=tuple(player_lens), level_nodes=level_nodes,
-        leaf_index=leaf_index, level_chunk_nodes=tuple(chunk_nodes), level_offsets=tuple(level_offsets),
+        leaf_index=leaf_index, level_chunk_nodes=tuple(chunk_nodes), passes=tuple(passes),
+        level_offsets=tuple(level_offsets),
         window_start=window_start, window_rows=window_rows, store_rows=window_start + window_rows,
         trie_tokens=trie_tokens, naive_tokens=naive_tokens,
         ideal_ratio=naive_tokens / trie_tokens if trie_tokens else math.inf, kv_bytes=kv_bytes,

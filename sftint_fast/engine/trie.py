@@ -37,6 +37,33 @@ def _segment_embeds(embeds: torch.Tensor, baseline: torch.Tensor, plan: TriePlan
     return torch.where(replace[:, :, None], row.to(seg.dtype), chunk_embeds)
 
 
+class _Chunk:
+    """One chunk of a pass: its nodes, its token rows in the pass, its store rows and its attention tables."""
+
+    def __init__(self, plan: TriePlan, level: int, nodes: torch.Tensor, start: int, device: torch.device,
+                 table_device: torch.device) -> None:
+        seg_len = plan.level_lens[level]
+        self.level, self.nodes_cpu, self.nodes = level, nodes, nodes.to(device)
+        if level == plan.num_players:
+            offsets = plan.level_offsets + (plan.last_level_offset(int(nodes[0])),)
+        else:
+            offsets = plan.level_offsets[:level + 1]
+        steps = torch.arange(seg_len, device=device)
+        self.rows = (offsets[level] + self.nodes[:, None] * seg_len + steps).reshape(-1)
+        self.positions = (plan.level_positions[level] + steps).repeat(len(nodes))
+        self.tables = tuple(torch.tensor(t[:level + 1], device=table_device) for t in
+                            (offsets, plan.level_lens, plan.player_lens, plan.level_positions))
+        self.start, self.stop = start, start + len(nodes) * seg_len
+
+
+def _pass_chunks(plan: TriePlan, units: tuple[tuple[int, torch.Tensor], ...], device: torch.device,
+                 table_device: torch.device) -> list[_Chunk]:
+    chunks: list[_Chunk] = []
+    for level, nodes in units:
+        chunks.append(_Chunk(plan, level, nodes, chunks[-1].stop if chunks else 0, device, table_device))
+    return chunks
+
+
 def _check_game(game: Any, adapter: Adapter, subsets: torch.Tensor | None) -> None:
     masking = getattr(game, "masking", "embedding")
     if masking not in ("embedding", "attention"):
@@ -94,40 +121,36 @@ def evaluate_trie(model: torch.nn.Module, game: Any, subsets: torch.Tensor | Non
     store_shape = (plan.store_rows, dims.num_kv_heads, dims.head_dim)
     k_stores = [torch.empty(store_shape, dtype=dims.dtype, device=device) for _ in range(dims.num_layers)]
     v_stores = [torch.empty(store_shape, dtype=dims.dtype, device=device) for _ in range(dims.num_layers)]
-    level_lens = torch.tensor(plan.level_lens)
-    player_lens = torch.tensor(plan.player_lens)
-    level_positions = torch.tensor(plan.level_positions)
     # The fused kernel reads the tables on the device; the torch path reads them as Python ints (no syncs).
     table_device = device if attention_backend != "torch" else torch.device("cpu")
     score_rel = (game.score_positions.to(device) - plan.level_positions[n]).long()
 
     leaf_values = torch.empty(len(plan.level_nodes[n]), dtype=torch.float32)
-    schedule = [(level, chunk) for level in range(n + 1) if plan.level_lens[level] > 0 for chunk in plan.chunks(level)]
     done = 0
-    for level, nodes_cpu in tqdm(schedule, desc="trie chunks", disable=not progress, leave=False):
-        nodes = nodes_cpu.to(device)
-        seg_len = plan.level_lens[level]
-        if level == n:
-            offsets = torch.tensor(plan.level_offsets + (plan.last_level_offset(int(nodes_cpu[0])),))
-        else:
-            offsets = torch.tensor(plan.level_offsets[:level + 1])
-        rows = (int(offsets[level]) + nodes[:, None] * seg_len + torch.arange(seg_len, device=device)).reshape(-1)
-        positions = plan.level_positions[level] + torch.arange(seg_len, device=device)
-        tables = tuple(t.to(table_device) for t in
-                       (offsets, level_lens[:level + 1], player_lens[:level + 1], level_positions[:level + 1]))
+    for units in tqdm(plan.passes, desc="trie passes", disable=not progress, leave=False):
+        chunks = _pass_chunks(plan, units, device, table_device)
+        inputs = torch.cat([_segment_embeds(embeds, baseline, plan, c.level, c.nodes, not attention_masking)
+                            .reshape(-1, dims.hidden_size) for c in chunks])
+        positions = torch.cat([c.positions for c in chunks])
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            k_stores[layer].index_copy_(0, rows, k.reshape(-1, dims.num_kv_heads, dims.head_dim))
-            v_stores[layer].index_copy_(0, rows, v.reshape(-1, dims.num_kv_heads, dims.head_dim))
+            k_store, v_store = k_stores[layer], v_stores[layer]
+            for c in chunks:  # every chunk's K/V first: a chunk may read its ancestors from this same pass
+                k_store.index_copy_(0, c.rows, k[c.start:c.stop])
+                v_store.index_copy_(0, c.rows, v[c.start:c.stop])
             spec = adapter.layers[layer]
-            return subset_attention(q, k_stores[layer], v_stores[layer], nodes, *tables, level=level,
-                                    scale=spec.scale, attention_masking=attention_masking, softcap=spec.softcap,
-                                    sliding_window=spec.sliding_window, backend=attention_backend)
+            return torch.cat([
+                subset_attention(q[c.start:c.stop].unflatten(0, (len(c.nodes), -1)), k_store, v_store, c.nodes,
+                                 *c.tables, level=c.level, scale=spec.scale, attention_masking=attention_masking,
+                                 softcap=spec.softcap, sliding_window=spec.sliding_window,
+                                 backend=attention_backend).flatten(0, 1)
+                for c in chunks])
 
-        inputs = _segment_embeds(embeds, baseline, plan, level, nodes, not attention_masking)
         hidden = adapter.run_layers(inputs, positions, attend)
-        if level == n:
-            logits = adapter.logits(hidden[:, score_rel]).float()
-            leaf_values[done:done + len(nodes)] = game.values_from_logits(logits, subsets=nodes_cpu).cpu()
-            done += len(nodes)
+        last = chunks[-1]
+        if last.level == n:
+            rows = hidden[last.start:last.stop].unflatten(0, (len(last.nodes), -1))[:, score_rel]
+            logits = adapter.logits(rows).float()
+            leaf_values[done:done + len(last.nodes)] = game.values_from_logits(logits, subsets=last.nodes_cpu).cpu()
+            done += len(last.nodes)
     return leaf_values[plan.leaf_index].to(device)

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-#: ``attend(layer, q, k, v) -> out``: q ``[C, S, Hq, D]`` (after RoPE), k/v ``[C, S, Hkv, D]`` of the segment
-#: being computed, out ``[C, S, Hq, D]``. The engine stores k/v and attends over the ancestors' KV as well.
+#: ``attend(layer, q, k, v) -> out``: q ``[N, Hq, D]`` (after RoPE), k/v ``[N, Hkv, D]`` of the ``N`` tokens being
+#: computed, out ``[N, Hq, D]``. The engine stores k/v and attends over the ancestors' KV as well.
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -51,7 +51,8 @@ class Adapter(ABC):
 
     @abstractmethod
     def run_layers(self, embeds: torch.Tensor, positions: torch.Tensor, attend: AttendFn) -> torch.Tensor:
-        """``embeds [C, S, H]`` at absolute ``positions [S]`` → hidden states ``[C, S, H]`` before the final norm."""
+        """``embeds [N, H]`` (any tokens, flat) at absolute ``positions [N]`` → hidden ``[N, H]`` before the final
+        norm. Every token-wise op runs on all ``N`` tokens at once; only ``attend`` sees their structure."""
 
     @abstractmethod
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -40,14 +40,14 @@ class GPT2Adapter(Adapter):
         return self._wte(input_ids)
 
     def run_layers(self, embeds: torch.Tensor, positions: torch.Tensor, attend: AttendFn) -> torch.Tensor:
-        chunk, seg_len, width = embeds.shape
+        width = embeds.shape[-1]
         head_dim = self.dims.head_dim
         hidden = embeds + self._wpe(positions)
         for index, block in enumerate(self._blocks):
             q, k, v = block.attn.c_attn(block.ln_1(hidden)).split(width, dim=-1)
-            shape = (chunk, seg_len, -1, head_dim)
-            out = attend(index, q.view(shape), k.view(shape), v.view(shape))
-            hidden = hidden + block.attn.c_proj(out.reshape(chunk, seg_len, width))
+            heads = (-1, head_dim)
+            out = attend(index, q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads))
+            hidden = hidden + block.attn.c_proj(out.flatten(1))
             hidden = hidden + block.mlp(block.ln_2(hidden))
         return hidden
 

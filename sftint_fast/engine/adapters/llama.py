@@ -72,22 +72,22 @@ class LlamaLikeAdapter(Adapter):
         return [tables[kind] for kind in self._layer_types]
 
     def run_layers(self, embeds: torch.Tensor, positions: torch.Tensor, attend: AttendFn) -> torch.Tensor:
-        chunk, seg_len, _ = embeds.shape
-        tables = self._rope_tables(embeds, positions)
+        tables = self._rope_tables(embeds.unsqueeze(0), positions)
         head_dim = self.dims.head_dim
         hidden = embeds
         for index, block in enumerate(self._blocks):
             attn = block.self_attn
             normed = block.input_layernorm(hidden)
-            q = attn.q_proj(normed).view(chunk, seg_len, -1, head_dim)
-            k = attn.k_proj(normed).view(chunk, seg_len, -1, head_dim)
-            v = attn.v_proj(normed).view(chunk, seg_len, -1, head_dim)
+            q = attn.q_proj(normed).unflatten(-1, (-1, head_dim))
+            k = attn.k_proj(normed).unflatten(-1, (-1, head_dim))
+            v = attn.v_proj(normed).unflatten(-1, (-1, head_dim))
             if hasattr(attn, "q_norm"):
                 q = attn.q_norm(q)
                 k = attn.k_norm(k)
             cos, sin = tables[index]
-            q, k = self._apply_rope(q, k, cos, sin, unsqueeze_dim=2)
-            out = attn.o_proj(attend(index, q, k, v).reshape(chunk, seg_len, -1))
+            # cos/sin are [1, N, D]: rotate [1, N, H, D] views of the flat tokens.
+            q, k = self._apply_rope(q.unsqueeze(0), k.unsqueeze(0), cos, sin, unsqueeze_dim=2)
+            out = attn.o_proj(attend(index, q[0], k[0], v).flatten(1))
             if self._sandwich:
                 hidden = hidden + block.post_attention_layernorm(out)
                 hidden = hidden + block.post_feedforward_layernorm(block.mlp(block.pre_feedforward_layernorm(hidden)))
