@@ -108,8 +108,59 @@ def _run_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_track(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("track", help="track interactions over saved SFT checkpoints (resumable)")
+    p.add_argument("--base", required=True, help="base model folder (step 0)")
+    p.add_argument("--checkpoints", nargs="+", required=True, help="checkpoint folders or globs (checkpoint-<step>)")
+    p.add_argument("--probes", required=True, help="probes JSONL")
+    p.add_argument("--reference", default=None, help="reference model folder (for gamma)")
+    p.add_argument("--out", required=True, help="run folder (resumes when it exists)")
+    p.add_argument("--n-players", type=int, default=8)
+    p.add_argument("--andor-method", choices=["sgd", "lp", "and"], default="sgd")
+    p.add_argument("--noise-floor", choices=["order_matched", "iid"], default="order_matched")
+    p.set_defaults(func=_run_track)
+
+
+def _run_track(args: argparse.Namespace) -> int:
+    from sftint_fast.sft.demo import run_track
+
+    _, md = run_track(args.base, args.checkpoints, args.probes, args.out, reference=args.reference,
+                      n_players=args.n_players, andor_method=args.andor_method, noise_floor=args.noise_floor)
+    print(f"report: {md}")
+    return 0
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="offline SFT of the bundled SmolLM2 with interaction tracking (~10 min CPU)")
+    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--probes", type=int, default=8)
+    p.add_argument("--n-players", type=int, default=6)
+    p.add_argument("--every", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--andor-method", choices=["sgd", "lp", "and"], default="sgd")
+    p.add_argument("--niter", type=int, default=20000, help="SGD iterations of the AND-OR decomposition")
+    p.add_argument("--out", default="sftint-demo")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import json
+
+    from sftint_fast.plot import headline
+    from sftint_fast.sft.demo import run_demo
+
+    report, md = run_demo(args.out, steps=args.steps, probes=args.probes, n_players=args.n_players, every=args.every,
+                          lr=args.lr, andor_method=args.andor_method, andor_niter=args.niter, seed=args.seed)
+    h = headline(report)
+    print(f"report: {md}")
+    print(json.dumps({k: v for k, v in h.items() if k != "verdict"}, indent=1, default=str))
+    print(h["verdict"])
+    return 0
+
+
 # Subcommands register here, in the order `sftint --help` lists them.
-_COMMANDS = [_add_info, _add_explain]
+_COMMANDS = [_add_info, _add_explain, _add_track, _add_demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

