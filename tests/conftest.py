@@ -1,11 +1,13 @@
 """Shared fixtures and capability-based skip markers (defined once, here)."""
 import os
 
-# Triton kernels run on CPU only under the interpreter, which must be set before any @triton.jit is defined.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# Without CUDA, Triton kernels run only under the interpreter, which must be set before any @triton.jit is
+# defined (sftint_fast imports its kernels lazily, so importing torch first is fine). With CUDA they compile.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from sftint_fast import _ext  # noqa: E402
 

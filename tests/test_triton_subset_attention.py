@@ -12,6 +12,8 @@ from sftint_fast.ops.reference import subset_attention_reference
 
 pytestmark = requires_triton
 
+# Compiled kernels on a GPU; the interpreter (conftest sets TRITON_INTERPRET=1 without CUDA) on CPU tensors.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3}
 
 
@@ -38,7 +40,8 @@ def run_both(lens, players, level, nodes, num_q_heads, num_kv_heads, head_dim, d
     node_ids = torch.tensor(nodes, dtype=torch.int64)
     args = (q, k_store, v_store, node_ids, *tables)
     kw = dict(level=level, scale=head_dim ** -0.5, **options)
-    return subset_attention(*args, **kw), subset_attention_reference(*args, **kw)
+    on_device = tuple(t.to(DEVICE) for t in args)
+    return subset_attention(*on_device, **kw).cpu(), subset_attention_reference(*args, **kw)
 
 
 # (lens per level, player tokens per level, level, node ids, Hq, Hkv, D)
@@ -113,7 +116,8 @@ def test_noncontiguous_query_heads():
     q = big[:, :, ::2]
     node_ids = torch.tensor(nodes)
     kw = dict(level=level, scale=0.3)
-    out = subset_attention(q, k_store, v_store, node_ids, *tables, **kw)
+    args = (q, k_store, v_store, node_ids, *tables)
+    out = subset_attention(*(t.to(DEVICE) for t in args), **kw).cpu()
     ref = subset_attention_reference(q.contiguous(), k_store, v_store, node_ids, *tables, **kw)
     torch.testing.assert_close(out, ref, atol=TOL[torch.float32], rtol=0)
 
