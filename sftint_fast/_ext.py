@@ -15,7 +15,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_OPS = ("subset_mobius", "subset_zeta", "superset_mobius", "superset_zeta")
+_TRANSFORM_OPS = ("subset_mobius", "subset_zeta", "superset_mobius", "superset_zeta")
+_OPS = _TRANSFORM_OPS + ("andor_sgd_",)
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,8 +37,12 @@ def _load() -> tuple[bool, str]:
 
 
 def _register_fakes() -> None:
-    for op in _OPS:
+    for op in _TRANSFORM_OPS:
         torch.library.register_fake(f"sftint::{op}")(lambda x: torch.empty_like(x, memory_format=torch.contiguous_format))
+
+    @torch.library.register_fake("sftint::andor_sgd_")
+    def _andor_sgd_fake(v, p, q, buf_p, buf_q, bound, lrs, momentum):
+        return v.new_empty((lrs.shape[0], v.shape[0]))
 
 
 def extension_status() -> tuple[bool, str]:

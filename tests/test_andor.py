@@ -8,6 +8,8 @@ import sftint_fast as sf
 from sftint_fast.interactions import andor
 from sftint_fast.interactions.result import AndOrResult
 
+from conftest import requires_ext
+
 F64 = torch.float64
 
 
@@ -248,3 +250,29 @@ def test_bad_inputs():
         sf.and_or(v, method="lp", init=(torch.zeros_like(v), torch.zeros_like(v)))
     with pytest.raises(ValueError, match="nonzeros.*MiB"):
         sf.and_or(torch.zeros(2**11, dtype=F64), method="lp")
+
+
+@requires_ext
+@pytest.mark.parametrize("niter", [1, 7, 1203], ids=["1-step", "7-steps", "chunked-1203-steps"])
+def test_fused_cpp_sgd_equals_torch_loop(niter):
+    """csrc/andor.cpp runs the same steps as the torch loop: equal in float64 (chunks of 500 steps included)."""
+    v = torch.randn(5, 2**7, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 2
+    v = v - v[:, :1]
+    bound = 0.04 * (v[:, -1:] - v[:, :1]).abs()
+    runs = [andor._sgd(v, torch.zeros_like(v), torch.zeros_like(v), bound, niter=niter, lr=1e-3, progress=False,
+                       fused=fused) for fused in (True, False)]
+    for fused_out, loop_out in zip(*runs):
+        torch.testing.assert_close(fused_out, loop_out, rtol=0, atol=1e-9)
+    assert runs[0][2][-1].sum() < runs[0][2][0].sum()
+
+
+@requires_ext
+def test_fused_cpp_sgd_op_checks():
+    v = torch.zeros(2, 8)
+    with pytest.raises(RuntimeError, match="expected q to be a contiguous CPU tensor of dtype Float"):
+        torch.ops.sftint.andor_sgd_(v, v.clone(), torch.zeros(2, 8, dtype=torch.float64), v.clone(), v.clone(),
+                                    torch.zeros(2), torch.zeros(3, dtype=torch.float64), 0.9)
+    with pytest.raises(RuntimeError, match="expected lrs a contiguous 1-D float64"):
+        torch.ops.sftint.andor_sgd_(v, v.clone(), v.clone(), v.clone(), v.clone(), torch.zeros(2), torch.zeros(3), 0.9)
+    torch.library.opcheck(torch.ops.sftint.andor_sgd_, (v.clone(), v.clone(), v.clone(), v.clone(), v.clone(),
+                                                        torch.ones(2), torch.full((3,), 1e-3, dtype=torch.float64), 0.9))

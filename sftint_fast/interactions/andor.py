@@ -37,6 +37,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from sftint_fast import _ext
 from sftint_fast.interactions.harsanyi import _or_transform
 from sftint_fast.interactions.result import AndOrResult
 from sftint_fast.ops import transforms as T
@@ -47,6 +48,7 @@ LP_MAX_PLAYERS = 10
 """Default largest ``n`` accepted by ``method="lp"`` (override with ``max_players=``)."""
 
 _MOMENTUM = 0.9
+_FUSED_CHUNK = 500  # SGD steps per call of the fused C++ loop (progress granularity)
 
 
 def and_or(
@@ -214,22 +216,39 @@ def _sgd(
     niter: int,
     lr: float,
     progress: bool,
+    fused: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SGD with momentum 0.9 (torch.optim.SGD semantics, buffers start at 0) on all rows at once."""
-    lrs = torch.logspace(math.log10(lr), math.log10(lr) - 1, niter, dtype=torch.float64).tolist() if niter else []
+    """SGD with momentum 0.9 (torch.optim.SGD semantics, buffers start at 0) on all rows at once.
+
+    ``fused`` (default, used whenever the C++ extension is there and ``v`` is on the CPU) runs the steps in
+    ``sftint::andor_sgd_`` (csrc/andor.cpp), which keeps each row's scratch in cache and equals the torch
+    loop step for step; chunks of steps keep the progress bar moving.
+    """
+    lrs = torch.logspace(math.log10(lr), math.log10(lr) - 1, niter, dtype=torch.float64) if niter else torch.empty(0, dtype=torch.float64)
     objective = torch.empty(niter + 1, v.shape[0], dtype=v.dtype, device=v.device)
     buf_p = torch.zeros_like(p)
     buf_q = torch.zeros_like(q)
+    fused = fused is not False and v.device.type == "cpu" and _ext.has_ext()
     with torch.no_grad():
-        for step in tqdm(range(niter), desc="and_or sgd", disable=not progress):
-            loss, grad_and, grad_or = _l1_and_grad(v, p, q)
-            objective[step] = loss
-            buf_p.mul_(_MOMENTUM).add_(grad_and).sub_(grad_or)
-            buf_q.mul_(_MOMENTUM).add_(grad_and.add_(grad_or), alpha=0.5)
-            p.sub_(buf_p, alpha=lrs[step])
-            q.sub_(buf_q, alpha=lrs[step])
-            torch.minimum(q, bound, out=q)
-            torch.maximum(q, -bound, out=q)
+        if fused:
+            v, p, q, bound_rows = v.contiguous(), p.contiguous(), q.contiguous(), bound.reshape(-1).contiguous()
+            with tqdm(total=niter, desc="and_or sgd", disable=not progress) as bar:
+                for start in range(0, niter, _FUSED_CHUNK):
+                    chunk = lrs[start:start + _FUSED_CHUNK]
+                    objective[start:start + len(chunk)] = torch.ops.sftint.andor_sgd_(
+                        v, p, q, buf_p, buf_q, bound_rows, chunk, _MOMENTUM)
+                    bar.update(len(chunk))
+        else:
+            lr_list = lrs.tolist()
+            for step in tqdm(range(niter), desc="and_or sgd", disable=not progress):
+                loss, grad_and, grad_or = _l1_and_grad(v, p, q)
+                objective[step] = loss
+                buf_p.mul_(_MOMENTUM).add_(grad_and).sub_(grad_or)
+                buf_q.mul_(_MOMENTUM).add_(grad_and.add_(grad_or), alpha=0.5)
+                p.sub_(buf_p, alpha=lr_list[step])
+                q.sub_(buf_q, alpha=lr_list[step])
+                torch.minimum(q, bound, out=q)
+                torch.maximum(q, -bound, out=q)
         objective[niter] = _l1_and_grad(v, p, q)[0]
     return p, q, objective
 
