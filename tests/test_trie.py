@@ -140,6 +140,10 @@ def test_sliding_window_models(kind, attn):
         own = game.values_from_logits(net(input_ids=game.input_ids[None]).logits[:, -1:])
         trie_full = evaluate_trie(net, game, full, progress=False)
     check_close(trie_full, own)
+    # ... and every variant equals the naive engine, whose attention masks keep the window per layer type.
+    assert game.input_ids.numel() > net.config.sliding_window
+    trie_all, naive_all = run_both(net, game, batch_size=3)
+    check_close(trie_all, naive_all)
 
 
 def test_unsupported_model_has_no_adapter():

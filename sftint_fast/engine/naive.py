@@ -56,19 +56,42 @@ def naive_batch_size(model: Any, game: Game, *, max_memory: int | None = None) -
     return int(max(1, min(MAX_BATCH, max_memory // max(1, sequence_bytes(model, game)))))
 
 
-def attention_keep_mask(game: Game, subsets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``(B, 1, L, L)`` additive mask for ``"attention"`` masking: causal, masked players hidden as keys except
-    on the diagonal; 0 where allowed and ``finfo(dtype).min`` elsewhere."""
+def attention_keep_mask(
+    game: Game, subsets: torch.Tensor, dtype: torch.dtype, *, sliding_window: int | None = None
+) -> torch.Tensor:
+    """``(B, 1, L, L)`` additive mask for ``"attention"`` masking: causal (and within ``sliding_window``:
+    key visible iff ``query_pos - key_pos < sliding_window``), masked players hidden as keys except on the
+    diagonal; 0 where allowed and ``finfo(dtype).min`` elsewhere."""
     device = subsets.device
     rows = game.player_mask_rows().to(device)
     length = rows.numel()
     present = (rows < 0) | (((subsets[:, None] >> rows.clamp(min=0)[None, :]) & 1) == 1)  # (B, L) keys kept
     causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    if sliding_window is not None:
+        causal = causal.triu(-(sliding_window - 1))
     diagonal = torch.eye(length, dtype=torch.bool, device=device)
     allowed = causal[None] & (present[:, None, :] | diagonal[None])
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
+
+
+def _attention_masks(model: Any, game: Game, subsets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | dict:
+    """The 4D mask(s) for ``"attention"`` masking. A user mask replaces the model's own, sliding window
+    included, so windowed layers get a windowed mask: one mask when every layer is alike, else a dict by
+    layer type (the form transformers' models with mixed layers accept)."""
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None)
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is None:  # e.g. Mistral: the window, when set, applies to every layer
+        return attention_keep_mask(game, subsets, dtype, sliding_window=window)
+    kinds = set(layer_types)
+    if window is None or "sliding_attention" not in kinds:
+        return attention_keep_mask(game, subsets, dtype)
+    windowed = attention_keep_mask(game, subsets, dtype, sliding_window=window)
+    if kinds == {"sliding_attention"}:
+        return windowed
+    return {"full_attention": attention_keep_mask(game, subsets, dtype), "sliding_attention": windowed}
 
 
 def _accepts_logits_to_keep(model: Any) -> bool:
@@ -104,7 +127,7 @@ def evaluate_naive(
         if game.masking == "attention":
             inputs = embeds[None].expand(chunk.numel(), -1, -1)
             extra = {
-                "attention_mask": attention_keep_mask(game, chunk, embeds.dtype),
+                "attention_mask": _attention_masks(model, game, chunk, embeds.dtype),
                 "position_ids": torch.arange(length, device=device)[None].expand(chunk.numel(), -1),
             }
         else:
