@@ -2,8 +2,8 @@
 //
 // One call runs `lrs.numel()` SGD steps (momentum, q clamped to +-bound after each step) on every row of
 // v (B, 2^n), in place on p, q and the momentum buffers, and returns the objective before each step
-// (steps, B). Per row, all scratch lives in two buffers of 2^n values that stay in cache, so the whole
-// step -- four butterflies and the updates -- runs without leaving L1/L2, parallel over rows.
+// (steps, B). Rows go in groups of 8, interleaved so that every butterfly pass vectorises across the
+// group; a group's scratch (7 buffers of 8·2^n values) stays in cache for the whole call, parallel over groups.
 // It reproduces sftint_fast.interactions.andor._sgd (the torch loop) step for step.
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -20,38 +21,99 @@ namespace {
 template <typename T>
 inline T sign_of(T x) { return static_cast<T>((x > 0) - (x < 0)); }
 
-// subset Mobius (kSuperset=false) or superset Mobius (kSuperset=true), in place. The three lowest bits are
-// done together on blocks of 8 (short strides do not vectorise); the higher bits are wide, vectorised passes.
+// kLanes rows are processed together, interleaved: value s of lane j sits at x[s * kLanes + j]. Every
+// butterfly pass then works on contiguous runs of at least kLanes values, so all n bits vectorise, including
+// the short strides that would not on a single row.
+constexpr int64_t kLanes = 8;
+
+// subset Mobius (kSuperset=false) or superset Mobius (kSuperset=true) of every lane, in place.
 template <typename T, bool kSuperset>
-inline void mobius(T* __restrict__ x, int64_t size) {
-  int64_t half = 1;
-  if (size >= 8) {
-    for (int64_t block = 0; block < size; block += 8) {
-      T* __restrict__ y = x + block;
-      for (int64_t h = 1; h < 8; h <<= 1) {
-        for (int64_t i = 0; i < 8; ++i) {
-          if (i & h) continue;
-          if (kSuperset) {
-            y[i] -= y[i + h];
-          } else {
-            y[i + h] -= y[i];
-          }
-        }
-      }
-    }
-    half = 8;
-  }
-  for (; half < size; half <<= 1) {
+inline void mobius_lanes(T* __restrict__ x, int64_t size) {
+  for (int64_t half = 1; half < size; half <<= 1) {
+    const int64_t run = half * kLanes;
     for (int64_t block = 0; block < size; block += 2 * half) {
-      T* __restrict__ lo = x + block;
-      T* __restrict__ hi = x + block + half;
+      T* __restrict__ lo = x + block * kLanes;
+      T* __restrict__ hi = lo + run;
       if (kSuperset) {
 #pragma omp simd
-        for (int64_t k = 0; k < half; ++k) lo[k] -= hi[k];
+        for (int64_t k = 0; k < run; ++k) lo[k] -= hi[k];
       } else {
 #pragma omp simd
-        for (int64_t k = 0; k < half; ++k) hi[k] -= lo[k];
+        for (int64_t k = 0; k < run; ++k) hi[k] -= lo[k];
       }
+    }
+  }
+}
+
+template <typename T>
+void sgd_group(const T* v, T* p, T* q, T* buf_p, T* buf_q, const T* bound, const double* lrs, T* objective,
+               int64_t rows, int64_t first, int64_t size, int64_t steps, T momentum) {
+  const int64_t lanes = std::min(kLanes, rows - first);  // the last group may be partial: zero lanes pad it
+  const int64_t total = size * kLanes;
+  std::vector<T> V(total, 0), P(total, 0), Q(total, 0), BP(total, 0), BQ(total, 0), A(total), B(total);
+  T bnd[kLanes] = {0}, obj[kLanes], or_empty[kLanes];
+  for (int64_t j = 0; j < lanes; ++j) {
+    const int64_t base = (first + j) * size;
+    bnd[j] = bound[first + j];
+    for (int64_t s = 0; s < size; ++s) {
+      V[s * kLanes + j] = v[base + s];
+      P[s * kLanes + j] = p[base + s];
+      Q[s * kLanes + j] = q[base + s];
+      BP[s * kLanes + j] = buf_p[base + s];
+      BQ[s * kLanes + j] = buf_q[base + s];
+    }
+  }
+  T* __restrict__ a = A.data();
+  T* __restrict__ b = B.data();
+  const int64_t last = (size - 1) * kLanes;
+  for (int64_t step = 0; step < steps; ++step) {
+#pragma omp simd
+    for (int64_t i = 0; i < total; ++i) {
+      const T half = (V[i] + Q[i]) * T(0.5);
+      a[i] = half + P[i];  // v_and
+      b[i] = half - P[i];  // v_or
+    }
+    for (int64_t j = 0; j < kLanes; ++j) or_empty[j] = b[j];
+    mobius_lanes<T, false>(a, size);  // I_and
+    mobius_lanes<T, true>(b, size);   // u, with I_or(S) = -u(N\S) for S != empty
+    for (int64_t j = 0; j < kLanes; ++j) obj[j] = 0;
+    for (int64_t s = 0; s < size; ++s) {
+#pragma omp simd
+      for (int64_t j = 0; j < kLanes; ++j) obj[j] += std::abs(a[s * kLanes + j]) + std::abs(b[s * kLanes + j]);
+    }
+    for (int64_t j = 0; j < lanes; ++j) {
+      objective[step * rows + first + j] = obj[j] + std::abs(or_empty[j]) - std::abs(b[last + j]);
+    }
+#pragma omp simd
+    for (int64_t i = 0; i < total; ++i) {
+      a[i] = sign_of(a[i]);
+      b[i] = sign_of(b[i]);
+    }
+    for (int64_t j = 0; j < kLanes; ++j) b[last + j] = 0;
+    // adjoints: subset Mobius <-> superset Mobius
+    mobius_lanes<T, true>(a, size);   // grad wrt v_and
+    mobius_lanes<T, false>(b, size);  // grad wrt v_or
+    for (int64_t j = 0; j < kLanes; ++j) b[j] += sign_of(or_empty[j]);
+    const T lr = static_cast<T>(lrs[step]);
+    for (int64_t s = 0; s < size; ++s) {
+#pragma omp simd
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const int64_t i = s * kLanes + j;
+        BP[i] = BP[i] * momentum + a[i] - b[i];
+        BQ[i] = BQ[i] * momentum + (a[i] + b[i]) * T(0.5);
+        P[i] -= lr * BP[i];
+        const T qs = Q[i] - lr * BQ[i];
+        Q[i] = std::max(std::min(qs, bnd[j]), -bnd[j]);
+      }
+    }
+  }
+  for (int64_t j = 0; j < lanes; ++j) {
+    const int64_t base = (first + j) * size;
+    for (int64_t s = 0; s < size; ++s) {
+      p[base + s] = P[s * kLanes + j];
+      q[base + s] = Q[s * kLanes + j];
+      buf_p[base + s] = BP[s * kLanes + j];
+      buf_q[base + s] = BQ[s * kLanes + j];
     }
   }
 }
@@ -59,49 +121,10 @@ inline void mobius(T* __restrict__ x, int64_t size) {
 template <typename T>
 void sgd_rows(const T* v, T* p, T* q, T* buf_p, T* buf_q, const T* bound, const double* lrs, T* objective,
               int64_t rows, int64_t size, int64_t steps, T momentum) {
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> a(size), b(size);
-    for (int64_t r = begin; r < end; ++r) {
-      const T* vr = v + r * size;
-      T* pr = p + r * size;
-      T* qr = q + r * size;
-      T* bp = buf_p + r * size;
-      T* bq = buf_q + r * size;
-      const T bnd = bound[r];
-      for (int64_t step = 0; step < steps; ++step) {
-        for (int64_t s = 0; s < size; ++s) {
-          const T half = (vr[s] + qr[s]) * T(0.5);
-          a[s] = half + pr[s];  // v_and
-          b[s] = half - pr[s];  // v_or
-        }
-        const T or_empty = b[0];
-        mobius<T, false>(a.data(), size);  // I_and
-        mobius<T, true>(b.data(), size);   // u, with I_or(S) = -u(N\S) for S != empty
-        T obj = 0;
-        const T* ap = a.data();
-        const T* bp_ = b.data();
-#pragma omp simd reduction(+ : obj)
-        for (int64_t s = 0; s < size; ++s) obj += std::abs(ap[s]) + std::abs(bp_[s]);
-        obj += std::abs(or_empty) - std::abs(b[size - 1]);
-        objective[step * rows + r] = obj;
-        for (int64_t s = 0; s < size; ++s) {
-          a[s] = sign_of(a[s]);
-          b[s] = sign_of(b[s]);
-        }
-        b[size - 1] = 0;
-        // adjoints: subset Mobius <-> superset Mobius
-        mobius<T, true>(a.data(), size);   // grad wrt v_and
-        mobius<T, false>(b.data(), size);  // grad wrt v_or
-        b[0] += sign_of(or_empty);
-        const T lr = static_cast<T>(lrs[step]);
-        for (int64_t s = 0; s < size; ++s) {
-          bp[s] = bp[s] * momentum + a[s] - b[s];
-          bq[s] = bq[s] * momentum + (a[s] + b[s]) * T(0.5);
-          pr[s] -= lr * bp[s];
-          const T qs = qr[s] - lr * bq[s];
-          qr[s] = std::max(std::min(qs, bnd), -bnd);
-        }
-      }
+  const int64_t groups = (rows + kLanes - 1) / kLanes;
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      sgd_group<T>(v, p, q, buf_p, buf_q, bound, lrs, objective, rows, g * kLanes, size, steps, momentum);
     }
   });
 }
