@@ -1,0 +1,79 @@
+"""Which tracking options separate real change from noise best, on a saved run's real checkpoints.
+
+Re-runs the SFT tracker (METHOD.md section 7) on the game values saved by a run (``<run>/tracker/step_*.safetensors``,
+e.g. from ``sftint demo``) with every combination of threshold reference, hysteresis, persistence and noise null,
+with no forward passes. For each combination it reports the observed new removals/emergences summed over the
+checkpoints, their noise floors, and floor/observed (lower = the counts say more than noise).
+
+    python scripts/compare_tracking_options.py RUN_DIR [--out options.json]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from sftint_fast.sft.tracker import SFTTracker
+
+
+def load_run(run: Path) -> list[tuple[int, torch.Tensor, torch.Tensor, float | None]]:
+    steps = []
+    for path in sorted((run / "tracker").glob("step_*.safetensors")):
+        tensors = load_file(str(path))
+        meta = json.loads(path.with_suffix(".json").read_text())
+        step = int(path.stem.split("_")[1])
+        steps.append((step, tensors["values"], tensors["p_y"], meta.get("heldout_loss")))
+    if len(steps) < 2:
+        raise ValueError(f"{run}: expected at least 2 saved checkpoints under tracker/, got {len(steps)}")
+    return steps
+
+
+def evaluate_options(steps, options: dict, base_config: dict) -> dict:
+    tracker = SFTTracker(None, **{**base_config, **options}, progress=False)
+    for step, values, p_y, loss in steps:
+        tracker.add_values(step, values, p_y=p_y, heldout_loss=loss)
+    curves = tracker.report().curves
+    out = dict(options)
+    for change in ("removed", "emerged"):
+        observed = sum(curves[f"all/{change}_new"])
+        floor = sum(curves[f"all/{change}_new_floor"])
+        out.update({f"{change}_observed": observed, f"{change}_floor": floor,
+                    f"{change}_floor_over_observed": floor / observed if observed else float("inf")})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    saved = json.loads((args.run / "tracker" / "config.json").read_text())
+    config = saved["tracker"]
+    base_config = {k: config[k] for k in ("qthres", "tau", "andor_method", "andor_niter", "andor_lr", "seed",
+                                           "noise_draws", "min_base_py", "irrelevant_fraction", "bootstrap")
+                   if k in config}
+    steps = load_run(args.run)
+    grid = itertools.product(["base", "checkpoint"], [True, False], [1, 2, 3], ["order_matched", "iid"])
+    rows = []
+    for reference, hysteresis, persistence, null in grid:
+        options = dict(threshold_reference=reference, hysteresis=hysteresis, persistence=persistence,
+                       noise_floor=null)
+        rows.append(evaluate_options(steps, options, base_config))
+        r = rows[-1]
+        print(f"{reference:10s} hyst={hysteresis!s:5s} pers={persistence} {null:13s} "
+              f"removed {r['removed_observed']:6.1f} floor {r['removed_floor']:6.1f} ({r['removed_floor_over_observed']:.2f})  "
+              f"emerged {r['emerged_observed']:6.1f} floor {r['emerged_floor']:6.1f} ({r['emerged_floor_over_observed']:.2f})",
+              flush=True)
+    if args.out:
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows, indent=1))
+        os.replace(tmp, args.out)
+
+
+if __name__ == "__main__":
+    main()
