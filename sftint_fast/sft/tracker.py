@@ -7,6 +7,11 @@ frozen :class:`TrackReport` with every curve, bootstrap intervals and the phase 
 
 Games (players, baseline, target) are built once, from the first (base) checkpoint, and fixed for the run.
 ``add_values`` feeds game values directly (used by the offline path and by tests on synthetic games).
+
+Under ``torch.distributed`` (``torchrun``, DDP) every rank calls ``add_checkpoint`` with its copy of the
+model: the probes are split across the ranks and their values gathered to every rank
+(:func:`sftint_fast.evaluate_many`), every rank then decomposes the same values so all ranks hold the same
+records, and only the main process writes ``out_dir`` (a folder every rank can read, for resuming).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
+from sftint_fast import distributed
 from sftint_fast.interactions.harsanyi import harsanyi
 from sftint_fast.ops.transforms import popcount
 from sftint_fast.sft import noise as N
@@ -242,7 +248,8 @@ class SFTTracker:
         """Evaluate every probe on ``model`` (the first call: the base model) and record checkpoint ``step``.
 
         Runs under ``torch.no_grad`` with the model in eval mode and restores its train mode. A step already
-        saved under ``out_dir`` is skipped. Raises ValueError for a model of another vocabulary size or
+        saved under ``out_dir`` is skipped. Under ``torch.distributed`` it is collective: call it on every
+        rank with the same ``step`` (the probes are evaluated across the ranks). Raises ValueError for a model of another vocabulary size or
         architecture than the base, or a step not after the last one.
         """
         if not self.probes:
@@ -298,7 +305,7 @@ class SFTTracker:
         record = _Record(step=int(step), values=values, interactions=interactions, p_y=py, heldout_loss=heldout_loss,
                          floors=floors, extra=extra, meta=meta)
         self._ingest(record)
-        if self.out_dir is not None:
+        if self._writes:
             self._save_record(record)
 
     @property
@@ -333,6 +340,11 @@ class SFTTracker:
         return _build_report(self)
 
     # --------------------------------------------------------------------------------------------- internals
+
+    @property
+    def _writes(self) -> bool:
+        """Whether this process saves to ``out_dir`` (the main process only, under ``torch.distributed``)."""
+        return self.out_dir is not None and distributed.is_main_process()
 
     def _check_step(self, step: int) -> None:
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
@@ -436,15 +448,19 @@ class SFTTracker:
         self.kept = [i for i, k in zip(self.kept, keep) if k]
         if self.numerics_check:
             self.numerics = self._numerics(model)
-        if self.out_dir is not None:
+        if self._writes:
             self._save_games()
 
     def _evaluate(self, model: Any) -> torch.Tensor:
+        return self._evaluate_games(model, self.games)
+
+    def _evaluate_games(self, model: Any, games: Sequence[Any]) -> torch.Tensor:
+        """``(len(games), 2^n)`` float64 CPU values, split across the ranks under ``torch.distributed``."""
         import sftint_fast as sf
 
-        rows = [sf.evaluate(model, g, method=self.config.engine_method, progress=False,
-                            compute_dtype=self.config.compute_dtype) for g in self.games]
-        return torch.stack(rows).double()
+        rows = sf.evaluate_many(model, games, method=self.config.engine_method, progress=False,
+                                compute_dtype=self.config.compute_dtype)
+        return torch.stack([row.cpu() for row in rows]).double()
 
     def _numerics(self, model: Any) -> dict[str, Any] | None:
         """Numerical error of the engine: the first probe through both exact engines (trie vs naive)."""
@@ -494,16 +510,15 @@ class SFTTracker:
         else:
             raise TypeError(f"reference: expected (model, tokenizer), a dict of tensors or a safetensors path, got "
                             f"{type(source).__name__}")
-        if self.out_dir is not None:
+        if self._writes:
             _atomic_save_tensors(self.out_dir / "reference.safetensors", {f"I_{k}": v.contiguous() for k, v in ref.items()})
         return ref
 
     def _reference_values(self, model: Any, tokenizer: Any) -> torch.Tensor:
         """The same prompts, words and target text on the reference model (its own tokens)."""
-        import sftint_fast as sf
         from sftint_fast.game import Game
 
-        rows = []
+        games = []
         was_training = model.training
         model.eval()
         try:
@@ -515,11 +530,10 @@ class SFTTracker:
                 ref_game = Game.from_text(model, tokenizer, prompt, players=spans, span_unit="chars",
                                           baseline=self._baseline if isinstance(self._baseline, str) else "pad",
                                           target=target, chat=bool(self.config.chat and getattr(tokenizer, "chat_template", None)))
-                rows.append(sf.evaluate(model, ref_game, method=self.config.engine_method, progress=False,
-                                        compute_dtype=self.config.compute_dtype))
+                games.append(ref_game)
+            return self._evaluate_games(model, games)
         finally:
             model.train(was_training)
-        return torch.stack(rows).double()
 
     # -------------------------------------------------------------------------------------- persistence
 
@@ -533,7 +547,8 @@ class SFTTracker:
         path = out / "config.json"
         blob = _json_safe(self._config_blob())
         if not path.exists():
-            _atomic_write_text(path, json.dumps(blob, indent=1))
+            if distributed.is_main_process():
+                _atomic_write_text(path, json.dumps(blob, indent=1))
             return
         saved = json.loads(path.read_text())
         if saved != blob:
