@@ -10,6 +10,10 @@ Usage::
 Callbacks are not handed the ``Trainer``; ``attach`` keeps a reference so the scalars go through
 ``trainer.log`` (``state.log_history`` plus every reporting callback: console, TensorBoard, W&B). Without it,
 the scalars are appended to ``state.log_history`` and the module logger only.
+
+Under ``torchrun`` (DDP) attach the callback on every rank, as the ``Trainer`` itself runs on every rank:
+each rank evaluates its share of the probes on the unwrapped model (``model.module``), and the scalars are
+computed and logged on the main process (``state.is_world_process_zero``) only.
 """
 from __future__ import annotations
 
@@ -49,25 +53,31 @@ class InteractionCallback(TrainerCallback):
         return self
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._track(state, model, state.global_step)
+        self._track(state, control, model, state.global_step)
         return control
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.every == 0:
-            self._track(state, model, state.global_step)
+            self._track(state, control, model, state.global_step)
         return control
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        self._track(state, model, state.global_step)
+        self._track(state, control, model, state.global_step)
         return control
 
-    def _track(self, state: Any, model: Any, step: int) -> None:
+    def _track(self, state: Any, control: Any, model: Any, step: int) -> None:
         if model is None or step in self.tracker.steps:
             return
-        self.tracker.add_checkpoint(_unwrap(model), step)
+        self.tracker.add_checkpoint(_unwrap(model), step)   # collective under torch.distributed: every rank
+        if not state.is_world_process_zero:
+            return
         metrics = scalars(self.tracker)
         if self.trainer is not None:
+            # trainer.log clears control.should_log: keep the Trainer's own pending log (its loss, gathered
+            # across ranks under DDP, so skipping it on one rank would desynchronise the collectives)
+            should_log = control.should_log
             self.trainer.log(dict(metrics))
+            control.should_log = should_log
         else:
             state.log_history.append({**metrics, "step": step})
         logger.info("step %d: %s", step, metrics)
