@@ -19,7 +19,7 @@ from sftint_fast.engine.plan import plan_trie
 from sftint_fast.engine.trie import evaluate_trie
 from sftint_fast.game import Game
 
-QA = "Question: Which city is the capital of France, the large country in western Europe? Answer:"
+QA = "Question: Which famous old city is the capital of France, the large country in western Europe? Answer:"
 PASSAGE = (
     "The old lighthouse stood on a rocky point at the northern end of the island, where the cold sea met the "
     "warm current from the south. For more than a century its keepers had climbed the narrow stairs every "
@@ -123,3 +123,4 @@ def test_engine_speed(benchmark, smollm2, layout, n, needs_full, full, env_info)
         "max_abs_diff_trie_naive": (trie - naive).abs().max().item(),
         "variants_per_s_trie": round(len(subsets) / trie_s, 1),
     })
+    print(benchmark.extra_info)
