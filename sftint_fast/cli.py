@@ -22,16 +22,20 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 def _add_explain(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("explain", help="AND interactions and Shapley values of the words of one prompt")
+    p = sub.add_parser("explain", help="AND interactions and Shapley values of the words of one prompt (or many)")
     p.add_argument("--model", default="default", help="a local HF model folder, 'default' (SmolLM2) or 'gemma'")
-    p.add_argument("--text", required=True, help="the prompt")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text", help="the prompt")
+    source.add_argument("--file", help='JSONL, one prompt a row: {"prompt": ..., "players"?: ..., "target"?: ...}; '
+                                       "evaluated across the ranks under torchrun, resumable from <out>/shards")
     p.add_argument("--players", default="all", help="'all' or comma-separated word indices, e.g. 0,2,5")
     p.add_argument("--n-players", type=int, default=None, help="keep the first N content words as players")
     p.add_argument("--target", default=None, help="answer text (teacher-forced); default: the greedy next token")
     p.add_argument("--chat", action="store_true", help="wrap the text in the tokenizer's chat template")
     p.add_argument("--masking", choices=["embedding", "attention"], default="embedding")
     p.add_argument("--method", choices=["auto", "naive", "trie"], default="auto")
-    p.add_argument("--out", default=None, help="folder for v, interactions, config.json and interactions.png")
+    p.add_argument("--out", default=None, help="folder for v, interactions, config.json and interactions.png "
+                                               "(with --file: one subfolder prompt_<i> per row)")
     p.add_argument("--top", type=int, default=10, help="how many interactions to print and plot")
     p.set_defaults(func=_run_explain)
 
@@ -57,7 +61,86 @@ def _save_bar_plot(path, ranked) -> None:
     plt.close(fig)
 
 
+def _parse_players(value):
+    """``"all"`` → ``"words"``; ``"0,2,5"`` or ``[0, 2, 5]`` → word indices; ValueError otherwise."""
+    if value == "all":
+        return "words"
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or any(isinstance(x, bool) for x in items):
+        raise ValueError(f"players: expected 'all' or comma-separated word indices, received {value!r}")
+    try:
+        return [int(x) for x in items]
+    except (TypeError, ValueError):
+        raise ValueError(f"players: expected 'all' or comma-separated word indices, received {value!r}") from None
+
+
+def _read_prompts(path: str) -> list[dict]:
+    """The rows of a prompts JSONL file (blank lines skipped); ValueError naming the line when one is malformed."""
+    import json
+    from pathlib import Path
+
+    rows = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: expected a JSON object, received invalid JSON ({err})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f'{path}:{number}: expected an object with a "prompt" string, received {line.strip()[:80]!r}')
+        unknown = set(row) - {"prompt", "players", "target"}
+        if unknown:
+            raise ValueError(f'{path}:{number}: expected keys "prompt", "players", "target", received {sorted(unknown)}')
+        if row.get("target") is not None and not isinstance(row["target"], str):
+            raise ValueError(f'{path}:{number}: "target": expected a string, received {row["target"]!r}')
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: expected at least one prompt, received none")
+    return rows
+
+
 def _run_explain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import sftint_fast as sf
+    from sftint_fast import distributed
+    from sftint_fast.models import load_model
+
+    owns_group = not distributed.is_distributed() and distributed.init_from_env()
+    try:
+        rows = [{"prompt": args.text}] if args.file is None else _read_prompts(args.file)
+        requests = [(row["prompt"], _parse_players(row.get("players", args.players)), row.get("target", args.target))
+                    for row in rows]
+    except ValueError as err:
+        print(f"--{err}" if args.file is None else f"--file: {err}", file=sys.stderr)
+        return 2
+    try:
+        model, tokenizer = load_model(args.model)
+        games = [sf.Game.from_text(model, tokenizer, text, players=players, n_players=args.n_players, target=target,
+                                   chat=args.chat, masking=args.masking) for text, players, target in requests]
+        if args.file is None and not distributed.is_distributed():
+            values = [sf.evaluate(model, games[0], method=args.method, progress=True).cpu()]
+        else:
+            shards = None if args.out is None or args.file is None else Path(args.out) / "shards"
+            values = sf.evaluate_many(model, games, method=args.method, progress=True, out_dir=shards)
+        if not distributed.is_main_process():
+            return 0
+        for i, ((text, _, _), game, v) in enumerate(zip(requests, games, values)):
+            out = None if args.out is None else Path(args.out) if args.file is None else Path(args.out) / f"prompt_{i:04d}"
+            if args.file is not None:
+                print(f"[{i}] {text}")
+            _explain_one(args, tokenizer, text, game, v.cpu(), out)
+    finally:
+        if owns_group:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+def _explain_one(args: argparse.Namespace, tokenizer, text: str, game, v, out) -> None:
+    """Prints the top interactions and Shapley values of one game's ``v`` and writes them to ``out`` (if given)."""
     import json
     from pathlib import Path
 
@@ -65,20 +148,7 @@ def _run_explain(args: argparse.Namespace) -> int:
 
     import sftint_fast as sf
     from sftint_fast.interactions.result import _atomic_write
-    from sftint_fast.models import load_model
 
-    model, tokenizer = load_model(args.model)
-    if args.players == "all":
-        players = "words"
-    else:
-        try:
-            players = [int(x) for x in args.players.split(",")]
-        except ValueError:
-            print(f"--players: expected 'all' or comma-separated word indices, received {args.players!r}", file=sys.stderr)
-            return 2
-    game = sf.Game.from_text(model, tokenizer, args.text, players=players, n_players=args.n_players,
-                             target=args.target, chat=args.chat, masking=args.masking)
-    v = sf.evaluate(model, game, method=args.method, progress=True).cpu()
     interactions = sf.harsanyi(v - v[0])
     phi = sf.shapley(v)
     ranked = sf.top_interactions(interactions, args.top, list(game.words))
@@ -89,23 +159,22 @@ def _run_explain(args: argparse.Namespace) -> int:
     print("Shapley values:")
     for word, value in zip(game.words, phi.tolist()):
         print(f"  {value:+10.4f}  {word}")
-    if args.out is not None:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "v.safetensors", lambda tmp: save_file({"v": v.contiguous()}, tmp))
-        _atomic_write(out / "interactions.safetensors",
-                      lambda tmp: save_file({"and": interactions.contiguous(), "shapley": phi.contiguous()}, tmp))
-        config = {
-            "model": args.model, "text": args.text, "chat": args.chat, "masking": args.masking,
-            "method": args.method, "words": list(game.words), "player_spans": [list(s) for s in game.player_spans],
-            "input_ids": game.input_ids.tolist(), "target": game.target.tolist(),
-            "target_text": tokenizer.decode(game.target), "value": "log_odds",
-            "interactions": "harsanyi(v - v[0])", "bit_order": "bit i = player i",
-        }
-        _atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2), encoding="utf-8"))
-        _save_bar_plot(out / "interactions.png", ranked)
-        print(f"wrote {out}/v.safetensors, interactions.safetensors, config.json, interactions.png")
-    return 0
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "v.safetensors", lambda tmp: save_file({"v": v.contiguous()}, tmp))
+    _atomic_write(out / "interactions.safetensors",
+                  lambda tmp: save_file({"and": interactions.contiguous(), "shapley": phi.contiguous()}, tmp))
+    config = {
+        "model": args.model, "text": text, "chat": args.chat, "masking": args.masking,
+        "method": args.method, "words": list(game.words), "player_spans": [list(s) for s in game.player_spans],
+        "input_ids": game.input_ids.tolist(), "target": game.target.tolist(),
+        "target_text": tokenizer.decode(game.target), "value": "log_odds",
+        "interactions": "harsanyi(v - v[0])", "bit_order": "bit i = player i",
+    }
+    _atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2), encoding="utf-8"))
+    _save_bar_plot(out / "interactions.png", ranked)
+    print(f"wrote {out}/v.safetensors, interactions.safetensors, config.json, interactions.png")
 
 
 def _add_track(sub: argparse._SubParsersAction) -> None:

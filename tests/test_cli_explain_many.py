@@ -1,0 +1,119 @@
+"""`sftint explain --file prompts.jsonl` on a tiny random model: one process (resumable) and 2 gloo ranks."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sftint_fast as sf
+import sftint_fast.engine
+from sftint_fast.cli import main
+from sftint_fast.game import Game
+
+from conftest import tiny_model
+from word_tokenizer import word_tokenizer
+
+ROWS = [{"prompt": "the big cat sat on the mat"},
+        {"prompt": "what is the capital of france", "players": [0, 3, 5], "target": "paris"},
+        {"prompt": "a small dog ran fast", "players": "1,2,4"},
+        {"prompt": "the red sun and the blue moon", "target": "sky"}]
+FILES = ("v.safetensors", "interactions.safetensors", "config.json", "interactions.png")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model("llama").save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def prompts(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n\n")
+    return path
+
+
+def _expected():
+    model, tok = tiny_model("llama"), word_tokenizer()
+    out = []
+    for row in ROWS:
+        players = row.get("players", "words")
+        if isinstance(players, str) and players != "words":
+            players = [int(x) for x in players.split(",")]
+        game = Game.from_text(model, tok, row["prompt"], players=players, target=row.get("target"))
+        out.append((game, sf.evaluate(model, game, method="naive", progress=False)))
+    return out
+
+
+def _check_outputs(out, expected):
+    for i, (game, v) in enumerate(expected):
+        folder = out / f"prompt_{i:04d}"
+        assert sorted(p.name for p in folder.iterdir()) == sorted(FILES), folder
+        saved_v = load_file(folder / "v.safetensors")["v"]
+        # the CLI loads the saved model (its own attention implementation): equal up to float rounding
+        assert torch.allclose(saved_v, v, atol=1e-5), (i, (saved_v - v).abs().max())
+        assert torch.allclose(load_file(folder / "interactions.safetensors")["and"], sf.harsanyi(saved_v - saved_v[0]))
+        config = json.loads((folder / "config.json").read_text())
+        assert config["text"] == ROWS[i]["prompt"] and config["words"] == list(game.words)
+        assert config["target"] == game.target.tolist()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("prompt_")) == [
+        f"prompt_{i:04d}" for i in range(len(expected))]
+
+
+def test_explain_file_writes_one_folder_per_prompt_and_resumes(model_dir, prompts, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    argv = ["explain", "--model", str(model_dir), "--file", str(prompts), "--method", "naive", "--out", str(out),
+            "--top", "3"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert all(f"[{i}] {row['prompt']}" in printed for i, row in enumerate(ROWS))
+    _check_outputs(out, _expected())
+    assert len(list((out / "shards").glob("shard-*.safetensors"))) == len(ROWS)
+
+    calls = []
+    real = sftint_fast.engine.evaluate
+    monkeypatch.setattr(sftint_fast.engine, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    (out / "shards" / sorted(p.name for p in (out / "shards").glob("shard-*"))[0]).unlink()
+    assert main(argv) == 0
+    assert len(calls) == 1  # only the deleted shard was evaluated again
+    _check_outputs(out, _expected())
+
+
+@pytest.mark.parametrize("line,message", [('{"text": "a"}', '"prompt" string'), ("not json", "invalid JSON"),
+                                          ('{"prompt": "a cat", "players": "x,y"}', "players"),
+                                          ('{"prompt": "a cat", "extra": 1}', "extra")])
+def test_explain_file_rejects_bad_rows(model_dir, tmp_path, capsys, line, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n" + line + "\n")
+    assert main(["explain", "--model", str(model_dir), "--file", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_explain_needs_text_or_file(model_dir):
+    with pytest.raises(SystemExit):
+        main(["explain", "--model", str(model_dir)])
+    with pytest.raises(SystemExit):
+        main(["explain", "--model", str(model_dir), "--text", "a cat", "--file", "x.jsonl"])
+
+
+def test_explain_file_under_torchrun_two_ranks(model_dir, prompts, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "sftint_fast.cli", "explain", "--model", str(model_dir),
+           "--file", str(prompts), "--method", "naive", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    _check_outputs(out, _expected())
+    assert len(list((out / "shards").glob("shard-*.safetensors"))) == len(ROWS)
+    assert proc.stdout.count("[0] ") == 1  # printed once, by rank 0
+    assert "games (rank 1)" in proc.stderr  # rank 1 evaluated its own share
