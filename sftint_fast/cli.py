@@ -107,7 +107,6 @@ def _run_explain(args: argparse.Namespace) -> int:
     from sftint_fast import distributed
     from sftint_fast.models import load_model
 
-    owns_group = not distributed.is_distributed() and distributed.init_from_env()
     try:
         rows = [{"prompt": args.text}] if args.file is None else _read_prompts(args.file)
         requests = [(row["prompt"], _parse_players(row.get("players", args.players)), row.get("target", args.target))
@@ -115,6 +114,7 @@ def _run_explain(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"--{err}" if args.file is None else f"--file: {err}", file=sys.stderr)
         return 2
+    owns_group = not distributed.is_distributed() and distributed.init_from_env()
     try:
         model, tokenizer = load_model(args.model)
         games = [sf.Game.from_text(model, tokenizer, text, players=players, n_players=args.n_players, target=target,
