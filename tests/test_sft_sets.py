@@ -238,3 +238,22 @@ def test_write_report_makes_figures_json_and_markdown(tmp_path):
     h = headline(rep)
     assert h["verdict"] in md.read_text()
     assert ("No denoising" in h["verdict"]) == (h["removed_excess_cumulative_lo"] <= 0)
+
+
+def test_solver_overlap_is_the_jaccard_of_lp_and_sgd_salient_sets():
+    import sftint_fast as sf
+
+    gen = torch.Generator().manual_seed(4)
+    values = torch.randn(3, 2**4, generator=gen, dtype=torch.float64) * 2
+    tracker = SFTTracker(None, andor_method="sgd", andor_niter=300, andor_lr=1e-3, noise_floor=None,
+                         bootstrap=10, progress=False)
+    tracker.add_values(0, values)
+    overlap = tracker.solver_overlap()
+    lp = sf.and_or(values, method="lp", progress=False)
+    sgd = sf.and_or(values, method="sgd", niter=300, lr=1e-3, progress=False)
+    for kind, attr in (("and", "I_and"), ("or", "I_or")):
+        a = sf.salient(getattr(lp, attr), tau=0.05)
+        b = sf.salient(getattr(sgd, attr), tau=0.05)
+        expected = (a & b).sum().item() / (a | b).sum().item()
+        assert overlap[kind] == pytest.approx(expected)
+        assert 0.0 <= overlap[kind] <= 1.0
