@@ -183,7 +183,8 @@ def markdown(report: TrackReport, *, figures: list[str]) -> str:
              f"- phase boundary: {report.phase_boundary}; held-out loss minimum at step: {report.heldout_loss_min_step}",
              f"- floor cost: {report.floor_cost['rows_decomposed']:.0f} extra decompositions, "
              f"{report.floor_cost['seconds']:.1f} s, no forward passes",
-             f"- numerical error of the engine: {report.numerics}", "",
+             f"- numerical error (engine: trie vs naive; precision: bf16 vs fp32, RMS to compare with the 'iid' floor's sd): "
+             f"{report.numerics}", "",
              "| step | removed | preserved | emerged | new removed (floor, excess) | new emerged (floor, excess) "
              "| ρ emerged | γ emerged | mean p_y | held-out loss |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -145,3 +145,13 @@ def test_callback_with_trainer_logs_metrics(tokenizer, tmp_path):
     assert callback.tracker is tracker
     with pytest.raises(ValueError, match="architecture"):
         tracker.add_checkpoint(tiny_model("gpt2"), 10)
+
+
+def test_numerics_report_engine_and_precision_error(tokenizer):
+    """The run reports the engine's error (trie vs naive, tiny) and what bf16 costs (vs fp32, far larger)."""
+    tracker = _tracker(tokenizer, numerics_check=True)
+    tracker.add_checkpoint(_checkpoints(1)[0], 0)
+    numerics = tracker.report().numerics
+    assert numerics["compute_dtype"] == "float32" and numerics["precision"] == "bfloat16 vs float32"
+    assert numerics["engine_max_abs"] < 1e-4
+    assert numerics["precision_rms"] > 10 * numerics["engine_rms"]

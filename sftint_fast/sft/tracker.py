@@ -463,18 +463,29 @@ class SFTTracker:
         return torch.stack([row.cpu() for row in rows]).double()
 
     def _numerics(self, model: Any) -> dict[str, Any] | None:
-        """Numerical error of the engine: the first probe through both exact engines (trie vs naive)."""
+        """Numerical error of the run, on the first probe (METHOD.md section 7.7): the engine's own error
+        (trie vs naive in the run's compute dtype) and the precision's (bfloat16 vs float32: the error of a
+        bf16 run, or what bf16 would cost an fp32 run), to be read beside the noise floor."""
         import sftint_fast as sf
         from sftint_fast.engine.adapters import get_adapter
 
-        if get_adapter(model) is None:
-            return None
         game = self.games[0]
-        a = sf.evaluate(model, game, method="trie", progress=False, compute_dtype=self.config.compute_dtype).double()
-        b = sf.evaluate(model, game, method="naive", progress=False, compute_dtype=self.config.compute_dtype).double()
-        diff = a - b
-        return {"compared": "trie vs naive, probe 0", "compute_dtype": self.config.compute_dtype,
-                "max_abs": diff.abs().max().item(), "rms": diff.pow(2).mean().sqrt().item()}
+        dtype = self.config.compute_dtype
+        out: dict[str, Any] = {"probe": 0, "compute_dtype": dtype}
+        naive = sf.evaluate(model, game, method="naive", progress=False, compute_dtype=dtype).double()
+        if get_adapter(model) is not None:
+            trie = sf.evaluate(model, game, method="trie", progress=False, compute_dtype=dtype).double()
+            out.update(engine_max_abs=(trie - naive).abs().max().item(),
+                       engine_rms=(trie - naive).pow(2).mean().sqrt().item())
+        other = "float32" if dtype == "bfloat16" else "bfloat16"
+        try:
+            alt = sf.evaluate(model, game, method="naive", progress=False, compute_dtype=other).double()
+        except ValueError as exc:  # e.g. a model whose dtype rules out the other precision
+            out["precision"] = f"unavailable: {exc}"
+        else:
+            out.update(precision="bfloat16 vs float32", precision_max_abs=(alt - naive).abs().max().item(),
+                       precision_rms=(alt - naive).pow(2).mean().sqrt().item())
+        return out
 
     def _heldout_loss(self, model: Any) -> float:
         device = next(model.parameters()).device
