@@ -15,7 +15,6 @@ No weights are copied.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import importlib.util
 import logging
 import warnings
@@ -35,15 +34,6 @@ ComputeDtype = Literal["float32", "bfloat16", "tf32"]
 
 _COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "tf32": torch.float32}
 _BYTES_PER_VARIANT = 12  # int64 bitmask + float32 value, the minimum any engine holds per variant
-
-
-def _trie_installed() -> bool:
-    # The trie engine is optional at this layer: only "module not there" counts, never other import errors.
-    for name in ("sftint_fast.engine.trie", "sftint_fast.engine.adapters"):
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.origin is None:
-            return False
-    return True
 
 
 def _validate_subsets(subsets: Any, n: int, device: torch.device, max_memory: int | None) -> torch.Tensor:
@@ -121,19 +111,16 @@ def _choose_engine(model: Any, method: Method) -> Callable[..., torch.Tensor]:
         raise ValueError(f"method: expected 'auto', 'naive' or 'trie', received {method!r}")
     if method == "naive":
         return evaluate_naive
-    if not _trie_installed():
-        if method == "trie":
-            raise ValueError("method='trie': the trie engine (sftint_fast.engine.trie) is not installed")
-        logger.info("the trie engine is not installed; using the naive engine")
-        return evaluate_naive
-    adapters = importlib.import_module("sftint_fast.engine.adapters")
-    if adapters.get_adapter(model) is None:
+    from sftint_fast.engine.adapters import get_adapter  # imported on use: the trie pulls in more modules
+    from sftint_fast.engine.trie import evaluate_trie
+
+    if get_adapter(model) is None:
         name = type(model).__name__
         if method == "trie":
             raise ValueError(f"method='trie': no trie adapter for {name}; use method='naive'")
         warnings.warn(f"no trie adapter for {name}; falling back to the naive engine (slower, same values)", stacklevel=3)
         return evaluate_naive
-    return importlib.import_module("sftint_fast.engine.trie").evaluate_trie
+    return evaluate_trie
 
 
 def evaluate(
