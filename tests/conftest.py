@@ -49,3 +49,14 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, attn: str = "eager", **ove
 @pytest.fixture
 def tiny_llama():
     return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random llama and the offline word-level tokenizer saved as a model folder (for the CLI)."""
+    from word_tokenizer import word_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model("llama").save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path

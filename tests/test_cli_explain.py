@@ -15,14 +15,6 @@ from word_tokenizer import word_tokenizer
 TEXT = "the big cat sat on the mat"
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_model("llama").save_pretrained(path)
-    word_tokenizer().save_pretrained(path)
-    return path
-
-
 def test_explain_writes_results(model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["explain", "--model", str(model_dir), "--text", TEXT, "--players", "1,2,3,6", "--target", "the big",

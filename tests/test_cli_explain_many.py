@@ -17,19 +17,12 @@ from sftint_fast.game import Game
 from conftest import tiny_model
 from word_tokenizer import word_tokenizer
 
+
 ROWS = [{"prompt": "the big cat sat on the mat"},
         {"prompt": "what is the capital of france", "players": [0, 3, 5], "target": "paris"},
         {"prompt": "a small dog ran fast", "players": "1,2,4"},
         {"prompt": "the red sun and the blue moon", "target": "sky"}]
 FILES = ("v.safetensors", "interactions.safetensors", "config.json", "interactions.png")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_model("llama").save_pretrained(path)
-    word_tokenizer().save_pretrained(path)
-    return path
 
 
 @pytest.fixture()
