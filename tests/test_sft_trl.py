@@ -4,7 +4,8 @@ import torch
 
 import sftint_fast as sf
 from conftest import tiny_model
-from test_sft_tracker import _tracker, tokenizer  # noqa: F401  (module-scoped fixture)
+from test_sft_tracker import _tracker
+from test_sft_tracker import tokenizer  # noqa: F401  (the module-scoped fixture, shared)
 
 trl = pytest.importorskip("trl")
 

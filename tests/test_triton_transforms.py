@@ -26,8 +26,6 @@ INVERSE = {"subset_mobius": "subset_zeta", "subset_zeta": "subset_mobius",
 @pytest.mark.parametrize("n", range(9), ids=[f"n={n}" for n in range(9)])
 @pytest.mark.parametrize("kind", KINDS)
 def test_butterfly_matches_brute_force(kind, n, dtype):
-    from sftint_fast.ops.triton.transforms import butterfly
-
     x = torch.randn(2, 1 << n, generator=torch.Generator().manual_seed(n), dtype=torch.float64).to(dtype)
     out = run(x, kind)
     assert out.shape == x.shape and out.dtype == dtype
@@ -40,7 +38,6 @@ def test_butterfly_matches_brute_force(kind, n, dtype):
 def test_butterfly_high_bits_match_torch(kind, n):
     """n > 10 exercises the strided launches after the in-block one (the torch butterfly is exact in fp64)."""
     from sftint_fast.ops.transforms import _torch_butterfly
-    from sftint_fast.ops.triton.transforms import butterfly
 
     x = torch.randn(1 << n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
     torch.testing.assert_close(run(x, kind), _torch_butterfly(x, kind), atol=1e-9, rtol=0)
@@ -49,8 +46,6 @@ def test_butterfly_high_bits_match_torch(kind, n):
 @pytest.mark.parametrize("n", [0, 3, 11], ids=["n=0", "n=3", "n=11"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_inverse_of_transform_is_identity(kind, n):
-    from sftint_fast.ops.triton.transforms import butterfly
-
     x = torch.randn(3, 1 << n, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     torch.testing.assert_close(run(run(x, kind), INVERSE[kind]), x, atol=1e-10, rtol=0)
 
