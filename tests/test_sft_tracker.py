@@ -8,26 +8,17 @@ import torch
 import sftint_fast as sf
 import sftint_fast.engine
 from conftest import tiny_model
+from dist_scripts.sft_callback import make_tokenizer
 from sftint_fast.sft.probes import Probe, load_probes, save_probes
 from sftint_fast.sft.tracker import SFTTracker
 
-WORDS = ("the a cat dog sat on mat quickly red blue green big small house tree river what is capital city of "
-         "france paris why how when where who did run jump over under sky sun moon star").split()
 PROMPTS = ["the big cat sat on the red mat", "a small dog did run over the blue river",
            "what is the capital city of france", "why did the cow jump"]
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    vocab.update({w: i + 4 for i, w in enumerate(WORDS)})
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>")
+    return make_tokenizer()
 
 
 def _checkpoints(count, seed=0):
