@@ -37,6 +37,8 @@ _API: dict[str, str] = {
     "Game": "sftint_fast.game",
     "evaluate": "sftint_fast.engine",
     "evaluate_many": "sftint_fast.engine",
+    "evaluate_games": "sftint_fast.engine",
+    "group_games": "sftint_fast.engine",
     "plan_trie": "sftint_fast.engine.plan",
     "learn_baseline": "sftint_fast.baseline",
     "load_default": "sftint_fast.models",

@@ -202,12 +202,6 @@ def load_shard(path: Path) -> torch.Tensor:
     return load_file(str(path))["v"]
 
 
-def _default_evaluate(model: Any, game: Game, **kwargs: Any) -> torch.Tensor:
-    from sftint_fast.engine import evaluate
-
-    return evaluate(model, game, **kwargs)
-
-
 def evaluate_sharded(
     model: Any,
     games: Sequence[Game],
@@ -217,6 +211,7 @@ def evaluate_sharded(
     costs: Sequence[float] | None = None,
     progress: bool = True,
     evaluate_fn: EvaluateFn | None = None,
+    group_size: int | None = None,
     **evaluate_kwargs: Any,
 ) -> list[torch.Tensor]:
     """``v`` of every game, computed across the ranks of the process group (or here, without one).
@@ -230,8 +225,10 @@ def evaluate_sharded(
         out_dir: folder for ``shard-<key>.safetensors`` files (None = nothing saved, nothing resumed).
         model_key: names the weights in the keys (None = :func:`model_fingerprint` of ``model``).
         costs: one cost per game for the balancing (None = :func:`game_cost`).
-        evaluate_fn: ``fn(model, game, **evaluate_kwargs) -> v``; None = ``sf.evaluate``.
-        **evaluate_kwargs: passed to ``evaluate_fn`` (``method``, ``subsets``, ``batch_size``, …); the
+        evaluate_fn: ``fn(model, game, **evaluate_kwargs) -> v``, called per game; None = this rank's pending
+            games grouped by layout (:func:`sftint_fast.engine.group_games`, ``group_size``) and each group
+            evaluated at once (:func:`sftint_fast.engine.evaluate_games`), its files written when it is done.
+        **evaluate_kwargs: passed to the evaluation (``method``, ``subsets``, ``batch_size``, …); the
             per-game progress bar is off, one bar counts this rank's games.
     """
     games = list(games)
@@ -240,7 +237,6 @@ def evaluate_sharded(
             raise TypeError(f"games[{i}]: expected a sftint_fast.Game, received {type(game).__name__}")
     if costs is not None and len(costs) != len(games):
         raise ValueError(f"costs: expected one cost per game ({len(games)}), received {len(costs)}")
-    evaluate_fn = evaluate_fn or _default_evaluate
     if costs is None:
         costs = [game_cost(g, method=evaluate_kwargs.get("method", "auto")) for g in games]
     mine = assign_shards(costs, world_size())[rank()]
@@ -250,18 +246,40 @@ def evaluate_sharded(
         options = {name: evaluate_kwargs.get(name) for name in VALUE_OPTIONS}
         keys = {i: game_key(games[i], model_key=model_key, options=options) for i in mine}
     local: dict[int, torch.Tensor] = {}
-    skipped = 0
-    for i in tqdm(mine, desc=f"games (rank {rank()})", unit="game", disable=not progress):
+    pending = []
+    for i in mine:
         path = shard_path(out_dir, keys[i]) if out_dir is not None else None
         if path is not None and path.exists():
             local[i] = load_shard(path)
-            skipped += 1
-            continue
-        v = evaluate_fn(model, games[i], progress=False, **evaluate_kwargs).detach().to("cpu", torch.float32)
-        if path is not None:
-            save_shard(path, v, {"key": keys[i], "words": json.dumps(list(games[i].words))})
+        else:
+            pending.append(i)
+    if len(pending) < len(mine):
+        logger.info("rank %d: %d of %d games resumed from %s", rank(), len(mine) - len(pending), len(mine), out_dir)
+
+    def finish(i: int, v: torch.Tensor) -> None:
+        v = v.detach().to("cpu", torch.float32)
+        if out_dir is not None:
+            save_shard(shard_path(out_dir, keys[i]), v, {"key": keys[i], "words": json.dumps(list(games[i].words))})
         local[i] = v
-    if skipped:
-        logger.info("rank %d: %d of %d games resumed from %s", rank(), skipped, len(mine), out_dir)
+
+    with tqdm(total=len(mine), initial=len(mine) - len(pending), desc=f"games (rank {rank()})", unit="game",
+              disable=not progress) as bar:
+        if evaluate_fn is not None:
+            for i in pending:
+                finish(i, evaluate_fn(model, games[i], progress=False, **evaluate_kwargs))
+                bar.update(1)
+        elif pending:
+            from sftint_fast import engine
+
+            grouping = {name: evaluate_kwargs.get(name) for name in
+                        ("subsets", "batch_size", "max_memory", "compute_dtype")}
+            groups = engine.group_games(model, [games[i] for i in pending], method=evaluate_kwargs.get("method", "auto"),
+                                        group_size=group_size, **grouping)
+            for group in groups:
+                members = [pending[j] for j in group]
+                values = engine.evaluate_games(model, [games[i] for i in members], progress=False, **evaluate_kwargs)
+                for i, v in zip(members, values):
+                    finish(i, v)
+                bar.update(len(members))
     gathered = gather_metrics(local)
     return [gathered[i] for i in range(len(games))]

@@ -70,11 +70,11 @@ def test_explain_file_writes_one_folder_per_prompt_and_resumes(model_dir, prompt
     assert len(list((out / "shards").glob("shard-*.safetensors"))) == len(ROWS)
 
     calls = []
-    real = sftint_fast.engine.evaluate
-    monkeypatch.setattr(sftint_fast.engine, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = sftint_fast.engine.evaluate_games
+    monkeypatch.setattr(sftint_fast.engine, "evaluate_games", lambda m, g, **k: calls.extend(g) or real(m, g, **k))
     (out / "shards" / sorted(p.name for p in (out / "shards").glob("shard-*"))[0]).unlink()
     assert main(argv) == 0
-    assert len(calls) == 1  # only the deleted shard was evaluated again
+    assert len(calls) == 1  # only the deleted shard's game was evaluated again
     _check_outputs(out, _expected())
 
 

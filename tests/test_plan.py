@@ -46,17 +46,17 @@ def test_token_counts_match_formula(seq_len, spans):
     for level in range(n + 1):
         chunked = torch.cat(plan.chunks(level))
         assert torch.equal(chunked, plan.level_nodes[level])
-    scheduled = [(level, ids) for units in plan.passes for level, ids in units]
+    scheduled = [(level, ids) for units in plan.passes for level, ids, _ in units]
     assert [lv for lv, _ in scheduled] == sorted(lv for lv, _ in scheduled)
     for level in range(n + 1):
         if plan.level_lens[level]:
             assert torch.equal(torch.cat([ids for lv, ids in scheduled if lv == level]), plan.level_nodes[level])
-    assert all(sum(lv == n for lv, _ in units) <= 1 for units in plan.passes)
+    assert all(sum(u.level == n for u in units) <= 1 for units in plan.passes)
 
 
 def test_batch_size_bounds_nodes_per_pass():
     plan = plan_trie(layout(*LAYOUTS[-1]), batch_size=5)
-    assert max(sum(len(ids) for _, ids in units) for units in plan.passes) <= 5
+    assert max(sum(len(u.nodes) for u in units) for units in plan.passes) <= 5
     assert len(plan_trie(layout(*LAYOUTS[-1])).passes) < len(plan.passes)
 
 

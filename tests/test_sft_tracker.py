@@ -54,9 +54,9 @@ def test_resume_recomputes_nothing_and_gives_the_same_report(tokenizer, tmp_path
     del first   # "killed" after 2 of 4 checkpoints
 
     calls = []
-    real = sf.evaluate
-    # the tracker evaluates through sf.evaluate_many, which calls the engine module's evaluate
-    monkeypatch.setattr(sftint_fast.engine, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = sftint_fast.engine.evaluate_games
+    # the tracker evaluates through sf.evaluate_many, which evaluates groups of games with evaluate_games
+    monkeypatch.setattr(sftint_fast.engine, "evaluate_games", lambda m, g, **k: calls.extend(g) or real(m, g, **k))
     resumed = _tracker(tokenizer, tmp_path / "run")
     assert resumed.steps == [0, 10]
     for step, m in enumerate(models):

@@ -11,6 +11,11 @@ sequence, ``engine/naive.py``) or ``"trie"`` (shared prefixes computed once, ``e
     warning, ``"trie"`` raises); anything else (autocast cannot upcast) raises ValueError.
   - ``"tf32"``: a float32 model with TF32 matmuls allowed on CUDA for the call (no effect on CPU).
 No weights are copied.
+
+Many games: :func:`evaluate_games` evaluates games of one layout together (the trie: one plan with every game's
+levels side by side in the same passes; naive: their variants in the same batches); :func:`evaluate_many` groups
+any list of games by layout (:func:`group_games`) and, under ``torch.distributed`` or with ``out_dir``, shards
+them across ranks with resumable per-game files (:mod:`sftint_fast.distributed`).
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sftint_fast.engine.naive import available_memory, evaluate_naive, model_device
+from sftint_fast.engine.naive import (available_memory, evaluate_naive_games, naive_batch_size, naive_layout,
+                                      model_device)
 from sftint_fast.game import MAX_PLAYERS, Game
 
 logger = logging.getLogger(__name__)
@@ -34,6 +40,10 @@ ComputeDtype = Literal["float32", "bfloat16", "tf32"]
 
 _COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "tf32": torch.float32}
 _BYTES_PER_VARIANT = 12  # int64 bitmask + float32 value, the minimum any engine holds per variant
+#: Most games one group holds (also the resume granularity of sharded runs: a group's files are written together).
+MAX_GROUP_GAMES = 64
+#: Trie tokens per group the automatic group size aims for (a few full passes; beyond it passes are full anyway).
+GROUP_TOKENS = 32768
 
 
 def _validate_subsets(subsets: Any, n: int, device: torch.device, max_memory: int | None) -> torch.Tensor:
@@ -106,21 +116,43 @@ def _resolve_backend(attention_backend: AttentionBackend, device: torch.device) 
     return "triton" if device.type == "cuda" and importlib.util.find_spec("triton") is not None else "torch"
 
 
-def _choose_engine(model: Any, method: Method) -> Callable[..., torch.Tensor]:
+def _choose_engine(model: Any, method: Method, compute_dtype: ComputeDtype | None = None) -> Literal["naive", "trie"]:
     if method not in ("auto", "naive", "trie"):
         raise ValueError(f"method: expected 'auto', 'naive' or 'trie', received {method!r}")
     if method == "naive":
-        return evaluate_naive
+        return "naive"
     from sftint_fast.engine.adapters import get_adapter  # imported on use: the trie pulls in more modules
-    from sftint_fast.engine.trie import evaluate_trie
 
     if get_adapter(model) is None:
         name = type(model).__name__
         if method == "trie":
             raise ValueError(f"method='trie': no trie adapter for {name}; use method='naive'")
-        warnings.warn(f"no trie adapter for {name}; falling back to the naive engine (slower, same values)", stacklevel=3)
-        return evaluate_naive
-    return evaluate_trie
+        warnings.warn(f"no trie adapter for {name}; falling back to the naive engine (slower, same values)", stacklevel=4)
+        return "naive"
+    if _uses_autocast(model, compute_dtype):
+        # The trie engine keeps its KV stores in the model's dtype, so it cannot run under autocast.
+        if method == "trie":
+            raise ValueError("compute_dtype='bfloat16' on a float32 model runs under torch.autocast, which the trie "
+                             "engine does not support; convert the model (model.to(torch.bfloat16)) or use method='naive'")
+        warnings.warn("compute_dtype='bfloat16' on a float32 model runs under torch.autocast, which the trie engine "
+                      "does not support; using the naive engine", stacklevel=4)
+        return "naive"
+    return "trie"
+
+
+def _check_options(batch_size: int | None, max_memory: int | float | None) -> None:
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size: expected a positive int or None, received {batch_size!r}")
+    if max_memory is not None and (not isinstance(max_memory, (int, float)) or max_memory <= 0):
+        raise ValueError(f"max_memory: expected a positive number of bytes or None, received {max_memory!r}")
+
+
+def _check_games(games: Sequence[Any]) -> list[Game]:
+    games = list(games)
+    for i, game in enumerate(games):
+        if not isinstance(game, Game):
+            raise TypeError(f"games[{i}]: expected a sftint_fast.Game, received {type(game).__name__}")
+    return games
 
 
 def evaluate(
@@ -149,50 +181,143 @@ def evaluate(
     """
     if not isinstance(game, Game):
         raise TypeError(f"game: expected a sftint_fast.Game, received {type(game).__name__}")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size: expected a positive int or None, received {batch_size!r}")
-    if max_memory is not None and (not isinstance(max_memory, (int, float)) or max_memory <= 0):
-        raise ValueError(f"max_memory: expected a positive number of bytes or None, received {max_memory!r}")
+    return evaluate_games(model, [game], method=method, subsets=subsets, batch_size=batch_size,
+                          max_memory=max_memory, progress=progress, attention_backend=attention_backend,
+                          compute_dtype=compute_dtype)[0]
+
+
+def evaluate_games(
+    model: Any,
+    games: Sequence[Game],
+    *,
+    method: Method = "auto",
+    subsets: torch.Tensor | None = None,
+    batch_size: int | None = None,
+    max_memory: int | None = None,
+    progress: bool = True,
+    attention_backend: AttentionBackend = "auto",
+    compute_dtype: ComputeDtype | None = None,
+) -> list[torch.Tensor]:
+    """:func:`evaluate` on several games of one layout at once → one ``v`` per game, equal to evaluating each.
+
+    The trie engine needs the same length, player spans, scored positions and masking mode (tokens, baselines,
+    targets and value functions may differ) and runs every game's levels in shared passes (its KV stores hold
+    all the games: the plan raises, saying how much memory it needs, when they do not fit); the naive engine
+    needs the same length, number of targets and masking mode and batches the games' variants together.
+    Games of another layout raise ValueError; :func:`evaluate_many` groups arbitrary games for you.
+    Options as in :func:`evaluate`; ``batch_size`` counts over all the games.
+    """
+    games = _check_games(games)
+    _check_options(batch_size, max_memory)
+    if not games:
+        return []
+    n = games[0].num_players
+    if subsets is not None and any(game.num_players != n for game in games):
+        raise ValueError(f"subsets: the games have different numbers of players {sorted({g.num_players for g in games})}")
     device = model_device(model)
-    subsets = _validate_subsets(subsets, game.num_players, device, None if max_memory is None else int(max_memory))
-    engine = _choose_engine(model, method)
-    if engine is not evaluate_naive and _uses_autocast(model, compute_dtype):
-        # The trie engine keeps its KV stores in the model's dtype, so it cannot run under autocast.
-        if method == "trie":
-            raise ValueError("compute_dtype='bfloat16' on a float32 model runs under torch.autocast, which the trie "
-                             "engine does not support; convert the model (model.to(torch.bfloat16)) or use method='naive'")
-        warnings.warn("compute_dtype='bfloat16' on a float32 model runs under torch.autocast, which the trie engine "
-                      "does not support; using the naive engine", stacklevel=2)
-        engine = evaluate_naive
-    kwargs: dict[str, Any] = {"batch_size": batch_size, "progress": progress,
-                              "max_memory": None if max_memory is None else int(max_memory)}
-    if engine is not evaluate_naive:
-        kwargs["attention_backend"] = _resolve_backend(attention_backend, device)
-    else:
-        _resolve_backend(attention_backend, device)
+    max_memory = None if max_memory is None else int(max_memory)
+    subsets = _validate_subsets(subsets, n, device, max_memory)
     if subsets.numel() == 0:
-        return torch.empty(0, dtype=torch.float32, device=device)
+        return [torch.empty(0, dtype=torch.float32, device=device) for _ in games]
+    engine = _choose_engine(model, method, compute_dtype)
+    backend = _resolve_backend(attention_backend, device)
+    kwargs: dict[str, Any] = {"batch_size": batch_size, "progress": progress, "max_memory": max_memory}
+    if engine == "trie":
+        from sftint_fast.engine.trie import evaluate_trie_games
+
+        run: Callable[..., list[torch.Tensor]] = evaluate_trie_games
+        kwargs["attention_backend"] = backend
+    else:
+        run = evaluate_naive_games
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), _compute_context(model, compute_dtype, device):
-            values = engine(model, game, subsets, **kwargs)
+            values = run(model, games, subsets, **kwargs)
     finally:
         model.train(was_training)
-    return values.to(torch.float32)
+    return [v.to(torch.float32) for v in values]
+
+
+def _layout_fn(engine: str) -> Callable[[Game], tuple]:
+    if engine == "trie":
+        from sftint_fast.engine.trie import trie_layout
+
+        return trie_layout
+    return naive_layout
+
+
+def _auto_group_size(model: Any, engine: str, game: Game, subsets: torch.Tensor | None, batch_size: int | None,
+                     max_memory: int | None) -> int:
+    """Games of ``game``'s layout worth running together: enough to fill a few passes (trie, ``GROUP_TOKENS``)
+    or batches (naive), with every game's KV store within half the memory budget."""
+    variants = (1 << game.num_players) if subsets is None else max(1, int(subsets.numel()))
+    if engine == "naive":
+        batch = batch_size or naive_batch_size(model, game, max_memory=max_memory)
+        return max(1, min(MAX_GROUP_GAMES, 2 * batch // variants))
+    from sftint_fast.engine.adapters import get_adapter
+    from sftint_fast.engine.plan import default_max_memory, plan_trie
+
+    budget = max_memory if max_memory is not None else default_max_memory(model_device(model))
+    plan = plan_trie(game, subsets=None if subsets is None else subsets.cpu(), dims=get_adapter(model).dims,
+                     batch_size=batch_size, max_memory=budget, num_targets=int(game.score_positions.numel()))
+    by_memory = (budget // 2) // max(1, plan.kv_bytes)
+    by_tokens = GROUP_TOKENS // max(1, plan.trie_tokens)
+    return int(max(1, min(MAX_GROUP_GAMES, by_memory, by_tokens)))
+
+
+def group_games(
+    model: Any,
+    games: Sequence[Game],
+    *,
+    method: Method = "auto",
+    subsets: torch.Tensor | None = None,
+    group_size: int | None = None,
+    batch_size: int | None = None,
+    max_memory: int | None = None,
+    compute_dtype: ComputeDtype | None = None,
+) -> list[list[int]]:
+    """Indices of ``games`` in groups that :func:`evaluate_games` can run together: same layout for the engine
+    that ``method`` picks, at most ``group_size`` games each (None = automatic from the plan and the memory
+    budget; 1 = no grouping). Groups in order of their first game; indices increasing inside a group."""
+    games = _check_games(games)
+    if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
+        raise ValueError(f"group_size: expected a positive int or None, received {group_size!r}")
+    if not games:
+        return []
+    engine = _choose_engine(model, method, compute_dtype)
+    layout = _layout_fn(engine)
+    by_layout: dict[tuple, list[int]] = {}
+    for i, game in enumerate(games):
+        by_layout.setdefault(layout(game), []).append(i)
+    groups = []
+    for members in by_layout.values():
+        size = group_size or _auto_group_size(model, engine, games[members[0]], subsets, batch_size, max_memory)
+        groups.extend(members[start:start + size] for start in range(0, len(members), size))
+    return sorted(groups, key=lambda group: group[0])
 
 
 def evaluate_many(model: Any, games: Sequence[Game], *, progress: bool = True, out_dir: str | None = None,
-                  **kwargs: Any) -> list[torch.Tensor]:
-    """``evaluate`` on each game in turn → one ``v`` per game; one progress bar over the games.
+                  group_size: int | None = None, **kwargs: Any) -> list[torch.Tensor]:
+    """``v`` of every game, games of the same layout evaluated together (:func:`group_games`,
+    :func:`evaluate_games`); one progress bar over the games. ``group_size=1`` evaluates them one by one.
 
     Under ``torch.distributed`` (e.g. ``torchrun``) or with ``out_dir`` (resumable per-game shard files) this is
     :func:`sftint_fast.distributed.evaluate_sharded`: games split across ranks, the full list (CPU tensors)
-    returned on every rank.
+    returned on every rank. Other keyword arguments: as :func:`evaluate`.
     """
     from sftint_fast import distributed
 
+    games = _check_games(games)
     if out_dir is not None or distributed.is_distributed():
-        return distributed.evaluate_sharded(model, games, out_dir=out_dir, progress=progress, **kwargs)
-    return [evaluate(model, game, progress=False, **kwargs)
-            for game in tqdm(list(games), desc="games", unit="game", disable=not progress)]
+        return distributed.evaluate_sharded(model, games, out_dir=out_dir, progress=progress, group_size=group_size,
+                                            **kwargs)
+    values: list[torch.Tensor | None] = [None] * len(games)
+    with tqdm(total=len(games), desc="games", unit="game", disable=not progress) as bar:
+        for group in group_games(model, games, method=kwargs.get("method", "auto"), subsets=kwargs.get("subsets"),
+                                 group_size=group_size, batch_size=kwargs.get("batch_size"),
+                                 max_memory=kwargs.get("max_memory"), compute_dtype=kwargs.get("compute_dtype")):
+            for i, v in zip(group, evaluate_games(model, [games[i] for i in group], progress=False, **kwargs)):
+                values[i] = v
+            bar.update(len(group))
+    return values  # type: ignore[return-value]

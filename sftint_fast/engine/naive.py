@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -113,28 +113,68 @@ def evaluate_naive(
     substituted; attention masking: a 4D mask and explicit ``position_ids``). Callers (``evaluate``) handle
     validation, ``no_grad`` and eval mode.
     """
+    return evaluate_naive_games(model, [game], subsets, batch_size=batch_size, progress=progress,
+                                max_memory=max_memory)[0]
+
+
+def naive_layout(game: Game) -> tuple:
+    """What games batched together by the naive engine must share: length, scored positions, masking mode, and
+    (attention masking, whose mask comes from the spans) the player spans."""
+    spans = game.player_spans if game.masking == "attention" else None
+    return game.input_ids.numel(), game.target.numel(), game.masking, spans
+
+
+def evaluate_naive_games(
+    model: Any,
+    games: Sequence[Game],
+    subsets: torch.Tensor,
+    *,
+    batch_size: int | None = None,
+    progress: bool = True,
+    max_memory: int | None = None,
+) -> list[torch.Tensor]:
+    """:func:`evaluate_naive` on several games of one :func:`naive_layout`, their variants batched together
+    (``batch_size`` variants per forward over all games) → one float32 ``(B,)`` tensor per game."""
+    games = list(games)
+    if not games:
+        return []
+    layout = naive_layout(games[0])
+    for i, game in enumerate(games):
+        if naive_layout(game) != layout:
+            raise ValueError(f"games[{i}]: expected the layout of games[0] (length, targets, masking[, spans]) "
+                             f"{layout}, received {naive_layout(game)}")
+    first = games[0]
     device = model_device(model)
     subsets = subsets.to(device=device, dtype=torch.int64)
-    embeds = model.get_input_embeddings()(game.input_ids.to(device)[None])[0]  # (L, H)
-    length, m = game.input_ids.numel(), game.target.numel()
+    embedding = model.get_input_embeddings()
+    embeds = [embedding(game.input_ids.to(device)[None])[0] for game in games]  # (L, H) each
+    length, m = first.input_ids.numel(), first.target.numel()
     if batch_size is None:
-        batch_size = naive_batch_size(model, game, max_memory=max_memory)
+        batch_size = naive_batch_size(model, first, max_memory=max_memory)
     keep_kw = {"logits_to_keep": m} if _accepts_logits_to_keep(model) else {}
-    out = torch.empty(subsets.numel(), dtype=torch.float32, device=device)
-    bar = tqdm(total=subsets.numel(), desc="naive", unit="variant", disable=not progress)
-    for lo in range(0, subsets.numel(), batch_size):
-        chunk = subsets[lo:lo + batch_size]
-        if game.masking == "attention":
-            inputs = embeds[None].expand(chunk.numel(), -1, -1)
+    per_game = subsets.numel()
+    total = per_game * len(games)
+    out = torch.empty(len(games), per_game, dtype=torch.float32, device=device)
+    bar = tqdm(total=total, desc="naive", unit="variant", disable=not progress)
+    for lo in range(0, total, batch_size):
+        hi = min(total, lo + batch_size)
+        # (game, first, last) pieces of the flat (game, subset) order that this batch covers
+        pieces = [(g, max(lo, g * per_game) - g * per_game, min(hi, (g + 1) * per_game) - g * per_game)
+                  for g in range(lo // per_game, (hi - 1) // per_game + 1)]
+        chunks = [subsets[a:b] for _, a, b in pieces]
+        if first.masking == "attention":
+            inputs = torch.cat([embeds[g][None].expand(b - a, -1, -1) for g, a, b in pieces])
+            every = torch.cat(chunks)
             extra = {
-                "attention_mask": _attention_masks(model, game, chunk, embeds.dtype),
-                "position_ids": torch.arange(length, device=device)[None].expand(chunk.numel(), -1),
+                "attention_mask": _attention_masks(model, first, every, inputs.dtype),
+                "position_ids": torch.arange(length, device=device)[None].expand(every.numel(), -1),
             }
         else:
-            inputs = game.masked_embeds(embeds, chunk)
+            inputs = torch.cat([games[g].masked_embeds(embeds[g], chunk) for (g, _, _), chunk in zip(pieces, chunks)])
             extra = {}
         logits = model(inputs_embeds=inputs, use_cache=False, **extra, **keep_kw).logits[:, -m:]
-        out[lo:lo + chunk.numel()] = game.values_from_logits(logits, subsets=chunk)
-        bar.update(chunk.numel())
+        for (g, a, b), chunk, part in zip(pieces, chunks, logits.split([b - a for _, a, b in pieces])):
+            out[g, a:b] = games[g].values_from_logits(part, subsets=chunk)
+        bar.update(hi - lo)
     bar.close()
-    return out
+    return list(out)

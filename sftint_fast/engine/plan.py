@@ -14,14 +14,18 @@ Execution is in passes: a pass is a run of consecutive chunks (in level order) t
 together — one set of GEMMs over all its tokens, with each chunk's attention done after every chunk of the pass
 has written that layer's K/V (a chunk's ancestors are in the same pass or an earlier one). Small early levels
 thus share their weight reads instead of costing a full pass each. A pass holds at most one last-level chunk
-(the window holds one chunk).
+per game (each game's window holds one chunk).
+
+Several games with the same layout (``num_games``; same length and spans, other tokens and baselines) share one
+plan: game ``g`` owns rows ``[g * game_rows, (g + 1) * game_rows)`` of each store, laid out as above, and the passes
+run the same level of every game together, so small levels of many games fill one set of GEMMs.
 """
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -36,6 +40,14 @@ FREE_MEMORY_FRACTION = 0.6
 _GIB = 1024**3
 
 
+class PlanUnit(NamedTuple):
+    """One chunk of a pass: ``nodes`` (int64 ids) of ``level`` of game ``game``."""
+
+    level: int
+    nodes: torch.Tensor
+    game: int = 0
+
+
 @dataclass(frozen=True, eq=False)
 class TriePlan:
     """A game's trie schedule. Per-level tuples have ``n + 1`` entries (levels ``0..n``).
@@ -47,14 +59,17 @@ class TriePlan:
         level_nodes: per level, the sorted int64 node ids computed (all ``2^j``, or those the subsets reach).
         leaf_index: ``(len(subsets),)`` int64: row of each requested subset among ``level_nodes[n]``.
         level_chunk_nodes: nodes per chunk at each level (chunks of the last level span ids ``[a, a + W)``).
-        passes: the execution schedule: each pass a tuple of ``(level, node ids)`` chunks run through the layers
-            together (``batch_size`` bounds the nodes of a pass).
-        level_offsets: start row of each stored level (levels ``< n``); ``window_start``/``window_rows``: the last
-            level's window; ``store_rows``: rows per layer store.
+        passes: the execution schedule: each pass a tuple of :class:`PlanUnit` ``(level, node ids, game)`` chunks run
+            through the layers together (``batch_size`` bounds the nodes of a pass).
+        level_offsets: start row of each stored level (levels ``< n``) in game 0's block; ``window_start`` /
+            ``window_rows``: the last level's window; ``game_rows``: rows of one game's block; ``store_rows``: rows
+            per layer store (``num_games * game_rows``).
+        num_games: games planned together (same layout).
         trie_tokens, naive_tokens, ideal_ratio: tokens computed by the trie, by ``2^n`` (or ``len(subsets)``) full
-            sequences, and their ratio.
-        kv_bytes, activation_bytes, peak_bytes: memory estimates (KV stores of all layers; the largest pass's
-            activations; their sum). ``max_memory``: the budget the chunk sizes were fitted to (None = no model).
+            sequences (both per game), and their ratio.
+        kv_bytes, activation_bytes, peak_bytes: memory estimates (KV stores of all layers and games; the largest
+            pass's activations; their sum). ``max_memory``: the budget the chunk sizes were fitted to (None = no
+            model).
     """
 
     num_players: int
@@ -65,11 +80,13 @@ class TriePlan:
     level_nodes: tuple[torch.Tensor, ...]
     leaf_index: torch.Tensor
     level_chunk_nodes: tuple[int, ...]
-    passes: tuple[tuple[tuple[int, torch.Tensor], ...], ...]
+    passes: tuple[tuple[PlanUnit, ...], ...]
     level_offsets: tuple[int, ...]
     window_start: int
     window_rows: int
+    game_rows: int
     store_rows: int
+    num_games: int
     trie_tokens: int
     naive_tokens: int
     ideal_ratio: float
@@ -86,9 +103,18 @@ class TriePlan:
         """The node-id chunks of ``level`` in order; a last-level chunk's ids lie in ``[ids[0], ids[0] + W)``."""
         return _split_level(self.level_nodes[level], self.level_chunk_nodes[level], level == self.num_players)
 
-    def last_level_offset(self, first_node: int) -> int:
-        """Virtual start row of the last level for a chunk whose smallest node id is ``first_node``."""
-        return self.window_start - first_node * self.level_lens[self.num_players]
+    def last_level_offset(self, first_node: int, game: int = 0) -> int:
+        """Virtual start row of the last level for a chunk of ``game`` whose smallest node id is ``first_node``."""
+        return game * self.game_rows + self.window_start - first_node * self.level_lens[self.num_players]
+
+    def offsets(self, level: int, first_node: int, game: int = 0) -> tuple[int, ...]:
+        """Start rows of levels ``0..level`` for a chunk of ``game`` at ``level`` (smallest node ``first_node``):
+        the table :func:`~sftint_fast.ops.subset_attention.subset_attention` reads."""
+        base = game * self.game_rows
+        stored = tuple(base + offset for offset in self.level_offsets[:level])
+        if level == self.num_players:
+            return stored + (self.last_level_offset(first_node, game),)
+        return stored + (base + self.level_offsets[level],)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data summary (JSON-serialisable)."""
@@ -96,7 +122,7 @@ class TriePlan:
             "num_players": self.num_players, "seq_len": self.seq_len, "level_lens": list(self.level_lens),
             "player_lens": list(self.player_lens), "node_counts": list(self.node_counts),
             "level_chunk_nodes": list(self.level_chunk_nodes), "num_passes": len(self.passes),
-            "trie_tokens": self.trie_tokens,
+            "num_games": self.num_games, "trie_tokens": self.trie_tokens,
             "naive_tokens": self.naive_tokens, "ideal_ratio": self.ideal_ratio, "kv_bytes": self.kv_bytes,
             "activation_bytes": self.activation_bytes, "peak_bytes": self.peak_bytes, "max_memory": self.max_memory,
         }
@@ -124,23 +150,24 @@ def _split_level(nodes: torch.Tensor, width: int, last: bool) -> list[torch.Tens
     return chunks
 
 
-def _group_passes(units: list[tuple[int, torch.Tensor]], level_lens: list[int], unit_bytes: list[int],
-                  last_level: int, max_nodes: int | None, room: int | None) -> tuple[list, int]:
-    """Greedy grouping of consecutive chunks into passes under the token, node and byte budgets."""
-    passes, current, tokens, nodes, used, peak = [], [], 0, 0, 0, 0
-    for (level, ids), cost in zip(units, unit_bytes):
-        size = len(ids) * level_lens[level]
-        fits = (tokens + size <= TARGET_CHUNK_TOKENS and (max_nodes is None or nodes + len(ids) <= max_nodes)
-                and (room is None or used + cost <= room))
+def _group_passes(units: list[PlanUnit], level_lens: list[int], unit_bytes: list[int], last_level: int,
+                  max_nodes: int | None, room: int | None) -> tuple[list, int]:
+    """Greedy grouping of consecutive chunks into passes under the token, node and byte budgets; a pass holds at
+    most one last-level chunk per game (the game's window)."""
+    passes, current, tokens, nodes, used, peak, windows = [], [], 0, 0, 0, 0, set()
+    for unit, cost in zip(units, unit_bytes):
+        size = len(unit.nodes) * level_lens[unit.level]
+        fits = (tokens + size <= TARGET_CHUNK_TOKENS and (max_nodes is None or nodes + len(unit.nodes) <= max_nodes)
+                and (room is None or used + cost <= room)
+                and not (unit.level == last_level and unit.game in windows))
         if current and not fits:
             passes.append(tuple(current))
-            current, tokens, nodes, used = [], 0, 0, 0
-        current.append((level, ids))
-        tokens, nodes, used = tokens + size, nodes + len(ids), used + cost
+            current, tokens, nodes, used, windows = [], 0, 0, 0, set()
+        current.append(unit)
+        tokens, nodes, used = tokens + size, nodes + len(unit.nodes), used + cost
         peak = max(peak, used)
-        if level == last_level:
-            passes.append(tuple(current))
-            current, tokens, nodes, used = [], 0, 0, 0
+        if unit.level == last_level:
+            windows.add(unit.game)
     if current:
         passes.append(tuple(current))
     return passes, peak
@@ -174,7 +201,7 @@ def _chunk_activation_bytes(dims: ModelDims, seg_len: int, num_keys: int, num_ta
 
 def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn.Module | None = None,
               dims: ModelDims | None = None, batch_size: int | None = None, max_memory: int | None = None,
-              num_targets: int | None = None) -> TriePlan:
+              num_targets: int | None = None, num_games: int = 1) -> TriePlan:
     """Plan the trie evaluation of ``game`` (anything with ``input_ids (L,)`` and ``player_spans``).
 
     Args:
@@ -186,6 +213,7 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
         max_memory: bytes available for the KV store and activations (default: a safe fraction of free memory
             on the model's device).
         num_targets: scored positions ``m`` (default: ``len(game.target)`` if present, else 1).
+        num_games: games of this layout evaluated together (each its own KV block and window).
 
     Raises:
         ValueError: bad spans or subsets, or a plan that does not fit ``max_memory`` even one node per chunk
@@ -215,6 +243,8 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
         subsets = subsets.cpu()
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size}")
+    if not isinstance(num_games, int) or num_games < 1:
+        raise ValueError(f"num_games: expected a positive int, received {num_games!r}")
 
     level_lens, level_positions, player_lens = _segments(seq_len, player_spans)
     level_nodes, leaf_index = _level_nodes(num_players, subsets)
@@ -242,16 +272,17 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
             device = model.device if model is not None and hasattr(model, "device") else torch.device("cpu")
             max_memory = default_max_memory(torch.device(device))
         row_bytes = dims.num_layers * 2 * dims.num_kv_heads * dims.head_dim * dims.dtype_bytes
-        fixed = window_start * row_bytes
+        fixed = num_games * window_start * row_bytes
         per_node = [_chunk_activation_bytes(dims, level_lens[j], level_positions[j] + level_lens[j], num_targets,
                                             j == num_players) for j in range(num_players + 1)]
-        window = level_lens[-1] * row_bytes  # per last-level node, allocated for the whole run
+        window = num_games * level_lens[-1] * row_bytes  # per last-level node (every game's window), for the run
         other = max(per_node[:-1], default=0)
         needed = fixed + window + max(other, per_node[-1])
         if max_memory < needed:
-            raise ValueError(f"the trie for n={num_players}, L={seq_len} needs at least {needed / _GIB:.2f} GiB "
+            games = f" x {num_games} games" if num_games > 1 else ""
+            raise ValueError(f"the trie for n={num_players}, L={seq_len}{games} needs at least {needed / _GIB:.2f} GiB "
                              f"(KV store {fixed / _GIB:.2f} GiB + one node's activations), but max_memory is "
-                             f"{max_memory / _GIB:.2f} GiB; evaluate fewer subsets or use method='naive'")
+                             f"{max_memory / _GIB:.2f} GiB; evaluate fewer subsets or games, or use method='naive'")
         room = max_memory - fixed
         chunk_nodes[-1] = max(1, min(chunk_nodes[-1], room // (per_node[-1] + window), (room - other) // window))
         room -= chunk_nodes[-1] * window
@@ -259,17 +290,21 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
         kv_bytes = fixed + chunk_nodes[-1] * window
     else:
         per_node, room = [0] * (num_players + 1), None
-    units = [(level, ids) for level in range(num_players + 1) if level_lens[level] > 0
-             for ids in _split_level(level_nodes[level], chunk_nodes[level], level == num_players)]
-    passes, activation_bytes = _group_passes(units, level_lens, [len(ids) * per_node[level] for level, ids in units],
+    # Level by level, the same chunk of every game side by side: a chunk's ancestors are always scheduled earlier.
+    units = [PlanUnit(level, ids, game) for level in range(num_players + 1) if level_lens[level] > 0
+             for ids in _split_level(level_nodes[level], chunk_nodes[level], level == num_players)
+             for game in range(num_games)]
+    passes, activation_bytes = _group_passes(units, level_lens, [len(u.nodes) * per_node[u.level] for u in units],
                                              num_players, batch_size, room)
     window_rows = chunk_nodes[-1] * level_lens[-1]
+    game_rows = window_start + window_rows
     plan = TriePlan(
         num_players=num_players, seq_len=seq_len, level_lens=tuple(level_lens),
         level_positions=tuple(level_positions), player_lens=tuple(player_lens), level_nodes=level_nodes,
         leaf_index=leaf_index, level_chunk_nodes=tuple(chunk_nodes), passes=tuple(passes),
         level_offsets=tuple(level_offsets),
-        window_start=window_start, window_rows=window_rows, store_rows=window_start + window_rows,
+        window_start=window_start, window_rows=window_rows, game_rows=game_rows, store_rows=num_games * game_rows,
+        num_games=num_games,
         trie_tokens=trie_tokens, naive_tokens=naive_tokens,
         ideal_ratio=naive_tokens / trie_tokens if trie_tokens else math.inf, kv_bytes=kv_bytes,
         activation_bytes=activation_bytes, peak_bytes=kv_bytes + activation_bytes, max_memory=max_memory,

@@ -5,17 +5,21 @@ embeddings (embedding masking: the baseline replaces player ``j``'s rows where t
 adapter's layer loop writing K/V into one flat store per layer and attending through
 :func:`~sftint_fast.ops.subset_attention.subset_attention`, and at the last level the LM head on the scored
 positions only.
+
+:func:`evaluate_trie_games` runs several games of one layout (same length and player spans; any tokens, baselines,
+targets and value functions) through one plan: each game has its own KV block, and the passes put the same level
+of every game side by side, so the small levels of many games share their GEMMs and their Python overhead.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from sftint_fast.engine.adapters import Adapter, get_adapter
-from sftint_fast.engine.plan import TriePlan, default_max_memory, plan_trie
+from sftint_fast.engine.plan import PlanUnit, TriePlan, default_max_memory, plan_trie
 from sftint_fast.ops.subset_attention import subset_attention
 
 logger = logging.getLogger(__name__)
@@ -38,16 +42,14 @@ def _segment_embeds(embeds: torch.Tensor, baseline: torch.Tensor, plan: TriePlan
 
 
 class _Chunk:
-    """One chunk of a pass: its nodes, its token rows in the pass, its store rows and its attention tables."""
+    """One chunk of a pass: its game, nodes, token rows in the pass, store rows and attention tables."""
 
-    def __init__(self, plan: TriePlan, level: int, nodes: torch.Tensor, start: int, device: torch.device,
+    def __init__(self, plan: TriePlan, unit: PlanUnit, start: int, device: torch.device,
                  table_device: torch.device) -> None:
+        level, nodes = unit.level, unit.nodes
         seg_len = plan.level_lens[level]
-        self.level, self.nodes_cpu, self.nodes = level, nodes, nodes.to(device)
-        if level == plan.num_players:
-            offsets = plan.level_offsets + (plan.last_level_offset(int(nodes[0])),)
-        else:
-            offsets = plan.level_offsets[:level + 1]
+        self.level, self.game, self.nodes_cpu, self.nodes = level, unit.game, nodes, nodes.to(device)
+        offsets = plan.offsets(level, int(nodes[0]), unit.game)
         steps = torch.arange(seg_len, device=device)
         self.rows = (offsets[level] + self.nodes[:, None] * seg_len + steps).reshape(-1)
         self.positions = (plan.level_positions[level] + steps).repeat(len(nodes))
@@ -56,12 +58,18 @@ class _Chunk:
         self.start, self.stop = start, start + len(nodes) * seg_len
 
 
-def _pass_chunks(plan: TriePlan, units: tuple[tuple[int, torch.Tensor], ...], device: torch.device,
+def _pass_chunks(plan: TriePlan, units: tuple[PlanUnit, ...], device: torch.device,
                  table_device: torch.device) -> list[_Chunk]:
     chunks: list[_Chunk] = []
-    for level, nodes in units:
-        chunks.append(_Chunk(plan, level, nodes, chunks[-1].stop if chunks else 0, device, table_device))
+    for unit in units:
+        chunks.append(_Chunk(plan, unit, chunks[-1].stop if chunks else 0, device, table_device))
     return chunks
+
+
+def trie_layout(game: Any) -> tuple:
+    """What games planned together must share: length, player spans, scored positions and masking mode."""
+    return (int(game.input_ids.shape[-1]), tuple((int(s), int(e)) for s, e in game.player_spans),
+            tuple(int(p) for p in game.score_positions.tolist()), getattr(game, "masking", "embedding"))
 
 
 def _check_game(game: Any, adapter: Adapter, subsets: torch.Tensor | None) -> None:
@@ -93,8 +101,8 @@ def evaluate_trie(model: torch.nn.Module, game: Any, subsets: torch.Tensor | Non
         game: the :class:`~sftint_fast.game.Game` (``input_ids (L,)``, ``player_spans``, ``baseline``, ``masking``,
             ``score_positions (m,)``, ``values_from_logits``).
         subsets: ``(B,)`` int64 bitmasks (bit ``i`` = player ``i`` kept); None = all ``2^n`` in bitmask order.
-        batch_size: at most this many trie nodes per chunk. max_memory: byte budget (default: a safe fraction of
-            free memory). progress: tqdm bar over levels and chunks.
+        batch_size: at most this many trie nodes per pass. max_memory: byte budget (default: a safe fraction of
+            free memory). progress: tqdm bar over the passes.
         attention_backend: ``"torch"`` (gather + SDPA) or ``"triton"`` (fused kernel).
 
     Returns:
@@ -103,34 +111,61 @@ def evaluate_trie(model: torch.nn.Module, game: Any, subsets: torch.Tensor | Non
     Example:
         >>> v = evaluate_trie(model, game)  # doctest: +SKIP
     """
+    return evaluate_trie_games(model, [game], subsets, batch_size=batch_size, max_memory=max_memory,
+                               progress=progress, attention_backend=attention_backend)[0]
+
+
+@torch.no_grad()
+def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: torch.Tensor | None = None, *,
+                        batch_size: int | None = None, max_memory: int | None = None, progress: bool = True,
+                        attention_backend: Literal["torch", "triton"] = "torch") -> list[torch.Tensor]:
+    """:func:`evaluate_trie` on several games of one layout at once (one plan, shared passes).
+
+    The games must have the same length, player spans, scored positions and masking mode (ValueError
+    otherwise); tokens, baselines, targets and value functions may differ. ``batch_size`` bounds the nodes of a
+    pass over all games; the KV stores hold every game's levels (``plan_trie(..., num_games=len(games))`` says
+    how much memory that takes and raises when it does not fit).
+
+    Returns:
+        one float32 tensor per game, as :func:`evaluate_trie` returns it.
+    """
+    games = list(games)
+    if not games:
+        return []
     adapter = get_adapter(model)
     if adapter is None:
         raise ValueError(f"no trie adapter for model type {getattr(model.config, 'model_type', type(model))!r}; "
                          f"use method='naive'")
-    _check_game(game, adapter, subsets)
+    layout = trie_layout(games[0])
+    for i, game in enumerate(games):
+        _check_game(game, adapter, subsets)
+        if trie_layout(game) != layout:
+            raise ValueError(f"games[{i}]: expected the layout of games[0] (length, player spans, scored positions, "
+                             f"masking) {layout}, received {trie_layout(game)}")
     device = next(model.parameters()).device
     if max_memory is None:
         max_memory = default_max_memory(device)
-    plan = plan_trie(game, subsets=subsets, dims=adapter.dims, batch_size=batch_size, max_memory=max_memory,
-                     num_targets=int(game.score_positions.numel()))
+    first = games[0]
+    plan = plan_trie(first, subsets=subsets, dims=adapter.dims, batch_size=batch_size, max_memory=max_memory,
+                     num_targets=int(first.score_positions.numel()), num_games=len(games))
     dims = adapter.dims
     n = plan.num_players
-    attention_masking = getattr(game, "masking", "embedding") == "attention"
-    embeds = adapter.embed(game.input_ids.to(device))
-    baseline = game.baseline.to(device)
+    attention_masking = getattr(first, "masking", "embedding") == "attention"
+    embeds = [adapter.embed(game.input_ids.to(device)) for game in games]
+    baselines = [game.baseline.to(device) for game in games]
     store_shape = (plan.store_rows, dims.num_kv_heads, dims.head_dim)
     k_stores = [torch.empty(store_shape, dtype=dims.dtype, device=device) for _ in range(dims.num_layers)]
     v_stores = [torch.empty(store_shape, dtype=dims.dtype, device=device) for _ in range(dims.num_layers)]
     # The fused kernel reads the tables on the device; the torch path reads them as Python ints (no syncs).
     table_device = device if attention_backend != "torch" else torch.device("cpu")
-    score_rel = (game.score_positions.to(device) - plan.level_positions[n]).long()
+    score_rel = (first.score_positions.to(device) - plan.level_positions[n]).long()
 
-    leaf_values = torch.empty(len(plan.level_nodes[n]), dtype=torch.float32)
-    done = 0
+    leaf_values = torch.empty(len(games), len(plan.level_nodes[n]), dtype=torch.float32)
+    done = [0] * len(games)
     for units in tqdm(plan.passes, desc="trie passes", disable=not progress, leave=False):
         chunks = _pass_chunks(plan, units, device, table_device)
-        inputs = torch.cat([_segment_embeds(embeds, baseline, plan, c.level, c.nodes, not attention_masking)
-                            .reshape(-1, dims.hidden_size) for c in chunks])
+        inputs = torch.cat([_segment_embeds(embeds[c.game], baselines[c.game], plan, c.level, c.nodes,
+                                            not attention_masking).reshape(-1, dims.hidden_size) for c in chunks])
         positions = torch.cat([c.positions for c in chunks])
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -147,10 +182,12 @@ def evaluate_trie(model: torch.nn.Module, game: Any, subsets: torch.Tensor | Non
                 for c in chunks])
 
         hidden = adapter.run_layers(inputs, positions, attend)
-        last = chunks[-1]
-        if last.level == n:
-            rows = hidden[last.start:last.stop].unflatten(0, (len(last.nodes), -1))[:, score_rel]
-            logits = adapter.logits(rows).float()
-            leaf_values[done:done + len(last.nodes)] = game.values_from_logits(logits, subsets=last.nodes_cpu).cpu()
-            done += len(last.nodes)
-    return leaf_values[plan.leaf_index].to(device)
+        leaves = [c for c in chunks if c.level == n]
+        if leaves:  # one LM head call for every game's leaves in this pass
+            rows = torch.cat([hidden[c.start:c.stop].unflatten(0, (len(c.nodes), -1))[:, score_rel] for c in leaves])
+            logits = adapter.logits(rows).float().split([len(c.nodes) for c in leaves])
+            for c, chunk_logits in zip(leaves, logits):
+                values = games[c.game].values_from_logits(chunk_logits, subsets=c.nodes_cpu).cpu()
+                leaf_values[c.game, done[c.game]:done[c.game] + len(c.nodes)] = values
+                done[c.game] += len(c.nodes)
+    return [row[plan.leaf_index].to(device) for row in leaf_values]
