@@ -31,6 +31,7 @@ from sftint_fast.ops.transforms import popcount
 
 ThresholdReference = Literal["base", "checkpoint", "absolute"]
 NullKind = Literal["order_matched", "iid"]
+_MEDIAN_CHI2_1 = 0.45493642311957174   # median of a squared standard normal
 
 
 @dataclass(frozen=True)
@@ -116,24 +117,22 @@ def new_changes(before: SetState, after: SetState) -> tuple[torch.Tensor, torch.
 
 
 def null_perturbations(delta: torch.Tensor, *, kind: NullKind, draws: int, generator: torch.Generator) -> torch.Tensor:
-    """Random perturbations of the size of an observed change, ``(B, 2^n)`` → ``(draws, B, 2^n)``.
+    """Random perturbations of ``v`` of the size of an observed change, ``(B, 2^n)`` → ``(draws, B, 2^n)``.
 
-    ``delta`` is the observed change of ``v' = v - v(∅)`` (its entry 0 is ignored; perturbations keep
-    ``v(∅)`` fixed).
+    ``delta`` is the observed change of ``v``; only its change of ``v' = v - v(∅)`` matters.
 
-    - ``"iid"``: Gaussian noise on every ``v'(S)``, ``S ≠ ∅``, with the per-probe sd equal to the RMS of
-      ``delta`` over all ``2^n`` entries.
+    - ``"iid"``: Gaussian noise on every ``v(S)``, ``v(∅)`` included, with the per-probe sd equal to the RMS of
+      the change of ``v'`` over ``S ≠ ∅`` divided by ``√2``, so that the perturbation of ``v'`` (``n(S) - n(∅)``)
+      has the observed RMS change of ``v'``, and the noise of ``v(∅)`` enters ``v'`` as it does in a real change.
     - ``"order_matched"``: in the interaction domain, the observed change's Harsanyi values of each order
       are moved to random positions of that order with random signs (the energy per order is kept
-      exactly), then mapped back to ``v`` with the inverse transform.
+      exactly), then mapped back to ``v`` with the inverse transform (entry 0 stays 0).
     """
     delta = delta - delta[:, :1]
     rows, size = delta.shape
     if kind == "iid":
-        sd = delta.pow(2).mean(dim=-1, keepdim=True).sqrt()
-        noise = torch.randn((draws, rows, size), generator=generator, dtype=delta.dtype) * sd
-        noise[..., 0] = 0
-        return noise
+        sd = delta[:, 1:].pow(2).mean(dim=-1, keepdim=True).sqrt() / math.sqrt(2)
+        return torch.randn((draws, rows, size), generator=generator, dtype=delta.dtype) * sd
     if kind != "order_matched":
         raise ValueError(f"noise_floor: expected 'order_matched' or 'iid', got {kind!r}")
     change = harsanyi(delta)
@@ -146,6 +145,55 @@ def null_perturbations(delta: torch.Tensor, *, kind: NullKind, draws: int, gener
         signs = torch.randint(0, 2, (draws, rows, positions.numel()), generator=generator).to(delta.dtype) * 2 - 1
         out[..., positions] = values.gather(-1, perm) * signs
     return inverse_harsanyi(out)
+
+
+def noise_level(delta: torch.Tensor, *, kind: NullKind) -> torch.Tensor:
+    """Variance of every Harsanyi coefficient of one checkpoint's noise, ``(B, 2^n)`` → ``(B, 2^n)``.
+
+    Under the null a change ``v_t - v_a = e_t - e_a`` is the difference of two checkpoints' independent noise,
+    so one checkpoint's noise has half the change's energy. Estimated robustly, so that a few large real
+    changes do not pass for noise: the median square (over the coefficients of each order for
+    ``"order_matched"``; over the entries ``S ≠ ∅`` of the change of ``v'``, times ``2^k / 2`` at order ``k``, for
+    ``"iid"``, whose noise of ``v(∅)`` doubles the variance of ``v'``) divided by ``2 · 0.4549`` (the median of a
+    squared standard normal is 0.4549). Entry 0 is 0.
+    """
+    delta = delta - delta[:, :1]
+    size = delta.shape[-1]
+    order = popcount(size)
+    if kind == "iid":
+        per_entry = delta[:, 1:].pow(2).median(dim=-1, keepdim=True).values / (4 * _MEDIAN_CHI2_1)
+        out = per_entry * (2.0 ** order).to(delta.dtype)
+        out[:, 0] = 0
+        return out
+    change = harsanyi(delta)
+    out = torch.zeros_like(change)
+    for k in range(1, int(order.max()) + 1):
+        sel = order == k
+        out[:, sel] = change[:, sel].pow(2).median(dim=-1, keepdim=True).values / (2 * _MEDIAN_CHI2_1)
+    return out
+
+
+def null_values(anchor: torch.Tensor, changes: list[torch.Tensor], *, kind: NullKind, draws: int,
+                generator: torch.Generator, keep: float = 3.0) -> torch.Tensor:
+    """Null replicates of the checkpoints after ``anchor``: ``(B, 2^n)`` and ``p`` changes → ``(p, draws, B, 2^n)``.
+
+    ``changes[j]`` is the observed ``v_{a+j+1} - v_a``. Each replicate is the anchor's ``v`` plus noise of the
+    size of that change (:func:`null_perturbations`), except for the anchor's interactions at the noise level
+    (``|I_a(S)| <= keep · σ(S)``, ``σ²`` from :func:`noise_level` averaged over the changes): those are themselves
+    one checkpoint's noise, which the next checkpoint replaces rather than adds to, so the replicate holds fresh
+    noise of one checkpoint's size (the perturbation divided by ``√2``) instead of the anchor's value plus noise.
+    Interactions clearly above the noise keep their anchor value plus a change of the observed size.
+    """
+    interactions = harsanyi(anchor - anchor[:, :1])
+    sigma2 = torch.stack([noise_level(d, kind=kind) for d in changes]).mean(dim=0)
+    signal = interactions.abs() > keep * sigma2.sqrt()
+    out = []
+    for delta in changes:
+        noise = harsanyi(null_perturbations(delta, kind=kind, draws=draws, generator=generator))
+        fake = torch.where(signal, interactions + noise, noise / math.sqrt(2))
+        fake[..., 0] = 0
+        out.append(inverse_harsanyi(fake) + anchor[:, :1])
+    return torch.stack(out)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -366,10 +366,10 @@ class SFTTracker:
         later = [r.values for r in self.records[anchor + 1:]] + [values]
         # seeded per checkpoint so a resumed run draws exactly what an uninterrupted one would
         generator = torch.Generator().manual_seed(c.seed * 1_000_003 + t)
-        draws = torch.stack([N.null_perturbations(v - base_v, kind=c.noise_floor, draws=c.noise_draws,
-                                                  generator=generator) for v in later])   # (p, K, B, 2^n)
-        p, k, b, size = draws.shape
-        fakes = (base_v + draws).reshape(p * k * b, size)
+        fakes = N.null_values(base_v, [v - base_v for v in later], kind=c.noise_floor, draws=c.noise_draws,
+                              generator=generator)                                         # (p, K, B, 2^n)
+        p, k, b, size = fakes.shape
+        fakes = fakes.reshape(p * k * b, size)
         inter, _ = _decompose(fakes, method=c.andor_method, config=c, progress=False)
         counts: dict[str, torch.Tensor] = {}
         for kind in c.kinds:
