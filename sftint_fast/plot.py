@@ -196,6 +196,10 @@ def markdown(report: TrackReport, *, figures: list[str]) -> str:
             f"| {c['all/removed_new'][t]:.0f} ({c['all/removed_new_floor'][t]:.1f}, {c['all/removed_new_excess'][t]:+.1f}) "
             f"| {c['all/emerged_new'][t]:.0f} ({c['all/emerged_new_floor'][t]:.1f}, {c['all/emerged_new_excess'][t]:+.1f}) "
             f"| {_fmt(c['and/emerged_rho'][t])} | {_fmt(gamma)} | {c['p_y_mean'][t]:.3f} | {_fmt(loss)} |")
+    lines += ["", "removed, preserved and emerged count the probes whose target is still relevant at that checkpoint; "
+              "a probe flagged target-irrelevant (p_y under a tenth of its base value) leaves these totals while "
+              "flagged (its changes are counted apart), so they need not be monotone when the flagged set changes "
+              f"(flagged probes per checkpoint: {c['irrelevant_probes']})."]
     lines += ["", "## Notes", ""] + [f"- {n}" for n in report.notes] + [""]
     lines += [f"![{f}]({f})" for f in figures]
     return "\n".join(lines) + "\n"

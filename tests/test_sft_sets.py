@@ -277,6 +277,7 @@ def test_write_report_makes_figures_json_and_markdown(tmp_path):
     assert data["steps"] == [0, 1, 2, 3] and data["curves"]["heldout_loss"][-1] == pytest.approx(1.7)
     h = headline(rep)
     assert h["verdict"] in md.read_text()
+    assert "target-irrelevant" in md.read_text() and "need not be monotone" in md.read_text()
     assert ("No denoising" in h["verdict"]) == (h["removed_excess_cumulative_lo"] <= 0)
 
 
