@@ -17,6 +17,22 @@ Definitions (per probe, AND and OR kept apart by the caller):
 - removed ``R_t = Ω_0 \\ Ω_t``; preserved ``P_t = P_{t-1} ∩ Ω_t`` (``P_0 = Ω_0``); emerged
   ``E_t = Ω_t \\ P_t``, so an interaction that leaves and comes back is emerged, not preserved. Each
   emerged interaction keeps the onset index of the first time it became emerged.
+
+Noise floor (METHOD.md 7.1, refined): the floor re-runs the decomposition and the set logic, from the observed
+state at the anchor ``a = t - persistence``, on K replicates of the checkpoints ``a+1 … t`` built from the
+anchor's ``v`` (:func:`null_values`). The anchor's values are themselves one noisy checkpoint: under pure noise
+``v_t - v_a = e_t - e_a``, the next checkpoint *replaces* the anchor's noise instead of adding to it. Adding a
+change-sized perturbation to every anchor value therefore (a) keeps the interactions that the anchor's noise
+pushed over τ (observed removals regress to the mean, the floor's do not: removal excess on pure noise) and
+(b) puts two checkpoints' noise on top of one (the floor's emergence is several times the observed one). So the
+anchor's interactions at the noise level (``|I_a(S)| <= 3σ(S)``, ``σ²`` = one checkpoint's noise variance,
+half the change's robust energy per order, :func:`noise_level`) are replaced by fresh noise of one checkpoint's
+size; interactions clearly above the noise keep their anchor value plus a change of the observed size, as in
+the unrefined definition. The iid null puts its noise on ``v(∅)`` too, as a real change does. On a pure-noise
+sequence (32 probes, n=6, 8 checkpoints) the floor is within ~10-25% of the observed counts per checkpoint;
+what is left: the floor's emergence is ~10% low when the base has a dense background of small interactions
+(zeroed, not resampled), and the order-matched removal floor at the first floored checkpoint is ~20% low (its
+per-order energies of high orders, one or a few coefficients, carry the base's noise).
 """
 from __future__ import annotations
 
