@@ -46,6 +46,12 @@
 #define SFTINT_X86_AVX2 0
 #endif
 
+#if defined(__GNUC__) && !defined(__clang__)
+// The 256-bit vector helpers are always inlined into AVX2-target functions, so no vector ever crosses a call
+// boundary: GCC's note that their (never used) out-of-line ABI would differ without AVX is noise.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
 namespace sftint {
 namespace {
 
@@ -103,30 +109,28 @@ SFTINT_ALWAYS_INLINE void butterfly(V& lo, V& hi) {
 }
 
 #if SFTINT_VECTOR_EXT
-// Lane c of the result is lane c ^ kH of v.
-template <class Tr, int kH, size_t... Is>
-SFTINT_ALWAYS_INLINE typename Tr::V swap_lanes(typename Tr::V v, std::index_sequence<Is...>) {
+// Lane c of the result is lane c ^ kH of y where kActive(c), otherwise lane c of fill.
+template <class Tr, int kH, bool kSuperset, size_t... Is>
+SFTINT_ALWAYS_INLINE typename Tr::V partner_or_fill(typename Tr::V y, typename Tr::V fill, std::index_sequence<Is...>) {
 #if defined(__clang__) || __GNUC__ >= 12
-  return __builtin_shufflevector(v, v, static_cast<int>(Is ^ kH)...);
+  return __builtin_shufflevector(
+      y, fill, static_cast<int>((((Is & kH) != 0) != kSuperset) ? (Is ^ kH) : (Tr::kLanes + Is))...);
 #else
-  return __builtin_shuffle(v, typename Tr::VI{static_cast<typename Tr::Int>(Is ^ kH)...});
+  return __builtin_shuffle(y, fill, typename Tr::VI{static_cast<typename Tr::Int>(
+                                        (((Is & kH) != 0) != kSuperset) ? (Is ^ kH) : (Tr::kLanes + Is))...});
 #endif
 }
 
-// Butterflies of bit log2(kH) between the lanes of one vector. Lane c is updated when it is the "hi" of its
-// pair (subset: bit set) or the "lo" (superset: bit clear), by adding +-(lane c ^ kH). The other lanes add -0.0,
-// which leaves every value (-0.0 included) unchanged; the selection is done with bit masks, not multiplies, so
-// an inf in one lane cannot turn a neighbour into NaN.
+// Butterflies of bit log2(kH) between the lanes of one vector: lane c is updated when it is the "hi" of its pair
+// (subset: bit set) or the "lo" (superset: bit clear), from lane c ^ kH. One two-input shuffle (swap + blend)
+// and one add: the other lanes get a neutral value, y + (-0.0) or y - (+0.0), which leaves every y unchanged,
+// -0.0 included; no multiply by a 0/1 mask, so an inf in one lane cannot turn a neighbour into NaN.
 template <class Tr, bool kSuperset, int kSign, int kH, size_t... Is>
 SFTINT_ALWAYS_INLINE typename Tr::V lane_stage(typename Tr::V y, std::index_sequence<Is...> lanes) {
-  using V = typename Tr::V;
-  using VI = typename Tr::VI;
-  using Int = typename Tr::Int;
-  constexpr Int kSignBit = std::numeric_limits<Int>::min();
-  const VI keep = {(((Is & kH) != 0) != kSuperset ? Int(-1) : Int(0))...};
-  const VI flip = {(((Is & kH) != 0) != kSuperset ? (kSign < 0 ? kSignBit : Int(0)) : kSignBit)...};
-  const V partner = swap_lanes<Tr, kH>(y, lanes);
-  return y + (V)(((VI)partner & keep) ^ flip);
+  using T = typename Tr::Scalar;
+  const typename Tr::V fill = {((void)Is, kSign > 0 ? T(-0.0) : T(0.0))...};
+  const typename Tr::V partner = partner_or_fill<Tr, kH, kSuperset>(y, fill, lanes);
+  return kSign > 0 ? y + partner : y - partner;
 }
 
 // All in-vector bits (0 .. log2(lanes)-1), in increasing order.
