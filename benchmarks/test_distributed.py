@@ -21,8 +21,9 @@ N_PLAYERS = 8
 PROMPT_TOKENS = 24
 
 
-def build(num_games: int, seed: int = 0):
-    """A small seeded llama (hidden 128, 4 layers) and ``num_games`` games of 8 single-token players."""
+def build(num_games: int, seed: int = 0, num_players: int = N_PLAYERS):
+    """A small seeded llama (hidden 128, 4 layers) and ``num_games`` games of ``num_players`` single-token players
+    (shifted by one token in every other game: two layouts)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     import sftint_fast as sf
@@ -36,8 +37,8 @@ def build(num_games: int, seed: int = 0):
     for g in range(num_games):
         target = torch.randint(3, 512, (2,), generator=gen)
         ids = torch.cat([torch.randint(3, 512, (PROMPT_TOKENS,), generator=gen), target[:-1]])
-        spans = tuple((2 + 2 * i + g % 2, 3 + 2 * i + g % 2) for i in range(N_PLAYERS))
-        games.append(sf.Game(input_ids=ids, player_spans=spans, words=tuple(f"w{i}" for i in range(N_PLAYERS)),
+        spans = tuple((2 + 2 * i + g % 2, 3 + 2 * i + g % 2) for i in range(num_players))
+        games.append(sf.Game(input_ids=ids, player_spans=spans, words=tuple(f"w{i}" for i in range(num_players)),
                              target=target, baseline=torch.zeros(128), prompt_length=PROMPT_TOKENS))
     return model, games
 
@@ -62,7 +63,7 @@ def worker(num_games: int, out: str) -> None:
 
         Path(out).write_text(json.dumps({"seconds": seconds, "world": distributed.world_size(),
                                          "threads": torch.get_num_threads(),
-                                         "engine": _choose_engine(model, "auto").__name__}))
+                                         "engine": _choose_engine(model, "auto")}))
     if distributed.is_distributed():
         torch.distributed.destroy_process_group()
 
