@@ -188,3 +188,8 @@ def test_subset_attention_rejects_bad_inputs():
         subset_attention(*case, level=2, scale=1.0, backend="cuda")
     with pytest.raises(ValueError, match="level_offsets"):
         subset_attention(*case, level=1, scale=1.0)
+    q, k_store, v_store, nodes, offsets, lens, players, positions = case
+    with pytest.raises(ValueError, match=r"q must be \[len\(node_ids\), level_lens\[level\], Hq, D\] = \[\d+, 2"):
+        subset_attention(q[:, :1], k_store, v_store, nodes, offsets, lens, players, positions, level=2, scale=1.0)
+    with pytest.raises(ValueError, match="len\\(node_ids\\)"):
+        subset_attention(q, k_store, v_store, nodes[:-1], offsets, lens, players, positions, level=2, scale=1.0)

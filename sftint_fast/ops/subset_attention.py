@@ -134,8 +134,15 @@ def subset_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tens
                         ("level_positions", level_positions)):
         if table.shape != (level + 1,):
             raise ValueError(f"{name} must have shape ({level + 1},) for level={level}, got {tuple(table.shape)}")
-    if q.shape[1] != int(level_lens[level]) or node_ids.shape != (q.shape[0],):
-        raise ValueError(f"q must be [len(node_ids), level_lens[level], Hq, D] = [{node_ids.shape[0]}, "
-                         f"{int(level_lens[level])}, ...], got {tuple(q.shape)}")
+    if node_ids.shape != (q.shape[0],):
+        raise ValueError(f"q must be [len(node_ids), level_lens[level], Hq, D] with len(node_ids) = "
+                         f"{node_ids.shape[0]}, got {tuple(q.shape)}")
+    if level_lens.device.type == "cpu":
+        if q.shape[1] != int(level_lens[level]):
+            raise ValueError(f"q must be [len(node_ids), level_lens[level], Hq, D] = [{node_ids.shape[0]}, "
+                             f"{int(level_lens[level])}, ...], got {tuple(q.shape)}")
+    else:  # tables on the GPU: checked on the device, without a host sync per layer
+        torch._assert_async(level_lens[level] == q.shape[1],
+                            f"subset_attention: q has {q.shape[1]} tokens per node, level_lens[{level}] differs")
     return impl(q, k_store, v_store, node_ids, level_offsets, level_lens, player_lens, level_positions, level=level,
                 scale=scale, attention_masking=attention_masking, softcap=softcap, sliding_window=sliding_window)
