@@ -55,10 +55,11 @@
 namespace sftint {
 namespace {
 
-// A row of at least this many values, with fewer rows than threads, is split across threads pass by pass.
-constexpr int kRowParallelLog2 = 15;
-// Work items (rows, or radix groups of one row) are given to threads in chunks of at least this many values.
-constexpr int64_t kGrainValues = int64_t{1} << 14;
+// Work goes to threads in tasks of at least this many values (rows, or radix groups of one long row): ~0.1 ms
+// of work on one core, so that the fork/join (tens of microseconds on idle cores, up to a scheduler time slice,
+// milliseconds, when the cores are oversubscribed) stays small beside a task. Fewer values run on the calling
+// thread; e.g. 64 rows of 2^12 fp32 values (0.09 ms) are one task.
+constexpr int64_t kGrainValues = int64_t{1} << 18;
 
 // One value per "vector": the portable kernel, and the one for rows shorter than a SIMD vector.
 template <typename T>
@@ -309,7 +310,7 @@ template <typename T, bool kSuperset, int kSign>
 void butterfly_rows(const T* src, T* dst, int64_t rows, int n) {
   const Kernels<T> k = kernels<T, kSuperset, kSign>();
   const int64_t size = int64_t{1} << n;
-  if (rows >= at::get_num_threads() || n < kRowParallelLog2) {
+  if (rows >= at::get_num_threads() || size < 2 * kGrainValues) {
     at::parallel_for(0, rows, std::max<int64_t>(1, kGrainValues >> n),
                      [&](int64_t begin, int64_t end) { k.rows(src, dst, begin, end, n); });
     return;
