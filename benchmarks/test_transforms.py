@@ -55,6 +55,12 @@ def test_mobius_batch64(benchmark, n, full, env_info):
     # passes run in cache), the same traffic as the memcpy it is compared with.
     info["io_GBps"] = 2 * v.numel() * v.element_size() / cpp_s / 1e9
     info["memcpy_GBps"] = _memcpy_bandwidth() / 1e9
+    if info["isa"] != "generic":  # the portable 128-bit kernels, for CPUs without the fast instruction set
+        _C.set_butterfly_isa("generic")
+        try:
+            info["cpp_generic_ms"] = _median_seconds(lambda: torch.ops.sftint.subset_mobius(v), repeats) * 1e3
+        finally:
+            _C.set_butterfly_isa("auto")
 
     dense_bytes = 4 * 4**n
     if dense_bytes <= DENSE_LIMIT_BYTES:
