@@ -48,3 +48,20 @@ def test_full_variant_is_the_model_log_odds_and_auto_equals_naive(smollm2, maski
     if masking == "embedding":
         # Replacing the country by pad must hurt the answer " Paris" more than replacing "The".
         assert float(v[-1] - v[63 & ~(1 << 4)]) > float(v[-1] - v[63 & ~1])
+
+
+def test_grouped_probes_equal_each_probe_alone(smollm2):
+    """Capital-city probes of one layout on the real model: one shared trie (and one shared naive batch) gives
+    each probe's own values."""
+    model, tok = smollm2
+    games = [Game.from_text(model, tok, f"The capital city of {country} is") for country in ("France", "Spain", "Italy")]
+    layouts = {(g.input_ids.numel(), g.player_spans) for g in games}
+    assert len(layouts) == 1, layouts  # single-token countries: the same layout
+    assert sf.group_games(model, games, method="trie") == [[0, 1, 2]]
+    grouped = sf.evaluate_many(model, games, method="trie", progress=False)
+    batched = sf.evaluate_games(model, games, method="naive", progress=False)  # the games' variants in shared batches
+    alone = sf.evaluate(model, games[1], method="naive", progress=False)
+    assert (batched[1] - alone).abs().max() <= 1e-4 * max(1.0, float(alone.abs().max()))
+    for v, naive in zip(grouped, batched):
+        assert (v - naive).abs().max() <= 1e-4 * max(1.0, float(naive.abs().max()))
+    assert not torch.allclose(grouped[0], grouped[1])
