@@ -48,7 +48,8 @@
 
 #if defined(__GNUC__) && !defined(__clang__)
 // The 256-bit vector helpers are always inlined into AVX2-target functions, so no vector ever crosses a call
-// boundary: GCC's note that their (never used) out-of-line ABI would differ without AVX is noise.
+// boundary: GCC's warning that their (never used) out-of-line ABI would differ without AVX is noise. (Vectors
+// are passed by reference: for by-value parameters GCC adds a -Wpsabi note that this pragma does not silence.)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
@@ -112,7 +113,8 @@ SFTINT_ALWAYS_INLINE void butterfly(V& lo, V& hi) {
 #if SFTINT_VECTOR_EXT
 // Lane c of the result is lane c ^ kH of y where kActive(c), otherwise lane c of fill.
 template <class Tr, int kH, bool kSuperset, size_t... Is>
-SFTINT_ALWAYS_INLINE typename Tr::V partner_or_fill(typename Tr::V y, typename Tr::V fill, std::index_sequence<Is...>) {
+SFTINT_ALWAYS_INLINE typename Tr::V partner_or_fill(const typename Tr::V& y, const typename Tr::V& fill,
+                                                    std::index_sequence<Is...>) {
 #if defined(__clang__) || __GNUC__ >= 12
   return __builtin_shufflevector(
       y, fill, static_cast<int>((((Is & kH) != 0) != kSuperset) ? (Is ^ kH) : (Tr::kLanes + Is))...);
@@ -127,7 +129,7 @@ SFTINT_ALWAYS_INLINE typename Tr::V partner_or_fill(typename Tr::V y, typename T
 // and one add: the other lanes get a neutral value, y + (-0.0) or y - (+0.0), which leaves every y unchanged,
 // -0.0 included; no multiply by a 0/1 mask, so an inf in one lane cannot turn a neighbour into NaN.
 template <class Tr, bool kSuperset, int kSign, int kH, size_t... Is>
-SFTINT_ALWAYS_INLINE typename Tr::V lane_stage(typename Tr::V y, std::index_sequence<Is...> lanes) {
+SFTINT_ALWAYS_INLINE typename Tr::V lane_stage(const typename Tr::V& y, std::index_sequence<Is...> lanes) {
   using T = typename Tr::Scalar;
   const typename Tr::V fill = {((void)Is, kSign > 0 ? T(-0.0) : T(0.0))...};
   const typename Tr::V partner = partner_or_fill<Tr, kH, kSuperset>(y, fill, lanes);
@@ -136,21 +138,19 @@ SFTINT_ALWAYS_INLINE typename Tr::V lane_stage(typename Tr::V y, std::index_sequ
 
 // All in-vector bits (0 .. log2(lanes)-1), in increasing order.
 template <class Tr, bool kSuperset, int kSign>
-SFTINT_ALWAYS_INLINE typename Tr::V lane_stages(typename Tr::V y) {
+SFTINT_ALWAYS_INLINE void lane_stages(typename Tr::V& y) {
   const auto lanes = std::make_index_sequence<Tr::kLanes>{};
   y = lane_stage<Tr, kSuperset, kSign, 1>(y, lanes);
   if constexpr (Tr::kLanes >= 4) y = lane_stage<Tr, kSuperset, kSign, 2>(y, lanes);
   if constexpr (Tr::kLanes >= 8) y = lane_stage<Tr, kSuperset, kSign, 4>(y, lanes);
-  return y;
 }
 #endif
 
 template <class Tr, bool kSuperset, int kSign>
-SFTINT_ALWAYS_INLINE typename Tr::V in_vector_bits(typename Tr::V y) {
+SFTINT_ALWAYS_INLINE void in_vector_bits(typename Tr::V& y) {
 #if SFTINT_VECTOR_EXT
-  if constexpr (Tr::kLogLanes > 0) return lane_stages<Tr, kSuperset, kSign>(y);
+  if constexpr (Tr::kLogLanes > 0) lane_stages<Tr, kSuperset, kSign>(y);
 #endif
-  return y;
 }
 
 // Bits log_h .. log_h+kRadix-1 (all strides >= one vector) on radix groups [g_begin, g_end) of one row. A
@@ -171,7 +171,7 @@ SFTINT_ALWAYS_INLINE void radix_sweep(const typename Tr::Scalar* src, typename T
     for (int j = 0; j < kWidth; ++j) y[j] = load<V>(src + off + j * h);
     if (kFirst) {
 #pragma GCC unroll 8
-      for (int j = 0; j < kWidth; ++j) y[j] = in_vector_bits<Tr, kSuperset, kSign>(y[j]);
+      for (int j = 0; j < kWidth; ++j) in_vector_bits<Tr, kSuperset, kSign>(y[j]);
     }
 #pragma GCC unroll 3
     for (int s = 0; s < kRadix; ++s) {
@@ -209,7 +209,9 @@ SFTINT_ALWAYS_INLINE void sweep_impl(const typename Tr::Scalar* src, typename Tr
 template <class Tr, bool kSuperset, int kSign>
 SFTINT_ALWAYS_INLINE void row_impl(const typename Tr::Scalar* src, typename Tr::Scalar* dst, int n) {
   if (n == Tr::kLogLanes) {
-    store(dst, in_vector_bits<Tr, kSuperset, kSign>(load<typename Tr::V>(src)));
+    typename Tr::V y = load<typename Tr::V>(src);
+    in_vector_bits<Tr, kSuperset, kSign>(y);
+    store(dst, y);
     return;
   }
   for (int b = Tr::kLogLanes; b < n; b += sweep_radix(n, b)) {
