@@ -42,28 +42,48 @@ def _segment_embeds(embeds: torch.Tensor, baseline: torch.Tensor, plan: TriePlan
 
 
 class _Chunk:
-    """One chunk of a pass: its game, nodes, token rows in the pass, store rows and attention tables."""
+    """One chunk of a pass: its level, game, nodes (CPU and device), token range in the pass, attention tables."""
 
-    def __init__(self, plan: TriePlan, unit: PlanUnit, start: int, device: torch.device,
+    def __init__(self, unit: PlanUnit, start: int, stop: int, nodes: torch.Tensor, tables: tuple[torch.Tensor, ...]):
+        self.level, self.game, self.nodes_cpu, self.nodes = unit.level, unit.game, unit.nodes, nodes
+        self.start, self.stop, self.tables = start, stop, tables
+
+
+class _Pass:
+    """A pass's chunks plus its store rows ``[T]`` and positions ``[T]`` for all its ``T`` tokens (in chunk order).
+
+    Every index tensor is built on the CPU and reaches the device in one (pinned, asynchronous) copy, so setting
+    up a pass never waits for the GPU.
+    """
+
+    def __init__(self, plan: TriePlan, units: tuple[PlanUnit, ...], device: torch.device,
                  table_device: torch.device) -> None:
-        level, nodes = unit.level, unit.nodes
-        seg_len = plan.level_lens[level]
-        self.level, self.game, self.nodes_cpu, self.nodes = level, unit.game, nodes, nodes.to(device)
-        offsets = plan.offsets(level, int(nodes[0]), unit.game)
-        steps = torch.arange(seg_len, device=device)
-        self.rows = (offsets[level] + self.nodes[:, None] * seg_len + steps).reshape(-1)
-        self.positions = (plan.level_positions[level] + steps).repeat(len(nodes))
-        self.tables = tuple(torch.tensor(t[:level + 1], device=table_device) for t in
-                            (offsets, plan.level_lens, plan.player_lens, plan.level_positions))
-        self.start, self.stop = start, start + len(nodes) * seg_len
-
-
-def _pass_chunks(plan: TriePlan, units: tuple[PlanUnit, ...], device: torch.device,
-                 table_device: torch.device) -> list[_Chunk]:
-    chunks: list[_Chunk] = []
-    for unit in units:
-        chunks.append(_Chunk(plan, unit, chunks[-1].stop if chunks else 0, device, table_device))
-    return chunks
+        nodes, rows, positions, tables = [], [], [], []
+        for unit in units:
+            level, ids = unit.level, unit.nodes
+            seg_len = plan.level_lens[level]
+            offsets = plan.offsets(level, int(ids[0]), unit.game)
+            steps = torch.arange(seg_len)
+            nodes.append(ids)
+            rows.append((offsets[level] + ids[:, None] * seg_len + steps).reshape(-1))
+            positions.append((plan.level_positions[level] + steps).repeat(len(ids)))
+            tables.append(torch.tensor([t[:level + 1] for t in
+                                        (offsets, plan.level_lens, plan.player_lens, plan.level_positions)]))
+        sizes = [len(ids) for ids in nodes]
+        flat = torch.cat(nodes + [torch.cat(rows), torch.cat(positions)])
+        if device.type == "cuda":
+            flat = flat.pin_memory().to(device, non_blocking=True)
+        parts = flat.split(sizes + [flat.numel() - sum(sizes)])
+        self.rows, self.positions = parts[-1].view(2, -1)
+        if table_device.type == "cuda":
+            table_parts = torch.cat([t.reshape(-1) for t in tables]).pin_memory().to(table_device, non_blocking=True)
+            tables = list(table_parts.split([t.numel() for t in tables]))
+        self.chunks: list[_Chunk] = []
+        start = 0
+        for unit, ids, table, size in zip(units, parts, tables, sizes):
+            stop = start + size * plan.level_lens[unit.level]
+            self.chunks.append(_Chunk(unit, start, stop, ids, tuple(table.view(4, -1))))
+            start = stop
 
 
 def trie_layout(game: Any) -> tuple:
@@ -160,34 +180,34 @@ def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: t
     table_device = device if attention_backend != "torch" else torch.device("cpu")
     score_rel = (first.score_positions.to(device) - plan.level_positions[n]).long()
 
-    leaf_values = torch.empty(len(games), len(plan.level_nodes[n]), dtype=torch.float32)
+    leaf_values = torch.empty(len(games), len(plan.level_nodes[n]), dtype=torch.float32, device=device)
     done = [0] * len(games)
     for units in tqdm(plan.passes, desc="trie passes", disable=not progress, leave=False):
-        chunks = _pass_chunks(plan, units, device, table_device)
+        pass_ = _Pass(plan, units, device, table_device)
+        chunks = pass_.chunks
         inputs = torch.cat([_segment_embeds(embeds[c.game], baselines[c.game], plan, c.level, c.nodes,
                                             not attention_masking).reshape(-1, dims.hidden_size) for c in chunks])
-        positions = torch.cat([c.positions for c in chunks])
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            k_store, v_store = k_stores[layer], v_stores[layer]
-            for c in chunks:  # every chunk's K/V first: a chunk may read its ancestors from this same pass
-                k_store.index_copy_(0, c.rows, k[c.start:c.stop])
-                v_store.index_copy_(0, c.rows, v[c.start:c.stop])
+            # every chunk's K/V first (one copy for the pass): a chunk may read its ancestors from this same pass
+            k_stores[layer].index_copy_(0, pass_.rows, k)
+            v_stores[layer].index_copy_(0, pass_.rows, v)
             spec = adapter.layers[layer]
             return torch.cat([
-                subset_attention(q[c.start:c.stop].unflatten(0, (len(c.nodes), -1)), k_store, v_store, c.nodes,
-                                 *c.tables, level=c.level, scale=spec.scale, attention_masking=attention_masking,
-                                 softcap=spec.softcap, sliding_window=spec.sliding_window,
-                                 backend=attention_backend).flatten(0, 1)
+                subset_attention(q[c.start:c.stop].unflatten(0, (len(c.nodes), -1)), k_stores[layer],
+                                 v_stores[layer], c.nodes, *c.tables, level=c.level, scale=spec.scale,
+                                 attention_masking=attention_masking, softcap=spec.softcap,
+                                 sliding_window=spec.sliding_window, backend=attention_backend).flatten(0, 1)
                 for c in chunks])
 
-        hidden = adapter.run_layers(inputs, positions, attend)
+        hidden = adapter.run_layers(inputs, pass_.positions, attend)
         leaves = [c for c in chunks if c.level == n]
         if leaves:  # one LM head call for every game's leaves in this pass
             rows = torch.cat([hidden[c.start:c.stop].unflatten(0, (len(c.nodes), -1))[:, score_rel] for c in leaves])
             logits = adapter.logits(rows).float().split([len(c.nodes) for c in leaves])
             for c, chunk_logits in zip(leaves, logits):
-                values = games[c.game].values_from_logits(chunk_logits, subsets=c.nodes_cpu).cpu()
+                values = games[c.game].values_from_logits(chunk_logits, subsets=c.nodes_cpu)
                 leaf_values[c.game, done[c.game]:done[c.game] + len(c.nodes)] = values
                 done[c.game] += len(c.nodes)
-    return [row[plan.leaf_index].to(device) for row in leaf_values]
+    leaf_index = plan.leaf_index.to(device)
+    return [row[leaf_index] for row in leaf_values]
