@@ -7,7 +7,7 @@
 //   superset_zeta  : out(S) = sum_{L superset S} x(L)
 // Each is n butterfly passes, one per bit, O(n 2^n) per row. The passes are grouped so that a row is
 // swept only ~n/3 times (rows are processed one at a time, so a row of up to 2^12 fp32 values stays in L1):
-//   * the lowest log2(lanes) bits are butterflies between the lanes of one SIMD vector (shuffle + masked add);
+//   * the lowest log2(lanes) bits are butterflies between the lanes of one SIMD vector (shuffle + add);
 //   * every higher bit b has a stride 2^b of at least one vector, and three of them at once are a radix-8
 //     sweep: load the 8 vectors at offsets {0, h, 2h, ..., 7h}, run the three butterfly stages in registers,
 //     store them back;
@@ -111,7 +111,8 @@ SFTINT_ALWAYS_INLINE void butterfly(V& lo, V& hi) {
 }
 
 #if SFTINT_VECTOR_EXT
-// Lane c of the result is lane c ^ kH of y where kActive(c), otherwise lane c of fill.
+// Lane c of the result is lane c ^ kH of y where lane c is updated (subset: bit kH set; superset: clear),
+// otherwise lane c of fill.
 template <class Tr, int kH, bool kSuperset, size_t... Is>
 SFTINT_ALWAYS_INLINE typename Tr::V partner_or_fill(const typename Tr::V& y, const typename Tr::V& fill,
                                                     std::index_sequence<Is...>) {
