@@ -2,7 +2,8 @@
 
 Same model, same games, one process, timed in the same run. The games have two layouts (players shifted by one
 token in every other game), so grouping makes two groups. Quick: 8 games; ``--full``: 32 (the issue's size).
-n = 4 (tiny tries: per-pass overhead dominates) and n = 8.
+Trie at n = 4, 6, 8 (on CPU only tries much smaller than a pass are grouped, see ``GROUP_TOKENS``) and the naive
+engine at n = 4 (the games' variants share batches).
 """
 from __future__ import annotations
 
@@ -36,24 +37,24 @@ def _count_passes(monkeypatch) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("num_players", [4, 8])
-def test_evaluate_many_grouped_vs_one_by_one(benchmark, full, env_info, num_players, monkeypatch):
+@pytest.mark.parametrize("method,num_players", [("trie", 4), ("trie", 6), ("trie", 8), ("naive", 4)])
+def test_evaluate_many_grouped_vs_one_by_one(benchmark, full, env_info, method, num_players, monkeypatch):
     num_games = 32 if full else 8
     model, games = build(num_games, num_players=num_players)
-    calls = _count_passes(monkeypatch)
-    grouped = sf.evaluate_many(model, games, method="trie", progress=False)
+    calls = _count_passes(monkeypatch) if method == "trie" else []
+    grouped = sf.evaluate_many(model, games, method=method, progress=False)
     passes_grouped = len(calls)
     calls.clear()
-    single = sf.evaluate_many(model, games, method="trie", group_size=1, progress=False)
+    single = sf.evaluate_many(model, games, method=method, group_size=1, progress=False)
     passes_single = len(calls)
     max_abs_diff = max(float((a - b).abs().max()) for a, b in zip(grouped, single))
 
-    grouped_s, single_s = _seconds([lambda: sf.evaluate_many(model, games, method="trie", progress=False),
-                                    lambda: sf.evaluate_many(model, games, method="trie", group_size=1,
+    grouped_s, single_s = _seconds([lambda: sf.evaluate_many(model, games, method=method, progress=False),
+                                    lambda: sf.evaluate_many(model, games, method=method, group_size=1,
                                                              progress=False)])
-    benchmark.pedantic(lambda: sf.evaluate_many(model, games, method="trie", progress=False), rounds=1, iterations=1)
-    groups = sf.group_games(model, games, method="trie")
-    info = dict(env_info, games=num_games, players=num_players, groups=[len(g) for g in groups],
+    benchmark.pedantic(lambda: sf.evaluate_many(model, games, method=method, progress=False), rounds=1, iterations=1)
+    groups = sf.group_games(model, games, method=method)
+    info = dict(env_info, method=method, games=num_games, players=num_players, groups=[len(g) for g in groups],
                 passes_grouped=passes_grouped, passes_one_by_one=passes_single,
                 grouped_ms_per_game=grouped_s / num_games * 1e3, one_by_one_ms_per_game=single_s / num_games * 1e3,
                 speedup_grouped=single_s / grouped_s, max_abs_diff=max_abs_diff)
