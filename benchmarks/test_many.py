@@ -23,10 +23,17 @@ def _seconds(fns, repeats: int = 3) -> list[float]:
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, record in zip(fns, times):
+            _sync()
             start = time.perf_counter()
             fn()
+            _sync()
             record.append(time.perf_counter() - start)
     return [statistics.median(record) for record in times]
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def _count_passes(monkeypatch) -> list[int]:
@@ -41,6 +48,7 @@ def _count_passes(monkeypatch) -> list[int]:
 def test_evaluate_many_grouped_vs_one_by_one(benchmark, full, env_info, method, num_players, monkeypatch):
     num_games = 32 if full else 8
     model, games = build(num_games, num_players=num_players)
+    model = model.to("cuda" if torch.cuda.is_available() else "cpu")  # CPU here; the GPU in run_gpu.sh
     calls = _count_passes(monkeypatch) if method == "trie" else []
     grouped = sf.evaluate_many(model, games, method=method, progress=False)
     passes_grouped = len(calls)
@@ -61,4 +69,4 @@ def test_evaluate_many_grouped_vs_one_by_one(benchmark, full, env_info, method, 
     benchmark.extra_info.update(info)
     print({k: (round(x, 3) if isinstance(x, float) else x) for k, x in info.items()})
     assert max_abs_diff < 1e-4
-    assert torch.isfinite(torch.stack(grouped)).all()
+    assert bool(torch.isfinite(torch.stack(grouped)).all())
