@@ -52,13 +52,13 @@ def main() -> None:
     distributed.init_from_env("gloo")
     world = distributed.world_size()
     evaluated: list[str] = []
-    real = sftint_fast.engine.evaluate
+    real = sftint_fast.engine.evaluate_games  # what evaluate_many runs on each group of games
 
-    def counting_evaluate(model, game, **kwargs):
-        evaluated.append(" ".join(game.words))
-        return real(model, game, **kwargs)
+    def counting_evaluate_games(model, games, **kwargs):
+        evaluated.extend(" ".join(game.words) for game in games)
+        return real(model, games, **kwargs)
 
-    sftint_fast.engine.evaluate = counting_evaluate
+    sftint_fast.engine.evaluate_games = counting_evaluate_games
     model = tiny_model("llama").train()
     g = torch.Generator().manual_seed(0)
     data = [{"input_ids": (ids := torch.randint(4, 40, (12,), generator=g)), "labels": ids.clone()}
