@@ -193,3 +193,19 @@ def test_subset_attention_rejects_bad_inputs():
         subset_attention(q[:, :1], k_store, v_store, nodes, offsets, lens, players, positions, level=2, scale=1.0)
     with pytest.raises(ValueError, match="len\\(node_ids\\)"):
         subset_attention(q, k_store, v_store, nodes[:-1], offsets, lens, players, positions, level=2, scale=1.0)
+
+
+def test_subset_attention_with_a_prebuilt_key_layout():
+    from sftint_fast.ops.subset_attention import key_layout
+
+    for masking in (False, True):
+        case = _random_store_case(9, level=3, seg_lens=[2, 3, 1, 4], heads=4, kv_heads=2, dim=8)
+        q, k_store, v_store, nodes, *tables = case
+        layout = key_layout(nodes, *tables, level=3, attention_masking=masking)
+        got = subset_attention(*case, level=3, scale=0.3, attention_masking=masking, layout=layout)
+        want = subset_attention_reference(*case, level=3, scale=0.3, attention_masking=masking)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match="layout: expected the key layout"):
+            subset_attention(*case, level=3, scale=0.3, attention_masking=not masking, layout=layout)
+        with pytest.raises(ValueError, match="only the torch backend"):
+            subset_attention(*case, level=3, scale=0.3, attention_masking=masking, layout=layout, backend="triton")

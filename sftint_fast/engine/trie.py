@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from sftint_fast.engine.adapters import Adapter, get_adapter
 from sftint_fast.engine.plan import PlanUnit, TriePlan, default_max_memory, plan_trie
-from sftint_fast.ops.subset_attention import subset_attention
+from sftint_fast.ops.subset_attention import key_layout, subset_attention
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +188,10 @@ def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: t
         inputs = torch.cat([_segment_embeds(embeds[c.game], baselines[c.game], plan, c.level, c.nodes,
                                             not attention_masking).reshape(-1, dims.hidden_size) for c in chunks])
 
+        # the torch backend's key rows and masks are the same in every layer: built once per chunk
+        layouts = [key_layout(c.nodes, *c.tables, level=c.level, attention_masking=attention_masking)
+                   if attention_backend == "torch" else None for c in chunks]
+
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             # every chunk's K/V first (one copy for the pass): a chunk may read its ancestors from this same pass
             k_stores[layer].index_copy_(0, pass_.rows, k)
@@ -197,8 +201,9 @@ def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: t
                 subset_attention(q[c.start:c.stop].unflatten(0, (len(c.nodes), -1)), k_stores[layer],
                                  v_stores[layer], c.nodes, *c.tables, level=c.level, scale=spec.scale,
                                  attention_masking=attention_masking, softcap=spec.softcap,
-                                 sliding_window=spec.sliding_window, backend=attention_backend).flatten(0, 1)
-                for c in chunks])
+                                 sliding_window=spec.sliding_window, backend=attention_backend,
+                                 layout=layout).flatten(0, 1)
+                for c, layout in zip(chunks, layouts)])
 
         hidden = adapter.run_layers(inputs, pass_.positions, attend)
         leaves = [c for c in chunks if c.level == n]

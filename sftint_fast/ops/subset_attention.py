@@ -11,12 +11,34 @@ Backends: ``"torch"`` gathers each node's ancestor rows (one ``index_select`` pe
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 Backend = Literal["torch", "triton"]
+
+
+@dataclass(frozen=True)
+class KeyLayout:
+    """Where a chunk's keys are, for the torch backend: store ``rows [C, K]``, key positions ``[K]`` and (attention
+    masking) hidden keys ``[C, K]``. The same for every layer, so the engine builds it once per chunk
+    (:func:`key_layout`) and passes it to :func:`subset_attention` as ``layout=``."""
+
+    rows: torch.Tensor
+    positions: torch.Tensor
+    hidden: torch.Tensor | None
+    level: int
+
+
+def key_layout(node_ids: torch.Tensor, level_offsets: torch.Tensor, level_lens: torch.Tensor,
+               player_lens: torch.Tensor, level_positions: torch.Tensor, *, level: int,
+               attention_masking: bool = False) -> KeyLayout:
+    """The :class:`KeyLayout` of a chunk of ``node_ids`` at ``level`` (tables as in :func:`subset_attention`)."""
+    rows, positions, hidden = _key_layout(node_ids, level_offsets.tolist(), level_lens.tolist(),
+                                          player_lens.tolist(), level_positions.tolist(), level, attention_masking)
+    return KeyLayout(rows, positions, hidden, level)
 
 
 def _key_layout(node_ids: torch.Tensor, level_offsets: list[int], level_lens: list[int], player_lens: list[int],
@@ -46,11 +68,14 @@ def _key_layout(node_ids: torch.Tensor, level_offsets: list[int], level_lens: li
 def _subset_attention_torch(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, node_ids: torch.Tensor,
                             level_offsets: torch.Tensor, level_lens: torch.Tensor, player_lens: torch.Tensor,
                             level_positions: torch.Tensor, *, level: int, scale: float, attention_masking: bool,
-                            softcap: float | None, sliding_window: int | None) -> torch.Tensor:
+                            softcap: float | None, sliding_window: int | None,
+                            layout: KeyLayout | None = None) -> torch.Tensor:
     chunk, seg_len, num_heads, head_dim = q.shape
     num_kv_heads = k_store.shape[1]
-    rows, key_pos, hidden = _key_layout(node_ids, level_offsets.tolist(), level_lens.tolist(), player_lens.tolist(),
-                                        level_positions.tolist(), level, attention_masking)
+    if layout is None:
+        layout = key_layout(node_ids, level_offsets, level_lens, player_lens, level_positions, level=level,
+                            attention_masking=attention_masking)
+    rows, key_pos, hidden = layout.rows, layout.positions, layout.hidden
     num_keys = rows.shape[1]
     flat_rows = rows.reshape(-1)
     keys = k_store.index_select(0, flat_rows).view(chunk, num_keys, num_kv_heads, head_dim).transpose(1, 2)
@@ -94,7 +119,7 @@ def subset_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tens
                      level_offsets: torch.Tensor, level_lens: torch.Tensor, player_lens: torch.Tensor,
                      level_positions: torch.Tensor, *, level: int, scale: float, attention_masking: bool = False,
                      softcap: float | None = None, sliding_window: int | None = None,
-                     backend: Backend = "torch") -> torch.Tensor:
+                     backend: Backend = "torch", layout: KeyLayout | None = None) -> torch.Tensor:
     """Attention of one trie level's chunk of nodes over their ancestors' KV and their own segment.
 
     Args:
@@ -110,6 +135,8 @@ def subset_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tens
             ``k - 1`` is 0, except at the query's own position.
         softcap: attention logit soft-cap ``c·tanh(s/c)``. sliding_window: keys with ``q_pos - k_pos < w`` only.
         backend: ``"torch"`` (gather + SDPA) or a registered fused kernel.
+        layout: the torch backend's :func:`key_layout` of this chunk, built once and reused by every layer
+            (None = built here).
 
     Returns:
         ``[C, S, Hq, D]`` in ``q``'s dtype.
@@ -144,5 +171,15 @@ def subset_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tens
     else:  # tables on the GPU: checked on the device, without a host sync per layer
         torch._assert_async(level_lens[level] == q.shape[1],
                             f"subset_attention: q has {q.shape[1]} tokens per node, level_lens[{level}] differs")
+    options = {}
+    if layout is not None:
+        if backend != "torch":
+            raise ValueError(f"layout: only the torch backend takes a key layout, received one with backend={backend!r}")
+        if layout.level != level or layout.rows.shape[0] != node_ids.shape[0] or (layout.hidden is None) == attention_masking:
+            raise ValueError(f"layout: expected the key layout of these {node_ids.shape[0]} nodes at level {level} "
+                             f"(attention_masking={attention_masking}), received one for {layout.rows.shape[0]} nodes "
+                             f"at level {layout.level} (attention_masking={layout.hidden is not None})")
+        options["layout"] = layout
     return impl(q, k_store, v_store, node_ids, level_offsets, level_lens, player_lens, level_positions, level=level,
-                scale=scale, attention_masking=attention_masking, softcap=softcap, sliding_window=sliding_window)
+                scale=scale, attention_masking=attention_masking, softcap=softcap, sliding_window=sliding_window,
+                **options)
