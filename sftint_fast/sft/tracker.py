@@ -362,12 +362,12 @@ class SFTTracker:
         if c.noise_floor is None or t < c.persistence:
             return {}, 0
         anchor = t - c.persistence
-        base_v = self.records[anchor].values
         later = [r.values for r in self.records[anchor + 1:]] + [values]
+        previous = self.records[anchor - 1].values if anchor >= 1 else None
         # seeded per checkpoint so a resumed run draws exactly what an uninterrupted one would
         generator = torch.Generator().manual_seed(c.seed * 1_000_003 + t)
-        fakes = N.null_values(base_v, [v - base_v for v in later], kind=c.noise_floor, draws=c.noise_draws,
-                              generator=generator)                                         # (p, K, B, 2^n)
+        fakes = N.null_values(self.records[anchor].values, later, previous=previous, kind=c.noise_floor,
+                              draws=c.noise_draws, generator=generator)                    # (p, K, B, 2^n)
         p, k, b, size = fakes.shape
         fakes = fakes.reshape(p * k * b, size)
         inter, _ = _decompose(fakes, method=c.andor_method, config=c, progress=False)
