@@ -5,7 +5,10 @@ e.g. from ``sftint demo``) with every combination of threshold reference, hyster
 with no forward passes. For each combination it reports the observed new removals/emergences summed over the
 checkpoints, their noise floors, and floor/observed (lower = the counts say more than noise).
 
-    python scripts/compare_tracking_options.py RUN_DIR [--out options.json]
+    python scripts/compare_tracking_options.py RUN_DIR [--out options.json] [--report DIR]
+
+``--report DIR`` also re-tracks the saved values with the run's own options (with this version's noise floor) and
+writes the report (report.md, report.json, plots) to DIR.
 """
 from __future__ import annotations
 
@@ -33,11 +36,15 @@ def load_run(run: Path) -> list[tuple[int, torch.Tensor, torch.Tensor, float | N
     return steps
 
 
-def evaluate_options(steps, options: dict, base_config: dict) -> dict:
+def retrack(steps, options: dict, base_config: dict) -> SFTTracker:
     tracker = SFTTracker(None, **{**base_config, **options}, progress=False)
     for step, values, p_y, loss in steps:
         tracker.add_values(step, values, p_y=p_y, heldout_loss=loss)
-    curves = tracker.report().curves
+    return tracker
+
+
+def evaluate_options(steps, options: dict, base_config: dict) -> dict:
+    curves = retrack(steps, options, base_config).report().curves
     out = dict(options)
     for change in ("removed", "emerged"):
         observed = sum(curves[f"all/{change}_new"])
@@ -51,6 +58,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--report", type=Path, default=None, help="write the run's own options' report here")
+    parser.add_argument("--only-report", action="store_true", help="skip the options grid")
     args = parser.parse_args()
     saved = json.loads((args.run / "tracker" / "config.json").read_text())
     config = saved["tracker"]
@@ -58,6 +67,14 @@ def main() -> None:
                                            "noise_draws", "min_base_py", "irrelevant_fraction", "bootstrap")
                    if k in config}
     steps = load_run(args.run)
+    if args.report:
+        from sftint_fast.plot import write_report
+
+        own = {k: config[k] for k in ("threshold_reference", "hysteresis", "persistence", "noise_floor") if k in config}
+        path = write_report(retrack(steps, own, base_config).report(), args.report)
+        print(f"report: {path}", flush=True)
+    if args.only_report:
+        return
     grid = itertools.product(["base", "checkpoint"], [True, False], [1, 2, 3], ["order_matched", "iid"])
     rows = []
     for reference, hysteresis, persistence, null in grid:

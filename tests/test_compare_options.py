@@ -1,0 +1,55 @@
+"""scripts/compare_tracking_options.py on a small saved run: the option grid and the re-tracked report."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from sftint_fast.interactions.harsanyi import inverse_harsanyi
+from sftint_fast.sft.tracker import SFTTracker
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_tracking_options.py"
+
+
+def _saved_run(root: Path) -> SFTTracker:
+    g = torch.Generator().manual_seed(0)
+    interactions = 0.02 * torch.randn(6, 32, generator=g, dtype=torch.float64)
+    interactions[:, [3, 5, 12, 31]] = 1.0
+    tracker = SFTTracker(None, andor_method="and", min_base_py=0.0, bootstrap=50, out_dir=root / "tracker",
+                         progress=False)
+    for t in range(5):
+        current = interactions.clone()
+        if t >= 2:
+            current[:, 12] = 0.0                                   # a real removal from step 2 on
+        values = inverse_harsanyi(current) + 0.01 * torch.randn(6, 32, generator=g, dtype=torch.float64)
+        tracker.add_values(t, values)
+    return tracker
+
+
+def test_compare_options_grid_and_report(tmp_path):
+    tracker = _saved_run(tmp_path)
+    out = tmp_path / "options.json"
+    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--out", str(out), "--report",
+                           str(tmp_path / "again")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2 * 2 * 3 * 2
+    own = next(r for r in rows if r["threshold_reference"] == "base" and r["hysteresis"] and r["persistence"] == 2
+               and r["noise_floor"] == "order_matched")
+    curves = tracker.report().curves
+    # the grid's row for the run's own options re-derives the run's own counts from the saved values
+    assert own["removed_observed"] == sum(curves["all/removed_new"]) > 0
+    assert own["removed_floor"] == sum(curves["all/removed_new_floor"])
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert again["curves"]["all/removed_new"] == curves["all/removed_new"]
+    assert (tmp_path / "again" / "report.md").exists()
+
+
+def test_compare_options_refuses_a_run_without_checkpoints(tmp_path):
+    (tmp_path / "tracker").mkdir()
+    (tmp_path / "tracker" / "config.json").write_text(json.dumps({"tracker": {"tau": 0.05}}))
+    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0 and "expected at least 2 saved checkpoints" in done.stderr
