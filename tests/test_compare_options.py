@@ -37,8 +37,9 @@ def test_compare_options_grid_and_report(tmp_path):
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())
     assert len(rows) == 2 * 2 * 3 * 2
-    own = next(r for r in rows if r["threshold_reference"] == "base" and r["hysteresis"] and r["persistence"] == 2
-               and r["noise_floor"] == "order_matched")
+    c = tracker.config
+    own = next(r for r in rows if r["threshold_reference"] == c.threshold_reference and r["hysteresis"] == c.hysteresis
+               and r["persistence"] == c.persistence and r["noise_floor"] == c.noise_floor)
     curves = tracker.report().curves
     # the grid's row for the run's own options re-derives the run's own counts from the saved values
     assert own["removed_observed"] == sum(curves["all/removed_new"]) > 0

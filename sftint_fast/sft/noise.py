@@ -27,7 +27,7 @@ next checkpoint replaces that noise rather than adding to it). So:
 - an interaction is *signal* when it is above ``3σ(S)`` at the anchor and at the checkpoint before it; signal keeps
   the anchor value plus a perturbation of the observed change's size (the METHOD.md definition);
 - every other interaction is redrawn: a true value from its empirical-Bayes posterior given the anchor and the
-  previous checkpoint (a model's dense background of small interactions is kept by its share ``τ²/(τ²+σ²/m)``,
+  previous checkpoint (a model's dense background of small interactions is kept by its share ``τ²/(τ²+σ²/2)``,
   ``τ²`` pooled over probes per order), shared by a draw's replicates, plus fresh noise ``N(0, σ²)`` each;
 - ``σ²`` (one checkpoint's noise per coefficient) comes from the differences of consecutive checkpoints other
   than the anchor, independent of the anchor's noise, with a clipped mean square (:func:`clipped_mean_square`).
@@ -233,22 +233,28 @@ def shrinkage(interactions: torch.Tensor, sigma2: torch.Tensor, noise_level_mask
     return torch.where(total > 0, tau2 / total.clamp(min=torch.finfo(total.dtype).tiny), torch.zeros_like(total))
 
 
-def null_values(anchor: torch.Tensor, later: Sequence[torch.Tensor], *, previous: torch.Tensor | None = None,
-                kind: NullKind, draws: int, generator: torch.Generator, keep: float = 3.0) -> torch.Tensor:
+def null_values(anchor: torch.Tensor, later: Sequence[torch.Tensor], *, earlier: Sequence[torch.Tensor] = (),
+                kind: NullKind, draws: int, generator: torch.Generator, keep: float = 3.0,
+                evidence: int = 2) -> torch.Tensor:
     """Null replicates of the checkpoints after ``anchor``: ``(B, 2^n)`` and ``p`` later ``v`` → ``(p, draws, B, 2^n)``.
 
-    ``later[j]`` is the observed ``v_{a+j+1}``, ``previous`` the ``v_{a-1}`` before the anchor (None at the base).
-    An anchor interaction is *signal* when it is above ``keep · σ(S)`` at the anchor and, where there is one, at
-    the previous checkpoint too (one noisy checkpoint alone is selection-biased: the sets it makes salient are the
-    ones its noise pushed up). Signal keeps its anchor value plus a change of the observed size
-    (:func:`null_perturbations` of ``v_{a+j+1} - v_a``, METHOD.md 7.1). Every other interaction is redrawn from
-    the null itself: a true value ``μ ~ N(w·I_a, w·σ²)`` (:func:`shrinkage`), shared by the ``p`` replicates of a
-    draw, plus fresh noise ``N(0, σ²)`` per replicate. ``σ²`` (:func:`noise_level`) comes from the differences of
-    consecutive checkpoints other than the anchor (``previous``, ``later…``), independent of the anchor's noise
-    under the null; with no such pair (the base, persistence 1) from ``v_{a+1} - v_a``.
+    ``later[j]`` is the observed ``v_{a+j+1}``, ``earlier`` the checkpoints before the anchor in order (empty at the
+    base), the last of them ``v_{a-1}``. An anchor interaction is *signal* when it is above ``keep · σ(S)`` at the
+    anchor and, where there is one, at ``v_{a-1}`` too (one noisy checkpoint alone is selection-biased: the sets it
+    makes salient are the ones its noise pushed up). Signal keeps its anchor value plus a change of the observed
+    size (:func:`null_perturbations` of ``v_{a+j+1} - v_a``, METHOD.md 7.1). Every other interaction is redrawn
+    from the null itself: a true value ``μ ~ N(w·Ī, w·σ²/m)``, ``Ī`` the mean of the anchor and the ``m - 1``
+    checkpoints before it (``m <= evidence``; more evidence lags a real drift), ``w`` from :func:`shrinkage`,
+    shared by the ``p`` replicates of a draw, plus fresh noise ``N(0, σ²)`` per replicate. ``σ²``
+    (:func:`noise_level`) comes from the differences of consecutive checkpoints other than the anchor
+    (``v_{a-1}``, ``later…``), independent of the anchor's noise under the null; with no such pair (the base,
+    persistence 1) from ``v_{a+1} - v_a``.
     """
     if not later:
         raise ValueError("null_values: expected at least one later checkpoint, got none")
+    if evidence < 1:
+        raise ValueError(f"null_values: expected evidence >= 1 (checkpoints averaged for the true value), got {evidence}")
+    previous = earlier[-1] if len(earlier) else None
     chain = ([previous] if previous is not None else []) + list(later)
     differences = [b - a for a, b in zip(chain[:-1], chain[1:])] or [later[0] - anchor]
     sigma2 = noise_level(differences, kind=kind)
@@ -257,10 +263,9 @@ def null_values(anchor: torch.Tensor, later: Sequence[torch.Tensor], *, previous
     signal = interactions.abs() > keep * sigma
     if previous is not None:
         signal &= harsanyi(previous - previous[:, :1]).abs() > keep * sigma
-    # the true value's evidence: the mean of the anchor and the previous checkpoint (noise variance sigma^2 / m)
-    observed, m = interactions, 1
-    if previous is not None:
-        observed, m = (interactions + harsanyi(previous - previous[:, :1])) / 2, 2
+    # the true value's evidence: the mean of the anchor and up to evidence - 1 checkpoints before it (noise sigma^2/m)
+    looks = [interactions] + [harsanyi(v - v[:, :1]) for v in list(earlier)[::-1][:max(evidence - 1, 0)]]
+    observed, m = torch.stack(looks).mean(0), len(looks)
     weight = shrinkage(observed, sigma2 / m, ~signal)
     shape = (draws,) + tuple(interactions.shape)
     centre = weight * observed + (weight * sigma2 / m).sqrt() * torch.randn(shape, generator=generator, dtype=anchor.dtype)

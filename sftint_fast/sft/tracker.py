@@ -55,8 +55,8 @@ class TrackerConfig:
     noise_floor: str | None = "order_matched"
     noise_draws: int = 3
     threshold_reference: str = "base"
-    hysteresis: bool = True
-    persistence: int = 2
+    hysteresis: bool = False
+    persistence: int = 3
     compute_dtype: str = "float32"
     engine_method: str = "auto"
     min_base_py: float = 0.5
@@ -192,8 +192,8 @@ class SFTTracker:
         noise_floor: Literal["order_matched", "iid"] | None = "order_matched",
         noise_draws: int = 3,
         threshold_reference: N.ThresholdReference = "base",
-        hysteresis: bool = True,
-        persistence: int = 2,
+        hysteresis: bool = False,
+        persistence: int = 3,
         compute_dtype: Literal["float32", "tf32", "bfloat16", "auto"] = "float32",
         engine_method: Literal["auto", "naive", "trie"] = "auto",
         min_base_py: float = 0.5,
@@ -363,10 +363,10 @@ class SFTTracker:
             return {}, 0
         anchor = t - c.persistence
         later = [r.values for r in self.records[anchor + 1:]] + [values]
-        previous = self.records[anchor - 1].values if anchor >= 1 else None
+        earlier = [r.values for r in self.records[:anchor]]
         # seeded per checkpoint so a resumed run draws exactly what an uninterrupted one would
         generator = torch.Generator().manual_seed(c.seed * 1_000_003 + t)
-        fakes = N.null_values(self.records[anchor].values, later, previous=previous, kind=c.noise_floor,
+        fakes = N.null_values(self.records[anchor].values, later, earlier=earlier, kind=c.noise_floor,
                               draws=c.noise_draws, generator=generator)                    # (p, K, B, 2^n)
         p, k, b, size = fakes.shape
         fakes = fakes.reshape(p * k * b, size)
