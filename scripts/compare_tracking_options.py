@@ -7,8 +7,8 @@ checkpoints, their noise floors, and floor/observed (lower = the counts say more
 
     python scripts/compare_tracking_options.py RUN_DIR [--out options.json] [--report DIR]
 
-``--report DIR`` also re-tracks the saved values with the run's own options (with this version's noise floor) and
-writes the report (report.md, report.json, plots) to DIR.
+``--report DIR`` also re-tracks the saved values with the run's own options (``--current-defaults``: this version's
+default set logic), with this version's noise floor, and writes the report (report.md, report.json, plots) to DIR.
 """
 from __future__ import annotations
 
@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--report", type=Path, default=None, help="write the run's own options' report here")
     parser.add_argument("--only-report", action="store_true", help="skip the options grid")
+    parser.add_argument("--current-defaults", action="store_true",
+                        help="the report uses this version's default set logic, not the run's saved options")
     args = parser.parse_args()
     saved = json.loads((args.run / "tracker" / "config.json").read_text())
     config = saved["tracker"]
@@ -70,7 +72,8 @@ def main() -> None:
     if args.report:
         from sftint_fast.plot import write_report
 
-        own = {k: config[k] for k in ("threshold_reference", "hysteresis", "persistence", "noise_floor") if k in config}
+        keys = ("threshold_reference", "hysteresis", "persistence", "noise_floor")
+        own = {} if args.current_defaults else {k: config[k] for k in keys if k in config}
         path = write_report(retrack(steps, own, base_config).report(), args.report)
         print(f"report: {path}", flush=True)
     if args.only_report:

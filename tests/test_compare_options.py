@@ -19,7 +19,7 @@ def _saved_run(root: Path) -> SFTTracker:
     interactions = 0.02 * torch.randn(6, 32, generator=g, dtype=torch.float64)
     interactions[:, [3, 5, 12, 31]] = 1.0
     tracker = SFTTracker(None, andor_method="and", min_base_py=0.0, bootstrap=50, out_dir=root / "tracker",
-                         progress=False)
+                         progress=False, hysteresis=True, persistence=2)
     for t in range(5):
         current = interactions.clone()
         if t >= 2:
@@ -47,6 +47,12 @@ def test_compare_options_grid_and_report(tmp_path):
     again = json.loads((tmp_path / "again" / "report.json").read_text())
     assert again["curves"]["all/removed_new"] == curves["all/removed_new"]
     assert (tmp_path / "again" / "report.md").exists()
+    # --current-defaults: the saved run used METHOD.md's marked set logic, the report this version's defaults
+    marked = tmp_path / "marked"
+    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--only-report", "--current-defaults",
+                           "--report", str(marked)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((marked / "report.json").read_text())["config"]["persistence"] == SFTTracker(None).config.persistence
 
 
 def test_compare_options_refuses_a_run_without_checkpoints(tmp_path):
