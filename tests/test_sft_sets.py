@@ -424,3 +424,27 @@ def test_pure_noise_floor_with_a_dense_background(null):
     for name in observed:
         assert observed[name] >= 200, (name, observed[name])
         assert 0.85 * observed[name] <= floor[name] <= 1.25 * observed[name], (name, observed[name], floor[name])
+
+
+@pytest.mark.parametrize("null", ["order_matched", "iid"])
+def test_gradual_removal_is_not_absorbed_by_the_floor(null):
+    """Four strong interactions per probe fade linearly to 0 by checkpoint 6 (default set logic, persistence 3).
+
+    The floor's replicates keep signal at its anchor value plus a change of the observed size at random positions,
+    so a slow real drift is not mistaken for noise: the removals confirmed when the faded ones stay under τ are
+    almost all excess.
+    """
+    I, strong, g = _planted_games(seed=2)
+    B = I.shape[0]
+    fading = strong[:, :4]
+    tracker = SFTTracker(None, andor_method="and", noise_floor=null, min_base_py=0.0, bootstrap=500)
+    for t in range(10):
+        current = I.clone()
+        current.scatter_(1, fading, I.gather(1, fading) * max(0.0, 1 - t / 6))
+        tracker.add_values(t, inverse_harsanyi(current + 0.01 * torch.randn(I.shape, generator=g, dtype=torch.float64)))
+    rep = tracker.report()
+    removed = rep.curves["and/removed_new"]
+    floor = rep.curves["and/removed_new_floor"]
+    assert sum(removed) >= 0.9 * 4 * B
+    lo_c, _ = rep.intervals["and/removed_new_excess_cumulative"]
+    assert lo_c[-1] >= 0.6 * 4 * B and sum(floor) <= 0.25 * sum(removed), (removed, floor)
