@@ -33,9 +33,10 @@ next checkpoint replaces that noise rather than adding to it). So:
   than the anchor, independent of the anchor's noise, with a clipped mean square (:func:`clipped_mean_square`).
 
 On pure-noise sequences (6 seeds x 32 probes x 8 checkpoints, n=6, persistence 1-3, with and without hysteresis)
-the floor is 0.90-1.05 of the observed counts for both nulls (0.73-0.88 with the anchor's value plus noise);
-with a dense background as large as the low orders' noise, removals 1.15 and emergences 0.94 (1.30 and 0.75).
-Per-checkpoint 95% intervals of the excess miss 0 in 8-25% of the checks, an oracle floor in 4-8%.
+the floor is 0.90-1.11 of the observed counts for both nulls (0.73-0.88 with the anchor's value plus noise;
+persistence 3 emergences, a small count, 1.4); with a dense background as large as the low orders' noise,
+removals 1.15 and emergences 0.94 (1.30 and 0.75).
+Per-checkpoint 95% intervals of the excess miss 0 in 8-28% of the checks, an oracle floor in 3-11%.
 """
 from __future__ import annotations
 
