@@ -33,8 +33,8 @@ next checkpoint replaces that noise rather than adding to it). So:
   than the anchor, independent of the anchor's noise, with a clipped mean square (:func:`clipped_mean_square`).
 
 On pure-noise sequences (6 seeds x 32 probes x 8 checkpoints, n=6, persistence 1-3, with and without hysteresis)
-the floor is 0.90-1.11 of the observed counts for both nulls (0.73-0.88 with the anchor's value plus noise;
-persistence 3 emergences, a small count, 1.4); with a dense background as large as the low orders' noise,
+the floor is 0.89-1.09 of the observed counts for both nulls (0.73-0.88 with the anchor's value plus noise;
+persistence 3 emergences, a small count, 1.3); with a dense background as large as the low orders' noise,
 removals 1.15 and emergences 0.94 (1.30 and 0.75).
 Per-checkpoint 95% intervals of the excess miss 0 in 8-28% of the checks, an oracle floor in 3-11%.
 """
@@ -167,14 +167,14 @@ def null_perturbations(delta: torch.Tensor, *, kind: NullKind, draws: int, gener
 
 
 _MEDIAN_CHI2_1 = 0.45493642311957174    # median of a squared standard normal
-_CLIPPED_CHI2_1 = 0.97333                # E[z² | z² <= 9] of a standard normal: the clipped mean's bias
+_CLIPPED_CHI2_1 = 0.999985               # E[z² | z² <= 25] of a standard normal: the clipped mean's bias
 
 
 def clipped_mean_square(squares: torch.Tensor) -> torch.Tensor:
     """Robust and efficient ``E[x²]`` of Gaussian samples per row: ``(B, N)`` squares → ``(B, 1)``.
 
-    From 4 samples on, the mean of the squares at most ``9/0.4549`` times their median (``|x| <= 3σ``: a few
-    large real changes are not noise), divided by the Gaussian share of ``E[x²]`` below that cut; below 4 samples
+    From 4 samples on, the mean of the squares at most ``25/0.4549`` times their median (``|x| <= 5σ``: a few
+    large real changes are not noise; a 3σ cut, with a median of a few samples, clipped noise: 2-4% low), divided by the Gaussian share of ``E[x²]`` below that cut; below 4 samples
     the plain mean (the median of fewer cannot tell a real change from noise). Near the mean's efficiency, where a
     median alone would be noisy: the orders that decide the counts have one or a few coefficients, and a noisy
     level biases the floor (the crossing probability is not linear in it: a plain median put 1.27x the observed
@@ -182,7 +182,7 @@ def clipped_mean_square(squares: torch.Tensor) -> torch.Tensor:
     """
     if squares.shape[-1] < 4:
         return squares.mean(-1, keepdim=True)
-    cut = squares.quantile(0.5, dim=-1, keepdim=True) * (9 / _MEDIAN_CHI2_1)
+    cut = squares.quantile(0.5, dim=-1, keepdim=True) * (25 / _MEDIAN_CHI2_1)
     kept = squares <= cut
     return (squares * kept).sum(-1, keepdim=True) / kept.sum(-1, keepdim=True).clamp(min=1) / _CLIPPED_CHI2_1
 
