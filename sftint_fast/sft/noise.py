@@ -262,12 +262,13 @@ def null_values(anchor: torch.Tensor, later: Sequence[torch.Tensor], *, earlier:
     sigma2 = noise_level(differences, kind=kind)
     sigma = sigma2.sqrt()
     interactions = harsanyi(anchor - anchor[:, :1])
+    # the true value's evidence: the anchor and up to evidence - 1 checkpoints before it, most recent first
+    looks = [interactions] + [harsanyi(v - v[:, :1]) for v in list(earlier)[::-1][:max(evidence - 1, 1)]]
     signal = interactions.abs() > keep * sigma
     if previous is not None:
-        signal &= harsanyi(previous - previous[:, :1]).abs() > keep * sigma
-    # the true value's evidence: the mean of the anchor and up to evidence - 1 checkpoints before it (noise sigma^2/m)
-    looks = [interactions] + [harsanyi(v - v[:, :1]) for v in list(earlier)[::-1][:max(evidence - 1, 0)]]
-    observed, m = torch.stack(looks).mean(0), len(looks)
+        signal &= looks[1].abs() > keep * sigma
+    looks = looks[:evidence]
+    observed, m = torch.stack(looks).mean(0), len(looks)                         # noise variance sigma^2 / m
     weight = shrinkage(observed, sigma2 / m, ~signal)
     shape = (draws,) + tuple(interactions.shape)
     centre = weight * observed + (weight * sigma2 / m).sqrt() * torch.randn(shape, generator=generator, dtype=anchor.dtype)
