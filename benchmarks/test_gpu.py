@@ -6,6 +6,8 @@ followed by 3, suffix 15 (L=85); n=12 = 100 / 3 / 5 / 30 (L=226). Each case repo
 and variants/s of each engine, the plan's ideal token ratio, the measured ratios over strong naive (and as a
 fraction of the ideal), peak memory, the model TFLOP/s achieved on the trie's tokens, max |Δv| against naive in
 the same precision, and the Triton kernel's own effective bandwidth on the deepest level against a device copy.
+The fused kernel runs with both KV-loop strategies (``path="flat"``, the default, and ``"segments"``), in the engine
+and alone, with the share of loaded key slots that hold a key for each (``key_block_fill_*``, computed).
 Precisions side by side: fp32 (IEEE matmuls), tf32 (fp32 weights, TF32 matmuls) and bf16.
 
     pytest benchmarks/test_gpu.py -s                  # GPU: n=10 on the three models, every precision
@@ -14,6 +16,7 @@ Precisions side by side: fp32 (IEEE matmuls), tf32 (fp32 weights, TF32 matmuls) 
 
 Results also go to ``$OUT/gpu_benchmark.json`` when ``OUT`` is set (rewritten atomically after every case).
 """
+import contextlib
 import copy
 import json
 import os
@@ -126,6 +129,18 @@ def _timed(fn, repeats: int) -> tuple[float, torch.Tensor, int]:
     return statistics.median(times), result, peak
 
 
+@contextlib.contextmanager
+def _kernel_path(path: str):
+    """The fused kernel's KV-loop strategy for the engine calls inside (``"flat"`` is the default)."""
+    from sftint_fast.ops.triton import subset_attention as kernel
+
+    previous, kernel.DEFAULT_PATH = kernel.DEFAULT_PATH, path
+    try:
+        yield
+    finally:
+        kernel.DEFAULT_PATH = previous
+
+
 def _linear_params_per_token(model: torch.nn.Module) -> int:
     """Weights every token multiplies through (all decoder-layer Linear layers); the LM head is counted apart."""
     return sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
@@ -161,7 +176,9 @@ def _kernel_case(model: torch.nn.Module, plan, dtype: torch.dtype, repeats: int)
     tables = [torch.tensor(t, dtype=torch.int64, device=device)
               for t in (offsets, lens, list(plan.player_lens), list(plan.level_positions))]
     kw = dict(level=level, scale=head_dim ** -0.5)
-    triton_s, out, _ = _timed(lambda: fused(q, k_store, v_store, nodes, *tables, **kw), repeats)
+    triton_s, out, _ = _timed(lambda: fused(q, k_store, v_store, nodes, *tables, path="flat", **kw), repeats)
+    segments_s, out_segments, _ = _timed(lambda: fused(q, k_store, v_store, nodes, *tables, path="segments", **kw),
+                                         repeats)
     torch_s, ref, _ = _timed(lambda: subset_attention(q, k_store, v_store, nodes, *tables, backend="torch", **kw),
                              repeats)
     # Logical traffic: q and the output once, and every (node, kv head) reading the K/V rows of its own path.
@@ -169,11 +186,26 @@ def _kernel_case(model: torch.nn.Module, plan, dtype: torch.dtype, repeats: int)
     element = q.element_size()
     bytes_moved = 2 * q.numel() * element + len(nodes) * kv_heads * path_rows * 2 * head_dim * element
     copy_bw = _copy_bandwidth()
-    return {"kernel_ms": triton_s * 1e3, "kernel_torch_path_ms": torch_s * 1e3,
-            "kernel_speedup_vs_torch_path": torch_s / triton_s,
-            "kernel_GBps": bytes_moved / triton_s / 1e9, "copy_GBps": copy_bw / 1e9,
-            "kernel_fraction_of_copy_bw": bytes_moved / triton_s / copy_bw,
-            "kernel_max_abs_diff_vs_torch_path": (out.float() - ref.float()).abs().max().item()}
+    fill = {f"key_block_fill_{path}_{block}": key_block_fill(lens, level, block, path)
+            for path in ("flat", "segments") for block in (32, 64)}
+    return {"kernel_ms": triton_s * 1e3, "kernel_segments_path_ms": segments_s * 1e3,
+            "kernel_torch_path_ms": torch_s * 1e3,
+            "kernel_speedup_vs_torch_path": torch_s / triton_s, "kernel_flat_over_segments": segments_s / triton_s,
+            "kernel_GBps": bytes_moved / triton_s / 1e9, "kernel_segments_GBps": bytes_moved / segments_s / 1e9,
+            "copy_GBps": copy_bw / 1e9, "kernel_fraction_of_copy_bw": bytes_moved / triton_s / copy_bw,
+            "kernel_max_abs_diff_vs_torch_path": (out.float() - ref.float()).abs().max().item(),
+            "kernel_max_abs_diff_paths": (out.float() - out_segments.float()).abs().max().item(), **fill}
+
+
+def key_block_fill(lens: list[int], level: int, block: int, path: str) -> float:
+    """Share of the key slots a deepest-level query block loads that hold a key of its path (last query token of
+    the segment; no masking): ``"segments"`` pads every ancestor segment to whole blocks, ``"flat"`` only the end."""
+    keys = sum(lens[:level + 1])
+    if path == "flat":
+        slots = -(-keys // block) * block
+    else:
+        slots = sum(-(-length // block) * block for length in lens[:level + 1])
+    return keys / slots if slots else 1.0
 
 
 def _save() -> None:
@@ -206,6 +238,9 @@ def test_trie_vs_naive(benchmark, name, layout, precision, tiny, full, env_info)
                 lambda: evaluate_trie(model, game, subsets, progress=False, attention_backend="torch"), repeats)
             triton_s, v_triton, triton_peak = _timed(
                 lambda: evaluate_trie(model, game, subsets, progress=False, attention_backend="triton"), repeats)
+            with _kernel_path("segments"):
+                segments_s, v_segments, _ = _timed(
+                    lambda: evaluate_trie(model, game, subsets, progress=False, attention_backend="triton"), repeats)
             benchmark.pedantic(lambda: evaluate_trie(model, game, subsets, progress=False,
                                                      attention_backend="triton"), rounds=1, iterations=1)
             plan = plan_trie(game, subsets=None)
@@ -220,6 +255,8 @@ def test_trie_vs_naive(benchmark, name, layout, precision, tiny, full, env_info)
                 seq_len=int(game.input_ids.numel()), variants=variants,
                 ideal_token_ratio=plan.ideal_ratio, trie_tokens=plan.trie_tokens, naive_tokens=plan.naive_tokens,
                 naive_ms=naive_s * 1e3, trie_torch_ms=torch_s * 1e3, trie_triton_ms=triton_s * 1e3,
+                trie_triton_segments_ms=segments_s * 1e3, ratio_triton_segments_over_naive=naive_s / segments_s,
+                max_abs_dv_triton_segments_vs_naive=(v_segments - v_naive).abs().max().item(),
                 naive_variants_per_s=variants / naive_s, trie_torch_variants_per_s=variants / torch_s,
                 trie_triton_variants_per_s=variants / triton_s,
                 ratio_torch_over_naive=naive_s / torch_s, ratio_triton_over_naive=naive_s / triton_s,

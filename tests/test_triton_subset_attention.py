@@ -39,9 +39,10 @@ def run_both(lens, players, level, nodes, num_q_heads, num_kv_heads, head_dim, d
     q = torch.randn(len(nodes), lens[level], num_q_heads, head_dim, generator=gen).to(dtype)
     node_ids = torch.tensor(nodes, dtype=torch.int64)
     args = (q, k_store, v_store, node_ids, *tables)
+    path = options.pop("path", None)
     kw = dict(level=level, scale=head_dim ** -0.5, **options)
     on_device = tuple(t.to(DEVICE) for t in args)
-    return subset_attention(*on_device, **kw).cpu(), subset_attention_reference(*args, **kw)
+    return subset_attention(*on_device, path=path, **kw).cpu(), subset_attention_reference(*args, **kw)
 
 
 # (lens per level, player tokens per level, level, node ids, Hq, Hkv, D)
@@ -64,29 +65,68 @@ OPTIONS = {
 }
 
 
+PATHS = ["flat", "segments"]
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 @pytest.mark.parametrize("option", ["plain", "masking"])
-def test_kernel_matches_reference_fp32(case, option):
+def test_kernel_matches_reference_fp32(case, option, path):
     lens, players, level, nodes, hq, hkv, d = CASES[case]
-    out, ref = run_both(lens, players, level, nodes, hq, hkv, d, torch.float32, **OPTIONS[option])
+    out, ref = run_both(lens, players, level, nodes, hq, hkv, d, torch.float32, path=path, **OPTIONS[option])
     assert out.shape == ref.shape and out.dtype == torch.float32
     torch.testing.assert_close(out, ref, atol=TOL[torch.float32], rtol=0)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("case", ["level3-gqa3-noncons", "level4-gqa4", "player-block-skip"])
 @pytest.mark.parametrize("option", list(OPTIONS))
-def test_kernel_matches_reference_fp16(case, option):
+def test_kernel_matches_reference_fp16(case, option, path):
     lens, players, level, nodes, hq, hkv, d = CASES[case]
-    out, ref = run_both(lens, players, level, nodes, hq, hkv, d, torch.float16, seed=1, **OPTIONS[option])
+    out, ref = run_both(lens, players, level, nodes, hq, hkv, d, torch.float16, seed=1, path=path,
+                        **OPTIONS[option])
     assert out.dtype == torch.float16
     torch.testing.assert_close(out.float(), ref.float(), atol=TOL[torch.float16], rtol=0)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("option", ["softcap", "window", "masking-window-softcap"])
-def test_kernel_matches_reference_fp32_options(option):
+def test_kernel_matches_reference_fp32_options(option, path):
     lens, players, level, nodes, hq, hkv, d = CASES["level4-gqa4"]
-    out, ref = run_both(lens, players, level, nodes, hq, hkv, d, torch.float32, seed=2, **OPTIONS[option])
+    out, ref = run_both(lens, players, level, nodes, hq, hkv, d, torch.float32, seed=2, path=path,
+                        **OPTIONS[option])
     torch.testing.assert_close(out, ref, atol=TOL[torch.float32], rtol=0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("window", [1, 3, 17, 40])
+def test_long_path_many_key_blocks(path, window):
+    """A path longer than several key blocks (43 keys, blocks of 16 in the interpreter) with short and long windows:
+    the flat path's first block is moved past keys no query of the block can see."""
+    lens, players, level, nodes = [9, 4, 2, 5, 3, 20], [0, 2, 1, 3, 1, 2], 5, [31, 0, 10, 21]
+    out, ref = run_both(lens, players, level, nodes, 4, 2, 32, torch.float32, seed=4, path=path,
+                        sliding_window=window, attention_masking=True)
+    torch.testing.assert_close(out, ref, atol=TOL[torch.float32], rtol=0)
+
+
+def test_paths_agree_and_flat_needs_consecutive_segments():
+    from sftint_fast.ops.triton.subset_attention import subset_attention
+
+    lens, players, level, nodes, hq, hkv, d = CASES["level4-gqa4"]
+    flat, _ = run_both(lens, players, level, nodes, hq, hkv, d, torch.float32, seed=5, path="flat")
+    segments, _ = run_both(lens, players, level, nodes, hq, hkv, d, torch.float32, seed=5, path="segments")
+    torch.testing.assert_close(flat, segments, atol=TOL[torch.float32], rtol=0)
+
+    k_store, v_store, tables, gen = make_store(lens, players, hkv, d, torch.float32, 0)
+    q = torch.randn(len(nodes), lens[level], hq, d, generator=gen)
+    gapped = tables[3] + torch.arange(len(lens))  # a gap of one position before every segment
+    args = (q, k_store, v_store, torch.tensor(nodes), *tables[:3], gapped)
+    with pytest.raises(ValueError, match="consecutive segments"):
+        subset_attention(*args, level=level, scale=0.1, path="flat")
+    with pytest.raises(ValueError, match="path"):
+        subset_attention(*args[:-1], tables[3], level=level, scale=0.1, path="diagonal")
+    # the segment walk takes positions as given: same keys, only the window/causal positions move
+    subset_attention(*args, level=level, scale=0.1, path="segments")
 
 
 def test_options_change_the_result():
@@ -169,9 +209,10 @@ def test_kernels_compile_for_sm90():
         target = GPUTarget("cuda", 90, 32)
         fn = _subset_attention_kernel.fn
         tables = {"node_ids_ptr", "offsets_ptr", "lens_ptr", "players_ptr", "positions_ptr"}
-        for dtype, fp32 in (("bf16", False), ("fp32", True)):
+        for dtype, fp32, flat in (("bf16", False, True), ("fp32", True, True), ("bf16", False, False)):
             const = dict(GROUP=3, HEAD_DIM=64, BLOCK_D=64, IS_FP32=fp32, ATTENTION_MASKING=True, HAS_SOFTCAP=True,
-                         HAS_WINDOW=True, INPUT_PRECISION="ieee" if fp32 else "tf32", BLOCK_M=64, BLOCK_N=32)
+                         HAS_WINDOW=True, INPUT_PRECISION="ieee" if fp32 else "tf32", FLAT_PATH=flat, BLOCK_M=64,
+                         BLOCK_N=32)
             sig = {}
             for name in fn.arg_names:
                 if name.endswith("_ptr"):

@@ -23,9 +23,13 @@ def make_game(masking: str, seed: int = 0) -> Game:
                 baseline=torch.randn(HIDDEN, generator=gen), masking=masking, prompt_length=13)
 
 
+@pytest.mark.parametrize("path", ["flat", "segments"])
 @pytest.mark.parametrize("masking", ["embedding", "attention"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_trie_with_triton_attention_matches_naive(arch, masking):
+def test_trie_with_triton_attention_matches_naive(arch, masking, path, monkeypatch):
+    from sftint_fast.ops.triton import subset_attention as kernel
+
+    monkeypatch.setattr(kernel, "DEFAULT_PATH", path)
     net = tiny_model(arch, attn="sdpa", initializer_range=0.2)
     game = make_game(masking)
     with torch.no_grad():

@@ -36,7 +36,8 @@ def _configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in ((16, 16, 4, 2), (32, 32, 4, 2), (64, 32, 4, 3), (64, 64, 8, 3))
+        for bm, bn, w, s in ((16, 16, 4, 2), (32, 32, 4, 2), (64, 32, 4, 3), (64, 64, 8, 3), (16, 64, 4, 2),
+                             (32, 64, 4, 3))
     ]
 
 
@@ -82,7 +83,103 @@ def _attend_segment(
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_configs(), key=["seq_len", "GROUP", "HEAD_DIM", "IS_FP32"])
+@triton.jit
+def _attend_path(
+    acc, m_i, l_i, q, q_pos, node, level,
+    k_ptr, v_ptr, stride_kt, stride_vt, offsets_ptr, lens_ptr, players_ptr, positions_ptr, lo, hi,
+    qk_scale, softcap, window,
+    offs_d, d_mask,
+    ATTENTION_MASKING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Online-softmax update with the keys at absolute positions ``lo .. hi-1`` of the node's whole path.
+
+    The path's segments are consecutive in position (``positions[k+1] = positions[k] + lens[k]``), so a key block
+    is a run of positions that may span several levels: each key's level is the number of levels ``1..level``
+    starting at or before it, and its store row follows from that level's table entries and the node's bits.
+    Key blocks are therefore full however short the segments are (the per-segment loop loads a block per level).
+    """
+    for p0 in range(lo, hi, BLOCK_N):
+        offs_p = p0 + tl.arange(0, BLOCK_N)
+        p_valid = offs_p < hi
+        k_lvl = tl.zeros([BLOCK_N], dtype=tl.int64)
+        for lvl in range(1, level + 1):
+            k_lvl += (offs_p >= tl.load(positions_ptr + lvl)).to(tl.int64)
+        t = offs_p - tl.load(positions_ptr + k_lvl)
+        ancestor = node & ((tl.full([BLOCK_N], 1, tl.int64) << k_lvl) - 1)
+        rows = tl.load(offsets_ptr + k_lvl) + ancestor * tl.load(lens_ptr + k_lvl) + t
+        kv_mask = p_valid[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + rows[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + rows[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        if HAS_SOFTCAP:
+            capped = qk * (qk_scale / softcap)
+            s = softcap * (2.0 * tl.sigmoid(2.0 * capped) - 1.0) * 1.4426950408889634
+        else:
+            s = qk * (qk_scale * 1.4426950408889634)
+        visible = p_valid[None, :] & (offs_p[None, :] <= q_pos[:, None])
+        if ATTENTION_MASKING:
+            # player tokens of a level-k segment (k >= 1) belong to player k-1; hidden when its bit is 0
+            absent = (k_lvl > 0) & (((node >> tl.maximum(k_lvl - 1, 0)) & 1) == 0)
+            hidden = absent & (t < tl.load(players_ptr + k_lvl))
+            visible = visible & ((offs_p[None, :] == q_pos[:, None]) | ~hidden[None, :])
+        if HAS_WINDOW:
+            visible = visible & ((q_pos[:, None] - offs_p[None, :]) < window)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attend_segments(
+    acc, m_i, l_i, q, q_tok, q_pos, node, level, seq_len, last_tok,
+    k_head_ptr, v_head_ptr, stride_kt, stride_vt, offsets_ptr, lens_ptr, players_ptr, positions_ptr,
+    qk_scale, softcap, window, offs_d, d_mask,
+    ATTENTION_MASKING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """Segment by segment: each ancestor's segment in its own key blocks, then the own segment causally."""
+    for lvl in range(0, level):
+        seg_len = tl.load(lens_ptr + lvl)
+        ancestor = node % (1 << lvl)
+        seg_row0 = tl.load(offsets_ptr + lvl) + ancestor * seg_len
+        if ATTENTION_MASKING:
+            # player tokens of a level-k segment (k >= 1) belong to player k-1; hidden when its bit is 0
+            player_absent = (lvl > 0) & (((node >> tl.maximum(lvl - 1, 0)) & 1) == 0)
+            hidden_players = tl.where(player_absent, tl.load(players_ptr + lvl), 0)
+        else:
+            hidden_players = 0
+        # key blocks made only of hidden player tokens are never loaded
+        start = (hidden_players // BLOCK_N) * BLOCK_N
+        acc, m_i, l_i = _attend_segment(
+            acc, m_i, l_i, q, q_tok, q_pos,
+            k_head_ptr, v_head_ptr, stride_kt, stride_vt, seg_row0, seg_len, tl.load(positions_ptr + lvl),
+            hidden_players, start, qk_scale, softcap, window, offs_d, d_mask,
+            False, HAS_SOFTCAP, HAS_WINDOW, BLOCK_N, INPUT_PRECISION,
+        )
+
+    # Own segment, causal: keys past the block's last query token are never needed.
+    own_row0 = tl.load(offsets_ptr + level) + node * seq_len
+    if ATTENTION_MASKING:
+        own_absent = (level > 0) & (((node >> tl.maximum(level - 1, 0)) & 1) == 0)
+        own_hidden = tl.where(own_absent, tl.load(players_ptr + level), 0)
+    else:
+        own_hidden = 0
+    acc, m_i, l_i = _attend_segment(
+        acc, m_i, l_i, q, q_tok, q_pos,
+        k_head_ptr, v_head_ptr, stride_kt, stride_vt, own_row0, last_tok + 1, tl.load(positions_ptr + level),
+        own_hidden, 0, qk_scale, softcap, window, offs_d, d_mask,
+        True, HAS_SOFTCAP, HAS_WINDOW, BLOCK_N, INPUT_PRECISION,
+    )
+    return acc, m_i, l_i
+
+
+@triton.autotune(configs=_configs(), key=["seq_len", "GROUP", "HEAD_DIM", "IS_FP32", "FLAT_PATH"])
 @triton.jit
 def _subset_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, node_ids_ptr, offsets_ptr, lens_ptr, players_ptr, positions_ptr,
@@ -90,7 +187,7 @@ def _subset_attention_kernel(
     level, seq_len, qk_scale, softcap, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP32: tl.constexpr,
     ATTENTION_MASKING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, FLAT_PATH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1).to(tl.int64)
@@ -116,39 +213,27 @@ def _subset_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    for lvl in range(0, level):
-        seg_len = tl.load(lens_ptr + lvl)
-        ancestor = node % (1 << lvl)
-        seg_row0 = tl.load(offsets_ptr + lvl) + ancestor * seg_len
-        if ATTENTION_MASKING:
-            # player tokens of a level-k segment (k >= 1) belong to player k-1; hidden when its bit is 0
-            player_absent = (lvl > 0) & (((node >> tl.maximum(lvl - 1, 0)) & 1) == 0)
-            hidden_players = tl.where(player_absent, tl.load(players_ptr + lvl), 0)
-        else:
-            hidden_players = 0
-        # key blocks made only of hidden player tokens are never loaded
-        start = (hidden_players // BLOCK_N) * BLOCK_N
-        acc, m_i, l_i = _attend_segment(
-            acc, m_i, l_i, q, q_tok, q_pos,
-            k_head_ptr, v_head_ptr, stride_kt, stride_vt, seg_row0, seg_len, tl.load(positions_ptr + lvl),
-            hidden_players, start, qk_scale, softcap, window, offs_d, d_mask,
-            False, HAS_SOFTCAP, HAS_WINDOW, BLOCK_N, INPUT_PRECISION,
-        )
-
-    # Own segment, causal: keys past the block's last query token are never needed.
-    own_row0 = tl.load(offsets_ptr + level) + node * seq_len
     last_tok = (tl.minimum((m_block + 1) * BLOCK_M, seq_len * GROUP) - 1) // GROUP
-    if ATTENTION_MASKING:
-        own_absent = (level > 0) & (((node >> tl.maximum(level - 1, 0)) & 1) == 0)
-        own_hidden = tl.where(own_absent, tl.load(players_ptr + level), 0)
+    if FLAT_PATH:
+        # one run of positions from the root to the block's last query token (keys past it are never needed)
+        own_pos = tl.load(positions_ptr + level)
+        lo = tl.load(positions_ptr)
+        if HAS_WINDOW:  # key blocks wholly outside every query's window are never loaded
+            first_tok = (m_block * BLOCK_M) // GROUP
+            lo += (tl.maximum(own_pos + first_tok - window + 1 - lo, 0) // BLOCK_N) * BLOCK_N
+        acc, m_i, l_i = _attend_path(
+            acc, m_i, l_i, q, q_pos, node, level,
+            k_head_ptr, v_head_ptr, stride_kt, stride_vt, offsets_ptr, lens_ptr, players_ptr, positions_ptr,
+            lo, own_pos + last_tok + 1, qk_scale, softcap, window, offs_d, d_mask,
+            ATTENTION_MASKING, HAS_SOFTCAP, HAS_WINDOW, BLOCK_N, INPUT_PRECISION,
+        )
     else:
-        own_hidden = 0
-    acc, m_i, l_i = _attend_segment(
-        acc, m_i, l_i, q, q_tok, q_pos,
-        k_head_ptr, v_head_ptr, stride_kt, stride_vt, own_row0, last_tok + 1, tl.load(positions_ptr + level),
-        own_hidden, 0, qk_scale, softcap, window, offs_d, d_mask,
-        True, HAS_SOFTCAP, HAS_WINDOW, BLOCK_N, INPUT_PRECISION,
-    )
+        acc, m_i, l_i = _attend_segments(
+            acc, m_i, l_i, q, q_tok, q_pos, node, level, seq_len, last_tok,
+            k_head_ptr, v_head_ptr, stride_kt, stride_vt, offsets_ptr, lens_ptr, players_ptr, positions_ptr,
+            qk_scale, softcap, window, offs_d, d_mask,
+            ATTENTION_MASKING, HAS_SOFTCAP, HAS_WINDOW, BLOCK_N, INPUT_PRECISION,
+        )
 
     # padding rows may have seen no key at all (l_i = 0); they are not stored
     out = acc / tl.where(r_valid, l_i, 1.0)[:, None]
@@ -158,6 +243,10 @@ def _subset_attention_kernel(
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: KV-loop strategies of the kernel (see :func:`subset_attention`'s ``path``).
+PATHS = ("flat", "segments")
+#: The strategy used when ``path`` is not given (the GPU benchmark times both).
+DEFAULT_PATH = "flat"
 
 
 def _check_table(name: str, table: torch.Tensor, level: int, device: torch.device) -> None:
@@ -173,9 +262,11 @@ def _check_table(name: str, table: torch.Tensor, level: int, device: torch.devic
 def _launch(
     q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, node_ids: torch.Tensor,
     tables: dict[str, torch.Tensor], level: int, scale: float, attention_masking: bool,
-    softcap: float | None, sliding_window: int | None,
+    softcap: float | None, sliding_window: int | None, path: str,
 ) -> torch.Tensor:
     """Checks shapes, dtypes and devices, then launches the kernel on a ``(C·m_blocks, Hkv)`` grid."""
+    if path not in PATHS:
+        raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
     if q.dim() != 4:
         raise ValueError(f"q: expected shape [C, S, Hq, D], got {tuple(q.shape)}")
     if q.dtype not in _FLOAT_DTYPES:
@@ -207,6 +298,12 @@ def _launch(
         raise ValueError(f"softcap: expected None or a positive float, got {softcap}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window: expected None or an int >= 1, got {sliding_window}")
+    if path == "flat" and tables["level_lens"].device.type == "cpu":  # on a GPU: the caller's contract (no sync)
+        lens, positions = tables["level_lens"][:level + 1], tables["level_positions"][:level + 1]
+        if level and not torch.equal(positions[1:], positions[:-1] + lens[:-1]):
+            raise ValueError(f"level_positions: path='flat' expects consecutive segments "
+                             f"(positions[k+1] = positions[k] + lens[k]), got positions {positions.tolist()} and "
+                             f"lens {lens.tolist()}; use path='segments'")
 
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if num_nodes == 0 or seq_len == 0:
@@ -229,6 +326,7 @@ def _launch(
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), IS_FP32=is_fp32,
         ATTENTION_MASKING=bool(attention_masking), HAS_SOFTCAP=softcap is not None,
         HAS_WINDOW=sliding_window is not None, INPUT_PRECISION="ieee" if strict_fp32 else "tf32",
+        FLAT_PATH=path == "flat",
     )
     return out
 
@@ -248,6 +346,7 @@ def subset_attention(
     attention_masking: bool = False,
     softcap: float | None = None,
     sliding_window: int | None = None,
+    path: str | None = None,
 ) -> torch.Tensor:
     """Attention of one trie level's queries over their ancestor path in the flat KV store (Triton).
 
@@ -265,6 +364,12 @@ def subset_attention(
             ``k - 1`` cleared, as keys, except from the query at that very position.
         softcap: logits become ``softcap * tanh(scale * q·k / softcap)`` (Gemma-2 style) when given.
         sliding_window: ``w`` keeps a key only when ``query_pos - key_pos < w``.
+        path: how the KV loop walks the ancestor path (None = :data:`DEFAULT_PATH`). ``"flat"``: key blocks are
+            runs of absolute positions from the root to the query, each key's level and row computed from the
+            tables, so blocks stay full when segments are short (needs consecutive segments,
+            ``level_positions[k+1] = level_positions[k] + level_lens[k]``, as the trie's are); ``"segments"``: one
+            run of key blocks per ancestor segment (blocks of a short segment are mostly padding), fully hidden
+            player blocks skipped.
 
     Returns:
         ``[C, S, Hq, D]`` in ``q``'s dtype; query head ``h`` reads KV head ``h // (Hq // Hkv)``. Scores and the
@@ -285,4 +390,4 @@ def subset_attention(
     tables = {"level_offsets": level_offsets, "level_lens": level_lens, "player_lens": player_lens,
               "level_positions": level_positions}
     return _launch(q, k_store, v_store, node_ids, tables, int(level), scale, attention_masking, softcap,
-                   sliding_window)
+                   sliding_window, DEFAULT_PATH if path is None else path)
