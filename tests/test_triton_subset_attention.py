@@ -129,6 +129,50 @@ def test_paths_agree_and_flat_needs_consecutive_segments():
     subset_attention(*args, level=level, scale=0.1, path="segments")
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("option", ["plain", "masking-window-softcap"])
+def test_pass_of_several_levels_and_blocks_in_one_launch(path, option):
+    """subset_attention_pass over a pass mixing levels 0..4, two KV blocks (games) and a shifted last-level window
+    equals subset_attention per chunk (itself checked against the reference above)."""
+    from sftint_fast.ops.triton.subset_attention import subset_attention, subset_attention_pass
+
+    lens, players, _, _, hq, hkv, d = CASES["level4-gqa4"]
+    k_one, v_one, tables, gen = make_store(lens, players, hkv, d, torch.float32, 6)
+    game_rows = k_one.shape[0]
+    k_store = torch.cat([k_one, torch.randn(k_one.shape, generator=gen)])  # game 1's block after game 0's
+    v_store = torch.cat([v_one, torch.randn(v_one.shape, generator=gen)])
+    offsets = tables[0].tolist()
+    chunks = [(0, [0], 0), (2, [3, 1], 1), (1, [1], 0), (4, [9, 11, 12], 1), (3, [5], 0), (4, [2, 3], 0)]
+    kw = dict(scale=0.2, path=path, **OPTIONS[option])
+    queries, meta, table_rows, expected, row = [], [], [], [], 0
+    for index, (level, nodes, game) in enumerate(chunks):
+        table = [game * game_rows + o for o in offsets[:level + 1]]
+        if level == 4 and game == 1:  # the window trick: level 4 addressed relative to the chunk's first node
+            table[4] -= 2 * lens[4]
+        q = torch.randn(len(nodes), lens[level], hq, d, generator=gen)
+        node_ids = torch.tensor(nodes)
+        if level == 4 and game == 1:  # write the shifted rows' K/V where the window puts them
+            for slot, node in enumerate(nodes):
+                rows = table[4] + node * lens[4] + torch.arange(lens[4])
+                k_store[rows] = k_store[game_rows + offsets[4] + slot * lens[4] + torch.arange(lens[4])]
+        chunk_tables = [torch.tensor(table), *(t[:level + 1] for t in tables[1:])]
+        expected.append(subset_attention(q, k_store, v_store, node_ids, *chunk_tables, level=level, **kw))
+        queries.append(q.flatten(0, 1))
+        for node in nodes:
+            meta.append([node, level, row, index])
+            row += lens[level]
+        table_rows.append(table + [0] * (len(lens) - len(table)))
+    out = subset_attention_pass(torch.cat(queries), k_store, v_store, torch.tensor(meta), torch.tensor(table_rows),
+                                *tables[1:], max_seg_len=max(lens), **kw)
+    torch.testing.assert_close(out, torch.cat([e.flatten(0, 1) for e in expected]), atol=TOL[torch.float32], rtol=0)
+    with pytest.raises(ValueError, match="meta"):
+        subset_attention_pass(torch.cat(queries), k_store, v_store, torch.tensor(meta)[:, :3],
+                              torch.tensor(table_rows), *tables[1:], max_seg_len=max(lens), **kw)
+    with pytest.raises(ValueError, match="q"):
+        subset_attention_pass(expected[1], k_store, v_store, torch.tensor(meta), torch.tensor(table_rows),
+                              *tables[1:], max_seg_len=max(lens), **kw)
+
+
 def test_options_change_the_result():
     """Masking, window and softcap each move the output (so the comparisons above can fail)."""
     lens, players, level, nodes, hq, hkv, d = CASES["level3-gqa3-noncons"]
@@ -208,7 +252,7 @@ def test_kernels_compile_for_sm90():
 
         target = GPUTarget("cuda", 90, 32)
         fn = _subset_attention_kernel.fn
-        tables = {"node_ids_ptr", "offsets_ptr", "lens_ptr", "players_ptr", "positions_ptr"}
+        tables = {"meta_ptr", "offsets_ptr", "lens_ptr", "players_ptr", "positions_ptr"}
         for dtype, fp32, flat in (("bf16", False, True), ("fp32", True, True), ("bf16", False, False)):
             const = dict(GROUP=3, HEAD_DIM=64, BLOCK_D=64, IS_FP32=fp32, ATTENTION_MASKING=True, HAS_SOFTCAP=True,
                          HAS_WINDOW=True, INPUT_PRECISION="ieee" if fp32 else "tf32", FLAT_PATH=flat, BLOCK_M=64,

@@ -39,3 +39,21 @@ def test_trie_with_triton_attention_matches_naive(arch, masking, path, monkeypat
     assert naive.std() > 1e-2  # the variants differ, so a wrong ancestor cannot hide in the tolerance
     tol = 1e-4 * naive.abs().clamp(min=1)
     assert bool(((fused - naive).abs() <= tol).all()), (fused - naive).abs().max().item()
+
+
+@pytest.mark.parametrize("masking", ["embedding", "attention"])
+def test_grouped_games_through_one_launch_per_pass_match_naive(masking):
+    """Several games of one layout share passes: a pass holds chunks of several levels and games (each its own
+    offsets row, the last level's shifted window), all attended in one launch per layer."""
+    from test_group import alone, games_of
+    from test_trie import check_close
+
+    from sftint_fast.engine.trie import evaluate_trie_games
+
+    net = tiny_model("llama", attn="sdpa", initializer_range=0.2)
+    games = games_of("spread_n5", 3, masking=masking, num_targets=2, baseline_rows=True)
+    subsets = torch.tensor([31, 0, 7, 18, 5, 26, 9, 30])
+    together = evaluate_trie_games(net, games, subsets, batch_size=5, progress=False, attention_backend="triton")
+    for got, want in zip(together, alone(net, games, subsets)):
+        check_close(got, want)
+    assert not torch.allclose(together[0], together[1])

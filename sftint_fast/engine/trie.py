@@ -57,9 +57,11 @@ class _Pass:
     """
 
     def __init__(self, plan: TriePlan, units: tuple[PlanUnit, ...], device: torch.device,
-                 table_device: torch.device) -> None:
-        nodes, rows, positions, tables = [], [], [], []
-        for unit in units:
+                 table_device: torch.device, fused: bool = False) -> None:
+        nodes, rows, positions, tables, meta, pass_offsets = [], [], [], [], [], []
+        width = plan.num_players + 1
+        start = 0
+        for index, unit in enumerate(units):
             level, ids = unit.level, unit.nodes
             seg_len = plan.level_lens[level]
             offsets = plan.offsets(level, int(ids[0]), unit.game)
@@ -67,23 +69,46 @@ class _Pass:
             nodes.append(ids)
             rows.append((offsets[level] + ids[:, None] * seg_len + steps).reshape(-1))
             positions.append((plan.level_positions[level] + steps).repeat(len(ids)))
-            tables.append(torch.tensor([t[:level + 1] for t in
-                                        (offsets, plan.level_lens, plan.player_lens, plan.level_positions)]))
+            if fused:  # one kernel launch for the pass: a meta row per node, an offsets row per chunk
+                first_rows = start + torch.arange(len(ids)) * seg_len
+                meta.append(torch.stack([ids, torch.full_like(ids, level), first_rows,
+                                         torch.full_like(ids, index)], dim=1).reshape(-1))
+                pass_offsets.append(torch.tensor(offsets + (0,) * (width - len(offsets))))
+            else:
+                tables.append(torch.tensor([t[:level + 1] for t in
+                                            (offsets, plan.level_lens, plan.player_lens, plan.level_positions)]))
+            start += len(ids) * seg_len
         sizes = [len(ids) for ids in nodes]
-        flat = torch.cat(nodes + [torch.cat(rows), torch.cat(positions)])
+        extra = []
+        if fused:
+            extra = [torch.cat(meta), torch.cat(pass_offsets),
+                     torch.tensor([plan.level_lens, plan.player_lens, plan.level_positions]).reshape(-1)]
+        flat = torch.cat(nodes + [torch.cat(rows), torch.cat(positions)] + extra)
         if device.type == "cuda":
             flat = flat.pin_memory().to(device, non_blocking=True)
-        parts = flat.split(sizes + [flat.numel() - sum(sizes)])
-        self.rows, self.positions = parts[-1].view(2, -1)
-        if table_device.type == "cuda":
+        parts = flat.split(sizes + [2 * start] + [t.numel() for t in extra])
+        self.rows, self.positions = parts[len(sizes)].view(2, -1)
+        #: the fused kernel's pass tables (:func:`~sftint_fast.ops.triton.subset_attention.subset_attention_pass`)
+        self.fused_tables: tuple[torch.Tensor, ...] | None = None
+        self.max_seg_len = max(plan.level_lens[unit.level] for unit in units)
+        if fused:
+            meta_t, offsets_t, shared = parts[len(sizes) + 1:]
+            self.fused_tables = (meta_t.view(-1, 4), offsets_t.view(len(units), width), *shared.view(3, width))
+        if tables and table_device.type == "cuda":
             table_parts = torch.cat([t.reshape(-1) for t in tables]).pin_memory().to(table_device, non_blocking=True)
             tables = list(table_parts.split([t.numel() for t in tables]))
         self.chunks: list[_Chunk] = []
         start = 0
-        for unit, ids, table, size in zip(units, parts, tables, sizes):
+        for i, (unit, ids, size) in enumerate(zip(units, parts, sizes)):
             stop = start + size * plan.level_lens[unit.level]
-            self.chunks.append(_Chunk(unit, start, stop, ids, tuple(table.view(4, -1))))
+            self.chunks.append(_Chunk(unit, start, stop, ids, tuple(tables[i].view(4, -1)) if tables else ()))
             start = stop
+
+
+def subset_attention_pass(*args, **kwargs) -> torch.Tensor:
+    from sftint_fast.ops.triton.subset_attention import subset_attention_pass as fused_pass
+
+    return fused_pass(*args, **kwargs)
 
 
 def trie_layout(game: Any) -> tuple:
@@ -182,8 +207,9 @@ def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: t
 
     leaf_values = torch.empty(len(games), len(plan.level_nodes[n]), dtype=torch.float32, device=device)
     done = [0] * len(games)
+    fused = attention_backend == "triton"
     for units in tqdm(plan.passes, desc="trie passes", disable=not progress, leave=False):
-        pass_ = _Pass(plan, units, device, table_device)
+        pass_ = _Pass(plan, units, device, table_device, fused=fused)
         chunks = pass_.chunks
         inputs = torch.cat([_segment_embeds(embeds[c.game], baselines[c.game], plan, c.level, c.nodes,
                                             not attention_masking).reshape(-1, dims.hidden_size) for c in chunks])
@@ -197,6 +223,11 @@ def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: t
             k_stores[layer].index_copy_(0, pass_.rows, k)
             v_stores[layer].index_copy_(0, pass_.rows, v)
             spec = adapter.layers[layer]
+            if fused:  # every chunk of the pass in one launch, straight into one output
+                return subset_attention_pass(q, k_stores[layer], v_stores[layer], *pass_.fused_tables,
+                                             max_seg_len=pass_.max_seg_len, scale=spec.scale,
+                                             attention_masking=attention_masking, softcap=spec.softcap,
+                                             sliding_window=spec.sliding_window)
             return torch.cat([
                 subset_attention(q[c.start:c.stop].unflatten(0, (len(c.nodes), -1)), k_stores[layer],
                                  v_stores[layer], c.nodes, *c.tables, level=c.level, scale=spec.scale,

@@ -137,14 +137,15 @@ def _attend_path(
 
 @triton.jit
 def _attend_segments(
-    acc, m_i, l_i, q, q_tok, q_pos, node, level, seq_len, last_tok,
+    acc, m_i, l_i, q, q_tok, q_pos, node, level, seq_len, num_ancestors, last_tok,
     k_head_ptr, v_head_ptr, stride_kt, stride_vt, offsets_ptr, lens_ptr, players_ptr, positions_ptr,
     qk_scale, softcap, window, offs_d, d_mask,
     ATTENTION_MASKING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
     BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """Segment by segment: each ancestor's segment in its own key blocks, then the own segment causally."""
-    for lvl in range(0, level):
+    """Segment by segment: the ancestors' segments at levels ``< num_ancestors`` (``level``, or 0 for an empty
+    block), each in its own key blocks, then the own segment causally up to ``last_tok``."""
+    for lvl in range(0, num_ancestors):
         seg_len = tl.load(lens_ptr + lvl)
         ancestor = node % (1 << lvl)
         seg_row0 = tl.load(offsets_ptr + lvl) + ancestor * seg_len
@@ -179,33 +180,40 @@ def _attend_segments(
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_configs(), key=["seq_len", "GROUP", "HEAD_DIM", "IS_FP32", "FLAT_PATH"])
+@triton.autotune(configs=_configs(), key=["max_rows", "GROUP", "HEAD_DIM", "IS_FP32", "FLAT_PATH"])
 @triton.jit
 def _subset_attention_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, node_ids_ptr, offsets_ptr, lens_ptr, players_ptr, positions_ptr,
-    stride_qc, stride_qs, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_oc, stride_os, stride_oh,
-    level, seq_len, qk_scale, softcap, window,
+    q_ptr, k_ptr, v_ptr, o_ptr, meta_ptr, offsets_ptr, lens_ptr, players_ptr, positions_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_offsets,
+    max_rows, qk_scale, softcap, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP32: tl.constexpr,
     ATTENTION_MASKING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, FLAT_PATH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    kv_head = tl.program_id(1).to(tl.int64)
-    num_m_blocks = tl.cdiv(seq_len * GROUP, BLOCK_M)
-    chunk = pid // num_m_blocks
-    m_block = pid % num_m_blocks
-    node = tl.load(node_ids_ptr + chunk)
+    # One program = one query node (meta row: node id, level, first query row, offsets-table row), one block of
+    # its (token, head-in-group) rows, one KV head. Blocks past a node's rows (shorter segment) do nothing.
+    meta = meta_ptr + tl.program_id(0).to(tl.int64) * 4
+    m_block = tl.program_id(1)
+    kv_head = tl.program_id(2).to(tl.int64)
+    node = tl.load(meta)
+    level = tl.load(meta + 1)
+    q_row0 = tl.load(meta + 2)
+    offsets_ptr += tl.load(meta + 3) * stride_offsets
+    seq_len = tl.load(lens_ptr + level)
+    num_rows = seq_len * GROUP
+    block_empty = m_block * BLOCK_M >= num_rows
 
     # Query rows of this block: (token, head-in-group) pairs, token-major.
     offs_r = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    r_valid = offs_r < seq_len * GROUP
+    r_valid = offs_r < num_rows
     q_tok = offs_r // GROUP
     q_head = kv_head * GROUP + offs_r % GROUP
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
-    q_off = chunk * stride_qc + q_tok * stride_qs + q_head * stride_qh
+    q_off = (q_row0 + q_tok) * stride_qt + q_head * stride_qh
     q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :], mask=r_valid[:, None] & d_mask[None, :], other=0.0)
-    q_pos = tl.load(positions_ptr + level) + q_tok
+    own_pos = tl.load(positions_ptr + level)
+    q_pos = own_pos + q_tok
 
     k_head_ptr = k_ptr + kv_head * stride_kh
     v_head_ptr = v_ptr + kv_head * stride_vh
@@ -213,23 +221,24 @@ def _subset_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    last_tok = (tl.minimum((m_block + 1) * BLOCK_M, seq_len * GROUP) - 1) // GROUP
+    last_tok = (tl.minimum((m_block + 1) * BLOCK_M, num_rows) - 1) // GROUP
     if FLAT_PATH:
         # one run of positions from the root to the block's last query token (keys past it are never needed)
-        own_pos = tl.load(positions_ptr + level)
         lo = tl.load(positions_ptr)
         if HAS_WINDOW:  # key blocks wholly outside every query's window are never loaded
             first_tok = (m_block * BLOCK_M) // GROUP
             lo += (tl.maximum(own_pos + first_tok - window + 1 - lo, 0) // BLOCK_N) * BLOCK_N
+        hi = tl.where(block_empty, lo, own_pos + last_tok + 1)
         acc, m_i, l_i = _attend_path(
             acc, m_i, l_i, q, q_pos, node, level,
             k_head_ptr, v_head_ptr, stride_kt, stride_vt, offsets_ptr, lens_ptr, players_ptr, positions_ptr,
-            lo, own_pos + last_tok + 1, qk_scale, softcap, window, offs_d, d_mask,
+            lo, hi, qk_scale, softcap, window, offs_d, d_mask,
             ATTENTION_MASKING, HAS_SOFTCAP, HAS_WINDOW, BLOCK_N, INPUT_PRECISION,
         )
     else:
         acc, m_i, l_i = _attend_segments(
-            acc, m_i, l_i, q, q_tok, q_pos, node, level, seq_len, last_tok,
+            acc, m_i, l_i, q, q_tok, q_pos, node, level, seq_len, tl.where(block_empty, 0, level),
+            tl.where(block_empty, -1, last_tok),
             k_head_ptr, v_head_ptr, stride_kt, stride_vt, offsets_ptr, lens_ptr, players_ptr, positions_ptr,
             qk_scale, softcap, window, offs_d, d_mask,
             ATTENTION_MASKING, HAS_SOFTCAP, HAS_WINDOW, BLOCK_N, INPUT_PRECISION,
@@ -237,7 +246,7 @@ def _subset_attention_kernel(
 
     # padding rows may have seen no key at all (l_i = 0); they are not stored
     out = acc / tl.where(r_valid, l_i, 1.0)[:, None]
-    o_off = chunk * stride_oc + q_tok * stride_os + q_head * stride_oh
+    o_off = (q_row0 + q_tok) * stride_ot + q_head * stride_oh
     tl.store(o_ptr + o_off[:, None] + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=r_valid[:, None] & d_mask[None, :])
 
@@ -259,19 +268,14 @@ def _check_table(name: str, table: torch.Tensor, level: int, device: torch.devic
         raise ValueError(f"{name}: expected device {device} (that of q), got {table.device}")
 
 
-def _launch(
-    q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, node_ids: torch.Tensor,
-    tables: dict[str, torch.Tensor], level: int, scale: float, attention_masking: bool,
-    softcap: float | None, sliding_window: int | None, path: str,
-) -> torch.Tensor:
-    """Checks shapes, dtypes and devices, then launches the kernel on a ``(C·m_blocks, Hkv)`` grid."""
+def _check_common(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, scale: float,
+                  softcap: float | None, sliding_window: int | None, path: str) -> None:
+    """What both entry points check: ``q [..., Hq, D]`` against the stores, dtypes, devices and the options."""
     if path not in PATHS:
         raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
-    if q.dim() != 4:
-        raise ValueError(f"q: expected shape [C, S, Hq, D], got {tuple(q.shape)}")
     if q.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"q: expected dtype float16, bfloat16 or float32, got {q.dtype}")
-    num_nodes, seq_len, num_q_heads, head_dim = q.shape
+    num_q_heads, head_dim = q.shape[-2:]
     for name, store in (("k_store", k_store), ("v_store", v_store)):
         if store.dim() != 3 or store.shape[2] != head_dim:
             raise ValueError(f"{name}: expected shape [T_total, Hkv, D={head_dim}], got {tuple(store.shape)}")
@@ -285,50 +289,43 @@ def _launch(
     num_kv_heads = k_store.shape[1]
     if num_kv_heads == 0 or num_q_heads % num_kv_heads:
         raise ValueError(f"q: expected a number of heads divisible by k_store's {num_kv_heads}, got {num_q_heads}")
-    if node_ids.dtype != torch.int64 or node_ids.shape != (num_nodes,) or node_ids.device != q.device:
-        raise ValueError(f"node_ids: expected int64 of shape ({num_nodes},) on {q.device}, "
-                         f"got {node_ids.dtype} of shape {tuple(node_ids.shape)} on {node_ids.device}")
-    if level < 0:
-        raise ValueError(f"level: expected >= 0, got {level}")
-    for name, table in tables.items():
-        _check_table(name, table, level, q.device)
     if not scale > 0:
         raise ValueError(f"scale: expected a positive float, got {scale}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap: expected None or a positive float, got {softcap}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window: expected None or an int >= 1, got {sliding_window}")
-    if path == "flat" and tables["level_lens"].device.type == "cpu":  # on a GPU: the caller's contract (no sync)
-        lens, positions = tables["level_lens"][:level + 1], tables["level_positions"][:level + 1]
-        if level and not torch.equal(positions[1:], positions[:-1] + lens[:-1]):
-            raise ValueError(f"level_positions: path='flat' expects consecutive segments "
-                             f"(positions[k+1] = positions[k] + lens[k]), got positions {positions.tolist()} and "
-                             f"lens {lens.tolist()}; use path='segments'")
 
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    if num_nodes == 0 or seq_len == 0:
-        return out
-    if q.stride(3) != 1:
-        q = q.contiguous()
+
+def _launch(
+    q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, out: torch.Tensor, meta: torch.Tensor,
+    offsets: torch.Tensor, lens: torch.Tensor, players: torch.Tensor, positions: torch.Tensor, max_seg_len: int,
+    scale: float, attention_masking: bool, softcap: float | None, sliding_window: int | None, path: str,
+) -> None:
+    """Launches the kernel on a ``(nodes, query blocks of the longest segment, Hkv)`` grid; ``q``/``out`` are
+    ``[T, Hq, D]`` with a contiguous last dimension, the tables contiguous."""
+    num_nodes = meta.shape[0]
+    if num_nodes == 0 or max_seg_len == 0:
+        return
+    num_q_heads, head_dim = q.shape[1:]
+    num_kv_heads = k_store.shape[1]
     group = num_q_heads // num_kv_heads
     is_fp32 = q.dtype == torch.float32
     strict_fp32 = is_fp32 and not torch.backends.cuda.matmul.allow_tf32
 
-    def grid(meta):
-        return (num_nodes * triton.cdiv(seq_len * group, meta["BLOCK_M"]), num_kv_heads)
+    def grid(config):
+        return (num_nodes, triton.cdiv(max_seg_len * group, config["BLOCK_M"]), num_kv_heads)
 
     _subset_attention_kernel[grid](
-        q, k_store, v_store, out, node_ids.contiguous(), tables["level_offsets"].contiguous(),
-        tables["level_lens"].contiguous(), tables["player_lens"].contiguous(), tables["level_positions"].contiguous(),
-        q.stride(0), q.stride(1), q.stride(2), k_store.stride(0), k_store.stride(1),
-        v_store.stride(0), v_store.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        level, seq_len, float(scale), float(softcap or 0.0), int(sliding_window or 0),
+        q, k_store, v_store, out, meta, offsets, lens, players, positions,
+        q.stride(0), q.stride(1), k_store.stride(0), k_store.stride(1), v_store.stride(0), v_store.stride(1),
+        out.stride(0), out.stride(1), offsets.stride(0),
+        triton.next_power_of_2(max_seg_len * group), float(scale), float(softcap or 0.0), int(sliding_window or 0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), IS_FP32=is_fp32,
         ATTENTION_MASKING=bool(attention_masking), HAS_SOFTCAP=softcap is not None,
         HAS_WINDOW=sliding_window is not None, INPUT_PRECISION="ieee" if strict_fp32 else "tf32",
         FLAT_PATH=path == "flat",
     )
-    return out
 
 
 def subset_attention(
@@ -387,7 +384,98 @@ def subset_attention(
 
     Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before import (tests).
     """
+    path = DEFAULT_PATH if path is None else path
+    level = int(level)
+    if q.dim() != 4:
+        raise ValueError(f"q: expected shape [C, S, Hq, D], got {tuple(q.shape)}")
+    _check_common(q, k_store, v_store, scale, softcap, sliding_window, path)
+    num_nodes, seq_len, num_q_heads, head_dim = q.shape
+    if node_ids.dtype != torch.int64 or node_ids.shape != (num_nodes,) or node_ids.device != q.device:
+        raise ValueError(f"node_ids: expected int64 of shape ({num_nodes},) on {q.device}, "
+                         f"got {node_ids.dtype} of shape {tuple(node_ids.shape)} on {node_ids.device}")
+    if level < 0:
+        raise ValueError(f"level: expected >= 0, got {level}")
     tables = {"level_offsets": level_offsets, "level_lens": level_lens, "player_lens": player_lens,
               "level_positions": level_positions}
-    return _launch(q, k_store, v_store, node_ids, tables, int(level), scale, attention_masking, softcap,
-                   sliding_window, DEFAULT_PATH if path is None else path)
+    for name, table in tables.items():
+        _check_table(name, table, level, q.device)
+    if path == "flat" and level_lens.device.type == "cpu":  # on a GPU: the caller's contract (no sync)
+        lens, positions = level_lens[:level + 1], level_positions[:level + 1]
+        if level and not torch.equal(positions[1:], positions[:-1] + lens[:-1]):
+            raise ValueError(f"level_positions: path='flat' expects consecutive segments "
+                             f"(positions[k+1] = positions[k] + lens[k]), got positions {positions.tolist()} and "
+                             f"lens {lens.tolist()}; use path='segments'")
+
+    out = torch.empty((num_nodes * seq_len, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
+    if num_nodes == 0 or seq_len == 0:
+        return out.view(q.shape)
+    if q.stride(3) != 1:
+        q = q.contiguous()
+    # this chunk as a pass of one offsets table: meta row = (node id, level, first query row, table 0)
+    meta = torch.stack([node_ids, torch.full_like(node_ids, level),
+                        torch.arange(num_nodes, device=q.device) * seq_len, torch.zeros_like(node_ids)], dim=1)
+    _launch(q.reshape(num_nodes * seq_len, num_q_heads, head_dim), k_store, v_store, out, meta,
+            level_offsets[:level + 1].contiguous().view(1, -1), level_lens.contiguous(), player_lens.contiguous(),
+            level_positions.contiguous(), seq_len, scale, attention_masking, softcap, sliding_window, path)
+    return out.view(q.shape)
+
+
+def subset_attention_pass(
+    q: torch.Tensor,
+    k_store: torch.Tensor,
+    v_store: torch.Tensor,
+    meta: torch.Tensor,
+    level_offsets: torch.Tensor,
+    level_lens: torch.Tensor,
+    player_lens: torch.Tensor,
+    level_positions: torch.Tensor,
+    *,
+    max_seg_len: int,
+    scale: float,
+    attention_masking: bool = False,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+    path: str | None = None,
+) -> torch.Tensor:
+    """:func:`subset_attention` for a whole pass of the trie engine in one launch: nodes of any levels and KV blocks.
+
+    Args:
+        q: ``[T, Hq, D]`` the queries of every node of the pass (after RoPE), each node's segment a run of rows.
+        k_store, v_store: ``[T_total, Hkv, D]`` as in :func:`subset_attention`.
+        meta: ``[N, 4]`` int64, one row per query node: node id, level, first row in ``q``, row of
+            ``level_offsets`` that holds its levels' store offsets.
+        level_offsets: ``[num_tables, W]`` int64 (``W`` > every node's level): store offsets per table (one per
+            chunk: a game's block, the last level's window); level_lens, player_lens, level_positions: ``[W]``
+            int64, shared by every node (one layout, consecutive segments when ``path="flat"``).
+        max_seg_len: the longest segment of the nodes (sizes the grid without reading the tables).
+        scale, attention_masking, softcap, sliding_window, path: as in :func:`subset_attention`.
+
+    Returns:
+        ``[T, Hq, D]`` in ``q``'s dtype, each node's rows where its queries are (rows of no node are left as
+        allocated).
+
+    Only shapes, dtypes and devices are checked (no table contents: that would cost a GPU sync per layer). The
+    engine builds these tables from its plan; tests compare the result with :func:`subset_attention` per chunk.
+    """
+    path = DEFAULT_PATH if path is None else path
+    if q.dim() != 3:
+        raise ValueError(f"q: expected shape [T, Hq, D], got {tuple(q.shape)}")
+    _check_common(q, k_store, v_store, scale, softcap, sliding_window, path)
+    if meta.dtype != torch.int64 or meta.dim() != 2 or meta.shape[1] != 4 or meta.device != q.device:
+        raise ValueError(f"meta: expected int64 [N, 4] on {q.device}, got {meta.dtype} of shape {tuple(meta.shape)} "
+                         f"on {meta.device}")
+    if level_offsets.dtype != torch.int64 or level_offsets.dim() != 2 or level_offsets.device != q.device:
+        raise ValueError(f"level_offsets: expected int64 [num_tables, W] on {q.device}, got {level_offsets.dtype} "
+                         f"of shape {tuple(level_offsets.shape)} on {level_offsets.device}")
+    for name, table in (("level_lens", level_lens), ("player_lens", player_lens),
+                        ("level_positions", level_positions)):
+        _check_table(name, table, level_offsets.shape[1] - 1, q.device)
+    if not isinstance(max_seg_len, int) or max_seg_len < 0:
+        raise ValueError(f"max_seg_len: expected an int >= 0, got {max_seg_len!r}")
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    _launch(q, k_store, v_store, out, meta.contiguous(), level_offsets.contiguous(), level_lens.contiguous(),
+            player_lens.contiguous(), level_positions.contiguous(), max_seg_len, scale, attention_masking, softcap,
+            sliding_window, path)
+    return out
