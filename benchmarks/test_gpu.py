@@ -8,7 +8,8 @@ fraction of the ideal), peak memory, the model TFLOP/s achieved on the trie's to
 the same precision, and the Triton kernel's own effective bandwidth on the deepest level against a device copy.
 The fused kernel runs with both KV-loop strategies (``path="flat"``, the default, and ``"segments"``), in the engine
 and alone, with the share of loaded key slots that hold a key for each (``key_block_fill_*``, computed), and the
-engine once more with 4× larger passes (``BIG_PASS_TOKENS``: fewer passes, so fewer launches, more activations).
+engine once more with 4× smaller passes than its CUDA default (``SMALL_PASS_TOKENS``, the CPU default: more passes,
+so more kernel launches, less activation memory).
 Precisions side by side: fp32 (IEEE matmuls), tf32 (fp32 weights, TF32 matmuls) and bf16.
 
     pytest benchmarks/test_gpu.py -s                  # GPU: n=10 on the three models, every precision
@@ -28,7 +29,7 @@ import pytest
 import torch
 
 from sftint_fast.engine.naive import evaluate_naive
-from sftint_fast.engine.plan import plan_trie
+from sftint_fast.engine.plan import default_pass_tokens, plan_trie
 from sftint_fast.engine.trie import evaluate_trie
 from sftint_fast.game import Game
 from sftint_fast.ops.subset_attention import subset_attention
@@ -54,8 +55,8 @@ TINY_SPECS = {
 LAYOUTS = {"n10": (20, 10, 2, 3, 15), "n12": (100, 12, 3, 5, 30)}
 TINY_LAYOUTS = {"n10": (4, 3, 2, 1, 3), "n12": (6, 4, 1, 2, 2)}
 PRECISIONS = ["fp32", "tf32", "bf16"]
-#: Tokens per pass of the "big passes" variant (the default plan aims at ``plan.TARGET_CHUNK_TOKENS`` = 8192).
-BIG_PASS_TOKENS = 32768
+#: Tokens per pass of the "small passes" variant (the engine's default on CUDA is ``plan.PASS_TOKENS["cuda"]``).
+SMALL_PASS_TOKENS = 8192
 
 _MODELS: dict[tuple[str, bool, bool], torch.nn.Module] = {}
 _RESULTS: list[dict] = []
@@ -146,14 +147,16 @@ def _kernel_path(path: str):
 
 @contextlib.contextmanager
 def _pass_tokens(tokens: int):
-    """The trie planner's tokens per pass for the engine calls inside (``plan.TARGET_CHUNK_TOKENS``)."""
+    """The engine's tokens per pass on this device for the calls inside (``plan.PASS_TOKENS``)."""
     from sftint_fast.engine import plan as planner
 
-    previous, planner.TARGET_CHUNK_TOKENS = planner.TARGET_CHUNK_TOKENS, tokens
+    kind = _device().type
+    previous = planner.PASS_TOKENS[kind]
+    planner.PASS_TOKENS[kind] = tokens
     try:
         yield
     finally:
-        planner.TARGET_CHUNK_TOKENS = previous
+        planner.PASS_TOKENS[kind] = previous
 
 
 def _linear_params_per_token(model: torch.nn.Module) -> int:
@@ -256,13 +259,13 @@ def test_trie_vs_naive(benchmark, name, layout, precision, tiny, full, env_info)
             with _kernel_path("segments"):
                 segments_s, v_segments, _ = _timed(
                     lambda: evaluate_trie(model, game, subsets, progress=False, attention_backend="triton"), repeats)
-            with _pass_tokens(BIG_PASS_TOKENS):  # fewer, larger passes: fewer launches, more activation memory
-                big_s, v_big, big_peak = _timed(
+            with _pass_tokens(SMALL_PASS_TOKENS):  # more, smaller passes: more launches, less activation memory
+                small_s, v_small, small_peak = _timed(
                     lambda: evaluate_trie(model, game, subsets, progress=False, attention_backend="triton"), repeats)
-                big_passes = len(plan_trie(game, subsets=None).passes)
             benchmark.pedantic(lambda: evaluate_trie(model, game, subsets, progress=False,
                                                      attention_backend="triton"), rounds=1, iterations=1)
-            plan = plan_trie(game, subsets=None)
+            plan = plan_trie(game, subsets=None, pass_tokens=default_pass_tokens(_device()))
+            small_plan = plan_trie(game, subsets=None, pass_tokens=SMALL_PASS_TOKENS)
             kernel = _kernel_case(model, plan, next(model.parameters()).dtype, 3 if not tiny else 1)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous_tf32
@@ -275,10 +278,11 @@ def test_trie_vs_naive(benchmark, name, layout, precision, tiny, full, env_info)
                 ideal_token_ratio=plan.ideal_ratio, trie_tokens=plan.trie_tokens, naive_tokens=plan.naive_tokens,
                 naive_ms=naive_s * 1e3, trie_torch_ms=torch_s * 1e3, trie_triton_ms=triton_s * 1e3,
                 trie_triton_segments_ms=segments_s * 1e3, ratio_triton_segments_over_naive=naive_s / segments_s,
-                passes=len(plan.passes), big_pass_tokens=BIG_PASS_TOKENS, big_passes=big_passes,
-                trie_triton_big_passes_ms=big_s * 1e3, ratio_triton_big_passes_over_naive=naive_s / big_s,
-                peak_GB_trie_triton_big_passes=big_peak / 2**30,
-                max_abs_dv_triton_big_passes_vs_naive=(v_big - v_naive).abs().max().item(),
+                pass_tokens=default_pass_tokens(_device()), passes=len(plan.passes),
+                small_pass_tokens=SMALL_PASS_TOKENS, small_passes=len(small_plan.passes),
+                trie_triton_small_passes_ms=small_s * 1e3, ratio_triton_small_passes_over_naive=naive_s / small_s,
+                peak_GB_trie_triton_small_passes=small_peak / 2**30,
+                max_abs_dv_triton_small_passes_vs_naive=(v_small - v_naive).abs().max().item(),
                 max_abs_dv_triton_segments_vs_naive=(v_segments - v_naive).abs().max().item(),
                 naive_variants_per_s=variants / naive_s, trie_torch_variants_per_s=variants / torch_s,
                 trie_triton_variants_per_s=variants / triton_s,

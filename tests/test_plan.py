@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sftint_fast.engine.adapters import ModelDims
-from sftint_fast.engine.plan import plan_trie
+from sftint_fast.engine.plan import PASS_TOKENS, TARGET_CHUNK_TOKENS, default_pass_tokens, plan_trie
 
 DIMS = ModelDims(num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64, hidden_size=576, intermediate_size=1536,
                  vocab_size=49152, dtype=torch.float32)
@@ -58,6 +58,24 @@ def test_batch_size_bounds_nodes_per_pass():
     plan = plan_trie(layout(*LAYOUTS[-1]), batch_size=5)
     assert max(sum(len(u.nodes) for u in units) for units in plan.passes) <= 5
     assert len(plan_trie(layout(*LAYOUTS[-1])).passes) < len(plan.passes)
+
+
+def test_pass_tokens_bound_passes_and_default_by_device():
+    seq_len, spans = 226, tuple((100 + 8 * i, 103 + 8 * i) for i in range(12))  # the GPU benchmark's n=12 layout
+    big = layout(seq_len, spans)
+    sizes = {}
+    for tokens in (2048, 8192, 32768):
+        plan = plan_trie(big, pass_tokens=tokens, dims=DIMS, max_memory=64 << 30)
+        per_pass = [sum(len(u.nodes) * plan.level_lens[u.level] for u in units) for units in plan.passes]
+        assert max(per_pass) <= tokens and sum(per_pass) == plan.trie_tokens
+        sizes[tokens] = len(plan.passes)
+    assert sizes[2048] > sizes[8192] > sizes[32768] >= plan.trie_tokens // 32768
+    assert len(plan_trie(big).passes) == sizes[8192]  # None = TARGET_CHUNK_TOKENS
+    assert default_pass_tokens(torch.device("cpu")) == TARGET_CHUNK_TOKENS
+    assert default_pass_tokens("cuda") == PASS_TOKENS["cuda"] > TARGET_CHUNK_TOKENS
+    assert default_pass_tokens("meta") == TARGET_CHUNK_TOKENS
+    with pytest.raises(ValueError, match="pass_tokens"):
+        plan_trie(big, pass_tokens=0)
 
 
 def test_subsets_reach_only_their_prefixes():

@@ -39,6 +39,9 @@ def model(arch: str, attn: str = "sdpa"):
     return tiny_model(arch, attn=attn, initializer_range=0.2)
 
 
+from sftint_fast.engine.trie import _Pass as _real_pass  # noqa: E402
+
+
 def check_close(trie: torch.Tensor, naive: torch.Tensor) -> None:
     assert trie.dtype == torch.float32 and trie.shape == naive.shape
     tol = 1e-4 * naive.abs().clamp(min=1)
@@ -84,6 +87,26 @@ def test_multi_token_target_and_baseline_rows(arch, masking):
 def test_chunking_forced_small(batch_size):
     trie, naive = run_both(model("llama"), make_game("spread_n5", seed=3), batch_size=batch_size)
     check_close(trie, naive)
+
+
+@pytest.mark.parametrize("tokens", [6, 40])
+def test_engine_plans_the_device_pass_tokens(tokens, monkeypatch):
+    """The engine sizes its passes by ``plan.PASS_TOKENS`` of the model's device (larger on CUDA), exactly."""
+    from sftint_fast.engine import plan as planner
+    from sftint_fast.engine import trie as engine
+
+    monkeypatch.setitem(planner.PASS_TOKENS, "cpu", tokens)
+    passes = []
+    monkeypatch.setattr(engine, "_Pass", lambda *a, **k: passes.append(a[1]) or _real_pass(*a, **k))
+    game = make_game("spread_n5", seed=3)
+    trie, naive = run_both(model("llama"), game)
+    check_close(trie, naive)
+    def units(schedule):
+        return [[(u.level, u.nodes.tolist(), u.game) for u in pass_] for pass_ in schedule]
+
+    plan = planner.plan_trie(game, pass_tokens=tokens)
+    assert units(passes) == units(plan.passes) and len(passes) > 1
+    assert units(plan.passes) != units(planner.plan_trie(game, pass_tokens=10 * tokens).passes)
 
 
 def test_tiny_memory_budget_chunks_and_still_matches():

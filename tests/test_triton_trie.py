@@ -57,3 +57,26 @@ def test_grouped_games_through_one_launch_per_pass_match_naive(masking):
     for got, want in zip(together, alone(net, games, subsets)):
         check_close(got, want)
     assert not torch.allclose(together[0], together[1])
+
+
+def test_one_kernel_launch_per_pass_and_layer(monkeypatch):
+    """The engine launches the fused kernel once per pass and layer, however many chunks (levels, games) a pass
+    holds: per-chunk launches were most of the GPU engine's host time at small levels."""
+    from test_group import games_of
+
+    from sftint_fast.engine.plan import plan_trie
+    from sftint_fast.engine.trie import evaluate_trie_games
+    from sftint_fast.ops.triton import subset_attention as kernel
+
+    calls = []
+    launch = kernel._launch
+    monkeypatch.setattr(kernel, "_launch", lambda *a, **k: calls.append(a[4].shape[0]) or launch(*a, **k))
+    net = tiny_model("llama", attn="sdpa")
+    games = games_of("spread_n5", 2)
+    evaluate_trie_games(net, games, batch_size=12, progress=False, attention_backend="triton")
+    plan = plan_trie(games[0], batch_size=12, num_games=2)
+    chunks = sum(len(units) for units in plan.passes)
+    assert chunks > len(plan.passes)  # passes really hold several chunks
+    assert len(calls) == net.config.num_hidden_layers * len(plan.passes)
+    nodes = sum(len(u.nodes) for units in plan.passes for u in units)
+    assert sum(calls) == net.config.num_hidden_layers * nodes  # every node of every pass, once per layer

@@ -259,11 +259,12 @@ def _auto_group_size(model: Any, engine: str, game: Game, subsets: torch.Tensor 
         batch = batch_size or naive_batch_size(model, game, max_memory=max_memory)
         return max(1, min(MAX_GROUP_GAMES, 2 * batch // variants))
     from sftint_fast.engine.adapters import get_adapter
-    from sftint_fast.engine.plan import default_max_memory, plan_trie
+    from sftint_fast.engine.plan import default_max_memory, default_pass_tokens, plan_trie
 
     budget = max_memory if max_memory is not None else default_max_memory(model_device(model))
     plan = plan_trie(game, subsets=None if subsets is None else subsets.cpu(), dims=get_adapter(model).dims,
-                     batch_size=batch_size, max_memory=budget, num_targets=int(game.score_positions.numel()))
+                     batch_size=batch_size, max_memory=budget, num_targets=int(game.score_positions.numel()),
+                     pass_tokens=default_pass_tokens(model_device(model)))
     by_memory = (budget // 2) // max(1, plan.kv_bytes)
     by_tokens = GROUP_TOKENS.get(model_device(model).type, GROUP_TOKENS["cpu"]) // max(1, plan.trie_tokens)
     return int(max(1, min(MAX_GROUP_GAMES, by_memory, by_tokens)))

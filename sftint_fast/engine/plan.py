@@ -33,8 +33,12 @@ from sftint_fast.engine.adapters import ModelDims, get_adapter
 
 logger = logging.getLogger(__name__)
 
-#: Tokens per chunk and per pass the planner aims for: large GEMMs, activations still small.
+#: Tokens per chunk and per pass the planner aims for by default: large GEMMs, activations still small.
 TARGET_CHUNK_TOKENS = 8192
+#: The engine's tokens per pass by device type (:func:`default_pass_tokens`). On a GPU the layer loop's host work
+#: (a few dozen kernel launches per layer and pass) outlasts the GEMMs of an 8192-token pass of a small model in
+#: bf16, so GPU passes are larger; on the CPU, compute dominates and smaller passes keep activations in cache.
+PASS_TOKENS = {"cuda": 32768, "cpu": TARGET_CHUNK_TOKENS}
 #: Share of the free memory used when ``max_memory`` is not given.
 FREE_MEMORY_FRACTION = 0.6
 _GIB = 1024**3
@@ -139,6 +143,11 @@ def default_max_memory(device: torch.device) -> int:
     return int(free * FREE_MEMORY_FRACTION)
 
 
+def default_pass_tokens(device: torch.device) -> int:
+    """Tokens per pass the engine plans for on ``device`` (:data:`PASS_TOKENS`, else :data:`TARGET_CHUNK_TOKENS`)."""
+    return PASS_TOKENS.get(torch.device(device).type, TARGET_CHUNK_TOKENS)
+
+
 def _split_level(nodes: torch.Tensor, width: int, last: bool) -> list[torch.Tensor]:
     if not last:
         return list(nodes.split(width))
@@ -151,13 +160,13 @@ def _split_level(nodes: torch.Tensor, width: int, last: bool) -> list[torch.Tens
 
 
 def _group_passes(units: list[PlanUnit], level_lens: list[int], unit_bytes: list[int], last_level: int,
-                  max_nodes: int | None, room: int | None) -> tuple[list, int]:
+                  max_nodes: int | None, room: int | None, pass_tokens: int) -> tuple[list, int]:
     """Greedy grouping of consecutive chunks into passes under the token, node and byte budgets; a pass holds at
     most one last-level chunk per game (the game's window)."""
     passes, current, tokens, nodes, used, peak, windows = [], [], 0, 0, 0, 0, set()
     for unit, cost in zip(units, unit_bytes):
         size = len(unit.nodes) * level_lens[unit.level]
-        fits = (tokens + size <= TARGET_CHUNK_TOKENS and (max_nodes is None or nodes + len(unit.nodes) <= max_nodes)
+        fits = (tokens + size <= pass_tokens and (max_nodes is None or nodes + len(unit.nodes) <= max_nodes)
                 and (room is None or used + cost <= room)
                 and not (unit.level == last_level and unit.game in windows))
         if current and not fits:
@@ -201,7 +210,7 @@ def _chunk_activation_bytes(dims: ModelDims, seg_len: int, num_keys: int, num_ta
 
 def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn.Module | None = None,
               dims: ModelDims | None = None, batch_size: int | None = None, max_memory: int | None = None,
-              num_targets: int | None = None, num_games: int = 1) -> TriePlan:
+              num_targets: int | None = None, num_games: int = 1, pass_tokens: int | None = None) -> TriePlan:
     """Plan the trie evaluation of ``game`` (anything with ``input_ids (L,)`` and ``player_spans``).
 
     Args:
@@ -214,6 +223,8 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
             on the model's device).
         num_targets: scored positions ``m`` (default: ``len(game.target)`` if present, else 1).
         num_games: games of this layout evaluated together (each its own KV block and window).
+        pass_tokens: tokens a chunk and a pass aim for (None = :data:`TARGET_CHUNK_TOKENS`; the engine passes
+            :func:`default_pass_tokens` of the model's device). Memory still bounds them.
 
     Raises:
         ValueError: bad spans or subsets, or a plan that does not fit ``max_memory`` even one node per chunk
@@ -245,6 +256,10 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
         raise ValueError(f"batch_size must be a positive int, got {batch_size}")
     if not isinstance(num_games, int) or num_games < 1:
         raise ValueError(f"num_games: expected a positive int, received {num_games!r}")
+    if pass_tokens is None:
+        pass_tokens = TARGET_CHUNK_TOKENS
+    if not isinstance(pass_tokens, int) or pass_tokens < 1:
+        raise ValueError(f"pass_tokens: expected a positive int or None, received {pass_tokens!r}")
 
     level_lens, level_positions, player_lens = _segments(seq_len, player_spans)
     level_nodes, leaf_index = _level_nodes(num_players, subsets)
@@ -258,7 +273,7 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
         adapter = get_adapter(model)
         dims = adapter.dims if adapter is not None else None
 
-    chunk_nodes = [max(1, min(count, TARGET_CHUNK_TOKENS // max(length, 1))) for count, length in
+    chunk_nodes = [max(1, min(count, pass_tokens // max(length, 1))) for count, length in
                    zip(counts, level_lens)]
     if batch_size is not None:
         chunk_nodes = [min(c, batch_size) for c in chunk_nodes]
@@ -295,7 +310,7 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
              for ids in _split_level(level_nodes[level], chunk_nodes[level], level == num_players)
              for game in range(num_games)]
     passes, activation_bytes = _group_passes(units, level_lens, [len(u.nodes) * per_node[u.level] for u in units],
-                                             num_players, batch_size, room)
+                                             num_players, batch_size, room, pass_tokens)
     window_rows = chunk_nodes[-1] * level_lens[-1]
     game_rows = window_start + window_rows
     plan = TriePlan(

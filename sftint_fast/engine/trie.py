@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sftint_fast.engine.adapters import Adapter, get_adapter
-from sftint_fast.engine.plan import PlanUnit, TriePlan, default_max_memory, plan_trie
+from sftint_fast.engine.plan import PlanUnit, TriePlan, default_max_memory, default_pass_tokens, plan_trie
 from sftint_fast.ops.subset_attention import key_layout, subset_attention
 
 logger = logging.getLogger(__name__)
@@ -192,7 +192,8 @@ def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: t
         max_memory = default_max_memory(device)
     first = games[0]
     plan = plan_trie(first, subsets=subsets, dims=adapter.dims, batch_size=batch_size, max_memory=max_memory,
-                     num_targets=int(first.score_positions.numel()), num_games=len(games))
+                     num_targets=int(first.score_positions.numel()), num_games=len(games),
+                     pass_tokens=default_pass_tokens(device))
     dims = adapter.dims
     n = plan.num_players
     attention_masking = getattr(first, "masking", "embedding") == "attention"
