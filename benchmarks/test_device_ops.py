@@ -1,0 +1,101 @@
+"""Device operations one evaluation dispatches: what bounds the trie on a GPU when its passes are small.
+
+On a GPU every non-view aten op and every Triton launch is a kernel launch, and the host issues them one by one
+(~5–20 µs each through Python and the driver). A small model's GEMMs in bf16 finish faster than that, so the
+count of device ops, not FLOPs, sets the trie's time there. This benchmark counts them, exactly and on any machine,
+for the GPU benchmark's layouts (``benchmarks/test_gpu.py``) with SmolLM2's 30 layers at tiny widths (counts do not
+depend on the widths): the naive engine in one batch, the trie with the fused kernel and with the torch attention
+path, at 8192 tokens per pass (the CPU default) and 32768 (``plan.PASS_TOKENS["cuda"]``).
+
+The fused kernel cannot run here without the interpreter (hours at these sizes), so its launch is counted and its
+output zeroed: the counts are exact, the values are not used. Quick: n=10; ``--full``: n=10 and n=12.
+"""
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from test_gpu import LAYOUTS, _game
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sftint_fast.engine import plan as planner
+from sftint_fast.engine.naive import evaluate_naive
+from sftint_fast.engine.trie import evaluate_trie
+
+NUM_LAYERS = 30  # SmolLM2-135M
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the aten ops that launch work (views and aliases do not)."""
+
+    VIEWS = frozenset({"view", "_unsafe_view", "alias", "detach", "unsqueeze", "squeeze", "transpose", "expand",
+                       "split", "slice", "select", "unflatten", "t", "as_strided", "permute", "reshape",
+                       "_reshape_alias", "unbind"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.__name__.split(".")[0] not in self.VIEWS:
+            self.counts[func.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _CountedKernel:
+    """Stands in for the autotuned Triton kernel: counts launches, zeroes the output (argument 3)."""
+
+    def __init__(self) -> None:
+        self.launches = 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches += 1
+            args[3].zero_()
+        return launch
+
+
+@pytest.fixture(scope="module")
+def model():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=72, num_hidden_layers=NUM_LAYERS, num_attention_heads=9, num_key_value_heads=3,
+                      head_dim=8, intermediate_size=96, vocab_size=512, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+
+
+def _device_ops(fn, kernel: _CountedKernel) -> int:
+    kernel.launches = 0
+    with torch.no_grad(), _CountOps() as ops:
+        fn()
+    return sum(ops.counts.values()) - ops.counts["zero_.default"] + kernel.launches
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_device_ops_per_evaluation(benchmark, model, layout, full, env_info, monkeypatch):
+    if layout != "n10" and not full:
+        pytest.skip("n=12 only with --full")
+    from sftint_fast.ops.triton import subset_attention as fused
+
+    kernel = _CountedKernel()
+    monkeypatch.setattr(fused, "_subset_attention_kernel", kernel)
+    game = _game(model, LAYOUTS[layout])
+    variants = 1 << game.num_players
+    info = dict(env_info, layout=layout, n=game.num_players, layers=NUM_LAYERS,
+                naive_one_batch=_device_ops(lambda: evaluate_naive(model, game, torch.arange(variants),
+                                                                   batch_size=variants, progress=False), kernel))
+    for tokens in (planner.TARGET_CHUNK_TOKENS, planner.PASS_TOKENS["cuda"]):
+        monkeypatch.setitem(planner.PASS_TOKENS, "cpu", tokens)
+        passes = len(planner.plan_trie(game, pass_tokens=tokens).passes)
+        for backend in ("triton", "torch"):
+            count = _device_ops(lambda: evaluate_trie(model, game, progress=False, attention_backend=backend), kernel)
+            info[f"trie_{backend}_{tokens}"] = count
+            info[f"trie_{backend}_{tokens}_per_pass_layer"] = count / (passes * NUM_LAYERS)
+            if backend == "triton":  # the fused path: one launch per pass and layer
+                assert kernel.launches == passes * NUM_LAYERS, (kernel.launches, passes)
+        info[f"passes_{tokens}"] = passes
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    print({k: (round(v, 1) if isinstance(v, float) else v) for k, v in info.items()})
