@@ -16,7 +16,8 @@ Precisions side by side: fp32 (IEEE matmuls), tf32 (fp32 weights, TF32 matmuls) 
     pytest benchmarks/test_gpu.py -s --full           # GPU: n=10 and n=12
     TRITON_INTERPRET=1 pytest benchmarks/test_gpu.py -s --tiny   # CPU dry run of the same code, tiny shapes
 
-Results also go to ``$OUT/gpu_benchmark.json`` when ``OUT`` is set (rewritten atomically after every case).
+Results also go to ``$OUT/gpu_benchmark.json`` (``gpu_benchmark_$BENCH_TAG.json`` when ``BENCH_TAG`` is set) when
+``OUT`` is set, rewritten atomically after every case.
 """
 import contextlib
 import copy
@@ -230,7 +231,8 @@ def _save() -> None:
     out_dir = os.environ.get("OUT")
     if not out_dir:
         return
-    path = os.path.join(out_dir, "gpu_benchmark.json")
+    tag = os.environ.get("BENCH_TAG")
+    path = os.path.join(out_dir, f"gpu_benchmark_{tag}.json" if tag else "gpu_benchmark.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(_RESULTS, f, indent=1)
