@@ -78,6 +78,24 @@ def test_pass_tokens_bound_passes_and_default_by_device():
         plan_trie(big, pass_tokens=0)
 
 
+@pytest.mark.parametrize("num_games", [1, 3])
+def test_plan_without_a_window_stores_no_last_level(num_games):
+    """window=False (the fused kernel reads own segments from the pass): no last-level rows in the store, less
+    KV memory, every last-level node still scheduled once."""
+    big = layout(*LAYOUTS[-1])
+    kw = dict(dims=DIMS, max_memory=8 << 30, num_games=num_games, pass_tokens=4096, batch_size=300)
+    with_window, without = plan_trie(big, **kw), plan_trie(big, window=False, **kw)
+    assert with_window.window and not without.window and without.to_dict()["window"] is False
+    assert without.window_rows == 0 and without.game_rows == with_window.window_start
+    assert without.store_rows == num_games * with_window.window_start < with_window.store_rows
+    assert without.kv_bytes < with_window.kv_bytes and without.peak_bytes < with_window.peak_bytes
+    n = without.num_players
+    assert all(sum(u.level == n for u in units) <= num_games for units in with_window.passes)
+    for plan in (with_window, without):
+        scheduled = torch.cat([u.nodes for units in plan.passes for u in units if u.level == n and u.game == 0])
+        assert torch.equal(scheduled, plan.level_nodes[n])
+
+
 def test_subsets_reach_only_their_prefixes():
     seq_len, spans = LAYOUTS[-1]
     gen = torch.Generator().manual_seed(0)

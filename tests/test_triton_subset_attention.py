@@ -129,11 +129,13 @@ def test_paths_agree_and_flat_needs_consecutive_segments():
     subset_attention(*args, level=level, scale=0.1, path="segments")
 
 
+@pytest.mark.parametrize("own", ["store", "pass"])
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("option", ["plain", "masking-window-softcap"])
-def test_pass_of_several_levels_and_blocks_in_one_launch(path, option):
+def test_pass_of_several_levels_and_blocks_in_one_launch(path, option, own):
     """subset_attention_pass over a pass mixing levels 0..4, two KV blocks (games) and a shifted last-level window
-    equals subset_attention per chunk (itself checked against the reference above)."""
+    equals subset_attention per chunk (itself checked against the reference above). With ``own="pass"`` the own
+    segments come from k_pass/v_pass and the store's copies of the deepest level are overwritten first."""
     from sftint_fast.ops.triton.subset_attention import subset_attention, subset_attention_pass
 
     lens, players, _, _, hq, hkv, d = CASES["level4-gqa4"]
@@ -144,7 +146,7 @@ def test_pass_of_several_levels_and_blocks_in_one_launch(path, option):
     offsets = tables[0].tolist()
     chunks = [(0, [0], 0), (2, [3, 1], 1), (1, [1], 0), (4, [9, 11, 12], 1), (3, [5], 0), (4, [2, 3], 0)]
     kw = dict(scale=0.2, path=path, **OPTIONS[option])
-    queries, meta, table_rows, expected, row = [], [], [], [], 0
+    queries, meta, table_rows, expected, row, own_rows = [], [], [], [], 0, []
     for index, (level, nodes, game) in enumerate(chunks):
         table = [game * game_rows + o for o in offsets[:level + 1]]
         if level == 4 and game == 1:  # the window trick: level 4 addressed relative to the chunk's first node
@@ -160,11 +162,25 @@ def test_pass_of_several_levels_and_blocks_in_one_launch(path, option):
         queries.append(q.flatten(0, 1))
         for node in nodes:
             meta.append([node, level, row, index])
+            own_rows.append(table[level] + node * lens[level] + torch.arange(lens[level]))
             row += lens[level]
         table_rows.append(table + [0] * (len(lens) - len(table)))
+    if own == "pass":
+        own_rows = torch.cat(own_rows)
+        kw.update(k_pass=k_store[own_rows].clone(), v_pass=v_store[own_rows].clone())
+        deepest = torch.cat([r for r, m in zip(own_rows.split([lens[m[1]] for m in meta]), meta) if m[1] == 4])
+        k_store[deepest], v_store[deepest] = 1e3, -1e3  # the pass must not read these
     out = subset_attention_pass(torch.cat(queries), k_store, v_store, torch.tensor(meta), torch.tensor(table_rows),
                                 *tables[1:], max_seg_len=max(lens), **kw)
     torch.testing.assert_close(out, torch.cat([e.flatten(0, 1) for e in expected]), atol=TOL[torch.float32], rtol=0)
+    if own == "pass":
+        with pytest.raises(ValueError, match="both or neither"):
+            subset_attention_pass(torch.cat(queries), k_store, v_store, torch.tensor(meta), torch.tensor(table_rows),
+                                  *tables[1:], max_seg_len=max(lens), **dict(kw, v_pass=None))
+        with pytest.raises(ValueError, match="k_pass"):
+            subset_attention_pass(torch.cat(queries), k_store, v_store, torch.tensor(meta), torch.tensor(table_rows),
+                                  *tables[1:], max_seg_len=max(lens), **dict(kw, k_pass=kw["k_pass"][1:]))
+        kw.pop("k_pass"), kw.pop("v_pass")
     with pytest.raises(ValueError, match="meta"):
         subset_attention_pass(torch.cat(queries), k_store, v_store, torch.tensor(meta)[:, :3],
                               torch.tensor(table_rows), *tables[1:], max_seg_len=max(lens), **kw)
@@ -253,10 +269,11 @@ def test_kernels_compile_for_sm90():
         target = GPUTarget("cuda", 90, 32)
         fn = _subset_attention_kernel.fn
         tables = {"meta_ptr", "offsets_ptr", "lens_ptr", "players_ptr", "positions_ptr"}
-        for dtype, fp32, flat in (("bf16", False, True), ("fp32", True, True), ("bf16", False, False)):
+        for dtype, fp32, flat, own in (("bf16", False, True, True), ("fp32", True, True, False),
+                                       ("bf16", False, False, True), ("bf16", False, False, False)):
             const = dict(GROUP=3, HEAD_DIM=64, BLOCK_D=64, IS_FP32=fp32, ATTENTION_MASKING=True, HAS_SOFTCAP=True,
-                         HAS_WINDOW=True, INPUT_PRECISION="ieee" if fp32 else "tf32", FLAT_PATH=flat, BLOCK_M=64,
-                         BLOCK_N=32)
+                         HAS_WINDOW=True, INPUT_PRECISION="ieee" if fp32 else "tf32", FLAT_PATH=flat,
+                         OWN_FROM_PASS=own, BLOCK_M=64, BLOCK_N=32)
             sig = {}
             for name in fn.arg_names:
                 if name.endswith("_ptr"):

@@ -16,6 +16,9 @@ has written that layer's K/V (a chunk's ancestors are in the same pass or an ear
 thus share their weight reads instead of costing a full pass each. A pass holds at most one last-level chunk
 per game (each game's window holds one chunk).
 
+With ``window=False`` (the fused Triton kernel, which reads every node's own segment from the pass's own K/V) the
+last level is not stored at all: no window, and a pass may hold several last-level chunks.
+
 Several games with the same layout (``num_games``; same length and spans, other tokens and baselines) share one
 plan: game ``g`` owns rows ``[g * game_rows, (g + 1) * game_rows)`` of each store, laid out as above, and the passes
 run the same level of every game together, so small levels of many games fill one set of GEMMs.
@@ -98,6 +101,7 @@ class TriePlan:
     activation_bytes: int
     peak_bytes: int
     max_memory: int | None
+    window: bool = True
 
     @property
     def node_counts(self) -> tuple[int, ...]:
@@ -109,6 +113,8 @@ class TriePlan:
 
     def last_level_offset(self, first_node: int, game: int = 0) -> int:
         """Virtual start row of the last level for a chunk of ``game`` whose smallest node id is ``first_node``."""
+        if not self.window:  # the last level is never stored: its K/V stay in the pass (no store row is read)
+            return game * self.game_rows + self.window_start
         return game * self.game_rows + self.window_start - first_node * self.level_lens[self.num_players]
 
     def offsets(self, level: int, first_node: int, game: int = 0) -> tuple[int, ...]:
@@ -129,6 +135,7 @@ class TriePlan:
             "num_games": self.num_games, "trie_tokens": self.trie_tokens,
             "naive_tokens": self.naive_tokens, "ideal_ratio": self.ideal_ratio, "kv_bytes": self.kv_bytes,
             "activation_bytes": self.activation_bytes, "peak_bytes": self.peak_bytes, "max_memory": self.max_memory,
+            "window": self.window,
         }
 
 
@@ -198,19 +205,22 @@ def _level_nodes(num_players: int, subsets: torch.Tensor | None) -> tuple[tuple[
     return nodes, leaf_index
 
 
-def _chunk_activation_bytes(dims: ModelDims, seg_len: int, num_keys: int, num_targets: int, last: bool) -> int:
-    """Bytes one node of a chunk needs while a layer runs (hidden states, gathered K/V, scores, mask, logits)."""
+def _chunk_activation_bytes(dims: ModelDims, seg_len: int, num_keys: int, num_targets: int, last: bool,
+                            fused: bool = False) -> int:
+    """Bytes one node of a chunk needs while a layer runs (hidden states, gathered K/V, scores, mask, logits);
+    the fused kernel (``fused``) gathers no K/V and materialises no scores."""
     size = dims.dtype_bytes
     per_token = (4 * dims.hidden_size + 3 * dims.intermediate_size + 2 * dims.num_heads * dims.head_dim) * size
-    gathered = 2 * num_keys * dims.num_heads * dims.head_dim * size  # K and V, GQA expanded in the worst case
-    scores = dims.num_heads * seg_len * num_keys * 4 + seg_len * num_keys
+    gathered = 0 if fused else 2 * num_keys * dims.num_heads * dims.head_dim * size  # K, V (GQA expanded at worst)
+    scores = 0 if fused else dims.num_heads * seg_len * num_keys * 4 + seg_len * num_keys
     logits = 2 * num_targets * dims.vocab_size * 4 if last else 0
     return seg_len * per_token + gathered + scores + logits
 
 
 def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn.Module | None = None,
               dims: ModelDims | None = None, batch_size: int | None = None, max_memory: int | None = None,
-              num_targets: int | None = None, num_games: int = 1, pass_tokens: int | None = None) -> TriePlan:
+              num_targets: int | None = None, num_games: int = 1, pass_tokens: int | None = None,
+              window: bool = True) -> TriePlan:
     """Plan the trie evaluation of ``game`` (anything with ``input_ids (L,)`` and ``player_spans``).
 
     Args:
@@ -225,6 +235,8 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
         num_games: games of this layout evaluated together (each its own KV block and window).
         pass_tokens: tokens a chunk and a pass aim for (None = :data:`TARGET_CHUNK_TOKENS`; the engine passes
             :func:`default_pass_tokens` of the model's device). Memory still bounds them.
+        window: keep the last level's K/V in a per-layer window of the store (the torch attention path reads them
+            there); False when the attention reads each node's own segment from the pass (the fused kernel).
 
     Raises:
         ValueError: bad spans or subsets, or a plan that does not fit ``max_memory`` even one node per chunk
@@ -289,20 +301,24 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
         row_bytes = dims.num_layers * 2 * dims.num_kv_heads * dims.head_dim * dims.dtype_bytes
         fixed = num_games * window_start * row_bytes
         per_node = [_chunk_activation_bytes(dims, level_lens[j], level_positions[j] + level_lens[j], num_targets,
-                                            j == num_players) for j in range(num_players + 1)]
-        window = num_games * level_lens[-1] * row_bytes  # per last-level node (every game's window), for the run
+                                            j == num_players, fused=not window) for j in range(num_players + 1)]
+        # per last-level node (every game's window), for the run
+        window_bytes = num_games * level_lens[-1] * row_bytes if window else 0
         other = max(per_node[:-1], default=0)
-        needed = fixed + window + max(other, per_node[-1])
+        needed = fixed + window_bytes + max(other, per_node[-1])
         if max_memory < needed:
             games = f" x {num_games} games" if num_games > 1 else ""
             raise ValueError(f"the trie for n={num_players}, L={seq_len}{games} needs at least {needed / _GIB:.2f} GiB "
                              f"(KV store {fixed / _GIB:.2f} GiB + one node's activations), but max_memory is "
                              f"{max_memory / _GIB:.2f} GiB; evaluate fewer subsets or games, or use method='naive'")
         room = max_memory - fixed
-        chunk_nodes[-1] = max(1, min(chunk_nodes[-1], room // (per_node[-1] + window), (room - other) // window))
-        room -= chunk_nodes[-1] * window
+        fit = room // (per_node[-1] + window_bytes)
+        if window_bytes:
+            fit = min(fit, (room - other) // window_bytes)
+        chunk_nodes[-1] = max(1, min(chunk_nodes[-1], fit))
+        room -= chunk_nodes[-1] * window_bytes
         chunk_nodes[:-1] = [max(1, min(c, room // max(p, 1))) for c, p in zip(chunk_nodes[:-1], per_node[:-1])]
-        kv_bytes = fixed + chunk_nodes[-1] * window
+        kv_bytes = fixed + chunk_nodes[-1] * window_bytes
     else:
         per_node, room = [0] * (num_players + 1), None
     # Level by level, the same chunk of every game side by side: a chunk's ancestors are always scheduled earlier.
@@ -310,8 +326,8 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
              for ids in _split_level(level_nodes[level], chunk_nodes[level], level == num_players)
              for game in range(num_games)]
     passes, activation_bytes = _group_passes(units, level_lens, [len(u.nodes) * per_node[u.level] for u in units],
-                                             num_players, batch_size, room, pass_tokens)
-    window_rows = chunk_nodes[-1] * level_lens[-1]
+                                             num_players if window else -1, batch_size, room, pass_tokens)
+    window_rows = chunk_nodes[-1] * level_lens[-1] if window else 0
     game_rows = window_start + window_rows
     plan = TriePlan(
         num_players=num_players, seq_len=seq_len, level_lens=tuple(level_lens),
@@ -323,6 +339,7 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
         trie_tokens=trie_tokens, naive_tokens=naive_tokens,
         ideal_ratio=naive_tokens / trie_tokens if trie_tokens else math.inf, kv_bytes=kv_bytes,
         activation_bytes=activation_bytes, peak_bytes=kv_bytes + activation_bytes, max_memory=max_memory,
+        window=window,
     )
     logger.debug("trie plan: %s", plan.to_dict())
     return plan

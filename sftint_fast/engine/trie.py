@@ -60,14 +60,16 @@ class _Pass:
                  table_device: torch.device, fused: bool = False) -> None:
         nodes, rows, positions, tables, meta, pass_offsets = [], [], [], [], [], []
         width = plan.num_players + 1
-        start = 0
+        start = stored = 0
         for index, unit in enumerate(units):
             level, ids = unit.level, unit.nodes
             seg_len = plan.level_lens[level]
             offsets = plan.offsets(level, int(ids[0]), unit.game)
             steps = torch.arange(seg_len)
             nodes.append(ids)
-            rows.append((offsets[level] + ids[:, None] * seg_len + steps).reshape(-1))
+            if plan.window or level < plan.num_players:  # without a window the last level is never stored
+                rows.append((offsets[level] + ids[:, None] * seg_len + steps).reshape(-1))
+                stored += len(ids) * seg_len
             positions.append((plan.level_positions[level] + steps).repeat(len(ids)))
             if fused:  # one kernel launch for the pass: a meta row per node, an offsets row per chunk
                 first_rows = start + torch.arange(len(ids)) * seg_len
@@ -83,16 +85,17 @@ class _Pass:
         if fused:
             extra = [torch.cat(meta), torch.cat(pass_offsets),
                      torch.tensor([plan.level_lens, plan.player_lens, plan.level_positions]).reshape(-1)]
-        flat = torch.cat(nodes + [torch.cat(rows), torch.cat(positions)] + extra)
+        flat = torch.cat(nodes + rows + [torch.cat(positions)] + extra)
         if device.type == "cuda":
             flat = flat.pin_memory().to(device, non_blocking=True)
-        parts = flat.split(sizes + [2 * start] + [t.numel() for t in extra])
-        self.rows, self.positions = parts[len(sizes)].view(2, -1)
+        parts = flat.split(sizes + [stored, start] + [t.numel() for t in extra])
+        #: store rows of the pass's first ``stored`` tokens (chunks are in level order: the last level comes last)
+        self.rows, self.positions, self.stored = parts[len(sizes)], parts[len(sizes) + 1], stored
         #: the fused kernel's pass tables (:func:`~sftint_fast.ops.triton.subset_attention.subset_attention_pass`)
         self.fused_tables: tuple[torch.Tensor, ...] | None = None
         self.max_seg_len = max(plan.level_lens[unit.level] for unit in units)
         if fused:
-            meta_t, offsets_t, shared = parts[len(sizes) + 1:]
+            meta_t, offsets_t, shared = parts[len(sizes) + 2:]
             self.fused_tables = (meta_t.view(-1, 4), offsets_t.view(len(units), width), *shared.view(3, width))
         if tables and table_device.type == "cuda":
             table_parts = torch.cat([t.reshape(-1) for t in tables]).pin_memory().to(table_device, non_blocking=True)
@@ -193,7 +196,7 @@ def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: t
     first = games[0]
     plan = plan_trie(first, subsets=subsets, dims=adapter.dims, batch_size=batch_size, max_memory=max_memory,
                      num_targets=int(first.score_positions.numel()), num_games=len(games),
-                     pass_tokens=default_pass_tokens(device))
+                     pass_tokens=default_pass_tokens(device), window=attention_backend != "triton")
     dims = adapter.dims
     n = plan.num_players
     attention_masking = getattr(first, "masking", "embedding") == "attention"
@@ -221,14 +224,15 @@ def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: t
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             # every chunk's K/V first (one copy for the pass): a chunk may read its ancestors from this same pass
-            k_stores[layer].index_copy_(0, pass_.rows, k)
-            v_stores[layer].index_copy_(0, pass_.rows, v)
+            if pass_.stored:
+                k_stores[layer].index_copy_(0, pass_.rows, k[:pass_.stored])
+                v_stores[layer].index_copy_(0, pass_.rows, v[:pass_.stored])
             spec = adapter.layers[layer]
-            if fused:  # every chunk of the pass in one launch, straight into one output
+            if fused:  # every chunk of the pass in one launch, straight into one output; own segments from k, v
                 return subset_attention_pass(q, k_stores[layer], v_stores[layer], *pass_.fused_tables,
                                              max_seg_len=pass_.max_seg_len, scale=spec.scale,
                                              attention_masking=attention_masking, softcap=spec.softcap,
-                                             sliding_window=spec.sliding_window)
+                                             sliding_window=spec.sliding_window, k_pass=k, v_pass=v)
             return torch.cat([
                 subset_attention(q[c.start:c.stop].unflatten(0, (len(c.nodes), -1)), k_stores[layer],
                                  v_stores[layer], c.nodes, *c.tables, level=c.level, scale=spec.scale,

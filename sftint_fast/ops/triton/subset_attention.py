@@ -87,10 +87,11 @@ def _attend_segment(
 def _attend_path(
     acc, m_i, l_i, q, q_pos, node, level,
     k_ptr, v_ptr, stride_kt, stride_vt, offsets_ptr, lens_ptr, players_ptr, positions_ptr, lo, hi,
+    kp_ptr, vp_ptr, stride_kpt, stride_vpt, q_row0,
     qk_scale, softcap, window,
     offs_d, d_mask,
     ATTENTION_MASKING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, OWN_FROM_PASS: tl.constexpr,
 ):
     """Online-softmax update with the keys at absolute positions ``lo .. hi-1`` of the node's whole path.
 
@@ -98,6 +99,8 @@ def _attend_path(
     is a run of positions that may span several levels: each key's level is the number of levels ``1..level``
     starting at or before it, and its store row follows from that level's table entries and the node's bits.
     Key blocks are therefore full however short the segments are (the per-segment loop loads a block per level).
+    With ``OWN_FROM_PASS`` the node's own segment is read from the pass's K/V (``kp``/``vp``, rows
+    ``q_row0 + t``, the rows of its queries) instead of the store.
     """
     for p0 in range(lo, hi, BLOCK_N):
         offs_p = p0 + tl.arange(0, BLOCK_N)
@@ -109,8 +112,15 @@ def _attend_path(
         ancestor = node & ((tl.full([BLOCK_N], 1, tl.int64) << k_lvl) - 1)
         rows = tl.load(offsets_ptr + k_lvl) + ancestor * tl.load(lens_ptr + k_lvl) + t
         kv_mask = p_valid[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + rows[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + rows[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
+        k_ptrs = k_ptr + rows[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = v_ptr + rows[:, None] * stride_vt + offs_d[None, :]
+        if OWN_FROM_PASS:
+            own = (k_lvl == level)[:, None]
+            pass_rows = q_row0 + t
+            k_ptrs = tl.where(own, kp_ptr + pass_rows[:, None] * stride_kpt + offs_d[None, :], k_ptrs)
+            v_ptrs = tl.where(own, vp_ptr + pass_rows[:, None] * stride_vpt + offs_d[None, :], v_ptrs)
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
         if HAS_SOFTCAP:
             capped = qk * (qk_scale / softcap)
@@ -139,9 +149,10 @@ def _attend_path(
 def _attend_segments(
     acc, m_i, l_i, q, q_tok, q_pos, node, level, seq_len, num_ancestors, last_tok,
     k_head_ptr, v_head_ptr, stride_kt, stride_vt, offsets_ptr, lens_ptr, players_ptr, positions_ptr,
+    kp_head_ptr, vp_head_ptr, stride_kpt, stride_vpt, q_row0,
     qk_scale, softcap, window, offs_d, d_mask,
     ATTENTION_MASKING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, OWN_FROM_PASS: tl.constexpr,
 ):
     """Segment by segment: the ancestors' segments at levels ``< num_ancestors`` (``level``, or 0 for an empty
     block), each in its own key blocks, then the own segment causally up to ``last_tok``."""
@@ -165,30 +176,40 @@ def _attend_segments(
         )
 
     # Own segment, causal: keys past the block's last query token are never needed.
-    own_row0 = tl.load(offsets_ptr + level) + node * seq_len
     if ATTENTION_MASKING:
         own_absent = (level > 0) & (((node >> tl.maximum(level - 1, 0)) & 1) == 0)
         own_hidden = tl.where(own_absent, tl.load(players_ptr + level), 0)
     else:
         own_hidden = 0
-    acc, m_i, l_i = _attend_segment(
-        acc, m_i, l_i, q, q_tok, q_pos,
-        k_head_ptr, v_head_ptr, stride_kt, stride_vt, own_row0, last_tok + 1, tl.load(positions_ptr + level),
-        own_hidden, 0, qk_scale, softcap, window, offs_d, d_mask,
-        True, HAS_SOFTCAP, HAS_WINDOW, BLOCK_N, INPUT_PRECISION,
-    )
+    if OWN_FROM_PASS:  # the own segment's K/V are the pass's rows of its queries
+        acc, m_i, l_i = _attend_segment(
+            acc, m_i, l_i, q, q_tok, q_pos,
+            kp_head_ptr, vp_head_ptr, stride_kpt, stride_vpt, q_row0, last_tok + 1, tl.load(positions_ptr + level),
+            own_hidden, 0, qk_scale, softcap, window, offs_d, d_mask,
+            True, HAS_SOFTCAP, HAS_WINDOW, BLOCK_N, INPUT_PRECISION,
+        )
+    else:
+        own_row0 = tl.load(offsets_ptr + level) + node * seq_len
+        acc, m_i, l_i = _attend_segment(
+            acc, m_i, l_i, q, q_tok, q_pos,
+            k_head_ptr, v_head_ptr, stride_kt, stride_vt, own_row0, last_tok + 1, tl.load(positions_ptr + level),
+            own_hidden, 0, qk_scale, softcap, window, offs_d, d_mask,
+            True, HAS_SOFTCAP, HAS_WINDOW, BLOCK_N, INPUT_PRECISION,
+        )
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_configs(), key=["max_rows", "GROUP", "HEAD_DIM", "IS_FP32", "FLAT_PATH"])
+@triton.autotune(configs=_configs(), key=["max_rows", "GROUP", "HEAD_DIM", "IS_FP32", "FLAT_PATH", "OWN_FROM_PASS"])
 @triton.jit
 def _subset_attention_kernel(
-    q_ptr, k_ptr, v_ptr, o_ptr, meta_ptr, offsets_ptr, lens_ptr, players_ptr, positions_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_offsets,
+    q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, o_ptr, meta_ptr, offsets_ptr, lens_ptr, players_ptr, positions_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_kpt, stride_kph, stride_vpt, stride_vph,
+    stride_ot, stride_oh, stride_offsets,
     max_rows, qk_scale, softcap, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP32: tl.constexpr,
     ATTENTION_MASKING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, FLAT_PATH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, FLAT_PATH: tl.constexpr, OWN_FROM_PASS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program = one query node (meta row: node id, level, first query row, offsets-table row), one block of
     # its (token, head-in-group) rows, one KV head. Blocks past a node's rows (shorter segment) do nothing.
@@ -217,6 +238,8 @@ def _subset_attention_kernel(
 
     k_head_ptr = k_ptr + kv_head * stride_kh
     v_head_ptr = v_ptr + kv_head * stride_vh
+    kp_head_ptr = kp_ptr + kv_head * stride_kph
+    vp_head_ptr = vp_ptr + kv_head * stride_vph
     m_i = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -232,16 +255,16 @@ def _subset_attention_kernel(
         acc, m_i, l_i = _attend_path(
             acc, m_i, l_i, q, q_pos, node, level,
             k_head_ptr, v_head_ptr, stride_kt, stride_vt, offsets_ptr, lens_ptr, players_ptr, positions_ptr,
-            lo, hi, qk_scale, softcap, window, offs_d, d_mask,
-            ATTENTION_MASKING, HAS_SOFTCAP, HAS_WINDOW, BLOCK_N, INPUT_PRECISION,
+            lo, hi, kp_head_ptr, vp_head_ptr, stride_kpt, stride_vpt, q_row0, qk_scale, softcap, window, offs_d,
+            d_mask, ATTENTION_MASKING, HAS_SOFTCAP, HAS_WINDOW, BLOCK_N, INPUT_PRECISION, OWN_FROM_PASS,
         )
     else:
         acc, m_i, l_i = _attend_segments(
             acc, m_i, l_i, q, q_tok, q_pos, node, level, seq_len, tl.where(block_empty, 0, level),
             tl.where(block_empty, -1, last_tok),
             k_head_ptr, v_head_ptr, stride_kt, stride_vt, offsets_ptr, lens_ptr, players_ptr, positions_ptr,
-            qk_scale, softcap, window, offs_d, d_mask,
-            ATTENTION_MASKING, HAS_SOFTCAP, HAS_WINDOW, BLOCK_N, INPUT_PRECISION,
+            kp_head_ptr, vp_head_ptr, stride_kpt, stride_vpt, q_row0, qk_scale, softcap, window, offs_d, d_mask,
+            ATTENTION_MASKING, HAS_SOFTCAP, HAS_WINDOW, BLOCK_N, INPUT_PRECISION, OWN_FROM_PASS,
         )
 
     # padding rows may have seen no key at all (l_i = 0); they are not stored
@@ -301,9 +324,11 @@ def _launch(
     q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, out: torch.Tensor, meta: torch.Tensor,
     offsets: torch.Tensor, lens: torch.Tensor, players: torch.Tensor, positions: torch.Tensor, max_seg_len: int,
     scale: float, attention_masking: bool, softcap: float | None, sliding_window: int | None, path: str,
+    k_pass: torch.Tensor | None = None, v_pass: torch.Tensor | None = None,
 ) -> None:
     """Launches the kernel on a ``(nodes, query blocks of the longest segment, Hkv)`` grid; ``q``/``out`` are
-    ``[T, Hq, D]`` with a contiguous last dimension, the tables contiguous."""
+    ``[T, Hq, D]`` with a contiguous last dimension, the tables contiguous; ``k_pass``/``v_pass`` ``[T, Hkv, D]``
+    (own segments read there) or None (own segments read from the stores)."""
     num_nodes = meta.shape[0]
     if num_nodes == 0 or max_seg_len == 0:
         return
@@ -316,15 +341,17 @@ def _launch(
     def grid(config):
         return (num_nodes, triton.cdiv(max_seg_len * group, config["BLOCK_M"]), num_kv_heads)
 
+    own_from_pass = k_pass is not None
+    kp, vp = (k_pass, v_pass) if own_from_pass else (k_store, v_store)
     _subset_attention_kernel[grid](
-        q, k_store, v_store, out, meta, offsets, lens, players, positions,
+        q, k_store, v_store, kp, vp, out, meta, offsets, lens, players, positions,
         q.stride(0), q.stride(1), k_store.stride(0), k_store.stride(1), v_store.stride(0), v_store.stride(1),
-        out.stride(0), out.stride(1), offsets.stride(0),
+        kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1), out.stride(0), out.stride(1), offsets.stride(0),
         triton.next_power_of_2(max_seg_len * group), float(scale), float(softcap or 0.0), int(sliding_window or 0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), IS_FP32=is_fp32,
         ATTENTION_MASKING=bool(attention_masking), HAS_SOFTCAP=softcap is not None,
         HAS_WINDOW=sliding_window is not None, INPUT_PRECISION="ieee" if strict_fp32 else "tf32",
-        FLAT_PATH=path == "flat",
+        FLAT_PATH=path == "flat", OWN_FROM_PASS=own_from_pass,
     )
 
 
@@ -436,6 +463,8 @@ def subset_attention_pass(
     softcap: float | None = None,
     sliding_window: int | None = None,
     path: str | None = None,
+    k_pass: torch.Tensor | None = None,
+    v_pass: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`subset_attention` for a whole pass of the trie engine in one launch: nodes of any levels and KV blocks.
 
@@ -449,6 +478,9 @@ def subset_attention_pass(
             int64, shared by every node (one layout, consecutive segments when ``path="flat"``).
         max_seg_len: the longest segment of the nodes (sizes the grid without reading the tables).
         scale, attention_masking, softcap, sliding_window, path: as in :func:`subset_attention`.
+        k_pass, v_pass: ``[T, Hkv, D]`` the pass's own keys and values (row ``i`` = the token of query row ``i``):
+            each node's own segment is read there, so the store needs only the levels that have descendants (the
+            engine keeps no KV of its last level at all). None (both): own segments are read from the store.
 
     Returns:
         ``[T, Hq, D]`` in ``q``'s dtype, each node's rows where its queries are (rows of no node are left as
@@ -472,10 +504,20 @@ def subset_attention_pass(
         _check_table(name, table, level_offsets.shape[1] - 1, q.device)
     if not isinstance(max_seg_len, int) or max_seg_len < 0:
         raise ValueError(f"max_seg_len: expected an int >= 0, got {max_seg_len!r}")
+    if (k_pass is None) != (v_pass is None):
+        raise ValueError("k_pass, v_pass: expected both or neither, got one")
+    if k_pass is not None:
+        expected = (q.shape[0], k_store.shape[1], k_store.shape[2])
+        for name, t in (("k_pass", k_pass), ("v_pass", v_pass)):
+            if tuple(t.shape) != expected or t.dtype != q.dtype or t.device != q.device:
+                raise ValueError(f"{name}: expected {q.dtype} of shape {expected} on {q.device}, got {t.dtype} of "
+                                 f"shape {tuple(t.shape)} on {t.device}")
+        k_pass = k_pass if k_pass.stride(2) == 1 else k_pass.contiguous()
+        v_pass = v_pass if v_pass.stride(2) == 1 else v_pass.contiguous()
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.stride(2) != 1:
         q = q.contiguous()
     _launch(q, k_store, v_store, out, meta.contiguous(), level_offsets.contiguous(), level_lens.contiguous(),
             player_lens.contiguous(), level_positions.contiguous(), max_seg_len, scale, attention_masking, softcap,
-            sliding_window, path)
+            sliding_window, path, k_pass, v_pass)
     return out
