@@ -6,6 +6,10 @@ adapter's layer loop writing K/V into one flat store per layer and attending thr
 :func:`~sftint_fast.ops.subset_attention.subset_attention`, and at the last level the LM head on the scored
 positions only.
 
+With the fused Triton kernel (``attention_backend="triton"``) a pass's attention is one launch per layer over all its
+chunks (:func:`~sftint_fast.ops.triton.subset_attention.subset_attention_pass`), each node's own segment is read
+from the pass's fresh K/V, and the last level is never stored (``plan_trie(window=False)``).
+
 :func:`evaluate_trie_games` runs several games of one layout (same length and player spans; any tokens, baselines,
 targets and value functions) through one plan: each game has its own KV block, and the passes put the same level
 of every game side by side, so the small levels of many games share their GEMMs and their Python overhead.
