@@ -42,6 +42,26 @@ def _configs() -> list[triton.Config]:
 
 
 @triton.jit
+def _online_softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, softcap,
+                         HAS_SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """One key block's update of (acc, m_i, l_i): scores (scaled to base 2, soft-capped), masked, merged."""
+    qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+    if HAS_SOFTCAP:
+        # softcap * tanh(x / softcap), with tanh written through sigmoid (available in every triton 3.x)
+        capped = qk * (qk_scale / softcap)
+        s = softcap * (2.0 * tl.sigmoid(2.0 * capped) - 1.0) * 1.4426950408889634
+    else:
+        s = qk * (qk_scale * 1.4426950408889634)
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
 def _attend_segment(
     acc, m_i, l_i, q, q_tok, q_pos,
     k_ptr, v_ptr, stride_kt, stride_vt, seg_row0, n_keys, key_pos0, hidden_players, start,
@@ -58,13 +78,6 @@ def _attend_segment(
         kv_mask = n_valid[:, None] & d_mask[None, :]
         k = tl.load(k_ptr + rows[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_ptr + rows[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-        if HAS_SOFTCAP:
-            # softcap * tanh(x / softcap), with tanh written through sigmoid (available in every triton 3.x)
-            capped = qk * (qk_scale / softcap)
-            s = softcap * (2.0 * tl.sigmoid(2.0 * capped) - 1.0) * 1.4426950408889634
-        else:
-            s = qk * (qk_scale * 1.4426950408889634)
         hidden = offs_n < hidden_players
         if IS_OWN:
             diag = offs_n[None, :] == q_tok[:, None]
@@ -73,13 +86,8 @@ def _attend_segment(
             visible = n_valid[None, :] & ~hidden[None, :]
         if HAS_WINDOW:
             visible = visible & ((q_pos[:, None] - (key_pos0 + offs_n)[None, :]) < window)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, softcap,
+                                             HAS_SOFTCAP, INPUT_PRECISION)
     return acc, m_i, l_i
 
 
@@ -121,12 +129,6 @@ def _attend_path(
             v_ptrs = tl.where(own, vp_ptr + pass_rows[:, None] * stride_vpt + offs_d[None, :], v_ptrs)
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-        if HAS_SOFTCAP:
-            capped = qk * (qk_scale / softcap)
-            s = softcap * (2.0 * tl.sigmoid(2.0 * capped) - 1.0) * 1.4426950408889634
-        else:
-            s = qk * (qk_scale * 1.4426950408889634)
         visible = p_valid[None, :] & (offs_p[None, :] <= q_pos[:, None])
         if ATTENTION_MASKING:
             # player tokens of a level-k segment (k >= 1) belong to player k-1; hidden when its bit is 0
@@ -135,13 +137,8 @@ def _attend_path(
             visible = visible & ((offs_p[None, :] == q_pos[:, None]) | ~hidden[None, :])
         if HAS_WINDOW:
             visible = visible & ((q_pos[:, None] - offs_p[None, :]) < window)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, softcap,
+                                             HAS_SOFTCAP, INPUT_PRECISION)
     return acc, m_i, l_i
 
 
