@@ -57,11 +57,12 @@ class _Pass:
     """A pass's chunks plus its store rows ``[T]`` and positions ``[T]`` for all its ``T`` tokens (in chunk order).
 
     Every index tensor is built on the CPU and reaches the device in one (pinned, asynchronous) copy, so setting
-    up a pass never waits for the GPU.
+    up a pass never waits for the GPU. ``fused``: the fused kernel's pass tables (``fused_tables``) instead of the
+    torch path's per-chunk tables (which stay on the CPU: that path reads them as Python ints, without syncs).
     """
 
     def __init__(self, plan: TriePlan, units: tuple[PlanUnit, ...], device: torch.device,
-                 table_device: torch.device, fused: bool = False) -> None:
+                 fused: bool = False) -> None:
         nodes, rows, positions, tables, meta, pass_offsets = [], [], [], [], [], []
         width = plan.num_players + 1
         start = stored = 0
@@ -101,9 +102,6 @@ class _Pass:
         if fused:
             meta_t, offsets_t, shared = parts[len(sizes) + 2:]
             self.fused_tables = (meta_t.view(-1, 4), offsets_t.view(len(units), width), *shared.view(3, width))
-        if tables and table_device.type == "cuda":
-            table_parts = torch.cat([t.reshape(-1) for t in tables]).pin_memory().to(table_device, non_blocking=True)
-            tables = list(table_parts.split([t.numel() for t in tables]))
         self.chunks: list[_Chunk] = []
         start = 0
         for i, (unit, ids, size) in enumerate(zip(units, parts, sizes)):
@@ -209,15 +207,13 @@ def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: t
     store_shape = (plan.store_rows, dims.num_kv_heads, dims.head_dim)
     k_stores = [torch.empty(store_shape, dtype=dims.dtype, device=device) for _ in range(dims.num_layers)]
     v_stores = [torch.empty(store_shape, dtype=dims.dtype, device=device) for _ in range(dims.num_layers)]
-    # The fused kernel reads the tables on the device; the torch path reads them as Python ints (no syncs).
-    table_device = device if attention_backend != "torch" else torch.device("cpu")
     score_rel = (first.score_positions.to(device) - plan.level_positions[n]).long()
 
     leaf_values = torch.empty(len(games), len(plan.level_nodes[n]), dtype=torch.float32, device=device)
     done = [0] * len(games)
     fused = attention_backend == "triton"
     for units in tqdm(plan.passes, desc="trie passes", disable=not progress, leave=False):
-        pass_ = _Pass(plan, units, device, table_device, fused=fused)
+        pass_ = _Pass(plan, units, device, fused=fused)
         chunks = pass_.chunks
         inputs = torch.cat([_segment_embeds(embeds[c.game], baselines[c.game], plan, c.level, c.nodes,
                                             not attention_masking).reshape(-1, dims.hidden_size) for c in chunks])
