@@ -1,1 +1,34 @@
 """Triton kernels, one op per module. Imported lazily, when an op runs on CUDA (or under TRITON_INTERPRET=1)."""
+from __future__ import annotations
+
+import functools
+
+
+@functools.cache
+def interpreter_problem() -> str | None:
+    """Why Triton's CPU interpreter cannot run our kernels here, or ``None`` when it can.
+
+    Triton's interpreter before 3.7 turns a loop bound into a Python int with ``int(array)``, which numpy 2.4
+    rejects for the 1-element arrays the interpreter holds scalars in (3.7 squeezes them first), so every kernel
+    with a data-dependent loop fails with numpy's "only 0-dimensional arrays can be converted" message. Compiled
+    kernels (CUDA) are not affected.
+    """
+    import numpy
+    import triton
+
+    def version(text: str) -> tuple[int, int]:
+        major, minor = (text.split("+")[0].split(".") + ["0"])[:2]
+        return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+    if version(triton.__version__) < (3, 7) and version(numpy.__version__) >= (2, 4):
+        return (f"Triton's interpreter (TRITON_INTERPRET=1) needs numpy<2.4 with triton<3.7: got triton "
+                f"{triton.__version__} and numpy {numpy.__version__}; install 'numpy<2.4' or triton>=3.7")
+    return None
+
+
+def check_interpreter(device) -> None:
+    """Raise a clear ``RuntimeError`` when a kernel would run interpreted on ``device`` (CPU) and cannot."""
+    if getattr(device, "type", device) != "cuda":
+        problem = interpreter_problem()
+        if problem is not None:
+            raise RuntimeError(problem)

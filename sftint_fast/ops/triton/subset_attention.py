@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from sftint_fast.ops.triton import check_interpreter
+
 # Finite "minus infinity" for the running max, so a block with no visible key gives exp2(-inf - finite) = 0
 # instead of NaN; real scores never get near it.
 _NEG_BIG = tl.constexpr(-1.0e30)
@@ -295,6 +297,7 @@ def _check_common(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor,
         raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
     if q.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"q: expected dtype float16, bfloat16 or float32, got {q.dtype}")
+    check_interpreter(q.device)
     num_q_heads, head_dim = q.shape[-2:]
     for name, store in (("k_store", k_store), ("v_store", v_store)):
         if store.dim() != 3 or store.shape[2] != head_dim:

@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from sftint_fast.ops.triton import check_interpreter
+
 try:
     import triton
     import triton.language as tl
@@ -106,6 +108,7 @@ def butterfly(x: torch.Tensor, kind: str) -> torch.Tensor:
     """
     if not available(x):
         raise ValueError(f"x: expected a CUDA tensor with triton installed (or TRITON_INTERPRET=1), got {x.device}")
+    check_interpreter(x.device)
     if kind not in _SIGN_SUPERSET:
         raise ValueError(f"kind: expected one of {sorted(_SIGN_SUPERSET)}, got {kind!r}")
     if x.dtype not in (torch.float32, torch.float64):

@@ -1,0 +1,42 @@
+"""Triton's CPU interpreter before 3.7 cannot run data-dependent loops with numpy>=2.4: a clear error, not numpy's."""
+import numpy
+import pytest
+import torch
+import triton
+
+from sftint_fast.ops import triton as triton_ops
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, broken", [
+    ("3.6.0", "2.4.6", True),
+    ("3.5.1", "2.4.0", True),
+    ("3.6.0", "2.3.5", False),
+    ("3.7.0", "2.4.6", False),
+    ("3.9.0+git1234", "2.4.6", False),
+    ("3.6.0", "1.26.4", False),
+])
+def test_interpreter_problem_by_versions(monkeypatch, triton_version, numpy_version, broken):
+    monkeypatch.setattr(triton, "__version__", triton_version)
+    monkeypatch.setattr(numpy, "__version__", numpy_version)
+    problem = triton_ops.interpreter_problem.__wrapped__()
+    if broken:
+        assert f"triton {triton_version}" in problem and f"numpy {numpy_version}" in problem
+        assert "numpy<2.4" in problem
+    else:
+        assert problem is None
+
+
+def test_kernels_raise_the_clear_error_on_cpu(monkeypatch):
+    from sftint_fast.ops.triton.subset_attention import subset_attention
+    from sftint_fast.ops.triton.transforms import butterfly
+
+    monkeypatch.setattr(triton_ops, "interpreter_problem", lambda: "the reason")
+    with pytest.raises(RuntimeError, match="the reason"):
+        butterfly(torch.zeros(8), "subset_mobius")
+    q = torch.zeros(1, 2, 2, 16)
+    store = torch.zeros(4, 1, 16)
+    table = torch.zeros(2, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="the reason"):
+        subset_attention(q, store, store, torch.zeros(1, dtype=torch.int64), table, table, table, table,
+                         level=1, scale=0.25)
+    triton_ops.check_interpreter(torch.device("cuda"))  # compiled kernels are not affected
