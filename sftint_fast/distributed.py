@@ -273,6 +273,7 @@ def evaluate_sharded(
 
             grouping = {name: evaluate_kwargs.get(name) for name in
                         ("subsets", "batch_size", "max_memory", "compute_dtype")}
+            grouping["attention_backend"] = evaluate_kwargs.get("attention_backend", "auto")
             groups = engine.group_games(model, [games[i] for i in pending], method=evaluate_kwargs.get("method", "auto"),
                                         group_size=group_size, **grouping)
             for group in groups:

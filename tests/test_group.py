@@ -171,3 +171,27 @@ def test_evaluate_many_groups_games_into_fewer_passes(monkeypatch):
     for got, single, game in zip(grouped, one_by_one, games):
         check_close(got, single)
         check_close(got, evaluate_naive(net, game, torch.arange(1 << game.num_players), progress=False))
+
+
+def test_group_size_follows_the_backends_kv_store():
+    """With the fused kernel the last level's K/V are never stored: a memory-bound grouping fits more games."""
+    from sftint_fast.engine.adapters import get_adapter
+
+    net = model("llama")
+    games = games_of("spread_n5", 8)
+    dims = get_adapter(net).dims
+
+    def kv_bytes(window: bool, budget: int | None = None) -> int:
+        return plan_trie(games[0], dims=dims, num_targets=int(games[0].score_positions.numel()), max_memory=budget,
+                         pass_tokens=8192, window=window).kv_bytes
+
+    fused = kv_bytes(False)
+    budget = 2 * 3 * fused  # three fused stores within half the budget; fewer windowed ones
+    windowed = kv_bytes(True, budget)
+    assert fused < windowed and kv_bytes(False, budget) == fused
+    by_backend = {backend: sf.group_games(net, games, method="trie", max_memory=budget, attention_backend=backend)
+                  for backend in ("torch", "triton")}
+    assert [len(g) for g in by_backend["triton"]] == [3, 3, 2]
+    assert max(len(g) for g in by_backend["torch"]) == max(1, 3 * fused // windowed)
+    with pytest.raises(ValueError, match="attention_backend"):
+        sf.group_games(net, games, method="trie", attention_backend="cuda")

@@ -251,9 +251,11 @@ def _layout_fn(engine: str) -> Callable[[Game], tuple]:
 
 
 def _auto_group_size(model: Any, engine: str, game: Game, subsets: torch.Tensor | None, batch_size: int | None,
-                     max_memory: int | None) -> int:
+                     max_memory: int | None, attention_backend: AttentionBackend = "auto") -> int:
     """Games of ``game``'s layout worth running together: up to ``GROUP_TOKENS`` trie tokens for the model's device
-    (trie) or two batches (naive), with every game's KV store within half the memory budget."""
+    (trie) or two batches (naive), with every game's KV store within half the memory budget. The store is the one
+    the trie will build: with the fused kernel (``attention_backend`` resolving to ``"triton"``) the last level's
+    K/V are never kept, so the plan has no last-level window."""
     variants = (1 << game.num_players) if subsets is None else max(1, int(subsets.numel()))
     if engine == "naive":
         batch = batch_size or naive_batch_size(model, game, max_memory=max_memory)
@@ -264,7 +266,8 @@ def _auto_group_size(model: Any, engine: str, game: Game, subsets: torch.Tensor 
     budget = max_memory if max_memory is not None else default_max_memory(model_device(model))
     plan = plan_trie(game, subsets=None if subsets is None else subsets.cpu(), dims=get_adapter(model).dims,
                      batch_size=batch_size, max_memory=budget, num_targets=int(game.score_positions.numel()),
-                     pass_tokens=default_pass_tokens(model_device(model)))
+                     pass_tokens=default_pass_tokens(model_device(model)),
+                     window=_resolve_backend(attention_backend, model_device(model)) != "triton")
     by_memory = (budget // 2) // max(1, plan.kv_bytes)
     by_tokens = GROUP_TOKENS.get(model_device(model).type, GROUP_TOKENS["cpu"]) // max(1, plan.trie_tokens)
     return int(max(1, min(MAX_GROUP_GAMES, by_memory, by_tokens)))
@@ -280,10 +283,12 @@ def group_games(
     batch_size: int | None = None,
     max_memory: int | None = None,
     compute_dtype: ComputeDtype | None = None,
+    attention_backend: AttentionBackend = "auto",
 ) -> list[list[int]]:
     """Indices of ``games`` in groups that :func:`evaluate_games` can run together: same layout for the engine
     that ``method`` picks, at most ``group_size`` games each (None = automatic from the plan and the memory
-    budget; 1 = no grouping). Groups in order of their first game; indices increasing inside a group."""
+    budget of ``attention_backend``'s KV store; 1 = no grouping). Groups in order of their first game; indices
+    increasing inside a group."""
     games = _check_games(games)
     if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
         raise ValueError(f"group_size: expected a positive int or None, received {group_size!r}")
@@ -296,7 +301,8 @@ def group_games(
         by_layout.setdefault(layout(game), []).append(i)
     groups = []
     for members in by_layout.values():
-        size = group_size or _auto_group_size(model, engine, games[members[0]], subsets, batch_size, max_memory)
+        size = group_size or _auto_group_size(model, engine, games[members[0]], subsets, batch_size, max_memory,
+                                              attention_backend)
         groups.extend(members[start:start + size] for start in range(0, len(members), size))
     return sorted(groups, key=lambda group: group[0])
 
@@ -320,7 +326,8 @@ def evaluate_many(model: Any, games: Sequence[Game], *, progress: bool = True, o
     with tqdm(total=len(games), desc="games", unit="game", disable=not progress) as bar:
         for group in group_games(model, games, method=kwargs.get("method", "auto"), subsets=kwargs.get("subsets"),
                                  group_size=group_size, batch_size=kwargs.get("batch_size"),
-                                 max_memory=kwargs.get("max_memory"), compute_dtype=kwargs.get("compute_dtype")):
+                                 max_memory=kwargs.get("max_memory"), compute_dtype=kwargs.get("compute_dtype"),
+                                 attention_backend=kwargs.get("attention_backend", "auto")):
             for i, v in zip(group, evaluate_games(model, [games[i] for i in group], progress=False, **kwargs)):
                 values[i] = v
             bar.update(len(group))
