@@ -135,3 +135,19 @@ def test_bad_subsets():
         plan_trie(layout(9, ((2, 3), (5, 7))), subsets=torch.tensor([0, 4]))
     with pytest.raises(TypeError, match="subsets"):
         plan_trie(layout(9, ((2, 3), (5, 7))), subsets=torch.tensor([0.0]))
+
+
+def test_available_ram_without_psutil(monkeypatch):
+    """A --no-deps install may lack psutil: the CPU budget then comes from /proc/meminfo, not an ImportError."""
+    import sys
+
+    import psutil
+
+    from sftint_fast.engine.plan import available_ram, default_max_memory
+
+    with_psutil = available_ram()
+    assert abs(with_psutil - psutil.virtual_memory().available) < 512 * 2**20
+    monkeypatch.setitem(sys.modules, "psutil", None)  # import psutil -> ImportError
+    without = available_ram()
+    assert 0 < without and abs(without - with_psutil) < 512 * 2**20
+    assert 0 < default_max_memory(torch.device("cpu")) < without

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -139,14 +140,34 @@ class TriePlan:
         }
 
 
+def available_ram() -> int:
+    """Bytes of RAM available to new allocations: psutil's figure, else Linux's ``MemAvailable``, else free pages
+    (psutil is a dependency, but a ``--no-deps`` install, as on GPU machines, may lack it)."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        return int(psutil.virtual_memory().available)
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError) as err:
+        raise RuntimeError("cannot tell the available RAM: install psutil, or pass max_memory= explicitly") from err
+
+
 def default_max_memory(device: torch.device) -> int:
-    """A safe fraction of the free memory on ``device`` (CUDA: ``mem_get_info``; CPU: available RAM)."""
+    """A safe fraction of the free memory on ``device`` (CUDA: ``mem_get_info``; CPU: :func:`available_ram`)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
     else:
-        import psutil
-
-        free = psutil.virtual_memory().available
+        free = available_ram()
     return int(free * FREE_MEMORY_FRACTION)
 
 
