@@ -39,8 +39,9 @@ def _configs() -> list[triton.Config]:
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in ((16, 16, 4, 2), (32, 32, 4, 2), (64, 32, 4, 3), (64, 64, 8, 3), (16, 64, 4, 2),
-                             (32, 64, 4, 3))
-    ]
+                             (32, 64, 4, 3), (32, 32, 8, 2), (64, 16, 8, 2))
+    ]  # the last two: fp32 (ieee dots, no tensor cores) tiles past 16x16 that do not spill registers on sm_90
+    #    (benchmarks/kernel_resources.py, triton 3.6: 191-206 registers, no spills; 64x32/4 warps spills ~480 B)
 
 
 @triton.jit
