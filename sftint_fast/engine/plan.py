@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -141,8 +140,8 @@ class TriePlan:
 
 
 def available_ram() -> int:
-    """Bytes of RAM available to new allocations: psutil's figure, else Linux's ``MemAvailable``, else free pages
-    (psutil is a dependency, but a ``--no-deps`` install, as on GPU machines, may lack it)."""
+    """Bytes of RAM available to new allocations: psutil's figure, else Linux's ``MemAvailable`` (psutil is a
+    dependency, but a ``--no-deps`` install, as on GPU machines, may lack it)."""
     try:
         import psutil
     except ImportError:
@@ -156,10 +155,8 @@ def available_ram() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, ValueError, OSError) as err:
-        raise RuntimeError("cannot tell the available RAM: install psutil, or pass max_memory= explicitly") from err
+    raise RuntimeError("cannot tell the available RAM (no psutil, no /proc/meminfo): install psutil, or pass "
+                       "max_memory= explicitly")
 
 
 def default_max_memory(device: torch.device) -> int:
