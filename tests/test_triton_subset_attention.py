@@ -282,7 +282,13 @@ def test_kernels_compile_for_sm90():
                     sig[name] = "constexpr"
                 else:
                     sig[name] = "fp32" if name in ("qk_scale", "softcap") else "i32"
-            triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const), target=target)
+            # unspecialized, and as a launch specializes it (16-byte aligned tensors, strides multiples of 16:
+            # vectorized loads, a different code path)
+            aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                       if name.endswith("_ptr") or name.startswith("stride_") and name != "stride_offsets"}
+            for attrs in ({}, aligned):
+                triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                               target=target)
         for dtype in ("fp32", "fp64"):
             for r, u in ((10, 1), (4, 64)):
                 sig = {"x_ptr": "*" + dtype, "stride": "i64", "tiles_per_row": "i64", "cols_per_stride": "i64",
