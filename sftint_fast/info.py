@@ -32,6 +32,12 @@ def collect() -> dict[str, str]:
         "Triton mode": "interpreter (TRITON_INTERPRET=1)" if os.environ.get("TRITON_INTERPRET") == "1"
         else ("compiled (CUDA)" if torch.cuda.is_available() else "unused (no CUDA; set TRITON_INTERPRET=1 to run kernels on CPU)"),
     }
+    if os.environ.get("TRITON_INTERPRET") == "1" and info["triton"] != "not installed":
+        from sftint_fast.ops.triton import interpreter_problem
+
+        problem = interpreter_problem()
+        if problem is not None:
+            info["Triton mode"] += f" -- CANNOT RUN THE KERNELS: {problem}"
     return info
 
 

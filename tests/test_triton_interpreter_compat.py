@@ -40,3 +40,12 @@ def test_kernels_raise_the_clear_error_on_cpu(monkeypatch):
         subset_attention(q, store, store, torch.zeros(1, dtype=torch.int64), table, table, table, table,
                          level=1, scale=0.25)
     triton_ops.check_interpreter(torch.device("cuda"))  # compiled kernels are not affected
+
+
+def test_info_reports_the_interpreter_problem(monkeypatch):
+    from sftint_fast import info
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "CANNOT RUN" not in info.collect()["Triton mode"] or triton_ops.interpreter_problem() is not None
+    monkeypatch.setattr(triton_ops, "interpreter_problem", lambda: "the reason")
+    assert info.collect()["Triton mode"].endswith("CANNOT RUN THE KERNELS: the reason")
