@@ -44,17 +44,22 @@ class _CountOps(TorchDispatchMode):
 
 
 class _CountedKernel:
-    """Stands in for the autotuned Triton kernel: counts launches, zeroes the output (argument 5: q, k, v, k_pass,
-    v_pass, out, ...)."""
+    """Stands in for a Triton kernel: counts launches, zeroes the output (argument ``out_arg``; the attention
+    kernel's is 5: q, k, v, k_pass, v_pass, out, ...)."""
 
-    def __init__(self) -> None:
+    def __init__(self, out_arg: int = 5) -> None:
         self.launches = 0
+        self.out_arg = out_arg
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.launches += 1
-            args[5].zero_()
+            args[self.out_arg].zero_()
         return launch
+
+
+#: The fused elementwise kernels (:mod:`sftint_fast.ops.triton.elementwise`) and the argument of their output.
+ELEMENTWISE_KERNELS = {"_rms_norm_kernel": 2, "_rope_kernel": 3, "_silu_mul_kernel": 2}
 
 
 @pytest.fixture(scope="module")
@@ -67,21 +72,28 @@ def model():
     return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
 
 
-def _device_ops(fn, kernel: _CountedKernel) -> int:
-    kernel.launches = 0
+def _device_ops(fn, *kernels: _CountedKernel) -> int:
+    for kernel in kernels:
+        kernel.launches = 0
     with torch.no_grad(), _CountOps() as ops:
         fn()
-    return sum(ops.counts.values()) - ops.counts["zero_.default"] + kernel.launches
+    launches = sum(kernel.launches for kernel in kernels)
+    return sum(ops.counts.values()) - ops.counts["zero_.default"] + launches
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_device_ops_per_evaluation(benchmark, model, layout, full, env_info, monkeypatch):
     if layout != "n10" and not full:
         pytest.skip("n=12 only with --full")
+    from sftint_fast.engine import trie
+    from sftint_fast.ops.triton import elementwise
     from sftint_fast.ops.triton import subset_attention as fused
 
     kernel = _CountedKernel()
     monkeypatch.setattr(fused, "_subset_attention_kernel", kernel)
+    others = [_CountedKernel(out_arg) for out_arg in ELEMENTWISE_KERNELS.values()]
+    for name, counted in zip(ELEMENTWISE_KERNELS, others):
+        monkeypatch.setattr(elementwise, name, counted)
     game = _game(model, LAYOUTS[layout])
     variants = 1 << game.num_players
     info = dict(env_info, layout=layout, n=game.num_players, layers=NUM_LAYERS,
@@ -89,14 +101,21 @@ def test_device_ops_per_evaluation(benchmark, model, layout, full, env_info, mon
                                                                    batch_size=variants, progress=False), kernel))
     for tokens in (planner.TARGET_CHUNK_TOKENS, planner.PASS_TOKENS["cuda"]):
         monkeypatch.setitem(planner.PASS_TOKENS, "cpu", tokens)
-        passes = len(planner.plan_trie(game, pass_tokens=tokens).passes)
-        for backend in ("triton", "torch"):
-            count = _device_ops(lambda: evaluate_trie(model, game, progress=False, attention_backend=backend), kernel)
-            info[f"trie_{backend}_{tokens}"] = count
-            info[f"trie_{backend}_{tokens}_per_pass_layer"] = count / (passes * NUM_LAYERS)
-            if backend == "triton":  # the fused path: one launch per pass and layer
-                assert kernel.launches == passes * NUM_LAYERS, (kernel.launches, passes)
-        info[f"passes_{tokens}"] = passes
+        # triton: fused attention and fused elementwise ops; triton_attention_only: the model's own elementwise ops
+        for variant, backend, fuse in (("triton", "triton", True), ("triton_attention_only", "triton", False),
+                                       ("torch", "torch", False)):
+            monkeypatch.setattr(trie, "FUSE_ELEMENTWISE", fuse)
+            plan = planner.plan_trie(game, pass_tokens=tokens, window=backend != "triton")
+            passes = len(plan.passes)
+            count = _device_ops(lambda: evaluate_trie(model, game, progress=False, attention_backend=backend),
+                                kernel, *others)
+            info[f"trie_{variant}_{tokens}"] = count
+            info[f"trie_{variant}_{tokens}_per_pass_layer"] = count / (passes * NUM_LAYERS)
+            info[f"passes_{variant}_{tokens}"] = passes
+            if backend == "triton":  # the fused path: one launch per pass and layer (none in a leafless last layer)
+                leafless = sum(all(u.level < plan.num_players for u in units) for units in plan.passes)
+                assert kernel.launches == passes * NUM_LAYERS - leafless, (kernel.launches, passes, leafless)
+            assert (sum(k.launches for k in others) > 0) == fuse
     benchmark.extra_info.update(info)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     print({k: (round(v, 1) if isinstance(v, float) else v) for k, v in info.items()})

@@ -147,6 +147,18 @@ def _kernel_path(path: str):
 
 
 @contextlib.contextmanager
+def _fused_elementwise(on: bool):
+    """Whether the Triton trie also runs its norms, RoPE and SiLU gate as fused ops (``trie.FUSE_ELEMENTWISE``)."""
+    from sftint_fast.engine import trie
+
+    previous, trie.FUSE_ELEMENTWISE = trie.FUSE_ELEMENTWISE, on
+    try:
+        yield
+    finally:
+        trie.FUSE_ELEMENTWISE = previous
+
+
+@contextlib.contextmanager
 def _pass_tokens(tokens: int):
     """The engine's tokens per pass on this device for the calls inside (``plan.PASS_TOKENS``)."""
     from sftint_fast.engine import plan as planner
@@ -261,6 +273,9 @@ def test_trie_vs_naive(benchmark, name, layout, precision, tiny, full, env_info)
             with _kernel_path("segments"):
                 segments_s, v_segments, _ = _timed(
                     lambda: evaluate_trie(model, game, subsets, progress=False, attention_backend="triton"), repeats)
+            with _fused_elementwise(False):  # the fused attention with the model's own norms, RoPE and MLP
+                attn_only_s, v_attn_only, _ = _timed(
+                    lambda: evaluate_trie(model, game, subsets, progress=False, attention_backend="triton"), repeats)
             with _pass_tokens(SMALL_PASS_TOKENS):  # more, smaller passes: more launches, less activation memory
                 small_s, v_small, small_peak = _timed(
                     lambda: evaluate_trie(model, game, subsets, progress=False, attention_backend="triton"), repeats)
@@ -280,6 +295,9 @@ def test_trie_vs_naive(benchmark, name, layout, precision, tiny, full, env_info)
                 ideal_token_ratio=plan.ideal_ratio, trie_tokens=plan.trie_tokens, naive_tokens=plan.naive_tokens,
                 naive_ms=naive_s * 1e3, trie_torch_ms=torch_s * 1e3, trie_triton_ms=triton_s * 1e3,
                 trie_triton_segments_ms=segments_s * 1e3, ratio_triton_segments_over_naive=naive_s / segments_s,
+                trie_triton_attention_only_ms=attn_only_s * 1e3,
+                ratio_triton_attention_only_over_naive=naive_s / attn_only_s,
+                max_abs_dv_triton_attention_only_vs_naive=(v_attn_only - v_naive).abs().max().item(),
                 pass_tokens=default_pass_tokens(_device()), passes=len(plan.passes),
                 small_pass_tokens=SMALL_PASS_TOKENS, small_passes=len(small_plan.passes),
                 trie_triton_small_passes_ms=small_s * 1e3, ratio_triton_small_passes_over_naive=naive_s / small_s,

@@ -20,6 +20,9 @@ def _has_triton() -> bool:
     return True
 
 
+#: Where tests that run Triton kernels put their tensors: compiled on CUDA, else interpreted on the CPU.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 requires_ext = pytest.mark.skipif(not _ext.extension_status()[0], reason="needs the C++ extension sftint_fast._C")
 requires_triton = pytest.mark.skipif(not _has_triton(), reason="needs triton (compiled on CUDA or TRITON_INTERPRET=1)")

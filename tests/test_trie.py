@@ -83,6 +83,33 @@ def test_multi_token_target_and_baseline_rows(arch, masking):
     check_close(trie, naive)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_last_layer_runs_only_the_scored_leaf_rows(arch):
+    """After the last attention only the leaves' scored tokens go on (output projection, MLP): the inner nodes and
+    the unscored leaf tokens gave all they had (their K/V). Every other layer runs every token of every pass."""
+    from sftint_fast.engine.plan import plan_trie
+
+    net = model(arch)
+    game = make_game("adjacent_multi_token", num_targets=3, seed=4)
+    blocks = net.model.layers if arch == "llama" else net.transformer.h
+    rows = {0: [], len(blocks) - 1: []}
+    naive = evaluate_naive(net, game, torch.arange(1 << game.num_players), progress=False)
+    hooks = [blocks[i].mlp.register_forward_hook(lambda mod, args, out, i=i: rows[i].append(args[0].shape[0]))
+             for i in rows]
+    try:
+        trie = evaluate_trie(net, game, batch_size=5, progress=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    check_close(trie, naive)
+    plan = plan_trie(game, batch_size=5)
+    n, seg = plan.num_players, plan.level_lens
+    assert rows[0] == [sum(len(u.nodes) * seg[u.level] for u in units) for units in plan.passes]
+    leafy = [sum(len(u.nodes) for u in units if u.level == n) for units in plan.passes]
+    assert 0 in leafy  # a pass of inner nodes only: its last layer stops after storing K/V
+    assert rows[len(blocks) - 1] == [3 * leaves for leaves in leafy if leaves]
+
+
 @pytest.mark.parametrize("batch_size", [1, 2, 7])
 def test_chunking_forced_small(batch_size):
     trie, naive = run_both(model("llama"), make_game("spread_n5", seed=3), batch_size=batch_size)

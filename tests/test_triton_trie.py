@@ -1,7 +1,7 @@
 """End to end: the trie engine with the fused Triton attention (interpreter on CPU) equals the naive engine."""
 import pytest
 import torch
-from conftest import requires_triton, tiny_model
+from conftest import DEVICE, requires_triton, tiny_model
 
 import sftint_fast as sf
 from sftint_fast.engine.naive import evaluate_naive
@@ -30,7 +30,7 @@ def test_trie_with_triton_attention_matches_naive(arch, masking, path, monkeypat
     from sftint_fast.ops.triton import subset_attention as kernel
 
     monkeypatch.setattr(kernel, "DEFAULT_PATH", path)
-    net = tiny_model(arch, attn="sdpa", initializer_range=0.2)
+    net = tiny_model(arch, attn="sdpa", initializer_range=0.2).to(DEVICE)
     game = make_game(masking)
     with torch.no_grad():
         naive = evaluate_naive(net, game, torch.arange(16), progress=False)
@@ -50,7 +50,7 @@ def test_grouped_games_through_one_launch_per_pass_match_naive(masking):
 
     from sftint_fast.engine.trie import evaluate_trie_games
 
-    net = tiny_model("llama", attn="sdpa", initializer_range=0.2)
+    net = tiny_model("llama", attn="sdpa", initializer_range=0.2).to(DEVICE)
     games = games_of("spread_n5", 3, masking=masking, num_targets=2, baseline_rows=True)
     subsets = torch.tensor([31, 0, 7, 18, 5, 26, 9, 30])
     together = evaluate_trie_games(net, games, subsets, batch_size=5, progress=False, attention_backend="triton")
@@ -61,7 +61,8 @@ def test_grouped_games_through_one_launch_per_pass_match_naive(masking):
 
 def test_one_kernel_launch_per_pass_and_layer(monkeypatch):
     """The engine launches the fused kernel once per pass and layer, however many chunks (levels, games) a pass
-    holds: per-chunk launches were most of the GPU engine's host time at small levels."""
+    holds: per-chunk launches were most of the GPU engine's host time at small levels. A pass without leaves skips
+    the last layer's attention (nothing reads it; its K/V are still stored)."""
     from test_group import games_of
 
     from sftint_fast.engine.plan import plan_trie
@@ -71,12 +72,16 @@ def test_one_kernel_launch_per_pass_and_layer(monkeypatch):
     calls = []
     launch = kernel._launch
     monkeypatch.setattr(kernel, "_launch", lambda *a, **k: calls.append(a[4].shape[0]) or launch(*a, **k))
-    net = tiny_model("llama", attn="sdpa")
+    net = tiny_model("llama", attn="sdpa").to(DEVICE)
     games = games_of("spread_n5", 2)
     evaluate_trie_games(net, games, batch_size=12, progress=False, attention_backend="triton")
-    plan = plan_trie(games[0], batch_size=12, num_games=2)
+    plan = plan_trie(games[0], batch_size=12, num_games=2, window=False)  # as the engine plans for the kernel
     chunks = sum(len(units) for units in plan.passes)
     assert chunks > len(plan.passes)  # passes really hold several chunks
-    assert len(calls) == net.config.num_hidden_layers * len(plan.passes)
-    nodes = sum(len(u.nodes) for units in plan.passes for u in units)
-    assert sum(calls) == net.config.num_hidden_layers * nodes  # every node of every pass, once per layer
+    layers, n = net.config.num_hidden_layers, plan.num_players
+    with_leaves = [any(u.level == n for u in units) for units in plan.passes]
+    assert 0 < sum(with_leaves) < len(plan.passes)
+    assert len(calls) == sum(layers if leafy else layers - 1 for leafy in with_leaves)
+    nodes = [sum(len(u.nodes) for u in units) for units in plan.passes]
+    # every node of every pass, once per layer (but the last layer of a pass without leaves)
+    assert sum(calls) == sum(c * (layers if leafy else layers - 1) for c, leafy in zip(nodes, with_leaves))

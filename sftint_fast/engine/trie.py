@@ -17,6 +17,7 @@ of every game side by side, so the small levels of many games share their GEMMs 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Literal, Sequence
 
 import torch
@@ -27,6 +28,11 @@ from sftint_fast.engine.plan import PlanUnit, TriePlan, default_max_memory, defa
 from sftint_fast.ops.subset_attention import key_layout, subset_attention
 
 logger = logging.getLogger(__name__)
+
+#: With the fused attention kernel (``attention_backend="triton"``), also run the layer loop's RMSNorms, RoPE and SiLU
+#: gate as fused Triton ops (:mod:`sftint_fast.ops.triton.elementwise`). ``SFTINT_FUSE_ELEMENTWISE=0`` in the
+#: environment turns them off (the model's own modules); the GPU benchmark times both settings.
+FUSE_ELEMENTWISE = os.environ.get("SFTINT_FUSE_ELEMENTWISE", "1") != "0"
 
 
 def _segment_embeds(embeds: torch.Tensor, baseline: torch.Tensor, plan: TriePlan, level: int,
@@ -59,11 +65,13 @@ class _Pass:
     Every index tensor is built on the CPU and reaches the device in one (pinned, asynchronous) copy, so setting
     up a pass never waits for the GPU. ``fused``: the fused kernel's pass tables (``fused_tables``) instead of the
     torch path's per-chunk tables (which stay on the CPU: that path reads them as Python ints, without syncs).
+    ``keep``: the pass rows of the leaves' scored tokens (``score_rel``: their offsets in a leaf segment), leaf by leaf
+    in chunk order: the only rows whose final hidden state is read (the last layer computes the rest's K/V only).
     """
 
     def __init__(self, plan: TriePlan, units: tuple[PlanUnit, ...], device: torch.device,
-                 fused: bool = False) -> None:
-        nodes, rows, positions, tables, meta, pass_offsets = [], [], [], [], [], []
+                 fused: bool = False, score_rel: tuple[int, ...] = ()) -> None:
+        nodes, rows, positions, tables, meta, pass_offsets, keep = [], [], [], [], [], [], []
         width = plan.num_players + 1
         start = stored = 0
         for index, unit in enumerate(units):
@@ -76,8 +84,10 @@ class _Pass:
                 rows.append((offsets[level] + ids[:, None] * seg_len + steps).reshape(-1))
                 stored += len(ids) * seg_len
             positions.append((plan.level_positions[level] + steps).repeat(len(ids)))
+            first_rows = start + torch.arange(len(ids)) * seg_len  # each node's first row in the pass
+            if level == plan.num_players:
+                keep.append((first_rows[:, None] + torch.tensor(score_rel, dtype=torch.int64)).reshape(-1))
             if fused:  # one kernel launch for the pass: a meta row per node, an offsets row per chunk
-                first_rows = start + torch.arange(len(ids)) * seg_len
                 meta.append(torch.stack([ids, torch.full_like(ids, level), first_rows,
                                          torch.full_like(ids, index)], dim=1).reshape(-1))
                 pass_offsets.append(torch.tensor(offsets + (0,) * (width - len(offsets))))
@@ -90,17 +100,19 @@ class _Pass:
         if fused:
             extra = [torch.cat(meta), torch.cat(pass_offsets),
                      torch.tensor([plan.level_lens, plan.player_lens, plan.level_positions]).reshape(-1)]
-        flat = torch.cat(nodes + rows + [torch.cat(positions)] + extra)
+        keep_t = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.int64)
+        flat = torch.cat(nodes + rows + [torch.cat(positions), keep_t] + extra)
         if device.type == "cuda":
             flat = flat.pin_memory().to(device, non_blocking=True)
-        parts = flat.split(sizes + [stored, start] + [t.numel() for t in extra])
+        parts = flat.split(sizes + [stored, start, keep_t.numel()] + [t.numel() for t in extra])
         #: store rows of the pass's first ``stored`` tokens (chunks are in level order: the last level comes last)
         self.rows, self.positions, self.stored = parts[len(sizes)], parts[len(sizes) + 1], stored
+        self.keep = parts[len(sizes) + 2]
         #: the fused kernel's pass tables (:func:`~sftint_fast.ops.triton.subset_attention.subset_attention_pass`)
         self.fused_tables: tuple[torch.Tensor, ...] | None = None
         self.max_seg_len = max(plan.level_lens[unit.level] for unit in units)
         if fused:
-            meta_t, offsets_t, shared = parts[len(sizes) + 2:]
+            meta_t, offsets_t, shared = parts[len(sizes) + 3:]
             self.fused_tables = (meta_t.view(-1, 4), offsets_t.view(len(units), width), *shared.view(3, width))
         self.chunks: list[_Chunk] = []
         start = 0
@@ -207,14 +219,17 @@ def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: t
     store_shape = (plan.store_rows, dims.num_kv_heads, dims.head_dim)
     k_stores = [torch.empty(store_shape, dtype=dims.dtype, device=device) for _ in range(dims.num_layers)]
     v_stores = [torch.empty(store_shape, dtype=dims.dtype, device=device) for _ in range(dims.num_layers)]
-    score_rel = (first.score_positions.to(device) - plan.level_positions[n]).long()
+    score_rel = tuple(int(p) - plan.level_positions[n] for p in first.score_positions.tolist())
+    num_scores = len(score_rel)
+    last_layer = dims.num_layers - 1
 
     leaf_values = torch.empty(len(games), len(plan.level_nodes[n]), dtype=torch.float32, device=device)
     done = [0] * len(games)
     fused = attention_backend == "triton"
     for units in tqdm(plan.passes, desc="trie passes", disable=not progress, leave=False):
-        pass_ = _Pass(plan, units, device, fused=fused)
+        pass_ = _Pass(plan, units, device, fused=fused, score_rel=score_rel)
         chunks = pass_.chunks
+        leaves = [c for c in chunks if c.level == n]
         inputs = torch.cat([_segment_embeds(embeds[c.game], baselines[c.game], plan, c.level, c.nodes,
                                             not attention_masking).reshape(-1, dims.hidden_size) for c in chunks])
 
@@ -227,6 +242,8 @@ def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: t
             if pass_.stored:
                 k_stores[layer].index_copy_(0, pass_.rows, k[:pass_.stored])
                 v_stores[layer].index_copy_(0, pass_.rows, v[:pass_.stored])
+            if layer == last_layer and not leaves:  # nothing reads this pass's last attention: only its K/V
+                return torch.empty_like(q)
             spec = adapter.layers[layer]
             if fused:  # every chunk of the pass in one launch, straight into one output; own segments from k, v
                 return subset_attention_pass(q, k_stores[layer], v_stores[layer], *pass_.fused_tables,
@@ -241,10 +258,11 @@ def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: t
                                  layout=layout).flatten(0, 1)
                 for c, layout in zip(chunks, layouts)])
 
-        hidden = adapter.run_layers(inputs, pass_.positions, attend)
-        leaves = [c for c in chunks if c.level == n]
+        # the final hidden states of the leaves' scored tokens only: [leaf nodes * num_scores, H], leaf by leaf
+        hidden = adapter.run_layers(inputs, pass_.positions, attend, keep=pass_.keep,
+                                    fused=fused and FUSE_ELEMENTWISE)
         if leaves:  # one LM head call for every game's leaves in this pass
-            rows = torch.cat([hidden[c.start:c.stop].unflatten(0, (len(c.nodes), -1))[:, score_rel] for c in leaves])
+            rows = hidden.unflatten(0, (-1, num_scores))
             logits = adapter.logits(rows).float().split([len(c.nodes) for c in leaves])
             for c, chunk_logits in zip(leaves, logits):
                 values = games[c.game].values_from_logits(chunk_logits, subsets=c.nodes_cpu)

@@ -50,10 +50,29 @@ class Adapter(ABC):
         """``(L,)`` ids → ``(L, H)``: the embedding module's output, the rows a game's baseline replaces."""
 
     @abstractmethod
-    def run_layers(self, embeds: torch.Tensor, positions: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+    def run_layers(self, embeds: torch.Tensor, positions: torch.Tensor, attend: AttendFn,
+                   keep: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
         """``embeds [N, H]`` (any tokens, flat) at absolute ``positions [N]`` → hidden ``[N, H]`` before the final
-        norm. Every token-wise op runs on all ``N`` tokens at once; only ``attend`` sees their structure."""
+        norm. Every token-wise op runs on all ``N`` tokens at once; only ``attend`` sees their structure.
+
+        ``keep``: int64 row indices ``[R]`` whose final hidden state is needed (None = all). The last layer still
+        computes and attends every row's K/V, but its output projection, residuals and MLP run on the ``keep`` rows
+        only (:func:`last_layer_rows`), and the result is ``[R, H]`` in ``keep``'s order.
+        ``fused``: use fused Triton elementwise ops where the adapter has them (CUDA tensors, or the interpreter)."""
 
     @abstractmethod
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head on the requested rows only: ``[..., H]`` → ``[..., V]``."""
+
+
+def last_layer_rows(out: torch.Tensor, hidden: torch.Tensor, keep: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of the last layer's attention output and residual stream that the caller needs.
+
+    Every op after the last attention is row-wise, so the rows nobody reads (the trie's inner nodes, whose K/V are
+    all that later tokens need, and the unscored tokens of its leaves) are dropped before the output projection and
+    the MLP: most of a layer's FLOPs. Exact: the kept rows see the same ops on the same inputs."""
+    if keep is None:
+        return out, hidden
+    return out.index_select(0, keep), hidden.index_select(0, keep)
+

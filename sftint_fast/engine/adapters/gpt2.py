@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from sftint_fast.engine.adapters.base import Adapter, AttendFn, LayerSpec, ModelDims
+from sftint_fast.engine.adapters.base import Adapter, AttendFn, LayerSpec, ModelDims, last_layer_rows
 
 
 class GPT2Adapter(Adapter):
@@ -39,15 +39,22 @@ class GPT2Adapter(Adapter):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._wte(input_ids)
 
-    def run_layers(self, embeds: torch.Tensor, positions: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+    def run_layers(self, embeds: torch.Tensor, positions: torch.Tensor, attend: AttendFn,
+                   keep: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
+        # ``fused`` changes nothing here: GPT-2's LayerNorms, learned positions and GELU have no fused op
         width = embeds.shape[-1]
         head_dim = self.dims.head_dim
         hidden = embeds + self._wpe(positions)
+        last = len(self._blocks) - 1
         for index, block in enumerate(self._blocks):
             q, k, v = block.attn.c_attn(block.ln_1(hidden)).split(width, dim=-1)
             heads = (-1, head_dim)
-            out = attend(index, q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads))
-            hidden = hidden + block.attn.c_proj(out.flatten(1))
+            out = attend(index, q.unflatten(-1, heads), k.unflatten(-1, heads), v.unflatten(-1, heads)).flatten(1)
+            if index == last:
+                out, hidden = last_layer_rows(out, hidden, keep)
+                if not len(hidden):  # no row is read: this layer's K/V (stored by ``attend``) were all it gave
+                    return hidden
+            hidden = hidden + block.attn.c_proj(out)
             hidden = hidden + block.mlp(block.ln_2(hidden))
         return hidden
 

@@ -9,10 +9,13 @@ import sys
 
 import torch
 
-from sftint_fast.engine.adapters.base import Adapter, AttendFn, LayerSpec, ModelDims
+from sftint_fast.engine.adapters.base import Adapter, AttendFn, LayerSpec, ModelDims, last_layer_rows
 
 #: HF ``model_type`` values this adapter serves (each checked against the naive engine in tests/test_trie.py).
 MODEL_TYPES = frozenset({"llama", "qwen2", "mistral", "gemma3_text"})
+#: RMSNorm classes the fused Triton op reproduces: ``"llama"`` = ``w * norm(x).to(dtype)`` (``variance_epsilon``),
+#: ``"gemma"`` = ``(norm(x) * (1 + w)).to(dtype)`` (``eps``). Any other norm runs as its module.
+FUSED_NORMS = {"LlamaRMSNorm": "llama", "Qwen2RMSNorm": "llama", "MistralRMSNorm": "llama", "Gemma3RMSNorm": "gemma"}
 
 
 class LlamaLikeAdapter(Adapter):
@@ -42,6 +45,11 @@ class LlamaLikeAdapter(Adapter):
             vocab_size=config.vocab_size,
             dtype=self._embed_tokens.weight.dtype,
         )
+        # fused Triton elementwise ops (``run_layers(fused=True)``): which of the model's ops they can stand in for
+        self._rope_fusable = self._apply_rope.__name__ == "apply_rotary_pos_emb"
+        mlp0 = self._blocks[0].mlp
+        self._mlp_fusable = all(hasattr(mlp0, name) for name in ("gate_proj", "up_proj", "down_proj")) and (
+            isinstance(mlp0.act_fn, torch.nn.SiLU) or type(mlp0.act_fn).__name__ == "SiLUActivation")
         mistral_window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
         self.layers = tuple(
             LayerSpec(scale=float(block.self_attn.scaling),
@@ -71,29 +79,46 @@ class LlamaLikeAdapter(Adapter):
         tables = {kind: self._rotary(x, position_ids, kind) for kind in set(self._layer_types)}
         return [tables[kind] for kind in self._layer_types]
 
-    def run_layers(self, embeds: torch.Tensor, positions: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+    def run_layers(self, embeds: torch.Tensor, positions: torch.Tensor, attend: AttendFn,
+                   keep: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
+        """See :meth:`Adapter.run_layers`. ``fused``: RMSNorms, RoPE and the SiLU gate run as fused Triton ops
+        (:mod:`sftint_fast.ops.triton.elementwise`, CUDA or the interpreter) where the model's ops are the ones
+        they reproduce; everything else (projections, other norms and activations) stays the model's modules."""
         tables = self._rope_tables(embeds.unsqueeze(0), positions)
         head_dim = self.dims.head_dim
+        ops = _FusedOps(self) if fused else None
+        norm = ops.norm if ops else _call
+        mlp = ops.mlp if ops else _call
         hidden = embeds
+        last = len(self._blocks) - 1
         for index, block in enumerate(self._blocks):
             attn = block.self_attn
-            normed = block.input_layernorm(hidden)
+            normed = norm(block.input_layernorm, hidden)
             q = attn.q_proj(normed).unflatten(-1, (-1, head_dim))
             k = attn.k_proj(normed).unflatten(-1, (-1, head_dim))
             v = attn.v_proj(normed).unflatten(-1, (-1, head_dim))
             if hasattr(attn, "q_norm"):
-                q = attn.q_norm(q)
-                k = attn.k_norm(k)
+                q = norm(attn.q_norm, q)
+                k = norm(attn.k_norm, k)
             cos, sin = tables[index]
-            # cos/sin are [1, N, D]: rotate [1, N, H, D] views of the flat tokens.
-            q, k = self._apply_rope(q.unsqueeze(0), k.unsqueeze(0), cos, sin, unsqueeze_dim=2)
-            out = attn.o_proj(attend(index, q[0], k[0], v).flatten(1))
+            if ops and ops.rope_fits(cos, head_dim):
+                q, k = ops.rope(q, cos[0], sin[0]), ops.rope(k, cos[0], sin[0])
+            else:  # cos/sin are [1, N, D]: rotate [1, N, H, D] views of the flat tokens.
+                q, k = self._apply_rope(q.unsqueeze(0), k.unsqueeze(0), cos, sin, unsqueeze_dim=2)
+                q, k = q[0], k[0]
+            out = attend(index, q, k, v).flatten(1)
+            if index == last:
+                out, hidden = last_layer_rows(out, hidden, keep)
+                if not len(hidden):  # no row is read: this layer's K/V (stored by ``attend``) were all it gave
+                    return hidden
+            out = attn.o_proj(out)
             if self._sandwich:
-                hidden = hidden + block.post_attention_layernorm(out)
-                hidden = hidden + block.post_feedforward_layernorm(block.mlp(block.pre_feedforward_layernorm(hidden)))
+                hidden = hidden + norm(block.post_attention_layernorm, out)
+                ff = mlp(block.mlp, norm(block.pre_feedforward_layernorm, hidden))
+                hidden = hidden + norm(block.post_feedforward_layernorm, ff)
             else:
                 hidden = hidden + out
-                hidden = hidden + block.mlp(block.post_attention_layernorm(hidden))
+                hidden = hidden + mlp(block.mlp, norm(block.post_attention_layernorm, hidden))
         return hidden
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -101,3 +126,35 @@ class LlamaLikeAdapter(Adapter):
         if self._final_softcap is not None:
             logits = torch.tanh(logits / self._final_softcap) * self._final_softcap
         return logits
+
+
+def _call(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return module(x)
+
+
+class _FusedOps:
+    """The fused Triton stand-ins of one adapter's norms, RoPE and gated MLP (each falls back to the module)."""
+
+    def __init__(self, adapter: LlamaLikeAdapter) -> None:
+        from sftint_fast.ops.triton import elementwise
+
+        self._ew, self._adapter = elementwise, adapter
+        self.rope = elementwise.rope
+
+    def norm(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        kind = FUSED_NORMS.get(type(module).__name__)
+        if kind == "llama" and hasattr(module, "variance_epsilon"):
+            return self._ew.rms_norm(x, module.weight, module.variance_epsilon)
+        if kind == "gemma" and hasattr(module, "eps"):
+            return self._ew.rms_norm(x, module.weight, module.eps, gemma=True)
+        return module(x)
+
+    def mlp(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if not self._adapter._mlp_fusable:
+            return module(x)
+        return module.down_proj(self._ew.silu_mul(module.gate_proj(x), module.up_proj(x)))
+
+    def rope_fits(self, cos: torch.Tensor, head_dim: int) -> bool:
+        """The rotate-half RoPE over the whole head (tables ``[1, N, head_dim]``)."""
+        return self._adapter._rope_fusable and cos.dim() == 3 and cos.shape[-1] == head_dim
+

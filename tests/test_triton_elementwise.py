@@ -1,0 +1,266 @@
+"""The fused Triton elementwise ops (RMSNorm, RoPE, SiLU gate) against the HF code they stand in for, and the trie's
+layer loop using them. Kernels run on ``DEVICE`` (compiled on CUDA, where bfloat16 is checked too; interpreted on the
+CPU in float32 and float16: bf16 is not reliable in the interpreter); the HF references run on the CPU."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import DEVICE, requires_triton, tiny_model
+
+pytestmark = requires_triton
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    got, want = got.cpu(), want.cpu()
+    assert got.dtype == want.dtype and got.shape == want.shape
+    # float32: reduction order / last bit of exp; 16-bit: the same, after one rounding to the dtype
+    tol = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[got.dtype]
+    torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+def _on(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(t.to(DEVICE) for t in tensors)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cls_name", ["LlamaRMSNorm", "Qwen2RMSNorm", "Gemma3RMSNorm"])
+@pytest.mark.parametrize("shape", [(37, 72), (5, 3, 8), (300, 16)])  # H not a power of 2; 3-D; rows > one program
+def test_rms_norm_matches_hf(cls_name, dtype, shape):
+    import transformers.models.gemma3.modeling_gemma3 as gemma3
+    import transformers.models.llama.modeling_llama as llama
+    import transformers.models.qwen2.modeling_qwen2 as qwen2
+
+    from sftint_fast.ops.triton.elementwise import rms_norm
+
+    cls = {"LlamaRMSNorm": llama.LlamaRMSNorm, "Qwen2RMSNorm": qwen2.Qwen2RMSNorm,
+           "Gemma3RMSNorm": gemma3.Gemma3RMSNorm}[cls_name]
+    gen = torch.Generator().manual_seed(0)
+    module = cls(shape[-1], eps=1e-5).to(dtype)
+    with torch.no_grad():
+        module.weight.copy_(torch.randn(shape[-1], generator=gen))
+    x = (3 * torch.randn(shape, generator=gen)).to(dtype)
+    gemma = cls_name == "Gemma3RMSNorm"
+    got = rms_norm(*_on(x, module.weight.detach()), module.eps if gemma else module.variance_epsilon, gemma=gemma)
+    with torch.no_grad():
+        _close(got, module(x))
+
+
+def test_rms_norm_reads_strided_rows():
+    from sftint_fast.ops.triton.elementwise import rms_norm
+
+    base = torch.randn(20, 48)
+    x, w = base[:, :40], torch.randn(40)  # rows with a stride of 48
+    want = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    base_dev, w_dev = _on(base, w)
+    _close(rms_norm(base_dev[:, :40], w_dev, 1e-6), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,dim", [(9, 16), (2, 8), (3, 64)])
+def test_rope_matches_hf_apply_rotary_pos_emb(dtype, heads, dim):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from sftint_fast.ops.triton.elementwise import rope
+
+    gen = torch.Generator().manual_seed(1)
+    tokens = 70  # more than one program's tokens
+    x = torch.randn(tokens, heads, dim, generator=gen).to(dtype)
+    angles = torch.randn(tokens, dim // 2, generator=gen) * 3
+    cos = torch.cat([angles.cos()] * 2, -1).to(dtype)
+    sin = torch.cat([angles.sin()] * 2, -1).to(dtype)
+    want, _ = apply_rotary_pos_emb(x[None], x[None], cos[None], sin[None], unsqueeze_dim=2)
+    got = rope(*_on(x, cos, sin))
+    _close(got, want[0])
+    assert not torch.equal(got.cpu(), x)
+
+
+def test_rope_of_a_strided_view():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from sftint_fast.ops.triton.elementwise import rope
+
+    qkv = torch.randn(11, 6 * 16)
+    q = qkv[:, :4 * 16].unflatten(-1, (4, 16))  # token stride 96, head stride 16
+    angles = torch.randn(11, 8)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    want, _ = apply_rotary_pos_emb(q[None], q[None], cos[None], sin[None], unsqueeze_dim=2)
+    q_dev = _on(qkv)[0][:, :4 * 16].unflatten(-1, (4, 16))
+    _close(rope(q_dev, *_on(cos, sin)), want[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_matches_torch(dtype):
+    from sftint_fast.ops.triton.elementwise import silu_mul
+
+    gen = torch.Generator().manual_seed(2)
+    gate = (4 * torch.randn(33, 70, generator=gen)).to(dtype)
+    up = torch.randn(33, 70, generator=gen).to(dtype)
+    _close(silu_mul(*_on(gate, up)), torch.nn.functional.silu(gate) * up)
+
+
+def test_bad_inputs_raise_clear_errors():
+    from sftint_fast.ops.triton.elementwise import rms_norm, rope, silu_mul
+
+    x = torch.randn(4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"weight: expected shape \(8,\)"):
+        rms_norm(x, torch.ones(7), 1e-6)
+    with pytest.raises(TypeError, match="x: expected a float16, bfloat16 or float32 tensor, got torch.int64"):
+        rms_norm(torch.ones(4, 8, dtype=torch.int64), torch.ones(8), 1e-6)
+    with pytest.raises(ValueError, match=r"x: expected shape \[N, heads, D\] with D even"):
+        rope(torch.randn(4, 2, 7), torch.randn(4, 7), torch.randn(4, 7))
+    with pytest.raises(ValueError, match=r"cos: expected shape \(4, 8\)"):
+        rope(torch.randn(4, 2, 8), torch.randn(5, 8), torch.randn(4, 8))
+    with pytest.raises(ValueError, match="up: expected torch.float32 of shape"):
+        silu_mul(x, torch.randn(4, 9))
+
+
+def _count_fused(monkeypatch) -> dict:
+    from sftint_fast.ops.triton import elementwise
+
+    calls = {"rms_norm": 0, "rope": 0, "silu_mul": 0}
+    for name in calls:
+        original = getattr(elementwise, name)
+        monkeypatch.setattr(elementwise, name,
+                            lambda *a, _f=original, _n=name, **k: calls.__setitem__(_n, calls[_n] + 1) or _f(*a, **k))
+    return calls
+
+
+def _gemma3():
+    from test_trie import _sliding_model
+
+    return _sliding_model("gemma3", "sdpa")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_layer_loop_uses_the_fused_ops_and_matches_the_model(arch, monkeypatch):
+    """``run_layers(fused=True)`` replaces every RMSNorm, RoPE and (SiLU models) the gate, and gives the model's
+    numbers; Gemma-3's GELU MLP stays its module. Per layer: Llama/Qwen2 2 norms, Gemma-3 4 + q/k norms."""
+    from sftint_fast.engine.adapters import get_adapter
+
+    net = (_gemma3() if arch == "gemma3" else tiny_model(arch, initializer_range=0.2)).to(DEVICE)
+    adapter = get_adapter(net)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 128, (9,), generator=gen).to(DEVICE)
+    positions = torch.arange(9, device=DEVICE)
+
+    def attend(layer, q, k, v):  # plain causal attention over the 9 tokens
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        scores = torch.einsum("qhd,khd->hqk", q, k) * adapter.layers[layer].scale
+        scores = scores.masked_fill(~torch.ones(9, 9, dtype=torch.bool, device=DEVICE).tril(), float("-inf"))
+        if adapter.layers[layer].sliding_window:
+            window = adapter.layers[layer].sliding_window
+            far = positions[:, None] - positions[None, :] >= window
+            scores = scores.masked_fill(far, float("-inf"))
+        return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
+
+    with torch.no_grad():
+        plain = adapter.run_layers(adapter.embed(ids), positions, attend)
+        calls = _count_fused(monkeypatch)
+        fused = adapter.run_layers(adapter.embed(ids), positions, attend, fused=True)
+        own = net(input_ids=ids[None], output_hidden_states=True).hidden_states[-1][0]
+    layers = net.config.num_hidden_layers
+    if arch == "gemma3":
+        assert calls == {"rms_norm": 6 * layers, "rope": 2 * layers, "silu_mul": 0}
+    else:
+        assert calls == {"rms_norm": 2 * layers, "rope": 2 * layers, "silu_mul": layers}
+    _close(fused, plain)
+    # the model's own forward applies the final norm to its last hidden state
+    torch.testing.assert_close(adapter._norm(fused), own, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("masking", ["embedding", "attention"])
+@pytest.mark.parametrize("kind", ["gemma3", "mistral"])
+def test_trie_with_triton_on_sliding_window_models_matches_naive(kind, masking):
+    """Gemma-3 (sandwich norms, q/k norms, (1 + w) RMSNorm, per-layer-type RoPE, soft-capped logits, GELU) and
+    Mistral through the fused kernel and the fused elementwise ops."""
+    from test_trie import _sliding_model, check_close, make_game
+
+    from sftint_fast.engine.naive import evaluate_naive
+    from sftint_fast.engine.trie import evaluate_trie
+
+    net = _sliding_model(kind, "sdpa").to(DEVICE)
+    game = make_game("first_and_last", masking=masking, seed=6)
+    assert game.input_ids.numel() > net.config.sliding_window
+    subsets = torch.arange(1 << game.num_players)
+    with torch.no_grad():
+        naive = evaluate_naive(net, game, subsets, progress=False)
+    check_close(evaluate_trie(net, game, batch_size=3, progress=False, attention_backend="triton"), naive)
+
+
+def test_switching_fused_elementwise_off(monkeypatch):
+    """``trie.FUSE_ELEMENTWISE = False`` keeps the fused attention but the model's own norms, RoPE and MLP (the GPU
+    benchmark times both)."""
+    from test_triton_trie import make_game
+
+    from sftint_fast.engine import trie
+    from sftint_fast.engine.naive import evaluate_naive
+
+    net = tiny_model("llama", attn="sdpa", initializer_range=0.2).to(DEVICE)
+    game = make_game("embedding")
+    calls = _count_fused(monkeypatch)
+    monkeypatch.setattr(trie, "FUSE_ELEMENTWISE", False)
+    off = trie.evaluate_trie(net, game, progress=False, attention_backend="triton")
+    assert calls == {"rms_norm": 0, "rope": 0, "silu_mul": 0}
+    monkeypatch.setattr(trie, "FUSE_ELEMENTWISE", True)
+    on = trie.evaluate_trie(net, game, progress=False, attention_backend="triton")
+    assert min(calls.values()) > 0
+    with torch.no_grad():
+        naive = evaluate_naive(net, game, torch.arange(16), progress=False)
+    for got in (off, on):
+        tol = 1e-4 * naive.abs().clamp(min=1)
+        assert bool(((got - naive).abs() <= tol).all()), (got - naive).abs().max().item()
+
+
+@pytest.mark.parametrize("value,expected", [("0", "False"), ("1", "True"), (None, "True")])
+def test_environment_switch_for_fused_elementwise(value, expected):
+    env = {k: v for k, v in os.environ.items() if k != "SFTINT_FUSE_ELEMENTWISE"}
+    if value is not None:
+        env["SFTINT_FUSE_ELEMENTWISE"] = value
+    proc = subprocess.run([sys.executable, "-c", "import sftint_fast.engine.trie as t; print(t.FUSE_ELEMENTWISE)"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == expected, proc.stderr[-2000:]
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter accepts code a GPU compiler rejects: compile the three kernels ahead of time for sm_90, in
+    each float dtype, unspecialized and as a launch specializes them (aligned pointers, strides multiples of 16),
+    at the shapes of SmolLM2 (H=576, 9/3 heads of 64) and Llama-3.2-1B (H=2048, 32/8 heads)."""
+    from test_triton_subset_attention import _cuda_backend_available
+
+    if not _cuda_backend_available():
+        pytest.skip("triton has no NVIDIA backend to compile with")
+    script = textwrap.dedent("""
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from sftint_fast.ops.triton.elementwise import _rms_norm_kernel, _rope_kernel, _silu_mul_kernel
+
+        target = GPUTarget("cuda", 90, 32)
+
+        def compile(kernel, const, floats=()):
+            fn = kernel  # a plain @triton.jit function (the attention kernel is wrapped by autotune)
+            sig = {name: "constexpr" if name in const else "*" + dtype if name.endswith("_ptr")
+                   else "fp32" if name in floats else "i32" for name in fn.arg_names}
+            aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                       if name.endswith("_ptr") or name.startswith("stride_")}
+            for attrs in ({}, aligned):
+                triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                               target=target)
+
+        for dtype in ("bf16", "fp16", "fp32"):
+            for block, gemma in ((1024, False), (2048, True), (64, True)):
+                compile(_rms_norm_kernel, dict(ROWS=max(1, 4096 // block), BLOCK=block, GEMMA=gemma), ("eps",))
+            for heads, half in ((16, 32), (32, 32), (4, 32)):
+                compile(_rope_kernel, dict(HALF=half, BLOCK_T=max(1, 2048 // (heads * half)), BLOCK_H=heads,
+                                           BLOCK_D=half))
+            compile(_silu_mul_kernel, dict(BLOCK=1024))
+        print("compiled")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
