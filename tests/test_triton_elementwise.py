@@ -217,13 +217,15 @@ def test_switching_fused_elementwise_off(monkeypatch):
         assert bool(((got - naive).abs() <= tol).all()), (got - naive).abs().max().item()
 
 
-@pytest.mark.parametrize("value,expected", [("0", "False"), ("1", "True"), (None, "True")])
+@pytest.mark.parametrize("value,expected", [("0", "False off"), ("1", "True on"), (None, "True on")])
 def test_environment_switch_for_fused_elementwise(value, expected):
+    """``SFTINT_FUSE_ELEMENTWISE=0`` turns the fused ops off, and ``sftint info`` says which is in force."""
     env = {k: v for k, v in os.environ.items() if k != "SFTINT_FUSE_ELEMENTWISE"}
     if value is not None:
         env["SFTINT_FUSE_ELEMENTWISE"] = value
-    proc = subprocess.run([sys.executable, "-c", "import sftint_fast.engine.trie as t; print(t.FUSE_ELEMENTWISE)"],
-                          env=env, capture_output=True, text=True, timeout=120)
+    code = ("import sftint_fast.engine.trie as t; from sftint_fast import info; "
+            "print(t.FUSE_ELEMENTWISE, info.collect()['Triton elementwise fusion'].split()[0])")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == expected, proc.stderr[-2000:]
 
 

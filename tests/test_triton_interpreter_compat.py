@@ -30,6 +30,7 @@ def test_kernels_raise_the_clear_error_on_cpu(monkeypatch):
     from sftint_fast.ops.triton.subset_attention import subset_attention
     from sftint_fast.ops.triton.transforms import butterfly
 
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(triton_ops, "interpreter_problem", lambda: "the reason")
     with pytest.raises(RuntimeError, match="the reason"):
         butterfly(torch.zeros(8), "subset_mobius")
@@ -49,3 +50,25 @@ def test_info_reports_the_interpreter_problem(monkeypatch):
     assert "CANNOT RUN" not in info.collect()["Triton mode"] or triton_ops.interpreter_problem() is not None
     monkeypatch.setattr(triton_ops, "interpreter_problem", lambda: "the reason")
     assert info.collect()["Triton mode"].endswith("CANNOT RUN THE KERNELS: the reason")
+
+
+def test_cpu_tensors_without_the_interpreter_get_a_clear_error(monkeypatch):
+    """Compiled kernels cannot read CPU tensors: say so (and what to do) before Triton fails on a pointer."""
+    from conftest import tiny_model
+    from test_triton_trie import make_game
+
+    import sftint_fast as sf
+    from sftint_fast.ops.triton.elementwise import rms_norm
+    from sftint_fast.ops.triton.transforms import butterfly
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    expected = "Triton kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter"
+    with pytest.raises(ValueError, match="x: expected a CUDA tensor with triton installed"):
+        butterfly(torch.zeros(8), "subset_mobius")
+    with pytest.raises(RuntimeError, match=expected):
+        rms_norm(torch.zeros(2, 8), torch.ones(8), 1e-6)
+    with pytest.raises(RuntimeError, match="got cpu tensors without it: move the model to a GPU or use "
+                                           "attention_backend='torch'"):
+        sf.evaluate(tiny_model("llama"), make_game("embedding"), method="trie", attention_backend="triton",
+                    progress=False)
+

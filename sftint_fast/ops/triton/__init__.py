@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 
 @functools.cache
@@ -27,8 +28,15 @@ def interpreter_problem() -> str | None:
 
 
 def check_interpreter(device) -> None:
-    """Raise a clear ``RuntimeError`` when a kernel would run interpreted on ``device`` (CPU) and cannot."""
-    if getattr(device, "type", device) != "cuda":
-        problem = interpreter_problem()
-        if problem is not None:
-            raise RuntimeError(problem)
+    """Raise a clear ``RuntimeError`` when a kernel cannot run on ``device``: tensors off CUDA without Triton's
+    interpreter (compiled kernels would fail on their pointers), or an interpreter that cannot run them here."""
+    kind = getattr(device, "type", device)
+    if kind == "cuda":
+        return
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"Triton kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter "
+                           f"(TRITON_INTERPRET=1, set before triton is imported); got {kind} tensors without it: "
+                           f"move the model to a GPU or use attention_backend='torch'")
+    problem = interpreter_problem()
+    if problem is not None:
+        raise RuntimeError(problem)
