@@ -19,12 +19,12 @@ Precisions side by side: fp32 (IEEE matmuls), tf32 (fp32 weights, TF32 matmuls) 
 Results also go to ``$OUT/gpu_benchmark.json`` (``gpu_benchmark_$BENCH_TAG.json`` when ``BENCH_TAG`` is set) when
 ``OUT`` is set, rewritten atomically after every case.
 """
-import contextlib
 import copy
 import json
 import os
 import statistics
 import time
+from unittest import mock
 
 import pytest
 import torch
@@ -134,42 +134,25 @@ def _timed(fn, repeats: int) -> tuple[float, torch.Tensor, int]:
     return statistics.median(times), result, peak
 
 
-@contextlib.contextmanager
 def _kernel_path(path: str):
     """The fused kernel's KV-loop strategy for the engine calls inside (``"flat"`` is the default)."""
     from sftint_fast.ops.triton import subset_attention as kernel
 
-    previous, kernel.DEFAULT_PATH = kernel.DEFAULT_PATH, path
-    try:
-        yield
-    finally:
-        kernel.DEFAULT_PATH = previous
+    return mock.patch.object(kernel, "DEFAULT_PATH", path)
 
 
-@contextlib.contextmanager
 def _fused_elementwise(on: bool):
     """Whether the Triton trie also runs its norms, RoPE and SiLU gate as fused ops (``trie.FUSE_ELEMENTWISE``)."""
     from sftint_fast.engine import trie
 
-    previous, trie.FUSE_ELEMENTWISE = trie.FUSE_ELEMENTWISE, on
-    try:
-        yield
-    finally:
-        trie.FUSE_ELEMENTWISE = previous
+    return mock.patch.object(trie, "FUSE_ELEMENTWISE", on)
 
 
-@contextlib.contextmanager
 def _pass_tokens(tokens: int):
     """The engine's tokens per pass on this device for the calls inside (``plan.PASS_TOKENS``)."""
     from sftint_fast.engine import plan as planner
 
-    kind = _device().type
-    previous = planner.PASS_TOKENS[kind]
-    planner.PASS_TOKENS[kind] = tokens
-    try:
-        yield
-    finally:
-        planner.PASS_TOKENS[kind] = previous
+    return mock.patch.dict(planner.PASS_TOKENS, {_device().type: tokens})
 
 
 def _linear_params_per_token(model: torch.nn.Module) -> int:
