@@ -58,8 +58,9 @@ class _CountedKernel:
         return launch
 
 
-#: The fused elementwise kernels (:mod:`sftint_fast.ops.triton.elementwise`) and the argument of their output.
-ELEMENTWISE_KERNELS = {"_rms_norm_kernel": 2, "_rope_kernel": 3, "_silu_mul_kernel": 2}
+#: The fused elementwise kernels (module of ``sftint_fast.ops.triton``, kernel) and the argument of their output.
+ELEMENTWISE_KERNELS = {("rms_norm", "_rms_norm_kernel"): 2, ("rope", "_rope_kernel"): 3,
+                       ("silu_mul", "_silu_mul_kernel"): 2}
 
 
 @pytest.fixture(scope="module")
@@ -85,16 +86,19 @@ def _device_ops(fn, *kernels: _CountedKernel) -> int:
 def test_device_ops_per_evaluation(benchmark, model, layout, full, env_info, monkeypatch):
     if layout != "n10" and not full:
         pytest.skip("n=12 only with --full")
+    import importlib
+
     from sftint_fast.engine import trie
-    from sftint_fast.ops.triton import elementwise
     from sftint_fast.ops.triton import subset_attention as fused
 
     kernel = _CountedKernel()
     monkeypatch.setattr(fused, "_subset_attention_kernel", kernel)
     others = [_CountedKernel(out_arg) for out_arg in ELEMENTWISE_KERNELS.values()]
-    for name, counted in zip(ELEMENTWISE_KERNELS, others):
-        monkeypatch.setattr(elementwise, name, counted)
-    for module in (fused, elementwise):  # the kernels are stand-ins: CPU tensors are fine without the interpreter
+    modules = [fused]
+    for (module_name, kernel_name), counted in zip(ELEMENTWISE_KERNELS, others):
+        modules.append(importlib.import_module(f"sftint_fast.ops.triton.{module_name}"))
+        monkeypatch.setattr(modules[-1], kernel_name, counted)
+    for module in modules:  # the kernels are stand-ins: CPU tensors are fine without the interpreter
         monkeypatch.setattr(module, "check_interpreter", lambda device: None)
     game = _game(model, LAYOUTS[layout])
     variants = 1 << game.num_players

@@ -35,7 +35,7 @@ def test_rms_norm_matches_hf(cls_name, dtype, shape):
     import transformers.models.llama.modeling_llama as llama
     import transformers.models.qwen2.modeling_qwen2 as qwen2
 
-    from sftint_fast.ops.triton.elementwise import rms_norm
+    from sftint_fast.ops.triton.rms_norm import rms_norm
 
     cls = {"LlamaRMSNorm": llama.LlamaRMSNorm, "Qwen2RMSNorm": qwen2.Qwen2RMSNorm,
            "Gemma3RMSNorm": gemma3.Gemma3RMSNorm}[cls_name]
@@ -51,7 +51,7 @@ def test_rms_norm_matches_hf(cls_name, dtype, shape):
 
 
 def test_rms_norm_reads_strided_rows():
-    from sftint_fast.ops.triton.elementwise import rms_norm
+    from sftint_fast.ops.triton.rms_norm import rms_norm
 
     base = torch.randn(20, 48)
     x, w = base[:, :40], torch.randn(40)  # rows with a stride of 48
@@ -65,7 +65,7 @@ def test_rms_norm_reads_strided_rows():
 def test_rope_matches_hf_apply_rotary_pos_emb(dtype, heads, dim):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from sftint_fast.ops.triton.elementwise import rope
+    from sftint_fast.ops.triton.rope import rope
 
     gen = torch.Generator().manual_seed(1)
     tokens = 70  # more than one program's tokens
@@ -82,7 +82,7 @@ def test_rope_matches_hf_apply_rotary_pos_emb(dtype, heads, dim):
 def test_rope_of_a_strided_view():
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from sftint_fast.ops.triton.elementwise import rope
+    from sftint_fast.ops.triton.rope import rope
 
     qkv = torch.randn(11, 6 * 16)
     q = qkv[:, :4 * 16].unflatten(-1, (4, 16))  # token stride 96, head stride 16
@@ -95,7 +95,7 @@ def test_rope_of_a_strided_view():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_mul_matches_torch(dtype):
-    from sftint_fast.ops.triton.elementwise import silu_mul
+    from sftint_fast.ops.triton.silu_mul import silu_mul
 
     gen = torch.Generator().manual_seed(2)
     gate = (4 * torch.randn(33, 70, generator=gen)).to(dtype)
@@ -104,7 +104,9 @@ def test_silu_mul_matches_torch(dtype):
 
 
 def test_bad_inputs_raise_clear_errors():
-    from sftint_fast.ops.triton.elementwise import rms_norm, rope, silu_mul
+    from sftint_fast.ops.triton.rms_norm import rms_norm
+    from sftint_fast.ops.triton.rope import rope
+    from sftint_fast.ops.triton.silu_mul import silu_mul
 
     x = torch.randn(4, 8, device=DEVICE)
     with pytest.raises(ValueError, match=r"weight: expected shape \(8,\)"):
@@ -120,12 +122,13 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def _count_fused(monkeypatch) -> dict:
-    from sftint_fast.ops.triton import elementwise
+    import importlib
 
     calls = {"rms_norm": 0, "rope": 0, "silu_mul": 0}
-    for name in calls:
-        original = getattr(elementwise, name)
-        monkeypatch.setattr(elementwise, name,
+    for name in calls:  # each op's module has the op's name
+        module = importlib.import_module(f"sftint_fast.ops.triton.{name}")
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name,
                             lambda *a, _f=original, _n=name, **k: calls.__setitem__(_n, calls[_n] + 1) or _f(*a, **k))
     return calls
 
@@ -240,7 +243,9 @@ def test_kernels_compile_for_sm90():
     script = textwrap.dedent("""
         import triton
         from triton.backends.compiler import GPUTarget
-        from sftint_fast.ops.triton.elementwise import _rms_norm_kernel, _rope_kernel, _silu_mul_kernel
+        from sftint_fast.ops.triton.rms_norm import _rms_norm_kernel
+        from sftint_fast.ops.triton.rope import _rope_kernel
+        from sftint_fast.ops.triton.silu_mul import _silu_mul_kernel
 
         target = GPUTarget("cuda", 90, 32)
 

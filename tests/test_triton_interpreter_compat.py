@@ -58,7 +58,7 @@ def test_cpu_tensors_without_the_interpreter_get_a_clear_error(monkeypatch):
     from test_triton_trie import make_game
 
     import sftint_fast as sf
-    from sftint_fast.ops.triton.elementwise import rms_norm
+    from sftint_fast.ops.triton.rms_norm import rms_norm
     from sftint_fast.ops.triton.transforms import butterfly
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -30,7 +30,7 @@ from sftint_fast.ops.subset_attention import key_layout, subset_attention
 logger = logging.getLogger(__name__)
 
 #: With the fused attention kernel (``attention_backend="triton"``), also run the layer loop's RMSNorms, RoPE and SiLU
-#: gate as fused Triton ops (:mod:`sftint_fast.ops.triton.elementwise`). ``SFTINT_FUSE_ELEMENTWISE=0`` in the
+#: gate as fused Triton ops (``sftint_fast.ops.triton.{rms_norm, rope, silu_mul}``). ``SFTINT_FUSE_ELEMENTWISE=0`` in the
 #: environment turns them off (the model's own modules); the GPU benchmark times both settings.
 FUSE_ELEMENTWISE = os.environ.get("SFTINT_FUSE_ELEMENTWISE", "1") != "0"
 

@@ -82,8 +82,9 @@ class LlamaLikeAdapter(Adapter):
     def run_layers(self, embeds: torch.Tensor, positions: torch.Tensor, attend: AttendFn,
                    keep: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
         """See :meth:`Adapter.run_layers`. ``fused``: RMSNorms, RoPE and the SiLU gate run as fused Triton ops
-        (:mod:`sftint_fast.ops.triton.elementwise`, CUDA or the interpreter) where the model's ops are the ones
-        they reproduce; everything else (projections, other norms and activations) stays the model's modules."""
+        (``sftint_fast.ops.triton.{rms_norm, rope, silu_mul}``, CUDA or the interpreter) where the model's ops are
+        the ones they reproduce; everything else (projections, other norms and activations) stays the model's
+        modules."""
         tables = self._rope_tables(embeds.unsqueeze(0), positions)
         head_dim = self.dims.head_dim
         ops = _FusedOps(self) if fused else None
@@ -136,23 +137,25 @@ class _FusedOps:
     """The fused Triton stand-ins of one adapter's norms, RoPE and gated MLP (each falls back to the module)."""
 
     def __init__(self, adapter: LlamaLikeAdapter) -> None:
-        from sftint_fast.ops.triton import elementwise
+        from sftint_fast.ops.triton import rms_norm, rope, silu_mul
 
-        self._ew, self._adapter = elementwise, adapter
-        self.rope = elementwise.rope
+        self._rms_norm, self._rope, self._silu_mul, self._adapter = rms_norm, rope, silu_mul, adapter
 
     def norm(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         kind = FUSED_NORMS.get(type(module).__name__)
         if kind == "llama" and hasattr(module, "variance_epsilon"):
-            return self._ew.rms_norm(x, module.weight, module.variance_epsilon)
+            return self._rms_norm.rms_norm(x, module.weight, module.variance_epsilon)
         if kind == "gemma" and hasattr(module, "eps"):
-            return self._ew.rms_norm(x, module.weight, module.eps, gemma=True)
+            return self._rms_norm.rms_norm(x, module.weight, module.eps, gemma=True)
         return module(x)
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return self._rope.rope(x, cos, sin)
 
     def mlp(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         if not self._adapter._mlp_fusable:
             return module(x)
-        return module.down_proj(self._ew.silu_mul(module.gate_proj(x), module.up_proj(x)))
+        return module.down_proj(self._silu_mul.silu_mul(module.gate_proj(x), module.up_proj(x)))
 
     def rope_fits(self, cos: torch.Tensor, head_dim: int) -> bool:
         """The rotate-half RoPE over the whole head (tables ``[1, N, head_dim]``)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 import functools
 import os
 
+import torch
+
 
 @functools.cache
 def interpreter_problem() -> str | None:
@@ -40,3 +42,14 @@ def check_interpreter(device) -> None:
     problem = interpreter_problem()
     if problem is not None:
         raise RuntimeError(problem)
+
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_float(name: str, t: object) -> None:
+    """``TypeError`` unless ``t`` is a float16, bfloat16 or float32 tensor (what the kernels load)."""
+    if not isinstance(t, torch.Tensor) or t.dtype not in _FLOAT_DTYPES:
+        got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+        raise TypeError(f"{name}: expected a float16, bfloat16 or float32 tensor, got {got}")
+
