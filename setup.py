@@ -15,7 +15,7 @@ if os.environ.get("SFTINT_SKIP_EXT", "0") != "1":
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    sources = ["csrc/transforms.cpp", "csrc/andor.cpp"]
+    sources = ["csrc/transforms.cpp", "csrc/andor.cpp", "csrc/layer_ops.cpp"]
     extra_compile_args = {"cxx": ["-O3", "-fopenmp"]}
     extra_link_args = ["-fopenmp"]
     ext_modules.append(

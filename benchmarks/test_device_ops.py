@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from sftint_fast.engine import plan as planner
 from sftint_fast.engine.naive import evaluate_naive
 from sftint_fast.engine.trie import evaluate_trie
+from sftint_fast.ops import layer_ops
 
 NUM_LAYERS = 30  # SmolLM2-135M
 
@@ -100,6 +101,8 @@ def test_device_ops_per_evaluation(benchmark, model, layout, full, env_info, mon
         monkeypatch.setattr(modules[-1], kernel_name, counted)
     for module in modules:  # the kernels are stand-ins: CPU tensors are fine without the interpreter
         monkeypatch.setattr(module, "check_interpreter", lambda device: None)
+    # what a GPU runs: the game's value as ATen ops (the C++ log-odds is for CPU tensors)
+    monkeypatch.setattr(layer_ops, "available", lambda x: False)
     game = _game(model, LAYOUTS[layout])
     variants = 1 << game.num_players
     info = dict(env_info, layout=layout, n=game.num_players, layers=NUM_LAYERS,

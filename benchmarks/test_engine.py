@@ -2,19 +2,22 @@
 
 (a) lab-style: every variant a full sequence, full-vocab logits at every position, batch 128;
 (b) strong naive: ``evaluate_naive`` (LM head on the scored positions only, memory-sized batch);
-(c) trie: ``evaluate_trie``.
+(c) trie: ``evaluate_trie`` (its layer loop's RMSNorm, RoPE and SiLU gate as the C++ ops of
+``sftint_fast.ops.layer_ops``), and (d) the same trie with the model's own modules (``SFTINT_FUSE_ELEMENTWISE=0``).
 Quick: n=6 on a short QA prompt. ``--full``: n=8 and 10 on the QA prompt and on a ~120-token passage with the
 players spread through it. Reports times, the plan's ideal token ratio, measured ratios and each method's peak RSS;
 asserts only that what it timed agrees.
 """
 import threading
 import time
+from unittest import mock
 
 import psutil
 import pytest
 import torch
 
 from sftint_fast.engine.naive import evaluate_naive
+from sftint_fast.engine import trie as trie_module
 from sftint_fast.engine.plan import plan_trie
 from sftint_fast.engine.trie import evaluate_trie
 from sftint_fast.game import Game
@@ -97,6 +100,8 @@ def test_engine_speed(benchmark, smollm2, layout, n, needs_full, full, env_info)
         evaluate_naive(model, game, subsets[:2], progress=False)
 
     lab, lab_s, lab_mem = _timed(lambda: _lab_style(model, game, subsets))
+    with mock.patch.object(trie_module, "FUSE_ELEMENTWISE", False):
+        modules, modules_s, _ = _timed(lambda: evaluate_trie(model, game, subsets, progress=False))
     naive, naive_s, naive_mem = _timed(lambda: evaluate_naive(model, game, subsets, progress=False))
     trie_box = {}
 
@@ -110,6 +115,7 @@ def test_engine_speed(benchmark, smollm2, layout, n, needs_full, full, env_info)
     tol = 1e-4 * naive.abs().clamp(min=1)
     assert bool(((trie - naive).abs() <= tol).all()), (trie - naive).abs().max().item()
     assert bool(((lab - naive).abs() <= tol).all()), (lab - naive).abs().max().item()
+    assert bool(((modules - naive).abs() <= tol).all()), (modules - naive).abs().max().item()
     benchmark.extra_info.update(env_info)
     benchmark.extra_info.update({
         "model": "SmolLM2-135M-Instruct", "dtype": "float32", "layout": layout, "n": game.num_players,
@@ -118,6 +124,7 @@ def test_engine_speed(benchmark, smollm2, layout, n, needs_full, full, env_info)
         "lab_s": round(lab_s, 3), "strong_naive_s": round(naive_s, 3), "trie_s": round(trie_s, 3),
         "trie_over_strong_naive": round(naive_s / trie_s, 3), "trie_over_lab": round(lab_s / trie_s, 3),
         "trie_vs_ideal": round(naive_s / trie_s / plan.ideal_ratio, 3),
+        "trie_with_modules_s": round(modules_s, 3), "fused_ops_speedup": round(modules_s / trie_s, 3),
         "peak_rss_mib": {"lab": lab_mem >> 20, "strong_naive": naive_mem >> 20, "trie": trie_mem >> 20},
         "plan_peak_estimate_mib": plan.peak_bytes >> 20,
         "max_abs_diff_trie_naive": (trie - naive).abs().max().item(),

@@ -16,7 +16,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 _TRANSFORM_OPS = ("subset_mobius", "subset_zeta", "superset_mobius", "superset_zeta")
-_OPS = _TRANSFORM_OPS + ("andor_sgd_",)
+_LAYER_OPS = ("rms_norm", "rope_", "silu_mul_", "log_odds")
+_OPS = _TRANSFORM_OPS + ("andor_sgd_",) + _LAYER_OPS
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,6 +45,17 @@ def _register_fakes() -> None:
     def _andor_sgd_fake(v, p, q, buf_p, buf_q, bound, lrs, momentum):
         return v.new_empty((lrs.shape[0], v.shape[0]))
 
+    @torch.library.register_fake("sftint::rms_norm")
+    def _rms_norm_fake(x, weight, eps, gemma):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    for op in ("rope_", "silu_mul_"):  # in place, nothing returned
+        torch.library.register_fake(f"sftint::{op}")(lambda *args: None)
+
+    @torch.library.register_fake("sftint::log_odds")
+    def _log_odds_fake(logits, target):
+        return logits.new_empty(logits.shape[0]), logits.new_empty(logits.shape[0], dtype=torch.bool)
+
 
 def extension_status() -> tuple[bool, str]:
     """(available, reason) of the C++ extension, without warning."""
@@ -58,5 +70,6 @@ def has_ext() -> bool:
         return True
     if os.environ.get("SFTINT_REQUIRE_EXT", "0") == "1":
         raise ImportError(f"SFTINT_REQUIRE_EXT=1 but {reason}. Rebuild with `pip install -e .`.")
-    warnings.warn(f"sftint_fast: using pure-torch transforms because {reason}.", RuntimeWarning, stacklevel=3)
+    warnings.warn(f"sftint_fast: using pure-torch transforms and layer ops because {reason}.", RuntimeWarning,
+                  stacklevel=3)
     return False

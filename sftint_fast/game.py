@@ -16,6 +16,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 
 from sftint_fast import players as P
+from sftint_fast.ops import layer_ops
 
 logger = logging.getLogger(__name__)
 
@@ -126,12 +127,20 @@ class Game:
         if logits.dim() != 3 or logits.shape[1] != m:
             raise ValueError(f"logits: expected (B, {m}, V), received {tuple(logits.shape)}")
         logits = logits.float()
-        bad = ~torch.isfinite(logits).flatten(1).all(dim=1)
+        # the log-odds on the CPU: one C++ pass over the logits (finiteness included) instead of five ATen ops
+        fast = not callable(self.value) and layer_ops.available(logits)
+        if fast:
+            values, finite = layer_ops.log_odds(logits, self.target.to(logits.device))
+            bad = ~finite
+        else:
+            bad = ~torch.isfinite(logits).flatten(1).all(dim=1)
         if bool(bad.any()):
             rows = bad.nonzero().flatten().tolist()
             names = subsets.cpu()[rows].tolist() if subsets is not None else rows
             what = "subsets (bitmasks)" if subsets is not None else "batch rows"
             raise ValueError(f"non-finite (NaN/inf) logits for {what} {names[:10]}{' ...' if len(names) > 10 else ''}")
+        if fast:
+            return values
         if callable(self.value):
             values = self.value(logits)
             if not isinstance(values, torch.Tensor) or values.shape != (logits.shape[0],):

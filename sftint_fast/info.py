@@ -31,8 +31,9 @@ def collect() -> dict[str, str]:
         "CUDA devices": ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none",
         "Triton mode": "interpreter (TRITON_INTERPRET=1)" if os.environ.get("TRITON_INTERPRET") == "1"
         else ("compiled (CUDA)" if torch.cuda.is_available() else "unused (no CUDA; set TRITON_INTERPRET=1 to run kernels on CPU)"),
-        "Triton elementwise fusion": "off (SFTINT_FUSE_ELEMENTWISE=0)" if os.environ.get("SFTINT_FUSE_ELEMENTWISE") == "0"
-        else "on with attention_backend='triton' (RMSNorm, RoPE, SiLU gate; SFTINT_FUSE_ELEMENTWISE=0 turns it off)",
+        "elementwise fusion": "off (SFTINT_FUSE_ELEMENTWISE=0)" if os.environ.get("SFTINT_FUSE_ELEMENTWISE") == "0"
+        else "on (RMSNorm, RoPE, SiLU gate: Triton ops with attention_backend='triton', C++ ops on float32 CPU "
+             "models; SFTINT_FUSE_ELEMENTWISE=0 turns it off)",
     }
     if os.environ.get("TRITON_INTERPRET") == "1" and info["triton"] != "not installed":
         from sftint_fast.ops.triton import interpreter_problem

@@ -94,7 +94,9 @@ def test_last_layer_runs_only_the_scored_leaf_rows(arch):
     blocks = net.model.layers if arch == "llama" else net.transformer.h
     rows = {0: [], len(blocks) - 1: []}
     naive = evaluate_naive(net, game, torch.arange(1 << game.num_players), progress=False)
-    hooks = [blocks[i].mlp.register_forward_hook(lambda mod, args, out, i=i: rows[i].append(args[0].shape[0]))
+    # the MLP's last projection: called with the MLP's rows whether the MLP runs as its module or as fused ops
+    mlps = {i: blocks[i].mlp.down_proj if arch == "llama" else blocks[i].mlp for i in rows}
+    hooks = [mlps[i].register_forward_hook(lambda mod, args, out, i=i: rows[i].append(args[0].shape[0]))
              for i in rows]
     try:
         trie = evaluate_trie(net, game, batch_size=5, progress=False)

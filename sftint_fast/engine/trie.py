@@ -8,7 +8,9 @@ positions only.
 
 With the fused Triton kernel (``attention_backend="triton"``) a pass's attention is one launch per layer over all its
 chunks (:func:`~sftint_fast.ops.triton.subset_attention.subset_attention_pass`), each node's own segment is read
-from the pass's fresh K/V, and the last level is never stored (``plan_trie(window=False)``).
+from the pass's fresh K/V, and the last level is never stored (``plan_trie(window=False)``). The layer loop's
+RMSNorms, RoPE and SiLU gate run as fused ops (:data:`FUSE_ELEMENTWISE`): Triton ones with that kernel, the C++
+extension's on float32 CPU models.
 
 :func:`evaluate_trie_games` runs several games of one layout (same length and player spans; any tokens, baselines,
 targets and value functions) through one plan: each game has its own KV block, and the passes put the same level
@@ -23,16 +25,30 @@ from typing import Any, Literal, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from sftint_fast._ext import has_ext
 from sftint_fast.engine.adapters import Adapter, get_adapter
+from sftint_fast.engine.adapters.base import FusedBackend
 from sftint_fast.engine.plan import PlanUnit, TriePlan, default_max_memory, default_pass_tokens, plan_trie
 from sftint_fast.ops.subset_attention import key_layout, subset_attention
 
 logger = logging.getLogger(__name__)
 
-#: With the fused attention kernel (``attention_backend="triton"``), also run the layer loop's RMSNorms, RoPE and SiLU
-#: gate as fused Triton ops (``sftint_fast.ops.triton.{rms_norm, rope, silu_mul}``). ``SFTINT_FUSE_ELEMENTWISE=0`` in the
-#: environment turns them off (the model's own modules); the GPU benchmark times both settings.
+#: Run the layer loop's RMSNorms, RoPE and SiLU gate as fused ops: Triton ones with the fused attention kernel
+#: (``attention_backend="triton"``, ``sftint_fast.ops.triton.{rms_norm, rope, silu_mul}``), the C++ extension's on
+#: float32 CPU models (``sftint_fast.ops.layer_ops``). ``SFTINT_FUSE_ELEMENTWISE=0`` in the environment turns them off
+#: (the model's own modules); the benchmarks time both settings.
 FUSE_ELEMENTWISE = os.environ.get("SFTINT_FUSE_ELEMENTWISE", "1") != "0"
+
+
+def elementwise_backend(attention_backend: str, device: torch.device) -> FusedBackend | None:
+    """Which fused elementwise ops the layer loop uses (:data:`FUSE_ELEMENTWISE`), or None for the model's modules."""
+    if not FUSE_ELEMENTWISE:
+        return None
+    if attention_backend == "triton":
+        return "triton"
+    if device.type == "cpu" and has_ext():
+        return "cpu"
+    return None
 
 
 def _segment_embeds(embeds: torch.Tensor, baseline: torch.Tensor, plan: TriePlan, level: int,
@@ -226,6 +242,7 @@ def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: t
     leaf_values = torch.empty(len(games), len(plan.level_nodes[n]), dtype=torch.float32, device=device)
     done = [0] * len(games)
     fused = attention_backend == "triton"
+    elementwise = elementwise_backend(attention_backend, device)
     for units in tqdm(plan.passes, desc="trie passes", disable=not progress, leave=False):
         pass_ = _Pass(plan, units, device, fused=fused, score_rel=score_rel)
         chunks = pass_.chunks
@@ -259,8 +276,7 @@ def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: t
                 for c, layout in zip(chunks, layouts)])
 
         # the final hidden states of the leaves' scored tokens only: [leaf nodes * num_scores, H], leaf by leaf
-        hidden = adapter.run_layers(inputs, pass_.positions, attend, keep=pass_.keep,
-                                    fused=fused and FUSE_ELEMENTWISE)
+        hidden = adapter.run_layers(inputs, pass_.positions, attend, keep=pass_.keep, fused=elementwise)
         if leaves:  # one LM head call for every game's leaves in this pass
             rows = hidden.unflatten(0, (-1, num_scores))
             logits = adapter.logits(rows).float().split([len(c.nodes) for c in leaves])

@@ -4,12 +4,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 #: ``attend(layer, q, k, v) -> out``: q ``[N, Hq, D]`` (after RoPE), k/v ``[N, Hkv, D]`` of the ``N`` tokens being
 #: computed, out ``[N, Hq, D]``. The engine stores k/v and attends over the ancestors' KV as well.
 AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+#: Fused elementwise ops for ``run_layers``: Triton (CUDA tensors, or the interpreter) or C++ (float32 CPU tensors).
+FusedBackend = Literal["triton", "cpu"]
 
 
 @dataclass(frozen=True)
@@ -51,14 +54,15 @@ class Adapter(ABC):
 
     @abstractmethod
     def run_layers(self, embeds: torch.Tensor, positions: torch.Tensor, attend: AttendFn,
-                   keep: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
+                   keep: torch.Tensor | None = None, fused: FusedBackend | None = None) -> torch.Tensor:
         """``embeds [N, H]`` (any tokens, flat) at absolute ``positions [N]`` → hidden ``[N, H]`` before the final
         norm. Every token-wise op runs on all ``N`` tokens at once; only ``attend`` sees their structure.
 
         ``keep``: int64 row indices ``[R]`` whose final hidden state is needed (None = all). The last layer still
         computes and attends every row's K/V, but its output projection, residuals and MLP run on the ``keep`` rows
         only (:func:`last_layer_rows`), and the result is ``[R, H]`` in ``keep``'s order.
-        ``fused``: use fused Triton elementwise ops where the adapter has them (CUDA tensors, or the interpreter)."""
+        ``fused``: use fused elementwise ops where the adapter has them: ``"triton"`` (CUDA tensors, or the
+        interpreter) or ``"cpu"`` (the C++ extension's, float32 CPU tensors)."""
 
     @abstractmethod
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

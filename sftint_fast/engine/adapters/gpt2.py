@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from sftint_fast.engine.adapters.base import Adapter, AttendFn, LayerSpec, ModelDims, last_layer_rows
+from sftint_fast.engine.adapters.base import Adapter, AttendFn, FusedBackend, LayerSpec, ModelDims, last_layer_rows
 
 
 class GPT2Adapter(Adapter):
@@ -40,7 +40,7 @@ class GPT2Adapter(Adapter):
         return self._wte(input_ids)
 
     def run_layers(self, embeds: torch.Tensor, positions: torch.Tensor, attend: AttendFn,
-                   keep: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
+                   keep: torch.Tensor | None = None, fused: FusedBackend | None = None) -> torch.Tensor:
         # ``fused`` changes nothing here: GPT-2's LayerNorms, learned positions and GELU have no fused op
         width = embeds.shape[-1]
         head_dim = self.dims.head_dim

@@ -9,11 +9,12 @@ import sys
 
 import torch
 
-from sftint_fast.engine.adapters.base import Adapter, AttendFn, LayerSpec, ModelDims, last_layer_rows
+from sftint_fast.engine.adapters.base import (Adapter, AttendFn, FusedBackend, LayerSpec, ModelDims,
+                                              last_layer_rows)
 
 #: HF ``model_type`` values this adapter serves (each checked against the naive engine in tests/test_trie.py).
 MODEL_TYPES = frozenset({"llama", "qwen2", "mistral", "gemma3_text"})
-#: RMSNorm classes the fused Triton op reproduces: ``"llama"`` = ``w * norm(x).to(dtype)`` (``variance_epsilon``),
+#: RMSNorm classes the fused ops (Triton, C++) reproduce: ``"llama"`` = ``w * norm(x).to(dtype)`` (``variance_epsilon``),
 #: ``"gemma"`` = ``(norm(x) * (1 + w)).to(dtype)`` (``eps``). Any other norm runs as its module.
 FUSED_NORMS = {"LlamaRMSNorm": "llama", "Qwen2RMSNorm": "llama", "MistralRMSNorm": "llama", "Gemma3RMSNorm": "gemma"}
 
@@ -45,7 +46,7 @@ class LlamaLikeAdapter(Adapter):
             vocab_size=config.vocab_size,
             dtype=self._embed_tokens.weight.dtype,
         )
-        # fused Triton elementwise ops (``run_layers(fused=True)``): which of the model's ops they can stand in for
+        # fused elementwise ops (``run_layers(fused=...)``): which of the model's ops they can stand in for
         self._rope_fusable = self._apply_rope.__name__ == "apply_rotary_pos_emb"
         mlp0 = self._blocks[0].mlp
         self._mlp_fusable = all(hasattr(mlp0, name) for name in ("gate_proj", "up_proj", "down_proj")) and (
@@ -80,14 +81,15 @@ class LlamaLikeAdapter(Adapter):
         return [tables[kind] for kind in self._layer_types]
 
     def run_layers(self, embeds: torch.Tensor, positions: torch.Tensor, attend: AttendFn,
-                   keep: torch.Tensor | None = None, fused: bool = False) -> torch.Tensor:
-        """See :meth:`Adapter.run_layers`. ``fused``: RMSNorms, RoPE and the SiLU gate run as fused Triton ops
-        (``sftint_fast.ops.triton.{rms_norm, rope, silu_mul}``, CUDA or the interpreter) where the model's ops are
-        the ones they reproduce; everything else (projections, other norms and activations) stays the model's
+                   keep: torch.Tensor | None = None, fused: FusedBackend | None = None) -> torch.Tensor:
+        """See :meth:`Adapter.run_layers`. ``fused``: RMSNorms, RoPE and the SiLU gate run as fused ops where the
+        model's ops are the ones they reproduce: ``"triton"`` (``sftint_fast.ops.triton.{rms_norm, rope,
+        silu_mul}``, CUDA or the interpreter) or ``"cpu"`` (``sftint_fast.ops.layer_ops``, float32 CPU tensors;
+        others run the modules); everything else (projections, other norms and activations) stays the model's
         modules."""
         tables = self._rope_tables(embeds.unsqueeze(0), positions)
         head_dim = self.dims.head_dim
-        ops = _FusedOps(self) if fused else None
+        ops = _FusedOps(self, fused) if fused else None
         norm = ops.norm if ops else _call
         mlp = ops.mlp if ops else _call
         hidden = embeds
@@ -102,7 +104,7 @@ class LlamaLikeAdapter(Adapter):
                 q = norm(attn.q_norm, q)
                 k = norm(attn.k_norm, k)
             cos, sin = tables[index]
-            if ops and ops.rope_fits(cos, head_dim):
+            if ops and ops.rope_fits(q, cos, head_dim):
                 q, k = ops.rope(q, cos[0], sin[0]), ops.rope(k, cos[0], sin[0])
             else:  # cos/sin are [1, N, D]: rotate [1, N, H, D] views of the flat tokens.
                 q, k = self._apply_rope(q.unsqueeze(0), k.unsqueeze(0), cos, sin, unsqueeze_dim=2)
@@ -134,30 +136,49 @@ def _call(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class _FusedOps:
-    """The fused Triton stand-ins of one adapter's norms, RoPE and gated MLP (each falls back to the module)."""
+    """The fused stand-ins of one adapter's norms, RoPE and gated MLP (each falls back to the module).
 
-    def __init__(self, adapter: LlamaLikeAdapter) -> None:
-        from sftint_fast.ops.triton import rms_norm, rope, silu_mul
+    ``"triton"``: the Triton ops (out of place); ``"cpu"``: the C++ ops, on float32 tensors only, RoPE and the gate
+    in place, into the projection outputs they consume (fresh tensors nothing else holds)."""
 
-        self._rms_norm, self._rope, self._silu_mul, self._adapter = rms_norm, rope, silu_mul, adapter
+    def __init__(self, adapter: LlamaLikeAdapter, backend: FusedBackend) -> None:
+        if backend == "triton":
+            from sftint_fast.ops.triton import rms_norm, rope, silu_mul
+
+            self._rms_norm, self._rope, self._silu_mul = rms_norm.rms_norm, rope.rope, silu_mul.silu_mul
+            self._fits = _any_tensor
+        elif backend == "cpu":
+            from sftint_fast.ops import layer_ops
+
+            self._rms_norm, self._rope, self._silu_mul = layer_ops.rms_norm, layer_ops.rope_, layer_ops.silu_mul_
+            self._fits = layer_ops.available
+        else:
+            raise ValueError(f"fused: expected 'triton', 'cpu' or None, received {backend!r}")
+        self._adapter = adapter
 
     def norm(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         kind = FUSED_NORMS.get(type(module).__name__)
+        if kind is None or not (self._fits(x) and self._fits(module.weight)):
+            return module(x)
         if kind == "llama" and hasattr(module, "variance_epsilon"):
-            return self._rms_norm.rms_norm(x, module.weight, module.variance_epsilon)
+            return self._rms_norm(x, module.weight, module.variance_epsilon)
         if kind == "gemma" and hasattr(module, "eps"):
-            return self._rms_norm.rms_norm(x, module.weight, module.eps, gemma=True)
+            return self._rms_norm(x, module.weight, module.eps, gemma=True)
         return module(x)
 
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return self._rope.rope(x, cos, sin)
+        return self._rope(x, cos, sin)
 
     def mlp(self, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if not self._adapter._mlp_fusable:
+        if not (self._adapter._mlp_fusable and self._fits(x)):
             return module(x)
-        return module.down_proj(self._silu_mul.silu_mul(module.gate_proj(x), module.up_proj(x)))
+        return module.down_proj(self._silu_mul(module.gate_proj(x), module.up_proj(x)))
 
-    def rope_fits(self, cos: torch.Tensor, head_dim: int) -> bool:
-        """The rotate-half RoPE over the whole head (tables ``[1, N, head_dim]``)."""
-        return self._adapter._rope_fusable and cos.dim() == 3 and cos.shape[-1] == head_dim
+    def rope_fits(self, x: torch.Tensor, cos: torch.Tensor, head_dim: int) -> bool:
+        """The rotate-half RoPE over the whole head (tables ``[1, N, head_dim]``), on tensors this backend takes."""
+        return (self._adapter._rope_fusable and cos.dim() == 3 and cos.shape[-1] == head_dim and self._fits(x)
+                and self._fits(cos))
 
+
+def _any_tensor(x: torch.Tensor) -> bool:
+    return True

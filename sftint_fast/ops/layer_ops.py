@@ -1,0 +1,55 @@
+"""The trie's layer-loop elementwise ops on the CPU (C++, ``csrc/layer_ops.cpp``), and the log-odds of logits.
+
+On the CPU the matrix products run near the machine's peak, and what is left of a layer is HF's elementwise code: an
+RMSNorm is six ATen ops, RoPE five per tensor, the gate two, each a full pass over the activations into a fresh
+allocation. These are one pass each (RoPE and the gate in place, into the projection outputs they consume). float32
+only (the CPU's evaluation dtype). Tests: ``tests/test_layer_ops.py``; the engine uses them through
+``LlamaLikeAdapter.run_layers(fused="cpu")``, the game's value through :func:`log_odds`.
+
+Example::
+
+    >>> x, w = torch.randn(4, 8), torch.ones(8)
+    >>> torch.allclose(rms_norm(x, w, 1e-6), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6), atol=1e-6)
+    True
+"""
+from __future__ import annotations
+
+import torch
+
+from sftint_fast._ext import has_ext
+
+
+def available(x: torch.Tensor) -> bool:
+    """Whether these ops can run on ``x``: a float32 CPU tensor that autograd does not track (they have no
+    backward: a learned baseline differentiates through the game's value), with the C++ extension loaded."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not (x.requires_grad and torch.is_grad_enabled())
+            and has_ext())
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, gemma: bool = False) -> torch.Tensor:
+    """RMSNorm over the last dimension of float32 ``x [..., H]`` with ``weight [H]``, as HF computes it:
+    ``weight * (x * rsqrt(mean(x²) + eps))`` (Llama, Qwen2, Mistral) or, ``gemma=True`` (Gemma-3),
+    ``x * rsqrt(mean(x²) + eps) * (1 + weight)``. A new tensor."""
+    return torch.ops.sftint.rms_norm(x, weight, float(eps), bool(gemma))
+
+
+def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding of float32 ``x [N, heads, D]`` (unit stride over ``D``) with per-token tables
+    ``cos, sin [N, D]``, **in place**: ``x ← x * cos + rotate_half(x) * sin`` (HF's ``apply_rotary_pos_emb``, the
+    same float32 roundings). Returns ``x``."""
+    torch.ops.sftint.rope_(x, cos, sin)
+    return x
+
+
+def silu_mul_(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The gated MLP's ``silu(gate) * up`` on float32 tensors of one shape, **in place** into ``gate``
+    (contiguous). Returns ``gate``."""
+    torch.ops.sftint.silu_mul_(gate, up)
+    return gate
+
+
+def log_odds(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 CPU ``logits [B, m, V]`` and token ids ``target [m]`` → ``(values [B], finite [B])``:
+    ``values[b] = Σ_j logits[b, j, t_j] − logsumexp_{k ≠ t_j} logits[b, j, k]`` (the game's log-odds value) and
+    whether every logit of row ``b`` is finite. One read of the logits, no temporaries."""
+    return torch.ops.sftint.log_odds(logits, target)

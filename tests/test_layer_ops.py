@@ -1,0 +1,311 @@
+"""The C++ layer-loop ops on the CPU (RMSNorm, RoPE, SiLU gate) against the HF code they stand in for, the C++
+log-odds against a float64 reference, the trie's layer loop and the game's value using them, and their errors."""
+import doctest
+
+import pytest
+import torch
+from conftest import requires_ext, tiny_model
+
+from sftint_fast.ops import layer_ops
+
+pytestmark = requires_ext
+
+#: float32: reduction order (RMSNorm's mean) and the last bits of exp (silu); RoPE is exact
+TOL = 2e-6
+
+
+def _hf_norm(cls_name: str, size: int, gen: torch.Generator) -> torch.nn.Module:
+    import transformers.models.gemma3.modeling_gemma3 as gemma3
+    import transformers.models.llama.modeling_llama as llama
+    import transformers.models.qwen2.modeling_qwen2 as qwen2
+
+    cls = {"LlamaRMSNorm": llama.LlamaRMSNorm, "Qwen2RMSNorm": qwen2.Qwen2RMSNorm,
+           "Gemma3RMSNorm": gemma3.Gemma3RMSNorm}[cls_name]
+    module = cls(size, eps=1e-5)
+    with torch.no_grad():
+        module.weight.copy_(torch.randn(size, generator=gen))
+    return module
+
+
+@pytest.mark.parametrize("cls_name", ["LlamaRMSNorm", "Qwen2RMSNorm", "Gemma3RMSNorm"])
+@pytest.mark.parametrize("shape", [(1, 8), (37, 72), (5, 3, 8), (300, 576), (2, 1)])  # odd H, 3-D, one element
+def test_rms_norm_matches_hf(cls_name, shape):
+    gen = torch.Generator().manual_seed(0)
+    module = _hf_norm(cls_name, shape[-1], gen)
+    x = 3 * torch.randn(shape, generator=gen)
+    gemma = cls_name == "Gemma3RMSNorm"
+    got = layer_ops.rms_norm(x, module.weight.detach(), module.eps if gemma else module.variance_epsilon,
+                             gemma=gemma)
+    with torch.no_grad():
+        torch.testing.assert_close(got, module(x), rtol=TOL, atol=TOL)
+
+
+def test_rms_norm_reads_strided_rows_and_keeps_its_input():
+    base = torch.randn(20, 48)
+    x, w = base[:, :40], torch.randn(40)  # rows with a stride of 48
+    before = base.clone()
+    want = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    torch.testing.assert_close(layer_ops.rms_norm(x, w, 1e-6), want, rtol=TOL, atol=TOL)
+    assert torch.equal(base, before)
+
+
+def _tables(tokens: int, dim: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    angles = torch.randn(tokens, dim // 2, generator=gen) * 3
+    return torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+
+
+@pytest.mark.parametrize("tokens,heads,dim", [(1, 1, 2), (70, 9, 64), (13, 2, 8), (5, 3, 6)])
+def test_rope_equals_hf_apply_rotary_pos_emb_bit_for_bit(tokens, heads, dim):
+    """Same float32 products and sums as HF's (no FMA contraction): equal, not just close; in place."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(tokens, heads, dim, generator=gen)
+    cos, sin = _tables(tokens, dim, gen)
+    want, _ = apply_rotary_pos_emb(x[None], x[None], cos[None], sin[None], unsqueeze_dim=2)
+    got = layer_ops.rope_(x, cos, sin)
+    assert got is x
+    assert torch.equal(got, want[0])
+
+
+def test_rope_of_a_strided_view_writes_only_its_view():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    gen = torch.Generator().manual_seed(2)
+    qkv = torch.randn(11, 6 * 16, generator=gen)
+    keep = qkv[:, 4 * 16:].clone()
+    q = qkv[:, :4 * 16].unflatten(-1, (4, 16))  # token stride 96, head stride 16
+    cos, sin = _tables(11, 16, gen)
+    want, _ = apply_rotary_pos_emb(q[None], q[None], cos[None], sin[None], unsqueeze_dim=2)
+    want = want[0].clone()
+    layer_ops.rope_(q, cos, sin)
+    assert torch.equal(q, want) and torch.equal(qkv[:, 4 * 16:], keep)
+
+
+def test_silu_mul_matches_torch_in_place():
+    gen = torch.Generator().manual_seed(3)
+    gate = 4 * torch.randn(33, 70, generator=gen)
+    gate[0, :6] = torch.tensor([-100.0, 100.0, -87.0, 89.0, 0.0, -0.0])  # exp's clamps, both sides
+    up = torch.randn(33, 70, generator=gen)
+    want = torch.nn.functional.silu(gate.double()) * up.double()
+    got = layer_ops.silu_mul_(gate, up)
+    assert got is gate
+    torch.testing.assert_close(got.double(), want, rtol=TOL, atol=1e-30)
+
+
+def test_silu_mul_propagates_nan_and_inf():
+    """A NaN or inf gate must not come out as a finite number (the engine's NaN check relies on it)."""
+    gate = torch.tensor([float("nan"), float("inf"), 1.0])
+    got = layer_ops.silu_mul_(gate, torch.tensor([1.0, 1.0, float("nan")]))
+    assert got[0].isnan() and got[1] == float("inf") and got[2].isnan()
+
+
+def _log_odds_reference(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    y = target.view(1, -1, 1).expand(logits.shape[0], -1, 1)
+    return (logits.gather(-1, y).squeeze(-1) - logits.scatter(-1, y, float("-inf")).logsumexp(-1)).sum(-1)
+
+
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("vocab", [2, 7, 1000, 49152])
+def test_log_odds_matches_the_float64_reference(m, vocab):
+    """Within twice torch's own float32 error of the float64 value (plus a few ulps of the value)."""
+    gen = torch.Generator().manual_seed(vocab + m)
+    logits = 4 * torch.randn(9, m, vocab, generator=gen)
+    target = torch.randint(vocab, (m,), generator=gen)
+    target[0] = vocab - 1  # the last token, and (row 1) a dominant target: log(1 - p) stays accurate
+    logits[1, 0, vocab - 1] += 40
+    if m == 2:
+        target[1] = 0
+    exact = _log_odds_reference(logits.double(), target)
+    torch_err = (_log_odds_reference(logits, target).double() - exact).abs().max().item()
+    values, finite = layer_ops.log_odds(logits, target)
+    assert values.dtype == torch.float32 and bool(finite.all())
+    err = (values.double() - exact).abs().max().item()
+    assert err <= 2 * torch_err + 4e-7 * exact.abs().max().item(), (err, torch_err)
+
+
+def test_log_odds_flags_every_non_finite_row():
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(8, 2, 50, generator=gen)
+    target = torch.tensor([3, 49])
+    logits[1, 0, 7] = float("nan")
+    logits[2, 1, 49] = float("-inf")  # the target itself
+    logits[3, 1, 0] = float("-inf")   # another token
+    logits[4, 0, 3] = float("inf")
+    logits[5, 1, :] = float("nan")
+    _, finite = layer_ops.log_odds(logits, target)
+    assert (~finite).nonzero().flatten().tolist() == [1, 2, 3, 4, 5]
+
+
+def test_ops_raise_clear_errors():
+    x = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="rms_norm: x: expected a float32 CPU tensor, got BFloat16"):
+        layer_ops.rms_norm(x.bfloat16(), torch.ones(8).bfloat16(), 1e-6)
+    with pytest.raises(RuntimeError, match=r"rms_norm: weight: expected shape \(8,\)"):
+        layer_ops.rms_norm(x, torch.ones(7), 1e-6)
+    with pytest.raises(RuntimeError, match=r"rope_: x: expected shape \[N, heads, D\] with D even"):
+        layer_ops.rope_(torch.randn(4, 2, 7), torch.randn(4, 7), torch.randn(4, 7))
+    with pytest.raises(RuntimeError, match="unit stride over D"):
+        layer_ops.rope_(torch.randn(4, 8, 2).transpose(1, 2), torch.randn(4, 8), torch.randn(4, 8))
+    with pytest.raises(RuntimeError, match=r"rope_: cos: expected shape \[4, 8\], got \[5, 8\]"):
+        layer_ops.rope_(torch.randn(4, 2, 8), torch.randn(5, 8), torch.randn(4, 8))
+    with pytest.raises(RuntimeError, match=r"silu_mul_: up: expected shape \[4, 8\]"):
+        layer_ops.silu_mul_(x, torch.randn(4, 9))
+    with pytest.raises(RuntimeError, match="silu_mul_: gate: expected a contiguous tensor"):
+        layer_ops.silu_mul_(x.t(), torch.randn(8, 4))
+    with pytest.raises(RuntimeError, match=r"log_odds: target\[1\]: expected a token id in \[0, 8\), got 8"):
+        layer_ops.log_odds(torch.randn(3, 2, 8), torch.tensor([0, 8]))
+    with pytest.raises(RuntimeError, match=r"log_odds: target: expected int64 \[2\]"):
+        layer_ops.log_odds(torch.randn(3, 2, 8), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("op,args", [
+    ("rms_norm", lambda: (torch.randn(5, 8), torch.randn(8), 1e-6, False)),
+    ("rms_norm", lambda: (torch.randn(2, 3, 8), torch.randn(8), 1e-6, True)),
+    ("rope_", lambda: (torch.randn(5, 2, 8), torch.randn(5, 8), torch.randn(5, 8))),
+    ("silu_mul_", lambda: (torch.randn(5, 8), torch.randn(5, 8))),
+    ("log_odds", lambda: (torch.randn(5, 2, 8), torch.tensor([1, 7]))),
+], ids=["rms_norm", "rms_norm_gemma", "rope_", "silu_mul_", "log_odds"])
+def test_opcheck(op, args):
+    """Schemas (in-place ops declared as such), fake impls and dispatch agree with what the ops do."""
+    torch.library.opcheck(getattr(torch.ops.sftint, op).default, args(),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_module_example():
+    assert doctest.testmod(layer_ops, extraglobs={"torch": torch}).failed == 0
+
+
+def _count_cpu_ops(monkeypatch) -> dict:
+    calls = {"rms_norm": 0, "rope_": 0, "silu_mul_": 0}
+    for name in calls:
+        original = getattr(layer_ops, name)
+        monkeypatch.setattr(layer_ops, name,
+                            lambda *a, _f=original, _n=name, **k: calls.__setitem__(_n, calls[_n] + 1) or _f(*a, **k))
+    return calls
+
+
+def _gemma3():
+    from test_trie import _sliding_model
+
+    return _sliding_model("gemma3", "sdpa")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_layer_loop_uses_the_cpu_ops_and_matches_the_model(arch, monkeypatch):
+    """``run_layers(fused="cpu")`` replaces every RMSNorm, RoPE and (SiLU models) the gate, and gives the model's
+    numbers; Gemma-3's GELU MLP stays its module. Per layer: Llama/Qwen2 2 norms, Gemma-3 4 + q/k norms."""
+    from sftint_fast.engine.adapters import get_adapter
+
+    net = _gemma3() if arch == "gemma3" else tiny_model(arch, initializer_range=0.2)
+    adapter = get_adapter(net)
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 128, (9,), generator=gen)
+    positions = torch.arange(9)
+
+    def attend(layer, q, k, v):  # causal SDPA over the 9 tokens (GQA expanded), with the layer's window
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        allowed = torch.ones(9, 9, dtype=torch.bool).tril()
+        window = adapter.layers[layer].sliding_window
+        if window:
+            allowed &= positions[:, None] - positions[None, :] < window
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
+                                                               v.transpose(0, 1), attn_mask=allowed,
+                                                               scale=adapter.layers[layer].scale)
+        return out.transpose(0, 1)
+
+    with torch.no_grad():
+        plain = adapter.run_layers(adapter.embed(ids), positions, attend)
+        calls = _count_cpu_ops(monkeypatch)
+        fused = adapter.run_layers(adapter.embed(ids), positions, attend, fused="cpu")
+        own = net(input_ids=ids[None], output_hidden_states=True).hidden_states[-1][0]
+    layers = net.config.num_hidden_layers
+    if arch == "gemma3":
+        assert calls == {"rms_norm": 6 * layers, "rope_": 2 * layers, "silu_mul_": 0}
+    else:
+        assert calls == {"rms_norm": 2 * layers, "rope_": 2 * layers, "silu_mul_": layers}
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(adapter._norm(fused), own, rtol=1e-4, atol=1e-4)
+
+
+def test_layer_loop_keeps_the_modules_for_other_dtypes(monkeypatch):
+    """A bfloat16 model on the CPU: the C++ ops take float32 only, so the modules run and nothing changes."""
+    from sftint_fast.engine.adapters import get_adapter
+
+    net = tiny_model("llama", initializer_range=0.2).to(torch.bfloat16)
+    adapter = get_adapter(net)
+    ids, positions = torch.arange(3, 10), torch.arange(7)
+
+    def attend(layer, q, k, v):
+        return q  # any function of q: only the surrounding ops are compared
+
+    with torch.no_grad():
+        plain = adapter.run_layers(adapter.embed(ids), positions, attend)
+        calls = _count_cpu_ops(monkeypatch)
+        fused = adapter.run_layers(adapter.embed(ids), positions, attend, fused="cpu")
+    assert calls == {"rms_norm": 0, "rope_": 0, "silu_mul_": 0}
+    assert torch.equal(fused, plain)
+
+
+def test_trie_on_the_cpu_uses_the_ops_and_matches_naive(monkeypatch):
+    """The CPU trie runs the C++ ops by default; ``FUSE_ELEMENTWISE=False`` (SFTINT_FUSE_ELEMENTWISE=0) runs the
+    modules; both match the naive engine."""
+    from test_trie import check_close, make_game
+
+    from sftint_fast.engine import trie
+    from sftint_fast.engine.naive import evaluate_naive
+
+    net = tiny_model("qwen2", attn="sdpa", initializer_range=0.2)
+    game = make_game("spread_n5", seed=7)
+    with torch.no_grad():
+        naive = evaluate_naive(net, game, torch.arange(1 << game.num_players), progress=False)
+    calls = _count_cpu_ops(monkeypatch)
+    assert trie.elementwise_backend("torch", torch.device("cpu")) == "cpu"
+    on = trie.evaluate_trie(net, game, batch_size=7, progress=False)
+    assert min(calls.values()) > 0
+    monkeypatch.setattr(trie, "FUSE_ELEMENTWISE", False)
+    assert trie.elementwise_backend("torch", torch.device("cpu")) is None
+    before = dict(calls)
+    off = trie.evaluate_trie(net, game, batch_size=7, progress=False)
+    assert calls == before
+    check_close(on, naive)
+    check_close(off, naive)
+
+
+def test_game_value_uses_log_odds_on_the_cpu(monkeypatch):
+    """The game's log-odds value through the C++ op equals the ATen formula, and NaN logits name the same subsets."""
+    from test_trie import make_game
+
+    game = make_game("spread_n5", seed=8)
+    gen = torch.Generator().manual_seed(9)
+    logits = 5 * torch.randn(6, game.target.numel(), 128, generator=gen)
+    subsets = torch.tensor([3, 5, 7, 11, 13, 17])
+    fast = game.values_from_logits(logits, subsets=subsets)
+    bad = logits.clone()
+    bad[2, 0, 5] = float("nan")
+    bad[4, -1, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"non-finite \(NaN/inf\) logits for subsets \(bitmasks\) \[7, 13\]"):
+        game.values_from_logits(bad, subsets=subsets)
+    calls = []
+    monkeypatch.setattr(layer_ops, "log_odds", lambda *a: calls.append(1))
+    monkeypatch.setattr(layer_ops, "available", lambda x: False)  # the ATen path
+    slow = game.values_from_logits(logits, subsets=subsets)
+    with pytest.raises(ValueError, match=r"non-finite \(NaN/inf\) logits for subsets \(bitmasks\) \[7, 13\]"):
+        game.values_from_logits(bad, subsets=subsets)
+    assert not calls
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+
+
+def test_game_value_stays_differentiable():
+    """With autograd tracking the logits (a learned baseline's objective) the value takes the ATen path, whose
+    gradient is the softmax's; the C++ op has no backward and must not cut the graph."""
+    from test_trie import make_game
+
+    game = make_game("spread_n5", seed=10)
+    logits = torch.randn(4, game.target.numel(), 128, generator=torch.Generator().manual_seed(11))
+    tracked = logits.clone().requires_grad_()
+    values = game.values_from_logits(tracked)
+    values.sum().backward()
+    assert tracked.grad is not None and tracked.grad.abs().sum() > 0
+    torch.testing.assert_close(values.detach(), game.values_from_logits(logits), rtol=1e-5, atol=1e-5)
