@@ -102,7 +102,7 @@ def test_device_ops_per_evaluation(benchmark, model, layout, full, env_info, mon
     for module in modules:  # the kernels are stand-ins: CPU tensors are fine without the interpreter
         monkeypatch.setattr(module, "check_interpreter", lambda device: None)
     # what a GPU runs: the game's value as ATen ops (the C++ log-odds is for CPU tensors)
-    monkeypatch.setattr(layer_ops, "available", lambda x: False)
+    monkeypatch.setattr(layer_ops, "log_odds_available", lambda x: False)
     game = _game(model, LAYOUTS[layout])
     variants = 1 << game.num_players
     info = dict(env_info, layout=layout, n=game.num_players, layers=NUM_LAYERS,

@@ -56,6 +56,11 @@ def _register_fakes() -> None:
     def _log_odds_fake(logits, target):
         return logits.new_empty(logits.shape[0]), logits.new_empty(logits.shape[0], dtype=torch.bool)
 
+    from sftint_fast.ops import layer_ops  # the backward of the game's value (a learned baseline trains through it)
+
+    torch.library.register_autograd("sftint::log_odds", layer_ops._log_odds_backward,
+                                    setup_context=layer_ops._log_odds_setup_context)
+
 
 def extension_status() -> tuple[bool, str]:
     """(available, reason) of the C++ extension, without warning."""

@@ -128,7 +128,7 @@ class Game:
             raise ValueError(f"logits: expected (B, {m}, V), received {tuple(logits.shape)}")
         logits = logits.float()
         # the log-odds on the CPU: one C++ pass over the logits (finiteness included) instead of five ATen ops
-        fast = not callable(self.value) and layer_ops.available(logits)
+        fast = not callable(self.value) and layer_ops.log_odds_available(logits)
         if fast:
             values, finite = layer_ops.log_odds(logits, self.target.to(logits.device))
             bad = ~finite

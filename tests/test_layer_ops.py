@@ -167,9 +167,10 @@ def test_ops_raise_clear_errors():
     ("log_odds", lambda: (torch.randn(5, 2, 8), torch.tensor([1, 7]))),
 ], ids=["rms_norm", "rms_norm_gemma", "rope_", "silu_mul_", "log_odds"])
 def test_opcheck(op, args):
-    """Schemas (in-place ops declared as such), fake impls and dispatch agree with what the ops do."""
-    torch.library.opcheck(getattr(torch.ops.sftint, op).default, args(),
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+    """Schemas (in-place ops declared as such), fake impls, dispatch and (log_odds) the autograd registration agree
+    with what the ops do."""
+    utils = ("test_schema", "test_faketensor", "test_aot_dispatch_static", "test_autograd_registration")
+    torch.library.opcheck(getattr(torch.ops.sftint, op).default, args(), test_utils=utils)
 
 
 def test_module_example():
@@ -289,7 +290,7 @@ def test_game_value_uses_log_odds_on_the_cpu(monkeypatch):
         game.values_from_logits(bad, subsets=subsets)
     calls = []
     monkeypatch.setattr(layer_ops, "log_odds", lambda *a: calls.append(1))
-    monkeypatch.setattr(layer_ops, "available", lambda x: False)  # the ATen path
+    monkeypatch.setattr(layer_ops, "log_odds_available", lambda x: False)  # the ATen path
     slow = game.values_from_logits(logits, subsets=subsets)
     with pytest.raises(ValueError, match=r"non-finite \(NaN/inf\) logits for subsets \(bitmasks\) \[7, 13\]"):
         game.values_from_logits(bad, subsets=subsets)
@@ -297,15 +298,27 @@ def test_game_value_uses_log_odds_on_the_cpu(monkeypatch):
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
 
 
-def test_game_value_stays_differentiable():
-    """With autograd tracking the logits (a learned baseline's objective) the value takes the ATen path, whose
-    gradient is the softmax's; the C++ op has no backward and must not cut the graph."""
+def test_log_odds_gradient_is_the_aten_formula_s():
+    """The C++ value is differentiable (a learned baseline trains through it): its gradient is the ATen formula's."""
+    gen = torch.Generator().manual_seed(11)
+    logits = 3 * torch.randn(4, 2, 37, generator=gen)
+    target = torch.tensor([5, 36])
+    weights = torch.randn(4, generator=gen)
+    fast = logits.clone().requires_grad_()
+    (layer_ops.log_odds(fast, target)[0] * weights).sum().backward()
+    slow = logits.clone().requires_grad_()
+    (_log_odds_reference(slow, target) * weights).sum().backward()
+    torch.testing.assert_close(fast.grad, slow.grad, rtol=1e-5, atol=1e-6)
+    assert fast.grad.abs().sum() > 0
+
+
+def test_game_value_is_the_same_with_and_without_autograd():
+    """``evaluate_naive`` called outside ``no_grad`` (logits tracked) gives the same values, bit for bit."""
     from test_trie import make_game
 
     game = make_game("spread_n5", seed=10)
-    logits = torch.randn(4, game.target.numel(), 128, generator=torch.Generator().manual_seed(11))
+    logits = torch.randn(4, game.target.numel(), 128, generator=torch.Generator().manual_seed(12))
     tracked = logits.clone().requires_grad_()
     values = game.values_from_logits(tracked)
-    values.sum().backward()
-    assert tracked.grad is not None and tracked.grad.abs().sum() > 0
-    torch.testing.assert_close(values.detach(), game.values_from_logits(logits), rtol=1e-5, atol=1e-5)
+    assert values.requires_grad
+    assert torch.equal(values.detach(), game.values_from_logits(logits))

@@ -20,10 +20,15 @@ from sftint_fast._ext import has_ext
 
 
 def available(x: torch.Tensor) -> bool:
-    """Whether these ops can run on ``x``: a float32 CPU tensor that autograd does not track (they have no
-    backward: a learned baseline differentiates through the game's value), with the C++ extension loaded."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and not (x.requires_grad and torch.is_grad_enabled())
-            and has_ext())
+    """Whether the layer ops can run on ``x``: a float32 CPU tensor that autograd does not track (they have no
+    backward), with the C++ extension loaded."""
+    return not (x.requires_grad and torch.is_grad_enabled()) and log_odds_available(x)
+
+
+def log_odds_available(logits: torch.Tensor) -> bool:
+    """Whether :func:`log_odds` can run on ``logits``: a float32 CPU tensor, with the C++ extension loaded (it has
+    a backward: a learned baseline differentiates through the game's value)."""
+    return logits.device.type == "cpu" and logits.dtype == torch.float32 and has_ext()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, gemma: bool = False) -> torch.Tensor:
@@ -51,5 +56,18 @@ def silu_mul_(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 def log_odds(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Float32 CPU ``logits [B, m, V]`` and token ids ``target [m]`` → ``(values [B], finite [B])``:
     ``values[b] = Σ_j logits[b, j, t_j] − logsumexp_{k ≠ t_j} logits[b, j, k]`` (the game's log-odds value) and
-    whether every logit of row ``b`` is finite. One read of the logits, no temporaries."""
+    whether every logit of row ``b`` is finite. One read of the logits, no temporaries. Differentiable in
+    ``logits`` (:func:`_log_odds_backward`)."""
     return torch.ops.sftint.log_odds(logits, target)
+
+
+def _log_odds_setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _log_odds_backward(ctx, grad_values: torch.Tensor, grad_finite: torch.Tensor | None):
+    """``∂ value_b / ∂ logits[b, j, k]`` = 1 at ``k = t_j``, else ``−softmax_{k ≠ t_j}(logits[b, j])_k``."""
+    logits, target = ctx.saved_tensors
+    y = target.view(1, -1, 1).expand(logits.shape[0], -1, 1)
+    grad = logits.scatter(-1, y, float("-inf")).softmax(-1).neg_().scatter_(-1, y, 1.0)
+    return grad * grad_values.view(-1, 1, 1), None
