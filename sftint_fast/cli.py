@@ -9,6 +9,34 @@ import argparse
 import sys
 
 
+def _int_at_least(minimum: int):
+    """An argparse ``type`` for ints >= ``minimum``: a bad value stops the command before any model is loaded."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, received {text!r}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    """An argparse ``type`` for finite floats > 0."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, received {text!r}")
+    return value
+
+
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="versions, C++ extension status, devices, Triton mode")
     p.set_defaults(func=_run_info)
@@ -29,14 +57,14 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     source.add_argument("--file", help='JSONL, one prompt a row: {"prompt": ..., "players"?: ..., "target"?: ...}; '
                                        "evaluated across the ranks under torchrun, resumable from <out>/shards")
     p.add_argument("--players", default="all", help="'all' or comma-separated word indices, e.g. 0,2,5")
-    p.add_argument("--n-players", type=int, default=None, help="keep the first N content words as players")
+    p.add_argument("--n-players", type=_int_at_least(1), default=None, help="keep the first N content words as players")
     p.add_argument("--target", default=None, help="answer text (teacher-forced); default: the greedy next token")
     p.add_argument("--chat", action="store_true", help="wrap the text in the tokenizer's chat template")
     p.add_argument("--masking", choices=["embedding", "attention"], default="embedding")
     p.add_argument("--method", choices=["auto", "naive", "trie"], default="auto")
     p.add_argument("--out", default=None, help="folder for v, interactions, config.json and interactions.png "
                                                "(with --file: one subfolder prompt_<i> per row)")
-    p.add_argument("--top", type=int, default=10, help="how many interactions to print and plot")
+    p.add_argument("--top", type=_int_at_least(0), default=10, help="how many interactions to print and plot")
     p.set_defaults(func=_run_explain)
 
 
@@ -184,7 +212,7 @@ def _add_track(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--probes", required=True, help="probes JSONL")
     p.add_argument("--reference", default=None, help="reference model folder (for gamma)")
     p.add_argument("--out", required=True, help="run folder (resumes when it exists)")
-    p.add_argument("--n-players", type=int, default=8)
+    p.add_argument("--n-players", type=_int_at_least(1), default=8)
     p.add_argument("--andor-method", choices=["sgd", "lp", "and"], default="sgd")
     p.add_argument("--noise-floor", choices=["order_matched", "iid"], default="order_matched")
     p.set_defaults(func=_run_track)
@@ -201,13 +229,13 @@ def _run_track(args: argparse.Namespace) -> int:
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="offline SFT of the bundled SmolLM2 with interaction tracking (~10 min CPU)")
-    p.add_argument("--steps", type=int, default=24)
-    p.add_argument("--probes", type=int, default=8)
-    p.add_argument("--n-players", type=int, default=6)
-    p.add_argument("--every", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--steps", type=_int_at_least(1), default=24)
+    p.add_argument("--probes", type=_int_at_least(1), default=8)
+    p.add_argument("--n-players", type=_int_at_least(1), default=6)
+    p.add_argument("--every", type=_int_at_least(1), default=4)
+    p.add_argument("--lr", type=_positive_float, default=1e-4)
     p.add_argument("--andor-method", choices=["sgd", "lp", "and"], default="sgd")
-    p.add_argument("--niter", type=int, default=20000, help="SGD iterations of the AND-OR decomposition")
+    p.add_argument("--niter", type=_int_at_least(0), default=20000, help="SGD iterations of the AND-OR decomposition")
     p.add_argument("--out", default="sftint-demo")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_run_demo)

@@ -26,6 +26,11 @@ def _plt():
     return plt
 
 
+def _check_report(report: Any) -> None:
+    if not isinstance(report, TrackReport):
+        raise TypeError(f"report: expected a TrackReport (SFTTracker.report()), got {type(report).__name__}")
+
+
 def _mark_boundary(ax: Any, report: TrackReport) -> None:
     if report.phase_boundary is not None:
         ax.axvline(report.phase_boundary, color="k", linestyle="--", linewidth=1, label="phase boundary")
@@ -35,6 +40,7 @@ def _mark_boundary(ax: Any, report: TrackReport) -> None:
 
 def plot_counts(report: TrackReport, path: str | os.PathLike) -> Path:
     """Cumulative set sizes (with bootstrap bands) vs step; held-out loss on a second axis."""
+    _check_report(report)
     plt = _plt()
     steps = list(report.steps)
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -60,6 +66,7 @@ def plot_counts(report: TrackReport, path: str | os.PathLike) -> Path:
 
 def plot_floor(report: TrackReport, path: str | os.PathLike) -> Path:
     """New removals / emergences per checkpoint: observed vs noise floor, excess with bootstrap bands."""
+    _check_report(report)
     plt = _plt()
     steps = list(report.steps)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
@@ -83,6 +90,9 @@ def plot_floor(report: TrackReport, path: str | os.PathLike) -> Path:
 
 def plot_orders(report: TrackReport, path: str | os.PathLike, *, index: int = -1) -> Path:
     """Strength by order (A⁺ up, A⁻ down) of removed, preserved and emerged sets at one checkpoint."""
+    _check_report(report)
+    if not isinstance(index, int) or not -len(report.steps) <= index < len(report.steps):
+        raise ValueError(f"index: expected a checkpoint index in [{-len(report.steps)}, {len(report.steps)}), got {index!r}")
     plt = _plt()
     kinds = [k for k in ("and", "or") if f"{k}/removed_strength_plus" in report.curves]
     fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), squeeze=False)
@@ -104,6 +114,7 @@ def plot_orders(report: TrackReport, path: str | os.PathLike, *, index: int = -1
 
 def plot_rho_gamma(report: TrackReport, path: str | os.PathLike) -> Path:
     """ρ (and γ when a reference was given) of each set over steps, AND interactions."""
+    _check_report(report)
     plt = _plt()
     steps = list(report.steps)
     panels = ["rho"] + (["gamma"] if report.gamma_available else [])
@@ -125,6 +136,7 @@ def plot_rho_gamma(report: TrackReport, path: str | os.PathLike) -> Path:
 
 def write_report(report: TrackReport, out_dir: str | os.PathLike) -> Path:
     """All figures plus ``report.json`` and ``report.md`` in ``out_dir``; returns the path of report.md."""
+    _check_report(report)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = {
@@ -141,6 +153,7 @@ def write_report(report: TrackReport, out_dir: str | os.PathLike) -> Path:
 
 def headline(report: TrackReport) -> dict[str, Any]:
     """The numbers a reader wants first, plus one sentence computed from them."""
+    _check_report(report)
     c = report.curves
     excess_removed = c["all/removed_new_excess_cumulative"][-1]
     lo_removed = report.intervals["all/removed_new_excess_cumulative"][0][-1]
@@ -172,6 +185,7 @@ def headline(report: TrackReport) -> dict[str, Any]:
 
 def markdown(report: TrackReport, *, figures: list[str]) -> str:
     """The report as Markdown: headline, per-checkpoint table, notes, figures."""
+    _check_report(report)
     h = headline(report)
     c = report.curves
     lines = ["# SFT interaction tracking report", "", h["verdict"], "",

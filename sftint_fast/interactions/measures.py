@@ -40,7 +40,8 @@ def _check_tau(tau: float) -> None:
 
 
 def _check(interactions: torch.Tensor, name: str = "I") -> int:
-    return T.validate_game_tensor(interactions, name=name, check_finite=False)
+    # NaN would compare False against every threshold: an empty salient set instead of an error
+    return T.validate_game_tensor(interactions, name=name)
 
 
 def salient(
@@ -72,6 +73,9 @@ def salient(
                 f"reference_max: expected a number or a tensor of shape {tuple(magnitude.shape[:-1])}, "
                 f"got shape {tuple(top.shape)}"
             )
+        bad = top[~(torch.isfinite(top) & (top >= 0))]
+        if bad.numel():
+            raise ValueError(f"reference_max: expected finite values >= 0 (a max |I|), got {bad.flatten()[0].item()}")
     members = magnitude > tau * top.unsqueeze(-1)
     members[..., 0] = False
     return members

@@ -85,6 +85,8 @@ def max_abs_nonempty(interactions: torch.Tensor) -> torch.Tensor:
 def threshold(interactions: torch.Tensor, *, tau: float, reference: ThresholdReference,
               base_threshold: torch.Tensor | None) -> torch.Tensor:
     """Per-probe salience threshold ``(B, 1)`` for the interactions ``(B, 2^n)`` of one checkpoint."""
+    if reference not in ("base", "checkpoint", "absolute"):
+        raise ValueError(f"reference: expected 'base', 'checkpoint' or 'absolute', got {reference!r}")
     if reference == "base" and base_threshold is not None:
         return base_threshold
     if reference == "absolute":
@@ -102,6 +104,9 @@ def _raw_status(magnitude: torch.Tensor, thr: torch.Tensor, previous: torch.Tens
 
 def initial_state(interactions: torch.Tensor, *, tau: float, reference: ThresholdReference) -> SetState:
     """The state after the base checkpoint: ``Ω_0`` = raw status of ``interactions`` ``(B, 2^n)``."""
+    if not isinstance(interactions, torch.Tensor) or interactions.dim() != 2:
+        got = tuple(interactions.shape) if isinstance(interactions, torch.Tensor) else type(interactions).__name__
+        raise ValueError(f"interactions: expected a (B, 2^n) tensor, got {got}")
     thr = threshold(interactions, tau=tau, reference=reference, base_threshold=None)
     raw = _raw_status(interactions.abs(), thr, None, False)
     zeros = torch.zeros_like(interactions, dtype=torch.int64)
@@ -112,6 +117,11 @@ def initial_state(interactions: torch.Tensor, *, tau: float, reference: Threshol
 def step_state(state: SetState, interactions: torch.Tensor, *, index: int, tau: float, reference: ThresholdReference,
                hysteresis: bool, persistence: int) -> SetState:
     """Advance ``state`` by the checkpoint with index ``index`` (base = 0) and interactions ``(B, 2^n)``."""
+    if not isinstance(interactions, torch.Tensor) or interactions.shape != state.raw.shape:
+        got = tuple(interactions.shape) if isinstance(interactions, torch.Tensor) else type(interactions).__name__
+        raise ValueError(f"interactions: expected shape {tuple(state.raw.shape)} (as the state), got {got}")
+    if not isinstance(persistence, int) or isinstance(persistence, bool) or persistence < 1:
+        raise ValueError(f"persistence: expected an int >= 1, got {persistence!r}")
     thr = threshold(interactions, tau=tau, reference=reference, base_threshold=state.base_threshold)
     raw = _raw_status(interactions.abs(), thr, state.raw, hysteresis)
     differs = raw != state.stable
@@ -198,6 +208,8 @@ def noise_level(differences: Sequence[torch.Tensor], *, kind: NullKind) -> torch
     """
     if not differences:
         raise ValueError("noise_level: expected at least one difference of two checkpoints, got none")
+    if kind not in ("order_matched", "iid"):
+        raise ValueError(f"kind: expected 'order_matched' or 'iid', got {kind!r}")
     stack = torch.stack([d - d[:, :1] for d in differences])                            # (m, B, 2^n)
     size = stack.shape[-1]
     order = popcount(size)

@@ -38,19 +38,33 @@ def as_probes(items: Sequence[Any]) -> list[Probe]:
         if isinstance(item, Probe):
             out.append(item)
         elif isinstance(item, str):
+            if not item.strip():
+                raise ValueError(f"probes[{i}]: expected a non-empty prompt string, got {item!r}")
             out.append(Probe(prompt=item))
         elif isinstance(item, dict):
             if not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
                 raise ValueError(f"probes[{i}]: expected a non-empty 'prompt' string, got {item.get('prompt')!r}")
-            players = item.get("players")
-            if players is not None:
-                players = tuple(tuple(p) if isinstance(p, (list, tuple)) else int(p) for p in players)
-            out.append(Probe(prompt=item["prompt"], answer=item.get("answer"), players=players))
+            if item.get("answer") is not None and not isinstance(item["answer"], str):
+                raise ValueError(f"probes[{i}]: expected an 'answer' string, got {item['answer']!r}")
+            out.append(Probe(prompt=item["prompt"], answer=item.get("answer"), players=_players(item.get("players"), i)))
         else:
             raise TypeError(f"probes[{i}]: expected a str, dict or Probe, got {type(item).__name__}")
     if not out:
         raise ValueError("probes: expected at least one probe, got none")
     return out
+
+
+def _players(players: Any, i: int) -> tuple | None:
+    """Word indices or ``[start, end]`` character spans as a tuple; ValueError naming the probe otherwise."""
+    if players is None:
+        return None
+    try:
+        if isinstance(players, (str, bytes)) or not isinstance(players, (list, tuple)):
+            raise TypeError
+        return tuple(tuple(p) if isinstance(p, (list, tuple)) else int(p) for p in players)
+    except (TypeError, ValueError):
+        raise ValueError(f"probes[{i}]: expected 'players' as a list of word indices or [start, end] character spans, "
+                         f"got {players!r}") from None
 
 
 def load_probes(path: str | os.PathLike) -> list[Probe]:
@@ -109,8 +123,14 @@ def split_pairs(pairs: Sequence[tuple[str, str]], *, heldout_fraction: float = 0
 
 def chat_probes(pairs: Sequence[tuple[str, str]], *, count: int, min_words: int) -> list[Probe]:
     """The first ``count`` pairs whose prompt has at least ``min_words`` words, as probes."""
+    _check_count(count)
     out = [Probe(prompt=q, answer=a) for q, a in pairs if len(q.split()) >= min_words]
     return out[:count]
+
+
+def _check_count(count: int) -> None:
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise ValueError(f"count: expected an int >= 1, got {count!r}")
 
 
 def confident_candidates() -> list[Probe]:
@@ -142,6 +162,9 @@ def confident_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 
     Scores candidates (default :func:`confident_candidates`) with one forward pass each, keeping those with
     at least ``n_players`` content words, until ``count`` are found or ``max_tries`` were scored.
     """
+    _check_count(count)
+    if not (isinstance(min_py, (int, float)) and 0 <= min_py <= 1):
+        raise ValueError(f"min_py: expected a probability in [0, 1], got {min_py!r}")
     pool = list(candidates) if candidates is not None else confident_candidates()
     chosen = []
     device = next(model.parameters()).device
@@ -180,6 +203,8 @@ def prompt_ids(tokenizer: Any, prompt: str, *, chat: bool) -> list[int]:
 
 def sft_example(tokenizer: Any, prompt: str, answer: str, *, max_length: int = 96) -> dict[str, list[int]]:
     """Chat SFT example: ``input_ids`` of ``[user, assistant]`` and ``labels`` = -100 on the prompt prefix."""
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
+        raise ValueError(f"max_length: expected an int >= 1, got {max_length!r}")
     head = prompt_ids(tokenizer, prompt, chat=True)
     full = tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}])
     full = list(full["input_ids"] if hasattr(full, "keys") else full)
@@ -191,6 +216,12 @@ def sft_example(tokenizer: Any, prompt: str, answer: str, *, max_length: int = 9
 
 def pad_batch(examples: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pads ``input_ids`` with ``pad_id`` and ``labels`` with -100; adds ``attention_mask``."""
+    if not examples:
+        raise ValueError("examples: expected at least one example, got none")
+    for i, e in enumerate(examples):
+        if len(e["labels"]) != len(e["input_ids"]):
+            raise ValueError(f"examples[{i}]: expected 'labels' as long as 'input_ids' ({len(e['input_ids'])}), "
+                             f"got {len(e['labels'])}")
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.int64)
     labels = torch.full((len(examples), width), -100, dtype=torch.int64)
@@ -205,6 +236,8 @@ def pad_batch(examples: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str
 
 def heldout_batches(heldout: Sequence[Any], tokenizer: Any, *, batch_size: int = 8) -> Iterator[dict[str, torch.Tensor]]:
     """Batches for the held-out loss from ``(prompt, answer)`` pairs or ready ``{"input_ids", "labels"}`` dicts."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     pending = []
     pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     for item in heldout:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import math
+import numbers
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -88,6 +89,27 @@ class TrackerConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
+        # checked here, not where they are used: a bad option found at the first checkpoint or at report()
+        # would already be saved in out_dir/config.json, and a corrected tracker refused as another run
+        if self.tau == 0 or (self.threshold_reference != "absolute" and self.tau >= 1):
+            interval = "> 0" if self.threshold_reference == "absolute" else "in the open interval (0, 1)"
+            raise ValueError(f"tau: expected a number {interval} with threshold_reference="
+                             f"{self.threshold_reference!r}, got {self.tau!r}")
+        for name in ("min_base_py", "irrelevant_fraction"):
+            if getattr(self, name) > 1:
+                raise ValueError(f"{name}: expected a number in [0, 1], got {getattr(self, name)!r}")
+        if not 0 < self.boundary_removed_fraction <= 1:
+            raise ValueError(f"boundary_removed_fraction: expected a number in (0, 1], got {self.boundary_removed_fraction!r}")
+        if not isinstance(self.andor_niter, int) or isinstance(self.andor_niter, bool) or self.andor_niter < 0:
+            raise ValueError(f"andor_niter: expected an int >= 0, got {self.andor_niter!r}")
+        lr = self.andor_lr
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"andor_lr: expected a finite number > 0, got {lr!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise TypeError(f"seed: expected an int, got {type(self.seed).__name__}")
+        for name in ("warm_start", "hysteresis", "boundary_significant", "chat"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -160,7 +182,8 @@ class SFTTracker:
         baseline: ``"pad"``/``"unk"``/tensor, taken from the base model and fixed.
         qthres, andor_method, andor_niter, andor_lr, warm_start: the decomposition (``"and"`` = plain
             Harsanyi, no OR part).
-        tau, threshold_reference, hysteresis, persistence: the set logic (module :mod:`~sftint_fast.sft.noise`).
+        tau, threshold_reference, hysteresis, persistence: the set logic (module :mod:`~sftint_fast.sft.noise`);
+            ``tau`` in ``(0, 1)`` (a share of ``max |I|``), or any number ``> 0`` with ``"absolute"``.
         reference: ``(model, tokenizer)`` of a reference model, or its saved interactions (a dict or a
             safetensors path with ``I_and`` and optionally ``I_or`` of shape ``(B, 2^n)``); γ needs one.
         heldout: ``(prompt, answer)`` pairs or batches ``{"input_ids", "labels"}`` for the held-out loss.
@@ -216,6 +239,12 @@ class SFTTracker:
             bootstrap=bootstrap, chat=chat, target=target,
         )
         self.config.validate()
+        if not isinstance(baseline, torch.Tensor) and baseline not in ("pad", "unk"):
+            raise ValueError(f"baseline: expected 'pad', 'unk' or a tensor, got {baseline!r}")
+        if not (reference is None or isinstance(reference, (str, os.PathLike, dict))
+                or (isinstance(reference, (tuple, list)) and len(reference) == 2)):
+            raise TypeError(f"reference: expected (model, tokenizer), a dict of tensors or a safetensors path, got "
+                            f"{type(reference).__name__}")
         if probes is not None and tokenizer is None:
             raise ValueError("tokenizer: expected the base model's tokenizer when probes are given, got None")
         self.probes: list[Probe] = as_probes(probes) if probes is not None else []
@@ -283,20 +312,25 @@ class SFTTracker:
         """Record checkpoint ``step`` from game values ``(B, 2^n)`` (one row per probe, bitmask-indexed).
 
         ``p_y`` ``(B,)`` defaults to ``sigmoid(v(N))`` (the target probability for a one-token log-odds game).
-        The first call is the base checkpoint.
+        The first call is the base checkpoint; it also reads a ``reference`` given as saved interactions (a
+        ``(model, tokenizer)`` reference needs :meth:`add_checkpoint`).
         """
         if step in self.steps:
             logger.info("step %d is already recorded; skipped", step)
             return
         self._check_step(step)
         values = _check_values(values, self.records[0].values.shape if self.records else None)
+        py = torch.sigmoid(values[:, -1]) if p_y is None else _check_p_y(p_y, values.shape[0])
+        heldout_loss = _check_loss(heldout_loss)
+        if not self.records and self.reference is None and self._reference_source is not None:
+            if not isinstance(self._reference_source, (str, os.PathLike, dict)):
+                raise ValueError("reference: a (model, tokenizer) reference is evaluated by add_checkpoint; with "
+                                 "add_values pass its interactions (a dict or a safetensors path with 'I_and')")
+            self.reference = self._reference_interactions(values)
         t0 = time.perf_counter()
         previous = self.records[-1] if self.records else None
         interactions, extra = self._decompose(values, init=previous.extra if previous and self.config.warm_start else None)
         decompose_s = time.perf_counter() - t0
-        py = torch.sigmoid(values[:, -1]) if p_y is None else p_y.detach().double().reshape(-1)
-        if py.shape[0] != values.shape[0]:
-            raise ValueError(f"p_y: expected shape ({values.shape[0]},), got {tuple(p_y.shape)}")
         t1 = time.perf_counter()
         floors, rows = self._floors(values)
         floor_s = time.perf_counter() - t1
@@ -509,18 +543,23 @@ class SFTTracker:
 
             source = load_file(str(source))
         if isinstance(source, dict):
-            ref = {k: source[f"I_{k}"].double() for k in self.config.kinds if f"I_{k}" in source}
-            for k, v in ref.items():
+            ref = {}
+            for k in self.config.kinds:
+                v = source.get(f"I_{k}")
+                if v is None:
+                    continue
+                if not isinstance(v, torch.Tensor):
+                    raise TypeError(f"reference I_{k}: expected a torch.Tensor {tuple(values.shape)}, got {type(v).__name__}")
                 if v.shape != values.shape:
                     raise ValueError(f"reference I_{k}: expected shape {tuple(values.shape)}, got {tuple(v.shape)}")
+                if not bool(torch.isfinite(v).all()):
+                    raise ValueError(f"reference I_{k}: expected finite values, got NaN/inf")
+                ref[k] = v.detach().double().cpu()
             if "and" not in ref:
                 raise ValueError("reference: expected saved interactions with an 'I_and' tensor")
-        elif isinstance(source, (tuple, list)) and len(source) == 2:
+        else:  # (model, tokenizer), the type checked in __init__
             ref_values = self._reference_values(*source)
             ref, _ = _decompose(ref_values, method=self.config.andor_method, config=self.config, progress=self.progress)
-        else:
-            raise TypeError(f"reference: expected (model, tokenizer), a dict of tensors or a safetensors path, got "
-                            f"{type(source).__name__}")
         if self._writes:
             _atomic_save_tensors(self.out_dir / "reference.safetensors", {f"I_{k}": v.contiguous() for k, v in ref.items()})
         return ref
@@ -670,6 +709,28 @@ def _check_values(values: torch.Tensor, expected: torch.Size | None) -> torch.Te
     return values.detach().double().cpu()
 
 
+def _check_p_y(p_y: torch.Tensor, rows: int) -> torch.Tensor:
+    if not isinstance(p_y, torch.Tensor):
+        raise TypeError(f"p_y: expected a torch.Tensor ({rows},), got {type(p_y).__name__}")
+    py = p_y.detach().double().reshape(-1).cpu()
+    if py.shape[0] != rows:
+        raise ValueError(f"p_y: expected shape ({rows},), got {tuple(p_y.shape)}")
+    outside = py[~((py >= 0) & (py <= 1))]
+    if outside.numel():
+        raise ValueError(f"p_y: expected probabilities in [0, 1], got {outside[0].item()}")
+    return py
+
+
+def _check_loss(loss: Any) -> float | None:
+    if loss is None:
+        return None
+    if isinstance(loss, torch.Tensor) and loss.numel() == 1:
+        return float(loss)
+    if isinstance(loss, bool) or not isinstance(loss, numbers.Real):
+        raise TypeError(f"heldout_loss: expected a number or None, got {type(loss).__name__}")
+    return float(loss)
+
+
 def _model_signature(model: Any) -> dict[str, Any]:
     embed = model.get_input_embeddings()
     cfg = getattr(model, "config", None)
@@ -810,7 +871,7 @@ def _build_report(tracker: SFTTracker) -> TrackReport:
     )
     losses = [r.heldout_loss for r in records]
     curves["heldout_loss"] = losses
-    finite = [(loss, s) for loss, s in zip(losses, steps) if loss is not None]
+    finite = [(loss, s) for loss, s in zip(losses, steps) if loss is not None and math.isfinite(loss)]
     curves["p_y_mean"] = py.mean(-1).tolist()
     intervals["p_y_mean"] = N.bootstrap_nanmean(py, boot)
     curves["irrelevant_probes"] = irrelevant.sum(-1).tolist()
