@@ -49,6 +49,21 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, attn: str = "eager", **ove
     return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
 
 
+def count_calls(monkeypatch, functions: dict) -> dict:
+    """Wraps ``functions`` (``{name: module}``: the function ``module.name``) to count their calls, each still run;
+    returns the live counts ``{name: calls}``."""
+    calls = dict.fromkeys(functions, 0)
+    for name, module in functions.items():
+        original = getattr(module, name)
+
+        def counted(*args, _f=original, _n=name, **kwargs):
+            calls[_n] += 1
+            return _f(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
 @pytest.fixture
 def tiny_llama():
     return tiny_model("llama")

@@ -4,7 +4,7 @@ import doctest
 
 import pytest
 import torch
-from conftest import requires_ext, tiny_model
+from conftest import count_calls, requires_ext, tiny_model
 
 from sftint_fast.ops import layer_ops
 
@@ -177,57 +177,8 @@ def test_module_example():
     assert doctest.testmod(layer_ops, extraglobs={"torch": torch}).failed == 0
 
 
-def _count_cpu_ops(monkeypatch) -> dict:
-    calls = {"rms_norm": 0, "rope_": 0, "silu_mul_": 0}
-    for name in calls:
-        original = getattr(layer_ops, name)
-        monkeypatch.setattr(layer_ops, name,
-                            lambda *a, _f=original, _n=name, **k: calls.__setitem__(_n, calls[_n] + 1) or _f(*a, **k))
-    return calls
-
-
-def _gemma3():
-    from test_trie import _sliding_model
-
-    return _sliding_model("gemma3", "sdpa")
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
-def test_layer_loop_uses_the_cpu_ops_and_matches_the_model(arch, monkeypatch):
-    """``run_layers(fused="cpu")`` replaces every RMSNorm, RoPE and (SiLU models) the gate, and gives the model's
-    numbers; Gemma-3's GELU MLP stays its module. Per layer: Llama/Qwen2 2 norms, Gemma-3 4 + q/k norms."""
-    from sftint_fast.engine.adapters import get_adapter
-
-    net = _gemma3() if arch == "gemma3" else tiny_model(arch, initializer_range=0.2)
-    adapter = get_adapter(net)
-    gen = torch.Generator().manual_seed(5)
-    ids = torch.randint(3, 128, (9,), generator=gen)
-    positions = torch.arange(9)
-
-    def attend(layer, q, k, v):  # causal SDPA over the 9 tokens (GQA expanded), with the layer's window
-        group = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-        allowed = torch.ones(9, 9, dtype=torch.bool).tril()
-        window = adapter.layers[layer].sliding_window
-        if window:
-            allowed &= positions[:, None] - positions[None, :] < window
-        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
-                                                               v.transpose(0, 1), attn_mask=allowed,
-                                                               scale=adapter.layers[layer].scale)
-        return out.transpose(0, 1)
-
-    with torch.no_grad():
-        plain = adapter.run_layers(adapter.embed(ids), positions, attend)
-        calls = _count_cpu_ops(monkeypatch)
-        fused = adapter.run_layers(adapter.embed(ids), positions, attend, fused="cpu")
-        own = net(input_ids=ids[None], output_hidden_states=True).hidden_states[-1][0]
-    layers = net.config.num_hidden_layers
-    if arch == "gemma3":
-        assert calls == {"rms_norm": 6 * layers, "rope_": 2 * layers, "silu_mul_": 0}
-    else:
-        assert calls == {"rms_norm": 2 * layers, "rope_": 2 * layers, "silu_mul_": layers}
-    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(adapter._norm(fused), own, rtol=1e-4, atol=1e-4)
+def count_cpu_ops(monkeypatch) -> dict:
+    return count_calls(monkeypatch, dict.fromkeys(("rms_norm", "rope_", "silu_mul_"), layer_ops))
 
 
 def test_layer_loop_keeps_the_modules_for_other_dtypes(monkeypatch):
@@ -243,7 +194,7 @@ def test_layer_loop_keeps_the_modules_for_other_dtypes(monkeypatch):
 
     with torch.no_grad():
         plain = adapter.run_layers(adapter.embed(ids), positions, attend)
-        calls = _count_cpu_ops(monkeypatch)
+        calls = count_cpu_ops(monkeypatch)
         fused = adapter.run_layers(adapter.embed(ids), positions, attend, fused="cpu")
     assert calls == {"rms_norm": 0, "rope_": 0, "silu_mul_": 0}
     assert torch.equal(fused, plain)
@@ -261,7 +212,7 @@ def test_trie_on_the_cpu_uses_the_ops_and_matches_naive(monkeypatch):
     game = make_game("spread_n5", seed=7)
     with torch.no_grad():
         naive = evaluate_naive(net, game, torch.arange(1 << game.num_players), progress=False)
-    calls = _count_cpu_ops(monkeypatch)
+    calls = count_cpu_ops(monkeypatch)
     assert trie.elementwise_backend("torch", torch.device("cpu")) == "cpu"
     on = trie.evaluate_trie(net, game, batch_size=7, progress=False)
     assert min(calls.values()) > 0
