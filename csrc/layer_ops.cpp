@@ -19,7 +19,11 @@
 // vectorizes; ATen uses SLEEF). no-trapping-math lets the vectorizer if-convert exp's clamps.
 // SIMD: the loops are written for the auto-vectorizer; on x86-64 an AVX2+FMA build of each kernel is picked at
 // run time when the CPU has them (no -march flag in the build), else the baseline (SSE2 / NEON) one.
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
 #pragma GCC optimize("fp-contract=off", "no-trapping-math")
+#endif
 
 #include <torch/library.h>
 #include <ATen/ATen.h>
