@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Hashable, Mapping, Sequence, TypeVar
@@ -99,14 +100,19 @@ def game_cost(game: Game, *, method: str = "auto") -> int:
 def assign_shards(costs: Sequence[float], num_ranks: int) -> list[list[int]]:
     """Deterministic balanced assignment of items to ranks: items by decreasing cost (ties: lower index first)
     go to the least-loaded rank (ties: lower rank). Returns, per rank, its item indices in increasing order
-    (a rank may get none)."""
-    if not isinstance(num_ranks, int) or num_ranks < 1:
+    (a rank may get none). Costs must be finite and >= 0."""
+    if not isinstance(num_ranks, int) or isinstance(num_ranks, bool) or num_ranks < 1:
         raise ValueError(f"num_ranks: expected a positive int, received {num_ranks!r}")
+    weights = [float(c) for c in costs]
+    for i, weight in enumerate(weights):
+        # a NaN never compares smaller, so one would pile every later item onto the same rank
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"costs[{i}]: expected a finite number >= 0, received {weight!r}")
     loads = [0.0] * num_ranks
     shards: list[list[int]] = [[] for _ in range(num_ranks)]
-    for index in sorted(range(len(costs)), key=lambda i: (-float(costs[i]), i)):
+    for index in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
         target = min(range(num_ranks), key=lambda r: (loads[r], r))
-        loads[target] += float(costs[index])
+        loads[target] += weights[index]
         shards[target].append(index)
     return [sorted(shard) for shard in shards]
 
@@ -114,7 +120,11 @@ def assign_shards(costs: Sequence[float], num_ranks: int) -> list[list[int]]:
 def shard_indices(costs: Sequence[float] | int) -> list[int]:
     """This rank's item indices: ``costs`` per item (or a number of items, all of equal cost), split by
     :func:`assign_shards` over the current world."""
+    if isinstance(costs, bool):
+        raise TypeError(f"costs: expected a number of items >= 0 or one cost per item, received {costs!r}")
     if isinstance(costs, int):
+        if costs < 0:
+            raise ValueError(f"costs: expected a number of items >= 0 or one cost per item, received {costs!r}")
         costs = [1.0] * costs
     return assign_shards(costs, world_size())[rank()]
 

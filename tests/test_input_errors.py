@@ -1,10 +1,12 @@
 """Bad input to the public API gets a ValueError/TypeError that names the argument (no model is loaded)."""
+import json
 import math
 
 import pytest
 import torch
 
 import sftint_fast as sf
+from sftint_fast import distributed as D
 from sftint_fast import plot
 from sftint_fast.cli import main
 from sftint_fast.sft import noise as N
@@ -201,3 +203,49 @@ def test_plot_rejects_a_report_dict_and_a_bad_index(tmp_path):
     with pytest.raises(ValueError, match=r"index: expected a checkpoint index in \[-2, 2\), got 5"):
         plot.plot_orders(report, tmp_path / "orders.png", index=5)
     assert math.isfinite(plot.headline(report)["base_salient"])
+
+
+# ------------------------------------------------------------------------------------ tracker resume
+
+
+def test_tracker_resume_refuses_another_baseline_tensor(tmp_path):
+    run = tmp_path / "run"
+    _plain(out_dir=run, baseline=torch.zeros(4)).add_values(0, _values())
+    assert _plain(out_dir=run, baseline=torch.zeros(4, dtype=torch.float64)).steps == [0]
+    with pytest.raises(ValueError, match=r"another configuration \(differs in \['baseline_sha256'\]; .*"
+                                         r"'baseline_sha256': \('[0-9a-f]{16}', '[0-9a-f]{16}'\)"):
+        _plain(out_dir=run, baseline=torch.ones(4))
+    # a run saved before the digest was recorded resumes with any tensor (its baseline is unknown)
+    config = json.loads((run / "config.json").read_text())
+    del config["baseline_sha256"]
+    (run / "config.json").write_text(json.dumps(config))
+    assert _plain(out_dir=run, baseline=torch.ones(4)).steps == [0]
+
+
+# --------------------------------------------------------------------------------------- distributed
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: D.assign_shards([1.0], True), ValueError, "num_ranks: expected a positive int, received True"),
+    (lambda: D.shard_indices(-2), ValueError, r"costs: expected a number of items >= 0 or one cost per item, received -2"),
+    (lambda: D.shard_indices(True), TypeError, r"costs: expected a number of items >= 0 or one cost per item, received True"),
+    (lambda: D.assign_shards([1.0, NAN], 2), ValueError, r"costs\[1\]: expected a finite number >= 0, received nan"),
+    (lambda: D.assign_shards([1.0, -3.0], 2), ValueError, r"costs\[1\]: expected a finite number >= 0, received -3.0"),
+], ids=["ranks-bool", "count-negative", "count-bool", "cost-nan", "cost-negative"])
+def test_sharding_rejects_bool_ranks_negative_counts_and_bad_costs(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+# ------------------------------------------------------------------------------------------ and_or
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda v: sf.and_or(v, niter=True, progress=False), ValueError, "niter: expected an int >= 0, got True"),
+    (lambda v: sf.and_or(v, niter=2, seed="x", progress=False), TypeError, "seed: expected an int, got str"),
+    (lambda v: sf.and_or(v, niter=2, seed=True, progress=False), TypeError, "seed: expected an int, got bool"),
+    (lambda v: sf.top_interactions(v, True, ["a", "b"]), ValueError, "k: expected an int >= 0, got True"),
+], ids=["niter-bool", "seed-str", "seed-bool", "k-bool"])
+def test_and_or_and_top_interactions_reject_bools_and_non_int_seeds(call, error, message):
+    with pytest.raises(error, match=message):
+        call(torch.tensor([0.0, 1.0, 1.0, 3.0], dtype=torch.float64))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from typing import Literal
 
 import torch
@@ -103,10 +104,12 @@ def and_or(
         raise ValueError(f"v: expected shape (2^n,) or (B, 2^n), got {tuple(v.shape)}")
     if not (isinstance(qthres, (int, float)) and qthres >= 0 and math.isfinite(qthres)):
         raise ValueError(f"qthres: expected a finite number >= 0, got {qthres!r}")
-    if not (isinstance(niter, int) and niter >= 0):
+    if not (isinstance(niter, int) and not isinstance(niter, bool) and niter >= 0):
         raise ValueError(f"niter: expected an int >= 0, got {niter!r}")
     if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr: expected a finite number > 0, got {lr!r}")
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
 
     rows = v.reshape(-1, v.shape[-1])
     if baseline_offset:

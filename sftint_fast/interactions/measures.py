@@ -230,7 +230,7 @@ def top_interactions(
     n = _check(interactions)
     if interactions.dim() > 2:
         raise ValueError(f"I: expected shape (2^n,) or (B, 2^n), got {tuple(interactions.shape)}")
-    if not (isinstance(k, int) and k >= 0):
+    if not (isinstance(k, int) and not isinstance(k, bool) and k >= 0):
         raise ValueError(f"k: expected an int >= 0, got {k!r}")
     rows = interactions.reshape(-1, interactions.shape[-1]).detach().cpu()
     if isinstance(words, str) or not isinstance(words, Sequence):

@@ -187,7 +187,9 @@ class SFTTracker:
         reference: ``(model, tokenizer)`` of a reference model, or its saved interactions (a dict or a
             safetensors path with ``I_and`` and optionally ``I_or`` of shape ``(B, 2^n)``); γ needs one.
         heldout: ``(prompt, answer)`` pairs or batches ``{"input_ids", "labels"}`` for the held-out loss.
-        out_dir: each checkpoint is saved there; a new tracker on the same folder resumes.
+        out_dir: each checkpoint is saved there; a new tracker on the same folder resumes (ValueError when its
+            options differ; a tensor ``baseline`` is compared by the sha256 of its float64 values, except for
+            runs saved before that digest was recorded, which resume with any tensor and a warning).
         noise_floor: ``"order_matched"``, ``"iid"`` or None; ``noise_draws`` draws per checkpoint.
         compute_dtype, engine_method: passed to :func:`sftint_fast.evaluate`.
         min_base_py: probes whose base target probability is lower are dropped at the base checkpoint.
@@ -588,8 +590,12 @@ class SFTTracker:
     # -------------------------------------------------------------------------------------- persistence
 
     def _config_blob(self) -> dict[str, Any]:
-        return {"tracker": asdict(self.config), "probes": [asdict(p) for p in self.probes],
+        blob = {"tracker": asdict(self.config), "probes": [asdict(p) for p in self.probes],
                 "heldout": _digest(self._heldout), "reference": _describe_reference(self._reference_source)}
+        if isinstance(self._baseline, torch.Tensor):
+            # the config records only "tensor"; the digest tells a resumed run's tensor from another one
+            blob["baseline_sha256"] = _tensor_digest(self._baseline)
+        return blob
 
     def _open_out_dir(self) -> None:
         out = self.out_dir
@@ -601,12 +607,19 @@ class SFTTracker:
                 _atomic_write_text(path, json.dumps(blob, indent=1))
             return
         saved = json.loads(path.read_text())
+        if ("baseline_sha256" in blob and "baseline_sha256" not in saved
+                and saved.get("tracker", {}).get("baseline") == "tensor"):
+            logger.warning("out_dir %s: saved without the digest of its baseline tensor (an older run); the given "
+                           "baseline tensor cannot be checked against it", out)
+            del blob["baseline_sha256"]
         if saved != blob:
             diff = sorted(k for k in set(saved) | set(blob) if saved.get(k) != blob.get(k))
             detail = {}
             if "tracker" in diff:
                 detail = {k: (saved["tracker"].get(k), blob["tracker"].get(k)) for k in blob["tracker"]
                           if saved["tracker"].get(k) != blob["tracker"].get(k)}
+            if "baseline_sha256" in diff:
+                detail["baseline_sha256"] = (saved.get("baseline_sha256"), blob.get("baseline_sha256"))
             raise ValueError(f"out_dir {out}: holds a run with another configuration (differs in {diff}; "
                              f"tracker options (saved, given): {detail}); use a new out_dir")
         self._load_saved()
@@ -765,6 +778,14 @@ def _digest(items: Any) -> str | None:
     if items is None:
         return None
     return hashlib.sha256(repr([x if isinstance(x, (tuple, list, str)) else sorted(x) for x in items]).encode()).hexdigest()[:16]
+
+
+def _tensor_digest(x: torch.Tensor) -> str:
+    """sha256 of the shape and float64 values: equal values give equal digests whatever the dtype or device."""
+    values = x.detach().to("cpu", torch.float64).contiguous()
+    digest = hashlib.sha256(repr(tuple(values.shape)).encode())
+    digest.update(values.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _json_safe(x: Any) -> Any:
