@@ -8,14 +8,12 @@ Quick: n=6 on a short QA prompt. ``--full``: n=8 and 10 on the QA prompt and on 
 players spread through it. Reports times, the plan's ideal token ratio, measured ratios and each method's peak RSS;
 asserts only that what it timed agrees.
 """
-import threading
-import time
 from unittest import mock
 
-import psutil
 import pytest
 import torch
 
+from sftint_fast.bench import measure
 from sftint_fast.engine.naive import evaluate_naive
 from sftint_fast.engine import trie as trie_module
 from sftint_fast.engine.plan import plan_trie
@@ -65,26 +63,9 @@ def _lab_style(model, game: Game, subsets: torch.Tensor) -> torch.Tensor:
 
 
 def _timed(fn):
-    """(result, seconds, peak RSS bytes above the starting RSS), RSS sampled every 5 ms on a side thread."""
-    proc = psutil.Process()
-    start_rss = proc.memory_info().rss
-    peak = [start_rss]
-    done = threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.005)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    start = time.perf_counter()
+    """(result, seconds, peak RSS bytes above the starting RSS) of ``fn()`` under no_grad (sampled every 5 ms)."""
     with torch.no_grad():
-        result = fn()
-    seconds = time.perf_counter() - start
-    done.set()
-    thread.join()
-    return result, seconds, peak[0] - start_rss
+        return measure(fn)
 
 
 @pytest.mark.parametrize("layout,n,needs_full", CASES, ids=[f"{c[0]}-n{c[1]}" for c in CASES])

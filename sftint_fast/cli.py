@@ -49,6 +49,19 @@ def _run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_game_args(p: argparse.ArgumentParser, n_players_help: str = "") -> None:
+    """The options that turn a prompt into a game (``explain`` and ``bench``)."""
+    p.add_argument("--players", default="all", help="'all' or comma-separated word indices, e.g. 0,2,5")
+    p.add_argument("--n-players", type=_int_at_least(1), default=None,
+                   help="keep N content words as players (the first N, or the last with --pick last)"
+                        + n_players_help)
+    p.add_argument("--pick", choices=["first", "last"], default="first",
+                   help="with --n-players: keep the first or the last N content words")
+    p.add_argument("--target", default=None, help="answer text (teacher-forced); default: the greedy next token")
+    p.add_argument("--chat", action="store_true", help="wrap the text in the tokenizer's chat template")
+    p.add_argument("--masking", choices=["embedding", "attention"], default="embedding")
+
+
 def _add_explain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("explain", help="AND interactions and Shapley values of the words of one prompt (or many)")
     p.add_argument("--model", default="default", help="a local HF model folder, 'default' (SmolLM2) or 'gemma'")
@@ -56,11 +69,7 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     source.add_argument("--text", help="the prompt")
     source.add_argument("--file", help='JSONL, one prompt a row: {"prompt": ..., "players"?: ..., "target"?: ...}; '
                                        "evaluated across the ranks under torchrun, resumable from <out>/shards")
-    p.add_argument("--players", default="all", help="'all' or comma-separated word indices, e.g. 0,2,5")
-    p.add_argument("--n-players", type=_int_at_least(1), default=None, help="keep the first N content words as players")
-    p.add_argument("--target", default=None, help="answer text (teacher-forced); default: the greedy next token")
-    p.add_argument("--chat", action="store_true", help="wrap the text in the tokenizer's chat template")
-    p.add_argument("--masking", choices=["embedding", "attention"], default="embedding")
+    _add_game_args(p)
     p.add_argument("--method", choices=["auto", "naive", "trie"], default="auto")
     p.add_argument("--out", default=None, help="folder for v, interactions, config.json and interactions.png "
                                                "(with --file: one subfolder prompt_<i> per row)")
@@ -146,7 +155,8 @@ def _run_explain(args: argparse.Namespace) -> int:
     try:
         model, tokenizer = load_model(args.model)
         games = [sf.Game.from_text(model, tokenizer, text, players=players, n_players=args.n_players, target=target,
-                                   chat=args.chat, masking=args.masking) for text, players, target in requests]
+                                   chat=args.chat, masking=args.masking, pick=args.pick)
+                 for text, players, target in requests]
         if args.file is None and not distributed.is_distributed():
             values = [sf.evaluate(model, games[0], method=args.method, progress=True).cpu()]
         else:
@@ -194,7 +204,8 @@ def _explain_one(args: argparse.Namespace, tokenizer, text: str, game, v, out) -
     _atomic_write(out / "interactions.safetensors",
                   lambda tmp: save_file({"and": interactions.contiguous(), "shapley": phi.contiguous()}, tmp))
     config = {
-        "model": args.model, "text": text, "chat": args.chat, "masking": args.masking,
+        "model": args.model, "text": text, "chat": args.chat, "masking": args.masking, "n_players": args.n_players,
+        "pick": args.pick,
         "method": args.method, "words": list(game.words), "player_spans": [list(s) for s in game.player_spans],
         "input_ids": game.input_ids.tolist(), "target": game.target.tolist(),
         "target_text": tokenizer.decode(game.target), "value": "log_odds",
@@ -256,8 +267,106 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCH_PLAYERS = 6
+BENCH_TEXT = "Question: Which famous old city is the capital of France, the large country in western Europe? Answer:"
+
+
+def _engine_list(text: str) -> list[str]:
+    """An argparse ``type`` for ``--engines``: comma-separated names of :data:`sftint_fast.bench.ENGINES`."""
+    from sftint_fast.bench import ENGINES
+
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = [x for x in names if x not in ENGINES]
+    if not names or unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated names from {', '.join(ENGINES)}, "
+                                         f"received {text!r}")
+    return names
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="time naive vs trie on your model and prompt (speedup, ideal ratio, memory, "
+                                     "exactness)")
+    p.add_argument("--model", default="default", help="a local HF model folder, 'default' (SmolLM2) or 'gemma'")
+    p.add_argument("--text", default=BENCH_TEXT, help="the prompt (default: a short QA prompt)")
+    _add_game_args(p, f" (default {BENCH_PLAYERS} with --players all)")
+    p.add_argument("--engines", type=_engine_list, default=["naive", "trie"],
+                   help="comma-separated, the first is the reference: naive, trie, trie-torch, trie-triton "
+                        "(default naive,trie)")
+    p.add_argument("--sample", type=_int_at_least(1), default=None,
+                   help="time this many random variants (distinct bitmasks) instead of all 2^n")
+    p.add_argument("--seed", type=int, default=0, help="seed of --sample")
+    p.add_argument("--repeat", type=_int_at_least(1), default=1, help="timed runs per engine (the median is shown)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="the model's weights dtype (bfloat16/float16 on a GPU)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
+    p.add_argument("--threads", type=_int_at_least(1), default=None, help="CPU threads (torch.set_num_threads)")
+    p.add_argument("--out", default=None, help="write the report as JSON here (with its config)")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    import sftint_fast as sf
+    from sftint_fast.bench import compare_engines, format_report, sample_subsets
+    from sftint_fast.interactions.result import _atomic_write
+    from sftint_fast.models import load_model
+    from sftint_fast.players import is_content_word
+
+    try:
+        players = _parse_players(args.players)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (ValueError, RuntimeError) as err:
+        print(f"--{err}" if isinstance(err, ValueError) else f"--device: {err}", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"--device: expected cpu (no CUDA device here), received {args.device!r}", file=sys.stderr)
+        return 2
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
+    model = model.to(device)
+    options = {"target": args.target, "chat": args.chat, "masking": args.masking, "pick": args.pick}
+    try:
+        game = sf.Game.from_text(model, tokenizer, args.text, players=players, n_players=args.n_players, **options)
+        if args.n_players is None and players == "words" and game.num_players > BENCH_PLAYERS:
+            # the default: the first BENCH_PLAYERS content words (the first words when there are too few of those)
+            content = sum(map(is_content_word, game.words))
+            every = list(range(game.num_players))
+            players = ("words" if content >= BENCH_PLAYERS else
+                       every[:BENCH_PLAYERS] if args.pick == "first" else every[-BENCH_PLAYERS:])
+            game = sf.Game.from_text(model, tokenizer, args.text, players=players,
+                                     n_players=BENCH_PLAYERS if players == "words" else None, **options)
+    except ValueError as err:
+        print(f"sftint bench: {err}", file=sys.stderr)
+        return 2
+    subsets = None
+    if args.sample is not None:
+        total = 1 << game.num_players
+        if args.sample > total:
+            print(f"--sample: expected at most 2^{game.num_players} = {total} variants, received {args.sample}",
+                  file=sys.stderr)
+            return 2
+        subsets = sample_subsets(game.num_players, args.sample, seed=args.seed)
+    report = compare_engines(model, game, args.engines, subsets=subsets, repeat=args.repeat, progress=True)
+    report["config"] = {"model": args.model, "text": args.text, "players": args.players, "n_players": game.num_players,
+                        "pick": args.pick, "target": args.target, "chat": args.chat, "masking": args.masking,
+                        "engines": args.engines,
+                        "sample": args.sample, "seed": args.seed, "dtype": args.dtype}
+    print(format_report(report))
+    if args.out is not None:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2), encoding="utf-8"))
+        print(f"wrote {out}")
+    return 0
+
+
 # Subcommands register here, in the order `sftint --help` lists them.
-_COMMANDS = [_add_info, _add_explain, _add_track, _add_demo]
+_COMMANDS = [_add_info, _add_explain, _add_track, _add_demo, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

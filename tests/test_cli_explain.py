@@ -43,6 +43,8 @@ def test_explain_n_players_chat_and_bad_players(model_dir, capsys):
     assert main(["explain", "--model", str(model_dir), "--text", TEXT, "--n-players", "2", "--chat", "--top", "3"]) == 0
     shapley_lines = capsys.readouterr().out.split("Shapley values:")[1].split()
     assert shapley_lines[1::2] == ["big", "cat"]  # the first two content words
+    assert main(["explain", "--model", str(model_dir), "--text", TEXT, "--n-players", "2", "--pick", "last"]) == 0
+    assert capsys.readouterr().out.split("Shapley values:")[1].split()[1::2] == ["sat", "mat"]  # the last two
     assert main(["explain", "--model", str(model_dir), "--text", TEXT, "--players", "a,b"]) == 2
     with pytest.raises(ValueError, match="model"):
         main(["explain", "--model", str(model_dir / "missing"), "--text", TEXT])

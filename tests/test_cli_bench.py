@@ -1,0 +1,140 @@
+"""`sftint bench` and `sftint_fast.bench`: the engines timed side by side on a tiny random model."""
+import json
+from unittest import mock
+
+import pytest
+import torch
+
+import sftint_fast as sf
+from sftint_fast import bench
+from sftint_fast.cli import main
+from sftint_fast.engine.plan import plan_trie
+from sftint_fast.game import Game
+
+from conftest import requires_triton, tiny_model
+from word_tokenizer import word_tokenizer
+
+TEXT = "the big cat sat on the mat and the dog ran"
+
+
+@pytest.fixture(scope="module")
+def game_and_model():
+    model = tiny_model("llama")
+    return Game.from_text(model, word_tokenizer(), TEXT, players=[1, 2, 3, 6, 9]), model
+
+
+def test_bench_cli_writes_a_consistent_report(model_dir, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--model", str(model_dir), "--text", TEXT, "--engines", "naive,trie,trie-torch",
+               "--sample", "20", "--seed", "3", "--repeat", "2", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "ideal ratio" in printed and "trie/torch" in printed and "trie-torch" in printed
+    report = json.loads(out.read_text())
+    assert report["reference"] == "naive" and list(report["engines"]) == ["naive", "trie", "trie-torch"]
+    assert report["game"]["variants"] == 20 and report["game"]["num_players"] == 6  # default: first 6 content words
+    assert report["config"]["sample"] == 20 and report["config"]["engines"] == ["naive", "trie", "trie-torch"]
+
+    model, tok = tiny_model("llama"), word_tokenizer()
+    game = Game.from_text(model, tok, TEXT, players="words", n_players=6)
+    assert report["game"]["words"] == list(game.words)
+    subsets = bench.sample_subsets(6, 20, seed=3)
+    assert report["plan"]["ideal_ratio"] == pytest.approx(plan_trie(game, subsets=subsets).ideal_ratio)
+    naive_s = report["engines"]["naive"]["seconds"]
+    for name, entry in report["engines"].items():
+        assert len(entry["runs"]) == 2 and entry["seconds"] > 0
+        assert entry["speedup"] == pytest.approx(naive_s / entry["seconds"])
+        assert entry["variants_per_s"] == pytest.approx(20 / entry["seconds"])
+        assert entry["max_abs_diff"] < 1e-5, name
+        assert entry["backend"] == (None if name == "naive" else "torch")
+
+
+def test_compare_engines_reports_a_wrong_engine(game_and_model):
+    game, model = game_and_model
+    real = sf.engine.evaluate
+
+    def skewed(model, game, **kwargs):  # a broken trie: off by 0.5 on every variant after the first
+        v = real(model, game, **kwargs)
+        return v + 0.5 * (torch.arange(v.numel()) > 0) if kwargs["method"] == "trie" else v
+
+    with mock.patch("sftint_fast.engine.evaluate", skewed):
+        report = bench.compare_engines(model, game, ["naive", "trie"], warmup=False)
+    assert report["engines"]["naive"]["max_abs_diff"] == 0
+    assert report["engines"]["trie"]["max_abs_diff"] == pytest.approx(0.5, abs=1e-5)
+    assert report["game"]["variants"] == 32
+
+
+def test_compare_engines_uses_the_first_engine_as_reference(game_and_model):
+    game, model = game_and_model
+    subsets = torch.tensor([0, 5, 31])
+    report = bench.compare_engines(model, game, ["trie", "naive"], subsets=subsets)
+    assert report["reference"] == "trie" and report["engines"]["trie"]["speedup"] == 1.0
+    assert report["engines"]["naive"]["max_abs_diff"] < 1e-5
+    assert "against 'trie'" in bench.format_report(report)
+
+
+@requires_triton
+def test_compare_engines_with_the_triton_kernel(game_and_model):
+    game, model = game_and_model
+    report = bench.compare_engines(model, game, ["naive", "trie-triton"], subsets=torch.tensor([0, 7, 18, 31]))
+    assert report["engines"]["trie-triton"]["backend"] == "triton"
+    assert report["engines"]["trie-triton"]["max_abs_diff"] < 1e-5
+
+
+def test_sample_subsets_distinct_sorted_reproducible():
+    a = bench.sample_subsets(10, 100, seed=1)
+    assert a.dtype == torch.int64 and a.numel() == 100 and a.unique().numel() == 100
+    assert bool((a[1:] > a[:-1]).all()) and int(a.max()) < 1024
+    assert torch.equal(a, bench.sample_subsets(10, 100, seed=1))
+    assert not torch.equal(a, bench.sample_subsets(10, 100, seed=2))
+    big = bench.sample_subsets(40, 50, seed=0)  # drawn without a 2^40 permutation
+    assert big.unique().numel() == 50 and int(big.max()) < 1 << 40
+    assert torch.equal(bench.sample_subsets(3, 8), torch.arange(8))
+
+
+@pytest.mark.parametrize("engines,repeat,match", [
+    ("naive", 1, "non-empty list"), ([], 1, "non-empty list"), (["naive", "fast"], 1, r"received \['fast'\]"),
+    (["trie", "trie"], 1, "each engine once"), (["naive"], 0, "repeat: expected an int >= 1"),
+    (["naive"], True, "repeat: expected an int >= 1"),
+])
+def test_compare_engines_rejects_bad_options(game_and_model, engines, repeat, match):
+    game, model = game_and_model
+    with pytest.raises(ValueError, match=match):
+        bench.compare_engines(model, game, engines, repeat=repeat)
+
+
+def test_compare_engines_rejects_bad_subsets(game_and_model):
+    game, model = game_and_model
+    with pytest.raises(TypeError, match="subsets: expected a 1-D int64 tensor of bitmasks, received list"):
+        bench.compare_engines(model, game, subsets=[0, 1])
+    with pytest.raises(ValueError, match=r"count: expected an int in \[1, 2\^4 = 16\], received 17"):
+        bench.sample_subsets(4, 17)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--engines", "naive,fast"], "--engines: expected distinct comma-separated names"),
+    (["--engines", "naive,naive"], "--engines: expected distinct comma-separated names"),
+    (["--repeat", "0"], "--repeat: expected an int >= 1, received '0'"),
+    (["--sample", "-3"], "--sample: expected an int >= 1"),
+])
+def test_bench_cli_rejects_bad_arguments_before_loading(argv, message, capsys):
+    with mock.patch("sftint_fast.models.load_model", side_effect=AssertionError("loaded a model")):
+        with pytest.raises(SystemExit) as exc:
+            main(["bench", *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--sample", "100"], "--sample: expected at most 2^6 = 64 variants, received 100"),
+    (["--n-players", "30"], "n_players: expected at most"),
+    (["--players", "1,x"], "players: expected 'all' or comma-separated word indices"),
+])
+def test_bench_cli_reports_bad_game_options(model_dir, argv, message, capsys):
+    rc = main(["bench", "--model", str(model_dir), "--text", TEXT, *argv])
+    assert rc == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_bench_cli_cuda_without_a_device(model_dir, capsys):
+    rc = main(["bench", "--model", str(model_dir), "--text", TEXT, "--device", "cuda"])
+    assert rc == 2 and "expected cpu (no CUDA device here)" in capsys.readouterr().err
