@@ -216,6 +216,29 @@ def _explain_one(args: argparse.Namespace, tokenizer, text: str, game, v, out) -
     print(f"wrote {out}/v.safetensors, interactions.safetensors, config.json, interactions.png")
 
 
+#: ``sftint track`` options forwarded to :class:`~sftint_fast.sft.tracker.SFTTracker` when given (flag, keyword,
+#: argparse keywords); left out, the tracker's own default applies (and the tracker validates every value).
+_TRACK_OPTIONS = [
+    ("--tau", "tau", {"type": float, "help": "salience threshold, a share of max |I| (default 0.05)"}),
+    ("--threshold-reference", "threshold_reference", {"choices": ["base", "checkpoint", "absolute"]}),
+    ("--qthres", "qthres", {"type": float, "help": "AND-OR noise bound, a share of |v(N) - v(empty)| (default 0.04)"}),
+    ("--niter", "andor_niter", {"type": _int_at_least(0), "help": "SGD iterations of the AND-OR decomposition"}),
+    ("--andor-lr", "andor_lr", {"type": _positive_float}),
+    ("--baseline", "baseline", {"choices": ["pad", "unk"], "help": "masking baseline embedding (default pad)"}),
+    ("--target", "target", {"choices": ["base", "answer"],
+                            "help": "base: the base model's greedy answer; answer: each probe's answer"}),
+    ("--chat", "chat", {"action": "store_const", "const": True, "help": "wrap probes in the chat template"}),
+    ("--hysteresis", "hysteresis", {"action": "store_const", "const": True}),
+    ("--persistence", "persistence", {"type": _int_at_least(1), "help": "checkpoints a change must persist"}),
+    ("--noise-draws", "noise_draws", {"type": _int_at_least(1)}),
+    ("--bootstrap", "bootstrap", {"type": _int_at_least(1)}),
+    ("--min-base-py", "min_base_py", {"type": float, "help": "drop probes whose base target probability is lower"}),
+    ("--compute-dtype", "compute_dtype", {"choices": ["float32", "tf32", "bfloat16", "auto"]}),
+    ("--engine", "engine_method", {"choices": ["auto", "naive", "trie"]}),
+    ("--seed", "seed", {"type": int}),
+]
+
+
 def _add_track(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("track", help="track interactions over saved SFT checkpoints (resumable)")
     p.add_argument("--base", required=True, help="base model folder (step 0)")
@@ -225,15 +248,27 @@ def _add_track(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run folder (resumes when it exists)")
     p.add_argument("--n-players", type=_int_at_least(1), default=8)
     p.add_argument("--andor-method", choices=["sgd", "lp", "and"], default="sgd")
-    p.add_argument("--noise-floor", choices=["order_matched", "iid"], default="order_matched")
+    p.add_argument("--noise-floor", choices=["order_matched", "iid", "none"], default="order_matched")
+    p.add_argument("--heldout", default=None, help='JSONL of {"prompt", "answer"} rows: the held-out loss per checkpoint')
+    p.add_argument("--device", default=None, help="where checkpoints run: cpu or cuda[:i] (default: cuda when available)")
+    for flag, _, kwargs in _TRACK_OPTIONS:
+        p.add_argument(flag, default=None, **kwargs)
     p.set_defaults(func=_run_track)
 
 
 def _run_track(args: argparse.Namespace) -> int:
     from sftint_fast.sft.demo import run_track
 
-    _, md = run_track(args.base, args.checkpoints, args.probes, args.out, reference=args.reference,
-                      n_players=args.n_players, andor_method=args.andor_method, noise_floor=args.noise_floor)
+    options = {key: getattr(args, flag[2:].replace("-", "_")) for flag, key, _ in _TRACK_OPTIONS}
+    options = {key: value for key, value in options.items() if value is not None}
+    try:
+        _, md = run_track(args.base, args.checkpoints, args.probes, args.out, reference=args.reference,
+                          n_players=args.n_players, andor_method=args.andor_method,
+                          noise_floor=None if args.noise_floor == "none" else args.noise_floor,
+                          heldout=args.heldout, device=args.device, **options)
+    except (ValueError, TypeError) as err:  # a bad option, file or checkpoint: the tracker's own message
+        print(f"sftint track: {err}", file=sys.stderr)
+        return 2
     print(f"report: {md}")
     return 0
 

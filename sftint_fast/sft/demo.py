@@ -72,27 +72,46 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
 
 
 def run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str | os.PathLike, *,
-              reference: str | None = None, n_players: int = 8, andor_method: str = "sgd", **options: Any
+              reference: str | None = None, n_players: int = 8, andor_method: str = "sgd",
+              heldout: str | os.PathLike | None = None, device: str | torch.device | None = None, **options: Any
               ) -> tuple[TrackReport, Path]:
-    """Tracks saved checkpoints (folders loadable with ``from_pretrained``) in step order; resumable."""
+    """Tracks saved checkpoints (folders loadable with ``from_pretrained``) in step order; resumable.
+
+    ``heldout``: a JSONL file of ``{"prompt", "answer"}`` rows, the held-out loss of each checkpoint.
+    ``device``: where each checkpoint (and the reference) runs; None = CUDA when available, else the CPU.
+    ``options``: further :class:`~sftint_fast.sft.tracker.SFTTracker` options.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from sftint_fast.plot import write_report
 
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: expected cpu (no CUDA device here), got {str(device)!r}")
     paths = sorted({p for pattern in checkpoints for p in glob.glob(pattern)} or set(checkpoints), key=_step_of)
     if not paths:
         raise ValueError(f"checkpoints: expected folders, got nothing for {list(checkpoints)}")
+    missing = [p for p in [base, *paths] + ([reference] if reference else []) if not Path(p).is_dir()]
+    if missing:
+        raise ValueError(f"checkpoints: expected model folders, got paths that are not folders: {missing}")
+    pairs = None
+    if heldout is not None:
+        rows = load_probes(heldout)
+        unanswered = [i for i, row in enumerate(rows) if not row.answer]
+        if unanswered:
+            raise ValueError(f"heldout {heldout}: expected an \"answer\" in every row, got none in rows {unanswered[:10]}")
+        pairs = [(row.prompt, row.answer) for row in rows]
     tokenizer = AutoTokenizer.from_pretrained(base)
     ref = None
     if reference is not None:
-        ref = (AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32),
+        ref = (AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).to(device),
                AutoTokenizer.from_pretrained(reference))
     tracker = SFTTracker(load_probes(probes_path), tokenizer, n_players=n_players, andor_method=andor_method,
-                         reference=ref, out_dir=Path(out) / "tracker", **options)
+                         reference=ref, heldout=pairs, out_dir=Path(out) / "tracker", **options)
     for step, path in [(0, base)] + [(_step_of(p), p) for p in paths]:
         if step in tracker.steps:
             continue
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
         tracker.add_checkpoint(model, step)
         del model
     report = tracker.report()

@@ -205,6 +205,9 @@ def sft_example(tokenizer: Any, prompt: str, answer: str, *, max_length: int = 9
     """Chat SFT example: ``input_ids`` of ``[user, assistant]`` and ``labels`` = -100 on the prompt prefix."""
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
         raise ValueError(f"max_length: expected an int >= 1, got {max_length!r}")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("tokenizer: expected a chat template (SFT and held-out examples are user/assistant chats), "
+                         f"got a {type(tokenizer).__name__} without one")
     head = prompt_ids(tokenizer, prompt, chat=True)
     full = tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}])
     full = list(full["input_ids"] if hasattr(full, "keys") else full)

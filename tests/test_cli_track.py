@@ -1,0 +1,141 @@
+"""`sftint track` over saved checkpoint folders of a tiny random llama: options, resume, refusals."""
+import copy
+import json
+
+import pytest
+import torch
+
+import sftint_fast.engine
+from conftest import tiny_model
+from dist_scripts.sft_callback import make_tokenizer
+from sftint_fast.cli import main
+from sftint_fast.sft.probes import sft_example
+from sftint_fast.sft.tracker import SFTTracker
+
+PROMPTS = ["the big cat sat on the red mat", "a small dog did run over the blue river",
+           "what is the capital city of france", "why did the cow jump"]
+CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+                 "{% if add_generation_prompt %}<s> assistant {% endif %}")
+FAST = ["--n-players", "3", "--andor-method", "and", "--min-base-py", "0", "--bootstrap", "20", "--noise-draws", "1"]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """base/ and ckpt/checkpoint-{10,20,30}/ (each a small random step from the previous), probes.jsonl."""
+    root = tmp_path_factory.mktemp("track")
+    tok = make_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE  # the held-out loss is computed on chats
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(7)
+    models = [model]
+    for _ in range(3):
+        m = copy.deepcopy(models[-1])
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+        models.append(m)
+    for name, m in zip(["base", "ckpt/checkpoint-10", "ckpt/checkpoint-20", "ckpt/checkpoint-30"], models):
+        m.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    (root / "probes.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS) + "\n")
+    (root / "heldout.jsonl").write_text(json.dumps({"prompt": "the big cat", "answer": "sat on the mat"}) + "\n")
+    return root, models
+
+
+def _track(root, out, checkpoints, *extra):
+    return main(["track", "--base", str(root / "base"), "--checkpoints", *checkpoints, "--probes",
+                 str(root / "probes.jsonl"), "--out", str(out), *FAST, *extra])
+
+
+def test_track_cli_matches_the_tracker_and_resumes(folders, tmp_path, monkeypatch, capsys):
+    root, models = folders
+    out = tmp_path / "run"
+    rc = _track(root, out, [str(root / "ckpt" / "checkpoint-1*"), str(root / "ckpt" / "checkpoint-20")],
+                "--tau", "0.1", "--noise-floor", "none", "--seed", "3", "--heldout", str(root / "heldout.jsonl"),
+                "--device", "cpu")
+    assert rc == 0, capsys.readouterr().err
+    assert f"report: {out / 'report.md'}" in capsys.readouterr().out
+    config = json.loads((out / "tracker" / "config.json").read_text())["tracker"]
+    assert config["tau"] == 0.1 and config["n_players"] == 3 and config["noise_floor"] is None and config["seed"] == 3
+    assert config["andor_method"] == "and" and config["persistence"] == 3  # not given: the tracker's default
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == [0, 10, 20]
+
+    # the same run in Python on the models themselves gives the same report
+    tok = make_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    tracker = SFTTracker(PROMPTS, tok, n_players=3, andor_method="and", min_base_py=0.0, bootstrap=20,
+                         noise_draws=1, tau=0.1, noise_floor=None, seed=3, progress=False,
+                         heldout=[("the big cat", "sat on the mat")])
+    for step, model in zip([0, 10, 20], models):
+        tracker.add_checkpoint(model, step)
+    expected = tracker.report().to_dict()
+    for key in ("and/removed", "and/preserved", "and/emerged", "p_y_mean", "heldout_loss"):
+        assert report["curves"][key] == pytest.approx(expected["curves"][key], rel=1e-5), key
+    assert None not in report["curves"]["heldout_loss"]
+
+    # resuming with one more checkpoint evaluates only that one
+    calls = []
+    real = sftint_fast.engine.evaluate_games
+    monkeypatch.setattr(sftint_fast.engine, "evaluate_games", lambda m, g, **k: calls.extend(g) or real(m, g, **k))
+    rc = _track(root, out, [str(root / "ckpt" / "checkpoint-*")], "--tau", "0.1", "--noise-floor", "none", "--seed",
+                "3", "--heldout", str(root / "heldout.jsonl"))
+    assert rc == 0
+    assert json.loads((out / "report.json").read_text())["steps"] == [0, 10, 20, 30]
+    assert len(calls) == len(PROMPTS)  # the probes of checkpoint 30 only (no noise draws evaluated by the engine)
+
+
+def test_track_cli_refuses_another_configuration(folders, tmp_path, capsys):
+    root, _ = folders
+    out = tmp_path / "run"
+    assert _track(root, out, [str(root / "ckpt" / "checkpoint-10")]) == 0
+    capsys.readouterr()
+    assert _track(root, out, [str(root / "ckpt" / "checkpoint-10")], "--tau", "0.2") == 2
+    err = capsys.readouterr().err
+    assert "sftint track: out_dir" in err and "another configuration" in err and "tau" in err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--tau", "1.5"], "tau: expected a number in the open interval (0, 1)"),
+    (["--min-base-py", "2"], "min_base_py: expected a number in [0, 1]"),
+    (["--device", "cuda"], "device: expected cpu (no CUDA device here)"),
+])
+def test_track_cli_reports_bad_options(folders, tmp_path, extra, message, capsys):
+    if extra[0] == "--device" and torch.cuda.is_available():
+        pytest.skip("checks the message on a machine without CUDA")
+    root, _ = folders
+    assert _track(root, tmp_path / "run", [str(root / "ckpt" / "checkpoint-10")], *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run" / "tracker" / "config.json").exists()
+
+
+def test_track_cli_reports_bad_files(folders, tmp_path, capsys):
+    root, _ = folders
+    (tmp_path / "heldout.jsonl").write_text(json.dumps({"prompt": "the big cat"}) + "\n")
+    assert _track(root, tmp_path / "a", [str(root / "ckpt" / "checkpoint-10")], "--heldout",
+                  str(tmp_path / "heldout.jsonl")) == 2
+    assert 'expected an "answer" in every row, got none in rows [0]' in capsys.readouterr().err
+    with pytest.raises(ValueError, match="tokenizer: expected a chat template"):
+        sft_example(make_tokenizer(), "the big cat", "sat")
+    (tmp_path / "checkpoint-40").write_text("not a folder")
+    assert _track(root, tmp_path / "b", [str(tmp_path / "checkpoint-40")]) == 2
+    assert "expected model folders, got paths that are not folders" in capsys.readouterr().err
+
+
+def test_track_cli_refuses_a_checkpoint_of_another_model(folders, tmp_path, capsys):
+    root, _ = folders
+    other = tmp_path / "ckpt" / "checkpoint-50"
+    tiny_model("llama", vocab_size=160).save_pretrained(other)
+    assert _track(root, tmp_path / "run", [str(other)]) == 2
+    assert "model: expected the base model's architecture" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--niter", "-1"], "--niter: expected an int >= 0"),
+    (["--persistence", "0"], "--persistence: expected an int >= 1"),
+    (["--baseline", "zero"], "--baseline: invalid choice"),
+])
+def test_track_cli_rejects_bad_arguments_before_loading(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["track", "--base", "b", "--checkpoints", "c", "--probes", "p", "--out", "o", *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
