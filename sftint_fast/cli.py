@@ -62,9 +62,28 @@ def _add_game_args(p: argparse.ArgumentParser, n_players_help: str = "") -> None
     p.add_argument("--masking", choices=["embedding", "attention"], default="embedding")
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    """Which model, in which dtype, on which device (``explain`` and ``bench``)."""
+    p.add_argument("--model", default="default", help="a local HF model folder, 'default' (SmolLM2) or 'gemma'")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="the weights' dtype (default float32: bf16 moves v by ~0.06 RMS on SmolLM2)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:<i> (default: cuda when available)")
+
+
+def _load(args: argparse.Namespace):
+    """``(model, tokenizer)`` of ``--model`` in ``--dtype`` on ``--device`` (ValueError for a bad device)."""
+    import torch
+
+    from sftint_fast.models import load_model, resolve_device
+
+    device = resolve_device(args.device)
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
+    return model.to(device), tokenizer
+
+
 def _add_explain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("explain", help="AND interactions and Shapley values of the words of one prompt (or many)")
-    p.add_argument("--model", default="default", help="a local HF model folder, 'default' (SmolLM2) or 'gemma'")
+    _add_model_args(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="the prompt")
     source.add_argument("--file", help='JSONL, one prompt a row: {"prompt": ..., "players"?: ..., "target"?: ...}; '
@@ -142,7 +161,7 @@ def _run_explain(args: argparse.Namespace) -> int:
 
     import sftint_fast as sf
     from sftint_fast import distributed
-    from sftint_fast.models import load_model
+    from sftint_fast.models import resolve_device
 
     try:
         rows = [{"prompt": args.text}] if args.file is None else _read_prompts(args.file)
@@ -151,9 +170,14 @@ def _run_explain(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"--{err}" if args.file is None else f"--file: {err}", file=sys.stderr)
         return 2
+    try:
+        resolve_device(args.device)
+    except ValueError as err:
+        print(f"--{err}", file=sys.stderr)
+        return 2
     owns_group = not distributed.is_distributed() and distributed.init_from_env()
     try:
-        model, tokenizer = load_model(args.model)
+        model, tokenizer = _load(args)
         games = [sf.Game.from_text(model, tokenizer, text, players=players, n_players=args.n_players, target=target,
                                    chat=args.chat, masking=args.masking, pick=args.pick)
                  for text, players, target in requests]
@@ -204,7 +228,8 @@ def _explain_one(args: argparse.Namespace, tokenizer, text: str, game, v, out) -
     _atomic_write(out / "interactions.safetensors",
                   lambda tmp: save_file({"and": interactions.contiguous(), "shapley": phi.contiguous()}, tmp))
     config = {
-        "model": args.model, "text": text, "chat": args.chat, "masking": args.masking, "n_players": args.n_players,
+        "model": args.model, "dtype": args.dtype, "device": str(v.device) if args.device is None else args.device,
+        "text": text, "chat": args.chat, "masking": args.masking, "n_players": args.n_players,
         "pick": args.pick,
         "method": args.method, "words": list(game.words), "player_spans": [list(s) for s in game.player_spans],
         "input_ids": game.input_ids.tolist(), "target": game.target.tolist(),
@@ -249,8 +274,10 @@ def _add_track(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-players", type=_int_at_least(1), default=8)
     p.add_argument("--andor-method", choices=["sgd", "lp", "and"], default="sgd")
     p.add_argument("--noise-floor", choices=["order_matched", "iid", "none"], default="order_matched")
-    p.add_argument("--heldout", default=None, help='JSONL of {"prompt", "answer"} rows: the held-out loss per checkpoint')
-    p.add_argument("--device", default=None, help="where checkpoints run: cpu or cuda[:i] (default: cuda when available)")
+    p.add_argument("--heldout", default=None,
+                   help='JSONL of {"prompt", "answer"} rows: the held-out loss per checkpoint')
+    p.add_argument("--device", default=None,
+                   help="where checkpoints run: cpu, cuda or cuda:<i> (default: cuda when available)")
     for flag, _, kwargs in _TRACK_OPTIONS:
         p.add_argument(flag, default=None, **kwargs)
     p.set_defaults(func=_run_track)
@@ -284,17 +311,25 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--niter", type=_int_at_least(0), default=20000, help="SGD iterations of the AND-OR decomposition")
     p.add_argument("--out", default="sftint-demo")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:<i>: where training and tracking run")
     p.set_defaults(func=_run_demo)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
     import json
 
+    from sftint_fast.models import resolve_device
     from sftint_fast.plot import headline
     from sftint_fast.sft.demo import run_demo
 
+    try:
+        resolve_device(args.device)
+    except ValueError as err:
+        print(f"--{err}", file=sys.stderr)
+        return 2
     report, md = run_demo(args.out, steps=args.steps, probes=args.probes, n_players=args.n_players, every=args.every,
-                          lr=args.lr, andor_method=args.andor_method, andor_niter=args.niter, seed=args.seed)
+                          lr=args.lr, andor_method=args.andor_method, andor_niter=args.niter, seed=args.seed,
+                          device=args.device)
     h = headline(report)
     print(f"report: {md}")
     print(json.dumps({k: v for k, v in h.items() if k != "verdict"}, indent=1, default=str))
@@ -321,7 +356,7 @@ def _engine_list(text: str) -> list[str]:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="time naive vs trie on your model and prompt (speedup, ideal ratio, memory, "
                                      "exactness)")
-    p.add_argument("--model", default="default", help="a local HF model folder, 'default' (SmolLM2) or 'gemma'")
+    _add_model_args(p)
     p.add_argument("--text", default=BENCH_TEXT, help="the prompt (default: a short QA prompt)")
     _add_game_args(p, f" (default {BENCH_PLAYERS} with --players all)")
     p.add_argument("--engines", type=_engine_list, default=["naive", "trie"],
@@ -331,9 +366,6 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="time this many random variants (distinct bitmasks) instead of all 2^n")
     p.add_argument("--seed", type=int, default=0, help="seed of --sample")
     p.add_argument("--repeat", type=_int_at_least(1), default=1, help="timed runs per engine (the median is shown)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="the model's weights dtype (bfloat16/float16 on a GPU)")
-    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
     p.add_argument("--threads", type=_int_at_least(1), default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--out", default=None, help="write the report as JSON here (with its config)")
     p.set_defaults(func=_run_bench)
@@ -348,22 +380,18 @@ def _run_bench(args: argparse.Namespace) -> int:
     import sftint_fast as sf
     from sftint_fast.bench import compare_engines, format_report, sample_subsets
     from sftint_fast.interactions.result import _atomic_write
-    from sftint_fast.models import load_model
+    from sftint_fast.models import resolve_device
     from sftint_fast.players import is_content_word
 
     try:
         players = _parse_players(args.players)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except (ValueError, RuntimeError) as err:
-        print(f"--{err}" if isinstance(err, ValueError) else f"--device: {err}", file=sys.stderr)
-        return 2
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print(f"--device: expected cpu (no CUDA device here), received {args.device!r}", file=sys.stderr)
+        resolve_device(args.device)
+    except ValueError as err:
+        print(f"--{err}", file=sys.stderr)
         return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
-    model = model.to(device)
+    model, tokenizer = _load(args)
     options = {"target": args.target, "chat": args.chat, "masking": args.masking, "pick": args.pick}
     try:
         game = sf.Game.from_text(model, tokenizer, args.text, players=players, n_players=args.n_players, **options)

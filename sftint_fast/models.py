@@ -121,3 +121,24 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32) -> tupl
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
     return model, tokenizer
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """Where a command runs: ``None`` = CUDA when available (the current CUDA device), else the CPU.
+
+    ValueError for a name torch does not know, a CUDA device on a machine without one, or an index past the last.
+    """
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:<index>', received {device!r}") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: expected cpu (no CUDA device here), received {str(device)!r}")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device: expected an index below {torch.cuda.device_count()}, received {str(device)!r}")
+    elif resolved.type != "cpu":
+        raise ValueError(f"device: expected 'cpu', 'cuda' or 'cuda:<index>', received {str(device)!r}")
+    return resolved

@@ -48,3 +48,40 @@ def test_explain_n_players_chat_and_bad_players(model_dir, capsys):
     assert main(["explain", "--model", str(model_dir), "--text", TEXT, "--players", "a,b"]) == 2
     with pytest.raises(ValueError, match="model"):
         main(["explain", "--model", str(model_dir / "missing"), "--text", TEXT])
+
+
+def test_explain_dtype_and_device(model_dir, tmp_path, capsys):
+    out = tmp_path / "bf16"
+    assert main(["explain", "--model", str(model_dir), "--text", TEXT, "--players", "1,2,3", "--dtype", "bfloat16",
+                 "--device", "cpu", "--method", "naive", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and config["device"] == "cpu"
+    saved = load_file(out / "v.safetensors")["v"]
+    values = {}
+    for dtype in (torch.bfloat16, torch.float32):  # the CLI loads with sdpa attention, tiny_model uses eager
+        model = tiny_model("llama").to(dtype)
+        game = Game.from_text(model, word_tokenizer(), TEXT, players=[1, 2, 3])
+        values[dtype] = sf.evaluate(model, game, method="naive", progress=False).float()
+    assert torch.allclose(saved, values[torch.bfloat16], atol=5e-3)
+    assert not torch.allclose(saved, values[torch.float32], atol=1e-5)  # the bf16 model's values, not fp32's
+    capsys.readouterr()
+    for argv, message in [(["--device", "tpu"], "--device: expected 'cpu', 'cuda' or 'cuda:<index>', received 'tpu'"),
+                          (["--dtype", "int8"], "--dtype: invalid choice")]:
+        try:
+            rc = main(["explain", "--model", str(model_dir), "--text", TEXT, *argv])
+        except SystemExit as exc:
+            rc = exc.code
+        assert rc == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:7"])
+def test_resolve_device_without_cuda(device, capsys):
+    from sftint_fast.models import resolve_device
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the messages on a machine without CUDA")
+    assert resolve_device(None) == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="no CUDA device here"):
+        resolve_device(device)
+    rc = main(["demo", "--device", device, "--out", "unused"])  # stops before loading anything
+    assert rc == 2 and "--device: expected cpu (no CUDA device here)" in capsys.readouterr().err

@@ -36,23 +36,33 @@ def _reference() -> tuple[Any, Any] | None:
 def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_players: int = 6, every: int = 4,
              lr: float = 1e-4, batch_size: int = 8, heldout: int = 16, andor_method: str = "sgd",
              andor_niter: int = 20000, seed: int = 0, threads: int | None = None,
-             progress: bool = True) -> tuple[TrackReport, Path]:
-    """SFT of the bundled model with interaction tracking; returns the report and the path of report.md."""
+             progress: bool = True, device: str | torch.device | None = "cpu") -> tuple[TrackReport, Path]:
+    """SFT of the bundled model with interaction tracking; returns the report and the path of report.md.
+
+    ``device``: where training and tracking run (``"cpu"``, the default, as the demo's timings assume; None = CUDA
+    when available).
+    """
     from transformers import Trainer, TrainingArguments
 
     import sftint_fast as sf
+    from sftint_fast.models import resolve_device
     from sftint_fast.plot import write_report
+
+    device = resolve_device(device)
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     out = Path(out)
     model, tokenizer = sf.load_default()
+    model = model.to(device)
     train_pairs, held_pairs = split_pairs(chatterbot_pairs(), heldout_fraction=0.1, seed=seed)
     probe_set = confident_probes(model, tokenizer, count=probes, n_players=n_players, chat=True)
     if not probe_set:
         raise ValueError("demo: no confident probe found in the bundled data")
     reference = _reference()
+    if reference is not None:
+        reference = (reference[0].to(device), reference[1])
     tracker = SFTTracker(probe_set, tokenizer, n_players=n_players, andor_method=andor_method, andor_niter=andor_niter,
                          reference=reference, heldout=held_pairs[:heldout], out_dir=out / "tracker", seed=seed,
                          chat=True, progress=False)
@@ -60,7 +70,7 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
     pad = tokenizer.pad_token_id
     args = TrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=batch_size, max_steps=steps,
                              learning_rate=lr, optim="adamw_torch", logging_steps=1, save_strategy="no", report_to=[],
-                             use_cpu=True, seed=seed, disable_tqdm=not progress, lr_scheduler_type="constant")
+                             use_cpu=device.type == "cpu", seed=seed, disable_tqdm=not progress, lr_scheduler_type="constant")
     model.train()
     trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=lambda b: pad_batch(b, pad))
     sf.InteractionCallback(tracker, every=every).attach(trainer)
@@ -85,9 +95,9 @@ def run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str 
 
     from sftint_fast.plot import write_report
 
-    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: expected cpu (no CUDA device here), got {str(device)!r}")
+    from sftint_fast.models import resolve_device
+
+    device = resolve_device(device)
     paths = sorted({p for pattern in checkpoints for p in glob.glob(pattern)} or set(checkpoints), key=_step_of)
     if not paths:
         raise ValueError(f"checkpoints: expected folders, got nothing for {list(checkpoints)}")
@@ -99,7 +109,8 @@ def run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str 
         rows = load_probes(heldout)
         unanswered = [i for i, row in enumerate(rows) if not row.answer]
         if unanswered:
-            raise ValueError(f"heldout {heldout}: expected an \"answer\" in every row, got none in rows {unanswered[:10]}")
+            raise ValueError(f"heldout {heldout}: expected an \"answer\" in every row, got none in rows "
+                             f"{unanswered[:10]}")
         pairs = [(row.prompt, row.answer) for row in rows]
     tokenizer = AutoTokenizer.from_pretrained(base)
     ref = None
