@@ -187,5 +187,6 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"{label:<12} {e['seconds']:>9.3f} {e['variants_per_s']:>11.1f} {e['speedup']:>7.2f}x "
                      f"{of_ideal:>9} {e['peak_bytes'] / 2**20:>9.1f} {e['max_abs_diff']:>9.2e}")
     lines.append(f"speedup and max|dv| are against {report['reference']!r}; peak memory is above the starting point"
-                 + (" (RSS, sampled)" if report["device"] == "cpu" else " (allocated)"))
+                 + (" (RSS sampled every 5 ms: memory the allocator kept from an earlier engine is not counted "
+                    "again)" if report["device"] == "cpu" else " (allocated)"))
     return "\n".join(lines)

@@ -24,17 +24,23 @@ def _int_at_least(minimum: int):
     return parse
 
 
-def _positive_float(text: str) -> float:
-    """An argparse ``type`` for finite floats > 0."""
+def _positive_float(text: str, minimum_allowed: bool = False) -> float:
+    """An argparse ``type`` for finite floats > 0 (>= 0 with ``minimum_allowed``)."""
     import math
 
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, received {text!r}")
+    if not (math.isfinite(value) and (value > 0 or (minimum_allowed and value == 0))):
+        raise argparse.ArgumentTypeError(f"expected a finite number {'>=' if minimum_allowed else '>'} 0, "
+                                         f"received {text!r}")
     return value
+
+
+def _non_negative_float(text: str) -> float:
+    """An argparse ``type`` for finite floats >= 0."""
+    return _positive_float(text, minimum_allowed=True)
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
@@ -93,10 +99,15 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="folder for v, interactions, config.json and interactions.png "
                                                "(with --file: one subfolder prompt_<i> per row)")
     p.add_argument("--top", type=_int_at_least(0), default=10, help="how many interactions to print and plot")
+    p.add_argument("--andor", choices=["none", "sgd", "lp"], default="none",
+                   help="also the sparse AND-OR decomposition (METHOD.md section 3): sgd or the exact lp")
+    p.add_argument("--qthres", type=_non_negative_float, default=0.04,
+                   help="AND-OR noise bound, a share of |v(N) - v(empty)|")
+    p.add_argument("--niter", type=_int_at_least(0), default=20000, help="SGD iterations of the AND-OR decomposition")
     p.set_defaults(func=_run_explain)
 
 
-def _save_bar_plot(path, ranked) -> None:
+def _save_bar_plot(path, labels: list[str], values: list[float], xlabel: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -104,14 +115,12 @@ def _save_bar_plot(path, ranked) -> None:
 
     from sftint_fast.interactions.result import _atomic_write
 
-    labels = ["{" + ", ".join(r.words) + "}" for r in ranked]
-    values = [r.value for r in ranked]
-    fig, ax = plt.subplots(figsize=(7, 0.4 * len(ranked) + 1.2))
-    ax.barh(range(len(ranked)), values, color=["tab:red" if x < 0 else "tab:blue" for x in values])
-    ax.set_yticks(range(len(ranked)), labels)
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(labels) + 1.2))
+    ax.barh(range(len(labels)), values, color=["tab:red" if x < 0 else "tab:blue" for x in values])
+    ax.set_yticks(range(len(labels)), labels)
     ax.invert_yaxis()
     ax.axvline(0.0, color="black", linewidth=0.8)
-    ax.set_xlabel("AND interaction I(S) of v - v(empty)")
+    ax.set_xlabel(xlabel)
     fig.tight_layout()
     _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
@@ -213,7 +222,8 @@ def _explain_one(args: argparse.Namespace, tokenizer, text: str, game, v, out) -
 
     interactions = sf.harsanyi(v - v[0])
     phi = sf.shapley(v)
-    ranked = sf.top_interactions(interactions, args.top, list(game.words))
+    words = list(game.words)
+    ranked = sf.top_interactions(interactions, args.top, words)
     print(f"target {tokenizer.decode(game.target)!r}: v(N) = {float(v[-1]):+.4f}, v(empty) = {float(v[0]):+.4f}")
     print(f"top {len(ranked)} AND interactions:")
     for r in ranked:
@@ -221,12 +231,29 @@ def _explain_one(args: argparse.Namespace, tokenizer, text: str, game, v, out) -
     print("Shapley values:")
     for word, value in zip(game.words, phi.tolist()):
         print(f"  {value:+10.4f}  {word}")
+    tensors = {"and": interactions.contiguous(), "shapley": phi.contiguous()}
+    bars = (["{" + ", ".join(r.words) + "}" for r in ranked], [r.value for r in ranked],
+            "AND interaction I(S) of v - v(empty)")
+    andor = None
+    if args.andor != "none":
+        andor = sf.and_or(v.double(), method=args.andor, qthres=args.qthres, niter=args.niter, progress=True)
+        both = sorted([("AND", r) for r in sf.top_interactions(andor.I_and, args.top, words)]
+                      + [("OR", r) for r in sf.top_interactions(andor.I_or, args.top, words)],
+                      key=lambda item: -abs(item[1].value))[:args.top]
+        l1_and = float(interactions[1:].abs().sum())
+        l1_andor = float(andor.I_and[1:].abs().sum() + andor.I_or.abs().sum())
+        print(f"AND-OR decomposition ({args.andor}): sum |I| {l1_and:.4f} with AND only -> {l1_andor:.4f}; "
+              f"top {len(both)}:")
+        for kind, r in both:
+            print(f"  {r.value:+10.4f}  {kind:<3} {{{', '.join(r.words)}}}")
+        tensors.update({"andor_and": andor.I_and.float().contiguous(), "andor_or": andor.I_or.float().contiguous()})
+        bars = ([f"{kind} {{{', '.join(r.words)}}}" for kind, r in both], [r.value for _, r in both],
+                "AND-OR interaction of v - v(empty)")
     if out is None:
         return
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / "v.safetensors", lambda tmp: save_file({"v": v.contiguous()}, tmp))
-    _atomic_write(out / "interactions.safetensors",
-                  lambda tmp: save_file({"and": interactions.contiguous(), "shapley": phi.contiguous()}, tmp))
+    _atomic_write(out / "interactions.safetensors", lambda tmp: save_file(tensors, tmp))
     config = {
         "model": args.model, "dtype": args.dtype, "device": str(v.device) if args.device is None else args.device,
         "text": text, "chat": args.chat, "masking": args.masking, "n_players": args.n_players,
@@ -235,9 +262,10 @@ def _explain_one(args: argparse.Namespace, tokenizer, text: str, game, v, out) -
         "input_ids": game.input_ids.tolist(), "target": game.target.tolist(),
         "target_text": tokenizer.decode(game.target), "value": "log_odds",
         "interactions": "harsanyi(v - v[0])", "bit_order": "bit i = player i",
+        "andor": None if andor is None else andor.config,
     }
     _atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2), encoding="utf-8"))
-    _save_bar_plot(out / "interactions.png", ranked)
+    _save_bar_plot(out / "interactions.png", *bars)
     print(f"wrote {out}/v.safetensors, interactions.safetensors, config.json, interactions.png")
 
 

@@ -31,7 +31,8 @@ def test_explain_writes_results(model_dir, tmp_path, capsys):
     assert torch.allclose(saved["and"], sf.harsanyi(saved_v - saved_v[0]))
     assert torch.allclose(saved["shapley"].sum(), saved_v[-1] - saved_v[0], atol=1e-5)
     config = json.loads((out / "config.json").read_text())
-    assert config["words"] == ["big", "cat", "sat", "mat"]
+    assert config["words"] == ["big", "cat", "sat", "mat"] and config["andor"] is None
+    assert set(load_file(out / "interactions.safetensors")) == {"and", "shapley"}
     assert config["target"] == game.target.tolist() and config["input_ids"] == game.input_ids.tolist()
     assert (out / "interactions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
@@ -85,3 +86,25 @@ def test_resolve_device_without_cuda(device, capsys):
         resolve_device(device)
     rc = main(["demo", "--device", device, "--out", "unused"])  # stops before loading anything
     assert rc == 2 and "--device: expected cpu (no CUDA device here)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["lp", "sgd"])
+def test_explain_andor(model_dir, tmp_path, method, capsys):
+    out = tmp_path / method
+    assert main(["explain", "--model", str(model_dir), "--text", TEXT, "--players", "1,2,3,6", "--andor", method,
+                 "--qthres", "0.1", "--niter", "500", "--top", "4", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"AND-OR decomposition ({method})" in printed
+    v = load_file(out / "v.safetensors")["v"]
+    saved = load_file(out / "interactions.safetensors")
+    expected = sf.and_or(v.double(), method=method, qthres=0.1, niter=500, progress=False)
+    assert torch.allclose(saved["andor_and"], expected.I_and.float()) and torch.allclose(saved["andor_or"],
+                                                                                        expected.I_or.float())
+    top = sorted([abs(x) for x in expected.I_and[1:].tolist() + expected.I_or.tolist()], reverse=True)[:4]
+    shown = [abs(float(line.split()[0])) for line in printed.split("top 4:")[1].strip().splitlines()[:4]]
+    assert shown == pytest.approx(top, abs=1e-4)
+    config = json.loads((out / "config.json").read_text())
+    assert config["andor"]["method"] == method and config["andor"]["qthres"] == 0.1
+    with pytest.raises(SystemExit):
+        main(["explain", "--model", str(model_dir), "--text", TEXT, "--andor", method, "--qthres", "-0.1"])
+    assert "--qthres: expected a finite number >= 0, received '-0.1'" in capsys.readouterr().err
