@@ -107,9 +107,9 @@ def test_subsets_reach_only_their_prefixes():
     assert torch.equal(plan.level_nodes[-1][plan.leaf_index], subsets)
     assert plan.trie_tokens == sum(c * n for c, n in zip(plan.node_counts, plan.level_lens))
     assert plan.naive_tokens == len(subsets) * seq_len
-    # Last-level chunks span at most `batch_size` consecutive ids (the KV window's width).
+    # Last-level chunks hold at most `batch_size` leaves, within the KV window's id width
     for chunk in plan.chunks(len(spans)):
-        assert int(chunk[-1] - chunk[0]) < plan.level_chunk_nodes[-1] <= 4
+        assert int(chunk[-1] - chunk[0]) < plan.window_nodes and len(chunk) <= plan.level_chunk_nodes[-1] <= 4
 
 
 def test_memory_plan_chunks_and_errors():
@@ -154,3 +154,29 @@ def test_available_ram_without_psutil(monkeypatch):
     without = available_ram()
     assert 0 < without and abs(without - mem_available) < 512 * 2**20
     assert 0 < default_max_memory(torch.device("cpu")) < without
+
+
+def test_sparse_leaves_fill_their_chunks():
+    """Sampled subsets leave the last level's ids sparse: its KV window widens by their sparsity, so the leaves go
+    in full chunks (one pass here) instead of one narrow id range (and pass) each."""
+    from sftint_fast.bench import sample_subsets
+
+    seq_len, spans = 40, tuple((2 + 3 * i, 4 + 3 * i) for i in range(10))
+    game = layout(seq_len, spans)
+    subsets = sample_subsets(10, 48, seed=0)
+    plan = plan_trie(game, subsets=subsets)
+    assert plan.window_nodes == 1024 and len(plan.passes) == 1 and len(plan.chunks(10)) == 1
+    dense = plan_trie(game)
+    assert dense.window_nodes == dense.level_chunk_nodes[-1]  # all 2^n: the window is the chunk, as before
+    # a memory budget bounds the widening: more, smaller windows, and the plan still fits
+    roomy = plan_trie(game, subsets=subsets, dims=DIMS, max_memory=64 << 30)
+    assert roomy.window_nodes == 1024
+    budget = roomy.kv_bytes - 512 * roomy.level_lens[-1] * DIMS.num_layers * 2 * DIMS.num_kv_heads * DIMS.head_dim * 4
+    tight = plan_trie(game, subsets=subsets, dims=DIMS, max_memory=budget)
+    assert tight.level_chunk_nodes[-1] <= tight.window_nodes < 1024 and tight.peak_bytes <= budget
+    for chunk in tight.chunks(10):
+        assert int(chunk[-1] - chunk[0]) < tight.window_nodes
+    scheduled = torch.cat([u.nodes for units in tight.passes for u in units if u.level == 10])
+    assert torch.equal(scheduled, tight.level_nodes[10])
+    no_window = plan_trie(game, subsets=subsets, window=False)  # the fused kernel keeps no last-level KV
+    assert no_window.window_nodes == 0 and len(no_window.chunks(10)) == 1

@@ -261,3 +261,22 @@ def test_subset_attention_with_a_prebuilt_key_layout():
             subset_attention(*case, level=3, scale=0.3, attention_masking=not masking, layout=layout)
         with pytest.raises(ValueError, match="only the torch backend"):
             subset_attention(*case, level=3, scale=0.3, attention_masking=masking, layout=layout, backend="triton")
+
+
+@pytest.mark.parametrize("max_memory", [None, 87_000])
+def test_sparse_subsets_with_a_widened_window_match_naive(max_memory):
+    """Sampled leaves in chunks whose KV window spans more ids than it holds leaves (all of them, or as memory
+    allows): the leaves' rows in the window are their id offsets, and the values match naive."""
+    from sftint_fast.bench import sample_subsets
+    from sftint_fast.engine.plan import plan_trie
+
+    net = model("llama")
+    game = make_game("spread_n5", seed=6)
+    subsets = sample_subsets(5, 9, seed=1)
+    plan = plan_trie(game, subsets=subsets, dims=get_adapter(net).dims, max_memory=max_memory or (1 << 30),
+                     batch_size=4)
+    assert plan.window_nodes > plan.level_chunk_nodes[-1]
+    if max_memory:  # narrower than with room to spare (15 ids: 4 leaves per chunk at 9 of 32 ids), and it fits
+        assert plan.window_nodes < 15 and plan.peak_bytes <= max_memory
+    trie, naive = run_both(net, game, subsets=subsets, batch_size=4, max_memory=max_memory)
+    check_close(trie, naive)

@@ -65,7 +65,11 @@ class TriePlan:
             first token; player_lens: player tokens at the start of each segment (0 at level 0).
         level_nodes: per level, the sorted int64 node ids computed (all ``2^j``, or those the subsets reach).
         leaf_index: ``(len(subsets),)`` int64: row of each requested subset among ``level_nodes[n]``.
-        level_chunk_nodes: nodes per chunk at each level (chunks of the last level span ids ``[a, a + W)``).
+        level_chunk_nodes: nodes per chunk at each level.
+        window_nodes: with a window, the node-id width ``W`` of the last level's KV window: a last-level chunk's
+            ids lie in ``[a, a + W)``. ``W`` equals the chunk's node count for all ``2^n`` variants; for sampled
+            subsets (sparse leaves) it is widened by their sparsity (memory permitting), so that chunks stay full
+            instead of each holding the few leaves of a narrow id range. 0 without a window.
         passes: the execution schedule: each pass a tuple of :class:`PlanUnit` ``(level, node ids, game)`` chunks run
             through the layers together (``batch_size`` bounds the nodes of a pass).
         level_offsets: start row of each stored level (levels ``< n``) in game 0's block; ``window_start`` /
@@ -102,14 +106,17 @@ class TriePlan:
     peak_bytes: int
     max_memory: int | None
     window: bool = True
+    window_nodes: int = 0
 
     @property
     def node_counts(self) -> tuple[int, ...]:
         return tuple(len(nodes) for nodes in self.level_nodes)
 
     def chunks(self, level: int) -> list[torch.Tensor]:
-        """The node-id chunks of ``level`` in order; a last-level chunk's ids lie in ``[ids[0], ids[0] + W)``."""
-        return _split_level(self.level_nodes[level], self.level_chunk_nodes[level], level == self.num_players)
+        """The node-id chunks of ``level`` in order; with a window a last-level chunk's ids lie in
+        ``[ids[0], ids[0] + window_nodes)``."""
+        last = level == self.num_players and self.window
+        return _split_level(self.level_nodes[level], self.level_chunk_nodes[level], self.window_nodes if last else None)
 
     def last_level_offset(self, first_node: int, game: int = 0) -> int:
         """Virtual start row of the last level for a chunk of ``game`` whose smallest node id is ``first_node``."""
@@ -135,7 +142,7 @@ class TriePlan:
             "num_games": self.num_games, "trie_tokens": self.trie_tokens,
             "naive_tokens": self.naive_tokens, "ideal_ratio": self.ideal_ratio, "kv_bytes": self.kv_bytes,
             "activation_bytes": self.activation_bytes, "peak_bytes": self.peak_bytes, "max_memory": self.max_memory,
-            "window": self.window,
+            "window": self.window, "window_nodes": self.window_nodes,
         }
 
 
@@ -173,12 +180,14 @@ def default_pass_tokens(device: torch.device) -> int:
     return PASS_TOKENS.get(torch.device(device).type, TARGET_CHUNK_TOKENS)
 
 
-def _split_level(nodes: torch.Tensor, width: int, last: bool) -> list[torch.Tensor]:
-    if not last:
+def _split_level(nodes: torch.Tensor, width: int, id_width: int | None = None) -> list[torch.Tensor]:
+    """``nodes`` (sorted ids) in chunks of at most ``width``; with ``id_width``, also each within ids
+    ``[first, first + id_width)`` (the last level's KV window)."""
+    if id_width is None:
         return list(nodes.split(width))
     chunks, start = [], 0
     while start < len(nodes):
-        stop = int(torch.searchsorted(nodes, nodes[start] + width))
+        stop = min(int(torch.searchsorted(nodes, nodes[start] + id_width)), start + width)
         chunks.append(nodes[start:stop])
         start = stop
     return chunks
@@ -311,6 +320,13 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
     level_offsets = [sum(stored[:j]) for j in range(num_players)]
     window_start = sum(stored)
 
+    # the id range a last-level chunk of chunk_nodes[-1] leaves spans, on average (= chunk_nodes[-1] when dense)
+    span = 1 << num_players
+
+    def spread(nodes: int) -> int:
+        return min(span, max(nodes, -(-nodes * span // max(counts[-1], 1))))
+
+    window_nodes = spread(chunk_nodes[-1]) if window else 0
     kv_bytes = 0
     if dims is not None:
         if max_memory is None:
@@ -334,18 +350,22 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
         if window_bytes:
             fit = min(fit, (room - other) // window_bytes)
         chunk_nodes[-1] = max(1, min(chunk_nodes[-1], fit))
-        room -= chunk_nodes[-1] * window_bytes
+        if window_bytes:  # a wider window for sparse leaves, from at most half of what is left
+            spare = (room - chunk_nodes[-1] * per_node[-1] - other) // 2 // window_bytes
+            window_nodes = max(chunk_nodes[-1], min(spread(chunk_nodes[-1]), spare))
+        room -= window_nodes * window_bytes
         chunk_nodes[:-1] = [max(1, min(c, room // max(p, 1))) for c, p in zip(chunk_nodes[:-1], per_node[:-1])]
-        kv_bytes = fixed + chunk_nodes[-1] * window_bytes
+        kv_bytes = fixed + window_nodes * window_bytes
     else:
         per_node, room = [0] * (num_players + 1), None
     # Level by level, the same chunk of every game side by side: a chunk's ancestors are always scheduled earlier.
     units = [PlanUnit(level, ids, game) for level in range(num_players + 1) if level_lens[level] > 0
-             for ids in _split_level(level_nodes[level], chunk_nodes[level], level == num_players)
+             for ids in _split_level(level_nodes[level], chunk_nodes[level],
+                                     window_nodes if level == num_players and window else None)
              for game in range(num_games)]
     passes, activation_bytes = _group_passes(units, level_lens, [len(u.nodes) * per_node[u.level] for u in units],
                                              num_players if window else -1, batch_size, room, pass_tokens)
-    window_rows = chunk_nodes[-1] * level_lens[-1] if window else 0
+    window_rows = window_nodes * level_lens[-1]
     game_rows = window_start + window_rows
     plan = TriePlan(
         num_players=num_players, seq_len=seq_len, level_lens=tuple(level_lens),
@@ -357,7 +377,7 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
         trie_tokens=trie_tokens, naive_tokens=naive_tokens,
         ideal_ratio=naive_tokens / trie_tokens if trie_tokens else math.inf, kv_bytes=kv_bytes,
         activation_bytes=activation_bytes, peak_bytes=kv_bytes + activation_bytes, max_memory=max_memory,
-        window=window,
+        window=window, window_nodes=window_nodes,
     )
     logger.debug("trie plan: %s", plan.to_dict())
     return plan
