@@ -146,3 +146,35 @@ def test_numerics_report_engine_and_precision_error(tokenizer):
     assert numerics["compute_dtype"] == "float32" and numerics["precision"] == "bfloat16 vs float32"
     assert numerics["engine_max_abs"] < 1e-4
     assert numerics["precision_rms"] > 10 * numerics["engine_rms"]
+
+
+def test_numerics_on_a_sample_of_variants_and_the_base_evaluated_once(tokenizer, monkeypatch):
+    """n=5: the numerics check uses 16 of the 32 variants (empty and full included) and its figures are those of
+    naive/trie/bf16 on exactly them; the base checkpoint's probes are evaluated once, not twice."""
+    from sftint_fast.sft.tracker import NUMERICS_VARIANTS, numerics_subsets
+
+    subsets = numerics_subsets(5, seed=4)
+    assert subsets.numel() == NUMERICS_VARIANTS == 16 and subsets.unique().numel() == 16
+    assert int(subsets[0]) == 0 and int(subsets[-1]) == 31 and bool((subsets[1:] > subsets[:-1]).all())
+    assert numerics_subsets(4, seed=4) is None and torch.equal(subsets, numerics_subsets(5, seed=4))
+
+    calls = []
+    real = sftint_fast.engine.evaluate_games
+    monkeypatch.setattr(sftint_fast.engine, "evaluate_games", lambda m, g, **k: calls.extend(g) or real(m, g, **k))
+    model = _checkpoints(1)[0]
+    tracker = _tracker(tokenizer, n_players=5, numerics_check=True, seed=4)
+    tracker.add_checkpoint(model, 0)
+    # the kept probes once (not again for the base record), then probe 0 three times (naive, trie, bf16 numerics)
+    assert len(tracker.games) == 2 and len(calls) == len(tracker.games) + 3
+    monkeypatch.undo()
+    numerics = tracker.report().numerics
+    assert numerics["variants"] == 16
+    game = tracker.games[0]
+    naive = sf.evaluate(model, game, method="naive", subsets=subsets, progress=False).double()
+    trie = sf.evaluate(model, game, method="trie", subsets=subsets, progress=False).double()
+    bf16 = sf.evaluate(model, game, method="naive", subsets=subsets, progress=False, compute_dtype="bfloat16").double()
+    assert numerics["engine_max_abs"] == pytest.approx((trie - naive).abs().max().item(), abs=1e-9)
+    assert numerics["precision_max_abs"] == pytest.approx((bf16 - naive).abs().max().item(), rel=1e-6)
+    assert numerics["precision_rms"] == pytest.approx((bf16 - naive).pow(2).mean().sqrt().item(), rel=1e-6)
+    full = sf.evaluate(model, game, method="naive", progress=False).double()
+    assert torch.allclose(tracker.records[0].values[0], full)  # the base values are the full 2^n ones

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 AndOrMethod = Literal["sgd", "lp", "and"]
 SETS = ("removed", "preserved", "emerged")
+#: Variants of the first probe that the numerics check evaluates three times (naive, trie, the other precision).
+NUMERICS_VARIANTS = 16
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,19 @@ class _Record:
     meta: dict[str, Any]
 
 
+def numerics_subsets(num_players: int, seed: int) -> torch.Tensor | None:
+    """The variants the numerics check evaluates: None (all) for ``2^n <= NUMERICS_VARIANTS``, else the empty and
+    full sets plus random others (:func:`sftint_fast.bench.sample_subsets` of ``seed``), sorted."""
+    from sftint_fast.bench import sample_subsets
+
+    total = 1 << num_players
+    if total <= NUMERICS_VARIANTS:
+        return None
+    drawn = sample_subsets(num_players, NUMERICS_VARIANTS, seed=seed)
+    others = drawn[(drawn != 0) & (drawn != total - 1)][:NUMERICS_VARIANTS - 2]
+    return torch.cat([torch.tensor([0, total - 1]), others]).sort().values
+
+
 class SFTTracker:
     """Tracks the salient AND/OR interactions of fixed probes across the checkpoints of one SFT run.
 
@@ -298,10 +313,11 @@ class SFTTracker:
         model.eval()
         try:
             with torch.no_grad():
-                if self.games is None:
+                if self.games is None:  # the base: its values come with the probes that are kept
                     self.signature = signature
-                    self._build_games(model)
-                values = self._evaluate(model)
+                    values = self._build_games(model)
+                else:
+                    values = self._evaluate(model)
                 loss = self._heldout_loss(model) if self._heldout else None
                 if not self.records and self._reference_source is not None and self.reference is None:
                     self.reference = self._reference_interactions(values)
@@ -441,7 +457,9 @@ class SFTTracker:
 
     # ---------------------------------------------------------------------------------------- model side
 
-    def _build_games(self, model: Any) -> None:
+    def _build_games(self, model: Any) -> torch.Tensor:
+        """Builds the probes' games on the base model, drops those under ``min_base_py``; returns the kept
+        games' values ``(B, 2^n)`` (the base checkpoint's, evaluated once)."""
         from sftint_fast.game import Game
 
         c = self.config
@@ -486,6 +504,7 @@ class SFTTracker:
             self.numerics = self._numerics(model)
         if self._writes:
             self._save_games()
+        return values[torch.tensor(keep)]
 
     def _evaluate(self, model: Any) -> torch.Tensor:
         return self._evaluate_games(model, self.games)
@@ -501,21 +520,30 @@ class SFTTracker:
     def _numerics(self, model: Any) -> dict[str, Any] | None:
         """Numerical error of the run, on the first probe (METHOD.md section 7.7): the engine's own error
         (trie vs naive in the run's compute dtype) and the precision's (bfloat16 vs float32: the error of a
-        bf16 run, or what bf16 would cost an fp32 run), to be read beside the noise floor."""
+        bf16 run, or what bf16 would cost an fp32 run), to be read beside the noise floor.
+
+        Both are measured on :data:`NUMERICS_VARIANTS` variants (the empty and full sets, and random others drawn
+        from the run's seed; all ``2^n`` when there are no more): bf16 autocast on a CPU is ~5x slower than fp32,
+        and all 64 variants of one chat probe took 75 s there. ``variants`` in the result says how many were used;
+        the max is over them."""
         import sftint_fast as sf
         from sftint_fast.engine.adapters import get_adapter
 
         game = self.games[0]
         dtype = self.config.compute_dtype
-        out: dict[str, Any] = {"probe": 0, "compute_dtype": dtype}
-        naive = sf.evaluate(model, game, method="naive", progress=False, compute_dtype=dtype).double()
+        subsets = numerics_subsets(game.num_players, self.config.seed)
+        out: dict[str, Any] = {"probe": 0, "compute_dtype": dtype,
+                               "variants": 1 << game.num_players if subsets is None else int(subsets.numel())}
+        naive = sf.evaluate(model, game, method="naive", subsets=subsets, progress=False, compute_dtype=dtype).double()
         if get_adapter(model) is not None:
-            trie = sf.evaluate(model, game, method="trie", progress=False, compute_dtype=dtype).double()
+            trie = sf.evaluate(model, game, method="trie", subsets=subsets, progress=False,
+                               compute_dtype=dtype).double()
             out.update(engine_max_abs=(trie - naive).abs().max().item(),
                        engine_rms=(trie - naive).pow(2).mean().sqrt().item())
         other = "float32" if dtype == "bfloat16" else "bfloat16"
         try:
-            alt = sf.evaluate(model, game, method="naive", progress=False, compute_dtype=other).double()
+            alt = sf.evaluate(model, game, method="naive", subsets=subsets, progress=False,
+                              compute_dtype=other).double()
         except ValueError as exc:  # e.g. a model whose dtype rules out the other precision
             out["precision"] = f"unavailable: {exc}"
         else:
