@@ -9,6 +9,7 @@ how far it is from its ideal. Ratios are only meaningful within one run (one mac
 """
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
@@ -121,6 +122,9 @@ def compare_engines(model: Any, game: Any, engines: Sequence[str] = ("naive", "t
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise ValueError(f"repeat: expected an int >= 1, received {repeat!r}")
     device = model_device(model)
+    if "trie-triton" in engines and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"engines: 'trie-triton' runs on a CUDA model (or under TRITON_INTERPRET=1), received a "
+                         f"model on {device}; use 'trie' or 'trie-torch' there")
     n = game.num_players
     if subsets is None:
         subsets = _validate_subsets(None, n, torch.device("cpu"), None)  # all 2^n, when they fit in memory

@@ -442,7 +442,11 @@ def _run_bench(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         subsets = sample_subsets(game.num_players, args.sample, seed=args.seed)
-    report = compare_engines(model, game, args.engines, subsets=subsets, repeat=args.repeat, progress=True)
+    try:
+        report = compare_engines(model, game, args.engines, subsets=subsets, repeat=args.repeat, progress=True)
+    except ValueError as err:
+        print(f"sftint bench: {err}", file=sys.stderr)
+        return 2
     report["config"] = {"model": args.model, "text": args.text, "players": args.players, "n_players": game.num_players,
                         "pick": args.pick, "target": args.target, "chat": args.chat, "masking": args.masking,
                         "engines": args.engines,

@@ -138,3 +138,9 @@ def test_bench_cli_reports_bad_game_options(model_dir, argv, message, capsys):
 def test_bench_cli_cuda_without_a_device(model_dir, capsys):
     rc = main(["bench", "--model", str(model_dir), "--text", TEXT, "--device", "cuda"])
     assert rc == 2 and "expected cpu (no CUDA device here)" in capsys.readouterr().err
+
+
+def test_bench_cli_triton_on_cpu_needs_the_interpreter(model_dir, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    rc = main(["bench", "--model", str(model_dir), "--text", TEXT, "--device", "cpu", "--engines", "naive,trie-triton"])
+    assert rc == 2 and "'trie-triton' runs on a CUDA model (or under TRITON_INTERPRET=1)" in capsys.readouterr().err
