@@ -312,19 +312,27 @@ def _add_track(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_track(args: argparse.Namespace) -> int:
+    from sftint_fast import distributed
     from sftint_fast.sft.demo import run_track
 
     options = {key: getattr(args, flag[2:].replace("-", "_")) for flag, key, _ in _TRACK_OPTIONS}
     options = {key: value for key, value in options.items() if value is not None}
+    owns_group = not distributed.is_distributed() and distributed.init_from_env()  # under torchrun
     try:
         _, md = run_track(args.base, args.checkpoints, args.probes, args.out, reference=args.reference,
                           n_players=args.n_players, andor_method=args.andor_method,
                           noise_floor=None if args.noise_floor == "none" else args.noise_floor,
                           heldout=args.heldout, device=args.device, **options)
+        if distributed.is_main_process():
+            print(f"report: {md}")
     except (ValueError, TypeError) as err:  # a bad option, file or checkpoint: the tracker's own message
         print(f"sftint track: {err}", file=sys.stderr)
         return 2
-    print(f"report: {md}")
+    finally:
+        if owns_group:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
     return 0
 
 

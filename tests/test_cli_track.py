@@ -16,6 +16,7 @@ PROMPTS = ["the big cat sat on the red mat", "a small dog did run over the blue 
            "what is the capital city of france", "why did the cow jump"]
 CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
                  "{% if add_generation_prompt %}<s> assistant {% endif %}")
+COUNTS = ("/removed", "/preserved", "/emerged", "_new", "irrelevant_probes")
 FAST = ["--n-players", "3", "--andor-method", "and", "--min-base-py", "0", "--bootstrap", "20", "--noise-draws", "1"]
 
 
@@ -139,3 +140,40 @@ def test_track_cli_rejects_bad_arguments_before_loading(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["track", "--base", "b", "--checkpoints", "c", "--probes", "p", "--out", "o", *argv])
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_track_cli_under_torchrun_two_ranks(folders, tmp_path):
+    """`torchrun --nproc_per_node 2 -m sftint_fast.cli track`: the ranks split the probes, rank 0 alone writes and
+    prints, and the report equals the single-process one."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    root, _ = folders
+    args = ["track", "--base", str(root / "base"), "--checkpoints", str(root / "ckpt" / "checkpoint-*"), "--probes",
+            str(root / "probes.jsonl"), *FAST, "--noise-floor", "iid", "--noise-draws", "2"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "sftint_fast.cli", *args, "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.stdout.count("report: ") == 1
+    one = json.loads((tmp_path / "one" / "report.json").read_text())
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert two["steps"] == one["steps"] == [0, 10, 20, 30]
+    def flat(x):
+        return [z for y in x for z in flat(y)] if isinstance(x, list) else [x]
+
+    for key, curve in one["curves"].items():
+        got, want = flat(two["curves"][key]), flat(curve)
+        assert [x is None for x in got] == [x is None for x in want], key
+        numbers = [(g, w) for g, w in zip(got, want) if w is not None]
+        # the ranks evaluate other groups of games than one process does: values equal up to float rounding,
+        # which reaches the continuous curves (rho, strengths) at ~1e-5 but no count of sets
+        tol = {"rel": 0, "abs": 0} if key.endswith(COUNTS) else {"rel": 1e-4, "abs": 1e-7}
+        assert [g for g, _ in numbers] == pytest.approx([w for _, w in numbers], nan_ok=True, **tol), key

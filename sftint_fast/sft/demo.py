@@ -90,12 +90,30 @@ def run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str 
     ``heldout``: a JSONL file of ``{"prompt", "answer"}`` rows, the held-out loss of each checkpoint.
     ``device``: where each checkpoint (and the reference) runs; None = CUDA when available, else the CPU.
     ``options``: further :class:`~sftint_fast.sft.tracker.SFTTracker` options.
+
+    Under ``torchrun`` (several ranks) the process group is initialised here when it is not yet (NCCL on GPUs, each
+    rank on its ``LOCAL_RANK`` device; gloo on CPU): every rank loads each checkpoint, the probes are split across
+    the ranks, and rank 0 alone writes the tracker's files and the report.
     """
+    from sftint_fast import distributed
+
+    owns_group = not distributed.is_distributed() and distributed.init_from_env()
+    try:
+        return _run_track(base, checkpoints, probes_path, out, reference=reference, n_players=n_players,
+                          andor_method=andor_method, heldout=heldout, device=device, **options)
+    finally:
+        if owns_group:
+            torch.distributed.destroy_process_group()
+
+
+def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str | os.PathLike, *,
+               reference: str | None, n_players: int, andor_method: str, heldout: str | os.PathLike | None,
+               device: str | torch.device | None, **options: Any) -> tuple[TrackReport, Path]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sftint_fast.plot import write_report
-
+    from sftint_fast import distributed
     from sftint_fast.models import resolve_device
+    from sftint_fast.plot import write_report
 
     device = resolve_device(device)
     paths = sorted({p for pattern in checkpoints for p in glob.glob(pattern)} or set(checkpoints), key=_step_of)
@@ -126,6 +144,8 @@ def run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str 
         tracker.add_checkpoint(model, step)
         del model
     report = tracker.report()
+    if not distributed.is_main_process():
+        return report, Path(out) / "report.md"
     return report, write_report(report, out)
 
 
