@@ -187,6 +187,7 @@ def _run_explain(args: argparse.Namespace) -> int:
     owns_group = not distributed.is_distributed() and distributed.init_from_env()
     try:
         model, tokenizer = _load(args)
+        args.model_device = str(next(model.parameters()).device)  # recorded in config.json
         games = [sf.Game.from_text(model, tokenizer, text, players=players, n_players=args.n_players, target=target,
                                    chat=args.chat, masking=args.masking, pick=args.pick)
                  for text, players, target in requests]
@@ -255,7 +256,7 @@ def _explain_one(args: argparse.Namespace, tokenizer, text: str, game, v, out) -
     _atomic_write(out / "v.safetensors", lambda tmp: save_file({"v": v.contiguous()}, tmp))
     _atomic_write(out / "interactions.safetensors", lambda tmp: save_file(tensors, tmp))
     config = {
-        "model": args.model, "dtype": args.dtype, "device": str(v.device) if args.device is None else args.device,
+        "model": args.model, "dtype": args.dtype, "device": getattr(args, "model_device", args.device),
         "text": text, "chat": args.chat, "masking": args.masking, "n_players": args.n_players,
         "pick": args.pick,
         "method": args.method, "words": list(game.words), "player_spans": [list(s) for s in game.player_spans],
