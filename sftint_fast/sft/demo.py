@@ -70,7 +70,8 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
     pad = tokenizer.pad_token_id
     args = TrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=batch_size, max_steps=steps,
                              learning_rate=lr, optim="adamw_torch", logging_steps=1, save_strategy="no", report_to=[],
-                             use_cpu=device.type == "cpu", seed=seed, disable_tqdm=not progress, lr_scheduler_type="constant")
+                             use_cpu=device.type == "cpu", seed=seed, disable_tqdm=not progress,
+                             lr_scheduler_type="constant")
     model.train()
     trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=lambda b: pad_batch(b, pad))
     sf.InteractionCallback(tracker, every=every).attach(trainer)
