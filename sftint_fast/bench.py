@@ -114,7 +114,7 @@ def compare_engines(model: Any, game: Any, engines: Sequence[str] = ("naive", "t
         (median), ``runs``, ``variants_per_s``, ``speedup`` over the reference, ``peak_bytes``, ``max_abs_diff``
         and ``backend`` (the trie's attention path, resolved).
     """
-    from sftint_fast.engine import _resolve_backend, _validate_subsets, evaluate
+    from sftint_fast.engine import _resolve_backend, _uses_autocast, _validate_subsets, evaluate
     from sftint_fast.engine.naive import model_device
     from sftint_fast.engine.plan import plan_trie
 
@@ -125,6 +125,10 @@ def compare_engines(model: Any, game: Any, engines: Sequence[str] = ("naive", "t
     if "trie-triton" in engines and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"engines: 'trie-triton' runs on a CUDA model (or under TRITON_INTERPRET=1), received a "
                          f"model on {device}; use 'trie' or 'trie-torch' there")
+    tries = [e for e in engines if ENGINES[e][0] == "trie"]
+    if tries and _uses_autocast(model, compute_dtype):  # refused by the trie: say so before timing anything
+        raise ValueError(f"compute_dtype='bfloat16' on a float32 model runs under autocast, which only the naive "
+                         f"engine supports; received engines {tries} (load the model in bfloat16 instead)")
     n = game.num_players
     if subsets is None:
         subsets = _validate_subsets(None, n, torch.device("cpu"), None)  # all 2^n, when they fit in memory

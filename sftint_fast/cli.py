@@ -403,6 +403,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                    help="time this many random variants (distinct bitmasks) instead of all 2^n")
     p.add_argument("--seed", type=int, default=0, help="seed of --sample")
     p.add_argument("--repeat", type=_int_at_least(1), default=1, help="timed runs per engine (the median is shown)")
+    p.add_argument("--compute-dtype", choices=["float32", "tf32", "bfloat16"], default=None,
+                   help="tf32: TF32 matmuls on CUDA; bfloat16: autocast of a float32 model (naive only)")
     p.add_argument("--threads", type=_int_at_least(1), default=None, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--out", default=None, help="write the report as JSON here (with its config)")
     p.set_defaults(func=_run_bench)
@@ -452,14 +454,16 @@ def _run_bench(args: argparse.Namespace) -> int:
             return 2
         subsets = sample_subsets(game.num_players, args.sample, seed=args.seed)
     try:
-        report = compare_engines(model, game, args.engines, subsets=subsets, repeat=args.repeat, progress=True)
+        report = compare_engines(model, game, args.engines, subsets=subsets, repeat=args.repeat, progress=True,
+                                 compute_dtype=args.compute_dtype)
     except ValueError as err:
         print(f"sftint bench: {err}", file=sys.stderr)
         return 2
     report["config"] = {"model": args.model, "text": args.text, "players": args.players, "n_players": game.num_players,
                         "pick": args.pick, "target": args.target, "chat": args.chat, "masking": args.masking,
                         "engines": args.engines,
-                        "sample": args.sample, "seed": args.seed, "dtype": args.dtype}
+                        "sample": args.sample, "seed": args.seed, "dtype": args.dtype,
+                        "compute_dtype": args.compute_dtype}
     print(format_report(report))
     if args.out is not None:
         out = Path(args.out)

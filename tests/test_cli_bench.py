@@ -144,3 +144,17 @@ def test_bench_cli_triton_on_cpu_needs_the_interpreter(model_dir, capsys, monkey
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     rc = main(["bench", "--model", str(model_dir), "--text", TEXT, "--device", "cpu", "--engines", "naive,trie-triton"])
     assert rc == 2 and "'trie-triton' runs on a CUDA model (or under TRITON_INTERPRET=1)" in capsys.readouterr().err
+
+
+def test_bench_cli_compute_dtype(model_dir, tmp_path, capsys):
+    out = tmp_path / "tf32.json"
+    assert main(["bench", "--model", str(model_dir), "--text", TEXT, "--compute-dtype", "tf32", "--sample", "8",
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["compute_dtype"] == "tf32" == report["config"]["compute_dtype"]
+    assert "(compute tf32)" in capsys.readouterr().out
+    # bf16 autocast runs the naive engine only: the trie refuses it before anything is timed
+    assert main(["bench", "--model", str(model_dir), "--text", TEXT, "--compute-dtype", "bfloat16"]) == 2
+    captured = capsys.readouterr()
+    assert "only the naive engine supports; received engines ['trie']" in captured.err
+    assert "naive:" not in captured.err  # nothing ran
