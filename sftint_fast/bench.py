@@ -43,16 +43,14 @@ def measure(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[
         torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
         return result, seconds, torch.cuda.max_memory_allocated(device) - start_bytes
-    import psutil
-
-    proc = psutil.Process()
-    start_rss = proc.memory_info().rss
+    rss = _rss_reader()
+    start_rss = rss()
     peak = [start_rss]
     done = threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
+            peak[0] = max(peak[0], rss())
             time.sleep(0.005)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -64,8 +62,32 @@ def measure(fn: Callable[[], Any], device: torch.device | str = "cpu") -> tuple[
     finally:
         done.set()
         thread.join()
-    peak[0] = max(peak[0], proc.memory_info().rss)
+    peak[0] = max(peak[0], rss())
     return result, seconds, peak[0] - start_rss
+
+
+def _rss_reader() -> Callable[[], int]:
+    """A function giving this process's resident bytes: psutil's, else Linux's ``/proc/self/statm`` (a machine
+    installed with ``--no-deps`` may lack psutil); RuntimeError when neither is there."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        proc = psutil.Process()
+        return lambda: int(proc.memory_info().rss)
+    page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def statm() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    try:
+        statm()
+    except OSError:
+        raise RuntimeError("cannot read this process's memory (no psutil, no /proc/self/statm): "
+                           "install psutil") from None
+    return statm
 
 
 def sample_subsets(num_players: int, count: int, *, seed: int = 0) -> torch.Tensor:

@@ -158,3 +158,15 @@ def test_bench_cli_compute_dtype(model_dir, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "only the naive engine supports; received engines ['trie']" in captured.err
     assert "naive:" not in captured.err  # nothing ran
+
+
+def test_measure_reads_rss_without_psutil(monkeypatch):
+    """A --no-deps install (the GPU machine) may lack psutil: /proc/self/statm gives the same resident size."""
+    import sys
+
+    with_psutil = bench._rss_reader()()
+    monkeypatch.setitem(sys.modules, "psutil", None)  # import psutil now raises ImportError
+    reader = bench._rss_reader()
+    assert abs(reader() - with_psutil) < 64 << 20
+    _, seconds, peak = bench.measure(lambda: torch.ones(64 << 20, dtype=torch.uint8).add_(1).sum())
+    assert seconds > 0 and peak >= 32 << 20  # the 64 MiB tensor shows in the sampled peak
