@@ -177,3 +177,18 @@ def test_track_cli_under_torchrun_two_ranks(folders, tmp_path):
         # which reaches the continuous curves (rho, strengths) at ~1e-5 but no count of sets
         tol = {"rel": 0, "abs": 0} if key.endswith(COUNTS) else {"rel": 1e-4, "abs": 1e-7}
         assert [g for g, _ in numbers] == pytest.approx([w for _, w in numbers], nan_ok=True, **tol), key
+
+
+def test_track_cli_with_a_reference_model(folders, tmp_path, capsys):
+    """--reference: the reference model's interactions of the same probes give the gamma curves."""
+    root, models = folders
+    out = tmp_path / "ref"
+    assert _track(root, out, [str(root / "ckpt" / "checkpoint-10")], "--reference", str(root / "ckpt" /
+                  "checkpoint-30"), "--noise-floor", "none") == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["gamma_available"] is True
+    gammas = [k for k in report["curves"] if k.endswith("_gamma")]
+    assert gammas and all(report["curves"][k] is not None for k in gammas)
+    without = tmp_path / "noref"
+    assert _track(root, without, [str(root / "ckpt" / "checkpoint-10")], "--noise-floor", "none") == 0
+    assert json.loads((without / "report.json").read_text())["gamma_available"] is False

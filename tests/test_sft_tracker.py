@@ -178,3 +178,20 @@ def test_numerics_on_a_sample_of_variants_and_the_base_evaluated_once(tokenizer,
     assert numerics["precision_rms"] == pytest.approx((bf16 - naive).pow(2).mean().sqrt().item(), rel=1e-6)
     full = sf.evaluate(model, game, method="naive", progress=False).double()
     assert torch.allclose(tracker.records[0].values[0], full)  # the base values are the full 2^n ones
+
+
+def test_reference_of_another_vocabulary_needs_a_decodable_target(tokenizer):
+    """A reference with its own tokenizer gets the base target as text; a target id that decodes to nothing (here
+    ids past the word-level vocabulary of the random base model) is refused with the probe and ids named. A copy of
+    the base tokenizer (same vocabulary) keeps the ids."""
+    from word_tokenizer import word_tokenizer
+
+    base = _checkpoints(1)[0]
+    tracker = _tracker(tokenizer, reference=(tiny_model("llama", seed=3), word_tokenizer()))
+    with pytest.raises(ValueError, match=r"reference: probes\[\d\]'s target ids \[\d+\] decode to ''"):
+        tracker.add_checkpoint(base, 0)
+    copy_of_base = make_tokenizer()
+    assert copy_of_base is not tokenizer
+    tracker = _tracker(tokenizer, reference=(tiny_model("llama", seed=3), copy_of_base))
+    tracker.add_checkpoint(base, 0)
+    assert tracker.report().gamma_available

@@ -599,14 +599,20 @@ class SFTTracker:
         from sftint_fast.game import Game
 
         games = []
+        # the same vocabulary (the same tokenizer, or another copy of it): the same ids; another one: the same
+        # target text in its own tokens
+        same_vocab = tokenizer is self.tokenizer or tokenizer.get_vocab() == self.tokenizer.get_vocab()
         was_training = model.training
         model.eval()
         try:
             for i, game in zip(self.kept, self.games):
                 prompt = self.probes[i].prompt
                 spans = _char_spans(prompt, game.words)
-                # same tokenizer: the same ids; another one: the same target text in its own tokens
-                target = game.target if tokenizer is self.tokenizer else self.tokenizer.decode(game.target.tolist())
+                target = game.target if same_vocab else self.tokenizer.decode(game.target.tolist())
+                if not same_vocab and not target.strip():
+                    raise ValueError(f"reference: probes[{i}]'s target ids {game.target.tolist()} decode to "
+                                     f"{target!r}, which the reference model's tokenizer cannot be given; use "
+                                     "probes with answers (target='answer') or a reference of the same vocabulary")
                 ref_game = Game.from_text(model, tokenizer, prompt, players=spans, span_unit="chars",
                                           baseline=self._baseline if isinstance(self._baseline, str) else "pad",
                                           target=target, chat=bool(self.config.chat and getattr(tokenizer, "chat_template", None)))
