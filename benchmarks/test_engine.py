@@ -13,7 +13,7 @@ from unittest import mock
 import pytest
 import torch
 
-from sftint_fast.bench import measure
+from sftint_fast.bench import measure, sample_subsets
 from sftint_fast.engine.naive import evaluate_naive
 from sftint_fast.engine import trie as trie_module
 from sftint_fast.engine.plan import plan_trie
@@ -30,7 +30,9 @@ PASSAGE = (
     "The museum is located in the"
 )
 LAB_BATCH = 128
-CASES = [("qa", 6, False), ("qa", 8, True), ("qa", 10, True), ("passage", 8, True), ("passage", 10, True)]
+# (layout, n, only with --full, sampled variants or None for all 2^n)
+CASES = [("qa", 6, False, None), ("qa", 8, True, None), ("qa", 10, True, None), ("qa", 11, True, 128),
+         ("passage", 8, True, None), ("passage", 10, True, None)]
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +70,15 @@ def _timed(fn):
         return measure(fn)
 
 
-@pytest.mark.parametrize("layout,n,needs_full", CASES, ids=[f"{c[0]}-n{c[1]}" for c in CASES])
-def test_engine_speed(benchmark, smollm2, layout, n, needs_full, full, env_info):
+@pytest.mark.parametrize("layout,n,needs_full,sample", CASES,
+                         ids=[f"{c[0]}-n{c[1]}" + (f"-sample{c[3]}" if c[3] else "") for c in CASES])
+def test_engine_speed(benchmark, smollm2, layout, n, needs_full, sample, full, env_info):
     if needs_full and not full:
         pytest.skip("only with --full")
     model, tokenizer = smollm2
     game = _game(model, tokenizer, layout, n)
-    subsets = torch.arange(1 << game.num_players)
-    plan = plan_trie(game, model=model)
+    subsets = torch.arange(1 << game.num_players) if sample is None else sample_subsets(game.num_players, sample)
+    plan = plan_trie(game, subsets=subsets, model=model)
     with torch.no_grad():  # warm-up: allocator, thread pools, first-call paths
         evaluate_trie(model, game, subsets[:2], progress=False)
         evaluate_naive(model, game, subsets[:2], progress=False)
