@@ -47,8 +47,19 @@ def test_explain_n_players_chat_and_bad_players(model_dir, capsys):
     assert main(["explain", "--model", str(model_dir), "--text", TEXT, "--n-players", "2", "--pick", "last"]) == 0
     assert capsys.readouterr().out.split("Shapley values:")[1].split()[1::2] == ["sat", "mat"]  # the last two
     assert main(["explain", "--model", str(model_dir), "--text", TEXT, "--players", "a,b"]) == 2
-    with pytest.raises(ValueError, match="model"):
+    capsys.readouterr()
+    assert main(["explain", "--model", str(model_dir / "missing"), "--text", TEXT]) == 2  # a message, no traceback
+    err = capsys.readouterr().err
+    assert err.startswith("sftint explain: model: expected 'default', 'gemma' or a local model folder, received")
+    assert "missing" in err and "Traceback" not in err
+
+
+def test_cli_debug_env_reraises(model_dir, monkeypatch):
+    monkeypatch.setenv("SFTINT_DEBUG", "1")
+    with pytest.raises(ValueError, match="model: expected 'default', 'gemma' or a local model folder"):
         main(["explain", "--model", str(model_dir / "missing"), "--text", TEXT])
+    with pytest.raises(ValueError, match="text: expected a non-empty string"):
+        main(["explain", "--model", str(model_dir), "--text", ""])
 
 
 def test_explain_dtype_and_device(model_dir, tmp_path, capsys):
