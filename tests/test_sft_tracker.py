@@ -195,3 +195,45 @@ def test_reference_of_another_vocabulary_needs_a_decodable_target(tokenizer):
     tracker = _tracker(tokenizer, reference=(tiny_model("llama", seed=3), copy_of_base))
     tracker.add_checkpoint(base, 0)
     assert tracker.report().gamma_available
+
+
+class _NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward has no ``logits_to_keep`` (e.g. an older or custom model): full logits, sliced."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_heldout_loss_runs_the_lm_head_on_labelled_positions_only(arch):
+    from conftest import tiny_model
+
+    from sftint_fast.sft.tracker import causal_lm_loss
+
+    model = tiny_model(arch, seed=3)
+    torch.manual_seed(0)
+    ids = torch.randint(3, 128, (3, 12))
+    labels = torch.full_like(ids, -100)
+    labels[0, 5:9] = ids[0, 5:9]  # answers at different places; row 2 right-padded
+    labels[1, 8:12] = ids[1, 8:12]
+    labels[2, 3:6] = ids[2, 3:6]
+    mask = torch.ones_like(ids)
+    mask[2, 6:] = 0
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        full = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 128), labels[:, 1:].reshape(-1),
+                                                 ignore_index=-100, reduction="sum").item()
+        rows = []
+        handle = model.get_output_embeddings().register_forward_hook(lambda m, a, o: rows.append(a[0].shape[1]))
+        loss, count = causal_lm_loss(model, ids, labels, mask)
+        handle.remove()
+        plain, plain_count = causal_lm_loss(_NoLogitsToKeep(model), ids, labels, mask)
+    assert count == plain_count == 4 + 4 + 3  # every labelled token, each predicted from the position before it
+    assert loss == pytest.approx(full, rel=1e-5) and plain == pytest.approx(full, rel=1e-5)
+    # positions 2..4 (row 2), 4..7 (row 0), 7..10 (row 1) predict labels: 9 of the 12 rows of the LM head
+    assert rows == [9]
+    assert causal_lm_loss(model, ids, torch.full_like(ids, -100), mask) == (0.0, 0)
