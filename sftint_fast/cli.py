@@ -176,6 +176,10 @@ def _run_explain(args: argparse.Namespace) -> int:
         rows = [{"prompt": args.text}] if args.file is None else _read_prompts(args.file)
         requests = [(row["prompt"], _parse_players(row.get("players", args.players)), row.get("target", args.target))
                     for row in rows]
+        empty = [i for i, row in enumerate(rows) if not row["prompt"].strip()]
+        if empty:  # refused before the model loads
+            raise ValueError(f"text: expected a non-empty prompt, received {rows[empty[0]]['prompt']!r}"
+                             + ("" if args.file is None else f" (prompt {empty[0]})"))
     except ValueError as err:
         print(f"--{err}" if args.file is None else f"--file: {err}", file=sys.stderr)
         return 2

@@ -58,8 +58,17 @@ def test_cli_debug_env_reraises(model_dir, monkeypatch):
     monkeypatch.setenv("SFTINT_DEBUG", "1")
     with pytest.raises(ValueError, match="model: expected 'default', 'gemma' or a local model folder"):
         main(["explain", "--model", str(model_dir / "missing"), "--text", TEXT])
-    with pytest.raises(ValueError, match="text: expected a non-empty string"):
-        main(["explain", "--model", str(model_dir), "--text", ""])
+    with pytest.raises(ValueError, match="model: expected 'default', 'gemma' or a local model folder"):
+        main(["bench", "--model", str(model_dir / "missing"), "--engines", "naive"])
+
+
+def test_explain_refuses_an_empty_prompt_before_loading(tmp_path, capsys):
+    assert main(["explain", "--model", str(tmp_path / "never-loaded"), "--text", "  "]) == 2
+    assert capsys.readouterr().err.strip() == "--text: expected a non-empty prompt, received '  '"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "the cat sat"}\n{"prompt": ""}\n')
+    assert main(["explain", "--model", str(tmp_path / "never-loaded"), "--file", str(prompts)]) == 2
+    assert "text: expected a non-empty prompt, received '' (prompt 1)" in capsys.readouterr().err
 
 
 def test_explain_dtype_and_device(model_dir, tmp_path, capsys):
