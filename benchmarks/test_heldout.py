@@ -53,8 +53,10 @@ def test_heldout_loss_answer_positions_vs_full_logits(benchmark, full, env_info)
     info = dict(env_info, vocab=vocab, batch=8, length=length, answer_tokens=answer,
                 answer_positions_ms=seconds["answer_positions"] * 1e3, full_logits_ms=seconds["full_logits"] * 1e3,
                 speedup=seconds["full_logits"] / seconds["answer_positions"],
-                peak_MB_answer_positions=peaks["answer_positions"] / 2**20, peak_MB_full_logits=peaks["full_logits"] / 2**20,
-                loss_rel_diff=abs(results["answer_positions"][0] - results["full_logits"][0]) / results["full_logits"][0])
+                peak_MB_answer_positions=peaks["answer_positions"] / 2**20,
+                peak_MB_full_logits=peaks["full_logits"] / 2**20,
+                loss_rel_diff=abs(results["answer_positions"][0] - results["full_logits"][0])
+                / results["full_logits"][0])
     benchmark.extra_info.update(info)
     print({k: (round(x, 4) if isinstance(x, float) else x) for k, x in info.items()})
     assert results["answer_positions"][1] == results["full_logits"][1] == 8 * answer
