@@ -237,3 +237,32 @@ def test_heldout_loss_runs_the_lm_head_on_labelled_positions_only(arch):
     # positions 2..4 (row 2), 4..7 (row 0), 7..10 (row 1) predict labels: 9 of the 12 rows of the LM head
     assert rows == [9]
     assert causal_lm_loss(model, ids, torch.full_like(ids, -100), mask) == (0.0, 0)
+
+
+class _KwargsWrapper(torch.nn.Module):
+    """Like PEFT's PeftModelForCausalLM: ``forward(**kwargs)`` passes everything on to ``get_base_model()``."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def get_base_model(self):
+        return self.inner
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def test_heldout_loss_sees_logits_to_keep_through_wrappers():
+    from conftest import tiny_model
+
+    from sftint_fast.sft.tracker import _takes_logits_to_keep
+
+    model = tiny_model("llama")
+    assert _takes_logits_to_keep(model) and _takes_logits_to_keep(_KwargsWrapper(model))
+    assert not _takes_logits_to_keep(_NoLogitsToKeep(model))  # no **kwargs: the argument would not reach the model
+    assert not _takes_logits_to_keep(_KwargsWrapper(_NoLogitsToKeep(model)))
+    ddp_like = torch.nn.Module()
+    ddp_like.module = _KwargsWrapper(model)
+    ddp_like.forward = lambda *args, **kwargs: ddp_like.module(*args, **kwargs)
+    assert _takes_logits_to_keep(ddp_like)

@@ -790,12 +790,25 @@ def causal_lm_loss(model: Any, input_ids: torch.Tensor, labels: torch.Tensor,
 
 
 def _takes_logits_to_keep(model: Any) -> bool:
+    """Whether ``model(..., logits_to_keep=...)`` reaches an HF causal LM that takes it: the model itself, or through
+    wrappers whose forward passes ``**kwargs`` on (PEFT's ``get_base_model()``, DDP's ``.module``)."""
     import inspect
 
-    try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
+    for _ in range(4):
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            return False
+        if "logits_to_keep" in params:
+            return True
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return False
+        unwrap = getattr(model, "get_base_model", None)
+        inner = unwrap() if callable(unwrap) else getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module) or inner is model:
+            return False
+        model = inner
+    return False
 
 
 def _check_loss(loss: Any) -> float | None:
