@@ -17,8 +17,16 @@ def get_adapter(model: torch.nn.Module) -> Adapter | None:
 
     Supported: Llama / SmolLM2, Qwen2, Mistral, Gemma-3 text (``model_type`` llama, qwen2, mistral, gemma3_text)
     and GPT-2. The adapter reuses the model's own modules, so it follows later changes to the model's weights.
+    Wrappers are looked through: a PEFT model (``get_base_model()``: its LoRA layers sit inside the HF model and run
+    as the modules they replaced) and DDP / accelerate's ``.module``.
     """
-    for adapter_cls in _ADAPTERS:
-        if adapter_cls.supports(model):
-            return adapter_cls(model)
+    for _ in range(4):
+        for adapter_cls in _ADAPTERS:
+            if adapter_cls.supports(model):
+                return adapter_cls(model)
+        unwrap = getattr(model, "get_base_model", None)
+        inner = unwrap() if callable(unwrap) else getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module) or inner is model:
+            return None
+        model = inner
     return None

@@ -1,0 +1,74 @@
+"""PEFT (LoRA) models: the trie engine looks through ``PeftModel`` to the HF model, whose LoRA layers it runs as the
+modules they replaced, so fine-tuning with LoRA gets the fast engine and exact values (the ``peft`` extra)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_trie import make_game
+
+import sftint_fast as sf
+from sftint_fast.engine.adapters import get_adapter
+
+peft = pytest.importorskip("peft", reason="the peft extra (pip install -e '.[peft]')")
+
+TARGETS = {"llama": ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"], "qwen2": ["q_proj", "k_proj", "up_proj"],
+           "gpt2": ["c_attn", "c_fc"]}
+
+
+def lora(arch: str, *, task_type: str | None = "CAUSAL_LM"):
+    base = tiny_model(arch, initializer_range=0.2)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch], init_lora_weights=False,
+                             fan_in_fan_out=arch == "gpt2", task_type=task_type)
+    torch.manual_seed(1)
+    return peft.get_peft_model(base, config).eval()
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("masking", ["embedding", "attention"])
+def test_trie_on_a_lora_model_matches_naive(arch, masking):
+    model = lora(arch)
+    assert get_adapter(model) is not None
+    game = make_game("spread_n5", masking=masking, seed=4)
+    with torch.no_grad():
+        trie = sf.evaluate(model, game, method="trie", progress=False)
+        naive = sf.evaluate(model, game, method="naive", progress=False)
+        with model.disable_adapter():
+            base = sf.evaluate(model, game, method="trie", progress=False)
+            base_naive = sf.evaluate(model, game, method="naive", progress=False)
+    torch.testing.assert_close(trie, naive, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(base, base_naive, atol=2e-5, rtol=1e-5)
+    assert (trie - base).abs().max() > 1e-2  # the LoRA weights are in the trie's numbers
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_a_plain_peft_model_and_a_ddp_like_wrapper_are_looked_through():
+    model = lora("llama", task_type=None)  # PeftModel, not PeftModelForCausalLM
+    assert type(model).__name__ == "PeftModel" and get_adapter(model) is not None
+    wrapper = torch.nn.Module()
+    wrapper.module = model.get_base_model()
+    assert get_adapter(wrapper) is not None
+    assert get_adapter(torch.nn.Linear(2, 2)) is None
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_auto_picks_the_trie_and_the_heldout_loss_keeps_answer_positions_on_a_lora_model():
+    import warnings
+
+    from sftint_fast.sft import tracker as tracker_module
+
+    model = lora("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # "no trie adapter ...; falling back to the naive engine"
+        assert sf.engine._choose_engine(model, "auto") == "trie"
+    assert tracker_module._takes_logits_to_keep(model)  # PeftModelForCausalLM passes **kwargs on
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, -100)
+    labels[:, 6:] = ids[:, 6:]
+    with torch.no_grad():
+        loss, count = tracker_module.causal_lm_loss(model, ids, labels)
+        logits = model(input_ids=ids).logits.float()
+    full = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 128), labels[:, 1:].reshape(-1),
+                                             ignore_index=-100, reduction="sum").item()
+    assert count == 8 and loss == pytest.approx(full, rel=1e-5)
