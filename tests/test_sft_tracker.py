@@ -266,3 +266,59 @@ def test_heldout_loss_sees_logits_to_keep_through_wrappers():
     ddp_like.module = _KwargsWrapper(model)
     ddp_like.forward = lambda *args, **kwargs: ddp_like.module(*args, **kwargs)
     assert _takes_logits_to_keep(ddp_like)
+
+
+def _plain(**kw):
+    opts = dict(andor_method="and", noise_floor=None, bootstrap=10, min_base_py=0.0, persistence=1, progress=False)
+    opts.update(kw)
+    return SFTTracker(None, **opts)
+
+
+def _from_interactions(rows):
+    """Values ``(B, 2^n)`` whose AND interactions of ``v - v(∅)`` are ``rows``."""
+    return sf.inverse_harsanyi(torch.tensor(rows, dtype=torch.float64))
+
+
+def test_removed_gamma_uses_the_base_checkpoints_signs():
+    base = [[0.0, 1.0, 1.0, 1.0]]
+    later = [[0.0, 1.0, 1.0, -0.01]]  # {0,1} is removed, and its sign flips while it is tiny
+    tracker = _plain(reference={"I_and": torch.tensor(base, dtype=torch.float64)})
+    tracker.add_values(0, _from_interactions(base))
+    tracker.add_values(1, _from_interactions(later))
+    curves = tracker.report().curves
+    assert curves["and/removed"] == [0.0, 1.0]
+    # the removed interaction was I_0({0,1}) = +1, salient in the reference with the same sign: gamma = 1
+    assert curves["and/removed_gamma"][1] == pytest.approx(1.0)
+    assert curves["and/preserved_gamma"] == pytest.approx([1.0, 1.0])
+
+
+def test_strength_by_order_is_averaged_over_probes():
+    # probe 0: |I| 10 at order 1 only; probe 1: 1 at order 1, 3 at order 2 (all salient, all preserved)
+    rows = [[0.0, 10.0, 0.0, 0.0], [0.0, 1.0, 0.0, -3.0]]
+    tracker = _plain()
+    tracker.add_values(0, _from_interactions(rows))
+    curves = tracker.report().curves
+    plus, minus = curves["and/preserved_strength_plus"][0], curves["and/preserved_strength_minus"][0]
+    assert plus == pytest.approx([0.0, (1.0 + 0.25) / 2, 0.0])  # pooled would give 11/14 at order 1
+    assert minus == pytest.approx([0.0, 0.0, (0.0 + 0.75) / 2])
+    # a probe whose set is empty does not count: nothing is removed at the base, so NaN
+    assert all(x != x for x in curves["and/removed_strength_plus"][0])
+
+
+def test_p_y_of_an_answer_target_is_the_answer_probability(tokenizer):
+    model = tiny_model("llama", seed=2)
+    probes = [Probe(prompt=p, answer=a) for p, a in zip(PROMPTS[:2], ["the cat", "over"])]
+    tracker = SFTTracker(probes, tokenizer, n_players=4, andor_method="and", min_base_py=0.0, progress=False,
+                         numerics_check=False, target="answer", noise_floor=None)
+    tracker.add_checkpoint(model, 0)
+    py = tracker.records[0].p_y
+    for i, (game, p) in enumerate(zip(tracker.games, py.tolist())):
+        with torch.no_grad():
+            logits = model(input_ids=game.input_ids[None]).logits[0].double()
+        m = game.target.numel()
+        rows = logits[game.prompt_length - 1: game.prompt_length - 1 + m].log_softmax(-1)
+        expected = rows.gather(-1, game.target[:, None]).sum().exp().item()
+        assert p == pytest.approx(expected, rel=1e-4)
+        if m == 1:  # one token: sigmoid of its log-odds
+            assert p == pytest.approx(torch.sigmoid(tracker.records[0].values[i, -1]).item(), rel=1e-4)
+    assert any(g.target.numel() > 1 for g in tracker.games)

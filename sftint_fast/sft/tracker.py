@@ -318,12 +318,13 @@ class SFTTracker:
                     values = self._build_games(model)
                 else:
                     values = self._evaluate(model)
+                py = self._target_probability(model, values)
                 loss = self._heldout_loss(model) if self._heldout else None
                 if not self.records and self._reference_source is not None and self.reference is None:
                     self.reference = self._reference_interactions(values)
         finally:
             model.train(was_training)
-        self.add_values(step, values, heldout_loss=loss)
+        self.add_values(step, values, heldout_loss=loss, p_y=py)
 
     def add_values(self, step: int, values: torch.Tensor, *, heldout_loss: float | None = None,
                    p_y: torch.Tensor | None = None) -> None:
@@ -490,7 +491,7 @@ class SFTTracker:
             raise ValueError(f"probes: expected at least one probe with {c.n_players} players, got none")
         self.games, self.kept = games, kept
         values = self._evaluate(model)
-        py = torch.sigmoid(values[:, -1])
+        py = self._target_probability(model, values)
         keep = (py >= c.min_base_py).tolist()
         if not any(keep):
             raise ValueError(f"probes: no probe has base p_y >= min_base_py={c.min_base_py} (got p_y {py.tolist()}); "
@@ -508,6 +509,27 @@ class SFTTracker:
 
     def _evaluate(self, model: Any) -> torch.Tensor:
         return self._evaluate_games(model, self.games)
+
+    def _target_probability(self, model: Any, values: torch.Tensor) -> torch.Tensor:
+        """``p_y = p(y | x)`` of each game's target on the unmasked prompt, ``(B,)`` float64.
+
+        A one-token target's is ``sigmoid(v(N))`` (``v`` is its log-odds). An answer of ``m > 1`` tokens
+        (``target="answer"``) has ``v(N) = Σ_k logit p(y_k | x, y_<k)``, which is no probability; its ``p_y`` is
+        ``Π_k p(y_k | x, y_<k)``, from one more forward pass of the full prompt per probe."""
+        import dataclasses
+
+        import sftint_fast as sf
+
+        py = torch.sigmoid(values[:, -1].double())
+        longer = [i for i, g in enumerate(self.games) if g.target.numel() > 1]
+        if not longer:
+            return py
+        full = torch.tensor([(1 << self.games[0].num_players) - 1])
+        games = [dataclasses.replace(self.games[i], value=_answer_log_prob(self.games[i].target)) for i in longer]
+        rows = sf.evaluate_many(model, games, method="naive", subsets=full, progress=False,
+                                compute_dtype=self.config.compute_dtype)
+        py[longer] = torch.stack([row.cpu().double()[0] for row in rows]).exp()
+        return py
 
     def _evaluate_games(self, model: Any, games: Sequence[Any]) -> torch.Tensor:
         """``(len(games), 2^n)`` float64 CPU values, split across the ranks under ``torch.distributed``."""
@@ -731,6 +753,16 @@ def _repeat_state(state: N.SetState, k: int) -> N.SetState:
     return N.SetState(**{name: getattr(state, name).repeat(k, 1) for name in state.__dataclass_fields__})
 
 
+def _answer_log_prob(target: torch.Tensor):
+    """A game value: ``Σ_k log p(target_k)`` from the scored positions' logits ``(B, m, V)``."""
+
+    def value(logits: torch.Tensor) -> torch.Tensor:
+        ids = target.to(logits.device).view(1, -1, 1).expand(logits.shape[0], -1, 1)
+        return torch.log_softmax(logits.float(), -1).gather(-1, ids).squeeze(-1).sum(-1)
+
+    return value
+
+
 def _shared(interactions: torch.Tensor, reference: dict[str, torch.Tensor], kind: str, tau: float, *,
             _repeat: int = 1) -> torch.Tensor:
     """``G_S = 1[S ∈ Ω_ref] · 1[sign I(S) = sign I_ref(S)]`` as a bool ``(B, 2^n)`` tensor."""
@@ -922,9 +954,12 @@ def _build_report(tracker: SFTTracker) -> TrackReport:
             shared = torch.stack([_shared(inters[t], tracker.reference, kind, c.tau) for t in range(T)])
         sets = {name: torch.stack([getattr(s[kind], name) for s in states]) for name in SETS}
         for name, member in sets.items():
-            values = inters[:1].expand_as(inters) if name == "removed" else inters
+            # a removed interaction is measured where it was salient: the base checkpoint's I, and its G_S
+            base_only = name == "removed"
+            values = inters[:1].expand_as(inters) if base_only else inters
+            set_shared = shared[:1].expand_as(shared) if base_only and shared is not None else shared
             put_sum(f"{kind}/{name}", member.sum(-1).double() * relevant)
-            _set_measures(curves, intervals, f"{kind}/{name}", values, member, order, n, boot, shared)
+            _set_measures(curves, intervals, f"{kind}/{name}", values, member, order, n, boot, set_shared)
         new = {"removed_new": torch.zeros(T, B), "emerged_new": torch.zeros(T, B)}
         if shared is not None:
             new["emerged_unshared_new"] = torch.zeros(T, B)
@@ -1000,7 +1035,8 @@ def _build_report(tracker: SFTTracker) -> TrackReport:
 
 def _set_measures(curves: dict, intervals: dict, prefix: str, values: torch.Tensor, member: torch.Tensor,
                   order: torch.Tensor, n: int, boot: torch.Tensor, shared: torch.Tensor | None) -> None:
-    """Mean |I|, ρ, γ, mean order and strength by order of one set over checkpoints (pooled over probes)."""
+    """Mean |I|, ρ, γ and mean order of one set over checkpoints (pooled over probes), and its strength by order
+    (per probe, averaged over probes)."""
     m = member.double()
     mag = values.abs() * m                                                       # (T, B, 2^n)
     abs_sum = mag.sum(-1)
@@ -1016,11 +1052,15 @@ def _set_measures(curves: dict, intervals: dict, prefix: str, values: torch.Tens
         g = (mag * shared.double()).sum(-1)
         curves[f"{prefix}_gamma"] = _ratio(g.sum(-1), abs_sum.sum(-1))
         intervals[f"{prefix}_gamma"] = N.bootstrap_ratio(g, abs_sum, boot)
-    denom = abs_sum.sum(-1, keepdim=True).clamp(min=1e-300)
-    plus = torch.stack([((values.clamp(min=0) * m) * (order == k)).sum(-1).sum(-1) for k in range(n + 1)], -1)
-    minus = torch.stack([(((-values).clamp(min=0) * m) * (order == k)).sum(-1).sum(-1) for k in range(n + 1)], -1)
-    curves[f"{prefix}_strength_plus"] = (plus / denom).tolist()
-    curves[f"{prefix}_strength_minus"] = (minus / denom).tolist()
+    # METHOD.md section 4: A+(k), A-(k) normalised by the probe's Σ|I| over the set, then averaged over probes
+    # (those whose set is not empty; NaN where no probe has one)
+    denom = abs_sum.unsqueeze(-1)                                                # (T, B, 1)
+    plus = torch.stack([((values.clamp(min=0) * m) * (order == k)).sum(-1) for k in range(n + 1)], -1)
+    minus = torch.stack([(((-values).clamp(min=0) * m) * (order == k)).sum(-1) for k in range(n + 1)], -1)
+    nonempty = (abs_sum > 0).unsqueeze(-1)
+    nan = torch.full_like(plus, math.nan)
+    curves[f"{prefix}_strength_plus"] = torch.where(nonempty, plus / denom, nan).nanmean(1).tolist()
+    curves[f"{prefix}_strength_minus"] = torch.where(nonempty, minus / denom, nan).nanmean(1).tolist()
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> list[float]:
