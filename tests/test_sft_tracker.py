@@ -322,3 +322,31 @@ def test_p_y_of_an_answer_target_is_the_answer_probability(tokenizer):
         if m == 1:  # one token: sigmoid of its log-odds
             assert p == pytest.approx(torch.sigmoid(tracker.records[0].values[i, -1]).item(), rel=1e-4)
     assert any(g.target.numel() > 1 for g in tracker.games)
+
+
+def test_emerged_interactions_carry_the_step_they_first_appeared():
+    rows = [[0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.8], [0.0, 1.0, 1.0, 0.9],
+            [0.0, 1.0, 1.0, 0.9]]
+    tracker = _plain(persistence=2)
+    for step, row in zip((0, 10, 20, 30, 40), rows):
+        tracker.add_values(step, _from_interactions([row]))
+    assert tracker.emerged(step=20) == [[]]  # seen once: not confirmed yet
+    assert tracker.emerged(step=30) == [[{"subset": 3, "first_step": 20, "value": pytest.approx(0.9)}]]
+    assert tracker.emerged()[0][0]["first_step"] == 20  # the last checkpoint keeps its onset
+    with pytest.raises(ValueError, match=r"step: expected a recorded step \[0, 10, 20, 30, 40\], received 25"):
+        tracker.emerged(step=25)
+    with pytest.raises(ValueError, match="kind: expected one of"):
+        tracker.emerged("xor")
+
+
+def test_emerged_names_the_words(tokenizer):
+    tracker = _tracker(tokenizer, persistence=1, noise_floor=None)
+    for step, m in enumerate(_checkpoints(3, seed=5)):
+        tracker.add_checkpoint(m, step)
+    report = tracker.report()
+    found = tracker.emerged()
+    assert sum(map(len, found)) == report.curves["and/emerged"][-1] > 0
+    for game, rows in zip(tracker.games, found):
+        for r in rows:
+            assert r["words"] == [w for i, w in enumerate(game.words) if r["subset"] >> i & 1]
+            assert 1 <= r["first_step"] <= 2

@@ -386,6 +386,35 @@ class SFTTracker:
             out[kind] = (a & b).sum().item() / union if union else math.nan
         return out
 
+    def emerged(self, kind: str = "and", step: int | None = None) -> list[list[dict[str, Any]]]:
+        """The emerged set ``E_t`` of checkpoint ``step`` (default: the last), per probe: one dict per interaction
+        with its ``subset`` bitmask, the players' ``words`` (when the tracker built the games), ``first_step`` (the
+        checkpoint where it first appeared: its onset, ``persistence - 1`` checkpoints before the one that
+        confirmed it) and its ``value`` ``I(S)`` at ``step``; strongest first."""
+        if not self.records:
+            raise ValueError("emerged: expected at least the base checkpoint, got none")
+        if kind not in self.config.kinds:
+            raise ValueError(f"kind: expected one of {list(self.config.kinds)}, received {kind!r}")
+        steps = self.steps
+        if step is None:
+            step = steps[-1]
+        if step not in steps:
+            raise ValueError(f"step: expected a recorded step {steps}, received {step!r}")
+        t = steps.index(step)
+        state, inters = self.states[t][kind], self.records[t].interactions[kind]
+        out = []
+        for b in range(state.emerged.shape[0]):
+            words = list(self.games[b].words) if self.games is not None else None
+            rows = []
+            for mask in state.emerged[b].nonzero().flatten().tolist():
+                row = {"subset": mask, "first_step": steps[int(state.first_emerged[b, mask])],
+                       "value": float(inters[b, mask])}
+                if words is not None:
+                    row["words"] = [w for i, w in enumerate(words) if mask >> i & 1]
+                rows.append(row)
+            out.append(sorted(rows, key=lambda r: -abs(r["value"])))
+        return out
+
     def report(self) -> TrackReport:
         """All curves so far, their probe-bootstrap intervals and the phase boundary."""
         if not self.records:
