@@ -301,6 +301,13 @@ def test_strength_by_order_is_averaged_over_probes():
     plus, minus = curves["and/preserved_strength_plus"][0], curves["and/preserved_strength_minus"][0]
     assert plus == pytest.approx([0.0, (1.0 + 0.25) / 2, 0.0])  # pooled would give 11/14 at order 1
     assert minus == pytest.approx([0.0, 0.0, (0.0 + 0.75) / 2])
+    report = tracker.report()
+    lo, hi = report.intervals["and/preserved_strength_plus"]
+    assert len(lo) == len(hi) == 1 and len(lo[0]) == len(hi[0]) == 3
+    # resampling two probes: the mean of order 1 lies between the probes' own 0.25 and 1.0
+    assert 0.25 - 1e-12 <= lo[0][1] <= plus[1] <= hi[0][1] <= 1.0 + 1e-12
+    mlo, mhi = report.intervals["and/preserved_mean_order"]
+    assert mlo[0] <= report.curves["and/preserved_mean_order"][0] <= mhi[0]
     # a probe whose set is empty does not count: nothing is removed at the base, so NaN
     assert all(x != x for x in curves["and/removed_strength_plus"][0])
 

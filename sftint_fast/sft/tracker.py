@@ -1077,6 +1077,7 @@ def _set_measures(curves: dict, intervals: dict, prefix: str, values: torch.Tens
     curves[f"{prefix}_rho"] = rho.nanmean(-1).tolist()
     intervals[f"{prefix}_rho"] = N.bootstrap_nanmean(rho, boot)
     curves[f"{prefix}_mean_order"] = _ratio((mag * order).sum(-1).sum(-1), abs_sum.sum(-1))
+    intervals[f"{prefix}_mean_order"] = N.bootstrap_ratio((mag * order).sum(-1), abs_sum, boot)
     if shared is not None:
         g = (mag * shared.double()).sum(-1)
         curves[f"{prefix}_gamma"] = _ratio(g.sum(-1), abs_sum.sum(-1))
@@ -1088,8 +1089,13 @@ def _set_measures(curves: dict, intervals: dict, prefix: str, values: torch.Tens
     minus = torch.stack([(((-values).clamp(min=0) * m) * (order == k)).sum(-1) for k in range(n + 1)], -1)
     nonempty = (abs_sum > 0).unsqueeze(-1)
     nan = torch.full_like(plus, math.nan)
-    curves[f"{prefix}_strength_plus"] = torch.where(nonempty, plus / denom, nan).nanmean(1).tolist()
-    curves[f"{prefix}_strength_minus"] = torch.where(nonempty, minus / denom, nan).nanmean(1).tolist()
+    for sign, strength in (("plus", plus), ("minus", minus)):
+        per_probe = torch.where(nonempty, strength / denom, nan)                # (T, B, n+1)
+        curves[f"{prefix}_strength_{sign}"] = per_probe.nanmean(1).tolist()
+        # intervals like the curves': (lo, hi), each a list over checkpoints of lists over orders
+        bounds = [N.bootstrap_nanmean(per_probe[..., k], boot) for k in range(n + 1)]
+        intervals[f"{prefix}_strength_{sign}"] = tuple([list(row) for row in zip(*(b[i] for b in bounds))]
+                                                       for i in (0, 1))
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> list[float]:
