@@ -855,20 +855,17 @@ def _takes_logits_to_keep(model: Any) -> bool:
     wrappers whose forward passes ``**kwargs`` on (PEFT's ``get_base_model()``, DDP's ``.module``)."""
     import inspect
 
-    for _ in range(4):
+    from sftint_fast.engine.adapters import wrapped_models
+
+    for layer in wrapped_models(model):
         try:
-            params = inspect.signature(model.forward).parameters
+            params = inspect.signature(layer.forward).parameters
         except (TypeError, ValueError):
             return False
         if "logits_to_keep" in params:
             return True
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            return False
-        unwrap = getattr(model, "get_base_model", None)
-        inner = unwrap() if callable(unwrap) else getattr(model, "module", None)
-        if not isinstance(inner, torch.nn.Module) or inner is model:
-            return False
-        model = inner
+            return False  # the argument would not reach a wrapped model
     return False
 
 
