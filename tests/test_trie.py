@@ -280,3 +280,21 @@ def test_sparse_subsets_with_a_widened_window_match_naive(max_memory):
         assert plan.window_nodes < 15 and plan.peak_bytes <= max_memory
     trie, naive = run_both(net, game, subsets=subsets, batch_size=4, max_memory=max_memory)
     check_close(trie, naive)
+
+
+@pytest.mark.parametrize("method", ["trie", "naive"])
+def test_token_ids_outside_the_vocabulary_are_refused(method):
+    import dataclasses
+
+    import sftint_fast as sf
+
+    game = make_game("spread_n5")
+    ids = game.input_ids.clone()
+    ids[[3, 9]] = torch.tensor([128, 4000])  # the tiny models have 128 ids
+    bad = dataclasses.replace(game, input_ids=ids)
+    with pytest.raises(ValueError, match=r"games\[0\]\.input_ids: expected token ids in \[0, 128\) \(the model's "
+                                         r"vocabulary\), received \[128, 4000\] at positions \[3, 9\]"):
+        sf.evaluate(model("llama"), bad, method=method, progress=False)
+    target = dataclasses.replace(game, target=torch.tensor([200]))
+    with pytest.raises(ValueError, match=r"games\[1\]\.target: expected token ids in \[0, 128\)"):
+        sf.evaluate_games(model("gpt2"), [game, target], method=method, progress=False)

@@ -158,6 +158,20 @@ def _check_games(games: Sequence[Any]) -> list[Game]:
     return games
 
 
+def _check_vocab(model: Any, games: Sequence[Game]) -> None:
+    """ValueError naming the game, field and positions of token ids outside the model's vocabulary (a game built for
+    another model, or by hand), instead of an IndexError deep in the embedding."""
+    vocab = model.get_input_embeddings().num_embeddings
+    for i, game in enumerate(games):
+        for field in ("input_ids", "target"):
+            ids = getattr(game, field)
+            bad = ((ids < 0) | (ids >= vocab)).nonzero().flatten()
+            if bad.numel():
+                raise ValueError(f"games[{i}].{field}: expected token ids in [0, {vocab}) (the model's vocabulary), "
+                                 f"received {ids[bad[:5]].tolist()} at positions {bad[:5].tolist()}"
+                                 + (f" and {bad.numel() - 5} more" if bad.numel() > 5 else ""))
+
+
 def evaluate(
     model: Any,
     game: Game,
@@ -214,6 +228,7 @@ def evaluate_games(
     _check_options(batch_size, max_memory)
     if not games:
         return []
+    _check_vocab(model, games)
     n = games[0].num_players
     if subsets is not None and any(game.num_players != n for game in games):
         raise ValueError(f"subsets: the games have different numbers of players {sorted({g.num_players for g in games})}")
