@@ -42,6 +42,7 @@ _API: dict[str, str] = {
     "plan_trie": "sftint_fast.engine.plan",
     "learn_baseline": "sftint_fast.baseline",
     "load_default": "sftint_fast.models",
+    "load_causal_lm": "sftint_fast.models",
     # SFT tracking
     "load_probes": "sftint_fast.sft.probes",
     "SFTTracker": "sftint_fast.sft.tracker",

@@ -492,14 +492,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs one subcommand. A ``ValueError``/``TypeError``/``OSError`` (a bad model folder, text, file or option the
-    library refused with its own message) prints that message and returns 2 instead of a traceback;
+    library refused with its own message) or an ``ImportError`` (a missing extra, with its install command) prints
+    that message and returns 2 instead of a traceback;
     ``SFTINT_DEBUG=1`` re-raises it."""
     import os
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, OSError) as err:
+    except (ValueError, TypeError, OSError, ImportError) as err:
         if os.environ.get("SFTINT_DEBUG", "") not in ("", "0"):
             raise
         print(f"sftint {args.command}: {err}\n(SFTINT_DEBUG=1 shows the traceback)", file=sys.stderr)

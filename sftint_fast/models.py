@@ -108,7 +108,8 @@ def load_gemma(*, cache_dir: str | os.PathLike | None = None, dtype: torch.dtype
 
 
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """``"default"`` → :func:`load_default`, ``"gemma"`` → :func:`load_gemma`, else a local HF folder."""
+    """``"default"`` → :func:`load_default`, ``"gemma"`` → :func:`load_gemma`, else a local folder: a HF model
+    or a PEFT adapter over a local base (see :func:`load_causal_lm`)."""
     if name_or_path == "default":
         return load_default(dtype=dtype)
     if name_or_path == "gemma":
@@ -116,11 +117,87 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32) -> tupl
     path = Path(name_or_path)
     if not path.is_dir():
         raise ValueError(f"model: expected 'default', 'gemma' or a local model folder, received {name_or_path!r}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
-    return model, tokenizer
+    return load_causal_lm(path, dtype=dtype), AutoTokenizer.from_pretrained(tokenizer_folder(path))
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def tokenizer_folder(path: str | os.PathLike) -> str:
+    """Where the tokenizer of a model folder is: the folder itself, or for an adapter checkpoint saved without one,
+    the base folder its config names."""
+    if is_adapter_folder(path) and not any((Path(path) / name).is_file() for name in _TOKENIZER_FILES):
+        return adapter_base(path)
+    return str(path)
+
+
+def is_adapter_folder(path: str | os.PathLike) -> bool:
+    """A PEFT adapter checkpoint (``adapter_config.json``, no full model ``config.json``), as a LoRA ``Trainer`` saves."""
+    path = Path(path)
+    return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
+
+
+def adapter_base(path: str | os.PathLike) -> str:
+    """The base model folder an adapter checkpoint names (``base_model_name_or_path``); ValueError when it names
+    none or no local folder (nothing here reaches a model hub: pass the base explicitly)."""
+    import json
+
+    config_file = Path(path) / "adapter_config.json"
+    try:
+        base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"adapter {path}: expected a readable adapter_config.json, got {err}") from None
+    if not base or not Path(base).is_dir():
+        raise ValueError(f"adapter {path}: expected its base_model_name_or_path to be a local model folder, got "
+                         f"{base!r}; pass the base model folder explicitly")
+    return str(base)
+
+
+def load_causal_lm(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, base: str | os.PathLike | None = None,
+                   merge: bool = True) -> Any:
+    """A causal LM from a local folder, in eval mode: a full model (``config.json``) or a PEFT adapter checkpoint
+    (``adapter_config.json`` only: what ``Trainer`` saves when fine-tuning with LoRA).
+
+    An adapter is applied over ``base`` (a model folder; default: the folder its ``base_model_name_or_path`` names)
+    and, with ``merge`` (default), merged into the weights (``merge_and_unload``), so the engines see a plain model:
+    the same function as the adapted model up to float rounding, at the base model's speed. ``merge=False`` keeps the
+    ``PeftModel`` (the trie engine runs it too). Prompt-learning adapters (prefix / prompt tuning) are refused: they
+    change the input sequence the players index. ValueError for a folder with neither config, an adapter whose
+    weights do not fit the base; ImportError without ``peft`` (the ``peft`` extra).
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+    if not (path / "adapter_config.json").is_file():
+        found = sorted(p.name for p in path.iterdir())[:10] if path.is_dir() else "not a folder"
+        raise ValueError(f"checkpoint {path}: expected a model folder (config.json) or a PEFT adapter folder "
+                         f"(adapter_config.json), got {found}")
+    try:
+        import peft
+    except ImportError:
+        raise ImportError(f"checkpoint {path} is a PEFT adapter; loading it needs peft: "
+                          "pip install -e '.[peft]'") from None
+    config = peft.PeftConfig.from_pretrained(str(path))
+    if config.is_prompt_learning:
+        raise ValueError(f"checkpoint {path}: expected a weight adapter (LoRA, IA3, ...), got the prompt-learning "
+                         f"adapter {config.peft_type}, which changes the input sequence the players index")
+    base_dir = Path(base) if base is not None else Path(adapter_base(path))
+    named = config.base_model_name_or_path
+    if base is not None and named and Path(named).is_dir() and Path(named).resolve() != base_dir.resolve():
+        logger.warning("adapter %s names the base %s; applying it over %s as asked", path, named, base_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype)
+    try:
+        model = peft.PeftModel.from_pretrained(model, str(path))
+    except (RuntimeError, ValueError, KeyError) as err:  # size mismatch / target modules missing in this base
+        raise ValueError(f"checkpoint {path}: expected an adapter trained on the base {base_dir}, but its weights do "
+                         f"not fit that model: {' '.join(str(err).split())[:500]}") from None
+    if merge:
+        model = model.merge_and_unload()
+    return model.eval()
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

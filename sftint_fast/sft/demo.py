@@ -86,7 +86,12 @@ def run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str 
               reference: str | None = None, n_players: int = 8, andor_method: str = "sgd",
               heldout: str | os.PathLike | None = None, device: str | torch.device | None = None, **options: Any
               ) -> tuple[TrackReport, Path]:
-    """Tracks saved checkpoints (folders loadable with ``from_pretrained``) in step order; resumable.
+    """Tracks saved checkpoints in step order; resumable.
+
+    ``base``: the base model folder (step 0). ``checkpoints``: folders (or globs) named ``checkpoint-<step>``, each a
+    full model (``config.json``) or a PEFT adapter (``adapter_config.json``, what a LoRA ``Trainer`` saves), applied
+    over ``base`` and merged (:func:`~sftint_fast.models.load_causal_lm`). ``reference`` likewise (an adapter over
+    the base its config names).
 
     ``heldout``: a JSONL file of ``{"prompt", "answer"}`` rows, the held-out loss of each checkpoint.
     ``device``: where each checkpoint (and the reference) runs; None = CUDA when available, else the CPU.
@@ -110,10 +115,10 @@ def run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str 
 def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str | os.PathLike, *,
                reference: str | None, n_players: int, andor_method: str, heldout: str | os.PathLike | None,
                device: str | torch.device | None, **options: Any) -> tuple[TrackReport, Path]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from sftint_fast import distributed
-    from sftint_fast.models import resolve_device
+    from sftint_fast.models import is_adapter_folder, load_causal_lm, resolve_device, tokenizer_folder
     from sftint_fast.plot import write_report
 
     device = resolve_device(device)
@@ -123,6 +128,14 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
     missing = [p for p in [base, *paths] + ([reference] if reference else []) if not Path(p).is_dir()]
     if missing:
         raise ValueError(f"checkpoints: expected model folders, got paths that are not folders: {missing}")
+    if is_adapter_folder(base):
+        raise ValueError(f"base: expected a full model folder (config.json), got the PEFT adapter folder {base!r}; "
+                         "pass the model it was trained on as --base and the adapters as --checkpoints")
+    unloadable = [p for p in [base, *paths] + ([reference] if reference else [])
+                  if not any((Path(p) / name).is_file() for name in ("config.json", "adapter_config.json"))]
+    if unloadable:
+        raise ValueError(f"checkpoints: expected model folders (config.json) or PEFT adapter folders "
+                         f"(adapter_config.json), got folders with neither: {unloadable}")
     pairs = None
     if heldout is not None:
         rows = load_probes(heldout)
@@ -134,14 +147,14 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
     tokenizer = AutoTokenizer.from_pretrained(base)
     ref = None
     if reference is not None:
-        ref = (AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32).to(device),
-               AutoTokenizer.from_pretrained(reference))
+        ref = (load_causal_lm(reference, dtype=torch.float32).to(device),
+               AutoTokenizer.from_pretrained(tokenizer_folder(reference)))
     tracker = SFTTracker(load_probes(probes_path), tokenizer, n_players=n_players, andor_method=andor_method,
                          reference=ref, heldout=pairs, out_dir=Path(out) / "tracker", **options)
     for step, path in [(0, base)] + [(_step_of(p), p) for p in paths]:
         if step in tracker.steps:
             continue
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+        model = load_causal_lm(path, dtype=torch.float32, base=base).to(device)
         tracker.add_checkpoint(model, step)
         del model
     report = tracker.report()
