@@ -21,14 +21,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(tmp: Path, nproc: int) -> tuple[dict, list[dict]]:
+def _run(tmp: Path, nproc: int, *extra: str) -> tuple[dict, list[dict]]:
     env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
     launcher = [sys.executable]
     if nproc:
         launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
                      "--master_port", str(_free_port())]
     out = tmp / "metrics.json"
-    proc = subprocess.run(launcher + [str(SCRIPT), "--out", str(out), "--work", str(tmp)], env=env,
+    proc = subprocess.run(launcher + [str(SCRIPT), "--out", str(out), "--work", str(tmp), *extra], env=env,
                           capture_output=True, text=True, timeout=240)
     if proc.returncode != 0:
         raise AssertionError(f"{nproc or 1} process(es) failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
@@ -71,3 +71,14 @@ def test_ddp_callback_shards_probes_and_keeps_ranks_in_step(runs):
     assert math.isclose(ranks[0]["values_abs_sum"], one["values_abs_sum"], rel_tol=1e-5)
     assert sorted(p.name for p in (ddp_dir / "track").glob("step_*.json")) == [
         f"step_{s:09d}.json" for s in range(4)]
+
+
+def test_ddp_stop_at_boundary_stops_every_rank_at_the_same_step(tmp_path):
+    """The main process finds the phase boundary and every rank stops there (a rank that went on would hang in the
+    next step's collectives, so the run finishing at all is part of the check)."""
+    _, ranks = _run(tmp_path, 2, "--stop-at-boundary")
+    boundary = ranks[0]["phase_boundary"]
+    assert boundary is not None and 0 < boundary < 10
+    assert [r["phase_boundary"] for r in ranks] == [boundary] * 2
+    assert [r["global_step"] for r in ranks] == [boundary] * 2
+    assert [r["steps"][-1] for r in ranks] == [boundary] * 2

@@ -357,3 +357,35 @@ def test_emerged_names_the_words(tokenizer):
         for r in rows:
             assert r["words"] == [w for i, w in enumerate(game.words) if r["subset"] >> i & 1]
             assert 1 <= r["first_step"] <= 2
+
+
+@pytest.mark.parametrize("stop", [True, False])
+def test_callback_stops_training_at_the_phase_boundary_when_asked(tokenizer, tmp_path, stop):
+    """``stop_at_boundary``: the run ends (with a saved checkpoint) at the step whose report first has a phase
+    boundary; without it the same boundary is only logged and training runs to ``max_steps``."""
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_model("llama").train()
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": (ids := torch.randint(4, 40, (12,), generator=g)), "labels": ids.clone()} for _ in range(16)]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=12,
+                             learning_rate=3e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                             disable_tqdm=True, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    # a boundary rule without the noise floor and significance, so a few real steps of this tiny run reach it
+    tracker = _tracker(tokenizer, persistence=1, noise_floor=None, boundary_significant=False)
+    callback = sf.InteractionCallback(tracker, every=2, stop_at_boundary=stop).attach(trainer)
+    trainer.train()
+    boundary = callback.phase_boundary
+    assert boundary is not None and 0 < boundary < 12
+    assert tracker.report().phase_boundary == boundary  # the tracker's own rule, not the callback's
+    logged = [h["interactions/phase_boundary"] for h in trainer.state.log_history if "interactions/phase_boundary" in h]
+    assert logged and set(logged) == {boundary}
+    if stop:
+        assert trainer.state.global_step == boundary and tracker.steps[-1] == boundary
+        assert (tmp_path / "out" / f"checkpoint-{boundary}").is_dir()  # saved where it stopped
+    else:
+        assert trainer.state.global_step == 12 and tracker.steps[-1] == 12
+        assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("checkpoint-*"))
+    with pytest.raises(TypeError, match="stop_at_boundary: expected a bool"):
+        sf.InteractionCallback(tracker, stop_at_boundary="yes")

@@ -34,17 +34,28 @@ class InteractionCallback(TrainerCallback):
     The model is evaluated in eval mode under ``torch.no_grad`` and its train mode is restored. Logged scalars
     (``interactions/<name>``): ``removed``, ``preserved``, ``emerged`` (cumulative set sizes),
     ``removed_new``/``emerged_new`` with ``_floor`` and ``_excess``, ``gamma_emerged``/``gamma_removed`` (with
-    a reference), ``rho_emerged``, ``p_y_mean``, ``heldout_loss``.
+    a reference), ``rho_emerged``, ``p_y_mean``, ``heldout_loss``, and ``phase_boundary`` (the step that ended the
+    denoising stage, METHOD.md section 6) once there is one.
+
+    ``stop_at_boundary``: when the phase boundary is found, save a checkpoint and stop training there
+    (``control.should_save`` / ``should_training_stop``): the interactions say SFT has stopped removing noise and
+    started adding overfitted interactions. Off by default (the boundary is only logged). Under DDP the main
+    process decides and every rank follows. ``phase_boundary`` is the boundary found, or None.
     """
 
-    def __init__(self, tracker: SFTTracker, every: int = 50, *, trainer: Any = None) -> None:
+    def __init__(self, tracker: SFTTracker, every: int = 50, *, trainer: Any = None,
+                 stop_at_boundary: bool = False) -> None:
         if not isinstance(tracker, SFTTracker):
             raise TypeError(f"tracker: expected an SFTTracker, got {type(tracker).__name__}")
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every: expected an int >= 1, got {every!r}")
+        if not isinstance(stop_at_boundary, bool):
+            raise TypeError(f"stop_at_boundary: expected a bool, got {type(stop_at_boundary).__name__}")
         self.tracker = tracker
         self.every = every
         self.trainer = trainer
+        self.stop_at_boundary = stop_at_boundary
+        self.phase_boundary: int | None = None
 
     def attach(self, trainer: Any) -> "InteractionCallback":
         """Adds this callback to ``trainer`` and logs through ``trainer.log``; returns self."""
@@ -69,23 +80,35 @@ class InteractionCallback(TrainerCallback):
         if model is None or step in self.tracker.steps:
             return
         self.tracker.add_checkpoint(_unwrap(model), step)   # collective under torch.distributed: every rank
-        if not state.is_world_process_zero:
+        boundary = None
+        if state.is_world_process_zero:
+            report = self.tracker.report()
+            boundary = report.phase_boundary
+            metrics = scalars(self.tracker, report)
+            if self.trainer is not None:
+                # trainer.log clears control.should_log: keep the Trainer's own pending log (its loss, gathered
+                # across ranks under DDP, so skipping it on one rank would desynchronise the collectives)
+                should_log = control.should_log
+                self.trainer.log(dict(metrics))
+                control.should_log = should_log
+            else:
+                state.log_history.append({**metrics, "step": step})
+            logger.info("step %d: %s", step, metrics)
+        if not self.stop_at_boundary:
+            self.phase_boundary = boundary if state.is_world_process_zero else None
             return
-        metrics = scalars(self.tracker)
-        if self.trainer is not None:
-            # trainer.log clears control.should_log: keep the Trainer's own pending log (its loss, gathered
-            # across ranks under DDP, so skipping it on one rank would desynchronise the collectives)
-            should_log = control.should_log
-            self.trainer.log(dict(metrics))
-            control.should_log = should_log
-        else:
-            state.log_history.append({**metrics, "step": step})
-        logger.info("step %d: %s", step, metrics)
+        self.phase_boundary = boundary = _from_main_process(boundary)
+        if boundary is not None and not control.should_training_stop:
+            logger.warning("step %d: the denoising stage ended at step %d (phase boundary); saving and stopping "
+                           "training (stop_at_boundary=True)", step, boundary)
+            control.should_save = True
+            control.should_training_stop = True
 
 
-def scalars(tracker: SFTTracker) -> dict[str, float]:
-    """The latest checkpoint's headline numbers, keyed ``interactions/<name>`` (NaN-free: missing ones dropped)."""
-    report = tracker.report()
+def scalars(tracker: SFTTracker, report: Any = None) -> dict[str, float]:
+    """The latest checkpoint's headline numbers, keyed ``interactions/<name>`` (NaN-free: missing ones dropped);
+    ``report``: the tracker's report when already computed."""
+    report = tracker.report() if report is None else report
     curves = report.curves
     names = {
         "removed": "all/removed", "preserved": "all/preserved", "emerged": "all/emerged",
@@ -103,7 +126,22 @@ def scalars(tracker: SFTTracker) -> dict[str, float]:
             value = curves[key][-1]
             if value is not None and not (isinstance(value, float) and math.isnan(value)):
                 out[f"interactions/{short}"] = float(value)
+    if report.phase_boundary is not None:
+        out["interactions/phase_boundary"] = float(report.phase_boundary)
     return out
+
+
+def _from_main_process(value: Any) -> Any:
+    """The main process's ``value`` on every rank (itself without torch.distributed)."""
+    from sftint_fast import distributed
+
+    if not distributed.is_distributed():
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _unwrap(model: Any) -> Any:
