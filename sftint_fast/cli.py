@@ -354,6 +354,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="sftint-demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:<i>: where training and tracking run")
+    p.add_argument("--lora", type=_int_at_least(1), default=None, metavar="R",
+                   help="train a LoRA adapter of rank R (alpha 2R, all linear layers; the peft extra) instead of "
+                        "every weight (then raise --lr, e.g. 1e-3)")
+    p.add_argument("--stop-at-boundary", action="store_true",
+                   help="stop training where the denoising stage ends (the phase boundary)")
     p.set_defaults(func=_run_demo)
 
 
@@ -371,7 +376,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         return 2
     report, md = run_demo(args.out, steps=args.steps, probes=args.probes, n_players=args.n_players, every=args.every,
                           lr=args.lr, andor_method=args.andor_method, andor_niter=args.niter, seed=args.seed,
-                          device=args.device)
+                          device=args.device, lora=args.lora, stop_at_boundary=args.stop_at_boundary)
     h = headline(report)
     print(f"report: {md}")
     print(json.dumps({k: v for k, v in h.items() if k != "verdict"}, indent=1, default=str))

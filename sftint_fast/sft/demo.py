@@ -36,11 +36,14 @@ def _reference() -> tuple[Any, Any] | None:
 def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_players: int = 6, every: int = 4,
              lr: float = 1e-4, batch_size: int = 8, heldout: int = 16, andor_method: str = "sgd",
              andor_niter: int = 20000, seed: int = 0, threads: int | None = None,
-             progress: bool = True, device: str | torch.device | None = "cpu") -> tuple[TrackReport, Path]:
+             progress: bool = True, device: str | torch.device | None = "cpu", lora: int | None = None,
+             stop_at_boundary: bool = False) -> tuple[TrackReport, Path]:
     """SFT of the bundled model with interaction tracking; returns the report and the path of report.md.
 
     ``device``: where training and tracking run (``"cpu"``, the default, as the demo's timings assume; None = CUDA
-    when available).
+    when available). ``lora``: a rank r trains a LoRA adapter (alpha 2r, every linear layer of the blocks; the
+    ``peft`` extra) instead of every weight, tracked on the trie engine like the full model. ``stop_at_boundary``:
+    stop training where the denoising stage ends (:class:`~sftint_fast.sft.callback.InteractionCallback`).
     """
     from transformers import Trainer, TrainingArguments
 
@@ -49,6 +52,9 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
     from sftint_fast.plot import write_report
 
     device = resolve_device(device)
+    if lora is not None and (isinstance(lora, bool) or not isinstance(lora, int) or lora < 1):
+        raise ValueError(f"lora: expected a LoRA rank (an int >= 1) or None, got {lora!r}")
+    peft = _import_peft() if lora is not None else None
 
     if threads:
         torch.set_num_threads(threads)
@@ -72,14 +78,30 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
                              learning_rate=lr, optim="adamw_torch", logging_steps=1, save_strategy="no", report_to=[],
                              use_cpu=device.type == "cpu", seed=seed, disable_tqdm=not progress,
                              lr_scheduler_type="constant")
+    if peft is not None:
+        config = peft.LoraConfig(r=lora, lora_alpha=2 * lora, lora_dropout=0.0, task_type="CAUSAL_LM",
+                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                 "down_proj"])
+        model = peft.get_peft_model(model, config)
+        trainable, total = model.get_nb_trainable_parameters()
+        logger.info("LoRA r=%d: %d of %d parameters trained", lora, trainable, total)
     model.train()
     trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=lambda b: pad_batch(b, pad))
-    sf.InteractionCallback(tracker, every=every).attach(trainer)
+    sf.InteractionCallback(tracker, every=every, stop_at_boundary=stop_at_boundary).attach(trainer)
     trainer.train()
-    if steps not in tracker.steps:
-        tracker.add_checkpoint(model, steps)
+    final = trainer.state.global_step  # < steps when training stopped at the phase boundary
+    if final not in tracker.steps:
+        tracker.add_checkpoint(model, final)
     report = tracker.report()
     return report, write_report(report, out)
+
+
+def _import_peft() -> Any:
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("LoRA needs peft: pip install -e '.[peft]'") from None
+    return peft
 
 
 def run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str | os.PathLike, *,
