@@ -311,6 +311,14 @@ def _add_track(sub: argparse._SubParsersAction) -> None:
                    help='JSONL of {"prompt", "answer"} rows: the held-out loss per checkpoint')
     p.add_argument("--device", default=None,
                    help="where checkpoints run: cpu, cuda or cuda:<i> (default: cuda when available)")
+    p.add_argument("--watch", type=_positive_float, default=None, metavar="SECONDS",
+                   help="follow a run still saving: look for new complete checkpoints every SECONDS (Ctrl-C stops)")
+    p.add_argument("--until-step", type=_int_at_least(1), default=None,
+                   help="with --watch: stop after the first checkpoint at or past this step")
+    p.add_argument("--idle-timeout", type=_positive_float, default=None, metavar="SECONDS",
+                   help="with --watch: stop after SECONDS without a new checkpoint")
+    p.add_argument("--settle", type=_non_negative_float, default=30.0, metavar="SECONDS",
+                   help="with --watch: a folder without trainer_state.json is complete once unchanged this long")
     for flag, _, kwargs in _TRACK_OPTIONS:
         p.add_argument(flag, default=None, **kwargs)
     p.set_defaults(func=_run_track)
@@ -327,7 +335,8 @@ def _run_track(args: argparse.Namespace) -> int:
         _, md = run_track(args.base, args.checkpoints, args.probes, args.out, reference=args.reference,
                           n_players=args.n_players, andor_method=args.andor_method,
                           noise_floor=None if args.noise_floor == "none" else args.noise_floor,
-                          heldout=args.heldout, device=args.device, **options)
+                          heldout=args.heldout, device=args.device, watch=args.watch, until_step=args.until_step,
+                          idle_timeout=args.idle_timeout, settle=args.settle, **options)
         if distributed.is_main_process():
             print(f"report: {md}")
     except (ValueError, TypeError) as err:  # a bad option, file or checkpoint: the tracker's own message

@@ -65,6 +65,15 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
+def broadcast_object(value: T) -> T:
+    """Rank 0's ``value`` on every rank (a picklable object; ``value`` itself without a process group)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def init_from_env(backend: str | None = None) -> bool:
     """Initialise the default process group from ``torchrun``'s environment, if it describes several ranks.
 

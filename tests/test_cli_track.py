@@ -144,7 +144,8 @@ def test_track_cli_rejects_bad_arguments_before_loading(argv, message, capsys):
 
 def test_track_cli_under_torchrun_two_ranks(folders, tmp_path):
     """`torchrun --nproc_per_node 2 -m sftint_fast.cli track`: the ranks split the probes, rank 0 alone writes and
-    prints, and the report equals the single-process one."""
+    prints, and the report equals the single-process one. The ranks run in --watch mode (rank 0 lists the ready
+    checkpoints and decides when the idle timeout ends the watch; a rank that disagreed would hang)."""
     import os
     import socket
     import subprocess
@@ -159,7 +160,8 @@ def test_track_cli_under_torchrun_two_ranks(folders, tmp_path):
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), "-m", "sftint_fast.cli", *args, "--out", str(tmp_path / "two")]
+           "--master_port", str(port), "-m", "sftint_fast.cli", *args, "--out", str(tmp_path / "two"), "--watch", "0.1",
+           "--idle-timeout", "1", "--settle", "0"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert proc.stdout.count("report: ") == 1
@@ -192,3 +194,106 @@ def test_track_cli_with_a_reference_model(folders, tmp_path, capsys):
     without = tmp_path / "noref"
     assert _track(root, without, [str(root / "ckpt" / "checkpoint-10")], "--noise-floor", "none") == 0
     assert json.loads((without / "report.json").read_text())["gamma_available"] is False
+
+
+def _save_later(events, after):
+    """Runs ``events`` (``(delay_s, fn)``) in a thread, in order, once the file ``after`` exists: a training run
+    saving checkpoints while the tracker watches."""
+    import threading
+    import time
+
+    def run():
+        deadline = time.monotonic() + 120
+        while not after.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for delay, fn in events:
+            time.sleep(delay)
+            fn()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_track_cli_watch_follows_a_run_still_saving(folders, tmp_path, capsys):
+    """--watch: checkpoints that appear later are tracked in order, each once complete (trainer_state.json, or no
+    change for --settle seconds: a half-written folder is not read early), and the result equals tracking the
+    finished folders in one go."""
+    import shutil
+
+    root, _ = folders
+    live = tmp_path / "live"
+    live.mkdir()
+    src = root / "ckpt"
+    out = tmp_path / "watched"
+
+    def copy(step):
+        def fn():
+            tmp = tmp_path / f"tmp-{step}"
+            shutil.copytree(src / f"checkpoint-{step}", tmp)
+            if step == 10:  # a Trainer checkpoint: complete as soon as trainer_state.json is there
+                (tmp / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+            tmp.rename(live / f"checkpoint-{step}")  # copytree kept old mtimes: 20 is settled at once
+        return fn
+
+    partial = live / "checkpoint-30"
+
+    def start_partial():  # a save in progress: config.json now, the weights a second later
+        partial.mkdir()
+        shutil.copy(src / "checkpoint-30" / "config.json", partial / "config.json")
+
+    def finish_partial():
+        for f in (src / "checkpoint-30").iterdir():
+            if f.name != "config.json":
+                shutil.copy(f, partial / f.name)
+
+    # after the base is tracked: checkpoint-30 half-written first (read now, it would fail: no weights), then 10, 20
+    thread = _save_later([(0.0, start_partial), (1.0, finish_partial), (0.2, copy(10)), (0.2, copy(20))],
+                         after=out / "tracker" / "step_000000000.json")
+    rc = _track(root, out, [str(live / "checkpoint-*")], "--watch", "0.2", "--settle", "3.0", "--until-step", "30")
+    thread.join()
+    assert rc == 0, capsys.readouterr().err
+    watched = json.loads((out / "report.json").read_text())
+    assert watched["steps"] == [0, 10, 20, 30]
+    assert _track(root, tmp_path / "direct", [str(src / "checkpoint-*")]) == 0
+    direct = json.loads((tmp_path / "direct" / "report.json").read_text())
+    for key in ("and/removed", "and/preserved", "and/emerged", "p_y_mean"):
+        assert watched["curves"][key] == pytest.approx(direct["curves"][key], rel=1e-6), key
+
+
+def test_track_cli_watch_stops_when_idle_and_skips_a_deleted_checkpoint(folders, tmp_path, monkeypatch, capsys,
+                                                                         caplog):
+    import shutil
+    import time
+
+    import sftint_fast.models
+
+    root, _ = folders
+    live = tmp_path / "live"
+    for step in (10, 20):
+        shutil.copytree(root / "ckpt" / f"checkpoint-{step}", live / f"checkpoint-{step}")
+        (live / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    real = sftint_fast.models.load_causal_lm
+
+    def deleted_first(path, **kwargs):  # save_total_limit removed checkpoint-10 before the tracker got to it
+        if str(path).endswith("checkpoint-10"):
+            shutil.rmtree(path)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(sftint_fast.models, "load_causal_lm", deleted_first)
+    start = time.monotonic()
+    rc = _track(root, tmp_path / "run", [str(live / "checkpoint-*")], "--watch", "0.1", "--idle-timeout", "1")
+    assert rc == 0, capsys.readouterr().err
+    assert 1 <= time.monotonic() - start < 60
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["steps"] == [0, 20]
+    assert any("was deleted before it could be read" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--until-step", "5"], "until_step / idle_timeout: expected them only with watch"),
+    (["--idle-timeout", "5"], "until_step / idle_timeout: expected them only with watch"),
+])
+def test_track_cli_watch_options_need_watch(folders, tmp_path, extra, message, capsys):
+    root, _ = folders
+    assert _track(root, tmp_path / "run", [str(root / "ckpt" / "checkpoint-10")], *extra) == 2
+    assert message in capsys.readouterr().err

@@ -23,6 +23,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from sftint_fast import distributed
 from sftint_fast.sft.tracker import SFTTracker
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class InteractionCallback(TrainerCallback):
         if not self.stop_at_boundary:
             self.phase_boundary = boundary if state.is_world_process_zero else None
             return
-        self.phase_boundary = boundary = _from_main_process(boundary)
+        self.phase_boundary = boundary = distributed.broadcast_object(boundary)  # the main process decides
         if boundary is not None and not control.should_training_stop:
             logger.warning("step %d: the denoising stage ended at step %d (phase boundary); saving and stopping "
                            "training (stop_at_boundary=True)", step, boundary)
@@ -129,19 +130,6 @@ def scalars(tracker: SFTTracker, report: Any = None) -> dict[str, float]:
     if report.phase_boundary is not None:
         out["interactions/phase_boundary"] = float(report.phase_boundary)
     return out
-
-
-def _from_main_process(value: Any) -> Any:
-    """The main process's ``value`` on every rank (itself without torch.distributed)."""
-    from sftint_fast import distributed
-
-    if not distributed.is_distributed():
-        return value
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _unwrap(model: Any) -> Any:

@@ -106,8 +106,9 @@ def _import_peft() -> Any:
 
 def run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str | os.PathLike, *,
               reference: str | None = None, n_players: int = 8, andor_method: str = "sgd",
-              heldout: str | os.PathLike | None = None, device: str | torch.device | None = None, **options: Any
-              ) -> tuple[TrackReport, Path]:
+              heldout: str | os.PathLike | None = None, device: str | torch.device | None = None,
+              watch: float | None = None, until_step: int | None = None, idle_timeout: float | None = None,
+              settle: float = 30.0, **options: Any) -> tuple[TrackReport, Path]:
     """Tracks saved checkpoints in step order; resumable.
 
     ``base``: the base model folder (step 0). ``checkpoints``: folders (or globs) named ``checkpoint-<step>``, each a
@@ -119,16 +120,33 @@ def run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str 
     ``device``: where each checkpoint (and the reference) runs; None = CUDA when available, else the CPU.
     ``options``: further :class:`~sftint_fast.sft.tracker.SFTTracker` options.
 
+    ``watch``: follow a training run that is still saving: every ``watch`` seconds the globs are matched again and
+    each new complete checkpoint is tracked, the report rewritten after each. A folder is complete once it holds
+    ``trainer_state.json`` (the ``Trainer`` writes it last) or, without one, once none of its files changed for
+    ``settle`` seconds. It stops after the first checkpoint at or past ``until_step``, after ``idle_timeout`` seconds
+    without a new one, or on Ctrl-C (what was tracked is saved and reported). A checkpoint deleted before it is read
+    (``save_total_limit``) is skipped with a warning.
+
     Under ``torchrun`` (several ranks) the process group is initialised here when it is not yet (NCCL on GPUs, each
     rank on its ``LOCAL_RANK`` device; gloo on CPU): every rank loads each checkpoint, the probes are split across
-    the ranks, and rank 0 alone writes the tracker's files and the report.
+    the ranks, and rank 0 alone writes the tracker's files and the report (and, watching, decides what is ready).
     """
     from sftint_fast import distributed
 
+    for name, value in (("watch", watch), ("idle_timeout", idle_timeout), ("settle", settle)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
+                                  or (name == "watch" and value == 0)):
+            raise ValueError(f"{name}: expected a number of seconds {'> 0' if name == 'watch' else '>= 0'}, "
+                             f"got {value!r}")
+    if until_step is not None and (isinstance(until_step, bool) or not isinstance(until_step, int) or until_step < 1):
+        raise ValueError(f"until_step: expected an int >= 1, got {until_step!r}")
+    if watch is None and (until_step is not None or idle_timeout is not None):
+        raise ValueError("until_step / idle_timeout: expected them only with watch (following a run still saving)")
     owns_group = not distributed.is_distributed() and distributed.init_from_env()
     try:
         return _run_track(base, checkpoints, probes_path, out, reference=reference, n_players=n_players,
-                          andor_method=andor_method, heldout=heldout, device=device, **options)
+                          andor_method=andor_method, heldout=heldout, device=device, watch=watch,
+                          until_step=until_step, idle_timeout=idle_timeout, settle=settle, **options)
     finally:
         if owns_group:
             torch.distributed.destroy_process_group()
@@ -136,7 +154,8 @@ def run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str 
 
 def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str | os.PathLike, *,
                reference: str | None, n_players: int, andor_method: str, heldout: str | os.PathLike | None,
-               device: str | torch.device | None, **options: Any) -> tuple[TrackReport, Path]:
+               device: str | torch.device | None, watch: float | None, until_step: int | None,
+               idle_timeout: float | None, settle: float, **options: Any) -> tuple[TrackReport, Path]:
     from transformers import AutoTokenizer
 
     from sftint_fast import distributed
@@ -144,20 +163,12 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
     from sftint_fast.plot import write_report
 
     device = resolve_device(device)
-    paths = sorted({p for pattern in checkpoints for p in glob.glob(pattern)} or set(checkpoints), key=_step_of)
-    if not paths:
-        raise ValueError(f"checkpoints: expected folders, got nothing for {list(checkpoints)}")
-    missing = [p for p in [base, *paths] + ([reference] if reference else []) if not Path(p).is_dir()]
-    if missing:
-        raise ValueError(f"checkpoints: expected model folders, got paths that are not folders: {missing}")
-    if is_adapter_folder(base):
-        raise ValueError(f"base: expected a full model folder (config.json), got the PEFT adapter folder {base!r}; "
-                         "pass the model it was trained on as --base and the adapters as --checkpoints")
-    unloadable = [p for p in [base, *paths] + ([reference] if reference else [])
-                  if not any((Path(p) / name).is_file() for name in ("config.json", "adapter_config.json"))]
-    if unloadable:
-        raise ValueError(f"checkpoints: expected model folders (config.json) or PEFT adapter folders "
-                         f"(adapter_config.json), got folders with neither: {unloadable}")
+    paths = _match(checkpoints)
+    if watch is None:
+        paths = paths or sorted(set(checkpoints), key=_step_of)
+        if not paths:
+            raise ValueError(f"checkpoints: expected folders, got nothing for {list(checkpoints)}")
+    _check_folders(base, [] if watch is not None else paths, reference)
     pairs = None
     if heldout is not None:
         rows = load_probes(heldout)
@@ -173,16 +184,110 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
                AutoTokenizer.from_pretrained(tokenizer_folder(reference)))
     tracker = SFTTracker(load_probes(probes_path), tokenizer, n_players=n_players, andor_method=andor_method,
                          reference=ref, heldout=pairs, out_dir=Path(out) / "tracker", **options)
-    for step, path in [(0, base)] + [(_step_of(p), p) for p in paths]:
+
+    def track(step: int, path: str) -> bool:
         if step in tracker.steps:
-            continue
-        model = load_causal_lm(path, dtype=torch.float32, base=base).to(device)
+            return False
+        if watch is not None and tracker.steps and step < tracker.steps[-1]:
+            logger.warning("%s: step %d is before the last tracked step %d; skipped", path, step, tracker.steps[-1])
+            return False
+        try:
+            model = load_causal_lm(path, dtype=torch.float32, base=base).to(device)
+        except (OSError, ValueError):
+            if watch is None or Path(path).is_dir():
+                raise
+            logger.warning("%s was deleted before it could be read (save_total_limit?); skipped", path)
+            return False
         tracker.add_checkpoint(model, step)
         del model
+        return True
+
+    track(0, base)
+    for path in paths if watch is None else []:
+        track(_step_of(path), path)
+    if watch is not None:
+        _follow(tracker, checkpoints, track, lambda: _report(tracker, out, write_report), watch=watch,
+                until_step=until_step, idle_timeout=idle_timeout, settle=settle)
+    return _report(tracker, out, write_report)
+
+
+def _report(tracker: SFTTracker, out: str | os.PathLike, write_report: Any) -> tuple[TrackReport, Path]:
+    from sftint_fast import distributed
+
     report = tracker.report()
     if not distributed.is_main_process():
         return report, Path(out) / "report.md"
     return report, write_report(report, out)
+
+
+def _follow(tracker: SFTTracker, patterns: Sequence[str], track: Any, report: Any, *, watch: float,
+            until_step: int | None, idle_timeout: float | None, settle: float) -> None:
+    """The watch loop of :func:`run_track`: rank 0 lists the complete new checkpoints, every rank tracks them."""
+    import time
+
+    from sftint_fast import distributed
+
+    last_new = time.monotonic()
+    try:
+        while until_step is None or not tracker.steps or tracker.steps[-1] < until_step:
+            ready = None
+            if distributed.is_main_process():
+                ready = [p for p in _match(patterns) if _step_of(p) not in tracker.steps and _complete(p, settle)]
+            ready = distributed.broadcast_object(ready)
+            if ready:
+                _check_folders(None, ready, None)
+                for path in ready:
+                    if track(_step_of(path), path):
+                        last_new = time.monotonic()
+                        report()
+                        if until_step is not None and _step_of(path) >= until_step:
+                            break
+                continue
+            stop = idle_timeout is not None and time.monotonic() - last_new >= idle_timeout
+            if distributed.broadcast_object(stop):
+                logger.info("no new checkpoint for %.0f s: stopped watching", idle_timeout)
+                return
+            time.sleep(watch)
+    except KeyboardInterrupt:
+        logger.warning("interrupted: the report covers the %d checkpoints tracked so far", len(tracker.steps))
+
+
+def _match(patterns: Sequence[str]) -> list[str]:
+    return sorted({p for pattern in patterns for p in glob.glob(pattern)}, key=_step_of)
+
+
+def _complete(path: str, settle: float) -> bool:
+    """A checkpoint folder is complete: ``trainer_state.json`` (written last by the ``Trainer``) is there, or it has a
+    model/adapter config and none of its files changed for ``settle`` seconds."""
+    import time
+
+    folder = Path(path)
+    if (folder / "trainer_state.json").is_file():
+        return True
+    if not any((folder / name).is_file() for name in ("config.json", "adapter_config.json")):
+        return False
+    try:
+        newest = max(f.stat().st_mtime for f in folder.rglob("*") if f.is_file())
+    except (OSError, ValueError):  # a file vanished while listing: not settled
+        return False
+    return time.time() - newest >= settle
+
+
+def _check_folders(base: str | None, paths: Sequence[str], reference: str | None) -> None:
+    from sftint_fast.models import is_adapter_folder
+
+    folders = ([base] if base else []) + list(paths) + ([reference] if reference else [])
+    missing = [p for p in folders if not Path(p).is_dir()]
+    if missing:
+        raise ValueError(f"checkpoints: expected model folders, got paths that are not folders: {missing}")
+    if base is not None and is_adapter_folder(base):
+        raise ValueError(f"base: expected a full model folder (config.json), got the PEFT adapter folder {base!r}; "
+                         "pass the model it was trained on as --base and the adapters as --checkpoints")
+    unloadable = [p for p in folders
+                  if not any((Path(p) / name).is_file() for name in ("config.json", "adapter_config.json"))]
+    if unloadable:
+        raise ValueError(f"checkpoints: expected model folders (config.json) or PEFT adapter folders "
+                         f"(adapter_config.json), got folders with neither: {unloadable}")
 
 
 def _step_of(path: str) -> int:
