@@ -70,7 +70,11 @@ def _add_game_args(p: argparse.ArgumentParser, n_players_help: str = "") -> None
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     """Which model, in which dtype, on which device (``explain`` and ``bench``)."""
-    p.add_argument("--model", default="default", help="a local HF model folder, 'default' (SmolLM2) or 'gemma'")
+    p.add_argument("--model", default="default",
+                   help="a local HF model folder, a PEFT adapter folder, 'default' (SmolLM2) or 'gemma'")
+    p.add_argument("--base", default=None,
+                   help="for an adapter --model: its base (a folder, 'default' or 'gemma'; default: the folder its "
+                        "adapter_config.json names)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="the weights' dtype (default float32: bf16 moves v by ~0.06 RMS on SmolLM2)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:<i> (default: cuda when available)")
@@ -83,7 +87,7 @@ def _load(args: argparse.Namespace):
     from sftint_fast.models import load_model, resolve_device
 
     device = resolve_device(args.device)
-    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), base=args.base)
     return model.to(device), tokenizer
 
 

@@ -107,9 +107,11 @@ def load_gemma(*, cache_dir: str | os.PathLike | None = None, dtype: torch.dtype
     return _load_converted(path.parent, path.name, cache, dtype)
 
 
-def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32,
+               base: str | os.PathLike | None = None) -> tuple[Any, Any]:
     """``"default"`` → :func:`load_default`, ``"gemma"`` → :func:`load_gemma`, else a local folder: a HF model
-    or a PEFT adapter over a local base (see :func:`load_causal_lm`)."""
+    or a PEFT adapter (see :func:`load_causal_lm`) over ``base`` (a model folder, ``"default"`` or ``"gemma"``;
+    None = the folder the adapter's config names)."""
     if name_or_path == "default":
         return load_default(dtype=dtype)
     if name_or_path == "gemma":
@@ -119,17 +121,32 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32) -> tupl
         raise ValueError(f"model: expected 'default', 'gemma' or a local model folder, received {name_or_path!r}")
     from transformers import AutoTokenizer
 
-    return load_causal_lm(path, dtype=dtype), AutoTokenizer.from_pretrained(tokenizer_folder(path))
+    base_dir = None if base is None else bundled_folder(base)
+    return (load_causal_lm(path, dtype=dtype, base=base_dir),
+            AutoTokenizer.from_pretrained(tokenizer_folder(path, base=base_dir)))
+
+
+def bundled_folder(name_or_path: str | os.PathLike) -> Path:
+    """The model folder of ``"default"`` / ``"gemma"`` (their converted cache, converted on first use), or the
+    folder given; ValueError for anything else."""
+    if name_or_path in ("default", "gemma"):
+        cache = default_cache_root() / ("smollm2-135m-instruct" if name_or_path == "default" else "gemma-3-270m")
+        if not (cache / "config.json").is_file():
+            (load_default if name_or_path == "default" else load_gemma)()
+        return cache
+    if not Path(name_or_path).is_dir():
+        raise ValueError(f"base: expected 'default', 'gemma' or a local model folder, received {str(name_or_path)!r}")
+    return Path(name_or_path)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def tokenizer_folder(path: str | os.PathLike) -> str:
+def tokenizer_folder(path: str | os.PathLike, *, base: str | os.PathLike | None = None) -> str:
     """Where the tokenizer of a model folder is: the folder itself, or for an adapter checkpoint saved without one,
-    the base folder its config names."""
+    ``base`` (default: the base folder its config names)."""
     if is_adapter_folder(path) and not any((Path(path) / name).is_file() for name in _TOKENIZER_FILES):
-        return adapter_base(path)
+        return str(base) if base is not None else adapter_base(path)
     return str(path)
 
 
@@ -151,7 +168,7 @@ def adapter_base(path: str | os.PathLike) -> str:
         raise ValueError(f"adapter {path}: expected a readable adapter_config.json, got {err}") from None
     if not base or not Path(base).is_dir():
         raise ValueError(f"adapter {path}: expected its base_model_name_or_path to be a local model folder, got "
-                         f"{base!r}; pass the base model folder explicitly")
+                         f"{base!r}; pass the base model folder explicitly (--base)")
     return str(base)
 
 

@@ -171,3 +171,31 @@ def test_track_cli_on_the_checkpoints_a_lora_trainer_saves(folders, tmp_path, ca
     fresh.add_checkpoint(model.eval(), 4)  # the model the Trainer ended with, adapter unmerged
     torch.testing.assert_close(tracker.records[-1].values, fresh.records[-1].values, atol=1e-4, rtol=1e-4)
     assert (tracker.records[-1].values - tracker.records[0].values).abs().max() > 1e-2  # training moved it
+
+
+def test_explain_cli_on_an_adapter_whose_base_is_given_with_base(folders, tmp_path, capsys):
+    """An adapter whose config names a hub id (trained elsewhere): --base says where the base is; the saved v are
+    the adapted model's."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    root, adapted = folders
+    moved = tmp_path / "moved-adapter"
+    shutil.copytree(root / "ckpt" / "checkpoint-10", moved)
+    config = json.loads((moved / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "HuggingFaceTB/SmolLM2-135M"
+    (moved / "adapter_config.json").write_text(json.dumps(config))
+    argv = ["explain", "--model", str(moved), "--text", "the big cat sat on the red mat", "--players", "1,2,3,6",
+            "--method", "naive", "--device", "cpu", "--top", "3"]
+    assert main([*argv, "--out", str(tmp_path / "x")]) == 2
+    assert "pass the base model folder explicitly (--base)" in capsys.readouterr().err
+    assert main([*argv, "--base", str(root / "base"), "--out", str(tmp_path / "run")]) == 0
+    saved = load_file(tmp_path / "run" / "v.safetensors")["v"]
+    model, tok = load_model(str(moved), base=root / "base")
+    game = sf.Game.from_text(model, tok, "the big cat sat on the red mat", players=[1, 2, 3, 6])
+    with torch.no_grad():
+        expected = sf.evaluate(adapted[10], game, method="naive", progress=False)
+    torch.testing.assert_close(saved, expected, atol=1e-4, rtol=1e-4)
+    assert main([*argv, "--base", str(tmp_path / "nowhere"), "--out", str(tmp_path / "y")]) == 2
+    assert "base: expected 'default', 'gemma' or a local model folder" in capsys.readouterr().err
