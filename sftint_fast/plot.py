@@ -134,8 +134,11 @@ def plot_rho_gamma(report: TrackReport, path: str | os.PathLike) -> Path:
     return _save(fig, path)
 
 
-def write_report(report: TrackReport, out_dir: str | os.PathLike) -> Path:
-    """All figures plus ``report.json`` and ``report.md`` in ``out_dir``; returns the path of report.md."""
+def write_report(report: TrackReport, out_dir: str | os.PathLike, *, sets: dict[str, Any] | None = None) -> Path:
+    """All figures plus ``report.json`` and ``report.md`` in ``out_dir``; returns the path of report.md.
+
+    ``sets``: :meth:`SFTTracker.sets <sftint_fast.sft.tracker.SFTTracker.sets>`, whose strongest removed and emerged
+    interactions report.md then lists by their words."""
     _check_report(report)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,7 +150,7 @@ def write_report(report: TrackReport, out_dir: str | os.PathLike) -> Path:
     }
     report.save(out / "report.json")
     md = out / "report.md"
-    _atomic_write_text(md, markdown(report, figures=list(figures)))
+    _atomic_write_text(md, markdown(report, figures=list(figures), sets=sets))
     return md
 
 
@@ -183,8 +186,10 @@ def headline(report: TrackReport) -> dict[str, Any]:
     }
 
 
-def markdown(report: TrackReport, *, figures: list[str]) -> str:
-    """The report as Markdown: headline, per-checkpoint table, notes, figures."""
+def markdown(report: TrackReport, *, figures: list[str], sets: dict[str, Any] | None = None,
+             examples: int = 3) -> str:
+    """The report as Markdown: headline, per-checkpoint table, what changed (with ``sets``: per probe, the
+    ``examples`` strongest removed and emerged AND / OR interactions by their words), notes, figures."""
     _check_report(report)
     h = headline(report)
     c = report.curves
@@ -214,9 +219,36 @@ def markdown(report: TrackReport, *, figures: list[str]) -> str:
               "a probe flagged target-irrelevant (p_y under a tenth of its base value) leaves these totals while "
               "flagged (its changes are counted apart), so they need not be monotone when the flagged set changes "
               f"(flagged probes per checkpoint: {c['irrelevant_probes']})."]
+    if sets is not None:
+        lines += _what_changed(sets, examples)
     lines += ["", "## Notes", ""] + [f"- {n}" for n in report.notes] + [""]
     lines += [f"![{f}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
+
+
+def _what_changed(sets: dict[str, Any], examples: int) -> list[str]:
+    lines = ["", f"## What changed by step {sets['step']}", "",
+             "Per probe, the strongest removed (salient at the base, `I` at the base → now) and emerged (`I` now, "
+             "since the step it appeared) interactions; all of them are in sets.json.", ""]
+    for probe in sets["probes"]:
+        flag = " (target now irrelevant)" if probe["irrelevant"] else ""
+        lines.append(f"- **{probe['prompt'] if probe['prompt'] is not None else probe['words']}**{flag}, "
+                     f"p_y {probe['p_y']:.3f}")
+        for kind in ("and", "or"):
+            if kind not in probe:
+                continue
+            sets_of = probe[kind]
+            removed = [f"{_words(r)} {r['base_value']:+.3f} → {r['value']:+.3f}" for r in sets_of["removed"][:examples]]
+            emerged = [f"{_words(r)} {r['value']:+.3f} (step {r['first_step']})" for r in sets_of["emerged"][:examples]]
+            lines.append(f"  - {kind.upper()}: {len(sets_of['removed'])} removed"
+                         + (f" ({'; '.join(removed)})" if removed else "")
+                         + f", {len(sets_of['emerged'])} emerged" + (f" ({'; '.join(emerged)})" if emerged else "")
+                         + f", {sets_of['preserved']} preserved")
+    return lines
+
+
+def _words(row: dict[str, Any]) -> str:
+    return "{" + ", ".join(row["words"]) + "}" if row.get("words") is not None else f"S={row['subset']}"
 
 
 def _fmt(x: Any) -> str:

@@ -74,6 +74,14 @@ def test_track_cli_matches_the_tracker_and_resumes(folders, tmp_path, monkeypatc
     for key in ("and/removed", "and/preserved", "and/emerged", "p_y_mean", "heldout_loss"):
         assert report["curves"][key] == pytest.approx(expected["curves"][key], rel=1e-5), key
     assert None not in report["curves"]["heldout_loss"]
+    # which interactions changed: sets.json and the report's "What changed" section, with the probes' words
+    sets = json.loads((out / "sets.json").read_text())
+    assert sets["step"] == 20 and [p["prompt"] for p in sets["probes"]] == expected["probes"]["prompts"]
+    assert sum(len(p["and"]["emerged"]) for p in sets["probes"]) == report["curves"]["and/emerged"][-1]
+    md = (out / "report.md").read_text()
+    assert "## What changed by step 20" in md and f"**{PROMPTS[0]}**" in md
+    for p in sets["probes"]:
+        assert (f"AND: {len(p['and']['removed'])} removed" in md and f"{p['and']['preserved']} preserved" in md)
 
     # resuming with one more checkpoint evaluates only that one
     calls = []

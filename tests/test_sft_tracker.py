@@ -359,6 +359,49 @@ def test_emerged_names_the_words(tokenizer):
             assert 1 <= r["first_step"] <= 2
 
 
+def test_removed_interactions_carry_their_base_and_current_values():
+    rows = [[0.0, 1.0, 0.6, 0.3], [0.0, 1.0, 0.01, 0.3], [0.0, 1.0, 0.01, 0.3], [0.0, 1.0, 0.02, -0.001]]
+    tracker = _plain(persistence=2)
+    for step, row in zip((0, 10, 20, 30), rows):
+        tracker.add_values(step, _from_interactions([row]))
+    assert tracker.removed(step=10) == [[]]  # below the threshold once: not confirmed yet
+    assert tracker.removed(step=20) == [[{"subset": 2, "base_value": pytest.approx(0.6), "value": pytest.approx(0.01)}]]
+    last = tracker.removed()[0]  # {1} first (|I_0| = 0.6), then {0, 1} (0.3), whose removal is not confirmed yet
+    assert [r["subset"] for r in last] == [2]
+    with pytest.raises(ValueError, match="kind: expected one of"):
+        tracker.removed("xor")
+
+
+def test_sets_lists_what_each_probe_lost_and_gained_with_words(tokenizer):
+    import json
+
+    tracker = _tracker(tokenizer, persistence=1, noise_floor=None)
+    for step, m in enumerate(_checkpoints(3, seed=3)):  # a seed whose last checkpoint has removals and emergences
+        tracker.add_checkpoint(m, step)
+    report = tracker.report()
+    sets = json.loads(json.dumps(tracker.sets()))  # JSON-ready
+    assert sets["step"] == 2 and sets["steps"] == [0, 1, 2]
+    probes = sets["probes"]
+    assert [p["prompt"] for p in probes] == report.probes["prompts"]
+    assert [p["irrelevant"] for p in probes] == report.probes["irrelevant"][-1]
+    assert [p["p_y"] for p in probes] == pytest.approx(report.probes["p_y"][-1])
+    for name in ("removed", "emerged"):
+        assert sum(len(p["and"][name]) for p in probes) == report.curves[f"and/{name}"][-1], name
+    assert sum(p["and"]["preserved"] for p in probes) == report.curves["and/preserved"][-1]
+    assert sum(len(p["and"]["removed"]) for p in probes) > 0 and sum(len(p["and"]["emerged"]) for p in probes) > 0
+    for p in probes:
+        for r in p["and"]["removed"]:
+            assert r["words"] == [w for i, w in enumerate(p["words"]) if r["subset"] >> i & 1]
+    assert tracker.sets(step=1)["step"] == 1
+    from sftint_fast.plot import markdown
+
+    md = markdown(report, figures=[], sets=sets)  # the report lists the strongest changes by their words
+    shown = [r for p in probes for r in p["and"]["emerged"][:3] + p["and"]["removed"][:3]]
+    assert shown and all("{" + ", ".join(r["words"]) + "}" in md for r in shown)
+    top = next(r for p in probes for r in p["and"]["removed"][:1])
+    assert f"{top['base_value']:+.3f} → {top['value']:+.3f}" in md
+
+
 @pytest.mark.parametrize("stop", [True, False])
 def test_callback_stops_training_at_the_phase_boundary_when_asked(tokenizer, tmp_path, stop):
     """``stop_at_boundary``: the run ends (with a saved checkpoint) at the step whose report first has a phase

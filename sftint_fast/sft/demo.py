@@ -92,8 +92,7 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
     final = trainer.state.global_step  # < steps when training stopped at the phase boundary
     if final not in tracker.steps:
         tracker.add_checkpoint(model, final)
-    report = tracker.report()
-    return report, write_report(report, out)
+    return _report(tracker, out, write_report)
 
 
 def _import_peft() -> Any:
@@ -217,7 +216,8 @@ def _report(tracker: SFTTracker, out: str | os.PathLike, write_report: Any) -> t
     report = tracker.report()
     if not distributed.is_main_process():
         return report, Path(out) / "report.md"
-    return report, write_report(report, out)
+    tracker.save_sets(Path(out) / "sets.json")
+    return report, write_report(report, out, sets=tracker.sets())
 
 
 def _follow(tracker: SFTTracker, patterns: Sequence[str], track: Any, report: Any, *, watch: float,

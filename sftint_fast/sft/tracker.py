@@ -391,8 +391,54 @@ class SFTTracker:
         with its ``subset`` bitmask, the players' ``words`` (when the tracker built the games), ``first_step`` (the
         checkpoint where it first appeared: its onset, ``persistence - 1`` checkpoints before the one that
         confirmed it) and its ``value`` ``I(S)`` at ``step``; strongest first."""
+        t, state = self._state_at("emerged", kind, step)
+        inters, steps = self.records[t].interactions[kind], self.steps
+        return self._rows(state.emerged, lambda b, mask: {
+            "first_step": steps[int(state.first_emerged[b, mask])], "value": float(inters[b, mask])}, key="value")
+
+    def removed(self, kind: str = "and", step: int | None = None) -> list[list[dict[str, Any]]]:
+        """The removed set ``R_t = Ω_0 \\ Ω_t`` of checkpoint ``step`` (default: the last), per probe: one dict per
+        interaction with its ``subset`` bitmask, the players' ``words`` (when the tracker built the games), its
+        ``base_value`` ``I_0(S)`` (where it was salient) and its ``value`` ``I_t(S)`` at ``step``; strongest at the
+        base first."""
+        t, state = self._state_at("removed", kind, step)
+        base, now = self.records[0].interactions[kind], self.records[t].interactions[kind]
+        return self._rows(state.removed, lambda b, mask: {
+            "base_value": float(base[b, mask]), "value": float(now[b, mask])}, key="base_value")
+
+    def sets(self, step: int | None = None) -> dict[str, Any]:
+        """Which interactions SFT removed and which emerged by checkpoint ``step`` (default: the last), per probe
+        and kind, with their words: a JSON-ready dict (``sftint track`` / ``demo`` save it as ``sets.json``).
+
+        ``{"step", "steps", "probes": [{"prompt", "words", "p_y", "irrelevant", "<kind>": {"preserved": count,
+        "removed": [...], "emerged": [...]}}]}``, the lists as :meth:`removed` and :meth:`emerged` give them.
+        """
+        t, _ = self._state_at("sets", self.config.kinds[0], step)
+        py, base_py = self.records[t].p_y.double(), self.records[0].p_y.double()
+        irrelevant = (py < self.config.irrelevant_fraction * base_py).tolist()
+        out = []
+        for b in range(py.shape[0]):
+            built = self.games is not None and self.kept is not None
+            out.append({"prompt": self.probes[self.kept[b]].prompt if built else None,
+                        "words": list(self.games[b].words) if self.games is not None else None,
+                        "p_y": float(py[b]), "irrelevant": bool(irrelevant[b])})
+        for kind in self.config.kinds:
+            removed, emerged = self.removed(kind, self.steps[t]), self.emerged(kind, self.steps[t])
+            preserved = self.states[t][kind].preserved.sum(-1).tolist()
+            for b, row in enumerate(out):
+                row[kind] = {"preserved": int(preserved[b]), "removed": removed[b], "emerged": emerged[b]}
+        return {"step": self.steps[t], "steps": self.steps, "probes": out}
+
+    def save_sets(self, path: str | os.PathLike, step: int | None = None) -> Path:
+        """Writes :meth:`sets` as JSON to ``path`` (atomically); returns the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(path, json.dumps(self.sets(step), indent=1))
+        return path
+
+    def _state_at(self, what: str, kind: str, step: int | None) -> tuple[int, Any]:
         if not self.records:
-            raise ValueError("emerged: expected at least the base checkpoint, got none")
+            raise ValueError(f"{what}: expected at least the base checkpoint, got none")
         if kind not in self.config.kinds:
             raise ValueError(f"kind: expected one of {list(self.config.kinds)}, received {kind!r}")
         steps = self.steps
@@ -401,18 +447,19 @@ class SFTTracker:
         if step not in steps:
             raise ValueError(f"step: expected a recorded step {steps}, received {step!r}")
         t = steps.index(step)
-        state, inters = self.states[t][kind], self.records[t].interactions[kind]
+        return t, self.states[t][kind]
+
+    def _rows(self, members: torch.Tensor, fields: Any, *, key: str) -> list[list[dict[str, Any]]]:
         out = []
-        for b in range(state.emerged.shape[0]):
+        for b in range(members.shape[0]):
             words = list(self.games[b].words) if self.games is not None else None
             rows = []
-            for mask in state.emerged[b].nonzero().flatten().tolist():
-                row = {"subset": mask, "first_step": steps[int(state.first_emerged[b, mask])],
-                       "value": float(inters[b, mask])}
+            for mask in members[b].nonzero().flatten().tolist():
+                row = {"subset": mask, **fields(b, mask)}
                 if words is not None:
                     row["words"] = [w for i, w in enumerate(words) if mask >> i & 1]
                 rows.append(row)
-            out.append(sorted(rows, key=lambda r: -abs(r["value"])))
+            out.append(sorted(rows, key=lambda r: -abs(r[key])))
         return out
 
     def report(self) -> TrackReport:
