@@ -273,3 +273,27 @@ def test_game_value_is_the_same_with_and_without_autograd():
     values = game.values_from_logits(tracked)
     assert values.requires_grad
     assert torch.equal(values.detach(), game.values_from_logits(logits))
+
+
+def test_rope_of_the_model_is_recognised_as_a_function_or_a_hub_kernel_layer():
+    """transformers >= 5.25 with ``kernels`` installed makes ``apply_rotary_pos_emb`` an ``nn.Module`` instance
+    (a hub-kernel layer named ``rotary_pos_emb``): it is still HF's RoPE, so the fused op stands in for it; any other
+    callable is not."""
+    from sftint_fast.engine.adapters import get_adapter
+    from sftint_fast.engine.adapters.llama import _function_name
+
+    class RotaryLayer(torch.nn.Module):
+        kernel_layer_name = "rotary_pos_emb"
+
+    class OtherLayer(torch.nn.Module):
+        kernel_layer_name = "rms_norm"
+
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        return q, k
+
+    assert _function_name(apply_rotary_pos_emb) == "apply_rotary_pos_emb"
+    assert _function_name(RotaryLayer()) == "apply_rotary_pos_emb"
+    assert _function_name(OtherLayer()) == "OtherLayer"
+    assert _function_name(lambda q, k: (q, k)) == "<lambda>"
+    for kind in ("llama", "qwen2"):
+        assert get_adapter(tiny_model(kind))._rope_fusable, kind  # whichever form this transformers gives it

@@ -47,7 +47,7 @@ class LlamaLikeAdapter(Adapter):
             dtype=self._embed_tokens.weight.dtype,
         )
         # fused elementwise ops (``run_layers(fused=...)``): which of the model's ops they can stand in for
-        self._rope_fusable = self._apply_rope.__name__ == "apply_rotary_pos_emb"
+        self._rope_fusable = _function_name(self._apply_rope) == "apply_rotary_pos_emb"
         mlp0 = self._blocks[0].mlp
         self._mlp_fusable = all(hasattr(mlp0, name) for name in ("gate_proj", "up_proj", "down_proj")) and (
             isinstance(mlp0.act_fn, torch.nn.SiLU) or type(mlp0.act_fn).__name__ == "SiLUActivation")
@@ -129,6 +129,17 @@ class LlamaLikeAdapter(Adapter):
         if self._final_softcap is not None:
             logits = torch.tanh(logits / self._final_softcap) * self._final_softcap
         return logits
+
+
+def _function_name(fn) -> str | None:
+    """The name of a function of the model's code. With the ``kernels`` package installed, transformers (>= 5.25)
+    turns ``apply_rotary_pos_emb`` into an instance of an ``nn.Module`` class that names its hub-kernel layer
+    (``kernel_layer_name = "rotary_pos_emb"``): a hub kernel may replace its forward, with the same function."""
+    if isinstance(fn, torch.nn.Module):
+        if getattr(type(fn), "kernel_layer_name", None) == "rotary_pos_emb":
+            return "apply_rotary_pos_emb"
+        return type(fn).__name__
+    return getattr(fn, "__name__", None)
 
 
 def _call(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
