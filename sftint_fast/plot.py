@@ -3,16 +3,20 @@
 ``write_report(report, out_dir)`` writes ``counts.png`` (removed/preserved/emerged vs step, held-out loss on
 a second axis, phase boundary marked), ``floor.png`` (observed vs floor per checkpoint, bootstrap bands),
 ``orders.png`` (strength by order of removed vs preserved vs emerged at the last checkpoint),
-``rho_gamma.png`` (ρ and γ per set over steps), ``report.json`` and ``report.md``.
+``rho_gamma.png`` (ρ and γ per set over steps), ``report.json`` and ``report.md``; given the run's
+:class:`~sftint_fast.sft.training_log.TrainingLog`, its training / eval loss join the loss axis, the table and
+``training_log.json``.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 from sftint_fast.sft.tracker import TrackReport, _atomic_write_text
+from sftint_fast.sft.training_log import TrainingLog
 
 SET_COLORS = {"removed": "tab:red", "preserved": "tab:gray", "emerged": "tab:blue"}
 
@@ -38,9 +42,11 @@ def _mark_boundary(ax: Any, report: TrackReport) -> None:
         ax.axvline(report.heldout_loss_min_step, color="tab:green", linestyle=":", linewidth=1, label="held-out loss min")
 
 
-def plot_counts(report: TrackReport, path: str | os.PathLike) -> Path:
-    """Cumulative set sizes (with bootstrap bands) vs step; held-out loss on a second axis."""
+def plot_counts(report: TrackReport, path: str | os.PathLike, *, training: TrainingLog | None = None) -> Path:
+    """Cumulative set sizes (with bootstrap bands) vs step; held-out loss (and, given the run's ``training`` log,
+    the training and eval loss the ``Trainer`` logged) on a second axis."""
     _check_report(report)
+    _check_training(training)
     plt = _plt()
     steps = list(report.steps)
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -53,11 +59,18 @@ def plot_counts(report: TrackReport, path: str | os.PathLike) -> Path:
     ax.set_ylabel("salient interactions (all probes)")
     _mark_boundary(ax, report)
     losses = report.curves.get("heldout_loss", [])
-    if any(x is not None for x in losses):
+    logged = {} if training is None else {name: [p for p in training.series.get(name, ()) if p[0] <= steps[-1]]
+                                          for name in ("loss", "eval_loss")}
+    if any(x is not None for x in losses) or any(logged.values()):
         ax2 = ax.twinx()
-        ax2.plot([s for s, x in zip(steps, losses) if x is not None], [x for x in losses if x is not None],
-                 color="tab:green", marker="s", linewidth=1, label="held-out loss")
-        ax2.set_ylabel("held-out loss")
+        if any(x is not None for x in losses):
+            ax2.plot([s for s, x in zip(steps, losses) if x is not None], [x for x in losses if x is not None],
+                     color="tab:green", marker="s", linewidth=1, label="held-out loss")
+        if logged.get("loss"):
+            ax2.plot(*zip(*logged["loss"]), color="tab:olive", linewidth=0.8, alpha=0.7, label="training loss (logged)")
+        if logged.get("eval_loss"):
+            ax2.plot(*zip(*logged["eval_loss"]), color="tab:cyan", marker="^", linewidth=1, label="eval loss (logged)")
+        ax2.set_ylabel("loss")
         ax2.legend(loc="upper right", fontsize=8)
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title(f"Salient interactions through SFT ({report.solver})", fontsize=9)
@@ -134,23 +147,29 @@ def plot_rho_gamma(report: TrackReport, path: str | os.PathLike) -> Path:
     return _save(fig, path)
 
 
-def write_report(report: TrackReport, out_dir: str | os.PathLike, *, sets: dict[str, Any] | None = None) -> Path:
+def write_report(report: TrackReport, out_dir: str | os.PathLike, *, sets: dict[str, Any] | None = None,
+                 training: TrainingLog | None = None) -> Path:
     """All figures plus ``report.json`` and ``report.md`` in ``out_dir``; returns the path of report.md.
 
     ``sets``: :meth:`SFTTracker.sets <sftint_fast.sft.tracker.SFTTracker.sets>`, whose strongest removed and emerged
-    interactions report.md then lists by their words."""
+    interactions report.md then lists by their words. ``training``: the run's
+    :class:`~sftint_fast.sft.training_log.TrainingLog`; its losses go into counts.png, report.md and
+    ``training_log.json`` (the logged series and their values at the tracked steps)."""
     _check_report(report)
+    _check_training(training)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if training is not None:
+        _atomic_write_text(out / "training_log.json", json.dumps(training.to_dict(report.steps), indent=1))
     figures = {
-        "counts.png": plot_counts(report, out / "counts.png"),
+        "counts.png": plot_counts(report, out / "counts.png", training=training),
         "floor.png": plot_floor(report, out / "floor.png"),
         "orders.png": plot_orders(report, out / "orders.png"),
         "rho_gamma.png": plot_rho_gamma(report, out / "rho_gamma.png"),
     }
     report.save(out / "report.json")
     md = out / "report.md"
-    _atomic_write_text(md, markdown(report, figures=list(figures), sets=sets))
+    _atomic_write_text(md, markdown(report, figures=list(figures), sets=sets, training=training))
     return md
 
 
@@ -187,12 +206,18 @@ def headline(report: TrackReport) -> dict[str, Any]:
 
 
 def markdown(report: TrackReport, *, figures: list[str], sets: dict[str, Any] | None = None,
-             examples: int = 3) -> str:
+             examples: int = 3, training: TrainingLog | None = None) -> str:
     """The report as Markdown: headline, per-checkpoint table, what changed (with ``sets``: per probe, the
-    ``examples`` strongest removed and emerged AND / OR interactions by their words), notes, figures."""
+    ``examples`` strongest removed and emerged AND / OR interactions by their words), notes, figures. With
+    ``training`` (the run's log), the table gains its training loss (mean since the previous tracked step) and
+    eval loss, and a paragraph compares the training loss at the phase boundary with the last step's."""
     _check_report(report)
+    _check_training(training)
     h = headline(report)
     c = report.curves
+    logged = training.at(report.steps) if training is not None else None
+    has_eval = logged is not None and any(x is not None for x in logged["eval_loss"])
+    extra_head = "" if logged is None else " train loss |" + (" eval loss |" if has_eval else "")
     lines = ["# SFT interaction tracking report", "", h["verdict"], "",
              f"- solver: {report.solver}; noise floor: {report.config['noise_floor']} "
              f"(K={report.config['noise_draws']}); threshold: {report.config['threshold_reference']}, "
@@ -205,8 +230,8 @@ def markdown(report: TrackReport, *, figures: list[str], sets: dict[str, Any] | 
              f"- numerical error (engine: trie vs naive; precision: bf16 vs fp32, RMS to compare with the 'iid' floor's sd): "
              f"{report.numerics}", "",
              "| step | removed | preserved | emerged | new removed (floor, excess) | new emerged (floor, excess) "
-             "| ρ emerged | γ emerged | mean p_y | held-out loss |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| ρ emerged | γ emerged | mean p_y | held-out loss |" + extra_head,
+             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * extra_head.count("|")]
     for t, step in enumerate(report.steps):
         gamma = c.get("and/emerged_gamma", [math.nan] * len(report.steps))[t]
         loss = c["heldout_loss"][t]
@@ -214,11 +239,15 @@ def markdown(report: TrackReport, *, figures: list[str], sets: dict[str, Any] | 
             f"| {step} | {c['all/removed'][t]:.0f} | {c['all/preserved'][t]:.0f} | {c['all/emerged'][t]:.0f} "
             f"| {c['all/removed_new'][t]:.0f} ({c['all/removed_new_floor'][t]:.1f}, {c['all/removed_new_excess'][t]:+.1f}) "
             f"| {c['all/emerged_new'][t]:.0f} ({c['all/emerged_new_floor'][t]:.1f}, {c['all/emerged_new_excess'][t]:+.1f}) "
-            f"| {_fmt(c['and/emerged_rho'][t])} | {_fmt(gamma)} | {c['p_y_mean'][t]:.3f} | {_fmt(loss)} |")
+            f"| {_fmt(c['and/emerged_rho'][t])} | {_fmt(gamma)} | {c['p_y_mean'][t]:.3f} | {_fmt(loss)} |"
+            + ("" if logged is None else f" {_fmt(logged['train_loss'][t])} |"
+               + (f" {_fmt(logged['eval_loss'][t])} |" if has_eval else "")))
     lines += ["", "removed, preserved and emerged count the probes whose target is still relevant at that checkpoint; "
               "a probe flagged target-irrelevant (p_y under a tenth of its base value) leaves these totals while "
               "flagged (its changes are counted apart), so they need not be monotone when the flagged set changes "
               f"(flagged probes per checkpoint: {c['irrelevant_probes']})."]
+    if logged is not None:
+        lines += _training_paragraph(report, training, logged)
     if sets is not None:
         lines += _what_changed(sets, examples)
     lines += ["", "## Notes", ""] + [f"- {n}" for n in report.notes] + [""]
@@ -245,6 +274,38 @@ def _what_changed(sets: dict[str, Any], examples: int) -> list[str]:
                          + f", {len(sets_of['emerged'])} emerged" + (f" ({'; '.join(emerged)})" if emerged else "")
                          + f", {sets_of['preserved']} preserved")
     return lines
+
+
+def _training_paragraph(report: TrackReport, training: TrainingLog, logged: dict[str, list]) -> list[str]:
+    steps, train = list(report.steps), logged["train_loss"]
+    lines = ["", "## Training loss", "",
+             f"From {training.source}: 'train loss' is the mean of the training losses logged after the previous "
+             "tracked step up to this one, 'eval loss' the last one evaluated at or before it."]
+    known = [(s, x) for s, x in zip(steps, train) if x is not None]
+    if report.phase_boundary is None or not known:
+        return lines
+    at_boundary = [x for s, x in known if s <= report.phase_boundary]
+    if not at_boundary or known[-1][0] <= report.phase_boundary:
+        return lines
+    before, last_step, last = at_boundary[-1], known[-1][0], known[-1][1]
+    trend = "fell to" if last < before else "rose to" if last > before else "stayed at"
+    lines += ["", f"The denoising stage ends at step {report.phase_boundary}, where the training loss was "
+                 f"{_fmt(before)}; by step {last_step} it {trend} {_fmt(last)} ({last - before:+.3f}). In the "
+                 "paper's reading, what training adds after the denoising stage is mostly overfitted (high-order, "
+                 "low-γ) interactions; "
+                 + (f"the held-out loss (lowest at step {report.heldout_loss_min_step}) tells whether the lower "
+                    "training loss still generalised." if report.heldout_loss_min_step is not None else
+                    "the eval loss tells whether the lower training loss still generalised."
+                    if any(x is not None for x in logged["eval_loss"]) else
+                    "without a held-out loss (sftint track --heldout) or an eval loss, nothing here tells whether "
+                    "the lower training loss still generalised.")]
+    return lines
+
+
+def _check_training(training: Any) -> None:
+    if training is not None and not isinstance(training, TrainingLog):
+        raise TypeError(f"training: expected a TrainingLog (sftint_fast.sft.training_log) or None, "
+                        f"got {type(training).__name__}")
 
 
 def _words(row: dict[str, Any]) -> str:

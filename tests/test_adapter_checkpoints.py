@@ -152,7 +152,7 @@ def test_track_cli_on_the_checkpoints_a_lora_trainer_saves(folders, tmp_path, ca
     data = [{"input_ids": (ids := torch.randint(4, 40, (12,), generator=g)), "labels": ids.clone()} for _ in range(8)]
     args = TrainingArguments(output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=4, max_steps=4,
                              learning_rate=5e-2, save_strategy="steps", save_steps=2, report_to=[], use_cpu=True,
-                             disable_tqdm=True, seed=0)
+                             disable_tqdm=True, seed=0, logging_steps=1)
     Trainer(model=model, args=args, train_dataset=data).train()
     saved = sorted(p.name for p in (tmp_path / "trainer").iterdir())
     assert saved == ["checkpoint-2", "checkpoint-4"] and is_adapter_folder(tmp_path / "trainer" / "checkpoint-4")
@@ -162,6 +162,15 @@ def test_track_cli_on_the_checkpoints_a_lora_trainer_saves(folders, tmp_path, ca
                "--probes", str(root / "probes.jsonl"), "--out", str(out), "--device", "cpu", *FAST])
     assert rc == 0, capsys.readouterr().err
     assert json.loads((out / "report.json").read_text())["steps"] == [0, 2, 4]
+    # the Trainer's log, from the last checkpoint's trainer_state.json, beside the interactions
+    state = json.loads((tmp_path / "trainer" / "checkpoint-4" / "trainer_state.json").read_text())
+    logged = json.loads((out / "training_log.json").read_text())
+    assert logged["source"].endswith("checkpoint-4/trainer_state.json")
+    assert logged["series"]["loss"] == [[e["step"], e["loss"]] for e in state["log_history"] if "loss" in e]
+    assert len(logged["series"]["loss"]) == 4
+    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
+    assert logged["at_tracked_steps"]["train_loss"] == pytest.approx([None, sum(losses[:2]) / 2, sum(losses[2:]) / 2])
+    assert "| train loss |" in (out / "report.md").read_text()
     tracker = SFTTracker(PROMPTS, make_tokenizer(), n_players=3, andor_method="and", min_base_py=0.0, bootstrap=20,
                          noise_draws=1, noise_floor=None, seed=3, progress=False, out_dir=out / "tracker")
     assert tracker.steps == [0, 2, 4]  # resumed from the CLI's files

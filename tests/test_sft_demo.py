@@ -22,6 +22,10 @@ def test_demo_ci_sized_writes_a_complete_report(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == [0, 2, 4]
     assert all(x is not None for x in report["curves"]["heldout_loss"])
+    logged = json.loads((out / "training_log.json").read_text())  # the Trainer logs every step
+    assert [s for s, _ in logged["series"]["loss"]] == [1, 2, 3, 4]
+    assert logged["at_tracked_steps"]["train_loss"][0] is None and None not in logged["at_tracked_steps"]["train_loss"][1:]
+    assert "## Training loss" in (out / "report.md").read_text()
     printed = capsys.readouterr().out
     assert "report:" in printed and "denoising stage above the noise floor" in printed
 

@@ -18,6 +18,7 @@ import torch
 from sftint_fast.sft.probes import (chatterbot_pairs, confident_probes, load_probes, pad_batch, sft_example,
                                     split_pairs)
 from sftint_fast.sft.tracker import SFTTracker, TrackReport
+from sftint_fast.sft.training_log import TrainingLog, read_training_log
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +93,8 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
     final = trainer.state.global_step  # < steps when training stopped at the phase boundary
     if final not in tracker.steps:
         tracker.add_checkpoint(model, final)
-    return _report(tracker, out, write_report)
+    training = TrainingLog.from_history(trainer.state.log_history, source="the Trainer's log_history")
+    return _report(tracker, out, write_report, lambda: training)
 
 
 def _import_peft() -> Any:
@@ -117,6 +119,8 @@ def run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str 
 
     ``heldout``: a JSONL file of ``{"prompt", "answer"}`` rows, the held-out loss of each checkpoint.
     ``device``: where each checkpoint (and the reference) runs; None = CUDA when available, else the CPU.
+    Checkpoints a ``Trainer`` saved hold its log (``trainer_state.json``): the report adds the training and eval
+    loss it logged (:mod:`~sftint_fast.sft.training_log`) and writes them to ``training_log.json``.
     ``options``: further :class:`~sftint_fast.sft.tracker.SFTTracker` options.
 
     ``watch``: follow a training run that is still saving: every ``watch`` seconds the globs are matched again and
@@ -184,8 +188,11 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
     tracker = SFTTracker(load_probes(probes_path), tokenizer, n_players=n_players, andor_method=andor_method,
                          reference=ref, heldout=pairs, out_dir=Path(out) / "tracker", **options)
 
+    tracked_folders: list[str] = []
+
     def track(step: int, path: str) -> bool:
         if step in tracker.steps:
+            tracked_folders.append(path)
             return False
         if watch is not None and tracker.steps and step < tracker.steps[-1]:
             logger.warning("%s: step %d is before the last tracked step %d; skipped", path, step, tracker.steps[-1])
@@ -198,26 +205,31 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
             logger.warning("%s was deleted before it could be read (save_total_limit?); skipped", path)
             return False
         tracker.add_checkpoint(model, step)
+        tracked_folders.append(path)
         del model
         return True
+
+    def training() -> TrainingLog | None:  # the checkpoints' Trainer log (trainer_state.json), where they have one
+        return read_training_log(tracked_folders[1:])
 
     track(0, base)
     for path in paths if watch is None else []:
         track(_step_of(path), path)
     if watch is not None:
-        _follow(tracker, checkpoints, track, lambda: _report(tracker, out, write_report), watch=watch,
+        _follow(tracker, checkpoints, track, lambda: _report(tracker, out, write_report, training), watch=watch,
                 until_step=until_step, idle_timeout=idle_timeout, settle=settle)
-    return _report(tracker, out, write_report)
+    return _report(tracker, out, write_report, training)
 
 
-def _report(tracker: SFTTracker, out: str | os.PathLike, write_report: Any) -> tuple[TrackReport, Path]:
+def _report(tracker: SFTTracker, out: str | os.PathLike, write_report: Any,
+            training: Any = lambda: None) -> tuple[TrackReport, Path]:
     from sftint_fast import distributed
 
     report = tracker.report()
     if not distributed.is_main_process():
         return report, Path(out) / "report.md"
     tracker.save_sets(Path(out) / "sets.json")
-    return report, write_report(report, out, sets=tracker.sets())
+    return report, write_report(report, out, sets=tracker.sets(), training=training())
 
 
 def _follow(tracker: SFTTracker, patterns: Sequence[str], track: Any, report: Any, *, watch: float,

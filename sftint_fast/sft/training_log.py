@@ -1,0 +1,126 @@
+"""What the ``transformers`` ``Trainer`` logged during the run being tracked: its losses beside the interactions.
+
+The interactions say where the denoising stage ends; the training loss says whether training was still lowering
+it then. A ``Trainer`` keeps its log in ``trainer_state.json`` (``log_history``: ``{"step", "loss", "grad_norm",
+"learning_rate", ...}`` per logging step, ``{"step", "eval_loss", ...}`` per evaluation), saved in every
+checkpoint folder. :func:`read_training_log` reads it from the checkpoints being tracked;
+:meth:`TrainingLog.at` summarises it at the tracked steps.
+
+>>> log = TrainingLog.from_history([{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 1.0},
+...                                 {"step": 3, "eval_loss": 2.5}], source="example")
+>>> log.at([0, 2, 3])
+{'train_loss': [None, 2.5, 1.0], 'eval_loss': [None, None, 2.5]}
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+logger = logging.getLogger(__name__)
+
+SERIES = ("loss", "eval_loss", "learning_rate", "grad_norm")
+
+
+@dataclass(frozen=True)
+class TrainingLog:
+    """Per series (``loss`` = training loss, ``eval_loss``, ``learning_rate``, ``grad_norm``), the ``(step, value)``
+    pairs logged, in step order; ``source``: where they were read."""
+
+    series: dict[str, tuple[tuple[int, float], ...]]
+    source: str
+
+    @classmethod
+    def from_history(cls, history: Any, *, source: str) -> TrainingLog:
+        """From a ``log_history`` list (``trainer.state.log_history`` or ``trainer_state.json``'s)."""
+        if not isinstance(history, list):
+            raise ValueError(f"{source}: expected log_history to be a list of dicts, got {type(history).__name__}")
+        series: dict[str, list[tuple[int, float]]] = {name: [] for name in SERIES}
+        for i, entry in enumerate(history):
+            if not isinstance(entry, dict):
+                raise ValueError(f"{source}: expected log_history[{i}] to be a dict, got {type(entry).__name__}")
+            step = entry.get("step")
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                raise ValueError(f"{source}: expected log_history[{i}]['step'] to be an int >= 0, got {step!r}")
+            for name in SERIES:
+                value = entry.get(name)
+                if value is None:
+                    continue
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ValueError(f"{source}: expected log_history[{i}][{name!r}] to be a number, got {value!r}")
+                series[name].append((step, float(value)))  # NaN kept: a diverged run shows as such
+        return cls({name: tuple(sorted(pairs, key=lambda p: p[0])) for name, pairs in series.items() if pairs},
+                   source)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> TrainingLog:
+        """From a ``trainer_state.json``."""
+        state = _read_state(Path(path))
+        return cls.from_history(state.get("log_history"), source=str(path))
+
+    def at(self, steps: Sequence[int]) -> dict[str, list[float | None]]:
+        """The training loss at each tracked step as the mean of the values logged after the previous tracked step
+        up to this one (the step's own logged loss is one noisy batch), and the last ``eval_loss`` logged at or
+        before it; None where nothing was logged."""
+        out: dict[str, list[float | None]] = {"train_loss": [], "eval_loss": []}
+        train, evals = self.series.get("loss", ()), self.series.get("eval_loss", ())
+        previous = -1
+        for step in steps:
+            window = [v for s, v in train if previous < s <= step]
+            out["train_loss"].append(math.fsum(window) / len(window) if window else None)
+            before = [v for s, v in evals if s <= step]
+            out["eval_loss"].append(before[-1] if before else None)
+            previous = step
+        return out
+
+    def to_dict(self, steps: Sequence[int] | None = None) -> dict[str, Any]:
+        data: dict[str, Any] = {"source": self.source,
+                                "series": {name: [list(p) for p in pairs] for name, pairs in self.series.items()}}
+        if steps is not None:
+            data["at_tracked_steps"] = {"steps": list(steps), **self.at(steps)}
+        return data
+
+
+def read_training_log(folders: Iterable[str | os.PathLike]) -> TrainingLog | None:
+    """The log of the checkpoint folders' training run: the ``trainer_state.json`` of the latest one (highest
+    ``global_step``: its history holds the others'); None when no folder has one. Warns when two checkpoints'
+    histories disagree at a step both logged (checkpoints of different runs tracked as one)."""
+    states = []
+    for folder in folders:
+        path = Path(folder) / "trainer_state.json"
+        if path.is_file():
+            state = _read_state(path)
+            step = state.get("global_step")
+            if isinstance(step, bool) or not isinstance(step, int):
+                raise ValueError(f"{path}: expected an int global_step, got {step!r}")
+            states.append((step, path, TrainingLog.from_history(state.get("log_history"), source=str(path))))
+    if not states:
+        return None
+    states.sort(key=lambda s: s[0])
+    latest = states[-1][2]
+    losses = dict(latest.series.get("loss", ()))
+    for _, path, log in states[:-1]:
+        clash = [s for s, v in log.series.get("loss", ()) if s in losses and not _same(v, losses[s])]
+        if clash:
+            logger.warning("%s and %s logged different training losses at step %d: the checkpoints come from "
+                           "different training runs; the report shows the latest one's log", path, latest.source,
+                           clash[0])
+    return latest
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-6)
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: expected a Trainer state (JSON), could not read it: {err}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a Trainer state (a JSON object), got {type(state).__name__}")
+    return state
