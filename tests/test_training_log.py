@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -93,18 +94,24 @@ def test_read_takes_the_latest_checkpoint_and_warns_about_mixed_runs(tmp_path, c
     assert "logged different training losses at step 1" in caplog.text
 
 
-def test_unreadable_states_name_the_file(tmp_path):
+@pytest.mark.parametrize("text, message", [
+    ("{not json", r"checkpoint-2/trainer_state.json: expected a Trainer state \(JSON\), could not read it"),
+    ("[1, 2]", r"checkpoint-2/trainer_state.json: expected a Trainer state \(a JSON object\), got list"),
+    (json.dumps({"global_step": "2", "log_history": []}), "expected an int global_step, got '2'"),
+    (json.dumps({"global_step": 2}), "expected log_history to be a list of dicts, got NoneType"),
+])
+def test_unreadable_states_name_the_file(tmp_path, caplog, text, message):
+    """TrainingLog.from_file refuses them; the tracking report leaves the log out, with a warning saying why."""
     bad = tmp_path / "checkpoint-2"
     bad.mkdir()
-    (bad / "trainer_state.json").write_text("{not json")
-    with pytest.raises(ValueError, match=r"checkpoint-2/trainer_state.json: expected a Trainer state \(JSON\)"):
-        read_training_log([bad])
-    (bad / "trainer_state.json").write_text("[1, 2]")
-    with pytest.raises(ValueError, match="a JSON object\\), got list"):
-        read_training_log([bad])
-    (bad / "trainer_state.json").write_text(json.dumps({"global_step": "2", "log_history": []}))
-    with pytest.raises(ValueError, match="expected an int global_step, got '2'"):
-        read_training_log([bad])
+    (bad / "trainer_state.json").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        TrainingLog.from_file(bad / "trainer_state.json")
+    good = _write_state(tmp_path / "checkpoint-1", [{"step": 1, "loss": 2.0}], 1)
+    with caplog.at_level(logging.WARNING):
+        assert read_training_log([good, bad]).source == str(good / "trainer_state.json")
+    assert "the training log is left out of the report" in caplog.text
+    assert len(re.findall(message, caplog.text)) == 1
 
 
 def _report(steps=(0, 5, 10, 15, 20)):

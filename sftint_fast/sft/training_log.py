@@ -24,6 +24,7 @@ from typing import Any, Iterable, Sequence
 logger = logging.getLogger(__name__)
 
 SERIES = ("loss", "eval_loss", "learning_rate", "grad_norm")
+_WARNED: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,7 @@ class TrainingLog:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> TrainingLog:
         """From a ``trainer_state.json``."""
-        state = _read_state(Path(path))
-        return cls.from_history(state.get("log_history"), source=str(path))
+        return _read_log(Path(path))[1]
 
     def at(self, steps: Sequence[int]) -> dict[str, list[float | None]]:
         """The training loss at each tracked step as the mean of the values logged after the previous tracked step
@@ -87,23 +87,27 @@ class TrainingLog:
 
 def read_training_log(folders: Iterable[str | os.PathLike]) -> TrainingLog | None:
     """The log of the checkpoint folders' training run: the ``trainer_state.json`` of the latest one (highest
-    ``global_step``: its history holds the others'); None when no folder has one. Warns when two checkpoints'
-    histories disagree at a step both logged (checkpoints of different runs tracked as one)."""
+    ``global_step``: its history holds the others'); None when no folder has a readable one. The log only adds to
+    the report, so a ``trainer_state.json`` that is not a Trainer's log is skipped with a warning that says why
+    (:meth:`TrainingLog.from_file` raises instead). Warns when two checkpoints' histories disagree at a step both
+    logged (checkpoints of different runs tracked as one)."""
     states = []
     for folder in folders:
         path = Path(folder) / "trainer_state.json"
-        if path.is_file():
-            state = _read_state(path)
-            step = state.get("global_step")
-            if isinstance(step, bool) or not isinstance(step, int):
-                raise ValueError(f"{path}: expected an int global_step, got {step!r}")
-            states.append((step, path, TrainingLog.from_history(state.get("log_history"), source=str(path))))
+        if not path.is_file():
+            continue
+        try:
+            states.append((*_read_log(path), path))
+        except ValueError as err:
+            if str(err) not in _WARNED:  # once per problem, not at every report a watched run rewrites
+                _WARNED.add(str(err))
+                logger.warning("the training log is left out of the report: %s", err)
     if not states:
         return None
     states.sort(key=lambda s: s[0])
-    latest = states[-1][2]
+    latest = states[-1][1]
     losses = dict(latest.series.get("loss", ()))
-    for _, path, log in states[:-1]:
+    for _, log, path in states[:-1]:
         clash = [s for s, v in log.series.get("loss", ()) if s in losses and not _same(v, losses[s])]
         if clash:
             logger.warning("%s and %s logged different training losses at step %d: the checkpoints come from "
@@ -114,6 +118,14 @@ def read_training_log(folders: Iterable[str | os.PathLike]) -> TrainingLog | Non
 
 def _same(a: float, b: float) -> bool:
     return a == b or (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-6)
+
+
+def _read_log(path: Path) -> tuple[int, TrainingLog]:
+    state = _read_state(path)
+    step = state.get("global_step")
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise ValueError(f"{path}: expected an int global_step, got {step!r}")
+    return step, TrainingLog.from_history(state.get("log_history"), source=str(path))
 
 
 def _read_state(path: Path) -> dict[str, Any]:
