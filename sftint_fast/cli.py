@@ -1,4 +1,4 @@
-"""The ``sftint`` command: ``sftint {info,explain,track,demo,bench} ...``.
+"""The ``sftint`` command: ``sftint {info,explain,track,demo,compare,bench} ...``.
 
 Each subcommand is a pair ``_add_<name>(subparsers)`` / ``_run_<name>(args)``; heavy imports happen
 inside ``_run_*`` so ``sftint --help`` stays fast.
@@ -397,6 +397,30 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="tracked runs side by side (the --out folders of track / demo)")
+    p.add_argument("runs", nargs="+", help="two or more run folders (each with report.json)")
+    p.add_argument("--out", required=True, help="folder for compare.md, compare.json and compare.png")
+    p.add_argument("--labels", default=None, help="comma-separated names of the runs (default: the folders' names)")
+    p.set_defaults(func=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from sftint_fast.sft.compare import compare_runs
+
+    labels = None if args.labels is None else [x.strip() for x in args.labels.split(",")]
+    result, md = compare_runs(args.runs, args.out, labels=labels)
+    print(f"comparison: {md}")
+    for row in result["rows"]:
+        print(f"{row['label']}: excess removals {row['removed_excess_cumulative']:.0f} "
+              f"(lower bound {row['removed_excess_cumulative_lo']:.0f}), excess emergence "
+              f"{row['emerged_excess_total']:.0f}, phase boundary {row['phase_boundary']}, "
+              f"held-out loss min at step {row['heldout_loss_min_step']}")
+    for line in result["differences"]:
+        print(f"not like for like: {line}")
+    return 0
+
+
 BENCH_PLAYERS = 6
 BENCH_TEXT = "Question: Which famous old city is the capital of France, the large country in western Europe? Answer:"
 
@@ -497,7 +521,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 # Subcommands register here, in the order `sftint --help` lists them.
-_COMMANDS = [_add_info, _add_explain, _add_track, _add_demo, _add_bench]
+_COMMANDS = [_add_info, _add_explain, _add_track, _add_demo, _add_compare, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sftint_fast.sft.tracker import TrackReport, _atomic_write_text
+from sftint_fast.sft.tracker import TrackReport, _atomic_write_text, _json_safe
 from sftint_fast.sft.training_log import TrainingLog
 
 SET_COLORS = {"removed": "tab:red", "preserved": "tab:gray", "emerged": "tab:blue"}
@@ -147,6 +147,57 @@ def plot_rho_gamma(report: TrackReport, path: str | os.PathLike) -> Path:
     return _save(fig, path)
 
 
+def plot_compare(labels: list[str], reports: list[TrackReport], logs: list[TrainingLog | None],
+                 path: str | os.PathLike) -> Path:
+    """Tracked runs side by side: cumulative excess removals and emergences beyond the noise floor (bootstrap band
+    of the removals), held-out loss, and the training loss each run's Trainer logged (mean p_y where none did);
+    each run's phase boundary dashed in its colour."""
+    for report in reports:
+        _check_report(report)
+    for log in logs:
+        _check_training(log)
+    plt = _plt()
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    have_train = any(log is not None and log.series.get("loss") for log in logs)
+    for i, (label, report, log) in enumerate(zip(labels, reports, logs)):
+        color = colors[i % len(colors)]
+        steps, c = list(report.steps), report.curves
+        ax = axes[0][0]
+        ax.plot(steps, c["all/removed_new_excess_cumulative"], marker="o", color=color, label=label)
+        lo, hi = report.intervals["all/removed_new_excess_cumulative"]
+        ax.fill_between(steps, lo, hi, color=color, alpha=0.12)
+        emerged = "all/emerged_unshared_new_excess" if report.gamma_available else "all/emerged_new_excess"
+        running, total = [], 0.0
+        for x in c[emerged]:
+            total += x
+            running.append(total)
+        axes[0][1].plot(steps, running, marker="o", color=color, label=label)
+        losses = [(s, x) for s, x in zip(steps, c["heldout_loss"]) if x is not None]
+        if losses:
+            axes[1][0].plot(*zip(*losses), marker="s", color=color, label=label)
+        if have_train:
+            logged = [p for p in (log.series.get("loss", ()) if log is not None else ()) if p[0] <= steps[-1]]
+            if logged:
+                axes[1][1].plot(*zip(*logged), color=color, linewidth=0.9, label=label)
+        else:
+            axes[1][1].plot(steps, c["p_y_mean"], marker="o", color=color, label=label)
+        if report.phase_boundary is not None:
+            for ax in axes.flat:
+                ax.axvline(report.phase_boundary, color=color, linestyle="--", linewidth=1)
+    titles = ["excess removals beyond the noise floor (cumulative)", "excess emergence (cumulative)",
+              "held-out loss", "training loss (logged)" if have_train else "mean p_y of the target"]
+    for ax, title in zip(axes.flat, titles):
+        ax.set_title(title, fontsize=9)
+        if ax.get_lines():
+            ax.legend(fontsize=7)
+    for ax in axes[1]:
+        ax.set_xlabel("step (dashed: phase boundary)")
+    axes[0][0].axhline(0, color="gray", linewidth=0.5)
+    axes[0][1].axhline(0, color="gray", linewidth=0.5)
+    return _save(fig, path)
+
+
 def write_report(report: TrackReport, out_dir: str | os.PathLike, *, sets: dict[str, Any] | None = None,
                  training: TrainingLog | None = None) -> Path:
     """All figures plus ``report.json`` and ``report.md`` in ``out_dir``; returns the path of report.md.
@@ -160,7 +211,7 @@ def write_report(report: TrackReport, out_dir: str | os.PathLike, *, sets: dict[
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if training is not None:
-        _atomic_write_text(out / "training_log.json", json.dumps(training.to_dict(report.steps), indent=1))
+        _atomic_write_text(out / "training_log.json", json.dumps(_json_safe(training.to_dict(report.steps)), indent=1))
     figures = {
         "counts.png": plot_counts(report, out / "counts.png", training=training),
         "floor.png": plot_floor(report, out / "floor.png"),

@@ -22,7 +22,7 @@ import math
 import numbers
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -148,6 +148,31 @@ class TrackReport:
         out["steps"] = list(self.steps)
         out["notes"] = list(self.notes)
         return _json_safe(out)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TrackReport:
+        """Reads what :meth:`save` wrote (``report.json``, or a run folder holding one); non-finite numbers come
+        back as None, as they were saved."""
+        target = Path(path)
+        if target.is_dir():
+            target = target / "report.json"
+        try:
+            data = json.loads(target.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{target}: expected a tracking report (report.json of sftint track / demo), could not "
+                             f"read it: {err}") from None
+        names = [f.name for f in fields(cls)]
+        missing = [name for name in names if name != "notes" and name not in data] if isinstance(data, dict) else names
+        if missing:
+            raise ValueError(f"{target}: expected a tracking report (report.json of sftint track / demo), missing "
+                             f"{missing}")
+        try:
+            return cls(**{**{k: data[k] for k in names if k in data}, "steps": tuple(data["steps"]),
+                          "intervals": {k: (list(lo), list(hi)) for k, (lo, hi) in data["intervals"].items()},
+                          "notes": tuple(data.get("notes", ()))})
+        except (TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"{target}: expected a tracking report (report.json of sftint track / demo), got a "
+                             f"malformed one: {err}") from None
 
     def save(self, path: str | os.PathLike) -> Path:
         """Writes ``report.json`` (or ``path`` when it names a .json file) atomically; returns the path."""

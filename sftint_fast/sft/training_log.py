@@ -62,6 +62,20 @@ class TrainingLog:
         """From a ``trainer_state.json``."""
         return _read_log(Path(path))[1]
 
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TrainingLog:
+        """Reads ``training_log.json`` (what :meth:`to_dict` gave, as the tracking report writes it)."""
+        target = Path(path)
+        try:
+            data = json.loads(target.read_text())
+            series = {str(name): tuple((int(s), float(v if v is not None else math.nan)) for s, v in pairs)
+                      for name, pairs in data["series"].items()}
+            return cls(series, str(data["source"]))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError,
+                AttributeError) as err:
+            raise ValueError(f"{target}: expected a training log (training_log.json of sftint track / demo), "
+                             f"could not read it: {err!r}") from None
+
     def at(self, steps: Sequence[int]) -> dict[str, list[float | None]]:
         """The training loss at each tracked step as the mean of the values logged after the previous tracked step
         up to this one (the step's own logged loss is one noisy batch), and the last ``eval_loss`` logged at or

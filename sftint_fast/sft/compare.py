@@ -1,0 +1,140 @@
+"""``sftint compare``: tracked SFT runs side by side (full fine-tuning vs LoRA, learning rates, data...).
+
+Each run is the output folder of ``sftint track`` or ``sftint demo`` (``report.json``, and ``training_log.json``
+where the checkpoints carried the ``Trainer``'s log). :func:`compare_runs` writes ``compare.md`` (one row of
+headline numbers per run, and what makes the runs comparable or not), ``compare.json`` and ``compare.png``
+(excess removals and emergences beyond the noise floor, held-out and training loss against the step, each run's
+phase boundary marked).
+
+Runs are comparable when they start from the same base values: the same base model, probes, players and targets
+give the same base ``p_y`` of every probe. Runs that do not, or that were tracked with other options (threshold,
+noise floor, solver...), are compared anyway, with the differences listed first.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from sftint_fast.sft.tracker import TrackReport, _atomic_write_text, _json_safe
+from sftint_fast.sft.training_log import TrainingLog
+
+BASE_RTOL = 1e-4  # base p_y of the same probes on the same base model: equal up to the engine's reordering
+
+
+def load_run(folder: str | os.PathLike) -> tuple[TrackReport, TrainingLog | None]:
+    """A run folder's report and, when it has one, its training log."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise ValueError(f"run: expected the output folder of sftint track / demo, got {str(path)!r}, not a folder")
+    log = path / "training_log.json"
+    return TrackReport.load(path), TrainingLog.load(log) if log.is_file() else None
+
+
+def compare_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
+                 labels: Sequence[str] | None = None) -> tuple[dict[str, Any], Path]:
+    """Compares tracked runs; writes compare.md, compare.json and compare.png to ``out``. Returns the comparison
+    (``rows``: one dict of headline numbers per run; ``differences``: what keeps them from being comparable) and
+    the path of compare.md. ``labels``: one name per run (default: the folders' names)."""
+    from sftint_fast.plot import headline
+
+    runs = [Path(r) for r in runs]
+    if len(runs) < 2:
+        raise ValueError(f"runs: expected at least two run folders to compare, got {len(runs)}")
+    if labels is None:
+        labels = [r.name or str(r) for r in runs]
+        if len(set(labels)) < len(labels):
+            labels = [str(r) for r in runs]
+    labels = [str(x) for x in labels]
+    if len(labels) != len(runs):
+        raise ValueError(f"labels: expected one label per run ({len(runs)}), got {len(labels)}: {labels}")
+    if len(set(labels)) < len(labels):
+        raise ValueError(f"labels: expected distinct labels, got {labels}")
+    loaded = [load_run(r) for r in runs]
+    rows = []
+    for label, folder, (report, log) in zip(labels, runs, loaded):
+        h = headline(report)
+        c = report.curves
+        losses = [(s, x) for s, x in zip(report.steps, c["heldout_loss"]) if x is not None]
+        train = log.at(report.steps)["train_loss"] if log is not None else [None] * len(report.steps)
+        rows.append({
+            "label": label, "folder": str(folder), "steps": list(report.steps), "last_step": report.steps[-1],
+            "probes": len(report.probes["kept"]), "base_salient": h["base_salient"], "removed": h["removed"],
+            "emerged": h["emerged"], "removed_excess_cumulative": h["removed_excess_cumulative"],
+            "removed_excess_cumulative_lo": h["removed_excess_cumulative_lo"],
+            "emerged_excess_total": h["emerged_excess_total"], "phase_boundary": report.phase_boundary,
+            "heldout_loss_first": losses[0][1] if losses else None,
+            "heldout_loss_last": losses[-1][1] if losses else None,
+            "heldout_loss_min_step": report.heldout_loss_min_step,
+            "train_loss_last": train[-1], "p_y_first": c["p_y_mean"][0], "p_y_last": c["p_y_mean"][-1],
+            "rho_emerged": h["rho_emerged"], "gamma_emerged": h["gamma_emerged"], "solver": report.solver,
+        })
+    differences = _differences(labels, [r for r, _ in loaded])
+    result = {"rows": rows, "differences": differences}
+    target = Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(target / "compare.json", json.dumps(_json_safe(result), indent=1))
+    from sftint_fast.plot import plot_compare
+
+    plot_compare(labels, [r for r, _ in loaded], [log for _, log in loaded], target / "compare.png")
+    md = target / "compare.md"
+    _atomic_write_text(md, _markdown(rows, differences))
+    return result, md
+
+
+def _differences(labels: list[str], reports: list[TrackReport]) -> list[str]:
+    """What keeps the runs from being comparable: options tracked with, and base values."""
+    out = []
+    first = reports[0]
+    keys = sorted({k for r in reports for k in r.config} - {"seed"})  # seeds: sampling, not another method
+    for key in keys:
+        values = [r.config.get(key) for r in reports]
+        if any(v != values[0] for v in values[1:]):
+            out.append(f"option {key}: " + ", ".join(f"{label} {v!r}" for label, v in zip(labels, values)))
+    if any(r.gamma_available != first.gamma_available for r in reports[1:]):
+        out.append("reference model (γ, and emergence counted unshared with it): "
+                   + ", ".join(f"{label} {'yes' if r.gamma_available else 'no'}" for label, r in zip(labels, reports)))
+    base = first.probes["p_y"][0]
+    for label, report in zip(labels[1:], reports[1:]):
+        other = report.probes["p_y"][0]
+        if len(other) != len(base) or any(
+                a is None or b is None or not math.isclose(a, b, rel_tol=BASE_RTOL, abs_tol=1e-6)
+                for a, b in zip(base, other)):
+            out.append(f"{label} starts from other base values than {labels[0]} (base p_y of its {len(other)} probes "
+                       f"vs {len(base)}): another base model, probe set, players or targets, so its counts are not "
+                       f"those of the same interactions")
+    return out
+
+
+def _markdown(rows: list[dict[str, Any]], differences: list[str]) -> str:
+    lines = ["# Tracked SFT runs compared", ""]
+    if differences:
+        lines += ["**Not like for like**: " + ("; ".join(differences)) + ".", ""]
+    else:
+        lines += ["The runs start from the same base values and were tracked with the same options.", ""]
+    lines += ["| run | steps | probes | base salient | removed | emerged | excess removals (lo) | excess emergence "
+              "| phase boundary | held-out loss first → last (min at) | train loss last | p_y first → last |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['label']} | {r['steps'][0]}–{r['last_step']} ({len(r['steps'])}) | {r['probes']} "
+            f"| {r['base_salient']:.0f} | {r['removed']:.0f} | {r['emerged']:.0f} "
+            f"| {r['removed_excess_cumulative']:.0f} ({r['removed_excess_cumulative_lo']:.0f}) "
+            f"| {r['emerged_excess_total']:.0f} | {_opt(r['phase_boundary'])} "
+            f"| {_num(r['heldout_loss_first'])} → {_num(r['heldout_loss_last'])} ({_opt(r['heldout_loss_min_step'])}) "
+            f"| {_num(r['train_loss_last'])} | {r['p_y_first']:.3f} → {r['p_y_last']:.3f} |")
+    lines += ["", "Excess removals: removals beyond the noise floor, summed over the checkpoints, with the bootstrap "
+              "lower bound (a denoising stage shows as a lower bound above 0); excess emergence likewise for new "
+              "interactions (unshared with the reference where one was given). Each run's own report.md has the "
+              "details.", "", "![compare.png](compare.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def _opt(x: Any) -> str:
+    return "–" if x is None else str(x)
+
+
+def _num(x: Any) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"

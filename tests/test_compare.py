@@ -1,0 +1,115 @@
+"""sftint compare: tracked runs side by side, and the report / training-log files it reads back."""
+import json
+import math
+
+import pytest
+import torch
+
+from sftint_fast.cli import main
+from sftint_fast.interactions.harsanyi import inverse_harsanyi
+from sftint_fast.plot import headline, write_report
+from sftint_fast.sft.compare import compare_runs
+from sftint_fast.sft.tracker import SFTTracker, TrackReport
+from sftint_fast.sft.training_log import TrainingLog
+
+
+def _run(folder, *, seed, drift, base_seed=3, steps=(0, 2, 4, 6), tau=0.05, log=True):
+    """A run folder as sftint track writes it: the same base values for the same base_seed, then a drift."""
+    g = torch.Generator().manual_seed(base_seed)
+    I = 0.3 * torch.randn(6, 2**4, generator=g, dtype=torch.float64)
+    v0 = inverse_harsanyi(I)
+    noise = torch.Generator().manual_seed(seed)
+    tracker = SFTTracker(None, andor_method="and", min_base_py=0.0, bootstrap=50, noise_draws=2, tau=tau, seed=seed)
+    for t in steps:
+        v = v0 if t == 0 else v0 + drift * t * torch.randn(v0.shape, generator=noise, dtype=torch.float64)
+        tracker.add_values(t, v, heldout_loss=2.0 - 0.05 * t + 0.01 * seed)
+    training = None
+    if log:
+        training = TrainingLog.from_history([{"step": s, "loss": 3.0 - 0.1 * s - 0.01 * seed}
+                                             for s in range(1, steps[-1] + 1)], source=f"{folder}/trainer_state.json")
+    write_report(tracker.report(), folder, training=training)
+    return tracker.report(), training
+
+
+def test_report_and_training_log_files_read_back(tmp_path):
+    report, log = _run(tmp_path / "a", seed=1, drift=0.05)
+    back = TrackReport.load(tmp_path / "a")
+    assert back.to_dict() == report.to_dict() and back.steps == report.steps
+    assert TrackReport.load(tmp_path / "a" / "report.json").to_dict() == report.to_dict()
+    assert TrainingLog.load(tmp_path / "a" / "training_log.json") == log
+    nan = TrainingLog.from_history([{"step": 1, "loss": float("nan")}], source="x")
+    write_report(report, tmp_path / "b", training=nan)
+    assert "NaN" not in (tmp_path / "b" / "training_log.json").read_text()  # strict JSON
+    assert math.isnan(TrainingLog.load(tmp_path / "b" / "training_log.json").series["loss"][0][1])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{", "could not read it"),
+    ("[]", r"missing \['steps'"),
+    (json.dumps({"steps": [0]}), r"missing \['config', 'curves'"),
+])
+def test_bad_report_files_are_refused(tmp_path, text, message):
+    (tmp_path / "report.json").write_text(text)
+    with pytest.raises(ValueError, match=f"report.json: expected a tracking report .*{message}"):
+        TrackReport.load(tmp_path)
+    with pytest.raises(ValueError, match="expected a tracking report .*could not read it"):
+        TrackReport.load(tmp_path / "nowhere")
+    (tmp_path / "training_log.json").write_text(json.dumps({"series": {"loss": [[1]]}, "source": "x"}))
+    with pytest.raises(ValueError, match="training_log.json: expected a training log"):
+        TrainingLog.load(tmp_path / "training_log.json")
+
+
+def test_compare_cli_puts_runs_side_by_side(tmp_path, capsys):
+    reports = {}
+    for name, seed, drift in (("full", 1, 0.08), ("lora", 2, 0.02)):
+        reports[name] = _run(tmp_path / name, seed=seed, drift=drift, log=name == "full")[0]
+    out = tmp_path / "cmp"
+    assert main(["compare", str(tmp_path / "full"), str(tmp_path / "lora"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads((out / "compare.json").read_text())
+    assert data["differences"] == [] and [r["label"] for r in data["rows"]] == ["full", "lora"]
+    for row, name in zip(data["rows"], ("full", "lora")):
+        report, h = reports[name], headline(reports[name])
+        assert row["steps"] == [0, 2, 4, 6] and row["phase_boundary"] == report.phase_boundary
+        for key in ("base_salient", "removed", "emerged", "removed_excess_cumulative",
+                    "removed_excess_cumulative_lo", "emerged_excess_total"):
+            assert row[key] == pytest.approx(h[key]), key
+        assert row["heldout_loss_last"] == pytest.approx(report.curves["heldout_loss"][-1])
+        assert row["p_y_first"] == pytest.approx(report.curves["p_y_mean"][0])
+    # the training loss where the run logged one: mean of steps 5 and 6 of the full run
+    assert data["rows"][0]["train_loss_last"] == pytest.approx(3.0 - 0.1 * 5.5 - 0.01)
+    assert data["rows"][1]["train_loss_last"] is None
+    md = (out / "compare.md").read_text()
+    assert "start from the same base values and were tracked with the same options" in md
+    assert md.count("\n| full |") == 1 and md.count("\n| lora |") == 1
+    assert (out / "compare.png").stat().st_size > 0
+    assert f"comparison: {out / 'compare.md'}" in printed and "full: excess removals" in printed
+    assert "not like for like" not in printed
+
+
+def test_compare_says_when_runs_are_not_like_for_like(tmp_path):
+    _run(tmp_path / "a", seed=1, drift=0.05)
+    _run(tmp_path / "b", seed=1, drift=0.05, tau=0.1)
+    _run(tmp_path / "c", seed=1, drift=0.05, base_seed=9)
+    result, md = compare_runs([tmp_path / "a", tmp_path / "b", tmp_path / "c"], tmp_path / "cmp",
+                              labels=["A", "B", "C"])
+    diffs = result["differences"]
+    assert "option tau: A 0.05, B 0.1, C 0.05" in diffs
+    assert not any(d.startswith("B starts from other base values") for d in diffs)
+    assert any(d.startswith("C starts from other base values than A") for d in diffs)
+    assert "**Not like for like**" in md.read_text()
+
+
+def test_compare_refuses_bad_runs_and_labels(tmp_path, capsys):
+    _run(tmp_path / "a", seed=1, drift=0.05, log=False)
+    _run(tmp_path / "b", seed=2, drift=0.05, log=False)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    cases = [([a], "expected at least two run folders to compare, got 1"),
+             ([a, str(tmp_path / "none")], "expected the output folder of sftint track / demo"),
+             ([a, str(tmp_path)], "report.json: expected a tracking report"),
+             ([a, b, "--labels", "x"], "expected one label per run (2), got 1"),
+             ([a, b, "--labels", "x,x"], "expected distinct labels")]
+    for args, message in cases:
+        assert main(["compare", *args, "--out", str(tmp_path / "cmp")]) == 2
+        assert message in capsys.readouterr().err, message
+    assert not (tmp_path / "cmp").exists()  # nothing written before the runs are read
