@@ -124,13 +124,13 @@ def _choose_engine(model: Any, method: Method, compute_dtype: ComputeDtype | Non
         raise ValueError(f"method: expected 'auto', 'naive' or 'trie', received {method!r}")
     if method == "naive":
         return "naive"
-    from sftint_fast.engine.adapters import get_adapter  # imported on use: the trie pulls in more modules
+    from sftint_fast.engine.adapters import find_adapter  # imported on use: the trie pulls in more modules
 
-    if get_adapter(model) is None:
-        name = type(model).__name__
+    adapter, reason = find_adapter(model)
+    if adapter is None:
         if method == "trie":
-            raise ValueError(f"method='trie': no trie adapter for {name}; use method='naive'")
-        warnings.warn(f"no trie adapter for {name}; falling back to the naive engine (slower, same values)", stacklevel=4)
+            raise ValueError(f"method='trie': {reason}; use method='naive'")
+        warnings.warn(f"{reason}; falling back to the naive engine (slower, same values)", stacklevel=4)
         return "naive"
     if _uses_autocast(model, compute_dtype):
         # The trie engine keeps its KV stores in the model's dtype, so it cannot run under autocast.

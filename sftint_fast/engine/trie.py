@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sftint_fast._ext import has_ext
-from sftint_fast.engine.adapters import Adapter, get_adapter
+from sftint_fast.engine.adapters import Adapter, find_adapter
 from sftint_fast.engine.adapters.base import FusedBackend
 from sftint_fast.engine.plan import PlanUnit, TriePlan, default_max_memory, default_pass_tokens, plan_trie
 from sftint_fast.ops.subset_attention import key_layout, subset_attention
@@ -210,10 +210,9 @@ def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: t
     games = list(games)
     if not games:
         return []
-    adapter = get_adapter(model)
+    adapter, reason = find_adapter(model)
     if adapter is None:
-        raise ValueError(f"no trie adapter for model type {getattr(model.config, 'model_type', type(model))!r}; "
-                         f"use method='naive'")
+        raise ValueError(f"{reason}; use method='naive'")
     layout = trie_layout(games[0])
     for i, game in enumerate(games):
         _check_game(game, adapter, subsets)

@@ -7,9 +7,10 @@ from sftint_fast.engine.adapters.base import Adapter, AttendFn, LayerSpec, Model
 from sftint_fast.engine.adapters.gpt2 import GPT2Adapter
 from sftint_fast.engine.adapters.llama import LlamaLikeAdapter
 
-__all__ = ["Adapter", "AttendFn", "LayerSpec", "ModelDims", "get_adapter", "wrapped_models"]
+__all__ = ["Adapter", "AttendFn", "LayerSpec", "ModelDims", "find_adapter", "get_adapter", "wrapped_models"]
 
 _ADAPTERS: tuple[type[Adapter], ...] = (LlamaLikeAdapter, GPT2Adapter)
+SUPPORTED = ("llama", "qwen2", "mistral", "gemma3_text", "gpt2")
 
 
 def get_adapter(model: torch.nn.Module) -> Adapter | None:
@@ -20,11 +21,27 @@ def get_adapter(model: torch.nn.Module) -> Adapter | None:
     Wrappers are looked through: a PEFT model (``get_base_model()``: its LoRA layers sit inside the HF model and run
     as the modules they replaced) and DDP / accelerate's ``.module``.
     """
+    return find_adapter(model)[0]
+
+
+def find_adapter(model: torch.nn.Module) -> tuple[Adapter | None, str]:
+    """:func:`get_adapter`, with the reason when there is none: an architecture no adapter supports, or a supported
+    one whose model code the adapter could not read (a transformers release that changed it): the engine then says
+    why, and ``method="auto"`` falls back to the naive engine (same values, slower) instead of failing."""
     for layer in wrapped_models(model):
         for adapter_cls in _ADAPTERS:
             if adapter_cls.supports(layer):
-                return adapter_cls(layer)
-    return None
+                try:
+                    return adapter_cls(layer), ""
+                except (AttributeError, TypeError, KeyError, IndexError, ValueError) as err:
+                    import transformers
+
+                    return None, (f"the {adapter_cls.__name__} could not read this {type(layer).__name__} "
+                                  f"(model_type {getattr(layer.config, 'model_type', None)!r}, transformers "
+                                  f"{transformers.__version__}): {type(err).__name__}: {err}")
+    config = getattr(model, "config", None)
+    return None, (f"no trie adapter for {type(model).__name__} (model_type "
+                  f"{getattr(config, 'model_type', None)!r}; supported: {', '.join(SUPPORTED)})")
 
 
 def wrapped_models(model: torch.nn.Module, depth: int = 4):

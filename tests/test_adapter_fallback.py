@@ -1,0 +1,67 @@
+"""When the trie has no adapter for a model, or its adapter cannot read the model's code (a transformers release
+that changed it): method="auto" says why and runs the naive engine (same values), method="trie" refuses with the
+reason."""
+import pytest
+import torch
+from conftest import tiny_model
+from test_naive import TEXT_A, TOK
+
+import sftint_fast as sf
+from sftint_fast.engine.adapters import find_adapter, get_adapter
+from sftint_fast.engine.adapters.llama import LlamaLikeAdapter
+from sftint_fast.game import Game
+
+
+def _opt():
+    from transformers import AutoModelForCausalLM, OPTConfig
+
+    torch.manual_seed(0)
+    cfg = OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=128, word_embed_proj_dim=32, pad_token_id=0, bos_token_id=1,
+                    eos_token_id=2)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_an_architecture_without_adapter_runs_naive_and_says_so():
+    model = _opt()
+    adapter, reason = find_adapter(model)
+    assert adapter is None and get_adapter(model) is None
+    assert reason == ("no trie adapter for OPTForCausalLM (model_type 'opt'; supported: llama, qwen2, mistral, "
+                      "gemma3_text, gpt2)")
+    game = Game.from_text(model, TOK, TEXT_A)
+    with torch.no_grad():
+        naive = sf.evaluate(model, game, method="naive", progress=False)
+        with pytest.warns(UserWarning, match="no trie adapter for OPTForCausalLM .*falling back to the naive engine"):
+            auto = sf.evaluate(model, game, progress=False)
+    assert torch.equal(auto, naive)
+    with pytest.raises(ValueError, match=r"method='trie': no trie adapter for OPTForCausalLM .*use method='naive'"):
+        sf.evaluate(model, game, method="trie", progress=False)
+
+
+def test_an_adapter_that_cannot_read_the_model_code_falls_back_with_the_reason(monkeypatch):
+    import transformers
+
+    model = tiny_model("llama")
+    game = Game.from_text(model, TOK, TEXT_A)
+    with torch.no_grad():
+        trie = sf.evaluate(model, game, method="trie", progress=False)
+        naive = sf.evaluate(model, game, method="naive", progress=False)
+
+    def changed_model_code(self, model):  # what transformers 5.25 did to apply_rotary_pos_emb, before the fix
+        raise AttributeError("'Func' object has no attribute '__name__'")
+
+    monkeypatch.setattr(LlamaLikeAdapter, "__init__", changed_model_code)
+    adapter, reason = find_adapter(model)
+    assert adapter is None
+    assert reason == (f"the LlamaLikeAdapter could not read this LlamaForCausalLM (model_type 'llama', transformers "
+                      f"{transformers.__version__}): AttributeError: 'Func' object has no attribute '__name__'")
+    with torch.no_grad(), pytest.warns(UserWarning, match="could not read this LlamaForCausalLM.*falling back"):
+        auto = sf.evaluate(model, game, progress=False)
+    assert torch.equal(auto, naive)
+    torch.testing.assert_close(auto, trie, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="method='trie': the LlamaLikeAdapter could not read this LlamaForCausalLM"):
+        sf.evaluate(model, game, method="trie", progress=False)
+    from sftint_fast.engine.trie import evaluate_trie_games
+
+    with pytest.raises(ValueError, match="could not read this LlamaForCausalLM.*use method='naive'"):
+        evaluate_trie_games(model, [game], progress=False)
