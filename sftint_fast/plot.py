@@ -278,6 +278,7 @@ def markdown(report: TrackReport, *, figures: list[str], sets: dict[str, Any] | 
              f"- phase boundary: {report.phase_boundary}; held-out loss minimum at step: {report.heldout_loss_min_step}",
              f"- floor cost: {report.floor_cost['rows_decomposed']:.0f} extra decompositions, "
              f"{report.floor_cost['seconds']:.1f} s, no forward passes",
+             *_cost_line(report.cost),
              f"- numerical error (engine: trie vs naive; precision: bf16 vs fp32, RMS to compare with the 'iid' floor's sd): "
              f"{report.numerics}", "",
              "| step | removed | preserved | emerged | new removed (floor, excess) | new emerged (floor, excess) "
@@ -351,6 +352,24 @@ def _training_paragraph(report: TrackReport, training: TrainingLog, logged: dict
                     "without a held-out loss (sftint track --heldout) or an eval loss, nothing here tells whether "
                     "the lower training loss still generalised.")]
     return lines
+
+
+def _cost_line(cost: dict[str, Any]) -> list[str]:
+    if not cost.get("checkpoints_timed"):
+        return []
+    rate = cost.get("variants_per_second")
+    return [f"- tracking cost: {cost['seconds_per_checkpoint']:.1f} s per checkpoint after the base (mean of "
+            f"{cost['checkpoints_timed']}): evaluation {cost['seconds_evaluate']:.1f} s"
+            + (f" ({rate:.0f} variants/s)" if rate else "")
+            + f", held-out loss {cost['seconds_heldout']:.1f} s, decomposition {cost['seconds_decompose']:.1f} s, noise floor {cost['seconds_floor']:.1f} s; "
+            f"the base took {_fmt_s(cost.get('base_seconds'))} (games, numerical checks)"
+            + (f"; in all, tracking took {cost['run_seconds_tracking']:.0f} s of the training run's "
+               f"{cost['run_seconds']:.0f} s ({cost['run_seconds_tracking'] / cost['run_seconds']:.0%})"
+               if cost.get("run_seconds") else "")]
+
+
+def _fmt_s(x: Any) -> str:
+    return "–" if x is None else f"{x:.1f} s"
 
 
 def _check_training(training: Any) -> None:

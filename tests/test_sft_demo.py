@@ -26,6 +26,9 @@ def test_demo_ci_sized_writes_a_complete_report(tmp_path, capsys):
     assert [s for s, _ in logged["series"]["loss"]] == [1, 2, 3, 4]
     assert logged["at_tracked_steps"]["train_loss"][0] is None and None not in logged["at_tracked_steps"]["train_loss"][1:]
     assert "## Training loss" in (out / "report.md").read_text()
+    cost = report["cost"]  # the callback's measure of what tracking cost the training run
+    assert 0 < cost["run_seconds_tracking"] < cost["run_seconds"] and cost["checkpoints_timed"] == 2
+    assert "of the training run's" in (out / "report.md").read_text()
     printed = capsys.readouterr().out
     assert "report:" in printed and "denoising stage above the noise floor" in printed
 

@@ -63,7 +63,10 @@ def test_resume_recomputes_nothing_and_gives_the_same_report(tokenizer, tmp_path
         resumed.add_checkpoint(m, step * 10)
     assert len(calls) == 2 * len(resumed.games)  # only the two new checkpoints were evaluated
     got = resumed.report().to_dict()
-    got["floor_cost"] = expected["floor_cost"] = None  # timings differ
+    assert all(x > 0 for x in got["curves"]["seconds_tracking"])  # the saved checkpoints' timings came back
+    assert got["cost"]["checkpoints_timed"] == 3
+    for report in (got, expected):  # timings differ
+        report["floor_cost"] = report["cost"] = report["curves"]["seconds_tracking"] = None
     assert json.dumps(got, sort_keys=True) == json.dumps(expected, sort_keys=True)
     assert (tmp_path / "run" / "step_000000030.safetensors").exists()
 
@@ -134,6 +137,25 @@ def test_callback_with_trainer_logs_metrics(tokenizer, tmp_path):
     assert {"interactions/emerged", "interactions/removed_excess", "interactions/emerged_floor"} <= set(logged[-1])
     assert model.training  # train mode restored
     assert callback.tracker is tracker
+    # what tracking cost the run: each call's seconds add up to the total, a share of the wall time
+    seconds = [h["interactions/tracking_seconds"] for h in logged]
+    assert all(x > 0 for x in seconds) and sum(seconds) == pytest.approx(callback.seconds_tracking)
+    overhead = [h["interactions/tracking_overhead"] for h in logged]
+    assert all(0 < x <= 1 for x in overhead) and callback.seconds_tracking < callback.seconds_training
+    cost = tracker.report().cost
+    timed = [r.meta for r in tracker.records[1:]]
+    parts = ("seconds_evaluate", "seconds_heldout", "seconds_reference", "seconds_decompose", "seconds_floor")
+    assert cost["checkpoints_timed"] == 2 and cost["base_seconds"] > 0
+    assert cost["seconds_per_checkpoint"] == pytest.approx(sum(m[p] for m in timed for p in parts) / 2)
+    assert cost["variants_per_second"] == pytest.approx(
+        2 * len(tracker.games) * 2**tracker.games[0].num_players / sum(m["seconds_evaluate"] for m in timed))
+    # each checkpoint's tracking covers at most what the callback measured around it (which adds the report)
+    assert all(a <= b for a, b in zip(tracker.report().curves["seconds_tracking"], seconds))
+    from sftint_fast.plot import markdown
+
+    assert (f"- tracking cost: {cost['seconds_per_checkpoint']:.1f} s per checkpoint after the base (mean of 2): "
+            f"evaluation {cost['seconds_evaluate']:.1f} s ({cost['variants_per_second']:.0f} variants/s)"
+            in markdown(tracker.report(), figures=[]))
     with pytest.raises(ValueError, match="architecture"):
         tracker.add_checkpoint(tiny_model("gpt2"), 10)
 

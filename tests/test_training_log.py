@@ -154,6 +154,7 @@ def test_report_shows_the_logged_losses(tmp_path):
                   if line.startswith("| step"))
     assert header.endswith("| held-out loss | train loss |")
     assert "train loss" not in markdown(report, figures=[])
+    assert "tracking cost" not in md and report.cost == {"checkpoints_timed": 0, "base_seconds": None}  # add_values
     with pytest.raises(TypeError, match="training: expected a TrainingLog"):
         markdown(report, figures=[], training=history)
 

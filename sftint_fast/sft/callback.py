@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any
 
 from transformers import TrainerCallback
@@ -36,7 +37,9 @@ class InteractionCallback(TrainerCallback):
     (``interactions/<name>``): ``removed``, ``preserved``, ``emerged`` (cumulative set sizes),
     ``removed_new``/``emerged_new`` with ``_floor`` and ``_excess``, ``gamma_emerged``/``gamma_removed`` (with
     a reference), ``rho_emerged``, ``p_y_mean``, ``heldout_loss``, and ``phase_boundary`` (the step that ended the
-    denoising stage, METHOD.md section 6) once there is one.
+    denoising stage, METHOD.md section 6) once there is one; ``tracking_seconds`` (this checkpoint's tracking) and
+    ``tracking_overhead`` (the share of the wall time since training began spent tracking, the base included).
+    ``seconds_tracking`` / ``seconds_training`` hold the totals.
 
     ``stop_at_boundary``: when the phase boundary is found, save a checkpoint and stop training there
     (``control.should_save`` / ``should_training_stop``): the interactions say SFT has stopped removing noise and
@@ -56,6 +59,8 @@ class InteractionCallback(TrainerCallback):
         self.every = every
         self.trainer = trainer
         self.stop_at_boundary = stop_at_boundary
+        self.seconds_tracking = 0.0
+        self._started: float | None = None
         self.phase_boundary: int | None = None
 
     def attach(self, trainer: Any) -> "InteractionCallback":
@@ -64,7 +69,14 @@ class InteractionCallback(TrainerCallback):
         trainer.add_callback(self)
         return self
 
+    @property
+    def seconds_training(self) -> float:
+        """Wall time since training began (tracking included)."""
+        return 0.0 if self._started is None else time.perf_counter() - self._started
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self._started is None:
+            self._started = time.perf_counter()
         self._track(state, control, model, state.global_step)
         return control
 
@@ -80,12 +92,19 @@ class InteractionCallback(TrainerCallback):
     def _track(self, state: Any, control: Any, model: Any, step: int) -> None:
         if model is None or step in self.tracker.steps:
             return
+        t0 = time.perf_counter()
+        if self._started is None:
+            self._started = t0
         self.tracker.add_checkpoint(_unwrap(model), step)   # collective under torch.distributed: every rank
         boundary = None
         if state.is_world_process_zero:
             report = self.tracker.report()
             boundary = report.phase_boundary
             metrics = scalars(self.tracker, report)
+            seconds = time.perf_counter() - t0
+            self.seconds_tracking += seconds
+            metrics["interactions/tracking_seconds"] = seconds
+            metrics["interactions/tracking_overhead"] = self.seconds_tracking / max(self.seconds_training, 1e-9)
             if self.trainer is not None:
                 # trainer.log clears control.should_log: keep the Trainer's own pending log (its loss, gathered
                 # across ranks under DDP, so skipping it on one rank would desynchronise the collectives)

@@ -88,13 +88,15 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
         logger.info("LoRA r=%d: %d of %d parameters trained", lora, trainable, total)
     model.train()
     trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=lambda b: pad_batch(b, pad))
-    sf.InteractionCallback(tracker, every=every, stop_at_boundary=stop_at_boundary).attach(trainer)
+    callback = sf.InteractionCallback(tracker, every=every, stop_at_boundary=stop_at_boundary).attach(trainer)
     trainer.train()
     final = trainer.state.global_step  # < steps when training stopped at the phase boundary
     if final not in tracker.steps:
         tracker.add_checkpoint(model, final)
     training = TrainingLog.from_history(trainer.state.log_history, source="the Trainer's log_history")
-    return _report(tracker, out, write_report, lambda: training)
+    overhead = {"run_seconds": callback.seconds_training, "run_seconds_tracking": callback.seconds_tracking}
+    logger.info("tracking took %.0f s of the run's %.0f s", overhead["run_seconds_tracking"], overhead["run_seconds"])
+    return _report(tracker, out, write_report, lambda: training, cost=overhead)
 
 
 def _import_peft() -> Any:
@@ -222,10 +224,14 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
 
 
 def _report(tracker: SFTTracker, out: str | os.PathLike, write_report: Any,
-            training: Any = lambda: None) -> tuple[TrackReport, Path]:
+            training: Any = lambda: None, cost: dict[str, float] | None = None) -> tuple[TrackReport, Path]:
+    import dataclasses
+
     from sftint_fast import distributed
 
     report = tracker.report()
+    if cost:  # the training run's wall time, measured by the callback
+        report = dataclasses.replace(report, cost={**report.cost, **cost})
     if not distributed.is_main_process():
         return report, Path(out) / "report.md"
     tracker.save_sets(Path(out) / "sets.json")

@@ -141,6 +141,7 @@ class TrackReport:
     floor_cost: dict[str, float]
     numerics: dict[str, Any] | None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    cost: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -162,7 +163,9 @@ class TrackReport:
             raise ValueError(f"{target}: expected a tracking report (report.json of sftint track / demo), could not "
                              f"read it: {err}") from None
         names = [f.name for f in fields(cls)]
-        missing = [name for name in names if name != "notes" and name not in data] if isinstance(data, dict) else names
+        optional = {"notes", "cost"}  # fields with defaults (cost: reports saved before it existed)
+        missing = [name for name in names if name not in optional and name not in data] if isinstance(data, dict) \
+            else names
         if missing:
             raise ValueError(f"{target}: expected a tracking report (report.json of sftint track / demo), missing "
                              f"{missing}")
@@ -302,6 +305,7 @@ class SFTTracker:
         self.kept: list[int] | None = None
         self.signature: dict[str, Any] | None = None
         self.records: list[_Record] = []
+        self._costs: dict[str, float] | None = None  # add_checkpoint's timings, for the record add_values makes
         self.states: list[dict[str, N.SetState]] = []
         self.reference: dict[str, torch.Tensor] | None = None
         self.numerics: dict[str, Any] | None = None
@@ -336,6 +340,7 @@ class SFTTracker:
                              f"(base, given): {diff}")
         was_training = model.training
         model.eval()
+        t0 = time.perf_counter()
         try:
             with torch.no_grad():
                 if self.games is None:  # the base: its values come with the probes that are kept
@@ -344,12 +349,19 @@ class SFTTracker:
                 else:
                     values = self._evaluate(model)
                 py = self._target_probability(model, values)
+                t1 = time.perf_counter()
                 loss = self._heldout_loss(model) if self._heldout else None
+                t2 = time.perf_counter()
                 if not self.records and self._reference_source is not None and self.reference is None:
                     self.reference = self._reference_interactions(values)
         finally:
             model.train(was_training)
-        self.add_values(step, values, heldout_loss=loss, p_y=py)
+        self._costs = {"seconds_evaluate": t1 - t0, "seconds_heldout": t2 - t1, "variants": int(values.numel()),
+                       "seconds_reference": time.perf_counter() - t2}
+        try:
+            self.add_values(step, values, heldout_loss=loss, p_y=py)
+        finally:
+            self._costs = None
 
     def add_values(self, step: int, values: torch.Tensor, *, heldout_loss: float | None = None,
                    p_y: torch.Tensor | None = None) -> None:
@@ -379,7 +391,7 @@ class SFTTracker:
         floors, rows = self._floors(values)
         floor_s = time.perf_counter() - t1
         meta = {"step": int(step), "solver": self.solver, "seconds_decompose": decompose_s, "seconds_floor": floor_s,
-                "floor_rows_decomposed": rows, "heldout_loss": heldout_loss}
+                "floor_rows_decomposed": rows, "heldout_loss": heldout_loss, **(self._costs or {})}
         record = _Record(step=int(step), values=values, interactions=interactions, p_y=py, heldout_loss=heldout_loss,
                          floors=floors, extra=extra, meta=meta)
         self._ingest(record)
@@ -1118,6 +1130,7 @@ def _build_report(tracker: SFTTracker) -> TrackReport:
                   "seconds": float(sum(r.meta.get("seconds_floor", 0.0) for r in records)),
                   "seconds_decompose_observed": float(sum(r.meta.get("seconds_decompose", 0.0) for r in records)),
                   "forward_passes": 0.0}
+    curves["seconds_tracking"] = [_tracking_seconds(r.meta) for r in records]
     probes_table = {"kept": tracker.kept if tracker.kept is not None else list(range(B)),
                     "p_y": py.tolist(), "gain": gain.tolist(), "irrelevant": irrelevant.tolist()}
     if tracker.games is not None:
@@ -1127,8 +1140,34 @@ def _build_report(tracker: SFTTracker) -> TrackReport:
         steps=steps, config={**asdict(c), "solver": tracker.solver}, curves=curves, intervals=intervals,
         probes=probes_table, phase_boundary=None if boundary_index is None else steps[boundary_index],
         heldout_loss_min_step=min(finite)[1] if finite else None, solver=tracker.solver, gamma_available=has_ref,
-        floor_cost=floor_cost, numerics=tracker.numerics, notes=tuple(notes),
+        floor_cost=floor_cost, numerics=tracker.numerics, notes=tuple(notes), cost=_tracking_cost(records),
     )
+
+
+_COST_PARTS = ("seconds_evaluate", "seconds_heldout", "seconds_reference", "seconds_decompose", "seconds_floor")
+
+
+def _tracking_seconds(meta: dict[str, Any]) -> float | None:
+    """Seconds add_checkpoint spent on one checkpoint (None for values recorded by add_values alone)."""
+    if "seconds_evaluate" not in meta:
+        return None
+    return float(sum(meta.get(part, 0.0) for part in _COST_PARTS))
+
+
+def _tracking_cost(records: Sequence[_Record]) -> dict[str, Any]:
+    """What tracking one checkpoint costs, averaged over the checkpoints after the base (the base also builds the
+    games and measures the numerical error): seconds per part and in all, and variants evaluated per second."""
+    timed = [r.meta for r in records[1:] if "seconds_evaluate" in r.meta]
+    out: dict[str, Any] = {"checkpoints_timed": len(timed),
+                           "base_seconds": _tracking_seconds(records[0].meta) if records else None}
+    if not timed:
+        return out
+    for part in _COST_PARTS:
+        out[part] = math.fsum(m.get(part, 0.0) for m in timed) / len(timed)
+    out["seconds_per_checkpoint"] = math.fsum(_tracking_seconds(m) for m in timed) / len(timed)
+    evaluate = math.fsum(m["seconds_evaluate"] for m in timed)
+    out["variants_per_second"] = sum(m.get("variants", 0) for m in timed) / evaluate if evaluate > 0 else None
+    return out
 
 
 def _set_measures(curves: dict, intervals: dict, prefix: str, values: torch.Tensor, member: torch.Tensor,
