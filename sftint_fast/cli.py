@@ -43,6 +43,17 @@ def _non_negative_float(text: str) -> float:
     return _positive_float(text, minimum_allowed=True)
 
 
+def _share(text: str) -> float:
+    """An argparse ``type`` for a share strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a share in (0, 1), received {text!r}")
+    return value
+
+
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="versions, C++ extension status, devices, Triton mode")
     p.set_defaults(func=_run_info)
@@ -372,6 +383,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                         "every weight (then raise --lr, e.g. 1e-3)")
     p.add_argument("--stop-at-boundary", action="store_true",
                    help="stop training where the denoising stage ends (the phase boundary)")
+    p.add_argument("--max-overhead", type=_share, default=None, metavar="F",
+                   help="track when due so that tracking takes at most F (0-1) of the wall time after the base; "
+                        "--every is then the shortest interval")
     p.set_defaults(func=_run_demo)
 
 
@@ -389,7 +403,8 @@ def _run_demo(args: argparse.Namespace) -> int:
         return 2
     report, md = run_demo(args.out, steps=args.steps, probes=args.probes, n_players=args.n_players, every=args.every,
                           lr=args.lr, andor_method=args.andor_method, andor_niter=args.niter, seed=args.seed,
-                          device=args.device, lora=args.lora, stop_at_boundary=args.stop_at_boundary)
+                          device=args.device, lora=args.lora, stop_at_boundary=args.stop_at_boundary,
+                          max_overhead=args.max_overhead)
     h = headline(report)
     print(f"report: {md}")
     print(json.dumps({k: v for k, v in h.items() if k != "verdict"}, indent=1, default=str))

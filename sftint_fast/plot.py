@@ -363,7 +363,7 @@ def _cost_line(cost: dict[str, Any]) -> list[str]:
             + (f" ({rate:.0f} variants/s)" if rate else "")
             + f", held-out loss {cost['seconds_heldout']:.1f} s, decomposition {cost['seconds_decompose']:.1f} s, noise floor {cost['seconds_floor']:.1f} s; "
             f"the base took {_fmt_s(cost.get('base_seconds'))} (games, numerical checks)"
-            + (f"; in all, tracking took {cost['run_seconds_tracking']:.0f} s of the training run's "
+            + (f"; after the base, tracking took {cost['run_seconds_tracking']:.0f} s of the training run's "
                f"{cost['run_seconds']:.0f} s ({cost['run_seconds_tracking'] / cost['run_seconds']:.0%})"
                if cost.get("run_seconds") else "")]
 

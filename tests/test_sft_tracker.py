@@ -139,8 +139,10 @@ def test_callback_with_trainer_logs_metrics(tokenizer, tmp_path):
     assert callback.tracker is tracker
     # what tracking cost the run: each call's seconds add up to the total, a share of the wall time
     seconds = [h["interactions/tracking_seconds"] for h in logged]
-    assert all(x > 0 for x in seconds) and sum(seconds) == pytest.approx(callback.seconds_tracking)
-    overhead = [h["interactions/tracking_overhead"] for h in logged]
+    assert all(x > 0 for x in seconds) and seconds[0] == callback.seconds_first
+    assert sum(seconds[1:]) == pytest.approx(callback.seconds_tracking)  # after the base
+    assert "interactions/tracking_overhead" not in logged[0]
+    overhead = [h["interactions/tracking_overhead"] for h in logged[1:]]
     assert all(0 < x <= 1 for x in overhead) and callback.seconds_tracking < callback.seconds_training
     cost = tracker.report().cost
     timed = [r.meta for r in tracker.records[1:]]
@@ -454,3 +456,50 @@ def test_callback_stops_training_at_the_phase_boundary_when_asked(tokenizer, tmp
         assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("checkpoint-*"))
     with pytest.raises(TypeError, match="stop_at_boundary: expected a bool"):
         sf.InteractionCallback(tracker, stop_at_boundary="yes")
+
+
+def test_callback_spaces_tracking_to_keep_within_its_overhead_budget(tokenizer, tmp_path, monkeypatch):
+    """max_overhead=0.25 with tracking at 9 s and training at 1 s per step (a fake clock): after the base and the
+    first checkpoint (at `every`, to measure a step), each next one comes as soon as tracking stays within 25% of
+    the wall time since the base: ((S + T) / f - W - T) / t steps on."""
+    import types
+
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from sftint_fast.sft import callback as callback_module
+
+    clock = [0.0]
+    monkeypatch.setattr(callback_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    class Steps(TrainerCallback):  # runs before the interaction callback (added later)
+        def on_step_end(self, args, state, control, **kwargs):
+            clock[0] += 1.0
+
+    model = tiny_model("llama").train()
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": (ids := torch.randint(4, 40, (8,), generator=g)), "labels": ids.clone()} for _ in range(4)]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=100,
+                             learning_rate=1e-3, logging_steps=50, save_strategy="no", report_to=[], use_cpu=True,
+                             disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[Steps()])
+    tracker = _tracker(tokenizer, persistence=1, noise_floor=None)
+    real = tracker.add_checkpoint
+
+    def nine_seconds(m, step):
+        real(m, step)
+        clock[0] += 9.0
+
+    monkeypatch.setattr(tracker, "add_checkpoint", nine_seconds)
+    callback = sf.InteractionCallback(tracker, every=2, max_overhead=0.25).attach(trainer)
+    trainer.train()
+    # base at 0 (9 s, outside the budget); step 2 (S=9, W=11): k = (18/0.25 - 20) / 1 = 52 -> 54;
+    # step 54 (S=18, W=72): k = (27/0.25 - 81) = 27 -> 81; step 81 (S=27, W=108): k = (36/0.25 - 117) = 27 -> 108
+    assert tracker.steps == [0, 2, 54, 81]
+    assert callback.next_step == 108 and callback.seconds_first == 9.0 and callback.seconds_tracking == 27.0
+    assert callback.seconds_tracking / callback.seconds_training == pytest.approx(27 / 127)  # within 0.25
+    logged = [h for h in trainer.state.log_history if "interactions/next_tracking_step" in h]
+    assert [h["interactions/next_tracking_step"] for h in logged] == [2, 54, 81, 108]
+    assert [round(h["interactions/tracking_overhead"], 6) for h in logged[1:]] == [
+        round(9 / 11, 6), round(18 / 72, 6), round(27 / 108, 6)]
+    with pytest.raises(ValueError, match=r"max_overhead: expected a share of the run's wall time in \(0, 1\)"):
+        sf.InteractionCallback(tracker, max_overhead=1.0)

@@ -38,8 +38,15 @@ class InteractionCallback(TrainerCallback):
     ``removed_new``/``emerged_new`` with ``_floor`` and ``_excess``, ``gamma_emerged``/``gamma_removed`` (with
     a reference), ``rho_emerged``, ``p_y_mean``, ``heldout_loss``, and ``phase_boundary`` (the step that ended the
     denoising stage, METHOD.md section 6) once there is one; ``tracking_seconds`` (this checkpoint's tracking) and
-    ``tracking_overhead`` (the share of the wall time since training began spent tracking, the base included).
-    ``seconds_tracking`` / ``seconds_training`` hold the totals.
+    ``tracking_overhead``: the share of the wall time since the base was tracked (before the first training step,
+    a fixed cost) spent tracking the later checkpoints. ``seconds_first``, ``seconds_tracking`` and
+    ``seconds_training`` hold the base's seconds and the totals behind that share.
+
+    ``max_overhead``: the share ``f`` of that wall time tracking may take (e.g. 0.1). Tracking then runs when due
+    rather than every ``every`` steps: after each checkpoint the next one is set the fewest steps later (at least
+    ``every``) that keep tracking within ``f`` at the measured speeds of tracking and of training (``next_step``;
+    logged as ``interactions/next_tracking_step``): the early, expensive checkpoints spread the later ones out.
+    Saves are still tracked when they happen. Under DDP the main process decides.
 
     ``stop_at_boundary``: when the phase boundary is found, save a checkpoint and stop training there
     (``control.should_save`` / ``should_training_stop``): the interactions say SFT has stopped removing noise and
@@ -48,19 +55,27 @@ class InteractionCallback(TrainerCallback):
     """
 
     def __init__(self, tracker: SFTTracker, every: int = 50, *, trainer: Any = None,
-                 stop_at_boundary: bool = False) -> None:
+                 stop_at_boundary: bool = False, max_overhead: float | None = None) -> None:
         if not isinstance(tracker, SFTTracker):
             raise TypeError(f"tracker: expected an SFTTracker, got {type(tracker).__name__}")
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
             raise ValueError(f"every: expected an int >= 1, got {every!r}")
         if not isinstance(stop_at_boundary, bool):
             raise TypeError(f"stop_at_boundary: expected a bool, got {type(stop_at_boundary).__name__}")
+        if max_overhead is not None and (isinstance(max_overhead, bool) or not isinstance(max_overhead, (int, float))
+                                         or not 0 < max_overhead < 1):
+            raise ValueError(f"max_overhead: expected a share of the run's wall time in (0, 1) or None, got "
+                             f"{max_overhead!r}")
         self.tracker = tracker
         self.every = every
+        self.max_overhead = None if max_overhead is None else float(max_overhead)
+        self.next_step: int | None = None  # with max_overhead: the step the next tracking is due at
+        self._last: tuple[int, float] | None = None  # (step, time) the last tracking ended
         self.trainer = trainer
         self.stop_at_boundary = stop_at_boundary
-        self.seconds_tracking = 0.0
-        self._started: float | None = None
+        self.seconds_tracking = 0.0  # after the first tracking (the base), on the main process
+        self.seconds_first: float | None = None  # the first tracking's (the base's) seconds
+        self._clock: float | None = None  # when the first tracking ended: the wall time the budget counts from
         self.phase_boundary: int | None = None
 
     def attach(self, trainer: Any) -> "InteractionCallback":
@@ -71,17 +86,24 @@ class InteractionCallback(TrainerCallback):
 
     @property
     def seconds_training(self) -> float:
-        """Wall time since training began (tracking included)."""
-        return 0.0 if self._started is None else time.perf_counter() - self._started
+        """Wall time since the first tracking of this run ended (the base, before any training step; tracking
+        after it included)."""
+        return 0.0 if self._clock is None else time.perf_counter() - self._clock
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self._started is None:
-            self._started = time.perf_counter()
         self._track(state, control, model, state.global_step)
+        if self._clock is None:  # the base was tracked before (a resumed tracker): the budget starts here
+            self._clock = time.perf_counter()
+        if self.max_overhead is not None and self.next_step is None:
+            self.next_step = state.global_step + self.every
         return control
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.every == 0:
+        if self.max_overhead is None:
+            due = state.global_step % self.every == 0
+        else:
+            due = self.next_step is not None and state.global_step >= self.next_step
+        if due:
             self._track(state, control, model, state.global_step)
         return control
 
@@ -93,18 +115,23 @@ class InteractionCallback(TrainerCallback):
         if model is None or step in self.tracker.steps:
             return
         t0 = time.perf_counter()
-        if self._started is None:
-            self._started = t0
         self.tracker.add_checkpoint(_unwrap(model), step)   # collective under torch.distributed: every rank
         boundary = None
+        interval = None
         if state.is_world_process_zero:
             report = self.tracker.report()
             boundary = report.phase_boundary
             metrics = scalars(self.tracker, report)
             seconds = time.perf_counter() - t0
-            self.seconds_tracking += seconds
             metrics["interactions/tracking_seconds"] = seconds
-            metrics["interactions/tracking_overhead"] = self.seconds_tracking / max(self.seconds_training, 1e-9)
+            if self._clock is None:  # the first tracking (the base): a fixed cost, outside the budget
+                self.seconds_first = seconds
+            else:
+                self.seconds_tracking += seconds
+                metrics["interactions/tracking_overhead"] = self.seconds_tracking / max(self.seconds_training, 1e-9)
+            if self.max_overhead is not None:
+                interval = self._interval(step, t0, seconds)
+                metrics["interactions/next_tracking_step"] = step + interval
             if self.trainer is not None:
                 # trainer.log clears control.should_log: keep the Trainer's own pending log (its loss, gathered
                 # across ranks under DDP, so skipping it on one rank would desynchronise the collectives)
@@ -114,6 +141,11 @@ class InteractionCallback(TrainerCallback):
             else:
                 state.log_history.append({**metrics, "step": step})
             logger.info("step %d: %s", step, metrics)
+        if self.max_overhead is not None:
+            self.next_step = step + distributed.broadcast_object(interval)  # the main process decides
+        self._last = (step, time.perf_counter())
+        if self._clock is None:
+            self._clock = self._last[1]
         if not self.stop_at_boundary:
             self.phase_boundary = boundary if state.is_world_process_zero else None
             return
@@ -123,6 +155,21 @@ class InteractionCallback(TrainerCallback):
                            "training (stop_at_boundary=True)", step, boundary)
             control.should_save = True
             control.should_training_stop = True
+
+    def _interval(self, step: int, started: float, seconds: float) -> int:
+        """Steps until the next tracking so that tracking keeps within ``max_overhead`` of the wall time since the
+        first tracking: with ``S`` s spent tracking (this one included) in ``W`` s of wall time, ``T`` s for this
+        tracking and ``t`` s per training step (measured since the last tracking ended), the next tracking ``k``
+        steps on keeps ``(S + T) / (W + k t + T) <= f`` for ``k >= ((S + T) / f - W - T) / t``. Never fewer than
+        ``every``; ``every`` until ``t`` is known (after the first tracking)."""
+        if self._clock is None or self._last is None or step <= self._last[0]:
+            return self.every
+        per_step = (started - self._last[1]) / (step - self._last[0])
+        if per_step <= 0:
+            return self.every
+        spent, wall = self.seconds_tracking, self.seconds_training
+        needed = ((spent + seconds) / self.max_overhead - wall - seconds) / per_step
+        return max(self.every, math.ceil(needed - 1e-9))
 
 
 def scalars(tracker: SFTTracker, report: Any = None) -> dict[str, float]:

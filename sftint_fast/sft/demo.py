@@ -38,13 +38,15 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
              lr: float = 1e-4, batch_size: int = 8, heldout: int = 16, andor_method: str = "sgd",
              andor_niter: int = 20000, seed: int = 0, threads: int | None = None,
              progress: bool = True, device: str | torch.device | None = "cpu", lora: int | None = None,
-             stop_at_boundary: bool = False) -> tuple[TrackReport, Path]:
+             stop_at_boundary: bool = False, max_overhead: float | None = None) -> tuple[TrackReport, Path]:
     """SFT of the bundled model with interaction tracking; returns the report and the path of report.md.
 
     ``device``: where training and tracking run (``"cpu"``, the default, as the demo's timings assume; None = CUDA
     when available). ``lora``: a rank r trains a LoRA adapter (alpha 2r, every linear layer of the blocks; the
     ``peft`` extra) instead of every weight, tracked on the trie engine like the full model. ``stop_at_boundary``:
     stop training where the denoising stage ends (:class:`~sftint_fast.sft.callback.InteractionCallback`).
+    ``max_overhead``: track when due so that tracking takes at most this share of the run's wall time after the
+    base (``every`` is then the shortest interval).
     """
     from transformers import Trainer, TrainingArguments
 
@@ -88,14 +90,17 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
         logger.info("LoRA r=%d: %d of %d parameters trained", lora, trainable, total)
     model.train()
     trainer = Trainer(model=model, args=args, train_dataset=examples, data_collator=lambda b: pad_batch(b, pad))
-    callback = sf.InteractionCallback(tracker, every=every, stop_at_boundary=stop_at_boundary).attach(trainer)
+    callback = sf.InteractionCallback(tracker, every=every, stop_at_boundary=stop_at_boundary,
+                                      max_overhead=max_overhead).attach(trainer)
     trainer.train()
     final = trainer.state.global_step  # < steps when training stopped at the phase boundary
     if final not in tracker.steps:
         tracker.add_checkpoint(model, final)
     training = TrainingLog.from_history(trainer.state.log_history, source="the Trainer's log_history")
-    overhead = {"run_seconds": callback.seconds_training, "run_seconds_tracking": callback.seconds_tracking}
-    logger.info("tracking took %.0f s of the run's %.0f s", overhead["run_seconds_tracking"], overhead["run_seconds"])
+    overhead = {"run_seconds": callback.seconds_training, "run_seconds_tracking": callback.seconds_tracking,
+                "run_seconds_base": callback.seconds_first}
+    logger.info("after the base (%.0f s), tracking took %.0f s of the run's %.0f s", callback.seconds_first or 0,
+                overhead["run_seconds_tracking"], overhead["run_seconds"])
     return _report(tracker, out, write_report, lambda: training, cost=overhead)
 
 
