@@ -87,3 +87,14 @@ def test_ddp_stop_at_boundary_stops_every_rank_at_the_same_step(tmp_path):
     assert [r["phase_boundary"] for r in ranks] == [boundary] * 2
     assert [r["global_step"] for r in ranks] == [boundary] * 2
     assert [r["steps"][-1] for r in ranks] == [boundary] * 2
+
+
+def test_ddp_max_overhead_keeps_every_rank_on_the_main_process_schedule(tmp_path):
+    """With max_overhead the main process sets each next tracking step from its own timings and every rank follows
+    (a rank tracking at another step would hang in the collectives, so finishing is part of the check)."""
+    main_log, ranks = _run(tmp_path, 2, "--max-overhead", "0.3")
+    steps = ranks[0]["steps"]
+    assert ranks[1]["steps"] == steps and ranks[1]["next_step"] == ranks[0]["next_step"]
+    scheduled = [main_log["metrics"][str(s)]["interactions/next_tracking_step"] for s in steps]
+    assert steps[1:] == scheduled[:-1] and scheduled[-1] == ranks[0]["next_step"]  # tracked when due, no other
+    assert all(b - a >= 1 for a, b in zip(steps, steps[1:]))

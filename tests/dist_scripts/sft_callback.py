@@ -50,6 +50,8 @@ def main() -> None:
     parser.add_argument("--work", required=True, help="folder for the Trainer output and the tracker's out_dir")
     parser.add_argument("--stop-at-boundary", action="store_true",
                         help="up to 10 steps, a boundary rule without floor/significance, stop_at_boundary=True")
+    parser.add_argument("--max-overhead", type=float, default=None,
+                        help="up to 12 steps, InteractionCallback(max_overhead=...): tracked when due")
     args = parser.parse_args()
     distributed.init_from_env("gloo")
     world = distributed.world_size()
@@ -66,20 +68,22 @@ def main() -> None:
     data = [{"input_ids": (ids := torch.randint(4, 40, (12,), generator=g)), "labels": ids.clone()}
             for _ in range(EXAMPLES)]
     targs = TrainingArguments(output_dir=str(Path(args.work) / "trainer"), per_device_train_batch_size=EXAMPLES // world,
-                              max_steps=10 if args.stop_at_boundary else 3, learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[],
+                              max_steps=10 if args.stop_at_boundary else 12 if args.max_overhead else 3, learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[],
                               use_cpu=True, disable_tqdm=True, ddp_backend="gloo" if world > 1 else None, seed=0)
     trainer = Trainer(model=model, args=targs, train_dataset=data)
     tracker = sf.SFTTracker(PROMPTS, make_tokenizer(), n_players=4, andor_method="and", min_base_py=0.0,
                             bootstrap=50, progress=False, numerics_check=False, persistence=1,
                             out_dir=Path(args.work) / "track",
                             **({"noise_floor": None, "boundary_significant": False} if args.stop_at_boundary else {}))
-    callback = sf.InteractionCallback(tracker, every=1, stop_at_boundary=args.stop_at_boundary).attach(trainer)
+    callback = sf.InteractionCallback(tracker, every=1, stop_at_boundary=args.stop_at_boundary,
+                                      max_overhead=args.max_overhead).attach(trainer)
     trainer.train()
     rank = distributed.rank()
     values = torch.stack([r.values for r in tracker.records])
     Path(f"{args.out}.rank{rank}.json").write_text(json.dumps({
         "evaluated": evaluated, "steps": tracker.steps, "games": len(tracker.games),
         "global_step": trainer.state.global_step, "phase_boundary": callback.phase_boundary,
+        "next_step": callback.next_step,
         "values_sum": values.sum().item(), "values_abs_sum": values.abs().sum().item()}))
     if distributed.is_main_process():
         logged = {h["step"]: {k: v for k, v in h.items() if k.startswith("interactions/")}
