@@ -76,6 +76,7 @@ def test_compare_cli_puts_runs_side_by_side(tmp_path, capsys):
             assert row[key] == pytest.approx(h[key]), key
         assert row["heldout_loss_last"] == pytest.approx(report.curves["heldout_loss"][-1])
         assert row["p_y_first"] == pytest.approx(report.curves["p_y_mean"][0])
+        assert row["seconds_per_checkpoint"] is None  # add_values: no checkpoint was evaluated here
     # the training loss where the run logged one: mean of steps 5 and 6 of the full run
     assert data["rows"][0]["train_loss_last"] == pytest.approx(3.0 - 0.1 * 5.5 - 0.01)
     assert data["rows"][1]["train_loss_last"] is None

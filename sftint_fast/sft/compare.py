@@ -70,6 +70,7 @@ def compare_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
             "heldout_loss_min_step": report.heldout_loss_min_step,
             "train_loss_last": train[-1], "p_y_first": c["p_y_mean"][0], "p_y_last": c["p_y_mean"][-1],
             "rho_emerged": h["rho_emerged"], "gamma_emerged": h["gamma_emerged"], "solver": report.solver,
+            "seconds_per_checkpoint": report.cost.get("seconds_per_checkpoint"),
         })
     differences = _differences(labels, [r for r, _ in loaded])
     result = {"rows": rows, "differences": differences}
@@ -115,8 +116,9 @@ def _markdown(rows: list[dict[str, Any]], differences: list[str]) -> str:
     else:
         lines += ["The runs start from the same base values and were tracked with the same options.", ""]
     lines += ["| run | steps | probes | base salient | removed | emerged | excess removals (lo) | excess emergence "
-              "| phase boundary | held-out loss first → last (min at) | train loss last | p_y first → last |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| phase boundary | held-out loss first → last (min at) | train loss last | p_y first → last "
+              "| tracking s/checkpoint |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['label']} | {r['steps'][0]}–{r['last_step']} ({len(r['steps'])}) | {r['probes']} "
@@ -124,7 +126,8 @@ def _markdown(rows: list[dict[str, Any]], differences: list[str]) -> str:
             f"| {r['removed_excess_cumulative']:.0f} ({r['removed_excess_cumulative_lo']:.0f}) "
             f"| {r['emerged_excess_total']:.0f} | {_opt(r['phase_boundary'])} "
             f"| {_num(r['heldout_loss_first'])} → {_num(r['heldout_loss_last'])} ({_opt(r['heldout_loss_min_step'])}) "
-            f"| {_num(r['train_loss_last'])} | {r['p_y_first']:.3f} → {r['p_y_last']:.3f} |")
+            f"| {_num(r['train_loss_last'])} | {r['p_y_first']:.3f} → {r['p_y_last']:.3f} "
+            f"| {_num(r['seconds_per_checkpoint'])} |")
     lines += ["", "Excess removals: removals beyond the noise floor, summed over the checkpoints, with the bootstrap "
               "lower bound (a denoising stage shows as a lower bound above 0); excess emergence likewise for new "
               "interactions (unshared with the reference where one was given). Each run's own report.md has the "
