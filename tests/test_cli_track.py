@@ -181,6 +181,9 @@ def test_track_cli_under_torchrun_two_ranks(folders, tmp_path):
 
     for key, curve in one["curves"].items():
         got, want = flat(two["curves"][key]), flat(curve)
+        if key == "seconds_tracking":  # timings: measured, not computed
+            assert all(x > 0 for x in got + want)
+            continue
         assert [x is None for x in got] == [x is None for x in want], key
         numbers = [(g, w) for g, w in zip(got, want) if w is not None]
         # the ranks evaluate other groups of games than one process does: values equal up to float rounding,
