@@ -224,6 +224,22 @@ def write_report(report: TrackReport, out_dir: str | os.PathLike, *, sets: dict[
     return md
 
 
+def write_tracker_report(tracker: Any, out_dir: str | os.PathLike, *, training: TrainingLog | None = None,
+                         cost: dict[str, Any] | None = None,
+                         report: TrackReport | None = None) -> tuple[TrackReport, Path]:
+    """The whole report of a tracker in ``out_dir``: :func:`write_report` of ``tracker.report()`` with its sets
+    (``sets.json`` and report.md's "what changed"), the run's ``training`` log, and ``cost`` entries (the training
+    run's wall time, measured by the callback) added to ``report.cost``. Returns the report and report.md's path.
+    ``report``: ``tracker.report()`` when the caller has it already."""
+    import dataclasses
+
+    report = tracker.report() if report is None else report
+    if cost:
+        report = dataclasses.replace(report, cost={**report.cost, **cost})
+    tracker.save_sets(Path(out_dir) / "sets.json")
+    return report, write_report(report, out_dir, sets=tracker.sets(), training=training)
+
+
 def headline(report: TrackReport) -> dict[str, Any]:
     """The numbers a reader wants first, plus one sentence computed from them."""
     _check_report(report)

@@ -129,9 +129,20 @@ def test_callback_with_trainer_logs_metrics(tokenizer, tmp_path):
                              disable_tqdm=True)
     trainer = Trainer(model=model, args=args, train_dataset=data)
     tracker = _tracker(tokenizer, tmp_path / "track", persistence=1)
-    callback = sf.InteractionCallback(tracker, every=2).attach(trainer)
+    callback = sf.InteractionCallback(tracker, every=2, report_dir=tmp_path / "report").attach(trainer)
+    written = []
+    real_write = callback._write_report
+    callback._write_report = lambda state, report=None: written.append(state.global_step) or real_write(state, report)
     trainer.train()
     assert tracker.steps == [0, 2, 4]
+    # the report is rewritten after each tracked checkpoint and when training ends, with the Trainer's losses
+    assert written == [0, 2, 4, 4]
+    saved = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert saved["steps"] == [0, 2, 4] and saved["cost"]["run_seconds"] > 0
+    log = json.loads((tmp_path / "report" / "training_log.json").read_text())
+    assert [s for s, _ in log["series"]["loss"]] == [1, 2, 3, 4]
+    assert {"sets.json", "counts.png", "report.md"} <= {p.name for p in (tmp_path / "report").iterdir()}
+    assert "## Training loss" in (tmp_path / "report" / "report.md").read_text()
     logged = [h for h in trainer.state.log_history if "interactions/removed" in h]
     assert [h["step"] for h in logged] == [0, 2, 4]
     assert {"interactions/emerged", "interactions/removed_excess", "interactions/emerged_floor"} <= set(logged[-1])
@@ -503,3 +514,5 @@ def test_callback_spaces_tracking_to_keep_within_its_overhead_budget(tokenizer, 
         round(9 / 11, 6), round(18 / 72, 6), round(27 / 108, 6)]
     with pytest.raises(ValueError, match=r"max_overhead: expected a share of the run's wall time in \(0, 1\)"):
         sf.InteractionCallback(tracker, max_overhead=1.0)
+    with pytest.raises(TypeError, match="report_dir: expected a folder path or None, got int"):
+        sf.InteractionCallback(tracker, report_dir=3)

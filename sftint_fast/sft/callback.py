@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
@@ -48,6 +50,10 @@ class InteractionCallback(TrainerCallback):
     logged as ``interactions/next_tracking_step``): the early, expensive checkpoints spread the later ones out.
     Saves are still tracked when they happen. Under DDP the main process decides.
 
+    ``report_dir``: the main process writes the whole report there (report.md and .json, figures, sets.json, the
+    ``Trainer``'s losses in training_log.json, the run's cost) after every tracked checkpoint, so a run stopped
+    early still has one, and again when training ends.
+
     ``stop_at_boundary``: when the phase boundary is found, save a checkpoint and stop training there
     (``control.should_save`` / ``should_training_stop``): the interactions say SFT has stopped removing noise and
     started adding overfitted interactions. Off by default (the boundary is only logged). Under DDP the main
@@ -55,7 +61,8 @@ class InteractionCallback(TrainerCallback):
     """
 
     def __init__(self, tracker: SFTTracker, every: int = 50, *, trainer: Any = None,
-                 stop_at_boundary: bool = False, max_overhead: float | None = None) -> None:
+                 stop_at_boundary: bool = False, max_overhead: float | None = None,
+                 report_dir: str | os.PathLike | None = None) -> None:
         if not isinstance(tracker, SFTTracker):
             raise TypeError(f"tracker: expected an SFTTracker, got {type(tracker).__name__}")
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
@@ -66,8 +73,11 @@ class InteractionCallback(TrainerCallback):
                                          or not 0 < max_overhead < 1):
             raise ValueError(f"max_overhead: expected a share of the run's wall time in (0, 1) or None, got "
                              f"{max_overhead!r}")
+        if report_dir is not None and not isinstance(report_dir, (str, os.PathLike)):
+            raise TypeError(f"report_dir: expected a folder path or None, got {type(report_dir).__name__}")
         self.tracker = tracker
         self.every = every
+        self.report_dir = None if report_dir is None else Path(report_dir)
         self.max_overhead = None if max_overhead is None else float(max_overhead)
         self.next_step: int | None = None  # with max_overhead: the step the next tracking is due at
         self._last: tuple[int, float] | None = None  # (step, time) the last tracking ended
@@ -122,6 +132,8 @@ class InteractionCallback(TrainerCallback):
             report = self.tracker.report()
             boundary = report.phase_boundary
             metrics = scalars(self.tracker, report)
+            if self.report_dir is not None:  # part of what tracking costs
+                self._write_report(state, report)
             seconds = time.perf_counter() - t0
             metrics["interactions/tracking_seconds"] = seconds
             if self._clock is None:  # the first tracking (the base): a fixed cost, outside the budget
@@ -155,6 +167,20 @@ class InteractionCallback(TrainerCallback):
                            "training (stop_at_boundary=True)", step, boundary)
             control.should_save = True
             control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.report_dir is not None and state.is_world_process_zero and self.tracker.records:
+            self._write_report(state)  # with the Trainer's whole log
+        return control
+
+    def _write_report(self, state: Any, report: Any = None) -> None:
+        from sftint_fast.plot import write_tracker_report
+        from sftint_fast.sft.training_log import TrainingLog
+
+        training = TrainingLog.from_history(state.log_history, source="the Trainer's log_history")
+        cost = {"run_seconds": self.seconds_training, "run_seconds_tracking": self.seconds_tracking,
+                "run_seconds_base": self.seconds_first} if self._clock is not None else None
+        write_tracker_report(self.tracker, self.report_dir, training=training, cost=cost, report=report)
 
     def _interval(self, step: int, started: float, seconds: float) -> int:
         """Steps until the next tracking so that tracking keeps within ``max_overhead`` of the wall time since the

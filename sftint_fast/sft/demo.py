@@ -52,7 +52,6 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
 
     import sftint_fast as sf
     from sftint_fast.models import resolve_device
-    from sftint_fast.plot import write_report
 
     device = resolve_device(device)
     if lora is not None and (isinstance(lora, bool) or not isinstance(lora, int) or lora < 1):
@@ -101,7 +100,7 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
                 "run_seconds_base": callback.seconds_first}
     logger.info("after the base (%.0f s), tracking took %.0f s of the run's %.0f s", callback.seconds_first or 0,
                 overhead["run_seconds_tracking"], overhead["run_seconds"])
-    return _report(tracker, out, write_report, lambda: training, cost=overhead)
+    return _report(tracker, out, lambda: training, cost=overhead)
 
 
 def _import_peft() -> Any:
@@ -168,9 +167,7 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
                idle_timeout: float | None, settle: float, **options: Any) -> tuple[TrackReport, Path]:
     from transformers import AutoTokenizer
 
-    from sftint_fast import distributed
-    from sftint_fast.models import is_adapter_folder, load_causal_lm, resolve_device, tokenizer_folder
-    from sftint_fast.plot import write_report
+    from sftint_fast.models import load_causal_lm, resolve_device, tokenizer_folder
 
     device = resolve_device(device)
     paths = _match(checkpoints)
@@ -223,24 +220,18 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
     for path in paths if watch is None else []:
         track(_step_of(path), path)
     if watch is not None:
-        _follow(tracker, checkpoints, track, lambda: _report(tracker, out, write_report, training), watch=watch,
+        _follow(tracker, checkpoints, track, lambda: _report(tracker, out, training), watch=watch,
                 until_step=until_step, idle_timeout=idle_timeout, settle=settle)
-    return _report(tracker, out, write_report, training)
+    return _report(tracker, out, training)
 
 
-def _report(tracker: SFTTracker, out: str | os.PathLike, write_report: Any,
-            training: Any = lambda: None, cost: dict[str, float] | None = None) -> tuple[TrackReport, Path]:
-    import dataclasses
-
+def _report(tracker: SFTTracker, out: str | os.PathLike, training: Any = lambda: None, cost: dict[str, float] | None = None) -> tuple[TrackReport, Path]:
     from sftint_fast import distributed
+    from sftint_fast.plot import write_tracker_report
 
-    report = tracker.report()
-    if cost:  # the training run's wall time, measured by the callback
-        report = dataclasses.replace(report, cost={**report.cost, **cost})
     if not distributed.is_main_process():
-        return report, Path(out) / "report.md"
-    tracker.save_sets(Path(out) / "sets.json")
-    return report, write_report(report, out, sets=tracker.sets(), training=training())
+        return tracker.report(), Path(out) / "report.md"
+    return write_tracker_report(tracker, out, training=training(), cost=cost)
 
 
 def _follow(tracker: SFTTracker, patterns: Sequence[str], track: Any, report: Any, *, watch: float,
