@@ -92,10 +92,13 @@ def test_compare_says_when_runs_are_not_like_for_like(tmp_path):
     _run(tmp_path / "a", seed=1, drift=0.05)
     _run(tmp_path / "b", seed=1, drift=0.05, tau=0.1)
     _run(tmp_path / "c", seed=1, drift=0.05, base_seed=9)
-    result, md = compare_runs([tmp_path / "a", tmp_path / "b", tmp_path / "c"], tmp_path / "cmp",
-                              labels=["A", "B", "C"])
+    _run(tmp_path / "d", seed=1, drift=0.05, steps=(0, 3, 6))
+    result, md = compare_runs([tmp_path / "a", tmp_path / "b", tmp_path / "c", tmp_path / "d"], tmp_path / "cmp",
+                              labels=["A", "B", "C", "D"])
     diffs = result["differences"]
-    assert "option tau: A 0.05, B 0.1, C 0.05" in diffs
+    assert ("tracked steps: A [0, 2, 4, 6], B [0, 2, 4, 6], C [0, 2, 4, 6], D [0, 3, 6] (a change counts once it "
+            "lasts 3 checkpoints, so other step grids count differently)") in diffs
+    assert "option tau: A 0.05, B 0.1, C 0.05, D 0.05" in diffs
     assert not any(d.startswith("B starts from other base values") for d in diffs)
     assert any(d.startswith("C starts from other base values than A") for d in diffs)
     assert "**Not like for like**" in md.read_text()

@@ -94,6 +94,11 @@ def _differences(labels: list[str], reports: list[TrackReport]) -> list[str]:
         values = [r.config.get(key) for r in reports]
         if any(v != values[0] for v in values[1:]):
             out.append(f"option {key}: " + ", ".join(f"{label} {v!r}" for label, v in zip(labels, values)))
+    if any(r.steps != first.steps for r in reports[1:]):
+        persistence = first.config.get("persistence")
+        out.append("tracked steps: " + ", ".join(f"{label} {list(r.steps)}" for label, r in zip(labels, reports))
+                   + (f" (a change counts once it lasts {persistence} checkpoints, so other step grids count "
+                      "differently)" if isinstance(persistence, int) and persistence > 1 else ""))
     if any(r.gamma_available != first.gamma_available for r in reports[1:]):
         out.append("reference model (γ, and emergence counted unshared with it): "
                    + ", ".join(f"{label} {'yes' if r.gamma_available else 'no'}" for label, r in zip(labels, reports)))
