@@ -395,7 +395,10 @@ def _check_training(training: Any) -> None:
 
 
 def _words(row: dict[str, Any]) -> str:
-    return "{" + ", ".join(row["words"]) + "}" if row.get("words") is not None else f"S={row['subset']}"
+    """``{a, b}``; a word holding a comma, brace or space is quoted (``{Hubble, "Telescope,"}``)."""
+    if row.get("words") is None:
+        return f"S={row['subset']}"
+    return "{" + ", ".join(f'"{w}"' if any(c in w for c in ",{} ") else w for w in row["words"]) + "}"
 
 
 def _fmt(x: Any) -> str:
