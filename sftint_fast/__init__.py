@@ -48,6 +48,7 @@ _API: dict[str, str] = {
     "SFTTracker": "sftint_fast.sft.tracker",
     "TrackReport": "sftint_fast.sft.tracker",
     "InteractionCallback": "sftint_fast.sft.callback",
+    "StopFileCallback": "sftint_fast.sft.callback",
 }
 
 __all__ = sorted(_API) + ["__version__"]

@@ -334,6 +334,9 @@ def _add_track(sub: argparse._SubParsersAction) -> None:
                    help="with --watch: stop after SECONDS without a new checkpoint")
     p.add_argument("--settle", type=_non_negative_float, default=30.0, metavar="SECONDS",
                    help="with --watch: a folder without trainer_state.json is complete once unchanged this long")
+    p.add_argument("--boundary-file", default=None, metavar="PATH",
+                   help="write PATH (JSON) once the phase boundary is found; sf.StopFileCallback(PATH) in the "
+                        "training run then saves and stops it")
     for flag, _, kwargs in _TRACK_OPTIONS:
         p.add_argument(flag, default=None, **kwargs)
     p.set_defaults(func=_run_track)
@@ -351,7 +354,8 @@ def _run_track(args: argparse.Namespace) -> int:
                           n_players=args.n_players, andor_method=args.andor_method,
                           noise_floor=None if args.noise_floor == "none" else args.noise_floor,
                           heldout=args.heldout, device=args.device, watch=args.watch, until_step=args.until_step,
-                          idle_timeout=args.idle_timeout, settle=args.settle, **options)
+                          idle_timeout=args.idle_timeout, settle=args.settle, boundary_file=args.boundary_file,
+                          **options)
         if distributed.is_main_process():
             print(f"report: {md}")
     except (ValueError, TypeError) as err:  # a bad option, file or checkpoint: the tracker's own message

@@ -308,3 +308,26 @@ def test_track_cli_watch_options_need_watch(folders, tmp_path, extra, message, c
     root, _ = folders
     assert _track(root, tmp_path / "run", [str(root / "ckpt" / "checkpoint-10")], *extra) == 2
     assert message in capsys.readouterr().err
+
+
+def test_track_cli_writes_the_boundary_file_once_the_boundary_is_found(folders, tmp_path, monkeypatch, capsys, caplog):
+    """--boundary-file: written (once) when the report has a phase boundary, not before; the rule itself is the
+    tracker's (tested in test_sft_sets), here it is made to fire at the second checkpoint."""
+    from sftint_fast.sft import noise
+
+    root, _ = folders
+    stop = tmp_path / "signals" / "STOP"
+    ckpts = [str(root / "ckpt" / "checkpoint-10")]
+    assert _track(root, tmp_path / "a", ckpts, "--boundary-file", str(stop), "--device", "cpu") == 0
+    assert not stop.exists()  # the real rule finds no boundary in one small random step
+    real = noise.phase_boundary
+    monkeypatch.setattr(noise, "phase_boundary", lambda removed, *a, **k: 1 if len(removed) > 1 else real(removed, *a, **k))
+    assert _track(root, tmp_path / "b", ckpts + [str(root / "ckpt" / "checkpoint-20")], "--boundary-file", str(stop),
+                  "--device", "cpu") == 0
+    written = json.loads(stop.read_text())
+    assert written == {"phase_boundary": 10, "tracked_steps": [0, 10, 20], "report": str(tmp_path / "b" / "report.md")}
+    assert json.loads((tmp_path / "b" / "report.json").read_text())["phase_boundary"] == 10
+    stop.write_text("kept")  # an existing file is left alone (and said to stop a run at once)
+    with caplog.at_level("WARNING", logger="sftint_fast.sft.demo"):
+        assert _track(root, tmp_path / "c", ckpts, "--boundary-file", str(stop), "--device", "cpu") == 0
+    assert stop.read_text() == "kept" and "exists already" in caplog.text

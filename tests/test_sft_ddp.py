@@ -98,3 +98,10 @@ def test_ddp_max_overhead_keeps_every_rank_on_the_main_process_schedule(tmp_path
     scheduled = [main_log["metrics"][str(s)]["interactions/next_tracking_step"] for s in steps]
     assert steps[1:] == scheduled[:-1] and scheduled[-1] == ranks[0]["next_step"]  # tracked when due, no other
     assert all(b - a >= 1 for a, b in zip(steps, steps[1:]))
+
+
+def test_ddp_stop_file_stops_every_rank_at_the_step_the_main_process_sees_it(tmp_path):
+    """Only the main process looks for the file (written at step 2); every rank stops there."""
+    _, ranks = _run(tmp_path, 2, "--stop-file", str(tmp_path / "STOP"))
+    assert [r["global_step"] for r in ranks] == [2, 2]
+    assert [r["stopped_by"] for r in ranks] == [{"phase_boundary": 1}] * 2

@@ -520,3 +520,31 @@ def test_callback_spaces_tracking_to_keep_within_its_overhead_budget(tokenizer, 
         sf.InteractionCallback(tracker, max_overhead=1.0)
     with pytest.raises(TypeError, match="report_dir: expected a folder path or None, got int"):
         sf.InteractionCallback(tracker, report_dir=3)
+
+
+def test_stop_file_callback_saves_and_stops_when_the_file_appears(tmp_path):
+    """The training side of tracking elsewhere: the file sftint track --boundary-file writes stops the run at the
+    step it appears, after saving a checkpoint."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    stop = tmp_path / "STOP"
+
+    class Tracker(TrainerCallback):  # stands for sftint track --watch finding the boundary during step 3
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                stop.write_text(json.dumps({"phase_boundary": 2}))
+
+    model = tiny_model("llama").train()
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": (ids := torch.randint(4, 40, (8,), generator=g)), "labels": ids.clone()} for _ in range(4)]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=10,
+                             learning_rate=1e-3, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
+    callback = sf.StopFileCallback(stop)
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[Tracker(), callback])
+    trainer.train()
+    assert trainer.state.global_step == 3 and callback.stopped_by == {"phase_boundary": 2}
+    assert (tmp_path / "out" / "checkpoint-3").is_dir()  # saved where it stopped
+    with pytest.raises(ValueError, match="check_every: expected an int >= 1, got 0"):
+        sf.StopFileCallback(stop, check_every=0)
+    with pytest.raises(TypeError, match="path: expected a file path, got NoneType"):
+        sf.StopFileCallback(None)

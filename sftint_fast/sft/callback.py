@@ -198,6 +198,50 @@ class InteractionCallback(TrainerCallback):
         return max(self.every, math.ceil(needed - 1e-9))
 
 
+class StopFileCallback(TrainerCallback):
+    """Stops training (saving a checkpoint first) once a file appears: the other half of tracking on another
+    device, where ``sftint track --watch ... --boundary-file PATH`` writes ``PATH`` when it finds the phase
+    boundary, so a training run that does not track itself still stops where the denoising stage ended.
+
+    Checked after every ``check_every`` steps (a ``stat`` call). Under DDP the main process looks and every rank
+    follows (a rank seeing the file a step later than another would hang the next step's collectives).
+    ``stopped_by``: what the file held (JSON, or its text), once it stopped training.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, check_every: int = 1, save: bool = True) -> None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path: expected a file path, got {type(path).__name__}")
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+            raise ValueError(f"check_every: expected an int >= 1, got {check_every!r}")
+        self.path = Path(path)
+        self.check_every = check_every
+        self.save = bool(save)
+        self.stopped_by: Any = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.check_every or control.should_training_stop:
+            return control
+        found = None
+        if state.is_world_process_zero and self.path.is_file():
+            import json
+
+            text = self.path.read_text()
+            try:
+                found = json.loads(text)
+            except ValueError:
+                found = text.strip()
+            if found is None or found == "":
+                found = str(self.path)
+        found = distributed.broadcast_object(found)  # the main process decides
+        if found is not None:
+            logger.warning("step %d: %s appeared (%s); %sstopping training", state.global_step, self.path, found,
+                           "saving and " if self.save else "")
+            self.stopped_by = found
+            control.should_training_stop = True
+            control.should_save = control.should_save or self.save
+        return control
+
+
 def scalars(tracker: SFTTracker, report: Any = None) -> dict[str, float]:
     """The latest checkpoint's headline numbers, keyed ``interactions/<name>`` (NaN-free: missing ones dropped);
     ``report``: the tracker's report when already computed."""

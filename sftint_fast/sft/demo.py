@@ -115,7 +115,8 @@ def run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str 
               reference: str | None = None, n_players: int = 8, andor_method: str = "sgd",
               heldout: str | os.PathLike | None = None, device: str | torch.device | None = None,
               watch: float | None = None, until_step: int | None = None, idle_timeout: float | None = None,
-              settle: float = 30.0, **options: Any) -> tuple[TrackReport, Path]:
+              settle: float = 30.0, boundary_file: str | os.PathLike | None = None,
+              **options: Any) -> tuple[TrackReport, Path]:
     """Tracks saved checkpoints in step order; resumable.
 
     ``base``: the base model folder (step 0). ``checkpoints``: folders (or globs) named ``checkpoint-<step>``, each a
@@ -136,6 +137,10 @@ def run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str 
     without a new one, or on Ctrl-C (what was tracked is saved and reported). A checkpoint deleted before it is read
     (``save_total_limit``) is skipped with a warning.
 
+    ``boundary_file``: once the phase boundary is found, write this file (JSON: the boundary step, the tracked
+    steps, the report's path), for :class:`~sftint_fast.sft.callback.StopFileCallback` in the training run to stop
+    it there (tracking on another device, the run stopped at the end of the denoising stage).
+
     Under ``torchrun`` (several ranks) the process group is initialised here when it is not yet (NCCL on GPUs, each
     rank on its ``LOCAL_RANK`` device; gloo on CPU): every rank loads each checkpoint, the probes are split across
     the ranks, and rank 0 alone writes the tracker's files and the report (and, watching, decides what is ready).
@@ -155,7 +160,8 @@ def run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str 
     try:
         return _run_track(base, checkpoints, probes_path, out, reference=reference, n_players=n_players,
                           andor_method=andor_method, heldout=heldout, device=device, watch=watch,
-                          until_step=until_step, idle_timeout=idle_timeout, settle=settle, **options)
+                          until_step=until_step, idle_timeout=idle_timeout, settle=settle,
+                          boundary_file=boundary_file, **options)
     finally:
         if owns_group:
             torch.distributed.destroy_process_group()
@@ -164,12 +170,16 @@ def run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str 
 def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str | os.PathLike, *,
                reference: str | None, n_players: int, andor_method: str, heldout: str | os.PathLike | None,
                device: str | torch.device | None, watch: float | None, until_step: int | None,
-               idle_timeout: float | None, settle: float, **options: Any) -> tuple[TrackReport, Path]:
+               idle_timeout: float | None, settle: float, boundary_file: str | os.PathLike | None,
+               **options: Any) -> tuple[TrackReport, Path]:
     from transformers import AutoTokenizer
 
     from sftint_fast.models import load_causal_lm, resolve_device, tokenizer_folder
 
     device = resolve_device(device)
+    if boundary_file is not None and Path(boundary_file).exists():
+        logger.warning("%s exists already: a StopFileCallback watching it stops its training run at once",
+                       boundary_file)
     paths = _match(checkpoints)
     if watch is None:
         paths = paths or sorted(set(checkpoints), key=_step_of)
@@ -220,18 +230,32 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
     for path in paths if watch is None else []:
         track(_step_of(path), path)
     if watch is not None:
-        _follow(tracker, checkpoints, track, lambda: _report(tracker, out, training), watch=watch,
-                until_step=until_step, idle_timeout=idle_timeout, settle=settle)
-    return _report(tracker, out, training)
+        _follow(tracker, checkpoints, track, lambda: _report(tracker, out, training, boundary_file=boundary_file),
+                watch=watch, until_step=until_step, idle_timeout=idle_timeout, settle=settle)
+    return _report(tracker, out, training, boundary_file=boundary_file)
 
 
-def _report(tracker: SFTTracker, out: str | os.PathLike, training: Any = lambda: None, cost: dict[str, float] | None = None) -> tuple[TrackReport, Path]:
+def _report(tracker: SFTTracker, out: str | os.PathLike, training: Any = lambda: None,
+            cost: dict[str, float] | None = None,
+            boundary_file: str | os.PathLike | None = None) -> tuple[TrackReport, Path]:
     from sftint_fast import distributed
     from sftint_fast.plot import write_tracker_report
 
     if not distributed.is_main_process():
         return tracker.report(), Path(out) / "report.md"
-    return write_tracker_report(tracker, out, training=training(), cost=cost)
+    report, md = write_tracker_report(tracker, out, training=training(), cost=cost)
+    if boundary_file is not None and report.phase_boundary is not None and not Path(boundary_file).exists():
+        import json
+
+        from sftint_fast.sft.tracker import _atomic_write_text
+
+        target = Path(boundary_file)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(target, json.dumps({"phase_boundary": report.phase_boundary,
+                                               "tracked_steps": list(report.steps), "report": str(md)}))
+        logger.warning("phase boundary at step %d (tracked up to step %d): wrote %s", report.phase_boundary,
+                       report.steps[-1], target)
+    return report, md
 
 
 def _follow(tracker: SFTTracker, patterns: Sequence[str], track: Any, report: Any, *, watch: float,

@@ -52,6 +52,8 @@ def main() -> None:
                         help="up to 10 steps, a boundary rule without floor/significance, stop_at_boundary=True")
     parser.add_argument("--max-overhead", type=float, default=None,
                         help="up to 12 steps, InteractionCallback(max_overhead=...): tracked when due")
+    parser.add_argument("--stop-file", default=None,
+                        help="up to 12 steps; rank 0 writes this file at step 2; StopFileCallback stops every rank")
     args = parser.parse_args()
     distributed.init_from_env("gloo")
     world = distributed.world_size()
@@ -68,9 +70,20 @@ def main() -> None:
     data = [{"input_ids": (ids := torch.randint(4, 40, (12,), generator=g)), "labels": ids.clone()}
             for _ in range(EXAMPLES)]
     targs = TrainingArguments(output_dir=str(Path(args.work) / "trainer"), per_device_train_batch_size=EXAMPLES // world,
-                              max_steps=10 if args.stop_at_boundary else 12 if args.max_overhead else 3, learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[],
+                              max_steps=10 if args.stop_at_boundary else 12 if (args.max_overhead or args.stop_file) else 3, learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[],
                               use_cpu=True, disable_tqdm=True, ddp_backend="gloo" if world > 1 else None, seed=0)
-    trainer = Trainer(model=model, args=targs, train_dataset=data)
+    stopper = None
+    if args.stop_file:
+        from transformers import TrainerCallback
+
+        class WriteAtStep2(TrainerCallback):  # only the main process writes it, and only it looks
+            def on_step_end(self, a, state, control, **kwargs):
+                if state.global_step == 2 and distributed.is_main_process():
+                    Path(args.stop_file).write_text('{"phase_boundary": 1}')
+
+        stopper = sf.StopFileCallback(args.stop_file)
+    trainer = Trainer(model=model, args=targs, train_dataset=data,
+                      callbacks=[WriteAtStep2(), stopper] if stopper else None)
     tracker = sf.SFTTracker(PROMPTS, make_tokenizer(), n_players=4, andor_method="and", min_base_py=0.0,
                             bootstrap=50, progress=False, numerics_check=False, persistence=1,
                             out_dir=Path(args.work) / "track",
@@ -83,7 +96,7 @@ def main() -> None:
     Path(f"{args.out}.rank{rank}.json").write_text(json.dumps({
         "evaluated": evaluated, "steps": tracker.steps, "games": len(tracker.games),
         "global_step": trainer.state.global_step, "phase_boundary": callback.phase_boundary,
-        "next_step": callback.next_step,
+        "next_step": callback.next_step, "stopped_by": stopper.stopped_by if stopper else None,
         "values_sum": values.sum().item(), "values_abs_sum": values.abs().sum().item()}))
     if distributed.is_main_process():
         logged = {h["step"]: {k: v for k, v in h.items() if k.startswith("interactions/")}
