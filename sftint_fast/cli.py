@@ -6,6 +6,7 @@ inside ``_run_*`` so ``sftint --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 
@@ -540,6 +541,32 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 # Subcommands register here, in the order `sftint --help` lists them.
+class _StderrHandler(logging.Handler):
+    """Prints the package's log records to the current ``sys.stderr`` (looked up at each record)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(self.format(record), file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+def _show_progress_messages() -> None:
+    """A command shows the package's INFO messages (probes dropped, a resumed run, each tracked checkpoint...) on
+    stderr, from the main process only under ``torchrun``; a program that configured logging itself keeps its own."""
+    import os
+
+    package = logging.getLogger("sftint_fast")
+    if any(isinstance(h, _StderrHandler) for h in package.handlers) or logging.getLogger().handlers:
+        return
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("sftint: %(message)s"))
+    handler.addFilter(lambda record: os.environ.get("RANK", "0") == "0")
+    package.addHandler(handler)
+    if package.level == logging.NOTSET:
+        package.setLevel(logging.INFO)
+
+
 _COMMANDS = [_add_info, _add_explain, _add_track, _add_demo, _add_compare, _add_bench]
 
 
@@ -559,6 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     args = build_parser().parse_args(argv)
+    _show_progress_messages()
     try:
         return int(args.func(args) or 0)
     except (ValueError, TypeError, OSError, ImportError) as err:

@@ -1,6 +1,7 @@
 """`sftint track` over saved checkpoint folders of a tiny random llama: options, resume, refusals."""
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -331,3 +332,30 @@ def test_track_cli_writes_the_boundary_file_once_the_boundary_is_found(folders, 
     with caplog.at_level("WARNING", logger="sftint_fast.sft.demo"):
         assert _track(root, tmp_path / "c", ckpts, "--boundary-file", str(stop), "--device", "cpu") == 0
     assert stop.read_text() == "kept" and "exists already" in caplog.text
+
+
+def test_track_cli_shows_each_checkpoint_on_stderr(folders, tmp_path, monkeypatch, capsys):
+    """A command shows the package's INFO messages on stderr when the program configured no logging (the sftint
+    entry point): each tracked checkpoint and a one-line summary of the report; not on other torchrun ranks."""
+    import logging
+
+    package = logging.getLogger("sftint_fast")
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as in a fresh `sftint` process (pytest adds its own)
+    monkeypatch.setattr(package, "handlers", [])
+    monkeypatch.setattr(package, "level", logging.NOTSET)
+    root, _ = folders
+    ckpts = [str(root / "ckpt" / "checkpoint-10"), str(root / "ckpt" / "checkpoint-20")]
+    assert _track(root, tmp_path / "a", ckpts, "--device", "cpu", "--noise-floor", "none") == 0
+    err = capsys.readouterr().err
+    for step in (0, 10, 20):
+        assert re.search(rf"^sftint: step {step}: tracked \S+ in [0-9.]+ s$", err, re.M), (step, err)
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    c = report["curves"]
+    assert (f"sftint: step 20: {c['all/removed'][-1]:.0f} removed "
+            f"({c['all/removed_new_excess_cumulative'][-1]:+.1f} beyond the floor so far), "
+            f"{c['all/emerged'][-1]:.0f} emerged, {c['all/preserved'][-1]:.0f} preserved; "
+            f"mean p_y {c['p_y_mean'][-1]:.3f}; phase boundary: none yet") in err
+    assert len(package.handlers) == 1
+    monkeypatch.setenv("RANK", "1")
+    assert _track(root, tmp_path / "b", ckpts, "--device", "cpu", "--noise-floor", "none") == 0
+    assert "sftint: step" not in capsys.readouterr().err and len(package.handlers) == 1  # installed once

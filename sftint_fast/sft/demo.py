@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -174,6 +175,7 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
                **options: Any) -> tuple[TrackReport, Path]:
     from transformers import AutoTokenizer
 
+    from sftint_fast import distributed
     from sftint_fast.models import load_causal_lm, resolve_device, tokenizer_folder
 
     device = resolve_device(device)
@@ -218,8 +220,11 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
                 raise
             logger.warning("%s was deleted before it could be read (save_total_limit?); skipped", path)
             return False
+        started = time.perf_counter()
         tracker.add_checkpoint(model, step)
         tracked_folders.append(path)
+        if distributed.is_main_process():
+            logger.info("step %d: tracked %s in %.1f s", step, path, time.perf_counter() - started)
         del model
         return True
 
@@ -244,6 +249,7 @@ def _report(tracker: SFTTracker, out: str | os.PathLike, training: Any = lambda:
     if not distributed.is_main_process():
         return tracker.report(), Path(out) / "report.md"
     report, md = write_tracker_report(tracker, out, training=training(), cost=cost)
+    logger.info("%s", _summary(report))
     if boundary_file is not None and report.phase_boundary is not None and not Path(boundary_file).exists():
         import json
 
@@ -256,6 +262,17 @@ def _report(tracker: SFTTracker, out: str | os.PathLike, training: Any = lambda:
         logger.warning("phase boundary at step %d (tracked up to step %d): wrote %s", report.phase_boundary,
                        report.steps[-1], target)
     return report, md
+
+
+def _summary(report: TrackReport) -> str:
+    """One line on the last tracked checkpoint: the sets, their excess over the noise floor, p_y, losses."""
+    c, t = report.curves, -1
+    loss = c["heldout_loss"][t]
+    excess = c["all/removed_new_excess_cumulative"][t]
+    return (f"step {report.steps[t]}: {c['all/removed'][t]:.0f} removed ({excess:+.1f} beyond the floor so far), "
+            f"{c['all/emerged'][t]:.0f} emerged, {c['all/preserved'][t]:.0f} preserved; "
+            f"mean p_y {c['p_y_mean'][t]:.3f}" + ("" if loss is None else f", held-out loss {loss:.3f}")
+            + f"; phase boundary: {'none yet' if report.phase_boundary is None else f'step {report.phase_boundary}'}")
 
 
 def _follow(tracker: SFTTracker, patterns: Sequence[str], track: Any, report: Any, *, watch: float,
