@@ -41,6 +41,21 @@ def _tracker(tokenizer, out_dir=None, **kw):
     return SFTTracker(PROMPTS, tokenizer, **opts)
 
 
+def _trainer(tmp_path, *, max_steps, lr, examples=16, length=12, logging_steps=500, seed=42, callbacks=None):
+    """A ``Trainer`` fine-tuning a tiny random llama on random token sequences on the CPU (batches of 4, no saving
+    unless a callback asks; TrainingArguments' own defaults for logging_steps and seed)."""
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_model("llama").train()
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": (ids := torch.randint(4, 40, (length,), generator=g)), "labels": ids.clone()}
+            for _ in range(examples)]
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=max_steps,
+                             learning_rate=lr, logging_steps=logging_steps, save_strategy="no", report_to=[],
+                             use_cpu=True, disable_tqdm=True, seed=seed)
+    return Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+
+
 def test_resume_recomputes_nothing_and_gives_the_same_report(tokenizer, tmp_path, monkeypatch):
     models = _checkpoints(4)
     full = _tracker(tokenizer, tmp_path / "full")
@@ -119,15 +134,8 @@ def test_probe_jsonl_roundtrip_and_validation(tmp_path):
 
 
 def test_callback_with_trainer_logs_metrics(tokenizer, tmp_path):
-    from transformers import Trainer, TrainingArguments
-
-    model = tiny_model("llama").train()
-    g = torch.Generator().manual_seed(0)
-    data = [{"input_ids": (ids := torch.randint(4, 40, (12,), generator=g)), "labels": ids.clone()} for _ in range(16)]
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=4,
-                             learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                             disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer = _trainer(tmp_path, max_steps=4, lr=1e-2, logging_steps=1)
+    model = trainer.model
     tracker = _tracker(tokenizer, tmp_path / "track", persistence=1)
     callback = sf.InteractionCallback(tracker, every=2, report_dir=tmp_path / "report").attach(trainer)
     written = []
@@ -445,15 +453,7 @@ def test_sets_lists_what_each_probe_lost_and_gained_with_words(tokenizer):
 def test_callback_stops_training_at_the_phase_boundary_when_asked(tokenizer, tmp_path, stop):
     """``stop_at_boundary``: the run ends (with a saved checkpoint) at the step whose report first has a phase
     boundary; without it the same boundary is only logged and training runs to ``max_steps``."""
-    from transformers import Trainer, TrainingArguments
-
-    model = tiny_model("llama").train()
-    g = torch.Generator().manual_seed(0)
-    data = [{"input_ids": (ids := torch.randint(4, 40, (12,), generator=g)), "labels": ids.clone()} for _ in range(16)]
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=12,
-                             learning_rate=3e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                             disable_tqdm=True, seed=0)
-    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer = _trainer(tmp_path, max_steps=12, lr=3e-2, logging_steps=1, seed=0)
     # a boundary rule without the noise floor and significance, so a few real steps of this tiny run reach it
     tracker = _tracker(tokenizer, persistence=1, noise_floor=None, boundary_significant=False)
     callback = sf.InteractionCallback(tracker, every=2, stop_at_boundary=stop).attach(trainer)
@@ -479,7 +479,7 @@ def test_callback_spaces_tracking_to_keep_within_its_overhead_budget(tokenizer, 
     the wall time since the base: ((S + T) / f - W - T) / t steps on."""
     import types
 
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import TrainerCallback
 
     from sftint_fast.sft import callback as callback_module
 
@@ -490,13 +490,7 @@ def test_callback_spaces_tracking_to_keep_within_its_overhead_budget(tokenizer, 
         def on_step_end(self, args, state, control, **kwargs):
             clock[0] += 1.0
 
-    model = tiny_model("llama").train()
-    g = torch.Generator().manual_seed(0)
-    data = [{"input_ids": (ids := torch.randint(4, 40, (8,), generator=g)), "labels": ids.clone()} for _ in range(4)]
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=100,
-                             learning_rate=1e-3, logging_steps=50, save_strategy="no", report_to=[], use_cpu=True,
-                             disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[Steps()])
+    trainer = _trainer(tmp_path, max_steps=100, lr=1e-3, examples=4, length=8, logging_steps=50, callbacks=[Steps()])
     tracker = _tracker(tokenizer, persistence=1, noise_floor=None)
     real = tracker.add_checkpoint
 
@@ -525,7 +519,7 @@ def test_callback_spaces_tracking_to_keep_within_its_overhead_budget(tokenizer, 
 def test_stop_file_callback_saves_and_stops_when_the_file_appears(tmp_path):
     """The training side of tracking elsewhere: the file sftint track --boundary-file writes stops the run at the
     step it appears, after saving a checkpoint."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import TrainerCallback
 
     stop = tmp_path / "STOP"
 
@@ -534,13 +528,8 @@ def test_stop_file_callback_saves_and_stops_when_the_file_appears(tmp_path):
             if state.global_step == 3:
                 stop.write_text(json.dumps({"phase_boundary": 2}))
 
-    model = tiny_model("llama").train()
-    g = torch.Generator().manual_seed(0)
-    data = [{"input_ids": (ids := torch.randint(4, 40, (8,), generator=g)), "labels": ids.clone()} for _ in range(4)]
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=10,
-                             learning_rate=1e-3, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
     callback = sf.StopFileCallback(stop)
-    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[Tracker(), callback])
+    trainer = _trainer(tmp_path, max_steps=10, lr=1e-3, examples=4, length=8, callbacks=[Tracker(), callback])
     trainer.train()
     assert trainer.state.global_step == 3 and callback.stopped_by == {"phase_boundary": 2}
     assert (tmp_path / "out" / "checkpoint-3").is_dir()  # saved where it stopped
