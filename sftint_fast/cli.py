@@ -44,6 +44,16 @@ def _non_negative_float(text: str) -> float:
     return _positive_float(text, minimum_allowed=True)
 
 
+def _probe_sources(text: str) -> tuple[str, ...]:
+    """An argparse ``type`` for a comma-separated list of probe sources (names checked, packages checked later)."""
+    from sftint_fast.sft.probes import PROBE_SOURCES
+
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not names or any(n not in PROBE_SOURCES for n in names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct names among {','.join(PROBE_SOURCES)}, received {text!r}")
+    return names
+
+
 def _share(text: str) -> float:
     """An argparse ``type`` for a share strictly between 0 and 1."""
     try:
@@ -374,7 +384,12 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="offline SFT of the bundled SmolLM2 with interaction tracking "
                                     "(~5 min on 2 CPU cores; the report in --out)")
     p.add_argument("--steps", type=_int_at_least(1), default=24)
-    p.add_argument("--probes", type=_int_at_least(1), default=8)
+    p.add_argument("--probes", type=_int_at_least(1), default=8, help="how many confident probes to track")
+    p.add_argument("--probe-sources", type=_probe_sources, default="countries,chatterbot", metavar="S[,S]",
+                   help="where the probes come from, in order: countries (capital-city questions, countryinfo), "
+                        "chatterbot (trivia questions); default: both")
+    p.add_argument("--probes-file", default=None, metavar="JSONL",
+                   help="track these probes (JSONL, as sftint track --probes) instead of choosing them")
     p.add_argument("--n-players", type=_int_at_least(1), default=6)
     p.add_argument("--every", type=_int_at_least(1), default=4)
     p.add_argument("--lr", type=_positive_float, default=1e-4)
@@ -400,16 +415,30 @@ def _run_demo(args: argparse.Namespace) -> int:
     from sftint_fast.models import resolve_device
     from sftint_fast.plot import headline
     from sftint_fast.sft.demo import run_demo
+    from pathlib import Path
+
+    from sftint_fast.sft.probes import check_probe_sources
 
     try:
         resolve_device(args.device)
     except ValueError as err:
         print(f"--{err}", file=sys.stderr)
         return 2
+    if args.probes_file is None:
+        try:
+            check_probe_sources(args.probe_sources)
+        except ImportError as err:
+            print(f"sftint demo: {err} (--probe-sources chooses the sources)", file=sys.stderr)
+            return 2
+    elif not Path(args.probes_file).is_file():
+        print(f"sftint demo: --probes-file: expected a JSONL file of probes, {args.probes_file!r} does not exist",
+              file=sys.stderr)
+        return 2
     report, md = run_demo(args.out, steps=args.steps, probes=args.probes, n_players=args.n_players, every=args.every,
                           lr=args.lr, andor_method=args.andor_method, andor_niter=args.niter, seed=args.seed,
                           device=args.device, lora=args.lora, stop_at_boundary=args.stop_at_boundary,
-                          max_overhead=args.max_overhead)
+                          max_overhead=args.max_overhead, probe_sources=args.probe_sources,
+                          probes_file=args.probes_file)
     h = headline(report)
     print(f"report: {md}")
     print(json.dumps({k: v for k, v in h.items() if k != "verdict"}, indent=1, default=str))

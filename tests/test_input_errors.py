@@ -176,7 +176,10 @@ def test_as_probes_rejects_malformed_entries(item, message):
     (["demo", "--every", "0"], "argument --every: expected an int >= 1, received '0'"),
     (["demo", "--lr", "0"], "argument --lr: expected a finite number > 0, received '0'"),
     (["demo", "--niter", "-5"], "argument --niter: expected an int >= 0, received '-5'"),
-], ids=["top", "n-players", "steps", "every", "lr", "niter"])
+    (["demo", "--probe-sources", "countries,wiki"],
+     "argument --probe-sources: expected distinct names among countries,chatterbot, received 'countries,wiki'"),
+    (["demo", "--probe-sources", "chatterbot,chatterbot"], "argument --probe-sources: expected distinct names"),
+], ids=["top", "n-players", "steps", "every", "lr", "niter", "sources", "sources-twice"])
 def test_cli_rejects_bad_numbers_before_loading_a_model(argv, message, tmp_path, monkeypatch, capsys):
     def never(*args, **kwargs):
         raise AssertionError("the command ran")

