@@ -142,7 +142,7 @@ _SOURCE_INSTALL = {"countries": ("countryinfo", "pip install --no-deps countryin
 
 
 def check_probe_sources(sources: Sequence[str]) -> None:
-    """ValueError for names not in :data:`PROBE_SOURCES`, ImportError (with the install command) for a missing package."""
+    """ValueError for names not in :data:`PROBE_SOURCES`; ImportError with the install command for a missing package."""
     if isinstance(sources, str) or not isinstance(sources, Sequence) or not sources:
         raise ValueError(f"sources: expected a non-empty list of {list(PROBE_SOURCES)}, got {sources!r}")
     unknown = [s for s in sources if s not in PROBE_SOURCES]
@@ -179,7 +179,8 @@ def confident_candidates(sources: Sequence[str] = PROBE_SOURCES) -> list[Probe]:
                     out.append(Probe(prompt=f"Quick geography question: what is the capital city of {name.title()}?",
                                      answer=f" {capital}"))
         else:
-            out.extend(Probe(prompt=q, answer=a) for q, a in chatterbot_pairs() if q.endswith("?") and len(a.split()) <= 4)
+            out.extend(Probe(prompt=q, answer=a) for q, a in chatterbot_pairs()
+                       if q.endswith("?") and len(a.split()) <= 4)
     return out
 
 
