@@ -1,4 +1,4 @@
-"""The ``sftint`` command: ``sftint {info,explain,track,demo,compare,bench} ...``.
+"""The ``sftint`` command: ``sftint {info,explain,probes,track,demo,compare,bench} ...``.
 
 Each subcommand is a pair ``_add_<name>(subparsers)`` / ``_run_<name>(args)``; heavy imports happen
 inside ``_run_*`` so ``sftint --help`` stays fast.
@@ -52,6 +52,17 @@ def _probe_sources(text: str) -> tuple[str, ...]:
     if not names or any(n not in PROBE_SOURCES for n in names) or len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"expected distinct names among {','.join(PROBE_SOURCES)}, received {text!r}")
     return names
+
+
+def _probability(text: str) -> float:
+    """An argparse ``type`` for a probability in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], received {text!r}")
+    return value
 
 
 def _share(text: str) -> float:
@@ -446,6 +457,56 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_probes(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("probes", help="choose probes for sftint track: questions the base model answers confidently")
+    _add_model_args(p)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--candidates", default=None, metavar="JSONL",
+                        help="your candidate prompts (JSONL rows {\"prompt\", \"answer\"?, \"players\"?}), in order")
+    source.add_argument("--sources", type=_probe_sources, default=None, metavar="S[,S]",
+                        help="the bundled candidates, in order: countries (capital-city questions), chatterbot "
+                             "(trivia); default: countries,chatterbot")
+    p.add_argument("--out", required=True, help="the probes JSONL to write (sftint track --probes)")
+    p.add_argument("--count", type=_int_at_least(1), default=8, help="how many probes to keep")
+    p.add_argument("--n-players", type=_int_at_least(1), default=8,
+                   help="keep only candidates with at least this many content words (as sftint track --n-players)")
+    p.add_argument("--min-py", type=_probability, default=0.5,
+                   help="the least base probability of the greedy next token (sftint track drops probes below its "
+                        "--min-base-py, 0.5 by default)")
+    p.add_argument("--chat", action="store_true",
+                   help="score the prompts in the chat template (then track with sftint track --chat too)")
+    p.add_argument("--max-tries", type=_int_at_least(1), default=200,
+                   help="look at no more than the first N candidates")
+    p.set_defaults(func=_run_probes)
+
+
+def _run_probes(args: argparse.Namespace) -> int:
+    from sftint_fast.sft.probes import PROBE_SOURCES, load_probes, save_probes, scan_probes
+
+    candidates = load_probes(args.candidates) if args.candidates is not None else None
+    model, tokenizer = _load(args)
+    scored = scan_probes(model, tokenizer, count=args.count, min_py=args.min_py, n_players=args.n_players,
+                         candidates=candidates, chat=args.chat, max_tries=args.max_tries,
+                         sources=args.sources or PROBE_SOURCES)
+    chosen = [s for s in scored if s.p_y >= args.min_py]
+    if not chosen:
+        print(f"sftint probes: none of the {len(scored)} candidates scored has p_y >= {args.min_py:g} (and at least "
+              f"{args.n_players} content words); lower --min-py or --n-players, or give other --candidates",
+              file=sys.stderr)
+        return 1
+    from pathlib import Path
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    path = save_probes([s.probe for s in chosen], args.out)
+    print(f"{len(chosen)} of {len(scored)} candidates scored have p_y >= {args.min_py:g}: {path}")
+    for s in chosen:
+        agrees = "" if not s.probe.answer else (
+            "  (answer agrees)" if s.probe.answer.strip().startswith(s.token.strip()) and s.token.strip()
+            else f"  (answer {s.probe.answer.strip()!r} differs: track with the default --target base)")
+        print(f"  p_y {s.p_y:.3f}  next {s.token!r}  {s.probe.prompt}{agrees}")
+    return 0 if len(chosen) == args.count else 1
+
+
 def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("compare", help="tracked runs side by side (the --out folders of track / demo)")
     p.add_argument("runs", nargs="+", help="two or more run folders (each with report.json)")
@@ -596,7 +657,7 @@ def _show_progress_messages() -> None:
         package.setLevel(logging.INFO)
 
 
-_COMMANDS = [_add_info, _add_explain, _add_track, _add_demo, _add_compare, _add_bench]
+_COMMANDS = [_add_info, _add_explain, _add_probes, _add_track, _add_demo, _add_compare, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

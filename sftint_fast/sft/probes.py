@@ -184,19 +184,27 @@ def confident_candidates(sources: Sequence[str] = PROBE_SOURCES) -> list[Probe]:
     return out
 
 
-def confident_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 0.5, n_players: int = 8,
-                     candidates: Sequence[Probe] | None = None, chat: bool = True, max_tries: int = 200,
-                     sources: Sequence[str] = PROBE_SOURCES) -> list[Probe]:
-    """Probes whose base-model target probability ``p_y`` (argmax next token) is at least ``min_py``.
+@dataclass(frozen=True)
+class ScoredProbe:
+    """A candidate scored on the base model: its ``p_y`` (probability of the argmax next token) and that token."""
 
-    Scores candidates (default: :func:`confident_candidates` of ``sources``) with one forward pass each, keeping
-    those with at least ``n_players`` content words, until ``count`` are found or ``max_tries`` were scored.
-    """
+    probe: Probe
+    p_y: float
+    token_id: int
+    token: str
+
+
+def scan_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 0.5, n_players: int = 8,
+                candidates: Sequence[Probe] | None = None, chat: bool = True, max_tries: int = 200,
+                sources: Sequence[str] = PROBE_SOURCES) -> list[ScoredProbe]:
+    """Every candidate scored, in order, until ``count`` have ``p_y >= min_py`` (see :func:`confident_probes`)."""
     _check_count(count)
-    if not (isinstance(min_py, (int, float)) and 0 <= min_py <= 1):
+    if not (isinstance(min_py, (int, float)) and not isinstance(min_py, bool) and 0 <= min_py <= 1):
         raise ValueError(f"min_py: expected a probability in [0, 1], got {min_py!r}")
-    pool = list(candidates) if candidates is not None else confident_candidates(sources)
-    chosen = []
+    if not isinstance(max_tries, int) or isinstance(max_tries, bool) or max_tries < 1:
+        raise ValueError(f"max_tries: expected an int >= 1, got {max_tries!r}")
+    pool = as_probes(candidates) if candidates is not None else confident_candidates(sources)
+    scored, found = [], 0
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -205,19 +213,37 @@ def confident_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 
             from sftint_fast.players import is_content_word
 
             for probe in pool[:max_tries]:
-                if sum(is_content_word(w) for w in probe.prompt.split()) < n_players:
+                words = len(probe.players) if probe.players else sum(is_content_word(w) for w in probe.prompt.split())
+                if words < n_players:
                     continue
                 ids = prompt_ids(tokenizer, probe.prompt, chat=chat)
                 logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float()
-                if torch.softmax(logits, -1).max().item() >= min_py:
-                    chosen.append(probe)
-                    if len(chosen) == count:
-                        break
+                p_y, token = torch.softmax(logits, -1).max(-1)
+                scored.append(ScoredProbe(probe, p_y.item(), int(token), tokenizer.decode([int(token)])))
+                found += p_y.item() >= min_py
+                if found == count:
+                    break
     finally:
         model.train(was_training)
-    if len(chosen) < count:
-        logger.warning("confident_probes: found %d of %d probes with p_y >= %g", len(chosen), count, min_py)
-    return chosen
+    if found < count:
+        logger.warning("confident_probes: found %d of %d probes with p_y >= %g (%d of %d candidates scored; the "
+                       "others have fewer than %d content words or lie past max_tries=%d)", found, count, min_py,
+                       len(scored), len(pool), n_players, max_tries)
+    return scored
+
+
+def confident_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 0.5, n_players: int = 8,
+                     candidates: Sequence[Probe] | None = None, chat: bool = True, max_tries: int = 200,
+                     sources: Sequence[str] = PROBE_SOURCES) -> list[Probe]:
+    """Probes whose base-model target probability ``p_y`` (argmax next token) is at least ``min_py``.
+
+    Scores candidates (default: :func:`confident_candidates` of ``sources``) with one forward pass each, keeping
+    those with at least ``n_players`` content words (or players, where a probe names them), until ``count`` are
+    found or the first ``max_tries`` candidates were looked at.
+    """
+    return [s.probe for s in scan_probes(model, tokenizer, count=count, min_py=min_py, n_players=n_players,
+                                         candidates=candidates, chat=chat, max_tries=max_tries, sources=sources)
+            if s.p_y >= min_py]
 
 
 # ----------------------------------------------------------------------------------------- SFT examples

