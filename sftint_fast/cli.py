@@ -54,26 +54,25 @@ def _probe_sources(text: str) -> tuple[str, ...]:
     return names
 
 
-def _probability(text: str) -> float:
-    """An argparse ``type`` for a probability in [0, 1]."""
+def _unit_float(text: str, *, closed: bool, what: str) -> float:
+    """``text`` as a float in [0, 1] (``closed``) or (0, 1); ArgumentTypeError naming ``what`` otherwise."""
     try:
         value = float(text)
     except ValueError:
         value = -1.0
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], received {text!r}")
+    if not (0 <= value <= 1 if closed else 0 < value < 1):
+        raise argparse.ArgumentTypeError(f"expected {what} in {'[0, 1]' if closed else '(0, 1)'}, received {text!r}")
     return value
+
+
+def _probability(text: str) -> float:
+    """An argparse ``type`` for a probability in [0, 1]."""
+    return _unit_float(text, closed=True, what="a probability")
 
 
 def _share(text: str) -> float:
     """An argparse ``type`` for a share strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"expected a share in (0, 1), received {text!r}")
-    return value
+    return _unit_float(text, closed=False, what="a share")
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:

@@ -405,7 +405,7 @@ def test_pure_noise_floor_with_a_dense_background(null):
     floor = dict(observed)
     for seed in (3, 4):
         g = torch.Generator().manual_seed(seed)
-        n, B, size = 6, 32, 64
+        B, size = 32, 64  # 6 players
         I = 0.03 * torch.randn(B, size, generator=g, dtype=torch.float64)
         I[:, 0] = 0
         strong = torch.stack([torch.randperm(size - 1, generator=g)[:8] + 1 for _ in range(B)])
