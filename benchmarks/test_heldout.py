@@ -8,7 +8,6 @@ peak (CUDA), from ``sftint_fast.bench.measure``.
 from __future__ import annotations
 
 import statistics
-import time
 
 import torch
 
