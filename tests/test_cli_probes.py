@@ -104,3 +104,22 @@ def test_probes_on_the_bundled_model_match_what_the_demo_picks(tmp_path, capsys)
                                       -1).max().item() for c in candidates[:last + 1]}
     assert chosen == [p for p, v in py.items() if v >= 0.5]
     assert json.dumps(chosen)  # plain strings
+
+
+def test_info_lists_the_bundled_data_with_its_install_command(monkeypatch):
+    import importlib.metadata
+
+    from sftint_fast import info
+
+    real = importlib.metadata.version
+
+    def version(pkg):
+        if pkg == "countryinfo":
+            raise importlib.metadata.PackageNotFoundError(pkg)
+        return real(pkg)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    out = info.collect()
+    assert out["country list"] == "countryinfo not installed (pip install --no-deps countryinfo==1.0.1)"
+    assert out["chat data"].startswith("chatterbot-corpus ")
+    assert "peft " in out["optional extras"]
