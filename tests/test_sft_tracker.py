@@ -41,9 +41,10 @@ def _tracker(tokenizer, out_dir=None, **kw):
     return SFTTracker(PROMPTS, tokenizer, **opts)
 
 
-def _trainer(tmp_path, *, max_steps, lr, examples=16, length=12, logging_steps=500, seed=42, callbacks=None):
+def _trainer(tmp_path, *, max_steps, lr, examples=16, length=12, logging_steps=500, seed=42, callbacks=None,
+             save_steps=None):
     """A ``Trainer`` fine-tuning a tiny random llama on random token sequences on the CPU (batches of 4, no saving
-    unless a callback asks; TrainingArguments' own defaults for logging_steps and seed)."""
+    unless a callback asks or ``save_steps`` is given; TrainingArguments' own defaults for logging_steps and seed)."""
     from transformers import Trainer, TrainingArguments
 
     model = tiny_model("llama").train()
@@ -51,8 +52,9 @@ def _trainer(tmp_path, *, max_steps, lr, examples=16, length=12, logging_steps=5
     data = [{"input_ids": (ids := torch.randint(4, 40, (length,), generator=g)), "labels": ids.clone()}
             for _ in range(examples)]
     args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=max_steps,
-                             learning_rate=lr, logging_steps=logging_steps, save_strategy="no", report_to=[],
-                             use_cpu=True, disable_tqdm=True, seed=seed)
+                             learning_rate=lr, logging_steps=logging_steps, report_to=[], use_cpu=True,
+                             disable_tqdm=True, seed=seed, **({"save_strategy": "no"} if save_steps is None else
+                                                              {"save_strategy": "steps", "save_steps": save_steps}))
     return Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
 
 
@@ -496,6 +498,53 @@ def test_callback_stops_training_at_the_phase_boundary_when_asked(tokenizer, tmp
         assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("checkpoint-*"))
     with pytest.raises(TypeError, match="stop_at_boundary: expected a bool"):
         sf.InteractionCallback(tracker, stop_at_boundary="yes")
+
+
+def test_callback_stopping_at_a_save_does_not_save_that_checkpoint_again(tokenizer, tmp_path):
+    """A boundary found when tracking a save (``on_save``) stops training there: the checkpoint is already saved,
+    so it must not be saved a second time (``should_save`` left set after ``on_save`` makes the epoch-end save
+    write it again)."""
+    trainer = _trainer(tmp_path, max_steps=12, lr=3e-2, logging_steps=1, seed=0, save_steps=2)
+    saved = []
+    real_save = trainer._save_checkpoint
+    trainer._save_checkpoint = lambda *a, **kw: saved.append(trainer.state.global_step) or real_save(*a, **kw)
+    tracker = _tracker(tokenizer, persistence=1, noise_floor=None, boundary_significant=False)
+    callback = sf.InteractionCallback(tracker, every=1000, stop_at_boundary=True).attach(trainer)  # saves only
+    trainer.train()
+    boundary = callback.phase_boundary
+    assert boundary is not None and trainer.state.global_step == boundary == tracker.steps[-1]
+    assert saved == list(range(2, boundary + 1, 2))  # each save once
+
+
+def test_callback_resumed_from_an_earlier_checkpoint_skips_steps_already_tracked_past(tokenizer, tmp_path,
+                                                                                      monkeypatch):
+    """Training resumed from a checkpoint older than the tracker's last record (a resumed tracker): steps up to that
+    record are skipped, not handed to add_checkpoint (which refuses a step before the last and would kill the run).
+    With max_overhead the resumed schedule (from the resumed step) differs from the first run's."""
+    import types
+
+    from transformers import TrainerCallback
+
+    from sftint_fast.sft import callback as callback_module
+
+    clock = [0.0]  # tracking takes no time, steps 1 s: tracked every 2 steps from the last tracking
+    monkeypatch.setattr(callback_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    class Steps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            clock[0] += 1.0
+
+    def run(resume=None):
+        trainer = _trainer(tmp_path, max_steps=10, lr=1e-3, examples=4, length=8, callbacks=[Steps()], save_steps=5)
+        tracker = _tracker(tokenizer, tmp_path / "track", persistence=1, noise_floor=None)
+        sf.InteractionCallback(tracker, every=2, max_overhead=0.25).attach(trainer)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, tracker
+
+    _, tracker = run()
+    assert tracker.steps == [0, 2, 4, 5, 7, 9, 10]  # 5 and 10: saves
+    trainer, tracker = run(str(tmp_path / "out" / "checkpoint-5"))  # due at 7, then 8 (< 10): skipped
+    assert trainer.state.global_step == 10 and tracker.steps == [0, 2, 4, 5, 7, 9, 10]
 
 
 def test_callback_spaces_tracking_to_keep_within_its_overhead_budget(tokenizer, tmp_path, monkeypatch):

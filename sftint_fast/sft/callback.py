@@ -118,11 +118,14 @@ class InteractionCallback(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, model=None, **kwargs):
+        should_save = control.should_save  # this step's checkpoint is saved: stopping here needs no other save
         self._track(state, control, model, state.global_step)
+        control.should_save = should_save
         return control
 
     def _track(self, state: Any, control: Any, model: Any, step: int) -> None:
-        if model is None or step in self.tracker.steps:
+        # a resumed tracker may hold steps past a checkpoint training resumed from: add_checkpoint refuses those
+        if model is None or (self.tracker.steps and step <= self.tracker.steps[-1]):
             return
         t0 = time.perf_counter()
         self.tracker.add_checkpoint(_unwrap(model), step)   # collective under torch.distributed: every rank
