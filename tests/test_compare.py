@@ -112,7 +112,8 @@ def test_compare_refuses_bad_runs_and_labels(tmp_path, capsys):
              ([a, str(tmp_path / "none")], "expected the output folder of sftint track / demo"),
              ([a, str(tmp_path)], "report.json: expected a tracking report"),
              ([a, b, "--labels", "x"], "expected one label per run (2), got 1"),
-             ([a, b, "--labels", "x,x"], "expected distinct labels")]
+             ([a, b, "--labels", "x,x"], "expected distinct labels"),
+             ([a, b, a + "/"], f"runs: expected distinct run folders, got {a!r} twice")]
     for args, message in cases:
         assert main(["compare", *args, "--out", str(tmp_path / "cmp")]) == 2
         assert message in capsys.readouterr().err, message

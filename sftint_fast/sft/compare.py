@@ -47,6 +47,9 @@ def compare_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
         labels = [r.name or str(r) for r in runs]
         if len(set(labels)) < len(labels):
             labels = [str(r) for r in runs]
+            twice = next((x for i, x in enumerate(labels) if x in labels[:i]), None)
+            if twice is not None:  # the same folder given twice: say so, not "labels" the caller never gave
+                raise ValueError(f"runs: expected distinct run folders, got {twice!r} twice")
     labels = [str(x) for x in labels]
     if len(labels) != len(runs):
         raise ValueError(f"labels: expected one label per run ({len(runs)}), got {len(labels)}: {labels}")
