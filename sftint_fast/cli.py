@@ -476,28 +476,32 @@ def _add_probes(sub: argparse._SubParsersAction) -> None:
                    help="score the prompts in the chat template (then track with sftint track --chat too)")
     p.add_argument("--max-tries", type=_int_at_least(1), default=200,
                    help="look at no more than the first N candidates")
+    p.add_argument("--content-target", action="store_true",
+                   help="keep only prompts whose greedy next token is a content word (the answer itself, not 'The')")
     p.set_defaults(func=_run_probes)
 
 
 def _run_probes(args: argparse.Namespace) -> int:
-    from sftint_fast.sft.probes import PROBE_SOURCES, load_probes, save_probes, scan_probes
+    from sftint_fast.sft.probes import PROBE_SOURCES, _confident, load_probes, save_probes, scan_probes
 
     candidates = load_probes(args.candidates) if args.candidates is not None else None
     model, tokenizer = _load(args)
     scored = scan_probes(model, tokenizer, count=args.count, min_py=args.min_py, n_players=args.n_players,
                          candidates=candidates, chat=args.chat, max_tries=args.max_tries,
-                         sources=args.sources or PROBE_SOURCES)
-    chosen = [s for s in scored if s.p_y >= args.min_py]
+                         sources=args.sources or PROBE_SOURCES, content_target=args.content_target)
+    chosen = [s for s in scored if _confident(s, args.min_py, args.content_target)]
     if not chosen:
-        print(f"sftint probes: none of the {len(scored)} candidates scored has p_y >= {args.min_py:g} (and at least "
-              f"{args.n_players} content words); lower --min-py or --n-players, or give other --candidates",
+        what = " and a content-word next token" if args.content_target else ""
+        print(f"sftint probes: none of the {len(scored)} candidates scored has p_y >= {args.min_py:g}{what} (and at "
+              f"least {args.n_players} content words); lower --min-py or --n-players, or give other --candidates",
               file=sys.stderr)
         return 1
     from pathlib import Path
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     path = save_probes([s.probe for s in chosen], args.out)
-    print(f"{len(chosen)} of {len(scored)} candidates scored have p_y >= {args.min_py:g}: {path}")
+    what = " and a content-word next token" if args.content_target else ""
+    print(f"{len(chosen)} of {len(scored)} candidates scored have p_y >= {args.min_py:g}{what}: {path}")
     for s in chosen:
         agrees = "" if not s.probe.answer else (
             "  (answer agrees)" if s.probe.answer.strip().startswith(s.token.strip()) and s.token.strip()

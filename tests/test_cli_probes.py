@@ -24,10 +24,11 @@ def folder(tmp_path_factory):
     model.save_pretrained(root / "model")
     tok.save_pretrained(root / "model")
     save_probes([Probe(c) for c in CANDIDATES], root / "candidates.jsonl")
-    with torch.no_grad():  # p_y of each candidate by a plain forward pass, independent of the command
-        py = [torch.softmax(model(input_ids=torch.tensor([tok(c)["input_ids"]])).logits[0, -1], -1).max().item()
-              for c in CANDIDATES]
-    return root, py
+    with torch.no_grad():  # p_y and greedy token of each candidate by a plain forward pass, independent of the command
+        best = [torch.softmax(model(input_ids=torch.tensor([tok(c)["input_ids"]])).logits[0, -1], -1).max(-1)
+                for c in CANDIDATES]
+    py = [b.values.item() for b in best]
+    return root, py, [tok.decode([b.indices.item()]) for b in best]
 
 
 def _probes(root, *extra):
@@ -36,7 +37,7 @@ def _probes(root, *extra):
 
 
 def test_probes_keeps_the_first_confident_candidates_with_enough_words(folder, tmp_path, capsys):
-    root, py = folder
+    root, py, _ = folder
     long_enough = [i for i, c in enumerate(CANDIDATES) if sum(map(is_content_word, c.split())) >= 3]
     assert 0 < len(long_enough) < len(CANDIDATES)  # "a dog" is too short
     threshold = sorted(py[i] for i in long_enough)[len(long_enough) // 2]  # about half pass
@@ -55,7 +56,7 @@ def test_probes_keeps_the_first_confident_candidates_with_enough_words(folder, t
 
 
 def test_probes_says_when_it_finds_fewer_than_asked(folder, tmp_path, capsys, caplog):
-    root, py = folder
+    root, py, _ = folder
     out = tmp_path / "probes.jsonl"
     assert _probes(root, "--out", str(out), "--count", "20", "--n-players", "1", "--min-py", "0") == 1
     assert len(load_probes(out)) == len(CANDIDATES)  # every candidate, but fewer than 20: exit status 1
@@ -71,14 +72,14 @@ def test_probes_says_when_it_finds_fewer_than_asked(folder, tmp_path, capsys, ca
     (["--sources", "wiki"], "argument --sources: expected distinct names among countries,chatterbot"),
 ])
 def test_probes_refuses_bad_options(argv, message, folder, tmp_path, capsys):
-    root, _ = folder
+    root, _, _ = folder
     with pytest.raises(SystemExit):
         _probes(root, "--out", str(tmp_path / "p.jsonl"), *argv)
     assert message in capsys.readouterr().err
 
 
 def test_probes_refuses_a_missing_candidates_file(folder, tmp_path, capsys):
-    root, _ = folder
+    root, _, _ = folder
     rc = main(["probes", "--model", str(root / "model"), "--candidates", str(tmp_path / "missing.jsonl"),
                "--out", str(tmp_path / "p.jsonl")])
     assert rc == 2 and "missing.jsonl" in capsys.readouterr().err
@@ -123,3 +124,49 @@ def test_info_lists_the_bundled_data_with_its_install_command(monkeypatch):
     assert out["country list"] == "countryinfo not installed (pip install --no-deps countryinfo==1.0.1)"
     assert out["chat data"].startswith("chatterbot-corpus ")
     assert "peft " in out["optional extras"]
+
+
+def test_probes_with_content_target_skips_answers_like_the(folder, tmp_path, capsys):
+    root, _, greedy = folder
+    content = [c for c, g in zip(CANDIDATES, greedy) if is_content_word(g)]
+    out = tmp_path / "probes.jsonl"
+    rc = _probes(root, "--out", str(out), "--count", str(len(CANDIDATES)), "--n-players", "1", "--min-py", "0",
+                 "--content-target")
+    assert rc == 1  # fewer than asked: the random model's next words include stop words ("under") and specials
+    if content:
+        assert [p.prompt for p in load_probes(out)] == content
+        assert "and a content-word next token" in capsys.readouterr().out
+    else:
+        assert "has p_y >= 0 and a content-word next token" in capsys.readouterr().err and not out.exists()
+
+
+class _NextWord(torch.nn.Module):
+    """A stand-in causal LM whose next token is fixed by the last input token (``table[last]``, p_y close to 1)."""
+
+    def __init__(self, table, vocab):
+        super().__init__()
+        self.table, self.vocab = table, vocab
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        logits[0, -1, self.table[int(input_ids[0, -1])]] = 20.0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_confident_probes_content_target_keeps_only_content_word_answers():
+    from sftint_fast.sft.probes import confident_probes
+
+    tok = make_tokenizer()
+    vocab = len(tok)
+    ids = {w: tok.convert_tokens_to_ids(w) for w in ("mat", "river", "france", "jump", "the", "cat", "under")}
+    # a prompt ending in "mat" or "france" is answered by a content word, one ending in "river"/"jump" by a stop word
+    table = {i: ids["the"] for i in range(vocab)}
+    table.update({ids["mat"]: ids["cat"], ids["france"]: ids["cat"], ids["river"]: ids["under"]})
+    model = _NextWord(table, vocab)
+    candidates = [Probe(c) for c in CANDIDATES]
+    plain = confident_probes(model, tok, count=7, min_py=0.85, n_players=1, candidates=candidates, chat=False)
+    assert [p.prompt for p in plain] == CANDIDATES  # p_y > 0.99 for every prompt
+    content = confident_probes(model, tok, count=7, min_py=0.85, n_players=1, candidates=candidates, chat=False,
+                               content_target=True)
+    assert [p.prompt for p in content] == [c for c in CANDIDATES if c.split()[-1] in ("mat", "france")]

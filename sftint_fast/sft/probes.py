@@ -196,8 +196,12 @@ class ScoredProbe:
 
 def scan_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 0.5, n_players: int = 8,
                 candidates: Sequence[Probe] | None = None, chat: bool = True, max_tries: int = 200,
-                sources: Sequence[str] = PROBE_SOURCES) -> list[ScoredProbe]:
-    """Every candidate scored, in order, until ``count`` have ``p_y >= min_py`` (see :func:`confident_probes`)."""
+                sources: Sequence[str] = PROBE_SOURCES, content_target: bool = False) -> list[ScoredProbe]:
+    """Every candidate scored, in order, until ``count`` are confident (see :func:`confident_probes`).
+
+    A candidate counts when ``p_y >= min_py`` and, with ``content_target``, its greedy token is a content word
+    (not a stop word such as "The" or "I", nor punctuation): the tracked target is then the model's answer itself.
+    """
     _check_count(count)
     if not (isinstance(min_py, (int, float)) and not isinstance(min_py, bool) and 0 <= min_py <= 1):
         raise ValueError(f"min_py: expected a probability in [0, 1], got {min_py!r}")
@@ -220,30 +224,38 @@ def scan_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 0.5, 
                 logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float()
                 p_y, token = torch.softmax(logits, -1).max(-1)
                 scored.append(ScoredProbe(probe, p_y.item(), int(token), tokenizer.decode([int(token)])))
-                found += p_y.item() >= min_py
+                found += _confident(scored[-1], min_py, content_target)
                 if found == count:
                     break
     finally:
         model.train(was_training)
     if found < count:
-        logger.warning("confident_probes: found %d of %d probes with p_y >= %g (%d of %d candidates scored; the "
+        logger.warning("confident_probes: found %d of %d probes with p_y >= %g%s (%d of %d candidates scored; the "
                        "others have fewer than %d content words or lie past max_tries=%d)", found, count, min_py,
-                       len(scored), len(pool), n_players, max_tries)
+                       " and a content-word target" if content_target else "", len(scored), len(pool), n_players,
+                       max_tries)
     return scored
+
+
+def _confident(scored: ScoredProbe, min_py: float, content_target: bool) -> bool:
+    from sftint_fast.players import is_content_word
+
+    return scored.p_y >= min_py and (not content_target or is_content_word(scored.token))
 
 
 def confident_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 0.5, n_players: int = 8,
                      candidates: Sequence[Probe] | None = None, chat: bool = True, max_tries: int = 200,
-                     sources: Sequence[str] = PROBE_SOURCES) -> list[Probe]:
+                     sources: Sequence[str] = PROBE_SOURCES, content_target: bool = False) -> list[Probe]:
     """Probes whose base-model target probability ``p_y`` (argmax next token) is at least ``min_py``.
 
     Scores candidates (default: :func:`confident_candidates` of ``sources``) with one forward pass each, keeping
     those with at least ``n_players`` content words (or players, where a probe names them), until ``count`` are
-    found or the first ``max_tries`` candidates were looked at.
+    found or the first ``max_tries`` candidates were looked at. ``content_target``: only probes whose greedy token
+    is a content word (the answer itself, not "The ...").
     """
-    return [s.probe for s in scan_probes(model, tokenizer, count=count, min_py=min_py, n_players=n_players,
-                                         candidates=candidates, chat=chat, max_tries=max_tries, sources=sources)
-            if s.p_y >= min_py]
+    scored = scan_probes(model, tokenizer, count=count, min_py=min_py, n_players=n_players, candidates=candidates,
+                         chat=chat, max_tries=max_tries, sources=sources, content_target=content_target)
+    return [s.probe for s in scored if _confident(s, min_py, content_target)]
 
 
 # ----------------------------------------------------------------------------------------- SFT examples
