@@ -307,9 +307,9 @@ def markdown(report: TrackReport, *, figures: list[str], sets: dict[str, Any] | 
             f"| {step} | {c['all/removed'][t]:.0f} | {c['all/preserved'][t]:.0f} | {c['all/emerged'][t]:.0f} "
             f"| {c['all/removed_new'][t]:.0f} ({c['all/removed_new_floor'][t]:.1f}, {c['all/removed_new_excess'][t]:+.1f}) "
             f"| {c['all/emerged_new'][t]:.0f} ({c['all/emerged_new_floor'][t]:.1f}, {c['all/emerged_new_excess'][t]:+.1f}) "
-            f"| {_fmt(c['and/emerged_rho'][t])} | {_fmt(gamma)} | {c['p_y_mean'][t]:.3f} | {_fmt(loss)} |"
-            + ("" if logged is None else f" {_fmt(logged['train_loss'][t])} |"
-               + (f" {_fmt(logged['eval_loss'][t])} |" if has_eval else "")))
+            f"| {_fmt(c['and/emerged_rho'][t])} | {_fmt(gamma)} | {c['p_y_mean'][t]:.3f} | {_fmt_loss(loss)} |"
+            + ("" if logged is None else f" {_fmt_loss(logged['train_loss'][t])} |"
+               + (f" {_fmt_loss(logged['eval_loss'][t])} |" if has_eval else "")))
     lines += ["", "removed, preserved and emerged count the probes whose target is still relevant at that checkpoint; "
               "a probe flagged target-irrelevant (p_y under a tenth of its base value) leaves these totals while "
               "flagged (its changes are counted apart), so they need not be monotone when the flagged set changes "
@@ -356,6 +356,9 @@ def _training_paragraph(report: TrackReport, training: TrainingLog, logged: dict
     if not at_boundary or known[-1][0] <= report.phase_boundary:
         return lines
     before, last_step, last = at_boundary[-1], known[-1][0], known[-1][1]
+    if math.isnan(before) or math.isnan(last):
+        return lines + ["", f"The denoising stage ends at step {report.phase_boundary}, where the training loss was "
+                            f"{_fmt_loss(before)}; by step {last_step} it was {_fmt_loss(last)}: the run diverged."]
     trend = "fell to" if last < before else "rose to" if last > before else "stayed at"
     lines += ["", f"The denoising stage ends at step {report.phase_boundary}, where the training loss was "
                  f"{_fmt(before)}; by step {last_step} it {trend} {_fmt(last)} ({last - before:+.3f}). In the "
@@ -402,7 +405,13 @@ def _words(row: dict[str, Any]) -> str:
 
 
 def _fmt(x: Any) -> str:
+    """A number to 3 decimals; "–" for None or NaN (a mean over no set is undefined)."""
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def _fmt_loss(x: Any) -> str:
+    """A loss to 3 decimals; "–" when none was measured, "NaN" when it was (a diverged run shows as such)."""
+    return "NaN" if isinstance(x, float) and math.isnan(x) else _fmt(x)
 
 
 def _nan(xs: list) -> list[float]:

@@ -118,3 +118,18 @@ def test_compare_refuses_bad_runs_and_labels(tmp_path, capsys):
         assert main(["compare", *args, "--out", str(tmp_path / "cmp")]) == 2
         assert message in capsys.readouterr().err, message
     assert not (tmp_path / "cmp").exists()  # nothing written before the runs are read
+
+
+def test_a_diverged_run_shows_nan_losses_where_no_loss_shows_a_dash(tmp_path):
+    report, _ = _run(tmp_path / "ok", seed=1, drift=0.05)
+    diverged = TrainingLog.from_history([{"step": s, "loss": 2.0 if s < 4 else float("nan")} for s in range(1, 7)],
+                                        source="x")
+    write_report(report, tmp_path / "bad", training=diverged)
+    rows = [r for r in (tmp_path / "bad" / "report.md").read_text().splitlines() if r.startswith("| 6 |")]
+    assert rows and rows[0].rstrip().endswith("| NaN |")  # step 6's train loss: the mean of NaN losses
+    rows = [r for r in (tmp_path / "bad" / "report.md").read_text().splitlines() if r.startswith("| 2 |")]
+    assert rows and rows[0].rstrip().endswith("| 2.000 |")
+    _run(tmp_path / "none", seed=2, drift=0.05, log=False)
+    result, md = compare_runs([tmp_path / "ok", tmp_path / "bad", tmp_path / "none"], tmp_path / "cmp")
+    table = {line.split("|")[1].strip(): line for line in md.read_text().splitlines() if line.startswith("| ")}
+    assert "| NaN |" in table["bad"] and "| NaN |" not in table["none"] and "| – |" in table["none"]

@@ -133,8 +133,8 @@ def _markdown(rows: list[dict[str, Any]], differences: list[str]) -> str:
             f"| {r['base_salient']:.0f} | {r['removed']:.0f} | {r['emerged']:.0f} "
             f"| {r['removed_excess_cumulative']:.0f} ({r['removed_excess_cumulative_lo']:.0f}) "
             f"| {r['emerged_excess_total']:.0f} | {_opt(r['phase_boundary'])} "
-            f"| {_num(r['heldout_loss_first'])} → {_num(r['heldout_loss_last'])} ({_opt(r['heldout_loss_min_step'])}) "
-            f"| {_num(r['train_loss_last'])} | {r['p_y_first']:.3f} → {r['p_y_last']:.3f} "
+            f"| {_loss(r['heldout_loss_first'])} → {_loss(r['heldout_loss_last'])} ({_opt(r['heldout_loss_min_step'])}) "
+            f"| {_loss(r['train_loss_last'])} | {r['p_y_first']:.3f} → {r['p_y_last']:.3f} "
             f"| {_num(r['seconds_per_checkpoint'])} |")
     lines += ["", "Excess removals: removals beyond the noise floor, summed over the checkpoints, with the bootstrap "
               "lower bound (a denoising stage shows as a lower bound above 0); excess emergence likewise for new "
@@ -145,6 +145,11 @@ def _markdown(rows: list[dict[str, Any]], differences: list[str]) -> str:
 
 def _opt(x: Any) -> str:
     return "–" if x is None else str(x)
+
+
+def _loss(x: Any) -> str:
+    """"NaN" for a loss that was measured NaN (a diverged run), else as :func:`_num`."""
+    return "NaN" if isinstance(x, float) and math.isnan(x) else _num(x)
 
 
 def _num(x: Any) -> str:
