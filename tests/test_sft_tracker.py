@@ -160,6 +160,21 @@ def test_probe_sources_come_in_order_and_a_missing_one_is_an_error(monkeypatch):
             P.confident_candidates(bad)
 
 
+def test_callback_whose_report_cannot_be_written_warns_and_training_goes_on(tokenizer, tmp_path, caplog):
+    (tmp_path / "taken").write_text("a file where the report folder should be")
+    trainer = _trainer(tmp_path, max_steps=2, lr=1e-2)
+    tracker = _tracker(tokenizer, tmp_path / "track", persistence=1)
+    callback = sf.InteractionCallback(tracker, every=2, report_dir=tmp_path / "taken" / "report").attach(trainer)
+    with caplog.at_level("WARNING", logger="sftint_fast.sft.callback"):
+        trainer.train()
+    assert trainer.state.global_step == 2 and tracker.steps == [0, 2]
+    assert callback.report_error is not None and "taken" in callback.report_error
+    warned = [r.getMessage() for r in caplog.records if "could not write the report" in r.getMessage()]
+    assert len(warned) == 3 and "training goes on" in warned[0] and str(tmp_path / "track") in warned[0]
+    sf.plot.write_tracker_report(tracker, tmp_path / "later")  # what the warning says to run: the records are there
+    assert json.loads((tmp_path / "later" / "report.json").read_text())["steps"] == [0, 2]
+
+
 def test_callback_with_trainer_logs_metrics(tokenizer, tmp_path):
     trainer = _trainer(tmp_path, max_steps=4, lr=1e-2, logging_steps=1)
     model = trainer.model

@@ -78,6 +78,7 @@ class InteractionCallback(TrainerCallback):
         self.tracker = tracker
         self.every = every
         self.report_dir = None if report_dir is None else Path(report_dir)
+        self.report_error: str | None = None  # why the last report could not be written, if it could not
         self.max_overhead = None if max_overhead is None else float(max_overhead)
         self.next_step: int | None = None  # with max_overhead: the step the next tracking is due at
         self._last: tuple[int, float] | None = None  # (step, time) the last tracking ended
@@ -180,10 +181,18 @@ class InteractionCallback(TrainerCallback):
         from sftint_fast.plot import write_tracker_report
         from sftint_fast.sft.training_log import TrainingLog
 
-        training = TrainingLog.from_history(state.log_history, source="the Trainer's log_history")
-        cost = {"run_seconds": self.seconds_training, "run_seconds_tracking": self.seconds_tracking,
-                "run_seconds_base": self.seconds_first} if self._clock is not None else None
-        write_tracker_report(self.tracker, self.report_dir, training=training, cost=cost, report=report)
+        try:  # a report that cannot be written (disk, an odd log entry) must not end a training run
+            training = TrainingLog.from_history(state.log_history, source="the Trainer's log_history")
+            cost = {"run_seconds": self.seconds_training, "run_seconds_tracking": self.seconds_tracking,
+                    "run_seconds_base": self.seconds_first} if self._clock is not None else None
+            write_tracker_report(self.tracker, self.report_dir, training=training, cost=cost, report=report)
+            self.report_error = None
+        except Exception as err:  # noqa: BLE001 -- reported, and the tracked records are saved by the tracker
+            self.report_error = f"{type(err).__name__}: {err}"
+            logger.warning("step %d: could not write the report to %s (%s); training goes on, the tracked "
+                           "checkpoints are kept by the tracker%s", state.global_step, self.report_dir,
+                           self.report_error, "" if self.tracker.out_dir is None else
+                           f" in {self.tracker.out_dir} (sftint_fast.plot.write_tracker_report writes it later)")
 
     def _interval(self, step: int, started: float, seconds: float) -> int:
         """Steps until the next tracking so that tracking keeps within ``max_overhead`` of the wall time since the
