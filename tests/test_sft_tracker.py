@@ -626,3 +626,40 @@ def test_stop_file_callback_saves_and_stops_when_the_file_appears(tmp_path):
         sf.StopFileCallback(stop, check_every=0)
     with pytest.raises(TypeError, match="path: expected a file path, got NoneType"):
         sf.StopFileCallback(None)
+
+
+def test_stop_file_callback_reads_any_file_without_raising(tmp_path, monkeypatch):
+    """`touch STOP`, bytes that are not UTF-8, a file it may not read, a file removed under it: the main process must
+    never raise there (under DDP the other ranks wait for its answer), and a file that is there stops the run."""
+    import pathlib
+    import types
+
+    stop = tmp_path / "STOP"
+    state = types.SimpleNamespace(global_step=5, is_world_process_zero=True)
+
+    def check(callback):
+        control = types.SimpleNamespace(should_training_stop=False, should_save=False)
+        callback.on_step_end(None, state, control)
+        return control.should_training_stop, callback.stopped_by
+
+    assert check(sf.StopFileCallback(stop)) == (False, None)
+    stop.write_text("")
+    assert check(sf.StopFileCallback(stop)) == (True, str(stop))
+    stop.write_bytes(b"\xff\xfe stop now")
+    assert check(sf.StopFileCallback(stop)) == (True, "\ufffd\ufffd stop now")
+    real = pathlib.Path.read_text
+
+    def refused(self, *a, **kw):
+        if self == stop:
+            raise PermissionError(13, "Permission denied")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(pathlib.Path, "read_text", refused)
+    stopped, why = check(sf.StopFileCallback(stop))
+    assert stopped and "unreadable: PermissionError" in why
+
+    def vanished(self, *a, **kw):
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(pathlib.Path, "read_text", vanished)
+    assert check(sf.StopFileCallback(stop)) == (False, None)  # removed between the look and the read

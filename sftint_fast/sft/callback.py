@@ -237,13 +237,19 @@ class StopFileCallback(TrainerCallback):
         if state.is_world_process_zero and self.path.is_file():
             import json
 
-            text = self.path.read_text()
-            try:
-                found = json.loads(text)
-            except ValueError:
-                found = text.strip()
-            if found is None or found == "":
-                found = str(self.path)
+            try:  # nothing here may raise on the main process alone: the other ranks wait in the broadcast
+                text = self.path.read_text(encoding="utf-8", errors="replace")
+            except FileNotFoundError:  # removed since is_file(): not there after all
+                text = None
+            except OSError as err:  # there but unreadable (permissions): its presence is the signal
+                text = f"{self.path} (unreadable: {type(err).__name__}: {err})"
+            if text is not None:
+                try:
+                    found = json.loads(text)
+                except ValueError:
+                    found = text.strip()
+                if found is None or found == "":
+                    found = str(self.path)
         found = distributed.broadcast_object(found)  # the main process decides
         if found is not None:
             logger.warning("step %d: %s appeared (%s); %sstopping training", state.global_step, self.path, found,
