@@ -45,6 +45,8 @@ _API: dict[str, str] = {
     "load_causal_lm": "sftint_fast.models",
     # SFT tracking
     "load_probes": "sftint_fast.sft.probes",
+    "save_probes": "sftint_fast.sft.probes",
+    "confident_probes": "sftint_fast.sft.probes",
     "SFTTracker": "sftint_fast.sft.tracker",
     "TrackReport": "sftint_fast.sft.tracker",
     "InteractionCallback": "sftint_fast.sft.callback",

@@ -104,6 +104,8 @@ def test_probes_on_the_bundled_model_match_what_the_demo_picks(tmp_path, capsys)
         py = {c.prompt: torch.softmax(model(input_ids=torch.tensor([prompt_ids(tok, c.prompt, chat=True)])).logits[0, -1],
                                       -1).max().item() for c in candidates[:last + 1]}
     assert chosen == [p for p, v in py.items() if v >= 0.5]
+    api = sf.confident_probes(model, tok, count=3, n_players=6, chat=True, sources=["countries"])
+    assert [p.prompt for p in api] == chosen  # the Python API (README) picks the same
     assert json.dumps(chosen)  # plain strings
 
 
