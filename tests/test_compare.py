@@ -133,3 +133,13 @@ def test_a_diverged_run_shows_nan_losses_where_no_loss_shows_a_dash(tmp_path):
     result, md = compare_runs([tmp_path / "ok", tmp_path / "bad", tmp_path / "none"], tmp_path / "cmp")
     table = {line.split("|")[1].strip(): line for line in md.read_text().splitlines() if line.startswith("| ")}
     assert "| NaN |" in table["bad"] and "| NaN |" not in table["none"] and "| – |" in table["none"]
+
+
+def test_compare_takes_the_last_logged_training_loss(tmp_path):
+    report, _ = _run(tmp_path / "a", seed=1, drift=0.05)  # tracked at 0, 2, 4, 6
+    sparse = TrainingLog.from_history([{"step": 1, "loss": 3.0}, {"step": 3, "loss": 2.5}], source="x")  # none after 4
+    write_report(report, tmp_path / "a", training=sparse)
+    _run(tmp_path / "b", seed=2, drift=0.05)
+    result, _ = compare_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp")
+    assert result["rows"][0]["train_loss_last"] == 2.5  # the window (2, 4]; (4, 6] logged nothing
+    assert result["rows"][1]["train_loss_last"] == pytest.approx(3.0 - 0.1 * 5.5 - 0.02)  # mean of steps 5 and 6

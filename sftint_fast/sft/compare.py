@@ -61,7 +61,8 @@ def compare_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
         h = headline(report)
         c = report.curves
         losses = [(s, x) for s, x in zip(report.steps, c["heldout_loss"]) if x is not None]
-        train = log.at(report.steps)["train_loss"] if log is not None else [None] * len(report.steps)
+        train = log.at(report.steps)["train_loss"] if log is not None else []
+        train = [x for x in train if x is not None]  # the last tracked step may have no log entry since the one before
         rows.append({
             "label": label, "folder": str(folder), "steps": list(report.steps), "last_step": report.steps[-1],
             "probes": len(report.probes["kept"]), "base_salient": h["base_salient"], "removed": h["removed"],
@@ -71,7 +72,7 @@ def compare_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
             "heldout_loss_first": losses[0][1] if losses else None,
             "heldout_loss_last": losses[-1][1] if losses else None,
             "heldout_loss_min_step": report.heldout_loss_min_step,
-            "train_loss_last": train[-1], "p_y_first": c["p_y_mean"][0], "p_y_last": c["p_y_mean"][-1],
+            "train_loss_last": train[-1] if train else None, "p_y_first": c["p_y_mean"][0], "p_y_last": c["p_y_mean"][-1],
             "rho_emerged": h["rho_emerged"], "gamma_emerged": h["gamma_emerged"], "solver": report.solver,
             "seconds_per_checkpoint": report.cost.get("seconds_per_checkpoint"),
         })
