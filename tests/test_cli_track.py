@@ -359,3 +359,145 @@ def test_track_cli_shows_each_checkpoint_on_stderr(folders, tmp_path, monkeypatc
     monkeypatch.setenv("RANK", "1")
     assert _track(root, tmp_path / "b", ckpts, "--device", "cpu", "--noise-floor", "none") == 0
     assert "sftint: step" not in capsys.readouterr().err and len(package.handlers) == 1  # installed once
+
+
+def test_track_cli_resume_skips_a_checkpoint_before_the_last_tracked_one(folders, tmp_path, caplog):
+    """A rerun over checkpoints one of which is before the last tracked step (tracked 10 and 30, now 20 shows up):
+    20 is skipped with a message, not loaded and then refused mid-run."""
+    root, _ = folders
+    out = tmp_path / "run"
+    assert _track(root, out, [str(root / "ckpt" / "checkpoint-10"), str(root / "ckpt" / "checkpoint-30")]) == 0
+    with caplog.at_level("WARNING", logger="sftint_fast.sft.demo"):
+        assert _track(root, out, [str(root / "ckpt" / "checkpoint-*")]) == 0
+    assert json.loads((out / "report.json").read_text())["steps"] == [0, 10, 30]
+    assert "step 20 is before the last tracked step 30; skipped" in caplog.text
+
+
+def test_track_cli_watch_does_not_spin_on_a_skipped_checkpoint(folders, tmp_path, monkeypatch, caplog):
+    """--watch resuming a run that tracked 10 and 30: checkpoint-20 is skipped once, the loop still sleeps between
+    looks and the idle timeout still ends it (it used to list and skip 20 again at once, forever)."""
+    from sftint_fast.sft import demo
+
+    root, _ = folders
+    out = tmp_path / "run"
+    assert _track(root, out, [str(root / "ckpt" / "checkpoint-10"), str(root / "ckpt" / "checkpoint-30")]) == 0
+    calls = []
+    real = demo._match
+
+    def counted(patterns):
+        calls.append(1)
+        if len(calls) > 200:
+            raise RuntimeError("the watch loop lists the checkpoints without pause")
+        return real(patterns)
+
+    monkeypatch.setattr(demo, "_match", counted)
+    with caplog.at_level("WARNING", logger="sftint_fast.sft.demo"):
+        assert _track(root, out, [str(root / "ckpt" / "checkpoint-*")], "--watch", "0.1", "--idle-timeout", "1",
+                      "--settle", "0") == 0
+    assert json.loads((out / "report.json").read_text())["steps"] == [0, 10, 30]
+    assert caplog.text.count("step 20 is before the last tracked step 30; skipped") == 1
+
+
+def test_track_cli_says_which_glob_matched_nothing(folders, tmp_path, capsys):
+    """A glob that matches no folder is named as such (not as a folder misnamed), and a missing folder given next
+    to existing ones is an error, not silently left out."""
+    root, _ = folders
+    assert _track(root, tmp_path / "a", [str(root / "ckpt" / "checkpoint-9*")]) == 2
+    err = capsys.readouterr().err
+    assert "got nothing for" in err and "checkpoint-9*" in err and "named like checkpoint-<step>" not in err
+    missing = [str(root / "ckpt" / "checkpoint-10"), str(root / "ckpt" / "checkpoint-99")]
+    assert _track(root, tmp_path / "b", missing) == 2
+    assert "checkpoint-99" in capsys.readouterr().err
+    assert not (tmp_path / "b" / "report.json").exists()
+
+
+DELETED_ON_ONE_RANK = '''
+import os, shutil, sys, time
+from pathlib import Path
+import sftint_fast.models
+from sftint_fast.cli import main
+
+real = sftint_fast.models.load_causal_lm
+marker = Path(sys.argv[1])
+
+def load(path, **kwargs):  # save_total_limit deletes checkpoint-20 after rank 0 read it, before rank 1 does
+    if str(path).endswith("checkpoint-20"):
+        if os.environ["RANK"] == "0":
+            model = real(path, **kwargs)
+            marker.touch()
+            return model
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        shutil.rmtree(path)
+    return real(path, **kwargs)
+
+sftint_fast.models.load_causal_lm = load
+sys.exit(main(sys.argv[2:]))
+'''
+
+
+def test_track_cli_under_torchrun_ranks_agree_on_a_checkpoint_deleted_while_loading(folders, tmp_path):
+    """--watch under torchrun: a checkpoint deleted after one rank loaded it and before another did is skipped by
+    every rank (a rank tracking it alone would wait in the tracker's collectives for the others)."""
+    import os
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    root, _ = folders
+    live = tmp_path / "live"
+    for step in (10, 20, 30):
+        shutil.copytree(root / "ckpt" / f"checkpoint-{step}", live / f"checkpoint-{step}")
+        (live / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    script = tmp_path / "driver.py"
+    script.write_text(DELETED_ON_ONE_RANK)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), str(script), str(tmp_path / "loaded"), "track", "--base", str(root / "base"),
+           "--checkpoints", str(live / "checkpoint-*"), "--probes", str(root / "probes.jsonl"), *FAST,
+           "--noise-floor", "none", "--out", str(tmp_path / "run"), "--watch", "0.1", "--idle-timeout", "1"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the ranks too
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the ranks hung: {stderr[-2000:]}")
+    assert proc.returncode == 0, f"{stdout[-3000:]}\n{stderr[-3000:]}"
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["steps"] == [0, 10, 30]
+
+
+def test_track_cli_watch_skips_a_checkpoint_deleted_right_after_it_was_listed(folders, tmp_path, monkeypatch, capsys,
+                                                                               caplog):
+    """save_total_limit deletes checkpoint-10 between the listing that found it complete and its loading: it is
+    skipped like one deleted while loading, the watch goes on (it used to stop with 'not folders')."""
+    import shutil
+
+    from sftint_fast.sft import demo
+
+    root, _ = folders
+    live = tmp_path / "live"
+    for step in (10, 20):
+        shutil.copytree(root / "ckpt" / f"checkpoint-{step}", live / f"checkpoint-{step}")
+        (live / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    real = demo._complete
+
+    def rotated(path, settle):
+        complete = real(path, settle)
+        if complete and path.endswith("checkpoint-10"):
+            shutil.rmtree(path)
+        return complete
+
+    monkeypatch.setattr(demo, "_complete", rotated)
+    with caplog.at_level("WARNING", logger="sftint_fast.sft.demo"):
+        rc = _track(root, tmp_path / "run", [str(live / "checkpoint-*")], "--watch", "0.1", "--idle-timeout", "1")
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["steps"] == [0, 20]
+    assert "checkpoint-10 was deleted before it could be read" in caplog.text

@@ -54,7 +54,8 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
     Probes: the first ``probes`` questions of ``probe_sources`` (:data:`~sftint_fast.sft.probes.PROBE_SOURCES`: capital
     cities from countryinfo, then chatterbot trivia; a missing source is an error) on which the base model's next
     token has ``p_y >= 0.5``, or every probe of ``probes_file`` (JSONL, as ``sftint track --probes``). The probes
-    tracked are written to ``out/probes.jsonl``, so that ``sftint track`` can follow the same ones elsewhere.
+    tracked are written to ``out/probes.jsonl``, so that ``sftint track`` (with ``--chat`` and ``--n-players`` as
+    here) can follow the same ones elsewhere.
     """
     from transformers import Trainer, TrainingArguments
 
@@ -84,14 +85,13 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
         if not probe_set:
             raise ValueError(f"demo: no confident probe found in the sources {list(probe_sources)}")
         logger.info("demo: %d probes with p_y >= 0.5 from %s", len(probe_set), ", ".join(probe_sources))
-    out.mkdir(parents=True, exist_ok=True)
-    save_probes(probe_set, out / "probes.jsonl")
     reference = _reference()
     if reference is not None:
         reference = (reference[0].to(device), reference[1])
     tracker = SFTTracker(probe_set, tokenizer, n_players=n_players, andor_method=andor_method, andor_niter=andor_niter,
                          reference=reference, heldout=held_pairs[:heldout], out_dir=out / "tracker", seed=seed,
                          chat=True, progress=False)
+    save_probes(probe_set, out / "probes.jsonl")  # once the tracker took the folder (not one holding another run)
     examples = [sft_example(tokenizer, q, a) for q, a in train_pairs]
     pad = tokenizer.pad_token_id
     args = TrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=batch_size, max_steps=steps,
@@ -201,9 +201,9 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
                        boundary_file)
     paths = _match(checkpoints)
     if watch is None:
-        paths = paths or sorted(set(checkpoints), key=_step_of)
-        if not paths:
-            raise ValueError(f"checkpoints: expected folders, got nothing for {list(checkpoints)}")
+        unmatched = [pattern for pattern in checkpoints if not glob.glob(pattern)]
+        if not paths or unmatched:
+            raise ValueError(f"checkpoints: expected folders, got nothing for {unmatched or list(checkpoints)}")
     _check_folders(base, [] if watch is not None else paths, reference)
     pairs = None
     if heldout is not None:
@@ -227,14 +227,22 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
         if step in tracker.steps:
             tracked_folders.append(path)
             return False
-        if watch is not None and tracker.steps and step < tracker.steps[-1]:
+        if tracker.steps and step < tracker.steps[-1]:
             logger.warning("%s: step %d is before the last tracked step %d; skipped", path, step, tracker.steps[-1])
             return False
+        error = None
         try:
             model = load_causal_lm(path, dtype=torch.float32, base=base).to(device)
-        except (OSError, ValueError):
-            if watch is None or Path(path).is_dir():
-                raise
+        except (OSError, ValueError) as err:
+            error = err
+        # add_checkpoint is collective: every rank tracks this checkpoint or none does (a folder deleted while the
+        # ranks load it can be read by some of them only), and rank 0 decides whether a failure is a deletion
+        if any(distributed.gather_metrics({distributed.rank(): error is not None}).values()):
+            model = None
+            if not distributed.broadcast_object(watch is not None and not Path(path).is_dir()):
+                if error is not None:
+                    raise error
+                raise ValueError(f"checkpoints: {path} could not be read on another rank")
             logger.warning("%s was deleted before it could be read (save_total_limit?); skipped", path)
             return False
         started = time.perf_counter()
@@ -300,15 +308,24 @@ def _follow(tracker: SFTTracker, patterns: Sequence[str], track: Any, report: An
     from sftint_fast import distributed
 
     last_new = time.monotonic()
+    skipped: set[str] = set()  # handed to track already: one not tracked (deleted, before the last step) is not
+                               # listed again
     try:
         while until_step is None or not tracker.steps or tracker.steps[-1] < until_step:
             ready = None
             if distributed.is_main_process():
-                ready = [p for p in _match(patterns) if _step_of(p) not in tracker.steps and _complete(p, settle)]
+                ready = [p for p in _match(patterns)
+                         if p not in skipped and _step_of(p) not in tracker.steps and _complete(p, settle)]
+                try:  # rank 0 alone checks (the ranks act alike); one deleted since it was listed is left to track
+                    _check_folders(None, [p for p in ready if Path(p).exists()], None)
+                except ValueError as err:
+                    ready = err
             ready = distributed.broadcast_object(ready)
+            if isinstance(ready, ValueError):
+                raise ready
             if ready:
-                _check_folders(None, ready, None)
                 for path in ready:
+                    skipped.add(path)
                     if track(_step_of(path), path):
                         last_new = time.monotonic()
                         report()
