@@ -484,7 +484,15 @@ def _add_probes(sub: argparse._SubParsersAction) -> None:
 def _run_probes(args: argparse.Namespace) -> int:
     from sftint_fast.sft.probes import PROBE_SOURCES, _confident, load_probes, save_probes, scan_probes
 
+    from sftint_fast.sft.probes import check_probe_sources
+
     candidates = load_probes(args.candidates) if args.candidates is not None else None
+    if candidates is None:
+        try:  # before the model loads
+            check_probe_sources(args.sources or PROBE_SOURCES)
+        except ImportError as err:
+            print(f"sftint probes: {err} (--sources chooses the sources)", file=sys.stderr)
+            return 2
     model, tokenizer = _load(args)
     scored = scan_probes(model, tokenizer, count=args.count, min_py=args.min_py, n_players=args.n_players,
                          candidates=candidates, chat=args.chat, max_tries=args.max_tries,

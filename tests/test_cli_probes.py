@@ -172,3 +172,32 @@ def test_confident_probes_content_target_keeps_only_content_word_answers():
     content = confident_probes(model, tok, count=7, min_py=0.85, n_players=1, candidates=candidates, chat=False,
                                content_target=True)
     assert [p.prompt for p in content] == [c for c in CANDIDATES if c.split()[-1] in ("mat", "france")]
+
+
+def test_confident_probes_keeps_a_probe_with_its_own_players_only_when_the_tracker_would():
+    """A candidate naming its players becomes a game of exactly that many players, and the tracker drops a probe
+    whose game has other than ``n_players`` players: choosing one with more players than ``n_players`` would hand
+    the tracker a probe it then drops (and miss the next candidate it would have kept)."""
+    from sftint_fast.sft.probes import confident_probes
+    from sftint_fast.sft.tracker import SFTTracker
+
+    tok = make_tokenizer()
+    model = tiny_model("llama")
+    candidates = [Probe("the big cat sat on the red mat", players=(1, 2, 3, 7)),   # 4 players
+                  Probe("a small dog did run over the blue river", players=(1, 2, 8)),  # 3 players
+                  Probe("why did the cow jump over the big red mat")]  # 6 content words: the first 3 are players
+    chosen = confident_probes(model, tok, count=2, min_py=0, n_players=3, candidates=candidates, chat=False)
+    assert chosen == candidates[1:]
+    tracker = SFTTracker(candidates, tok, n_players=3, min_base_py=0, noise_floor=None, andor_method="and",
+                         numerics_check=False, progress=False)
+    tracker.add_checkpoint(model, 0)
+    assert [candidates[i] for i in tracker.kept] == chosen  # what the tracker keeps of the candidates
+
+
+def test_probes_says_which_source_is_missing_before_loading_a_model(tmp_path, monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "countryinfo" else real(name, *a))
+    monkeypatch.setattr("sftint_fast.cli._load", lambda args: pytest.fail("the model was loaded"))
+    assert main(["probes", "--out", str(tmp_path / "p.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "'countries' needs countryinfo" in err and "--sources chooses the sources" in err

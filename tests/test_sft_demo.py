@@ -89,3 +89,27 @@ def test_demo_says_which_probe_source_is_missing_before_loading_anything(tmp_pat
     assert "--probe-sources" in err
     assert main(["demo", "--out", str(tmp_path / "x"), "--probes-file", str(tmp_path / "none.jsonl")]) == 2
     assert "--probes-file: expected a JSONL file of probes" in capsys.readouterr().err
+
+
+def test_demo_refused_on_another_run_leaves_that_runs_probes_file_alone(tmp_path, monkeypatch):
+    """A rerun on an --out that holds another run is refused by the tracker; the probes.jsonl there must still list
+    the probes that run tracked (sftint track --probes reads it), not the refused run's."""
+    import sftint_fast as sf
+    from conftest import tiny_model
+    from dist_scripts.sft_callback import make_tokenizer
+    from sftint_fast.sft.demo import run_demo
+    from sftint_fast.sft.tracker import SFTTracker
+
+    if importlib.util.find_spec("chatterbot_corpus") is None:
+        pytest.skip("chatterbot-corpus is not installed (README install command)")
+    tok, model = make_tokenizer(), tiny_model("llama")
+    monkeypatch.setattr(sf, "load_default", lambda: (model, tok), raising=False)
+    monkeypatch.setattr("sftint_fast.sft.demo._reference", lambda: None)
+    out = tmp_path / "demo"
+    first = [Probe("the big cat sat on the red mat")]
+    SFTTracker(first, tok, n_players=3, out_dir=out / "tracker")  # the run already there
+    save_probes(first, out / "probes.jsonl")
+    save_probes([Probe("a small dog did run over the blue river")], tmp_path / "mine.jsonl")
+    with pytest.raises(ValueError, match="holds a run with another configuration"):
+        run_demo(out, probes_file=tmp_path / "mine.jsonl", n_players=3, progress=False)
+    assert load_probes(out / "probes.jsonl") == first

@@ -217,8 +217,8 @@ def scan_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 0.5, 
             from sftint_fast.players import is_content_word
 
             for probe in pool[:max_tries]:
-                words = len(probe.players) if probe.players else sum(is_content_word(w) for w in probe.prompt.split())
-                if words < n_players:
+                if (len(probe.players) != n_players if probe.players  # the tracker drops other player counts
+                        else sum(is_content_word(w) for w in probe.prompt.split()) < n_players):
                     continue
                 ids = prompt_ids(tokenizer, probe.prompt, chat=chat)
                 logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float()
@@ -231,9 +231,9 @@ def scan_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 0.5, 
         model.train(was_training)
     if found < count:
         logger.warning("confident_probes: found %d of %d probes with p_y >= %g%s (%d of %d candidates scored; the "
-                       "others have fewer than %d content words or lie past max_tries=%d)", found, count, min_py,
-                       " and a content-word target" if content_target else "", len(scored), len(pool), n_players,
-                       max_tries)
+                       "others have fewer than %d content words, or other than that many players, or lie past "
+                       "max_tries=%d)", found, count, min_py, " and a content-word target" if content_target else "",
+                       len(scored), len(pool), n_players, max_tries)
     return scored
 
 
@@ -249,7 +249,8 @@ def confident_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 
     """Probes whose base-model target probability ``p_y`` (argmax next token) is at least ``min_py``.
 
     Scores candidates (default: :func:`confident_candidates` of ``sources``) with one forward pass each, keeping
-    those with at least ``n_players`` content words (or players, where a probe names them), until ``count`` are
+    those with at least ``n_players`` content words (exactly ``n_players`` players, where a probe names them: the
+    tracker drops a probe with other than ``n_players`` players), until ``count`` are
     found or the first ``max_tries`` candidates were looked at. ``content_target``: only probes whose greedy token
     is a content word (the answer itself, not "The ...").
     """
