@@ -143,3 +143,17 @@ def test_compare_takes_the_last_logged_training_loss(tmp_path):
     result, _ = compare_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp")
     assert result["rows"][0]["train_loss_last"] == 2.5  # the window (2, 4]; (4, 6] logged nothing
     assert result["rows"][1]["train_loss_last"] == pytest.approx(3.0 - 0.1 * 5.5 - 0.02)  # mean of steps 5 and 6
+
+
+def test_compare_names_other_probe_sets(tmp_path):
+    for name in ("a", "b", "c"):
+        _run(tmp_path / name, seed=1, drift=0.05)  # the same base values: only the prompts below differ
+    prompts = [f"question {i}?" for i in range(6)]
+    for name, mine in (("a", prompts), ("b", prompts), ("c", prompts[:5] + ["What is the capital city of Chad?"])):
+        path = tmp_path / name / "report.json"
+        data = json.loads(path.read_text())
+        data["probes"]["prompts"] = mine
+        path.write_text(json.dumps(data))
+    result, _ = compare_runs([tmp_path / "a", tmp_path / "b", tmp_path / "c"], tmp_path / "cmp", labels=["A", "B", "C"])
+    assert result["differences"] == ["C tracks other probes than A (6 vs 6; 1 not among A's, e.g. 'What is the capital "
+                                     "city of Chad?'), so its counts are not those of the same interactions"]

@@ -106,10 +106,15 @@ def _differences(labels: list[str], reports: list[TrackReport]) -> list[str]:
     if any(r.gamma_available != first.gamma_available for r in reports[1:]):
         out.append("reference model (γ, and emergence counted unshared with it): "
                    + ", ".join(f"{label} {'yes' if r.gamma_available else 'no'}" for label, r in zip(labels, reports)))
-    base = first.probes["p_y"][0]
+    base, prompts = first.probes["p_y"][0], first.probes.get("prompts")
     for label, report in zip(labels[1:], reports[1:]):
-        other = report.probes["p_y"][0]
-        if len(other) != len(base) or any(
+        other, theirs = report.probes["p_y"][0], report.probes.get("prompts")
+        if prompts is not None and theirs is not None and list(theirs) != list(prompts):
+            new = [x for x in theirs if x not in set(prompts)]
+            out.append(f"{label} tracks other probes than {labels[0]} ({len(theirs)} vs {len(prompts)}; "
+                       + (f"{len(new)} not among {labels[0]}'s, e.g. {new[0]!r}" if new else "the same prompts in "
+                          "another order or number") + "), so its counts are not those of the same interactions")
+        elif len(other) != len(base) or any(
                 a is None or b is None or not math.isclose(a, b, rel_tol=BASE_RTOL, abs_tol=1e-6)
                 for a, b in zip(base, other)):
             out.append(f"{label} starts from other base values than {labels[0]} (base p_y of its {len(other)} probes "
