@@ -527,6 +527,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
+    from sftint_fast.plot import bound
     from sftint_fast.sft.compare import compare_runs
 
     labels = None if args.labels is None else [x.strip() for x in args.labels.split(",")]
@@ -534,7 +535,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     print(f"comparison: {md}")
     for row in result["rows"]:
         print(f"{row['label']}: excess removals {row['removed_excess_cumulative']:.0f} "
-              f"(lower bound {row['removed_excess_cumulative_lo']:.0f}), excess emergence "
+              f"(lower bound {bound(row['removed_excess_cumulative_lo'])}), excess emergence "
               f"{row['emerged_excess_total']:.0f}, phase boundary {row['phase_boundary']}, "
               f"held-out loss min at step {row['heldout_loss_min_step']}")
     for line in result["differences"]:

@@ -251,10 +251,10 @@ def headline(report: TrackReport) -> dict[str, Any]:
     base = c["all/preserved"][0]
     if lo_removed > 0:
         verdict = (f"A denoising stage above the noise floor is visible: {excess_removed:.0f} removals beyond the "
-                   f"floor (bootstrap lower bound {lo_removed:.0f} > 0) out of {base:.0f} base salient interactions")
+                   f"floor (bootstrap lower bound {bound(lo_removed)} > 0) out of {base:.0f} base salient interactions")
     else:
         verdict = (f"No denoising stage above the noise floor is visible: cumulative excess removals are "
-                   f"{excess_removed:.0f} (bootstrap lower bound {lo_removed:.0f} <= 0) out of {base:.0f} base "
+                   f"{excess_removed:.0f} (bootstrap lower bound {bound(lo_removed)} <= 0) out of {base:.0f} base "
                    f"salient interactions")
     verdict += (f"; emergence beyond the floor totals {emerged_excess_total:.0f}"
                 + (f", and the phase boundary falls at step {report.phase_boundary}." if report.phase_boundary is not None
@@ -402,6 +402,12 @@ def _words(row: dict[str, Any]) -> str:
     if row.get("words") is None:
         return f"S={row['subset']}"
     return "{" + ", ".join(f'"{w}"' if any(c in w for c in ",{} ") else w for w in row["words"]) + "}"
+
+
+def bound(x: float) -> str:
+    """A bootstrap bound on a count, to one decimal, where 0 decides: 0.3 is "0.3", not "0", and -0.04 is "0.0"."""
+    text = f"{x:.1f}"
+    return "0.0" if text == "-0.0" else text
 
 
 def _fmt(x: Any) -> str:

@@ -157,3 +157,9 @@ def test_compare_names_other_probe_sets(tmp_path):
     result, _ = compare_runs([tmp_path / "a", tmp_path / "b", tmp_path / "c"], tmp_path / "cmp", labels=["A", "B", "C"])
     assert result["differences"] == ["C tracks other probes than A (6 vs 6; 1 not among A's, e.g. 'What is the capital "
                                      "city of Chad?'), so its counts are not those of the same interactions"]
+
+
+def test_bounds_print_to_one_decimal_so_that_zero_decides():
+    from sftint_fast.plot import bound
+
+    assert [bound(x) for x in (0.3, -0.04, -0.0, 0.0, 12.0, -2.25)] == ["0.3", "0.0", "0.0", "0.0", "12.0", "-2.2"]

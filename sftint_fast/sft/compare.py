@@ -124,6 +124,8 @@ def _differences(labels: list[str], reports: list[TrackReport]) -> list[str]:
 
 
 def _markdown(rows: list[dict[str, Any]], differences: list[str]) -> str:
+    from sftint_fast.plot import bound
+
     lines = ["# Tracked SFT runs compared", ""]
     if differences:
         lines += ["**Not like for like**: " + ("; ".join(differences)) + ".", ""]
@@ -137,7 +139,7 @@ def _markdown(rows: list[dict[str, Any]], differences: list[str]) -> str:
         lines.append(
             f"| {r['label']} | {r['steps'][0]}–{r['last_step']} ({len(r['steps'])}) | {r['probes']} "
             f"| {r['base_salient']:.0f} | {r['removed']:.0f} | {r['emerged']:.0f} "
-            f"| {r['removed_excess_cumulative']:.0f} ({r['removed_excess_cumulative_lo']:.0f}) "
+            f"| {r['removed_excess_cumulative']:.0f} ({bound(r['removed_excess_cumulative_lo'])}) "
             f"| {r['emerged_excess_total']:.0f} | {_opt(r['phase_boundary'])} "
             f"| {_loss(r['heldout_loss_first'])} → {_loss(r['heldout_loss_last'])} ({_opt(r['heldout_loss_min_step'])}) "
             f"| {_loss(r['train_loss_last'])} | {r['p_y_first']:.3f} → {r['p_y_last']:.3f} "
