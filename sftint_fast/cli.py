@@ -167,7 +167,9 @@ def _parse_players(value):
     if value == "all":
         return "words"
     items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, list) or not items or any(isinstance(x, bool) for x in items):
+    # a JSON list holds ints (int() would truncate 2.5 to word 2) or digit strings
+    if not isinstance(items, list) or not items or any(isinstance(x, bool) or not isinstance(x, (int, str))
+                                                       for x in items):
         raise ValueError(f"players: expected 'all' or comma-separated word indices, received {value!r}")
     try:
         return [int(x) for x in items]
@@ -181,7 +183,8 @@ def _read_prompts(path: str) -> list[dict]:
     from pathlib import Path
 
     rows = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    # rows end at "\n" only: splitlines() would also split inside a JSON string at U+2028, U+0085, ...
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -228,9 +231,17 @@ def _run_explain(args: argparse.Namespace) -> int:
     try:
         model, tokenizer = _load(args)
         args.model_device = str(next(model.parameters()).device)  # recorded in config.json
-        games = [sf.Game.from_text(model, tokenizer, text, players=players, n_players=args.n_players, target=target,
-                                   chat=args.chat, masking=args.masking, pick=args.pick)
-                 for text, players, target in requests]
+        games = []
+        for i, (text, players, target) in enumerate(requests):
+            try:
+                games.append(sf.Game.from_text(model, tokenizer, text, players=players, n_players=args.n_players,
+                                               target=target, chat=args.chat, masking=args.masking, pick=args.pick))
+            except (ValueError, TypeError) as err:
+                if args.file is None:
+                    raise
+                # name the row: the same message could come from --players/--target or from any row of the file
+                kind = TypeError if isinstance(err, TypeError) else ValueError
+                raise kind(f"--file {args.file}, prompt {i} ({text[:40]!r}): {err}") from err
         if args.file is None and not distributed.is_distributed():
             values = [sf.evaluate(model, games[0], method=args.method, progress=True).cpu()]
         else:

@@ -210,8 +210,12 @@ def save_shard(path: Path, v: torch.Tensor, metadata: Mapping[str, str]) -> None
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({"v": v.detach().to("cpu").contiguous()}, str(tmp), metadata=dict(metadata))
-    os.replace(tmp, path)
+    try:
+        save_file({"v": v.detach().to("cpu").contiguous()}, str(tmp), metadata=dict(metadata))
+        os.replace(tmp, path)
+    except BaseException:  # an interrupted or failed write leaves no partial temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load_shard(path: Path) -> torch.Tensor:

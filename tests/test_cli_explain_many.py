@@ -80,12 +80,31 @@ def test_explain_file_writes_one_folder_per_prompt_and_resumes(model_dir, prompt
 
 @pytest.mark.parametrize("line,message", [('{"text": "a"}', '"prompt" string'), ("not json", "invalid JSON"),
                                           ('{"prompt": "a cat", "players": "x,y"}', "players"),
-                                          ('{"prompt": "a cat", "extra": 1}', "extra")])
+                                          ('{"prompt": "a cat", "extra": 1}', "extra"),
+                                          ('{"prompt": "a cat sat", "players": [0, 1.5]}', "players")])
 def test_explain_file_rejects_bad_rows(model_dir, tmp_path, capsys, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(ROWS[0]) + "\n" + line + "\n")
     assert main(["explain", "--model", str(model_dir), "--file", str(path)]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_explain_file_names_the_row_a_game_error_comes_from(model_dir, tmp_path, capsys):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n\n" + json.dumps({"prompt": "a small dog", "players": [0, 9]}) + "\n")
+    assert main(["explain", "--model", str(model_dir), "--file", str(path), "--method", "naive"]) == 2
+    err = capsys.readouterr().err
+    assert "prompt 1 ('a small dog')" in err and "received 9" in err
+
+
+def test_read_prompts_keeps_rows_with_unicode_line_separators(tmp_path):
+    """json.dumps(ensure_ascii=False) leaves U+2028, U+2029 and U+0085 raw inside strings: still one row each."""
+    from sftint_fast.cli import _read_prompts
+
+    rows = [{"prompt": "one\u2028two"}, {"prompt": "three\x85four", "target": "x\u2029y"}, {"prompt": "five"}]
+    path = tmp_path / "unicode.jsonl"
+    path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    assert _read_prompts(str(path)) == rows
 
 
 def test_explain_needs_text_or_file(model_dir):

@@ -110,6 +110,19 @@ def test_evaluate_many_with_out_dir_resumes_and_matches_evaluate(tmp_path, tiny_
         assert torch.equal(a, ref.cpu()) and torch.equal(b, ref.cpu())
 
 
+def test_save_shard_leaves_no_temp_file_when_interrupted(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def interrupted(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        D.save_shard(D.shard_path(tmp_path, "k"), torch.zeros(4), {"key": "k"})
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_evaluate_sharded_rejects_non_games():
     with pytest.raises(TypeError, match=r"games\[1\]"):
         D.evaluate_sharded(None, [make_games(1)[0], "text"], evaluate_fn=_fake_evaluate([]))

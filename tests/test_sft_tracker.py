@@ -133,6 +133,10 @@ def test_probe_jsonl_roundtrip_and_validation(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"answer": "x"}\n')
     with pytest.raises(ValueError, match="prompt"):
         load_probes(tmp_path / "bad.jsonl")
+    odd = [Probe("one\u2028two?", " x\u2029y"), Probe("three\x85four")]  # raw in JSON strings, not line ends
+    (tmp_path / "odd.jsonl").write_text("\r\n".join(json.dumps({"prompt": p.prompt, "answer": p.answer},
+                                                                ensure_ascii=False) for p in odd), encoding="utf-8")
+    assert load_probes(tmp_path / "odd.jsonl") == odd
 
 
 def test_probe_sources_come_in_order_and_a_missing_one_is_an_error(monkeypatch):
