@@ -225,6 +225,45 @@ def test_tracker_resume_refuses_another_baseline_tensor(tmp_path):
     assert _plain(out_dir=run, baseline=torch.ones(4)).steps == [0]
 
 
+def test_tracker_resume_refuses_other_heldout_batches(tmp_path, caplog):
+    run = tmp_path / "run"
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "labels": torch.tensor([[-100, 6, 7, 8]])}
+    other = {"input_ids": torch.tensor([[9, 9, 9, 9]]), "labels": torch.tensor([[-100, 9, 9, 9]])}
+    _plain(out_dir=run, heldout=[batch]).add_values(0, _values())
+    assert _plain(out_dir=run, heldout=[{k: v.clone() for k, v in batch.items()}]).steps == [0]
+    with pytest.raises(ValueError, match=r"another configuration \(differs in \['heldout_sha256'\]"):
+        _plain(out_dir=run, heldout=[other])
+    # a run saved before the digest was recorded resumes with a warning (its batches are unknown)
+    config = json.loads((run / "config.json").read_text())
+    del config["heldout_sha256"]
+    (run / "config.json").write_text(json.dumps(config))
+    assert _plain(out_dir=run, heldout=[other]).steps == [0]
+    assert "the given batches cannot be checked" in caplog.text
+
+
+def test_tracker_step_that_could_not_be_saved_is_not_recorded_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    run = tmp_path / "run"
+    tracker = _plain(out_dir=run)
+    tracker.add_values(0, _values())
+    real = safetensors.torch.save_file
+
+    def disk_full(tensors, path, *args, **kwargs):
+        real(tensors, path, *args, **kwargs)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        tracker.add_values(1, _values(seed=1))
+    assert tracker.steps == [0] and len(tracker.states) == 1
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "step_000000000.json",
+                                                     "step_000000000.safetensors"]
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
+    tracker.add_values(1, _values(seed=1))  # the retry records and saves it (it was skipped as already recorded)
+    assert _plain(out_dir=run).steps == [0, 1]
+
+
 # --------------------------------------------------------------------------------------- distributed
 
 

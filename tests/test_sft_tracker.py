@@ -108,6 +108,26 @@ def test_refuses_mismatched_config_and_architecture(tokenizer, tmp_path):
         resumed.add_checkpoint(tiny_model("qwen2"), 5)
 
 
+def test_a_refused_base_checkpoint_leaves_nothing_a_retry_would_build_on(tokenizer, tmp_path):
+    model = tiny_model("llama")
+    tracker = _tracker(tokenizer, tmp_path / "a", min_base_py=0.99)
+    for _ in range(2):  # the retry is refused too: it must not record the probes the base check dropped
+        with pytest.raises(ValueError, match="no probe has base p_y >= min_base_py=0.99"):
+            tracker.add_checkpoint(model, 0)
+    assert tracker.steps == [] and tracker.games is None and tracker.signature is None
+    # refused after its games were saved (here: a reference of the wrong shape): no games are left in out_dir for
+    # a resumed tracker to take as the base's (with that model's architecture)
+    run = tmp_path / "b"
+    with pytest.raises(ValueError, match="reference I_and: expected shape"):
+        _tracker(tokenizer, run, reference={"I_and": torch.zeros(1, 4)}).add_checkpoint(tiny_model("qwen2"), 0)
+    assert not (run / "games.json").exists()
+    resumed = _tracker(tokenizer, run, reference={"I_and": torch.zeros(1, 4)})
+    assert resumed.games is None and resumed.signature is None
+    resumed._reference_source = None  # (the config compares no dict's values) a base of another architecture
+    resumed.add_checkpoint(model, 0)
+    assert resumed.steps == [0] and resumed.signature["model_type"] == "llama"
+
+
 def test_tracker_with_sgd_sets_and_or_and_reference(tokenizer):
     models = _checkpoints(3)
     ref = tiny_model("qwen2", seed=3)

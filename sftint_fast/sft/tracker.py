@@ -338,6 +338,15 @@ class SFTTracker:
             diff = {k: (self.signature.get(k), signature.get(k)) for k in signature if signature.get(k) != self.signature.get(k)}
             raise ValueError(f"model: expected the base model's architecture {self.signature}, got a model that differs in "
                              f"(base, given): {diff}")
+        base, reference = self.games is None, self.reference
+        try:
+            self._track_checkpoint(model, step, signature)
+        except BaseException:
+            if base and step not in self.steps:
+                self._forget_base(reference)
+            raise
+
+    def _track_checkpoint(self, model: Any, step: int, signature: dict[str, Any]) -> None:
         was_training = model.training
         model.eval()
         t0 = time.perf_counter()
@@ -396,7 +405,12 @@ class SFTTracker:
                          floors=floors, extra=extra, meta=meta)
         self._ingest(record)
         if self._writes:
-            self._save_record(record)
+            try:
+                self._save_record(record)
+            except BaseException:  # not saved: not recorded (a retry of this step would be skipped, and lost)
+                self.records.pop()
+                self.states.pop()
+                raise
 
     @property
     def solver(self) -> str:
@@ -506,6 +520,18 @@ class SFTTracker:
         return _build_report(self)
 
     # --------------------------------------------------------------------------------------------- internals
+
+    def _forget_base(self, reference: Any) -> None:
+        """Undoes what a refused base checkpoint set up (games, signature, numerics, a reference it evaluated), in
+        memory and in ``out_dir``: a retry builds them again from the model it is given, with its checks."""
+        self.games = self.kept = self.signature = self.numerics = None
+        names = ["games.json", "games.safetensors"]
+        if reference is None and self.reference is not None:
+            self.reference = None
+            names.append("reference.safetensors")
+        if self._writes:
+            for name in names:
+                (self.out_dir / name).unlink(missing_ok=True)
 
     @property
     def _writes(self) -> bool:
@@ -761,6 +787,10 @@ class SFTTracker:
         if isinstance(self._baseline, torch.Tensor):
             # the config records only "tensor"; the digest tells a resumed run's tensor from another one
             blob["baseline_sha256"] = _tensor_digest(self._baseline)
+        heldout = _heldout_digest(self._heldout)
+        if heldout is not None:
+            # "heldout" records only the keys of batches given as dicts; this tells their tensors apart
+            blob["heldout_sha256"] = heldout
         return blob
 
     def _open_out_dir(self) -> None:
@@ -778,6 +808,10 @@ class SFTTracker:
             logger.warning("out_dir %s: saved without the digest of its baseline tensor (an older run); the given "
                            "baseline tensor cannot be checked against it", out)
             del blob["baseline_sha256"]
+        if "heldout_sha256" in blob and "heldout_sha256" not in saved and saved.get("heldout") == blob.get("heldout"):
+            logger.warning("out_dir %s: saved without the digest of its held-out batches (an older run); the given "
+                           "batches cannot be checked against them", out)
+            del blob["heldout_sha256"]
         if saved != blob:
             diff = sorted(k for k in set(saved) | set(blob) if saved.get(k) != blob.get(k))
             detail = {}
@@ -786,6 +820,8 @@ class SFTTracker:
                           if saved["tracker"].get(k) != blob["tracker"].get(k)}
             if "baseline_sha256" in diff:
                 detail["baseline_sha256"] = (saved.get("baseline_sha256"), blob.get("baseline_sha256"))
+            if "heldout_sha256" in diff:
+                detail["heldout_sha256"] = (saved.get("heldout_sha256"), blob.get("heldout_sha256"))
             raise ValueError(f"out_dir {out}: holds a run with another configuration (differs in {diff}; "
                              f"tracker options (saved, given): {detail}); use a new out_dir")
         self._load_saved()
@@ -999,6 +1035,20 @@ def _digest(items: Any) -> str | None:
     return hashlib.sha256(repr([x if isinstance(x, (tuple, list, str)) else sorted(x) for x in items]).encode()).hexdigest()[:16]
 
 
+def _heldout_digest(items: Any) -> str | None:
+    """sha256 of held-out data with batches given as dicts of tensors, their keys and values (None without any)."""
+    if items is None or not any(isinstance(x, dict) for x in items):
+        return None
+    digest = hashlib.sha256()
+    for x in items:
+        if isinstance(x, dict):
+            for key in sorted(x):
+                digest.update(f"{key}:{_tensor_digest(torch.as_tensor(x[key]))};".encode())
+        else:
+            digest.update(f"{x!r};".encode())
+    return digest.hexdigest()[:16]
+
+
 def _tensor_digest(x: torch.Tensor) -> str:
     """sha256 of the shape and float64 values: equal values give equal digests whatever the dtype or device."""
     values = x.detach().to("cpu", torch.float64).contiguous()
@@ -1021,16 +1071,24 @@ def _json_safe(x: Any) -> Any:
 
 def _atomic_write_text(target: Path, text: str) -> None:
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, target)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _atomic_save_tensors(target: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, target)
+    try:
+        save_file(tensors, str(tmp))
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ------------------------------------------------------------------------------------------------- report
