@@ -291,3 +291,15 @@ def test_sharding_rejects_bool_ranks_negative_counts_and_bad_costs(call, error, 
 def test_and_or_and_top_interactions_reject_bools_and_non_int_seeds(call, error, message):
     with pytest.raises(error, match=message):
         call(torch.tensor([0.0, 1.0, 1.0, 3.0], dtype=torch.float64))
+
+
+def test_tracker_resume_refuses_other_reference_interactions(tmp_path):
+    run = tmp_path / "run"
+    _plain(out_dir=run, reference={"I_and": torch.zeros(2, 4)}).add_values(0, _values())
+    assert _plain(out_dir=run, reference={"I_and": torch.zeros(2, 4)}).steps == [0]
+    with pytest.raises(ValueError, match=r"differs in \['reference_sha256'\]"):
+        _plain(out_dir=run, reference={"I_and": torch.ones(2, 4)})
+    config = json.loads((run / "config.json").read_text())  # a run saved before the digest existed
+    del config["reference_sha256"]
+    (run / "config.json").write_text(json.dumps(config))
+    assert _plain(out_dir=run, reference={"I_and": torch.ones(2, 4)}).steps == [0]  # with a warning

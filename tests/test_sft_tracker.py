@@ -306,6 +306,16 @@ def test_reference_of_another_vocabulary_needs_a_decodable_target(tokenizer):
     assert tracker.report().gamma_available
 
 
+def test_resume_refuses_another_reference(tokenizer, tmp_path):
+    """A resumed run uses the reference values it saved: another reference given on resume is refused, not ignored."""
+    base = _checkpoints(1)[0]
+    run = tmp_path / "run"
+    _tracker(tokenizer, run, reference=(tiny_model("llama", seed=3), tokenizer)).add_checkpoint(base, 0)
+    assert _tracker(tokenizer, run, reference=(tiny_model("llama", seed=3), tokenizer)).steps == [0]  # the same
+    with pytest.raises(ValueError, match=r"another configuration \(differs in \['reference_sha256'\]"):
+        _tracker(tokenizer, run, reference=(tiny_model("llama", seed=4), tokenizer))
+
+
 class _NoLogitsToKeep(torch.nn.Module):
     """A causal LM whose forward has no ``logits_to_keep`` (e.g. an older or custom model): full logits, sliced."""
 

@@ -791,6 +791,11 @@ class SFTTracker:
         if heldout is not None:
             # "heldout" records only the keys of batches given as dicts; this tells their tensors apart
             blob["heldout_sha256"] = heldout
+        reference = _reference_digest(self._reference_source)
+        if reference is not None:
+            # "reference" records only "interactions" or the model's type: a resumed run uses the reference values
+            # it saved, so another reference given on resume would be ignored without this
+            blob["reference_sha256"] = reference
         return blob
 
     def _open_out_dir(self) -> None:
@@ -812,6 +817,11 @@ class SFTTracker:
             logger.warning("out_dir %s: saved without the digest of its held-out batches (an older run); the given "
                            "batches cannot be checked against them", out)
             del blob["heldout_sha256"]
+        if ("reference_sha256" in blob and "reference_sha256" not in saved
+                and saved.get("reference") == blob.get("reference")):
+            logger.warning("out_dir %s: saved without the digest of its reference (an older run); the given reference "
+                           "cannot be checked against the one it saved, which is the one used", out)
+            del blob["reference_sha256"]
         if saved != blob:
             diff = sorted(k for k in set(saved) | set(blob) if saved.get(k) != blob.get(k))
             detail = {}
@@ -820,8 +830,9 @@ class SFTTracker:
                           if saved["tracker"].get(k) != blob["tracker"].get(k)}
             if "baseline_sha256" in diff:
                 detail["baseline_sha256"] = (saved.get("baseline_sha256"), blob.get("baseline_sha256"))
-            if "heldout_sha256" in diff:
-                detail["heldout_sha256"] = (saved.get("heldout_sha256"), blob.get("heldout_sha256"))
+            for key in ("heldout_sha256", "reference_sha256"):
+                if key in diff:
+                    detail[key] = (saved.get(key), blob.get(key))
             raise ValueError(f"out_dir {out}: holds a run with another configuration (differs in {diff}; "
                              f"tracker options (saved, given): {detail}); use a new out_dir")
         self._load_saved()
@@ -1027,6 +1038,30 @@ def _describe_reference(source: Any) -> str | None:
     if isinstance(source, (tuple, list)):
         return f"model:{getattr(getattr(source[0], 'config', None), 'model_type', type(source[0]).__name__)}"
     return "interactions"
+
+
+def _reference_digest(source: Any) -> str | None:
+    """A fingerprint of a reference given as interactions (their values) or as ``(model, tokenizer)`` (its config and
+    a strided sample of every parameter: another model of the same type differs); None for a path or none."""
+    if isinstance(source, dict):
+        digest = hashlib.sha256()
+        for key in sorted(source):
+            digest.update(f"{key}:{_tensor_digest(torch.as_tensor(source[key]))};".encode())
+        return digest.hexdigest()[:16]
+    if isinstance(source, (tuple, list)) and source and hasattr(source[0], "named_parameters"):
+        model = source[0]
+        digest = hashlib.sha256()
+        config = getattr(model, "config", None)
+        settings = config.to_dict() if hasattr(config, "to_dict") else {}
+        settings.pop("_name_or_path", None)  # where it was loaded from: the same model moved is the same reference
+        digest.update(repr(sorted(settings.items())).encode())
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                flat = param.detach().reshape(-1)
+                sample = flat[:: max(1, flat.numel() // 1024)]
+                digest.update(f"{name}:{tuple(param.shape)}:{_tensor_digest(sample)};".encode())
+        return digest.hexdigest()[:16]
+    return None
 
 
 def _digest(items: Any) -> str | None:
