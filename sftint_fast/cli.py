@@ -254,6 +254,12 @@ def _run_explain(args: argparse.Namespace) -> int:
             if args.file is not None:
                 print(f"[{i}] {text}")
             _explain_one(args, tokenizer, text, game, v.cpu(), out)
+        if args.file is not None and args.out is not None:
+            stale = sorted(p.name for p in Path(args.out).glob("prompt_*")
+                           if p.is_dir() and p.name[7:].isdigit() and int(p.name[7:]) >= len(requests))
+            if stale:  # an earlier run of a longer file: left alone, but they are not this file's rows
+                print(f"note: {args.out} also holds {', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''} from an "
+                      f"earlier run with more rows than the {len(requests)} of {args.file}", file=sys.stderr)
     finally:
         if owns_group:
             import torch.distributed

@@ -76,6 +76,12 @@ def test_explain_file_writes_one_folder_per_prompt_and_resumes(model_dir, prompt
     assert main(argv) == 0
     assert len(calls) == 1  # only the deleted shard's game was evaluated again
     _check_outputs(out, _expected())
+    assert "also holds" not in capsys.readouterr().err
+    shorter = tmp_path / "shorter.jsonl"  # the same run folder with fewer rows: the older rows' folders are named
+    shorter.write_text(json.dumps(ROWS[0]) + "\n")
+    assert main(argv[:4] + [str(shorter)] + argv[5:]) == 0
+    err = capsys.readouterr().err
+    assert f"also holds {', '.join(f'prompt_{i:04d}' for i in range(1, len(ROWS)))} from an earlier run" in err
 
 
 @pytest.mark.parametrize("line,message", [('{"text": "a"}', '"prompt" string'), ("not json", "invalid JSON"),
