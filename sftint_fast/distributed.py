@@ -176,10 +176,55 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def _value_name(value: Any) -> str:
+def _value_name(value: Any, depth: int = 0) -> str:
+    """The value function's name, and for a ``functools.partial`` or a closure what it was made with (its arguments,
+    defaults, closure cells): two partials of one function, or two closures of one factory, get other names."""
     if isinstance(value, str):
         return value
-    return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__qualname__)}"
+    name = f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__qualname__)}"
+    state = _value_state(value, depth + 1)
+    return name if state is None else f"{name}#{hashlib.sha256(state).hexdigest()[:16]}"
+
+
+def _value_state(obj: Any, depth: int) -> bytes | None:
+    """Bytes that tell apart what a value function was made with; None where there is nothing (a plain function)."""
+    import functools
+
+    if depth > 4:
+        return b"..."
+    if isinstance(obj, functools.partial):
+        parts = [_value_name(obj.func, depth + 1).encode()]
+        parts += [_value_part(a, depth) for a in obj.args]
+        parts += [k.encode() + b"=" + _value_part(v, depth) for k, v in sorted(obj.keywords.items())]
+        return b"partial(" + b",".join(parts) + b")"
+    cells = getattr(obj, "__closure__", None) or ()
+    defaults = (getattr(obj, "__defaults__", None) or ()) + tuple(sorted((getattr(obj, "__kwdefaults__", None) or {})
+                                                                         .items()))
+    if not cells and not defaults:
+        return None
+    parts = []
+    for cell in cells:
+        try:
+            parts.append(_value_part(cell.cell_contents, depth))
+        except ValueError:  # an empty cell
+            parts.append(b"<empty>")
+    return b"closure(" + b",".join(parts) + b";" + b",".join(_value_part(d, depth) for d in defaults) + b")"
+
+
+def _value_part(x: Any, depth: int) -> bytes:
+    if isinstance(x, torch.Tensor):
+        return f"tensor{tuple(x.shape)}{x.dtype}:".encode() + hashlib.sha256(_tensor_bytes(x)).digest()
+    if x is None or isinstance(x, (bool, int, float, complex, str, bytes)):
+        return repr(x).encode()
+    if isinstance(x, (tuple, list)):
+        return b"[" + b",".join(_value_part(y, depth + 1) for y in x) + b"]"
+    if isinstance(x, dict):
+        return b"{" + b",".join(repr(k).encode() + b":" + _value_part(v, depth + 1) for k, v in sorted(
+            x.items(), key=lambda kv: repr(kv[0]))) + b"}"
+    if callable(x):
+        return _value_name(x, depth + 1).encode()
+    # other objects: their type only (a repr may hold a memory address, which differs between processes)
+    return f"<{type(x).__module__}.{type(x).__qualname__}>".encode()
 
 
 def game_key(game: Game, *, model_key: str, options: Mapping[str, Any] | None = None) -> str:

@@ -64,6 +64,42 @@ def test_game_key_changes_with_what_changes_values():
         D.game_key(a, model_key="m", options={"subsets": torch.tensor([0, 2])})
 
 
+def _scaled(logits, scale=1.0):
+    return logits[:, -1, 0] * scale
+
+
+def _scaler(k):
+    return lambda logits: logits[:, -1, 0] * k
+
+
+def test_game_key_tells_value_functions_by_what_they_were_made_with():
+    """A functools.partial or a closure enters the key with its arguments / cells: two of them in one out_dir must not
+    share shards (the name alone is 'functools.partial' or 'make.<locals>.<lambda>' for all)."""
+    import dataclasses
+    import functools
+    import subprocess
+    import sys
+
+    game = make_games(1)[0]
+
+    def key(value):
+        return D.game_key(dataclasses.replace(game, value=value), model_key="m")
+
+    assert key(functools.partial(_scaled, scale=2.0)) == key(functools.partial(_scaled, scale=2.0))
+    assert key(functools.partial(_scaled, scale=2.0)) != key(functools.partial(_scaled, scale=3.0))
+    assert key(_scaler(2)) == key(_scaler(2)) != key(_scaler(3))
+    assert key(_scaler(torch.ones(3))) != key(_scaler(torch.zeros(3)))
+    assert key(_scaled) != key(functools.partial(_scaled, scale=2.0))
+    assert D._value_name(torch.sigmoid) == "torch._VariableFunctionsClass.sigmoid"  # no state: the name as before
+    # the same key in another process (ranks compare keys): nothing in it may depend on memory addresses
+    code = ("import functools, torch, test_distributed as t; from sftint_fast import distributed as D; "
+            "print(D._value_name(functools.partial(t._scaled, scale=2.0)), D._value_name(t._scaler(torch.ones(3))))")
+    here = f"{D._value_name(functools.partial(_scaled, scale=2.0))} {D._value_name(_scaler(torch.ones(3)))}"
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           cwd=Path(__file__).parent).stdout.strip()
+    assert there == here.replace("tests.test_distributed", "test_distributed").replace(f"{__name__}.", "test_distributed.")
+
+
 def test_model_fingerprint_tracks_weights(tiny_llama):
     before = D.model_fingerprint(tiny_llama)
     assert before == D.model_fingerprint(tiny_llama)
