@@ -411,6 +411,27 @@ def test_removed_gamma_uses_the_base_checkpoints_signs():
     assert curves["and/preserved_gamma"] == pytest.approx([1.0, 1.0])
 
 
+def test_gamma_with_an_absolute_threshold_uses_it_for_the_reference_too():
+    # threshold_reference="absolute": tau is a magnitude, for Ω_ref as for Ω (not a share of max |I_ref|)
+    tau = 0.5
+    ref = [[0.0, 4.0, 0.6, 0.0]]
+    rows = [[[0.0, 1.0, 0.0, 0.8]], [[0.0, 1.0, 0.7, 0.8]]]  # {1} emerges at step 1, with the reference's sign
+    tracker = _plain(threshold_reference="absolute", tau=tau, reference={"I_and": torch.tensor(ref, dtype=torch.float64)})
+    for step, row in enumerate(rows):
+        tracker.add_values(step, _from_interactions(row))
+    curves = tracker.report().curves
+
+    def brute_gamma(inter, members):  # METHOD.md section 4, Ω_ref = {S != ∅ : |I_ref(S)| > tau}
+        num = sum(abs(inter[s]) for s in members if s and abs(ref[0][s]) > tau and (inter[s] > 0) == (ref[0][s] > 0))
+        return num / sum(abs(inter[s]) for s in members)
+
+    assert curves["and/preserved_gamma"][0] == pytest.approx(brute_gamma(rows[0][0], [1, 3]))
+    assert curves["and/emerged"] == [0.0, 1.0]
+    assert brute_gamma(rows[1][0], [2]) == 1.0  # relative to max |I_ref| = 4, {1} (0.6 < 2) would not be shared
+    assert curves["and/emerged_gamma"][1] == pytest.approx(brute_gamma(rows[1][0], [2]))
+    assert curves["and/emerged_unshared_new"] == [0.0, 0.0]
+
+
 def test_strength_by_order_is_averaged_over_probes():
     # probe 0: |I| 10 at order 1 only; probe 1: 1 at order 1, 3 at order 2 (all salient, all preserved)
     rows = [[0.0, 10.0, 0.0, 0.0], [0.0, 1.0, 0.0, -3.0]]

@@ -577,7 +577,8 @@ class SFTTracker:
             counts[f"{kind}/removed_new"] = removed.sum(-1).reshape(k, b).double()
             counts[f"{kind}/emerged_new"] = emerged.sum(-1).reshape(k, b).double()
             if self.reference is not None:
-                shared = _shared(fake[-1], self.reference, kind, c.tau, _repeat=k)
+                shared = _shared(fake[-1], self.reference, kind, c.tau, threshold_reference=c.threshold_reference,
+                                 _repeat=k)
                 counts[f"{kind}/emerged_unshared_new"] = (emerged & ~shared).sum(-1).reshape(k, b).double()
         return counts, p * k * b
 
@@ -924,12 +925,16 @@ def _answer_log_prob(target: torch.Tensor):
 
 
 def _shared(interactions: torch.Tensor, reference: dict[str, torch.Tensor], kind: str, tau: float, *,
-            _repeat: int = 1) -> torch.Tensor:
-    """``G_S = 1[S ∈ Ω_ref] · 1[sign I(S) = sign I_ref(S)]`` as a bool ``(B, 2^n)`` tensor."""
+            threshold_reference: str = "base", _repeat: int = 1) -> torch.Tensor:
+    """``G_S = 1[S ∈ Ω_ref] · 1[sign I(S) = sign I_ref(S)]`` as a bool ``(B, 2^n)`` tensor.
+
+    ``Ω_ref`` is the reference model's salient set: ``|I_ref(S)| > τ·max|I_ref|`` (its own base), or ``> τ`` with
+    ``threshold_reference="absolute"``, where ``τ`` is a magnitude."""
     if kind not in reference:
         return torch.zeros_like(interactions, dtype=torch.bool)
     ref = reference[kind].repeat(_repeat, 1)
-    salient = N.initial_state(ref, tau=tau, reference="checkpoint").base
+    salient = N.initial_state(ref, tau=tau, reference="absolute" if threshold_reference == "absolute"
+                              else "checkpoint").base
     return salient & (torch.sign(interactions) == torch.sign(ref))
 
 
@@ -1154,7 +1159,8 @@ def _build_report(tracker: SFTTracker) -> TrackReport:
         inters = torch.stack([r.interactions[kind] for r in records])          # (T, B, 2^n)
         shared = None
         if tracker.reference is not None and kind in tracker.reference:
-            shared = torch.stack([_shared(inters[t], tracker.reference, kind, c.tau) for t in range(T)])
+            shared = torch.stack([_shared(inters[t], tracker.reference, kind, c.tau,
+                                          threshold_reference=c.threshold_reference) for t in range(T)])
         sets = {name: torch.stack([getattr(s[kind], name) for s in states]) for name in SETS}
         for name, member in sets.items():
             # a removed interaction is measured where it was salient: the base checkpoint's I, and its G_S
