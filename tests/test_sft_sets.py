@@ -391,6 +391,15 @@ def test_solver_overlap_is_the_jaccard_of_lp_and_sgd_salient_sets():
         expected = (a & b).sum().item() / (a | b).sum().item()
         assert overlap[kind] == pytest.approx(expected)
         assert 0.0 <= overlap[kind] <= 1.0
+    # threshold_reference="absolute": tau is a magnitude there too (not a share of max |I|)
+    tracker = SFTTracker(None, andor_method="sgd", andor_niter=300, andor_lr=1e-3, noise_floor=None, bootstrap=10,
+                         progress=False, threshold_reference="absolute", tau=0.5)
+    tracker.add_values(0, values)
+    overlap = tracker.solver_overlap()
+    for kind, attr in (("and", "I_and"), ("or", "I_or")):
+        a, b = getattr(lp, attr).abs() > 0.5, getattr(sgd, attr).abs() > 0.5
+        a[..., 0] = b[..., 0] = False  # the empty set is never salient
+        assert overlap[kind] == pytest.approx((a & b).sum().item() / (a | b).sum().item())
 
 
 @pytest.mark.parametrize("null", ["order_matched", "iid"])

@@ -429,7 +429,8 @@ class SFTTracker:
         sets = {}
         for method in ("lp", "sgd"):
             inter, _ = _decompose(values, method=method, config=self.config, progress=self.progress)
-            sets[method] = {k: N.initial_state(inter[k], tau=self.config.tau, reference="checkpoint").base
+            reference = "absolute" if self.config.threshold_reference == "absolute" else "checkpoint"  # = base here
+            sets[method] = {k: N.initial_state(inter[k], tau=self.config.tau, reference=reference).base
                             for k in ("and", "or")}
         for kind in ("and", "or"):
             a, b = sets["lp"][kind], sets["sgd"][kind]
