@@ -135,10 +135,7 @@ class Game:
         else:
             bad = ~torch.isfinite(logits).flatten(1).all(dim=1)
         if bool(bad.any()):
-            rows = bad.nonzero().flatten().tolist()
-            names = subsets.cpu()[rows].tolist() if subsets is not None else rows
-            what = "subsets (bitmasks)" if subsets is not None else "batch rows"
-            raise ValueError(f"non-finite (NaN/inf) logits for {what} {names[:10]}{' ...' if len(names) > 10 else ''}")
+            raise ValueError(f"non-finite (NaN/inf) logits for {_name_rows(bad, subsets)}")
         if fast:
             return values
         if callable(self.value):
@@ -147,6 +144,10 @@ class Game:
                 raise ValueError(
                     f"value: expected the callable to return a ({logits.shape[0]},) tensor, received {_describe(values)}"
                 )
+            bad = ~torch.isfinite(values.detach())
+            if bool(bad.any()):
+                raise ValueError(f"value: expected finite values from the callable, received NaN/inf for "
+                                 f"{_name_rows(bad, subsets)}")
             return values.float()
         y = self.target.to(logits.device).view(1, m, 1).expand(logits.shape[0], m, 1)
         picked = logits.gather(-1, y).squeeze(-1)
@@ -191,7 +192,7 @@ class Game:
                 [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
             )
             tokenized = P.tokenize_with_offsets(tokenizer, rendered, add_special_tokens=False)
-            start = rendered.rfind(text)
+            start = _user_text_start(tokenizer, rendered, text)
             if start < 0:
                 raise ValueError("chat: the user text was not found verbatim in the rendered chat template")
             region = (start, start + len(text))
@@ -214,11 +215,7 @@ class Game:
             if n_players is not None:
                 raise ValueError("n_players: expected None when players are explicit spans")
             if span_unit == "chars":
-                lo = region[0]
-                shifted = [(lo + int(a), lo + int(b)) for a, b in players]
-                if any(b > region[1] for _, b in shifted):
-                    raise ValueError(f"players: expected character spans inside the text [0, {len(text)}], received {list(players)}")
-                spans, words = P.char_players(tokenized, shifted)
+                spans, words = P.char_players(tokenized, players, region=region)
             elif span_unit == "tokens":
                 spans = list(P.validate_spans(players, prompt_ids.numel()))
                 words = [tokenizer.decode(prompt_ids[a:b].tolist()) for a, b in spans]
@@ -240,6 +237,30 @@ class Game:
             value=value,
             prompt_length=int(prompt_ids.numel()),
         )
+
+
+_CHAT_MARKER = "\ue000sftint-user-text\ue000"  # private-use characters: no template or prompt contains them
+
+
+def _user_text_start(tokenizer: Any, rendered: str, text: str) -> int:
+    """Where the user message ``text`` starts in the rendered chat template (-1 if not verbatim): the place the
+    template puts a marker message, so a prompt that also occurs in the template's own text (``"assistant"``)
+    is not taken from there; the last occurrence when the template alters the marker."""
+    marked = tokenizer.apply_chat_template(
+        [{"role": "user", "content": _CHAT_MARKER}], add_generation_prompt=True, tokenize=False
+    )
+    at = marked.find(_CHAT_MARKER)
+    if at >= 0 and marked[:at] + text + marked[at + len(_CHAT_MARKER):] == rendered:
+        return at
+    return rendered.rfind(text)
+
+
+def _name_rows(bad: torch.Tensor, subsets: torch.Tensor | None) -> str:
+    """The subsets (bitmasks, when given) or batch rows flagged in ``bad (B,)``, at most 10."""
+    rows = bad.nonzero().flatten().tolist()
+    names = subsets.cpu()[rows].tolist() if subsets is not None else rows
+    what = "subsets (bitmasks)" if subsets is not None else "batch rows"
+    return f"{what} {names[:10]}{' ...' if len(names) > 10 else ''}"
 
 
 def _describe(x: Any) -> str:

@@ -63,7 +63,17 @@ def _convert_gguf(folder: Path, gguf_name: str, out: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         # os.replace of a directory is atomic; an interrupted conversion leaves only a tmp folder behind.
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except OSError as err:
+            if not out.is_dir() or not any(out.iterdir()):
+                raise
+            if (out / "config.json").is_file():  # another process finished the same conversion first: use its copy
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            found = sorted(p.name for p in out.iterdir())[:10]
+            raise OSError(f"cache {out}: expected no folder or a converted model (config.json) there, found {found}; "
+                          "delete the folder to convert the model again") from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -60,13 +60,16 @@ def tokenize_with_offsets(tokenizer: Any, text: str, *, add_special_tokens: bool
 
 def _offsets_by_decoding(tokenizer: Any, text: str, ids: Sequence[int]) -> tuple[Span, ...]:
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    folded = text.casefold()  # decoding may normalise case (e.g. lower-casing tokenizers)
+    # decoding may normalise case (e.g. lower-casing tokenizers); casefolding can lengthen a character ("ß" → "ss"),
+    # so positions found in the folded text are mapped back to the text's own through ``origin``
+    folded = "".join(c.casefold() for c in text)
+    origin = [i for i, c in enumerate(text) for _ in c.casefold()] + [len(text)]
     offsets: list[Span] = []
     previous = ""
     cursor = 0
     for k in range(len(ids)):
         if ids[k] in special:
-            offsets.append((cursor, cursor))
+            offsets.append((origin[cursor], origin[cursor]))
             continue
         decoded = tokenizer.decode([i for i in ids[: k + 1] if i not in special])
         if not decoded.startswith(previous):
@@ -81,10 +84,23 @@ def _offsets_by_decoding(tokenizer: Any, text: str, ids: Sequence[int]) -> tuple
                 f"players: could not locate token {k} ({piece!r}) in the text; pass explicit token spans as players"
             )
         end = start + len(piece)
-        offsets.append((start, end))
+        offsets.append((origin[start], origin[end - 1] + 1 if end > start else origin[start]))
         cursor = end
         previous = decoded
     return tuple(offsets)
+
+
+def _trimmed_offsets(tokenized: Tokenized) -> list[Span]:
+    """Each token's character span without its leading and trailing whitespace."""
+    text = tokenized.text
+    trimmed: list[Span] = []
+    for a, b in tokenized.offsets:
+        while a < b and text[a].isspace():
+            a += 1
+        while b > a and text[b - 1].isspace():
+            b -= 1
+        trimmed.append((a, b))
+    return trimmed
 
 
 def char_spans_to_token_spans(tokenized: Tokenized, char_spans: Sequence[Span]) -> tuple[list[Span], list[Span]]:
@@ -94,13 +110,7 @@ def char_spans_to_token_spans(tokenized: Tokenized, char_spans: Sequence[Span]) 
     spans that share a token are merged. Returns ``(token_spans, merged_char_spans)`` of equal length.
     """
     text = tokenized.text
-    trimmed: list[Span] = []
-    for a, b in tokenized.offsets:
-        while a < b and text[a].isspace():
-            a += 1
-        while b > a and text[b - 1].isspace():
-            b -= 1
-        trimmed.append((a, b))
+    trimmed = _trimmed_offsets(tokenized)
     groups: list[list[int]] = []  # [char_start, char_end, tok_start, tok_end]
     for cs, ce in char_spans:
         hits = [t for t, (a, b) in enumerate(trimmed) if a < b and a < ce and b > cs]
@@ -166,7 +176,7 @@ def select_words(
             raise ValueError(f"players: expected 'words', 'all' or a list, received {players!r}")
         if n_players is None:
             return list(range(num))
-        if not isinstance(n_players, int) or n_players < 0:
+        if not isinstance(n_players, int) or isinstance(n_players, bool) or n_players < 0:
             raise ValueError(f"n_players: expected a non-negative int, received {n_players!r}")
         if pick not in ("first", "last"):
             raise ValueError(f"pick: expected 'first' or 'last', received {pick!r}")
@@ -207,21 +217,32 @@ def word_players(
     return [token_spans[i] for i in chosen], [texts[i] for i in chosen]
 
 
-def char_players(tokenized: Tokenized, char_spans: Sequence[Sequence[int]]) -> tuple[list[Span], list[str]]:
-    """Token spans of explicit character spans of ``tokenized.text`` (sorted, disjoint)."""
+def char_players(
+    tokenized: Tokenized, char_spans: Sequence[Sequence[int]], *, region: Span | None = None
+) -> tuple[list[Span], list[str]]:
+    """Token spans of explicit character spans of ``tokenized.text[region]`` (default: the whole text), given as
+    offsets from the region's start (sorted, disjoint; a token partly covered belongs to the span)."""
+    lo, hi = region if region is not None else (0, len(tokenized.text))
+    text = tokenized.text
     spans: list[Span] = []
     for i, span in enumerate(char_spans):
-        if len(span) != 2 or not all(isinstance(x, int) for x in span):
+        if len(span) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in span):
             raise TypeError(f"player {i}: expected a (start, end) character pair of ints, received {span!r}")
         a, b = int(span[0]), int(span[1])
-        if not 0 <= a < b <= len(tokenized.text):
+        if not 0 <= a < b <= hi - lo:
             raise ValueError(
-                f"player {i}: expected a non-empty character span inside [0, {len(tokenized.text)}], received {span!r}"
+                f"player {i}: expected a non-empty character span inside [0, {hi - lo}], received {span!r}"
             )
         if spans and a < spans[-1][1]:
             raise ValueError(f"player {i}: expected sorted, disjoint character spans, received {span!r} after {spans[-1]}")
         spans.append((a, b))
-    token_spans, merged = char_spans_to_token_spans(tokenized, spans)
+    trimmed = _trimmed_offsets(tokenized)
+    for i, (a, b) in enumerate(spans):
+        # a span that covers part of a token takes the whole token (a reference model's tokenizer may join a word
+        # with its punctuation); one that covers none is an error, named by the prompt's own offsets
+        if not any(ta < tb and ta < lo + b and tb > lo + a for ta, tb in trimmed):
+            raise ValueError(f"player {i}: the character span ({a}, {b}) {text[lo + a:lo + b]!r} covers no token")
+    token_spans, merged = char_spans_to_token_spans(tokenized, [(lo + a, lo + b) for a, b in spans])
     if len(token_spans) != len(spans):
         raise ValueError("players: two character spans share a token; expected spans on distinct tokens")
-    return token_spans, [tokenized.text[a:b] for a, b in merged]
+    return token_spans, [text[a:b] for a, b in merged]

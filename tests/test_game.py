@@ -144,6 +144,12 @@ def test_values_from_logits(model, tok):
     wrong = dataclasses.replace(game, value=lambda lg: lg[:, 0])
     with pytest.raises(ValueError, match="callable"):
         wrong.values_from_logits(logits.float())
+    log_p = dataclasses.replace(game, value=lambda lg: lg.softmax(-1)[:, 0, 5].log())  # log 0 = -inf
+    zero = logits.float().clone()
+    zero[1, 0, 5] = -1e30
+    with pytest.raises(ValueError, match=r"value: expected finite values from the callable, received NaN/inf for "
+                                         r"subsets \(bitmasks\) \[3\]"):
+        log_p.values_from_logits(zero, subsets=torch.tensor([1, 3, 6, 7]))
 
 
 def test_chat_players_are_user_words(model, tok):
@@ -152,3 +158,24 @@ def test_chat_players_are_user_words(model, tok):
     assert game.input_ids.tolist() == list(templated["input_ids"])
     assert game.words == ("hello", "big", "world")
     assert [game.input_ids[a:b].tolist() for a, b in game.player_spans] == [[t] for t in tok("hello big world")["input_ids"]]
+
+
+@pytest.mark.parametrize("text", ["assistant", "assistant :", "user"])
+def test_chat_players_are_the_user_text_even_when_the_template_repeats_it(model, tok, text):
+    game = Game.from_text(model, tok, text, chat=True)
+    # "<bos> user : {text} <eos> <bos> assistant : ": the prompt's tokens start at 3, after "<bos> user :"
+    n = len(tok(text, add_special_tokens=False)["input_ids"])
+    assert game.player_spans == tuple((3 + k, 4 + k) for k in range(n))
+    assert game.words == tuple(text.split())
+
+
+def test_chat_char_spans_are_offsets_into_the_text_not_the_template(model, tok):
+    game = Game.from_text(model, tok, "the big cat", chat=True, players=[(8, 11)], span_unit="chars")
+    assert game.player_spans == ((5, 6),) and game.words == ("cat",)
+    with pytest.raises(ValueError, match=r"inside \[0, 11\], received \(-4, 3\)"):
+        Game.from_text(model, tok, "the big cat", chat=True, players=[(-4, 3)], span_unit="chars")
+
+
+def test_char_spans_must_be_ints(model, tok):
+    with pytest.raises(TypeError, match=r"pair of ints, received \(0.5, 3.9\)"):
+        Game.from_text(model, tok, "the cat", players=[(0.5, 3.9)], span_unit="chars")

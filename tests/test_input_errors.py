@@ -303,3 +303,41 @@ def test_tracker_resume_refuses_other_reference_interactions(tmp_path):
     del config["reference_sha256"]
     (run / "config.json").write_text(json.dumps(config))
     assert _plain(out_dir=run, reference={"I_and": torch.ones(2, 4)}).steps == [0]  # with a warning
+
+
+# ------------------------------------------------------------------------------------ model cache
+
+
+@pytest.fixture
+def fake_gguf(monkeypatch):
+    """_convert_gguf over a tiny model and tokenizer instead of dequantising a GGUF file."""
+    import transformers
+    from conftest import tiny_model
+    from word_tokenizer import word_tokenizer
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: word_tokenizer())
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny_model("llama"))
+
+
+def test_converting_the_bundled_model_uses_a_copy_another_process_finished_first(tmp_path, fake_gguf):
+    from sftint_fast.models import _convert_gguf
+
+    out = tmp_path / "smollm2"
+    _convert_gguf(tmp_path, "x.gguf", out)
+    before = sorted(p.name for p in out.iterdir())
+    assert "config.json" in before
+    _convert_gguf(tmp_path, "x.gguf", out)  # a second process that started before the first one finished
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["smollm2"]  # no temp folder left
+
+
+def test_converting_into_a_stale_cache_folder_says_what_to_do(tmp_path, fake_gguf):
+    from sftint_fast.models import _convert_gguf
+
+    out = tmp_path / "smollm2"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"half")  # no config.json: not a converted model
+    with pytest.raises(OSError, match=r"expected no folder or a converted model \(config.json\) there, found "
+                                      r"\['model.safetensors'\]; delete the folder"):
+        _convert_gguf(tmp_path, "x.gguf", out)
+    assert [p.name for p in tmp_path.iterdir()] == ["smollm2"]

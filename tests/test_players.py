@@ -70,6 +70,8 @@ def test_select_word_indices_and_errors():
         P.select_words(words, "tokens")
     with pytest.raises(TypeError):
         P.select_words(words, [0.5])
+    with pytest.raises(ValueError, match="n_players: expected a non-negative int, received True"):
+        P.select_words(["big", "cat"], "words", n_players=True)  # was taken as 1
 
 
 @pytest.mark.parametrize(
@@ -105,3 +107,33 @@ def test_char_players():
         P.char_players(tokenized, [(20, 99)])
     with pytest.raises(ValueError, match="covers no token"):
         P.char_players(tokenized, [(3, 4)])  # only a space
+
+
+def test_char_players_refuse_non_int_bounds():
+    tokenized = P.tokenize_with_offsets(word_tokenizer(), TEXT)  # "cat" is one token, "," another
+    with pytest.raises(TypeError, match="pair of ints"):
+        P.char_players(tokenized, [(True, 3)])
+    assert P.char_players(tokenized, [(4, 7)]) == ([(1, 2)], ["cat"])
+
+
+def test_char_players_in_a_region_take_offsets_from_its_start():
+    tokenized = P.tokenize_with_offsets(word_tokenizer(), "hello world the cat sat")
+    assert P.char_players(tokenized, [(4, 7)], region=(12, 23)) == ([(3, 4)], ["cat"])
+    with pytest.raises(ValueError, match=r"inside \[0, 11\], received \(-2, 3\)"):
+        P.char_players(tokenized, [(-2, 3)], region=(12, 23))  # would reach back into "world"
+    with pytest.raises(ValueError, match=r"span \(3, 4\) ' ' covers no token"):
+        P.char_players(tokenized, [(3, 4)], region=(12, 23))
+
+
+def test_fallback_offsets_stay_on_the_text_when_casefolding_lengthens_a_character():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    inner = Tokenizer(models.WordLevel(vocab={"<unk>": 0, "ß": 1, "a": 2, "b": 3}, unk_token="<unk>"))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=inner, unk_token="<unk>")
+    text = "ß ß ß a b"  # "ß".casefold() == "ss": each ß shifted the following offsets by one
+    with_offsets = P.tokenize_with_offsets(tok, text)
+    decoded = P.tokenize_with_offsets(NoOffsetsTokenizer(tok), text)
+    assert decoded.offsets == with_offsets.offsets == ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
+    assert P.word_players(decoded) == P.word_players(with_offsets)
