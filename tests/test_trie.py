@@ -298,3 +298,22 @@ def test_token_ids_outside_the_vocabulary_are_refused(method):
     target = dataclasses.replace(game, target=torch.tensor([200]))
     with pytest.raises(ValueError, match=r"games\[1\]\.target: expected token ids in \[0, 128\)"):
         sf.evaluate_games(model("gpt2"), [game, target], method=method, progress=False)
+
+
+@pytest.mark.parametrize("masking", ["embedding", "attention"])
+@pytest.mark.parametrize("rope", ["dynamic", "longrope"])
+def test_sequence_length_dependent_rope(rope, masking):
+    """Dynamic / longrope RoPE picks its frequencies from the largest position the rotary module sees: a pass of
+    early levels only must still use the full sequence's tables (the model's forward on the whole prompt)."""
+    params = {"rope_type": rope, "rope_theta": 10000.0}
+    if rope == "dynamic":
+        params["factor"] = 2.0
+    else:
+        params.update(short_factor=[1.0, 1.1, 1.2, 1.3], long_factor=[2.0, 3.0, 5.0, 8.0],
+                      original_max_position_embeddings=8)
+    net = tiny_model("llama", attn="sdpa", initializer_range=0.2, rope_parameters=params,
+                     max_position_embeddings=8 if rope == "dynamic" else 16)
+    game = make_game("spread_n5", masking=masking, seed=7)
+    assert game.input_ids.numel() > 8  # past the original length: the scaled frequencies apply
+    trie, naive = run_both(net, game, batch_size=2)
+    check_close(trie, naive)

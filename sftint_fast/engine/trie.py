@@ -275,7 +275,8 @@ def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: t
                 for c, layout in zip(chunks, layouts)])
 
         # the final hidden states of the leaves' scored tokens only: [leaf nodes * num_scores, H], leaf by leaf
-        hidden = adapter.run_layers(inputs, pass_.positions, attend, keep=pass_.keep, fused=elementwise)
+        hidden = adapter.run_layers(inputs, pass_.positions, attend, keep=pass_.keep, fused=elementwise,
+                                    seq_len=plan.seq_len)
         if leaves:  # one LM head call for every game's leaves in this pass
             rows = hidden.unflatten(0, (-1, num_scores))
             logits = adapter.logits(rows).float().split([len(c.nodes) for c in leaves])

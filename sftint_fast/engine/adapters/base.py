@@ -54,9 +54,12 @@ class Adapter(ABC):
 
     @abstractmethod
     def run_layers(self, embeds: torch.Tensor, positions: torch.Tensor, attend: AttendFn,
-                   keep: torch.Tensor | None = None, fused: FusedBackend | None = None) -> torch.Tensor:
+                   keep: torch.Tensor | None = None, fused: FusedBackend | None = None,
+                   seq_len: int | None = None) -> torch.Tensor:
         """``embeds [N, H]`` (any tokens, flat) at absolute ``positions [N]`` → hidden ``[N, H]`` before the final
         norm. Every token-wise op runs on all ``N`` tokens at once; only ``attend`` sees their structure.
+        ``seq_len``: the length of the sequences the tokens belong to (None = ``max(positions) + 1``): position
+        encodings that depend on it (dynamic / longrope RoPE) are those of the model's forward on the full sequence.
 
         ``keep``: int64 row indices ``[R]`` whose final hidden state is needed (None = all). The last layer still
         computes and attends every row's K/V, but its output projection, residuals and MLP run on the ``keep`` rows

@@ -40,8 +40,9 @@ class GPT2Adapter(Adapter):
         return self._wte(input_ids)
 
     def run_layers(self, embeds: torch.Tensor, positions: torch.Tensor, attend: AttendFn,
-                   keep: torch.Tensor | None = None, fused: FusedBackend | None = None) -> torch.Tensor:
-        # ``fused`` changes nothing here: GPT-2's LayerNorms, learned positions and GELU have no fused op
+                   keep: torch.Tensor | None = None, fused: FusedBackend | None = None,
+                   seq_len: int | None = None) -> torch.Tensor:
+        # ``fused`` and ``seq_len`` change nothing here: GPT-2's LayerNorms, learned positions and GELU have no fused op
         width = embeds.shape[-1]
         head_dim = self.dims.head_dim
         hidden = embeds + self._wpe(positions)

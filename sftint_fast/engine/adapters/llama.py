@@ -51,6 +51,9 @@ class LlamaLikeAdapter(Adapter):
         mlp0 = self._blocks[0].mlp
         self._mlp_fusable = all(hasattr(mlp0, name) for name in ("gate_proj", "up_proj", "down_proj")) and (
             isinstance(mlp0.act_fn, torch.nn.SiLU) or type(mlp0.act_fn).__name__ == "SiLUActivation")
+        # dynamic / longrope RoPE picks its frequencies from the largest position it is given (HF's
+        # ``dynamic_rope_update``): the tables must come from the whole sequence's positions, as in the model's forward
+        self._rope_by_length = _length_dependent_rope(self._rotary)
         mistral_window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
         self.layers = tuple(
             LayerSpec(scale=float(block.self_attn.scaling),
@@ -72,22 +75,28 @@ class LlamaLikeAdapter(Adapter):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._embed_tokens(input_ids)
 
-    def _rope_tables(self, x: torch.Tensor, positions: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        position_ids = positions.unsqueeze(0)
+    def _rope_tables(self, x: torch.Tensor, positions: torch.Tensor,
+                     seq_len: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self._rope_by_length and seq_len is not None:  # the full sequence's tables, then this pass's rows
+            whole = torch.arange(seq_len, device=positions.device).unsqueeze(0)
+            pick = lambda table: tuple(t[:, positions] for t in table)  # noqa: E731
+        else:
+            whole, pick = positions.unsqueeze(0), lambda table: table  # noqa: E731
         if self._layer_types is None:
-            table = self._rotary(x, position_ids)
+            table = pick(self._rotary(x, whole))
             return [table] * len(self._blocks)
-        tables = {kind: self._rotary(x, position_ids, kind) for kind in set(self._layer_types)}
+        tables = {kind: pick(self._rotary(x, whole, kind)) for kind in set(self._layer_types)}
         return [tables[kind] for kind in self._layer_types]
 
     def run_layers(self, embeds: torch.Tensor, positions: torch.Tensor, attend: AttendFn,
-                   keep: torch.Tensor | None = None, fused: FusedBackend | None = None) -> torch.Tensor:
+                   keep: torch.Tensor | None = None, fused: FusedBackend | None = None,
+                   seq_len: int | None = None) -> torch.Tensor:
         """See :meth:`Adapter.run_layers`. ``fused``: RMSNorms, RoPE and the SiLU gate run as fused ops where the
         model's ops are the ones they reproduce: ``"triton"`` (``sftint_fast.ops.triton.{rms_norm, rope,
         silu_mul}``, CUDA or the interpreter) or ``"cpu"`` (``sftint_fast.ops.layer_ops``, float32 CPU tensors;
         others run the modules); everything else (projections, other norms and activations) stays the model's
         modules."""
-        tables = self._rope_tables(embeds.unsqueeze(0), positions)
+        tables = self._rope_tables(embeds.unsqueeze(0), positions, seq_len)
         head_dim = self.dims.head_dim
         ops = _FusedOps(self, fused) if fused else None
         norm = ops.norm if ops else _call
@@ -140,6 +149,14 @@ def _function_name(fn) -> str | None:
             return "apply_rotary_pos_emb"
         return type(fn).__name__
     return getattr(fn, "__name__", None)
+
+
+def _length_dependent_rope(rotary: torch.nn.Module) -> bool:
+    """Whether the rotary module's frequencies depend on the sequence length (HF rope types ``dynamic``, ``longrope``;
+    ``rope_type`` is a dict by layer type for Gemma-3)."""
+    kinds = getattr(rotary, "rope_type", None)
+    kinds = kinds.values() if isinstance(kinds, dict) else [kinds]
+    return any(isinstance(kind, str) and ("dynamic" in kind or kind == "longrope") for kind in kinds)
 
 
 def _call(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
