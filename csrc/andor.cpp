@@ -8,11 +8,13 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 namespace sftint {
@@ -129,6 +131,12 @@ void sgd_rows(const T* v, T* p, T* q, T* buf_p, T* buf_q, const T* bound, const 
   });
 }
 
+// Whether a and b are known to share memory (Full or Partial; TooHard, for layouts the check cannot decide, passes).
+bool overlaps(const at::Tensor& a, const at::Tensor& b) {
+  const at::MemOverlapStatus status = at::get_overlap_status(a, b);
+  return status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial;
+}
+
 void check_same(const at::Tensor& t, const at::Tensor& v, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == v.scalar_type() && t.sizes() == v.sizes() && t.is_contiguous(),
               "sftint::andor_sgd_: expected ", name, " to be a contiguous CPU tensor of dtype ", v.scalar_type(),
@@ -150,6 +158,17 @@ at::Tensor andor_sgd_(const at::Tensor& v, at::Tensor& p, at::Tensor& q, at::Ten
   check_same(q, v, "q");
   check_same(buf_p, v, "buf_p");
   check_same(buf_q, v, "buf_q");
+  // p, q, buf_p, buf_q are each written in place from a private copy: two sharing memory would silently end up
+  // holding whichever was written last.
+  const std::pair<const char*, const at::Tensor*> state[] = {
+      {"p", &p}, {"q", &q}, {"buf_p", &buf_p}, {"buf_q", &buf_q}};
+  for (int i = 1; i < 4; ++i) {
+    for (int j = 0; j < i; ++j) {
+      TORCH_CHECK(!overlaps(*state[i].second, *state[j].second),
+                  "sftint::andor_sgd_: expected ", state[i].first, " not to share memory with ", state[j].first,
+                  " (both are written in place), got two views of one storage");
+    }
+  }
   TORCH_CHECK(bound.device().is_cpu() && bound.scalar_type() == v.scalar_type() && bound.numel() == v.size(0) &&
                   bound.is_contiguous(),
               "sftint::andor_sgd_: expected bound contiguous with one value per row (", v.size(0), ") of dtype ",

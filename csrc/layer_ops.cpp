@@ -28,6 +28,7 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -36,6 +37,7 @@
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <utility>
 
 #if defined(__GNUC__)
 #define SFTINT_INLINE __attribute__((always_inline)) inline
@@ -228,6 +230,25 @@ SFTINT_DISPATCHED(log_odds_rows,
                   (const float* l, const int64_t* t, float* v, bool* f, int64_t b0, int64_t b1, int64_t m, int64_t V),
                   (l, t, v, f, b0, b1, m, V))
 
+// Whether a and b may share memory. ATen decides for dense tensors; for strided views (TooHard) two views of one
+// storage count as sharing when the byte ranges they span intersect.
+bool overlaps(const at::Tensor& a, const at::Tensor& b) {
+  const at::MemOverlapStatus status = at::get_overlap_status(a, b);
+  if (status != at::MemOverlapStatus::TooHard) {
+    return status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial;
+  }
+  if (!a.storage().is_alias_of(b.storage())) return false;
+  const auto span = [](const at::Tensor& t) {
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const char* begin = static_cast<const char*>(t.const_data_ptr());
+    return std::make_pair(begin, begin + (last + 1) * static_cast<int64_t>(t.element_size()));
+  };
+  const auto [a0, a1] = span(a);
+  const auto [b0, b1] = span(b);
+  return a0 < b1 && b0 < a1;
+}
+
 void check_cpu_f32(const at::Tensor& t, const char* name, const char* op) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, op, ": ", name,
               ": expected a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
@@ -238,6 +259,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps, b
   check_cpu_f32(weight, "weight", "rms_norm");
   TORCH_CHECK(x.dim() >= 1, "rms_norm: x: expected at least one dimension, got a scalar");
   const int64_t h = x.size(-1);
+  TORCH_CHECK(h >= 1, "rms_norm: x: expected a last dimension (hidden size) >= 1, got ", h, " (shape ", x.sizes(),
+              ")");
   TORCH_CHECK(weight.dim() == 1 && weight.size(0) == h, "rms_norm: weight: expected shape (", h,
               ",) (x's last dimension), got ", weight.sizes());
   at::Tensor rows = x.reshape({-1, h});
@@ -266,10 +289,16 @@ void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK(x.dim() == 3 && x.size(2) % 2 == 0 && (x.size(2) == 0 || x.stride(2) == 1),
               "rope_: x: expected shape [N, heads, D] with D even and unit stride over D, got ", x.sizes(),
               " with strides ", x.strides());
+  TORCH_CHECK(at::has_internal_overlap(x) != at::MemOverlap::Yes,
+              "rope_: x: expected a tensor whose elements do not share memory (it is written in place), got shape ",
+              x.sizes(), " with strides ", x.strides(), " (an expanded tensor?); pass x.contiguous()");
   for (const auto& [name, table] : {std::pair<const char*, const at::Tensor&>{"cos", cos}, {"sin", sin}}) {
     check_cpu_f32(table, name, "rope_");
     TORCH_CHECK(table.dim() == 2 && table.size(0) == x.size(0) && table.size(1) == x.size(2), "rope_: ", name,
                 ": expected shape [", x.size(0), ", ", x.size(2), "], got ", table.sizes());
+    TORCH_CHECK(!overlaps(x, table), "rope_: ", name,
+                ": expected a tensor that does not share memory with x (x is written in place), got a view of x's "
+                "storage; pass a clone");
   }
   const at::Tensor c = cos.stride(1) == 1 ? cos : cos.contiguous();
   const at::Tensor s = sin.stride(1) == 1 ? sin : sin.contiguous();

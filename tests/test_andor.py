@@ -276,3 +276,30 @@ def test_fused_cpp_sgd_op_checks():
         torch.ops.sftint.andor_sgd_(v, v.clone(), v.clone(), v.clone(), v.clone(), torch.zeros(2), torch.zeros(3), 0.9)
     torch.library.opcheck(torch.ops.sftint.andor_sgd_, (v.clone(), v.clone(), v.clone(), v.clone(), v.clone(),
                                                         torch.ones(2), torch.full((3,), 1e-3, dtype=torch.float64), 0.9))
+
+
+@pytest.mark.parametrize("case", ["transposed-v", "transposed-init"])
+def test_and_or_of_non_contiguous_inputs_equals_contiguous(case):
+    """A transposed v (or init) made non-contiguous momentum buffers, which the fused C++ loop refused with an
+    internal error; the result must equal that of the contiguous inputs."""
+    v = torch.randn(8, 3, generator=torch.Generator().manual_seed(0), dtype=F64).t()
+    init = None
+    if case == "transposed-init":
+        init = (torch.randn(8, 3, dtype=F64).t() * 0.1, torch.zeros(8, 3, dtype=F64).t())
+        v = v.contiguous()
+    got = sf.and_or(v, niter=5, progress=False, init=init)
+    want = sf.and_or(v.contiguous(), niter=5, progress=False,
+                     init=None if init is None else tuple(t.contiguous() for t in init))
+    torch.testing.assert_close(got.I_and, want.I_and, rtol=0, atol=0)
+    torch.testing.assert_close(got.objective, want.objective, rtol=0, atol=0)
+
+
+@requires_ext
+def test_fused_cpp_sgd_refuses_aliased_state():
+    """p, q, buf_p, buf_q are written in place: two of them sharing memory silently gave one's values to both."""
+    v, lrs = torch.randn(2, 8), torch.full((3,), 1e-3, dtype=torch.float64)
+    shared = torch.zeros(2, 8)
+    with pytest.raises(RuntimeError, match="expected q not to share memory with p"):
+        torch.ops.sftint.andor_sgd_(v, shared, shared, torch.zeros(2, 8), torch.zeros(2, 8), torch.ones(2), lrs, 0.9)
+    with pytest.raises(RuntimeError, match="expected buf_q not to share memory with buf_p"):
+        torch.ops.sftint.andor_sgd_(v, torch.zeros(2, 8), torch.zeros(2, 8), shared, shared, torch.ones(2), lrs, 0.9)

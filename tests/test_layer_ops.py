@@ -297,3 +297,53 @@ def test_rope_of_the_model_is_recognised_as_a_function_or_a_hub_kernel_layer():
     assert _function_name(lambda q, k: (q, k)) == "<lambda>"
     for kind in ("llama", "qwen2"):
         assert get_adapter(tiny_model(kind))._rope_fusable, kind  # whichever form this transformers gives it
+
+
+def test_in_place_ops_refuse_overlapping_memory():
+    """rope_ writes x in place: an x whose heads share memory (expand) or a table that is a view of x would give a
+    silently wrong result (each shared element rotated once per alias)."""
+    cos, sin = torch.randn(3, 8), torch.randn(3, 8)
+    with pytest.raises(RuntimeError, match="rope_: x: expected a tensor whose elements do not share memory"):
+        layer_ops.rope_(torch.randn(3, 1, 8).expand(3, 4, 8), cos, sin)
+    x = torch.randn(3, 4, 8)
+    with pytest.raises(RuntimeError, match="rope_: cos: expected a tensor that does not share memory with x"):
+        layer_ops.rope_(x, x[:, 0], sin)
+    with pytest.raises(RuntimeError, match="rope_: sin: expected a tensor that does not share memory with x"):
+        layer_ops.rope_(x, cos, x[:, 1])
+
+
+def test_rms_norm_of_an_empty_hidden_dimension_says_so():
+    with pytest.raises(RuntimeError, match=r"rms_norm: x: expected a last dimension \(hidden size\) >= 1, got 0"):
+        layer_ops.rms_norm(torch.randn(3, 0), torch.randn(0), 1e-6)
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "rope_", "silu_mul_"])
+def test_layer_ops_refuse_inputs_autograd_tracks(op):
+    """The three have no backward: rope_/silu_mul_ mutated a tensor autograd tracks and kept its old grad_fn (a
+    silently wrong gradient), rms_norm's gradient was silently None."""
+    x = torch.randn(3, 2, 8, requires_grad=True)
+    args = {"rms_norm": lambda t: (t, torch.ones(8), 1e-6), "rope_": lambda t: (t, torch.ones(3, 8), torch.ones(3, 8)),
+            "silu_mul_": lambda t: (t, torch.ones(3, 2, 8))}[op]
+    with pytest.raises(ValueError, match=f"{op}: .*expected a tensor autograd does not track.*requires_grad=True"):
+        getattr(layer_ops, op)(*args(x * 1))
+    with torch.no_grad():
+        getattr(layer_ops, op)(*args(x.detach().clone()))
+
+
+@pytest.mark.parametrize("skip", ["0", "1"])
+def test_layer_ops_load_the_extension_or_say_why_not(skip):
+    """Called first in a process, the wrappers found no torch.ops.sftint.rms_norm (an AttributeError): nothing had
+    imported sftint_fast._C yet; without the extension they now say that the C++ extension is missing."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from sftint_fast.ops import layer_ops\n"
+            "try:\n    print(layer_ops.rms_norm(torch.ones(2, 4), torch.ones(4), 1e-6).shape)\n"
+            "except RuntimeError as exc:\n    print(exc)\n")
+    env = dict(os.environ, SFTINT_SKIP_EXT=skip, SFTINT_REQUIRE_EXT="0")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's sftint_fast
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    expected = "torch.Size([2, 4])" if skip == "0" else "rms_norm: needs the C++ extension sftint_fast._C"
+    assert expected in out.stdout, out.stdout

@@ -229,8 +229,9 @@ def _sgd(
     """
     lrs = torch.logspace(math.log10(lr), math.log10(lr) - 1, niter, dtype=torch.float64) if niter else torch.empty(0, dtype=torch.float64)
     objective = torch.empty(niter + 1, v.shape[0], dtype=v.dtype, device=v.device)
-    buf_p = torch.zeros_like(p)
-    buf_q = torch.zeros_like(q)
+    # contiguous whatever p, q are (a transposed v or init makes them column-major): the fused loop needs them so
+    buf_p = torch.zeros_like(p, memory_format=torch.contiguous_format)
+    buf_q = torch.zeros_like(q, memory_format=torch.contiguous_format)
     fused = fused is not False and v.device.type == "cpu" and _ext.has_ext()
     with torch.no_grad():
         if fused:

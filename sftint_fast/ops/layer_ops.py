@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from sftint_fast._ext import has_ext
+from sftint_fast._ext import extension_status, has_ext
 
 
 def available(x: torch.Tensor) -> bool:
@@ -31,25 +31,38 @@ def log_odds_available(logits: torch.Tensor) -> bool:
     return logits.device.type == "cpu" and logits.dtype == torch.float32 and has_ext()
 
 
+def _op(name: str, x: torch.Tensor | None = None, x_name: str = "x"):
+    """``torch.ops.sftint.<name>``, loading the extension first (nothing else may have imported it yet); a clear
+    RuntimeError without it, a ValueError for an ``x`` that autograd tracks (these ops have no backward)."""
+    ok, reason = extension_status()
+    if not ok:
+        raise RuntimeError(f"{name}: needs the C++ extension sftint_fast._C, which is unavailable: {reason} "
+                           f"(check layer_ops.available(x) first)")
+    if x is not None and x.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name}: {x_name}: expected a tensor autograd does not track (the op has no backward), "
+                         f"got one with requires_grad=True; call it under torch.no_grad() or pass {x_name}.detach()")
+    return getattr(torch.ops.sftint, name)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, gemma: bool = False) -> torch.Tensor:
     """RMSNorm over the last dimension of float32 ``x [..., H]`` with ``weight [H]``, as HF computes it:
     ``weight * (x * rsqrt(mean(x²) + eps))`` (Llama, Qwen2, Mistral) or, ``gemma=True`` (Gemma-3),
     ``x * rsqrt(mean(x²) + eps) * (1 + weight)``. A new tensor."""
-    return torch.ops.sftint.rms_norm(x, weight, float(eps), bool(gemma))
+    return _op("rms_norm", x)(x, weight, float(eps), bool(gemma))
 
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half rotary embedding of float32 ``x [N, heads, D]`` (unit stride over ``D``) with per-token tables
     ``cos, sin [N, D]``, **in place**: ``x ← x * cos + rotate_half(x) * sin`` (HF's ``apply_rotary_pos_emb``, the
     same float32 roundings). Returns ``x``."""
-    torch.ops.sftint.rope_(x, cos, sin)
+    _op("rope_", x)(x, cos, sin)
     return x
 
 
 def silu_mul_(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """The gated MLP's ``silu(gate) * up`` on float32 tensors of one shape, **in place** into ``gate``
     (contiguous). Returns ``gate``."""
-    torch.ops.sftint.silu_mul_(gate, up)
+    _op("silu_mul_", gate, "gate")(gate, up)
     return gate
 
 
@@ -58,7 +71,7 @@ def log_odds(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, 
     ``values[b] = Σ_j logits[b, j, t_j] − logsumexp_{k ≠ t_j} logits[b, j, k]`` (the game's log-odds value) and
     whether every logit of row ``b`` is finite. One read of the logits, no temporaries. Differentiable in
     ``logits`` (:func:`_log_odds_backward`)."""
-    return torch.ops.sftint.log_odds(logits, target)
+    return _op("log_odds")(logits, target)
 
 
 def _log_odds_setup_context(ctx, inputs, output) -> None:
