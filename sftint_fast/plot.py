@@ -256,9 +256,13 @@ def headline(report: TrackReport) -> dict[str, Any]:
         verdict = (f"No denoising stage above the noise floor is visible: cumulative excess removals are "
                    f"{excess_removed:.0f} (bootstrap lower bound {bound(lo_removed)} <= 0) out of {base:.0f} base "
                    f"salient interactions")
-    verdict += (f"; emergence beyond the floor totals {emerged_excess_total:.0f}"
+    verdict += (f"; emergence beyond the floor"
+                + (" (of interactions not shared with the reference)" if report.gamma_available else "")
+                + f" totals {emerged_excess_total:.0f}"
                 + (f", and the phase boundary falls at step {report.phase_boundary}." if report.phase_boundary is not None
                    else ", and no phase boundary is reported."))
+    if report.config.get("noise_floor") is None:
+        verdict += " But no noise floor was measured (noise_floor=None): the floor counts as 0, so these are raw counts."
     return {
         "steps": list(report.steps), "base_salient": base, "removed": c["all/removed"][-1],
         "preserved": c["all/preserved"][-1], "emerged": c["all/emerged"][-1],
@@ -352,16 +356,18 @@ def _training_paragraph(report: TrackReport, training: TrainingLog, logged: dict
     known = [(s, x) for s, x in zip(steps, train) if x is not None]
     if report.phase_boundary is None or not known:
         return lines
-    at_boundary = [x for s, x in known if s <= report.phase_boundary]
+    at_boundary = [(s, x) for s, x in known if s <= report.phase_boundary]
     if not at_boundary or known[-1][0] <= report.phase_boundary:
         return lines
-    before, last_step, last = at_boundary[-1], known[-1][0], known[-1][1]
+    (before_step, before), last_step, last = at_boundary[-1], known[-1][0], known[-1][1]
+    where = ("" if before_step == report.phase_boundary else
+             f" (at step {before_step}, the last tracked step at or before it with a logged training loss)")
     if math.isnan(before) or math.isnan(last):
         return lines + ["", f"The denoising stage ends at step {report.phase_boundary}, where the training loss was "
-                            f"{_fmt_loss(before)}; by step {last_step} it was {_fmt_loss(last)}: the run diverged."]
+                            f"{_fmt_loss(before)}{where}; by step {last_step} it was {_fmt_loss(last)}: the run diverged."]
     trend = "fell to" if last < before else "rose to" if last > before else "stayed at"
     lines += ["", f"The denoising stage ends at step {report.phase_boundary}, where the training loss was "
-                 f"{_fmt(before)}; by step {last_step} it {trend} {_fmt(last)} ({last - before:+.3f}). In the "
+                 f"{_fmt(before)}{where}; by step {last_step} it {trend} {_fmt(last)} ({last - before:+.3f}). In the "
                  "paper's reading, what training adds after the denoising stage is mostly overfitted (high-order, "
                  "low-γ) interactions; "
                  + (f"the held-out loss (lowest at step {report.heldout_loss_min_step}) tells whether the lower "

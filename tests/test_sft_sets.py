@@ -470,3 +470,52 @@ def test_clipped_mean_square_ignores_a_few_real_changes_and_is_unbiased_on_noise
     assert robust.mean().item() < 1.3 < with_changes.pow(2).mean(-1).mean().item()
     few = x[:, :3].pow(2)                                                   # under 4 samples: the plain mean
     torch.testing.assert_close(N.clipped_mean_square(few), few.mean(-1, keepdim=True))
+
+
+def _report_planted(reference=None, noise_floor="order_matched", steps=range(4)):
+    I, _, g = _planted_games(B=5, seed=4)
+    tracker = SFTTracker(None, andor_method="and", min_base_py=0.0, bootstrap=50, noise_draws=2, persistence=1,
+                         noise_floor=noise_floor, reference=reference)
+    v = inverse_harsanyi(I)
+    for t in steps:
+        tracker.add_values(t, v * (1 - 0.2 * min(t, 3)) + 0.05 * torch.randn(v.shape, generator=g, dtype=torch.float64))
+    return tracker.report()
+
+
+def test_verdict_names_the_unshared_emergence_it_totals():
+    from sftint_fast.plot import headline
+
+    I, _, _ = _planted_games(B=5, seed=4)
+    ref = {"I_and": torch.randn(I.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)}
+    rep = _report_planted(reference=ref)
+    h = headline(rep)
+    unshared = sum(rep.curves["all/emerged_unshared_new_excess"])
+    assert h["emerged_excess_total"] == pytest.approx(unshared)
+    # the total is of the unshared emergences only: the sentence must say so, not pass it off as all of them
+    assert "not shared with the reference" in h["verdict"]
+    assert "not shared with the reference" not in headline(_report_planted())["verdict"]
+
+
+def test_verdict_without_a_noise_floor_says_its_counts_are_raw():
+    from sftint_fast.plot import headline
+
+    rep = _report_planted(noise_floor=None)
+    assert rep.curves["all/removed_new_floor"] == [0.0] * len(rep.steps)
+    verdict = headline(rep)["verdict"]
+    assert "no noise floor was measured" in verdict
+    assert "no noise floor was measured" not in headline(_report_planted())["verdict"]
+
+
+def test_training_paragraph_names_the_step_its_boundary_loss_comes_from():
+    import dataclasses
+
+    from sftint_fast.plot import markdown
+    from sftint_fast.sft.training_log import TrainingLog
+
+    rep = dataclasses.replace(_report_planted(steps=(0, 5, 6, 10)), phase_boundary=6)
+    log = TrainingLog.from_history([{"step": 5, "loss": 2.0}, {"step": 10, "loss": 1.0}], source="t")
+    assert log.at(rep.steps)["train_loss"] == [None, 2.0, None, 1.0]
+    md = markdown(rep, figures=[], training=log)
+    # nothing was logged at the boundary (step 6): 2.000 is the loss at step 5 and must be named so
+    assert "ends at step 6, where the training loss was 2.000;" not in md
+    assert "step 5" in md.split("## Training loss")[1]
