@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -91,10 +92,12 @@ def _initial_baseline(game: Game, per_player: bool, init: torch.Tensor | None) -
     if not isinstance(start, torch.Tensor) or not start.is_floating_point():
         raise TypeError(f"init: expected a floating-point tensor, got {type(start).__name__}")
     start = start.detach().float()
+    if not bool(torch.isfinite(start).all()):
+        raise ValueError("init: expected finite values, received NaN/inf")
     hidden = game.baseline.shape[-1]
     if per_player and start.dim() == 1:
         start = start.expand(game.num_players, hidden)
-    if not per_player and start.dim() == 2:
+    if not per_player and start.dim() == 2 and start.shape[0] == game.num_players:
         start = start.mean(0)
     expected = (game.num_players, hidden) if per_player else (hidden,)
     if tuple(start.shape) != expected:
@@ -158,15 +161,17 @@ def learn_baseline(
         raise ValueError(f"epochs: expected an int >= 0, got {epochs!r}")
     if not (isinstance(samples_per_epoch, int) and samples_per_epoch >= 1):
         raise ValueError(f"samples_per_epoch: expected an int >= 1, got {samples_per_epoch!r}")
-    if not lr > 0:
-        raise ValueError(f"lr: expected > 0, got {lr!r}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr: expected a finite number > 0, got {lr!r}")
+    if not (momentum >= 0 and math.isfinite(momentum)):
+        raise ValueError(f"momentum: expected a finite number >= 0, got {momentum!r}")
     device = model_device(model)
     baseline = _initial_baseline(game_list[0], per_player, init).to(device).requires_grad_(True)
     optimizer = torch.optim.SGD([baseline], lr=lr, momentum=momentum)
     generator = torch.Generator().manual_seed(seed)
     params = list(model.parameters())
     grad_flags = [p.requires_grad for p in params]
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         for p in params:
@@ -187,5 +192,8 @@ def learn_baseline(
     finally:
         for p, flag in zip(params, grad_flags):
             p.requires_grad_(flag)
-        model.train(was_training)
+        for module, mode in modes:
+            module.training = mode
+    if not bool(torch.isfinite(baseline).all()):
+        raise ValueError("learn_baseline: the learned baseline holds NaN/inf (the SGD diverged); lower lr")
     return baseline.detach()

@@ -156,6 +156,8 @@ def compare_engines(model: Any, game: Any, engines: Sequence[str] = ("naive", "t
         subsets = _validate_subsets(None, n, torch.device("cpu"), None)  # all 2^n, when they fit in memory
     elif not isinstance(subsets, torch.Tensor):
         raise TypeError(f"subsets: expected a 1-D int64 tensor of bitmasks, received {type(subsets).__name__}")
+    else:  # shape, dtype and range checked before anything is timed; int64 for the plan
+        subsets = _validate_subsets(subsets, n, subsets.device, None)
     num_variants = int(subsets.numel())
     results: dict[str, dict[str, Any]] = {}
     reference: torch.Tensor | None = None

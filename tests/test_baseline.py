@@ -80,3 +80,26 @@ def test_bad_inputs():
         sf.learn_baseline(model, game, init=torch.zeros(7), progress=False)
     with pytest.raises(ValueError, match="epochs"):
         sf.learn_baseline(model, game, epochs=-1, progress=False)
+
+
+def test_submodule_train_eval_modes_restored():
+    """A model in train mode with a frozen (eval) submodule keeps exactly that mix."""
+    model = tiny_model("llama")
+    model.train()
+    model.model.layers[0].eval()
+    modes = [m.training for m in model.modules()]
+    sf.learn_baseline(model, make_game(0), epochs=1, progress=False)
+    assert [m.training for m in model.modules()] == modes
+
+
+def test_non_finite_settings_and_init_are_refused():
+    model = tiny_model("llama")
+    game = make_game(0)
+    with pytest.raises(ValueError, match="momentum"):
+        sf.learn_baseline(model, game, epochs=2, lr=0.01, momentum=float("nan"), progress=False)
+    with pytest.raises(ValueError, match="lr"):
+        sf.learn_baseline(model, game, epochs=1, lr=float("inf"), progress=False)
+    with pytest.raises(ValueError, match="init: expected finite"):
+        sf.learn_baseline(model, game, epochs=0, init=torch.full((32,), float("nan")), progress=False)
+    with pytest.raises(ValueError, match=r"init: expected shape"):  # 3 rows for a 5-player game, per_player=False
+        sf.learn_baseline(model, game, epochs=1, init=torch.zeros(3, 32), progress=False)

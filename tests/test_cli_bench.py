@@ -170,3 +170,11 @@ def test_measure_reads_rss_without_psutil(monkeypatch):
     assert abs(reader() - with_psutil) < 64 << 20
     _, seconds, peak = bench.measure(lambda: torch.ones(64 << 20, dtype=torch.uint8).add_(1).sum())
     assert seconds > 0 and peak >= 32 << 20  # the 64 MiB tensor shows in the sampled peak
+
+
+def test_compare_engines_validates_subsets_before_timing(game_and_model):
+    game, model = game_and_model
+    report = bench.compare_engines(model, game, ["naive", "trie"], subsets=torch.tensor([0, 5, 31], dtype=torch.int32))
+    assert report["game"]["variants"] == 3 and report["engines"]["trie"]["max_abs_diff"] < 1e-5
+    with pytest.raises(TypeError, match="subsets: expected a 1-D integer tensor"):
+        bench.compare_engines(model, game, subsets=torch.tensor(5))

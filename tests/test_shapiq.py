@@ -70,3 +70,15 @@ def test_kernelshap_runs_and_matches_shapley_at_full_budget(model):
     phi = np.array([estimate[(i,)] for i in range(6)])
     np.testing.assert_allclose(phi, sf.shapley(v).numpy(), atol=1e-4)
 
+
+def test_value_function_refuses_wrong_width_and_non_binary(model):
+    shap_game = MaskedLMGame(model, six_player_game(), method="naive")
+    with pytest.raises(ValueError, match=r"expected 6 columns \(one per player\), received 5"):
+        shap_game.value_function(np.ones((1, 5), dtype=bool))
+    with pytest.raises(ValueError, match=r"expected 6 columns \(one per player\), received 7"):
+        shap_game.value_function(np.ones((1, 7), dtype=bool))
+    with pytest.raises(ValueError, match="0/1"):
+        coalitions_to_bitmasks(np.array([[2, 0, 0]]))
+    with pytest.raises(ValueError, match="0/1"):
+        coalitions_to_bitmasks(np.array([[0.5, 1.0, 0.0]]))
+    assert coalitions_to_bitmasks(np.array([[1, 0, 1]])).tolist() == [5]  # 0/1 ints are fine

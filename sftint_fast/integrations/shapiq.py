@@ -36,6 +36,9 @@ def coalitions_to_bitmasks(coalitions: np.ndarray) -> torch.Tensor:
         raise ValueError(f"coalitions: expected a 2-D (k, n) boolean matrix, received shape {matrix.shape}")
     if matrix.shape[1] > 62:
         raise ValueError(f"coalitions: expected at most 62 players (int64 bitmasks), received {matrix.shape[1]}")
+    if not np.all((matrix == 0) | (matrix == 1)):
+        raise ValueError(f"coalitions: expected 0/1 (boolean) entries, received values "
+                         f"{np.unique(matrix)[:10].tolist()}")
     weights = torch.ones(matrix.shape[1], dtype=torch.int64) << torch.arange(matrix.shape[1])
     return (torch.from_numpy(matrix.astype(np.int64)) * weights).sum(-1)
 
@@ -76,4 +79,8 @@ class MaskedLMGame(shapiq.Game):
     def value_function(self, coalitions: np.ndarray) -> np.ndarray:
         """Raw values ``v`` (not normalised; shapiq subtracts ``normalization_value``) of a ``(k, n)`` boolean
         coalition matrix → ``(k,)`` float64."""
-        return self._evaluate(coalitions_to_bitmasks(coalitions))
+        matrix = np.asarray(coalitions)
+        if matrix.ndim == 2 and matrix.shape[1] != self.n_players:
+            raise ValueError(f"coalitions: expected {self.n_players} columns (one per player), received "
+                             f"{matrix.shape[1]}")
+        return self._evaluate(coalitions_to_bitmasks(matrix))
