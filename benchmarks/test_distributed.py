@@ -64,8 +64,7 @@ def worker(num_games: int, out: str) -> None:
         Path(out).write_text(json.dumps({"seconds": seconds, "world": distributed.world_size(),
                                          "threads": torch.get_num_threads(),
                                          "engine": _choose_engine(model, "auto")}))
-    if distributed.is_distributed():
-        torch.distributed.destroy_process_group()
+    distributed.shutdown()
 
 
 def _launch(tmp: Path, name: str, num_games: int, *, procs: int, threads: int) -> tuple[dict, list[torch.Tensor]]:

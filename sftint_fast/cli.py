@@ -261,10 +261,8 @@ def _run_explain(args: argparse.Namespace) -> int:
                 print(f"note: {args.out} also holds {', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''} from an "
                       f"earlier run with more rows than the {len(requests)} of {args.file}", file=sys.stderr)
     finally:
-        if owns_group:
-            import torch.distributed
-
-            torch.distributed.destroy_process_group()
+        if owns_group:  # a clean exit waits for every rank (rank 0 still writes while the others return)
+            distributed.shutdown(synchronize=sys.exc_info()[0] is None)
     return 0
 
 
@@ -387,6 +385,7 @@ def _run_track(args: argparse.Namespace) -> int:
     options = {key: getattr(args, flag[2:].replace("-", "_")) for flag, key, _ in _TRACK_OPTIONS}
     options = {key: value for key, value in options.items() if value is not None}
     owns_group = not distributed.is_distributed() and distributed.init_from_env()  # under torchrun
+    failed = False
     try:
         _, md = run_track(args.base, args.checkpoints, args.probes, args.out, reference=args.reference,
                           n_players=args.n_players, andor_method=args.andor_method,
@@ -397,13 +396,12 @@ def _run_track(args: argparse.Namespace) -> int:
         if distributed.is_main_process():
             print(f"report: {md}")
     except (ValueError, TypeError) as err:  # a bad option, file or checkpoint: the tracker's own message
+        failed = True
         print(f"sftint track: {err}", file=sys.stderr)
         return 2
     finally:
-        if owns_group:
-            import torch.distributed
-
-            torch.distributed.destroy_process_group()
+        if owns_group:  # no barrier after an error: a rank that failed alone must not wait for the others
+            distributed.shutdown(synchronize=not failed and sys.exc_info()[0] is None)
     return 0
 
 

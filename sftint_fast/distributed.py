@@ -93,6 +93,25 @@ def init_from_env(backend: str | None = None) -> bool:
     return True
 
 
+def shutdown(*, synchronize: bool = True) -> None:
+    """Destroy the default process group, if any: the end of a ``torchrun`` job.
+
+    ``synchronize`` (the normal exit) first waits at a barrier so that no rank tears its connections down
+    while a peer still finishes (gloo on CPU can abort a rank whose peer exited first: "terminate called
+    without an active exception"), and collects garbage so that objects holding the group (a ``Trainer``'s
+    DDP wrapper) release it while the interpreter is fully alive. Pass ``synchronize=False`` on an error
+    path: a barrier there would wait for ranks that are not coming.
+    """
+    if not is_distributed():
+        return
+    if synchronize:
+        import gc
+
+        torch.distributed.barrier()
+        gc.collect()
+    torch.distributed.destroy_process_group()
+
+
 def game_cost(game: Game, *, method: str = "auto") -> int:
     """Tokens the engine computes for all ``2^n`` variants: the trie's count from ``plan_trie`` (its
     ``trie_tokens``), or ``len(input_ids) · 2^n`` for the naive engine or when the planner is not installed."""

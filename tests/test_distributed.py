@@ -47,6 +47,21 @@ def test_single_process_helpers():
     assert D.gather_metrics({3: "x"}) == {3: "x"}
 
 
+def test_shutdown_destroys_the_group_after_a_barrier(tmp_path, monkeypatch):
+    D.shutdown()  # no process group: nothing to do
+    assert not D.is_distributed()
+    calls = []
+    real_barrier = torch.distributed.barrier
+    monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: (calls.append("barrier"), real_barrier())[1])
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert D.is_distributed()
+    D.shutdown(synchronize=False)  # an error path: straight to destroy
+    assert calls == [] and not D.is_distributed()
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store2'}", rank=0, world_size=1)
+    D.shutdown()
+    assert calls == ["barrier"] and not D.is_distributed()
+
+
 def test_game_cost_naive_and_trie():
     game = make_games(4)[3]  # 5 players
     assert D.game_cost(game, method="naive") == game.input_ids.numel() * 2**5

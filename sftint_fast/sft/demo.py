@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -182,7 +183,7 @@ def run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str 
                           boundary_file=boundary_file, **options)
     finally:
         if owns_group:
-            torch.distributed.destroy_process_group()
+            distributed.shutdown(synchronize=sys.exc_info()[0] is None)
 
 
 def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str | os.PathLike, *,

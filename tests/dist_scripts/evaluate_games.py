@@ -78,8 +78,7 @@ def main() -> None:
         from safetensors.torch import save_file
 
         save_file({f"v{i}": v for i, v in enumerate(values)}, args.out)
-    if distributed.is_distributed():
-        torch.distributed.destroy_process_group()
+    distributed.shutdown()
 
 
 if __name__ == "__main__":

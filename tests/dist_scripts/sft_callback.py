@@ -103,8 +103,8 @@ def main() -> None:
                   for h in trainer.state.log_history if "interactions/removed" in h}
         losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
         Path(args.out).write_text(json.dumps({"metrics": logged, "losses": losses}, indent=1))
-    if distributed.is_distributed():
-        torch.distributed.destroy_process_group()
+    del trainer, callback, model  # the DDP wrapper holds the process group
+    distributed.shutdown()
 
 
 if __name__ == "__main__":
