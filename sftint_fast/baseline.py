@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -109,12 +110,15 @@ def baseline_objective(
     model: Any, games: Game | Sequence[Game], baseline: torch.Tensor, *, samples: int = 16, seed: int = 0
 ) -> float:
     """The section-5 objective of ``baseline`` averaged over ``games``, on ``samples`` triples per game drawn
-    with ``seed`` (the same triples for every baseline: use it to compare baselines)."""
+    with ``seed`` (the same triples for every baseline: use it to compare baselines). The model runs in eval
+    mode (each submodule's mode restored after), as in :func:`learn_baseline`."""
     game_list = _check_games(model, games, per_player=baseline.dim() == 2)
+    if not (isinstance(samples, int) and not isinstance(samples, bool) and samples >= 1):
+        raise ValueError(f"samples: expected an int >= 1, got {samples!r}")
     generator = torch.Generator().manual_seed(seed)
     device = model_device(model)
     total = 0.0
-    with torch.no_grad():
+    with torch.no_grad(), _eval_mode(model):  # dropout would make the same baseline score differently
         for game in game_list:
             triples = sample_triples(game.num_players, samples, generator)
             total += float(_objective(model, game, baseline.to(device), triples))
@@ -157,9 +161,9 @@ def learn_baseline(
     runs in eval mode (restored after).
     """
     game_list = _check_games(model, games, per_player)
-    if not (isinstance(epochs, int) and epochs >= 0):
+    if not (isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 0):
         raise ValueError(f"epochs: expected an int >= 0, got {epochs!r}")
-    if not (isinstance(samples_per_epoch, int) and samples_per_epoch >= 1):
+    if not (isinstance(samples_per_epoch, int) and not isinstance(samples_per_epoch, bool) and samples_per_epoch >= 1):
         raise ValueError(f"samples_per_epoch: expected an int >= 1, got {samples_per_epoch!r}")
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr: expected a finite number > 0, got {lr!r}")
@@ -171,29 +175,44 @@ def learn_baseline(
     generator = torch.Generator().manual_seed(seed)
     params = list(model.parameters())
     grad_flags = [p.requires_grad for p in params]
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
     try:
-        for p in params:
-            p.requires_grad_(False)
-        bar = tqdm(range(epochs), desc="learn_baseline", disable=not progress)
-        for epoch in bar:
-            losses = []
-            for game in game_list:
-                triples = sample_triples(game.num_players, samples_per_epoch, generator)
-                optimizer.zero_grad()
-                loss = _objective(model, game, baseline, triples)
-                loss.backward()
-                optimizer.step()
-                losses.append(float(loss.detach()))
-            mean = sum(losses) / len(losses)
-            bar.set_postfix(objective=f"{mean:.4g}")
-            logger.debug("learn_baseline epoch %d: objective %.6g", epoch, mean)
+        with _eval_mode(model):
+            for p in params:
+                p.requires_grad_(False)
+            _descend(model, game_list, baseline, optimizer, generator, epochs, samples_per_epoch, progress)
     finally:
         for p, flag in zip(params, grad_flags):
             p.requires_grad_(flag)
-        for module, mode in modes:
-            module.training = mode
     if not bool(torch.isfinite(baseline).all()):
         raise ValueError("learn_baseline: the learned baseline holds NaN/inf (the SGD diverged); lower lr")
     return baseline.detach()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    """``model.eval()`` for the block; every submodule gets its own ``training`` flag back after."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+def _descend(model: Any, game_list: list[Game], baseline: torch.Tensor, optimizer: torch.optim.Optimizer,
+             generator: torch.Generator, epochs: int, samples_per_epoch: int, progress: bool) -> None:
+    """``epochs`` SGD passes over ``game_list``, one step per game."""
+    bar = tqdm(range(epochs), desc="learn_baseline", disable=not progress)
+    for epoch in bar:
+        losses = []
+        for game in game_list:
+            triples = sample_triples(game.num_players, samples_per_epoch, generator)
+            optimizer.zero_grad()
+            loss = _objective(model, game, baseline, triples)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        mean = sum(losses) / len(losses)
+        bar.set_postfix(objective=f"{mean:.4g}")
+        logger.debug("learn_baseline epoch %d: objective %.6g", epoch, mean)

@@ -497,7 +497,7 @@ def _add_probes(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_probes(args: argparse.Namespace) -> int:
-    from sftint_fast.sft.probes import PROBE_SOURCES, _confident, load_probes, save_probes, scan_probes
+    from sftint_fast.sft.probes import PROBE_SOURCES, load_probes, save_probes, scan_probes
 
     from sftint_fast.sft.probes import check_probe_sources
 
@@ -512,7 +512,7 @@ def _run_probes(args: argparse.Namespace) -> int:
     scored = scan_probes(model, tokenizer, count=args.count, min_py=args.min_py, n_players=args.n_players,
                          candidates=candidates, chat=args.chat, max_tries=args.max_tries,
                          sources=args.sources or PROBE_SOURCES, content_target=args.content_target)
-    chosen = [s for s in scored if _confident(s, args.min_py, args.content_target)]
+    chosen = [s for s in scored if s.confident(args.min_py, args.content_target)]
     if not chosen:
         what = " and a content-word next token" if args.content_target else ""
         print(f"sftint probes: none of the {len(scored)} candidates scored has p_y >= {args.min_py:g}{what} (and at "
@@ -566,8 +566,8 @@ def _engine_list(text: str) -> list[str]:
     """An argparse ``type`` for ``--engines``: comma-separated names of :data:`sftint_fast.bench.ENGINES`."""
     from sftint_fast.bench import ENGINES
 
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    unknown = [x for x in names if x not in ENGINES]
+    names = [x.strip() for x in text.split(",")]
+    unknown = [x for x in names if x not in ENGINES]  # an empty entry ("naive,,trie") is a typo, not a skip
     if not names or unknown or len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"expected distinct comma-separated names from {', '.join(ENGINES)}, "
                                          f"received {text!r}")

@@ -80,6 +80,12 @@ def test_bad_inputs():
         sf.learn_baseline(model, game, init=torch.zeros(7), progress=False)
     with pytest.raises(ValueError, match="epochs"):
         sf.learn_baseline(model, game, epochs=-1, progress=False)
+    with pytest.raises(ValueError, match="epochs"):
+        sf.learn_baseline(model, game, epochs=True, progress=False)
+    with pytest.raises(ValueError, match="samples_per_epoch"):
+        sf.learn_baseline(model, game, samples_per_epoch=True, progress=False)
+    with pytest.raises(ValueError, match="samples: expected an int >= 1"):
+        baseline_objective(model, game, game.baseline, samples=0)
 
 
 def test_submodule_train_eval_modes_restored():
@@ -103,3 +109,24 @@ def test_non_finite_settings_and_init_are_refused():
         sf.learn_baseline(model, game, epochs=0, init=torch.full((32,), float("nan")), progress=False)
     with pytest.raises(ValueError, match=r"init: expected shape"):  # 3 rows for a 5-player game, per_player=False
         sf.learn_baseline(model, game, epochs=1, init=torch.zeros(3, 32), progress=False)
+
+
+def test_objective_scores_in_eval_mode_and_restores_modes():
+    """With dropout in train mode the objective would change from call to call; it is the eval-mode score, and
+    each submodule's own mode comes back."""
+    model = tiny_model("llama", attention_dropout=0.5)
+    game = make_game(0)
+    expected = baseline_objective(model, game, game.baseline, seed=3)  # tiny_model is in eval mode
+    model.train()
+    model.model.layers[0].eval()
+    modes = [m.training for m in model.modules()]
+    scores = [baseline_objective(model, game, game.baseline, seed=3) for _ in range(3)]
+    assert scores == [expected] * 3
+    assert [m.training for m in model.modules()] == modes
+    with torch.no_grad():  # the check can fail: in train mode the dropout does change the score
+        model.train()
+        torch.manual_seed(0)
+        from sftint_fast.baseline import _objective
+        triples = sample_triples(game.num_players, 16, torch.Generator().manual_seed(3))
+        train_score = float(_objective(model, game, game.baseline, triples))
+    assert train_score != pytest.approx(expected, rel=1e-6)

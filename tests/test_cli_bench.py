@@ -114,6 +114,8 @@ def test_compare_engines_rejects_bad_subsets(game_and_model):
 @pytest.mark.parametrize("argv,message", [
     (["--engines", "naive,fast"], "--engines: expected distinct comma-separated names"),
     (["--engines", "naive,naive"], "--engines: expected distinct comma-separated names"),
+    (["--engines", "naive,,trie"], "--engines: expected distinct comma-separated names"),
+    (["--engines", "naive,trie,"], "--engines: expected distinct comma-separated names"),
     (["--repeat", "0"], "--repeat: expected an int >= 1, received '0'"),
     (["--sample", "-3"], "--sample: expected an int >= 1"),
 ])

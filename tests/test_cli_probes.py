@@ -201,3 +201,14 @@ def test_probes_says_which_source_is_missing_before_loading_a_model(tmp_path, mo
     assert main(["probes", "--out", str(tmp_path / "p.jsonl")]) == 2
     err = capsys.readouterr().err
     assert "'countries' needs countryinfo" in err and "--sources chooses the sources" in err
+
+
+def test_scored_probe_confident_is_the_kept_rule():
+    from sftint_fast.sft.probes import Probe, ScoredProbe
+
+    probe = Probe("What is the capital of France?")
+    assert ScoredProbe(probe, 0.6, 5, " Paris").confident(0.5)
+    assert not ScoredProbe(probe, 0.4, 5, " Paris").confident(0.5)
+    assert ScoredProbe(probe, 0.6, 5, " The").confident(0.5)
+    assert not ScoredProbe(probe, 0.6, 5, " The").confident(0.5, content_target=True)
+    assert ScoredProbe(probe, 0.6, 5, " Paris").confident(0.5, content_target=True)

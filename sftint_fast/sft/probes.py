@@ -194,6 +194,13 @@ class ScoredProbe:
     token_id: int
     token: str
 
+    def confident(self, min_py: float, content_target: bool = False) -> bool:
+        """``p_y >= min_py`` and, with ``content_target``, the greedy token is a content word: what
+        :func:`scan_probes` / :func:`confident_probes` keep."""
+        from sftint_fast.players import is_content_word
+
+        return self.p_y >= min_py and (not content_target or is_content_word(self.token))
+
 
 def scan_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 0.5, n_players: int = 8,
                 candidates: Sequence[Probe] | None = None, chat: bool = True, max_tries: int = 200,
@@ -225,7 +232,7 @@ def scan_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 0.5, 
                 logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float()
                 p_y, token = torch.softmax(logits, -1).max(-1)
                 scored.append(ScoredProbe(probe, p_y.item(), int(token), tokenizer.decode([int(token)])))
-                found += _confident(scored[-1], min_py, content_target)
+                found += scored[-1].confident(min_py, content_target)
                 if found == count:
                     break
     finally:
@@ -236,12 +243,6 @@ def scan_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 0.5, 
                        "max_tries=%d)", found, count, min_py, " and a content-word target" if content_target else "",
                        len(scored), len(pool), n_players, max_tries)
     return scored
-
-
-def _confident(scored: ScoredProbe, min_py: float, content_target: bool) -> bool:
-    from sftint_fast.players import is_content_word
-
-    return scored.p_y >= min_py and (not content_target or is_content_word(scored.token))
 
 
 def confident_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 0.5, n_players: int = 8,
@@ -257,7 +258,7 @@ def confident_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 
     """
     scored = scan_probes(model, tokenizer, count=count, min_py=min_py, n_players=n_players, candidates=candidates,
                          chat=chat, max_tries=max_tries, sources=sources, content_target=content_target)
-    return [s.probe for s in scored if _confident(s, min_py, content_target)]
+    return [s.probe for s in scored if s.confident(min_py, content_target)]
 
 
 # ----------------------------------------------------------------------------------------- SFT examples
