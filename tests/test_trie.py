@@ -172,13 +172,16 @@ def _sliding_model(kind: str, attn: str):
         cfg = Gemma3TextConfig(num_hidden_layers=3, head_dim=8, sliding_window=4, query_pre_attn_scalar=16,
                                layer_types=["sliding_attention", "full_attention", "sliding_attention"],
                                final_logit_softcapping=5.0, bos_token_id=2, eos_token_id=1, **common)
+    elif kind == "mistral-layer-types":  # Mistral's forward ignores layer_types: its window applies to every layer
+        cfg = MistralConfig(num_hidden_layers=2, sliding_window=5, bos_token_id=1, eos_token_id=2,
+                            layer_types=["sliding_attention", "full_attention"], **common)
     else:
         cfg = MistralConfig(num_hidden_layers=2, sliding_window=5, bos_token_id=1, eos_token_id=2, **common)
     return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("kind", ["gemma3", "mistral"])
+@pytest.mark.parametrize("kind", ["gemma3", "mistral", "mistral-layer-types"])
 def test_sliding_window_models(kind, attn):
     net = _sliding_model(kind, attn)
     assert get_adapter(net) is not None

@@ -76,6 +76,17 @@ def attention_keep_mask(
     return mask[:, None]
 
 
+def _reads_layer_types(model: Any) -> bool:
+    """Whether the model's decoder takes a mask per layer type (its forward builds a ``causal_mask_mapping``,
+    transformers' form for models with mixed full/sliding layers). True when its source cannot be read."""
+    base = getattr(model, "base_model", model)
+    try:
+        source = inspect.getsource(type(base).forward)
+    except (OSError, TypeError):
+        return True
+    return "causal_mask_mapping" in source
+
+
 def _attention_masks(model: Any, game: Game, subsets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | dict:
     """The 4D mask(s) for ``"attention"`` masking. A user mask replaces the model's own, sliding window
     included, so windowed layers get a windowed mask: one mask when every layer is alike, else a dict by
@@ -83,7 +94,9 @@ def _attention_masks(model: Any, game: Game, subsets: torch.Tensor, dtype: torch
     cfg = model.config
     window = getattr(cfg, "sliding_window", None)
     layer_types = getattr(cfg, "layer_types", None)
-    if layer_types is None:  # e.g. Mistral: the window, when set, applies to every layer
+    if layer_types is None or not _reads_layer_types(model):
+        # e.g. Mistral: one mask for every layer, windowed when the config sets a window (its forward ignores
+        # a ``layer_types`` the config may carry, and fails on a dict of masks)
         return attention_keep_mask(game, subsets, dtype, sliding_window=window)
     kinds = set(layer_types)
     if window is None or "sliding_attention" not in kinds:
