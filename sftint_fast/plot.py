@@ -142,7 +142,8 @@ def plot_rho_gamma(report: TrackReport, path: str | os.PathLike) -> Path:
         _mark_boundary(ax, report)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("step")
-        ax.set_title({"rho": "uncancelled ratio ρ", "gamma": "sharing γ with the reference"}[measure], fontsize=9)
+        ax.set_title({"rho": "uncancelled ratio ρ (AND)", "gamma": "sharing γ with the reference (AND)"}[measure],
+                     fontsize=9)
         ax.legend(fontsize=7)
     return _save(fig, path)
 
@@ -289,6 +290,11 @@ def markdown(report: TrackReport, *, figures: list[str], sets: dict[str, Any] | 
     logged = training.at(report.steps) if training is not None else None
     has_eval = logged is not None and any(x is not None for x in logged["eval_loss"])
     extra_head = "" if logged is None else " train loss |" + (" eval loss |" if has_eval else "")
+    # ρ and γ are per kind (AND and OR sets are kept apart, METHOD.md section 4), the counts summed over kinds
+    kinds = [k for k in ("and", "or") if f"{k}/emerged_rho" in c]
+    measure_head = "".join(f" ρ emerged ({k.upper()}) | γ emerged ({k.upper()}) |" for k in kinds)
+    head = ("| step | removed | preserved | emerged | new removed (floor, excess) | new emerged (floor, excess) |"
+            + measure_head + " mean p_y | held-out loss |" + extra_head)
     lines = ["# SFT interaction tracking report", "", h["verdict"], "",
              f"- solver: {report.solver}; noise floor: {report.config['noise_floor']} "
              f"(K={report.config['noise_draws']}); threshold: {report.config['threshold_reference']}, "
@@ -301,23 +307,27 @@ def markdown(report: TrackReport, *, figures: list[str], sets: dict[str, Any] | 
              *_cost_line(report.cost),
              f"- numerical error (engine: trie vs naive; precision: bf16 vs fp32, RMS to compare with the 'iid' floor's sd): "
              f"{report.numerics}", "",
-             "| step | removed | preserved | emerged | new removed (floor, excess) | new emerged (floor, excess) "
-             "| ρ emerged | γ emerged | mean p_y | held-out loss |" + extra_head,
-             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * extra_head.count("|")]
+             head, "|" + "---|" * (head.count("|") - 1)]
     for t, step in enumerate(report.steps):
-        gamma = c.get("and/emerged_gamma", [math.nan] * len(report.steps))[t]
         loss = c["heldout_loss"][t]
+        measures = "".join(f" {_fmt(c[f'{k}/emerged_rho'][t])} | {_fmt(_at(c.get(f'{k}/emerged_gamma'), t))} |"
+                           for k in kinds)
         lines.append(
             f"| {step} | {c['all/removed'][t]:.0f} | {c['all/preserved'][t]:.0f} | {c['all/emerged'][t]:.0f} "
             f"| {c['all/removed_new'][t]:.0f} ({c['all/removed_new_floor'][t]:.1f}, {c['all/removed_new_excess'][t]:+.1f}) "
             f"| {c['all/emerged_new'][t]:.0f} ({c['all/emerged_new_floor'][t]:.1f}, {c['all/emerged_new_excess'][t]:+.1f}) "
-            f"| {_fmt(c['and/emerged_rho'][t])} | {_fmt(gamma)} | {c['p_y_mean'][t]:.3f} | {_fmt_loss(loss)} |"
+            f"|{measures} {c['p_y_mean'][t]:.3f} | {_fmt_loss(loss)} |"
             + ("" if logged is None else f" {_fmt_loss(logged['train_loss'][t])} |"
                + (f" {_fmt_loss(logged['eval_loss'][t])} |" if has_eval else "")))
-    lines += ["", "removed, preserved and emerged count the probes whose target is still relevant at that checkpoint; "
-              "a probe flagged target-irrelevant (p_y under a tenth of its base value) leaves these totals while "
+    flagged = {name: [sum(c[f"{k}/{name}_new_irrelevant"][t] for k in kinds if f"{k}/{name}_new_irrelevant" in c)
+                      for t in range(len(report.steps))] for name in ("removed", "emerged")}
+    lines += ["", "removed, preserved and emerged count the probes whose target is still relevant at that checkpoint, "
+              "summed over AND and OR; ρ (mean over probes) and γ (pooled) of the emerged set are given per kind, "
+              "over the same probes. A probe flagged target-irrelevant (p_y under "
+              f"{report.config['irrelevant_fraction']:g} of its base value) leaves these totals and measures while "
               "flagged (its changes are counted apart), so they need not be monotone when the flagged set changes "
-              f"(flagged probes per checkpoint: {c['irrelevant_probes']})."]
+              f"(flagged probes per checkpoint: {c['irrelevant_probes']}; their new removals per checkpoint: "
+              f"{_counts(flagged['removed'])}, new emergences: {_counts(flagged['emerged'])})."]
     if logged is not None:
         lines += _training_paragraph(report, training, logged)
     if sets is not None:
@@ -391,6 +401,15 @@ def _cost_line(cost: dict[str, Any]) -> list[str]:
             + (f"; after the base, tracking took {cost['run_seconds_tracking']:.0f} s of the training run's "
                f"{cost['run_seconds']:.0f} s ({cost['run_seconds_tracking'] / cost['run_seconds']:.0%})"
                if cost.get("run_seconds") else "")]
+
+
+def _at(curve: list | None, t: int) -> Any:
+    """A curve's value at checkpoint ``t``; None for a curve the report lacks (γ without a reference)."""
+    return None if curve is None else curve[t]
+
+
+def _counts(xs: list[float]) -> str:
+    return "[" + ", ".join(f"{x:.0f}" for x in xs) + "]"
 
 
 def _fmt_s(x: Any) -> str:

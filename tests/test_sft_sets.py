@@ -115,6 +115,73 @@ def test_target_relevance_flags_and_counts_apart():
     assert rep.curves["and/removed_new_irrelevant"] == [0, 1]
 
 
+def test_set_measures_leave_out_target_irrelevant_probes_as_the_counts_do():
+    # METHOD.md 7.5: a probe whose target became irrelevant is flagged and its changes counted apart; the set
+    # measures beside the counts (ρ, mean |I|, order) must describe the same probes as the counts
+    base = _I(2, {0b01: 1.0}, rows=2)
+    later = torch.stack([_I(2, {0b01: 1.0, 0b11: 0.5})[0], _I(2, {0b01: 1.0, 0b10: 0.9, 0b11: -0.9})[0]])
+    tracker = SFTTracker(None, andor_method="and", noise_floor=None, persistence=1, bootstrap=50)
+    tracker.add_values(0, inverse_harsanyi(base), p_y=torch.tensor([0.8, 0.8]))
+    tracker.add_values(1, inverse_harsanyi(later), p_y=torch.tensor([0.7, 0.05]))
+    rep = tracker.report()
+    assert rep.curves["and/emerged"] == [0, 1]  # probe 1's two emergences are flagged, not counted
+    assert rep.curves["and/emerged_rho"][1] == pytest.approx(1.0)
+    assert rep.curves["and/emerged_mean_abs"][1] == pytest.approx(0.5)
+    assert rep.curves["and/emerged_mean_order"][1] == pytest.approx(2.0)
+    assert rep.curves["and/emerged_strength_plus"][1][2] == pytest.approx(1.0)
+    assert rep.curves["and/emerged_irrelevant"] == [0, 2]  # counted apart
+
+
+def test_report_names_the_kind_of_its_rho_and_gamma_and_shows_or_too():
+    from sftint_fast.plot import markdown
+
+    g = torch.Generator().manual_seed(0)
+    inter = _I(3, {0b011: 1.0, 0b101: -0.6, 0b111: 0.4}, rows=2)
+    ref = {"I_and": inter.clone(), "I_or": inter.clone()}
+    tracker = SFTTracker(None, andor_method="lp", noise_floor=None, persistence=1, bootstrap=50, min_base_py=0.0,
+                         reference=ref, progress=False)
+    for t in range(3):
+        tracker.add_values(t, inverse_harsanyi(inter + 0.3 * t * torch.randn(inter.shape, generator=g,
+                                                                             dtype=torch.float64)))
+    rep = tracker.report()
+    lines = markdown(rep, figures=[]).splitlines()
+    header = next(line for line in lines if line.startswith("| step |"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert "ρ emerged (AND)" in columns and "γ emerged (AND)" in columns
+    assert "ρ emerged (OR)" in columns and "γ emerged (OR)" in columns
+    last = [c.strip() for c in lines[lines.index(header) + 2 + 2].strip("|").split("|")]
+    for kind in ("and", "or"):
+        for symbol, measure in (("ρ", "rho"), ("γ", "gamma")):
+            value = rep.curves[f"{kind}/emerged_{measure}"][2]
+            shown = last[columns.index(f"{symbol} emerged ({kind.upper()})")]
+            assert shown == ("–" if math.isnan(value) else f"{value:.3f}")
+    plain = _run([inter, inter])
+    header = next(line for line in markdown(plain.report(), figures=[]).splitlines() if line.startswith("| step |"))
+    assert "ρ emerged (AND)" in header and "(OR)" not in header
+
+
+def test_report_states_the_irrelevance_fraction_it_used():
+    from sftint_fast.plot import markdown
+
+    base = _I(2, {0b01: 1.0, 0b11: 0.5}, rows=2)
+    tracker = SFTTracker(None, andor_method="and", noise_floor=None, persistence=1, bootstrap=50,
+                         irrelevant_fraction=0.25)
+    tracker.add_values(0, inverse_harsanyi(base), p_y=torch.tensor([0.8, 0.8]))
+    tracker.add_values(1, inverse_harsanyi(_I(2, {0b01: 1.0}, rows=2)), p_y=torch.tensor([0.7, 0.15]))
+    rep = tracker.report()
+    assert rep.probes["irrelevant"][1] == [False, True]  # 0.15 < 0.25 * 0.8, not under a tenth
+    md = markdown(rep, figures=[])
+    assert "a tenth" not in md and "under 0.25 of its base value" in md
+    # the flagged probes' own changes are in the report, not only the statement that they exist
+    assert "their new removals per checkpoint: [0, 1]" in md
+
+
+def test_values_without_probes_are_refused():
+    tracker = SFTTracker(None, andor_method="and", noise_floor=None, persistence=1, bootstrap=50)
+    with pytest.raises(ValueError, match=r"at least one probe.*got shape \(0, 8\)"):
+        tracker.add_values(0, torch.zeros(0, 8, dtype=torch.float64))
+
+
 def test_phase_boundary_rule_on_synthetic_curves():
     removed = [0, 50, 90, 95, 96, 96, 96]
     emerged = [0, -5, -3, 0, 1, 6, 9]
@@ -126,6 +193,9 @@ def test_phase_boundary_rule_on_synthetic_curves():
     assert N.phase_boundary(removed, lo(removed), [0] * 7, [-1] * 7) is None
     with pytest.raises(ValueError, match="removed_fraction"):
         N.phase_boundary(removed, removed, emerged, emerged, removed_fraction=0)
+    # curves of other runs or step grids: the rule would read past the shorter ones or ignore the longer ones
+    with pytest.raises(ValueError, match=r"expected four curves of one length .*, got lengths \[7, 7, 6, 6\]"):
+        N.phase_boundary(removed, lo(removed), emerged[:6], lo(emerged)[:6])
 
 
 def test_null_perturbations_match_energy_per_order():

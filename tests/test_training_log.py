@@ -94,6 +94,20 @@ def test_read_takes_the_latest_checkpoint_and_warns_about_mixed_runs(tmp_path, c
     assert "logged different training losses at step 1" in caplog.text
 
 
+@pytest.mark.parametrize("folders", ["checkpoint-10", "./checkpoint-10"])
+def test_read_refuses_one_folder_given_for_a_list(tmp_path, monkeypatch, folders):
+    # a string is iterable: read char by char it would look for ./trainer_state.json (the "." of "./")
+    monkeypatch.chdir(tmp_path)
+    _write_state(tmp_path, _history(steps=4), 4)
+    _write_state(tmp_path / "checkpoint-10", _history(steps=10), 10)
+    with pytest.raises(TypeError, match="folders: expected an iterable of checkpoint folders, got str"):
+        read_training_log(folders)
+    from pathlib import Path
+
+    with pytest.raises(TypeError, match="got PosixPath"):
+        read_training_log(Path(folders))
+
+
 @pytest.mark.parametrize("text, message", [
     ("{not json", r"checkpoint-2/trainer_state.json: expected a Trainer state \(JSON\), could not read it"),
     ("[1, 2]", r"checkpoint-2/trainer_state.json: expected a Trainer state \(a JSON object\), got list"),

@@ -360,6 +360,10 @@ def phase_boundary(
     """
     if not 0 < removed_fraction <= 1:
         raise ValueError(f"removed_fraction: expected a number in (0, 1], got {removed_fraction!r}")
+    curves = (cumulative_removed_excess, cumulative_removed_excess_lo, emerged_excess, emerged_excess_lo)
+    if len({len(curve) for curve in curves}) > 1:
+        raise ValueError(f"phase_boundary: expected four curves of one length (one value per checkpoint), got "
+                         f"lengths {[len(curve) for curve in curves]}")
     best = -math.inf
     best_lo = -math.inf
     for t in range(1, len(cumulative_removed_excess)):

@@ -124,7 +124,9 @@ class TrackReport:
     """All curves of one tracked run (plain lists, index = checkpoint) and the phase boundary.
 
     ``curves`` maps names to per-checkpoint lists; names are ``<kind>/<quantity>`` with kind ``and``, ``or``
-    or ``all`` (counts summed over kinds). ``intervals`` maps a curve name to ``(lo, hi)`` bootstrap lists.
+    or ``all`` (counts summed over kinds). Counts and set measures (ρ, γ, mean ``|I|``, order) cover the probes whose
+    target is still relevant at that checkpoint; ``<kind>/<count>_irrelevant`` counts the flagged probes' apart
+    (METHOD.md section 7.5). ``intervals`` maps a curve name to ``(lo, hi)`` bootstrap lists.
     ``probes`` holds per-probe tables (``p_y``, ``gain`` = ``v(N)−v(∅)``, ``irrelevant`` flags), each
     ``[checkpoint][probe]``. ``phase_boundary`` is a step (not an index) or None.
     """
@@ -942,8 +944,9 @@ def _shared(interactions: torch.Tensor, reference: dict[str, torch.Tensor], kind
 def _check_values(values: torch.Tensor, expected: torch.Size | None) -> torch.Tensor:
     if not isinstance(values, torch.Tensor):
         raise TypeError(f"values: expected a torch.Tensor (B, 2^n), got {type(values).__name__}")
-    if values.dim() != 2 or values.shape[-1] < 2 or values.shape[-1] & (values.shape[-1] - 1):
-        raise ValueError(f"values: expected shape (B, 2^n) with n >= 1, got {tuple(values.shape)}")
+    if values.dim() != 2 or values.shape[0] < 1 or values.shape[-1] < 2 or values.shape[-1] & (values.shape[-1] - 1):
+        raise ValueError(f"values: expected shape (B, 2^n) with at least one probe (B >= 1) and n >= 1, got "
+                         f"shape {tuple(values.shape)}")
     if expected is not None and values.shape != expected:
         raise ValueError(f"values: expected shape {tuple(expected)} (as the base checkpoint), got {tuple(values.shape)}")
     if not torch.isfinite(values).all():
@@ -1169,6 +1172,9 @@ def _build_report(tracker: SFTTracker) -> TrackReport:
             values = inters[:1].expand_as(inters) if base_only else inters
             set_shared = shared[:1].expand_as(shared) if base_only and shared is not None else shared
             put_sum(f"{kind}/{name}", member.sum(-1).double() * relevant)
+            put_sum(f"{kind}/{name}_irrelevant", member.sum(-1).double() * (1 - relevant))
+            # the measures describe the probes the counts count: a flagged probe's sets are left out of both
+            member = member & ~irrelevant.unsqueeze(-1)
             _set_measures(curves, intervals, f"{kind}/{name}", values, member, order, n, boot, set_shared)
         new = {"removed_new": torch.zeros(T, B), "emerged_new": torch.zeros(T, B)}
         if shared is not None:
@@ -1273,7 +1279,8 @@ def _tracking_cost(records: Sequence[_Record]) -> dict[str, Any]:
 def _set_measures(curves: dict, intervals: dict, prefix: str, values: torch.Tensor, member: torch.Tensor,
                   order: torch.Tensor, n: int, boot: torch.Tensor, shared: torch.Tensor | None) -> None:
     """Mean |I|, ρ, γ and mean order of one set over checkpoints (pooled over probes), and its strength by order
-    (per probe, averaged over probes)."""
+    (per probe, averaged over probes); ``member`` holds only the probes to measure (the caller leaves out those
+    whose target became irrelevant)."""
     m = member.double()
     mag = values.abs() * m                                                       # (T, B, 2^n)
     abs_sum = mag.sum(-1)

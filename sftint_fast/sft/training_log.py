@@ -105,6 +105,9 @@ def read_training_log(folders: Iterable[str | os.PathLike]) -> TrainingLog | Non
     the report, so a ``trainer_state.json`` that is not a Trainer's log is skipped with a warning that says why
     (:meth:`TrainingLog.from_file` raises instead). Warns when two checkpoints' histories disagree at a step both
     logged (checkpoints of different runs tracked as one)."""
+    if isinstance(folders, (str, os.PathLike)):  # iterable too: read char by char, "./x" would find ./trainer_state.json
+        raise TypeError(f"folders: expected an iterable of checkpoint folders, got {type(folders).__name__} "
+                        f"{os.fspath(folders)!r}; pass [folder] for one")
     states = []
     for folder in folders:
         path = Path(folder) / "trainer_state.json"
