@@ -303,3 +303,33 @@ def test_fused_cpp_sgd_refuses_aliased_state():
         torch.ops.sftint.andor_sgd_(v, shared, shared, torch.zeros(2, 8), torch.zeros(2, 8), torch.ones(2), lrs, 0.9)
     with pytest.raises(RuntimeError, match="expected buf_q not to share memory with buf_p"):
         torch.ops.sftint.andor_sgd_(v, torch.zeros(2, 8), torch.zeros(2, 8), shared, shared, torch.ones(2), lrs, 0.9)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-cpp", "torch-loop"])
+def test_sgd_refuses_before_allocating_when_memory_is_short(monkeypatch, fused):
+    """Near n=30 the SGD state and scratch are tens of GiB: it must refuse up front and say how many bytes it
+    needs (it allocated them and was killed, or failed deep inside with an allocator error)."""
+    v = torch.randn(3, 2**10, generator=torch.Generator().manual_seed(0), dtype=F64)
+    monkeypatch.setattr(andor._ext, "has_ext", lambda: fused)
+    needed = andor._sgd_bytes(3, 2**10, 8, niter=4, fused=fused, threads=torch.get_num_threads())
+    assert needed >= 6 * 3 * 2**10 * 8
+    monkeypatch.setattr(andor, "_free_bytes", lambda device: needed - 1)
+
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("the SGD ran although memory was short")
+
+    monkeypatch.setattr(andor, "_sgd", no_allocation)
+    with pytest.raises(ValueError, match=rf"needs about {needed:,} bytes .* free on cpu"):
+        sf.and_or(v, niter=4, progress=False)
+    monkeypatch.undo()
+    monkeypatch.setattr(andor._ext, "has_ext", lambda: fused)
+    monkeypatch.setattr(andor, "_free_bytes", lambda device: needed)
+    assert sf.and_or(v, niter=4, progress=False).objective.shape == (5, 3)
+
+
+def test_sgd_bytes_of_one_row_at_n30():
+    """One fp32 row at n=30: the fused loop pads it to 8 lanes of 7 scratch buffers (224 GiB) beside 6 state
+    copies (24 GiB); the torch loop needs 6 + 8 copies (56 GiB)."""
+    row = 4 * 2**30
+    assert andor._sgd_bytes(1, 2**30, 4, niter=0, fused=True, threads=16) == (6 + 7 * 8) * row + 4
+    assert andor._sgd_bytes(1, 2**30, 4, niter=0, fused=False, threads=16) == (6 + 8) * row + 4

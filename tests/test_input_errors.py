@@ -287,7 +287,10 @@ def test_sharding_rejects_bool_ranks_negative_counts_and_bad_costs(call, error, 
     (lambda v: sf.and_or(v, niter=2, seed="x", progress=False), TypeError, "seed: expected an int, got str"),
     (lambda v: sf.and_or(v, niter=2, seed=True, progress=False), TypeError, "seed: expected an int, got bool"),
     (lambda v: sf.top_interactions(v, True, ["a", "b"]), ValueError, "k: expected an int >= 0, got True"),
-], ids=["niter-bool", "seed-str", "seed-bool", "k-bool"])
+    (lambda v: sf.and_or(v, qthres=True, niter=2, progress=False), ValueError,
+     "qthres: expected a finite number >= 0, got True"),
+    (lambda v: sf.and_or(v, lr=True, niter=2, progress=False), ValueError, "lr: expected a finite number > 0, got True"),
+], ids=["niter-bool", "seed-str", "seed-bool", "k-bool", "qthres-bool", "lr-bool"])
 def test_and_or_and_top_interactions_reject_bools_and_non_int_seeds(call, error, message):
     with pytest.raises(error, match=message):
         call(torch.tensor([0.0, 1.0, 1.0, 3.0], dtype=torch.float64))

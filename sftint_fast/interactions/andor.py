@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import os
 from typing import Literal
 
 import torch
@@ -88,6 +89,10 @@ def and_or(
         into AND order 0) and ``objective`` of shape ``(K,)`` or ``(K, B)``: for ``"sgd"`` ``K = niter + 1``
         (the objective before each step, then after the last one); for ``"lp"`` ``K = 1``.
 
+    Raises:
+        ValueError: for ``"sgd"``, before allocating anything, when the bytes its state and scratch need (stated
+            in the message) exceed the memory free on ``v``'s device.
+
     >>> v = torch.tensor([0., 1., 1., 1.], dtype=torch.float64)   # v(T) = 1[T ≠ ∅]: one OR of both players
     >>> and_or(v, method="lp", qthres=0.0, progress=False).I_or.tolist() == [0.0, 0.0, 0.0, 1.0]
     True
@@ -102,14 +107,17 @@ def and_or(
     n = T.validate_game_tensor(v, name="v", max_players=limit)
     if v.dim() > 2:
         raise ValueError(f"v: expected shape (2^n,) or (B, 2^n), got {tuple(v.shape)}")
-    if not (isinstance(qthres, (int, float)) and qthres >= 0 and math.isfinite(qthres)):
+    if not (isinstance(qthres, (int, float)) and not isinstance(qthres, bool) and qthres >= 0 and math.isfinite(qthres)):
         raise ValueError(f"qthres: expected a finite number >= 0, got {qthres!r}")
     if not (isinstance(niter, int) and not isinstance(niter, bool) and niter >= 0):
         raise ValueError(f"niter: expected an int >= 0, got {niter!r}")
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr: expected a finite number > 0, got {lr!r}")
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+
+    if method == "sgd":
+        _check_sgd_memory(v, n, niter)
 
     rows = v.reshape(-1, v.shape[-1])
     if baseline_offset:
@@ -255,6 +263,42 @@ def _sgd(
                 torch.maximum(q, -bound, out=q)
         objective[niter] = _l1_and_grad(v, p, q)[0]
     return p, q, objective
+
+
+def _sgd_bytes(rows: int, size: int, element_size: int, *, niter: int, fused: bool, threads: int) -> int:
+    """Peak bytes that ``method="sgd"`` allocates beside ``v`` itself, for ``rows`` games of ``size`` values."""
+    per_game = size * element_size
+    state = 6 * rows * per_game  # v - v(∅), p, q and its clamped copy, two momentum buffers
+    if fused:
+        # csrc/andor.cpp: 7 scratch buffers of 8 interleaved rows per group in flight (one row is padded to 8)
+        work = 7 * 8 * per_game * min(-(-rows // 8), threads)
+    else:
+        work = 8 * rows * per_game  # the temporaries of one step of the torch loop (_l1_and_grad), all rows at once
+    return state + work + (niter + 1) * rows * element_size
+
+
+def _free_bytes(device: torch.device) -> int:
+    """Bytes free for new tensors on ``device``: CUDA free memory, or the host's available RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        import psutil
+    except ImportError:  # a --no-deps install (as on GPU machines) may lack psutil
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return int(psutil.virtual_memory().available)
+
+
+def _check_sgd_memory(v: torch.Tensor, n: int, niter: int) -> None:
+    rows = v.numel() // v.shape[-1]
+    fused = v.device.type == "cpu" and _ext.has_ext()
+    needed = _sgd_bytes(rows, v.shape[-1], v.element_size(), niter=niter, fused=fused, threads=torch.get_num_threads())
+    free = _free_bytes(v.device)
+    if needed > free:
+        raise ValueError(
+            f"v: method='sgd' on {rows} row(s) of n={n} players ({v.dtype}) needs about {needed:,} bytes "
+            f"({needed / 2**30:,.1f} GiB) beside v, but {free:,} bytes ({free / 2**30:,.1f} GiB) are free on "
+            f"{v.device}; pass fewer rows per call, a smaller n, or run where that much memory is free"
+        )
 
 
 def _lp_nonzeros(n: int) -> int:

@@ -33,10 +33,10 @@ def shapley_from_harsanyi(interactions: torch.Tensor) -> torch.Tensor:
     size = interactions.shape[-1]
     order = T.popcount(size, device=interactions.device).to(interactions.dtype)
     scaled = interactions / order.clamp(min=1)
-    scaled = scaled * (order > 0)
-    idx = torch.arange(size, device=interactions.device)
-    members = ((idx.unsqueeze(-1) >> torch.arange(n, device=interactions.device)) & 1).to(interactions.dtype)
-    return scaled @ members
+    lead = interactions.shape[:-1]
+    # the subsets containing player i are the upper halves of the blocks of 2^(i+1) indices (no (2^n, n) matrix)
+    phi = [scaled.reshape(*lead, size >> (i + 1), 2, 1 << i)[..., 1, :].sum((-2, -1)) for i in range(n)]
+    return torch.stack(phi, -1) if phi else scaled.new_zeros((*lead, 0))
 
 
 def shapley(v: torch.Tensor, *, max_players: int | None = None) -> torch.Tensor:

@@ -149,5 +149,7 @@ def superset_zeta(x: torch.Tensor, **kw) -> torch.Tensor:
 def popcount(size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """``|S|`` for every bitmask ``S < size`` (int64, shape ``(size,)``)."""
     idx = torch.arange(size, device=device)
-    bits = torch.arange(max(1, (size - 1).bit_length()), device=device)
-    return ((idx.unsqueeze(-1) >> bits) & 1).sum(-1)
+    count = torch.zeros_like(idx)
+    for bit in range((size - 1).bit_length()):  # bit by bit: a (size, n) bit table would be n times the output
+        count += (idx >> bit) & 1
+    return count
