@@ -60,8 +60,10 @@ def _butterfly_kernel(
     flat = tl.arange(0, (1 << R) * U)
     s = (flat // U).to(tl.int64)
     u = (flat % U).to(tl.int64)
-    size = tiles_per_row * (U << R)
-    offs = row * size + outer * (stride << R) + s * stride + col0 + u
+    # int64 throughout: at n = 31 a row's size and stride << R reach 2^31 (int32 arguments would wrap)
+    size = tl.cast(tiles_per_row, tl.int64) * (U << R)  # tl.cast: an argument equal to 1 arrives as a constexpr
+    stride64 = tl.cast(stride, tl.int64)
+    offs = row * size + outer * (stride64 << R) + s * stride64 + col0 + u
     x = tl.load(x_ptr + offs)
     for b in tl.static_range(R):
         # view the tile as [outer, 2, inner]: the middle axis is bit b of s (bit i+b of the index)
