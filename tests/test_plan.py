@@ -180,3 +180,14 @@ def test_sparse_leaves_fill_their_chunks():
     assert torch.equal(scheduled, tight.level_nodes[10])
     no_window = plan_trie(game, subsets=subsets, window=False)  # the fused kernel keeps no last-level KV
     assert no_window.window_nodes == 0 and len(no_window.chunks(10)) == 1
+
+
+def test_memory_error_comes_before_allocating_the_levels_and_states_bytes():
+    """n=40, all 2^n variants: the plan refuses from the sizes alone (building its 2^40 node ids first would need
+    8 TiB), and a budget far below one GiB still reads as bytes, not as '0.00 GiB needed, 0.00 GiB available'."""
+    big = layout(40, tuple((i, i + 1) for i in range(40)))
+    with pytest.raises(ValueError, match=r"needs at least \d+\.\d+ GiB \(\d+ bytes\).*max_memory is 0\.00 GiB "
+                                         r"\(1048576 bytes\)"):
+        plan_trie(big, dims=DIMS, max_memory=1 << 20)
+    with pytest.raises(ValueError, match=r"needs at least 0\.\d+ GiB \(\d+ bytes\).*\(10000 bytes\)"):
+        plan_trie(layout(*LAYOUTS[0]), dims=DIMS, max_memory=10_000)

@@ -248,6 +248,10 @@ def test_subset_attention_rejects_bad_inputs():
         subset_attention(q[:, :1], k_store, v_store, nodes, offsets, lens, players, positions, level=2, scale=1.0)
     with pytest.raises(ValueError, match="len\\(node_ids\\)"):
         subset_attention(q, k_store, v_store, nodes[:-1], offsets, lens, players, positions, level=2, scale=1.0)
+    for option, message in (({"sliding_window": 0}, "sliding_window"), ({"softcap": 0.0}, "softcap"),
+                            ({"scale": 0.0}, "scale")):  # as the fused kernel: a window of 0 gave NaN rows
+        with pytest.raises(ValueError, match=message):
+            subset_attention(*case, level=2, **{"scale": 1.0, **option})
 
 
 def test_subset_attention_with_a_prebuilt_key_layout():
@@ -320,3 +324,93 @@ def test_sequence_length_dependent_rope(rope, masking):
     assert game.input_ids.numel() > 8  # past the original length: the scaled frequencies apply
     trie, naive = run_both(net, game, batch_size=2)
     check_close(trie, naive)
+
+
+def _many_players_game(n: int) -> Game:
+    return Game(input_ids=torch.arange(4, 4 + n), player_spans=tuple((i, i + 1) for i in range(n)),
+                words=("w",) * n, target=torch.tensor([5]), baseline=torch.zeros(HIDDEN), prompt_length=n)
+
+
+def test_evaluate_many_refuses_too_many_players_with_the_memory_needed():
+    """Grouping plans the trie before evaluating: with n=40 it must refuse, saying how much memory it needs and
+    what is available, before building the 2^40 node ids of the plan."""
+    import sftint_fast as sf
+
+    with pytest.raises(ValueError, match=r"n=40.*needs? at least \d+\.\d+ GiB \(\d+ bytes\).*1\.0+ GiB \(1073741824 bytes\)"):
+        sf.evaluate_many(model("llama"), [_many_players_game(40)], method="trie", max_memory=1 << 30,
+                         progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8])
+def test_evaluate_many_takes_the_subsets_evaluate_takes(dtype):
+    import sftint_fast as sf
+
+    net = model("llama")
+    games = [make_game("spread_n5", seed=s) for s in range(2)]
+    subsets = torch.tensor([7, 0, 31, 7, 2], dtype=dtype)
+    many = sf.evaluate_many(net, games, method="trie", subsets=subsets, progress=False)
+    for game, v in zip(games, many):
+        naive = evaluate_naive(net, game, subsets.long(), progress=False)
+        check_close(v, naive)
+    with pytest.raises(TypeError, match="subsets: expected a 1-D int64 tensor of bitmasks, received list"):
+        sf.evaluate_many(net, games, subsets=[0, 1], progress=False)
+
+
+def test_auto_falls_back_to_naive_when_the_trie_store_does_not_fit():
+    """The trie stores every prefix of levels < n (2^j nodes each) whatever the subsets: with n=30 a few sampled
+    subsets need hundreds of GiB. ``method='auto'`` then runs the naive engine (with a warning), which needs only
+    its batches; ``method='trie'`` refuses, saying how much it needs."""
+    import sftint_fast as sf
+
+    net = model("llama")
+    game = _many_players_game(30)
+    subsets = torch.tensor([0, (1 << 30) - 1, 12345, 12345])
+    naive = sf.evaluate(net, game, method="naive", subsets=subsets, max_memory=1 << 30, progress=False)
+    with pytest.warns(UserWarning, match=r"needs at least \d+\.\d+ GiB.*naive engine"):
+        auto = sf.evaluate(net, game, subsets=subsets, max_memory=1 << 30, progress=False)
+    assert torch.equal(auto, naive)
+    with pytest.warns(UserWarning, match="naive engine"):
+        many = sf.evaluate_many(net, [game, game], subsets=subsets, max_memory=1 << 30, progress=False)
+    assert all(torch.equal(v, naive) for v in many)
+    with pytest.raises(ValueError, match=r"n=30.*needs at least \d+\.\d+ GiB"):
+        sf.evaluate(net, game, method="trie", subsets=subsets, max_memory=1 << 30, progress=False)
+
+
+@pytest.mark.parametrize("options", [{"batch_size": True}, {"max_memory": True}, {"max_memory": float("nan")},
+                                     {"max_memory": float("inf")}])
+def test_evaluate_refuses_bool_and_non_finite_options(options):
+    import sftint_fast as sf
+
+    name = next(iter(options))
+    with pytest.raises(ValueError, match=f"{name}: expected a positive"):
+        sf.evaluate(model("llama"), make_game("n1"), progress=False, **options)
+
+
+def test_too_many_players_error_states_bytes_when_below_a_gib():
+    import sftint_fast as sf
+
+    with pytest.raises(ValueError, match=r"n=5 players: all 2\^5 variants need at least 0\.0 GiB \(384 bytes\), but "
+                                         r"0\.0 GiB \(100 bytes\) are available"):
+        sf.evaluate(model("llama"), make_game("spread_n5"), max_memory=100, progress=False)
+
+
+def test_torch_subset_attention_of_an_empty_segment_is_empty():
+    """Level 0 of a prompt whose first player is at position 0 owns no token: the torch backend returns the empty
+    output, as the reference and the Triton kernel do."""
+    q, store = torch.randn(1, 0, 4, 8), torch.randn(0, 2, 8)
+    args = (q, store, store, torch.tensor([0]), *(torch.tensor([0]) for _ in range(4)))
+    got = subset_attention(*args, level=0, scale=0.3)
+    want = subset_attention_reference(*args, level=0, scale=0.3)
+    assert got.shape == want.shape == q.shape and got.dtype == want.dtype
+
+
+def test_all_variants_check_counts_the_memory_of_the_models_device(monkeypatch):
+    """On a GPU the 2^n bitmasks and values are allocated there: its free memory bounds n, not only the host's
+    (checked without a GPU: the check refuses before anything is allocated on the device)."""
+    import sftint_fast.engine as engine
+
+    free = {"cpu": 64 << 30, "cuda": 1 << 20}
+    monkeypatch.setattr(engine, "available_memory", lambda device: free[device.type])
+    with pytest.raises(ValueError, match=r"n=20 players: all 2\^20 variants need at least .* \(1048576 bytes\) are"):
+        engine._validate_subsets(None, 20, torch.device("cuda"), None)
+    assert engine._validate_subsets(None, 20, torch.device("cpu"), None).numel() == 1 << 20

@@ -301,3 +301,19 @@ def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-4000:]
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_query_tokens_must_match_the_level_length(tokens):
+    """q with another number of tokens per node than ``level_lens[level]`` (2 here) would leave output rows unwritten
+    (fewer in the table) or read and write past q (more): refused, as the torch backend refuses it."""
+    from sftint_fast.ops.triton.subset_attention import subset_attention
+
+    lens, players, level, nodes, hq, hkv, d = CASES["level1-mha"]
+    k_store, v_store, tables, gen = make_store(lens, players, hkv, d, torch.float32, 0)
+    q = torch.randn(len(nodes), tokens, hq, d, generator=gen)
+    args = (q, k_store, v_store, torch.tensor(nodes), *tables)
+    for path in PATHS:
+        with pytest.raises(ValueError, match=rf"q: expected \[2, 2, {hq}, {d}\] \(\[len\(node_ids\), "
+                                             rf"level_lens\[level\], Hq, D\]\), got \[2, {tokens}, {hq}, {d}\]"):
+            subset_attention(*(t.to(DEVICE) for t in args), level=level, scale=0.1, path=path)

@@ -3,7 +3,9 @@
 ``evaluate`` validates its inputs, runs under ``torch.no_grad`` with the model in eval mode (its
 train/eval mode restored afterwards) and dispatches to an engine: ``"naive"`` (every variant its own
 sequence, ``engine/naive.py``) or ``"trie"`` (shared prefixes computed once, ``engine/trie.py``).
-``"auto"`` picks the trie when an adapter supports the model's architecture, else naive with a warning.
+``"auto"`` picks the trie when an adapter supports the model's architecture, else naive with a warning; it also
+falls back to naive, with a warning, when the trie's plan does not fit the memory budget (its KV store holds every
+node of levels ``< n``, sampled subsets or not).
 
 ``compute_dtype`` (None = the model's own dtype, no change):
   - ``"float32"`` / ``"bfloat16"``: equal to the model's dtype → nothing to do; a float32 model asked for
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import math
 import warnings
 from typing import Any, Callable, Iterator, Literal, Sequence
 
@@ -52,11 +55,14 @@ GROUP_TOKENS = {"cuda": 32768, "cpu": 1536}
 def _validate_subsets(subsets: Any, n: int, device: torch.device, max_memory: int | None) -> torch.Tensor:
     if subsets is None:
         needed = _BYTES_PER_VARIANT * (1 << n)
-        budget = max_memory if max_memory is not None else available_memory(torch.device("cpu"))
+        # the bitmasks and values live on the model's device (and the values come back to the host)
+        budget = max_memory if max_memory is not None else min(available_memory(torch.device("cpu")),
+                                                               available_memory(device))
         if n > MAX_PLAYERS or needed > budget:
             raise ValueError(
-                f"n={n} players: all 2^{n} variants need at least {needed / 2**30:.1f} GiB, but {budget / 2**30:.1f} GiB"
-                " are available; pass subsets= (a tensor of bitmasks) to evaluate a sample"
+                f"n={n} players: all 2^{n} variants need at least {needed / 2**30:.1f} GiB ({needed} bytes), but "
+                f"{budget / 2**30:.1f} GiB ({budget} bytes) are available; pass subsets= (a tensor of bitmasks) to "
+                "evaluate a sample"
             )
         return torch.arange(1 << n, dtype=torch.int64, device=device)
     if not isinstance(subsets, torch.Tensor):
@@ -144,10 +150,11 @@ def _choose_engine(model: Any, method: Method, compute_dtype: ComputeDtype | Non
 
 
 def _check_options(batch_size: int | None, max_memory: int | float | None) -> None:
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
         raise ValueError(f"batch_size: expected a positive int or None, received {batch_size!r}")
-    if max_memory is not None and (not isinstance(max_memory, (int, float)) or max_memory <= 0):
-        raise ValueError(f"max_memory: expected a positive number of bytes or None, received {max_memory!r}")
+    if max_memory is not None and (not isinstance(max_memory, (int, float)) or isinstance(max_memory, bool)
+                                   or not 0 < max_memory < math.inf):
+        raise ValueError(f"max_memory: expected a positive finite number of bytes or None, received {max_memory!r}")
 
 
 def _check_games(games: Sequence[Any]) -> list[Game]:
@@ -251,10 +258,23 @@ def evaluate_games(
     model.eval()
     try:
         with torch.no_grad(), _compute_context(model, compute_dtype, device):
-            values = run(model, games, subsets, **kwargs)
+            try:
+                values = run(model, games, subsets, **kwargs)
+            except _trie_memory_error() as error:  # raised by the plan, before any forward
+                if method != "auto":
+                    raise
+                warnings.warn(f"{error}; falling back to the naive engine (slower, same values)", stacklevel=3)
+                kwargs.pop("attention_backend")
+                values = evaluate_naive_games(model, games, subsets, **kwargs)
     finally:
         model.train(was_training)
     return [v.to(torch.float32) for v in values]
+
+
+def _trie_memory_error() -> type[Exception]:
+    from sftint_fast.engine.plan import TrieMemoryError  # imported on use: the plan pulls in the adapters
+
+    return TrieMemoryError
 
 
 def _layout_fn(engine: str) -> Callable[[Game], tuple]:
@@ -271,18 +291,23 @@ def _auto_group_size(model: Any, engine: str, game: Game, subsets: torch.Tensor 
     (trie) or two batches (naive), with every game's KV store within half the memory budget. The store is the one
     the trie will build: with the fused kernel (``attention_backend`` resolving to ``"triton"``) the last level's
     K/V are never kept, so the plan has no last-level window."""
+    if subsets is not None:
+        subsets = _validate_subsets(subsets, game.num_players, torch.device("cpu"), max_memory)
     variants = (1 << game.num_players) if subsets is None else max(1, int(subsets.numel()))
     if engine == "naive":
         batch = batch_size or naive_batch_size(model, game, max_memory=max_memory)
         return max(1, min(MAX_GROUP_GAMES, 2 * batch // variants))
     from sftint_fast.engine.adapters import get_adapter
-    from sftint_fast.engine.plan import default_max_memory, default_pass_tokens, plan_trie
+    from sftint_fast.engine.plan import TrieMemoryError, default_max_memory, default_pass_tokens, plan_trie
 
     budget = max_memory if max_memory is not None else default_max_memory(model_device(model))
-    plan = plan_trie(game, subsets=None if subsets is None else subsets.cpu(), dims=get_adapter(model).dims,
-                     batch_size=batch_size, max_memory=budget, num_targets=int(game.score_positions.numel()),
-                     pass_tokens=default_pass_tokens(model_device(model)),
-                     window=_resolve_backend(attention_backend, model_device(model)) != "triton")
+    try:
+        plan = plan_trie(game, subsets=subsets, dims=get_adapter(model).dims, batch_size=batch_size,
+                         max_memory=budget, num_targets=int(game.score_positions.numel()),
+                         pass_tokens=default_pass_tokens(model_device(model)),
+                         window=_resolve_backend(attention_backend, model_device(model)) != "triton")
+    except TrieMemoryError:  # not even one game fits: evaluate_games falls back to naive (auto) or says so
+        return 1
     by_memory = (budget // 2) // max(1, plan.kv_bytes)
     by_tokens = GROUP_TOKENS.get(model_device(model).type, GROUP_TOKENS["cpu"]) // max(1, plan.trie_tokens)
     return int(max(1, min(MAX_GROUP_GAMES, by_memory, by_tokens)))

@@ -47,6 +47,14 @@ FREE_MEMORY_FRACTION = 0.6
 _GIB = 1024**3
 
 
+class TrieMemoryError(ValueError):
+    """The trie plan does not fit the memory budget (the message says how much it needs and what the budget is)."""
+
+
+def _size(num_bytes: float) -> str:
+    return f"{num_bytes / _GIB:.2f} GiB ({int(num_bytes)} bytes)"
+
+
 class PlanUnit(NamedTuple):
     """One chunk of a pass: ``nodes`` (int64 ids) of ``level`` of game ``game``."""
 
@@ -266,8 +274,9 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
             there); False when the attention reads each node's own segment from the pass (the fused kernel).
 
     Raises:
-        ValueError: bad spans or subsets, or a plan that does not fit ``max_memory`` even one node per chunk
-            (the message says how many GiB it needs).
+        ValueError: bad spans or subsets; :class:`TrieMemoryError` (a ValueError): a plan that does not fit
+            ``max_memory`` even one node per chunk (the message says how much it needs, in GiB and bytes; raised
+            before the node ids of all ``2^n`` variants are built).
 
     Example:
         >>> from types import SimpleNamespace
@@ -301,8 +310,10 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
         raise ValueError(f"pass_tokens: expected a positive int or None, received {pass_tokens!r}")
 
     level_lens, level_positions, player_lens = _segments(seq_len, player_spans)
-    level_nodes, leaf_index = _level_nodes(num_players, subsets)
-    counts = [len(nodes) for nodes in level_nodes]
+    # all 2^n: the node counts come from n alone, so a plan too large for memory is refused before its ids exist
+    level_nodes, leaf_index = _level_nodes(num_players, subsets) if subsets is not None else (None, None)
+    counts = ([len(nodes) for nodes in level_nodes] if level_nodes is not None
+              else [1 << j for j in range(num_players + 1)])
     trie_tokens = sum(count * length for count, length in zip(counts, level_lens))
     naive_tokens = (len(subsets) if subsets is not None else 1 << num_players) * seq_len
     if num_targets is None:
@@ -342,9 +353,10 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
         needed = fixed + window_bytes + max(other, per_node[-1])
         if max_memory < needed:
             games = f" x {num_games} games" if num_games > 1 else ""
-            raise ValueError(f"the trie for n={num_players}, L={seq_len}{games} needs at least {needed / _GIB:.2f} GiB "
-                             f"(KV store {fixed / _GIB:.2f} GiB + one node's activations), but max_memory is "
-                             f"{max_memory / _GIB:.2f} GiB; evaluate fewer subsets or games, or use method='naive'")
+            raise TrieMemoryError(f"the trie for n={num_players}, L={seq_len}{games} needs at least {_size(needed)} "
+                                  f"(KV store {_size(fixed)}: every node of levels < n, whatever the subsets, + one "
+                                  f"node's activations), but max_memory is {_size(max_memory)}; evaluate fewer "
+                                  f"players or games, or use method='naive'")
         room = max_memory - fixed
         fit = room // (per_node[-1] + window_bytes)
         if window_bytes:
@@ -358,6 +370,8 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
         kv_bytes = fixed + window_nodes * window_bytes
     else:
         per_node, room = [0] * (num_players + 1), None
+    if level_nodes is None:
+        level_nodes, leaf_index = _level_nodes(num_players, None)
     # Level by level, the same chunk of every game side by side: a chunk's ancestors are always scheduled earlier.
     units = [PlanUnit(level, ids, game) for level in range(num_players + 1) if level_lens[level] > 0
              for ids in _split_level(level_nodes[level], chunk_nodes[level],

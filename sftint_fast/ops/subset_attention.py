@@ -71,6 +71,8 @@ def _subset_attention_torch(q: torch.Tensor, k_store: torch.Tensor, v_store: tor
                             softcap: float | None, sliding_window: int | None,
                             layout: KeyLayout | None = None) -> torch.Tensor:
     chunk, seg_len, num_heads, head_dim = q.shape
+    if chunk == 0 or seg_len == 0:  # no query (e.g. an empty level 0): the keys may be no rows at all
+        return torch.empty_like(q)
     num_kv_heads = k_store.shape[1]
     if layout is None:
         layout = key_layout(node_ids, level_offsets, level_lens, player_lens, level_positions, level=level,
@@ -157,6 +159,12 @@ def subset_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tens
     if q.shape[-1] != k_store.shape[-1] or q.shape[2] % k_store.shape[1]:
         raise ValueError(f"head dims must match and Hq must be a multiple of Hkv, got q {tuple(q.shape)}, "
                          f"store {tuple(k_store.shape)}")
+    if not scale > 0:  # the fused kernel refuses the same (a window of 0 hid every key: NaN rows)
+        raise ValueError(f"scale: expected a positive float, got {scale}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap: expected None or a positive float, got {softcap}")
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window: expected None or an int >= 1, got {sliding_window}")
     for name, table in (("level_offsets", level_offsets), ("level_lens", level_lens), ("player_lens", player_lens),
                         ("level_positions", level_positions)):
         if table.shape != (level + 1,):

@@ -427,6 +427,9 @@ def subset_attention(
               "level_positions": level_positions}
     for name, table in tables.items():
         _check_table(name, table, level, q.device)
+    if level_lens.device.type == "cpu" and seq_len != int(level_lens[level]):  # on a GPU: the caller's contract
+        raise ValueError(f"q: expected [{num_nodes}, {int(level_lens[level])}, {num_q_heads}, {head_dim}] "
+                         f"([len(node_ids), level_lens[level], Hq, D]), got {list(q.shape)}")
     if path == "flat" and level_lens.device.type == "cpu":  # on a GPU: the caller's contract (no sync)
         lens, positions = level_lens[:level + 1], level_positions[:level + 1]
         if level and not torch.equal(positions[1:], positions[:-1] + lens[:-1]):
