@@ -24,6 +24,10 @@ import sftint_fast as sf
 from sftint_fast.game import Game
 
 SCRIPT = Path(__file__).parent / "triton_compile.py"
+#: The Python that compiles (default this one): point it at an environment with another Triton, e.g. the GPU
+#: machines' 3.6, to check the kernels against that compiler (``python -m venv --system-site-packages V &&
+#: V/bin/pip install triton==3.6.0``).
+COMPILE_PYTHON = os.environ.get("SFTINT_TRITON_COMPILE_PYTHON", sys.executable)
 KERNELS = {  # module -> its @triton.jit entry points (the launchers call them by these global names)
     "sftint_fast.ops.triton.subset_attention": ["_subset_attention_kernel"],
     "sftint_fast.ops.triton.rms_norm": ["_rms_norm_kernel"],
@@ -173,14 +177,16 @@ def test_recorded_launches_compile_for_the_gpu(launches, tmp_path):
     (tmp_path / "launches.json").write_text(json.dumps(jobs))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # compile for real, not from another run's cache
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "launches.json"), str(tmp_path / "out.json")],
+    proc = subprocess.run([COMPILE_PYTHON, str(SCRIPT), str(tmp_path / "launches.json"), str(tmp_path / "out.json")],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "out.json").read_text())
-    failed = [f"{job['kernel']}{res['config']} {job['signature']} {job['constexprs']}: {res['error']}"
+    failed = [f"triton {res['triton']}: {job['kernel']}{res['config']} {job['signature']} {job['constexprs']}: "
+              f"{res['error']}"
               for job, per_config in zip(jobs, results) for res in per_config if not res["ok"]]
     assert not failed, "\n\n".join(failed)
     assert all(res["cubin_bytes"] > 0 for per_config in results for res in per_config)
+    print(f"{sum(map(len, results))} compiles of {len(jobs)} launches, triton {results[0][0]['triton']}")
     attention = [per_config for job, per_config in zip(jobs, results) if job["kernel"] == "_subset_attention_kernel"]
     assert attention and all(len(per_config) > 1 for per_config in attention)  # every autotune config was compiled
 
@@ -204,7 +210,7 @@ def test_the_compile_check_catches_what_the_interpreter_accepts(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "launches.json"), str(tmp_path / "out.json")],
+    proc = subprocess.run([COMPILE_PYTHON, str(SCRIPT), str(tmp_path / "launches.json"), str(tmp_path / "out.json")],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (fixed,), (broken_result,) = json.loads((tmp_path / "out.json").read_text())

@@ -9,7 +9,7 @@ compiler, down to a cubin for NVIDIA targets (Triton ships ptxas), in a process 
 
 ``launches.json``: a list of ``{"module", "kernel", "signature", "constexprs", "attrs", "target": [backend, arch,
 warp]}`` (``attrs``: argument index -> Triton's specialisation string, "D" = divisible by 16);
-``results.json`` gets, per launch, a list with one ``{"ok", "config", "error", "cubin_bytes"}`` per kernel config
+``results.json`` gets, per launch, a list with one ``{"ok", "config", "error", "cubin_bytes", "triton"}`` per kernel config
 (an autotuned kernel is compiled with each config it may pick, with its warps and stages).
 """
 from __future__ import annotations
@@ -47,9 +47,9 @@ def compile_one(launch: dict) -> list[dict]:
                                       target=GPUTarget(backend, arch, warp), options=options)
         except Exception as err:  # noqa: BLE001 - the error text is the result
             results.append({"ok": False, "config": label, "error": f"{type(err).__name__}: {err}"[:2000],
-                            "cubin_bytes": 0})
+                            "cubin_bytes": 0, "triton": triton.__version__})
             continue
-        results.append({"ok": True, "config": label, "error": None,
+        results.append({"ok": True, "config": label, "error": None, "triton": triton.__version__,
                         "cubin_bytes": len(compiled.asm.get("cubin", b""))})
     return results
 
