@@ -123,36 +123,41 @@ class Game:
         Raises ``ValueError`` naming the subsets (bitmasks, when ``subsets`` is given) whose logits hold
         NaN or inf.
         """
+        values, faults = self.values_and_faults(logits)
+        raise_faults(faults, subsets)
+        return values
+
+    def values_and_faults(self, logits: torch.Tensor, *, target: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`values_from_logits` without its check, so without a host sync: values ``(B,)`` and uint8
+        ``faults (B,)`` (:data:`FAULT_LOGITS`: NaN/inf logits, :data:`FAULT_VALUE`: a NaN/inf value from the
+        callable ``value``, 0: fine) that :func:`raise_faults` turns into the same ``ValueError``. The trie engine
+        checks them once per evaluation, not after every pass. ``target``: :attr:`target` already on the logits'
+        device (a blocking host-to-device copy also waits for the GPU), None = copied here.
+        """
         m = self.target.numel()
         if logits.dim() != 3 or logits.shape[1] != m:
             raise ValueError(f"logits: expected (B, {m}, V), received {tuple(logits.shape)}")
         logits = logits.float()
+        target = self.target.to(logits.device) if target is None else target
         # the log-odds on the CPU: one C++ pass over the logits (finiteness included) instead of five ATen ops
-        fast = not callable(self.value) and layer_ops.log_odds_available(logits)
-        if fast:
-            values, finite = layer_ops.log_odds(logits, self.target.to(logits.device))
-            bad = ~finite
-        else:
-            bad = ~torch.isfinite(logits).flatten(1).all(dim=1)
-        if bool(bad.any()):
-            raise ValueError(f"non-finite (NaN/inf) logits for {_name_rows(bad, subsets)}")
-        if fast:
-            return values
+        if not callable(self.value) and layer_ops.log_odds_available(logits):
+            values, finite = layer_ops.log_odds(logits, target)
+            return values, (~finite).to(torch.uint8) * FAULT_LOGITS
+        bad_logits = ~torch.isfinite(logits).flatten(1).all(dim=1)
+        faults = bad_logits.to(torch.uint8) * FAULT_LOGITS
         if callable(self.value):
             values = self.value(logits)
             if not isinstance(values, torch.Tensor) or values.shape != (logits.shape[0],):
                 raise ValueError(
                     f"value: expected the callable to return a ({logits.shape[0]},) tensor, received {_describe(values)}"
                 )
-            bad = ~torch.isfinite(values.detach())
-            if bool(bad.any()):
-                raise ValueError(f"value: expected finite values from the callable, received NaN/inf for "
-                                 f"{_name_rows(bad, subsets)}")
-            return values.float()
-        y = self.target.to(logits.device).view(1, m, 1).expand(logits.shape[0], m, 1)
+            bad_values = ~torch.isfinite(values.detach()) & ~bad_logits
+            return values.float(), faults + bad_values.to(torch.uint8) * FAULT_VALUE
+        y = target.view(1, m, 1).expand(logits.shape[0], m, 1)
         picked = logits.gather(-1, y).squeeze(-1)
         others = logits.scatter(-1, y, float("-inf")).logsumexp(-1)
-        return (picked - others).sum(-1)
+        return (picked - others).sum(-1), faults
 
     @classmethod
     def from_text(
@@ -253,6 +258,22 @@ def _user_text_start(tokenizer: Any, rendered: str, text: str) -> int:
     if at >= 0 and marked[:at] + text + marked[at + len(_CHAT_MARKER):] == rendered:
         return at
     return rendered.rfind(text)
+
+
+#: :meth:`Game.values_and_faults` codes: NaN/inf logits; a NaN/inf value from the game's callable ``value``.
+FAULT_LOGITS, FAULT_VALUE = 1, 2
+
+
+def raise_faults(faults: torch.Tensor, subsets: torch.Tensor | None = None) -> None:
+    """The ``ValueError`` of :meth:`Game.values_from_logits` for the rows ``faults (B,)`` flags (one host sync), the
+    non-finite logits first; nothing when every row is fine. ``subsets (B,)``: the rows' bitmasks, for the message."""
+    if not bool(faults.any()):
+        return
+    bad = faults == FAULT_LOGITS
+    if bool(bad.any()):
+        raise ValueError(f"non-finite (NaN/inf) logits for {_name_rows(bad, subsets)}")
+    raise ValueError(f"value: expected finite values from the callable, received NaN/inf for "
+                     f"{_name_rows(faults == FAULT_VALUE, subsets)}")
 
 
 def _name_rows(bad: torch.Tensor, subsets: torch.Tensor | None) -> str:

@@ -1,10 +1,18 @@
 """End to end: the trie engine with the fused Triton attention (interpreter on CPU) equals the naive engine."""
+import dataclasses
+import importlib
+import os
+import sys
+
 import pytest
 import torch
 from conftest import DEVICE, requires_triton, tiny_model
+from torch.overrides import TorchFunctionMode
 
 import sftint_fast as sf
 from sftint_fast.engine.naive import evaluate_naive
+from sftint_fast.engine.plan import plan_trie as trie_plan
+from sftint_fast.engine.trie import _Pass as real_pass
 from sftint_fast.game import Game
 
 pytestmark = requires_triton
@@ -85,3 +93,119 @@ def test_one_kernel_launch_per_pass_and_layer(monkeypatch):
     nodes = [sum(len(u.nodes) for u in units) for units in plan.passes]
     # every node of every pass, once per layer (but the last layer of a pass without leaves)
     assert sum(calls) == sum(c * (layers if leafy else layers - 1) for c, leafy in zip(nodes, with_leaves))
+
+
+_HOST_READS = frozenset({"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy"})
+
+
+class _HostReads(TorchFunctionMode):
+    """Counts the package's (and transformers') reads of tensor values by the host, which on a GPU each wait for
+    every queued kernel, except reads of the plan's node ids (built and kept on the CPU: no sync anywhere)."""
+
+    def __init__(self, host_storages: set[int]) -> None:
+        super().__init__()
+        self.host_storages, self.sites = host_storages, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        tensor = args[0] if args else None
+        if (getattr(func, "__name__", None) in _HOST_READS and isinstance(tensor, torch.Tensor)
+                and tensor.untyped_storage().data_ptr() not in self.host_storages):
+            frame = sys._getframe(1)
+            while frame.f_code.co_filename.startswith(_TORCH_DIR):
+                frame = frame.f_back
+            if frame.f_code.co_filename.startswith(_CALLERS):
+                self.sites.append(f"{frame.f_code.co_filename}:{frame.f_lineno}")
+        return func(*args, **(kwargs or {}))
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_CALLERS = (os.path.dirname(sf.__file__), os.path.dirname(importlib.import_module("transformers").__file__))
+
+
+def host_reads(monkeypatch, net, games, batch_size):
+    """The host reads (:class:`_HostReads`) of one trie evaluation with the fused kernel, and its plan."""
+    from sftint_fast.engine import trie
+
+    plans = []
+    monkeypatch.setattr(trie, "plan_trie", lambda *a, **k: plans.append(trie_plan(*a, **k)) or plans[-1])
+    host = set()
+    monkeypatch.setattr(trie, "_Pass", lambda plan, *a, **k: host.update(
+        u.nodes.untyped_storage().data_ptr() for units in plan.passes for u in units) or real_pass(plan, *a, **k))
+    with _HostReads(host) as reads:
+        trie.evaluate_trie_games(net, games, batch_size=batch_size, progress=False, attention_backend="triton")
+    return reads.sites, plans[0]
+
+
+def test_host_syncs_per_evaluation_grow_with_neither_layers_nor_passes(monkeypatch):
+    """On a GPU a host read of a device tensor (``bool``, ``.item()``, ``.tolist()``, ...) waits for the queued
+    kernels: in the layer loop it would serialise host and GPU, after a pass it leaves the GPU idle while the next
+    pass is set up. The engine reads nothing per layer or pass; the leaves' NaN/inf check (per leaf chunk before)
+    is read once per evaluation."""
+    from test_group import games_of
+
+    games = games_of("spread_n5", 2, num_targets=2)
+    counts = {}
+    for layers, batch_size in ((1, None), (3, None), (3, 6)):
+        net = tiny_model("llama", attn="sdpa", num_hidden_layers=layers).to(DEVICE)
+        sites, plan = host_reads(monkeypatch, net, games, batch_size)
+        leaf_passes = sum(any(u.level == plan.num_players for u in units) for units in plan.passes)
+        counts[layers, batch_size] = (len(sites), leaf_passes, len(plan.passes))
+        monkeypatch.undo()
+    reads = {key: value[0] for key, value in counts.items()}
+    assert counts[3, 6][1] >= 2 and counts[3, 6][2] > counts[3, None][2]  # several passes, several with leaves
+    assert len(set(reads.values())) == 1, counts
+
+
+def test_target_reaches_the_device_once_per_evaluation(monkeypatch):
+    """Each game's target goes to the model's device once, before the passes: a blocking host-to-device copy per
+    leaf chunk (as the game's value did it) waits for the GPU too."""
+    from test_group import games_of
+
+    from sftint_fast.engine.trie import evaluate_trie_games
+
+    games = games_of("spread_n5", 2)
+    moved = []
+
+    class Moves(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", None) == "to" and any(args[0] is game.target for game in games):
+                moved.append(func)
+            return func(*args, **(kwargs or {}))
+
+    net = tiny_model("llama", attn="sdpa").to(DEVICE)
+    with Moves():
+        evaluate_trie_games(net, games, batch_size=6, progress=False, attention_backend="triton")
+    assert len(moved) == len(games)
+
+
+@pytest.mark.parametrize("fault", ["logits", "value"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_non_finite_leaves_are_named_after_the_last_pass(monkeypatch, backend, fault):
+    """The NaN/inf check of the leaves runs once, after every pass: it names every bad subset of the evaluation
+    (those of several passes), as the game's own check does."""
+    from test_trie import make_game
+
+    from sftint_fast.engine.adapters.llama import LlamaLikeAdapter
+    from sftint_fast.engine.trie import evaluate_trie
+
+    net = tiny_model("llama", attn="sdpa", initializer_range=0.2).to(DEVICE)
+    game = dataclasses.replace(make_game("spread_n5"), value=lambda logits: logits[:, 0, 5])
+    v = evaluate_trie(net, game, batch_size=6, progress=False, attention_backend=backend)
+    cutoff = v.sort().values[-4]  # the 4 largest values turn NaN: leaves of different passes
+    bad = (v >= cutoff).nonzero().flatten().tolist()
+    if fault == "value":
+        game = dataclasses.replace(game, value=lambda logits: logits[:, 0, 5].masked_fill(logits[:, 0, 5] >= cutoff,
+                                                                                       float("nan")))
+        message = "value: expected finite values from the callable, received NaN/inf for subsets"
+    else:
+        logits = LlamaLikeAdapter.logits
+
+        def poisoned(self, hidden):
+            out = logits(self, hidden)
+            return out.masked_fill(out[..., :1, 5:6] >= cutoff, float("nan"))
+
+        monkeypatch.setattr(LlamaLikeAdapter, "logits", poisoned)
+        message = "non-finite (NaN/inf) logits for subsets"
+    with pytest.raises(ValueError) as error:
+        evaluate_trie(net, game, batch_size=6, progress=False, attention_backend=backend)
+    assert str(error.value) == f"{message} (bitmasks) {bad}"

@@ -29,6 +29,7 @@ from sftint_fast._ext import has_ext
 from sftint_fast.engine.adapters import Adapter, find_adapter
 from sftint_fast.engine.adapters.base import FusedBackend
 from sftint_fast.engine.plan import PlanUnit, TriePlan, default_max_memory, default_pass_tokens, plan_trie
+from sftint_fast.game import raise_faults
 from sftint_fast.ops.subset_attention import key_layout, subset_attention
 
 logger = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ def evaluate_trie(model: torch.nn.Module, game: Any, subsets: torch.Tensor | Non
     Args:
         model: a causal LM that :func:`~sftint_fast.engine.adapters.get_adapter` supports.
         game: the :class:`~sftint_fast.game.Game` (``input_ids (L,)``, ``player_spans``, ``baseline``, ``masking``,
-            ``score_positions (m,)``, ``values_from_logits``).
+            ``score_positions (m,)``, ``values_and_faults``).
         subsets: ``(B,)`` int64 bitmasks (bit ``i`` = player ``i`` kept); None = all ``2^n`` in bitmask order.
         batch_size: at most this many trie nodes per pass. max_memory: byte budget (default: a safe fraction of
             free memory). progress: tqdm bar over the passes.
@@ -231,6 +232,7 @@ def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: t
     attention_masking = getattr(first, "masking", "embedding") == "attention"
     embeds = [adapter.embed(game.input_ids.to(device)) for game in games]
     baselines = [game.baseline.to(device) for game in games]
+    targets = [game.target.to(device) for game in games]  # once: a blocking copy per pass would wait for the GPU
     store_shape = (plan.store_rows, dims.num_kv_heads, dims.head_dim)
     k_stores = [torch.empty(store_shape, dtype=dims.dtype, device=device) for _ in range(dims.num_layers)]
     v_stores = [torch.empty(store_shape, dtype=dims.dtype, device=device) for _ in range(dims.num_layers)]
@@ -239,6 +241,8 @@ def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: t
     last_layer = dims.num_layers - 1
 
     leaf_values = torch.empty(len(games), len(plan.level_nodes[n]), dtype=torch.float32, device=device)
+    # the values' NaN/inf flags, read once at the end: read per pass, they would stall the GPU after every leaf pass
+    leaf_faults = torch.empty(len(games), len(plan.level_nodes[n]), dtype=torch.uint8, device=device)
     done = [0] * len(games)
     fused = attention_backend == "triton"
     elementwise = elementwise_backend(attention_backend, device)
@@ -281,8 +285,12 @@ def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: t
             rows = hidden.unflatten(0, (-1, num_scores))
             logits = adapter.logits(rows).float().split([len(c.nodes) for c in leaves])
             for c, chunk_logits in zip(leaves, logits):
-                values = games[c.game].values_from_logits(chunk_logits, subsets=c.nodes_cpu)
+                values, faults = games[c.game].values_and_faults(chunk_logits, target=targets[c.game])
                 leaf_values[c.game, done[c.game]:done[c.game] + len(c.nodes)] = values
+                leaf_faults[c.game, done[c.game]:done[c.game] + len(c.nodes)] = faults
                 done[c.game] += len(c.nodes)
+    if bool(leaf_faults.any()):  # the evaluation's one host sync; the leaves are plan.level_nodes[n] in order
+        for faults in leaf_faults:
+            raise_faults(faults, plan.level_nodes[n])
     leaf_index = plan.leaf_index.to(device)
     return [row[leaf_index] for row in leaf_values]
