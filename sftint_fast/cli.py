@@ -75,6 +75,23 @@ def _share(text: str) -> float:
     return _unit_float(text, closed=False, what="a share")
 
 
+def _debug() -> bool:
+    """Whether ``SFTINT_DEBUG`` asks for a refusal's traceback instead of its one-line message."""
+    import os
+
+    return os.environ.get("SFTINT_DEBUG", "") not in ("", "0")
+
+
+def _file_refusal(command: str, flag: str, path: str | None, what: str) -> str | None:
+    """The one-line refusal of a ``flag`` naming no file (checked before any model loads), or None when it is one."""
+    from pathlib import Path
+
+    if path is None or Path(path).is_file():
+        return None
+    got = "is a folder" if Path(path).is_dir() else "does not exist"
+    return f"sftint {command}: {flag}: expected {what}, {path!r} {got}"
+
+
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="versions, C++ extension status, devices, Triton mode")
     p.set_defaults(func=_run_info)
@@ -128,7 +145,8 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     _add_model_args(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="the prompt")
-    source.add_argument("--file", help='JSONL, one prompt a row: {"prompt": ..., "players"?: ..., "target"?: ...}; '
+    source.add_argument("--file", help='JSONL, one prompt a row: {"prompt": ..., "players"?: ..., "target"?: ...} (a '
+                                       "row's players / target replace --players and --n-players / --target); "
                                        "evaluated across the ranks under torchrun, resumable from <out>/shards")
     _add_game_args(p)
     p.add_argument("--method", choices=["auto", "naive", "trie"], default="auto")
@@ -211,6 +229,10 @@ def _run_explain(args: argparse.Namespace) -> int:
     from sftint_fast import distributed
     from sftint_fast.models import resolve_device
 
+    refusal = _file_refusal("explain", "--file", args.file, "a JSONL file of prompts")
+    if refusal is not None:
+        print(refusal, file=sys.stderr)
+        return 2
     try:
         rows = [{"prompt": args.text}] if args.file is None else _read_prompts(args.file)
         requests = [(row["prompt"], _parse_players(row.get("players", args.players)), row.get("target", args.target))
@@ -233,8 +255,10 @@ def _run_explain(args: argparse.Namespace) -> int:
         args.model_device = str(next(model.parameters()).device)  # recorded in config.json
         games = []
         for i, (text, players, target) in enumerate(requests):
+            # a --file row that names its players keeps them: --n-players / --pick choose the others' players
+            n_players = args.n_players if args.file is None or players == "words" else None
             try:
-                games.append(sf.Game.from_text(model, tokenizer, text, players=players, n_players=args.n_players,
+                games.append(sf.Game.from_text(model, tokenizer, text, players=players, n_players=n_players,
                                                target=target, chat=args.chat, masking=args.masking, pick=args.pick))
             except (ValueError, TypeError) as err:
                 if args.file is None:
@@ -382,6 +406,12 @@ def _run_track(args: argparse.Namespace) -> int:
     from sftint_fast import distributed
     from sftint_fast.sft.demo import run_track
 
+    for flag, path, what in (("--probes", args.probes, "a JSONL file of probes"),
+                             ("--heldout", args.heldout, 'a JSONL file of {"prompt", "answer"} rows')):
+        refusal = _file_refusal("track", flag, path, what)
+        if refusal is not None:
+            print(refusal, file=sys.stderr)
+            return 2
     options = {key: getattr(args, flag[2:].replace("-", "_")) for flag, key, _ in _TRACK_OPTIONS}
     options = {key: value for key, value in options.items() if value is not None}
     owns_group = not distributed.is_distributed() and distributed.init_from_env()  # under torchrun
@@ -397,6 +427,8 @@ def _run_track(args: argparse.Namespace) -> int:
             print(f"report: {md}")
     except (ValueError, TypeError) as err:  # a bad option, file or checkpoint: the tracker's own message
         failed = True
+        if _debug():
+            raise
         print(f"sftint track: {err}", file=sys.stderr)
         return 2
     finally:
@@ -440,8 +472,6 @@ def _run_demo(args: argparse.Namespace) -> int:
     from sftint_fast.models import resolve_device
     from sftint_fast.plot import headline
     from sftint_fast.sft.demo import run_demo
-    from pathlib import Path
-
     from sftint_fast.sft.probes import check_probe_sources
 
     try:
@@ -455,10 +485,11 @@ def _run_demo(args: argparse.Namespace) -> int:
         except ImportError as err:
             print(f"sftint demo: {err} (--probe-sources chooses the sources)", file=sys.stderr)
             return 2
-    elif not Path(args.probes_file).is_file():
-        print(f"sftint demo: --probes-file: expected a JSONL file of probes, {args.probes_file!r} does not exist",
-              file=sys.stderr)
-        return 2
+    else:
+        refusal = _file_refusal("demo", "--probes-file", args.probes_file, "a JSONL file of probes")
+        if refusal is not None:
+            print(refusal, file=sys.stderr)
+            return 2
     report, md = run_demo(args.out, steps=args.steps, probes=args.probes, n_players=args.n_players, every=args.every,
                           lr=args.lr, andor_method=args.andor_method, andor_niter=args.niter, seed=args.seed,
                           device=args.device, lora=args.lora, stop_at_boundary=args.stop_at_boundary,
@@ -501,6 +532,10 @@ def _run_probes(args: argparse.Namespace) -> int:
 
     from sftint_fast.sft.probes import check_probe_sources
 
+    refusal = _file_refusal("probes", "--candidates", args.candidates, "a JSONL file of candidate prompts")
+    if refusal is not None:
+        print(refusal, file=sys.stderr)
+        return 2
     candidates = load_probes(args.candidates) if args.candidates is not None else None
     if candidates is None:
         try:  # before the model loads
@@ -627,6 +662,8 @@ def _run_bench(args: argparse.Namespace) -> int:
             game = sf.Game.from_text(model, tokenizer, args.text, players=players,
                                      n_players=BENCH_PLAYERS if players == "words" else None, **options)
     except ValueError as err:
+        if _debug():
+            raise
         print(f"sftint bench: {err}", file=sys.stderr)
         return 2
     subsets = None
@@ -641,6 +678,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         report = compare_engines(model, game, args.engines, subsets=subsets, repeat=args.repeat, progress=True,
                                  compute_dtype=args.compute_dtype)
     except ValueError as err:
+        if _debug():
+            raise
         print(f"sftint bench: {err}", file=sys.stderr)
         return 2
     report["config"] = {"model": args.model, "text": args.text, "players": args.players, "n_players": game.num_players,
@@ -700,14 +739,12 @@ def main(argv: list[str] | None = None) -> int:
     library refused with its own message) or an ``ImportError`` (a missing extra, with its install command) prints
     that message and returns 2 instead of a traceback;
     ``SFTINT_DEBUG=1`` re-raises it."""
-    import os
-
     args = build_parser().parse_args(argv)
     _show_progress_messages()
     try:
         return int(args.func(args) or 0)
     except (ValueError, TypeError, OSError, ImportError) as err:
-        if os.environ.get("SFTINT_DEBUG", "") not in ("", "0"):
+        if _debug():
             raise
         print(f"sftint {args.command}: {err}\n(SFTINT_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2

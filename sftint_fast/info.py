@@ -14,6 +14,15 @@ BUNDLED = {
 """The data packages the README's install command adds: ``sftint demo``'s model, training data and probe sources."""
 
 
+def _parallel_backend(parallel_info: str) -> str:
+    """ATen's parallel backend and its OpenMP version from ``torch.__config__.parallel_info()``, e.g.
+    ``"OpenMP (OpenMP 201511 (a.k.a. OpenMP 4.5))"`` (the text's first line is only the heading "ATen/Parallel:")."""
+    lines = [line.strip() for line in parallel_info.splitlines()]
+    backend = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("ATen parallel backend:")), "?")
+    openmp = next((line for line in lines if line.startswith("OpenMP ")), None)
+    return f"{backend} ({openmp})" if openmp else backend
+
+
 def collect() -> dict[str, str]:
     import torch
 
@@ -34,7 +43,7 @@ def collect() -> dict[str, str]:
         "triton": version("triton"),
         "C++ extension": "built and loaded" if ok else f"NOT available: {reason}",
         "torch threads (intra-op)": str(torch.get_num_threads()),
-        "OpenMP parallel backend": torch.__config__.parallel_info().splitlines()[0] if hasattr(torch, "__config__") else "?",
+        "parallel backend": _parallel_backend(torch.__config__.parallel_info()),
         "CUDA available": str(torch.cuda.is_available()),
         "CUDA devices": ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "none",
         "Triton mode": "interpreter (TRITON_INTERPRET=1)" if os.environ.get("TRITON_INTERPRET") == "1"

@@ -60,6 +60,12 @@ def test_cli_debug_env_reraises(model_dir, monkeypatch):
         main(["explain", "--model", str(model_dir / "missing"), "--text", TEXT])
     with pytest.raises(ValueError, match="model: expected 'default', 'gemma' or a local model folder"):
         main(["bench", "--model", str(model_dir / "missing"), "--engines", "naive"])
+    # refusals that bench and track catch themselves re-raise too (they printed their one line regardless)
+    with pytest.raises(ValueError, match="n_players: expected at most"):
+        main(["bench", "--model", str(model_dir), "--text", "the cat", "--n-players", "5", "--engines", "naive"])
+    with pytest.raises(ValueError, match="checkpoints: expected folders"):
+        main(["track", "--base", str(model_dir), "--checkpoints", str(model_dir / "missing-*"), "--probes",
+              str(model_dir / "config.json"), "--out", str(model_dir / "never-written")])
 
 
 def test_explain_refuses_an_empty_prompt_before_loading(tmp_path, capsys):

@@ -103,6 +103,24 @@ def test_explain_file_names_the_row_a_game_error_comes_from(model_dir, tmp_path,
     assert "prompt 1 ('a small dog')" in err and "received 9" in err
 
 
+def test_explain_file_rows_with_their_own_players_keep_them_under_n_players(model_dir, tmp_path, capsys):
+    """--n-players / --pick choose the players of rows that name none; a row's own players are kept (they were
+    refused: 'n_players: expected None when players is an explicit list')."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[1]) + "\n")
+    out = tmp_path / "out"
+    assert main(["explain", "--model", str(model_dir), "--file", str(path), "--n-players", "2", "--pick", "last",
+                 "--method", "naive", "--out", str(out)]) == 0, capsys.readouterr().err
+    words = [json.loads((out / f"prompt_{i:04d}" / "config.json").read_text())["words"] for i in range(2)]
+    assert words == [["sat", "mat"], ["what", "capital", "france"]]
+
+
+def test_explain_file_refuses_a_missing_file_by_its_option(model_dir, tmp_path, capsys):
+    assert main(["explain", "--model", str(model_dir), "--file", str(tmp_path / "missing.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "--file: expected a JSONL file of prompts" in err and "missing.jsonl' does not exist" in err
+
+
 def test_read_prompts_keeps_rows_with_unicode_line_separators(tmp_path):
     """json.dumps(ensure_ascii=False) leaves U+2028, U+2029 and U+0085 raw inside strings: still one row each."""
     from sftint_fast.cli import _read_prompts

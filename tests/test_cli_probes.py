@@ -82,7 +82,8 @@ def test_probes_refuses_a_missing_candidates_file(folder, tmp_path, capsys):
     root, _, _ = folder
     rc = main(["probes", "--model", str(root / "model"), "--candidates", str(tmp_path / "missing.jsonl"),
                "--out", str(tmp_path / "p.jsonl")])
-    assert rc == 2 and "missing.jsonl" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and "--candidates: expected a JSONL file of candidate prompts" in err and "missing.jsonl" in err
 
 
 @pytest.mark.real_model
@@ -126,6 +127,16 @@ def test_info_lists_the_bundled_data_with_its_install_command(monkeypatch):
     assert out["country list"] == "countryinfo not installed (pip install --no-deps countryinfo==1.0.1)"
     assert out["chat data"].startswith("chatterbot-corpus ")
     assert "peft " in out["optional extras"]
+
+
+def test_info_names_the_parallel_backend_not_the_heading():
+    from sftint_fast import info
+
+    lines = torch.__config__.parallel_info().splitlines()
+    backend = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("ATen parallel backend:"))
+    shown = info.collect()["parallel backend"]
+    # the first line of parallel_info() is the heading "ATen/Parallel:", which info printed as the backend
+    assert shown.startswith(backend) and "ATen/Parallel" not in shown
 
 
 def test_probes_with_content_target_skips_answers_like_the(folder, tmp_path, capsys):

@@ -132,6 +132,31 @@ def test_track_cli_reports_bad_files(folders, tmp_path, capsys):
     assert "expected model folders, got paths that are not folders" in capsys.readouterr().err
 
 
+def test_track_cli_refusals_name_the_option(folders, tmp_path, capsys):
+    root, _ = folders
+    checkpoint = [str(root / "ckpt" / "checkpoint-10")]
+    assert main(["track", "--base", str(tmp_path / "nobase"), "--checkpoints", *checkpoint, "--probes",
+                 str(root / "probes.jsonl"), "--out", str(tmp_path / "a")]) == 2
+    assert "base: expected model folders, got paths that are not folders" in capsys.readouterr().err
+    assert main(["track", "--base", str(root / "base"), "--checkpoints", *checkpoint, "--probes",
+                 str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "a")]) == 2
+    assert "--probes: expected a JSONL file of probes" in capsys.readouterr().err
+    assert _track(root, tmp_path / "a", checkpoint, "--heldout", str(root)) == 2
+    assert "--heldout: expected a JSONL file" in capsys.readouterr().err and not (tmp_path / "a").exists()
+
+
+def test_track_cli_rerun_after_a_refused_base_takes_the_corrected_options(folders, tmp_path, capsys):
+    """A run refused at its base checkpoint (no probe has --n-players players) saved nothing to resume: the rerun
+    with another --n-players in the same --out is not refused as 'a run with another configuration'."""
+    root, _ = folders
+    out = tmp_path / "run"
+    assert _track(root, out, [str(root / "ckpt" / "checkpoint-10")], "--n-players", "20") == 2
+    assert "expected at least one probe with 20 players" in capsys.readouterr().err
+    assert _track(root, out, [str(root / "ckpt" / "checkpoint-10")]) == 0, capsys.readouterr().err
+    assert json.loads((out / "tracker" / "config.json").read_text())["tracker"]["n_players"] == 3
+    assert (out / "report.md").exists()
+
+
 def test_track_cli_refuses_a_checkpoint_of_another_model(folders, tmp_path, capsys):
     root, _ = folders
     other = tmp_path / "ckpt" / "checkpoint-50"

@@ -1,5 +1,6 @@
 """SFTTracker on tiny random models: resume, refusals, probes, the Trainer callback."""
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -126,6 +127,26 @@ def test_a_refused_base_checkpoint_leaves_nothing_a_retry_would_build_on(tokeniz
     resumed._reference_source = None  # (the config compares no dict's values) a base of another architecture
     resumed.add_checkpoint(model, 0)
     assert resumed.steps == [0] and resumed.signature["model_type"] == "llama"
+
+
+def test_a_refused_base_checkpoint_leaves_the_folder_to_a_rerun_with_other_options(tokenizer, tmp_path):
+    """Nothing of a run refused at its base is kept, its config.json included: a new tracker with corrected options
+    takes the folder (it was refused as 'a run with another configuration'); a retry by the refused tracker itself
+    writes its config.json again with its first save."""
+    model, run = tiny_model("llama"), tmp_path / "run"
+    with pytest.raises(ValueError, match="no probe has base p_y >= min_base_py=0.99"):
+        _tracker(tokenizer, run, min_base_py=0.99).add_checkpoint(model, 0)
+    assert not any(run.iterdir())
+    corrected = _tracker(tokenizer, run)
+    corrected.add_checkpoint(model, 0)
+    assert json.loads((run / "config.json").read_text())["tracker"]["min_base_py"] == 0.0
+    assert _tracker(tokenizer, run).steps == [0]  # resumed with the corrected options
+    retried = _tracker(tokenizer, tmp_path / "retry", min_base_py=0.99)
+    with pytest.raises(ValueError, match="min_base_py"):
+        retried.add_checkpoint(model, 0)
+    retried.config = dataclasses.replace(retried.config, min_base_py=0.0)
+    retried.add_checkpoint(model, 0)
+    assert json.loads((tmp_path / "retry" / "config.json").read_text())["tracker"]["min_base_py"] == 0.0
 
 
 def test_tracker_with_sgd_sets_and_or_and_reference(tokenizer):

@@ -366,18 +366,21 @@ def _complete(path: str, settle: float) -> bool:
 def _check_folders(base: str | None, paths: Sequence[str], reference: str | None) -> None:
     from sftint_fast.models import is_adapter_folder
 
-    folders = ([base] if base else []) + list(paths) + ([reference] if reference else [])
-    missing = [p for p in folders if not Path(p).is_dir()]
-    if missing:
-        raise ValueError(f"checkpoints: expected model folders, got paths that are not folders: {missing}")
+    # each refusal names the argument it is about (a missing --base is not a missing checkpoint)
+    groups = {"base": [base] if base else [], "checkpoints": list(paths), "reference": [reference] if reference else []}
+    for name, folders in groups.items():
+        missing = [p for p in folders if not Path(p).is_dir()]
+        if missing:
+            raise ValueError(f"{name}: expected model folders, got paths that are not folders: {missing}")
     if base is not None and is_adapter_folder(base):
         raise ValueError(f"base: expected a full model folder (config.json), got the PEFT adapter folder {base!r}; "
                          "pass the model it was trained on as --base and the adapters as --checkpoints")
-    unloadable = [p for p in folders
-                  if not any((Path(p) / name).is_file() for name in ("config.json", "adapter_config.json"))]
-    if unloadable:
-        raise ValueError(f"checkpoints: expected model folders (config.json) or PEFT adapter folders "
-                         f"(adapter_config.json), got folders with neither: {unloadable}")
+    for name, folders in groups.items():
+        unloadable = [p for p in folders
+                      if not any((Path(p) / file).is_file() for file in ("config.json", "adapter_config.json"))]
+        if unloadable:
+            raise ValueError(f"{name}: expected model folders (config.json) or PEFT adapter folders "
+                             f"(adapter_config.json), got folders with neither: {unloadable}")
 
 
 def _step_of(path: str) -> int:

@@ -533,6 +533,8 @@ class SFTTracker:
             self.reference = None
             names.append("reference.safetensors")
         if self._writes:
+            if not self.records:  # the folder keeps nothing of this run: a rerun with corrected options may take it
+                names.append("config.json")
             for name in names:
                 (self.out_dir / name).unlink(missing_ok=True)
 
@@ -841,6 +843,13 @@ class SFTTracker:
                              f"tracker options (saved, given): {detail}); use a new out_dir")
         self._load_saved()
 
+    def _save_config(self) -> None:
+        """Writes ``config.json`` again where a refused base checkpoint removed it (:meth:`_forget_base`): before the
+        first file a retry saves."""
+        path = self.out_dir / "config.json"
+        if not path.exists():
+            _atomic_write_text(path, json.dumps(_json_safe(self._config_blob()), indent=1))
+
     def _load_saved(self) -> None:
         from safetensors.torch import load_file
 
@@ -864,6 +873,7 @@ class SFTTracker:
             logger.info("resumed %s: %d checkpoint(s) already saved (steps %s)", out, len(self.records), self.steps)
 
     def _save_games(self) -> None:
+        self._save_config()
         meta = {"kept": self.kept, "signature": self.signature, "numerics": self.numerics,
                 "games": [{"player_spans": g.player_spans, "words": g.words, "masking": g.masking,
                            "prompt_length": g.prompt_length} for g in self.games]}
@@ -886,6 +896,7 @@ class SFTTracker:
                       for i, g in enumerate(meta["games"])]
 
     def _save_record(self, record: _Record) -> None:
+        self._save_config()
         tensors = {"values": record.values, "p_y": record.p_y}
         tensors.update({f"I_{k}": v for k, v in record.interactions.items()})
         tensors.update({f"floor:{k}": v for k, v in record.floors.items()})
