@@ -2,7 +2,9 @@
 
 The interpreter tests check the kernels' numbers, but the interpreter runs a kernel's Python body with numpy and
 accepts code a GPU compile rejects (e.g. ``.to()`` on an argument Triton specialised to a constexpr because it was 1).
-Here each launch of an interpreted run is recorded with the argument types and specialisations Triton's launcher
+The hand-written signatures of ``test_kernels_compile_for_sm90`` (tests/test_triton_subset_attention.py and
+tests/test_triton_elementwise.py) cover the models' shapes with one tile config; here each launch of an interpreted
+run is recorded with the argument types and specialisations Triton's launcher
 would give it (``native_specialize_impl``: an int equal to 1 becomes a constexpr, pointers and ints divisible by 16
 get the divisibility hint), and tests/triton_compile.py compiles them with Triton's own compiler down to a cubin, in
 a process without the interpreter. Needs triton with its NVIDIA backend (ptxas ships in the wheel); no GPU.
@@ -130,8 +132,8 @@ def _unique(launches: list[dict]) -> list[dict]:
 @pytest.fixture(scope="module")
 def launches():
     """The launches of the trie engine (float32 and bfloat16, both masking modes, both KV paths, a Gemma-3 with sliding
-    layers and its (1 + w) RMSNorm), of the kernel with a soft-cap, and of the four transforms (n = 12: the low and
-    the high bit groups)."""
+    layers and its (1 + w) RMSNorm, SmolLM2-135M's head and MLP shapes), of the kernel with a soft-cap, and of the
+    four transforms (n = 12: the low and the high bit groups)."""
     from sftint_fast.ops.triton import subset_attention as attention
     from sftint_fast.ops.triton.transforms import butterfly
 
@@ -139,9 +141,13 @@ def launches():
     try:
         log = _record(monkeypatch)
         llama, gemma3 = tiny_model("llama"), _gemma3()
+        # SmolLM2-135M's attention and MLP shapes (hidden 576, 9 query / 3 KV heads of 64, MLP 1536), one layer
+        smol = tiny_model("llama", hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                          num_key_value_heads=3, head_dim=64, num_hidden_layers=1)
         runs = [(llama, torch.float32, "embedding", "flat"), (llama, torch.float32, "attention", "segments"),
                 (llama, torch.bfloat16, "embedding", "segments"), (llama, torch.bfloat16, "attention", "flat"),
-                (gemma3, torch.bfloat16, "attention", "flat")]
+                (gemma3, torch.bfloat16, "attention", "flat"), (smol, torch.bfloat16, "embedding", "flat"),
+                (smol, torch.float32, "attention", "segments")]
         for model, dtype, masking, path in runs:
             monkeypatch.setattr(attention, "DEFAULT_PATH", path)
             game = _game(model.config.hidden_size, masking)
