@@ -257,7 +257,7 @@ def headline(report: TrackReport) -> dict[str, Any]:
         verdict = (f"No denoising stage above the noise floor is visible: cumulative excess removals are "
                    f"{excess_removed:.0f} (bootstrap lower bound {bound(lo_removed)} <= 0) out of {base:.0f} base "
                    f"salient interactions")
-    verdict += (f"; emergence beyond the floor"
+    verdict += ("; emergence beyond the floor"
                 + (" (of interactions not shared with the reference)" if report.gamma_available else "")
                 + f" totals {emerged_excess_total:.0f}"
                 + (f", and the phase boundary falls at step {report.phase_boundary}." if report.phase_boundary is not None
