@@ -242,7 +242,8 @@ def write_tracker_report(tracker: Any, out_dir: str | os.PathLike, *, training: 
 
 
 def headline(report: TrackReport) -> dict[str, Any]:
-    """The numbers a reader wants first, plus one sentence computed from them."""
+    """The numbers a reader wants first, plus one sentence computed from them. Counts are summed over AND and OR;
+    ``rho_*`` / ``gamma_*`` are those of the AND sets at the last checkpoint (``report.curves["or/..."]`` holds OR's)."""
     _check_report(report)
     c = report.curves
     excess_removed = c["all/removed_new_excess_cumulative"][-1]

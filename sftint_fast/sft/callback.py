@@ -37,10 +37,11 @@ class InteractionCallback(TrainerCallback):
 
     The model is evaluated in eval mode under ``torch.no_grad`` and its train mode is restored. Logged scalars
     (``interactions/<name>``): ``removed``, ``preserved``, ``emerged`` (cumulative set sizes),
-    ``removed_new``/``emerged_new`` with ``_floor`` and ``_excess``, ``gamma_emerged``/``gamma_removed`` (with
-    a reference), ``rho_emerged``, ``p_y_mean``, ``heldout_loss``, and ``phase_boundary`` (the step that ended the
-    denoising stage, METHOD.md section 6) once there is one; ``tracking_seconds`` (this checkpoint's tracking) and
-    ``tracking_overhead``: the share of the wall time since the base was tracked (before the first training step,
+    ``removed_new``/``emerged_new`` with ``_floor`` and ``_excess`` (counts summed over AND and OR),
+    ``gamma_emerged``/``gamma_removed`` (with a reference) and ``rho_emerged``/``rho_removed`` (of the AND sets:
+    ``report.curves["or/..."]`` holds the OR ones), ``p_y_mean``, ``heldout_loss``, and ``phase_boundary`` (the
+    step that ended the denoising stage, METHOD.md section 6) once there is one; ``tracking_seconds`` (this
+    checkpoint's tracking) and ``tracking_overhead``: the share of the wall time since the base was tracked (before the first training step,
     a fixed cost) spent tracking the later checkpoints. ``seconds_first``, ``seconds_tracking`` and
     ``seconds_training`` hold the base's seconds and the totals behind that share.
 
