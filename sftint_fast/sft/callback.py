@@ -41,8 +41,8 @@ class InteractionCallback(TrainerCallback):
     ``gamma_emerged``/``gamma_removed`` (with a reference) and ``rho_emerged``/``rho_removed`` (of the AND sets:
     ``report.curves["or/..."]`` holds the OR ones), ``p_y_mean``, ``heldout_loss``, and ``phase_boundary`` (the
     step that ended the denoising stage, METHOD.md section 6) once there is one; ``tracking_seconds`` (this
-    checkpoint's tracking) and ``tracking_overhead``: the share of the wall time since the base was tracked (before the first training step,
-    a fixed cost) spent tracking the later checkpoints. ``seconds_first``, ``seconds_tracking`` and
+    checkpoint's tracking) and ``tracking_overhead``: the share of the wall time since the base was tracked
+    (before the first training step, a fixed cost) spent tracking the later checkpoints. ``seconds_first``, ``seconds_tracking`` and
     ``seconds_training`` hold the base's seconds and the totals behind that share.
 
     ``max_overhead``: the share ``f`` of that wall time tracking may take (e.g. 0.1). Tracking then runs when due
