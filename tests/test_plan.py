@@ -107,9 +107,20 @@ def test_subsets_reach_only_their_prefixes():
     assert torch.equal(plan.level_nodes[-1][plan.leaf_index], subsets)
     assert plan.trie_tokens == sum(c * n for c, n in zip(plan.node_counts, plan.level_lens))
     assert plan.naive_tokens == len(subsets) * seq_len
-    # Last-level chunks hold at most `batch_size` leaves, within the KV window's id width
+    # Last-level chunks hold at most `batch_size` leaves, consecutive indices within the KV window
     for chunk in plan.chunks(len(spans)):
-        assert int(chunk[-1] - chunk[0]) < plan.window_nodes and len(chunk) <= plan.level_chunk_nodes[-1] <= 4
+        index = plan.node_index(len(spans), chunk)
+        assert torch.equal(index, torch.arange(int(index[0]), int(index[0]) + len(chunk)))
+        assert len(chunk) <= plan.window_nodes == plan.level_chunk_nodes[-1] <= 4
+    # a compact store: each level holds the nodes reached, addressed by their rank; the path index finds ancestors
+    assert plan.compact
+    assert plan.window_start == sum(c * n for c, n in zip(plan.node_counts[:-1], plan.level_lens[:-1]))
+    for j in range(len(spans) + 1):
+        nodes = plan.level_nodes[j]
+        path = plan.path_index(j, nodes)
+        assert path.shape == (len(nodes), j + 1) and torch.equal(path[:, j], torch.arange(len(nodes)))
+        for k in range(j + 1):
+            assert torch.equal(plan.level_nodes[k][path[:, k]], nodes & ((1 << k) - 1))
 
 
 def test_memory_plan_chunks_and_errors():
@@ -157,29 +168,47 @@ def test_available_ram_without_psutil(monkeypatch):
 
 
 def test_sparse_leaves_fill_their_chunks():
-    """Sampled subsets leave the last level's ids sparse: its KV window widens by their sparsity, so the leaves go
-    in full chunks (one pass here) instead of one narrow id range (and pass) each."""
+    """Sampled subsets: the leaves go in full chunks (one pass here) whatever their ids' spread, and the window
+    holds exactly one chunk (a compact store addresses leaves by rank)."""
     from sftint_fast.bench import sample_subsets
 
     seq_len, spans = 40, tuple((2 + 3 * i, 4 + 3 * i) for i in range(10))
     game = layout(seq_len, spans)
     subsets = sample_subsets(10, 48, seed=0)
     plan = plan_trie(game, subsets=subsets)
-    assert plan.window_nodes == 1024 and len(plan.passes) == 1 and len(plan.chunks(10)) == 1
+    assert plan.window_nodes == 48 and len(plan.passes) == 1 and len(plan.chunks(10)) == 1
     dense = plan_trie(game)
-    assert dense.window_nodes == dense.level_chunk_nodes[-1]  # all 2^n: the window is the chunk, as before
-    # a memory budget bounds the widening: more, smaller windows, and the plan still fits
+    assert dense.window_nodes == dense.level_chunk_nodes[-1] and not dense.compact
+    # a memory budget shrinks the chunks (and the window with them), and the plan still fits
     roomy = plan_trie(game, subsets=subsets, dims=DIMS, max_memory=64 << 30)
-    assert roomy.window_nodes == 1024
-    budget = roomy.kv_bytes - 512 * roomy.level_lens[-1] * DIMS.num_layers * 2 * DIMS.num_kv_heads * DIMS.head_dim * 4
+    assert roomy.window_nodes == 48
+    row = roomy.level_lens[-1] * DIMS.num_layers * 2 * DIMS.num_kv_heads * DIMS.head_dim * 4
+    budget = roomy.peak_bytes - 24 * (row + roomy.activation_bytes // 48)
     tight = plan_trie(game, subsets=subsets, dims=DIMS, max_memory=budget)
-    assert tight.level_chunk_nodes[-1] <= tight.window_nodes < 1024 and tight.peak_bytes <= budget
-    for chunk in tight.chunks(10):
-        assert int(chunk[-1] - chunk[0]) < tight.window_nodes
+    assert tight.window_nodes == tight.level_chunk_nodes[-1] < 48 and tight.peak_bytes <= budget
     scheduled = torch.cat([u.nodes for units in tight.passes for u in units if u.level == 10])
     assert torch.equal(scheduled, tight.level_nodes[10])
     no_window = plan_trie(game, subsets=subsets, window=False)  # the fused kernel keeps no last-level KV
     assert no_window.window_nodes == 0 and len(no_window.chunks(10)) == 1
+
+
+def test_sampled_subsets_store_only_the_nodes_they_reach():
+    """The KV store of a compact plan grows with the sample, not with 2^n: n=40 players and 64 sampled subsets
+    plan a store of at most 64 nodes per level (a dense store would need 2^40 nodes at the last stored level)."""
+    from sftint_fast.bench import sample_subsets
+
+    n = 40
+    seq_len, spans = 2 + 3 * n, tuple((2 + 3 * i, 4 + 3 * i) for i in range(n))
+    subsets = sample_subsets(n, 64, seed=3)
+    plan = plan_trie(layout(seq_len, spans), subsets=subsets, dims=DIMS, max_memory=1 << 30)
+    assert plan.compact and max(plan.node_counts) <= 64 and plan.node_counts[-1] == len(subsets.unique())
+    row = DIMS.num_layers * 2 * DIMS.num_kv_heads * DIMS.head_dim * DIMS.dtype_bytes
+    stored_rows = sum(c * n for c, n in zip(plan.node_counts[:-1], plan.level_lens[:-1]))
+    assert plan.window_start == stored_rows and plan.kv_bytes == (stored_rows + plan.window_rows) * row
+    assert plan.peak_bytes <= 1 << 30
+    # every 2^n subset: the ids are the indices (no path index needed), whatever the order they come in
+    full = plan_trie(layout(20, ((2, 4), (5, 6), (9, 12))), subsets=torch.arange(7, -1, -1))
+    assert not full.compact and torch.equal(full.node_index(3, torch.tensor([5, 2])), torch.tensor([5, 2]))
 
 
 def test_memory_error_comes_before_allocating_the_levels_and_states_bytes():

@@ -65,3 +65,24 @@ def test_grouped_probes_equal_each_probe_alone(smollm2):
     for v, naive in zip(grouped, batched):
         assert (v - naive).abs().max() <= 1e-4 * max(1.0, float(naive.abs().max()))
     assert not torch.allclose(grouped[0], grouped[1])
+
+
+def test_sampled_subsets_of_twenty_words_trie_equals_naive(smollm2):
+    """n=20 words and 24 sampled subsets on the real model: the trie stores only the prefixes they reach (a compact
+    plan, a few hundred KiB of KV where all 2^j nodes of every level would take ~36 GiB) and equals naive."""
+    from sftint_fast.bench import sample_subsets
+    from sftint_fast.engine.adapters import get_adapter
+    from sftint_fast.engine.plan import plan_trie
+
+    model, tok = smollm2
+    text = ("On a quiet morning the old fisherman walked down to the harbour with his dog and his nets, and the "
+            "capital of France is")
+    game = Game.from_text(model, tok, text, players=list(range(2, 22)))  # words 2..21 (of 22)
+    assert game.num_players == 20
+    subsets = torch.cat([torch.tensor([0, (1 << 20) - 1]), sample_subsets(20, 22, seed=4)])
+    plan = plan_trie(game, subsets=subsets, dims=get_adapter(model).dims, max_memory=4 << 30)
+    assert plan.compact and plan.kv_bytes < 64 << 20
+    trie = sf.evaluate(model, game, method="trie", subsets=subsets, progress=False)
+    naive = sf.evaluate(model, game, method="naive", subsets=subsets, progress=False)
+    assert (trie - naive).abs().max() <= 1e-4 * max(1.0, float(naive.abs().max()))
+    assert float(trie.std()) > 0.1  # the sampled variants differ

@@ -1,4 +1,6 @@
 """The trie engine equals the naive engine (every variant its own HF forward) on tiny random models."""
+import warnings
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -270,21 +272,25 @@ def test_subset_attention_with_a_prebuilt_key_layout():
             subset_attention(*case, level=3, scale=0.3, attention_masking=masking, layout=layout, backend="triton")
 
 
-@pytest.mark.parametrize("max_memory", [None, 87_000])
-def test_sparse_subsets_with_a_widened_window_match_naive(max_memory):
-    """Sampled leaves in chunks whose KV window spans more ids than it holds leaves (all of them, or as memory
-    allows): the leaves' rows in the window are their id offsets, and the values match naive."""
+@pytest.mark.parametrize("masking", ["embedding", "attention"])
+@pytest.mark.parametrize("max_memory", [None, 40_000])
+def test_sampled_subsets_in_a_compact_store_match_naive(max_memory, masking):
+    """Sampled subsets: the store holds only the nodes they reach (addressed by rank, the attention finds each
+    ancestor through the path index), smaller than the dense store, and the values match naive (also with a budget
+    that shrinks the chunks)."""
     from sftint_fast.bench import sample_subsets
     from sftint_fast.engine.plan import plan_trie
 
     net = model("llama")
-    game = make_game("spread_n5", seed=6)
+    game = make_game("spread_n5", seed=6, masking=masking)
     subsets = sample_subsets(5, 9, seed=1)
-    plan = plan_trie(game, subsets=subsets, dims=get_adapter(net).dims, max_memory=max_memory or (1 << 30),
-                     batch_size=4)
-    assert plan.window_nodes > plan.level_chunk_nodes[-1]
-    if max_memory:  # narrower than with room to spare (15 ids: 4 leaves per chunk at 9 of 32 ids), and it fits
-        assert plan.window_nodes < 15 and plan.peak_bytes <= max_memory
+    dims = get_adapter(net).dims
+    plan = plan_trie(game, subsets=subsets, dims=dims, max_memory=max_memory or (1 << 30), batch_size=4)
+    dense = plan_trie(game, dims=dims, max_memory=1 << 30, batch_size=4)
+    assert plan.compact and plan.window_start < dense.window_start
+    assert any(len(nodes) < 1 << j for j, nodes in enumerate(plan.level_nodes[:-1]))  # some prefix left out
+    if max_memory:
+        assert plan.level_chunk_nodes[-1] < 4 and plan.peak_bytes <= max_memory
     trie, naive = run_both(net, game, subsets=subsets, batch_size=4, max_memory=max_memory)
     check_close(trie, naive)
 
@@ -356,24 +362,44 @@ def test_evaluate_many_takes_the_subsets_evaluate_takes(dtype):
         sf.evaluate_many(net, games, subsets=[0, 1], progress=False)
 
 
-def test_auto_falls_back_to_naive_when_the_trie_store_does_not_fit():
-    """The trie stores every prefix of levels < n (2^j nodes each) whatever the subsets: with n=30 a few sampled
-    subsets need hundreds of GiB. ``method='auto'`` then runs the naive engine (with a warning), which needs only
-    its batches; ``method='trie'`` refuses, saying how much it needs."""
+def test_sampled_subsets_of_many_players_run_in_the_trie():
+    """n=30 players and a few sampled subsets: the trie stores only the prefixes they reach (a store of all 2^j
+    nodes per level would need hundreds of GiB), so it runs within 1 GiB and equals naive."""
     import sftint_fast as sf
+    from sftint_fast.bench import sample_subsets
 
     net = model("llama")
     game = _many_players_game(30)
-    subsets = torch.tensor([0, (1 << 30) - 1, 12345, 12345])
+    subsets = torch.cat([torch.tensor([0, (1 << 30) - 1, 12345, 12345]), sample_subsets(30, 20, seed=2)])
     naive = sf.evaluate(net, game, method="naive", subsets=subsets, max_memory=1 << 30, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to naive
+        trie = sf.evaluate(net, game, method="trie", subsets=subsets, max_memory=1 << 30, progress=False)
+        many = sf.evaluate_many(net, [game, game], subsets=subsets, max_memory=1 << 30, progress=False)
+    check_close(trie, naive)
+    assert all(torch.equal(v, trie) for v in many)
+
+
+def test_auto_falls_back_to_naive_when_the_trie_store_does_not_fit():
+    """A budget too small for the trie's store (the prefixes 600 sampled subsets of n=30 reach, + one node's
+    activations) but enough for naive batches: ``method='auto'`` runs the naive engine (with a warning);
+    ``method='trie'`` refuses, saying how much it needs."""
+    import sftint_fast as sf
+    from sftint_fast.bench import sample_subsets
+
+    net = model("llama")
+    game = _many_players_game(30)
+    subsets = sample_subsets(30, 600, seed=0)
+    budget = 600_000
+    naive = sf.evaluate(net, game, method="naive", subsets=subsets, max_memory=budget, progress=False)
     with pytest.warns(UserWarning, match=r"needs at least \d+\.\d+ GiB.*naive engine"):
-        auto = sf.evaluate(net, game, subsets=subsets, max_memory=1 << 30, progress=False)
+        auto = sf.evaluate(net, game, subsets=subsets, max_memory=budget, progress=False)
     assert torch.equal(auto, naive)
     with pytest.warns(UserWarning, match="naive engine"):
-        many = sf.evaluate_many(net, [game, game], subsets=subsets, max_memory=1 << 30, progress=False)
+        many = sf.evaluate_many(net, [game, game], subsets=subsets, max_memory=budget, progress=False)
     assert all(torch.equal(v, naive) for v in many)
-    with pytest.raises(ValueError, match=r"n=30.*needs at least \d+\.\d+ GiB"):
-        sf.evaluate(net, game, method="trie", subsets=subsets, max_memory=1 << 30, progress=False)
+    with pytest.raises(ValueError, match=r"n=30.*needs at least \d+\.\d+ GiB.*the nodes the subsets reach"):
+        sf.evaluate(net, game, method="trie", subsets=subsets, max_memory=budget, progress=False)
 
 
 @pytest.mark.parametrize("options", [{"batch_size": True}, {"max_memory": True}, {"max_memory": float("nan")},

@@ -132,8 +132,8 @@ def _unique(launches: list[dict]) -> list[dict]:
 @pytest.fixture(scope="module")
 def launches():
     """The launches of the trie engine (float32 and bfloat16, both masking modes, both KV paths, a Gemma-3 with sliding
-    layers and its (1 + w) RMSNorm, SmolLM2-135M's head and MLP shapes), of the kernel with a soft-cap, and of the
-    four transforms (n = 12: the low and the high bit groups)."""
+    layers and its (1 + w) RMSNorm, SmolLM2-135M's head and MLP shapes, sampled subsets), of the kernel with a
+    soft-cap, and of the four transforms (n = 12: the low and the high bit groups)."""
     from sftint_fast.ops.triton import subset_attention as attention
     from sftint_fast.ops.triton.transforms import butterfly
 
@@ -144,15 +144,18 @@ def launches():
         # SmolLM2-135M's attention and MLP shapes (hidden 576, 9 query / 3 KV heads of 64, MLP 1536), one layer
         smol = tiny_model("llama", hidden_size=576, intermediate_size=1536, num_attention_heads=9,
                           num_key_value_heads=3, head_dim=64, num_hidden_layers=1)
-        runs = [(llama, torch.float32, "embedding", "flat"), (llama, torch.float32, "attention", "segments"),
-                (llama, torch.bfloat16, "embedding", "segments"), (llama, torch.bfloat16, "attention", "flat"),
-                (gemma3, torch.bfloat16, "attention", "flat"), (smol, torch.bfloat16, "embedding", "flat"),
-                (smol, torch.float32, "attention", "segments")]
-        for model, dtype, masking, path in runs:
+        sampled = torch.tensor([3, 12, 5, 15, 9])  # a compact store: the kernel reads a path-index table
+        f32, bf16 = torch.float32, torch.bfloat16
+        runs = [(llama, f32, "embedding", "flat", None), (llama, f32, "attention", "segments", None),
+                (llama, bf16, "embedding", "segments", None), (llama, bf16, "attention", "flat", None),
+                (gemma3, bf16, "attention", "flat", None), (smol, bf16, "embedding", "flat", None),
+                (smol, f32, "attention", "segments", None), (smol, bf16, "attention", "flat", sampled),
+                (llama, bf16, "embedding", "segments", sampled)]
+        for model, dtype, masking, path, subsets in runs:
             monkeypatch.setattr(attention, "DEFAULT_PATH", path)
             game = _game(model.config.hidden_size, masking)
             sf.evaluate(model.to(dtype), dataclasses.replace(game, baseline=game.baseline.to(dtype)), method="trie",
-                        attention_backend="triton", progress=False)
+                        attention_backend="triton", subsets=subsets, progress=False)
         i64 = dict(dtype=torch.int64)
         for dtype in (torch.float32, torch.bfloat16):
             q = torch.randn(2, 2, 4, 16, dtype=dtype)
@@ -175,6 +178,8 @@ def test_every_kernel_was_launched(launches):
     bf16 = [x for x in launches if "*bf16" in x["signature"].values()]
     assert {x["kernel"] for x in bf16} >= {"_subset_attention_kernel", "_rms_norm_kernel", "_rope_kernel",
                                            "_silu_mul_kernel"}
+    index = {x["constexprs"]["HAS_INDEX"] for x in launches if x["kernel"] == "_subset_attention_kernel"}
+    assert index == {True, False}  # the dense stores' launches and the compact stores' (sampled subsets)
 
 
 def test_recorded_launches_compile_for_the_gpu(launches, tmp_path):

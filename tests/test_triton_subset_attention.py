@@ -189,6 +189,97 @@ def test_pass_of_several_levels_and_blocks_in_one_launch(path, option, own):
                               *tables[1:], max_seg_len=max(lens), **kw)
 
 
+def compact_store(lens, players, level, leaves, num_kv_heads, head_dim, seed):
+    """A dense random store (every node of each level) and its compact copy holding only the prefixes of
+    ``leaves`` (in id order per level), with both sets of tables and the leaves' path index into the compact one."""
+    k_dense, v_dense, tables, gen = make_store(lens[:level + 1], players[:level + 1], num_kv_heads, head_dim,
+                                               torch.float32, seed)
+    offsets = tables[0].tolist()
+    kept = [sorted({m & ((1 << k) - 1) for m in leaves}) for k in range(level + 1)]
+    rows, compact_offsets = [], []
+    for k, nodes in enumerate(kept):
+        compact_offsets.append(len(rows))
+        for m in nodes:
+            rows.extend(range(offsets[k] + m * lens[k], offsets[k] + (m + 1) * lens[k]))
+    path_index = torch.tensor([[kept[k].index(m & ((1 << k) - 1)) for k in range(level + 1)] for m in leaves])
+    compact_tables = [torch.tensor(compact_offsets), *tables[1:]]
+    assert len(rows) < k_dense.shape[0]  # some prefix is left out
+    return (k_dense, v_dense, tables), (k_dense[rows], v_dense[rows], compact_tables), path_index, kept, gen
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("option", ["plain", "masking-window-softcap"])
+def test_compact_store_with_a_path_index_matches_the_dense_store(backend, path, option):
+    """A store holding only the prefixes sampled leaves reach, addressed through ``path_index``, gives the values
+    of the full store addressed by node bits (the reference); a wrong path index changes them; bad shapes refused."""
+    from sftint_fast.ops.subset_attention import subset_attention as dispatch
+    from sftint_fast.ops.triton.subset_attention import subset_attention
+
+    lens, players, level, hq, hkv, d = [5, 3, 1, 2, 4], [0, 1, 1, 2, 3], 4, 4, 1, 64
+    leaves = [15, 2, 9, 11, 10]
+    dense, compact, path_index, _, gen = compact_store(lens, players, level, leaves, hkv, d, seed=3)
+    q = torch.randn(len(leaves), lens[level], hq, d, generator=gen)
+    node_ids = torch.tensor(leaves)
+    kw = dict(level=level, scale=0.2, **OPTIONS[option])
+    want = subset_attention_reference(q, *dense[:2], node_ids, *dense[2], **kw)
+    torch.testing.assert_close(subset_attention_reference(q, *compact[:2], node_ids, *compact[2], **kw,
+                                                          path_index=path_index), want, atol=1e-6, rtol=0)
+
+    def run(index):
+        args = [t.to(DEVICE) for t in (q, *compact[:2], node_ids, *compact[2])]
+        if backend == "triton":
+            return subset_attention(*args, **kw, path=path, path_index=index.to(DEVICE)).cpu()
+        return dispatch(*args, **kw, path_index=index.to(DEVICE)).cpu()
+
+    torch.testing.assert_close(run(path_index), want, atol=TOL[torch.float32], rtol=0)
+    shuffled = path_index.clone()
+    shuffled[:, 3] = shuffled[:, 3].flip(0)  # the level-3 ancestors of other leaves
+    assert not torch.allclose(run(shuffled), want, atol=1e-3)
+    with pytest.raises(ValueError, match="path_index"):
+        run(path_index[:, :level])
+    with pytest.raises(ValueError, match="path_index"):
+        run(path_index.int())
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("own", ["store", "pass"])
+def test_pass_over_a_compact_store(path, own):
+    """subset_attention_pass with a path-index table (a row per meta row, padded to the table width) over chunks of
+    levels 2 and 4 of a compact store equals subset_attention per chunk."""
+    from sftint_fast.ops.triton.subset_attention import subset_attention, subset_attention_pass
+
+    lens, players, level, hq, hkv, d = [5, 3, 1, 2, 4], [0, 1, 1, 2, 3], 4, 4, 2, 32
+    leaves = [15, 2, 9, 11, 10]
+    _, (k_store, v_store, tables), leaf_index, kept, gen = compact_store(lens, players, level, leaves, hkv, d, seed=5)
+    mid = torch.tensor(kept[2])
+    mid_index = torch.stack([torch.tensor([kept[k].index(int(m) & ((1 << k) - 1)) for m in mid]) for k in range(3)], 1)
+    kw = dict(scale=0.2, path=path, attention_masking=True, sliding_window=7)
+    queries, expected, meta, index_rows, own_rows, row = [], [], [], [], [], 0
+    for chunk_level, nodes, index in ((2, mid, mid_index), (4, torch.tensor(leaves), leaf_index)):
+        q = torch.randn(len(nodes), lens[chunk_level], hq, d, generator=gen)
+        chunk_tables = [t[:chunk_level + 1] for t in tables]
+        expected.append(subset_attention(q, k_store, v_store, nodes, *chunk_tables, level=chunk_level, path_index=index,
+                                         **kw))
+        queries.append(q.flatten(0, 1))
+        for node, node_index in zip(nodes.tolist(), index.tolist()):
+            meta.append([node, chunk_level, row, 0])
+            index_rows.append(node_index + [0] * (level - chunk_level))
+            seg = lens[chunk_level]
+            own_rows.append(int(tables[0][chunk_level]) + node_index[-1] * seg + torch.arange(seg))
+            row += lens[chunk_level]
+    extra = {}
+    if own == "pass":
+        own_rows = torch.cat(own_rows)
+        extra = dict(k_pass=k_store[own_rows].clone(), v_pass=v_store[own_rows].clone())
+    out = subset_attention_pass(torch.cat(queries), k_store, v_store, torch.tensor(meta), tables[0].view(1, -1),
+                                *tables[1:], max_seg_len=max(lens), path_index=torch.tensor(index_rows), **kw, **extra)
+    torch.testing.assert_close(out, torch.cat([e.flatten(0, 1) for e in expected]), atol=TOL[torch.float32], rtol=0)
+    with pytest.raises(ValueError, match="path_index"):
+        subset_attention_pass(torch.cat(queries), k_store, v_store, torch.tensor(meta), tables[0].view(1, -1),
+                              *tables[1:], max_seg_len=max(lens), path_index=torch.tensor(index_rows)[:, :3], **kw)
+
+
 def test_options_change_the_result():
     """Masking, window and softcap each move the output (so the comparisons above can fail)."""
     lens, players, level, nodes, hq, hkv, d = CASES["level3-gqa3-noncons"]
@@ -268,12 +359,13 @@ def test_kernels_compile_for_sm90():
 
         target = GPUTarget("cuda", 90, 32)
         fn = _subset_attention_kernel.fn
-        tables = {"meta_ptr", "offsets_ptr", "lens_ptr", "players_ptr", "positions_ptr"}
-        for dtype, fp32, flat, own in (("bf16", False, True, True), ("fp32", True, True, False),
-                                       ("bf16", False, False, True), ("bf16", False, False, False)):
+        tables = {"meta_ptr", "offsets_ptr", "lens_ptr", "players_ptr", "positions_ptr", "index_ptr"}
+        for dtype, fp32, flat, own, index in (("bf16", False, True, True, False), ("fp32", True, True, False, True),
+                                              ("bf16", False, False, True, True), ("bf16", False, False, False, False),
+                                              ("bf16", False, True, True, True), ("bf16", False, False, False, True)):
             const = dict(GROUP=3, HEAD_DIM=64, BLOCK_D=64, IS_FP32=fp32, ATTENTION_MASKING=True, HAS_SOFTCAP=True,
                          HAS_WINDOW=True, INPUT_PRECISION="ieee" if fp32 else "tf32", FLAT_PATH=flat,
-                         OWN_FROM_PASS=own, BLOCK_M=64, BLOCK_N=32)
+                         OWN_FROM_PASS=own, HAS_INDEX=index, BLOCK_M=64, BLOCK_N=32)
             sig = {}
             for name in fn.arg_names:
                 if name.endswith("_ptr"):
@@ -285,7 +377,8 @@ def test_kernels_compile_for_sm90():
             # unspecialized, and as a launch specializes it (16-byte aligned tensors, strides multiples of 16:
             # vectorized loads, a different code path)
             aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-                       if name.endswith("_ptr") or name.startswith("stride_") and name != "stride_offsets"}
+                       if name.endswith("_ptr") or name.startswith("stride_") and name not in ("stride_offsets",
+                                                                                               "stride_index")}
             for attrs in ({}, aligned):
                 triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
                                target=target)

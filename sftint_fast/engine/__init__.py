@@ -5,7 +5,7 @@ train/eval mode restored afterwards) and dispatches to an engine: ``"naive"`` (e
 sequence, ``engine/naive.py``) or ``"trie"`` (shared prefixes computed once, ``engine/trie.py``).
 ``"auto"`` picks the trie when an adapter supports the model's architecture, else naive with a warning; it also
 falls back to naive, with a warning, when the trie's plan does not fit the memory budget (its KV store holds every
-node of levels ``< n``, sampled subsets or not).
+node of levels ``< n`` for all ``2^n`` variants, the nodes the sampled subsets reach otherwise).
 
 ``compute_dtype`` (None = the model's own dtype, no change):
   - ``"float32"`` / ``"bfloat16"``: equal to the model's dtype → nothing to do; a float32 model asked for

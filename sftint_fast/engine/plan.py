@@ -4,11 +4,14 @@ Prompt = ``bg_0 p_0 bg_1 p_1 … p_{n-1} bg_n``. Level 0 is one node owning ``bg
 (a bitmask over players ``< j+1``) owns ``p_j bg_{j+1}``. Tokens computed:
 ``|bg_0| + Σ_j 2^{j+1}(|p_j| + |bg_{j+1}|)`` instead of ``2^n · L``.
 
-KV store layout (per layer, ``[store_rows, Hkv, D]``): levels ``0..n-1`` back to back, all ``2^j`` rows of a level
-(node ``m`` at ``level_offsets[j] + m * level_lens[j]``), then a window for the last level. The last level's KV is
-read only by its own nodes, so it is never stored whole: a chunk of nodes with ids in ``[a, a + W)`` writes into
-the window, addressed with the shifted offset ``window_start - a * level_lens[n]``
-(:meth:`TriePlan.last_level_offset`).
+KV store layout (per layer, ``[store_rows, Hkv, D]``): levels ``0..n-1`` back to back, then a window for the last
+level. A level's stored nodes are ``level_nodes[j]`` in id order, node of index ``i`` at rows
+``level_offsets[j] + i * level_lens[j]``: for all ``2^n`` variants the index is the node id itself; for sampled
+subsets (a *compact* plan) only the nodes the subsets reach are stored, so the store grows with the sample, not
+with ``2^n``, and the engine hands the attention each node's ancestor indices (:meth:`TriePlan.path_index`) instead
+of letting it compute ancestor ids from the bits. The last level's KV is read only by its own nodes, so it is
+never stored whole: a chunk of nodes with indices ``[a, a + W)`` writes into the window, addressed with the shifted
+offset ``window_start - a * level_lens[n]`` (:meth:`TriePlan.last_level_offset`).
 
 Execution is in passes: a pass is a run of consecutive chunks (in level order) that goes through the layers
 together — one set of GEMMs over all its tokens, with each chunk's attention done after every chunk of the pass
@@ -72,15 +75,16 @@ class TriePlan:
         level_lens: tokens each node owns at each level; level_positions: absolute position of each segment's
             first token; player_lens: player tokens at the start of each segment (0 at level 0).
         level_nodes: per level, the sorted int64 node ids computed (all ``2^j``, or those the subsets reach).
+        compact: the store holds only ``level_nodes`` (sampled subsets that leave some prefix out): a node's index
+            in its level is its rank in ``level_nodes[j]`` (:meth:`node_index`), not its id. False for all ``2^n``.
         leaf_index: ``(len(subsets),)`` int64: row of each requested subset among ``level_nodes[n]``.
         level_chunk_nodes: nodes per chunk at each level.
-        window_nodes: with a window, the node-id width ``W`` of the last level's KV window: a last-level chunk's
-            ids lie in ``[a, a + W)``. ``W`` equals the chunk's node count for all ``2^n`` variants; for sampled
-            subsets (sparse leaves) it is widened by their sparsity (memory permitting), so that chunks stay full
-            instead of each holding the few leaves of a narrow id range. 0 without a window.
+        window_nodes: with a window, the nodes ``W`` of the last level's KV window (the last level's chunk size:
+            a chunk's node indices lie in ``[a, a + W)``); 0 without a window.
         passes: the execution schedule: each pass a tuple of :class:`PlanUnit` ``(level, node ids, game)`` chunks run
             through the layers together (``batch_size`` bounds the nodes of a pass).
-        level_offsets: start row of each stored level (levels ``< n``) in game 0's block; ``window_start`` /
+        level_offsets: start row of each stored level (levels ``< n``) in game 0's block (level ``j`` holds
+            ``len(level_nodes[j]) * level_lens[j]`` rows); ``window_start`` /
             ``window_rows``: the last level's window; ``game_rows``: rows of one game's block; ``store_rows``: rows
             per layer store (``num_games * game_rows``).
         num_games: games planned together (same layout).
@@ -115,30 +119,45 @@ class TriePlan:
     max_memory: int | None
     window: bool = True
     window_nodes: int = 0
+    compact: bool = False
 
     @property
     def node_counts(self) -> tuple[int, ...]:
         return tuple(len(nodes) for nodes in self.level_nodes)
 
     def chunks(self, level: int) -> list[torch.Tensor]:
-        """The node-id chunks of ``level`` in order; with a window a last-level chunk's ids lie in
-        ``[ids[0], ids[0] + window_nodes)``."""
-        last = level == self.num_players and self.window
-        return _split_level(self.level_nodes[level], self.level_chunk_nodes[level], self.window_nodes if last else None)
+        """The node-id chunks of ``level`` in order (consecutive runs of ``level_nodes[level]``)."""
+        return list(self.level_nodes[level].split(self.level_chunk_nodes[level]))
 
-    def last_level_offset(self, first_node: int, game: int = 0) -> int:
-        """Virtual start row of the last level for a chunk of ``game`` whose smallest node id is ``first_node``."""
+    def node_index(self, level: int, nodes: torch.Tensor) -> torch.Tensor:
+        """Indices of ``nodes`` (int64 ids of computed nodes) among ``level``'s stored nodes: the ids themselves,
+        or (compact plan) their ranks in ``level_nodes[level]``."""
+        if not self.compact:
+            return nodes
+        return torch.searchsorted(self.level_nodes[level], nodes)
+
+    def path_index(self, level: int, nodes: torch.Tensor) -> torch.Tensor:
+        """``[len(nodes), level + 1]`` int64: column ``k`` the index of each node's level-``k`` ancestor
+        (``node & (2^k - 1)``) among level ``k``'s stored nodes, column ``level`` the node's own (the ``path_index``
+        table :func:`~sftint_fast.ops.subset_attention.subset_attention` reads for a compact plan)."""
+        nodes = nodes.cpu()
+        return torch.stack([self.node_index(k, nodes & ((1 << k) - 1)) for k in range(level + 1)], dim=1)
+
+    def last_level_offset(self, first_index: int, game: int = 0) -> int:
+        """Virtual start row of the last level for a chunk of ``game`` whose first node has index ``first_index``
+        (:meth:`node_index`)."""
         if not self.window:  # the last level is never stored: its K/V stay in the pass (no store row is read)
             return game * self.game_rows + self.window_start
-        return game * self.game_rows + self.window_start - first_node * self.level_lens[self.num_players]
+        return game * self.game_rows + self.window_start - first_index * self.level_lens[self.num_players]
 
-    def offsets(self, level: int, first_node: int, game: int = 0) -> tuple[int, ...]:
-        """Start rows of levels ``0..level`` for a chunk of ``game`` at ``level`` (smallest node ``first_node``):
-        the table :func:`~sftint_fast.ops.subset_attention.subset_attention` reads."""
+    def offsets(self, level: int, first_index: int, game: int = 0) -> tuple[int, ...]:
+        """Start rows of levels ``0..level`` for a chunk of ``game`` at ``level`` whose first node has index
+        ``first_index`` (:meth:`node_index`): the table :func:`~sftint_fast.ops.subset_attention.subset_attention`
+        reads."""
         base = game * self.game_rows
         stored = tuple(base + offset for offset in self.level_offsets[:level])
         if level == self.num_players:
-            return stored + (self.last_level_offset(first_node, game),)
+            return stored + (self.last_level_offset(first_index, game),)
         return stored + (base + self.level_offsets[level],)
 
     def to_dict(self) -> dict[str, Any]:
@@ -150,7 +169,7 @@ class TriePlan:
             "num_games": self.num_games, "trie_tokens": self.trie_tokens,
             "naive_tokens": self.naive_tokens, "ideal_ratio": self.ideal_ratio, "kv_bytes": self.kv_bytes,
             "activation_bytes": self.activation_bytes, "peak_bytes": self.peak_bytes, "max_memory": self.max_memory,
-            "window": self.window, "window_nodes": self.window_nodes,
+            "window": self.window, "window_nodes": self.window_nodes, "compact": self.compact,
         }
 
 
@@ -186,19 +205,6 @@ def default_max_memory(device: torch.device) -> int:
 def default_pass_tokens(device: torch.device) -> int:
     """Tokens per pass the engine plans for on ``device`` (:data:`PASS_TOKENS`, else :data:`TARGET_CHUNK_TOKENS`)."""
     return PASS_TOKENS.get(torch.device(device).type, TARGET_CHUNK_TOKENS)
-
-
-def _split_level(nodes: torch.Tensor, width: int, id_width: int | None = None) -> list[torch.Tensor]:
-    """``nodes`` (sorted ids) in chunks of at most ``width``; with ``id_width``, also each within ids
-    ``[first, first + id_width)`` (the last level's KV window)."""
-    if id_width is None:
-        return list(nodes.split(width))
-    chunks, start = [], 0
-    while start < len(nodes):
-        stop = min(int(torch.searchsorted(nodes, nodes[start] + id_width)), start + width)
-        chunks.append(nodes[start:stop])
-        start = stop
-    return chunks
 
 
 def _group_passes(units: list[PlanUnit], level_lens: list[int], unit_bytes: list[int], last_level: int,
@@ -260,7 +266,8 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
 
     Args:
         game: a :class:`~sftint_fast.game.Game` or a layout object with ``input_ids`` and ``player_spans``.
-        subsets: ``(B,)`` int64 bitmasks to evaluate (None = all ``2^n``); only the nodes they reach are planned.
+        subsets: ``(B,)`` int64 bitmasks to evaluate (None = all ``2^n``); only the nodes they reach are planned
+            and (when they leave some variant out) stored: the KV store grows with the sample, not with ``2^n``.
         model / dims: the model (or its :class:`ModelDims`) that sizes memory; without either, no memory plan
             (chunks are sized by :data:`TARGET_CHUNK_TOKENS` alone and memory fields are 0).
         batch_size: at most this many nodes per chunk.
@@ -327,17 +334,12 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
                    zip(counts, level_lens)]
     if batch_size is not None:
         chunk_nodes = [min(c, batch_size) for c in chunk_nodes]
-    stored = [(1 << j) * level_lens[j] for j in range(num_players)]
+    # sampled subsets that leave some leaf out leave some node of every deeper level out: store only those reached
+    compact = counts[-1] < 1 << num_players
+    stored = [count * length for count, length in zip(counts[:-1], level_lens)]
     level_offsets = [sum(stored[:j]) for j in range(num_players)]
     window_start = sum(stored)
-
-    # the id range a last-level chunk of chunk_nodes[-1] leaves spans, on average (= chunk_nodes[-1] when dense)
-    span = 1 << num_players
-
-    def spread(nodes: int) -> int:
-        return min(span, max(nodes, -(-nodes * span // max(counts[-1], 1))))
-
-    window_nodes = spread(chunk_nodes[-1]) if window else 0
+    window_nodes = chunk_nodes[-1] if window else 0
     kv_bytes = 0
     if dims is not None:
         if max_memory is None:
@@ -353,18 +355,17 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
         needed = fixed + window_bytes + max(other, per_node[-1])
         if max_memory < needed:
             games = f" x {num_games} games" if num_games > 1 else ""
+            reached = "the nodes the subsets reach" if compact else "all 2^j nodes"
             raise TrieMemoryError(f"the trie for n={num_players}, L={seq_len}{games} needs at least {_size(needed)} "
-                                  f"(KV store {_size(fixed)}: every node of levels < n, whatever the subsets, + one "
-                                  f"node's activations), but max_memory is {_size(max_memory)}; evaluate fewer "
-                                  f"players or games, or use method='naive'")
+                                  f"(KV store {_size(fixed)}: {reached} of every level j < n, + one node's "
+                                  f"activations), but max_memory is {_size(max_memory)}; evaluate fewer players, "
+                                  f"games or subsets, or use method='naive'")
         room = max_memory - fixed
         fit = room // (per_node[-1] + window_bytes)
         if window_bytes:
             fit = min(fit, (room - other) // window_bytes)
         chunk_nodes[-1] = max(1, min(chunk_nodes[-1], fit))
-        if window_bytes:  # a wider window for sparse leaves, from at most half of what is left
-            spare = (room - chunk_nodes[-1] * per_node[-1] - other) // 2 // window_bytes
-            window_nodes = max(chunk_nodes[-1], min(spread(chunk_nodes[-1]), spare))
+        window_nodes = chunk_nodes[-1] if window else 0
         room -= window_nodes * window_bytes
         chunk_nodes[:-1] = [max(1, min(c, room // max(p, 1))) for c, p in zip(chunk_nodes[:-1], per_node[:-1])]
         kv_bytes = fixed + window_nodes * window_bytes
@@ -374,8 +375,7 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
         level_nodes, leaf_index = _level_nodes(num_players, None)
     # Level by level, the same chunk of every game side by side: a chunk's ancestors are always scheduled earlier.
     units = [PlanUnit(level, ids, game) for level in range(num_players + 1) if level_lens[level] > 0
-             for ids in _split_level(level_nodes[level], chunk_nodes[level],
-                                     window_nodes if level == num_players and window else None)
+             for ids in level_nodes[level].split(chunk_nodes[level])
              for game in range(num_games)]
     passes, activation_bytes = _group_passes(units, level_lens, [len(u.nodes) * per_node[u.level] for u in units],
                                              num_players if window else -1, batch_size, room, pass_tokens)
@@ -391,7 +391,7 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
         trie_tokens=trie_tokens, naive_tokens=naive_tokens,
         ideal_ratio=naive_tokens / trie_tokens if trie_tokens else math.inf, kv_bytes=kv_bytes,
         activation_bytes=activation_bytes, peak_bytes=kv_bytes + activation_bytes, max_memory=max_memory,
-        window=window, window_nodes=window_nodes,
+        window=window, window_nodes=window_nodes, compact=compact,
     )
     logger.debug("trie plan: %s", plan.to_dict())
     return plan

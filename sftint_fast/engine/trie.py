@@ -71,9 +71,10 @@ def _segment_embeds(embeds: torch.Tensor, baseline: torch.Tensor, plan: TriePlan
 class _Chunk:
     """One chunk of a pass: its level, game, nodes (CPU and device), token range in the pass, attention tables."""
 
-    def __init__(self, unit: PlanUnit, start: int, stop: int, nodes: torch.Tensor, tables: tuple[torch.Tensor, ...]):
+    def __init__(self, unit: PlanUnit, start: int, stop: int, nodes: torch.Tensor, tables: tuple[torch.Tensor, ...],
+                 path_index: torch.Tensor | None = None):
         self.level, self.game, self.nodes_cpu, self.nodes = unit.level, unit.game, unit.nodes, nodes
-        self.start, self.stop, self.tables = start, stop, tables
+        self.start, self.stop, self.tables, self.path_index = start, stop, tables, path_index
 
 
 class _Pass:
@@ -84,21 +85,27 @@ class _Pass:
     torch path's per-chunk tables (which stay on the CPU: that path reads them as Python ints, without syncs).
     ``keep``: the pass rows of the leaves' scored tokens (``score_rel``: their offsets in a leaf segment), leaf by leaf
     in chunk order: the only rows whose final hidden state is read (the last layer computes the rest's K/V only).
+    A compact plan (sampled subsets) addresses the store by node index, not id: the pass then carries each node's
+    ancestor indices (``path_index``: per chunk for the torch path, one ``[N, n + 1]`` table for the fused kernel).
     """
 
     def __init__(self, plan: TriePlan, units: tuple[PlanUnit, ...], device: torch.device,
                  fused: bool = False, score_rel: tuple[int, ...] = ()) -> None:
-        nodes, rows, positions, tables, meta, pass_offsets, keep = [], [], [], [], [], [], []
+        nodes, rows, positions, tables, meta, pass_offsets, keep, paths = [], [], [], [], [], [], [], []
         width = plan.num_players + 1
         start = stored = 0
         for index, unit in enumerate(units):
             level, ids = unit.level, unit.nodes
             seg_len = plan.level_lens[level]
-            offsets = plan.offsets(level, int(ids[0]), unit.game)
+            path = plan.path_index(level, ids) if plan.compact else None
+            own = ids if path is None else path[:, level]  # each node's index among its level's stored nodes
+            offsets = plan.offsets(level, int(own[0]), unit.game)
             steps = torch.arange(seg_len)
             nodes.append(ids)
+            if path is not None:
+                paths.append((torch.nn.functional.pad(path, (0, width - level - 1)) if fused else path).reshape(-1))
             if plan.window or level < plan.num_players:  # without a window the last level is never stored
-                rows.append((offsets[level] + ids[:, None] * seg_len + steps).reshape(-1))
+                rows.append((offsets[level] + own[:, None] * seg_len + steps).reshape(-1))
                 stored += len(ids) * seg_len
             positions.append((plan.level_positions[level] + steps).repeat(len(ids)))
             first_rows = start + torch.arange(len(ids)) * seg_len  # each node's first row in the pass
@@ -118,24 +125,31 @@ class _Pass:
             extra = [torch.cat(meta), torch.cat(pass_offsets),
                      torch.tensor([plan.level_lens, plan.player_lens, plan.level_positions]).reshape(-1)]
         keep_t = torch.cat(keep) if keep else torch.zeros(0, dtype=torch.int64)
-        flat = torch.cat(nodes + rows + [torch.cat(positions), keep_t] + extra)
+        flat = torch.cat(nodes + rows + [torch.cat(positions), keep_t] + extra + paths)
         if device.type == "cuda":
             flat = flat.pin_memory().to(device, non_blocking=True)
-        parts = flat.split(sizes + [stored, start, keep_t.numel()] + [t.numel() for t in extra])
+        parts = flat.split(sizes + [stored, start, keep_t.numel()] + [t.numel() for t in extra + paths])
+        path_parts = parts[len(parts) - len(paths):] if paths else ()
         #: store rows of the pass's first ``stored`` tokens (chunks are in level order: the last level comes last)
         self.rows, self.positions, self.stored = parts[len(sizes)], parts[len(sizes) + 1], stored
         self.keep = parts[len(sizes) + 2]
         #: the fused kernel's pass tables (:func:`~sftint_fast.ops.triton.subset_attention.subset_attention_pass`)
         self.fused_tables: tuple[torch.Tensor, ...] | None = None
         self.max_seg_len = max(plan.level_lens[unit.level] for unit in units)
+        #: the fused kernel's ``[N, n + 1]`` path-index table (compact plans), else None
+        self.path_index: torch.Tensor | None = None
         if fused:
-            meta_t, offsets_t, shared = parts[len(sizes) + 3:]
+            meta_t, offsets_t, shared = parts[len(sizes) + 3:len(sizes) + 6]
             self.fused_tables = (meta_t.view(-1, 4), offsets_t.view(len(units), width), *shared.view(3, width))
+            if paths:
+                self.path_index = torch.cat(path_parts).view(-1, width)
         self.chunks: list[_Chunk] = []
         start = 0
         for i, (unit, ids, size) in enumerate(zip(units, parts, sizes)):
             stop = start + size * plan.level_lens[unit.level]
-            self.chunks.append(_Chunk(unit, start, stop, ids, tuple(tables[i].view(4, -1)) if tables else ()))
+            path_index = path_parts[i].view(size, -1) if paths and not fused else None
+            self.chunks.append(_Chunk(unit, start, stop, ids, tuple(tables[i].view(4, -1)) if tables else (),
+                                      path_index))
             start = stop
 
 
@@ -254,7 +268,8 @@ def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: t
                                             not attention_masking).reshape(-1, dims.hidden_size) for c in chunks])
 
         # the torch backend's key rows and masks are the same in every layer: built once per chunk
-        layouts = [key_layout(c.nodes, *c.tables, level=c.level, attention_masking=attention_masking)
+        layouts = [key_layout(c.nodes, *c.tables, level=c.level, attention_masking=attention_masking,
+                              path_index=c.path_index)
                    if attention_backend == "torch" else None for c in chunks]
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -269,7 +284,8 @@ def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: t
                 return subset_attention_pass(q, k_stores[layer], v_stores[layer], *pass_.fused_tables,
                                              max_seg_len=pass_.max_seg_len, scale=spec.scale,
                                              attention_masking=attention_masking, softcap=spec.softcap,
-                                             sliding_window=spec.sliding_window, k_pass=k, v_pass=v)
+                                             sliding_window=spec.sliding_window, k_pass=k, v_pass=v,
+                                             path_index=pass_.path_index)
             return torch.cat([
                 subset_attention(q[c.start:c.stop].unflatten(0, (len(c.nodes), -1)), k_stores[layer],
                                  v_stores[layer], c.nodes, *c.tables, level=c.level, scale=spec.scale,

@@ -71,24 +71,27 @@ def subset_attention_reference(
     attention_masking: bool = False,
     softcap: float | None = None,
     sliding_window: int | None = None,
+    path_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Ancestor-path attention over the flat KV store by explicit key lists, in float32.
 
     ``q`` ``[C, S, Hq, D]``, stores ``[T_total, Hkv, D]`` → ``[C, S, Hq, D]`` in ``q``'s dtype. For each node and
     query token the visible keys are listed one by one (ancestors' segments at levels ``< level``, then the own
-    segment up to the query), see ``sftint_fast.ops.subset_attention.subset_attention`` for the semantics.
+    segment up to the query), see ``sftint_fast.ops.subset_attention.subset_attention`` for the semantics
+    (``path_index``: a compact store's ancestor indices, None = the ancestor ids).
     """
     offsets, lens, players, positions = (t.tolist() for t in (level_offsets, level_lens, player_lens, level_positions))
     num_nodes, seq_len, num_q_heads, _ = q.shape
     group = num_q_heads // k_store.shape[1]
     kf, vf = k_store.float(), v_store.float()
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    index_rows = path_index.tolist() if path_index is not None else None
     for c, node in enumerate(node_ids.tolist()):
         for t in range(seq_len):
             query_pos = positions[level] + t
             rows = []
             for k in range(level + 1):
-                ancestor = node & ((1 << k) - 1)
+                ancestor = node & ((1 << k) - 1) if index_rows is None else index_rows[c][k]
                 absent = attention_masking and k >= 1 and not (node >> (k - 1)) & 1
                 for j in range(lens[k] if k < level else t + 1):
                     if absent and j < players[k] and not (k == level and j == t):

@@ -3,7 +3,9 @@
 Store layout (one K and one V store per layer, ``[T_total, Hkv, D]``): level ``k`` occupies rows
 ``level_offsets[k] + node * level_lens[k] + t`` for ``t < level_lens[k]``; node ``m`` of level ``j`` has the
 ancestor ``m & ((1 << k) - 1)`` at level ``k < j``. A query of node ``m`` at level ``level`` attends to its
-ancestors' whole segments and to its own segment causally.
+ancestors' whole segments and to its own segment causally. A compact store (sampled subsets: only the nodes they
+reach) addresses a node by its index among its level's stored nodes instead of its id: the caller then passes
+``path_index [C, level + 1]``, each node's ancestors' indices (and its own at ``level``).
 
 Backends: ``"torch"`` gathers each node's ancestor rows (one ``index_select`` per chunk) and calls
 ``scaled_dot_product_attention``; other backends register themselves in ``_BACKENDS``.
@@ -34,16 +36,17 @@ class KeyLayout:
 
 def key_layout(node_ids: torch.Tensor, level_offsets: torch.Tensor, level_lens: torch.Tensor,
                player_lens: torch.Tensor, level_positions: torch.Tensor, *, level: int,
-               attention_masking: bool = False) -> KeyLayout:
+               attention_masking: bool = False, path_index: torch.Tensor | None = None) -> KeyLayout:
     """The :class:`KeyLayout` of a chunk of ``node_ids`` at ``level`` (tables as in :func:`subset_attention`)."""
     rows, positions, hidden = _key_layout(node_ids, level_offsets.tolist(), level_lens.tolist(),
-                                          player_lens.tolist(), level_positions.tolist(), level, attention_masking)
+                                          player_lens.tolist(), level_positions.tolist(), level, attention_masking,
+                                          path_index)
     return KeyLayout(rows, positions, hidden, level)
 
 
 def _key_layout(node_ids: torch.Tensor, level_offsets: list[int], level_lens: list[int], player_lens: list[int],
-                level_positions: list[int], level: int, attention_masking: bool
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                level_positions: list[int], level: int, attention_masking: bool,
+                path_index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Rows ``[C, K]`` into the store, key positions ``[K]`` and (attention masking) hidden keys ``[C, K]``."""
     device = node_ids.device
     rows, positions, hidden = [], [], []
@@ -52,8 +55,9 @@ def _key_layout(node_ids: torch.Tensor, level_offsets: list[int], level_lens: li
         if length == 0:
             continue
         ancestors = node_ids if k == level else node_ids & ((1 << k) - 1)
+        index = ancestors if path_index is None else path_index[:, k]
         offsets = torch.arange(length, device=device)
-        rows.append(level_offsets[k] + ancestors[:, None] * length + offsets)
+        rows.append(level_offsets[k] + index[:, None] * length + offsets)
         positions.append(level_positions[k] + offsets)
         if attention_masking:
             is_player = offsets < player_lens[k]
@@ -69,14 +73,14 @@ def _subset_attention_torch(q: torch.Tensor, k_store: torch.Tensor, v_store: tor
                             level_offsets: torch.Tensor, level_lens: torch.Tensor, player_lens: torch.Tensor,
                             level_positions: torch.Tensor, *, level: int, scale: float, attention_masking: bool,
                             softcap: float | None, sliding_window: int | None,
-                            layout: KeyLayout | None = None) -> torch.Tensor:
+                            layout: KeyLayout | None = None, path_index: torch.Tensor | None = None) -> torch.Tensor:
     chunk, seg_len, num_heads, head_dim = q.shape
     if chunk == 0 or seg_len == 0:  # no query (e.g. an empty level 0): the keys may be no rows at all
         return torch.empty_like(q)
     num_kv_heads = k_store.shape[1]
     if layout is None:
         layout = key_layout(node_ids, level_offsets, level_lens, player_lens, level_positions, level=level,
-                            attention_masking=attention_masking)
+                            attention_masking=attention_masking, path_index=path_index)
     rows, key_pos, hidden = layout.rows, layout.positions, layout.hidden
     num_keys = rows.shape[1]
     flat_rows = rows.reshape(-1)
@@ -121,7 +125,8 @@ def subset_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tens
                      level_offsets: torch.Tensor, level_lens: torch.Tensor, player_lens: torch.Tensor,
                      level_positions: torch.Tensor, *, level: int, scale: float, attention_masking: bool = False,
                      softcap: float | None = None, sliding_window: int | None = None,
-                     backend: Backend = "torch", layout: KeyLayout | None = None) -> torch.Tensor:
+                     backend: Backend = "torch", layout: KeyLayout | None = None,
+                     path_index: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one trie level's chunk of nodes over their ancestors' KV and their own segment.
 
     Args:
@@ -139,6 +144,11 @@ def subset_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tens
         backend: ``"torch"`` (gather + SDPA) or a registered fused kernel.
         layout: the torch backend's :func:`key_layout` of this chunk, built once and reused by every layer
             (None = built here).
+        path_index: ``[C, level + 1]`` int64 on ``node_ids``' device, for a compact store: column ``k`` the index
+            of each node's level-``k`` ancestor among the nodes stored at level ``k`` (rows
+            ``level_offsets[k] + index * level_lens[k]``), column ``level`` the node's own. None: the index is the
+            ancestor id ``node & (2^k - 1)`` (a store of all ``2^k`` nodes per level). Masking still reads the bits
+            of ``node_ids``.
 
     Returns:
         ``[C, S, Hq, D]`` in ``q``'s dtype.
@@ -188,6 +198,16 @@ def subset_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tens
                              f"(attention_masking={attention_masking}), received one for {layout.rows.shape[0]} nodes "
                              f"at level {layout.level} (attention_masking={layout.hidden is not None})")
         options["layout"] = layout
+    if path_index is not None:
+        if (not isinstance(path_index, torch.Tensor) or path_index.dtype != torch.int64
+                or path_index.shape != (node_ids.shape[0], level + 1) or path_index.device != node_ids.device):
+            got = (f"{path_index.dtype} of shape {tuple(path_index.shape)} on {path_index.device}"
+                   if isinstance(path_index, torch.Tensor) else type(path_index).__name__)
+            raise ValueError(f"path_index: expected int64 of shape ({node_ids.shape[0]}, {level + 1}) "
+                             f"([len(node_ids), level + 1]) on {node_ids.device}, got {got}")
+        if layout is not None:
+            raise ValueError("path_index: the key layout already holds the rows; pass path_index to key_layout")
+        options["path_index"] = path_index
     return impl(q, k_store, v_store, node_ids, level_offsets, level_lens, player_lens, level_positions, level=level,
                 scale=scale, attention_masking=attention_masking, softcap=softcap, sliding_window=sliding_window,
                 **options)

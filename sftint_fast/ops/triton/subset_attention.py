@@ -5,7 +5,9 @@ their ancestors at every level ``k < level`` (ancestor id ``node & ((1 << k) - 1
 segment causally, with one online softmax (fp32 running max, sum and accumulator) across all of them.
 The per-layer flat store holds every level's segments back to back (level ``k``, node ``m``, token
 ``t`` at row ``level_offsets[k] + m * level_lens[k] + t``), so the kernel computes each ancestor's row
-range from the node's bits and reads it in place.
+range from the node's bits and reads it in place. A compact store (sampled subsets: only the nodes they reach,
+node ``m`` at its index ``i`` among its level's stored nodes) comes with a ``path_index`` table, one row per query
+node holding its ancestors' indices, which the kernel reads instead of the bits (``HAS_INDEX``).
 
 Why this replaces per-variant KV copies: a cache-based trie must hand each node a contiguous KV cache,
 i.e. copy (``repeat_interleave``) its parent's keys and values once per child at every level, so the
@@ -98,11 +100,11 @@ def _attend_segment(
 def _attend_path(
     acc, m_i, l_i, q, q_pos, node, level,
     k_ptr, v_ptr, stride_kt, stride_vt, offsets_ptr, lens_ptr, players_ptr, positions_ptr, lo, hi,
-    kp_ptr, vp_ptr, stride_kpt, stride_vpt, q_row0,
+    kp_ptr, vp_ptr, stride_kpt, stride_vpt, q_row0, index_row,
     qk_scale, softcap, window,
     offs_d, d_mask,
     ATTENTION_MASKING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, OWN_FROM_PASS: tl.constexpr,
+    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, OWN_FROM_PASS: tl.constexpr, HAS_INDEX: tl.constexpr,
 ):
     """Online-softmax update with the keys at absolute positions ``lo .. hi-1`` of the node's whole path.
 
@@ -111,7 +113,8 @@ def _attend_path(
     starting at or before it, and its store row follows from that level's table entries and the node's bits.
     Key blocks are therefore full however short the segments are (the per-segment loop loads a block per level).
     With ``OWN_FROM_PASS`` the node's own segment is read from the pass's K/V (``kp``/``vp``, rows
-    ``q_row0 + t``, the rows of its queries) instead of the store.
+    ``q_row0 + t``, the rows of its queries) instead of the store. With ``HAS_INDEX`` a key's ancestor index is
+    read from the node's ``path_index`` row (``index_row``) instead of computed from its bits.
     """
     for p0 in range(lo, hi, BLOCK_N):
         offs_p = p0 + tl.arange(0, BLOCK_N)
@@ -120,7 +123,10 @@ def _attend_path(
         for lvl in range(1, level + 1):
             k_lvl += (offs_p >= tl.load(positions_ptr + lvl)).to(tl.int64)
         t = offs_p - tl.load(positions_ptr + k_lvl)
-        ancestor = node & ((tl.full([BLOCK_N], 1, tl.int64) << k_lvl) - 1)
+        if HAS_INDEX:
+            ancestor = tl.load(index_row + k_lvl)
+        else:
+            ancestor = node & ((tl.full([BLOCK_N], 1, tl.int64) << k_lvl) - 1)
         rows = tl.load(offsets_ptr + k_lvl) + ancestor * tl.load(lens_ptr + k_lvl) + t
         kv_mask = p_valid[:, None] & d_mask[None, :]
         k_ptrs = k_ptr + rows[:, None] * stride_kt + offs_d[None, :]
@@ -149,16 +155,19 @@ def _attend_path(
 def _attend_segments(
     acc, m_i, l_i, q, q_tok, q_pos, node, level, seq_len, num_ancestors, last_tok,
     k_head_ptr, v_head_ptr, stride_kt, stride_vt, offsets_ptr, lens_ptr, players_ptr, positions_ptr,
-    kp_head_ptr, vp_head_ptr, stride_kpt, stride_vpt, q_row0,
+    kp_head_ptr, vp_head_ptr, stride_kpt, stride_vpt, q_row0, index_row,
     qk_scale, softcap, window, offs_d, d_mask,
     ATTENTION_MASKING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, OWN_FROM_PASS: tl.constexpr,
+    BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr, OWN_FROM_PASS: tl.constexpr, HAS_INDEX: tl.constexpr,
 ):
     """Segment by segment: the ancestors' segments at levels ``< num_ancestors`` (``level``, or 0 for an empty
     block), each in its own key blocks, then the own segment causally up to ``last_tok``."""
     for lvl in range(0, num_ancestors):
         seg_len = tl.load(lens_ptr + lvl)
-        ancestor = node % (1 << lvl)
+        if HAS_INDEX:
+            ancestor = tl.load(index_row + lvl)
+        else:
+            ancestor = node % (1 << lvl)
         seg_row0 = tl.load(offsets_ptr + lvl) + ancestor * seg_len
         if ATTENTION_MASKING:
             # player tokens of a level-k segment (k >= 1) belong to player k-1; hidden when its bit is 0
@@ -189,7 +198,11 @@ def _attend_segments(
             True, HAS_SOFTCAP, HAS_WINDOW, BLOCK_N, INPUT_PRECISION,
         )
     else:
-        own_row0 = tl.load(offsets_ptr + level) + node * seq_len
+        if HAS_INDEX:
+            own_index = tl.load(index_row + level)
+        else:
+            own_index = node
+        own_row0 = tl.load(offsets_ptr + level) + own_index * seq_len
         acc, m_i, l_i = _attend_segment(
             acc, m_i, l_i, q, q_tok, q_pos,
             k_head_ptr, v_head_ptr, stride_kt, stride_vt, own_row0, last_tok + 1, tl.load(positions_ptr + level),
@@ -199,21 +212,25 @@ def _attend_segments(
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_configs(), key=["max_rows", "GROUP", "HEAD_DIM", "IS_FP32", "FLAT_PATH", "OWN_FROM_PASS"])
+@triton.autotune(configs=_configs(),
+                 key=["max_rows", "GROUP", "HEAD_DIM", "IS_FP32", "FLAT_PATH", "OWN_FROM_PASS", "HAS_INDEX"])
 @triton.jit
 def _subset_attention_kernel(
     q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, o_ptr, meta_ptr, offsets_ptr, lens_ptr, players_ptr, positions_ptr,
+    index_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_kpt, stride_kph, stride_vpt, stride_vph,
-    stride_ot, stride_oh, stride_offsets,
+    stride_ot, stride_oh, stride_offsets, stride_index,
     max_rows, qk_scale, softcap, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP32: tl.constexpr,
     ATTENTION_MASKING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, FLAT_PATH: tl.constexpr, OWN_FROM_PASS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, FLAT_PATH: tl.constexpr, OWN_FROM_PASS: tl.constexpr, HAS_INDEX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program = one query node (meta row: node id, level, first query row, offsets-table row), one block of
-    # its (token, head-in-group) rows, one KV head. Blocks past a node's rows (shorter segment) do nothing.
+    # One program = one query node (meta row: node id, level, first query row, offsets-table row; with HAS_INDEX
+    # the same row of the path-index table), one block of its (token, head-in-group) rows, one KV head. Blocks past
+    # a node's rows (shorter segment) do nothing.
     meta = meta_ptr + tl.program_id(0).to(tl.int64) * 4
+    index_row = index_ptr + tl.program_id(0).to(tl.int64) * stride_index
     m_block = tl.program_id(1)
     kv_head = tl.program_id(2).to(tl.int64)
     node = tl.load(meta)
@@ -255,16 +272,17 @@ def _subset_attention_kernel(
         acc, m_i, l_i = _attend_path(
             acc, m_i, l_i, q, q_pos, node, level,
             k_head_ptr, v_head_ptr, stride_kt, stride_vt, offsets_ptr, lens_ptr, players_ptr, positions_ptr,
-            lo, hi, kp_head_ptr, vp_head_ptr, stride_kpt, stride_vpt, q_row0, qk_scale, softcap, window, offs_d,
-            d_mask, ATTENTION_MASKING, HAS_SOFTCAP, HAS_WINDOW, BLOCK_N, INPUT_PRECISION, OWN_FROM_PASS,
+            lo, hi, kp_head_ptr, vp_head_ptr, stride_kpt, stride_vpt, q_row0, index_row, qk_scale, softcap, window,
+            offs_d, d_mask, ATTENTION_MASKING, HAS_SOFTCAP, HAS_WINDOW, BLOCK_N, INPUT_PRECISION, OWN_FROM_PASS,
+            HAS_INDEX,
         )
     else:
         acc, m_i, l_i = _attend_segments(
             acc, m_i, l_i, q, q_tok, q_pos, node, level, seq_len, tl.where(block_empty, 0, level),
             tl.where(block_empty, -1, last_tok),
             k_head_ptr, v_head_ptr, stride_kt, stride_vt, offsets_ptr, lens_ptr, players_ptr, positions_ptr,
-            kp_head_ptr, vp_head_ptr, stride_kpt, stride_vpt, q_row0, qk_scale, softcap, window, offs_d, d_mask,
-            ATTENTION_MASKING, HAS_SOFTCAP, HAS_WINDOW, BLOCK_N, INPUT_PRECISION, OWN_FROM_PASS,
+            kp_head_ptr, vp_head_ptr, stride_kpt, stride_vpt, q_row0, index_row, qk_scale, softcap, window, offs_d,
+            d_mask, ATTENTION_MASKING, HAS_SOFTCAP, HAS_WINDOW, BLOCK_N, INPUT_PRECISION, OWN_FROM_PASS, HAS_INDEX,
         )
 
     # padding rows may have seen no key at all (l_i = 0); they are not stored
@@ -289,6 +307,16 @@ def _check_table(name: str, table: torch.Tensor, level: int, device: torch.devic
         raise ValueError(f"{name}: expected at least level+1={level + 1} entries, got {table.numel()}")
     if table.device != device:
         raise ValueError(f"{name}: expected device {device} (that of q), got {table.device}")
+
+
+def _check_index(path_index: torch.Tensor | None, shape: tuple[int, int], device: torch.device) -> None:
+    if path_index is None:
+        return
+    if (not isinstance(path_index, torch.Tensor) or path_index.dtype != torch.int64
+            or tuple(path_index.shape) != shape or path_index.device != device):
+        got = (f"{path_index.dtype} of shape {tuple(path_index.shape)} on {path_index.device}"
+               if isinstance(path_index, torch.Tensor) else type(path_index).__name__)
+        raise ValueError(f"path_index: expected int64 of shape {shape} on {device}, got {got}")
 
 
 def _check_common(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, scale: float,
@@ -325,11 +353,12 @@ def _launch(
     q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, out: torch.Tensor, meta: torch.Tensor,
     offsets: torch.Tensor, lens: torch.Tensor, players: torch.Tensor, positions: torch.Tensor, max_seg_len: int,
     scale: float, attention_masking: bool, softcap: float | None, sliding_window: int | None, path: str,
-    k_pass: torch.Tensor | None = None, v_pass: torch.Tensor | None = None,
+    k_pass: torch.Tensor | None = None, v_pass: torch.Tensor | None = None, path_index: torch.Tensor | None = None,
 ) -> None:
     """Launches the kernel on a ``(nodes, query blocks of the longest segment, Hkv)`` grid; ``q``/``out`` are
     ``[T, Hq, D]`` with a contiguous last dimension, the tables contiguous; ``k_pass``/``v_pass`` ``[T, Hkv, D]``
-    (own segments read there) or None (own segments read from the stores)."""
+    (own segments read there) or None (own segments read from the stores); ``path_index`` ``[N, W]`` (a compact
+    store's ancestor indices, a row per meta row) or None (indices from the node bits)."""
     num_nodes = meta.shape[0]
     if num_nodes == 0 or max_seg_len == 0:
         return
@@ -344,15 +373,18 @@ def _launch(
 
     own_from_pass = k_pass is not None
     kp, vp = (k_pass, v_pass) if own_from_pass else (k_store, v_store)
+    has_index = path_index is not None
+    index = path_index if has_index else meta  # without an index table the kernel never reads it
     _subset_attention_kernel[grid](
-        q, k_store, v_store, kp, vp, out, meta, offsets, lens, players, positions,
+        q, k_store, v_store, kp, vp, out, meta, offsets, lens, players, positions, index,
         q.stride(0), q.stride(1), k_store.stride(0), k_store.stride(1), v_store.stride(0), v_store.stride(1),
         kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1), out.stride(0), out.stride(1), offsets.stride(0),
+        index.stride(0) if has_index else 0,
         triton.next_power_of_2(max_seg_len * group), float(scale), float(softcap or 0.0), int(sliding_window or 0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), IS_FP32=is_fp32,
         ATTENTION_MASKING=bool(attention_masking), HAS_SOFTCAP=softcap is not None,
         HAS_WINDOW=sliding_window is not None, INPUT_PRECISION="ieee" if strict_fp32 else "tf32",
-        FLAT_PATH=path == "flat", OWN_FROM_PASS=own_from_pass,
+        FLAT_PATH=path == "flat", OWN_FROM_PASS=own_from_pass, HAS_INDEX=has_index,
     )
 
 
@@ -372,6 +404,7 @@ def subset_attention(
     softcap: float | None = None,
     sliding_window: int | None = None,
     path: str | None = None,
+    path_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one trie level's queries over their ancestor path in the flat KV store (Triton).
 
@@ -395,6 +428,10 @@ def subset_attention(
             ``level_positions[k+1] = level_positions[k] + level_lens[k]``, as the trie's are); ``"segments"``: one
             run of key blocks per ancestor segment (blocks of a short segment are mostly padding), fully hidden
             player blocks skipped.
+        path_index: ``[C, level + 1]`` int64 on ``q``'s device, for a compact store (only some nodes of each level):
+            column ``k`` the index of each node's level-``k`` ancestor among the nodes stored at level ``k`` (rows
+            ``level_offsets[k] + index * level_lens[k]``), column ``level`` the node's own. None: the ancestor ids
+            ``node & (2^k - 1)``. Masking reads the bits of ``node_ids`` either way.
 
     Returns:
         ``[C, S, Hq, D]`` in ``q``'s dtype; query head ``h`` reads KV head ``h // (Hq // Hkv)``. Scores and the
@@ -423,6 +460,7 @@ def subset_attention(
                          f"got {node_ids.dtype} of shape {tuple(node_ids.shape)} on {node_ids.device}")
     if level < 0:
         raise ValueError(f"level: expected >= 0, got {level}")
+    _check_index(path_index, (num_nodes, level + 1), q.device)
     tables = {"level_offsets": level_offsets, "level_lens": level_lens, "player_lens": player_lens,
               "level_positions": level_positions}
     for name, table in tables.items():
@@ -447,7 +485,8 @@ def subset_attention(
                         torch.arange(num_nodes, device=q.device) * seq_len, torch.zeros_like(node_ids)], dim=1)
     _launch(q.reshape(num_nodes * seq_len, num_q_heads, head_dim), k_store, v_store, out, meta,
             level_offsets[:level + 1].contiguous().view(1, -1), level_lens.contiguous(), player_lens.contiguous(),
-            level_positions.contiguous(), seq_len, scale, attention_masking, softcap, sliding_window, path)
+            level_positions.contiguous(), seq_len, scale, attention_masking, softcap, sliding_window, path,
+            path_index=None if path_index is None else path_index.contiguous())
     return out.view(q.shape)
 
 
@@ -469,6 +508,7 @@ def subset_attention_pass(
     path: str | None = None,
     k_pass: torch.Tensor | None = None,
     v_pass: torch.Tensor | None = None,
+    path_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`subset_attention` for a whole pass of the trie engine in one launch: nodes of any levels and KV blocks.
 
@@ -485,6 +525,8 @@ def subset_attention_pass(
         k_pass, v_pass: ``[T, Hkv, D]`` the pass's own keys and values (row ``i`` = the token of query row ``i``):
             each node's own segment is read there, so the store needs only the levels that have descendants (the
             engine keeps no KV of its last level at all). None (both): own segments are read from the store.
+        path_index: ``[N, W]`` int64, a compact store's ancestor indices, row ``i`` for meta row ``i`` (as in
+            :func:`subset_attention`, columns ``0..level`` read); None: the ancestor ids from the node bits.
 
     Returns:
         ``[T, Hq, D]`` in ``q``'s dtype, each node's rows where its queries are (rows of no node are left as
@@ -506,6 +548,7 @@ def subset_attention_pass(
     for name, table in (("level_lens", level_lens), ("player_lens", player_lens),
                         ("level_positions", level_positions)):
         _check_table(name, table, level_offsets.shape[1] - 1, q.device)
+    _check_index(path_index, (meta.shape[0], level_offsets.shape[1]), q.device)
     if not isinstance(max_seg_len, int) or max_seg_len < 0:
         raise ValueError(f"max_seg_len: expected an int >= 0, got {max_seg_len!r}")
     if (k_pass is None) != (v_pass is None):
@@ -523,5 +566,5 @@ def subset_attention_pass(
         q = q.contiguous()
     _launch(q, k_store, v_store, out, meta.contiguous(), level_offsets.contiguous(), level_lens.contiguous(),
             player_lens.contiguous(), level_positions.contiguous(), max_seg_len, scale, attention_masking, softcap,
-            sliding_window, path, k_pass, v_pass)
+            sliding_window, path, k_pass, v_pass, None if path_index is None else path_index.contiguous())
     return out
