@@ -56,6 +56,8 @@ class Game:
             raise TypeError(f"input_ids: expected a 1-D int64 tensor, received {_describe(ids)}")
         if not isinstance(target, torch.Tensor) or target.dim() != 1 or target.dtype != torch.int64 or target.numel() < 1:
             raise TypeError(f"target: expected a non-empty 1-D int64 tensor, received {_describe(target)}")
+        if not isinstance(self.prompt_length, int) or isinstance(self.prompt_length, bool):
+            raise TypeError(f"prompt_length: expected an int, received {_describe(self.prompt_length)}")
         if not 1 <= self.prompt_length <= ids.numel():
             raise ValueError(f"prompt_length: expected 1..{ids.numel()}, received {self.prompt_length}")
         m = target.numel()
@@ -71,15 +73,21 @@ class Game:
         n = len(spans)
         if n > MAX_PLAYERS:
             raise ValueError(f"player_spans: expected at most {MAX_PLAYERS} players (int64 bitmasks), received {n}")
-        if len(self.words) != n:
-            raise ValueError(f"words: expected one text per player ({n}), received {len(self.words)}")
-        object.__setattr__(self, "words", tuple(self.words))
+        iterable = not isinstance(self.words, str) and hasattr(self.words, "__iter__")
+        words = tuple(self.words) if iterable else ()
+        if not iterable or not all(isinstance(w, str) for w in words):
+            raise TypeError(f"words: expected a sequence of strings (one per player), received {self.words!r}")
+        if len(words) != n:
+            raise ValueError(f"words: expected one text per player ({n}), received {len(words)}")
+        object.__setattr__(self, "words", words)
         if not isinstance(baseline, torch.Tensor) or not baseline.is_floating_point():
             raise TypeError(f"baseline: expected a floating-point tensor, received {_describe(baseline)}")
         if baseline.dim() == 2 and baseline.shape[0] != n:
             raise ValueError(f"baseline: expected (hidden,) or ({n}, hidden), received {tuple(baseline.shape)}")
         if baseline.dim() not in (1, 2):
             raise ValueError(f"baseline: expected (hidden,) or ({n}, hidden), received {tuple(baseline.shape)}")
+        if not bool(torch.isfinite(baseline.detach()).all()):
+            raise ValueError("baseline: expected finite values, received NaN/inf")
         if self.masking not in ("embedding", "attention"):
             raise ValueError(f"masking: expected 'embedding' or 'attention', received {self.masking!r}")
         if not (self.value == "log_odds" or callable(self.value)):
@@ -108,6 +116,10 @@ class Game:
         Every token of player ``i`` is replaced by the baseline (row ``i`` if 2-D) where bit ``i`` of the
         subset is 0. Differentiable w.r.t. the baseline.
         """
+        expected = (self.input_ids.numel(), self.baseline.shape[-1])
+        if tuple(embed_tokens_output.shape) != expected:
+            raise ValueError(f"embed_tokens_output: expected {expected} (tokens, the baseline's hidden size), received "
+                             f"{tuple(embed_tokens_output.shape)}")
         device = embed_tokens_output.device
         rows = self._player_rows.to(device)
         subsets = subsets.to(device=device, dtype=torch.int64)
@@ -192,6 +204,13 @@ class Game:
         """
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"text: expected a non-empty string, received {text!r}")
+        if span_unit not in ("tokens", "chars"):
+            raise ValueError(f"span_unit: expected 'tokens' or 'chars', received {span_unit!r}")
+        if not isinstance(players, str):
+            if not hasattr(players, "__iter__"):
+                raise TypeError(f"players: expected 'words', 'all', a list of word indices or a list of (start, end) "
+                                f"spans, received {players!r}")
+            players = list(players)  # once: an iterator read by the span check would leave nothing for the players
         if chat:
             rendered = tokenizer.apply_chat_template(
                 [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
@@ -221,13 +240,11 @@ class Game:
                 raise ValueError("n_players: expected None when players are explicit spans")
             if span_unit == "chars":
                 spans, words = P.char_players(tokenized, players, region=region)
-            elif span_unit == "tokens":
+            else:
                 spans = list(P.validate_spans(players, prompt_ids.numel()))
                 words = [tokenizer.decode(prompt_ids[a:b].tolist()) for a, b in spans]
-            else:
-                raise ValueError(f"span_unit: expected 'tokens' or 'chars', received {span_unit!r}")
         else:
-            spans, words = P.word_players(tokenized, region=region, players=list(players), n_players=n_players)
+            spans, words = P.word_players(tokenized, region=region, players=players, n_players=n_players)
 
         target_ids = _resolve_target(model, tokenizer, prompt_ids, target, vocab)
         input_ids = torch.cat([prompt_ids, target_ids[:-1]])
@@ -320,10 +337,12 @@ def _resolve_target(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, target
         if out.numel() == 0:
             raise ValueError(f"target: expected a string with at least one token, received {target!r}")
     elif isinstance(target, torch.Tensor):
-        if target.is_floating_point() or target.dim() > 1:
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool or target.dim() > 1:
             raise TypeError(f"target: expected integer token ids (m,), received {_describe(target)}")
         out = target.reshape(-1).to(torch.int64).cpu()
     else:
+        if not hasattr(target, "__iter__"):
+            raise TypeError(f"target: expected None, a string or a list of int token ids, received {target!r}")
         items = list(target)
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
             raise TypeError(f"target: expected a string or a list of int token ids, received {target!r}")
@@ -349,6 +368,10 @@ def _resolve_baseline(model: Any, tokenizer: Any, baseline: Any, num_players: in
     for kind in candidates:
         token_id = getattr(tokenizer, f"{kind}_token_id", None)
         if token_id is not None:
+            if not 0 <= token_id < embed.weight.shape[0]:
+                raise ValueError(f"baseline={baseline!r}: expected the tokenizer's {kind} token id in [0, "
+                                 f"{embed.weight.shape[0]}) (the model's vocabulary), received {token_id}; pass "
+                                 "baseline as a tensor or resize the model's embeddings")
             if kind != baseline:
                 warnings.warn(f"baseline: the tokenizer has no pad token; using the unk token ({token_id})", stacklevel=3)
             # The module's output, not weight[id]: some embeddings scale (Gemma multiplies by sqrt(hidden)).

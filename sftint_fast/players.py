@@ -44,7 +44,8 @@ def tokenize_with_offsets(tokenizer: Any, text: str, *, add_special_tokens: bool
     """Tokenise ``text`` and give every token its character span.
 
     Uses ``return_offsets_mapping`` when the tokenizer supports it (fast tokenizers); otherwise decodes
-    the ids incrementally, which requires the decoded ids to reproduce ``text``.
+    the ids incrementally, which requires the decoded ids to reproduce ``text`` (up to case). There, the byte
+    tokens of one character share its span, and an unknown token covers the text between its neighbours.
     """
     try:
         enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
@@ -60,23 +61,35 @@ def tokenize_with_offsets(tokenizer: Any, text: str, *, add_special_tokens: bool
 
 def _offsets_by_decoding(tokenizer: Any, text: str, ids: Sequence[int]) -> tuple[Span, ...]:
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    # an unknown-token id decodes to its placeholder ("<unk>"), not to the text it replaced: it covers the text
+    # between its neighbours (as the offsets of a fast tokenizer say), not nothing like the other special tokens
+    unk = getattr(tokenizer, "unk_token_id", None)
+    skipped = special | {unk}
     # decoding may normalise case (e.g. lower-casing tokenizers); casefolding can lengthen a character ("ß" → "ss"),
     # so positions found in the folded text are mapped back to the text's own through ``origin``
     folded = "".join(c.casefold() for c in text)
     origin = [i for i, c in enumerate(text) for _ in c.casefold()] + [len(text)]
-    offsets: list[Span] = []
+    offsets: list[Span] = [(0, 0)] * len(ids)
+    pending: list[int] = []  # tokens that end inside a character: byte-level pieces of one UTF-8 character
+    unknown: list[int] = []  # unknown tokens since the last located one
     previous = ""
     cursor = 0
     for k in range(len(ids)):
-        if ids[k] in special:
-            offsets.append((origin[cursor], origin[cursor]))
+        if unk is not None and ids[k] == unk:
+            unknown.append(k)
             continue
-        decoded = tokenizer.decode([i for i in ids[: k + 1] if i not in special])
+        if ids[k] in special:
+            offsets[k] = (origin[cursor], origin[cursor])
+            continue
+        decoded = tokenizer.decode([i for i in ids[: k + 1] if i not in skipped])
         if not decoded.startswith(previous):
             raise ValueError(
                 "players: the tokenizer has no offsets and its incremental decoding is not prefix-stable; "
                 "pass explicit token spans as players"
             )
+        pending.append(k)
+        if decoded.endswith("\ufffd") and k + 1 < len(ids):
+            continue  # an incomplete character: its bytes take the span of the character they complete
         piece = decoded[len(previous):].strip().casefold()
         start = folded.find(piece, cursor) if piece else cursor
         if start < 0:
@@ -84,10 +97,22 @@ def _offsets_by_decoding(tokenizer: Any, text: str, ids: Sequence[int]) -> tuple
                 f"players: could not locate token {k} ({piece!r}) in the text; pass explicit token spans as players"
             )
         end = start + len(piece)
-        offsets.append((origin[start], origin[end - 1] + 1 if end > start else origin[start]))
+        _place_unknown(offsets, unknown, text, origin[cursor], origin[start])
+        for j in pending:
+            offsets[j] = (origin[start], origin[end - 1] + 1 if end > start else origin[start])
+        pending, unknown = [], []
         cursor = end
         previous = decoded
+    _place_unknown(offsets, unknown, text, origin[cursor], len(text))
     return tuple(offsets)
+
+
+def _place_unknown(offsets: list[Span], unknown: list[int], text: str, lo: int, hi: int) -> None:
+    """Give the unknown tokens ``unknown`` the text ``[lo, hi)`` between their located neighbours: a word each when
+    it holds one word per token, else all of it."""
+    words = [(lo + a, lo + b) for a, b in word_char_spans(text[lo:hi])]
+    for n, k in enumerate(unknown):
+        offsets[k] = words[n] if len(words) == len(unknown) else (lo, hi)
 
 
 def _trimmed_offsets(tokenized: Tokenized) -> list[Span]:
@@ -131,9 +156,11 @@ def validate_spans(spans: Sequence[Sequence[int]], prompt_length: int) -> tuple[
 
     Raises ``ValueError``/``TypeError`` saying what was expected and what was received.
     """
+    if isinstance(spans, (str, bytes)) or not hasattr(spans, "__iter__"):
+        raise TypeError(f"player_spans: expected a list of (start, end) pairs of ints, received {spans!r}")
     out: list[Span] = []
     for i, span in enumerate(spans):
-        if len(span) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in span):
+        if not _is_int_pair(span):
             raise TypeError(f"player {i}: expected a (start, end) pair of ints, received {span!r}")
         start, end = int(span[0]), int(span[1])
         if end <= start:
@@ -150,6 +177,11 @@ def validate_spans(spans: Sequence[Sequence[int]], prompt_length: int) -> tuple[
             )
         out.append((start, end))
     return tuple(out)
+
+
+def _is_int_pair(span: Any) -> bool:
+    return (isinstance(span, (tuple, list)) and len(span) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in span))
 
 
 def is_content_word(word: str) -> bool:
@@ -174,12 +206,12 @@ def select_words(
     if isinstance(players, str):
         if players not in ("words", "all"):
             raise ValueError(f"players: expected 'words', 'all' or a list, received {players!r}")
+        if pick not in ("first", "last"):
+            raise ValueError(f"pick: expected 'first' or 'last', received {pick!r}")
         if n_players is None:
             return list(range(num))
         if not isinstance(n_players, int) or isinstance(n_players, bool) or n_players < 0:
             raise ValueError(f"n_players: expected a non-negative int, received {n_players!r}")
-        if pick not in ("first", "last"):
-            raise ValueError(f"pick: expected 'first' or 'last', received {pick!r}")
         content = [i for i, w in enumerate(words) if is_content_word(w)]
         if n_players > len(content):
             raise ValueError(
@@ -187,6 +219,8 @@ def select_words(
             )
         chosen = content[:n_players] if pick == "first" else content[len(content) - n_players:]
         return sorted(chosen)
+    if not hasattr(players, "__iter__"):
+        raise TypeError(f"players: expected 'words', 'all' or a list of word indices, received {players!r}")
     if n_players is not None:
         raise ValueError("n_players: expected None when players is an explicit list")
     indices = list(players)
@@ -226,7 +260,7 @@ def char_players(
     text = tokenized.text
     spans: list[Span] = []
     for i, span in enumerate(char_spans):
-        if len(span) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in span):
+        if not _is_int_pair(span):
             raise TypeError(f"player {i}: expected a (start, end) character pair of ints, received {span!r}")
         a, b = int(span[0]), int(span[1])
         if not 0 <= a < b <= hi - lo:

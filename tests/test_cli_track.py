@@ -436,6 +436,22 @@ def test_track_cli_says_which_glob_matched_nothing(folders, tmp_path, capsys):
     assert not (tmp_path / "b" / "report.json").exists()
 
 
+def test_track_cli_refuses_two_folders_of_one_step(folders, tmp_path, capsys):
+    """Two runs' checkpoint-10: the second was taken as tracked already, without a word. The same folder spelled
+    twice is one folder."""
+    root, _ = folders
+    other = tmp_path / "other" / "checkpoint-10"
+    other.parent.mkdir()
+    other.symlink_to(root / "ckpt" / "checkpoint-20", target_is_directory=True)  # another model, named step 10
+    assert _track(root, tmp_path / "a", [str(root / "ckpt" / "checkpoint-10"), str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoints: expected one folder per step" in err and "for step 10" in err
+    assert not (tmp_path / "a" / "tracker" / "games.json").exists()
+    same = [str(root / "ckpt" / "checkpoint-10"), str(root / "ckpt" / "checkpoint-10") + "/"]
+    assert _track(root, tmp_path / "b", same, "--noise-floor", "none") == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "b" / "report.json").read_text())["steps"] == [0, 10]
+
+
 DELETED_ON_ONE_RANK = '''
 import os, shutil, sys, time
 from pathlib import Path

@@ -163,3 +163,19 @@ def test_bounds_print_to_one_decimal_so_that_zero_decides():
     from sftint_fast.plot import bound
 
     assert [bound(x) for x in (0.3, -0.04, -0.0, 0.0, 12.0, -2.25)] == ["0.3", "0.0", "0.0", "0.0", "12.0", "-2.2"]
+
+
+def test_compare_refuses_one_path_one_label_string_and_a_run_twice_under_labels(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    # one folder as a string was split into one "run" per character, refused only as "not a folder"
+    with pytest.raises(TypeError, match="runs: expected a sequence of run folders, got one path"):
+        compare_runs(str(a), tmp_path / "cmp")
+    with pytest.raises(TypeError, match="runs: expected a sequence of run folders"):
+        compare_runs(a, tmp_path / "cmp")
+    # a label string was split into one label per character
+    with pytest.raises(TypeError, match="labels: expected a sequence of names"):
+        compare_runs([a, b], tmp_path / "cmp", labels="xy")
+    # the same folder twice was compared with itself once labels were given
+    with pytest.raises(ValueError, match="runs: expected distinct run folders, got .* twice"):
+        compare_runs([a, tmp_path / "." / "a"], tmp_path / "cmp", labels=["x", "y"])
+    assert not (tmp_path / "cmp").exists()

@@ -179,3 +179,42 @@ def test_chat_char_spans_are_offsets_into_the_text_not_the_template(model, tok):
 def test_char_spans_must_be_ints(model, tok):
     with pytest.raises(TypeError, match=r"pair of ints, received \(0.5, 3.9\)"):
         Game.from_text(model, tok, "the cat", players=[(0.5, 3.9)], span_unit="chars")
+
+
+def test_from_text_reads_players_once_and_checks_span_unit_and_target_types(model, tok):
+    gen = Game.from_text(model, tok, "the cat sat on", players=(i for i in [1, 2]), target=[5])
+    assert gen.words == ("cat", "sat")  # an iterator was read empty by the span check: no players
+    with pytest.raises(TypeError, match="players: expected 'words', 'all', a list of word indices .* received 3"):
+        Game.from_text(model, tok, "the cat", players=3, target=[5])
+    with pytest.raises(ValueError, match="span_unit: expected 'tokens' or 'chars', received 'char'"):
+        Game.from_text(model, tok, "the cat", span_unit="char", target=[5])  # was ignored for word players
+    for target in (torch.tensor([True]), torch.tensor([5 + 0j])):  # were read as id 1 / id 5
+        with pytest.raises(TypeError, match="target: expected integer token ids"):
+            Game.from_text(model, tok, "the cat", target=target)
+    with pytest.raises(TypeError, match="target: expected None, a string or a list of int token ids, received 5"):
+        Game.from_text(model, tok, "the cat", target=5)
+
+
+def test_pad_token_outside_the_vocabulary_is_named():
+    model = tiny_model("llama", vocab_size=40)
+    tok = word_tokenizer()
+    tok.add_special_tokens({"pad_token": "<newpad>"})  # id 50, the model's embeddings were not resized
+    with pytest.raises(ValueError, match=r"baseline='pad': expected the tokenizer's pad token id in \[0, 40\) .*"
+                                         r"received 50"):  # was an IndexError inside the embedding
+        Game.from_text(model, tok, "the cat", target=[5])
+
+
+def test_game_fields_of_the_wrong_kind_are_refused(model, tok):
+    game = Game.from_text(model, tok, "the cat sat on", target=[5])
+    with pytest.raises(TypeError, match="prompt_length: expected an int, received float 4.0"):
+        dataclasses.replace(game, prompt_length=4.0)  # score_positions became a float tensor
+    with pytest.raises(TypeError, match="prompt_length: expected an int, received bool True"):
+        Game(input_ids=torch.tensor([5]), player_spans=((0, 1),), words=("a",), target=torch.tensor([5]),
+             baseline=torch.zeros(32), prompt_length=True)
+    with pytest.raises(TypeError, match="words: expected a sequence of strings"):
+        dataclasses.replace(game, player_spans=((0, 1), (1, 2)), words="ab")
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="baseline: expected finite values, received NaN/inf"):
+            dataclasses.replace(game, baseline=torch.full((32,), bad))
+    with pytest.raises(ValueError, match=r"embed_tokens_output: expected \(4, 32\) .* received \(4, 31\)"):
+        game.masked_embeds(torch.zeros(4, 31), torch.tensor([0]))

@@ -119,3 +119,24 @@ def test_bad_inputs():
         sf.top_interactions(a[0], 2, ["only", "two"])
     with pytest.raises(ValueError, match="over"):
         sf.sharing(a, a, over="some")
+
+
+def test_salient_refuses_a_bool_reference_max():
+    # True used to be read as max |I| = 1; a flag where a magnitude is expected is a caller's mistake
+    interactions = torch.tensor([0.0, 1.0, -0.3, 0.1])
+    # by hand: threshold 0.2 * 1.0 = 0.2 keeps {1, 2}
+    assert sf.salient(interactions, 0.2, reference_max=1.0).tolist() == [False, True, True, False]
+    for flag in (True, torch.tensor(True), torch.ones(1, dtype=torch.bool)):
+        with pytest.raises(TypeError, match="reference_max: expected a number or a float tensor"):
+            sf.salient(interactions, 0.2, reference_max=flag)
+    with pytest.raises(TypeError, match="reference_max"):
+        sf.sharing(interactions, interactions, 0.2, reference_max=True)
+
+
+def test_top_interactions_refuses_words_that_are_not_strings():
+    # non-strings used to be accepted and RankedInteraction.__str__ failed only when printed
+    interactions = torch.tensor([0.0, 1.0, -3.0, 2.0])
+    with pytest.raises(TypeError, match="words: expected strings .* got int 7"):
+        sf.top_interactions(interactions, 2, ["a", 7])
+    with pytest.raises(TypeError, match="words: expected strings"):
+        sf.top_interactions(torch.stack([interactions, interactions]), 2, [["a", "b"], ["c", None]])

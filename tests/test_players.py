@@ -137,3 +137,47 @@ def test_fallback_offsets_stay_on_the_text_when_casefolding_lengthens_a_characte
     decoded = P.tokenize_with_offsets(NoOffsetsTokenizer(tok), text)
     assert decoded.offsets == with_offsets.offsets == ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
     assert P.word_players(decoded) == P.word_players(with_offsets)
+
+
+def _byte_level_tokenizer():
+    """A byte-level BPE without merges: every UTF-8 byte is a token, so "é" and "☕" span several tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    inner = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    inner.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    inner.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=inner)
+
+
+@pytest.mark.parametrize("text", ["the café sat", "a ☕ b", "naïve  x\n y"])
+def test_fallback_without_offsets_gives_the_bytes_of_a_character_its_span(text):
+    # a byte-level token that ends inside a character decodes to "\ufffd", which is not in the text
+    tok = _byte_level_tokenizer()
+    with_offsets = P.tokenize_with_offsets(tok, text)
+    decoded = P.tokenize_with_offsets(NoOffsetsTokenizer(tok), text)
+    assert P.word_players(decoded) == P.word_players(with_offsets)
+
+
+@pytest.mark.parametrize("text", ["the zebra, sat", "zebra cat", "the cat zebra", "the zebra  okapi, sat"])
+def test_fallback_without_offsets_places_unknown_tokens_on_their_words(text):
+    # "zebra"/"okapi" are <unk>: not special tokens that cover nothing, the text between their neighbours
+    tok = word_tokenizer()
+    with_offsets = P.tokenize_with_offsets(tok, text)
+    decoded = P.tokenize_with_offsets(NoOffsetsTokenizer(tok), text)
+    assert decoded.offsets == with_offsets.offsets
+    assert P.word_players(decoded) == P.word_players(with_offsets)
+
+
+def test_spans_players_and_pick_that_are_not_what_they_should_be_say_so():
+    with pytest.raises(TypeError, match=r"player 0: expected a \(start, end\) pair of ints, received 3"):
+        P.validate_spans([3], 5)
+    with pytest.raises(TypeError, match="player_spans: expected a list of .* received None"):
+        P.validate_spans(None, 5)
+    with pytest.raises(TypeError, match=r"character pair of ints, received 4"):
+        P.char_players(P.tokenize_with_offsets(word_tokenizer(), TEXT), [4])
+    with pytest.raises(TypeError, match="players: expected 'words', 'all' or a list of word indices, received 2"):
+        P.select_words(["a", "b", "c"], 2)
+    with pytest.raises(ValueError, match="pick: expected 'first' or 'last', received 'middle'"):
+        P.select_words(["a", "b"], "words", pick="middle")  # was ignored without n_players

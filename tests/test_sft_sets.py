@@ -589,3 +589,25 @@ def test_training_paragraph_names_the_step_its_boundary_loss_comes_from():
     # nothing was logged at the boundary (step 6): 2.000 is the loss at step 5 and must be named so
     assert "ends at step 6, where the training loss was 2.000;" not in md
     assert "step 5" in md.split("## Training loss")[1]
+
+
+def test_absolute_threshold_lives_on_the_interactions_device():
+    # the absolute threshold was built on the CPU whatever the interactions' device: a CUDA (here meta) tensor
+    # then failed in the comparison with a device mismatch
+    interactions = torch.zeros(3, 8, dtype=torch.float64, device="meta")
+    thr = N.threshold(interactions, tau=0.2, reference="absolute", base_threshold=None)
+    assert thr.device.type == "meta" and thr.shape == (3, 1) and thr.dtype == torch.float64
+    state = N.initial_state(interactions, tau=0.2, reference="absolute")
+    assert state.base.device.type == "meta" and state.base_threshold.device.type == "meta"
+    cpu = N.threshold(torch.zeros(2, 4), tau=0.2, reference="absolute", base_threshold=None)
+    torch.testing.assert_close(cpu, torch.full((2, 1), 0.2))
+
+
+def test_phase_boundary_refuses_a_bool_removed_fraction():
+    removed, emerged = [0, 5, 5], [0, 0, 3]
+    # by hand, with removed_fraction 1: removal at its maximum from step 1, emergence grows at step 2
+    assert N.phase_boundary(removed, removed, emerged, emerged, removed_fraction=1.0) == 2
+    with pytest.raises(TypeError, match="removed_fraction: expected a number in \\(0, 1\\], got True"):
+        N.phase_boundary(removed, removed, emerged, emerged, removed_fraction=True)
+    with pytest.raises(ValueError, match="removed_fraction"):
+        N.phase_boundary(removed, removed, emerged, emerged, removed_fraction=math.nan)

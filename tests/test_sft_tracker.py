@@ -414,6 +414,60 @@ def _plain(**kw):
     return SFTTracker(None, **opts)
 
 
+@pytest.mark.parametrize("option, value, error", [
+    ("qthres", True, ValueError), ("min_base_py", False, ValueError), ("irrelevant_fraction", True, ValueError),
+    ("boundary_removed_fraction", True, ValueError), ("numerics_check", "no", TypeError), ("progress", 1, TypeError),
+])
+def test_tracker_refuses_bools_for_numbers_and_non_bools_for_flags(option, value, error):
+    with pytest.raises(error, match=f"{option}: expected a"):
+        SFTTracker(None, **{option: value})
+    with pytest.raises(ValueError, match="tau: expected a finite number >= 0, got True"):
+        SFTTracker(None, tau=True, threshold_reference="absolute")  # was taken as tau = 1
+
+
+def test_a_step_of_another_type_is_refused_not_skipped_as_already_recorded(tokenizer):
+    values = torch.randn(2, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    tracker = _plain()
+    tracker.add_values(0, values)
+    tracker.add_values(1, values + 0.1)
+    for step in (True, 1.0):  # == 1, a recorded step: both were skipped without a word
+        with pytest.raises(ValueError, match=f"step: expected an int >= 0, got {step!r}"):
+            tracker.add_values(step, values)
+    probed = _tracker(tokenizer)
+    probed.add_values(0, values)
+    probed.add_values(1, values)
+    with pytest.raises(ValueError, match="step: expected an int >= 0, got True"):
+        probed.add_checkpoint(tiny_model("llama"), True)
+    assert tracker.steps == probed.steps == [0, 1]
+
+
+def test_boolean_values_are_refused():
+    with pytest.raises(TypeError, match="values: expected a tensor of numbers .*got a torch.bool tensor"):
+        _plain().add_values(0, torch.ones(2, 4, dtype=torch.bool))
+
+
+def test_heldout_data_without_a_labelled_token_is_refused_not_a_loss_of_zero(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="heldout: expected a non-empty list"):
+        _tracker(tokenizer, heldout=[])  # was: no held-out loss, without a word
+    unlabelled = [{"input_ids": torch.tensor([[5, 6, 7, 8]]), "labels": torch.full((1, 4), -100)}]
+    tracker = _tracker(tokenizer, tmp_path / "run", heldout=unlabelled)
+    # was a held-out loss of 0.0 at every checkpoint: the first one became the "minimum"
+    with pytest.raises(ValueError, match=r"heldout: expected at least one labelled token \(labels != -100\)"):
+        tracker.add_checkpoint(tiny_model("llama"), 0)
+    assert tracker.steps == [] and not (tmp_path / "run" / "games.json").exists()
+
+
+def test_resume_reads_the_saved_steps_in_step_order_not_name_order(tmp_path):
+    steps = [999_999_999, 1_000_000_000, 1_000_000_001]  # step_1000000000.json sorts before step_999999999.json
+    tracker = _plain(out_dir=tmp_path)
+    g = torch.Generator().manual_seed(0)
+    for step in steps:
+        tracker.add_values(step, torch.randn(2, 8, generator=g, dtype=torch.float64))
+    resumed = _plain(out_dir=tmp_path)
+    assert resumed.steps == steps
+    assert resumed.report().to_dict()["curves"] == tracker.report().to_dict()["curves"]
+
+
 def _from_interactions(rows):
     """Values ``(B, 2^n)`` whose AND interactions of ``v - v(∅)`` are ``rows``."""
     return sf.inverse_harsanyi(torch.tensor(rows, dtype=torch.float64))

@@ -65,6 +65,22 @@ def test_a_diverged_run_keeps_its_nan_loss():
     assert math.isnan(log.at([2])["train_loss"][0])
 
 
+@pytest.mark.parametrize("steps, message", [
+    ([2, 1], r"strictly increasing steps .*got \[2, 1\]"),
+    ([1, 2, 2], r"strictly increasing steps"),
+    ([0, True], "expected ints >= 0, got True"),
+    ([0, 1.5], "expected ints >= 0, got 1.5"),
+    ([-1, 2], "expected ints >= 0, got -1"),
+], ids=["unsorted", "duplicate", "bool", "float", "negative"])
+def test_at_refuses_steps_that_are_not_increasing_ints(steps, message):
+    # each window runs from the previous step: out of order or repeated, a step got None or another step's losses
+    log = TrainingLog.from_history([{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}], source="x")
+    with pytest.raises(ValueError, match=message):
+        log.at(steps)
+    with pytest.raises(ValueError, match=message):
+        log.to_dict(steps)
+
+
 @pytest.mark.parametrize("history, message", [
     ({"step": 1}, "expected log_history to be a list of dicts, got dict"),
     ([{"step": 1, "loss": 1.0}, 3], r"log_history\[1\] to be a dict, got int"),

@@ -286,3 +286,13 @@ def test_order_and_shapley_need_no_n_by_2n_intermediates(call):
     with _LargestTensor() as mode:
         call(x)
     assert mode.largest <= 8 * 2**n, f"largest intermediate {mode.largest:,} bytes for a {8 * 2**n:,}-byte game"
+
+
+def test_validation_errors_name_the_callers_argument():
+    # the messages used to name the internal transform's "x", an argument the caller never passed
+    with pytest.raises(TypeError, match=r"^v: expected dtype float32 or float64, got torch.int64"):
+        sf.harsanyi(torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"^v: expected finite values"):
+        sf.shapley(torch.tensor([0.0, float("nan"), 1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"^interactions: expected shape \(\.\.\., 2\^n\)"):
+        sf.inverse_harsanyi(torch.tensor(1.0))

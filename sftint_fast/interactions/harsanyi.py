@@ -19,12 +19,14 @@ def harsanyi(v: torch.Tensor, *, max_players: int | None = None) -> torch.Tensor
     >>> harsanyi(torch.tensor([0., 1., 2., 4.]))
     tensor([0., 1., 2., 1.])
     """
-    return T.subset_mobius(v, max_players=max_players)
+    T.validate_game_tensor(v, name="v", max_players=max_players)  # errors name the caller's argument, not "x"
+    return T.apply_unchecked(v, "subset_mobius")
 
 
 def inverse_harsanyi(interactions: torch.Tensor, *, max_players: int | None = None) -> torch.Tensor:
     """``v(T) = Σ_{S⊆T} I(S)``, the inverse of :func:`harsanyi`. ``(..., 2^n)`` → same shape."""
-    return T.subset_zeta(interactions, max_players=max_players)
+    T.validate_game_tensor(interactions, name="interactions", max_players=max_players)
+    return T.apply_unchecked(interactions, "subset_zeta")
 
 
 def shapley_from_harsanyi(interactions: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,9 @@ def salient(
     if reference_max is None:
         top = magnitude[..., 1:].amax(-1) if magnitude.shape[-1] > 1 else magnitude.new_zeros(magnitude.shape[:-1])
     else:
+        is_bool_tensor = isinstance(reference_max, torch.Tensor) and reference_max.dtype == torch.bool
+        if isinstance(reference_max, bool) or is_bool_tensor:
+            raise TypeError(f"reference_max: expected a number or a float tensor (a max |I|), got {reference_max!r}")
         top = torch.as_tensor(reference_max, dtype=magnitude.dtype, device=magnitude.device)
         if not _broadcasts(top.shape, magnitude.shape[:-1]):
             raise ValueError(
@@ -244,6 +247,9 @@ def top_interactions(
     for row, row_words in zip(rows, per_row):
         if len(row_words) != n:
             raise ValueError(f"words: expected {n} words (one per player), got {len(row_words)}")
+        odd = [w for w in row_words if not isinstance(w, str)]
+        if odd:  # RankedInteraction.__str__ joins them: a non-string would fail only when printed
+            raise TypeError(f"words: expected strings (one per player), got {type(odd[0]).__name__} {odd[0]!r}")
         start = 0 if include_empty else 1
         magnitude = row[start:].abs()
         order = torch.argsort(magnitude, descending=True, stable=True)[:k] + start

@@ -40,16 +40,22 @@ def compare_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     the path of compare.md. ``labels``: one name per run (default: the folders' names)."""
     from sftint_fast.plot import headline
 
+    # a single path is a sequence of characters: one folder per character, refused only as "not a folder"
+    if isinstance(runs, (str, os.PathLike)):
+        raise TypeError(f"runs: expected a sequence of run folders, got one path {str(runs)!r}")
+    if isinstance(labels, str):
+        raise TypeError(f"labels: expected a sequence of names (one per run), got one string {labels!r}")
     runs = [Path(r) for r in runs]
     if len(runs) < 2:
         raise ValueError(f"runs: expected at least two run folders to compare, got {len(runs)}")
+    resolved = [r.resolve() for r in runs]
+    twice = next((str(r) for i, r in enumerate(runs) if resolved[i] in resolved[:i]), None)
+    if twice is not None:  # a run compared with itself, however spelled and whatever its labels
+        raise ValueError(f"runs: expected distinct run folders, got {twice!r} twice")
     if labels is None:
         labels = [r.name or str(r) for r in runs]
         if len(set(labels)) < len(labels):
             labels = [str(r) for r in runs]
-            twice = next((x for i, x in enumerate(labels) if x in labels[:i]), None)
-            if twice is not None:  # the same folder given twice: say so, not "labels" the caller never gave
-                raise ValueError(f"runs: expected distinct run folders, got {twice!r} twice")
     labels = [str(x) for x in labels]
     if len(labels) != len(runs):
         raise ValueError(f"labels: expected one label per run ({len(runs)}), got {len(labels)}: {labels}")
@@ -72,7 +78,8 @@ def compare_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
             "heldout_loss_first": losses[0][1] if losses else None,
             "heldout_loss_last": losses[-1][1] if losses else None,
             "heldout_loss_min_step": report.heldout_loss_min_step,
-            "train_loss_last": train[-1] if train else None, "p_y_first": c["p_y_mean"][0], "p_y_last": c["p_y_mean"][-1],
+            "train_loss_last": train[-1] if train else None, "p_y_first": c["p_y_mean"][0],
+            "p_y_last": c["p_y_mean"][-1],
             "rho_emerged": h["rho_emerged"], "gamma_emerged": h["gamma_emerged"], "solver": report.solver,
             "seconds_per_checkpoint": report.cost.get("seconds_per_checkpoint"),
         })
@@ -141,7 +148,8 @@ def _markdown(rows: list[dict[str, Any]], differences: list[str]) -> str:
             f"| {r['base_salient']:.0f} | {r['removed']:.0f} | {r['emerged']:.0f} "
             f"| {r['removed_excess_cumulative']:.0f} ({bound(r['removed_excess_cumulative_lo'])}) "
             f"| {r['emerged_excess_total']:.0f} | {_opt(r['phase_boundary'])} "
-            f"| {_loss(r['heldout_loss_first'])} → {_loss(r['heldout_loss_last'])} ({_opt(r['heldout_loss_min_step'])}) "
+            f"| {_loss(r['heldout_loss_first'])} → {_loss(r['heldout_loss_last'])} "
+            f"({_opt(r['heldout_loss_min_step'])}) "
             f"| {_loss(r['train_loss_last'])} | {r['p_y_first']:.3f} → {r['p_y_last']:.3f} "
             f"| {_num(r['seconds_per_checkpoint'])} |")
     lines += ["", "Excess removals: removals beyond the noise floor, summed over the checkpoints, with the bootstrap "

@@ -90,7 +90,7 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
     if reference is not None:
         reference = (reference[0].to(device), reference[1])
     tracker = SFTTracker(probe_set, tokenizer, n_players=n_players, andor_method=andor_method, andor_niter=andor_niter,
-                         reference=reference, heldout=held_pairs[:heldout], out_dir=out / "tracker", seed=seed,
+                         reference=reference, heldout=held_pairs[:heldout] or None, out_dir=out / "tracker", seed=seed,
                          chat=True, progress=False)
     save_probes(probe_set, out / "probes.jsonl")  # once the tracker took the folder (not one holding another run)
     examples = [sft_example(tokenizer, q, a) for q, a in train_pairs]
@@ -315,9 +315,9 @@ def _follow(tracker: SFTTracker, patterns: Sequence[str], track: Any, report: An
         while until_step is None or not tracker.steps or tracker.steps[-1] < until_step:
             ready = None
             if distributed.is_main_process():
-                ready = [p for p in _match(patterns)
-                         if p not in skipped and _step_of(p) not in tracker.steps and _complete(p, settle)]
                 try:  # rank 0 alone checks (the ranks act alike); one deleted since it was listed is left to track
+                    ready = [p for p in _match(patterns)
+                             if p not in skipped and _step_of(p) not in tracker.steps and _complete(p, settle)]
                     _check_folders(None, [p for p in ready if Path(p).exists()], None)
                 except ValueError as err:
                     ready = err
@@ -343,7 +343,15 @@ def _follow(tracker: SFTTracker, patterns: Sequence[str], track: Any, report: An
 
 
 def _match(patterns: Sequence[str]) -> list[str]:
-    return sorted({p for pattern in patterns for p in glob.glob(pattern)}, key=_step_of)
+    folders: dict[str, str] = {}  # one path per folder: "ckpt/checkpoint-10" and "ckpt/checkpoint-10/" are one
+    for pattern in patterns:
+        for path in glob.glob(pattern):
+            folders.setdefault(os.path.realpath(path), path)
+    paths = sorted(folders.values(), key=_step_of)
+    for a, b in zip(paths, paths[1:]):
+        if _step_of(a) == _step_of(b):  # the second would be taken as tracked already, without a word
+            raise ValueError(f"checkpoints: expected one folder per step, got {a!r} and {b!r} for step {_step_of(a)}")
+    return paths
 
 
 def _complete(path: str, settle: float) -> bool:

@@ -90,11 +90,12 @@ def threshold(interactions: torch.Tensor, *, tau: float, reference: ThresholdRef
     if reference == "base" and base_threshold is not None:
         return base_threshold
     if reference == "absolute":
-        return torch.full((interactions.shape[0], 1), float(tau), dtype=interactions.dtype)
+        return torch.full((interactions.shape[0], 1), float(tau), dtype=interactions.dtype, device=interactions.device)
     return tau * max_abs_nonempty(interactions)
 
 
-def _raw_status(magnitude: torch.Tensor, thr: torch.Tensor, previous: torch.Tensor | None, hysteresis: bool) -> torch.Tensor:
+def _raw_status(magnitude: torch.Tensor, thr: torch.Tensor, previous: torch.Tensor | None,
+                hysteresis: bool) -> torch.Tensor:
     status = magnitude > thr
     if hysteresis and previous is not None:
         status = status | (previous & (magnitude >= thr / 2))
@@ -151,8 +152,9 @@ def null_perturbations(delta: torch.Tensor, *, kind: NullKind, draws: int, gener
     ``delta`` is the observed change of ``v``; only its change of ``v' = v - v(∅)`` matters.
 
     - ``"iid"``: Gaussian noise on every ``v(S)``, ``v(∅)`` included, with the per-probe sd equal to the RMS of
-      the change of ``v'`` over ``S ≠ ∅`` divided by ``√2``, so that the perturbation of ``v'`` (``n(S) - n(∅)``)
-      has the observed RMS change of ``v'``, and the noise of ``v(∅)`` enters ``v'`` as it does in a real change.
+      the change of ``v'`` over ``S ≠ ∅`` divided by ``√2``, so that the perturbation of ``v'``
+      (``n(S) - n(∅)``) has the observed RMS change of ``v'``, and the noise of ``v(∅)`` enters ``v'`` as it
+      does in a real change.
     - ``"order_matched"``: in the interaction domain, the observed change's Harsanyi values of each order
       are moved to random positions of that order with random signs (the energy per order is kept
       exactly), then mapped back to ``v`` with the inverse transform (entry 0 stays 0).
@@ -184,7 +186,8 @@ def clipped_mean_square(squares: torch.Tensor) -> torch.Tensor:
     """Robust and efficient ``E[x²]`` of Gaussian samples per row: ``(B, N)`` squares → ``(B, 1)``.
 
     From 4 samples on, the mean of the squares at most ``25/0.4549`` times their median (``|x| <= 5σ``: a few
-    large real changes are not noise; a 3σ cut, with a median of a few samples, clipped noise: 2-4% low), divided by the Gaussian share of ``E[x²]`` below that cut; below 4 samples
+    large real changes are not noise; a 3σ cut, with a median of a few samples, clipped noise: 2-4% low),
+    divided by the Gaussian ``E[x² | |x| <= 5σ]/σ²`` (the clipped mean's bias); below 4 samples
     the plain mean (the median of fewer cannot tell a real change from noise). Near the mean's efficiency, where a
     median alone would be noisy: the orders that decide the counts have one or a few coefficients, and a noisy
     level biases the floor (the crossing probability is not linear in it: a plain median put 1.27x the observed
@@ -250,7 +253,8 @@ def shrinkage(interactions: torch.Tensor, sigma2: torch.Tensor, noise_level_mask
 def null_values(anchor: torch.Tensor, later: Sequence[torch.Tensor], *, earlier: Sequence[torch.Tensor] = (),
                 kind: NullKind, draws: int, generator: torch.Generator, keep: float = 3.0,
                 evidence: int = 2) -> torch.Tensor:
-    """Null replicates of the checkpoints after ``anchor``: ``(B, 2^n)`` and ``p`` later ``v`` → ``(p, draws, B, 2^n)``.
+    """Null replicates of the checkpoints after ``anchor``: ``(B, 2^n)`` and ``p`` later ``v`` →
+    ``(p, draws, B, 2^n)``.
 
     ``later[j]`` is the observed ``v_{a+j+1}``, ``earlier`` the checkpoints before the anchor in order (empty at the
     base), the last of them ``v_{a-1}``. An anchor interaction is *signal* when it is above ``keep · σ(S)`` at the
@@ -267,7 +271,8 @@ def null_values(anchor: torch.Tensor, later: Sequence[torch.Tensor], *, earlier:
     if not later:
         raise ValueError("null_values: expected at least one later checkpoint, got none")
     if evidence < 1:
-        raise ValueError(f"null_values: expected evidence >= 1 (checkpoints averaged for the true value), got {evidence}")
+        raise ValueError(f"null_values: expected evidence >= 1 (checkpoints averaged for the true value), "
+                         f"got {evidence}")
     previous = earlier[-1] if len(earlier) else None
     chain = ([previous] if previous is not None else []) + list(later)
     differences = [b - a for a, b in zip(chain[:-1], chain[1:])] or [later[0] - anchor]
@@ -283,7 +288,8 @@ def null_values(anchor: torch.Tensor, later: Sequence[torch.Tensor], *, earlier:
     observed, m = torch.stack(looks).mean(0), len(looks)                         # noise variance sigma^2 / m
     weight = shrinkage(observed, sigma2 / m, ~signal)
     shape = (draws,) + tuple(interactions.shape)
-    centre = weight * observed + (weight * sigma2 / m).sqrt() * torch.randn(shape, generator=generator, dtype=anchor.dtype)
+    spread = (weight * sigma2 / m).sqrt()
+    centre = weight * observed + spread * torch.randn(shape, generator=generator, dtype=anchor.dtype)
     out = []
     for v in later:
         change = harsanyi(null_perturbations(v - anchor, kind=kind, draws=draws, generator=generator))
@@ -304,7 +310,8 @@ def bootstrap_indices(num_probes: int, *, resamples: int, seed: int) -> torch.Te
     return torch.randint(0, max(num_probes, 1), (resamples, num_probes), generator=generator)
 
 
-def bootstrap_sum(values: torch.Tensor, indices: torch.Tensor, *, level: float = 0.95) -> tuple[list[float], list[float]]:
+def bootstrap_sum(values: torch.Tensor, indices: torch.Tensor, *,
+                  level: float = 0.95) -> tuple[list[float], list[float]]:
     """Interval of the probe sum of ``values`` ``(T, B)`` per checkpoint: two lists of length ``T``."""
     if values.shape[1] == 0:
         zeros = [0.0] * values.shape[0]
@@ -323,7 +330,8 @@ def bootstrap_ratio(numerator: torch.Tensor, denominator: torch.Tensor, indices:
     return _quantiles(ratio, level)
 
 
-def bootstrap_nanmean(values: torch.Tensor, indices: torch.Tensor, *, level: float = 0.95) -> tuple[list[float], list[float]]:
+def bootstrap_nanmean(values: torch.Tensor, indices: torch.Tensor, *,
+                      level: float = 0.95) -> tuple[list[float], list[float]]:
     """Interval of the mean over probes of ``values`` ``(T, B)``, ignoring NaN (probes with an empty set)."""
     if values.shape[1] == 0:
         nans = [math.nan] * values.shape[0]
@@ -358,6 +366,8 @@ def phase_boundary(
     With ``require_significant`` the running maximum must have a bootstrap lower bound above 0 and the
     emerged excess too, so noise alone gives no boundary. Index 0 (the base) is never a boundary.
     """
+    if isinstance(removed_fraction, bool) or not isinstance(removed_fraction, (int, float)):
+        raise TypeError(f"removed_fraction: expected a number in (0, 1], got {removed_fraction!r}")
     if not 0 < removed_fraction <= 1:
         raise ValueError(f"removed_fraction: expected a number in (0, 1], got {removed_fraction!r}")
     curves = (cumulative_removed_excess, cumulative_removed_excess_lo, emerged_excess, emerged_excess_lo)

@@ -89,7 +89,7 @@ class TrackerConfig:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
         for name in ("tau", "qthres", "min_base_py", "irrelevant_fraction", "boundary_removed_fraction"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name}: expected a finite number >= 0, got {value!r}")
         # checked here, not where they are used: a bad option found at the first checkpoint or at report()
         # would already be saved in out_dir/config.json, and a corrected tracker refused as another run
@@ -294,6 +294,15 @@ class SFTTracker:
                             f"{type(reference).__name__}")
         if probes is not None and tokenizer is None:
             raise ValueError("tokenizer: expected the base model's tokenizer when probes are given, got None")
+        for name, flag in (("numerics_check", numerics_check), ("progress", progress)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name}: expected a bool, got {flag!r}")
+        if heldout is not None and not isinstance(heldout, (str, bytes, dict)):
+            heldout = list(heldout)  # once: an iterator is read here
+        if heldout is not None and (isinstance(heldout, (str, bytes, dict)) or not heldout):
+            # an empty list would silently give no held-out loss; a string or one batch would be iterated
+            raise ValueError(f"heldout: expected a non-empty list of (prompt, answer) pairs or batches "
+                             f"{{'input_ids', 'labels'}}, or None, got {heldout!r}")
         self.probes: list[Probe] = as_probes(probes) if probes is not None else []
         self.tokenizer = tokenizer
         self._baseline = baseline
@@ -331,6 +340,7 @@ class SFTTracker:
         """
         if not self.probes:
             raise ValueError("add_checkpoint: this tracker has no probes; pass probes (and a tokenizer) or use add_values")
+        _check_step_type(step)
         if step in self.steps:
             logger.info("step %d is already recorded; skipped", step)
             return
@@ -382,6 +392,7 @@ class SFTTracker:
         The first call is the base checkpoint; it also reads a ``reference`` given as saved interactions (a
         ``(model, tokenizer)`` reference needs :meth:`add_checkpoint`).
         """
+        _check_step_type(step)
         if step in self.steps:
             logger.info("step %d is already recorded; skipped", step)
             return
@@ -544,8 +555,7 @@ class SFTTracker:
         return self.out_dir is not None and distributed.is_main_process()
 
     def _check_step(self, step: int) -> None:
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise ValueError(f"step: expected an int >= 0, got {step!r}")
+        _check_step_type(step)
         if self.records and step <= self.records[-1].step:
             raise ValueError(f"step: expected a step after the last recorded one ({self.records[-1].step}), got {step}")
 
@@ -728,7 +738,10 @@ class SFTTracker:
             loss, tokens = causal_lm_loss(model, ids, labels, None if mask is None else mask.to(device))
             total += loss
             count += tokens
-        return total / max(count, 1)
+        if count == 0:  # a loss of 0.0 would be taken for the best checkpoint
+            raise ValueError("heldout: expected at least one labelled token (labels != -100) in the held-out data, "
+                             "got none")
+        return total / count
 
     def _reference_interactions(self, values: torch.Tensor) -> dict[str, torch.Tensor]:
         source = self._reference_source
@@ -859,7 +872,8 @@ class SFTTracker:
             self._load_games(games_json, load_file(str(out / "games.safetensors")))
         if (out / "reference.safetensors").exists():
             self.reference = {k[2:]: v for k, v in load_file(str(out / "reference.safetensors")).items()}
-        for meta_path in sorted(out.glob("step_*.json")):
+        # in step order, not the names' (a step of 10 digits sorts before one of 9)
+        for meta_path in sorted(out.glob("step_*.json"), key=_saved_step):
             meta = json.loads(meta_path.read_text())
             tensors = load_file(str(meta_path.with_suffix(".safetensors")))
             record = _Record(
@@ -910,6 +924,13 @@ class SFTTracker:
 # ------------------------------------------------------------------------------------------------ helpers
 
 
+def _saved_step(path: Path) -> int:
+    step = path.stem[len("step_"):]
+    if not step.isdigit():
+        raise ValueError(f"{path}: expected a saved checkpoint named step_<step>.json, got {path.name!r}")
+    return int(step)
+
+
 def _decompose(values: torch.Tensor, *, method: str, config: TrackerConfig, progress: bool,
                init: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Interactions per kind ``(B, 2^n)`` of the games ``values - values[:, :1]``, and solver state."""
@@ -952,9 +973,17 @@ def _shared(interactions: torch.Tensor, reference: dict[str, torch.Tensor], kind
     return salient & (torch.sign(interactions) == torch.sign(ref))
 
 
+def _check_step_type(step: Any) -> None:
+    # before the already-recorded test: True == 1 and 1.0 == 1 would otherwise be skipped as "already recorded"
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"step: expected an int >= 0, got {step!r}")
+
+
 def _check_values(values: torch.Tensor, expected: torch.Size | None) -> torch.Tensor:
     if not isinstance(values, torch.Tensor):
         raise TypeError(f"values: expected a torch.Tensor (B, 2^n), got {type(values).__name__}")
+    if values.dtype == torch.bool:  # isfinite passes it and double() makes it 0/1 values
+        raise TypeError("values: expected a tensor of numbers (game values), got a torch.bool tensor")
     if values.dim() != 2 or values.shape[0] < 1 or values.shape[-1] < 2 or values.shape[-1] & (values.shape[-1] - 1):
         raise ValueError(f"values: expected shape (B, 2^n) with at least one probe (B >= 1) and n >= 1, got "
                          f"shape {tuple(values.shape)}")

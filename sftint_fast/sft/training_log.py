@@ -79,7 +79,14 @@ class TrainingLog:
     def at(self, steps: Sequence[int]) -> dict[str, list[float | None]]:
         """The training loss at each tracked step as the mean of the values logged after the previous tracked step
         up to this one (the step's own logged loss is one noisy batch), and the last ``eval_loss`` logged at or
-        before it; None where nothing was logged."""
+        before it; None where nothing was logged. ``steps``: ints >= 0 in increasing order (the tracked steps)."""
+        steps = list(steps)
+        bad = [s for s in steps if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+        if bad:
+            raise ValueError(f"steps: expected ints >= 0, got {bad[0]!r}")
+        if any(b <= a for a, b in zip(steps, steps[1:])):
+            # each window runs from the previous step: out of order, a window is empty or holds the wrong losses
+            raise ValueError(f"steps: expected strictly increasing steps (the tracked checkpoints), got {steps}")
         out: dict[str, list[float | None]] = {"train_loss": [], "eval_loss": []}
         train, evals = self.series.get("loss", ()), self.series.get("eval_loss", ())
         previous = -1
