@@ -32,7 +32,7 @@ PASSAGE = (
 LAB_BATCH = 128
 # (layout, n, only with --full, sampled variants or None for all 2^n)
 CASES = [("qa", 6, False, None), ("qa", 8, True, None), ("qa", 10, True, None), ("qa", 11, True, 128),
-         ("passage", 8, True, None), ("passage", 10, True, None)]
+         ("passage", 8, True, None), ("passage", 10, True, None), ("passage", 20, True, 256)]
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,8 @@ def test_engine_speed(benchmark, smollm2, layout, n, needs_full, sample, full, e
         "trie_vs_ideal": round(naive_s / trie_s / plan.ideal_ratio, 3),
         "trie_with_modules_s": round(modules_s, 3), "fused_ops_speedup": round(modules_s / trie_s, 3),
         "peak_rss_mib": {"lab": lab_mem >> 20, "strong_naive": naive_mem >> 20, "trie": trie_mem >> 20},
-        "plan_peak_estimate_mib": plan.peak_bytes >> 20,
+        "plan_peak_estimate_mib": plan.peak_bytes >> 20, "compact_store": plan.compact,
+        "kv_store_mib": plan.kv_bytes >> 20,
         "max_abs_diff_trie_naive": (trie - naive).abs().max().item(),
         "variants_per_s_trie": round(len(subsets) / trie_s, 1),
     })

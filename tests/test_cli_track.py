@@ -59,7 +59,8 @@ def test_track_cli_matches_the_tracker_and_resumes(folders, tmp_path, monkeypatc
     assert f"report: {out / 'report.md'}" in capsys.readouterr().out
     config = json.loads((out / "tracker" / "config.json").read_text())["tracker"]
     assert config["tau"] == 0.1 and config["n_players"] == 3 and config["noise_floor"] is None and config["seed"] == 3
-    assert config["andor_method"] == "and" and config["persistence"] == 3  # not given: the tracker's default
+    assert config["andor_method"] == "and" and config["persistence"] == 2  # not given: the tracker's default
+    assert config["hysteresis"] is True
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == [0, 10, 20]
 
@@ -103,6 +104,14 @@ def test_track_cli_refuses_another_configuration(folders, tmp_path, capsys):
     assert _track(root, out, [str(root / "ckpt" / "checkpoint-10")], "--tau", "0.2") == 2
     err = capsys.readouterr().err
     assert "sftint track: out_dir" in err and "another configuration" in err and "tau" in err
+    # --no-hysteresis turns the default set logic's hysteresis off: another configuration too
+    assert _track(root, out, [str(root / "ckpt" / "checkpoint-10")], "--no-hysteresis") == 2
+    err = capsys.readouterr().err
+    assert "another configuration" in err and "hysteresis" in err
+    other = tmp_path / "measured"
+    assert _track(root, other, [str(root / "ckpt" / "checkpoint-10")], "--no-hysteresis", "--persistence", "3") == 0
+    config = json.loads((other / "tracker" / "config.json").read_text())["tracker"]
+    assert config["hysteresis"] is False and config["persistence"] == 3
 
 
 @pytest.mark.parametrize("extra,message", [

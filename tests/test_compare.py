@@ -97,7 +97,7 @@ def test_compare_says_when_runs_are_not_like_for_like(tmp_path):
                               labels=["A", "B", "C", "D"])
     diffs = result["differences"]
     assert ("tracked steps: A [0, 2, 4, 6], B [0, 2, 4, 6], C [0, 2, 4, 6], D [0, 3, 6] (a change counts once it "
-            "lasts 3 checkpoints, so other step grids count differently)") in diffs
+            "lasts 2 checkpoints, so other step grids count differently)") in diffs
     assert "option tau: A 0.05, B 0.1, C 0.05, D 0.05" in diffs
     assert not any(d.startswith("B starts from other base values") for d in diffs)
     assert any(d.startswith("C starts from other base values than A") for d in diffs)

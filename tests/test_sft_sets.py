@@ -338,9 +338,9 @@ def _pure_noise_report(null, *, probes=32, checkpoints=8, seed=7, sd=0.01, **opt
     return tracker.report()
 
 
-# METHOD.md's marked set logic (hysteresis, persistence 2) and the measured defaults (neither hysteresis nor
+# The defaults (METHOD.md's: hysteresis, persistence 2) and the measured alternative (neither hysteresis nor
 # persistence 2 but 3: fewer, more persistent changes, so twice the noise to have enough of them to test)
-SET_LOGIC = {"method": dict(hysteresis=True, persistence=2, sd=0.01), "defaults": dict(sd=0.02)}
+SET_LOGIC = {"defaults": dict(sd=0.01), "measured": dict(hysteresis=False, persistence=3, sd=0.02)}
 
 
 @pytest.mark.parametrize("logic", sorted(SET_LOGIC))
@@ -505,9 +505,10 @@ def test_pure_noise_floor_with_a_dense_background(null):
         assert 0.85 * observed[name] <= floor[name] <= 1.25 * observed[name], (name, observed[name], floor[name])
 
 
+@pytest.mark.parametrize("logic", sorted(SET_LOGIC))
 @pytest.mark.parametrize("null", ["order_matched", "iid"])
-def test_gradual_removal_is_not_absorbed_by_the_floor(null):
-    """Four strong interactions per probe fade linearly to 0 by checkpoint 6 (default set logic, persistence 3).
+def test_gradual_removal_is_not_absorbed_by_the_floor(null, logic):
+    """Four strong interactions per probe fade linearly to 0 by checkpoint 6 (both set logics).
 
     The floor's replicates keep signal at its anchor value plus a change of the observed size at random positions,
     so a slow real drift is not mistaken for noise: the removals confirmed when the faded ones stay under τ are
@@ -516,7 +517,8 @@ def test_gradual_removal_is_not_absorbed_by_the_floor(null):
     I, strong, g = _planted_games(seed=2)
     B = I.shape[0]
     fading = strong[:, :4]
-    tracker = SFTTracker(None, andor_method="and", noise_floor=null, min_base_py=0.0, bootstrap=500)
+    options = {k: v for k, v in SET_LOGIC[logic].items() if k != "sd"}
+    tracker = SFTTracker(None, andor_method="and", noise_floor=null, min_base_py=0.0, bootstrap=500, **options)
     for t in range(10):
         current = I.clone()
         current.scatter_(1, fading, I.gather(1, fading) * max(0.0, 1 - t / 6))
@@ -526,7 +528,10 @@ def test_gradual_removal_is_not_absorbed_by_the_floor(null):
     floor = rep.curves["and/removed_new_floor"]
     assert sum(removed) >= 0.9 * 4 * B
     lo_c, _ = rep.intervals["and/removed_new_excess_cumulative"]
-    assert lo_c[-1] >= 0.6 * 4 * B and sum(floor) <= 0.25 * sum(removed), (removed, floor)
+    # measured (seed 2): lower bound 0.81 of 4B with the order-matched null (both set logics), 0.60-0.63 with the
+    # cruder iid null, whose floor absorbs ~21% of the removals (METHOD.md section 7)
+    share = 0.7 if null == "order_matched" else 0.55
+    assert lo_c[-1] >= share * 4 * B and sum(floor) <= 0.25 * sum(removed), (removed, floor, lo_c[-1])
 
 
 def test_clipped_mean_square_ignores_a_few_real_changes_and_is_unbiased_on_noise():

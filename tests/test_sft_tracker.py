@@ -645,6 +645,31 @@ def test_callback_stops_training_at_the_phase_boundary_when_asked(tokenizer, tmp
         sf.InteractionCallback(tracker, stop_at_boundary="yes")
 
 
+def test_callback_resumed_past_its_boundary_does_not_stop_again(tokenizer, tmp_path, caplog):
+    """Training stopped at the phase boundary and resumed from that checkpoint with the resumed tracker (on purpose:
+    the user wants to go on) runs to ``max_steps``; before the fix it stopped at its first tracking, on the old
+    boundary."""
+    import logging
+
+    out = tmp_path / "tracker"
+    trainer = _trainer(tmp_path, max_steps=12, lr=3e-2, logging_steps=1, seed=0)
+    options = dict(persistence=1, noise_floor=None, boundary_significant=False)
+    callback = sf.InteractionCallback(_tracker(tokenizer, out, **options), every=2, stop_at_boundary=True)
+    callback.attach(trainer)
+    trainer.train()
+    boundary = callback.phase_boundary
+    assert boundary is not None and trainer.state.global_step == boundary < 12
+
+    resumed = _trainer(tmp_path, max_steps=12, lr=3e-2, logging_steps=1, seed=0)
+    tracker = _tracker(tokenizer, out, **options)
+    assert tracker.steps[-1] == boundary
+    callback = sf.InteractionCallback(tracker, every=2, stop_at_boundary=True).attach(resumed)
+    with caplog.at_level(logging.WARNING, logger="sftint_fast.sft.callback"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "out" / f"checkpoint-{boundary}"))
+    assert resumed.state.global_step == 12 and tracker.steps[-1] == 12
+    assert f"resumed past its phase boundary (step {boundary})" in caplog.text
+
+
 def test_callback_stopping_at_a_save_does_not_save_that_checkpoint_again(tokenizer, tmp_path):
     """A boundary found when tracking a save (``on_save``) stops training there: the checkpoint is already saved,
     so it must not be saved a second time (``should_save`` left set after ``on_save`` makes the epoch-end save

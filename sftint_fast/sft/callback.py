@@ -58,7 +58,9 @@ class InteractionCallback(TrainerCallback):
     ``stop_at_boundary``: when the phase boundary is found, save a checkpoint and stop training there
     (``control.should_save`` / ``should_training_stop``): the interactions say SFT has stopped removing noise and
     started adding overfitted interactions. Off by default (the boundary is only logged). Under DDP the main
-    process decides and every rank follows. ``phase_boundary`` is the boundary found, or None.
+    process decides and every rank follows. ``phase_boundary`` is the boundary found, or None. A boundary the
+    tracker already had when training began (a resumed tracker: training stopped there and is resumed on purpose)
+    does not stop training again; only a new one does.
     """
 
     def __init__(self, tracker: SFTTracker, every: int = 50, *, trainer: Any = None,
@@ -89,6 +91,7 @@ class InteractionCallback(TrainerCallback):
         self.seconds_first: float | None = None  # the first tracking's (the base's) seconds
         self._clock: float | None = None  # when the first tracking ended: the wall time the budget counts from
         self.phase_boundary: int | None = None
+        self._boundary_before: int | None = None  # the boundary a resumed tracker had when training began
 
     def attach(self, trainer: Any) -> "InteractionCallback":
         """Adds this callback to ``trainer`` and logs through ``trainer.log``; returns self."""
@@ -103,6 +106,14 @@ class InteractionCallback(TrainerCallback):
         return 0.0 if self._clock is None else time.perf_counter() - self._clock
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.stop_at_boundary:  # collective under torch.distributed: every rank, whatever its tracker holds
+            before = None
+            if state.is_world_process_zero and self.tracker.records:
+                before = self.tracker.report().phase_boundary
+            self._boundary_before = distributed.broadcast_object(before)
+            if self._boundary_before is not None and state.is_world_process_zero:
+                logger.warning("the tracker resumed past its phase boundary (step %d): training goes on, and stops "
+                               "only at a new boundary (stop_at_boundary=True)", self._boundary_before)
         self._track(state, control, model, state.global_step)
         if self._clock is None:  # the base was tracked before (a resumed tracker): the budget starts here
             self._clock = time.perf_counter()
@@ -167,7 +178,7 @@ class InteractionCallback(TrainerCallback):
             self.phase_boundary = boundary if state.is_world_process_zero else None
             return
         self.phase_boundary = boundary = distributed.broadcast_object(boundary)  # the main process decides
-        if boundary is not None and not control.should_training_stop:
+        if boundary is not None and boundary != self._boundary_before and not control.should_training_stop:
             logger.warning("step %d: the denoising stage ended at step %d (phase boundary); saving and stopping "
                            "training (stop_at_boundary=True)", step, boundary)
             control.should_save = True
