@@ -445,6 +445,24 @@ def test_track_cli_says_which_glob_matched_nothing(folders, tmp_path, capsys):
     assert not (tmp_path / "b" / "report.json").exists()
 
 
+def test_track_cli_resume_refuses_another_base_model(folders, tmp_path, capsys):
+    """A resumed run does not recompute step 0: resuming it with another --base (here a fine-tuned checkpoint of the
+    same architecture) would compare the new base's checkpoints with the old base's values, so it is refused."""
+    root, _ = folders
+    out = tmp_path / "run"
+    assert _track(root, out, [str(root / "ckpt" / "checkpoint-10")]) == 0
+    record = json.loads((out / "base.json").read_text())
+    assert record["base"] == str(root / "base") and len(record["fingerprint"]) == 64
+    capsys.readouterr()
+    argv = ["track", "--base", str(root / "ckpt" / "checkpoint-10"), "--checkpoints",
+            str(root / "ckpt" / "checkpoint-20"), "--probes", str(root / "probes.jsonl"), "--out", str(out), *FAST]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "base: expected the base model this run folder tracked" in err and "checkpoint-10" in err
+    assert _track(root, out, [str(root / "ckpt" / "checkpoint-20")]) == 0  # the same base resumes
+    assert json.loads((out / "report.json").read_text())["steps"] == [0, 10, 20]
+
+
 def test_track_cli_refuses_two_folders_of_one_step(folders, tmp_path, capsys):
     """Two runs' checkpoint-10: the second was taken as tracked already, without a word. The same folder spelled
     twice is one folder."""

@@ -8,6 +8,8 @@ tracker over saved checkpoints.
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -206,6 +208,7 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
         if not paths or unmatched:
             raise ValueError(f"checkpoints: expected folders, got nothing for {unmatched or list(checkpoints)}")
     _check_folders(base, [] if watch is not None else paths, reference)
+    fingerprint = _check_base(base, out)
     pairs = None
     if heldout is not None:
         rows = load_probes(heldout)
@@ -257,7 +260,10 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
     def training() -> TrainingLog | None:  # the checkpoints' Trainer log (trainer_state.json), where they have one
         return read_training_log(tracked_folders[1:])
 
-    track(0, base)
+    if track(0, base) and distributed.is_main_process():  # the base tracked now: a resumed run must name it again
+        from sftint_fast.sft.tracker import _atomic_write_text
+
+        _atomic_write_text(Path(out) / BASE_RECORD, json.dumps({"base": str(base), "fingerprint": fingerprint}))
     for path in paths if watch is None else []:
         track(_step_of(path), path)
     if watch is not None:
@@ -277,8 +283,6 @@ def _report(tracker: SFTTracker, out: str | os.PathLike, training: Any = lambda:
     report, md = write_tracker_report(tracker, out, training=training(), cost=cost)
     logger.info("%s", _summary(report))
     if boundary_file is not None and report.phase_boundary is not None and not Path(boundary_file).exists():
-        import json
-
         from sftint_fast.sft.tracker import _atomic_write_text
 
         target = Path(boundary_file)
@@ -389,6 +393,43 @@ def _check_folders(base: str | None, paths: Sequence[str], reference: str | None
         if unloadable:
             raise ValueError(f"{name}: expected model folders (config.json) or PEFT adapter folders "
                              f"(adapter_config.json), got folders with neither: {unloadable}")
+
+
+#: The run folder's record of the base model it tracked (its weight files' fingerprint), checked on resume.
+BASE_RECORD = "base.json"
+
+
+def _fingerprint(folder: str | os.PathLike) -> str:
+    """sha256 over a model folder's config and weight files: their names and sizes, and 256 blocks of 4 KiB
+    spread over each weight file (1 MiB read per file: a fine-tuned copy of the same model, every tensor of a
+    merged LoRA layer changed, is told apart with near certainty, without loading it)."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and (
+        p.name in ("config.json", "adapter_config.json") or p.suffix in (".safetensors", ".bin", ".gguf", ".pt")))
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        if path.suffix == ".json":
+            digest.update(path.read_bytes())
+            continue
+        with open(path, "rb") as handle:
+            for i in range(256):
+                handle.seek(i * max(size - 4096, 0) // 255)
+                digest.update(handle.read(4096))
+    return digest.hexdigest()
+
+
+def _check_base(base: str, out: str | os.PathLike) -> str:
+    """The fingerprint of ``base``; refuses another base than the one a resumed run folder tracked (its step 0 is
+    not recomputed, so its values would be compared with checkpoints of another model)."""
+    fingerprint = _fingerprint(base)
+    record = Path(out) / BASE_RECORD
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        if saved.get("fingerprint") != fingerprint:
+            raise ValueError(f"base: expected the base model this run folder tracked ({saved.get('base')!r}), got "
+                             f"{str(base)!r}, whose config or weight files differ; track it into another --out")
+    return fingerprint
 
 
 def _step_of(path: str) -> int:
