@@ -153,7 +153,10 @@ def test_available_ram_without_psutil(monkeypatch):
     import importlib.util
     import sys
 
-    from sftint_fast.engine.plan import available_ram, default_max_memory
+    from sftint_fast._memory import available_ram, free_memory
+    from sftint_fast.interactions import andor
+    from sftint_fast.engine.naive import available_memory
+    from sftint_fast.engine.plan import default_max_memory
 
     with open("/proc/meminfo") as meminfo:
         mem_available = next(int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:"))
@@ -165,6 +168,9 @@ def test_available_ram_without_psutil(monkeypatch):
     without = available_ram()
     assert 0 < without and abs(without - mem_available) < 512 * 2**20
     assert 0 < default_max_memory(torch.device("cpu")) < without
+    # the naive engine and the AND-OR solver read the same figure (MemAvailable, not the smaller MemFree)
+    for read in (free_memory, available_memory, andor._free_bytes):
+        assert abs(read(torch.device("cpu")) - mem_available) < 512 * 2**20
 
 
 def test_sparse_leaves_fill_their_chunks():

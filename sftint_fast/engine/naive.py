@@ -6,12 +6,12 @@ the ``m`` scored positions (the last ``m`` of ``input_ids``, ``logits_to_keep``-
 from __future__ import annotations
 
 import inspect
-import os
 from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from sftint_fast._memory import free_memory
 from sftint_fast.game import Game
 
 MAX_BATCH = 512
@@ -22,14 +22,9 @@ def model_device(model: Any) -> torch.device:
 
 
 def available_memory(device: torch.device) -> int:
-    """Free bytes on ``device``: CUDA free memory, or the host's available physical memory."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):
-        return 4 << 30
+    """Free bytes on ``device``: CUDA free memory, or the host's available RAM
+    (:func:`~sftint_fast._memory.free_memory`)."""
+    return free_memory(device)
 
 
 def sequence_bytes(model: Any, game: Game) -> int:

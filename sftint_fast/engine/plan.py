@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from sftint_fast._memory import free_memory
 from sftint_fast.engine.adapters import ModelDims, get_adapter
 
 logger = logging.getLogger(__name__)
@@ -173,33 +174,9 @@ class TriePlan:
         }
 
 
-def available_ram() -> int:
-    """Bytes of RAM available to new allocations: psutil's figure, else Linux's ``MemAvailable`` (psutil is a
-    dependency, but a ``--no-deps`` install, as on GPU machines, may lack it)."""
-    try:
-        import psutil
-    except ImportError:
-        psutil = None
-    if psutil is not None:
-        return int(psutil.virtual_memory().available)
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    raise RuntimeError("cannot tell the available RAM (no psutil, no /proc/meminfo): install psutil, or pass "
-                       "max_memory= explicitly")
-
-
 def default_max_memory(device: torch.device) -> int:
-    """A safe fraction of the free memory on ``device`` (CUDA: ``mem_get_info``; CPU: :func:`available_ram`)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-    else:
-        free = available_ram()
-    return int(free * FREE_MEMORY_FRACTION)
+    """A safe fraction of the free memory on ``device`` (CUDA: ``mem_get_info``; CPU: :func:`~sftint_fast._memory.available_ram`)."""
+    return int(free_memory(device) * FREE_MEMORY_FRACTION)
 
 
 def default_pass_tokens(device: torch.device) -> int:

@@ -33,13 +33,13 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-import os
 from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from sftint_fast import _ext
+from sftint_fast._memory import free_memory
 from sftint_fast.interactions.harsanyi import _or_transform
 from sftint_fast.interactions.result import AndOrResult
 from sftint_fast.ops import transforms as T
@@ -278,14 +278,8 @@ def _sgd_bytes(rows: int, size: int, element_size: int, *, niter: int, fused: bo
 
 
 def _free_bytes(device: torch.device) -> int:
-    """Bytes free for new tensors on ``device``: CUDA free memory, or the host's available RAM."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        import psutil
-    except ImportError:  # a --no-deps install (as on GPU machines) may lack psutil
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    return int(psutil.virtual_memory().available)
+    """Bytes free for new tensors on ``device`` (:func:`~sftint_fast._memory.free_memory`)."""
+    return free_memory(device)
 
 
 def _check_sgd_memory(v: torch.Tensor, n: int, niter: int) -> None:
