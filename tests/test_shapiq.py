@@ -82,3 +82,25 @@ def test_value_function_refuses_wrong_width_and_non_binary(model):
     with pytest.raises(ValueError, match="0/1"):
         coalitions_to_bitmasks(np.array([[0.5, 1.0, 0.0]]))
     assert coalitions_to_bitmasks(np.array([[1, 0, 1]])).tolist() == [5]  # 0/1 ints are fine
+
+
+def test_sampling_approximator_on_many_players_runs_in_the_trie(model):
+    """24 players: a shapiq approximator's sampled coalitions run in the trie (its store holds only the prefixes
+    they reach, so no fallback to naive within 1 GiB) and give the naive engine's estimate."""
+    import warnings
+
+    n = 24
+    gen = torch.Generator().manual_seed(3)
+    game = sf.Game(input_ids=torch.randint(3, 128, (2 * n + 3,), generator=gen),
+                   player_spans=tuple((1 + 2 * i, 2 + 2 * i) for i in range(n)), words=tuple(f"w{i}" for i in range(n)),
+                   target=torch.tensor([7]), baseline=torch.randn(32, generator=gen), prompt_length=2 * n + 3)
+    estimates = {}
+    for method in ("trie", "naive"):
+        approximator = shapiq.KernelSHAP(n=n, random_state=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # a fallback to naive would warn
+            shap_game = MaskedLMGame(model, game, method=method, max_memory=1 << 30)  # all 2^j prefixes: ~8 GiB
+            estimate = approximator.approximate(budget=300, game=shap_game)
+        estimates[method] = np.array([estimate[(i,)] for i in range(n)])
+    np.testing.assert_allclose(estimates["trie"], estimates["naive"], atol=1e-4)
+    assert np.abs(estimates["trie"]).max() > 1e-3  # a non-trivial estimate
