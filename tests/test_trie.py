@@ -362,6 +362,14 @@ def test_evaluate_many_takes_the_subsets_evaluate_takes(dtype):
         sf.evaluate_many(net, games, subsets=[0, 1], progress=False)
 
 
+def test_no_subsets_give_no_values():
+    net = model("llama")
+    game = make_game("spread_n5")
+    empty = torch.zeros(0, dtype=torch.int64)
+    assert evaluate_trie(net, game, empty, progress=False).shape == (0,)
+    assert evaluate_naive(net, game, empty, progress=False).shape == (0,)
+
+
 def test_sampled_subsets_of_many_players_run_in_the_trie():
     """n=30 players and a few sampled subsets: the trie stores only the prefixes they reach (a store of all 2^j
     nodes per level would need hundreds of GiB), so it runs within 1 GiB and equals naive."""

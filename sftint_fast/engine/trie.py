@@ -235,6 +235,8 @@ def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: t
             raise ValueError(f"games[{i}]: expected the layout of games[0] (length, player spans, scored positions, "
                              f"masking) {layout}, received {trie_layout(game)}")
     device = next(model.parameters()).device
+    if subsets is not None and subsets.numel() == 0:  # nothing to evaluate (sf.evaluate answers this itself)
+        return [torch.empty(0, dtype=torch.float32, device=device) for _ in games]
     if max_memory is None:
         max_memory = default_max_memory(device)
     first = games[0]
