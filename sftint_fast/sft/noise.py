@@ -365,6 +365,11 @@ def phase_boundary(
     *and* the excess count of newly emerged (unshared) interactions is growing (> 0) at that checkpoint.
     With ``require_significant`` the running maximum must have a bootstrap lower bound above 0 and the
     emerged excess too, so noise alone gives no boundary. Index 0 (the base) is never a boundary.
+
+    Why "unshared": METHOD.md counts emerged interactions "with γ-share below the base model's". One
+    interaction's own share is ``G_S`` in {0, 1} (section 4), and the base model's γ is a fraction in [0, 1], so
+    ``G_S < γ_base`` holds exactly for the unshared ones (``G_S = 0``) whenever the base shares anything at all
+    (γ_base > 0, every real run). Without a reference, every emerged interaction counts.
     """
     if isinstance(removed_fraction, bool) or not isinstance(removed_fraction, (int, float)):
         raise TypeError(f"removed_fraction: expected a number in (0, 1], got {removed_fraction!r}")
