@@ -818,3 +818,19 @@ def test_stop_file_callback_reads_any_file_without_raising(tmp_path, monkeypatch
 
     monkeypatch.setattr(pathlib.Path, "read_text", vanished)
     assert check(sf.StopFileCallback(stop)) == (False, None)  # removed between the look and the read
+
+
+def test_resumed_games_keep_a_float64_baseline_exactly(tokenizer, tmp_path):
+    model = tiny_model("llama").double()
+    with pytest.raises(ValueError, match="float64 model"):  # the default float32 compute refuses it, clearly
+        _tracker(tokenizer).add_checkpoint(model, 0)
+    first = _tracker(tokenizer, tmp_path, compute_dtype="auto", numerics_check=True)  # "auto": its own dtype
+    first.add_checkpoint(model, 0)
+    assert first.numerics["compute_dtype"] == "auto" and first.numerics["engine_max_abs"] < 1e-5
+    resumed = _tracker(tokenizer, tmp_path, compute_dtype="auto", numerics_check=True)
+    assert len(resumed.games) == len(first.games) > 0
+    for saved, game in zip(resumed.games, first.games):
+        assert saved.baseline.dtype == game.baseline.dtype == torch.float64
+        assert torch.equal(saved.baseline, game.baseline)
+    resumed.add_checkpoint(model, 1)  # the resumed games still evaluate the same model to the same values
+    assert torch.equal(resumed.records[-1].values, resumed.records[0].values)

@@ -238,7 +238,8 @@ class SFTTracker:
             options differ; a tensor ``baseline`` is compared by the sha256 of its float64 values, except for
             runs saved before that digest was recorded, which resume with any tensor and a warning).
         noise_floor: ``"order_matched"``, ``"iid"`` or None; ``noise_draws`` draws per checkpoint.
-        compute_dtype, engine_method: passed to :func:`sftint_fast.evaluate`.
+        compute_dtype, engine_method: passed to :func:`sftint_fast.evaluate`; ``compute_dtype="auto"`` runs each
+            model in its own dtype (a float64 or bfloat16 model as it is).
         min_base_py: probes whose base target probability is lower are dropped at the base checkpoint.
         irrelevant_fraction: a probe whose ``p_y`` falls under this fraction of its base value is flagged
             and its changes are counted apart.
@@ -684,16 +685,21 @@ class SFTTracker:
         full = torch.tensor([(1 << self.games[0].num_players) - 1])
         games = [dataclasses.replace(self.games[i], value=_answer_log_prob(self.games[i].target)) for i in longer]
         rows = sf.evaluate_many(model, games, method="naive", subsets=full, progress=False,
-                                compute_dtype=self.config.compute_dtype)
+                                compute_dtype=self._compute_dtype)
         py[longer] = torch.stack([row.cpu().double()[0] for row in rows]).exp()
         return py
+
+    @property
+    def _compute_dtype(self) -> str | None:
+        """The ``compute_dtype`` passed to the engine: ``"auto"`` runs the model in its own dtype (None)."""
+        return None if self.config.compute_dtype == "auto" else self.config.compute_dtype
 
     def _evaluate_games(self, model: Any, games: Sequence[Any]) -> torch.Tensor:
         """``(len(games), 2^n)`` float64 CPU values, split across the ranks under ``torch.distributed``."""
         import sftint_fast as sf
 
         rows = sf.evaluate_many(model, games, method=self.config.engine_method, progress=False,
-                                compute_dtype=self.config.compute_dtype)
+                                compute_dtype=self._compute_dtype)
         return torch.stack([row.cpu() for row in rows]).double()
 
     def _numerics(self, model: Any) -> dict[str, Any] | None:
@@ -709,9 +715,9 @@ class SFTTracker:
         from sftint_fast.engine.adapters import get_adapter
 
         game = self.games[0]
-        dtype = self.config.compute_dtype
+        dtype = self._compute_dtype
         subsets = numerics_subsets(game.num_players, self.config.seed)
-        out: dict[str, Any] = {"probe": 0, "compute_dtype": dtype,
+        out: dict[str, Any] = {"probe": 0, "compute_dtype": self.config.compute_dtype,
                                "variants": 1 << game.num_players if subsets is None else int(subsets.numel())}
         naive = sf.evaluate(model, game, method="naive", subsets=subsets, progress=False, compute_dtype=dtype).double()
         if get_adapter(model) is not None:
@@ -719,7 +725,8 @@ class SFTTracker:
                                compute_dtype=dtype).double()
             out.update(engine_max_abs=(trie - naive).abs().max().item(),
                        engine_rms=(trie - naive).pow(2).mean().sqrt().item())
-        other = "float32" if dtype == "bfloat16" else "bfloat16"
+        own = next(model.parameters()).dtype
+        other = "float32" if dtype == "bfloat16" or (dtype is None and own == torch.bfloat16) else "bfloat16"
         try:
             alt = sf.evaluate(model, game, method="naive", subsets=subsets, progress=False,
                               compute_dtype=other).double()
@@ -897,7 +904,7 @@ class SFTTracker:
         for i, g in enumerate(self.games):
             tensors[f"{i}:input_ids"] = g.input_ids.contiguous()
             tensors[f"{i}:target"] = g.target.contiguous()
-            tensors[f"{i}:baseline"] = g.baseline.detach().float().contiguous()
+            tensors[f"{i}:baseline"] = g.baseline.detach().cpu().contiguous()  # its own dtype: float64 stays exact
         _atomic_save_tensors(self.out_dir / "games.safetensors", tensors)
         _atomic_write_text(self.out_dir / "games.json", json.dumps(_json_safe(meta), indent=1))
 
