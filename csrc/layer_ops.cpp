@@ -38,6 +38,7 @@
 #include <limits>
 #include <tuple>
 #include <utility>
+#include <vector>
 
 #if defined(__GNUC__)
 #define SFTINT_INLINE __attribute__((always_inline)) inline
@@ -249,6 +250,25 @@ bool overlaps(const at::Tensor& a, const at::Tensor& b) {
   return a0 < b1 && b0 < a1;
 }
 
+// Whether two elements of x may share memory. ATen decides dense tensors and zero strides; for other strided views
+// (TooHard), sorted by stride, every dimension must step past all the offsets of the ones below it (true of any
+// slice or permutation of a dense tensor; an exotic non-overlapping as_strided layout is refused, not mis-written).
+bool self_overlaps(const at::Tensor& x) {
+  const at::MemOverlap status = at::has_internal_overlap(x);
+  if (status != at::MemOverlap::TooHard) return status == at::MemOverlap::Yes;
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dimensions with more than one element
+  for (int64_t d = 0; d < x.dim(); ++d) {
+    if (x.size(d) > 1) dims.emplace_back(x.stride(d), x.size(d));
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t extent = 1;  // 1 + the largest offset reached by the dimensions so far
+  for (const auto& [stride, size] : dims) {
+    if (stride < extent) return true;
+    extent += stride * (size - 1);
+  }
+  return false;
+}
+
 void check_cpu_f32(const at::Tensor& t, const char* name, const char* op) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, op, ": ", name,
               ": expected a float32 CPU tensor, got ", t.scalar_type(), " on ", t.device());
@@ -289,7 +309,7 @@ void rope_(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK(x.dim() == 3 && x.size(2) % 2 == 0 && (x.size(2) == 0 || x.stride(2) == 1),
               "rope_: x: expected shape [N, heads, D] with D even and unit stride over D, got ", x.sizes(),
               " with strides ", x.strides());
-  TORCH_CHECK(at::has_internal_overlap(x) != at::MemOverlap::Yes,
+  TORCH_CHECK(!self_overlaps(x),
               "rope_: x: expected a tensor whose elements do not share memory (it is written in place), got shape ",
               x.sizes(), " with strides ", x.strides(), " (an expanded tensor?); pass x.contiguous()");
   for (const auto& [name, table] : {std::pair<const char*, const at::Tensor&>{"cos", cos}, {"sin", sin}}) {
@@ -321,6 +341,10 @@ void silu_mul_(at::Tensor& gate, const at::Tensor& up) {
   TORCH_CHECK(up.sizes() == gate.sizes(), "silu_mul_: up: expected shape ", gate.sizes(), " (that of gate), got ",
               up.sizes());
   const at::Tensor u = up.contiguous();
+  // up is read while gate is written: up being gate itself is fine (elementwise), a shifted view of it is not
+  TORCH_CHECK(at::get_overlap_status(gate, u) != at::MemOverlapStatus::Partial,
+              "silu_mul_: up: expected gate itself or a tensor not to share memory with gate (gate is written in ",
+              "place), got a view that partly overlaps gate; pass a clone");
   const int64_t n = gate.numel();
   if (n) {
     float* gp = gate.mutable_data_ptr<float>();

@@ -347,3 +347,45 @@ def test_layer_ops_load_the_extension_or_say_why_not(skip):
     assert out.returncode == 0, out.stderr
     expected = "torch.Size([2, 4])" if skip == "0" else "rms_norm: needs the C++ extension sftint_fast._C"
     assert expected in out.stdout, out.stdout
+
+
+def test_silu_mul_refuses_an_up_that_partly_overlaps_gate():
+    """gate is written in place while up is read: an up one element beside gate in the same buffer was read after
+    its elements had been overwritten (silently wrong, max error ~3). up *is* gate stays allowed (elementwise)."""
+    buf = torch.randn(65)
+    with pytest.raises(RuntimeError, match="silu_mul_: up: expected .* not to share memory with gate"):
+        layer_ops.silu_mul_(buf[1:], buf[:-1])
+    with pytest.raises(RuntimeError, match="silu_mul_: up: expected .* not to share memory with gate"):
+        layer_ops.silu_mul_(buf[:-1], buf[1:])
+    x = torch.randn(40)
+    want = torch.nn.functional.silu(x.double()) * x.double()
+    torch.testing.assert_close(layer_ops.silu_mul_(x, x).double(), want, rtol=TOL, atol=1e-30)
+    gate, up = torch.randn(8, 6), torch.randn(6, 8)
+    layer_ops.silu_mul_(gate, up.t())  # a non-contiguous up is copied first: no overlap to check
+
+
+@pytest.mark.parametrize("sizes, strides", [((3, 2, 8), (16, 4, 1)), ((4, 1, 8), (4, 8, 1))],
+                         ids=["heads-overlap", "tokens-overlap"])
+def test_rope_refuses_an_x_whose_strided_elements_overlap(sizes, strides):
+    """Overlapping strided views (no zero stride, so ATen calls them 'too hard') were rotated in place, each shared
+    element once per alias: silently wrong. Views of dense tensors (permuted, sliced) stay accepted."""
+    x = torch.randn(200).as_strided(sizes, strides)
+    table = torch.randn(sizes[0], sizes[2])
+    with pytest.raises(RuntimeError, match="rope_: x: expected a tensor whose elements do not share memory"):
+        layer_ops.rope_(x, table, table.clone())
+    dense = torch.randn(2, 5, 8).transpose(0, 1)[1:, ::1]  # [4, 2, 8], strides (8, 40, 1)
+    layer_ops.rope_(dense, torch.randn(4, 8), torch.randn(4, 8))
+
+
+@pytest.mark.parametrize("op", ["rms_norm", "rope_", "silu_mul_"])
+def test_layer_ops_refuse_other_inputs_autograd_tracks(op):
+    """Only x (gate) was checked: a weight, table or up that autograd tracks came out with no grad_fn (a silently
+    missing gradient, e.g. rms_norm(x, norm.weight) of an nn.Parameter)."""
+    tracked = torch.randn(3, 8).requires_grad_()
+    call = {"rms_norm": lambda: layer_ops.rms_norm(torch.randn(3, 8), tracked[0], 1e-6),
+            "rope_": lambda: layer_ops.rope_(torch.randn(3, 2, 8), torch.ones(3, 8), tracked * 1),
+            "silu_mul_": lambda: layer_ops.silu_mul_(torch.randn(3, 8), tracked * 1)}[op]
+    with pytest.raises(ValueError, match=f"{op}: .*expected a tensor autograd does not track.*requires_grad=True"):
+        call()
+    with torch.no_grad():
+        call()

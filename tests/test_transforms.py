@@ -296,3 +296,12 @@ def test_validation_errors_name_the_callers_argument():
         sf.shapley(torch.tensor([0.0, float("nan"), 1.0, 2.0]))
     with pytest.raises(ValueError, match=r"^interactions: expected shape \(\.\.\., 2\^n\)"):
         sf.inverse_harsanyi(torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("kind", [["subset_mobius"], None, 3], ids=["list", "None", "int"])
+def test_transform_kind_of_the_wrong_type_says_what_is_expected(kind):
+    """A list kind raised 'unhashable type: list' (the dict lookup), not what kind must be."""
+    from sftint_fast.ops.transforms import transform
+
+    with pytest.raises(ValueError, match=r"kind: expected one of \['subset_mobius'"):
+        transform(torch.zeros(4), kind)

@@ -71,6 +71,8 @@ def test_bad_inputs_raise_value_error():
         butterfly(torch.zeros(4, dtype=torch.float16), "subset_mobius")
     with pytest.raises(ValueError):
         butterfly(torch.zeros(4), "mobius")
+    with pytest.raises(ValueError, match="kind: expected one of"):  # was TypeError: unhashable type: 'list'
+        butterfly(torch.zeros(4), ["subset_mobius"])
 
 
 def test_available_on_this_machine():

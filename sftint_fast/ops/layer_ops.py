@@ -31,16 +31,18 @@ def log_odds_available(logits: torch.Tensor) -> bool:
     return logits.device.type == "cpu" and logits.dtype == torch.float32 and has_ext()
 
 
-def _op(name: str, x: torch.Tensor | None = None, x_name: str = "x"):
+def _op(name: str, **untracked: torch.Tensor):
     """``torch.ops.sftint.<name>``, loading the extension first (nothing else may have imported it yet); a clear
-    RuntimeError without it, a ValueError for an ``x`` that autograd tracks (these ops have no backward)."""
+    RuntimeError without it, a ValueError for any of ``untracked`` (argument name → tensor) that autograd tracks
+    (these ops have no backward: a tracked weight or table would silently get no gradient)."""
     ok, reason = extension_status()
     if not ok:
         raise RuntimeError(f"{name}: needs the C++ extension sftint_fast._C, which is unavailable: {reason} "
                            f"(check layer_ops.available(x) first)")
-    if x is not None and x.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"{name}: {x_name}: expected a tensor autograd does not track (the op has no backward), "
-                         f"got one with requires_grad=True; call it under torch.no_grad() or pass {x_name}.detach()")
+    for arg, t in untracked.items():
+        if isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled():
+            raise ValueError(f"{name}: {arg}: expected a tensor autograd does not track (the op has no backward), "
+                             f"got one with requires_grad=True; call it under torch.no_grad() or pass {arg}.detach()")
     return getattr(torch.ops.sftint, name)
 
 
@@ -48,21 +50,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, gemma: bool =
     """RMSNorm over the last dimension of float32 ``x [..., H]`` with ``weight [H]``, as HF computes it:
     ``weight * (x * rsqrt(mean(x²) + eps))`` (Llama, Qwen2, Mistral) or, ``gemma=True`` (Gemma-3),
     ``x * rsqrt(mean(x²) + eps) * (1 + weight)``. A new tensor."""
-    return _op("rms_norm", x)(x, weight, float(eps), bool(gemma))
+    return _op("rms_norm", x=x, weight=weight)(x, weight, float(eps), bool(gemma))
 
 
 def rope_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half rotary embedding of float32 ``x [N, heads, D]`` (unit stride over ``D``) with per-token tables
     ``cos, sin [N, D]``, **in place**: ``x ← x * cos + rotate_half(x) * sin`` (HF's ``apply_rotary_pos_emb``, the
     same float32 roundings). Returns ``x``."""
-    _op("rope_", x)(x, cos, sin)
+    _op("rope_", x=x, cos=cos, sin=sin)(x, cos, sin)
     return x
 
 
 def silu_mul_(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """The gated MLP's ``silu(gate) * up`` on float32 tensors of one shape, **in place** into ``gate``
     (contiguous). Returns ``gate``."""
-    _op("silu_mul_", gate, "gate")(gate, up)
+    _op("silu_mul_", gate=gate, up=up)(gate, up)
     return gate
 
 

@@ -109,7 +109,7 @@ class _Transform(torch.autograd.Function):
 
 def transform(x: torch.Tensor, kind: Kind, *, max_players: int | None = None, check_finite: bool = True) -> torch.Tensor:
     """Applies one of the four transforms (see the module docstring) to ``x`` of shape ``(..., 2^n)``."""
-    if kind not in _ADJOINT:
+    if not isinstance(kind, str) or kind not in _ADJOINT:
         raise ValueError(f"kind: expected one of {sorted(_ADJOINT)}, got {kind!r}")
     validate_game_tensor(x, name="x", max_players=max_players, check_finite=check_finite)
     return apply_unchecked(x, kind)

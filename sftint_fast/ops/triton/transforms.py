@@ -111,7 +111,7 @@ def butterfly(x: torch.Tensor, kind: str) -> torch.Tensor:
     if not available(x):
         raise ValueError(f"x: expected a CUDA tensor with triton installed (or TRITON_INTERPRET=1), got {x.device}")
     check_interpreter(x.device)
-    if kind not in _SIGN_SUPERSET:
+    if not isinstance(kind, str) or kind not in _SIGN_SUPERSET:
         raise ValueError(f"kind: expected one of {sorted(_SIGN_SUPERSET)}, got {kind!r}")
     if x.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"x: expected dtype float32 or float64, got {x.dtype}")
