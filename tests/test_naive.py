@@ -162,3 +162,67 @@ def test_mode_restored_no_grad_and_compute_dtypes():
         warnings.simplefilter("error")
         direct = evaluate_naive(model, game, torch.arange(64), progress=False)
     assert torch.equal(direct, v)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_attention_masking_ignores_a_sliding_window_the_model_does_not_use(arch):
+    """A config may carry a ``sliding_window`` its model's forward never reads (Llama, GPT-2): the naive engine's
+    attention masks must not window where the model does not, and the trie (which reads the model) agrees."""
+    model = tiny_model(arch, initializer_range=0.2, sliding_window=2)
+    game = Game.from_text(model, TOK, TEXT_A, players=[0, 2, 4], masking="attention")
+    assert game.input_ids.numel() > 2 * model.config.sliding_window
+    v = sf.evaluate(model, game, method="naive", progress=False)
+    expected = torch.tensor([_reference(model, game, s, TOK.pad_token_id) for s in range(v.numel())])
+    assert (v.double() - expected).abs().max() <= 1e-4 * max(1.0, float(expected.abs().max()))
+    trie = sf.evaluate(model, game, method="trie", progress=False)
+    torch.testing.assert_close(trie, v, atol=1e-4, rtol=1e-4)
+
+
+def test_attention_masking_windows_the_sliding_layers_of_a_multimodal_model():
+    """Gemma-3's multimodal model keeps ``layer_types`` and ``sliding_window`` in its text config: the naive engine's
+    attention masks must still window its sliding layers (no trie adapter: this model always runs naive)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=8, num_hidden_layers=2, sliding_window=2, layer_types=["sliding_attention", "full_attention"],
+                query_pre_attn_scalar=16, pad_token_id=0, initializer_range=0.2)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                                        boi_token_index=125, eoi_token_index=126,
+                                                        image_token_index=127)).eval()
+    game = Game.from_text(model, TOK, TEXT_A, players=[0, 2, 4], masking="attention")
+    assert game.input_ids.numel() > 2 * text["sliding_window"]
+    v = sf.evaluate(model, game, method="naive", progress=False)
+    # Plain forwards that keep every token in place (a window counts sequence places, so deleting tokens as
+    # _reference does would move it) and hide the masked players with a padding mask; no player is scored.
+    rows, ids = game.player_mask_rows(), game.input_ids[None]
+    positions = torch.arange(ids.shape[1])[None]
+    expected = []
+    for subset in range(v.numel()):
+        keep = (rows < 0) | (((subset >> rows.clamp(min=0)) & 1) == 1)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=keep[None].long(), position_ids=positions).logits
+        expected.append(_log_odds(logits[0, game.score_positions], game.target))
+    expected = torch.tensor(expected)
+    assert (v.double() - expected).abs().max() <= 1e-4 * max(1.0, float(expected.abs().max()))
+
+
+def test_attention_masking_refuses_layers_an_attention_mask_cannot_hide_tokens_from():
+    """Recurrent / linear-attention / conv layers (hybrid models) mix tokens without reading the attention mask:
+    "attention" masking would leave the masked players visible to them, so it is refused with the reason."""
+    from transformers import AutoModelForCausalLM, JambaConfig
+
+    cfg = JambaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                      num_key_value_heads=2, num_hidden_layers=2, attn_layer_period=2, attn_layer_offset=1,
+                      num_experts=2, mamba_d_state=4, mamba_dt_rank=4, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    assert "linear_attention" in model.config.layer_types
+    game = Game.from_text(model, TOK, TEXT_A, players=[0, 2], target="mat", masking="attention")
+    with pytest.raises(ValueError, match=r"masking='attention'.*JambaForCausalLM.*\['linear_attention'\].*"
+                                         r"masking='embedding'"):
+        sf.evaluate(model, game, method="naive", progress=False)
+    embedding = Game.from_text(model, TOK, TEXT_A, players=[0, 2], target="mat")
+    assert sf.evaluate(model, embedding, method="naive", progress=False).shape == (4,)

@@ -71,23 +71,46 @@ def attention_keep_mask(
     return mask[:, None]
 
 
+def _decoder_source(model: Any) -> str | None:
+    """The source of the ``forward`` of the model's text decoder (a multimodal model's language model), the module
+    that builds the masks of its layers, or None when it cannot be read."""
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    if not isinstance(decoder, torch.nn.Module):
+        decoder = getattr(model, "base_model", model)
+    try:
+        return inspect.getsource(type(decoder).forward)
+    except (OSError, TypeError):
+        return None
+
+
+def _text_config(model: Any) -> Any:
+    """The config of the model's text decoder: a multimodal model keeps its layer types and window there."""
+    cfg = model.config
+    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+
+
 def _reads_layer_types(model: Any) -> bool:
     """Whether the model's decoder takes a mask per layer type (its forward builds a ``causal_mask_mapping``,
     transformers' form for models with mixed full/sliding layers). True when its source cannot be read."""
-    base = getattr(model, "base_model", model)
-    try:
-        source = inspect.getsource(type(base).forward)
-    except (OSError, TypeError):
-        return True
-    return "causal_mask_mapping" in source
+    source = _decoder_source(model)
+    return source is None or "causal_mask_mapping" in source
+
+
+def _reads_sliding_window(model: Any) -> bool:
+    """Whether the model's decoder windows its attention at all (its forward builds a sliding-window mask): a config
+    may carry a ``sliding_window`` that its model never reads (Llama, GPT-2). True when its source cannot be read."""
+    source = _decoder_source(model)
+    return source is None or "sliding_window" in source
 
 
 def _attention_masks(model: Any, game: Game, subsets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | dict:
     """The 4D mask(s) for ``"attention"`` masking. A user mask replaces the model's own, sliding window
     included, so windowed layers get a windowed mask: one mask when every layer is alike, else a dict by
-    layer type (the form transformers' models with mixed layers accept)."""
-    cfg = model.config
-    window = getattr(cfg, "sliding_window", None)
+    layer type (the form transformers' models with mixed layers accept). A multimodal model's layer types and window
+    are those of its text config."""
+    cfg = _text_config(model)
+    window = getattr(cfg, "sliding_window", None) if _reads_sliding_window(model) else None
     layer_types = getattr(cfg, "layer_types", None)
     if layer_types is None or not _reads_layer_types(model):
         # e.g. Mistral: one mask for every layer, windowed when the config sets a window (its forward ignores
@@ -100,6 +123,21 @@ def _attention_masks(model: Any, game: Game, subsets: torch.Tensor, dtype: torch
     if kinds == {"sliding_attention"}:
         return windowed
     return {"full_attention": attention_keep_mask(game, subsets, dtype), "sliding_attention": windowed}
+
+
+#: Layer types (transformers' ``config.layer_types``) that an attention mask fully controls, or that mix no tokens.
+MASKABLE_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "mlp", "moe"})
+
+
+def check_attention_masking(model: Any) -> None:
+    """Refuse ``"attention"`` masking on a model with layers that mix tokens without reading the attention mask
+    (recurrent / linear attention, convolutions, hybrids) or read it in a form the 4D masks here do not give
+    (chunked attention): their masked players would stay visible, silently."""
+    others = sorted(set(getattr(_text_config(model), "layer_types", None) or ()) - MASKABLE_LAYER_TYPES)
+    if others:
+        raise ValueError(f"masking='attention': expected a model whose every token-mixing layer is full or sliding "
+                         f"attention, received {type(model).__name__} with layer types {others}, which an attention "
+                         f"mask cannot hide the masked players from; use masking='embedding'")
 
 
 def _accepts_logits_to_keep(model: Any) -> bool:
@@ -152,6 +190,8 @@ def evaluate_naive_games(
             raise ValueError(f"games[{i}]: expected the layout of games[0] (length, targets, masking[, spans]) "
                              f"{layout}, received {naive_layout(game)}")
     first = games[0]
+    if first.masking == "attention":
+        check_attention_masking(model)
     device = model_device(model)
     subsets = subsets.to(device=device, dtype=torch.int64)
     embedding = model.get_input_embeddings()
