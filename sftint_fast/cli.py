@@ -75,6 +75,14 @@ def _share(text: str) -> float:
     return _unit_float(text, closed=False, what="a share")
 
 
+def _refuse_unused(flag: str, value, needs: str, instead: str) -> None:
+    """ValueError for an option the command would ignore (``value`` given, not None, where ``needs`` is not met but
+    ``instead`` is): an option is refused, never silently dropped."""
+    if value is not None:
+        shown = ",".join(value) if isinstance(value, tuple) else value
+        raise ValueError(f"{flag}: expected only {needs}, received {flag} {shown} {instead}")
+
+
 def _debug() -> bool:
     """Whether ``SFTINT_DEBUG`` asks for a refusal's traceback instead of its one-line message."""
     import os
@@ -110,8 +118,8 @@ def _add_game_args(p: argparse.ArgumentParser, n_players_help: str = "") -> None
     p.add_argument("--n-players", type=_int_at_least(1), default=None,
                    help="keep N content words as players (the first N, or the last with --pick last)"
                         + n_players_help)
-    p.add_argument("--pick", choices=["first", "last"], default="first",
-                   help="with --n-players: keep the first or the last N content words")
+    p.add_argument("--pick", choices=["first", "last"], default=None,
+                   help="with --n-players: keep the first (default) or the last N content words")
     p.add_argument("--target", default=None, help="answer text (teacher-forced); default: the greedy next token")
     p.add_argument("--chat", action="store_true", help="wrap the text in the tokenizer's chat template")
     p.add_argument("--masking", choices=["embedding", "attention"], default="embedding")
@@ -136,8 +144,21 @@ def _load(args: argparse.Namespace):
     from sftint_fast.models import load_model, resolve_device
 
     device = resolve_device(args.device)
+    _check_base(args)
     model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype), base=args.base)
     return model.to(device), tokenizer
+
+
+def _check_base(args: argparse.Namespace) -> None:
+    """``--base`` only applies to an adapter ``--model``: with a full model it would be ignored, so it is refused."""
+    from pathlib import Path
+
+    from sftint_fast.models import is_adapter_folder
+
+    full = args.model in ("default", "gemma") or (Path(args.model).is_dir() and not is_adapter_folder(args.model))
+    if args.base is not None and full:
+        raise ValueError(f"--base: expected only with a PEFT adapter --model (adapter_config.json), received the full "
+                         f"model {args.model!r} (with --base {args.base!r})")
 
 
 def _add_explain(sub: argparse._SubParsersAction) -> None:
@@ -155,9 +176,10 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top", type=_int_at_least(0), default=10, help="how many interactions to print and plot")
     p.add_argument("--andor", choices=["none", "sgd", "lp"], default="none",
                    help="also the sparse AND-OR decomposition (METHOD.md section 3): sgd or the exact lp")
-    p.add_argument("--qthres", type=_non_negative_float, default=0.04,
-                   help="AND-OR noise bound, a share of |v(N) - v(empty)|")
-    p.add_argument("--niter", type=_int_at_least(0), default=20000, help="SGD iterations of the AND-OR decomposition")
+    p.add_argument("--qthres", type=_non_negative_float, default=None,
+                   help="with --andor: AND-OR noise bound, a share of |v(N) - v(empty)| (default 0.04)")
+    p.add_argument("--niter", type=_int_at_least(0), default=None,
+                   help="with --andor: SGD iterations of the AND-OR decomposition (default 20000)")
     p.set_defaults(func=_run_explain)
 
 
@@ -229,6 +251,10 @@ def _run_explain(args: argparse.Namespace) -> int:
     from sftint_fast import distributed
     from sftint_fast.models import resolve_device
 
+    _refuse_unused("--pick", None if args.n_players is not None else args.pick, "with --n-players",
+                   "without --n-players")
+    for flag, value in (("--qthres", args.qthres), ("--niter", args.niter)):
+        _refuse_unused(flag, None if args.andor != "none" else value, "with --andor sgd or lp", "with --andor none")
     refusal = _file_refusal("explain", "--file", args.file, "a JSONL file of prompts")
     if refusal is not None:
         print(refusal, file=sys.stderr)
@@ -259,7 +285,8 @@ def _run_explain(args: argparse.Namespace) -> int:
             n_players = args.n_players if args.file is None or players == "words" else None
             try:
                 games.append(sf.Game.from_text(model, tokenizer, text, players=players, n_players=n_players,
-                                               target=target, chat=args.chat, masking=args.masking, pick=args.pick))
+                                               target=target, chat=args.chat, masking=args.masking,
+                                               pick=args.pick or "first"))
             except (ValueError, TypeError) as err:
                 if args.file is None:
                     raise
@@ -316,7 +343,8 @@ def _explain_one(args: argparse.Namespace, tokenizer, text: str, game, v, out) -
             "AND interaction I(S) of v - v(empty)")
     andor = None
     if args.andor != "none":
-        andor = sf.and_or(v.double(), method=args.andor, qthres=args.qthres, niter=args.niter, progress=True)
+        given = {name: value for name, value in (("qthres", args.qthres), ("niter", args.niter)) if value is not None}
+        andor = sf.and_or(v.double(), method=args.andor, progress=True, **given)
         both = sorted([("AND", r) for r in sf.top_interactions(andor.I_and, args.top, words)]
                       + [("OR", r) for r in sf.top_interactions(andor.I_or, args.top, words)],
                       key=lambda item: -abs(item[1].value))[:args.top]
@@ -331,20 +359,26 @@ def _explain_one(args: argparse.Namespace, tokenizer, text: str, game, v, out) -
                 "AND-OR interaction of v - v(empty)")
     if out is None:
         return
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "v.safetensors", lambda tmp: save_file({"v": v.contiguous()}, tmp))
-    _atomic_write(out / "interactions.safetensors", lambda tmp: save_file(tensors, tmp))
     config = {
-        "model": args.model, "dtype": args.dtype, "device": getattr(args, "model_device", args.device),
+        "model": args.model, "base": args.base, "dtype": args.dtype,
+        "device": getattr(args, "model_device", args.device),
         "text": text, "chat": args.chat, "masking": args.masking, "n_players": args.n_players,
-        "pick": args.pick,
+        "pick": args.pick or "first",
         "method": args.method, "words": list(game.words), "player_spans": [list(s) for s in game.player_spans],
         "input_ids": game.input_ids.tolist(), "target": game.target.tolist(),
         "target_text": tokenizer.decode(game.target), "value": "log_odds",
         "interactions": "harsanyi(v - v[0])", "bit_order": "bit i = player i",
         "andor": None if andor is None else andor.config,
     }
-    _atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2), encoding="utf-8"))
+    text_config = json.dumps(config, indent=2)
+    out.mkdir(parents=True, exist_ok=True)
+    # each results file carries its config; an earlier run's config.json goes first, so that a run killed while it
+    # writes never leaves it beside this run's results
+    (out / "config.json").unlink(missing_ok=True)
+    metadata = {"config": text_config}
+    _atomic_write(out / "v.safetensors", lambda tmp: save_file({"v": v.contiguous()}, tmp, metadata=metadata))
+    _atomic_write(out / "interactions.safetensors", lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    _atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text_config, encoding="utf-8"))
     _save_bar_plot(out / "interactions.png", *bars)
     print(f"wrote {out}/v.safetensors, interactions.safetensors, config.json, interactions.png")
 
@@ -414,6 +448,9 @@ def _run_track(args: argparse.Namespace) -> int:
             print(refusal, file=sys.stderr)
             return 2
     options = {key: getattr(args, flag[2:].replace("-", "_")) for flag, key, _ in _TRACK_OPTIONS}
+    for flag, key in (("--qthres", "qthres"), ("--niter", "andor_niter"), ("--andor-lr", "andor_lr")):
+        _refuse_unused(flag, options[key] if args.andor_method == "and" else None, "with --andor-method sgd or lp",
+                       "with --andor-method and (AND interactions alone)")
     options = {key: value for key, value in options.items() if value is not None}
     owns_group = not distributed.is_distributed() and distributed.init_from_env()  # under torchrun
     failed = False
@@ -442,8 +479,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="offline SFT of the bundled SmolLM2 with interaction tracking "
                                     "(~5 min on 2 CPU cores; the report in --out)")
     p.add_argument("--steps", type=_int_at_least(1), default=24)
-    p.add_argument("--probes", type=_int_at_least(1), default=8, help="how many confident probes to track")
-    p.add_argument("--probe-sources", type=_probe_sources, default="countries,chatterbot", metavar="S[,S]",
+    p.add_argument("--probes", type=_int_at_least(1), default=None,
+                   help="how many confident probes to track (default 8)")
+    p.add_argument("--probe-sources", type=_probe_sources, default=None, metavar="S[,S]",
                    help="where the probes come from, in order: countries (capital-city questions, countryinfo), "
                         "chatterbot (trivia questions); default: both")
     p.add_argument("--probes-file", default=None, metavar="JSONL",
@@ -452,7 +490,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--every", type=_int_at_least(1), default=4)
     p.add_argument("--lr", type=_positive_float, default=1e-4)
     p.add_argument("--andor-method", choices=["sgd", "lp", "and"], default="sgd")
-    p.add_argument("--niter", type=_int_at_least(0), default=20000, help="SGD iterations of the AND-OR decomposition")
+    p.add_argument("--niter", type=_int_at_least(0), default=None,
+                   help="SGD iterations of the AND-OR decomposition (default 20000)")
     p.add_argument("--out", default="sftint-demo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:<i>: where training and tracking run")
@@ -473,8 +512,14 @@ def _run_demo(args: argparse.Namespace) -> int:
     from sftint_fast.models import resolve_device
     from sftint_fast.plot import headline
     from sftint_fast.sft.demo import run_demo
-    from sftint_fast.sft.probes import check_probe_sources
+    from sftint_fast.sft.probes import PROBE_SOURCES, check_probe_sources
 
+    for flag, value in (("--probes", args.probes), ("--probe-sources", args.probe_sources)):
+        _refuse_unused(flag, None if args.probes_file is None else value, "without --probes-file",
+                       "with --probes-file (every probe of the file is tracked)")
+    _refuse_unused("--niter", None if args.andor_method == "sgd" else args.niter, "with --andor-method sgd",
+                   f"with --andor-method {args.andor_method}")
+    sources = args.probe_sources or PROBE_SOURCES
     try:
         resolve_device(args.device)
     except ValueError as err:
@@ -482,7 +527,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         return 2
     if args.probes_file is None:
         try:
-            check_probe_sources(args.probe_sources)
+            check_probe_sources(sources)
         except ImportError as err:
             print(f"sftint demo: {err} (--probe-sources chooses the sources)", file=sys.stderr)
             return 2
@@ -491,10 +536,11 @@ def _run_demo(args: argparse.Namespace) -> int:
         if refusal is not None:
             print(refusal, file=sys.stderr)
             return 2
-    report, md = run_demo(args.out, steps=args.steps, probes=args.probes, n_players=args.n_players, every=args.every,
-                          lr=args.lr, andor_method=args.andor_method, andor_niter=args.niter, seed=args.seed,
+    report, md = run_demo(args.out, steps=args.steps, probes=8 if args.probes is None else args.probes,
+                          n_players=args.n_players, every=args.every, lr=args.lr, andor_method=args.andor_method,
+                          andor_niter=20000 if args.niter is None else args.niter, seed=args.seed,
                           device=args.device, lora=args.lora, stop_at_boundary=args.stop_at_boundary,
-                          max_overhead=args.max_overhead, probe_sources=args.probe_sources,
+                          max_overhead=args.max_overhead, probe_sources=sources,
                           probes_file=args.probes_file)
     h = headline(report)
     print(f"report: {md}")
@@ -648,10 +694,13 @@ def _run_bench(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"--{err}", file=sys.stderr)
         return 2
+    _refuse_unused("--pick", args.pick if players != "words" else None, "with --n-players or --players all",
+                   f"with --players {args.players}")
+    pick = args.pick or "first"
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model, tokenizer = _load(args)
-    options = {"target": args.target, "chat": args.chat, "masking": args.masking, "pick": args.pick}
+    options = {"target": args.target, "chat": args.chat, "masking": args.masking, "pick": pick}
     try:
         game = sf.Game.from_text(model, tokenizer, args.text, players=players, n_players=args.n_players, **options)
         if args.n_players is None and players == "words" and game.num_players > BENCH_PLAYERS:
@@ -659,7 +708,7 @@ def _run_bench(args: argparse.Namespace) -> int:
             content = sum(map(is_content_word, game.words))
             every = list(range(game.num_players))
             players = ("words" if content >= BENCH_PLAYERS else
-                       every[:BENCH_PLAYERS] if args.pick == "first" else every[-BENCH_PLAYERS:])
+                       every[:BENCH_PLAYERS] if pick == "first" else every[-BENCH_PLAYERS:])
             game = sf.Game.from_text(model, tokenizer, args.text, players=players,
                                      n_players=BENCH_PLAYERS if players == "words" else None, **options)
     except ValueError as err:
@@ -684,7 +733,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         print(f"sftint bench: {err}", file=sys.stderr)
         return 2
     report["config"] = {"model": args.model, "text": args.text, "players": args.players, "n_players": game.num_players,
-                        "pick": args.pick, "target": args.target, "chat": args.chat, "masking": args.masking,
+                        "pick": pick, "base": args.base, "target": args.target, "chat": args.chat,
+                        "masking": args.masking,
                         "engines": args.engines,
                         "sample": args.sample, "seed": args.seed, "dtype": args.dtype,
                         "compute_dtype": args.compute_dtype}

@@ -112,17 +112,23 @@ def shutdown(*, synchronize: bool = True) -> None:
     torch.distributed.destroy_process_group()
 
 
-def game_cost(game: Game, *, method: str = "auto") -> int:
-    """Tokens the engine computes for all ``2^n`` variants: the trie's count from ``plan_trie`` (its
-    ``trie_tokens``), or ``len(input_ids) · 2^n`` for the naive engine or when the planner is not installed."""
-    naive = int(game.input_ids.numel()) << game.num_players
+def game_cost(game: Game, *, method: str = "auto", subsets: torch.Tensor | None = None) -> int:
+    """Tokens the engine computes for the variants evaluated (``subsets``, None = all ``2^n``): the trie's count
+    (``plan_trie``'s ``trie_tokens``; for all ``2^n`` from the segment lengths alone, so that a game too large to
+    evaluate whole is refused by the engine, not planned here), or ``len(input_ids)`` per variant for the naive
+    engine or when the planner is not installed."""
+    variants = 1 << game.num_players if subsets is None else int(torch.as_tensor(subsets).numel())
+    naive = int(game.input_ids.numel()) * variants
     if method == "naive":
         return naive
     try:
-        from sftint_fast.engine.plan import plan_trie
+        from sftint_fast.engine.plan import _segments, plan_trie
     except ImportError:
         return naive
-    return int(plan_trie(game).trie_tokens)
+    if subsets is None:
+        level_lens = _segments(int(game.input_ids.numel()), tuple(game.player_spans))[0]
+        return sum(length << level for level, length in enumerate(level_lens))
+    return int(plan_trie(game, subsets=torch.as_tensor(subsets).to("cpu", torch.int64).reshape(-1)).trie_tokens)
 
 
 def assign_shards(costs: Sequence[float], num_ranks: int) -> list[list[int]]:
@@ -325,7 +331,8 @@ def evaluate_sharded(
     if costs is not None and len(costs) != len(games):
         raise ValueError(f"costs: expected one cost per game ({len(games)}), received {len(costs)}")
     if costs is None:
-        costs = [game_cost(g, method=evaluate_kwargs.get("method", "auto")) for g in games]
+        costs = [game_cost(g, method=evaluate_kwargs.get("method", "auto"), subsets=evaluate_kwargs.get("subsets"))
+                 for g in games]
     mine = assign_shards(costs, world_size())[rank()]
     keys: dict[int, str] = {}
     if out_dir is not None:

@@ -134,3 +134,33 @@ def test_explain_andor(model_dir, tmp_path, method, capsys):
     with pytest.raises(SystemExit):
         main(["explain", "--model", str(model_dir), "--text", TEXT, "--andor", method, "--qthres", "-0.1"])
     assert "--qthres: expected a finite number >= 0, received '-0.1'" in capsys.readouterr().err
+
+
+def test_explain_results_carry_their_config_and_a_killed_rerun_leaves_no_stale_config(model_dir, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """v.safetensors and interactions.safetensors hold the run's config (metadata "config" = config.json); a rerun
+    in the same --out killed after writing v must not leave the earlier run's config.json beside the new v."""
+    import safetensors.torch
+    from safetensors import safe_open
+
+    out = tmp_path / "run"
+    argv = ["explain", "--model", str(model_dir), "--method", "naive", "--out", str(out), "--top", "2"]
+    assert main([*argv, "--text", TEXT]) == 0
+    config = json.loads((out / "config.json").read_text())
+    for name in ("v.safetensors", "interactions.safetensors"):
+        with safe_open(str(out / name), "pt") as f:
+            assert json.loads(f.metadata()["config"]) == config
+    real = safetensors.torch.save_file
+
+    def killed_at_interactions(tensors, filename, metadata=None):
+        if "and" in tensors:
+            raise KeyboardInterrupt
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", killed_at_interactions)
+    with pytest.raises(KeyboardInterrupt):
+        main([*argv, "--text", "a small dog ran"])
+    with safe_open(str(out / "v.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["config"])["text"] == "a small dog ran"
+    stale = (out / "config.json").exists() and json.loads((out / "config.json").read_text())["text"] == TEXT
+    assert not stale, "config.json still describes the earlier run while v.safetensors holds the new one"

@@ -68,6 +68,57 @@ def test_game_cost_naive_and_trie():
     assert 0 < D.game_cost(game) <= D.game_cost(game, method="naive")
 
 
+def _many_player_game(n: int):
+    import sftint_fast as sf
+
+    gen = torch.Generator().manual_seed(n)
+    return sf.Game(input_ids=torch.randint(3, 128, (2 * n + 3,), generator=gen),
+                   player_spans=tuple((1 + 2 * i, 2 + 2 * i) for i in range(n)), words=tuple(f"w{i}" for i in range(n)),
+                   target=torch.tensor([7]), baseline=torch.randn(32, generator=gen), prompt_length=2 * n + 3)
+
+
+def _refuse_all_node_ids(monkeypatch):
+    """Makes building the node ids of all 2^n variants of a large game fail at once (instead of exhausting memory)."""
+    from sftint_fast.engine import plan
+
+    real = plan._level_nodes
+
+    def guarded(num_players, subsets):
+        if subsets is None and num_players > 24:
+            raise AssertionError(f"built the node ids of all 2^{num_players} variants")
+        return real(num_players, subsets)
+
+    monkeypatch.setattr(plan, "_level_nodes", guarded)
+
+
+def test_game_cost_counts_the_sampled_variants(monkeypatch):
+    """The cost of a sampled evaluation is that of its variants (the trie's compact plan), and the cost of all 2^n
+    comes from n alone: a 40-player game is not planned over all of its 2^40 variants."""
+    from sftint_fast.engine.plan import plan_trie
+
+    _refuse_all_node_ids(monkeypatch)
+    game = make_games(4)[3]  # 5 players
+    subsets = torch.tensor([0, 3, 17, 31])
+    assert D.game_cost(game, method="naive", subsets=subsets) == game.input_ids.numel() * 4
+    assert D.game_cost(game, subsets=subsets) == plan_trie(game, subsets=subsets).trie_tokens
+    assert D.game_cost(game) == plan_trie(game).trie_tokens
+    big = _many_player_game(40)
+    assert D.game_cost(big, subsets=torch.tensor([0, 5, (1 << 40) - 1])) < 3 * big.input_ids.numel()
+    # |bg_0| + sum_j 2^(j+1) (|p_j| + |bg_j+1|): one-token players and gaps, 3 tokens after the last player
+    assert D.game_cost(big) == 1 + sum((2 << j) * 2 for j in range(39)) + (1 << 40) * 4
+
+
+def test_evaluate_many_with_out_dir_on_sampled_variants_of_many_players(tmp_path, tiny_llama, monkeypatch):
+    import sftint_fast as sf
+
+    _refuse_all_node_ids(monkeypatch)
+    game = _many_player_game(40)
+    subsets = torch.tensor([0, 5, (1 << 40) - 1])
+    direct = sf.evaluate(tiny_llama, game, subsets=subsets, progress=False)
+    sharded = sf.evaluate_many(tiny_llama, [game], subsets=subsets, out_dir=tmp_path, progress=False)
+    torch.testing.assert_close(sharded[0], direct.cpu())
+
+
 def test_game_key_changes_with_what_changes_values():
     a, b = make_games(2)
     key = D.game_key(a, model_key="m")

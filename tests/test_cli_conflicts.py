@@ -1,0 +1,65 @@
+"""Options a command would ignore are refused (exit 2, a message naming both options), before any model loads."""
+import json
+
+import pytest
+
+import sftint_fast.sft.demo
+from sftint_fast.cli import main
+
+TEXT = "the big cat sat on the mat"
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("the command ran instead of refusing its options")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--pick", "last"], "--pick: expected only with --n-players"),
+    (["--qthres", "0.1"], "--qthres: expected only with --andor sgd or lp"),
+    (["--niter", "50"], "--niter: expected only with --andor sgd or lp"),
+], ids=["pick-without-n-players", "qthres-without-andor", "niter-without-andor"])
+def test_explain_refuses_options_it_would_ignore(tmp_path, argv, message, capsys):
+    assert main(["explain", "--model", str(tmp_path / "not-loaded"), "--text", TEXT, *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "model:" not in err
+
+
+@pytest.mark.parametrize("command", ["explain", "bench", "probes"])
+def test_base_is_refused_with_a_full_model(model_dir, tmp_path, command, capsys):
+    extra = {"explain": ["--text", TEXT], "bench": ["--text", TEXT], "probes": ["--out", str(tmp_path / "p.jsonl")]}
+    rc = main([command, "--model", str(model_dir), "--base", str(model_dir), *extra[command]])
+    assert rc == 2
+    assert "--base: expected only with a PEFT adapter --model (adapter_config.json), received the full model" in (
+        capsys.readouterr().err)
+
+
+def test_bench_refuses_pick_with_explicit_players(tmp_path, capsys):
+    assert main(["bench", "--model", str(tmp_path / "not-loaded"), "--players", "0,1", "--pick", "last"]) == 2
+    err = capsys.readouterr().err
+    assert "--pick: expected only with --n-players or --players all" in err and "model:" not in err
+
+
+@pytest.mark.parametrize("argv", [["--probes", "4"], ["--probe-sources", "countries"]], ids=["count", "sources"])
+def test_demo_refuses_probe_choice_options_with_a_probes_file(tmp_path, monkeypatch, argv, capsys):
+    monkeypatch.setattr(sftint_fast.sft.demo, "run_demo", _never)
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text(json.dumps({"prompt": TEXT}) + "\n")
+    assert main(["demo", "--probes-file", str(probes), *argv, "--out", str(tmp_path / "run")]) == 2
+    assert f"{argv[0]}: expected only without --probes-file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--qthres", "0.1"], ["--niter", "100"], ["--andor-lr", "1e-5"]],
+                         ids=["qthres", "niter", "lr"])
+def test_track_refuses_and_or_options_with_andor_method_and(tmp_path, monkeypatch, argv, capsys):
+    monkeypatch.setattr(sftint_fast.sft.demo, "run_track", _never)
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text(json.dumps({"prompt": TEXT}) + "\n")
+    assert main(["track", "--base", str(tmp_path), "--checkpoints", str(tmp_path), "--probes", str(probes),
+                 "--out", str(tmp_path / "run"), "--andor-method", "and", *argv]) == 2
+    assert f"{argv[0]}: expected only with --andor-method sgd or lp" in capsys.readouterr().err
+
+
+def test_demo_refuses_niter_with_andor_method_and(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sftint_fast.sft.demo, "run_demo", _never)
+    assert main(["demo", "--andor-method", "and", "--niter", "100", "--out", str(tmp_path / "run")]) == 2
+    assert "--niter: expected only with --andor-method sgd" in capsys.readouterr().err
