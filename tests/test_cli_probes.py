@@ -223,3 +223,44 @@ def test_scored_probe_confident_is_the_kept_rule():
     assert ScoredProbe(probe, 0.6, 5, " The").confident(0.5)
     assert not ScoredProbe(probe, 0.6, 5, " The").confident(0.5, content_target=True)
     assert ScoredProbe(probe, 0.6, 5, " Paris").confident(0.5, content_target=True)
+
+
+@pytest.mark.parametrize("players", [[0, 1.7], [True, 2], ["1", 2], [], [[0, 3], 5], [[0, 3.5]], [[0, 1, 2]]],
+                         ids=["float", "bool", "str", "empty", "mixed", "float-span", "triple"])
+def test_probe_players_that_are_not_word_indices_or_spans_are_refused_not_rounded(tmp_path, players):
+    """A JSONL row's players [0, 1.7] became words (0, 1) and [] a probe the tracker drops but that scan_probes and a
+    saved-and-reloaded copy track on its first words; each is now refused with the probe's index."""
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "the big cat sat on the mat"}) + "\n"
+                    + json.dumps({"prompt": "a b c d", "players": players}) + "\n")
+    with pytest.raises(ValueError, match=r"probes\[1\]: expected 'players' as a list of word indices \(ints\)"):
+        load_probes(path)
+    path.write_text(json.dumps({"prompt": "a b c d", "players": [[0, 1], [2, 3]]}) + "\n"
+                    + json.dumps({"prompt": "a b c d", "players": [3, 0]}) + "\n")
+    assert [p.players for p in load_probes(path)] == [((0, 1), (2, 3)), (3, 0)]
+
+
+def test_candidates_hold_each_question_once():
+    """chatterbot-corpus asks "Hi, How is it going?" six times (3 content words: a candidate for --n-players 3): the
+    probe set had it up to six times, one probe counted six times in every per-probe mean and bootstrap."""
+    from sftint_fast.sft.probes import PROBE_SOURCES, confident_candidates
+
+    for module in ("countryinfo", "chatterbot_corpus"):
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed (README install command)")
+    candidates = confident_candidates(PROBE_SOURCES)
+    prompts = [c.prompt for c in candidates]
+    assert len(prompts) == len(set(prompts)) and prompts.count("Hi, How is it going?") == 1
+    assert next(c.answer for c in candidates if c.prompt == "Hi, How is it going?") == "Good"  # the first answer
+
+
+def test_scanning_probes_gives_each_submodule_its_own_mode_back():
+    """A model training with a frozen part in eval mode keeps exactly that mix (``model.train(was_training)`` after
+    the scan put the frozen part back in train mode: dropout on again where the user had turned it off)."""
+    from sftint_fast.sft.probes import scan_probes
+
+    model = tiny_model("llama").train()
+    model.model.layers[0].eval()
+    modes = [m.training for m in model.modules()]
+    scan_probes(model, make_tokenizer(), count=1, min_py=0, n_players=1, candidates=CANDIDATES[:2], chat=False)
+    assert [m.training for m in model.modules()] == modes

@@ -220,6 +220,17 @@ def test_callback_whose_report_cannot_be_written_warns_and_training_goes_on(toke
     assert json.loads((tmp_path / "later" / "report.json").read_text())["steps"] == [0, 2]
 
 
+def test_tracking_a_checkpoint_gives_each_submodule_its_own_mode_back(tokenizer):
+    """The model a training loop hands over (frozen part in eval mode) comes back in that mix, not all in train
+    mode; and under no_grad, so no parameter gets a gradient."""
+    model = tiny_model("llama").train()
+    model.model.layers[1].eval()
+    modes = [m.training for m in model.modules()]
+    _tracker(tokenizer, noise_floor=None, persistence=1).add_checkpoint(model, 0)
+    assert [m.training for m in model.modules()] == modes
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+
+
 def test_callback_with_trainer_logs_metrics(tokenizer, tmp_path):
     trainer = _trainer(tmp_path, max_steps=4, lr=1e-2, logging_steps=1)
     model = trainer.model

@@ -58,13 +58,20 @@ def _players(players: Any, i: int) -> tuple | None:
     """Word indices or ``[start, end]`` character spans as a tuple; ValueError naming the probe otherwise."""
     if players is None:
         return None
-    try:
-        if isinstance(players, (str, bytes)) or not isinstance(players, (list, tuple)):
-            raise TypeError
-        return tuple(tuple(p) if isinstance(p, (list, tuple)) else int(p) for p in players)
-    except (TypeError, ValueError):
-        raise ValueError(f"probes[{i}]: expected 'players' as a list of word indices or [start, end] character spans, "
-                         f"got {players!r}") from None
+
+    def whole(x: Any) -> bool:  # not int(x): 1.7 would silently become word 1, True word 1, "3" word 3
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    # an empty list is refused too: the tracker would drop the probe (no players), while scan_probes and a saved and
+    # reloaded copy (save_probes leaves it out) take the first words
+    listed = isinstance(players, (list, tuple)) and len(players) > 0
+    if listed and all(isinstance(p, (list, tuple)) for p in players):
+        if all(len(p) == 2 and whole(p[0]) and whole(p[1]) for p in players):
+            return tuple(tuple(p) for p in players)
+    elif listed and all(whole(p) for p in players):
+        return tuple(players)
+    raise ValueError(f"probes[{i}]: expected 'players' as a list of word indices (ints) or of [start, end] character "
+                     f"spans, at least one, got {players!r}")
 
 
 def load_probes(path: str | os.PathLike) -> list[Probe]:
@@ -163,10 +170,12 @@ def confident_candidates(sources: Sequence[str] = PROBE_SOURCES) -> list[Probe]:
     ``"countries"``: "Quick geography question: what is the capital city of X?" (6 content words) for every country
     with a capital; ``"chatterbot"``: the corpus's questions with an answer of at most 4 words. A source whose package
     is missing is an ImportError naming the install command, never silently left out: the probe set, and so every
-    count of a run, would otherwise depend on what happens to be installed.
+    count of a run, would otherwise depend on what happens to be installed. A question asked again (the corpus has
+    "Hi, How is it going?" with six answers) is a candidate once, with its first answer: candidates are scored, and
+    tracked by default, on the prompt alone, so the copies would be one probe counted several times.
     """
     check_probe_sources(sources)
-    out = []
+    out: list[Probe] = []
     for source in sources:
         if source == "countries":
             import countryinfo
@@ -182,7 +191,10 @@ def confident_candidates(sources: Sequence[str] = PROBE_SOURCES) -> list[Probe]:
         else:
             out.extend(Probe(prompt=q, answer=a) for q, a in chatterbot_pairs()
                        if q.endswith("?") and len(a.split()) <= 4)
-    return out
+    first = {}
+    for probe in out:
+        first.setdefault(probe.prompt, probe)
+    return list(first.values())
 
 
 @dataclass(frozen=True)
@@ -216,27 +228,23 @@ def scan_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 0.5, 
     if not isinstance(max_tries, int) or isinstance(max_tries, bool) or max_tries < 1:
         raise ValueError(f"max_tries: expected an int >= 1, got {max_tries!r}")
     pool = as_probes(candidates) if candidates is not None else confident_candidates(sources)
+    from sftint_fast.baseline import _eval_mode
+    from sftint_fast.players import is_content_word
+
     scored, found = [], 0
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            from sftint_fast.players import is_content_word
-
-            for probe in pool[:max_tries]:
-                if (len(probe.players) != n_players if probe.players  # the tracker drops other player counts
-                        else sum(is_content_word(w) for w in probe.prompt.split()) < n_players):
-                    continue
-                ids = prompt_ids(tokenizer, probe.prompt, chat=chat)
-                logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float()
-                p_y, token = torch.softmax(logits, -1).max(-1)
-                scored.append(ScoredProbe(probe, p_y.item(), int(token), tokenizer.decode([int(token)])))
-                found += scored[-1].confident(min_py, content_target)
-                if found == count:
-                    break
-    finally:
-        model.train(was_training)
+    with torch.no_grad(), _eval_mode(model):  # each submodule's own mode back after (a frozen part stays in eval)
+        for probe in pool[:max_tries]:
+            if (len(probe.players) != n_players if probe.players  # the tracker drops other player counts
+                    else sum(is_content_word(w) for w in probe.prompt.split()) < n_players):
+                continue
+            ids = prompt_ids(tokenizer, probe.prompt, chat=chat)
+            logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float()
+            p_y, token = torch.softmax(logits, -1).max(-1)
+            scored.append(ScoredProbe(probe, p_y.item(), int(token), tokenizer.decode([int(token)])))
+            found += scored[-1].confident(min_py, content_target)
+            if found == count:
+                break
     if found < count:
         logger.warning("confident_probes: found %d of %d probes with p_y >= %g%s (%d of %d candidates scored; the "
                        "others have fewer than %d content words, or other than that many players, or lie past "

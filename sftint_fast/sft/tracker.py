@@ -362,10 +362,10 @@ class SFTTracker:
             raise
 
     def _track_checkpoint(self, model: Any, step: int, signature: dict[str, Any]) -> None:
-        was_training = model.training
-        model.eval()
+        from sftint_fast.baseline import _eval_mode
+
         t0 = time.perf_counter()
-        try:
+        with _eval_mode(model):  # every submodule's own mode back after: a frozen (eval) part stays in eval
             with torch.no_grad():
                 if self.games is None:  # the base: its values come with the probes that are kept
                     self.signature = signature
@@ -378,8 +378,6 @@ class SFTTracker:
                 t2 = time.perf_counter()
                 if not self.records and self._reference_source is not None and self.reference is None:
                     self.reference = self._reference_interactions(values)
-        finally:
-            model.train(was_training)
         self._costs = {"seconds_evaluate": t1 - t0, "seconds_heldout": t2 - t1, "variants": int(values.numel()),
                        "seconds_reference": time.perf_counter() - t2}
         try:
