@@ -65,3 +65,38 @@ def test_an_adapter_that_cannot_read_the_model_code_falls_back_with_the_reason(m
 
     with pytest.raises(ValueError, match="could not read this LlamaForCausalLM.*use method='naive'"):
         evaluate_trie_games(model, [game], progress=False)
+
+
+def _gemma3_with_attention_softcap():
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                           num_key_value_heads=2, num_hidden_layers=2, head_dim=8, max_position_embeddings=128,
+                           pad_token_id=0, bos_token_id=2, eos_token_id=1, initializer_range=0.2,
+                           attn_logit_softcapping=0.5)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+
+
+def test_an_attention_softcap_the_model_applies_is_refused_not_dropped(monkeypatch):
+    model = _gemma3_with_attention_softcap()
+    game = Game.from_text(model, TOK, TEXT_A)
+    attention = type(model.model.layers[0].self_attn)
+    # this transformers' Gemma-3 ignores attn_logit_softcapping: the adapter runs and equals the model
+    assert find_adapter(model)[0] is not None
+    with torch.no_grad():
+        naive = sf.evaluate(model, game, method="naive", progress=False)
+        trie = sf.evaluate(model, game, method="trie", progress=False)
+    torch.testing.assert_close(trie, naive, atol=1e-5, rtol=1e-5)
+
+    original = attention.forward
+
+    def forward(self, *args, **kwargs):  # a release whose attention passes softcap=self.attn_logit_softcapping
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "forward", forward)
+    adapter, reason = find_adapter(model)
+    assert adapter is None and "logit soft-cap (attn_logit_softcapping=0.5)" in reason
+    with torch.no_grad(), pytest.warns(UserWarning, match="soft-cap.*falling back to the naive engine"):
+        auto = sf.evaluate(model, game, progress=False)
+    assert torch.equal(auto, naive)

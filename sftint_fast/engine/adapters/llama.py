@@ -5,6 +5,7 @@ number equals the model's own forward; only the attention is handed to the engin
 """
 from __future__ import annotations
 
+import inspect
 import sys
 
 import torch
@@ -36,6 +37,10 @@ class LlamaLikeAdapter(Adapter):
         self._layer_types = tuple(config.layer_types) if config.model_type == "gemma3_text" else None
         self._sandwich = hasattr(self._blocks[0], "pre_feedforward_layernorm")
         attn0 = self._blocks[0].self_attn
+        cap = getattr(config, "attn_logit_softcapping", None)
+        if cap is not None and _attention_softcaps(attn0):
+            raise ValueError(f"its attention applies a logit soft-cap (attn_logit_softcapping={cap}), which this "
+                             f"adapter does not carry over")
         self.dims = ModelDims(
             num_layers=len(self._blocks),
             num_heads=config.num_attention_heads,
@@ -149,6 +154,15 @@ def _function_name(fn) -> str | None:
             return "apply_rotary_pos_emb"
         return type(fn).__name__
     return getattr(fn, "__name__", None)
+
+
+def _attention_softcaps(attn: torch.nn.Module) -> bool:
+    """Whether the attention module's forward passes a logit soft-cap to the attention function (Gemma-2 does;
+    Gemma-3's, as of transformers 5.25, ignores ``attn_logit_softcapping``). True when its source cannot be read."""
+    try:
+        return "softcap" in inspect.getsource(type(attn).forward)
+    except (OSError, TypeError):
+        return True
 
 
 def _length_dependent_rope(rotary: torch.nn.Module) -> bool:
