@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from sftint_fast.engine.naive import _accepts_logits_to_keep, model_device
-from sftint_fast.game import Game
+from sftint_fast.game import Game, _eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -186,18 +185,6 @@ def learn_baseline(
         for p, flag in zip(params, grad_flags):
             p.requires_grad_(flag)
     return baseline.detach()
-
-
-@contextlib.contextmanager
-def _eval_mode(model: Any) -> Iterator[None]:
-    """``model.eval()`` for the block; every submodule gets its own ``training`` flag back after."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, mode in modes:
-            module.training = mode
 
 
 def _descend(model: Any, game_list: list[Game], baseline: torch.Tensor, optimizer: torch.optim.Optimizer,

@@ -179,7 +179,7 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--qthres", type=_non_negative_float, default=None,
                    help="with --andor: AND-OR noise bound, a share of |v(N) - v(empty)| (default 0.04)")
     p.add_argument("--niter", type=_int_at_least(0), default=None,
-                   help="with --andor: SGD iterations of the AND-OR decomposition (default 20000)")
+                   help="with --andor sgd: SGD iterations of the AND-OR decomposition (default 20000)")
     p.set_defaults(func=_run_explain)
 
 
@@ -255,6 +255,8 @@ def _run_explain(args: argparse.Namespace) -> int:
                    "without --n-players")
     for flag, value in (("--qthres", args.qthres), ("--niter", args.niter)):
         _refuse_unused(flag, None if args.andor != "none" else value, "with --andor sgd or lp", "with --andor none")
+    _refuse_unused("--niter", args.niter if args.andor == "lp" else None, "with --andor sgd",
+                   "with --andor lp (the LP is solved exactly, without iterations)")
     refusal = _file_refusal("explain", "--file", args.file, "a JSONL file of prompts")
     if refusal is not None:
         print(refusal, file=sys.stderr)
@@ -451,6 +453,11 @@ def _run_track(args: argparse.Namespace) -> int:
     for flag, key in (("--qthres", "qthres"), ("--niter", "andor_niter"), ("--andor-lr", "andor_lr")):
         _refuse_unused(flag, options[key] if args.andor_method == "and" else None, "with --andor-method sgd or lp",
                        "with --andor-method and (AND interactions alone)")
+    for flag, key in (("--niter", "andor_niter"), ("--andor-lr", "andor_lr")):
+        _refuse_unused(flag, options[key] if args.andor_method == "lp" else None, "with --andor-method sgd",
+                       "with --andor-method lp (the LP is solved exactly, without SGD)")
+    _refuse_unused("--noise-draws", options["noise_draws"] if args.noise_floor == "none" else None,
+                   "with --noise-floor order_matched or iid", "with --noise-floor none (no noise floor is drawn)")
     options = {key: value for key, value in options.items() if value is not None}
     owns_group = not distributed.is_distributed() and distributed.init_from_env()  # under torchrun
     failed = False

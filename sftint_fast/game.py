@@ -8,10 +8,11 @@ outputs by the baseline rows; ``"attention"`` masking hides its tokens as keys f
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 
@@ -321,15 +322,23 @@ def _model_device(model: Any) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+@contextlib.contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    """``model.eval()`` for the block; every submodule gets its own ``training`` flag back after (``model.train(m)``
+    would put a frozen, eval-mode submodule in train mode)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
 def _resolve_target(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, target: Any, vocab: int) -> torch.Tensor:
     if target is None:
-        was_training = model.training
-        model.eval()  # no dropout in the greedy answer
-        try:
-            with torch.no_grad():
-                logits = model(input_ids=prompt_ids[None].to(_model_device(model))).logits[0, -1]
-        finally:
-            model.train(was_training)
+        with torch.no_grad(), _eval_mode(model):  # no dropout in the greedy answer
+            logits = model(input_ids=prompt_ids[None].to(_model_device(model))).logits[0, -1]
         return logits.argmax().view(1).to(torch.int64).cpu()
     if isinstance(target, str):
         ids = tokenizer(target, add_special_tokens=False)["input_ids"]

@@ -455,8 +455,11 @@ def _save(fig: Any, path: str | os.PathLike) -> Path:
 
     target = Path(path)
     tmp = target.with_name(f".{target.stem}.tmp{os.getpid()}{target.suffix}")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, target)
+    try:
+        fig.tight_layout()
+        fig.savefig(tmp, dpi=110)
+        os.replace(tmp, target)
+    finally:  # a failed write leaves neither a partial temp file nor an open figure
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return target

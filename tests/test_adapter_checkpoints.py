@@ -20,8 +20,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWa
 
 PROMPTS = ["the big cat sat on the red mat", "a small dog did run over the blue river",
            "what is the capital city of france", "why did the cow jump"]
-FAST = ["--n-players", "3", "--andor-method", "and", "--min-base-py", "0", "--bootstrap", "20", "--noise-draws", "1",
-        "--noise-floor", "none", "--seed", "3"]
+FAST = ["--n-players", "3", "--andor-method", "and", "--min-base-py", "0", "--bootstrap", "20", "--noise-floor", "none",
+        "--seed", "3"]
 
 
 def _lora_over(base_dir, seed: int):
@@ -90,7 +90,7 @@ def test_track_cli_on_adapter_checkpoints_matches_the_tracker_on_the_adapted_mod
     assert report["steps"] == [0, 10, 20]
 
     tracker = SFTTracker(PROMPTS, make_tokenizer(), n_players=3, andor_method="and", min_base_py=0.0, bootstrap=20,
-                         noise_draws=1, noise_floor=None, seed=3, progress=False)
+                         noise_floor=None, seed=3, progress=False)
     tracker.add_checkpoint(load_causal_lm(root / "base"), 0)
     for step in (10, 20):
         tracker.add_checkpoint(adapted[step], step)  # the unmerged PeftModel, as in the training loop
@@ -172,10 +172,10 @@ def test_track_cli_on_the_checkpoints_a_lora_trainer_saves(folders, tmp_path, ca
     assert logged["at_tracked_steps"]["train_loss"] == pytest.approx([None, sum(losses[:2]) / 2, sum(losses[2:]) / 2])
     assert "| train loss |" in (out / "report.md").read_text()
     tracker = SFTTracker(PROMPTS, make_tokenizer(), n_players=3, andor_method="and", min_base_py=0.0, bootstrap=20,
-                         noise_draws=1, noise_floor=None, seed=3, progress=False, out_dir=out / "tracker")
+                         noise_floor=None, seed=3, progress=False, out_dir=out / "tracker")
     assert tracker.steps == [0, 2, 4]  # resumed from the CLI's files
     fresh = SFTTracker(PROMPTS, make_tokenizer(), n_players=3, andor_method="and", min_base_py=0.0, bootstrap=20,
-                       noise_draws=1, noise_floor=None, seed=3, progress=False)
+                       noise_floor=None, seed=3, progress=False)
     fresh.add_checkpoint(load_causal_lm(root / "base"), 0)
     fresh.add_checkpoint(model.eval(), 4)  # the model the Trainer ended with, adapter unmerged
     torch.testing.assert_close(tracker.records[-1].values, fresh.records[-1].values, atol=1e-4, rtol=1e-4)

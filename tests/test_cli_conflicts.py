@@ -63,3 +63,27 @@ def test_demo_refuses_niter_with_andor_method_and(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(sftint_fast.sft.demo, "run_demo", _never)
     assert main(["demo", "--andor-method", "and", "--niter", "100", "--out", str(tmp_path / "run")]) == 2
     assert "--niter: expected only with --andor-method sgd" in capsys.readouterr().err
+
+
+def test_explain_refuses_niter_with_andor_lp(tmp_path, capsys):
+    assert main(["explain", "--model", str(tmp_path / "not-loaded"), "--text", TEXT, "--andor", "lp",
+                 "--niter", "500"]) == 2
+    err = capsys.readouterr().err
+    assert "--niter: expected only with --andor sgd, received --niter 500 with --andor lp" in err
+    assert "model:" not in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--andor-method", "lp", "--niter", "100"], "--niter: expected only with --andor-method sgd"),
+    (["--andor-method", "lp", "--andor-lr", "1e-5"], "--andor-lr: expected only with --andor-method sgd"),
+    (["--noise-floor", "none", "--noise-draws", "2"], "--noise-draws: expected only with --noise-floor "
+                                                      "order_matched or iid, received --noise-draws 2"),
+], ids=["niter-lp", "lr-lp", "noise-draws-without-floor"])
+def test_track_refuses_options_the_lp_or_a_missing_noise_floor_ignores(tmp_path, monkeypatch, argv, message,
+                                                                       capsys):
+    monkeypatch.setattr(sftint_fast.sft.demo, "run_track", _never)
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text(json.dumps({"prompt": TEXT}) + "\n")
+    assert main(["track", "--base", str(tmp_path), "--checkpoints", str(tmp_path), "--probes", str(probes),
+                 "--out", str(tmp_path / "run"), *argv]) == 2
+    assert message in capsys.readouterr().err

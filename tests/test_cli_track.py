@@ -18,7 +18,8 @@ PROMPTS = ["the big cat sat on the red mat", "a small dog did run over the blue 
 CHAT_TEMPLATE = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
                  "{% if add_generation_prompt %}<s> assistant {% endif %}")
 COUNTS = ("/removed", "/preserved", "/emerged", "_new", "irrelevant_probes")
-FAST = ["--n-players", "3", "--andor-method", "and", "--min-base-py", "0", "--bootstrap", "20", "--noise-draws", "1"]
+FAST = ["--n-players", "3", "--andor-method", "and", "--min-base-py", "0", "--bootstrap", "20"]
+ONE_DRAW = ["--noise-draws", "1"]  # fast with the noise floor on; refused with --noise-floor none (nothing is drawn)
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +46,9 @@ def folders(tmp_path_factory):
 
 
 def _track(root, out, checkpoints, *extra):
+    floor_off = any(a == "--noise-floor" and b == "none" for a, b in zip(extra, extra[1:]))
     return main(["track", "--base", str(root / "base"), "--checkpoints", *checkpoints, "--probes",
-                 str(root / "probes.jsonl"), "--out", str(out), *FAST, *extra])
+                 str(root / "probes.jsonl"), "--out", str(out), *FAST, *([] if floor_off else ONE_DRAW), *extra])
 
 
 def test_track_cli_matches_the_tracker_and_resumes(folders, tmp_path, monkeypatch, capsys):
@@ -455,7 +457,8 @@ def test_track_cli_resume_refuses_another_base_model(folders, tmp_path, capsys):
     assert record["base"] == str(root / "base") and len(record["fingerprint"]) == 64
     capsys.readouterr()
     argv = ["track", "--base", str(root / "ckpt" / "checkpoint-10"), "--checkpoints",
-            str(root / "ckpt" / "checkpoint-20"), "--probes", str(root / "probes.jsonl"), "--out", str(out), *FAST]
+            str(root / "ckpt" / "checkpoint-20"), "--probes", str(root / "probes.jsonl"), "--out", str(out), *FAST,
+            *ONE_DRAW]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "base: expected the base model this run folder tracked" in err and "checkpoint-10" in err

@@ -218,3 +218,12 @@ def test_game_fields_of_the_wrong_kind_are_refused(model, tok):
             dataclasses.replace(game, baseline=torch.full((32,), bad))
     with pytest.raises(ValueError, match=r"embed_tokens_output: expected \(4, 32\) .* received \(4, 31\)"):
         game.masked_embeds(torch.zeros(4, 31), torch.tensor([0]))
+
+
+def test_default_target_gives_each_submodule_its_own_mode_back(tok):
+    """The greedy answer is taken in eval mode; a frozen (eval) submodule of a model in train mode stays in eval."""
+    model = tiny_model("llama").train()
+    model.model.layers[0].eval()
+    modes = [m.training for m in model.modules()]
+    Game.from_text(model, tok, TEXT)
+    assert [m.training for m in model.modules()] == modes

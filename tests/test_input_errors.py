@@ -208,6 +208,26 @@ def test_plot_rejects_a_report_dict_and_a_bad_index(tmp_path):
     assert math.isfinite(plot.headline(report)["base_salient"])
 
 
+def test_a_figure_that_cannot_be_written_leaves_no_temp_file_and_is_closed(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+    import matplotlib.pyplot as plt
+
+    tracker = _plain()
+    for step in range(2):
+        tracker.add_values(step, _values(seed=step))
+    report = tracker.report()
+
+    def full_disk(self, fname, **kwargs):
+        open(fname, "wb").close()  # a partly written file, as a full disk leaves it
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    before = plt.get_fignums()
+    with pytest.raises(OSError, match="No space left"):
+        plot.plot_orders(report, tmp_path / "orders.png")
+    assert list(tmp_path.iterdir()) == [] and plt.get_fignums() == before
+
+
 # ------------------------------------------------------------------------------------ tracker resume
 
 
@@ -292,6 +312,30 @@ def test_sharding_rejects_bool_ranks_negative_counts_and_bad_costs(call, error, 
     (lambda v: sf.and_or(v, lr=True, niter=2, progress=False), ValueError, "lr: expected a finite number > 0, got True"),
 ], ids=["niter-bool", "seed-str", "seed-bool", "k-bool", "qthres-bool", "lr-bool"])
 def test_and_or_and_top_interactions_reject_bools_and_non_int_seeds(call, error, message):
+    with pytest.raises(error, match=message):
+        call(torch.tensor([0.0, 1.0, 1.0, 3.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda v: sf.and_or(v, niter=2, baseline_offset="no", progress=False), TypeError,
+     "baseline_offset: expected a bool, got 'no'"),
+    (lambda v: sf.and_or(v, niter=2, progress="no"), TypeError, "progress: expected a bool, got 'no'"),
+    (lambda v: sf.and_or(v, niter=2, max_players="5", progress=False), TypeError,
+     "max_players: expected None or an int >= 0, got str '5'"),
+    (lambda v: sf.and_or(v, method="lp", max_players=True, progress=False), TypeError,
+     "max_players: expected None or an int >= 0, got bool True"),
+    (lambda v: sf.and_or(v, niter=2, max_players=-1, progress=False), ValueError,
+     "max_players: expected None or an int >= 0, got -1"),
+    (lambda v: sf.harsanyi(v, max_players=2.5), TypeError, "max_players: expected None or an int >= 0, got float"),
+    (lambda v: sf.subset_zeta(v, max_players="3"), TypeError, "max_players: expected None or an int >= 0, got str"),
+    (lambda v: sf.subset_mobius(v, check_finite=None), TypeError, "check_finite: expected a bool, got None"),
+    (lambda v: sf.top_interactions(v, 2, ["a", "b"], include_empty="no"), TypeError,
+     "include_empty: expected a bool, got 'no'"),
+], ids=["offset-str", "progress-str", "max-players-str", "max-players-bool-lp", "max-players-negative",
+        "harsanyi-max-players-float", "zeta-max-players-str", "check-finite-none", "include-empty-str"])
+def test_interaction_functions_type_check_flags_and_max_players(call, error, message):
+    """A string flag is truthy (it would silently turn the option on) and a string limit fails on '>': both are
+    refused with what was expected."""
     with pytest.raises(error, match=message):
         call(torch.tensor([0.0, 1.0, 1.0, 3.0], dtype=torch.float64))
 

@@ -226,3 +226,12 @@ def test_attention_masking_refuses_layers_an_attention_mask_cannot_hide_tokens_f
         sf.evaluate(model, game, method="naive", progress=False)
     embedding = Game.from_text(model, TOK, TEXT_A, players=[0, 2], target="mat")
     assert sf.evaluate(model, embedding, method="naive", progress=False).shape == (4,)
+
+
+def test_evaluate_gives_each_submodule_its_own_mode_back():
+    """A model in train mode with a frozen (eval) submodule keeps exactly that mix after evaluate."""
+    model = tiny_model("llama").train()
+    model.model.layers[0].eval()
+    modes = [m.training for m in model.modules()]
+    sf.evaluate(model, Game.from_text(model, TOK, TEXT_B, target="mat"), progress=False)
+    assert [m.training for m in model.modules()] == modes

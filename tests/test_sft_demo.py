@@ -113,3 +113,25 @@ def test_demo_refused_on_another_run_leaves_that_runs_probes_file_alone(tmp_path
     with pytest.raises(ValueError, match="holds a run with another configuration"):
         run_demo(out, probes_file=tmp_path / "mine.jsonl", n_players=3, progress=False)
     assert load_probes(out / "probes.jsonl") == first
+
+
+def test_demo_rerun_with_fewer_steps_is_refused_before_training(tmp_path, monkeypatch):
+    """A rerun into an --out whose tracker holds steps past the new --steps would train again, track nothing new
+    and report the earlier run's steps (or refuse its last step after training): it is refused at the start."""
+    import torch
+
+    import sftint_fast as sf
+    from sftint_fast.sft.demo import run_demo
+    from sftint_fast.sft.tracker import SFTTracker
+
+    out = tmp_path / "demo"
+    earlier = SFTTracker(None, andor_method="and", noise_floor=None, persistence=1, progress=False,
+                         out_dir=out / "tracker")
+    for step in (0, 2, 4):
+        earlier.add_values(step, torch.randn(2, 8, generator=torch.Generator().manual_seed(step), dtype=torch.float64))
+    probes = tmp_path / "probes.jsonl"
+    save_probes([Probe("the big cat sat on the red mat")], probes)
+    monkeypatch.setattr(sf, "load_default", lambda: pytest.fail("loaded the model"), raising=False)
+    with pytest.raises(ValueError, match=re.escape(f"steps: {out / 'tracker'} holds the steps [0, 2, 4] an earlier "
+                                                   f"run into {out} tracked; expected steps >= 4")):
+        run_demo(out, steps=2, probes_file=probes, progress=False)

@@ -231,6 +231,16 @@ def test_tracking_a_checkpoint_gives_each_submodule_its_own_mode_back(tokenizer)
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
 
 
+def test_a_reference_model_gets_each_submodule_its_own_mode_back(tokenizer):
+    """The reference model (frozen part in eval mode, the rest in train mode) comes back in that mix."""
+    ref = tiny_model("llama", seed=3).train()
+    ref.model.layers[0].eval()
+    modes = [m.training for m in ref.modules()]
+    tracker = _tracker(tokenizer, noise_floor=None, persistence=1, reference=(ref, tokenizer))
+    tracker.add_checkpoint(tiny_model("llama"), 0)
+    assert [m.training for m in ref.modules()] == modes
+
+
 def test_callback_with_trainer_logs_metrics(tokenizer, tmp_path):
     trainer = _trainer(tmp_path, max_steps=4, lr=1e-2, logging_steps=1)
     model = trainer.model
@@ -726,6 +736,24 @@ def test_callback_resumed_from_an_earlier_checkpoint_skips_steps_already_tracked
     assert tracker.steps == [0, 2, 4, 5, 7, 9, 10]  # 5 and 10: saves
     trainer, tracker = run(str(tmp_path / "out" / "checkpoint-5"))  # due at 7, then 8 (< 10): skipped
     assert trainer.state.global_step == 10 and tracker.steps == [0, 2, 4, 5, 7, 9, 10]
+
+
+def test_callback_warns_when_a_resumed_run_tracks_its_base_mid_training(tokenizer, tmp_path, caplog):
+    """Training resumed from checkpoint-2 (global_step 2 at on_train_begin) with a fresh tracker: its base (the
+    step-0 reference of every removed and emerged set) is the step-2 model, not the pre-training one. Tracking goes
+    on, and the warning says so and how to avoid it; a tracker that has its base already is not warned about."""
+    from transformers import TrainerControl, TrainerState
+
+    tracker = _tracker(tokenizer, tmp_path / "track", persistence=1, noise_floor=None)
+    model = tiny_model("llama").train()
+    for step in (2, 4):
+        state = TrainerState(global_step=step)
+        with caplog.at_level("WARNING", logger="sftint_fast.sft.callback"):
+            sf.InteractionCallback(tracker, every=1000).on_train_begin(None, state, TrainerControl(), model=model)
+    assert tracker.steps == [2, 4]
+    warned = [r.getMessage() for r in caplog.records if r.name == "sftint_fast.sft.callback"]
+    assert len(warned) == 1 and "step 2" in warned[0] and "not the pre-training model" in warned[0]
+    assert str(tmp_path / "track") in warned[0] and "add_checkpoint(base_model, 0)" in warned[0]
 
 
 def test_callback_spaces_tracking_to_keep_within_its_overhead_budget(tokenizer, tmp_path, monkeypatch):

@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+import sftint_fast as sf
+
 from conftest import requires_triton
 from sftint_fast.ops.reference import brute_transform
 
@@ -62,13 +64,16 @@ def test_batch_dims_and_input_untouched():
     torch.testing.assert_close(out, brute_transform(x, "subset_mobius"), atol=1e-12, rtol=0)
 
 
-def test_bad_inputs_raise_value_error():
+def test_bad_inputs_raise_value_or_type_error():
     from sftint_fast.ops.triton.transforms import butterfly
 
     with pytest.raises(ValueError):
         butterfly(torch.zeros(6), "subset_mobius")
-    with pytest.raises(ValueError):
-        butterfly(torch.zeros(4, dtype=torch.float16), "subset_mobius")
+    half = torch.zeros(4, dtype=torch.float16)  # a wrong dtype: a TypeError, as from the public transform
+    with pytest.raises(TypeError, match="x: expected dtype float32 or float64, got torch.float16"):
+        butterfly(half, "subset_mobius")
+    with pytest.raises(TypeError, match="x: expected dtype float32 or float64, got torch.float16"):
+        sf.subset_mobius(half)
     with pytest.raises(ValueError):
         butterfly(torch.zeros(4), "mobius")
     with pytest.raises(ValueError, match="kind: expected one of"):  # was TypeError: unhashable type: 'list'

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from sftint_fast.engine.naive import (available_memory, evaluate_naive_games, naive_batch_size, naive_layout,
                                       model_device)
-from sftint_fast.game import MAX_PLAYERS, Game
+from sftint_fast.game import MAX_PLAYERS, Game, _eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -254,20 +254,16 @@ def evaluate_games(
         kwargs["attention_backend"] = backend
     else:
         run = evaluate_naive_games
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), _compute_context(model, compute_dtype, device):
-            try:
-                values = run(model, games, subsets, **kwargs)
-            except _trie_memory_error() as error:  # raised by the plan, before any forward
-                if method != "auto":
-                    raise
-                warnings.warn(f"{error}; falling back to the naive engine (slower, same values)", stacklevel=3)
-                kwargs.pop("attention_backend")
-                values = evaluate_naive_games(model, games, subsets, **kwargs)
-    finally:
-        model.train(was_training)
+    # each submodule's own mode back after (model.train(m) would put a frozen, eval-mode part in train mode)
+    with _eval_mode(model), torch.no_grad(), _compute_context(model, compute_dtype, device):
+        try:
+            values = run(model, games, subsets, **kwargs)
+        except _trie_memory_error() as error:  # raised by the plan, before any forward
+            if method != "auto":
+                raise
+            warnings.warn(f"{error}; falling back to the naive engine (slower, same values)", stacklevel=3)
+            kwargs.pop("attention_backend")
+            values = evaluate_naive_games(model, games, subsets, **kwargs)
     return [v.to(torch.float32) for v in values]
 
 

@@ -101,6 +101,10 @@ def and_or(
         raise ValueError(f"method: expected 'sgd' or 'lp', got {method!r}")
     if lp_method not in ("highs-ipm", "highs-ds", "highs"):
         raise ValueError(f"lp_method: expected 'highs-ipm', 'highs-ds' or 'highs', got {lp_method!r}")
+    for name, flag in (("baseline_offset", baseline_offset), ("progress", progress)):
+        if not isinstance(flag, bool):  # a string is truthy: it would turn the option on
+            raise TypeError(f"{name}: expected a bool, got {flag!r}")
+    T.check_max_players(max_players)
     limit = max_players if max_players is not None else (LP_MAX_PLAYERS if method == "lp" else T.MAX_PLAYERS)
     if method == "lp":
         _check_lp_size(v, limit)

@@ -235,6 +235,8 @@ def top_interactions(
         raise ValueError(f"I: expected shape (2^n,) or (B, 2^n), got {tuple(interactions.shape)}")
     if not (isinstance(k, int) and not isinstance(k, bool) and k >= 0):
         raise ValueError(f"k: expected an int >= 0, got {k!r}")
+    if not isinstance(include_empty, bool):
+        raise TypeError(f"include_empty: expected a bool, got {include_empty!r}")
     rows = interactions.reshape(-1, interactions.shape[-1]).detach().cpu()
     if isinstance(words, str) or not isinstance(words, Sequence):
         raise TypeError(f"words: expected a sequence of {n} strings (or one per row), got {type(words).__name__}")

@@ -16,6 +16,7 @@ its adjoint is another member of the family (subset ↔ superset, same sign).
 """
 from __future__ import annotations
 
+import numbers
 from typing import Literal
 
 import torch
@@ -43,10 +44,24 @@ def num_players_of(size: int) -> int:
     return size.bit_length() - 1
 
 
+def check_max_players(max_players: int | None) -> None:
+    """``max_players=`` of the public functions: None or an int >= 0 (a string or float would fail, or pass, on
+    the comparison with ``n``)."""
+    if max_players is None:
+        return
+    if not isinstance(max_players, numbers.Integral) or isinstance(max_players, bool):
+        raise TypeError(f"max_players: expected None or an int >= 0, got {type(max_players).__name__} {max_players!r}")
+    if max_players < 0:
+        raise ValueError(f"max_players: expected None or an int >= 0, got {max_players!r}")
+
+
 def validate_game_tensor(
     x: torch.Tensor, *, name: str = "v", max_players: int | None = None, check_finite: bool = True
 ) -> int:
     """Checks a ``(..., 2^n)`` float tensor and returns ``n``. TypeError/ValueError say what came."""
+    check_max_players(max_players)
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite: expected a bool, got {check_finite!r}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor of shape (..., 2^n), got {type(x).__name__}")
     if x.dtype not in (torch.float32, torch.float64):

@@ -114,6 +114,13 @@ class InteractionCallback(TrainerCallback):
             if self._boundary_before is not None and state.is_world_process_zero:
                 logger.warning("the tracker resumed past its phase boundary (step %d): training goes on, and stops "
                                "only at a new boundary (stop_at_boundary=True)", self._boundary_before)
+        if state.global_step > 0 and not self.tracker.records and model is not None and state.is_world_process_zero:
+            where = "" if self.tracker.out_dir is None else f" (out_dir {self.tracker.out_dir})"
+            logger.warning("training resumed at step %d with a tracker that has no records%s: its base (the step-0 "
+                           "reference of every removed and emerged set) is the step-%d model, not the pre-training "
+                           "model. To compare with the pre-training model, track that first "
+                           "(tracker.add_checkpoint(base_model, 0)) or resume the tracker of the run that began at "
+                           "step 0 (the same out_dir)", state.global_step, where, state.global_step)
         self._track(state, control, model, state.global_step)
         if self._clock is None:  # the base was tracked before (a resumed tracker): the budget starts here
             self._clock = time.perf_counter()

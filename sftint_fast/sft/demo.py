@@ -21,7 +21,7 @@ import torch
 
 from sftint_fast.sft.probes import (PROBE_SOURCES, chatterbot_pairs, confident_candidates, confident_probes,
                                     load_probes, pad_batch, save_probes, sft_example, split_pairs)
-from sftint_fast.sft.tracker import SFTTracker, TrackReport
+from sftint_fast.sft.tracker import SFTTracker, TrackReport, _saved_step
 from sftint_fast.sft.training_log import TrainingLog, read_training_log
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     out = Path(out)
+    _check_rerun(out, steps)
     model, tokenizer = sf.load_default()
     model = model.to(device)
     train_pairs, held_pairs = split_pairs(chatterbot_pairs(), heldout_fraction=0.1, seed=seed)
@@ -122,6 +123,17 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
     logger.info("after the base (%.0f s), tracking took %.0f s of the run's %.0f s", callback.seconds_first or 0,
                 overhead["run_seconds_tracking"], overhead["run_seconds"])
     return _report(tracker, out, lambda: training, cost=overhead)
+
+
+def _check_rerun(out: Path, steps: int) -> None:
+    """Refuses a rerun into ``out`` that would stop before the steps its tracker holds: it would train again, track
+    nothing new and report the earlier run's steps (or, its last step not among them, have it refused after
+    training)."""
+    saved = sorted(_saved_step(path) for path in (out / "tracker").glob("step_*.json"))
+    if saved and steps < saved[-1]:
+        raise ValueError(f"steps: {out / 'tracker'} holds the steps {saved} an earlier run into {out} tracked; "
+                         f"expected steps >= {saved[-1]} to resume that run, received {steps}; pass another out "
+                         "folder for a shorter run")
 
 
 def _import_peft() -> Any:

@@ -780,15 +780,14 @@ class SFTTracker:
 
     def _reference_values(self, model: Any, tokenizer: Any) -> torch.Tensor:
         """The same prompts, words and target text on the reference model (its own tokens)."""
+        from sftint_fast.baseline import _eval_mode
         from sftint_fast.game import Game
 
         games = []
         # the same vocabulary (the same tokenizer, or another copy of it): the same ids; another one: the same
         # target text in its own tokens
         same_vocab = tokenizer is self.tokenizer or tokenizer.get_vocab() == self.tokenizer.get_vocab()
-        was_training = model.training
-        model.eval()
-        try:
+        with _eval_mode(model):  # every submodule's own mode back after: a frozen (eval) part stays in eval
             for i, game in zip(self.kept, self.games):
                 prompt = self.probes[i].prompt
                 spans = _char_spans(prompt, game.words)
@@ -802,8 +801,6 @@ class SFTTracker:
                                           target=target, chat=bool(self.config.chat and getattr(tokenizer, "chat_template", None)))
                 games.append(ref_game)
             return self._evaluate_games(model, games)
-        finally:
-            model.train(was_training)
 
     # -------------------------------------------------------------------------------------- persistence
 

@@ -114,7 +114,7 @@ def butterfly(x: torch.Tensor, kind: str) -> torch.Tensor:
     if not isinstance(kind, str) or kind not in _SIGN_SUPERSET:
         raise ValueError(f"kind: expected one of {sorted(_SIGN_SUPERSET)}, got {kind!r}")
     if x.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"x: expected dtype float32 or float64, got {x.dtype}")
+        raise TypeError(f"x: expected dtype float32 or float64, got {x.dtype}")
     size = x.shape[-1] if x.dim() else 0
     if size < 1 or size & (size - 1):
         raise ValueError(f"x: expected shape (..., 2^n), got {tuple(x.shape)}")
