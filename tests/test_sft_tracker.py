@@ -299,6 +299,22 @@ def test_numerics_report_engine_and_precision_error(tokenizer):
     assert numerics["precision_rms"] > 10 * numerics["engine_rms"]
 
 
+def test_numerics_under_bf16_autocast_of_a_float32_model(tokenizer):
+    """compute_dtype='bfloat16' on a float32 model (``sftint track --compute-dtype bfloat16``: checkpoints load in
+    float32) runs the naive engine under autocast; the numerics check crashed the base checkpoint by forcing the
+    trie there. It now reports the precision error (fp32 vs the run's bf16) and says the engine was naive."""
+    import warnings
+
+    tracker = _tracker(tokenizer, numerics_check=True, compute_dtype="bfloat16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "using the naive engine" under autocast
+        tracker.add_checkpoint(_checkpoints(1)[0], 0)
+    numerics = tracker.report().numerics
+    assert numerics["compute_dtype"] == "bfloat16" and numerics["precision"] == "bfloat16 vs float32"
+    assert numerics["precision_rms"] > 0 and "engine_max_abs" not in numerics
+    assert numerics["engine"].startswith("naive")
+
+
 def test_numerics_on_a_sample_of_variants_and_the_base_evaluated_once(tokenizer, monkeypatch):
     """n=5: the numerics check uses 16 of the 32 variants (empty and full included) and its figures are those of
     naive/trie/bf16 on exactly them; the base checkpoint's probes are evaluated once, not twice."""

@@ -710,6 +710,7 @@ class SFTTracker:
         and all 64 variants of one chat probe took 75 s there. ``variants`` in the result says how many were used;
         the max is over them."""
         import sftint_fast as sf
+        from sftint_fast.engine import _uses_autocast
         from sftint_fast.engine.adapters import get_adapter
 
         game = self.games[0]
@@ -718,7 +719,10 @@ class SFTTracker:
         out: dict[str, Any] = {"probe": 0, "compute_dtype": self.config.compute_dtype,
                                "variants": 1 << game.num_players if subsets is None else int(subsets.numel())}
         naive = sf.evaluate(model, game, method="naive", subsets=subsets, progress=False, compute_dtype=dtype).double()
-        if get_adapter(model) is not None:
+        if get_adapter(model) is not None and _uses_autocast(model, dtype):
+            # bf16 autocast of a float32 model: the run evaluates with the naive engine (the trie cannot run so)
+            out["engine"] = "naive (the trie engine does not run under bfloat16 autocast)"
+        elif get_adapter(model) is not None:
             trie = sf.evaluate(model, game, method="trie", subsets=subsets, progress=False,
                                compute_dtype=dtype).double()
             out.update(engine_max_abs=(trie - naive).abs().max().item(),
