@@ -139,7 +139,10 @@ def compare_engines(model: Any, game: Any, engines: Sequence[str] = ("naive", "t
     from sftint_fast.engine import _resolve_backend, _uses_autocast, _validate_subsets, evaluate
     from sftint_fast.engine.naive import model_device
     from sftint_fast.engine.plan import plan_trie
+    from sftint_fast.game import Game
 
+    if not isinstance(game, Game):
+        raise TypeError(f"game: expected a sftint_fast.Game, received {type(game).__name__}")
     engines = _check_engines(engines)
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
         raise ValueError(f"repeat: expected an int >= 1, received {repeat!r}")

@@ -145,12 +145,15 @@ def test_group_games_by_layout_and_size():
     assert sf.group_games(net, games, method="trie", group_size=1) == [[i] for i in range(7)]
     auto = sf.group_games(net, games, method="trie")
     assert sorted(i for g in auto for i in g) == list(range(7)) and len(auto) == 2  # tiny games: one group each
-    # The naive engine only needs the same length and targets (embedding masking): other spans still batch.
-    same_length = [make_game("first_and_last"), Game(input_ids=a[1].input_ids, player_spans=((1, 2), (4, 6)),
-                                                     words=("x", "y"), target=a[1].target, baseline=a[1].baseline,
-                                                     prompt_length=a[1].prompt_length)]
-    assert sf.group_games(net, same_length, method="naive") == [[0, 1]]
-    assert sf.group_games(net, same_length, method="trie") == [[0], [1]]
+    # The naive engine only needs the same length, targets and number of players (embedding masking): other spans
+    # still batch; another number of players does not (the games share the bitmasks).
+    other_spans = dict(input_ids=a[1].input_ids, target=a[1].target, baseline=a[1].baseline,
+                       prompt_length=a[1].prompt_length)
+    same_length = [make_game("first_and_last"), Game(player_spans=((1, 2), (4, 6), (8, 9), (10, 11)),
+                                                     words=("x", "y", "z", "w"), **other_spans),
+                   Game(player_spans=((1, 2), (4, 6)), words=("x", "y"), **other_spans)]
+    assert sf.group_games(net, same_length, method="naive") == [[0, 1], [2]]
+    assert sf.group_games(net, same_length, method="trie") == [[0], [1], [2]]
     with pytest.raises(ValueError, match="group_size"):
         sf.group_games(net, games, group_size=0)
 

@@ -388,3 +388,172 @@ def test_converting_into_a_stale_cache_folder_says_what_to_do(tmp_path, fake_ggu
                                       r"\['model.safetensors'\]; delete the folder"):
         _convert_gguf(tmp_path, "x.gguf", out)
     assert [p.name for p in tmp_path.iterdir()] == ["smollm2"]
+
+
+# ------------------------------------------------------------------------------------------- engines
+
+
+@pytest.fixture(scope="module")
+def llama_game():
+    from conftest import tiny_model
+    from word_tokenizer import word_tokenizer
+
+    model = tiny_model("llama")
+    return model, sf.Game.from_text(model, word_tokenizer(), "the cat sat")
+
+
+@pytest.mark.parametrize("options, error, message", [
+    ({"subsets": torch.tensor([0, 9])}, ValueError, r"subsets: expected bitmasks in \[0, 2\^3\) for 3 players, "
+                                                    r"received \[9\]"),
+    ({"subsets": torch.tensor([-1])}, ValueError, r"received \[-1\]"),
+    ({"subsets": torch.tensor([0.5])}, TypeError, "subsets: expected a 1-D integer tensor"),
+    ({"subsets": torch.tensor([True])}, TypeError, "subsets: expected a 1-D integer tensor"),
+    ({"subsets": torch.tensor([[0, 1]])}, TypeError, "subsets: expected a 1-D integer tensor"),
+    ({"subsets": [0, 1]}, TypeError, "subsets: expected a 1-D int64 tensor of bitmasks, received list"),
+    ({"batch_size": -1}, ValueError, "batch_size: expected a positive int or None, received -1"),
+    ({"batch_size": 0}, ValueError, "batch_size: expected a positive int or None, received 0"),
+], ids=["above-2^n", "negative", "float", "bool", "2-D", "list", "batch-negative", "batch-zero"])
+def test_naive_engine_checks_subsets_and_batch_size(llama_game, options, error, message):
+    """evaluate_naive silently read bits past n (9 -> v(1)), -1 as every player, 0.5 as 0, and with batch_size=-1
+    returned uninitialised memory."""
+    from sftint_fast.engine.naive import evaluate_naive
+
+    model, game = llama_game
+    options = {"subsets": torch.arange(8), **options}
+    with pytest.raises(error, match=message):
+        evaluate_naive(model, game, progress=False, **options)
+
+
+def test_naive_never_batches_games_with_different_numbers_of_players(llama_game):
+    """Same length, different n: the naive engine batched them with the first game's 2^n bitmasks, so the others got
+    a v of the wrong length (a game of 2 players got 8 values, bits past n ignored)."""
+    model, game = llama_game
+    two = dataclasses_replace(game, player_spans=((0, 1), (2, 3)), words=("the", "sat"))
+    with pytest.raises(ValueError, match=r"games\[1\]: expected the layout of games\[0\] \(length, targets, masking, "
+                                         r"players\[, spans\]\)"):
+        sf.evaluate_games(model, [game, two], method="naive", progress=False)
+    many = sf.evaluate_many(model, [game, two], method="naive", progress=False)
+    assert [v.shape for v in many] == [(8,), (4,)]
+    assert torch.equal(many[1], sf.evaluate(model, two, method="naive", progress=False))
+
+
+def dataclasses_replace(game, **changes):
+    import dataclasses
+
+    return dataclasses.replace(game, **changes)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda m, g: sf.group_games(m, [g, g], group_size=True), ValueError,
+     "group_size: expected a positive int or None, received True"),
+    (lambda m, g: sf.group_games(m, [g, g], method="naive", batch_size=0), ValueError,
+     "batch_size: expected a positive int or None, received 0"),
+    (lambda m, g: sf.group_games(m, [g, g], max_memory="1GB"), ValueError,
+     "max_memory: expected a positive finite number of bytes or None, received '1GB'"),
+    (lambda m, g: sf.group_games(m, [g, g], method="naive", compute_dtype="fp16"), ValueError,
+     "compute_dtype: expected None, 'float32', 'bfloat16' or 'tf32', received 'fp16'"),
+    (lambda m, g: sf.group_games(m, [g, g], method="naive", attention_backend="cuda"), ValueError,
+     "attention_backend: expected 'auto', 'torch' or 'triton', received 'cuda'"),
+    (lambda m, g: sf.evaluate_games(m, g, progress=False), TypeError,
+     "games: expected a sequence of sftint_fast.Game, received Game"),
+    (lambda m, g: sf.evaluate(m, g, subsets=torch.tensor([0, 1], device="meta"), progress=False), TypeError,
+     "subsets: expected a 1-D integer tensor of bitmasks, received shape \\(2,\\) dtype torch.int64 on meta"),
+    (lambda m, g: sf.evaluate(m, dataclasses_replace(g, baseline=torch.zeros(64)), method="naive", progress=False),
+     ValueError, r"games\[0\].baseline: expected rows of the model's hidden size 32, received shape \(64,\)"),
+], ids=["group-size-bool", "group-batch-zero", "group-max-memory-str", "group-compute-dtype", "group-backend",
+        "games-one-game", "subsets-meta", "baseline-other-model"])
+def test_engine_entry_points_check_their_options(llama_game, call, error, message):
+    model, game = llama_game
+    with pytest.raises(error, match=message):
+        call(model, game)
+
+
+@pytest.mark.parametrize("method", ["naive", "trie"])
+def test_a_model_on_the_meta_device_is_refused(llama_game, method):
+    from conftest import tiny_model
+
+    with pytest.raises(ValueError, match="model: expected its weights on a real device .* the meta device"):
+        sf.evaluate(tiny_model("llama").to("meta"), llama_game[1], method=method, progress=False)
+
+
+def test_all_variants_trie_refuses_memory_before_building_node_ids(llama_game, monkeypatch):
+    """sf.evaluate passed the trie all 2^n bitmasks, whose plan sorted them level by level (272 MiB for n=22 under a
+    49 MiB budget) before finding that its KV store did not fit; the plan of n alone refuses first."""
+    from sftint_fast.engine import plan as plan_module
+
+    calls = []
+    real = plan_module._level_nodes
+    monkeypatch.setattr(plan_module, "_level_nodes", lambda *a: calls.append(a) or real(*a))
+    n = 18
+    game = sf.Game(input_ids=torch.arange(4, 4 + n), player_spans=tuple((i, i + 1) for i in range(n)),
+                   words=("w",) * n, target=torch.tensor([5]), baseline=torch.zeros(32), prompt_length=n)
+    with pytest.raises(plan_module.TrieMemoryError, match=r"n=18.*needs at least .* max_memory is .*\(4194304 bytes\)"):
+        sf.evaluate(llama_game[0], game, method="trie", max_memory=4 << 20, progress=False)
+    assert calls == []
+    small = sf.evaluate(llama_game[0], llama_game[1], method="trie", progress=False)  # all variants, no subsets
+    assert torch.equal(small, sf.evaluate(llama_game[0], llama_game[1], method="trie", subsets=torch.arange(8),
+                                          progress=False))
+
+
+@pytest.mark.parametrize("options, error, message", [
+    ({"batch_size": True}, ValueError, "batch_size: expected a positive int or None, received True"),
+    ({"batch_size": 1.5}, ValueError, "batch_size: expected a positive int or None, received 1.5"),
+    ({"max_memory": NAN}, ValueError, "max_memory: expected a positive finite number of bytes or None, received nan"),
+    ({"max_memory": math.inf}, ValueError, "max_memory: expected a positive finite number"),
+    ({"max_memory": -1}, ValueError, "max_memory: expected a positive finite number"),
+    ({"num_targets": 0}, ValueError, "num_targets: expected a positive int or None, received 0"),
+    ({"pass_tokens": True}, ValueError, "pass_tokens: expected a positive int or None, received True"),
+    ({"subsets": [0, 1]}, TypeError, "subsets must be a 1-D int64 tensor, got list"),
+], ids=["batch-bool", "batch-float", "memory-nan", "memory-inf", "memory-negative", "targets-zero", "pass-bool",
+        "subsets-list"])
+def test_plan_trie_checks_its_options(llama_game, options, error, message):
+    model, game = llama_game
+    with pytest.raises(error, match=message):
+        sf.plan_trie(game, model=model, **options)
+
+
+@pytest.mark.parametrize("options, error, message", [
+    ({"attention_backend": "auto"}, ValueError, "attention_backend: expected 'torch' or 'triton', received 'auto'"),
+    ({"subsets": [0, 1]}, TypeError, "subsets must be an int64 tensor of bitmasks, got list"),
+    ({"batch_size": True}, ValueError, "batch_size: expected a positive int or None, received True"),
+], ids=["backend-auto", "subsets-list", "batch-bool"])
+def test_evaluate_trie_checks_its_options(llama_game, options, error, message):
+    from sftint_fast.engine.trie import evaluate_trie
+
+    model, game = llama_game
+    with pytest.raises(error, match=message):
+        evaluate_trie(model, game, progress=False, **options)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"scale": math.inf}, "scale: expected a positive float, got inf"),
+    ({"softcap": math.inf}, "softcap: expected None or a positive float, got inf"),
+    ({"sliding_window": True}, "sliding_window: expected None or an int >= 1, got True"),
+    ({"sliding_window": 1.5}, "sliding_window: expected None or an int >= 1, got 1.5"),
+    ({"node_ids": torch.tensor([0.0, 1.0])}, "node_ids: expected an int64 tensor, got torch.float32"),
+    ({"level_offsets": torch.tensor([0.0, 1.0])}, "level_offsets: expected an int64 tensor, got torch.float32"),
+    ({"q": torch.randn(2, 3, 4, 8, dtype=torch.float64)}, r"k_store: expected the floating dtype and device of q "
+                                                          r"\(torch.float64 on cpu\), got torch.float32 on cpu"),
+    ({"level": 1.0}, "level: expected an int >= 0, got 1.0"),
+], ids=["scale-inf", "softcap-inf", "window-bool", "window-float", "node-ids-float", "table-float", "dtype-mismatch",
+        "level-float"])
+def test_torch_subset_attention_checks_dtypes_and_options(change, message):
+    """inf scale / softcap gave NaN rows silently, a bool or fractional window was used as a number, and the wrong
+    dtypes failed deep inside torch (NotImplementedError, RuntimeError, IndexError)."""
+    from sftint_fast.ops.subset_attention import subset_attention
+
+    store = torch.randn(7, 2, 8)
+    args = {"q": torch.randn(2, 3, 4, 8), "k_store": store, "v_store": store, "node_ids": torch.tensor([0, 1]),
+            "level_offsets": torch.tensor([0, 1]), "level_lens": torch.tensor([1, 3]),
+            "player_lens": torch.tensor([0, 2]), "level_positions": torch.tensor([0, 1]), "level": 1,
+            "scale": 8 ** -0.5}
+    args.update(change)
+    with pytest.raises(ValueError, match=message):
+        subset_attention(**args)
+
+
+def test_compare_engines_refuses_what_is_not_a_game(llama_game):
+    from sftint_fast.bench import compare_engines
+
+    with pytest.raises(TypeError, match="game: expected a sftint_fast.Game, received str"):
+        compare_engines(llama_game[0], "the cat sat", ["naive"])

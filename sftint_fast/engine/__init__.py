@@ -31,8 +31,8 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sftint_fast.engine.naive import (available_memory, evaluate_naive_games, naive_batch_size, naive_layout,
-                                      model_device)
+from sftint_fast.engine.naive import (available_memory, check_batch_size, check_subsets, evaluate_naive_games,
+                                      naive_batch_size, naive_layout, model_device)
 from sftint_fast.game import MAX_PLAYERS, Game, _eval_mode
 
 logger = logging.getLogger(__name__)
@@ -52,33 +52,34 @@ MAX_GROUP_GAMES = 64
 GROUP_TOKENS = {"cuda": 32768, "cpu": 1536}
 
 
+def _check_all_variants(n: int, device: torch.device, max_memory: int | None) -> None:
+    """ValueError saying how much memory all ``2^n`` variants need when it is more than there is."""
+    needed = _BYTES_PER_VARIANT * (1 << n)
+    # the bitmasks and values live on the model's device (and the values come back to the host)
+    budget = max_memory if max_memory is not None else min(available_memory(torch.device("cpu")),
+                                                           available_memory(device))
+    if n > MAX_PLAYERS or needed > budget:
+        raise ValueError(
+            f"n={n} players: all 2^{n} variants need at least {needed / 2**30:.1f} GiB ({needed} bytes), but "
+            f"{budget / 2**30:.1f} GiB ({budget} bytes) are available; pass subsets= (a tensor of bitmasks) to "
+            "evaluate a sample"
+        )
+
+
 def _validate_subsets(subsets: Any, n: int, device: torch.device, max_memory: int | None) -> torch.Tensor:
     if subsets is None:
-        needed = _BYTES_PER_VARIANT * (1 << n)
-        # the bitmasks and values live on the model's device (and the values come back to the host)
-        budget = max_memory if max_memory is not None else min(available_memory(torch.device("cpu")),
-                                                               available_memory(device))
-        if n > MAX_PLAYERS or needed > budget:
-            raise ValueError(
-                f"n={n} players: all 2^{n} variants need at least {needed / 2**30:.1f} GiB ({needed} bytes), but "
-                f"{budget / 2**30:.1f} GiB ({budget} bytes) are available; pass subsets= (a tensor of bitmasks) to "
-                "evaluate a sample"
-            )
+        _check_all_variants(n, device, max_memory)
         return torch.arange(1 << n, dtype=torch.int64, device=device)
-    if not isinstance(subsets, torch.Tensor):
-        raise TypeError(f"subsets: expected a 1-D int64 tensor of bitmasks, received {type(subsets).__name__}")
-    if subsets.dim() != 1 or subsets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
-        raise TypeError(f"subsets: expected a 1-D integer tensor of bitmasks, received shape {tuple(subsets.shape)} "
-                        f"dtype {subsets.dtype}")
-    subsets = subsets.to(device=device, dtype=torch.int64)
-    if subsets.numel() and (int(subsets.min()) < 0 or (n < 63 and int(subsets.max()) >= (1 << n))):
-        bad = subsets[(subsets < 0) | (subsets >= (1 << n))][:10].tolist()
-        raise ValueError(f"subsets: expected bitmasks in [0, 2^{n}) for {n} players, received {bad}")
-    return subsets
+    return check_subsets(subsets, n).to(device)
 
 
 def _uses_autocast(model: Any, compute_dtype: ComputeDtype | None) -> bool:
     return compute_dtype == "bfloat16" and model.get_input_embeddings().weight.dtype == torch.float32
+
+
+def _check_compute_dtype(compute_dtype: Any) -> None:
+    if compute_dtype is not None and compute_dtype not in _COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype: expected None, 'float32', 'bfloat16' or 'tf32', received {compute_dtype!r}")
 
 
 @contextlib.contextmanager
@@ -86,8 +87,7 @@ def _compute_context(model: Any, compute_dtype: ComputeDtype | None, device: tor
     if compute_dtype is None:
         yield
         return
-    if compute_dtype not in _COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype: expected None, 'float32', 'bfloat16' or 'tf32', received {compute_dtype!r}")
+    _check_compute_dtype(compute_dtype)
     model_dtype = model.get_input_embeddings().weight.dtype
     wanted = _COMPUTE_DTYPES[compute_dtype]
     if compute_dtype == "tf32":
@@ -150,14 +150,15 @@ def _choose_engine(model: Any, method: Method, compute_dtype: ComputeDtype | Non
 
 
 def _check_options(batch_size: int | None, max_memory: int | float | None) -> None:
-    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
-        raise ValueError(f"batch_size: expected a positive int or None, received {batch_size!r}")
+    check_batch_size(batch_size)
     if max_memory is not None and (not isinstance(max_memory, (int, float)) or isinstance(max_memory, bool)
                                    or not 0 < max_memory < math.inf):
         raise ValueError(f"max_memory: expected a positive finite number of bytes or None, received {max_memory!r}")
 
 
 def _check_games(games: Sequence[Any]) -> list[Game]:
+    if isinstance(games, (Game, str)) or not hasattr(games, "__iter__"):
+        raise TypeError(f"games: expected a sequence of sftint_fast.Game, received {type(games).__name__}")
     games = list(games)
     for i, game in enumerate(games):
         if not isinstance(game, Game):
@@ -177,6 +178,21 @@ def _check_vocab(model: Any, games: Sequence[Game]) -> None:
                 raise ValueError(f"games[{i}].{field}: expected token ids in [0, {vocab}) (the model's vocabulary), "
                                  f"received {ids[bad[:5]].tolist()} at positions {bad[:5].tolist()}"
                                  + (f" and {bad.numel() - 5} more" if bad.numel() > 5 else ""))
+
+
+def _check_model(model: Any, games: Sequence[Game]) -> None:
+    """ValueError for a model without weights (meta device) or games built for another model: token ids outside
+    its vocabulary, a baseline of another hidden size (instead of an error deep in the embedding or the layers)."""
+    device = model_device(model)
+    if device.type == "meta":
+        raise ValueError("model: expected its weights on a real device (cpu, cuda), received a model on the meta "
+                         "device (no weights: load them, e.g. from_pretrained without device_map='meta')")
+    _check_vocab(model, games)
+    hidden = model.get_input_embeddings().weight.shape[-1]
+    for i, game in enumerate(games):
+        if game.masking == "embedding" and game.baseline.shape[-1] != hidden:
+            raise ValueError(f"games[{i}].baseline: expected rows of the model's hidden size {hidden}, received shape "
+                             f"{tuple(game.baseline.shape)} (a game built for another model?)")
 
 
 def evaluate(
@@ -235,15 +251,18 @@ def evaluate_games(
     _check_options(batch_size, max_memory)
     if not games:
         return []
-    _check_vocab(model, games)
+    _check_model(model, games)
     n = games[0].num_players
     if subsets is not None and any(game.num_players != n for game in games):
         raise ValueError(f"subsets: the games have different numbers of players {sorted({g.num_players for g in games})}")
     device = model_device(model)
     max_memory = None if max_memory is None else int(max_memory)
-    subsets = _validate_subsets(subsets, n, device, max_memory)
-    if subsets.numel() == 0:
-        return [torch.empty(0, dtype=torch.float32, device=device) for _ in games]
+    if subsets is None:  # all 2^n: the trie plans them from n alone (its memory check comes before any node id)
+        _check_all_variants(n, device, max_memory)
+    else:
+        subsets = _validate_subsets(subsets, n, device, max_memory)
+        if subsets.numel() == 0:
+            return [torch.empty(0, dtype=torch.float32, device=device) for _ in games]
     engine = _choose_engine(model, method, compute_dtype)
     backend = _resolve_backend(attention_backend, device)
     kwargs: dict[str, Any] = {"batch_size": batch_size, "progress": progress, "max_memory": max_memory}
@@ -254,6 +273,7 @@ def evaluate_games(
         kwargs["attention_backend"] = backend
     else:
         run = evaluate_naive_games
+        subsets = _every_variant(subsets, n, device)
     # each submodule's own mode back after (model.train(m) would put a frozen, eval-mode part in train mode)
     with _eval_mode(model), torch.no_grad(), _compute_context(model, compute_dtype, device):
         try:
@@ -263,8 +283,12 @@ def evaluate_games(
                 raise
             warnings.warn(f"{error}; falling back to the naive engine (slower, same values)", stacklevel=3)
             kwargs.pop("attention_backend")
-            values = evaluate_naive_games(model, games, subsets, **kwargs)
+            values = evaluate_naive_games(model, games, _every_variant(subsets, n, device), **kwargs)
     return [v.to(torch.float32) for v in values]
+
+
+def _every_variant(subsets: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(1 << n, dtype=torch.int64, device=device) if subsets is None else subsets
 
 
 def _trie_memory_error() -> type[Exception]:
@@ -326,8 +350,11 @@ def group_games(
     budget of ``attention_backend``'s KV store; 1 = no grouping). Groups in order of their first game; indices
     increasing inside a group."""
     games = _check_games(games)
-    if group_size is not None and (not isinstance(group_size, int) or group_size < 1):
+    if group_size is not None and (not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1):
         raise ValueError(f"group_size: expected a positive int or None, received {group_size!r}")
+    _check_options(batch_size, max_memory)
+    _check_compute_dtype(compute_dtype)
+    _resolve_backend(attention_backend, torch.device("cpu"))  # checks the name
     if not games:
         return []
     engine = _choose_engine(model, method, compute_dtype)

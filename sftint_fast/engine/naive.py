@@ -21,6 +21,29 @@ def model_device(model: Any) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+_SUBSET_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+
+
+def check_subsets(subsets: Any, n: int) -> torch.Tensor:
+    """``subsets`` as int64 bitmasks of ``n`` players (same device): TypeError for anything but a 1-D integer
+    tensor with data, ValueError naming the bitmasks outside ``[0, 2^n)``."""
+    if not isinstance(subsets, torch.Tensor):
+        raise TypeError(f"subsets: expected a 1-D int64 tensor of bitmasks, received {type(subsets).__name__}")
+    if subsets.dim() != 1 or subsets.dtype not in _SUBSET_DTYPES or subsets.device.type == "meta":
+        raise TypeError(f"subsets: expected a 1-D integer tensor of bitmasks, received shape {tuple(subsets.shape)} "
+                        f"dtype {subsets.dtype} on {subsets.device}")
+    subsets = subsets.to(torch.int64)
+    if subsets.numel() and (int(subsets.min()) < 0 or int(subsets.max()) >= (1 << n)):
+        bad = subsets[(subsets < 0) | (subsets >= (1 << n))][:10].tolist()
+        raise ValueError(f"subsets: expected bitmasks in [0, 2^{n}) for {n} players, received {bad}")
+    return subsets
+
+
+def check_batch_size(batch_size: Any) -> None:
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+        raise ValueError(f"batch_size: expected a positive int or None, received {batch_size!r}")
+
+
 def available_memory(device: torch.device) -> int:
     """Free bytes on ``device``: CUDA free memory, or the host's available RAM
     (:func:`~sftint_fast._memory.free_memory`)."""
@@ -156,18 +179,19 @@ def evaluate_naive(
     """``v`` for each bitmask of ``subsets`` ``(B,)`` int64 → float32 ``(B,)`` on the model's device.
 
     Every variant is a full sequence given as ``inputs_embeds`` (embedding masking: baseline rows
-    substituted; attention masking: a 4D mask and explicit ``position_ids``). Callers (``evaluate``) handle
-    validation, ``no_grad`` and eval mode.
+    substituted; attention masking: a 4D mask and explicit ``position_ids``). ``subsets`` (any integer dtype) and
+    ``batch_size`` are checked here (TypeError/ValueError); callers (``evaluate``) handle ``no_grad`` and eval mode.
     """
     return evaluate_naive_games(model, [game], subsets, batch_size=batch_size, progress=progress,
                                 max_memory=max_memory)[0]
 
 
 def naive_layout(game: Game) -> tuple:
-    """What games batched together by the naive engine must share: length, scored positions, masking mode, and
-    (attention masking, whose mask comes from the spans) the player spans."""
+    """What games batched together by the naive engine must share: length, scored positions, masking mode, number
+    of players (they share the bitmasks), and (attention masking, whose mask comes from the spans) the player
+    spans."""
     spans = game.player_spans if game.masking == "attention" else None
-    return game.input_ids.numel(), game.target.numel(), game.masking, spans
+    return game.input_ids.numel(), game.target.numel(), game.masking, game.num_players, spans
 
 
 def evaluate_naive_games(
@@ -187,13 +211,15 @@ def evaluate_naive_games(
     layout = naive_layout(games[0])
     for i, game in enumerate(games):
         if naive_layout(game) != layout:
-            raise ValueError(f"games[{i}]: expected the layout of games[0] (length, targets, masking[, spans]) "
-                             f"{layout}, received {naive_layout(game)}")
+            raise ValueError(f"games[{i}]: expected the layout of games[0] (length, targets, masking, players"
+                             f"[, spans]) {layout}, received {naive_layout(game)}")
     first = games[0]
+    check_batch_size(batch_size)
+    subsets = check_subsets(subsets, first.num_players)
     if first.masking == "attention":
         check_attention_masking(model)
     device = model_device(model)
-    subsets = subsets.to(device=device, dtype=torch.int64)
+    subsets = subsets.to(device)
     embedding = model.get_input_embeddings()
     embeds = [embedding(game.input_ids.to(device)[None])[0] for game in games]  # (L, H) each
     length, m = first.input_ids.numel(), first.target.numel()

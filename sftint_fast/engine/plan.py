@@ -235,6 +235,10 @@ def _chunk_activation_bytes(dims: ModelDims, seg_len: int, num_keys: int, num_ta
     return seg_len * per_token + gathered + scores + logits
 
 
+def _positive_int_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+
+
 def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn.Module | None = None,
               dims: ModelDims | None = None, batch_size: int | None = None, max_memory: int | None = None,
               num_targets: int | None = None, num_games: int = 1, pass_tokens: int | None = None,
@@ -278,20 +282,25 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
         previous_end = end
     num_players = len(player_spans)
     if subsets is not None:
-        if subsets.dtype != torch.int64 or subsets.dim() != 1:
-            raise TypeError(f"subsets must be a 1-D int64 tensor, got {subsets.dtype} of shape {tuple(subsets.shape)}")
+        if not isinstance(subsets, torch.Tensor):
+            raise TypeError(f"subsets must be a 1-D int64 tensor, got {type(subsets).__name__}")
+        if subsets.dtype != torch.int64 or subsets.dim() != 1 or subsets.device.type == "meta":
+            raise TypeError(f"subsets must be a 1-D int64 tensor, got {subsets.dtype} of shape {tuple(subsets.shape)} "
+                            f"on {subsets.device}")
         if len(subsets) and (int(subsets.min()) < 0 or int(subsets.max()) >= 1 << num_players):
             raise ValueError(f"subsets must lie in [0, 2^{num_players}), got range "
                              f"[{int(subsets.min())}, {int(subsets.max())}]")
         subsets = subsets.cpu()
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size}")
-    if not isinstance(num_games, int) or num_games < 1:
-        raise ValueError(f"num_games: expected a positive int, received {num_games!r}")
+    for name, value in (("batch_size", batch_size), ("num_targets", num_targets), ("pass_tokens", pass_tokens),
+                        ("num_games", num_games)):
+        if not _positive_int_or_none(value) or (name == "num_games" and value is None):
+            raise ValueError(f"{name}: expected a positive int{'' if name == 'num_games' else ' or None'}, "
+                             f"received {value!r}")
+    if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, (int, float))
+                                   or not 0 < max_memory < math.inf):
+        raise ValueError(f"max_memory: expected a positive finite number of bytes or None, received {max_memory!r}")
     if pass_tokens is None:
         pass_tokens = TARGET_CHUNK_TOKENS
-    if not isinstance(pass_tokens, int) or pass_tokens < 1:
-        raise ValueError(f"pass_tokens: expected a positive int or None, received {pass_tokens!r}")
 
     level_lens, level_positions, player_lens = _segments(seq_len, player_spans)
     # all 2^n: the node counts come from n alone, so a plan too large for memory is refused before its ids exist

@@ -179,8 +179,9 @@ def _check_game(game: Any, adapter: Adapter, subsets: torch.Tensor | None) -> No
     if n and score_start < game.player_spans[-1][0]:
         raise ValueError(f"the scored positions (from {score_start}) must lie after the last player's start "
                          f"({game.player_spans[-1][0]})")
-    if subsets is not None and subsets.dtype != torch.int64:
-        raise TypeError(f"subsets must be an int64 tensor of bitmasks, got {subsets.dtype}")
+    if subsets is not None and (not isinstance(subsets, torch.Tensor) or subsets.dtype != torch.int64):
+        got = subsets.dtype if isinstance(subsets, torch.Tensor) else type(subsets).__name__
+        raise TypeError(f"subsets must be an int64 tensor of bitmasks, got {got}")
 
 
 @torch.no_grad()
@@ -223,6 +224,8 @@ def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: t
         one float32 tensor per game, as :func:`evaluate_trie` returns it.
     """
     games = list(games)
+    if attention_backend not in ("torch", "triton"):
+        raise ValueError(f"attention_backend: expected 'torch' or 'triton', received {attention_backend!r}")
     if not games:
         return []
     adapter, reason = find_adapter(model)

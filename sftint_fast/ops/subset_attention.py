@@ -12,6 +12,7 @@ Backends: ``"torch"`` gathers each node's ancestor rows (one ``index_select`` pe
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -121,6 +122,10 @@ _BACKENDS: dict[str, Callable[..., torch.Tensor]] = {"torch": _subset_attention_
                                                      "triton": _subset_attention_triton}
 
 
+def _finite_positive(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < math.inf
+
+
 def subset_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, node_ids: torch.Tensor,
                      level_offsets: torch.Tensor, level_lens: torch.Tensor, player_lens: torch.Tensor,
                      level_positions: torch.Tensor, *, level: int, scale: float, attention_masking: bool = False,
@@ -169,15 +174,24 @@ def subset_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tens
     if q.shape[-1] != k_store.shape[-1] or q.shape[2] % k_store.shape[1]:
         raise ValueError(f"head dims must match and Hq must be a multiple of Hkv, got q {tuple(q.shape)}, "
                          f"store {tuple(k_store.shape)}")
-    if not scale > 0:  # the fused kernel refuses the same (a window of 0 hid every key: NaN rows)
+    for name, store in (("k_store", k_store), ("v_store", v_store)):
+        if not q.is_floating_point() or store.dtype != q.dtype or store.device != q.device:
+            raise ValueError(f"{name}: expected the floating dtype and device of q ({q.dtype} on {q.device}), got "
+                             f"{store.dtype} on {store.device}")
+    if isinstance(level, bool) or not isinstance(level, int) or level < 0:
+        raise ValueError(f"level: expected an int >= 0, got {level!r}")
+    if not _finite_positive(scale):  # the fused kernel refuses the same (a window of 0 hid every key: NaN rows)
         raise ValueError(f"scale: expected a positive float, got {scale}")
-    if softcap is not None and not softcap > 0:
+    if softcap is not None and not _finite_positive(softcap):
         raise ValueError(f"softcap: expected None or a positive float, got {softcap}")
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window: expected None or an int >= 1, got {sliding_window}")
-    for name, table in (("level_offsets", level_offsets), ("level_lens", level_lens), ("player_lens", player_lens),
-                        ("level_positions", level_positions)):
-        if table.shape != (level + 1,):
+    if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
+                                       or sliding_window < 1):
+        raise ValueError(f"sliding_window: expected None or an int >= 1, got {sliding_window!r}")
+    for name, table in (("node_ids", node_ids), ("level_offsets", level_offsets), ("level_lens", level_lens),
+                        ("player_lens", player_lens), ("level_positions", level_positions)):
+        if table.dtype != torch.int64:
+            raise ValueError(f"{name}: expected an int64 tensor, got {table.dtype}")
+        if name != "node_ids" and table.shape != (level + 1,):
             raise ValueError(f"{name} must have shape ({level + 1},) for level={level}, got {tuple(table.shape)}")
     if node_ids.shape != (q.shape[0],):
         raise ValueError(f"q must be [len(node_ids), level_lens[level], Hq, D] with len(node_ids) = "

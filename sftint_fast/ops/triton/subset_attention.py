@@ -22,6 +22,7 @@ keeps the ``tl.dot`` tiles at least 16 rows tall when segments are only a few to
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -341,9 +342,9 @@ def _check_common(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor,
     num_kv_heads = k_store.shape[1]
     if num_kv_heads == 0 or num_q_heads % num_kv_heads:
         raise ValueError(f"q: expected a number of heads divisible by k_store's {num_kv_heads}, got {num_q_heads}")
-    if not scale > 0:
+    if not 0 < scale < math.inf:
         raise ValueError(f"scale: expected a positive float, got {scale}")
-    if softcap is not None and not softcap > 0:
+    if softcap is not None and not 0 < softcap < math.inf:
         raise ValueError(f"softcap: expected None or a positive float, got {softcap}")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window: expected None or an int >= 1, got {sliding_window}")
