@@ -265,7 +265,14 @@ def game_key(game: Game, *, model_key: str, options: Mapping[str, Any] | None = 
     for name in sorted(options or {}):
         value = (options or {})[name]
         digest.update(name.encode())
-        digest.update(_tensor_bytes(value) if isinstance(value, torch.Tensor) else repr(value).encode())
+        if isinstance(value, torch.Tensor):
+            # integer tensors (subsets) as the int64 the engine evaluates: their bytes alone would give an int32
+            # [S, 0] and an int64 [S] one key; other dtypes with their dtype and shape
+            integer = not (value.is_floating_point() or value.is_complex())
+            digest.update(b"" if integer else f"{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(_tensor_bytes(value.to(torch.int64) if integer else value))
+        else:
+            digest.update(repr(value).encode())
     return digest.hexdigest()[:32]
 
 

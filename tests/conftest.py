@@ -78,3 +78,27 @@ def model_dir(tmp_path_factory):
     tiny_model("llama").save_pretrained(path)
     word_tokenizer().save_pretrained(path)
     return path
+
+
+def interrupt_write(monkeypatch, error: BaseException, *, name: str | None = None, after: str | None = None,
+                    kill: tuple | None = None) -> dict:
+    """Makes the first atomic write (``os.replace``) onto a file named ``name`` (or the first one after the file named
+    ``after`` was written) raise ``error`` instead. ``kill=(folder, copy)``: first copies ``folder`` to ``copy``, what a
+    killed process leaves (no cleanup ran). Returns ``{"target": the interrupted path}`` once it fired."""
+    import shutil
+    from pathlib import Path
+
+    real, state = os.replace, {"armed": after is None}
+
+    def replace(src, dst, *args, **kwargs):
+        if "target" not in state and state["armed"] and (name is None or Path(dst).name == name):
+            state["target"] = Path(dst)
+            if kill is not None:
+                shutil.copytree(kill[0], kill[1])
+            raise error
+        real(src, dst, *args, **kwargs)
+        if after is not None and Path(dst).name == after:
+            state["armed"] = True
+
+    monkeypatch.setattr(os, "replace", replace)
+    return state

@@ -228,6 +228,23 @@ def test_save_load_roundtrip(tmp_path):
         AndOrResult.load(tmp_path / "missing")
 
 
+@pytest.mark.parametrize("error", [KeyboardInterrupt, OSError])
+def test_a_save_interrupted_before_its_json_leaves_no_other_results_config(tmp_path, monkeypatch, error):
+    """Saved again over an earlier result and interrupted after the tensors: the earlier config.json stayed, and load
+    gave this result's tensors with the other result's config."""
+    from conftest import interrupt_write
+
+    v = torch.randn(2, 16, dtype=F64, generator=torch.Generator().manual_seed(7))
+    sf.and_or(v, niter=5, progress=False).save(tmp_path / "res")
+    interrupt_write(monkeypatch, error(), name="res.json")
+    with pytest.raises(error):
+        sf.and_or(v, niter=7, qthres=0.1, progress=False).save(tmp_path / "res")
+    monkeypatch.undo()
+    with pytest.raises(FileNotFoundError):
+        AndOrResult.load(tmp_path / "res")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["res.safetensors"]
+
+
 def test_bad_inputs():
     v = torch.randn(16, dtype=F64)
     with pytest.raises(ValueError, match="method"):

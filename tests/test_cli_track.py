@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sftint_fast.engine
-from conftest import tiny_model
+from conftest import interrupt_write, tiny_model
 from dist_scripts.sft_callback import make_tokenizer
 from sftint_fast.cli import main
 from sftint_fast.sft.probes import sft_example
@@ -464,6 +464,31 @@ def test_track_cli_resume_refuses_another_base_model(folders, tmp_path, capsys):
     assert "base: expected the base model this run folder tracked" in err and "checkpoint-10" in err
     assert _track(root, out, [str(root / "ckpt" / "checkpoint-20")]) == 0  # the same base resumes
     assert json.loads((out / "report.json").read_text())["steps"] == [0, 10, 20]
+
+
+@pytest.mark.parametrize("kill", [True, False], ids=["killed", "KeyboardInterrupt"])
+def test_track_cli_interrupted_right_after_saving_its_base_still_refuses_another_base(folders, tmp_path, monkeypatch,
+                                                                                       capsys, kill):
+    """base.json was written after the base's step was saved: a run interrupted in between kept step 0 without it,
+    and a rerun with another --base was accepted (its checkpoints compared with the first base's values)."""
+    root, _ = folders
+    run, killed = tmp_path / "run", tmp_path / "killed"
+    fired = interrupt_write(monkeypatch, KeyboardInterrupt(), after="step_000000000.json",
+                            kill=(run, killed) if kill else None)
+    with pytest.raises(KeyboardInterrupt):
+        _track(root, run, [str(root / "ckpt" / "checkpoint-10")])
+    assert fired["target"] is not None
+    monkeypatch.undo()
+    out = killed if kill else run
+    assert (out / "tracker" / "step_000000000.json").exists()
+    capsys.readouterr()
+    argv = ["track", "--base", str(root / "ckpt" / "checkpoint-10"), "--checkpoints",
+            str(root / "ckpt" / "checkpoint-20"), "--probes", str(root / "probes.jsonl"), "--out", str(out), *FAST,
+            *ONE_DRAW]
+    assert main(argv) == 2
+    assert "base: expected the base model this run folder tracked" in capsys.readouterr().err
+    assert _track(root, out, [str(root / "ckpt" / "checkpoint-10")]) == 0  # the same base resumes
+    assert json.loads((out / "report.json").read_text())["steps"] == [0, 10]
 
 
 def test_track_cli_refuses_two_folders_of_one_step(folders, tmp_path, capsys):

@@ -212,6 +212,21 @@ def test_evaluate_many_with_out_dir_resumes_and_matches_evaluate(tmp_path, tiny_
         assert torch.equal(a, ref.cpu()) and torch.equal(b, ref.cpu())
 
 
+def test_shards_of_other_subsets_are_not_taken_for_each_other(tmp_path, tiny_llama):
+    """The key hashed the subsets' bytes alone: int32 [3, 0] and int64 [3] are the same bytes, so a resumed run asking
+    for two variants got the saved single value back. Subsets of any integer dtype key as the int64 they evaluate."""
+    import sftint_fast as sf
+
+    game = make_games(1)[0]
+    one = sf.evaluate_many(tiny_llama, [game], out_dir=tmp_path, subsets=torch.tensor([3]), progress=False)[0]
+    two = sf.evaluate_many(tiny_llama, [game], out_dir=tmp_path, subsets=torch.tensor([3, 0], dtype=torch.int32),
+                           progress=False)[0]
+    assert one.shape == (1,) and two.shape == (2,) and two[0] == one[0]
+    same = sf.evaluate_many(tiny_llama, [game], out_dir=tmp_path, subsets=torch.tensor([3, 0], dtype=torch.int16),
+                            progress=False)[0]
+    assert torch.equal(same, two) and len(list(tmp_path.glob("shard-*.safetensors"))) == 2
+
+
 def test_save_shard_leaves_no_temp_file_when_interrupted(tmp_path, monkeypatch):
     import safetensors.torch
 

@@ -8,7 +8,7 @@ import torch
 
 import sftint_fast as sf
 import sftint_fast.engine
-from conftest import tiny_model
+from conftest import interrupt_write, tiny_model
 from dist_scripts.sft_callback import make_tokenizer
 from sftint_fast.sft.probes import Probe, load_probes, save_probes
 from sftint_fast.sft.tracker import SFTTracker
@@ -87,6 +87,38 @@ def test_resume_recomputes_nothing_and_gives_the_same_report(tokenizer, tmp_path
         report["floor_cost"] = report["cost"] = report["curves"]["seconds_tracking"] = None
     assert json.dumps(got, sort_keys=True) == json.dumps(expected, sort_keys=True)
     assert (tmp_path / "run" / "step_000000030.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["step_000000000.safetensors", "step_000000000.json"])
+@pytest.mark.parametrize("kill", [True, False], ids=["killed", "KeyboardInterrupt"])
+def test_a_base_interrupted_before_it_was_saved_is_tracked_again_on_the_model_given(tokenizer, tmp_path, monkeypatch,
+                                                                                      name, kill):
+    """Killed while saving its base checkpoint, a run has saved the base's games (players, targets, built on that
+    model) but no step: a rerun tracks the base again, so it must build them again from the base it is given (it took
+    the killed run's games, built on another model: the report differed from an uninterrupted run's)."""
+    first, base, later = _checkpoints(1)[0], *_checkpoints(2, seed=1)
+    expected = _tracker(tokenizer, tmp_path / "full")
+    for step, m in ((0, base), (10, later)):
+        expected.add_checkpoint(m, step)
+    run = tmp_path / "run"
+    fired = interrupt_write(monkeypatch, KeyboardInterrupt(), name=name,
+                            kill=(run, tmp_path / "killed") if kill else None)
+    with pytest.raises(KeyboardInterrupt):
+        _tracker(tokenizer, run).add_checkpoint(first, 0)
+    assert fired["target"].name == name
+    monkeypatch.undo()
+    resumed = _tracker(tokenizer, tmp_path / "killed" if kill else run)
+    assert resumed.steps == [] and resumed.games is None
+    calls = []
+    real = sftint_fast.engine.evaluate_games
+    monkeypatch.setattr(sftint_fast.engine, "evaluate_games", lambda m, g, **k: calls.extend(g) or real(m, g, **k))
+    for step, m in ((0, base), (10, later)):
+        resumed.add_checkpoint(m, step)
+    got, want = resumed.report().to_dict(), expected.report().to_dict()
+    for report in (got, want):  # timings differ
+        report["floor_cost"] = report["cost"] = report["curves"]["seconds_tracking"] = None
+    assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
+    assert len(calls) == 2 * len(resumed.games)  # the base and step 10, once each
 
 
 def test_refuses_mismatched_config_and_architecture(tokenizer, tmp_path):
@@ -178,6 +210,23 @@ def test_probe_jsonl_roundtrip_and_validation(tmp_path):
     (tmp_path / "odd.jsonl").write_text("\r\n".join(json.dumps({"prompt": p.prompt, "answer": p.answer},
                                                                 ensure_ascii=False) for p in odd), encoding="utf-8")
     assert load_probes(tmp_path / "odd.jsonl") == odd
+
+
+def test_save_probes_interrupted_leaves_the_earlier_file_and_no_temp_file(tmp_path, monkeypatch):
+    import pathlib
+
+    path = save_probes([Probe("the big cat")], tmp_path / "probes.jsonl")
+
+    def interrupted(self, text, *args, **kwargs):
+        pathlib.Path.write_bytes(self, text[:5].encode())
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", interrupted)
+    with pytest.raises(OSError, match="no space"):
+        save_probes([Probe("a small dog")], path)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["probes.jsonl"]
+    assert [p.prompt for p in load_probes(path)] == ["the big cat"]
 
 
 def test_probe_sources_come_in_order_and_a_missing_one_is_an_error(monkeypatch):

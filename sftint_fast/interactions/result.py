@@ -52,6 +52,9 @@ class AndOrResult:
         tensors_path = base.with_name(base.name + ".safetensors")
         json_path = base.with_name(base.name + ".json")
         tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in _TENSORS}
+        # an earlier save's JSON goes first: a save interrupted between the two files must not leave this result's
+        # tensors beside another result's config (load then refuses the folder instead of mixing them)
+        json_path.unlink(missing_ok=True)
         _atomic_write(tensors_path, lambda tmp: save_file(tensors, tmp))
         text = json.dumps(self.config, indent=1, sort_keys=True)
         _atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))

@@ -272,10 +272,12 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
     def training() -> TrainingLog | None:  # the checkpoints' Trainer log (trainer_state.json), where they have one
         return read_training_log(tracked_folders[1:])
 
-    if track(0, base) and distributed.is_main_process():  # the base tracked now: a resumed run must name it again
+    if not tracker.steps and distributed.is_main_process():
+        # before the base's values can be saved: a run killed right after saving them must still be resumed with it
         from sftint_fast.sft.tracker import _atomic_write_text
 
         _atomic_write_text(Path(out) / BASE_RECORD, json.dumps({"base": str(base), "fingerprint": fingerprint}))
+    track(0, base)
     for path in paths if watch is None else []:
         track(_step_of(path), path)
     if watch is not None:
@@ -436,7 +438,9 @@ def _check_base(base: str, out: str | os.PathLike) -> str:
     not recomputed, so its values would be compared with checkpoints of another model)."""
     fingerprint = _fingerprint(base)
     record = Path(out) / BASE_RECORD
-    if record.is_file():
+    # the record is written before the base is tracked: it binds the folder once a checkpoint is saved (a run killed
+    # or refused before that may be rerun with another base)
+    if record.is_file() and any((Path(out) / "tracker").glob("step_*.json")):
         saved = json.loads(record.read_text())
         if saved.get("fingerprint") != fingerprint:
             raise ValueError(f"base: expected the base model this run folder tracked ({saved.get('base')!r}), got "

@@ -94,8 +94,12 @@ def save_probes(probes: Sequence[Probe], path: str | os.PathLike) -> Path:
     lines = [json.dumps({k: v for k, v in {"prompt": p.prompt, "answer": p.answer,
                                            "players": list(p.players) if p.players else None}.items() if v is not None})
              for p in probes]
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, target)
+    try:
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        os.replace(tmp, target)
+    except BaseException:  # an interrupted or failed write leaves no partial temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
     return target
 
 

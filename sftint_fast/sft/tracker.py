@@ -875,13 +875,18 @@ class SFTTracker:
         from safetensors.torch import load_file
 
         out = self.out_dir
+        # in step order, not the names' (a step of 10 digits sorts before one of 9)
+        saved = sorted(out.glob("step_*.json"), key=_saved_step)
+        if not saved:
+            # games (and a reference) of a base checkpoint that was never saved (a run killed while tracking its
+            # base): the base is tracked again, and builds them again from the model it is given
+            return
         games_json = out / "games.json"
         if games_json.exists():
             self._load_games(games_json, load_file(str(out / "games.safetensors")))
         if (out / "reference.safetensors").exists():
             self.reference = {k[2:]: v for k, v in load_file(str(out / "reference.safetensors")).items()}
-        # in step order, not the names' (a step of 10 digits sorts before one of 9)
-        for meta_path in sorted(out.glob("step_*.json"), key=_saved_step):
+        for meta_path in saved:
             meta = json.loads(meta_path.read_text())
             tensors = load_file(str(meta_path.with_suffix(".safetensors")))
             record = _Record(
