@@ -319,6 +319,50 @@ def _run_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+#: what ``_explain_one`` writes to a prompt's folder, ``config.json`` last
+_EXPLAIN_FILES = ("v.safetensors", "interactions.safetensors", "interactions.png", "config.json")
+
+
+def _andor_options(args: argparse.Namespace, given: dict) -> dict:
+    """The entries of ``sf.and_or(v.double(), method=args.andor, **given).config`` set by the options (the others,
+    ``q_bound``, ``v_empty``, ``shape``, ``lp_status``..., follow from ``v``)."""
+    import inspect
+
+    from sftint_fast.interactions import andor
+
+    options = {name: p.default for name, p in inspect.signature(andor.and_or).parameters.items()} | given
+    return {"method": args.andor, "qthres": float(options["qthres"]),
+            "niter": int(options["niter"]) if args.andor == "sgd" else 0, "lr": float(options["lr"]),
+            "momentum": andor._MOMENTUM, "baseline_offset": options["baseline_offset"], "seed": options["seed"],
+            "dtype": "float64", "warm_start": False, "lp_method": options["lp_method"] if args.andor == "lp" else None}
+
+
+def _is_complete(out, config: dict, v, andor_options: dict | None) -> bool:
+    """Whether ``out`` holds every file of an earlier ``_explain_one`` of this very config (``andor_options``: what
+    its AND-OR config must hold, None = no AND-OR) and this ``v``; an unreadable file counts as incomplete."""
+    import json
+
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not all((out / name).is_file() for name in _EXPLAIN_FILES):
+        return False
+    try:
+        saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
+        saved_v = load_file(out / "v.safetensors")["v"]
+    except (OSError, ValueError, KeyError, SafetensorError):
+        return False
+    if not isinstance(saved, dict):
+        return False
+    saved_andor = saved.pop("andor", None)
+    if saved != json.loads(json.dumps(config)) or not torch.equal(saved_v, v):
+        return False
+    if andor_options is None:
+        return saved_andor is None
+    return isinstance(saved_andor, dict) and all(saved_andor.get(k) == x for k, x in andor_options.items())
+
+
 def _explain_one(args: argparse.Namespace, tokenizer, text: str, game, v, out) -> None:
     """Prints the top interactions and Shapley values of one game's ``v`` and writes them to ``out`` (if given)."""
     import json
@@ -343,9 +387,23 @@ def _explain_one(args: argparse.Namespace, tokenizer, text: str, game, v, out) -
     tensors = {"and": interactions.contiguous(), "shapley": phi.contiguous()}
     bars = (["{" + ", ".join(r.words) + "}" for r in ranked], [r.value for r in ranked],
             "AND interaction I(S) of v - v(empty)")
+    config = {
+        "model": args.model, "base": args.base, "dtype": args.dtype,
+        "device": getattr(args, "model_device", args.device),
+        "text": text, "chat": args.chat, "masking": args.masking, "n_players": args.n_players,
+        "pick": args.pick or "first",
+        "method": args.method, "words": list(game.words), "player_spans": [list(s) for s in game.player_spans],
+        "input_ids": game.input_ids.tolist(), "target": game.target.tolist(),
+        "target_text": tokenizer.decode(game.target), "value": "log_odds",
+        "interactions": "harsanyi(v - v[0])", "bit_order": "bit i = player i",
+    }
+    given = {name: value for name, value in (("qthres", args.qthres), ("niter", args.niter)) if value is not None}
+    if out is not None and _is_complete(out, config, v, None if args.andor == "none" else _andor_options(args, given)):
+        # a rerun in the same --out: the AND-OR decomposition (minutes for many players) is not redone
+        print(f"kept {out}: complete, from an earlier run with this config (delete its config.json to redo it)")
+        return
     andor = None
     if args.andor != "none":
-        given = {name: value for name, value in (("qthres", args.qthres), ("niter", args.niter)) if value is not None}
         andor = sf.and_or(v.double(), method=args.andor, progress=True, **given)
         both = sorted([("AND", r) for r in sf.top_interactions(andor.I_and, args.top, words)]
                       + [("OR", r) for r in sf.top_interactions(andor.I_or, args.top, words)],
@@ -361,17 +419,7 @@ def _explain_one(args: argparse.Namespace, tokenizer, text: str, game, v, out) -
                 "AND-OR interaction of v - v(empty)")
     if out is None:
         return
-    config = {
-        "model": args.model, "base": args.base, "dtype": args.dtype,
-        "device": getattr(args, "model_device", args.device),
-        "text": text, "chat": args.chat, "masking": args.masking, "n_players": args.n_players,
-        "pick": args.pick or "first",
-        "method": args.method, "words": list(game.words), "player_spans": [list(s) for s in game.player_spans],
-        "input_ids": game.input_ids.tolist(), "target": game.target.tolist(),
-        "target_text": tokenizer.decode(game.target), "value": "log_odds",
-        "interactions": "harsanyi(v - v[0])", "bit_order": "bit i = player i",
-        "andor": None if andor is None else andor.config,
-    }
+    config["andor"] = None if andor is None else andor.config
     text_config = json.dumps(config, indent=2)
     out.mkdir(parents=True, exist_ok=True)
     # each results file carries its config; an earlier run's config.json goes first, so that a run killed while it
@@ -380,8 +428,9 @@ def _explain_one(args: argparse.Namespace, tokenizer, text: str, game, v, out) -
     metadata = {"config": text_config}
     _atomic_write(out / "v.safetensors", lambda tmp: save_file({"v": v.contiguous()}, tmp, metadata=metadata))
     _atomic_write(out / "interactions.safetensors", lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    _atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text_config, encoding="utf-8"))
     _save_bar_plot(out / "interactions.png", *bars)
+    # last: a folder with a config.json holds every file of _EXPLAIN_FILES (what _is_complete relies on)
+    _atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text_config, encoding="utf-8"))
     print(f"wrote {out}/v.safetensors, interactions.safetensors, config.json, interactions.png")
 
 

@@ -337,6 +337,12 @@ def _eval_mode(model: Any) -> Iterator[None]:
 
 def _resolve_target(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, target: Any, vocab: int) -> torch.Tensor:
     if target is None:
+        from sftint_fast.engine import _position_limit  # the engine imports this module
+
+        limit = _position_limit(model)
+        if limit is not None and prompt_ids.numel() > limit[0]:  # else an IndexError deep in the position embedding
+            raise ValueError(f"text: expected at most {limit[0]} tokens (the model's learned position table "
+                             f"{limit[1]}), received {prompt_ids.numel()}; shorten the prompt")
         with torch.no_grad(), _eval_mode(model):  # no dropout in the greedy answer
             logits = model(input_ids=prompt_ids[None].to(_model_device(model))).logits[0, -1]
         return logits.argmax().view(1).to(torch.int64).cpu()

@@ -14,7 +14,7 @@ import sftint_fast.engine
 from sftint_fast.cli import main
 from sftint_fast.game import Game
 
-from conftest import tiny_model
+from conftest import count_calls, tiny_model
 from word_tokenizer import word_tokenizer
 
 
@@ -82,6 +82,39 @@ def test_explain_file_writes_one_folder_per_prompt_and_resumes(model_dir, prompt
     assert main(argv[:4] + [str(shorter)] + argv[5:]) == 0
     err = capsys.readouterr().err
     assert f"also holds {', '.join(f'prompt_{i:04d}' for i in range(1, len(ROWS)))} from an earlier run" in err
+
+
+def test_explain_file_rerun_keeps_complete_folders_without_redoing_and_or(model_dir, prompts, tmp_path, capsys,
+                                                                           monkeypatch):
+    """A rerun in the same --out redid every prompt's AND-OR decomposition, even for complete folders of the same
+    config; now only an incomplete folder (no config.json) or one of another config is redone."""
+    out = tmp_path / "run"
+    argv = ["explain", "--model", str(model_dir), "--file", str(prompts), "--method", "naive", "--out", str(out),
+            "--top", "3", "--andor", "sgd", "--niter", "5"]
+    calls = count_calls(monkeypatch, {"and_or": sf})
+    assert main(argv) == 0 and calls["and_or"] == len(ROWS)
+    folders = [out / f"prompt_{i:04d}" for i in range(len(ROWS))]
+    written = {f: {name: (f / name).stat().st_mtime_ns for name in FILES} for f in folders}
+    capsys.readouterr()
+
+    calls["and_or"] = 0
+    assert main(argv) == 0
+    assert calls["and_or"] == 0
+    assert capsys.readouterr().out.count("kept ") == len(ROWS)
+    assert {f: {name: (f / name).stat().st_mtime_ns for name in FILES} for f in folders} == written  # not rewritten
+
+    (folders[2] / "config.json").unlink()  # what a run killed while writing that folder leaves
+    assert main(argv) == 0
+    assert calls["and_or"] == 1
+    assert sorted(p.name for p in folders[2].iterdir()) == sorted(FILES)
+    assert json.loads((folders[2] / "config.json").read_text())["andor"]["niter"] == 5
+    assert all((f / "config.json").stat().st_mtime_ns == written[f]["config.json"] for f in folders if f != folders[2])
+    _check_outputs(out, _expected())
+
+    calls["and_or"] = 0  # another AND-OR config: every folder is redone
+    assert main(argv[:-1] + ["6"]) == 0
+    assert calls["and_or"] == len(ROWS)
+    assert all(json.loads((f / "config.json").read_text())["andor"]["niter"] == 6 for f in folders)
 
 
 @pytest.mark.parametrize("line,message", [('{"text": "a"}', '"prompt" string'), ("not json", "invalid JSON"),

@@ -557,3 +557,26 @@ def test_compare_engines_refuses_what_is_not_a_game(llama_game):
 
     with pytest.raises(TypeError, match="game: expected a sftint_fast.Game, received str"):
         compare_engines(llama_game[0], "the cat sat", ["naive"])
+
+
+@pytest.mark.parametrize("method", ["naive", "trie"])
+def test_a_game_longer_than_a_learned_position_table_is_refused(method):
+    """GPT-2 (learned absolute positions, n_positions=16) raised IndexError: index out of range in self, in both
+    engines, for a prompt longer than 16 tokens; a Llama (RoPE) past max_position_embeddings still runs."""
+    from conftest import tiny_model
+    from word_tokenizer import word_tokenizer
+
+    text = " ".join(["the cat sat on the mat"] * 4)  # 24 tokens
+    gpt2, tok = tiny_model("gpt2", n_positions=16), word_tokenizer()
+    with pytest.raises(ValueError, match=r"text: expected at most 16 tokens \(the model's learned position table "
+                                         r"transformer.wpe\), received 24"):
+        sf.Game.from_text(gpt2, tok, text, players=[0, 1, 2])
+    game = sf.Game.from_text(gpt2, tok, text, players=[0, 1, 2], target="dog")
+    with pytest.raises(ValueError, match=r"games\[0\]: expected at most 16 tokens \(the model's learned position "
+                                         r"table transformer.wpe\), received 24 \(prompt 24 \+ target\[:-1\] 0\)"):
+        sf.evaluate(gpt2, game, method=method, progress=False)
+    short = sf.Game.from_text(gpt2, tok, "the cat sat on the mat", players=[0, 1, 2])
+    assert sf.evaluate(gpt2, short, method=method, progress=False).shape == (8,)
+    llama = tiny_model("llama", max_position_embeddings=16)
+    long = sf.Game.from_text(llama, tok, text, players=[0, 1, 2])
+    assert torch.isfinite(sf.evaluate(llama, long, method=method, progress=False)).all()

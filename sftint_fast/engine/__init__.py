@@ -180,6 +180,39 @@ def _check_vocab(model: Any, games: Sequence[Game]) -> None:
                                  + (f" and {bad.numel() - 5} more" if bad.numel() > 5 else ""))
 
 
+#: Last names of learned absolute position tables (GPT-2 and GPT-Neo ``wpe``, OPT and BioGPT ``embed_positions``).
+_POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")
+
+
+def _position_limit(model: Any) -> tuple[int, str] | None:
+    """``(most tokens, table name)`` for a model with a learned absolute position table (an ``nn.Embedding`` named
+    as in ``_POSITION_TABLES``), None for one without (RoPE, ALiBi: they run past ``max_position_embeddings``)."""
+    tables = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES]
+    if not tables:
+        return None
+    name, table = min(tables, key=lambda item: item[1].num_embeddings)
+    # OPT's table holds max_position_embeddings + 2 rows (its positions start at 2): the config says how many it takes
+    configured = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    most = table.num_embeddings if not isinstance(configured, int) else min(configured, table.num_embeddings)
+    return most, name
+
+
+def _check_positions(model: Any, games: Sequence[Game]) -> None:
+    """ValueError naming the first game longer than the model's learned position table, instead of an IndexError
+    ('index out of range in self') deep in its position embedding."""
+    limit = _position_limit(model)
+    if limit is None:
+        return
+    most, name = limit
+    for i, game in enumerate(games):
+        length = game.input_ids.numel()
+        if length > most:
+            raise ValueError(f"games[{i}]: expected at most {most} tokens (the model's learned position table "
+                             f"{name}), received {length} (prompt {game.prompt_length} + target[:-1] "
+                             f"{length - game.prompt_length}); shorten the prompt")
+
+
 def _check_model(model: Any, games: Sequence[Game]) -> None:
     """ValueError for a model without weights (meta device) or games built for another model: token ids outside
     its vocabulary, a baseline of another hidden size (instead of an error deep in the embedding or the layers)."""
@@ -188,6 +221,7 @@ def _check_model(model: Any, games: Sequence[Game]) -> None:
         raise ValueError("model: expected its weights on a real device (cpu, cuda), received a model on the meta "
                          "device (no weights: load them, e.g. from_pretrained without device_map='meta')")
     _check_vocab(model, games)
+    _check_positions(model, games)
     hidden = model.get_input_embeddings().weight.shape[-1]
     for i, game in enumerate(games):
         if game.masking == "embedding" and game.baseline.shape[-1] != hidden:
