@@ -285,14 +285,11 @@ def save_shard(path: Path, v: torch.Tensor, metadata: Mapping[str, str]) -> None
     """Write ``v`` to ``path`` atomically (temp file in the same folder, then ``os.replace``)."""
     from safetensors.torch import save_file
 
+    from sftint_fast._files import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file({"v": v.detach().to("cpu").contiguous()}, str(tmp), metadata=dict(metadata))
-        os.replace(tmp, path)
-    except BaseException:  # an interrupted or failed write leaves no partial temp file behind
-        tmp.unlink(missing_ok=True)
-        raise
+    tensors = {"v": v.detach().to("cpu").contiguous()}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata)))
 
 
 def load_shard(path: Path) -> torch.Tensor:

@@ -453,13 +453,10 @@ def _nan(xs: list) -> list[float]:
 def _save(fig: Any, path: str | os.PathLike) -> Path:
     import matplotlib.pyplot as plt
 
-    target = Path(path)
-    tmp = target.with_name(f".{target.stem}.tmp{os.getpid()}{target.suffix}")
+    from sftint_fast._files import atomic_write
+
     try:
         fig.tight_layout()
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, target)
-    finally:  # a failed write leaves neither a partial temp file nor an open figure
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    finally:  # a failed write leaves neither a partial temp file (atomic_write) nor an open figure
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return target

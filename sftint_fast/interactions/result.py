@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,12 +86,6 @@ def _base(path: str | os.PathLike) -> Path:
 
 def _atomic_write(target: Path, write) -> None:
     """Writes through ``write(tmp_path)`` into a temp file beside ``target``, then renames it over."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    from sftint_fast._files import atomic_write
+
+    atomic_write(target, lambda tmp: write(str(tmp)))

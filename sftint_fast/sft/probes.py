@@ -90,17 +90,12 @@ def load_probes(path: str | os.PathLike) -> list[Probe]:
 def save_probes(probes: Sequence[Probe], path: str | os.PathLike) -> Path:
     """Writes probes as JSONL (atomically)."""
     target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     lines = [json.dumps({k: v for k, v in {"prompt": p.prompt, "answer": p.answer,
                                            "players": list(p.players) if p.players else None}.items() if v is not None})
              for p in probes]
-    try:
-        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        os.replace(tmp, target)
-    except BaseException:  # an interrupted or failed write leaves no partial temp file behind
-        tmp.unlink(missing_ok=True)
-        raise
-    return target
+    from sftint_fast._files import atomic_write
+
+    return atomic_write(target, lambda tmp: tmp.write_text("\n".join(lines) + "\n", encoding="utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------- datasets

@@ -1167,25 +1167,17 @@ def _json_safe(x: Any) -> Any:
 
 
 def _atomic_write_text(target: Path, text: str) -> None:
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    from sftint_fast._files import atomic_write
+
+    atomic_write(target, lambda tmp: tmp.write_text(text))
 
 
 def _atomic_save_tensors(target: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp))
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    from sftint_fast._files import atomic_write
+
+    atomic_write(target, lambda tmp: save_file(tensors, str(tmp)))
 
 
 # ------------------------------------------------------------------------------------------------- report

@@ -1,0 +1,33 @@
+"""Atomic file writes: a temp file beside the target, renamed over it once complete."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+
+def _default_mode() -> int:
+    """What ``open()`` would give a new file under this process's umask (``os.umask`` only reads by setting)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def atomic_write(target: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Writes ``target`` through ``write(tmp)`` into a temp file in the same folder (same suffix, so writers that read
+    the format from it work), then ``os.replace``: a reader sees the old file or the whole new one. A failed or
+    interrupted write leaves no temp file behind. The file gets the mode a plain ``open()`` would give it (safetensors
+    and ``mkstemp`` create 0600 files, which a collaborator on a shared machine could not read)."""
+    target = Path(target)
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.chmod(tmp, _default_mode())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return target

@@ -1,0 +1,55 @@
+"""Saved results get the mode a plain open() gives (safetensors and mkstemp write 0600), and writes stay atomic."""
+import os
+import stat
+
+import pytest
+import torch
+
+import sftint_fast as sf
+from sftint_fast._files import atomic_write
+from sftint_fast.distributed import save_shard
+from sftint_fast.sft.probes import Probe, save_probes
+from sftint_fast.sft.tracker import _atomic_save_tensors, _atomic_write_text
+
+
+@pytest.fixture(params=[0o022, 0o077])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def _mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_results_get_the_umask_mode_not_0600(tmp_path, umask):
+    expected = 0o666 & ~umask
+    save_shard(tmp_path / "shard.safetensors", torch.zeros(4), {"k": "v"})
+    _atomic_save_tensors(tmp_path / "step.safetensors", {"values": torch.zeros(2)})
+    _atomic_write_text(tmp_path / "step.json", "{}")
+    save_probes([Probe(prompt="a b c?", answer="d")], tmp_path / "probes.jsonl")
+    sf.and_or(torch.randn(8, dtype=torch.float64), method="sgd", niter=2, progress=False).save(tmp_path / "res")
+    from sftint_fast.plot import _save
+    import matplotlib.pyplot as plt
+
+    _save(plt.figure(), tmp_path / "fig.png")
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["fig.png", "probes.jsonl", "res.json", "res.safetensors", "shard.safetensors", "step.json",
+                       "step.safetensors"]  # and no temp file left
+    assert {name: _mode(tmp_path / name) for name in written} == dict.fromkeys(written, expected)
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
+    target = tmp_path / "a.json"
+    target.write_text("old")
+
+    def fail(tmp):
+        tmp.write_text("partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, fail)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
+    atomic_write(target, lambda tmp: tmp.write_text("new"))
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
