@@ -17,8 +17,9 @@ def _default_mode() -> int:
 def atomic_write(target: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
     """Writes ``target`` through ``write(tmp)`` into a temp file in the same folder (same suffix, so writers that read
     the format from it work), then ``os.replace``: a reader sees the old file or the whole new one. A failed or
-    interrupted write leaves no temp file behind. The file gets the mode a plain ``open()`` would give it (safetensors
-    and ``mkstemp`` create 0600 files, which a collaborator on a shared machine could not read)."""
+    interrupted write leaves no temp file behind; the file and the rename are fsynced. The file gets the mode a plain
+    ``open()`` would give it (safetensors and ``mkstemp`` create 0600 files, which a collaborator on a shared machine
+    could not read)."""
     target = Path(target)
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}")
     os.close(fd)
@@ -26,8 +27,26 @@ def atomic_write(target: str | os.PathLike, write: Callable[[Path], Any]) -> Pat
     try:
         write(tmp)
         os.chmod(tmp, _default_mode())
+        _fsync(tmp)  # the data on disk before the rename: a power loss leaves the old file or the new one, whole
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync(target.parent, directory=True)  # and the rename itself
     return target
+
+
+def _fsync(path: Path, *, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:  # a folder some platforms cannot open: the rename is still atomic
+        if directory:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)

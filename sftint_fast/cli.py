@@ -391,7 +391,7 @@ def _explain_one(args: argparse.Namespace, tokenizer, text: str, game, v, out) -
         "model": args.model, "base": args.base, "dtype": args.dtype,
         "device": getattr(args, "model_device", args.device),
         "text": text, "chat": args.chat, "masking": args.masking, "n_players": args.n_players,
-        "pick": args.pick or "first",
+        "pick": args.pick or "first", "top": args.top,
         "method": args.method, "words": list(game.words), "player_spans": [list(s) for s in game.player_spans],
         "input_ids": game.input_ids.tolist(), "target": game.target.tolist(),
         "target_text": tokenizer.decode(game.target), "value": "log_odds",

@@ -116,6 +116,11 @@ def test_explain_file_rerun_keeps_complete_folders_without_redoing_and_or(model_
     assert calls["and_or"] == len(ROWS)
     assert all(json.loads((f / "config.json").read_text())["andor"]["niter"] == 6 for f in folders)
 
+    calls["and_or"] = 0  # another --top: the printout and the figure change, so every folder is redone
+    assert main(argv[:-1] + ["6", "--top", "2"]) == 0
+    assert calls["and_or"] == len(ROWS)
+    assert all(json.loads((f / "config.json").read_text())["top"] == 2 for f in folders)
+
 
 @pytest.mark.parametrize("line,message", [('{"text": "a"}', '"prompt" string'), ("not json", "invalid JSON"),
                                           ('{"prompt": "a cat", "players": "x,y"}', "players"),

@@ -53,3 +53,13 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
     atomic_write(target, lambda tmp: tmp.write_text("new"))
     assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_the_file_and_its_rename_reach_the_disk_before_the_writer_returns(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    target = tmp_path / "a.safetensors"
+    save_shard(target, torch.zeros(3), {})
+    assert len(synced) == 2 and synced[1] == str(tmp_path)  # the temp file's data, then the folder's rename
+    assert synced[0].startswith(str(tmp_path / ".a.")) and target.is_file()
