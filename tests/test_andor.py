@@ -1,4 +1,5 @@
 """AND-OR decomposition: universal matching, bounds, planted games, SGD vs autograd vs LP, save/load."""
+import json
 import math
 
 import pytest
@@ -243,6 +244,47 @@ def test_a_save_interrupted_before_its_json_leaves_no_other_results_config(tmp_p
     with pytest.raises(FileNotFoundError):
         AndOrResult.load(tmp_path / "res")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["res.safetensors"]
+
+
+def test_a_save_whose_config_cannot_be_written_keeps_the_earlier_result(tmp_path):
+    """A config that JSON cannot encode failed after the old JSON was deleted and the tensors replaced: the earlier
+    result saved under that name was lost, though nothing of the new one was written."""
+    v = torch.randn(2, 16, dtype=F64, generator=torch.Generator().manual_seed(7))
+    first = sf.and_or(v, niter=5, progress=False)
+    first.save(tmp_path / "res")
+    bad = AndOrResult(first.I_and * 2, first.I_or, first.p, first.q, first.objective, config={"x": torch.ones(1)})
+    with pytest.raises(TypeError, match="JSON serializable"):
+        bad.save(tmp_path / "res")
+    back = AndOrResult.load(tmp_path / "res")
+    torch.testing.assert_close(back.I_and, first.I_and, rtol=0, atol=0)
+    assert back.config == first.config
+
+
+@pytest.mark.parametrize("swap", ["config-of-another-shape", "config-of-another-dtype", "config-not-a-dict"])
+def test_load_refuses_a_config_that_does_not_match_the_tensors(tmp_path, swap):
+    """Tensors beside a JSON of another result (copied or renamed files) loaded silently with the wrong config."""
+    v = torch.randn(2, 16, dtype=F64, generator=torch.Generator().manual_seed(7))
+    sf.and_or(v, niter=3, progress=False).save(tmp_path / "res")
+    other = {"config-of-another-shape": v[0], "config-of-another-dtype": v.float()}.get(swap)
+    if other is None:
+        (tmp_path / "res.json").write_text("[1, 2]")
+    else:
+        sf.and_or(other, niter=3, progress=False).save(tmp_path / "other")
+        (tmp_path / "other.json").replace(tmp_path / "res.json")
+    with pytest.raises(ValueError, match="res.json"):
+        AndOrResult.load(tmp_path / "res")
+
+
+def test_numpy_scalar_options_are_numbers():
+    """qthres/lr as np.float32 or niter as np.int64 (a hyperparameter sweep over numpy arrays) were refused as "expected
+    a finite number >= 0, got np.float32(0.04)"."""
+    np = pytest.importorskip("numpy")
+    v = torch.randn(2, 16, dtype=F64, generator=torch.Generator().manual_seed(7))
+    plain = sf.and_or(v, qthres=0.25, niter=5, lr=0.5, progress=False)
+    res = sf.and_or(v, qthres=np.float32(0.25), niter=np.int64(5), lr=np.float32(0.5), progress=False)
+    torch.testing.assert_close(res.I_and, plain.I_and, rtol=0, atol=0)
+    assert res.config == plain.config
+    assert json.dumps(res.config)
 
 
 def test_bad_inputs():

@@ -140,3 +140,16 @@ def test_top_interactions_refuses_words_that_are_not_strings():
         sf.top_interactions(interactions, 2, ["a", 7])
     with pytest.raises(TypeError, match="words: expected strings"):
         sf.top_interactions(torch.stack([interactions, interactions]), 2, [["a", "b"], ["c", None]])
+
+
+def test_numpy_scalar_options_are_numbers():
+    """A tau from numpy (np.float32, e.g. a sweep over np.linspace(..., dtype=np.float32)) or k = np.int64 was refused
+    as "expected a number in (0, 1), got np.float32(0.05)": a valid number rejected with a message that says it is
+    not one."""
+    np = pytest.importorskip("numpy")
+    a = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sf.salient(a, np.float32(0.25)), sf.salient(a, 0.25))
+    torch.testing.assert_close(sf.sharing(a, a.flip(0), np.float32(0.25)), sf.sharing(a, a.flip(0), 0.25))
+    assert sf.top_interactions(a[0], np.int64(2), list("abc")) == sf.top_interactions(a[0], 2, list("abc"))
+    with pytest.raises(ValueError, match="tau"):
+        sf.salient(a, np.float32(1.5))

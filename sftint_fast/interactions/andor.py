@@ -111,14 +111,17 @@ def and_or(
     n = T.validate_game_tensor(v, name="v", max_players=limit)
     if v.dim() > 2:
         raise ValueError(f"v: expected shape (2^n,) or (B, 2^n), got {tuple(v.shape)}")
-    if not (isinstance(qthres, (int, float)) and not isinstance(qthres, bool) and qthres >= 0 and math.isfinite(qthres)):
+    # numbers.Real/Integral: numpy scalars (np.float32, np.int64) are numbers too; used as Python ones from here on
+    real = numbers.Real
+    if not (isinstance(qthres, real) and not isinstance(qthres, bool) and qthres >= 0 and math.isfinite(qthres)):
         raise ValueError(f"qthres: expected a finite number >= 0, got {qthres!r}")
-    if not (isinstance(niter, int) and not isinstance(niter, bool) and niter >= 0):
+    if not (isinstance(niter, numbers.Integral) and not isinstance(niter, bool) and niter >= 0):
         raise ValueError(f"niter: expected an int >= 0, got {niter!r}")
-    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0 and math.isfinite(lr)):
+    if not (isinstance(lr, real) and not isinstance(lr, bool) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr: expected a finite number > 0, got {lr!r}")
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
         raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+    qthres, niter, lr = float(qthres), int(niter), float(lr)
 
     if method == "sgd":
         _check_sgd_memory(v, n, niter)

@@ -15,6 +15,7 @@ Choices fixed here *(ours)*:
 """
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
@@ -35,7 +36,8 @@ class RankedInteraction(NamedTuple):
 
 
 def _check_tau(tau: float) -> None:
-    if not (isinstance(tau, (int, float)) and 0 < tau < 1):
+    # numbers.Real: a numpy scalar (np.float32) is a number too
+    if not (isinstance(tau, numbers.Real) and not isinstance(tau, bool) and 0 < tau < 1):
         raise ValueError(f"tau: expected a number in the open interval (0, 1), got {tau!r}")
 
 
@@ -79,7 +81,7 @@ def salient(
         bad = top[~(torch.isfinite(top) & (top >= 0))]
         if bad.numel():
             raise ValueError(f"reference_max: expected finite values >= 0 (a max |I|), got {bad.flatten()[0].item()}")
-    members = magnitude > tau * top.unsqueeze(-1)
+    members = magnitude > float(tau) * top.unsqueeze(-1)
     members[..., 0] = False
     return members
 
@@ -233,7 +235,7 @@ def top_interactions(
     n = _check(interactions)
     if interactions.dim() > 2:
         raise ValueError(f"I: expected shape (2^n,) or (B, 2^n), got {tuple(interactions.shape)}")
-    if not (isinstance(k, int) and not isinstance(k, bool) and k >= 0):
+    if not (isinstance(k, numbers.Integral) and not isinstance(k, bool) and k >= 0):
         raise ValueError(f"k: expected an int >= 0, got {k!r}")
     if not isinstance(include_empty, bool):
         raise TypeError(f"include_empty: expected a bool, got {include_empty!r}")

@@ -51,11 +51,12 @@ class AndOrResult:
         tensors_path = base.with_name(base.name + ".safetensors")
         json_path = base.with_name(base.name + ".json")
         tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in _TENSORS}
+        # encoded before anything is touched: a config JSON cannot encode must not cost an earlier save its files
+        text = json.dumps(self.config, indent=1, sort_keys=True)
         # an earlier save's JSON goes first: a save interrupted between the two files must not leave this result's
         # tensors beside another result's config (load then refuses the folder instead of mixing them)
         json_path.unlink(missing_ok=True)
         _atomic_write(tensors_path, lambda tmp: save_file(tensors, tmp))
-        text = json.dumps(self.config, indent=1, sort_keys=True)
         _atomic_write(json_path, lambda tmp: Path(tmp).write_text(text))
         return tensors_path, json_path
 
@@ -74,7 +75,21 @@ class AndOrResult:
         missing = [name for name in _TENSORS if name not in tensors]
         if missing:
             raise ValueError(f"AndOrResult.load: {tensors_path} lacks tensors {missing}, has {sorted(tensors)}")
-        return cls(**{name: tensors[name] for name in _TENSORS}, config=json.loads(json_path.read_text()))
+        config = json.loads(json_path.read_text())
+        _check_config_matches(config, tensors, json_path, tensors_path)
+        return cls(**{name: tensors[name] for name in _TENSORS}, config=config)
+
+
+def _check_config_matches(config: Any, tensors: dict[str, torch.Tensor], json_path: Path, tensors_path: Path) -> None:
+    """ValueError unless ``config`` is a dict whose recorded ``shape`` and ``dtype`` (where present) are those of the
+    tensors: files of two results side by side (one copied or renamed over the other) must not load as one."""
+    if not isinstance(config, dict):
+        raise ValueError(f"AndOrResult.load: expected {json_path} to hold a config dict, got {type(config).__name__}")
+    first = tensors["I_and"]
+    for key, value in (("shape", list(first.shape)), ("dtype", str(first.dtype).replace("torch.", ""))):
+        if key in config and config[key] != value:
+            raise ValueError(f"AndOrResult.load: {json_path} records {key} {config[key]!r} but {tensors_path} holds "
+                             f"{value!r}: the two files belong to different results")
 
 
 def _base(path: str | os.PathLike) -> Path:
