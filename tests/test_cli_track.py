@@ -597,3 +597,26 @@ def test_track_cli_watch_skips_a_checkpoint_deleted_right_after_it_was_listed(fo
     assert rc == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "run" / "report.json").read_text())["steps"] == [0, 20]
     assert "checkpoint-10 was deleted before it could be read" in caplog.text
+
+
+def test_track_cli_resume_refuses_a_tracked_step_whose_checkpoint_changed(folders, tmp_path, capsys):
+    """A rerun into the same --out after the checkpoints were retrained into the same folders (other weights, the
+    same step names): each step already tracked was skipped by its number, so the report silently kept the first
+    training run's values. A checkpoint whose files differ from the ones tracked at its step is refused; the same
+    checkpoints resume."""
+    import shutil
+
+    root, _ = folders
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(root / "ckpt" / "checkpoint-10", ckpt / "checkpoint-10")
+    out = tmp_path / "run"
+    assert _track(root, out, [str(ckpt / "checkpoint-10")]) == 0
+    assert _track(root, out, [str(ckpt / "checkpoint-10")]) == 0  # the same checkpoint: nothing to redo
+    shutil.rmtree(ckpt / "checkpoint-10")
+    shutil.copytree(root / "ckpt" / "checkpoint-20", ckpt / "checkpoint-10")  # retrained: other weights, step 10
+    shutil.copytree(root / "ckpt" / "checkpoint-30", ckpt / "checkpoint-30")
+    capsys.readouterr()
+    assert _track(root, out, [str(ckpt / "checkpoint-*")]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoints: expected the checkpoint this run folder tracked at step 10" in err and "another --out" in err
+    assert json.loads((out / "report.json").read_text())["steps"] == [0, 10]  # nothing of the new run mixed in

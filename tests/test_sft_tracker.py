@@ -938,3 +938,111 @@ def test_resumed_games_keep_a_float64_baseline_exactly(tokenizer, tmp_path):
         assert torch.equal(saved.baseline, game.baseline)
     resumed.add_checkpoint(model, 1)  # the resumed games still evaluate the same model to the same values
     assert torch.equal(resumed.records[-1].values, resumed.records[0].values)
+
+
+class _Wrapper(torch.nn.Module):
+    """What DDP, DataParallel, accelerate and a DeepSpeed engine look like to a callback: the model in ``.module``."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.module = model
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def test_a_ddp_wrapped_model_is_tracked_as_the_model_it_wraps(tokenizer):
+    """Under DDP every rank calls add_checkpoint with its copy of the model, as the training loop holds it: wrapped
+    (the class docstring's usage). It raised AttributeError: 'DistributedDataParallel' object has no attribute
+    'get_input_embeddings'. A wrapper of a wrapper, and torch.compile's ``_orig_mod``, are looked through too."""
+    models = _checkpoints(2)
+    plain = _tracker(tokenizer, noise_floor=None, persistence=1)
+    for step, model in enumerate(models):
+        plain.add_checkpoint(model, step)
+    wrapped = _tracker(tokenizer, noise_floor=None, persistence=1)
+    wrapped.add_checkpoint(_Wrapper(models[0]), 0)
+    compiled = torch.nn.Module()
+    compiled._orig_mod = models[1]  # torch.compile's OptimizedModule keeps the model here
+    wrapped.add_checkpoint(_Wrapper(_Wrapper(compiled)), 1)
+    for got, want in zip(wrapped.records, plain.records):
+        torch.testing.assert_close(got.values, want.values, rtol=0, atol=0)
+
+
+@pytest.fixture
+def process_group():
+    """A one-process gloo group (an in-memory store, no port): what FSDP and DTensor need to shard a model."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _fsdp1(model):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return FullyShardedDataParallel(model, device_id=torch.device("cpu"))
+
+
+def _fsdp2(model):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (1,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _zero3(model):
+    for param in model.parameters():  # DeepSpeed ZeRO-3: every rank holds a partition, the module an empty tensor
+        param.ds_id, param.ds_numel, param.ds_shape = 0, param.numel(), param.shape
+        param.data = torch.empty(0)
+    return model
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+@pytest.mark.parametrize("shard, name", [(_fsdp1, "FSDP"), (lambda m: _Wrapper(_fsdp1(m)), "FSDP"), (_fsdp2, "FSDP"),
+                                         (_zero3, "ZeRO-3")], ids=["fsdp1", "fsdp1-wrapped", "fsdp2", "zero3"])
+def test_a_model_sharded_across_processes_is_refused_clearly(tokenizer, tmp_path, process_group, shard, name):
+    """A model whose weights are sharded across the ranks (FSDP, FSDP2 / DTensor, DeepSpeed ZeRO-3), as the Trainer
+    hands it to callbacks, cannot be evaluated by one rank: it failed deep in the engine ("got mixed torch.Tensor and
+    DTensor", "setStorage: ... out of bounds", or evaluated the partitions), now a ValueError saying why and what to
+    do instead, before anything is saved; the callback refuses it before training, even with a resumed tracker."""
+    from transformers import TrainerControl, TrainerState
+
+    model = shard(tiny_model("llama"))
+    tracker = _tracker(tokenizer, tmp_path / "track")
+    with pytest.raises(ValueError, match=f"model: expected a model whose full weights are on this process, got one "
+                                         f"sharded .*{name}.*sftint track"):
+        tracker.add_checkpoint(model, 0)
+    assert tracker.steps == [] and not list((tmp_path / "track").glob("step_*"))
+    tracker.add_checkpoint(tiny_model("llama"), 0)
+    callback = sf.InteractionCallback(tracker, every=1000)
+    with pytest.raises(ValueError, match=f"sharded .*{name}"):
+        callback.on_train_begin(None, TrainerState(global_step=0), TrainerControl(), model=model)
+
+
+@pytest.mark.parametrize("options, ignored", [
+    (dict(andor_method="and", qthres=0.1), "qthres"),
+    (dict(andor_method="and", andor_niter=500), "andor_niter"),
+    (dict(andor_method="lp", andor_lr=1e-3), "andor_lr"),
+    (dict(andor_method="lp", warm_start=True), "warm_start"),
+    (dict(andor_method="and", noise_floor=None, noise_draws=8), "noise_draws"),
+])
+def test_an_option_the_method_ignores_is_warned_about_and_a_run_saved_with_it_resumes(tmp_path, options, ignored):
+    """An option given other than its default that the chosen method never reads (``qthres`` with the plain-Harsanyi
+    solver, SGD settings with the LP, ``noise_draws`` without a noise floor) was dropped without a word (the CLI
+    refuses them). A warning names it; the run still opens and a run saved with it still resumes (a refusal would
+    lock such runs out: the option is part of their saved configuration)."""
+    import warnings
+
+    with pytest.warns(UserWarning, match=f"{ignored}=.* is ignored with "):
+        tracker = SFTTracker(None, out_dir=tmp_path, progress=False, **options)
+    tracker.add_values(0, torch.randn(2, 8, generator=torch.Generator().manual_seed(0)))
+    with pytest.warns(UserWarning, match=f"{ignored}="):
+        assert SFTTracker(None, out_dir=tmp_path, progress=False, **options).steps == [0]
+    defaults = {k: v for k, v in options.items() if k in ("andor_method", "noise_floor")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SFTTracker(None, progress=False, **defaults)  # the method alone, every other option its default: no warning

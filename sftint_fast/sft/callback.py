@@ -13,7 +13,8 @@ the scalars are appended to ``state.log_history`` and the module logger only.
 
 Under ``torchrun`` (DDP) attach the callback on every rank, as the ``Trainer`` itself runs on every rank:
 each rank evaluates its share of the probes on the unwrapped model (``model.module``), and the scalars are
-computed and logged on the main process (``state.is_world_process_zero``) only.
+computed and logged on the main process (``state.is_world_process_zero``) only. A model sharded across the ranks
+(FSDP, DeepSpeed ZeRO-3) is refused before training: track the saved checkpoints with ``sftint track --watch``.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from typing import Any
 from transformers import TrainerCallback
 
 from sftint_fast import distributed
-from sftint_fast.sft.tracker import SFTTracker
+from sftint_fast.sft.tracker import SFTTracker, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,8 @@ class InteractionCallback(TrainerCallback):
         return 0.0 if self._clock is None else time.perf_counter() - self._clock
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:  # a sharded model (FSDP, ZeRO-3) is refused before training, whatever the tracker holds
+            unwrap_model(model)
         if self.stop_at_boundary:  # collective under torch.distributed: every rank, whatever its tracker holds
             before = None
             if state.is_world_process_zero and self.tracker.records:
@@ -148,7 +151,7 @@ class InteractionCallback(TrainerCallback):
         if model is None or (self.tracker.steps and step <= self.tracker.steps[-1]):
             return
         t0 = time.perf_counter()
-        self.tracker.add_checkpoint(_unwrap(model), step)   # collective under torch.distributed: every rank
+        self.tracker.add_checkpoint(model, step)   # collective under torch.distributed: every rank
         boundary = None
         interval = None
         if state.is_world_process_zero:
@@ -304,7 +307,3 @@ def scalars(tracker: SFTTracker, report: Any = None) -> dict[str, float]:
         out["interactions/phase_boundary"] = float(report.phase_boundary)
     return out
 
-
-def _unwrap(model: Any) -> Any:
-    # accelerate / DDP wrappers keep the real model in .module
-    return getattr(model, "module", model)

@@ -241,6 +241,7 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
 
     def track(step: int, path: str) -> bool:
         if step in tracker.steps:
+            _check_tracked(out, step, path)
             tracked_folders.append(path)
             return False
         if tracker.steps and step < tracker.steps[-1]:
@@ -262,6 +263,8 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
             logger.warning("%s was deleted before it could be read (save_total_limit?); skipped", path)
             return False
         started = time.perf_counter()
+        if step > 0 and distributed.is_main_process():  # before its values can be saved, as the base's record
+            _record_tracked(out, step, path)
         tracker.add_checkpoint(model, step)
         tracked_folders.append(path)
         if distributed.is_main_process():
@@ -446,6 +449,38 @@ def _check_base(base: str, out: str | os.PathLike) -> str:
             raise ValueError(f"base: expected the base model this run folder tracked ({saved.get('base')!r}), got "
                              f"{str(base)!r}, whose config or weight files differ; track it into another --out")
     return fingerprint
+
+
+#: The run folder's record of the checkpoint folders it tracked (their fingerprints, by step), checked on resume.
+CHECKPOINTS_RECORD = "checkpoints.json"
+
+
+def _record_tracked(out: str | os.PathLike, step: int, path: str) -> None:
+    from sftint_fast.sft.tracker import _atomic_write_text
+
+    record = Path(out) / CHECKPOINTS_RECORD
+    saved = json.loads(record.read_text()) if record.is_file() else {}
+    saved[str(step)] = {"path": str(path), "fingerprint": _fingerprint(path)}
+    _atomic_write_text(record, json.dumps(saved, indent=1))
+
+
+def _check_tracked(out: str | os.PathLike, step: int, path: str) -> None:
+    """Refuses a checkpoint folder of a step the run folder tracked whose files differ from the ones it tracked (the
+    step is not recomputed: a retrained checkpoint would be reported with the first run's values). Collective under
+    ``torch.distributed``: rank 0 decides."""
+    from sftint_fast import distributed
+
+    refusal = None
+    if distributed.is_main_process():
+        record = Path(out) / CHECKPOINTS_RECORD
+        saved = json.loads(record.read_text()).get(str(step)) if record.is_file() else None
+        if saved is not None and Path(path).is_dir() and saved["fingerprint"] != _fingerprint(path):
+            refusal = (f"checkpoints: expected the checkpoint this run folder tracked at step {step} "
+                       f"({saved['path']!r}), got {str(path)!r}, whose config or weight files differ (retrained into "
+                       "the same folder?); track it into another --out")
+    refusal = distributed.broadcast_object(refusal)
+    if refusal is not None:
+        raise ValueError(refusal)
 
 
 def _step_of(path: str) -> int:

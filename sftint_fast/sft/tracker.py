@@ -22,6 +22,7 @@ import math
 import numbers
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -112,6 +113,22 @@ class TrackerConfig:
         for name in ("warm_start", "hysteresis", "boundary_significant", "chat"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
+
+    def ignored(self) -> dict[str, str]:
+        """Options set other than their defaults that the chosen methods never read, each with the reason."""
+        unread = {}
+        if self.andor_method != "sgd":
+            reason = (f"andor_method={self.andor_method!r}: the tracked sets are not SGD's (only solver_overlap() "
+                      "reads it)")
+            unread.update(andor_niter=reason, andor_lr=reason,
+                          warm_start=f"andor_method={self.andor_method!r} (a warm start is SGD's)")
+        if self.andor_method == "and":
+            unread["qthres"] = ("andor_method='and': AND interactions alone, no OR part or noise term q (only "
+                                "solver_overlap() reads it)")
+        if self.noise_floor is None:
+            unread["noise_draws"] = "noise_floor=None (no noise floor is drawn)"
+        default = TrackerConfig()
+        return {name: reason for name, reason in unread.items() if getattr(self, name) != getattr(default, name)}
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -226,7 +243,9 @@ class SFTTracker:
         n_players: players per probe (the first ``n`` content words unless the probe names them).
         baseline: ``"pad"``/``"unk"``/tensor, taken from the base model and fixed.
         qthres, andor_method, andor_niter, andor_lr, warm_start: the decomposition (``"and"`` = plain
-            Harsanyi, no OR part).
+            Harsanyi, no OR part). One set other than its default that the method ignores (``qthres`` with ``"and"``,
+            the SGD settings with ``"lp"``, ``noise_draws`` with ``noise_floor=None``) is warned about
+            (:meth:`TrackerConfig.ignored`).
         tau, threshold_reference, hysteresis, persistence: the set logic (module :mod:`~sftint_fast.sft.noise`);
             ``tau`` in ``(0, 1)`` (a share of ``max |I|``), or any number ``> 0`` with ``"absolute"``. The defaults
             are METHOD.md's (hysteresis on, persistence 2); ``hysteresis=False, persistence=3`` gave a lower floor
@@ -289,6 +308,9 @@ class SFTTracker:
             bootstrap=bootstrap, chat=chat, target=target,
         )
         self.config.validate()
+        for name, reason in self.config.ignored().items():
+            # a warning, not a refusal: the option is part of the saved configuration, and a run saved with it resumes
+            warnings.warn(f"{name}={getattr(self.config, name)!r} is ignored with {reason}", UserWarning, stacklevel=2)
         if not isinstance(baseline, torch.Tensor) and baseline not in ("pad", "unk"):
             raise ValueError(f"baseline: expected 'pad', 'unk' or a tensor, got {baseline!r}")
         if not (reference is None or isinstance(reference, (str, os.PathLike, dict))
@@ -338,8 +360,10 @@ class SFTTracker:
 
         Runs under ``torch.no_grad`` with the model in eval mode and restores its train mode. A step already
         saved under ``out_dir`` is skipped. Under ``torch.distributed`` it is collective: call it on every
-        rank with the same ``step`` (the probes are evaluated across the ranks). Raises ValueError for a model of another vocabulary size or
-        architecture than the base, or a step not after the last one.
+        rank with the same ``step`` (the probes are evaluated across the ranks). ``model`` may be wrapped as a training
+        loop holds it (DDP, accelerate, torch.compile: :func:`unwrap_model`). Raises ValueError for a model of another
+        vocabulary size or architecture than the base, one sharded across processes (FSDP, DeepSpeed ZeRO-3), or a
+        step not after the last one.
         """
         if not self.probes:
             raise ValueError("add_checkpoint: this tracker has no probes; pass probes (and a tokenizer) or use add_values")
@@ -348,6 +372,7 @@ class SFTTracker:
             logger.info("step %d is already recorded; skipped", step)
             return
         self._check_step(step)
+        model = unwrap_model(model)
         signature = _model_signature(model)
         if self.signature is not None and signature != self.signature:
             diff = {k: (self.signature.get(k), signature.get(k)) for k in signature if signature.get(k) != self.signature.get(k)}
@@ -787,6 +812,7 @@ class SFTTracker:
         from sftint_fast.baseline import _eval_mode
         from sftint_fast.game import Game
 
+        model = unwrap_model(model)
         games = []
         # the same vocabulary (the same tokenizer, or another copy of it): the same ids; another one: the same
         # target text in its own tokens
@@ -1070,6 +1096,48 @@ def _check_loss(loss: Any) -> float | None:
     if isinstance(loss, bool) or not isinstance(loss, numbers.Real):
         raise TypeError(f"heldout_loss: expected a number or None, got {type(loss).__name__}")
     return float(loss)
+
+
+def unwrap_model(model: Any) -> Any:
+    """The model to evaluate: ``model`` without the wrappers that hold it whole, in ``.module`` (DDP, DataParallel,
+    accelerate, a DeepSpeed engine) or ``._orig_mod`` (torch.compile); a PEFT model stays as it is (the engine runs
+    its adapters). ValueError for a model whose weights are sharded across processes (FSDP, FSDP2 / DTensor,
+    DeepSpeed ZeRO-3): no process holds the model to evaluate, and the ranks evaluate different probes."""
+    sharded = _sharded_by(model)
+    if sharded is not None:
+        raise ValueError(f"model: expected a model whose full weights are on this process, got one sharded across "
+                         f"processes by {sharded}; track the checkpoints the run saves instead (sftint track --watch, "
+                         "with StopFileCallback to stop at the phase boundary), or pass a gathered full copy")
+    for _ in range(8):
+        inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module) or inner is model:
+            break
+        model = inner
+    return model
+
+
+def _sharded_by(model: Any) -> str | None:
+    """What shards ``model``'s weights across processes, or None."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without torch.distributed: nothing can be sharded
+        return None
+    if not isinstance(model, torch.nn.Module):
+        return None
+    for module in model.modules():
+        if isinstance(module, FullyShardedDataParallel):
+            return "FSDP (FullyShardedDataParallel)"
+        if isinstance(module, FSDPModule):
+            return "FSDP2 (fully_shard)"
+    for param in model.parameters():
+        if isinstance(param, DTensor):
+            return "DTensor parameters (FSDP2 or tensor parallelism)"
+        if hasattr(param, "ds_id"):
+            return "DeepSpeed ZeRO-3 (partitioned parameters)"
+    return None
 
 
 def _model_signature(model: Any) -> dict[str, Any]:
