@@ -100,6 +100,28 @@ def _file_refusal(command: str, flag: str, path: str | None, what: str) -> str |
     return f"sftint {command}: {flag}: expected {what}, {path!r} {got}"
 
 
+def _out_refusal(command: str, flag: str, path: str | None, kind: str) -> str | None:
+    """The one-line refusal of an output ``flag`` that cannot be written (checked before any model loads, not after
+    the work it would save): a ``kind="folder"`` that is a file, a ``"file"`` that is a folder, a path inside a file
+    or in a folder this user may not write; None when it can be written."""
+    import os
+    from pathlib import Path
+
+    if path is None:
+        return None
+    target = Path(path)
+    expected = f"sftint {command}: {flag}: expected a {kind} to write, {path!r}"
+    if target.exists() and target.is_dir() != (kind == "folder"):
+        return f"{expected} is a {'file' if kind == 'folder' else 'folder'}"
+    # where the write happens: the folder itself when it exists, else the nearest existing folder above it
+    where = target if kind == "folder" and target.is_dir() else next(p for p in target.absolute().parents if p.exists())
+    if not where.is_dir():
+        return f"{expected} is inside the file {str(where)!r}"
+    if not os.access(where, os.W_OK | os.X_OK):
+        return f"{expected} is in {str(where)!r}, which this user may not write"
+    return None
+
+
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="versions, C++ extension status, devices, Triton mode")
     p.set_defaults(func=_run_info)
@@ -257,7 +279,8 @@ def _run_explain(args: argparse.Namespace) -> int:
         _refuse_unused(flag, None if args.andor != "none" else value, "with --andor sgd or lp", "with --andor none")
     _refuse_unused("--niter", args.niter if args.andor == "lp" else None, "with --andor sgd",
                    "with --andor lp (the LP is solved exactly, without iterations)")
-    refusal = _file_refusal("explain", "--file", args.file, "a JSONL file of prompts")
+    refusal = (_file_refusal("explain", "--file", args.file, "a JSONL file of prompts")
+               or _out_refusal("explain", "--out", args.out, "folder"))
     if refusal is not None:
         print(refusal, file=sys.stderr)
         return 2
@@ -478,8 +501,9 @@ def _add_track(sub: argparse._SubParsersAction) -> None:
                    help="with --watch: stop after the first checkpoint at or past this step")
     p.add_argument("--idle-timeout", type=_positive_float, default=None, metavar="SECONDS",
                    help="with --watch: stop after SECONDS without a new checkpoint")
-    p.add_argument("--settle", type=_non_negative_float, default=30.0, metavar="SECONDS",
-                   help="with --watch: a folder without trainer_state.json is complete once unchanged this long")
+    p.add_argument("--settle", type=_non_negative_float, default=None, metavar="SECONDS",
+                   help="with --watch: a folder without trainer_state.json is complete once unchanged this long "
+                        "(default 30)")
     p.add_argument("--boundary-file", default=None, metavar="PATH",
                    help="write PATH (JSON) once the phase boundary is found; sf.StopFileCallback(PATH) in the "
                         "training run then saves and stops it")
@@ -498,6 +522,10 @@ def _run_track(args: argparse.Namespace) -> int:
         if refusal is not None:
             print(refusal, file=sys.stderr)
             return 2
+    refusal = _out_refusal("track", "--out", args.out, "folder")
+    if refusal is not None:
+        print(refusal, file=sys.stderr)
+        return 2
     options = {key: getattr(args, flag[2:].replace("-", "_")) for flag, key, _ in _TRACK_OPTIONS}
     for flag, key in (("--qthres", "qthres"), ("--niter", "andor_niter"), ("--andor-lr", "andor_lr")):
         _refuse_unused(flag, options[key] if args.andor_method == "and" else None, "with --andor-method sgd or lp",
@@ -507,6 +535,7 @@ def _run_track(args: argparse.Namespace) -> int:
                        "with --andor-method lp (the LP is solved exactly, without SGD)")
     _refuse_unused("--noise-draws", options["noise_draws"] if args.noise_floor == "none" else None,
                    "with --noise-floor order_matched or iid", "with --noise-floor none (no noise floor is drawn)")
+    _refuse_unused("--settle", args.settle if args.watch is None else None, "with --watch", "without --watch")
     options = {key: value for key, value in options.items() if value is not None}
     owns_group = not distributed.is_distributed() and distributed.init_from_env()  # under torchrun
     failed = False
@@ -515,7 +544,8 @@ def _run_track(args: argparse.Namespace) -> int:
                           n_players=args.n_players, andor_method=args.andor_method,
                           noise_floor=None if args.noise_floor == "none" else args.noise_floor,
                           heldout=args.heldout, device=args.device, watch=args.watch, until_step=args.until_step,
-                          idle_timeout=args.idle_timeout, settle=args.settle, boundary_file=args.boundary_file,
+                          idle_timeout=args.idle_timeout, settle=30.0 if args.settle is None else args.settle,
+                          boundary_file=args.boundary_file,
                           **options)
         if distributed.is_main_process():
             print(f"report: {md}")
@@ -576,6 +606,10 @@ def _run_demo(args: argparse.Namespace) -> int:
     _refuse_unused("--niter", None if args.andor_method == "sgd" else args.niter, "with --andor-method sgd",
                    f"with --andor-method {args.andor_method}")
     sources = args.probe_sources or PROBE_SOURCES
+    refusal = _out_refusal("demo", "--out", args.out, "folder")
+    if refusal is not None:
+        print(refusal, file=sys.stderr)
+        return 2
     try:
         resolve_device(args.device)
     except ValueError as err:
@@ -635,7 +669,8 @@ def _run_probes(args: argparse.Namespace) -> int:
 
     from sftint_fast.sft.probes import check_probe_sources
 
-    refusal = _file_refusal("probes", "--candidates", args.candidates, "a JSONL file of candidate prompts")
+    refusal = (_file_refusal("probes", "--candidates", args.candidates, "a JSONL file of candidate prompts")
+               or _out_refusal("probes", "--out", args.out, "file"))
     if refusal is not None:
         print(refusal, file=sys.stderr)
         return 2
@@ -744,6 +779,10 @@ def _run_bench(args: argparse.Namespace) -> int:
     from sftint_fast.models import resolve_device
     from sftint_fast.players import is_content_word
 
+    refusal = _out_refusal("bench", "--out", args.out, "file")
+    if refusal is not None:
+        print(refusal, file=sys.stderr)
+        return 2
     try:
         players = _parse_players(args.players)
         resolve_device(args.device)

@@ -7,7 +7,7 @@ per game, :func:`assign_shards`), evaluates its own games, saves each finished `
 restarted job finds the files whose key matches and skips those games, whatever the new world size.
 
 The key (:func:`game_key`) hashes everything that decides the values: the game's ids, spans, target,
-baseline, prompt length, masking and value function (a callable by its module and qualified name), the
+baseline, prompt length, masking and value function (a callable by its module, qualified name and code), the
 evaluation options that change values (``method``, ``subsets``, ``compute_dtype``, ``attention_backend``;
 not ``batch_size``, ``max_memory`` or ``progress``) and a fingerprint of the model's weights
 (:func:`model_fingerprint`: every parameter's name, shape, dtype and the bytes of up to 64 evenly spaced
@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import types
 from pathlib import Path
 from typing import Any, Callable, Hashable, Mapping, Sequence, TypeVar
 
@@ -212,7 +213,8 @@ def _value_name(value: Any, depth: int = 0) -> str:
 
 
 def _value_state(obj: Any, depth: int) -> bytes | None:
-    """Bytes that tell apart what a value function was made with; None where there is nothing (a plain function)."""
+    """Bytes that tell apart what a value function was made with and its code; None where there is nothing (a builtin,
+    a callable object: its name alone)."""
     import functools
 
     if depth > 4:
@@ -225,15 +227,26 @@ def _value_state(obj: Any, depth: int) -> bytes | None:
     cells = getattr(obj, "__closure__", None) or ()
     defaults = (getattr(obj, "__defaults__", None) or ()) + tuple(sorted((getattr(obj, "__kwdefaults__", None) or {})
                                                                          .items()))
-    if not cells and not defaults:
+    code = getattr(obj, "__code__", None)
+    if not cells and not defaults and not isinstance(code, types.CodeType):
         return None
-    parts = []
+    # the code too: two lambdas of one module share the name '<module>.<lambda>' (and a function edited between a
+    # run and its resume keeps its name)
+    parts = [_code_part(code)] if isinstance(code, types.CodeType) else []
     for cell in cells:
         try:
             parts.append(_value_part(cell.cell_contents, depth))
         except ValueError:  # an empty cell
             parts.append(b"<empty>")
     return b"closure(" + b",".join(parts) + b";" + b",".join(_value_part(d, depth) for d in defaults) + b")"
+
+
+def _code_part(code: types.CodeType) -> bytes:
+    """The bytecode, constants (nested code objects by their own part, sets sorted: no address or hash seed enters)
+    and names of ``code``: the same in every process for the same source and Python."""
+    consts = [_code_part(c) if isinstance(c, types.CodeType) else
+              _value_part(sorted(c, key=repr) if isinstance(c, frozenset) else c, 0) for c in code.co_consts]
+    return b"code(" + code.co_code + b";" + b",".join(consts) + b";" + ",".join(code.co_names).encode() + b")"
 
 
 def _value_part(x: Any, depth: int) -> bytes:

@@ -217,10 +217,18 @@ class Game:
                 [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
             )
             tokenized = P.tokenize_with_offsets(tokenizer, rendered, add_special_tokens=False)
+            shown = text
             start = _user_text_start(tokenizer, rendered, text)
+            if start < 0 and text.strip() != text:
+                # templates that render `content | trim` (Llama 3, Gemma 3) drop the whitespace around the text
+                shown = text.strip()
+                start = _user_text_start(tokenizer, rendered, shown)
+                if start >= 0 and span_unit == "chars" and _is_span_list(players):
+                    raise ValueError("chat: the chat template trims the user text, so character offsets into it "
+                                     "would not match; pass the text without its leading and trailing whitespace")
             if start < 0:
                 raise ValueError("chat: the user text was not found verbatim in the rendered chat template")
-            region = (start, start + len(text))
+            region = (start, start + len(shown))
             templated = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
             templated_ids = list(templated["input_ids"] if hasattr(templated, "keys") else templated)
             if templated_ids != list(tokenized.input_ids):

@@ -78,7 +78,8 @@ def test_explain_refuses_niter_with_andor_lp(tmp_path, capsys):
     (["--andor-method", "lp", "--andor-lr", "1e-5"], "--andor-lr: expected only with --andor-method sgd"),
     (["--noise-floor", "none", "--noise-draws", "2"], "--noise-draws: expected only with --noise-floor "
                                                       "order_matched or iid, received --noise-draws 2"),
-], ids=["niter-lp", "lr-lp", "noise-draws-without-floor"])
+    (["--settle", "5"], "--settle: expected only with --watch, received --settle 5.0 without --watch"),
+], ids=["niter-lp", "lr-lp", "noise-draws-without-floor", "settle-without-watch"])
 def test_track_refuses_options_the_lp_or_a_missing_noise_floor_ignores(tmp_path, monkeypatch, argv, message,
                                                                        capsys):
     monkeypatch.setattr(sftint_fast.sft.demo, "run_track", _never)
@@ -87,3 +88,26 @@ def test_track_refuses_options_the_lp_or_a_missing_noise_floor_ignores(tmp_path,
     assert main(["track", "--base", str(tmp_path), "--checkpoints", str(tmp_path), "--probes", str(probes),
                  "--out", str(tmp_path / "run"), *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, kind", [("explain", "folder"), ("bench", "file"), ("probes", "file"),
+                                           ("track", "folder"), ("demo", "folder")])
+def test_an_out_that_cannot_be_written_is_refused_before_anything_runs(tmp_path, monkeypatch, command, kind, capsys):
+    # was found only after the evaluation, the AND-OR decomposition, the timing or the probe scan, in a message
+    # naming a temp file ("[Errno 21] Is a directory: '.bench.x1.tmp.json' -> 'out'")
+    monkeypatch.setattr(sftint_fast.sft.demo, "run_track", _never)
+    monkeypatch.setattr(sftint_fast.sft.demo, "run_demo", _never)
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text(json.dumps({"prompt": TEXT}) + "\n")
+    folder, file = tmp_path / "a-folder", tmp_path / "a-file"
+    folder.mkdir()
+    file.write_text("")
+    extra = {"explain": ["--model", str(tmp_path / "not-loaded"), "--text", TEXT],
+             "bench": ["--model", str(tmp_path / "not-loaded")], "probes": ["--model", str(tmp_path / "not-loaded")],
+             "track": ["--base", str(tmp_path), "--checkpoints", str(tmp_path), "--probes", str(probes)], "demo": []}
+    wrong, expected = (file, "a folder") if kind == "folder" else (folder, "a file")
+    for out, got in ((wrong, "is a file" if kind == "folder" else "is a folder"), (file / "sub", "is inside the file")):
+        assert main([command, *extra[command], "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"sftint {command}: --out: expected {expected} to write, {str(out)!r} {got}" in err, err
+        assert "model:" not in err

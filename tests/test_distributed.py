@@ -166,6 +166,37 @@ def test_game_key_tells_value_functions_by_what_they_were_made_with():
     assert there == here.replace("tests.test_distributed", "test_distributed").replace(f"{__name__}.", "test_distributed.")
 
 
+def test_game_key_tells_apart_value_functions_of_one_name_by_their_code(tmp_path, tiny_llama):
+    """Two lambdas of one module share the name '<module>.<lambda>' and have no closure: evaluate_many with one
+    out_dir gave the second the first one's saved values."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    import sftint_fast as sf
+
+    game = make_games(1)[0]
+    first = dataclasses.replace(game, value=lambda logits: logits[:, -1, 5])
+    second = dataclasses.replace(game, value=lambda logits: logits[:, -1, 7])
+    sf.evaluate_many(tiny_llama, [first], out_dir=tmp_path, progress=False)
+    resumed = sf.evaluate_many(tiny_llama, [second], out_dir=tmp_path, progress=False)[0]
+    torch.testing.assert_close(resumed, sf.evaluate(tiny_llama, second, progress=False).cpu())
+    same = dataclasses.replace(game, value=lambda logits: logits[:, -1, 5])  # the same code: the same key
+    assert D.game_key(same, model_key="m") == D.game_key(first, model_key="m")
+    # and the same name in another process: nothing in the code's part may depend on addresses or hash seeds
+    code = ("import test_distributed as t; from sftint_fast import distributed as D; print(D._value_name(t._scaled), "
+            "D._value_name(t._with_nested_code))")
+    here = f"{D._value_name(_scaled)} {D._value_name(_with_nested_code)}"
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           cwd=Path(__file__).parent).stdout.strip()
+    assert there == here.replace("tests.test_distributed", "test_distributed").replace(f"{__name__}.", "test_distributed.")
+
+
+def _with_nested_code(logits):
+    pick = lambda x: x[:, -1, 0]  # noqa: E731 - a nested code object among the constants
+    return pick(logits) if logits.shape[0] not in {1, 2, "a", "b"} else pick(logits) * 2
+
+
 def test_model_fingerprint_tracks_weights(tiny_llama):
     before = D.model_fingerprint(tiny_llama)
     assert before == D.model_fingerprint(tiny_llama)

@@ -176,6 +176,21 @@ def test_chat_char_spans_are_offsets_into_the_text_not_the_template(model, tok):
         Game.from_text(model, tok, "the big cat", chat=True, players=[(-4, 3)], span_unit="chars")
 
 
+@pytest.mark.parametrize("text", ["  the big cat", "the big cat\n", " the big cat \t"])
+def test_chat_template_that_trims_the_message_keeps_the_user_words(model, text):
+    # Llama-3 and Gemma-3 templates render `content | trim`: a prompt read with its newline was refused as "not found"
+    tok = word_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<bos> {{ m['role'] }} :{{ m['content'] | trim }}<eos> {% endfor %}"
+                         "{% if add_generation_prompt %}<bos> assistant : {% endif %}")
+    game = Game.from_text(model, tok, text, chat=True)
+    assert game.words == ("the", "big", "cat") and game.player_spans == ((3, 4), (4, 5), (5, 6))
+    assert game.input_ids.tolist() == list(tok.apply_chat_template([{"role": "user", "content": text}],
+                                                                   add_generation_prompt=True)["input_ids"])
+    assert Game.from_text(model, tok, text, chat=True, players=[(4, 5)], span_unit="tokens").words == ("big",)
+    with pytest.raises(ValueError, match="trims .* pass the text without its leading and trailing whitespace"):
+        Game.from_text(model, tok, text, chat=True, players=[(4, 7)], span_unit="chars")
+
+
 def test_char_spans_must_be_ints(model, tok):
     with pytest.raises(TypeError, match=r"pair of ints, received \(0.5, 3.9\)"):
         Game.from_text(model, tok, "the cat", players=[(0.5, 3.9)], span_unit="chars")
