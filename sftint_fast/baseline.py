@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sftint_fast.engine.naive import _accepts_logits_to_keep, model_device
+from sftint_fast.engine.naive import _accepts_logits_to_keep, check_inputs_embeds, model_device
 from sftint_fast.game import Game, _eval_mode
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ def _check_games(model: Any, games: Game | Sequence[Game], per_player: bool) -> 
     game_list = [games] if isinstance(games, Game) else list(games)
     if not game_list or not all(isinstance(g, Game) for g in game_list):
         raise TypeError(f"games: expected a Game or a non-empty sequence of Games, got {type(games).__name__}")
+    check_inputs_embeds(model)  # the objective gives the model its variants as inputs_embeds, as the naive engine
     hidden = model.get_input_embeddings().weight.shape[1]
     for index, game in enumerate(game_list):
         if game.masking != "embedding":

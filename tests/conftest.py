@@ -49,6 +49,25 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, attn: str = "eager", **ove
     return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
 
 
+def tiny_gemma3n():
+    """A tiny Gemma-3n: per-layer embeddings of the token ids in every layer, ``intermediate_size`` per layer."""
+    from transformers import AutoModelForCausalLM, Gemma3nTextConfig
+
+    cfg = Gemma3nTextConfig(vocab_size=128, vocab_size_per_layer_input=128, hidden_size=32,
+                            hidden_size_per_layer_input=8, intermediate_size=[64, 48], num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                            layer_types=["sliding_attention", "full_attention"], sliding_window=4,
+                            num_kv_shared_layers=0, activation_sparsity_pattern=[0.0, 0.0], laurel_rank=4,
+                            altup_num_inputs=2, pad_token_id=0, initializer_range=0.2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # HF initialises some norm scales to 0, which would zero the per-layer embeddings' share
+        for param in model.parameters():
+            if param.dim() == 1 and not param.any():
+                param.fill_(1.0)
+    return model
+
+
 def count_calls(monkeypatch, functions: dict) -> dict:
     """Wraps ``functions`` (``{name: module}``: the function ``module.name``) to count their calls, each still run;
     returns the live counts ``{name: calls}``."""

@@ -152,3 +152,15 @@ def test_a_diverging_sgd_says_so_not_that_the_callers_baseline_was_bad():
     game = dataclasses.replace(make_game(0), value=lambda logits: logits[:, 0, :].exp().sum(-1) * 1e36)
     with pytest.raises(ValueError, match=r"holds NaN/inf after epoch \d .*the SGD diverged; expected a smaller lr"):
         sf.learn_baseline(model, game, epochs=3, lr=1e-3, progress=False)
+
+
+def test_a_model_whose_forward_reads_the_ids_beyond_its_embedding_is_refused():
+    """The objective feeds masked embeddings as ``inputs_embeds``: Gemma-3n then drops the per-layer embeddings of the
+    token ids, so the baseline would be learned for another model. Refused, as by the naive engine."""
+    from conftest import tiny_gemma3n
+    from word_tokenizer import word_tokenizer
+
+    model = tiny_gemma3n()
+    game = Game.from_text(model, word_tokenizer(), "the cat sat on the mat", players=[0, 2, 4], target="mat")
+    with pytest.raises(ValueError, match=r"inputs_embeds.*input_ids.*Gemma3nForCausalLM"):
+        sf.learn_baseline(model, game, epochs=1, progress=False)

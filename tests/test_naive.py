@@ -8,7 +8,7 @@ import sftint_fast as sf
 from sftint_fast.engine.naive import evaluate_naive
 from sftint_fast.game import Game
 
-from conftest import tiny_model
+from conftest import tiny_gemma3n, tiny_model
 from word_tokenizer import word_tokenizer
 
 TOK = word_tokenizer()
@@ -226,6 +226,71 @@ def test_attention_masking_refuses_layers_an_attention_mask_cannot_hide_tokens_f
         sf.evaluate(model, game, method="naive", progress=False)
     embedding = Game.from_text(model, TOK, TEXT_A, players=[0, 2], target="mat")
     assert sf.evaluate(model, embedding, method="naive", progress=False).shape == (4,)
+
+
+def _rwkv():
+    from transformers import RwkvConfig, RwkvForCausalLM
+
+    torch.manual_seed(0)
+    return RwkvForCausalLM(RwkvConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                                      intermediate_size=64, context_length=64, pad_token_id=0)).eval()
+
+
+def _bloom():
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    return BloomForCausalLM(BloomConfig(vocab_size=128, hidden_size=32, n_layer=2, n_head=4, pad_token_id=0)).eval()
+
+
+def _bidirectional():
+    from transformers import BertConfig, BertLMHeadModel
+
+    torch.manual_seed(0)
+    return BertLMHeadModel(BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=64, max_position_embeddings=64, pad_token_id=0)).eval()
+
+
+@pytest.mark.parametrize("make,reason", [(_rwkv, r"still sees a token the masks hide"),
+                                         (_bloom, r"failed on the 4D attention masks"),
+                                         (_bidirectional, r"is not causal")],
+                         ids=["rwkv", "bloom", "bidirectional"])
+def test_attention_masking_refuses_a_model_the_masks_do_not_reach(make, reason):
+    """A recurrent model whose config lists no ``layer_types`` (RWKV) ignores the 4D masks: every variant got the full
+    prompt's value. BLOOM builds its ALiBi from a 2D mask and failed deep in its forward. A bidirectional model (BERT
+    without ``is_decoder``) was made causal by the masks, so even ``v(N)`` was not its value. All are refused, with
+    the reason, before any variant runs; embedding masking still works."""
+    model = make()
+    assert getattr(model.config, "layer_types", None) is None
+    game = Game.from_text(model, TOK, TEXT_A, players=[0, 2], target="mat", masking="attention")
+    with pytest.raises(ValueError, match=rf"masking='attention'.*{type(model).__name__}.*{reason}.*"
+                                         r"masking='embedding'"):
+        sf.evaluate(model, game, method="naive", progress=False)
+    embedding = Game.from_text(model, TOK, TEXT_A, players=[0, 2], target="mat")
+    assert sf.evaluate(model, embedding, method="naive", progress=False).shape == (4,)
+
+
+def test_batch_size_estimate_takes_per_layer_sizes():
+    """A config may give ``intermediate_size`` per layer (Gemma-3n): the memory estimate used the largest, not a
+    TypeError (``int + list``)."""
+    from sftint_fast.engine.naive import naive_batch_size, sequence_bytes
+
+    model = tiny_gemma3n()
+    game = Game.from_text(model, TOK, TEXT_A, players=[0, 2], target="mat")
+    flat = sequence_bytes(tiny_model("llama"), game)  # hidden 32, intermediate 64, 4 heads: the same sizes
+    assert sequence_bytes(model, game) == flat
+    assert naive_batch_size(model, game, max_memory=10 * flat) == 10
+
+
+def test_a_model_whose_forward_reads_the_ids_beyond_its_embedding_is_refused():
+    """Gemma-3n adds per-layer embeddings of the token ids to every layer: given ``inputs_embeds`` (how the naive
+    engine gives it every variant) it drops them, so even ``v(N)`` was not the model's value on the prompt (its last
+    logits moved by ~0.5). Refused, with the reason, in either masking mode."""
+    model = tiny_gemma3n()
+    for masking in ("embedding", "attention"):
+        game = Game.from_text(model, TOK, TEXT_A, players=[0, 2], target="mat", masking=masking)
+        with pytest.raises(ValueError, match=r"inputs_embeds.*input_ids.*Gemma3nForCausalLM.*moved by"):
+            sf.evaluate(model, game, method="naive", progress=False)
 
 
 def test_evaluate_gives_each_submodule_its_own_mode_back():

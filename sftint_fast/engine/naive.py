@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from typing import Any, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from sftint_fast._memory import free_memory
-from sftint_fast.game import Game
+from sftint_fast.game import Game, _eval_mode
 
 MAX_BATCH = 512
 
@@ -55,14 +56,19 @@ def sequence_bytes(model: Any, game: Game) -> int:
     """Rough peak activation bytes of one variant's forward (no grad): hidden states, QKV, MLP, scores, logits."""
     cfg = model.config
     hidden = model.get_input_embeddings().weight.shape[1]
-    inter = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden
-    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1)
+    inter = _largest(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden)
+    heads = _largest(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1))
     vocab = model.get_input_embeddings().num_embeddings
     length = game.input_ids.numel()
     elem = model.get_input_embeddings().weight.element_size()
     activations = length * (8 * hidden + 3 * inter + 3 * heads * length) * elem
     logits = 3 * game.target.numel() * vocab * 4
     return activations + logits
+
+
+def _largest(size: Any) -> int:
+    """A config size that may be given per layer (Gemma-3n's ``intermediate_size`` list): the largest."""
+    return max(size) if isinstance(size, (list, tuple)) else size
 
 
 def naive_batch_size(model: Any, game: Game, *, max_memory: int | None = None) -> int:
@@ -155,6 +161,14 @@ def _attention_masks(model: Any, game: Game, subsets: torch.Tensor, dtype: torch
     return {"full_attention": attention_keep_mask(game, subsets, dtype), "sliding_attention": windowed}
 
 
+def _attention_kwargs(model: Any, game: Game, subsets: torch.Tensor, inputs: torch.Tensor) -> dict:
+    """The forward's ``attention_mask`` (:func:`_attention_masks`) and ``position_ids`` (every token in its place) for
+    ``"attention"`` masking of the variants ``subsets (B,)`` whose ``inputs_embeds`` are ``inputs (B, L, H)``."""
+    length = game.input_ids.numel()
+    return {"attention_mask": _attention_masks(model, game, subsets, inputs.dtype),
+            "position_ids": torch.arange(length, device=inputs.device)[None].expand(subsets.numel(), -1)}
+
+
 #: Layer types (transformers' ``config.layer_types``) that an attention mask fully controls, or that mix no tokens.
 MASKABLE_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "mlp", "moe"})
 
@@ -162,12 +176,100 @@ MASKABLE_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "mlp", 
 def check_attention_masking(model: Any) -> None:
     """Refuse ``"attention"`` masking on a model with layers that mix tokens without reading the attention mask
     (recurrent / linear attention, convolutions, hybrids) or read it in a form the 4D masks here do not give
-    (chunked attention): their masked players would stay visible, silently."""
+    (chunked attention): their masked players would stay visible, silently. Its config's ``layer_types`` say so where
+    it has them; :func:`_masking_fault` tries the masks on the model itself (once per model) for the rest."""
     others = sorted(set(getattr(_text_config(model), "layer_types", None) or ()) - MASKABLE_LAYER_TYPES)
     if others:
         raise ValueError(f"masking='attention': expected a model whose every token-mixing layer is full or sliding "
                          f"attention, received {type(model).__name__} with layer types {others}, which an attention "
                          f"mask cannot hide the masked players from; use masking='embedding'")
+    fault = _probed(model, _masking_fault)
+    if fault:
+        raise ValueError(f"masking='attention': expected a model whose attention masks hide the masked players, "
+                         f"received {type(model).__name__}, which {fault}; use masking='embedding'")
+
+
+def check_inputs_embeds(model: Any) -> None:
+    """Refuse a model whose forward given ``inputs_embeds`` (how every variant reaches it) is not its forward on the
+    token ids: one that reads the ids beyond its input embedding (Gemma-3n adds per-layer embeddings of the ids to
+    every layer, and drops them when it gets embeddings) would be scored as another model, silently."""
+    fault = _probed(model, _inputs_embeds_fault)
+    if fault:
+        raise ValueError(f"model: expected a model whose forward on inputs_embeds (the embedding's output, "
+                         f"where the variants differ) equals its forward on input_ids, received "
+                         f"{type(model).__name__}, {fault}: its forward reads the token ids beyond "
+                         f"get_input_embeddings(), so no variant of a game can be given to it")
+
+
+#: The probes' verdicts per model (probe name and attention implementation → reason, "" = fine), kept while the model
+#: lives: its architecture and attention implementation decide them, not its weights.
+_PROBES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _probed(model: Any, probe: Any) -> str:
+    """``probe(model)``, run once per model and attention implementation."""
+    verdicts = _PROBES.setdefault(model, {})
+    key = (probe.__name__, getattr(model.config, "_attn_implementation", None))
+    if key not in verdicts:
+        with torch.no_grad(), _eval_mode(model):
+            verdicts[key] = probe(model)
+    return verdicts[key]
+
+
+def _probe_ids(model: Any) -> torch.Tensor:
+    """The probes' 4 token ids, on the model's device."""
+    return torch.arange(1, 5, device=model_device(model)) % model.get_input_embeddings().num_embeddings
+
+
+def _inputs_embeds_fault(model: Any) -> str:
+    """Why ``model``'s last logits on the embedding's output of 4 tokens differ from those on their ids ("" when they
+    do not)."""
+    ids = _probe_ids(model)[None]
+    keep_kw = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    by_ids = model(input_ids=ids, use_cache=False, **keep_kw).logits[:, -1].float()
+    by_embeds = model(inputs_embeds=model.get_input_embeddings()(ids), use_cache=False, **keep_kw).logits[:, -1]
+    moved = float((by_embeds.float() - by_ids).abs().max())
+    if moved > 1e-3 * max(1.0, float(by_ids.abs().max())):
+        return f"whose last logits moved by {moved:.3g} when given the embeddings of the same 4 tokens"
+    return ""
+
+
+def _masking_fault(model: Any) -> str:
+    """Why the masks of :func:`_attention_kwargs` do not hide a token from ``model``'s other tokens ("" when they do),
+    from a forward of 4 rows of 4 tokens: two first-token embeddings, each hidden (player absent) and not. Hidden,
+    the last position's logits must not see which one it was; a model whose layers mix tokens without reading the
+    mask (recurrent or state-space layers its config lists no ``layer_types`` for, e.g. RWKV; an attention kernel
+    that drops a 4D mask) does, and one that cannot take the masks (ALiBi built from a 2D mask, e.g. BLOOM) fails.
+    The masks are causal, so a model whose own forward lets earlier tokens see a later one (bidirectional) is
+    refused too."""
+    device = model_device(model)
+    embedding = model.get_input_embeddings()
+    ids = _probe_ids(model)
+    probe = Game(input_ids=ids.cpu(), player_spans=((0, 1),), words=("probe",), target=ids[-1:].cpu(),
+                 baseline=torch.zeros(1), masking="attention", prompt_length=ids.numel())
+    subsets = torch.tensor([0, 0, 1, 1], device=device)
+    embeds = embedding(ids[None]).expand(4, -1, -1).clone()
+    scale = float(embeds.float().std()) or 1.0
+    noise = torch.randn(embeds.shape[-1], generator=torch.Generator().manual_seed(0)) * scale
+    embeds[1::2, 0] += noise.to(embeds)
+    keep_kw = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    try:
+        last = model(inputs_embeds=embeds, use_cache=False, **_attention_kwargs(model, probe, subsets, embeds),
+                     **keep_kw).logits[:, -1].float()
+    except Exception as error:  # noqa: BLE001 - whatever the model's code raises is the reason to give
+        return f"failed on the 4D attention masks ({type(error).__name__}: {error})"
+    hidden, shown = (last[0] - last[1]).abs().max(), (last[2] - last[3]).abs().max()
+    if hidden > 1e-3 * shown:
+        return (f"still sees a token the masks hide (its last logits moved by {float(hidden):.3g} when the hidden "
+                f"token changed, {float(shown):.3g} when it is shown)")
+    later = embeds[:1].repeat(2, 1, 1)  # the first row twice, the second with another last token
+    later[1, -1] += noise.to(later)
+    own = model(inputs_embeds=later, use_cache=False).logits.float()
+    early, last = (own[0, :-1] - own[1, :-1]).abs().max(), (own[0, -1] - own[1, -1]).abs().max()
+    if early > 1e-3 * last:
+        return (f"is not causal (its own forward's logits at the earlier positions moved by {float(early):.3g} when "
+                f"the last token changed), which the causal masks given to it would change")
+    return ""
 
 
 def _accepts_logits_to_keep(model: Any) -> bool:
@@ -223,13 +325,14 @@ def evaluate_naive_games(
     first = games[0]
     check_batch_size(batch_size)
     subsets = check_subsets(subsets, first.num_players)
+    check_inputs_embeds(model)
     if first.masking == "attention":
         check_attention_masking(model)
     device = model_device(model)
     subsets = subsets.to(device)
     embedding = model.get_input_embeddings()
     embeds = [embedding(game.input_ids.to(device)[None])[0] for game in games]  # (L, H) each
-    length, m = first.input_ids.numel(), first.target.numel()
+    m = first.target.numel()
     if batch_size is None:
         batch_size = naive_batch_size(model, first, max_memory=max_memory)
     keep_kw = {"logits_to_keep": m} if _accepts_logits_to_keep(model) else {}
@@ -246,10 +349,7 @@ def evaluate_naive_games(
         if first.masking == "attention":
             inputs = torch.cat([embeds[g][None].expand(b - a, -1, -1) for g, a, b in pieces])
             every = torch.cat(chunks)
-            extra = {
-                "attention_mask": _attention_masks(model, first, every, inputs.dtype),
-                "position_ids": torch.arange(length, device=device)[None].expand(every.numel(), -1),
-            }
+            extra = _attention_kwargs(model, first, every, inputs)
         else:
             inputs = torch.cat([games[g].masked_embeds(embeds[g], chunk) for (g, _, _), chunk in zip(pieces, chunks)])
             extra = {}
