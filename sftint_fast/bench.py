@@ -182,7 +182,8 @@ def compare_engines(model: Any, game: Any, engines: Sequence[str] = ("naive", "t
         seconds = statistics.median(runs)
         results[name] = {
             "method": method,
-            "backend": _resolve_backend(backend, device) if method == "trie" else None,
+            "backend": (_resolve_backend(backend, device, dtype=model.get_input_embeddings().weight.dtype)
+                        if method == "trie" else None),
             "seconds": seconds, "runs": runs, "variants_per_s": num_variants / seconds,
             "peak_bytes": max(peaks), "max_abs_diff": float((values - reference).abs().max()) if num_variants else 0.0,
         }

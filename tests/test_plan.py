@@ -226,3 +226,24 @@ def test_memory_error_comes_before_allocating_the_levels_and_states_bytes():
         plan_trie(big, dims=DIMS, max_memory=1 << 20)
     with pytest.raises(ValueError, match=r"needs at least 0\.\d+ GiB \(\d+ bytes\).*\(10000 bytes\)"):
         plan_trie(layout(*LAYOUTS[0]), dims=DIMS, max_memory=10_000)
+
+
+def test_a_float_memory_budget_plans_as_its_whole_bytes():
+    """``max_memory`` is validated as any positive finite number (``1.5e5``, as ``sf.evaluate`` takes it): a float
+    budget that bounds the chunks plans as ``int(max_memory)`` (it gave float chunk sizes and a TypeError in
+    ``split``)."""
+    from conftest import tiny_model
+    from test_trie import make_game
+
+    import sftint_fast as sf
+    from sftint_fast.engine.adapters import get_adapter
+
+    net = tiny_model("llama")
+    game = make_game("spread_n5")
+    dims = get_adapter(net).dims
+    plan = plan_trie(game, dims=dims, max_memory=1.5e5)
+    assert plan.to_dict() == plan_trie(game, dims=dims, max_memory=150_000).to_dict()
+    assert plan.level_chunk_nodes[-1] < plan.node_counts[-1] and isinstance(plan.max_memory, int)
+    many = sf.evaluate_many(net, [game, game], method="trie", max_memory=1.5e5, progress=False)
+    one = sf.evaluate(net, game, method="trie", max_memory=150_000, progress=False)
+    assert all(torch.equal(v, one) for v in many)

@@ -448,3 +448,19 @@ def test_all_variants_check_counts_the_memory_of_the_models_device(monkeypatch):
     with pytest.raises(ValueError, match=r"n=20 players: all 2\^20 variants need at least .* \(1048576 bytes\) are"):
         engine._validate_subsets(None, 20, torch.device("cuda"), None)
     assert engine._validate_subsets(None, 20, torch.device("cpu"), None).numel() == 1 << 20
+
+
+@pytest.mark.parametrize("method", ["auto", "trie", "naive"])
+def test_an_autocast_region_around_the_call_leaves_the_precision_to_compute_dtype(method):
+    """``compute_dtype=None`` evaluates in the model's own dtype even inside a caller's autocast region (an eval
+    loop, a training script): the trie's float32 KV stores took bfloat16 K/V there (RuntimeError in index_copy_)
+    and the naive engine silently ran in bfloat16 (|dv| ~ 0.05)."""
+    import sftint_fast as sf
+
+    net = model("llama")
+    game = make_game("spread_n5", seed=8)
+    want = sf.evaluate(net, game, method="naive", progress=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = sf.evaluate(net, game, method=method, progress=False)
+        assert torch.is_autocast_enabled("cpu")  # the caller's region is back after the call
+    check_close(got, want)

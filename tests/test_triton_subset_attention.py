@@ -14,7 +14,7 @@ pytestmark = requires_triton
 
 # Compiled kernels on a GPU; the interpreter (conftest sets TRITON_INTERPRET=1 without CUDA) on CPU tensors.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 2e-5, torch.float16: 4e-3}
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}  # ~4 ulp of the low-precision outputs
 
 
 def make_store(lens, players, num_kv_heads, head_dim, dtype, seed):
@@ -87,6 +87,19 @@ def test_kernel_matches_reference_fp16(case, option, path):
                         **OPTIONS[option])
     assert out.dtype == torch.float16
     torch.testing.assert_close(out.float(), ref.float(), atol=TOL[torch.float16], rtol=0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("case", ["level3-gqa3-noncons", "level4-gqa4"])
+@pytest.mark.parametrize("option", ["plain", "masking-window-softcap"])
+def test_kernel_matches_reference_bf16(case, option, path):
+    """bfloat16 (the usual GPU model dtype) on CPU too: Triton's interpreter multiplied bfloat16 dot operands as their
+    raw uint16 bits (outputs ~1e9), so the kernel's bfloat16 path was wrong wherever it could be tested here."""
+    lens, players, level, nodes, hq, hkv, d = CASES[case]
+    out, ref = run_both(lens, players, level, nodes, hq, hkv, d, torch.bfloat16, seed=1, path=path,
+                        **OPTIONS[option])
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[torch.bfloat16], rtol=0)
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -12,7 +12,8 @@ node of levels ``< n`` for all ``2^n`` variants, the nodes the sampled subsets r
     ``"bfloat16"`` runs under ``torch.autocast`` (naive engine only: ``"auto"`` falls back to it with a
     warning, ``"trie"`` raises); anything else (autocast cannot upcast) raises ValueError.
   - ``"tf32"``: a float32 model with TF32 matmuls allowed on CUDA for the call (no effect on CPU).
-No weights are copied.
+No weights are copied. An autocast region around the call is switched off for it: ``compute_dtype`` alone sets the
+precision (the trie engine, whose KV stores are in the model's dtype, cannot run under autocast).
 
 Many games: :func:`evaluate_games` evaluates games of one layout together (the trie: one plan with every game's
 levels side by side in the same passes; naive: their variants in the same batches); :func:`evaluate_many` groups
@@ -117,11 +118,20 @@ def _compute_context(model: Any, compute_dtype: ComputeDtype | None, device: tor
     )
 
 
-def _resolve_backend(attention_backend: AttentionBackend, device: torch.device) -> str:
+#: Model dtypes the fused Triton kernels load (a float64 model runs the torch attention).
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _resolve_backend(attention_backend: AttentionBackend, device: torch.device, *,
+                     dtype: torch.dtype | None = None) -> str:
+    """The trie's attention path: ``"auto"`` is Triton on CUDA (Triton installed) for a model of ``dtype`` the
+    kernels take (None = not known), else torch."""
     if attention_backend not in ("auto", "torch", "triton"):
         raise ValueError(f"attention_backend: expected 'auto', 'torch' or 'triton', received {attention_backend!r}")
     if attention_backend != "auto":
         return attention_backend
+    if dtype is not None and dtype not in _TRITON_DTYPES:
+        return "torch"
     return "triton" if device.type == "cuda" and importlib.util.find_spec("triton") is not None else "torch"
 
 
@@ -298,7 +308,7 @@ def evaluate_games(
         if subsets.numel() == 0:
             return [torch.empty(0, dtype=torch.float32, device=device) for _ in games]
     engine = _choose_engine(model, method, compute_dtype)
-    backend = _resolve_backend(attention_backend, device)
+    backend = _resolve_backend(attention_backend, device, dtype=model.get_input_embeddings().weight.dtype)
     kwargs: dict[str, Any] = {"batch_size": batch_size, "progress": progress, "max_memory": max_memory}
     if engine == "trie":
         from sftint_fast.engine.trie import evaluate_trie_games
@@ -308,8 +318,9 @@ def evaluate_games(
     else:
         run = evaluate_naive_games
         subsets = _every_variant(subsets, n, device)
-    # each submodule's own mode back after (model.train(m) would put a frozen, eval-mode part in train mode)
-    with _eval_mode(model), torch.no_grad(), _compute_context(model, compute_dtype, device):
+    # each submodule's own mode back after (model.train(m) would put a frozen, eval-mode part in train mode); a
+    # caller's autocast region off: compute_dtype sets the precision (the trie's stores would take its K/V dtype)
+    with _eval_mode(model), torch.no_grad(), _no_autocast(device), _compute_context(model, compute_dtype, device):
         try:
             values = run(model, games, subsets, **kwargs)
         except _trie_memory_error() as error:  # raised by the plan, before any forward
@@ -319,6 +330,12 @@ def evaluate_games(
             kwargs.pop("attention_backend")
             values = evaluate_naive_games(model, games, _every_variant(subsets, n, device), **kwargs)
     return [v.to(torch.float32) for v in values]
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
 def _every_variant(subsets: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
@@ -359,7 +376,8 @@ def _auto_group_size(model: Any, engine: str, game: Game, subsets: torch.Tensor 
         plan = plan_trie(game, subsets=subsets, dims=get_adapter(model).dims, batch_size=batch_size,
                          max_memory=budget, num_targets=int(game.score_positions.numel()),
                          pass_tokens=default_pass_tokens(model_device(model)),
-                         window=_resolve_backend(attention_backend, model_device(model)) != "triton")
+                         window=_resolve_backend(attention_backend, model_device(model),
+                                                 dtype=get_adapter(model).dims.dtype) != "triton")
     except TrieMemoryError:  # not even one game fits: evaluate_games falls back to naive (auto) or says so
         return 1
     by_memory = (budget // 2) // max(1, plan.kv_bytes)

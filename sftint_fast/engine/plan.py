@@ -299,6 +299,8 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
     if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, (int, float))
                                    or not 0 < max_memory < math.inf):
         raise ValueError(f"max_memory: expected a positive finite number of bytes or None, received {max_memory!r}")
+    if max_memory is not None:  # whole bytes: a float budget would make float chunk sizes
+        max_memory = int(max_memory)
     if pass_tokens is None:
         pass_tokens = TARGET_CHUNK_TOKENS
 

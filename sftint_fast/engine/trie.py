@@ -231,6 +231,9 @@ def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: t
     adapter, reason = find_adapter(model)
     if adapter is None:
         raise ValueError(f"{reason}; use method='naive'")
+    if attention_backend == "triton" and adapter.dims.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"attention_backend='triton': expected a float16, bfloat16 or float32 model (what the fused "
+                         f"kernels load), received a {adapter.dims.dtype} model; use attention_backend='torch'")
     layout = trie_layout(games[0])
     for i, game in enumerate(games):
         _check_game(game, adapter, subsets)

@@ -34,6 +34,9 @@ from sftint_fast.ops.triton import check_interpreter
 # Finite "minus infinity" for the running max, so a block with no visible key gives exp2(-inf - finite) = 0
 # instead of NaN; real scores never get near it.
 _NEG_BIG = tl.constexpr(-1.0e30)
+# Triton's interpreter (3.9) multiplies bfloat16 dot operands as their raw uint16 bits; there they are upcast first
+# (exact: a product of two bfloat16 values fits float32, as on the GPU). Compiled kernels never take this branch.
+_UPCAST_BF16_DOTS = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _configs() -> list[triton.Config]:
@@ -48,10 +51,19 @@ def _configs() -> list[triton.Config]:
 
 
 @triton.jit
+def _dot(a, b, INPUT_PRECISION: tl.constexpr):
+    if _UPCAST_BF16_DOTS:  # noqa: SIM102 (a constexpr: compiled kernels never see the dtype test below)
+        if a.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
 def _online_softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, softcap,
                          HAS_SOFTCAP: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """One key block's update of (acc, m_i, l_i): scores (scaled to base 2, soft-capped), masked, merged."""
-    qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+    qk = _dot(q, tl.trans(k), INPUT_PRECISION)
     if HAS_SOFTCAP:
         # softcap * tanh(x / softcap), with tanh written through sigmoid (available in every triton 3.x)
         capped = qk * (qk_scale / softcap)
@@ -63,7 +75,7 @@ def _online_softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, softcap,
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=INPUT_PRECISION)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, INPUT_PRECISION)
     return acc, m_new, l_i
 
 
