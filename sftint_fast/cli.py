@@ -90,6 +90,22 @@ def _debug() -> bool:
     return os.environ.get("SFTINT_DEBUG", "") not in ("", "0")
 
 
+#: what a command's user changes where the engine's message advises ``subsets=`` (an option of the Python API only)
+_FEWER_PLAYERS = {
+    "explain": 'choose fewer players with --n-players or --players (or, with --file, a row\'s "players")',
+    "bench": "choose fewer players with --n-players or --players, or time a sample of the variants with --sample",
+    "track": "lower --n-players (or the players the --probes rows name)",
+    "demo": "lower --n-players",
+}
+
+
+def _cli_message(command: str, err: Exception) -> str:
+    """``err``'s message, with the engine's advice to pass ``subsets=`` (all 2^n variants do not fit in memory)
+    replaced by the options of ``command`` that choose fewer players."""
+    head, advice, _ = str(err).partition("; pass subsets=")
+    return f"{head}; {_FEWER_PLAYERS.get(command, 'choose fewer players')}" if advice else str(err)
+
+
 def _file_refusal(command: str, flag: str, path: str | None, what: str) -> str | None:
     """The one-line refusal of a ``flag`` naming no file (checked before any model loads), or None when it is one."""
     from pathlib import Path
@@ -245,8 +261,9 @@ def _read_prompts(path: str) -> list[dict]:
     from pathlib import Path
 
     rows = []
-    # rows end at "\n" only: splitlines() would also split inside a JSON string at U+2028, U+0085, ...
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), 1):
+    # rows end at "\n" only: splitlines() would also split inside a JSON string at U+2028, U+0085, ...; utf-8-sig
+    # drops the byte-order mark a Windows editor may start the file with
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8-sig").split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -260,7 +277,8 @@ def _read_prompts(path: str) -> list[dict]:
             raise ValueError(f'{path}:{number}: expected keys "prompt", "players", "target", received {sorted(unknown)}')
         if row.get("target") is not None and not isinstance(row["target"], str):
             raise ValueError(f'{path}:{number}: "target": expected a string, received {row["target"]!r}')
-        rows.append(row)
+        # a null "players" / "target" means what a missing one does: the command's options (as in a probes file)
+        rows.append({key: value for key, value in row.items() if value is not None})
     if not rows:
         raise ValueError(f"{path}: expected at least one prompt, received none")
     return rows
@@ -304,14 +322,16 @@ def _run_explain(args: argparse.Namespace) -> int:
     try:
         model, tokenizer = _load(args)
         args.model_device = str(next(model.parameters()).device)  # recorded in config.json
-        games = []
+        games, choices = [], []
         for i, (text, players, target) in enumerate(requests):
             # a --file row that names its players keeps them: --n-players / --pick choose the others' players
             n_players = args.n_players if args.file is None or players == "words" else None
+            # what chose this game's players (recorded in its config.json, which a rerun compares)
+            choices.append((n_players, (args.pick or "first") if n_players is not None else "first"))
             try:
                 games.append(sf.Game.from_text(model, tokenizer, text, players=players, n_players=n_players,
                                                target=target, chat=args.chat, masking=args.masking,
-                                               pick=args.pick or "first"))
+                                               pick=choices[-1][1]))
             except (ValueError, TypeError) as err:
                 if args.file is None:
                     raise
@@ -325,11 +345,11 @@ def _run_explain(args: argparse.Namespace) -> int:
             values = sf.evaluate_many(model, games, method=args.method, progress=True, out_dir=shards)
         if not distributed.is_main_process():
             return 0
-        for i, ((text, _, _), game, v) in enumerate(zip(requests, games, values)):
+        for i, ((text, _, _), choice, game, v) in enumerate(zip(requests, choices, games, values)):
             out = None if args.out is None else Path(args.out) if args.file is None else Path(args.out) / f"prompt_{i:04d}"
             if args.file is not None:
                 print(f"[{i}] {text}")
-            _explain_one(args, tokenizer, text, game, v.cpu(), out)
+            _explain_one(args, tokenizer, text, game, v.cpu(), out, choice)
         if args.file is not None and args.out is not None:
             stale = sorted(p.name for p in Path(args.out).glob("prompt_*")
                            if p.is_dir() and p.name[7:].isdigit() and int(p.name[7:]) >= len(requests))
@@ -386,8 +406,9 @@ def _is_complete(out, config: dict, v, andor_options: dict | None) -> bool:
     return isinstance(saved_andor, dict) and all(saved_andor.get(k) == x for k, x in andor_options.items())
 
 
-def _explain_one(args: argparse.Namespace, tokenizer, text: str, game, v, out) -> None:
-    """Prints the top interactions and Shapley values of one game's ``v`` and writes them to ``out`` (if given)."""
+def _explain_one(args: argparse.Namespace, tokenizer, text: str, game, v, out, choice: tuple) -> None:
+    """Prints the top interactions and Shapley values of one game's ``v`` and writes them to ``out`` (if given);
+    ``choice``: the ``(n_players, pick)`` that chose its players."""
     import json
     from pathlib import Path
 
@@ -413,8 +434,8 @@ def _explain_one(args: argparse.Namespace, tokenizer, text: str, game, v, out) -
     config = {
         "model": args.model, "base": args.base, "dtype": args.dtype,
         "device": getattr(args, "model_device", args.device),
-        "text": text, "chat": args.chat, "masking": args.masking, "n_players": args.n_players,
-        "pick": args.pick or "first", "top": args.top,
+        "text": text, "chat": args.chat, "masking": args.masking, "n_players": choice[0],
+        "pick": choice[1], "top": args.top,
         "method": args.method, "words": list(game.words), "player_spans": [list(s) for s in game.player_spans],
         "input_ids": game.input_ids.tolist(), "target": game.target.tolist(),
         "target_text": tokenizer.decode(game.target), "value": "log_odds",
@@ -553,7 +574,7 @@ def _run_track(args: argparse.Namespace) -> int:
         failed = True
         if _debug():
             raise
-        print(f"sftint track: {err}", file=sys.stderr)
+        print(f"sftint track: {_cli_message('track', err)}", file=sys.stderr)
         return 2
     finally:
         if owns_group:  # no barrier after an error: a rank that failed alone must not wait for the others
@@ -795,9 +816,10 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model, tokenizer = _load(args)
-    options = {"target": args.target, "chat": args.chat, "masking": args.masking, "pick": pick}
+    options = {"target": args.target, "chat": args.chat, "masking": args.masking}
     try:
-        game = sf.Game.from_text(model, tokenizer, args.text, players=players, n_players=args.n_players, **options)
+        game = sf.Game.from_text(model, tokenizer, args.text, players=players, n_players=args.n_players,
+                                 pick=pick if args.n_players is not None else "first", **options)
         if args.n_players is None and players == "words" and game.num_players > BENCH_PLAYERS:
             # the default: the first BENCH_PLAYERS content words (the first words when there are too few of those)
             content = sum(map(is_content_word, game.words))
@@ -805,7 +827,8 @@ def _run_bench(args: argparse.Namespace) -> int:
             players = ("words" if content >= BENCH_PLAYERS else
                        every[:BENCH_PLAYERS] if pick == "first" else every[-BENCH_PLAYERS:])
             game = sf.Game.from_text(model, tokenizer, args.text, players=players,
-                                     n_players=BENCH_PLAYERS if players == "words" else None, **options)
+                                     n_players=BENCH_PLAYERS if players == "words" else None,
+                                     pick=pick if players == "words" else "first", **options)
     except ValueError as err:
         if _debug():
             raise
@@ -825,7 +848,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     except ValueError as err:
         if _debug():
             raise
-        print(f"sftint bench: {err}", file=sys.stderr)
+        print(f"sftint bench: {_cli_message('bench', err)}", file=sys.stderr)
         return 2
     report["config"] = {"model": args.model, "text": args.text, "players": args.players, "n_players": game.num_players,
                         "pick": pick, "base": args.base, "target": args.target, "chat": args.chat,
@@ -892,7 +915,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, ImportError) as err:
         if _debug():
             raise
-        print(f"sftint {args.command}: {err}\n(SFTINT_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(f"sftint {args.command}: {_cli_message(args.command, err)}\n(SFTINT_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
         return 2
 
 

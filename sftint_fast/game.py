@@ -201,7 +201,8 @@ class Game:
                 special tokens) or ids, teacher-forced.
             chat: wrap ``text`` as a user message with ``tokenizer.apply_chat_template`` (generation prompt
                 added); players are the words of ``text`` inside the templated ids.
-            n_players / pick: with ``players="words"``, keep only the first/last ``n_players`` content words.
+            n_players / pick: with ``players="words"``, keep only the first/last ``n_players`` content words (a
+                ``pick`` other than ``"first"`` without ``n_players`` or with explicit players is refused).
         """
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"text: expected a non-empty string, received {text!r}")
@@ -247,13 +248,16 @@ class Game:
         elif _is_span_list(players):
             if n_players is not None:
                 raise ValueError("n_players: expected None when players are explicit spans")
+            if pick != "first":
+                raise ValueError(f"pick: expected 'first' (the default) when players are explicit spans, "
+                                 f"received {pick!r}")
             if span_unit == "chars":
                 spans, words = P.char_players(tokenized, players, region=region)
             else:
                 spans = list(P.validate_spans(players, prompt_ids.numel()))
                 words = [tokenizer.decode(prompt_ids[a:b].tolist()) for a, b in spans]
         else:
-            spans, words = P.word_players(tokenized, region=region, players=players, n_players=n_players)
+            spans, words = P.word_players(tokenized, region=region, players=players, n_players=n_players, pick=pick)
 
         target_ids = _resolve_target(model, tokenizer, prompt_ids, target, vocab)
         input_ids = torch.cat([prompt_ids, target_ids[:-1]])

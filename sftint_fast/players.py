@@ -200,7 +200,8 @@ def select_words(
     """Indices of the words that become players, in prompt order.
 
     ``players="words"``/``"all"``: every word, or with ``n_players`` the first (``pick="first"``) or last
-    ``n_players`` content words. A list of ints: those word indices (``n_players`` must then be None).
+    ``n_players`` content words. A list of ints: those word indices (``n_players`` must then be None and ``pick``
+    ``"first"``, the default: neither would choose anything).
     """
     num = len(words)
     if isinstance(players, str):
@@ -209,6 +210,8 @@ def select_words(
         if pick not in ("first", "last"):
             raise ValueError(f"pick: expected 'first' or 'last', received {pick!r}")
         if n_players is None:
+            if pick != "first":  # pick chooses among the content words n_players keeps
+                raise ValueError(f"pick: expected 'first' (the default) without n_players, received {pick!r}")
             return list(range(num))
         if not isinstance(n_players, int) or isinstance(n_players, bool) or n_players < 0:
             raise ValueError(f"n_players: expected a non-negative int, received {n_players!r}")
@@ -223,6 +226,8 @@ def select_words(
         raise TypeError(f"players: expected 'words', 'all' or a list of word indices, received {players!r}")
     if n_players is not None:
         raise ValueError("n_players: expected None when players is an explicit list")
+    if pick != "first":
+        raise ValueError(f"pick: expected 'first' (the default) when players is an explicit list, received {pick!r}")
     indices = list(players)
     for i in indices:
         if not isinstance(i, int) or isinstance(i, bool):

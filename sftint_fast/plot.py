@@ -118,6 +118,7 @@ def plot_orders(report: TrackReport, path: str | os.PathLike, *, index: int = -1
             ax.bar(xs, plus, width, color=SET_COLORS[name], label=name)
             ax.bar(xs, [-m for m in minus], width, color=SET_COLORS[name], alpha=0.5)
         ax.axhline(0, color="k", linewidth=0.5)
+        ax.set_xticks(range(len(plus)))  # whole orders (matplotlib's own ticks for n=1: 0.0, 0.2, 0.4, ...)
         ax.set_xlabel("order")
         ax.set_ylabel("A+ (up) / A- (down), share of the set's |I|")
         ax.set_title(f"{kind.upper()} strength by order, step {report.steps[index]}", fontsize=9)

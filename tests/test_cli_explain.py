@@ -165,3 +165,26 @@ def test_explain_results_carry_their_config_and_a_killed_rerun_leaves_no_stale_c
         assert json.loads(f.metadata()["config"])["text"] == "a small dog ran"
     stale = (out / "config.json").exists() and json.loads((out / "config.json").read_text())["text"] == TEXT
     assert not stale, "config.json still describes the earlier run while v.safetensors holds the new one"
+
+
+LONG_TEXT = " ".join(["the big cat sat on the red mat"] * 6)  # 48 words: 2^48 variants fit no memory
+
+
+def test_explain_too_many_players_points_at_the_cli_options(model_dir, tmp_path, capsys):
+    """All 2^n variants not fitting in memory: the engine's advice "pass subsets=" is no option of the CLI."""
+    assert main(["explain", "--model", str(model_dir), "--text", LONG_TEXT, "--method", "naive"]) == 2
+    err = capsys.readouterr().err
+    assert "n=48 players: all 2^48 variants need at least" in err and "subsets=" not in err
+    assert "--n-players" in err and "--players" in err
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"prompt": LONG_TEXT}) + "\n")
+    assert main(["explain", "--model", str(model_dir), "--file", str(path), "--method", "naive"]) == 2
+    err = capsys.readouterr().err
+    assert "all 2^48 variants" in err and "subsets=" not in err and "--n-players" in err
+
+
+def test_bench_too_many_players_points_at_the_cli_options(model_dir, capsys):
+    players = ",".join(map(str, range(48)))
+    assert main(["bench", "--model", str(model_dir), "--text", LONG_TEXT, "--players", players]) == 2
+    err = capsys.readouterr().err
+    assert "all 2^48 variants" in err and "subsets=" not in err and "--sample" in err and "--n-players" in err

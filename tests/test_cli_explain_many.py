@@ -153,6 +153,39 @@ def test_explain_file_rows_with_their_own_players_keep_them_under_n_players(mode
     assert words == [["sat", "mat"], ["what", "capital", "france"]]
 
 
+def test_explain_file_null_players_and_target_are_the_command_options(model_dir, tmp_path, capsys):
+    """A row's "players": null was refused while "target": null took the greedy token over --target: a null field
+    now means what a missing one does (the command's --players / --n-players / --target)."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"prompt": ROWS[0]["prompt"], "players": None, "target": None}) + "\n"
+                    + json.dumps({"prompt": ROWS[0]["prompt"]}) + "\n")
+    out = tmp_path / "out"
+    assert main(["explain", "--model", str(model_dir), "--file", str(path), "--n-players", "2", "--target", "paris",
+                 "--method", "naive", "--out", str(out)]) == 0, capsys.readouterr().err
+    configs = [json.loads((out / f"prompt_{i:04d}" / "config.json").read_text()) for i in range(2)]
+    assert configs[0]["words"] == configs[1]["words"] == ["big", "cat"]
+    assert configs[0]["target_text"] == configs[1]["target_text"] == "paris"
+
+
+def test_explain_file_rerun_with_other_n_players_keeps_rows_with_their_own_players(model_dir, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """config.json recorded the command's --n-players / --pick for a row with its own players, so a rerun with another
+    --n-players redid that row's AND-OR decomposition although its game had not changed."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[1]) + "\n")
+    out = tmp_path / "out"
+    argv = ["explain", "--model", str(model_dir), "--file", str(path), "--method", "naive", "--out", str(out),
+            "--andor", "sgd", "--niter", "5"]
+    calls = count_calls(monkeypatch, {"and_or": sf})
+    assert main(argv + ["--n-players", "2"]) == 0 and calls["and_or"] == 2
+    own = json.loads((out / "prompt_0001" / "config.json").read_text())
+    assert own["n_players"] is None and own["pick"] == "first" and own["words"] == ["what", "capital", "france"]
+    assert main(argv + ["--n-players", "3", "--pick", "last"]) == 0
+    assert calls["and_or"] == 3  # only the row whose players --n-players chooses was redone
+    assert "kept " + str(out / "prompt_0001") in capsys.readouterr().out
+    assert json.loads((out / "prompt_0000" / "config.json").read_text())["n_players"] == 3
+
+
 def test_explain_file_refuses_a_missing_file_by_its_option(model_dir, tmp_path, capsys):
     assert main(["explain", "--model", str(model_dir), "--file", str(tmp_path / "missing.jsonl")]) == 2
     err = capsys.readouterr().err
@@ -167,6 +200,17 @@ def test_read_prompts_keeps_rows_with_unicode_line_separators(tmp_path):
     path = tmp_path / "unicode.jsonl"
     path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
     assert _read_prompts(str(path)) == rows
+
+
+def test_read_prompts_accepts_a_file_that_starts_with_a_byte_order_mark(tmp_path):
+    """A JSONL saved by a Windows editor starts with a UTF-8 BOM: it was refused as invalid JSON on line 1."""
+    from sftint_fast.cli import _read_prompts
+    from sftint_fast.sft.probes import load_probes
+
+    path = tmp_path / "bom.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ROWS[:2]) + "\n", encoding="utf-8-sig")
+    assert _read_prompts(str(path)) == ROWS[:2]
+    assert [p.prompt for p in load_probes(path)] == [r["prompt"] for r in ROWS[:2]]
 
 
 def test_explain_needs_text_or_file(model_dir):

@@ -620,3 +620,37 @@ def test_track_cli_resume_refuses_a_tracked_step_whose_checkpoint_changed(folder
     err = capsys.readouterr().err
     assert "checkpoints: expected the checkpoint this run folder tracked at step 10" in err and "another --out" in err
     assert json.loads((out / "report.json").read_text())["steps"] == [0, 10]  # nothing of the new run mixed in
+
+
+def test_track_cli_too_many_players_points_at_n_players(folders, tmp_path, capsys):
+    """All 2^n variants not fitting in memory: the engine's advice "pass subsets=" is no option of sftint track."""
+    root, _ = folders
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text(json.dumps({"prompt": " ".join([PROMPTS[0]] * 6), "players": list(range(48))}) + "\n")
+    rc = main(["track", "--base", str(root / "base"), "--checkpoints", str(root / "ckpt" / "checkpoint-10"),
+               "--probes", str(probes), "--out", str(tmp_path / "run"), "--n-players", "48", "--andor-method", "and",
+               "--min-base-py", "0", "--noise-floor", "none"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "all 2^48 variants" in err and "subsets=" not in err and "--n-players" in err
+
+
+def test_track_cli_watch_resume_refuses_a_tracked_step_whose_checkpoint_changed(folders, tmp_path, capsys):
+    """--watch listed only steps not tracked yet, so a retrained checkpoint of a tracked step was never checked: the
+    report kept the first training run's values for it and went on with the new run's later steps."""
+    import shutil
+
+    root, _ = folders
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(root / "ckpt" / "checkpoint-10", ckpt / "checkpoint-10")
+    out = tmp_path / "run"
+    watch = ["--watch", "0.1", "--idle-timeout", "1", "--settle", "0"]
+    assert _track(root, out, [str(ckpt / "checkpoint-*")], *watch) == 0
+    assert _track(root, out, [str(ckpt / "checkpoint-*")], *watch) == 0  # the same checkpoint: nothing to redo
+    shutil.rmtree(ckpt / "checkpoint-10")
+    shutil.copytree(root / "ckpt" / "checkpoint-20", ckpt / "checkpoint-10")  # retrained: other weights, step 10
+    shutil.copytree(root / "ckpt" / "checkpoint-30", ckpt / "checkpoint-30")
+    capsys.readouterr()
+    assert _track(root, out, [str(ckpt / "checkpoint-*")], *watch) == 2
+    err = capsys.readouterr().err
+    assert "checkpoints: expected the checkpoint this run folder tracked at step 10" in err and "another --out" in err
+    assert json.loads((out / "report.json").read_text())["steps"] == [0, 10]  # nothing of the new run mixed in

@@ -57,6 +57,15 @@ def test_explicit_spans_and_n_players(model, tok):
     assert last.words == ("sat", "mat!")
 
 
+@pytest.mark.parametrize("players", [[1, 2], [(1, 3), (7, 8)], "words"])
+def test_pick_that_chooses_nothing_is_refused(model, tok, players):
+    """pick chooses among content words with n_players: with explicit players, or without n_players, it was silently
+    ignored (the CLI refuses --pick there)."""
+    with pytest.raises(ValueError, match="pick: expected 'first'.*received 'last'"):
+        Game.from_text(model, tok, TEXT, players=players, pick="last")
+    assert Game.from_text(model, tok, TEXT, players=players, pick="first").num_players > 0
+
+
 def test_bad_inputs_raise(model, tok):
     with pytest.raises(ValueError, match="inside the prompt"):
         Game.from_text(model, tok, "the cat", players=[(1, 3)], target="sat on")

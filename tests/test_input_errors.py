@@ -208,6 +208,20 @@ def test_plot_rejects_a_report_dict_and_a_bad_index(tmp_path):
     assert math.isfinite(plot.headline(report)["base_salient"])
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_plot_orders_ticks_are_the_whole_orders(tmp_path, monkeypatch, n):
+    """With n=1 the order axis was ticked 0.0, 0.2, 0.4, ...: an order is a whole number of players."""
+    tracker = _plain()
+    for step in range(2):
+        tracker.add_values(step, _values(n=n, seed=step))
+    shown = []
+    real = plot._save
+    monkeypatch.setattr(plot, "_save", lambda fig, path: shown.append([list(ax.get_xticks()) for ax in fig.axes])
+                        or real(fig, path))
+    plot.plot_orders(tracker.report(), tmp_path / "orders.png")
+    assert shown == [[list(range(n + 1))]]
+
+
 def test_a_figure_that_cannot_be_written_leaves_no_temp_file_and_is_closed(tmp_path, monkeypatch):
     from matplotlib.figure import Figure
     import matplotlib.pyplot as plt

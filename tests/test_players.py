@@ -72,6 +72,10 @@ def test_select_word_indices_and_errors():
         P.select_words(words, [0.5])
     with pytest.raises(ValueError, match="n_players: expected a non-negative int, received True"):
         P.select_words(["big", "cat"], "words", n_players=True)  # was taken as 1
+    with pytest.raises(ValueError, match="pick: expected 'first' .* explicit list, received 'last'"):
+        P.select_words(words, [0, 2], pick="last")  # was ignored
+    with pytest.raises(ValueError, match="pick: expected 'first' .* without n_players, received 'last'"):
+        P.select_words(words, "words", pick="last")  # was ignored
 
 
 @pytest.mark.parametrize(

@@ -1046,3 +1046,27 @@ def test_an_option_the_method_ignores_is_warned_about_and_a_run_saved_with_it_re
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         SFTTracker(None, progress=False, **defaults)  # the method alone, every other option its default: no warning
+
+
+def test_resume_with_a_tokenizer_that_tokenises_the_heldout_pairs_otherwise_is_refused(tmp_path, caplog):
+    """The held-out loss of (prompt, answer) pairs is computed on the tokens the tracker's tokenizer gives them at each
+    checkpoint: a run resumed with another chat template silently changed the loss curve (its minimum is the
+    early-stopping point). The tokens are recorded and compared on resume; a run saved without them resumes."""
+    first, other = make_tokenizer(), make_tokenizer()
+    first.chat_template = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+                           "{% if add_generation_prompt %}<s> assistant {% endif %}")
+    other.chat_template = first.chat_template.replace("</s> {% endfor %}", "{% endfor %}")
+    pairs = [("the big cat", "sat on the mat")]
+    base, step = _checkpoints(2)
+    run = tmp_path / "run"
+    _tracker(first, run, heldout=pairs).add_checkpoint(base, 0)
+    copy_of_first = make_tokenizer()
+    copy_of_first.chat_template = first.chat_template
+    assert _tracker(copy_of_first, run, heldout=pairs).steps == [0]
+    with pytest.raises(ValueError, match=r"differs in \['heldout_tokens_sha256'\].*tokenizer"):
+        _tracker(other, run, heldout=pairs)
+    config = json.loads((run / "config.json").read_text())
+    del config["heldout_tokens_sha256"]  # a run saved before the tokens were recorded
+    (run / "config.json").write_text(json.dumps(config))
+    resumed = _tracker(other, run, heldout=pairs)
+    assert resumed.steps == [0] and "cannot be checked" in caplog.text

@@ -337,8 +337,9 @@ def _follow(tracker: SFTTracker, patterns: Sequence[str], track: Any, report: An
             ready = None
             if distributed.is_main_process():
                 try:  # rank 0 alone checks (the ranks act alike); one deleted since it was listed is left to track
-                    ready = [p for p in _match(patterns)
-                             if p not in skipped and _step_of(p) not in tracker.steps and _complete(p, settle)]
+                    # a step tracked already (a resumed run) goes to track too: it checks that its folder is the one
+                    # tracked, not a retrained one
+                    ready = [p for p in _match(patterns) if p not in skipped and _complete(p, settle)]
                     _check_folders(None, [p for p in ready if Path(p).exists()], None)
                 except ValueError as err:
                     ready = err

@@ -77,8 +77,9 @@ def _players(players: Any, i: int) -> tuple | None:
 def load_probes(path: str | os.PathLike) -> list[Probe]:
     """Reads a JSONL file of probes (one JSON object per line; blank lines skipped)."""
     rows = []
-    # rows end at "\n" only: splitlines() would also split inside a JSON string at U+2028, U+0085, ...
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), 1):
+    # rows end at "\n" only: splitlines() would also split inside a JSON string at U+2028, U+0085, ...; utf-8-sig
+    # drops the byte-order mark a Windows editor may start the file with
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8-sig").split("\n"), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))

@@ -33,7 +33,7 @@ from sftint_fast import distributed
 from sftint_fast.interactions.harsanyi import harsanyi
 from sftint_fast.ops.transforms import popcount
 from sftint_fast.sft import noise as N
-from sftint_fast.sft.probes import Probe, as_probes, heldout_batches
+from sftint_fast.sft.probes import Probe, as_probes, heldout_batches, sft_example
 
 logger = logging.getLogger(__name__)
 
@@ -333,6 +333,9 @@ class SFTTracker:
         self._baseline = baseline
         self._reference_source = reference
         self._heldout = list(heldout) if heldout is not None else None
+        # the held-out loss of (prompt, answer) pairs is computed on the tokens this tokenizer gives them, at every
+        # checkpoint: recorded, so that a run resumed with another tokenizer (or chat template) is not mixed in
+        self._heldout_tokens = _heldout_tokens_digest(self._heldout, tokenizer)
         self.numerics_check = numerics_check
         self.progress = progress
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -844,6 +847,8 @@ class SFTTracker:
         if heldout is not None:
             # "heldout" records only the keys of batches given as dicts; this tells their tensors apart
             blob["heldout_sha256"] = heldout
+        if self._heldout_tokens is not None:
+            blob["heldout_tokens_sha256"] = self._heldout_tokens
         reference = _reference_digest(self._reference_source)
         if reference is not None:
             # "reference" records only "interactions" or the model's type: a resumed run uses the reference values
@@ -870,6 +875,11 @@ class SFTTracker:
             logger.warning("out_dir %s: saved without the digest of its held-out batches (an older run); the given "
                            "batches cannot be checked against them", out)
             del blob["heldout_sha256"]
+        if ("heldout_tokens_sha256" in blob and "heldout_tokens_sha256" not in saved
+                and saved.get("heldout") == blob.get("heldout")):
+            logger.warning("out_dir %s: saved without the tokens of its held-out pairs (an older run); the given "
+                           "tokenizer cannot be checked against the one its held-out loss was computed with", out)
+            del blob["heldout_tokens_sha256"]
         if ("reference_sha256" in blob and "reference_sha256" not in saved
                 and saved.get("reference") == blob.get("reference")):
             logger.warning("out_dir %s: saved without the digest of its reference (an older run); the given reference "
@@ -883,11 +893,14 @@ class SFTTracker:
                           if saved["tracker"].get(k) != blob["tracker"].get(k)}
             if "baseline_sha256" in diff:
                 detail["baseline_sha256"] = (saved.get("baseline_sha256"), blob.get("baseline_sha256"))
-            for key in ("heldout_sha256", "reference_sha256"):
+            for key in ("heldout_sha256", "heldout_tokens_sha256", "reference_sha256"):
                 if key in diff:
                     detail[key] = (saved.get(key), blob.get(key))
+            hint = ("; the tokenizer gives the held-out pairs other tokens than the run's (another tokenizer or chat "
+                    "template?)" if "heldout_tokens_sha256" in diff and saved.get("heldout") == blob.get("heldout")
+                    else "")
             raise ValueError(f"out_dir {out}: holds a run with another configuration (differs in {diff}; "
-                             f"tracker options (saved, given): {detail}); use a new out_dir")
+                             f"tracker options (saved, given): {detail}{hint}); use a new out_dir")
         self._load_saved()
 
     def _save_config(self) -> None:
@@ -1212,6 +1225,21 @@ def _heldout_digest(items: Any) -> str | None:
         else:
             digest.update(f"{x!r};".encode())
     return digest.hexdigest()[:16]
+
+
+def _heldout_tokens_digest(items: Any, tokenizer: Any) -> str | None:
+    """sha256 of the token ids and labels ``tokenizer`` gives held-out ``(prompt, answer)`` pairs (None without any
+    pair, or a tokenizer without a chat template: the held-out loss refuses that one, at the checkpoint)."""
+    pairs = [x for x in items or [] if not isinstance(x, dict)]
+    if not pairs or getattr(tokenizer, "chat_template", None) is None:
+        return None
+    for pair in pairs:
+        if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
+            raise ValueError(f"heldout: expected (prompt, answer) pairs or batches {{'input_ids', 'labels'}}, got "
+                             f"{pair!r}")
+    # one example per pair, unpadded: another pad token leaves the loss as it is
+    examples = [sft_example(tokenizer, *pair) for pair in pairs]
+    return hashlib.sha256(repr([(e["input_ids"], e["labels"]) for e in examples]).encode()).hexdigest()[:16]
 
 
 def _tensor_digest(x: torch.Tensor) -> str:
