@@ -337,14 +337,48 @@ def _model_device(model: Any) -> torch.device:
 @contextlib.contextmanager
 def _eval_mode(model: Any) -> Iterator[None]:
     """``model.eval()`` for the block; every submodule gets its own ``training`` flag back after (``model.train(m)``
-    would put a frozen, eval-mode submodule in train mode)."""
+    would put a frozen, eval-mode submodule in train mode). Also the model's own forward for the block where accelerate
+    wrapped it in mixed-precision autocast (:func:`_own_forward`)."""
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
-        yield
+        with _own_forward(model):
+            yield
     finally:
         for module, mode in modes:
             module.training = mode
+
+
+@contextlib.contextmanager
+def _own_forward(model: Any) -> Iterator[None]:
+    """The forward accelerate kept (``_original_forward``) for the block, on every submodule whose ``forward``
+    ``Accelerator.prepare`` wrapped in mixed-precision autocast (a ``Trainer`` with ``bf16``/``fp16``): the wrapper
+    would run every ``model(...)`` of an evaluation in bf16/fp16 whatever ``compute_dtype`` says, while the trie's
+    adapters call the modules without it. The wrapper is put back after, so training goes on under it."""
+    swapped = []
+    for module in model.modules():
+        wrapper, original = module.__dict__.get("forward"), module.__dict__.get("_original_forward")
+        if wrapper is not None and original is not None and _wraps(wrapper, original):
+            swapped.append((module, wrapper))
+            module.forward = original
+    try:
+        yield
+    finally:
+        for module, wrapper in swapped:
+            module.forward = wrapper
+
+
+def _wraps(wrapper: Any, original: Any) -> bool:
+    """Whether ``wrapper`` reaches ``original`` (or the function of that bound method) through ``__wrapped__``."""
+    targets = (original, getattr(original, "__func__", original))
+    inner = getattr(wrapper, "__func__", wrapper)
+    for _ in range(8):
+        inner = getattr(inner, "__wrapped__", None)
+        if inner is None:
+            return False
+        if any(inner is target for target in targets):
+            return True
+    return False
 
 
 def _resolve_target(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, target: Any, vocab: int) -> torch.Tensor:

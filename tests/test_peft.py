@@ -72,3 +72,23 @@ def test_auto_picks_the_trie_and_the_heldout_loss_keeps_answer_positions_on_a_lo
     full = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 128), labels[:, 1:].reshape(-1),
                                              ignore_index=-100, reduction="sum").item()
     assert count == 8 and loss == pytest.approx(full, rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_a_lora_model_prepared_for_bf16_mixed_precision_is_evaluated_without_its_autocast():
+    """``Accelerator.prepare`` wraps the ``PeftModel``'s forward in bf16 autocast (a ``Trainer`` with ``bf16=True``):
+    the naive engine ran the LoRA model in bf16 (|dv| ~ 0.05 from float32), the trie did not."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    model = lora("llama")
+    game = make_game("spread_n5", seed=4)
+    want = sf.evaluate(model, game, method="naive", progress=False)
+    try:
+        prepared = Accelerator(mixed_precision="bf16", cpu=True).prepare(model)
+        assert "_original_forward" in prepared.__dict__
+        for method in ("naive", "trie"):
+            torch.testing.assert_close(sf.evaluate(prepared, game, method=method, progress=False), want,
+                                       atol=2e-5, rtol=1e-5)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

@@ -43,7 +43,7 @@ def _tracker(tokenizer, out_dir=None, **kw):
 
 
 def _trainer(tmp_path, *, max_steps, lr, examples=16, length=12, logging_steps=500, seed=42, callbacks=None,
-             save_steps=None):
+             save_steps=None, **extra):
     """A ``Trainer`` fine-tuning a tiny random llama on random token sequences on the CPU (batches of 4, no saving
     unless a callback asks or ``save_steps`` is given; TrainingArguments' own defaults for logging_steps and seed)."""
     from transformers import Trainer, TrainingArguments
@@ -55,7 +55,8 @@ def _trainer(tmp_path, *, max_steps, lr, examples=16, length=12, logging_steps=5
     args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=max_steps,
                              learning_rate=lr, logging_steps=logging_steps, report_to=[], use_cpu=True,
                              disable_tqdm=True, seed=seed, **({"save_strategy": "no"} if save_steps is None else
-                                                              {"save_strategy": "steps", "save_steps": save_steps}))
+                                                              {"save_strategy": "steps", "save_steps": save_steps}),
+                             **extra)
     return Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
 
 
@@ -346,6 +347,33 @@ def test_numerics_report_engine_and_precision_error(tokenizer):
     assert numerics["compute_dtype"] == "float32" and numerics["precision"] == "bfloat16 vs float32"
     assert numerics["engine_max_abs"] < 1e-4
     assert numerics["precision_rms"] > 10 * numerics["engine_rms"]
+
+
+def test_a_trainer_in_bf16_mixed_precision_is_tracked_in_float32(tokenizer, tmp_path):
+    """``bf16=True`` makes the Trainer's accelerate wrap the model's forward in bf16 autocast, and the callback is
+    handed that model: the target, held-out loss and every naive evaluation ran in bf16 while the trie did not, so
+    the numerics check reported the bf16 error (~0.05) as the engine's. Tracking now runs the float32 model (the
+    tracker's compute_dtype), as it would on the saved checkpoint, and training keeps its autocast."""
+    from accelerate.state import AcceleratorState
+
+    heldout = [{"input_ids": torch.tensor([[5, 6, 7, 8, 9, 10]]), "labels": torch.tensor([[-100, -100, 7, 8, 9, 10]])}]
+    trainer = _trainer(tmp_path, max_steps=1, lr=1e-2, bf16=True)
+    base = copy.deepcopy(trainer.model).eval()
+    tracker = _tracker(tokenizer, numerics_check=True, heldout=heldout)
+    sf.InteractionCallback(tracker, every=10).attach(trainer)
+    try:
+        trainer.train()
+        assert trainer.model.forward is not trainer.model.__dict__["_original_forward"]  # still the autocast one
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    plain = _tracker(tokenizer, numerics_check=True, heldout=heldout)
+    plain.add_checkpoint(base, 0)
+    numerics = tracker.report().numerics
+    assert numerics["engine_max_abs"] < 1e-4 and numerics["precision_rms"] > 10 * numerics["engine_rms"]
+    assert numerics == pytest.approx(plain.report().numerics, rel=1e-5, abs=1e-6)
+    assert [g.target.tolist() for g in tracker.games] == [g.target.tolist() for g in plain.games]
+    assert torch.allclose(tracker.records[0].values, plain.records[0].values, atol=1e-5)
+    assert tracker.records[0].heldout_loss == pytest.approx(plain.records[0].heldout_loss, rel=1e-6)
 
 
 def test_numerics_under_bf16_autocast_of_a_float32_model(tokenizer):

@@ -464,3 +464,39 @@ def test_an_autocast_region_around_the_call_leaves_the_precision_to_compute_dtyp
         got = sf.evaluate(net, game, method=method, progress=False)
         assert torch.is_autocast_enabled("cpu")  # the caller's region is back after the call
     check_close(got, want)
+
+
+@pytest.fixture
+def accelerator_reset():
+    """Resets accelerate's process-wide state after a test that built an ``Accelerator`` of its own."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("method", ["trie", "naive"])
+def test_a_model_prepared_for_mixed_precision_is_evaluated_without_its_autocast(method, accelerator_reset):
+    """``Accelerator(mixed_precision=...).prepare`` (a ``Trainer`` with ``bf16=True``/``fp16=True``) wraps the model's
+    own ``forward`` in autocast: the naive engine, which calls ``model(...)``, ran in bf16/fp16 (|dv| ~ 0.05) while
+    the trie, which calls the modules, did not. Both now run the forward accelerate kept (``compute_dtype`` alone sets
+    the precision), and the model still trains under its autocast afterwards. (On a CPU accelerate patches only for
+    bf16; fp16 on a GPU is the same patch.)"""
+    from accelerate import Accelerator
+
+    import sftint_fast as sf
+
+    net = model("llama")
+    game = make_game("spread_n5", seed=8)
+    want = sf.evaluate(net, game, method="naive", progress=False)
+    ids = game.input_ids[None]
+    with torch.no_grad():
+        plain_logits = net(input_ids=ids).logits
+    prepared = Accelerator(mixed_precision="bf16", cpu=True).prepare(net)
+    patched = prepared.forward
+    with torch.no_grad():
+        assert not torch.allclose(prepared(input_ids=ids).logits, plain_logits, atol=1e-4)  # it runs under autocast
+        check_close(sf.evaluate(prepared, game, method=method, progress=False), want)
+        assert prepared.forward is patched  # the model the training loop holds is left as it was
+        assert torch.equal(prepared(input_ids=ids).logits, prepared(input_ids=ids).logits)
+        assert not torch.allclose(prepared(input_ids=ids).logits, plain_logits, atol=1e-4)

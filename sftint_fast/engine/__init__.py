@@ -12,7 +12,8 @@ node of levels ``< n`` for all ``2^n`` variants, the nodes the sampled subsets r
     ``"bfloat16"`` runs under ``torch.autocast`` (naive engine only: ``"auto"`` falls back to it with a
     warning, ``"trie"`` raises); anything else (autocast cannot upcast) raises ValueError.
   - ``"tf32"``: a float32 model with TF32 matmuls allowed on CUDA for the call (no effect on CPU).
-No weights are copied. An autocast region around the call is switched off for it: ``compute_dtype`` alone sets the
+No weights are copied. An autocast region around the call is switched off for it, as is the autocast that accelerate's
+mixed precision (a ``Trainer`` with ``bf16``/``fp16``) wraps the model's forward in: ``compute_dtype`` alone sets the
 precision (the trie engine, whose KV stores are in the model's dtype, cannot run under autocast).
 
 Many games: :func:`evaluate_games` evaluates games of one layout together (the trie: one plan with every game's

@@ -36,8 +36,9 @@ logger = logging.getLogger(__name__)
 class InteractionCallback(TrainerCallback):
     """Runs ``tracker.add_checkpoint`` at step 0, every ``every`` steps and on every save.
 
-    The model is evaluated in eval mode under ``torch.no_grad`` and its train mode is restored. Logged scalars
-    (``interactions/<name>``): ``removed``, ``preserved``, ``emerged`` (cumulative set sizes),
+    The model is evaluated in eval mode under ``torch.no_grad`` and its train mode is restored; with ``bf16``/``fp16``
+    its own forward runs, not the Trainer's autocast one (the tracker's ``compute_dtype`` sets the precision).
+    Logged scalars (``interactions/<name>``): ``removed``, ``preserved``, ``emerged`` (cumulative set sizes),
     ``removed_new``/``emerged_new`` with ``_floor`` and ``_excess`` (counts summed over AND and OR),
     ``gamma_emerged``/``gamma_removed`` (with a reference) and ``rho_emerged``/``rho_removed`` (of the AND sets:
     ``report.curves["or/..."]`` holds the OR ones), ``p_y_mean``, ``heldout_loss``, and ``phase_boundary`` (the
