@@ -23,7 +23,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from sftint_fast.ops.triton.subset_attention import _configs, _subset_attention_kernel  # noqa: E402
 
-_TABLES = {"meta_ptr", "offsets_ptr", "lens_ptr", "players_ptr", "positions_ptr"}
+_TABLES = {"meta_ptr", "offsets_ptr", "lens_ptr", "players_ptr", "positions_ptr", "index_ptr"}
 
 
 def resources(ptx: str, ptxas: str) -> dict:
@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16")
     parser.add_argument("--masking", action="store_true", help="attention masking mode")
+    parser.add_argument("--path-index", action="store_true",
+                        help="a compact store's path-index table (sampled subsets)")
     parser.add_argument("--no-divisibility", action="store_true",
                         help="compile without the alignment/stride specialization a real launch gets")
     args = parser.parse_args(argv)
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     target = GPUTarget("cuda", 90, 32)
     fp32 = args.dtype == "fp32"
     print(f"triton {triton.__version__}, sm_90, {args.dtype}, GROUP={args.group}, HEAD_DIM={args.head_dim}, "
-          f"masking={args.masking}")
+          f"masking={args.masking}, path_index={args.path_index}")
     print("path     own    BLOCK_M BLOCK_N warps stages | regs spill_st spill_ld smem")
     for flat in (True, False):
         for own in (True, False):
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                              BLOCK_D=max(16, triton.next_power_of_2(args.head_dim)), IS_FP32=fp32,
                              ATTENTION_MASKING=args.masking, HAS_SOFTCAP=False, HAS_WINDOW=False,
                              INPUT_PRECISION="ieee" if fp32 else "tf32", FLAT_PATH=flat, OWN_FROM_PASS=own,
-                             **cfg.kwargs)
+                             HAS_INDEX=args.path_index, **cfg.kwargs)
                 sig = {}
                 for name in fn.arg_names:
                     if name.endswith("_ptr"):
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
                 # what a launch specializes on: 16-byte aligned tensors, row strides that are multiples of 16
                 attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
                          if name.endswith("_ptr") and name not in _TABLES
-                         or name.startswith("stride_") and name != "stride_offsets"}
+                         or name.startswith("stride_") and name not in ("stride_offsets", "stride_index")}
                 if not args.no_divisibility:
                     attrs.update({(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
                                   if name in _TABLES})

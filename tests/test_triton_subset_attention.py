@@ -423,3 +423,41 @@ def test_query_tokens_must_match_the_level_length(tokens):
         with pytest.raises(ValueError, match=rf"q: expected \[2, 2, {hq}, {d}\] \(\[len\(node_ids\), "
                                              rf"level_lens\[level\], Hq, D\]\), got \[2, {tokens}, {hq}, {d}\]"):
             subset_attention(*(t.to(DEVICE) for t in args), level=level, scale=0.1, path=path)
+
+
+@pytest.fixture
+def tf32_setting():
+    """Restores torch's float32 matmul precision (both APIs) after a test that changes it."""
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch without the fp32_precision API (< 2.9)")
+    previous = matmul.fp32_precision
+    yield matmul
+    matmul.fp32_precision = previous
+
+
+@pytest.mark.parametrize("setting, expected", [("legacy-on", "tf32"), ("legacy-off", "ieee"), ("new-tf32", "tf32"),
+                                               ("new-ieee", "ieee")])
+def test_fp32_dots_follow_torchs_tf32_setting_from_either_api(setting, expected, tf32_setting, monkeypatch):
+    """float32 inputs get TF32 dots exactly when torch's float32 matmuls do, whichever API said so: the new
+    ``fp32_precision = "tf32"`` (torch's recommended one) made the launcher's read of the legacy ``allow_tf32`` raise
+    a RuntimeError, so a float32 model on the Triton path crashed."""
+    from sftint_fast.ops.triton import subset_attention as attention
+
+    if setting.startswith("legacy"):
+        tf32_setting.allow_tf32 = setting == "legacy-on"
+    else:
+        tf32_setting.fp32_precision = setting.split("-")[1]
+    kernel, seen = attention._subset_attention_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                seen.append(kwargs["INPUT_PRECISION"])
+                return kernel[grid](*args, **kwargs)
+            return run
+
+    monkeypatch.setattr(attention, "_subset_attention_kernel", Spy())
+    out, ref = run_both(*CASES["level1-mha"], torch.float32)
+    assert seen == [expected]
+    torch.testing.assert_close(out, ref, atol=TOL[torch.float32] if expected == "ieee" else 2e-2, rtol=0)

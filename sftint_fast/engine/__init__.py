@@ -99,12 +99,15 @@ def _compute_context(model: Any, compute_dtype: ComputeDtype | None, device: tor
             logger.info("compute_dtype='tf32' has no effect on %s", device.type)
             yield
             return
-        previous = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = True
+        # torch >= 2.9's fp32_precision reflects both APIs; reading allow_tf32 raises once the new one was used
+        matmul = torch.backends.cuda.matmul
+        name, on = ("fp32_precision", "tf32") if hasattr(matmul, "fp32_precision") else ("allow_tf32", True)
+        previous = getattr(matmul, name)
+        setattr(matmul, name, on)
         try:
             yield
         finally:
-            torch.backends.cuda.matmul.allow_tf32 = previous
+            setattr(matmul, name, previous)
         return
     if wanted == model_dtype:
         yield

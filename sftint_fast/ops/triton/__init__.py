@@ -1,6 +1,7 @@
 """Triton kernels, one op per module. Imported lazily, when an op runs on CUDA (or under TRITON_INTERPRET=1)."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -42,6 +43,13 @@ def check_interpreter(device) -> None:
     problem = interpreter_problem()
     if problem is not None:
         raise RuntimeError(problem)
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """The context to launch a kernel on ``device``'s tensors in: Triton launches on the *current* CUDA device and its
+    current stream, so tensors on another GPU (a model on ``cuda:1`` while ``cuda:0`` is current) need their device
+    made current (else the kernel runs on the wrong GPU, unordered with the torch ops that wrote its inputs)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sftint_fast.ops.triton import check_float, check_interpreter
+from sftint_fast.ops.triton import check_float, check_interpreter, on_device
 
 #: Elements a program holds (rows x padded columns): 86-95 registers on sm_90, no spills (Triton 3.9's ptxas).
 _TILE = 4096
@@ -59,7 +59,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, gemma: bool =
     if n_rows and cols:
         block = triton.next_power_of_2(cols)
         rows = max(1, min(_TILE // block, triton.next_power_of_2(n_rows)))
-        _rms_norm_kernel[(triton.cdiv(n_rows, rows),)](
-            rows_in, weight.contiguous(), y, n_rows, cols, rows_in.stride(0), y.stride(0), float(eps),
-            ROWS=rows, BLOCK=block, GEMMA=bool(gemma))
+        with on_device(x.device):
+            _rms_norm_kernel[(triton.cdiv(n_rows, rows),)](
+                rows_in, weight.contiguous(), y, n_rows, cols, rows_in.stride(0), y.stride(0), float(eps),
+                ROWS=rows, BLOCK=block, GEMMA=bool(gemma))
     return y.view(*x.shape[:-1], cols)

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sftint_fast.ops.triton import check_float, check_interpreter
+from sftint_fast.ops.triton import check_float, check_interpreter, on_device
 
 #: Elements of a program's tiles: it holds six of them (x1, x2 and the products), so 2048, not 4096 (128-181
 #: registers per thread on sm_90, fewer resident warps for a memory-bound op): 56-96 registers, no spills.
@@ -67,7 +67,8 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = dim // 2
         block_h, block_d = triton.next_power_of_2(n_heads), triton.next_power_of_2(half)
         block_t = max(1, min(_TILE // (block_h * block_d), 64))
-        _rope_kernel[(triton.cdiv(n_tokens, block_t),)](
-            x, cos, sin, y, n_tokens, n_heads, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0),
-            y.stride(0), y.stride(1), HALF=half, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d)
+        with on_device(x.device):
+            _rope_kernel[(triton.cdiv(n_tokens, block_t),)](
+                x, cos, sin, y, n_tokens, n_heads, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0),
+                y.stride(0), y.stride(1), HALF=half, BLOCK_T=block_t, BLOCK_H=block_h, BLOCK_D=block_d)
     return y

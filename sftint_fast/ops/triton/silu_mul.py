@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sftint_fast.ops.triton import check_float, check_interpreter
+from sftint_fast.ops.triton import check_float, check_interpreter, on_device
 
 
 @triton.jit
@@ -36,5 +36,6 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     n = y.numel()
     if n:
         block = 1024
-        _silu_mul_kernel[(triton.cdiv(n, block),)](gate, up, y, n, BLOCK=block)
+        with on_device(gate.device):
+            _silu_mul_kernel[(triton.cdiv(n, block),)](gate, up, y, n, BLOCK=block)
     return y

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sftint_fast.ops.triton import check_interpreter
+from sftint_fast.ops.triton import check_interpreter, on_device
 
 # Finite "minus infinity" for the running max, so a block with no visible key gives exp2(-inf - finite) = 0
 # instead of NaN; real scores never get near it.
@@ -362,6 +362,16 @@ def _check_common(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor,
         raise ValueError(f"sliding_window: expected None or an int >= 1, got {sliding_window}")
 
 
+def tf32_matmuls() -> bool:
+    """Whether torch's float32 CUDA matmuls may use TF32 (the kernel's float32 dots then do too), set through either
+    API. Read through ``fp32_precision`` where torch has it (>= 2.9): both APIs set it, while reading the legacy
+    ``allow_tf32`` after the new API was used raises a RuntimeError."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    return precision == "tf32"
+
+
 def _launch(
     q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, out: torch.Tensor, meta: torch.Tensor,
     offsets: torch.Tensor, lens: torch.Tensor, players: torch.Tensor, positions: torch.Tensor, max_seg_len: int,
@@ -379,7 +389,7 @@ def _launch(
     num_kv_heads = k_store.shape[1]
     group = num_q_heads // num_kv_heads
     is_fp32 = q.dtype == torch.float32
-    strict_fp32 = is_fp32 and not torch.backends.cuda.matmul.allow_tf32
+    strict_fp32 = is_fp32 and not tf32_matmuls()
 
     def grid(config):
         return (num_nodes, triton.cdiv(max_seg_len * group, config["BLOCK_M"]), num_kv_heads)
@@ -388,17 +398,18 @@ def _launch(
     kp, vp = (k_pass, v_pass) if own_from_pass else (k_store, v_store)
     has_index = path_index is not None
     index = path_index if has_index else meta  # without an index table the kernel never reads it
-    _subset_attention_kernel[grid](
-        q, k_store, v_store, kp, vp, out, meta, offsets, lens, players, positions, index,
-        q.stride(0), q.stride(1), k_store.stride(0), k_store.stride(1), v_store.stride(0), v_store.stride(1),
-        kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1), out.stride(0), out.stride(1), offsets.stride(0),
-        index.stride(0) if has_index else 0,
-        triton.next_power_of_2(max_seg_len * group), float(scale), float(softcap or 0.0), int(sliding_window or 0),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), IS_FP32=is_fp32,
-        ATTENTION_MASKING=bool(attention_masking), HAS_SOFTCAP=softcap is not None,
-        HAS_WINDOW=sliding_window is not None, INPUT_PRECISION="ieee" if strict_fp32 else "tf32",
-        FLAT_PATH=path == "flat", OWN_FROM_PASS=own_from_pass, HAS_INDEX=has_index,
-    )
+    with on_device(q.device):
+        _subset_attention_kernel[grid](
+            q, k_store, v_store, kp, vp, out, meta, offsets, lens, players, positions, index,
+            q.stride(0), q.stride(1), k_store.stride(0), k_store.stride(1), v_store.stride(0), v_store.stride(1),
+            kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1), out.stride(0), out.stride(1), offsets.stride(0),
+            index.stride(0) if has_index else 0,
+            triton.next_power_of_2(max_seg_len * group), float(scale), float(softcap or 0.0), int(sliding_window or 0),
+            GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), IS_FP32=is_fp32,
+            ATTENTION_MASKING=bool(attention_masking), HAS_SOFTCAP=softcap is not None,
+            HAS_WINDOW=sliding_window is not None, INPUT_PRECISION="ieee" if strict_fp32 else "tf32",
+            FLAT_PATH=path == "flat", OWN_FROM_PASS=own_from_pass, HAS_INDEX=has_index,
+        )
 
 
 def subset_attention(
@@ -449,7 +460,7 @@ def subset_attention(
     Returns:
         ``[C, S, Hq, D]`` in ``q``'s dtype; query head ``h`` reads KV head ``h // (Hq // Hkv)``. Scores and the
         softmax are accumulated in float32; float32 inputs use IEEE dots unless TF32 matmuls are allowed
-        (``torch.backends.cuda.matmul.allow_tf32``).
+        (``torch.backends.cuda.matmul.fp32_precision = "tf32"`` or the legacy ``allow_tf32``).
 
     Example (two levels: a 3-token root segment and two 2-token children)::
 

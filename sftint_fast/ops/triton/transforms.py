@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from sftint_fast.ops.triton import check_interpreter
+from sftint_fast.ops.triton import check_interpreter, on_device
 
 try:
     import triton
@@ -120,5 +120,6 @@ def butterfly(x: torch.Tensor, kind: str) -> torch.Tensor:
         raise ValueError(f"x: expected shape (..., 2^n), got {tuple(x.shape)}")
     out = x.contiguous().clone()
     if out.numel() and size > 1:
-        _launch(out.view(-1, size), kind)
+        with on_device(out.device):
+            _launch(out.view(-1, size), kind)
     return out
