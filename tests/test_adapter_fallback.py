@@ -100,3 +100,16 @@ def test_an_attention_softcap_the_model_applies_is_refused_not_dropped(monkeypat
     with torch.no_grad(), pytest.warns(UserWarning, match="soft-cap.*falling back to the naive engine"):
         auto = sf.evaluate(model, game, progress=False)
     assert torch.equal(auto, naive)
+
+
+def test_a_model_split_over_devices_has_no_adapter():
+    """A model whose layers sit on several devices (device_map over GPUs, offload) was accepted by the trie, which keeps
+    its KV stores on the first parameter's device and calls the layers without accelerate's hooks: a device-mismatch
+    error deep in torch. It has no adapter now (auto: naive, which runs the model's own forward)."""
+    model = tiny_model("llama")
+    assert find_adapter(model)[0] is not None
+    model.model.layers[1].to("meta")  # a second device, as a GPU split would give (this machine has one)
+    adapter, reason = find_adapter(model)
+    assert adapter is None and "several devices (cpu, meta" in reason
+    with pytest.raises(ValueError, match="several devices"):
+        sf.engine._choose_engine(model, "trie")

@@ -27,7 +27,13 @@ def get_adapter(model: torch.nn.Module) -> Adapter | None:
 def find_adapter(model: torch.nn.Module) -> tuple[Adapter | None, str]:
     """:func:`get_adapter`, with the reason when there is none: an architecture no adapter supports, or a supported
     one whose model code the adapter could not read (a transformers release that changed it): the engine then says
-    why, and ``method="auto"`` falls back to the naive engine (same values, slower) instead of failing."""
+    why, and ``method="auto"`` falls back to the naive engine (same values, slower) instead of failing. A model split
+    over devices (``device_map`` across GPUs, or offloaded) has no adapter: the trie keeps its KV stores on one device
+    and calls the layers directly, without accelerate's hooks that move the activations between devices."""
+    devices = sorted({str(p.device) for p in model.parameters()})
+    if len(devices) > 1:
+        return None, (f"{type(model).__name__} has its parameters on several devices ({', '.join(devices)}: a "
+                      "device_map split or offload), and the trie engine runs a model on one device")
     for layer in wrapped_models(model):
         for adapter_cls in _ADAPTERS:
             if adapter_cls.supports(layer):
