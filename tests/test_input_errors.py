@@ -594,3 +594,19 @@ def test_a_game_longer_than_a_learned_position_table_is_refused(method):
     llama = tiny_model("llama", max_position_embeddings=16)
     long = sf.Game.from_text(llama, tok, text, players=[0, 1, 2])
     assert torch.isfinite(sf.evaluate(llama, long, method=method, progress=False)).all()
+
+
+def test_a_model_that_cannot_be_upcast_is_told_to_run_in_its_own_dtype():
+    """compute_dtype='float32' (the tracker's default) on a bfloat16 model only said "convert the model", which a
+    quantized model cannot do: the message also names compute_dtype=None / the tracker's 'auto'."""
+    import copy
+
+    from conftest import tiny_model
+    from word_tokenizer import word_tokenizer
+
+    model = copy.deepcopy(tiny_model("llama")).to(torch.bfloat16)
+    game = sf.Game.from_text(model, word_tokenizer(), "the cat sat")
+    with pytest.raises(ValueError, match=r"compute_dtype='float32' on a torch.bfloat16 model.*compute_dtype=None "
+                                         r"\(the tracker's compute_dtype='auto'"):
+        sf.evaluate(model, game, compute_dtype="float32")
+    assert torch.isfinite(sf.evaluate(model, game, compute_dtype=None)).all()

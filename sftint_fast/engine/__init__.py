@@ -118,7 +118,8 @@ def _compute_context(model: Any, compute_dtype: ComputeDtype | None, device: tor
         return
     raise ValueError(
         f"compute_dtype={compute_dtype!r} on a {model_dtype} model: autocast only lowers float32 to bfloat16; "
-        f"convert the model instead (e.g. model.to({wanted}))"
+        f"convert the model instead (e.g. model.to({wanted})), or evaluate it in its own dtype with compute_dtype=None "
+        f"(the tracker's compute_dtype='auto'; a quantized model cannot be converted)"
     )
 
 
