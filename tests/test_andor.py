@@ -177,6 +177,28 @@ def test_lp_with_noise_bound_keeps_planted_sets_on_top():
     assert top == {("and", s) for s, _ in PLANTED_ANDS} | {("or", s) for s, _ in PLANTED_ORS}
 
 
+def test_lp_objective_is_the_l1_norm_at_the_p_q_it_returns():
+    """HiGHS's optimum is Σ|I_and| + Σ|I_or| of the decomposition at the p, q the LP returns, recomputed here by
+    explicit subset sums (METHOD.md 3, OR order 0 unfolded); its q stays within the bound and takes part (the planted
+    tests above run with q = 0 or only look at the top sets), and SGD finds nothing better."""
+    from sftint_fast.ops.reference import brute_or_interactions, brute_transform
+
+    gen = torch.Generator().manual_seed(11)
+    v = torch.randn(3, 8, generator=gen, dtype=F64) * 2
+    res = sf.and_or(v, method="lp", qthres=0.2, progress=False)
+    rows = v - v[:, :1]
+    half = 0.5 * (rows + res.q)
+    i_and = brute_transform(half + res.p, "subset_mobius")
+    i_or = brute_or_interactions(half - res.p)
+    torch.testing.assert_close(res.objective[0], i_and.abs().sum(-1) + i_or.abs().sum(-1), rtol=1e-7, atol=1e-7)
+    i_and[:, 0] += i_or[:, 0]
+    torch.testing.assert_close(res.I_and, i_and, rtol=0, atol=1e-9)
+    bound = 0.2 * (rows[:, -1:] - rows[:, :1]).abs()
+    assert bool((res.q.abs() <= bound + 1e-12).all()) and float(res.q.abs().max()) > 1e-3
+    sgd = sf.and_or(v, qthres=0.2, niter=2000, lr=1e-3, progress=False)
+    assert bool((sgd.objective[-1] >= res.objective[0] - 1e-7).all())
+
+
 # Measured on this planted game (n=8, |v| up to 4.9): with the reference defaults (lr=1e-6, 20000 steps)
 # SGD barely moves, from 26.0 to 25.6 = 2.58× the LP optimum 9.92; lr=1e-4 ends at 1.93× (min 1.63×).
 SGD_DEFAULT_FACTOR = 2.7

@@ -130,6 +130,45 @@ def test_game_key_changes_with_what_changes_values():
         D.game_key(a, model_key="m", options={"subsets": torch.tensor([0, 2])})
 
 
+def test_game_key_changes_with_each_field_that_changes_values():
+    """Each field of a game that changes its values changes its key (a resumed run would otherwise take one game's
+    saved values for another's): masking, baseline values, player spans, target."""
+    import dataclasses
+
+    game = make_games(1)[0]  # 2 players (1, 2) and (3, 5), one target token: not in input_ids
+    variants = {
+        "same": dataclasses.replace(game),
+        "masking": dataclasses.replace(game, masking="attention"),
+        "baseline": dataclasses.replace(game, baseline=game.baseline + 1.0),
+        "spans": dataclasses.replace(game, player_spans=((0, 2), (3, 5))),
+        "target": dataclasses.replace(game, target=torch.where(game.target == 3, 4, 3)),
+    }
+    keys = {name: D.game_key(g, model_key="m") for name, g in variants.items()}
+    assert keys["same"] == D.game_key(game, model_key="m")
+    assert len(set(keys.values())) == len(keys), keys
+
+
+@pytest.mark.parametrize("option, first, second", [("compute_dtype", "float32", "bfloat16"),
+                                                    ("method", "naive", "trie"),
+                                                    ("attention_backend", "torch", "triton")])
+def test_evaluate_sharded_does_not_resume_values_of_another_value_option(tmp_path, option, first, second):
+    """An option of sf.evaluate that changes the values (VALUE_OPTIONS) keys the shards: a rerun with another value of
+    it evaluates again and returns its own values, not the first run's."""
+    games = make_games(2)
+    calls = []
+
+    def evaluate(model, game, *, progress, **kwargs):
+        calls.append(kwargs[option])
+        scale = 1.0 if kwargs[option] == first else 2.0
+        return scale * torch.arange(1 << game.num_players, dtype=torch.float32)
+
+    runs = {value: D.evaluate_sharded(None, games, out_dir=tmp_path, model_key="m", evaluate_fn=evaluate,
+                                      progress=False, **{option: value}) for value in (first, second)}
+    assert calls == [first, first, second, second]
+    for a, b in zip(runs[first], runs[second], strict=True):
+        torch.testing.assert_close(b, 2 * a)
+
+
 def _scaled(logits, scale=1.0):
     return logits[:, -1, 0] * scale
 

@@ -135,7 +135,14 @@ def test_masked_embeds_equal_substituted_ids_and_grad(model, tok):
     assert torch.equal(per_player.grad, expected)
 
 
-def test_values_from_logits(model, tok):
+@pytest.mark.parametrize("path", ["cpu-op", "torch"])
+def test_values_from_logits(model, tok, path, monkeypatch):
+    # "torch": the plain torch log-odds that CUDA logits (and a build without the C++ extension) take; float32 CPU
+    # logits go to the C++ op, so without this the torch path would be tested on GPU machines only
+    if path == "torch":
+        from sftint_fast.ops import layer_ops
+
+        monkeypatch.setattr(layer_ops, "log_odds_available", lambda logits: False)
     game = Game.from_text(model, tok, "the cat sat on", target="the big mat")
     logits = torch.randn(4, 3, 128, dtype=torch.float64) * 5
     p = logits.softmax(-1).gather(-1, game.target.view(1, 3, 1).expand(4, 3, 1)).squeeze(-1)
@@ -144,6 +151,11 @@ def test_values_from_logits(model, tok):
     assert got.dtype == torch.float32
     assert torch.allclose(got.double(), expected, atol=0.2)
     assert torch.allclose(game.values_from_logits(logits.float()).double(), expected, atol=1e-4)
+    # near-uniform logits: p(y) ~ 1/128, where log(1 - p) differs from 0 and from the log of a sum that keeps y
+    flat = torch.randn(4, 3, 128, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.1
+    p_flat = flat.softmax(-1).gather(-1, game.target.view(1, 3, 1).expand(4, 3, 1)).squeeze(-1)
+    expected_flat = (p_flat.log() - (-p_flat).log1p()).sum(-1)
+    assert torch.allclose(game.values_from_logits(flat.float()).double(), expected_flat, atol=1e-4)
     bad = logits.float().clone()
     bad[2, 1, 7] = float("nan")
     with pytest.raises(ValueError, match=r"subsets \(bitmasks\) \[6\]"):

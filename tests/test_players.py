@@ -57,6 +57,12 @@ def test_first_and_last_content_words(pick, expected):
     assert P.select_words(words, "words", n_players=2, pick=pick) == expected
 
 
+@pytest.mark.parametrize("pick", ["first", "last"])
+def test_zero_content_words_pick_no_player(pick):
+    # n_players=0 is accepted ("a non-negative int"): no player, from either end (content[-0:] would be all of them)
+    assert P.select_words(["the", "big", "cat", "sat"], "words", n_players=0, pick=pick) == []
+
+
 def test_select_word_indices_and_errors():
     words = ["a", "b", "c"]
     assert P.select_words(words, [0, 2]) == [0, 2]

@@ -198,6 +198,42 @@ def test_phase_boundary_rule_on_synthetic_curves():
         N.phase_boundary(removed, lo(removed), emerged[:6], lo(emerged)[:6])
 
 
+def test_order_zero_is_never_salient_whatever_its_size():
+    """METHOD.md 4: order 0 is left out of Ω (I(∅) is an offset, e.g. the q(∅) an AND-OR fit folds into it), under
+    every threshold reference, even where |I(∅)| is far above the threshold."""
+    base = _I(2, {0b00: 10.0, 0b01: 1.0, 0b11: 0.5})
+    later = _I(2, {0b00: 20.0, 0b01: 1.0})
+    for reference in ("base", "checkpoint", "absolute"):
+        state = N.initial_state(base, tau=0.05, reference=reference)
+        assert state.base[0].tolist() == [False, True, False, True], reference
+        for hysteresis in (True, False):
+            after = N.step_state(state, later, index=1, tau=0.05, reference=reference, hysteresis=hysteresis,
+                                 persistence=1)
+            assert after.stable[0].tolist() == [False, True, False, False], (reference, hysteresis)
+            assert after.removed[0].tolist() == [False, False, False, True]
+            assert not after.emerged.any()
+
+
+def test_order_matched_null_moves_each_orders_values_with_random_signs():
+    """METHOD.md 7.1: the observed change's interactions of each order go to random positions *and signs*: per draw
+    and order the magnitudes are a permutation of the observed ones, and about half of them come out negative (the
+    energy-per-order test above cannot see a sign that is never flipped)."""
+    from sftint_fast.interactions.harsanyi import harsanyi
+    from sftint_fast.ops.transforms import popcount
+
+    g = torch.Generator().manual_seed(3)
+    change = _I(4, {mask: 1.0 + mask / 16 for mask in range(1, 16)})      # all positive, all distinct
+    draws = 200
+    moved = harsanyi(N.null_perturbations(inverse_harsanyi(change), kind="order_matched", draws=draws, generator=g))
+    order = popcount(16)
+    for k in range(1, 5):
+        sel = order == k
+        torch.testing.assert_close(moved[..., sel].abs().sort(-1).values,
+                                   change[:, sel].sort(-1).values.expand(draws, 1, -1))
+    negative = float((moved[..., 1:] < 0).double().mean())
+    assert 0.4 < negative < 0.6
+
+
 def test_null_perturbations_match_energy_per_order():
     g = torch.Generator().manual_seed(1)
     delta = torch.randn(4, 32, generator=g, dtype=torch.float64)
@@ -616,3 +652,13 @@ def test_phase_boundary_refuses_a_bool_removed_fraction():
         N.phase_boundary(removed, removed, emerged, emerged, removed_fraction=True)
     with pytest.raises(ValueError, match="removed_fraction"):
         N.phase_boundary(removed, removed, emerged, emerged, removed_fraction=math.nan)
+
+
+def test_phase_boundary_needs_the_running_maximum_itself_significant():
+    """The significance test reads the bootstrap lower bound of the running maximum of the cumulative removed excess
+    (set where that maximum was reached), not the bound of the checkpoint at hand."""
+    emerged, emerged_lo = [0, 0, 3], [0, 0, 1]
+    # the maximum 10 (bound 4 > 0) at step 1; step 2 at 9.5 >= 0.9 * 10 with a bound of its own below 0
+    assert N.phase_boundary([0, 10, 9.5], [0, 4, -1], emerged, emerged_lo) == 2
+    # a maximum whose bound reaches below 0 gives no boundary, even where a later, lower value's bound is above 0
+    assert N.phase_boundary([0, 10, 9.5], [0, -1, 4], emerged, emerged_lo) is None

@@ -1098,3 +1098,68 @@ def test_resume_with_a_tokenizer_that_tokenises_the_heldout_pairs_otherwise_is_r
     (run / "config.json").write_text(json.dumps(config))
     resumed = _tracker(other, run, heldout=pairs)
     assert resumed.steps == [0] and "cannot be checked" in caplog.text
+
+
+def test_gamma_shares_an_interaction_only_where_its_sign_agrees_with_the_reference():
+    # METHOD.md 4: G_S = 1[S ∈ Ω_ref]·1[sign I(S) = sign I_ref(S)]; {1} is salient in both, of opposite signs
+    ref = [[0.0, 1.0, -1.0, 1.0]]
+    base = [[0.0, 1.0, 1.0, 1.0]]
+    tracker = _plain(reference={"I_and": torch.tensor(ref, dtype=torch.float64)})
+    tracker.add_values(0, _from_interactions(base))
+    assert tracker.report().curves["and/preserved_gamma"][0] == pytest.approx((1.0 + 1.0) / 3.0)
+
+
+def _I3(entries):
+    """``(1, 8)`` float64 interactions of 3 players, zero but at the given bitmasks."""
+    out = torch.zeros(1, 8, dtype=torch.float64)
+    for mask, value in entries.items():
+        out[0, mask] = value
+    return out
+
+
+def test_phase_boundary_with_a_reference_waits_for_unshared_emergence():
+    """METHOD.md 6: with a reference, the boundary needs emerged interactions *below the base's γ-share* (unshared);
+    an emergence the reference shares is not one. Without a reference every emergence counts."""
+    ref = _I3({0b001: 1.0, 0b010: 1.0, 0b100: 1.0})
+    rows = [_I3({0b001: 1.0, 0b010: 1.0, 0b011: 1.0}),                 # base
+            _I3({0b001: 1.0, 0b010: 1.0, 0b100: 1.0}),                 # {0,1} removed, {2} emerges: shared
+            _I3({0b001: 1.0, 0b010: 1.0, 0b100: 1.0, 0b110: 1.0})]     # {1,2} emerges: not in the reference
+    boundaries = {}
+    for name, reference in (("with", {"I_and": ref}), ("without", None)):
+        tracker = _plain(reference=reference, boundary_significant=False)
+        for step, row in zip((0, 10, 20), rows):
+            tracker.add_values(step, _from_interactions(row.tolist()))
+        report = tracker.report()
+        assert report.curves["and/removed_new"] == [0.0, 1.0, 0.0]
+        assert report.curves["and/emerged_new"] == [0.0, 1.0, 1.0]
+        boundaries[name] = report.phase_boundary
+    assert boundaries == {"with": 20, "without": 10}
+
+
+def test_resume_with_add_values_brings_back_the_reference_floors_and_warm_start(tmp_path):
+    """Resumed after 3 of 4 checkpoints, a run's report equals the uninterrupted run's: the saved reference (given as
+    interactions, read at the base only), the noise floors of the saved checkpoints (the third has one, persistence 2)
+    and the SGD state that warm-starts the next checkpoint all come back from out_dir."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 8, generator=g, dtype=torch.float64)
+    values = [base + 0.3 * t * torch.randn(3, 8, generator=g, dtype=torch.float64) for t in range(4)]
+    reference = {"I_and": sf.harsanyi(base - base[:, :1]) + 0.2 * torch.randn(3, 8, generator=g, dtype=torch.float64)}
+    opts = dict(andor_method="sgd", andor_niter=40, andor_lr=1e-2, warm_start=True, reference=reference,
+                bootstrap=50, min_base_py=0.0, progress=False)
+    full = SFTTracker(None, out_dir=tmp_path / "full", **opts)
+    for t, v in enumerate(values):
+        full.add_values(t * 10, v)
+    expected = full.report().to_dict()
+    assert expected["gamma_available"] and any(expected["curves"]["all/removed_new_floor"])  # what the test reads
+
+    first = SFTTracker(None, out_dir=tmp_path / "run", **opts)
+    for t, v in enumerate(values[:3]):
+        first.add_values(t * 10, v)
+    del first
+    resumed = SFTTracker(None, out_dir=tmp_path / "run", **opts)
+    assert resumed.steps == [0, 10, 20]
+    resumed.add_values(30, values[3])
+    got = resumed.report().to_dict()
+    for report in (got, expected):  # timings differ
+        report["floor_cost"] = report["cost"] = report["curves"]["seconds_tracking"] = None
+    assert json.dumps(got, sort_keys=True) == json.dumps(expected, sort_keys=True)
