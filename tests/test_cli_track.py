@@ -654,3 +654,44 @@ def test_track_cli_watch_resume_refuses_a_tracked_step_whose_checkpoint_changed(
     err = capsys.readouterr().err
     assert "checkpoints: expected the checkpoint this run folder tracked at step 10" in err and "another --out" in err
     assert json.loads((out / "report.json").read_text())["steps"] == [0, 10]  # nothing of the new run mixed in
+
+
+def test_track_cli_watch_tracks_a_checkpoint_deleted_right_after_it_was_loaded(folders, tmp_path, monkeypatch,
+                                                                               capsys):
+    """save_total_limit deletes checkpoint-10 once the tracker has loaded it: the model in memory is tracked as
+    before (the record of tracked folders read its files after the load, and the watch stopped with
+    FileNotFoundError)."""
+    import shutil
+
+    import sftint_fast.models
+    from sftint_fast.sft import demo
+
+    root, _ = folders
+    live = tmp_path / "live"
+    for step in (10, 20):
+        shutil.copytree(root / "ckpt" / f"checkpoint-{step}", live / f"checkpoint-{step}")
+        (live / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    real = sftint_fast.models.load_causal_lm
+
+    def deleted_after(path, **kwargs):
+        model = real(path, **kwargs)
+        if str(path).endswith("checkpoint-10"):
+            shutil.rmtree(path)
+        return model
+
+    monkeypatch.setattr(sftint_fast.models, "load_causal_lm", deleted_after)
+    rc = _track(root, tmp_path / "run", [str(live / "checkpoint-*")], "--watch", "0.1", "--idle-timeout", "1")
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["steps"] == [0, 10, 20]
+    # and the resumed watch: checkpoint-20, tracked, is deleted while its files are compared with the record
+    real_fingerprint = demo._fingerprint
+
+    def deleted_while_read(folder):
+        if str(folder).endswith("checkpoint-20"):
+            shutil.rmtree(folder)
+        return real_fingerprint(folder)
+
+    monkeypatch.setattr(demo, "_fingerprint", deleted_while_read)
+    rc = _track(root, tmp_path / "run", [str(live / "checkpoint-*")], "--watch", "0.1", "--idle-timeout", "1")
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["steps"] == [0, 10, 20]

@@ -1163,3 +1163,34 @@ def test_resume_with_add_values_brings_back_the_reference_floors_and_warm_start(
     for report in (got, expected):  # timings differ
         report["floor_cost"] = report["cost"] = report["curves"]["seconds_tracking"] = None
     assert json.dumps(got, sort_keys=True) == json.dumps(expected, sort_keys=True)
+
+
+def test_resume_on_another_day_with_a_chat_template_that_reads_the_clock_is_not_refused(tmp_path, monkeypatch):
+    """Chat templates that render today's date (Llama 3.2/3.3, Granite: ``strftime_now``) gave the held-out pairs other
+    tokens on another day, so the recorded tokens refused the identical run resumed the next day ("use a new
+    out_dir"). The clock is pinned for the record; another template is still refused."""
+    import datetime
+
+    import transformers.utils.chat_template_utils as templates
+
+    tokenizer = make_tokenizer()
+    # today's date, in words this tokenizer has: the parity of the day number
+    today = "{{ 'sun' if (strftime_now('%s') | int // 86400) % 2 else 'moon' }}"
+    tokenizer.chat_template = ("<s> " + today + " </s> {% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} "
+                               "</s> {% endfor %}{% if add_generation_prompt %}<s> assistant {% endif %}")
+    pairs = [("the big cat", "sat on the mat")]
+    base, = _checkpoints(1)
+    run = tmp_path / "run"
+    _tracker(tokenizer, run, heldout=pairs).add_checkpoint(base, 0)
+
+    class Tomorrow(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.datetime.now(tz) + datetime.timedelta(days=1)
+
+    monkeypatch.setattr(templates, "datetime", Tomorrow)
+    assert _tracker(tokenizer, run, heldout=pairs).steps == [0]
+    other = make_tokenizer()
+    other.chat_template = tokenizer.chat_template.replace("</s> {% endfor %}", "{% endfor %}")
+    with pytest.raises(ValueError, match=r"differs in \['heldout_tokens_sha256'\]"):
+        _tracker(other, run, heldout=pairs)

@@ -468,9 +468,11 @@ def test_an_autocast_region_around_the_call_leaves_the_precision_to_compute_dtyp
 
 @pytest.fixture
 def accelerator_reset():
-    """Resets accelerate's process-wide state after a test that built an ``Accelerator`` of its own."""
+    """Resets accelerate's process-wide state around a test that builds an ``Accelerator`` of its own (a ``Trainer`` of
+    an earlier test leaves one without mixed precision, which another may not change)."""
     from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=True)
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
 

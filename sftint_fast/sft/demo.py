@@ -247,8 +247,12 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
         if tracker.steps and step < tracker.steps[-1]:
             logger.warning("%s: step %d is before the last tracked step %d; skipped", path, step, tracker.steps[-1])
             return False
-        error = None
+        error = fingerprint = None
         try:
+            # its files' fingerprint for the record before the load: a folder deleted once loaded (save_total_limit)
+            # is tracked from memory, as one deleted while loading is skipped
+            if step > 0 and distributed.is_main_process():
+                fingerprint = _fingerprint(path)
             model = load_causal_lm(path, dtype=torch.float32, base=base).to(device)
         except (OSError, ValueError) as err:
             error = err
@@ -263,8 +267,8 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
             logger.warning("%s was deleted before it could be read (save_total_limit?); skipped", path)
             return False
         started = time.perf_counter()
-        if step > 0 and distributed.is_main_process():  # before its values can be saved, as the base's record
-            _record_tracked(out, step, path)
+        if fingerprint is not None:  # before its values can be saved, as the base's record
+            _record_tracked(out, step, path, fingerprint)
         tracker.add_checkpoint(model, step)
         tracked_folders.append(path)
         if distributed.is_main_process():
@@ -456,12 +460,12 @@ def _check_base(base: str, out: str | os.PathLike) -> str:
 CHECKPOINTS_RECORD = "checkpoints.json"
 
 
-def _record_tracked(out: str | os.PathLike, step: int, path: str) -> None:
+def _record_tracked(out: str | os.PathLike, step: int, path: str, fingerprint: str) -> None:
     from sftint_fast.sft.tracker import _atomic_write_text
 
     record = Path(out) / CHECKPOINTS_RECORD
     saved = json.loads(record.read_text()) if record.is_file() else {}
-    saved[str(step)] = {"path": str(path), "fingerprint": _fingerprint(path)}
+    saved[str(step)] = {"path": str(path), "fingerprint": fingerprint}
     _atomic_write_text(record, json.dumps(saved, indent=1))
 
 
@@ -475,7 +479,11 @@ def _check_tracked(out: str | os.PathLike, step: int, path: str) -> None:
     if distributed.is_main_process():
         record = Path(out) / CHECKPOINTS_RECORD
         saved = json.loads(record.read_text()).get(str(step)) if record.is_file() else None
-        if saved is not None and Path(path).is_dir() and saved["fingerprint"] != _fingerprint(path):
+        try:
+            changed = saved is not None and Path(path).is_dir() and saved["fingerprint"] != _fingerprint(path)
+        except FileNotFoundError:  # deleted while read (save_total_limit): no files left to compare
+            changed = False
+        if changed:
             refusal = (f"checkpoints: expected the checkpoint this run folder tracked at step {step} "
                        f"({saved['path']!r}), got {str(path)!r}, whose config or weight files differ (retrained into "
                        "the same folder?); track it into another --out")

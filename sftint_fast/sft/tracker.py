@@ -1237,9 +1237,28 @@ def _heldout_tokens_digest(items: Any, tokenizer: Any) -> str | None:
         if isinstance(pair, (str, bytes)) or not isinstance(pair, Sequence) or len(pair) != 2:
             raise ValueError(f"heldout: expected (prompt, answer) pairs or batches {{'input_ids', 'labels'}}, got "
                              f"{pair!r}")
-    # one example per pair, unpadded: another pad token leaves the loss as it is
+    # one example per pair, unpadded: another pad token leaves the loss as it is; a template that renders today's
+    # date (strftime_now: Llama 3.2/3.3, Granite) renders a fixed one here, or the same run resumed on another day
+    # would be refused
+    if isinstance(tokenizer.chat_template, str) and "strftime_now" in tokenizer.chat_template:
+        tokenizer = _FixedClock(tokenizer)
     examples = [sft_example(tokenizer, *pair) for pair in pairs]
     return hashlib.sha256(repr([(e["input_ids"], e["labels"]) for e in examples]).encode()).hexdigest()[:16]
+
+
+class _FixedClock:
+    """``tokenizer`` whose chat template reads a fixed date from ``strftime_now`` (a macro of the template shadows
+    transformers' global of that name: the renderer passes no callable)."""
+
+    def __init__(self, tokenizer: Any):
+        self._tokenizer = tokenizer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+    def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
+        fixed = "{% macro strftime_now(format) %}1970-01-01{% endmacro %}" + self._tokenizer.chat_template
+        return self._tokenizer.apply_chat_template(*args, chat_template=fixed, **kwargs)
 
 
 def _tensor_digest(x: torch.Tensor) -> str:
