@@ -205,7 +205,8 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text", help="the prompt")
     source.add_argument("--file", help='JSONL, one prompt a row: {"prompt": ..., "players"?: ..., "target"?: ...} (a '
-                                       "row's players / target replace --players and --n-players / --target); "
+                                       "row's players / target replace --players and --n-players / --target; null: "
+                                       "the options); "
                                        "evaluated across the ranks under torchrun, resumable from <out>/shards")
     _add_game_args(p)
     p.add_argument("--method", choices=["auto", "naive", "trie"], default="auto")
@@ -508,7 +509,8 @@ def _add_track(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoints", nargs="+", required=True, help="checkpoint folders or globs (checkpoint-<step>)")
     p.add_argument("--probes", required=True, help="probes JSONL")
     p.add_argument("--reference", default=None, help="reference model folder (for gamma)")
-    p.add_argument("--out", required=True, help="run folder (resumes when it exists)")
+    p.add_argument("--out", required=True, help="run folder (resumes when it exists; refuses another --base or a "
+                                                "tracked checkpoint folder that changed since)")
     p.add_argument("--n-players", type=_int_at_least(1), default=8)
     p.add_argument("--andor-method", choices=["sgd", "lp", "and"], default="sgd")
     p.add_argument("--noise-floor", choices=["order_matched", "iid", "none"], default="order_matched")

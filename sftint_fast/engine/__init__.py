@@ -3,9 +3,10 @@
 ``evaluate`` validates its inputs, runs under ``torch.no_grad`` with the model in eval mode (its
 train/eval mode restored afterwards) and dispatches to an engine: ``"naive"`` (every variant its own
 sequence, ``engine/naive.py``) or ``"trie"`` (shared prefixes computed once, ``engine/trie.py``).
-``"auto"`` picks the trie when an adapter supports the model's architecture, else naive with a warning; it also
-falls back to naive, with a warning, when the trie's plan does not fit the memory budget (its KV store holds every
-node of levels ``< n`` for all ``2^n`` variants, the nodes the sampled subsets reach otherwise).
+``"auto"`` picks the trie when an adapter supports the model's architecture and the model is on one device (not
+split by a ``device_map`` or offloaded), else naive with a warning; it also falls back to naive, with a warning, when
+the trie's plan does not fit the memory budget (its KV store holds every node of levels ``< n`` for all ``2^n``
+variants, the nodes the sampled subsets reach otherwise).
 
 ``compute_dtype`` (None = the model's own dtype, no change):
   - ``"float32"`` / ``"bfloat16"``: equal to the model's dtype → nothing to do; a float32 model asked for
@@ -263,6 +264,8 @@ def evaluate(
             present); else a 1-D integer tensor of bitmasks, result ``(len(subsets),)`` in that order.
         batch_size: variants (naive) or nodes (trie) per forward; None = from a memory estimate.
         max_memory: memory budget in bytes; None = a safe fraction of free memory.
+        attention_backend: the trie's attention: ``"auto"`` = the fused Triton kernel on CUDA for a float16,
+            bfloat16 or float32 model, else torch (a float64 model: torch; ``"triton"`` refuses it).
         compute_dtype: see the module docstring.
 
     >>> v = evaluate(model, game)          # doctest: +SKIP

@@ -1,7 +1,10 @@
 """The reference engine: every variant is its own sequence, run through the model's own forward.
 
 Exact and slow (``2^n · L`` tokens); the trie engine is tested against it. The LM head runs only on
-the ``m`` scored positions (the last ``m`` of ``input_ids``, ``logits_to_keep``-style).
+the ``m`` scored positions (the last ``m`` of ``input_ids``, ``logits_to_keep``-style). The variants reach the model
+as ``inputs_embeds``: a model whose forward reads the token ids beyond its input embedding (Gemma-3n) is refused
+(:func:`check_inputs_embeds`), and so, for ``masking="attention"``, is one whose attention masks do not hide the
+masked players (:func:`check_attention_masking`). Both are probed once per model.
 """
 from __future__ import annotations
 

@@ -12,9 +12,10 @@ Callbacks are not handed the ``Trainer``; ``attach`` keeps a reference so the sc
 the scalars are appended to ``state.log_history`` and the module logger only.
 
 Under ``torchrun`` (DDP) attach the callback on every rank, as the ``Trainer`` itself runs on every rank:
-each rank evaluates its share of the probes on the unwrapped model (``model.module``), and the scalars are
-computed and logged on the main process (``state.is_world_process_zero``) only. A model sharded across the ranks
-(FSDP, DeepSpeed ZeRO-3) is refused before training: track the saved checkpoints with ``sftint track --watch``.
+each rank evaluates its share of the probes on the unwrapped model (``model.module``; ``torch.compile``'s
+``_orig_mod``), and the scalars are computed and logged on the main process (``state.is_world_process_zero``) only.
+A model sharded across the ranks (FSDP, DeepSpeed ZeRO-3) is refused before training: track the saved checkpoints
+with ``sftint track --watch``.
 """
 from __future__ import annotations
 

@@ -163,6 +163,10 @@ def run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str 
     loss it logged (:mod:`~sftint_fast.sft.training_log`) and writes them to ``training_log.json``.
     ``options``: further :class:`~sftint_fast.sft.tracker.SFTTracker` options.
 
+    A rerun on the same ``out`` resumes. It refuses another ``base`` than the run's (``base.json``: a fingerprint of
+    its config and weight files) before anything loads, and a checkpoint folder of a tracked step whose files changed
+    since it was tracked (``checkpoints.json``, watching too): its step would keep the first run's values.
+
     ``watch``: follow a training run that is still saving: every ``watch`` seconds the globs are matched again and
     each new complete checkpoint is tracked, the report rewritten after each. A folder is complete once it holds
     ``trainer_state.json`` (the ``Trainer`` writes it last) or, without one, once none of its files changed for

@@ -12,6 +12,10 @@ Under ``torch.distributed`` (``torchrun``, DDP) every rank calls ``add_checkpoin
 model: the probes are split across the ranks and their values gathered to every rank
 (:func:`sftint_fast.evaluate_many`), every rank then decomposes the same values so all ranks hold the same
 records, and only the main process writes ``out_dir`` (a folder every rank can read, for resuming).
+The model may come wrapped as a training loop holds it (DDP, accelerate, ``torch.compile``: :func:`unwrap_model`);
+one sharded across processes (FSDP, DeepSpeed ZeRO-3) is refused. Under accelerate's mixed precision (a ``Trainer``
+with ``bf16``/``fp16``) every evaluation runs the model's own forward, not the autocast one: the game values in
+``compute_dtype``, the held-out loss in the model's dtype.
 """
 from __future__ import annotations
 
@@ -254,11 +258,13 @@ class SFTTracker:
             safetensors path with ``I_and`` and optionally ``I_or`` of shape ``(B, 2^n)``); γ needs one.
         heldout: ``(prompt, answer)`` pairs or batches ``{"input_ids", "labels"}`` for the held-out loss.
         out_dir: each checkpoint is saved there; a new tracker on the same folder resumes (ValueError when its
-            options differ; a tensor ``baseline`` is compared by the sha256 of its float64 values, except for
-            runs saved before that digest was recorded, which resume with any tensor and a warning).
+            options differ, or its tokenizer gives the held-out pairs other tokens; a tensor ``baseline`` is
+            compared by the sha256 of its float64 values, except for runs saved before that digest was recorded,
+            which resume with any tensor and a warning).
         noise_floor: ``"order_matched"``, ``"iid"`` or None; ``noise_draws`` draws per checkpoint.
         compute_dtype, engine_method: passed to :func:`sftint_fast.evaluate`; ``compute_dtype="auto"`` runs each
-            model in its own dtype (a float64 or bfloat16 model as it is).
+            model in its own dtype (a float64 or bfloat16 model as it is). It alone sets the precision of the game
+            values, also inside an autocast region or a ``Trainer``'s ``bf16``/``fp16`` mixed precision.
         min_base_py: probes whose base target probability is lower are dropped at the base checkpoint.
         irrelevant_fraction: a probe whose ``p_y`` falls under this fraction of its base value is flagged
             and its changes are counted apart.
