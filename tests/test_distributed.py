@@ -182,8 +182,6 @@ def test_game_key_tells_value_functions_by_what_they_were_made_with():
     share shards (the name alone is 'functools.partial' or 'make.<locals>.<lambda>' for all)."""
     import dataclasses
     import functools
-    import subprocess
-    import sys
 
     game = make_games(1)[0]
 
@@ -197,20 +195,13 @@ def test_game_key_tells_value_functions_by_what_they_were_made_with():
     assert key(_scaled) != key(functools.partial(_scaled, scale=2.0))
     assert D._value_name(torch.sigmoid) == "torch._VariableFunctionsClass.sigmoid"  # no state: the name as before
     # the same key in another process (ranks compare keys): nothing in it may depend on memory addresses
-    code = ("import functools, torch, test_distributed as t; from sftint_fast import distributed as D; "
-            "print(D._value_name(functools.partial(t._scaled, scale=2.0)), D._value_name(t._scaler(torch.ones(3))))")
-    here = f"{D._value_name(functools.partial(_scaled, scale=2.0))} {D._value_name(_scaler(torch.ones(3)))}"
-    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           cwd=Path(__file__).parent).stdout.strip()
-    assert there == here.replace("tests.test_distributed", "test_distributed").replace(f"{__name__}.", "test_distributed.")
+    _same_names_in_another_process("functools.partial(t._scaled, scale=2.0)", "t._scaler(torch.ones(3))")
 
 
 def test_game_key_tells_apart_value_functions_of_one_name_by_their_code(tmp_path, tiny_llama):
     """Two lambdas of one module share the name '<module>.<lambda>' and have no closure: evaluate_many with one
     out_dir gave the second the first one's saved values."""
     import dataclasses
-    import subprocess
-    import sys
 
     import sftint_fast as sf
 
@@ -223,12 +214,23 @@ def test_game_key_tells_apart_value_functions_of_one_name_by_their_code(tmp_path
     same = dataclasses.replace(game, value=lambda logits: logits[:, -1, 5])  # the same code: the same key
     assert D.game_key(same, model_key="m") == D.game_key(first, model_key="m")
     # and the same name in another process: nothing in the code's part may depend on addresses or hash seeds
-    code = ("import test_distributed as t; from sftint_fast import distributed as D; print(D._value_name(t._scaled), "
-            "D._value_name(t._with_nested_code))")
-    here = f"{D._value_name(_scaled)} {D._value_name(_with_nested_code)}"
+    _same_names_in_another_process("t._scaled", "t._with_nested_code")
+
+
+def _same_names_in_another_process(*values: str) -> None:
+    """``D._value_name`` of each value (an expression over this module as ``t``) is the same in a fresh process."""
+    import functools
+    import subprocess
+    import sys
+
+    names = {"functools": functools, "torch": torch, "t": sys.modules[__name__]}
+    code = ("import functools, torch, test_distributed as t; from sftint_fast import distributed as D; "
+            f"print(*(D._value_name(x) for x in ({', '.join(values)},)))")
+    here = " ".join(D._value_name(eval(value, names)) for value in values)
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            cwd=Path(__file__).parent).stdout.strip()
-    assert there == here.replace("tests.test_distributed", "test_distributed").replace(f"{__name__}.", "test_distributed.")
+    assert there == here.replace("tests.test_distributed", "test_distributed").replace(f"{__name__}.",
+                                                                                        "test_distributed.")
 
 
 def _with_nested_code(logits):

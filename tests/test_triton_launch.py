@@ -46,8 +46,7 @@ def _ops():
     i64 = dict(dtype=torch.int64)
     x = torch.randn(3, 2, 8)
     attention_args = (torch.randn(2, 2, 2, 16), torch.randn(7, 1, 16), torch.randn(7, 1, 16),
-                      torch.tensor([0, 1], **i64), torch.tensor([0, 3], **i64), torch.tensor([3, 2], **i64), torch.tensor([0, 1], **i64),
-                      torch.tensor([0, 3], **i64))
+                      *(torch.tensor(pair, **i64) for pair in ([0, 1], [0, 3], [3, 2], [0, 1], [0, 3])))
     return [
         (rms_norm, "_rms_norm_kernel", lambda: rms_norm.rms_norm(x, torch.ones(8), 1e-6)),
         (rope, "_rope_kernel", lambda: rope.rope(x, torch.randn(3, 8), torch.randn(3, 8))),
