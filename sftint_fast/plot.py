@@ -252,7 +252,11 @@ def headline(report: TrackReport) -> dict[str, Any]:
     emerged_key = "all/emerged_unshared_new_excess" if report.gamma_available else "all/emerged_new_excess"
     emerged_excess_total = sum(c[emerged_key])
     base = c["all/preserved"][0]
-    if lo_removed > 0:
+    if len(report.probes["kept"]) < 2:  # resampling one probe gives it back every time: the bounds are the estimate
+        verdict = (f"Cumulative excess removals beyond the noise floor are {excess_removed:.0f} out of {base:.0f} base "
+                   "salient interactions, from one probe: the bootstrap over probes has nothing to resample, so "
+                   "there is no lower bound and no denoising stage is shown")
+    elif lo_removed > 0:
         verdict = (f"A denoising stage above the noise floor is visible: {excess_removed:.0f} removals beyond the "
                    f"floor (bootstrap lower bound {bound(lo_removed)} > 0) out of {base:.0f} base salient interactions")
     else:
@@ -269,7 +273,8 @@ def headline(report: TrackReport) -> dict[str, Any]:
     return {
         "steps": list(report.steps), "base_salient": base, "removed": c["all/removed"][-1],
         "preserved": c["all/preserved"][-1], "emerged": c["all/emerged"][-1],
-        "removed_excess_cumulative": excess_removed, "removed_excess_cumulative_lo": lo_removed,
+        "removed_excess_cumulative": excess_removed,
+        "removed_excess_cumulative_lo": lo_removed if len(report.probes["kept"]) > 1 else None,
         "emerged_excess_total": emerged_excess_total, "phase_boundary": report.phase_boundary,
         "heldout_loss_min_step": report.heldout_loss_min_step, "p_y_mean": c["p_y_mean"],
         "rho_removed": c["and/removed_rho"][-1], "rho_emerged": c["and/emerged_rho"][-1],
@@ -431,8 +436,11 @@ def _words(row: dict[str, Any]) -> str:
     return "{" + ", ".join(f'"{w}"' if any(c in w for c in ",{} ") else w for w in row["words"]) + "}"
 
 
-def bound(x: float) -> str:
-    """A bootstrap bound on a count, to one decimal, where 0 decides: 0.3 is "0.3", not "0", and -0.04 is "0.0"."""
+def bound(x: float | None) -> str:
+    """A bootstrap bound on a count, to one decimal, where 0 decides: 0.3 is "0.3", not "0", and -0.04 is "0.0";
+    "–" for None (one probe: no bound)."""
+    if x is None:
+        return "–"
     text = f"{x:.1f}"
     return "0.0" if text == "-0.0" else text
 

@@ -179,3 +179,45 @@ def test_compare_refuses_one_path_one_label_string_and_a_run_twice_under_labels(
     with pytest.raises(ValueError, match="runs: expected distinct run folders, got .* twice"):
         compare_runs([a, tmp_path / "." / "a"], tmp_path / "cmp", labels=["x", "y"])
     assert not (tmp_path / "cmp").exists()
+
+
+def test_compare_says_when_the_same_prompts_have_other_players(tmp_path):
+    """Players do not change a probe's base p_y (the unmasked prompt), so the same prompts with other players (a
+    probes file naming them) start from the same base values: only the player words tell the runs apart."""
+    prompts = [f"prompt {i}" for i in range(6)]
+    for name, words in (("a", ["w0", "w1", "w2", "w3"]), ("b", ["w0", "w1", "w2", "w9"])):
+        _run(tmp_path / name, seed=1, drift=0.05)
+        path = tmp_path / name / "report.json"
+        data = json.loads(path.read_text())
+        data["probes"] |= {"prompts": prompts, "words": [words] * 6}
+        path.write_text(json.dumps(data))
+    result, md = compare_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp")
+    assert any(d.startswith("b tracks other players than a") for d in result["differences"]), result["differences"]
+    assert "**Not like for like**" in md.read_text()
+
+
+
+def test_one_probe_gives_no_bootstrap_lower_bound(tmp_path):
+    """The bootstrap resamples probes: over one probe its bounds are the estimate itself, no evidence of a denoising
+    stage beyond the noise floor (METHOD.md section 7.6), so the verdict must not present them as a lower bound."""
+    g = torch.Generator().manual_seed(0)
+    interactions = 0.02 * torch.randn(1, 32, generator=g, dtype=torch.float64)
+    interactions[:, [3, 5, 7, 9, 12, 17, 20, 31]] = 1.0
+    for name in ("a", "b"):
+        tracker = SFTTracker(None, andor_method="and", min_base_py=0.0, bootstrap=50, noise_draws=2,
+                             noise_floor="iid")
+        for t in range(5):
+            current = interactions.clone()
+            if t >= 1:
+                current[:, [7, 9, 12, 17]] = 0.0
+            tracker.add_values(t, inverse_harsanyi(current)
+                               + 0.001 * torch.randn(1, 32, generator=g, dtype=torch.float64))
+        report = tracker.report()
+        write_report(report, tmp_path / name)
+    bounds = report.intervals["all/removed_new_excess_cumulative"]
+    assert bounds[0][-1] == bounds[1][-1] == report.curves["all/removed_new_excess_cumulative"][-1] > 0  # degenerate
+    h = headline(report)
+    assert "is visible" not in h["verdict"] and "(bootstrap lower bound" not in h["verdict"]
+    assert "one probe" in h["verdict"] and h["removed_excess_cumulative_lo"] is None
+    _, md = compare_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp")
+    assert "| 4 (–) |" in md.read_text()

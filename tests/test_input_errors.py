@@ -155,6 +155,23 @@ def test_probe_helpers_reject_non_positive_sizes():
         P.pad_batch([{"input_ids": [1, 2, 3], "labels": [1, 2]}], 0)
 
 
+ONE_DIMENSIONAL = r"heldout\[0\]: expected 'input_ids' of shape \(batch, length\), got \(3,\)"
+
+
+@pytest.mark.parametrize("batch, message", [
+    # pre-shifted labels: each position would be scored against the token after next, without an error
+    ({"input_ids": [[1, 2, 3]], "labels": [[-100, 2]]},
+     r"heldout\[0\]: expected 'labels' of the shape of 'input_ids' \(1, 3\), got \(1, 2\)"),
+    ({"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, ONE_DIMENSIONAL),
+    ({"input_ids": [[1, 2, 3]]}, r"heldout\[0\]: expected a batch with 'input_ids' and 'labels', got \['input_ids'\]"),
+    ({"input_ids": [[1, 2, 3]], "labels": [[-100, 2, 3]], "attention_mask": [[1, 1]]},
+     r"heldout\[0\]: expected 'attention_mask' of the shape of 'input_ids' \(1, 3\), got \(1, 2\)"),
+], ids=["labels-shorter", "one-dimensional", "no-labels", "mask-shorter"])
+def test_heldout_batches_refuse_misshapen_batches(batch, message):
+    with pytest.raises(ValueError, match=message):
+        list(P.heldout_batches([batch], None))
+
+
 @pytest.mark.parametrize("item, message", [
     ("  ", r"probes\[0\]: expected a non-empty prompt string"),
     ({"prompt": "a b", "answer": 5}, r"probes\[0\]: expected an 'answer' string, got 5"),

@@ -245,5 +245,8 @@ def test_a_float_memory_budget_plans_as_its_whole_bytes():
     assert plan.to_dict() == plan_trie(game, dims=dims, max_memory=150_000).to_dict()
     assert plan.level_chunk_nodes[-1] < plan.node_counts[-1] and isinstance(plan.max_memory, int)
     many = sf.evaluate_many(net, [game, game], method="trie", max_memory=1.5e5, progress=False)
-    one = sf.evaluate(net, game, method="trie", max_memory=150_000, progress=False)
-    assert all(torch.equal(v, one) for v in many)
+    whole = sf.evaluate_many(net, [game, game], method="trie", max_memory=150_000, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(many, whole))  # the same plan: the same arithmetic
+    one = sf.evaluate(net, game, method="naive", progress=False)
+    for v in many:  # grouped games: other batch shapes, so rounding may differ with the thread count
+        torch.testing.assert_close(v, one, rtol=1e-5, atol=1e-5)

@@ -113,7 +113,7 @@ def _differences(labels: list[str], reports: list[TrackReport]) -> list[str]:
     if any(r.gamma_available != first.gamma_available for r in reports[1:]):
         out.append("reference model (γ, and emergence counted unshared with it): "
                    + ", ".join(f"{label} {'yes' if r.gamma_available else 'no'}" for label, r in zip(labels, reports)))
-    base, prompts = first.probes["p_y"][0], first.probes.get("prompts")
+    base, prompts, words = first.probes["p_y"][0], first.probes.get("prompts"), first.probes.get("words")
     for label, report in zip(labels[1:], reports[1:]):
         other, theirs = report.probes["p_y"][0], report.probes.get("prompts")
         if prompts is not None and theirs is not None and list(theirs) != list(prompts):
@@ -127,6 +127,13 @@ def _differences(labels: list[str], reports: list[TrackReport]) -> list[str]:
             out.append(f"{label} starts from other base values than {labels[0]} (base p_y of its {len(other)} probes "
                        f"vs {len(base)}): another base model, probe set, players or targets, so its counts are not "
                        f"those of the same interactions")
+        theirs_words = report.probes.get("words")
+        if prompts is not None and prompts == theirs and words is not None and theirs_words not in (None, words):
+            # players leave the unmasked prompt, and so the base p_y, as they are: only their words tell them apart
+            changed = [(a, b) for a, b in zip(words, theirs_words) if a != b]
+            out.append(f"{label} tracks other players than {labels[0]} in {len(changed)} of {len(words)} probes "
+                       f"(e.g. {changed[0][1]} vs {changed[0][0]}), so its counts are not those of the same "
+                       "interactions")
     return out
 
 

@@ -322,9 +322,9 @@ def heldout_batches(heldout: Sequence[Any], tokenizer: Any, *, batch_size: int =
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     pending = []
     pad = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
-    for item in heldout:
+    for i, item in enumerate(heldout):
         if isinstance(item, dict):
-            yield {k: torch.as_tensor(v) for k, v in item.items()}
+            yield _checked_batch(item, i)
             continue
         prompt, answer = item
         pending.append(sft_example(tokenizer, prompt, answer))
@@ -333,3 +333,20 @@ def heldout_batches(heldout: Sequence[Any], tokenizer: Any, *, batch_size: int =
             pending = []
     if pending:
         yield pad_batch(pending, pad)
+
+
+def _checked_batch(item: dict[str, Any], i: int) -> dict[str, torch.Tensor]:
+    """A ready held-out batch as tensors; ValueError unless ``input_ids``, ``labels`` (and ``attention_mask``) are
+    ``(batch, length)`` alike: labels shifted already, or cut shorter, would score each position against another
+    token without an error."""
+    if "input_ids" not in item or "labels" not in item:
+        raise ValueError(f"heldout[{i}]: expected a batch with 'input_ids' and 'labels', got {sorted(item)}")
+    batch = {k: torch.as_tensor(v) for k, v in item.items()}
+    shape = tuple(batch["input_ids"].shape)
+    if len(shape) != 2:
+        raise ValueError(f"heldout[{i}]: expected 'input_ids' of shape (batch, length), got {shape}")
+    for name in ("labels", "attention_mask"):
+        if name in batch and tuple(batch[name].shape) != shape:
+            raise ValueError(f"heldout[{i}]: expected {name!r} of the shape of 'input_ids' {shape}, got "
+                             f"{tuple(batch[name].shape)}")
+    return batch
