@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from sftint_fast.engine.naive import (available_memory, check_batch_size, check_subsets, evaluate_naive_games,
                                       naive_batch_size, naive_layout, model_device)
 from sftint_fast.game import MAX_PLAYERS, Game, _eval_mode
+from sftint_fast.ops.triton import KERNEL_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -124,10 +125,6 @@ def _compute_context(model: Any, compute_dtype: ComputeDtype | None, device: tor
     )
 
 
-#: Model dtypes the fused Triton kernels load (a float64 model runs the torch attention).
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
 def _resolve_backend(attention_backend: AttentionBackend, device: torch.device, *,
                      dtype: torch.dtype | None = None) -> str:
     """The trie's attention path: ``"auto"`` is Triton on CUDA (Triton installed) for a model of ``dtype`` the
@@ -136,7 +133,7 @@ def _resolve_backend(attention_backend: AttentionBackend, device: torch.device, 
         raise ValueError(f"attention_backend: expected 'auto', 'torch' or 'triton', received {attention_backend!r}")
     if attention_backend != "auto":
         return attention_backend
-    if dtype is not None and dtype not in _TRITON_DTYPES:
+    if dtype is not None and dtype not in KERNEL_DTYPES:
         return "torch"
     return "triton" if device.type == "cuda" and importlib.util.find_spec("triton") is not None else "torch"
 

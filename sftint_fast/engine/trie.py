@@ -31,6 +31,7 @@ from sftint_fast.engine.adapters.base import FusedBackend
 from sftint_fast.engine.plan import PlanUnit, TriePlan, default_max_memory, default_pass_tokens, plan_trie
 from sftint_fast.game import raise_faults
 from sftint_fast.ops.subset_attention import key_layout, subset_attention
+from sftint_fast.ops.triton import KERNEL_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: t
     adapter, reason = find_adapter(model)
     if adapter is None:
         raise ValueError(f"{reason}; use method='naive'")
-    if attention_backend == "triton" and adapter.dims.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if attention_backend == "triton" and adapter.dims.dtype not in KERNEL_DTYPES:
         raise ValueError(f"attention_backend='triton': expected a float16, bfloat16 or float32 model (what the fused "
                          f"kernels load), received a {adapter.dims.dtype} model; use attention_backend='torch'")
     layout = trie_layout(games[0])

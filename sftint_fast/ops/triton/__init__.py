@@ -52,12 +52,13 @@ def on_device(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Model dtypes the kernels load (a float64 model runs the torch attention).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_float(name: str, t: object) -> None:
     """``TypeError`` unless ``t`` is a float16, bfloat16 or float32 tensor (what the kernels load)."""
-    if not isinstance(t, torch.Tensor) or t.dtype not in _FLOAT_DTYPES:
+    if not isinstance(t, torch.Tensor) or t.dtype not in KERNEL_DTYPES:
         got = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
         raise TypeError(f"{name}: expected a float16, bfloat16 or float32 tensor, got {got}")
 

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sftint_fast.ops.triton import check_interpreter, on_device
+from sftint_fast.ops.triton import KERNEL_DTYPES, check_interpreter, on_device
 
 # Finite "minus infinity" for the running max, so a block with no visible key gives exp2(-inf - finite) = 0
 # instead of NaN; real scores never get near it.
@@ -305,7 +305,6 @@ def _subset_attention_kernel(
              mask=r_valid[:, None] & d_mask[None, :])
 
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: KV-loop strategies of the kernel (see :func:`subset_attention`'s ``path``).
 PATHS = ("flat", "segments")
 #: The strategy used when ``path`` is not given (the GPU benchmark times both).
@@ -337,7 +336,7 @@ def _check_common(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor,
     """What both entry points check: ``q [..., Hq, D]`` against the stores, dtypes, devices and the options."""
     if path not in PATHS:
         raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
-    if q.dtype not in _FLOAT_DTYPES:
+    if q.dtype not in KERNEL_DTYPES:
         raise ValueError(f"q: expected dtype float16, bfloat16 or float32, got {q.dtype}")
     check_interpreter(q.device)
     num_q_heads, head_dim = q.shape[-2:]
