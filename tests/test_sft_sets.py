@@ -53,8 +53,18 @@ def test_set_logic_hand_made_sequence():
     assert rep.curves["and/removed_rho"][1] == pytest.approx(1.0)
     assert rep.curves["and/removed_mean_order"][1] == pytest.approx(3.0)
     assert rep.curves["and/removed_strength_minus"][1][3] == pytest.approx(1.0)
-    # without a floor the rule sees removal and emergence together at step 1
-    assert rep.phase_boundary == 1
+    # one probe has no bootstrap interval: under the default boundary_significant no boundary is claimed
+    assert rep.phase_boundary is None
+    assert any("one probe gives no bootstrap interval" in note for note in rep.notes)
+    # applied to the counts alone, the rule sees removal and emergence together at step 1
+    counts = _run([base, t1, t2, t3], hysteresis=False, persistence=1, boundary_significant=False).report()
+    assert counts.phase_boundary == 1
+    assert not any("bootstrap interval" in note for note in counts.notes)
+    # two probes with the same sequence have intervals of their own, and the rule finds step 1 again
+    entries = [{0b011: 1.0, 0b100: 0.5, 0b111: -0.4}, {0b011: 1.0, 0b100: 0.5, 0b101: 0.3},
+               {0b011: 1.0, 0b101: 0.3}, {0b011: 1.0, 0b100: 0.5, 0b101: 0.3}]
+    two = _run([_I(3, e, rows=2) for e in entries], hysteresis=False, persistence=1).report()
+    assert two.phase_boundary == 1
 
 
 def test_hysteresis_flicker_counts_no_change():

@@ -762,6 +762,21 @@ def test_callback_stops_training_at_the_phase_boundary_when_asked(tokenizer, tmp
         sf.InteractionCallback(tracker, stop_at_boundary="yes")
 
 
+def test_callback_warns_that_one_probe_never_reaches_a_significant_boundary(tokenizer, tmp_path, caplog):
+    """One probe has no bootstrap interval, so the default significant boundary never comes: a run asked to stop at
+    it says so at the start instead of training to the end in silence."""
+    import logging
+
+    trainer = _trainer(tmp_path, max_steps=1, lr=1e-3)
+    tracker = SFTTracker(PROMPTS[:1], tokenizer, n_players=3, andor_method="and", min_base_py=0.0, bootstrap=20,
+                         progress=False, numerics_check=False, noise_floor=None)
+    sf.InteractionCallback(tracker, every=1000, stop_at_boundary=True).attach(trainer)
+    with caplog.at_level(logging.WARNING, logger="sftint_fast.sft.callback"):
+        trainer.train()
+    assert "stop_at_boundary with one probe never stops" in caplog.text
+    assert tracker.report().phase_boundary is None
+
+
 def test_callback_resumed_past_its_boundary_does_not_stop_again(tokenizer, tmp_path, caplog):
     """Training stopped at the phase boundary and resumed from that checkpoint with the resumed tracker (on purpose:
     the user wants to go on) runs to ``max_steps``; before the fix it stopped at its first tracking, on the old

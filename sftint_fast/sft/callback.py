@@ -127,6 +127,10 @@ class InteractionCallback(TrainerCallback):
                            "(tracker.add_checkpoint(base_model, 0)) or resume the tracker of the run that began at "
                            "step 0 (the same out_dir)", state.global_step, where, state.global_step)
         self._track(state, control, model, state.global_step)
+        if (self.stop_at_boundary and state.is_world_process_zero and self.tracker.records
+                and self.tracker.records[0].values.shape[0] < 2 and self.tracker.config.boundary_significant):
+            logger.warning("stop_at_boundary with one probe never stops: one probe gives no bootstrap interval, so "
+                           "no boundary is significant (track more probes, or boundary_significant=False)")
         if self._clock is None:  # the base was tracked before (a resumed tracker): the budget starts here
             self._clock = time.perf_counter()
         if self.max_overhead is not None and self.next_step is None:

@@ -268,6 +268,10 @@ class SFTTracker:
         min_base_py: probes whose base target probability is lower are dropped at the base checkpoint.
         irrelevant_fraction: a probe whose ``p_y`` falls under this fraction of its base value is flagged
             and its changes are counted apart.
+        boundary_removed_fraction, boundary_significant: the phase-boundary rule
+            (:func:`~sftint_fast.sft.noise.phase_boundary`); with ``boundary_significant`` its counts need a
+            probe-bootstrap lower bound above 0, which one probe cannot give (its report then has no boundary, and
+            a note says why).
     """
 
     def __init__(
@@ -1384,6 +1388,10 @@ def _build_report(tracker: SFTTracker) -> TrackReport:
         curves[f"all/{emerged_key}"], intervals[f"all/{emerged_key}"][0],
         removed_fraction=c.boundary_removed_fraction, require_significant=c.boundary_significant,
     )
+    # one probe's bootstrap resamples are all that probe: its interval has zero width and proves nothing
+    one_probe = c.boundary_significant and B < 2
+    if one_probe:
+        boundary_index = None
     losses = [r.heldout_loss for r in records]
     curves["heldout_loss"] = losses
     finite = [(loss, s) for loss, s in zip(losses, steps) if loss is not None and math.isfinite(loss)]
@@ -1395,6 +1403,9 @@ def _build_report(tracker: SFTTracker) -> TrackReport:
         notes.append("gamma unavailable: no reference model or reference interactions were given")
     if c.noise_floor is None:
         notes.append("noise floor disabled: excess counts equal observed counts")
+    if one_probe:
+        notes.append("no phase boundary: one probe gives no bootstrap interval, so no count can be significant "
+                     "(boundary_significant=False applies the rule to the counts alone)")
     if c.persistence > 1:
         notes.append(f"persistence {c.persistence}: a change is counted at the checkpoint that confirms it, "
                      f"{c.persistence - 1} checkpoint(s) after its onset")
