@@ -180,7 +180,8 @@ def sharing(
 
     ``G_S = 1[S ∈ Ω_ref]·1[sign I(S) = sign I_ref(S)]`` and ``γ = Σ_S |I(S)|·G_S / Σ_S |I(S)|``, the sums
     running over the salient set ``Ω`` of ``interactions`` (``over="salient"``, default, so ``γ = 1`` for a
-    model compared with itself) or over every ``S`` (``over="all"``).
+    model compared with itself) or over every ``S`` (``over="all"``). Order 0 is never salient, so ``G_∅ = 0``: with
+    ``over="all"`` the empty set's ``|I(∅)|`` counts in the denominator only (zero for ``v - v[0]``).
 
     Args:
         interactions, reference: ``(..., 2^n)`` of the same shape (same prompts and players).
