@@ -389,8 +389,12 @@ def _resolve_target(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, target
         if limit is not None and prompt_ids.numel() > limit[0]:  # else an IndexError deep in the position embedding
             raise ValueError(f"text: expected at most {limit[0]} tokens (the model's learned position table "
                              f"{limit[1]}), received {prompt_ids.numel()}; shorten the prompt")
-        with torch.no_grad(), _eval_mode(model):  # no dropout in the greedy answer
-            logits = model(input_ids=prompt_ids[None].to(_model_device(model))).logits[0, -1]
+        from sftint_fast.engine import _no_autocast
+
+        device = _model_device(model)
+        # no dropout in the greedy answer, and the model's own dtype inside a caller's autocast region
+        with torch.no_grad(), _eval_mode(model), _no_autocast(device):
+            logits = model(input_ids=prompt_ids[None].to(device)).logits[0, -1]
         return logits.argmax().view(1).to(torch.int64).cpu()
     if isinstance(target, str):
         ids = tokenizer(target, add_special_tokens=False)["input_ids"]

@@ -205,6 +205,23 @@ def test_confident_probes_keeps_a_probe_with_its_own_players_only_when_the_track
     assert [candidates[i] for i in tracker.kept] == chosen  # what the tracker keeps of the candidates
 
 
+def test_confident_probes_score_in_the_models_own_dtype_inside_a_callers_autocast():
+    """Probes chosen inside ``torch.autocast(bfloat16)`` were scored with bf16 logits, while the tracker's
+    ``min_base_py`` filter scores them in float32: a probe near ``p_y = 0.5`` could be chosen and then dropped."""
+    from sftint_fast.sft.probes import confident_probes
+
+    tok, model = make_tokenizer(), tiny_model("llama")
+    candidates = [Probe("the big cat sat on the red mat"), Probe("a small dog did run over the blue river")]
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            confident_probes(model, tok, count=2, min_py=0, n_players=3, candidates=candidates, chat=False)
+    finally:
+        hook.remove()
+    assert seen == [torch.float32, torch.float32]
+
+
 def test_probes_says_which_source_is_missing_before_loading_a_model(tmp_path, monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "countryinfo" else real(name, *a))

@@ -263,3 +263,20 @@ def test_default_target_gives_each_submodule_its_own_mode_back(tok):
     modes = [m.training for m in model.modules()]
     Game.from_text(model, tok, TEXT)
     assert [m.training for m in model.modules()] == modes
+
+
+def test_default_target_is_the_models_own_argmax_inside_a_callers_autocast(model, tok):
+    """``Game.from_text`` called inside ``torch.autocast(bfloat16)`` (a training loop of one's own) took the greedy
+    target from bf16 logits, which can pick another token than the float32 model: the target is now taken in the
+    model's own dtype, and the caller's region is left as it was."""
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    try:
+        plain = Game.from_text(model, tok, TEXT)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            inside = Game.from_text(model, tok, TEXT)
+            assert torch.is_autocast_enabled("cpu")
+    finally:
+        hook.remove()
+    assert seen == [torch.float32, torch.float32]
+    assert torch.equal(inside.target, plain.target)

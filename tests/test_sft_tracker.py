@@ -379,6 +379,23 @@ def test_a_trainer_in_bf16_mixed_precision_is_tracked_in_float32(tokenizer, tmp_
     assert tracker.records[0].heldout_loss == pytest.approx(plain.records[0].heldout_loss, rel=1e-6)
 
 
+def test_a_caller_autocast_region_leaves_the_tracking_in_float32(tokenizer):
+    """A training loop of one's own that calls ``add_checkpoint`` inside ``torch.autocast(bfloat16)``: the values
+    were already protected, but the held-out loss ran in bf16 (off by ~1e-3 from the float32 loss of the same
+    model). Everything the tracker measures now runs in its compute_dtype, whatever region it is called in."""
+    heldout = [{"input_ids": torch.tensor([[5, 6, 7, 8, 9, 10]]), "labels": torch.tensor([[-100, -100, 7, 8, 9, 10]])}]
+    model = _checkpoints(1)[0]
+    plain = _tracker(tokenizer, heldout=heldout, noise_floor=None)
+    plain.add_checkpoint(model, 0)
+    tracker = _tracker(tokenizer, heldout=heldout, noise_floor=None)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tracker.add_checkpoint(model, 0)
+        assert torch.is_autocast_enabled("cpu")  # the caller's region is left as it was
+    assert tracker.records[0].heldout_loss == pytest.approx(plain.records[0].heldout_loss, rel=1e-6)
+    assert torch.allclose(tracker.records[0].values, plain.records[0].values, atol=1e-5)
+    assert torch.allclose(tracker.records[0].p_y, plain.records[0].p_y, atol=1e-6)
+
+
 def test_numerics_under_bf16_autocast_of_a_float32_model(tokenizer):
     """compute_dtype='bfloat16' on a float32 model (``sftint track --compute-dtype bfloat16``: checkpoints load in
     float32) runs the naive engine under autocast; the numerics check crashed the base checkpoint by forcing the

@@ -231,9 +231,12 @@ def scan_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 0.5, 
     from sftint_fast.baseline import _eval_mode
     from sftint_fast.players import is_content_word
 
+    from sftint_fast.engine import _no_autocast
+
     scored, found = [], 0
     device = next(model.parameters()).device
-    with torch.no_grad(), _eval_mode(model):  # each submodule's own mode back after (a frozen part stays in eval)
+    # each submodule's own mode back after (a frozen part stays in eval); the model's own dtype in an autocast region
+    with torch.no_grad(), _eval_mode(model), _no_autocast(device):
         for probe in pool[:max_tries]:
             if (len(probe.players) != n_players if probe.players  # the tracker drops other player counts
                     else sum(is_content_word(w) for w in probe.prompt.split()) < n_players):

@@ -778,13 +778,16 @@ class SFTTracker:
         return out
 
     def _heldout_loss(self, model: Any) -> float:
+        from sftint_fast.engine import _no_autocast
+
         device = next(model.parameters()).device
         total, count = 0.0, 0
         for batch in heldout_batches(self._heldout, self.tokenizer):
             ids = batch["input_ids"].to(device)
             labels = batch["labels"].to(device)
             mask = batch.get("attention_mask")
-            loss, tokens = causal_lm_loss(model, ids, labels, None if mask is None else mask.to(device))
+            with _no_autocast(device):  # the model's own dtype, also inside a caller's autocast region
+                loss, tokens = causal_lm_loss(model, ids, labels, None if mask is None else mask.to(device))
             total += loss
             count += tokens
         if count == 0:  # a loss of 0.0 would be taken for the best checkpoint
