@@ -129,6 +129,8 @@ def _out_refusal(command: str, flag: str, path: str | None, kind: str) -> str | 
     expected = f"sftint {command}: {flag}: expected a {kind} to write, {path!r}"
     if target.exists() and target.is_dir() != (kind == "folder"):
         return f"{expected} is a {'file' if kind == 'folder' else 'folder'}"
+    if target.is_symlink() and not target.exists():  # mkdir fails on it after the work, a write replaces the link
+        return f"{expected} is a link to {os.readlink(target)!r}, which does not exist"
     # where the write happens: the folder itself when it exists, else the nearest existing folder above it
     where = target if kind == "folder" and target.is_dir() else next(p for p in target.absolute().parents if p.exists())
     if not where.is_dir():

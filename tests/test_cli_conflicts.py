@@ -106,7 +106,10 @@ def test_an_out_that_cannot_be_written_is_refused_before_anything_runs(tmp_path,
              "bench": ["--model", str(tmp_path / "not-loaded")], "probes": ["--model", str(tmp_path / "not-loaded")],
              "track": ["--base", str(tmp_path), "--checkpoints", str(tmp_path), "--probes", str(probes)], "demo": []}
     wrong, expected = (file, "a folder") if kind == "folder" else (folder, "a file")
-    for out, got in ((wrong, "is a file" if kind == "folder" else "is a folder"), (file / "sub", "is inside the file")):
+    dangling = tmp_path / "a-link"
+    dangling.symlink_to(tmp_path / "gone")  # a folder could not be made there, a file would replace the link
+    for out, got in ((wrong, "is a file" if kind == "folder" else "is a folder"), (file / "sub", "is inside the file"),
+                     (dangling, f"is a link to {str(tmp_path / 'gone')!r}, which does not exist")):
         assert main([command, *extra[command], "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert f"sftint {command}: --out: expected {expected} to write, {str(out)!r} {got}" in err, err
