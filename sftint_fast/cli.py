@@ -793,6 +793,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
+    import dataclasses
     import json
     from pathlib import Path
 
@@ -827,12 +828,12 @@ def _run_bench(args: argparse.Namespace) -> int:
         if args.n_players is None and players == "words" and game.num_players > BENCH_PLAYERS:
             # the default: the first BENCH_PLAYERS content words (the first words when there are too few of those)
             content = sum(map(is_content_word, game.words))
-            every = list(range(game.num_players))
-            players = ("words" if content >= BENCH_PLAYERS else
-                       every[:BENCH_PLAYERS] if pick == "first" else every[-BENCH_PLAYERS:])
-            game = sf.Game.from_text(model, tokenizer, args.text, players=players,
-                                     n_players=BENCH_PLAYERS if players == "words" else None,
-                                     pick=pick if players == "words" else "first", **options)
+            if content >= BENCH_PLAYERS:
+                game = sf.Game.from_text(model, tokenizer, args.text, players="words", n_players=BENCH_PLAYERS,
+                                         pick=pick, **options)
+            else:  # these players of the game, not word indices: words that share a token are one player
+                keep = slice(None, BENCH_PLAYERS) if pick == "first" else slice(-BENCH_PLAYERS, None)
+                game = dataclasses.replace(game, player_spans=game.player_spans[keep], words=game.words[keep])
     except ValueError as err:
         if _debug():
             raise

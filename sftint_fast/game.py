@@ -192,7 +192,8 @@ class Game:
         """Build a game from a prompt text.
 
         Args:
-            players: ``"words"``/``"all"`` (every whitespace word of ``text``), a list of word indices, or a
+            players: ``"words"``/``"all"`` (every whitespace word of ``text``; words that share a token are one
+                player), a list of word indices (of the whitespace words; one that shares a token is refused), or a
                 list of ``(start, end)`` spans — token indices of the model input (``span_unit="tokens"``)
                 or character offsets into ``text`` (``span_unit="chars"``).
             baseline: ``"pad"`` (falls back to unk, then zeros, with a warning), ``"unk"``, or a tensor
@@ -213,6 +214,9 @@ class Game:
                 raise TypeError(f"players: expected 'words', 'all', a list of word indices or a list of (start, end) "
                                 f"spans, received {players!r}")
             players = list(players)  # once: an iterator read by the span check would leave nothing for the players
+        if span_unit == "chars" and (isinstance(players, str) or (players and not _is_span_list(players))):
+            raise ValueError(f"span_unit: expected 'tokens' (the default) unless players are (start, end) spans, "
+                             f"received 'chars' with players={players!r}")
         if chat:
             rendered = tokenizer.apply_chat_template(
                 [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False

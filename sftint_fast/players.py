@@ -247,13 +247,28 @@ def word_players(
     n_players: int | None = None,
     pick: Literal["first", "last"] = "first",
 ) -> tuple[list[Span], list[str]]:
-    """Token spans and texts of the chosen words of ``tokenized.text[region]`` (default: the whole text)."""
+    """Token spans and texts of the chosen words of ``tokenized.text[region]`` (default: the whole text).
+
+    ``"words"``/``"all"`` take words that share a token as one player; word indices name the whitespace words of
+    the text, and one that shares a token with a neighbour is refused (it has no tokens of its own).
+    """
     lo, hi = region if region is not None else (0, len(tokenized.text))
-    char_spans = [(lo + a, lo + b) for a, b in word_char_spans(tokenized.text[lo:hi])]
+    text = tokenized.text
+    char_spans = [(lo + a, lo + b) for a, b in word_char_spans(text[lo:hi])]
     token_spans, merged = char_spans_to_token_spans(tokenized, char_spans)
-    texts = [tokenized.text[a:b] for a, b in merged]
-    chosen = select_words(texts, players, n_players=n_players, pick=pick)
-    return [token_spans[i] for i in chosen], [texts[i] for i in chosen]
+    texts = [text[a:b] for a, b in merged]
+    if isinstance(players, str):
+        chosen = select_words(texts, players, n_players=n_players, pick=pick)
+        return [token_spans[i] for i in chosen], [texts[i] for i in chosen]
+    chosen = select_words([text[a:b] for a, b in char_spans], players, n_players=n_players, pick=pick)
+    groups = [next(g for g, (a, b) in enumerate(merged) if a <= char_spans[i][0] < b) for i in chosen]
+    for i, g in zip(chosen, groups):
+        if merged[g] != char_spans[i]:
+            a, b = char_spans[i]
+            raise ValueError(f"players: word {i} {text[a:b]!r} shares a token with a neighbouring word (together "
+                             f"{texts[g]!r}), so it cannot be a player on its own; pass players='words' (which takes "
+                             "them as one player) or character/token spans")
+    return [token_spans[g] for g in groups], [texts[g] for g in groups]
 
 
 def char_players(

@@ -180,3 +180,14 @@ def test_compare_engines_validates_subsets_before_timing(game_and_model):
     assert report["game"]["variants"] == 3 and report["engines"]["trie"]["max_abs_diff"] < 1e-5
     with pytest.raises(TypeError, match="subsets: expected a 1-D integer tensor"):
         bench.compare_engines(model, game, subsets=torch.tensor(5))
+
+
+@pytest.mark.parametrize("pick", ["first", "last"])
+def test_bench_default_players_without_enough_content_words_are_the_first_or_last_words(model_dir, tmp_path, pick):
+    text = "the cat sat on the mat and the dog ran"  # 10 words, 5 content words
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(model_dir), "--text", text, "--engines", "naive,trie", "--pick", pick,
+                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    words = Game.from_text(tiny_model("llama"), word_tokenizer(), text).words
+    assert report["game"]["words"] == list(words[:6] if pick == "first" else words[-6:])

@@ -224,6 +224,9 @@ def test_from_text_reads_players_once_and_checks_span_unit_and_target_types(mode
         Game.from_text(model, tok, "the cat", players=3, target=[5])
     with pytest.raises(ValueError, match="span_unit: expected 'tokens' or 'chars', received 'char'"):
         Game.from_text(model, tok, "the cat", span_unit="char", target=[5])  # was ignored for word players
+    for players in ("words", [0, 1]):  # character offsets of word players: was ignored
+        with pytest.raises(ValueError, match=r"span_unit: expected 'tokens' .* received 'chars' with players="):
+            Game.from_text(model, tok, "the cat", players=players, span_unit="chars", target=[5])
     for target in (torch.tensor([True]), torch.tensor([5 + 0j])):  # were read as id 1 / id 5
         with pytest.raises(TypeError, match="target: expected integer token ids"):
             Game.from_text(model, tok, "the cat", target=target)
@@ -280,3 +283,21 @@ def test_default_target_is_the_models_own_argmax_inside_a_callers_autocast(model
         hook.remove()
     assert seen == [torch.float32, torch.float32]
     assert torch.equal(inside.target, plain.target)
+
+
+def test_word_index_players_after_a_token_that_straddles_two_words(model):
+    """A BPE whose merges cross a space ("t s"): "cat sat" share a token. Word indices name whitespace words."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(["<pad>", "<unk>", *"acehmnost ", "t ", "t s"])}
+    inner = Tokenizer(models.BPE(vocab=vocab, merges=[("t", " "), ("t ", "s")], unk_token="<unk>"))
+    tok = PreTrainedTokenizerFast(tokenizer_object=inner, pad_token="<pad>", unk_token="<unk>")
+    text = "the cat sat on the mat"
+    every = Game.from_text(model, tok, text, target=[5])
+    assert every.words == ("the", "cat sat", "on", "the", "mat")
+    game = Game.from_text(model, tok, text, players=[3, 5], target=[5])
+    assert game.words == ("on", "mat")  # were "the" and an out-of-range error
+    assert game.player_spans == (every.player_spans[2], every.player_spans[4])
+    with pytest.raises(ValueError, match=r"word 2 'sat' shares a token with a neighbouring word \(together 'cat sat'\)"):
+        Game.from_text(model, tok, text, players=[2], target=[5])

@@ -191,3 +191,15 @@ def test_spans_players_and_pick_that_are_not_what_they_should_be_say_so():
         P.select_words(["a", "b", "c"], 2)
     with pytest.raises(ValueError, match="pick: expected 'first' or 'last', received 'middle'"):
         P.select_words(["a", "b"], "words", pick="middle")  # was ignored without n_players
+
+
+def test_word_indices_name_whitespace_words_after_a_token_straddles_two():
+    # token 0 covers "ab c": "ab" and "cd" share it; the indices of the words after them must not shift
+    tokenized = P.Tokenized("ab cd ef gh", (10, 11, 12, 13), ((0, 4), (4, 5), (6, 8), (9, 11)))
+    assert P.word_players(tokenized, players=[2]) == ([(2, 3)], ["ef"])  # was "gh"
+    assert P.word_players(tokenized, players=[2, 3]) == ([(2, 3), (3, 4)], ["ef", "gh"])  # was out of range
+    with pytest.raises(ValueError, match=r"word 1 'cd' shares a token with a neighbouring word \(together 'ab cd'\)"):
+        P.word_players(tokenized, players=[1])  # was "ef"
+    with pytest.raises(ValueError, match=r"word indices in \[0, 4\), received 4"):
+        P.word_players(tokenized, players=[4])
+    assert P.word_players(tokenized) == ([(0, 2), (2, 3), (3, 4)], ["ab cd", "ef", "gh"])  # "words" merges them

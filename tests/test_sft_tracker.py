@@ -1229,3 +1229,23 @@ def test_resume_on_another_day_with_a_chat_template_that_reads_the_clock_is_not_
     other.chat_template = tokenizer.chat_template.replace("</s> {% endfor %}", "{% endfor %}")
     with pytest.raises(ValueError, match=r"differs in \['heldout_tokens_sha256'\]"):
         _tracker(other, run, heldout=pairs)
+
+
+@pytest.mark.parametrize("players", [(2, 4), ((13, 15), (20, 23))])
+def test_reference_players_are_the_probe_words_not_earlier_text_that_contains_them(tokenizer, monkeypatch, players):
+    """The reference game's players are found from the base game's words: "is" (or the character span "is") must not
+    be taken from inside "this", nor "sky" from inside "skyline". With the base tokenizer, the same token spans."""
+    from sftint_fast.game import Game
+
+    built = []
+    real = Game.from_text.__func__
+    recorded = classmethod(lambda cls, *a, **k: built.append(real(cls, *a, **k)) or built[-1])
+    monkeypatch.setattr(Game, "from_text", recorded)
+    probe = Probe(prompt="this skyline is the sky", players=players)
+    tracker = SFTTracker([probe], tokenizer, n_players=2, andor_method="and", min_base_py=0.0, bootstrap=100,
+                         progress=False, numerics_check=False, noise_floor=None,
+                         reference=(tiny_model("llama", seed=3), tokenizer))
+    tracker.add_checkpoint(_checkpoints(1)[0], 0)
+    base, ref = built
+    assert base.words == ref.words == ("is", "sky")
+    assert ref.player_spans == base.player_spans == ((2, 3), (4, 5))  # were (0, 1) "this" and (1, 2) "skyline"

@@ -25,6 +25,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, fields
@@ -835,8 +836,10 @@ class SFTTracker:
         same_vocab = tokenizer is self.tokenizer or tokenizer.get_vocab() == self.tokenizer.get_vocab()
         with _eval_mode(model):  # every submodule's own mode back after: a frozen (eval) part stays in eval
             for i, game in zip(self.kept, self.games):
-                prompt = self.probes[i].prompt
-                spans = _char_spans(prompt, game.words)
+                prompt, named = self.probes[i].prompt, self.probes[i].players
+                # character-span probes keep their spans (a span's text may also occur earlier in the prompt)
+                spans = (list(named) if named and isinstance(named[0], (tuple, list))
+                         else _char_spans(prompt, game.words))
                 target = game.target if same_vocab else self.tokenizer.decode(game.target.tolist())
                 if not same_vocab and not target.strip():
                     raise ValueError(f"reference: probes[{i}]'s target ids {game.target.tolist()} decode to "
@@ -1175,14 +1178,16 @@ def _model_signature(model: Any) -> dict[str, Any]:
 
 
 def _char_spans(prompt: str, words: Sequence[str]) -> list[tuple[int, int]]:
+    """Character spans of the players ``words`` (whole whitespace words of ``prompt``, in order): each found as whole
+    words, not inside a longer one ("is" is not the end of "this")."""
     spans, cursor = [], 0
     for word in words:
         text = word.strip()
-        start = prompt.find(text, cursor)
-        if start < 0 or not text:
+        found = re.compile(r"(?<!\S)" + re.escape(text) + r"(?!\S)").search(prompt, cursor) if text else None
+        if found is None:
             raise ValueError(f"reference: could not find the player {word!r} in the prompt {prompt!r} after offset {cursor}")
-        spans.append((start, start + len(text)))
-        cursor = start + len(text)
+        spans.append(found.span())
+        cursor = found.end()
     return spans
 
 
