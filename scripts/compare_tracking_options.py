@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from sftint_fast.sft.tracker import SFTTracker
+from sftint_fast.sft.tracker import SFTTracker, loss_from_json
 
 
 def load_run(run: Path) -> list[tuple[int, torch.Tensor, torch.Tensor, float | None]]:
@@ -30,7 +30,7 @@ def load_run(run: Path) -> list[tuple[int, torch.Tensor, torch.Tensor, float | N
         tensors = load_file(str(path))
         meta = json.loads(path.with_suffix(".json").read_text())
         step = int(path.stem.split("_")[1])
-        steps.append((step, tensors["values"], tensors["p_y"], meta.get("heldout_loss")))
+        steps.append((step, tensors["values"], tensors["p_y"], loss_from_json(meta.get("heldout_loss"))))
     if len(steps) < 2:
         raise ValueError(f"{run}: expected at least 2 saved checkpoints under tracker/, got {len(steps)}")
     return steps

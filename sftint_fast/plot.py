@@ -60,7 +60,7 @@ def plot_counts(report: TrackReport, path: str | os.PathLike, *, training: Train
     _mark_boundary(ax, report)
     losses = report.curves.get("heldout_loss", [])
     logged = {} if training is None else {name: [p for p in training.series.get(name, ()) if p[0] <= steps[-1]]
-                                          for name in ("loss", "eval_loss")}
+                                          for name in ("loss", *training.eval_losses)}
     if any(x is not None for x in losses) or any(logged.values()):
         ax2 = ax.twinx()
         if any(x is not None for x in losses):
@@ -68,8 +68,9 @@ def plot_counts(report: TrackReport, path: str | os.PathLike, *, training: Train
                      color="tab:green", marker="s", linewidth=1, label="held-out loss")
         if logged.get("loss"):
             ax2.plot(*zip(*logged["loss"]), color="tab:olive", linewidth=0.8, alpha=0.7, label="training loss (logged)")
-        if logged.get("eval_loss"):
-            ax2.plot(*zip(*logged["eval_loss"]), color="tab:cyan", marker="^", linewidth=1, label="eval loss (logged)")
+        for i, name in enumerate(n for n in logged if n != "loss" and logged[n]):
+            ax2.plot(*zip(*logged[name]), color=("tab:cyan", "tab:purple", "tab:brown", "tab:gray")[i % 4], marker="^",
+                     linewidth=1, label=f"{'eval loss' if name == 'eval_loss' else name} (logged)")
         ax2.set_ylabel("loss")
         ax2.legend(loc="upper right", fontsize=8)
     ax.legend(loc="upper left", fontsize=8)
@@ -295,8 +296,10 @@ def markdown(report: TrackReport, *, figures: list[str], sets: dict[str, Any] | 
     h = headline(report)
     c = report.curves
     logged = training.at(report.steps) if training is not None else None
-    has_eval = logged is not None and any(x is not None for x in logged["eval_loss"])
-    extra_head = "" if logged is None else " train loss |" + (" eval loss |" if has_eval else "")
+    # eval_loss, or eval_<name>_loss per eval dataset: a column for each logged at or before a tracked step
+    evals = [] if logged is None else [n for n in logged if n != "train_loss" and any(x is not None for x in logged[n])]
+    extra_head = "" if logged is None else " train loss |" + "".join(
+        " eval loss |" if n == "eval_loss" else f" {n} |" for n in evals)
     # ρ and γ are per kind (AND and OR sets are kept apart, METHOD.md section 4), the counts summed over kinds
     kinds = [k for k in ("and", "or") if f"{k}/emerged_rho" in c]
     measure_head = "".join(f" ρ emerged ({k.upper()}) | γ emerged ({k.upper()}) |" for k in kinds)
@@ -325,7 +328,7 @@ def markdown(report: TrackReport, *, figures: list[str], sets: dict[str, Any] | 
             f"| {c['all/emerged_new'][t]:.0f} ({c['all/emerged_new_floor'][t]:.1f}, {c['all/emerged_new_excess'][t]:+.1f}) "
             f"|{measures} {c['p_y_mean'][t]:.3f} | {_fmt_loss(loss)} |"
             + ("" if logged is None else f" {_fmt_loss(logged['train_loss'][t])} |"
-               + (f" {_fmt_loss(logged['eval_loss'][t])} |" if has_eval else "")))
+               + "".join(f" {_fmt_loss(logged[n][t])} |" for n in evals)))
     flagged = {name: [sum(c[f"{k}/{name}_new_irrelevant"][t] for k in kinds if f"{k}/{name}_new_irrelevant" in c)
                       for t in range(len(report.steps))] for name in ("removed", "emerged")}
     lines += ["", "removed, preserved and emerged count the probes whose target is still relevant at that checkpoint, "
@@ -369,7 +372,8 @@ def _training_paragraph(report: TrackReport, training: TrainingLog, logged: dict
     steps, train = list(report.steps), logged["train_loss"]
     lines = ["", "## Training loss", "",
              f"From {training.source}: 'train loss' is the mean of the training losses logged after the previous "
-             "tracked step up to this one, 'eval loss' the last one evaluated at or before it."]
+             "tracked step up to this one (each weighted by the steps it covers), 'eval loss' (or each eval "
+             "dataset's) the last one evaluated at or before it."]
     known = [(s, x) for s, x in zip(steps, train) if x is not None]
     if report.phase_boundary is None or not known:
         return lines
@@ -390,7 +394,7 @@ def _training_paragraph(report: TrackReport, training: TrainingLog, logged: dict
                  + (f"the held-out loss (lowest at step {report.heldout_loss_min_step}) tells whether the lower "
                     "training loss still generalised." if report.heldout_loss_min_step is not None else
                     "the eval loss tells whether the lower training loss still generalised."
-                    if any(x is not None for x in logged["eval_loss"]) else
+                    if any(x is not None for n in logged if n != "train_loss" for x in logged[n]) else
                     "without a held-out loss (sftint track --heldout) or an eval loss, nothing here tells whether "
                     "the lower training loss still generalised.")]
     return lines

@@ -221,3 +221,72 @@ def test_one_probe_gives_no_bootstrap_lower_bound(tmp_path):
     assert "one probe" in h["verdict"] and h["removed_excess_cumulative_lo"] is None
     _, md = compare_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp")
     assert "| 4 (–) |" in md.read_text()
+
+
+def test_a_heldout_loss_measured_nan_or_inf_survives_report_json_resume_and_compare(tmp_path):
+    """A diverged run's held-out loss (NaN, inf) was saved as null, read back as "not measured": compare then showed
+    the last finite loss as the last one (a diverged run looked fine), and a resumed run lost it the same way."""
+    g = torch.Generator().manual_seed(3)
+    v0 = inverse_harsanyi(0.3 * torch.randn(4, 16, generator=g, dtype=torch.float64))
+    opts = dict(andor_method="and", min_base_py=0.0, bootstrap=20, noise_draws=1, progress=False)
+    losses = {"ok": (2.0, 1.8, 1.5), "bad": (2.0, math.inf, math.nan)}
+    for name, run in losses.items():
+        tracker = SFTTracker(None, out_dir=tmp_path / name / "tracker", **opts)
+        for t, loss in zip((0, 2, 4), run):
+            tracker.add_values(t, v0 + 0.01 * t * torch.randn(v0.shape, generator=g, dtype=torch.float64),
+                               heldout_loss=loss)
+        write_report(tracker.report(), tmp_path / name)
+    text = (tmp_path / "bad" / "report.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON
+    for report in (TrackReport.load(tmp_path / "bad"),
+                   SFTTracker(None, out_dir=tmp_path / "bad" / "tracker", **opts).report()):  # resumed
+        assert report.curves["heldout_loss"][:2] == [2.0, math.inf] and math.isnan(report.curves["heldout_loss"][2])
+        assert report.heldout_loss_min_step == 0
+    assert TrackReport.load(tmp_path / "ok").curves["heldout_loss"] == [2.0, 1.8, 1.5]
+    result, md = compare_runs([tmp_path / "ok", tmp_path / "bad"], tmp_path / "cmp")
+    ok, bad = result["rows"]
+    assert ok["heldout_loss_last"] == 1.5 and math.isnan(bad["heldout_loss_last"])
+    assert "| 2.000 → NaN (0) |" in md.read_text()
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["rows"][1]["heldout_loss_last"] == "nan"
+    _run(tmp_path / "none", seed=1, drift=0.05, log=False)
+    data = json.loads((tmp_path / "none" / "report.json").read_text())
+    data["curves"]["heldout_loss"] = [None] * len(data["steps"])  # no held-out data: not measured, not NaN
+    (tmp_path / "none" / "report.json").write_text(json.dumps(data))
+    assert TrackReport.load(tmp_path / "none").curves["heldout_loss"] == [None] * 4
+
+
+def _ref_run(folder, reference, **kw):
+    g = torch.Generator().manual_seed(3)
+    I = 0.3 * torch.randn(4, 2**4, generator=g, dtype=torch.float64)
+    tracker = SFTTracker(None, andor_method="and", min_base_py=0.0, bootstrap=20, noise_draws=1, reference=reference,
+                         progress=False, **kw)
+    for t in (0, 2, 4):
+        tracker.add_values(t, inverse_harsanyi(I) + 0.01 * t * torch.randn(I.shape, generator=g, dtype=torch.float64))
+    write_report(tracker.report(), folder)
+    return tracker.report()
+
+
+def test_compare_says_when_runs_were_tracked_against_other_reference_models(tmp_path):
+    """γ and the emergence unshared with the reference depend on the reference: two runs tracked against other
+    references were compared as like for like."""
+    refs = [{"I_and": torch.randn(4, 16, generator=torch.Generator().manual_seed(s), dtype=torch.float64)}
+            for s in (1, 2)]
+    a = _ref_run(tmp_path / "a", refs[0])
+    _ref_run(tmp_path / "b", {k: v.clone() for k, v in refs[0].items()})  # the same values: the same reference
+    _ref_run(tmp_path / "c", refs[1])
+    from safetensors.torch import save_file
+
+    save_file(refs[0], str(tmp_path / "ref.safetensors"))
+    _ref_run(tmp_path / "d", tmp_path / "ref.safetensors")  # the same values from a file
+    assert a.reference is not None and a.reference["sha256"]
+    result, md = compare_runs([tmp_path / x for x in "abcd"], tmp_path / "cmp", labels=list("ABCD"))
+    diffs = [d for d in result["differences"] if "reference" in d]
+    assert len(diffs) == 1 and diffs[0].startswith("C was tracked against another reference than A"), diffs
+    assert "**Not like for like**" in md.read_text()
+    # a report saved before the reference was recorded: unknown, not claimed to differ
+    data = json.loads((tmp_path / "c" / "report.json").read_text())
+    del data["reference"]
+    (tmp_path / "c" / "report.json").write_text(json.dumps(data))
+    assert TrackReport.load(tmp_path / "c").reference is None
+    result, _ = compare_runs([tmp_path / "a", tmp_path / "c"], tmp_path / "cmp2")
+    assert not any("another reference" in d for d in result["differences"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ def _saved_run(root: Path) -> SFTTracker:
         if t >= 2:
             current[:, 12] = 0.0                                   # a real removal from step 2 on
         values = inverse_harsanyi(current) + 0.01 * torch.randn(6, 32, generator=g, dtype=torch.float64)
-        tracker.add_values(t, values)
+        tracker.add_values(t, values, heldout_loss=math.nan if t == 4 else 2.0 - 0.1 * t)  # diverged at the end
     return tracker
 
 
@@ -46,6 +47,7 @@ def test_compare_options_grid_and_report(tmp_path):
     assert own["removed_floor"] == sum(curves["all/removed_new_floor"])
     again = json.loads((tmp_path / "again" / "report.json").read_text())
     assert again["curves"]["all/removed_new"] == curves["all/removed_new"]
+    assert again["curves"]["heldout_loss"][-2:] == [1.7, "nan"]  # the saved NaN loss read back as NaN, not null
     assert (tmp_path / "again" / "report.md").exists()
     # --current-defaults: the saved run used METHOD.md's marked set logic, the report this version's defaults
     marked = tmp_path / "marked"

@@ -1249,3 +1249,21 @@ def test_reference_players_are_the_probe_words_not_earlier_text_that_contains_th
     base, ref = built
     assert base.words == ref.words == ("is", "sky")
     assert ref.player_spans == base.player_spans == ((2, 3), (4, 5))  # were (0, 1) "this" and (1, 2) "skyline"
+
+
+def test_add_values_tracks_every_row_and_the_report_says_min_base_py_was_not_applied(caplog):
+    """min_base_py drops probes where add_checkpoint builds the games; add_values tracks the rows it is given. Its
+    report listed every row as kept under a min_base_py they did not meet, with nothing saying no filter ran."""
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(3, 16, generator=g, dtype=torch.float64)
+    tracker = SFTTracker(None, andor_method="and", bootstrap=20, noise_draws=1, progress=False)  # min_base_py 0.5
+    with caplog.at_level("WARNING"):
+        tracker.add_values(0, values, p_y=torch.tensor([0.9, 0.1, 0.2]))
+    tracker.add_values(1, values + 0.01, p_y=torch.tensor([0.9, 0.1, 0.2]))
+    assert "2 of 3 rows have a base p_y under min_base_py=0.5" in caplog.text
+    report = tracker.report()
+    assert report.probes["kept"] == [0, 1, 2]  # the rows tracked: all of them
+    assert any("min_base_py=0.5 was not applied" in note and "2 of 3" in note for note in report.notes), report.notes
+    confident = SFTTracker(None, andor_method="and", bootstrap=20, noise_draws=1, progress=False)
+    confident.add_values(0, values, p_y=torch.tensor([0.9, 0.6, 0.7]))
+    assert not any("min_base_py" in note for note in confident.report().notes)

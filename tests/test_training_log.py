@@ -195,3 +195,41 @@ def test_module_example():
     from sftint_fast.sft import training_log
 
     assert doctest.testmod(training_log).failed == 0
+
+
+def test_the_training_loss_of_a_window_weighs_each_logged_loss_by_the_steps_it_covers():
+    """A Trainer logs at step s the mean loss since its previous log: with logging_first_step, step 1's loss (one
+    step) counted as much as step 10's (nine steps), 2.267 instead of 1.950 for steps 1-20."""
+    log = TrainingLog.from_history([{"step": 1, "loss": 3.0}, {"step": 10, "loss": 2.0}, {"step": 20, "loss": 1.8}],
+                                   source="x")
+    got = log.at([0, 20])["train_loss"]
+    assert got[0] is None and got[1] == pytest.approx((3.0 + 9 * 2.0 + 10 * 1.8) / 20)
+    assert log.at([1, 20])["train_loss"] == [3.0, pytest.approx((9 * 2.0 + 10 * 1.8) / 19)]
+    regular = TrainingLog.from_history([{"step": s, "loss": float(s)} for s in (5, 10, 15)], source="x")
+    assert regular.at([15])["train_loss"] == [10.0]  # equal intervals: the plain mean
+
+
+def test_eval_losses_of_several_eval_datasets_are_read_and_shown(tmp_path):
+    """A Trainer given a dict of eval datasets logs eval_<name>_loss, no eval_loss: the report showed no eval loss
+    at all and said there was none."""
+    from sftint_fast.plot import markdown, write_report
+
+    history = [{"step": s, "loss": 3.0 - 0.1 * s} for s in range(1, 21)]
+    history += [{"step": s, "eval_chat_loss": 2.0 - 0.01 * s, "eval_code_loss": 2.5 + 0.01 * s,
+                 "eval_chat_runtime": 0.1} for s in (5, 10, 15, 20)]
+    log = TrainingLog.from_history(history, source="x")
+    assert set(log.series) == {"loss", "eval_chat_loss", "eval_code_loss"}
+    got = log.at([0, 5, 10, 15, 20])
+    assert got["eval_loss"] == [None] * 5
+    assert got["eval_chat_loss"] == [None, 1.95, 1.9, 1.85, 1.8] and got["eval_code_loss"][-1] == 2.7
+    report = dataclasses.replace(_report(), phase_boundary=10)
+    md = markdown(report, figures=[], training=log)
+    header = next(line for line in md.splitlines() if line.startswith("| step"))
+    assert header.endswith("| held-out loss | train loss | eval_chat_loss | eval_code_loss |")
+    row = next(line for line in md.splitlines() if line.startswith("| 15 |"))
+    assert row.endswith("| 1.850 | 2.650 |")
+    assert "the eval loss tells whether" in md
+    write_report(report, tmp_path, training=log)
+    assert TrainingLog.load(tmp_path / "training_log.json") == log
+    with pytest.raises(ValueError, match=r"log_history\[0\]\['eval_chat_loss'\] to be a number"):
+        TrainingLog.from_history([{"step": 1, "eval_chat_loss": "low"}], source="x")

@@ -18,10 +18,11 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from sftint_fast.sft.tracker import TrackReport, _atomic_write_text, _json_safe
+from sftint_fast.sft.tracker import TrackReport, _atomic_write_text, _json_safe, loss_to_json
 from sftint_fast.sft.training_log import TrainingLog
 
 BASE_RTOL = 1e-4  # base p_y of the same probes on the same base model: equal up to the engine's reordering
+LOSSES = ("heldout_loss_first", "heldout_loss_last", "train_loss_last")  # NaN in compare.json as "nan", not null
 
 
 def load_run(folder: str | os.PathLike) -> tuple[TrackReport, TrainingLog | None]:
@@ -66,6 +67,7 @@ def compare_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     for label, folder, (report, log) in zip(labels, runs, loaded):
         h = headline(report)
         c = report.curves
+        # None: not measured; NaN (a diverged run) is the last loss when it was the last measured
         losses = [(s, x) for s, x in zip(report.steps, c["heldout_loss"]) if x is not None]
         train = log.at(report.steps)["train_loss"] if log is not None else []
         train = [x for x in train if x is not None]  # the last tracked step may have no log entry since the one before
@@ -87,7 +89,8 @@ def compare_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     result = {"rows": rows, "differences": differences}
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(target / "compare.json", json.dumps(_json_safe(result), indent=1))
+    saved = {**result, "rows": [{**row, **{k: loss_to_json(row[k]) for k in LOSSES}} for row in rows]}
+    _atomic_write_text(target / "compare.json", json.dumps(_json_safe(saved), indent=1))
     from sftint_fast.plot import plot_compare
 
     plot_compare(labels, [r for r, _ in loaded], [log for _, log in loaded], target / "compare.png")
@@ -113,6 +116,13 @@ def _differences(labels: list[str], reports: list[TrackReport]) -> list[str]:
     if any(r.gamma_available != first.gamma_available for r in reports[1:]):
         out.append("reference model (γ, and emergence counted unshared with it): "
                    + ", ".join(f"{label} {'yes' if r.gamma_available else 'no'}" for label, r in zip(labels, reports)))
+    # γ and the emergence unshared with the reference are measured against it: another reference, other numbers
+    known = [(label, r.reference) for label, r in zip(labels, reports) if (r.reference or {}).get("sha256")]
+    for label, reference in known[1:]:
+        if reference["sha256"] != known[0][1]["sha256"]:
+            out.append(f"{label} was tracked against another reference than {known[0][0]} ({reference['source']}, "
+                       f"sha256 {reference['sha256']} vs {known[0][1]['source']}, {known[0][1]['sha256']}), so its γ "
+                       "and its emergence unshared with the reference are not measured alike")
     base, prompts, words = first.probes["p_y"][0], first.probes.get("prompts"), first.probes.get("words")
     for label, report in zip(labels[1:], reports[1:]):
         other, theirs = report.probes["p_y"][0], report.probes.get("prompts")

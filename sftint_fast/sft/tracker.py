@@ -150,7 +150,10 @@ class TrackReport:
     target is still relevant at that checkpoint; ``<kind>/<count>_irrelevant`` counts the flagged probes' apart
     (METHOD.md section 7.5). ``intervals`` maps a curve name to ``(lo, hi)`` bootstrap lists.
     ``probes`` holds per-probe tables (``p_y``, ``gain`` = ``v(N)−v(∅)``, ``irrelevant`` flags), each
-    ``[checkpoint][probe]``. ``phase_boundary`` is a step (not an index) or None.
+    ``[checkpoint][probe]``; ``kept`` the probes' indices, or every row's for values fed with
+    :meth:`SFTTracker.add_values` (``min_base_py`` dropped none of them: ``notes`` says so where it would have).
+    ``phase_boundary`` is a step (not an index) or None. ``reference``: the reference the γ curves were measured
+    against (``source``, and ``sha256``: its model's config and weights, or its interactions' values), None without.
     """
 
     steps: tuple[int, ...]
@@ -166,18 +169,21 @@ class TrackReport:
     numerics: dict[str, Any] | None
     notes: tuple[str, ...] = field(default_factory=tuple)
     cost: dict[str, Any] = field(default_factory=dict)
+    reference: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["intervals"] = {k: [list(lo), list(hi)] for k, (lo, hi) in self.intervals.items()}
         out["steps"] = list(self.steps)
         out["notes"] = list(self.notes)
+        if "heldout_loss" in out["curves"]:
+            out["curves"]["heldout_loss"] = [loss_to_json(x) for x in out["curves"]["heldout_loss"]]
         return _json_safe(out)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TrackReport:
         """Reads what :meth:`save` wrote (``report.json``, or a run folder holding one); non-finite numbers come
-        back as None, as they were saved."""
+        back as None, as they were saved, except held-out losses (NaN or inf: :func:`loss_to_json`)."""
         target = Path(path)
         if target.is_dir():
             target = target / "report.json"
@@ -187,16 +193,19 @@ class TrackReport:
             raise ValueError(f"{target}: expected a tracking report (report.json of sftint track / demo), could not "
                              f"read it: {err}") from None
         names = [f.name for f in fields(cls)]
-        optional = {"notes", "cost"}  # fields with defaults (cost: reports saved before it existed)
+        optional = {"notes", "cost", "reference"}  # fields with defaults (reports saved before they existed)
         missing = [name for name in names if name not in optional and name not in data] if isinstance(data, dict) \
             else names
         if missing:
             raise ValueError(f"{target}: expected a tracking report (report.json of sftint track / demo), missing "
                              f"{missing}")
         try:
+            curves = dict(data["curves"])
+            if "heldout_loss" in curves:
+                curves["heldout_loss"] = [loss_from_json(x) for x in curves["heldout_loss"]]
             return cls(**{**{k: data[k] for k in names if k in data}, "steps": tuple(data["steps"]),
                           "intervals": {k: (list(lo), list(hi)) for k, (lo, hi) in data["intervals"].items()},
-                          "notes": tuple(data.get("notes", ()))})
+                          "notes": tuple(data.get("notes", ())), "curves": curves})
         except (TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"{target}: expected a tracking report (report.json of sftint track / demo), got a "
                              f"malformed one: {err}") from None
@@ -266,7 +275,8 @@ class SFTTracker:
         compute_dtype, engine_method: passed to :func:`sftint_fast.evaluate`; ``compute_dtype="auto"`` runs each
             model in its own dtype (a float64 or bfloat16 model as it is). It alone sets the precision of the game
             values, also inside an autocast region or a ``Trainer``'s ``bf16``/``fp16`` mixed precision.
-        min_base_py: probes whose base target probability is lower are dropped at the base checkpoint.
+        min_base_py: probes whose base target probability is lower are dropped at the base checkpoint (by
+            :meth:`add_checkpoint`; :meth:`add_values` tracks every row it is given).
         irrelevant_fraction: a probe whose ``p_y`` falls under this fraction of its base value is flagged
             and its changes are counted apart.
         boundary_removed_fraction, boundary_significant: the phase-boundary rule
@@ -343,6 +353,7 @@ class SFTTracker:
         self.tokenizer = tokenizer
         self._baseline = baseline
         self._reference_source = reference
+        self._reference_sha: str | None = None  # _reference_digest of a (model, tokenizer) reference, once
         self._heldout = list(heldout) if heldout is not None else None
         # the held-out loss of (prompt, answer) pairs is computed on the tokens this tokenizer gives them, at every
         # checkpoint: recorded, so that a run resumed with another tokenizer (or chat template) is not mixed in
@@ -430,7 +441,9 @@ class SFTTracker:
 
         ``p_y`` ``(B,)`` defaults to ``sigmoid(v(N))`` (the target probability for a one-token log-odds game).
         The first call is the base checkpoint; it also reads a ``reference`` given as saved interactions (a
-        ``(model, tokenizer)`` reference needs :meth:`add_checkpoint`).
+        ``(model, tokenizer)`` reference needs :meth:`add_checkpoint`). Every row given is tracked: ``min_base_py``
+        drops probes only where :meth:`add_checkpoint` builds the games (rows under it are warned about here and
+        noted in the report).
         """
         _check_step_type(step)
         if step in self.steps:
@@ -456,6 +469,12 @@ class SFTTracker:
                 "floor_rows_decomposed": rows, "heldout_loss": heldout_loss, **(self._costs or {})}
         record = _Record(step=int(step), values=values, interactions=interactions, p_y=py, heldout_loss=heldout_loss,
                          floors=floors, extra=extra, meta=meta)
+        if not self.records and self.games is None:
+            below = int((py < self.config.min_base_py).sum())
+            if below:
+                logger.warning("add_values tracks every row it is given: %d of %d rows have a base p_y under "
+                               "min_base_py=%g (it drops probes only in add_checkpoint)", below, py.shape[0],
+                               self.config.min_base_py)
         self._ingest(record)
         if self._writes:
             try:
@@ -853,6 +872,25 @@ class SFTTracker:
 
     # -------------------------------------------------------------------------------------- persistence
 
+    def _reference_fingerprint(self) -> str | None:
+        """:func:`_reference_digest` of the reference given (its model's is computed once)."""
+        if isinstance(self._reference_source, (tuple, list)):
+            if self._reference_sha is None:
+                self._reference_sha = _reference_digest(self._reference_source)
+            return self._reference_sha
+        return _reference_digest(self._reference_source)
+
+    def _reference_record(self) -> dict[str, Any] | None:
+        """What the report records of the reference (:attr:`TrackReport.reference`): a model's fingerprint, or that
+        of the interactions used (the same for a dict and a file of the same values), so runs tracked against
+        other references tell apart."""
+        if self.reference is None:
+            return None
+        source = self._reference_source
+        digest = (self._reference_fingerprint() if isinstance(source, (tuple, list))
+                  else _reference_digest({f"I_{k}": v for k, v in self.reference.items()}))
+        return {"source": _describe_reference(source), "sha256": digest}
+
     def _config_blob(self) -> dict[str, Any]:
         blob = {"tracker": asdict(self.config), "probes": [asdict(p) for p in self.probes],
                 "heldout": _digest(self._heldout), "reference": _describe_reference(self._reference_source)}
@@ -865,7 +903,7 @@ class SFTTracker:
             blob["heldout_sha256"] = heldout
         if self._heldout_tokens is not None:
             blob["heldout_tokens_sha256"] = self._heldout_tokens
-        reference = _reference_digest(self._reference_source)
+        reference = self._reference_fingerprint()
         if reference is not None:
             # "reference" records only "interactions" or the model's type: a resumed run uses the reference values
             # it saved, so another reference given on resume would be ignored without this
@@ -943,6 +981,7 @@ class SFTTracker:
             self.reference = {k[2:]: v for k, v in load_file(str(out / "reference.safetensors")).items()}
         for meta_path in saved:
             meta = json.loads(meta_path.read_text())
+            meta["heldout_loss"] = loss_from_json(meta.get("heldout_loss"))
             tensors = load_file(str(meta_path.with_suffix(".safetensors")))
             record = _Record(
                 step=meta["step"], values=tensors["values"],
@@ -986,7 +1025,8 @@ class SFTTracker:
         base = self.out_dir / f"step_{record.step:09d}"
         # tensors first, JSON last: a step counts as saved only once its JSON exists
         _atomic_save_tensors(base.with_suffix(".safetensors"), {k: v.contiguous() for k, v in tensors.items()})
-        _atomic_write_text(base.with_suffix(".json"), json.dumps(_json_safe(record.meta), indent=1))
+        meta = {**record.meta, "heldout_loss": loss_to_json(record.heldout_loss)}  # a NaN loss is no missing one
+        _atomic_write_text(base.with_suffix(".json"), json.dumps(_json_safe(meta), indent=1))
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -1287,6 +1327,21 @@ def _tensor_digest(x: torch.Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
+def loss_to_json(loss: float | None) -> float | str | None:
+    """A held-out loss for strict JSON: a NaN or infinite one (a diverged run) as the string ``"nan"``, ``"inf"`` or
+    ``"-inf"``, where :func:`_json_safe` would write null, which reads back as "not measured"."""
+    return str(loss) if isinstance(loss, float) and not math.isfinite(loss) else loss
+
+
+def loss_from_json(loss: Any) -> float | None:
+    """What :func:`loss_to_json` wrote, back as a number (None: not measured)."""
+    if isinstance(loss, str):
+        if loss not in ("nan", "inf", "-inf"):
+            raise ValueError(f"heldout_loss: expected a number, null, 'nan', 'inf' or '-inf', got {loss!r}")
+        return float(loss)
+    return loss
+
+
 def _json_safe(x: Any) -> Any:
     if isinstance(x, dict):
         return {str(k): _json_safe(v) for k, v in x.items()}
@@ -1414,6 +1469,10 @@ def _build_report(tracker: SFTTracker) -> TrackReport:
     if one_probe:
         notes.append("no phase boundary: one probe gives no bootstrap interval, so no count can be significant "
                      "(boundary_significant=False applies the rule to the counts alone)")
+    below = int((py[0] < c.min_base_py).sum())
+    if tracker.kept is None and below:
+        notes.append(f"min_base_py={c.min_base_py:g} was not applied: the values were fed with add_values, which "
+                     f"tracks every row it is given; {below} of {B} probes have a base p_y under it")
     if c.persistence > 1:
         notes.append(f"persistence {c.persistence}: a change is counted at the checkpoint that confirms it, "
                      f"{c.persistence - 1} checkpoint(s) after its onset")
@@ -1432,6 +1491,7 @@ def _build_report(tracker: SFTTracker) -> TrackReport:
         probes=probes_table, phase_boundary=None if boundary_index is None else steps[boundary_index],
         heldout_loss_min_step=min(finite)[1] if finite else None, solver=tracker.solver, gamma_available=has_ref,
         floor_cost=floor_cost, numerics=tracker.numerics, notes=tuple(notes), cost=_tracking_cost(records),
+        reference=tracker._reference_record(),
     )
 
 

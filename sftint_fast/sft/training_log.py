@@ -2,9 +2,9 @@
 
 The interactions say where the denoising stage ends; the training loss says whether training was still lowering
 it then. A ``Trainer`` keeps its log in ``trainer_state.json`` (``log_history``: ``{"step", "loss", "grad_norm",
-"learning_rate", ...}`` per logging step, ``{"step", "eval_loss", ...}`` per evaluation), saved in every
-checkpoint folder. :func:`read_training_log` reads it from the checkpoints being tracked;
-:meth:`TrainingLog.at` summarises it at the tracked steps.
+"learning_rate", ...}`` per logging step, ``{"step", "eval_loss", ...}`` per evaluation, ``eval_<name>_loss`` per
+eval dataset when it was given several), saved in every checkpoint folder. :func:`read_training_log` reads it from
+the checkpoints being tracked; :meth:`TrainingLog.at` summarises it at the tracked steps.
 
 >>> log = TrainingLog.from_history([{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": 1.0},
 ...                                 {"step": 3, "eval_loss": 2.5}], source="example")
@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -24,13 +25,16 @@ from typing import Any, Iterable, Sequence
 logger = logging.getLogger(__name__)
 
 SERIES = ("loss", "eval_loss", "learning_rate", "grad_norm")
+#: eval_loss, and the eval_<name>_loss a Trainer logs per eval dataset when given a dict of them
+EVAL_LOSS = re.compile(r"eval_(?:.+_)?loss")
 _WARNED: set[str] = set()
 
 
 @dataclass(frozen=True)
 class TrainingLog:
-    """Per series (``loss`` = training loss, ``eval_loss``, ``learning_rate``, ``grad_norm``), the ``(step, value)``
-    pairs logged, in step order; ``source``: where they were read."""
+    """Per series (``loss`` = training loss, ``eval_loss`` or ``eval_<name>_loss`` per eval dataset,
+    ``learning_rate``, ``grad_norm``), the ``(step, value)`` pairs logged, in step order; ``source``: where they were
+    read."""
 
     series: dict[str, tuple[tuple[int, float], ...]]
     source: str
@@ -47,13 +51,14 @@ class TrainingLog:
             step = entry.get("step")
             if isinstance(step, bool) or not isinstance(step, int) or step < 0:
                 raise ValueError(f"{source}: expected log_history[{i}]['step'] to be an int >= 0, got {step!r}")
-            for name in SERIES:
+            evals = [k for k in entry if k not in SERIES and isinstance(k, str) and EVAL_LOSS.fullmatch(k)]
+            for name in (*SERIES, *evals):
                 value = entry.get(name)
                 if value is None:
                     continue
                 if isinstance(value, bool) or not isinstance(value, (int, float)):
                     raise ValueError(f"{source}: expected log_history[{i}][{name!r}] to be a number, got {value!r}")
-                series[name].append((step, float(value)))  # NaN kept: a diverged run shows as such
+                series.setdefault(name, []).append((step, float(value)))  # NaN kept: a diverged run shows as such
         return cls({name: tuple(sorted(pairs, key=lambda p: p[0])) for name, pairs in series.items() if pairs},
                    source)
 
@@ -76,10 +81,18 @@ class TrainingLog:
             raise ValueError(f"{target}: expected a training log (training_log.json of sftint track / demo), "
                              f"could not read it: {err!r}") from None
 
+    @property
+    def eval_losses(self) -> list[str]:
+        """The eval loss series logged: ``eval_loss`` first, then each ``eval_<name>_loss``."""
+        return sorted((name for name in self.series if EVAL_LOSS.fullmatch(name)), key=lambda n: (n != "eval_loss", n))
+
     def at(self, steps: Sequence[int]) -> dict[str, list[float | None]]:
         """The training loss at each tracked step as the mean of the values logged after the previous tracked step
-        up to this one (the step's own logged loss is one noisy batch), and the last ``eval_loss`` logged at or
-        before it; None where nothing was logged. ``steps``: ints >= 0 in increasing order (the tracked steps)."""
+        up to this one (the step's own logged loss is one noisy batch), each weighted by the steps since the log
+        before it (a ``Trainer`` logs the mean loss since its previous log: with ``logging_first_step``, step 1's
+        covers one step), and the last eval loss logged at or before it (``eval_loss``, and each
+        ``eval_<name>_loss`` of the log); None where nothing was logged. ``steps``: ints >= 0 in increasing order
+        (the tracked steps)."""
         steps = list(steps)
         bad = [s for s in steps if isinstance(s, bool) or not isinstance(s, int) or s < 0]
         if bad:
@@ -87,14 +100,21 @@ class TrainingLog:
         if any(b <= a for a, b in zip(steps, steps[1:])):
             # each window runs from the previous step: out of order, a window is empty or holds the wrong losses
             raise ValueError(f"steps: expected strictly increasing steps (the tracked checkpoints), got {steps}")
-        out: dict[str, list[float | None]] = {"train_loss": [], "eval_loss": []}
-        train, evals = self.series.get("loss", ()), self.series.get("eval_loss", ())
+        evals = ["eval_loss", *(name for name in self.eval_losses if name != "eval_loss")]
+        out: dict[str, list[float | None]] = {"train_loss": [], **{name: [] for name in evals}}
+        train = self.series.get("loss", ())
+        covered = [s - before for (s, _), before in zip(train, [0, *(s for s, _ in train)])]
         previous = -1
         for step in steps:
-            window = [v for s, v in train if previous < s <= step]
-            out["train_loss"].append(math.fsum(window) / len(window) if window else None)
-            before = [v for s, v in evals if s <= step]
-            out["eval_loss"].append(before[-1] if before else None)
+            window = [(v, w) for (s, v), w in zip(train, covered) if previous < s <= step]
+            total = sum(w for _, w in window)
+            if total > 0:
+                out["train_loss"].append(math.fsum(v * w for v, w in window) / total)
+            else:  # no window, or only losses logged again at the step of one before it
+                out["train_loss"].append(math.fsum(v for v, _ in window) / len(window) if window else None)
+            for name in evals:
+                before = [v for s, v in self.series.get(name, ()) if s <= step]
+                out[name].append(before[-1] if before else None)
             previous = step
         return out
 
