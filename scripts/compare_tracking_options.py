@@ -50,7 +50,9 @@ def evaluate_options(steps, options: dict, base_config: dict) -> dict:
         observed = sum(curves[f"all/{change}_new"])
         floor = sum(curves[f"all/{change}_new_floor"])
         out.update({f"{change}_observed": observed, f"{change}_floor": floor,
-                    f"{change}_floor_over_observed": floor / observed if observed else float("inf")})
+                    # no change and no floor: no ratio (inf, the worst, is for a floor where nothing changed)
+                    f"{change}_floor_over_observed": floor / observed if observed else float("inf") if floor
+                    else float("nan")})
     return out
 
 
@@ -65,8 +67,9 @@ def main() -> None:
     args = parser.parse_args()
     saved = json.loads((args.run / "tracker" / "config.json").read_text())
     config = saved["tracker"]
-    base_config = {k: config[k] for k in ("qthres", "tau", "andor_method", "andor_niter", "andor_lr", "seed",
-                                           "noise_draws", "min_base_py", "irrelevant_fraction", "bootstrap")
+    base_config = {k: config[k] for k in ("qthres", "tau", "andor_method", "andor_niter", "andor_lr", "warm_start",
+                                           "seed", "noise_draws", "min_base_py", "irrelevant_fraction", "bootstrap",
+                                           "boundary_removed_fraction", "boundary_significant")
                    if k in config}
     steps = load_run(args.run)
     if args.report:

@@ -99,11 +99,19 @@ _FEWER_PLAYERS = {
 }
 
 
+#: the tracker's advice for a resumed ``out_dir`` that holds another configuration (``track`` and ``demo`` use it)
+_NEW_OUT_DIR = "; use a new out_dir"
+
+
 def _cli_message(command: str, err: Exception) -> str:
     """``err``'s message, with the engine's advice to pass ``subsets=`` (all 2^n variants do not fit in memory)
-    replaced by the options of ``command`` that choose fewer players."""
-    head, advice, _ = str(err).partition("; pass subsets=")
-    return f"{head}; {_FEWER_PLAYERS.get(command, 'choose fewer players')}" if advice else str(err)
+    replaced by the options of ``command`` that choose fewer players, and the tracker's advice to use a new
+    ``out_dir`` by the command's ``--out``."""
+    message = str(err)
+    if message.endswith(_NEW_OUT_DIR) and command in ("track", "demo"):
+        return message[:-len(_NEW_OUT_DIR)] + "; rerun with that run's options or track into another --out"
+    head, advice, _ = message.partition("; pass subsets=")
+    return f"{head}; {_FEWER_PLAYERS.get(command, 'choose fewer players')}" if advice else message
 
 
 def _file_refusal(command: str, flag: str, path: str | None, what: str) -> str | None:
@@ -316,6 +324,11 @@ def _run_explain(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"--{err}" if args.file is None else f"--file: {err}", file=sys.stderr)
         return 2
+    if not any(players == "words" for _, players, _ in requests):  # --n-players would choose no prompt's players
+        named = args.file is not None and any("players" in row for row in rows)
+        given = " and ".join(([f"--players {args.players}"] if args.players != "all" else [])
+                             + (["the players the --file rows name"] if named else []))
+        _refuse_unused("--n-players", args.n_players, "with --players all", f"with {given}")
     try:
         resolve_device(args.device)
     except ValueError as err:
@@ -484,24 +497,36 @@ def _explain_one(args: argparse.Namespace, tokenizer, text: str, game, v, out, c
 #: ``sftint track`` options forwarded to :class:`~sftint_fast.sft.tracker.SFTTracker` when given (flag, keyword,
 #: argparse keywords); left out, the tracker's own default applies (and the tracker validates every value).
 _TRACK_OPTIONS = [
-    ("--tau", "tau", {"type": float, "help": "salience threshold, a share of max |I| (default 0.05)"}),
-    ("--threshold-reference", "threshold_reference", {"choices": ["base", "checkpoint", "absolute"]}),
+    ("--tau", "tau", {"type": float, "help": "salience threshold, a share of max |I| (default 0.05; an |I| with "
+                                             "--threshold-reference absolute)"}),
+    ("--threshold-reference", "threshold_reference", {"choices": ["base", "checkpoint", "absolute"],
+                                                      "help": "whose max |I| tau is a share of: the base model's "
+                                                              "(default) or each checkpoint's; absolute: none"}),
     ("--qthres", "qthres", {"type": float, "help": "AND-OR noise bound, a share of |v(N) - v(empty)| (default 0.04)"}),
-    ("--niter", "andor_niter", {"type": _int_at_least(0), "help": "SGD iterations of the AND-OR decomposition"}),
-    ("--andor-lr", "andor_lr", {"type": _positive_float}),
+    ("--niter", "andor_niter", {"type": _int_at_least(0),
+                                "help": "SGD iterations of the AND-OR decomposition (default 20000)"}),
+    ("--andor-lr", "andor_lr", {"type": _positive_float,
+                                "help": "initial SGD learning rate of the AND-OR decomposition (default 1e-6)"}),
     ("--baseline", "baseline", {"choices": ["pad", "unk"], "help": "masking baseline embedding (default pad)"}),
     ("--target", "target", {"choices": ["base", "answer"],
-                            "help": "base: the base model's greedy answer; answer: each probe's answer"}),
+                            "help": "base: the base model's greedy next token (default); answer: each probe's "
+                                    "answer, teacher-forced"}),
     ("--chat", "chat", {"action": "store_const", "const": True, "help": "wrap probes in the chat template"}),
     ("--hysteresis", "hysteresis", {"action": argparse.BooleanOptionalAction,
                                     "help": "enter above tau, leave below tau/2 (default on; --no-hysteresis: off)"}),
-    ("--persistence", "persistence", {"type": _int_at_least(1), "help": "checkpoints a change must persist"}),
-    ("--noise-draws", "noise_draws", {"type": _int_at_least(1)}),
-    ("--bootstrap", "bootstrap", {"type": _int_at_least(1)}),
-    ("--min-base-py", "min_base_py", {"type": float, "help": "drop probes whose base target probability is lower"}),
-    ("--compute-dtype", "compute_dtype", {"choices": ["float32", "tf32", "bfloat16", "auto"]}),
-    ("--engine", "engine_method", {"choices": ["auto", "naive", "trie"]}),
-    ("--seed", "seed", {"type": int}),
+    ("--persistence", "persistence", {"type": _int_at_least(1),
+                                      "help": "checkpoints a change must persist (default 2)"}),
+    ("--noise-draws", "noise_draws", {"type": _int_at_least(1),
+                                      "help": "noise-floor draws per checkpoint (default 3)"}),
+    ("--bootstrap", "bootstrap", {"type": _int_at_least(1),
+                                  "help": "bootstrap resamples over the probes (default 1000)"}),
+    ("--min-base-py", "min_base_py", {"type": float,
+                                      "help": "drop probes whose base target probability is lower (default 0.5)"}),
+    ("--compute-dtype", "compute_dtype", {"choices": ["float32", "tf32", "bfloat16", "auto"],
+                                          "help": "precision of the game values (default float32; auto: each "
+                                                  "model's own dtype)"}),
+    ("--engine", "engine_method", {"choices": ["auto", "naive", "trie"], "help": "evaluation engine (default auto)"}),
+    ("--seed", "seed", {"type": int, "help": "seed of the noise floor and the bootstrap (default 0)"}),
 ]
 
 
@@ -513,9 +538,12 @@ def _add_track(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference", default=None, help="reference model folder (for gamma)")
     p.add_argument("--out", required=True, help="run folder (resumes when it exists; refuses another --base or a "
                                                 "tracked checkpoint folder that changed since)")
-    p.add_argument("--n-players", type=_int_at_least(1), default=8)
-    p.add_argument("--andor-method", choices=["sgd", "lp", "and"], default="sgd")
-    p.add_argument("--noise-floor", choices=["order_matched", "iid", "none"], default="order_matched")
+    p.add_argument("--n-players", type=_int_at_least(1), default=8,
+                   help="players (content words) per probe, unless a probe names them (default 8)")
+    p.add_argument("--andor-method", choices=["sgd", "lp", "and"], default="sgd",
+                   help="the decomposition: sgd (default), the exact lp, or and (AND interactions alone)")
+    p.add_argument("--noise-floor", choices=["order_matched", "iid", "none"], default="order_matched",
+                   help="the null behind the noise floor (default order_matched; none: no floor)")
     p.add_argument("--heldout", default=None,
                    help='JSONL of {"prompt", "answer"} rows: the held-out loss per checkpoint')
     p.add_argument("--device", default=None,
@@ -589,7 +617,7 @@ def _run_track(args: argparse.Namespace) -> int:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="offline SFT of the bundled SmolLM2 with interaction tracking "
                                     "(~5 min on 2 CPU cores; the report in --out)")
-    p.add_argument("--steps", type=_int_at_least(1), default=24)
+    p.add_argument("--steps", type=_int_at_least(1), default=24, help="training steps (default 24)")
     p.add_argument("--probes", type=_int_at_least(1), default=None,
                    help="how many confident probes to track (default 8)")
     p.add_argument("--probe-sources", type=_probe_sources, default=None, metavar="S[,S]",
@@ -597,14 +625,17 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                         "chatterbot (trivia questions); default: both")
     p.add_argument("--probes-file", default=None, metavar="JSONL",
                    help="track these probes (JSONL, as sftint track --probes) instead of choosing them")
-    p.add_argument("--n-players", type=_int_at_least(1), default=6)
-    p.add_argument("--every", type=_int_at_least(1), default=4)
-    p.add_argument("--lr", type=_positive_float, default=1e-4)
-    p.add_argument("--andor-method", choices=["sgd", "lp", "and"], default="sgd")
+    p.add_argument("--n-players", type=_int_at_least(1), default=6,
+                   help="players (content words) per probe (default 6)")
+    p.add_argument("--every", type=_int_at_least(1), default=4, help="track every N training steps (default 4)")
+    p.add_argument("--lr", type=_positive_float, default=1e-4, help="learning rate (default 1e-4)")
+    p.add_argument("--andor-method", choices=["sgd", "lp", "and"], default="sgd",
+                   help="the decomposition: sgd (default), the exact lp, or and (AND interactions alone)")
     p.add_argument("--niter", type=_int_at_least(0), default=None,
                    help="SGD iterations of the AND-OR decomposition (default 20000)")
-    p.add_argument("--out", default="sftint-demo")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="sftint-demo", help="run folder: the report, probes.jsonl, the tracker's files "
+                                                     "(default sftint-demo)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split, training and tracking (default 0)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:<i>: where training and tracking run")
     p.add_argument("--lora", type=_int_at_least(1), default=None, metavar="R",
                    help="train a LoRA adapter of rank R (alpha 2R, all linear layers; the peft extra) instead of "
@@ -783,7 +814,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
                         "(default naive,trie)")
     p.add_argument("--sample", type=_int_at_least(1), default=None,
                    help="time this many random variants (distinct bitmasks) instead of all 2^n")
-    p.add_argument("--seed", type=int, default=0, help="seed of --sample")
+    p.add_argument("--seed", type=int, default=None, help="seed of --sample (default 0)")
     p.add_argument("--repeat", type=_int_at_least(1), default=1, help="timed runs per engine (the median is shown)")
     p.add_argument("--compute-dtype", choices=["float32", "tf32", "bfloat16"], default=None,
                    help="tf32: TF32 matmuls on CUDA; bfloat16: autocast of a float32 model (naive only)")
@@ -817,7 +848,11 @@ def _run_bench(args: argparse.Namespace) -> int:
         return 2
     _refuse_unused("--pick", args.pick if players != "words" else None, "with --n-players or --players all",
                    f"with --players {args.players}")
+    _refuse_unused("--n-players", args.n_players if players != "words" else None, "with --players all",
+                   f"with --players {args.players}")
+    _refuse_unused("--seed", args.seed if args.sample is None else None, "with --sample", "without --sample")
     pick = args.pick or "first"
+    seed = 0 if args.seed is None else args.seed
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model, tokenizer = _load(args)
@@ -846,7 +881,7 @@ def _run_bench(args: argparse.Namespace) -> int:
             print(f"--sample: expected at most 2^{game.num_players} = {total} variants, received {args.sample}",
                   file=sys.stderr)
             return 2
-        subsets = sample_subsets(game.num_players, args.sample, seed=args.seed)
+        subsets = sample_subsets(game.num_players, args.sample, seed=seed)
     try:
         report = compare_engines(model, game, args.engines, subsets=subsets, repeat=args.repeat, progress=True,
                                  compute_dtype=args.compute_dtype)
@@ -859,7 +894,7 @@ def _run_bench(args: argparse.Namespace) -> int:
                         "pick": pick, "base": args.base, "target": args.target, "chat": args.chat,
                         "masking": args.masking,
                         "engines": args.engines,
-                        "sample": args.sample, "seed": args.seed, "dtype": args.dtype,
+                        "sample": args.sample, "seed": seed, "dtype": args.dtype,
                         "compute_dtype": args.compute_dtype}
     print(format_report(report))
     if args.out is not None:

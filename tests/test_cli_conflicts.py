@@ -114,3 +114,36 @@ def test_an_out_that_cannot_be_written_is_refused_before_anything_runs(tmp_path,
         err = capsys.readouterr().err
         assert f"sftint {command}: --out: expected {expected} to write, {str(out)!r} {got}" in err, err
         assert "model:" not in err
+
+
+@pytest.mark.parametrize("command", ["explain", "bench"])
+def test_n_players_is_refused_with_explicit_players(tmp_path, command, capsys):
+    # was refused only once the model had loaded, by the library's names ("n_players: expected None when players is
+    # an explicit list")
+    assert main([command, "--model", str(tmp_path / "not-loaded"), "--text", TEXT, "--players", "0,2",
+                 "--n-players", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--n-players: expected only with --players all" in err and "received --n-players 2 with --players 0,2" in err
+    assert "model:" not in err
+
+
+def test_explain_file_refuses_n_players_that_chooses_no_row_players(tmp_path, capsys):
+    # every row's players came from --players 0,2 or the row itself: --n-players was dropped without a word
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"prompt": TEXT}) + "\n" + json.dumps({"prompt": TEXT, "players": "1,3"}) + "\n")
+    assert main(["explain", "--model", str(tmp_path / "not-loaded"), "--file", str(path), "--players", "0,2",
+                 "--n-players", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--n-players: expected only with --players all" in err
+    assert "with --players 0,2 and the players the --file rows name" in err and "model:" not in err
+    path.write_text(json.dumps({"prompt": TEXT, "players": [0, 1]}) + "\n")
+    assert main(["explain", "--model", str(tmp_path / "not-loaded"), "--file", str(path), "--n-players", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "received --n-players 2 with the players the --file rows name" in err and "model:" not in err
+
+
+def test_bench_refuses_seed_without_sample(tmp_path, capsys):
+    # --seed only seeds the --sample draw: without it the option was accepted and ignored
+    assert main(["bench", "--model", str(tmp_path / "not-loaded"), "--seed", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--seed: expected only with --sample, received --seed 3 without --sample" in err and "model:" not in err

@@ -106,6 +106,8 @@ def test_track_cli_refuses_another_configuration(folders, tmp_path, capsys):
     assert _track(root, out, [str(root / "ckpt" / "checkpoint-10")], "--tau", "0.2") == 2
     err = capsys.readouterr().err
     assert "sftint track: out_dir" in err and "another configuration" in err and "tau" in err
+    # the advice names the command's option (it said "use a new out_dir", an option of the Python API only)
+    assert "use a new out_dir" not in err and "rerun with that run's options or track into another --out" in err
     # --no-hysteresis turns the default set logic's hysteresis off: another configuration too
     assert _track(root, out, [str(root / "ckpt" / "checkpoint-10")], "--no-hysteresis") == 2
     err = capsys.readouterr().err

@@ -15,12 +15,12 @@ from sftint_fast.sft.tracker import SFTTracker
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_tracking_options.py"
 
 
-def _saved_run(root: Path) -> SFTTracker:
+def _saved_run(root: Path, **options) -> SFTTracker:
     g = torch.Generator().manual_seed(0)
     interactions = 0.02 * torch.randn(6, 32, generator=g, dtype=torch.float64)
     interactions[:, [3, 5, 12, 31]] = 1.0
     tracker = SFTTracker(None, andor_method="and", min_base_py=0.0, bootstrap=50, out_dir=root / "tracker",
-                         progress=False, hysteresis=True, persistence=2)
+                         progress=False, hysteresis=True, persistence=2, **options)
     for t in range(5):
         current = interactions.clone()
         if t >= 2:
@@ -62,3 +62,29 @@ def test_compare_options_refuses_a_run_without_checkpoints(tmp_path):
     (tmp_path / "tracker" / "config.json").write_text(json.dumps({"tracker": {"tau": 0.05}}))
     done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "expected at least 2 saved checkpoints" in done.stderr
+
+
+def test_compare_options_report_keeps_the_runs_phase_boundary_rule(tmp_path):
+    """--report re-tracks with "the run's own options", but left the phase-boundary rule out: a run saved with
+    boundary_removed_fraction=0.5 was reported with the default 0.9 (and without a word)."""
+    tracker = _saved_run(tmp_path, boundary_removed_fraction=0.5, boundary_significant=False)
+    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "--only-report", "--report",
+                           str(tmp_path / "again")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    again = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert again["config"]["boundary_removed_fraction"] == 0.5 and again["config"]["boundary_significant"] is False
+    assert again["phase_boundary"] == tracker.report().phase_boundary
+
+
+def test_compare_options_ratio_of_no_change_is_nan(tmp_path):
+    """No observed change and no floor gave floor/observed = inf, the worst ratio, for an option that saw nothing."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import compare_tracking_options as script
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    steps = [(t, torch.zeros(2, 8, dtype=torch.float64) + torch.arange(8), None, None) for t in range(3)]
+    row = script.evaluate_options(steps, {"persistence": 1}, {"andor_method": "and", "min_base_py": 0.0,
+                                                              "bootstrap": 20})
+    assert row["removed_observed"] == row["removed_floor"] == 0.0
+    assert row["removed_floor_over_observed"] != row["removed_floor_over_observed"]  # NaN

@@ -40,13 +40,16 @@ class InteractionCallback(TrainerCallback):
     The model is evaluated in eval mode under ``torch.no_grad`` and its train mode is restored; with ``bf16``/``fp16``
     its own forward runs, not the Trainer's autocast one (the tracker's ``compute_dtype`` sets the precision).
     Logged scalars (``interactions/<name>``): ``removed``, ``preserved``, ``emerged`` (cumulative set sizes),
-    ``removed_new``/``emerged_new`` with ``_floor`` and ``_excess`` (counts summed over AND and OR),
-    ``gamma_emerged``/``gamma_removed`` (with a reference) and ``rho_emerged``/``rho_removed`` (of the AND sets:
-    ``report.curves["or/..."]`` holds the OR ones), ``p_y_mean``, ``heldout_loss``, and ``phase_boundary`` (the
+    ``removed_new``, ``removed_floor``, ``removed_excess``, ``emerged_new``, ``emerged_floor`` and
+    ``emerged_excess`` (this checkpoint's new changes, their noise floor and the excess over it; counts summed over
+    AND and OR), ``gamma_emerged``/``gamma_removed``/``gamma_preserved`` (with a reference) and
+    ``rho_emerged``/``rho_removed`` (of the AND sets: ``report.curves["or/..."]`` holds the OR ones), ``p_y_mean``,
+    ``heldout_loss``, ``irrelevant_probes`` (probes whose target became irrelevant), and ``phase_boundary`` (the
     step that ended the denoising stage, METHOD.md section 6) once there is one; ``tracking_seconds`` (this
     checkpoint's tracking) and ``tracking_overhead``: the share of the wall time since the base was tracked
-    (before the first training step, a fixed cost) spent tracking the later checkpoints. ``seconds_first``, ``seconds_tracking`` and
-    ``seconds_training`` hold the base's seconds and the totals behind that share.
+    (before the first training step, a fixed cost) spent tracking the later checkpoints. The callback's attributes
+    ``seconds_first``, ``seconds_tracking`` and ``seconds_training`` hold the base's seconds and the totals behind
+    that share.
 
     ``max_overhead``: the share ``f`` of that wall time tracking may take (e.g. 0.1). Tracking then runs when due
     rather than every ``every`` steps: after each checkpoint the next one is set the fewest steps later (at least

@@ -265,7 +265,9 @@ def confident_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 
     those with at least ``n_players`` content words (exactly ``n_players`` players, where a probe names them: the
     tracker drops a probe with other than ``n_players`` players), until ``count`` are
     found or the first ``max_tries`` candidates were looked at. ``content_target``: only probes whose greedy token
-    is a content word (the answer itself, not "The ...").
+    is a content word (the answer itself, not "The ..."). ``chat`` (default True, as ``sftint demo`` tracks them):
+    score each prompt in the tokenizer's chat template; pass the same ``chat`` as the tracker's (whose default is
+    False), or ``p_y`` is that of another prompt than the one tracked.
     """
     scored = scan_probes(model, tokenizer, count=count, min_py=min_py, n_players=n_players, candidates=candidates,
                          chat=chat, max_tries=max_tries, sources=sources, content_target=content_target)

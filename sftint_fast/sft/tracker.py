@@ -263,7 +263,7 @@ class SFTTracker:
         tau, threshold_reference, hysteresis, persistence: the set logic (module :mod:`~sftint_fast.sft.noise`);
             ``tau`` in ``(0, 1)`` (a share of ``max |I|``), or any number ``> 0`` with ``"absolute"``. The defaults
             are METHOD.md's (hysteresis on, persistence 2); ``hysteresis=False, persistence=3`` gave a lower floor
-            relative to the observed changes on three real SmolLM2 runs (README, "SFT tracking").
+            relative to the observed changes on three real SmolLM2 runs (README, "Tracking SFT").
         reference: ``(model, tokenizer)`` of a reference model, or its saved interactions (a dict or a
             safetensors path with ``I_and`` and optionally ``I_or`` of shape ``(B, 2^n)``); γ needs one.
         heldout: ``(prompt, answer)`` pairs or batches ``{"input_ids", "labels"}`` for the held-out loss.
@@ -283,6 +283,14 @@ class SFTTracker:
             (:func:`~sftint_fast.sft.noise.phase_boundary`); with ``boundary_significant`` its counts need a
             probe-bootstrap lower bound above 0, which one probe cannot give (its report then has no boundary, and
             a note says why).
+        bootstrap: probe-level bootstrap resamples behind ``report().intervals``.
+        seed: seeds the noise-floor draws, the bootstrap and the variants of the numerics check.
+        chat: wrap each probe in the tokenizer's chat template (as a user message, generation prompt added).
+        target: ``"base"``: the base model's greedy next token, fixed for the run; ``"answer"``: each probe's
+            answer text, teacher-forced (every probe needs one).
+        numerics_check: at the base checkpoint, measure the engine's (trie vs naive) and the precision's
+            (bf16 vs fp32) error on the first probe (``report().numerics``).
+        progress: tqdm bars while evaluating and decomposing.
     """
 
     def __init__(
