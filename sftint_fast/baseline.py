@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -112,10 +113,19 @@ def baseline_objective(
     """The section-5 objective of ``baseline`` averaged over ``games``, on ``samples`` triples per game drawn
     with ``seed`` (the same triples for every baseline: use it to compare baselines). The model runs in eval
     mode (each submodule's mode restored after), as in :func:`learn_baseline`."""
+    if not isinstance(baseline, torch.Tensor) or not baseline.is_floating_point():
+        raise TypeError(f"baseline: expected a floating-point tensor (hidden,) or (n, hidden), got "
+                        f"{type(baseline).__name__}")
     game_list = _check_games(model, games, per_player=baseline.dim() == 2)
     if not (isinstance(samples, int) and not isinstance(samples, bool) and samples >= 1):
         raise ValueError(f"samples: expected an int >= 1, got {samples!r}")
-    generator = torch.Generator().manual_seed(seed)
+    _check_seed(seed)
+    hidden = model.get_input_embeddings().weight.shape[1]
+    for game in game_list:  # else the game's embedding check names the engine's embed_tokens_output
+        if tuple(baseline.shape) not in ((hidden,), (game.num_players, hidden)):
+            raise ValueError(f"baseline: expected shape ({hidden},) or ({game.num_players}, {hidden}) (the model's "
+                             f"hidden size), got {tuple(baseline.shape)}")
+    generator = torch.Generator().manual_seed(int(seed))
     device = model_device(model)
     total = 0.0
     with torch.no_grad(), _eval_mode(model):  # dropout would make the same baseline score differently
@@ -160,18 +170,22 @@ def learn_baseline(
     The model's parameters get no gradients (``requires_grad`` is switched off and restored) and the model
     runs in eval mode (restored after).
     """
+    for name, flag in (("per_player", per_player), ("progress", progress)):
+        if not isinstance(flag, bool):  # a string is truthy: per_player="no" would learn (n, hidden)
+            raise TypeError(f"{name}: expected a bool, got {flag!r}")
     game_list = _check_games(model, games, per_player)
     if not (isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 0):
         raise ValueError(f"epochs: expected an int >= 0, got {epochs!r}")
     if not (isinstance(samples_per_epoch, int) and not isinstance(samples_per_epoch, bool) and samples_per_epoch >= 1):
         raise ValueError(f"samples_per_epoch: expected an int >= 1, got {samples_per_epoch!r}")
-    if not (lr > 0 and math.isfinite(lr)):
+    if not (_is_real(lr) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr: expected a finite number > 0, got {lr!r}")
-    if not (momentum >= 0 and math.isfinite(momentum)):
+    if not (_is_real(momentum) and momentum >= 0 and math.isfinite(momentum)):
         raise ValueError(f"momentum: expected a finite number >= 0, got {momentum!r}")
+    _check_seed(seed)
     device = model_device(model)
     start = _initial_baseline(game_list[0], per_player, init)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(int(seed))
     params = list(model.parameters())
     grad_flags = [p.requires_grad for p in params]
     try:
@@ -186,6 +200,16 @@ def learn_baseline(
         for p, flag in zip(params, grad_flags):
             p.requires_grad_(flag)
     return baseline.detach()
+
+
+def _is_real(x: Any) -> bool:
+    # numbers.Real: numpy scalars count; a bool would pass as 1 or 0
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_seed(seed: Any) -> None:
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
+        raise TypeError(f"seed: expected an int, got {type(seed).__name__} {seed!r}")
 
 
 def _descend(model: Any, game_list: list[Game], baseline: torch.Tensor, optimizer: torch.optim.Optimizer,

@@ -164,3 +164,32 @@ def test_a_model_whose_forward_reads_the_ids_beyond_its_embedding_is_refused():
     game = Game.from_text(model, word_tokenizer(), "the cat sat on the mat", players=[0, 2, 4], target="mat")
     with pytest.raises(ValueError, match=r"inputs_embeds.*input_ids.*Gemma3nForCausalLM"):
         sf.learn_baseline(model, game, epochs=1, progress=False)
+
+
+def test_mistyped_options_are_refused_by_name():
+    """A truthy string for ``per_player`` switched to a per-player ``(n, hidden)`` baseline; ``lr=True`` ran with
+    lr 1; a string lr/momentum/seed failed deep inside with a message that names no argument."""
+    model = tiny_model("llama")
+    game = make_game(0)
+    for flag in ("per_player", "progress"):
+        with pytest.raises(TypeError, match=f"{flag}: expected a bool"):
+            sf.learn_baseline(model, game, epochs=1, **{"progress": False, flag: "no"})
+    for name, value in (("lr", True), ("lr", "0.1"), ("lr", None), ("momentum", "0.9"), ("momentum", True)):
+        with pytest.raises(ValueError, match=f"{name}: expected a finite number"):
+            sf.learn_baseline(model, game, epochs=1, progress=False, **{name: value})
+    with pytest.raises(TypeError, match="seed: expected an int"):
+        sf.learn_baseline(model, game, epochs=1, seed="0", progress=False)
+    with pytest.raises(TypeError, match="seed: expected an int"):
+        baseline_objective(model, game, game.baseline, seed=1.5)
+
+
+def test_objective_names_a_bad_baseline():
+    """``baseline_objective`` failed with AttributeError on a list, and a wrong hidden size was reported as the
+    engine-internal ``embed_tokens_output``."""
+    model = tiny_model("llama")
+    game = make_game(0)
+    with pytest.raises(TypeError, match="baseline: expected a floating-point tensor"):
+        baseline_objective(model, game, [0.0] * 32)
+    with pytest.raises(ValueError, match=r"baseline: expected shape \(32,\) or \(5, 32\).*\(31,\)"):
+        baseline_objective(model, game, torch.zeros(31))
+    assert baseline_objective(model, game, torch.zeros(5, 32), samples=2) >= 0

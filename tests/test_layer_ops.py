@@ -263,6 +263,22 @@ def test_log_odds_gradient_is_the_aten_formula_s():
     assert fast.grad.abs().sum() > 0
 
 
+def test_log_odds_second_derivative_is_the_aten_formula_s():
+    """The backward is itself differentiable (create_graph=True, e.g. a Hessian-vector product through the game's
+    value): it failed with an in-place error because it negated softmax's output, which softmax's backward reads."""
+    gen = torch.Generator().manual_seed(13)
+    logits = 2 * torch.randn(3, 2, 11, generator=gen)
+    target = torch.tensor([4, 0])
+    direction = torch.randn(logits.shape, generator=gen)
+    hvps = []
+    for value in (lambda x: layer_ops.log_odds(x, target)[0], lambda x: _log_odds_reference(x, target)):
+        x = logits.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(value(x).sum(), x, create_graph=True)
+        hvps.append(torch.autograd.grad((grad * direction).sum(), x)[0])
+    torch.testing.assert_close(hvps[0], hvps[1], rtol=1e-5, atol=1e-6)
+    assert hvps[0].abs().sum() > 0
+
+
 def test_game_value_is_the_same_with_and_without_autograd():
     """``evaluate_naive`` called outside ``no_grad`` (logits tracked) gives the same values, bit for bit."""
     from test_trie import make_game

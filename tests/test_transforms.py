@@ -207,6 +207,22 @@ def test_gradcheck(kind):
     assert torch.autograd.gradgradcheck(lambda t: T.transform(t, kind), (x,))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_func_jacobian_grad_and_vmap(kind):
+    """The transforms are differentiable under torch.func too (jacrev, grad, vmap): the autograd.Function lacked
+    setup_context and a vmap rule, which torch.func requires, so each of these raised."""
+    x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    jacobian = torch.func.jacrev(lambda t: T.transform(t, kind))(x[0, 0])
+    torch.testing.assert_close(jacobian, brute_transform(torch.eye(8, dtype=torch.float64), kind).T)
+    grad = torch.func.grad(lambda t: T.transform(t, kind)[..., 5].sum())(x)
+    tracked = x.clone().requires_grad_()
+    T.transform(tracked, kind)[..., 5].sum().backward()
+    torch.testing.assert_close(grad, tracked.grad)
+    for dim in (0, 1):
+        batched = torch.func.vmap(lambda t: T.apply_unchecked(t, kind), in_dims=dim)(x)
+        torch.testing.assert_close(batched, brute_transform(x.movedim(dim, 0), kind))
+
+
 def test_gradcheck_or_and_shapley():
     x = torch.randn(3, 2**3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(sf.or_interactions, (x,))

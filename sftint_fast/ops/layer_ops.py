@@ -84,5 +84,6 @@ def _log_odds_backward(ctx, grad_values: torch.Tensor, grad_finite: torch.Tensor
     """``∂ value_b / ∂ logits[b, j, k]`` = 1 at ``k = t_j``, else ``−softmax_{k ≠ t_j}(logits[b, j])_k``."""
     logits, target = ctx.saved_tensors
     y = target.view(1, -1, 1).expand(logits.shape[0], -1, 1)
-    grad = logits.scatter(-1, y, float("-inf")).softmax(-1).neg_().scatter_(-1, y, 1.0)
+    # out of place: under create_graph=True softmax's backward reads its output (an in-place neg_ broke it)
+    grad = logits.scatter(-1, y, float("-inf")).softmax(-1).neg().scatter(-1, y, 1.0)
     return grad * grad_values.view(-1, 1, 1), None

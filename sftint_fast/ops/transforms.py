@@ -112,14 +112,24 @@ def _raw(x: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 class _Transform(torch.autograd.Function):
+    # forward without ctx + setup_context + vmap: torch.func (grad, jacrev, vmap) refuses the older form
     @staticmethod
-    def forward(ctx, x: torch.Tensor, kind: str) -> torch.Tensor:  # type: ignore[override]
-        ctx.kind = kind
+    def forward(x: torch.Tensor, kind: str) -> torch.Tensor:  # type: ignore[override]
         return _raw(x, kind)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.kind = inputs[1]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         return _Transform.apply(grad.contiguous(), _ADJOINT[ctx.kind]), None
+
+    @staticmethod
+    def vmap(info, in_dims, x: torch.Tensor, kind: str):
+        # every transform acts on the last dimension only: the vmapped dimension becomes one more leading batch dim
+        # (x is the only tensor input, so it is the batched one)
+        return _Transform.apply(x.movedim(in_dims[0], 0), kind), 0
 
 
 def transform(x: torch.Tensor, kind: Kind, *, max_players: int | None = None, check_finite: bool = True) -> torch.Tensor:
