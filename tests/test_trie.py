@@ -332,6 +332,44 @@ def test_sequence_length_dependent_rope(rope, masking):
     check_close(trie, naive)
 
 
+#: Llama-like configs the other tests do not reach: static RoPE scalings (the rotary module's own tables), tied
+#: embeddings, biased projections with head_dim != hidden / heads, Qwen2 with full and sliding layers mixed (window 3,
+#: shorter than the prompt), a window of one token (every query sees only itself).
+CONFIGS = {
+    "rope-linear": ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 3.0, "rope_theta": 10000.0}}),
+    "rope-llama3": ("llama", {"rope_parameters": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8,
+                                                  "rope_theta": 10000.0}}),
+    "rope-yarn": ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                                "original_max_position_embeddings": 8}}),
+    "tied": ("llama", {"tie_word_embeddings": True}),
+    "bias-head-dim": ("llama", {"attention_bias": True, "mlp_bias": True, "head_dim": 16}),
+    "qwen2-mixed-window": ("qwen2", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1}),
+    "mistral-window-1": ("mistral", {"sliding_window": 1}),
+}
+
+
+@pytest.mark.parametrize("masking", ["embedding", "attention"])
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_llama_like_configs_match_naive_and_the_models_forward(name, masking):
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    arch, options = CONFIGS[name]
+    config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch]
+    torch.manual_seed(0)
+    cfg = config_cls(vocab_size=128, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0,
+                     bos_token_id=1, eos_token_id=2, initializer_range=0.2, **options)
+    net = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+    assert get_adapter(net) is not None
+    game = make_game("first_and_last", masking=masking, num_targets=2, seed=9, baseline_rows=True)
+    trie, naive = run_both(net, game, batch_size=3)
+    check_close(trie, naive)
+    with torch.no_grad():  # every player present: the model's own forward on the ids
+        own = game.values_from_logits(net(input_ids=game.input_ids[None]).logits[:, -2:])
+    check_close(trie[-1:], own)
+
+
 def _many_players_game(n: int) -> Game:
     return Game(input_ids=torch.arange(4, 4 + n), player_spans=tuple((i, i + 1) for i in range(n)),
                 words=("w",) * n, target=torch.tensor([5]), baseline=torch.zeros(HIDDEN), prompt_length=n)
