@@ -655,6 +655,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from sftint_fast.plot import headline
     from sftint_fast.sft.demo import run_demo
     from sftint_fast.sft.probes import PROBE_SOURCES, check_probe_sources
+    from sftint_fast.sft.tracker import _json_safe
 
     for flag, value in (("--probes", args.probes), ("--probe-sources", args.probe_sources)):
         _refuse_unused(flag, None if args.probes_file is None else value, "without --probes-file",
@@ -690,7 +691,8 @@ def _run_demo(args: argparse.Namespace) -> int:
                           probes_file=args.probes_file)
     h = headline(report)
     print(f"report: {md}")
-    print(json.dumps({k: v for k, v in h.items() if k != "verdict"}, indent=1, default=str))
+    # strict JSON, as report.json: a NaN (a measure of an empty set) as null
+    print(json.dumps(_json_safe({k: v for k, v in h.items() if k != "verdict"}), indent=1, default=str))
     print(h["verdict"])
     return 0
 
@@ -771,17 +773,17 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from sftint_fast.plot import bound
+    from sftint_fast.plot import bound, count
     from sftint_fast.sft.compare import compare_runs
 
     labels = None if args.labels is None else [x.strip() for x in args.labels.split(",")]
     result, md = compare_runs(args.runs, args.out, labels=labels)
     print(f"comparison: {md}")
     for row in result["rows"]:
-        print(f"{row['label']}: excess removals {row['removed_excess_cumulative']:.0f} "
+        print(f"{row['label']}: excess removals {count(row['removed_excess_cumulative'])} "
               f"(lower bound {bound(row['removed_excess_cumulative_lo'])}), excess emergence "
-              f"{row['emerged_excess_total']:.0f}, phase boundary {row['phase_boundary']}, "
-              f"held-out loss min at step {row['heldout_loss_min_step']}")
+              f"{count(row['emerged_excess_total'])}, phase boundary {_none(row['phase_boundary'])}, "
+              f"held-out loss min at step {_none(row['heldout_loss_min_step'])}")
     for line in result["differences"]:
         print(f"not like for like: {line}")
     return 0
@@ -789,6 +791,10 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 BENCH_PLAYERS = 6
 BENCH_TEXT = "Question: Which famous old city is the capital of France, the large country in western Europe? Answer:"
+
+
+def _none(x) -> str:
+    return "none" if x is None else str(x)
 
 
 def _engine_list(text: str) -> list[str]:

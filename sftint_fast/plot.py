@@ -113,8 +113,9 @@ def plot_orders(report: TrackReport, path: str | os.PathLike, *, index: int = -1
     for ax, kind in zip(axes[0], kinds):
         width = 0.27
         for j, name in enumerate(SET_COLORS):
-            plus = report.curves[f"{kind}/{name}_strength_plus"][index]
-            minus = report.curves[f"{kind}/{name}_strength_minus"][index]
+            # NaN (no probe has the set) comes back from report.json as None
+            plus = _nan(report.curves[f"{kind}/{name}_strength_plus"][index])
+            minus = _nan(report.curves[f"{kind}/{name}_strength_minus"][index])
             xs = [k + (j - 1) * width for k in range(len(plus))]
             ax.bar(xs, plus, width, color=SET_COLORS[name], label=name)
             ax.bar(xs, [-m for m in minus], width, color=SET_COLORS[name], alpha=0.5)
@@ -254,19 +255,31 @@ def headline(report: TrackReport) -> dict[str, Any]:
     emerged_excess_total = sum(c[emerged_key])
     base = c["all/preserved"][0]
     if len(report.probes["kept"]) < 2:  # resampling one probe gives it back every time: the bounds are the estimate
-        verdict = (f"Cumulative excess removals beyond the noise floor are {excess_removed:.0f} out of {base:.0f} base "
-                   "salient interactions, from one probe: the bootstrap over probes has nothing to resample, so "
+        verdict = (f"Cumulative excess removals beyond the noise floor are {count(excess_removed)} out of {base:.0f} "
+                   "base salient interactions, from one probe: the bootstrap over probes has nothing to resample, so "
                    "there is no lower bound and no denoising stage is shown")
-    elif lo_removed > 0:
-        verdict = (f"A denoising stage above the noise floor is visible: {excess_removed:.0f} removals beyond the "
-                   f"floor (bootstrap lower bound {bound(lo_removed)} > 0) out of {base:.0f} base salient interactions")
     else:
-        verdict = (f"No denoising stage above the noise floor is visible: cumulative excess removals are "
-                   f"{excess_removed:.0f} (bootstrap lower bound {bound(lo_removed)} <= 0) out of {base:.0f} base "
-                   f"salient interactions")
+        # the denoising stage is an early window (METHOD.md section 6): later checkpoints' noise may sum a significant
+        # removal back under 0, so the verdict takes the largest cumulative count whose lower bound is above 0, as
+        # the phase-boundary rule does with its running maximum
+        cumulative = c["all/removed_new_excess_cumulative"]
+        lows = report.intervals["all/removed_new_excess_cumulative"][0]
+        significant = [t for t in range(1, len(cumulative)) if lows[t] > 0]
+        peak = max(significant, key=lambda t: (cumulative[t], -t)) if significant else None
+        if peak is not None:
+            verdict = (f"A denoising stage above the noise floor is visible: cumulative excess removals beyond the "
+                       f"floor reached {count(cumulative[peak])} by step {report.steps[peak]} (bootstrap lower bound "
+                       f"{bound(lows[peak])} > 0) out of {base:.0f} base salient interactions"
+                       + ("" if peak == len(cumulative) - 1 else
+                          f"; by step {report.steps[-1]} they are {count(excess_removed)} (bootstrap lower bound "
+                          f"{bound(lo_removed)})"))
+        else:
+            verdict = (f"No denoising stage above the noise floor is visible: cumulative excess removals are "
+                       f"{count(excess_removed)} (bootstrap lower bound {bound(lo_removed)} <= 0) out of {base:.0f} "
+                       "base salient interactions")
     verdict += ("; emergence beyond the floor"
                 + (" (of interactions not shared with the reference)" if report.gamma_available else "")
-                + f" totals {emerged_excess_total:.0f}"
+                + f" totals {count(emerged_excess_total)}"
                 + (f", and the phase boundary falls at step {report.phase_boundary}." if report.phase_boundary is not None
                    else ", and no phase boundary is reported."))
     if report.config.get("noise_floor") is None:
@@ -311,12 +324,14 @@ def markdown(report: TrackReport, *, figures: list[str], sets: dict[str, Any] | 
              f"tau={report.config['tau']}; hysteresis: {report.config['hysteresis']}; "
              f"persistence: {report.config['persistence']}",
              f"- probes tracked: {len(report.probes['kept'])}; gamma available: {report.gamma_available}",
-             f"- phase boundary: {report.phase_boundary}; held-out loss minimum at step: {report.heldout_loss_min_step}",
+             f"- phase boundary: {_opt(report.phase_boundary)}; held-out loss minimum at step: "
+             f"{_loss_min_step(report)}",
              f"- floor cost: {report.floor_cost['rows_decomposed']:.0f} extra decompositions, "
              f"{report.floor_cost['seconds']:.1f} s, no forward passes",
              *_cost_line(report.cost),
              f"- numerical error (engine: trie vs naive; precision: bf16 vs fp32, RMS to compare with the 'iid' floor's sd): "
-             f"{report.numerics}", "",
+             + ("not measured (numerics_check=False, or values fed with add_values)" if report.numerics is None
+                else f"{report.numerics}"), "",
              head, "|" + "---|" * (head.count("|") - 1)]
     for t, step in enumerate(report.steps):
         loss = c["heldout_loss"][t]
@@ -332,8 +347,9 @@ def markdown(report: TrackReport, *, figures: list[str], sets: dict[str, Any] | 
     flagged = {name: [sum(c[f"{k}/{name}_new_irrelevant"][t] for k in kinds if f"{k}/{name}_new_irrelevant" in c)
                       for t in range(len(report.steps))] for name in ("removed", "emerged")}
     lines += ["", "removed, preserved and emerged count the probes whose target is still relevant at that checkpoint, "
-              "summed over AND and OR; ρ (mean over probes) and γ (pooled) of the emerged set are given per kind, "
-              "over the same probes. A probe flagged target-irrelevant (p_y under "
+              + ("summed over AND and OR" if len(kinds) > 1 else "of AND interactions only")
+              + "; ρ (mean over probes) and γ (pooled) of the emerged set are given per kind, over the same probes. "
+              "A probe flagged target-irrelevant (p_y under "
               f"{report.config['irrelevant_fraction']:g} of its base value) leaves these totals and measures while "
               "flagged (its changes are counted apart), so they need not be monotone when the flagged set changes "
               f"(flagged probes per checkpoint: {c['irrelevant_probes']}; their new removals per checkpoint: "
@@ -351,16 +367,20 @@ def _what_changed(sets: dict[str, Any], examples: int) -> list[str]:
     lines = ["", f"## What changed by step {sets['step']}", "",
              "Per probe, the strongest removed (salient at the base, `I` at the base → now) and emerged (`I` now, "
              "since the step it appeared) interactions; all of them are in sets.json.", ""]
-    for probe in sets["probes"]:
+    for i, probe in enumerate(sets["probes"]):
         flag = " (target now irrelevant)" if probe["irrelevant"] else ""
-        lines.append(f"- **{probe['prompt'] if probe['prompt'] is not None else probe['words']}**{flag}, "
+        # values fed with add_values have neither prompts nor words: the probe's row
+        name = probe["prompt"] if probe["prompt"] is not None else probe["words"] or f"probe {i}"
+        lines.append(f"- **{name}**{flag}, "
                      f"p_y {probe['p_y']:.3f}")
         for kind in ("and", "or"):
             if kind not in probe:
                 continue
             sets_of = probe[kind]
-            removed = [f"{_words(r)} {r['base_value']:+.3f} → {r['value']:+.3f}" for r in sets_of["removed"][:examples]]
-            emerged = [f"{_words(r)} {r['value']:+.3f} (step {r['first_step']})" for r in sets_of["emerged"][:examples]]
+            removed = [f"{_words(r)} {_signed(r['base_value'])} → {_signed(r['value'])}"
+                       for r in sets_of["removed"][:examples]]
+            emerged = [f"{_words(r)} {_signed(r['value'])} (step {r['first_step']})"
+                       for r in sets_of["emerged"][:examples]]
             lines.append(f"  - {kind.upper()}: {len(sets_of['removed'])} removed"
                          + (f" ({'; '.join(removed)})" if removed else "")
                          + f", {len(sets_of['emerged'])} emerged" + (f" ({'; '.join(emerged)})" if emerged else "")
@@ -414,6 +434,18 @@ def _cost_line(cost: dict[str, Any]) -> list[str]:
                if cost.get("run_seconds") else "")]
 
 
+def _opt(x: Any) -> str:
+    return "none" if x is None else str(x)
+
+
+def _loss_min_step(report: TrackReport) -> str:
+    """The step of the lowest held-out loss, or why there is none."""
+    if report.heldout_loss_min_step is not None:
+        return str(report.heldout_loss_min_step)
+    measured = any(x is not None for x in report.curves.get("heldout_loss", []))
+    return "none (" + ("no finite held-out loss" if measured else "no held-out loss") + ")"
+
+
 def _at(curve: list | None, t: int) -> Any:
     """A curve's value at checkpoint ``t``; None for a curve the report lacks (γ without a reference)."""
     return None if curve is None else curve[t]
@@ -440,6 +472,14 @@ def _words(row: dict[str, Any]) -> str:
     return "{" + ", ".join(f'"{w}"' if any(c in w for c in ",{} ") else w for w in row["words"]) + "}"
 
 
+def count(x: float) -> str:
+    """An excess count: whole ones as integers, the fractions a mean over K floor draws gives to one decimal
+    (-1/3 is "-0.3", not "-0")."""
+    if abs(x - round(x)) < 1e-9:
+        return f"{round(x):.0f}"
+    return bound(x)
+
+
 def bound(x: float | None) -> str:
     """A bootstrap bound on a count, to one decimal, where 0 decides: 0.3 is "0.3", not "0", and -0.04 is "0.0";
     "–" for None (one probe: no bound)."""
@@ -447,6 +487,12 @@ def bound(x: float | None) -> str:
         return "–"
     text = f"{x:.1f}"
     return "0.0" if text == "-0.0" else text
+
+
+def _signed(x: float) -> str:
+    """An interaction to 3 decimals, or to 4 significant digits where those would hide it (``|x| < 0.01``) or be
+    too many (``|x| >= 1e6``): a game of tiny values is not shown as "+0.000 → -0.000"."""
+    return f"{x:+.3f}" if x == 0 or 0.01 <= abs(x) < 1e6 else f"{x:+.3e}"
 
 
 def _fmt(x: Any) -> str:

@@ -290,3 +290,22 @@ def test_compare_says_when_runs_were_tracked_against_other_reference_models(tmp_
     assert TrackReport.load(tmp_path / "c").reference is None
     result, _ = compare_runs([tmp_path / "a", tmp_path / "c"], tmp_path / "cmp2")
     assert not any("another reference" in d for d in result["differences"])
+
+
+def test_compare_shows_fractional_excess_counts_without_a_minus_zero(tmp_path, capsys):
+    """Excess counts are means over the floor's draws: -1/3 was shown "-0" in compare.md and on the command line."""
+    for name in ("a", "b"):
+        _run(tmp_path / name, seed=1, drift=0.05)
+        path = tmp_path / name / "report.json"
+        data = json.loads(path.read_text())
+        data["curves"]["all/removed_new_excess_cumulative"] = [0.0, 0.0, 0.0, -1 / 3]
+        data["curves"]["all/emerged_new_excess"] = [0.0, 0.0, -2 / 3, 0.0]
+        path.write_text(json.dumps(data))
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp")]) == 0
+    printed = capsys.readouterr().out
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    for text in (printed, md):
+        assert "-0 " not in text and "| -0 |" not in text
+    assert "| -0.3 (" in md and "| -0.7 |" in md
+    assert "excess removals -0.3 (lower bound" in printed and "excess emergence -0.7," in printed
+    assert "None" not in printed and "phase boundary none, held-out loss min at step 6" in printed

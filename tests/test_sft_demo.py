@@ -135,3 +135,28 @@ def test_demo_rerun_with_fewer_steps_is_refused_before_training(tmp_path, monkey
     with pytest.raises(ValueError, match=re.escape(f"steps: {out / 'tracker'} holds the steps [0, 2, 4] an earlier "
                                                    f"run into {out} tracked; expected steps >= 4")):
         run_demo(out, steps=2, probes_file=probes, progress=False)
+
+
+def test_demo_prints_its_headline_as_strict_json(tmp_path, monkeypatch, capsys):
+    """ρ, γ and the mean order of an empty set are NaN: the demo printed them as "NaN", which strict JSON readers
+    (jq, JSON.parse) refuse; report.json writes them as null, and so does the printed headline now."""
+    import torch
+
+    from sftint_fast.interactions.harsanyi import inverse_harsanyi
+    from sftint_fast.sft.tracker import SFTTracker
+
+    tracker = SFTTracker(None, andor_method="and", min_base_py=0.0, bootstrap=20)
+    tracker.add_values(0, inverse_harsanyi(torch.randn(3, 16, generator=torch.Generator().manual_seed(0),
+                                                       dtype=torch.float64)))
+    report = tracker.report()
+    monkeypatch.setattr("sftint_fast.sft.demo.run_demo", lambda *a, **k: (report, tmp_path / "report.md"))
+    (tmp_path / "probes.jsonl").write_text('{"prompt": "What is the capital of France?"}\n')
+    assert main(["demo", "--out", str(tmp_path / "x"), "--probes-file", str(tmp_path / "probes.jsonl")]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    body = "\n".join(printed[1:-1])  # between "report: ..." and the verdict
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    headline = json.loads(body, parse_constant=refuse)
+    assert headline["rho_removed"] is None and headline["steps"] == [0]

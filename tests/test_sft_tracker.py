@@ -747,12 +747,12 @@ def test_sets_lists_what_each_probe_lost_and_gained_with_words(tokenizer):
     md = markdown(report, figures=[], sets=sets)  # the report lists the strongest changes by their words
     shown = [r for p in probes for r in p["and"]["emerged"][:3] + p["and"]["removed"][:3]]
     assert shown and all("{" + ", ".join(r["words"]) + "}" in md for r in shown)
-    from sftint_fast.plot import _words
+    from sftint_fast.plot import _signed, _words
 
     assert _words({"words": ["Hubble", "Telescope,", "a b"]}) == '{Hubble, "Telescope,", "a b"}'
     assert _words({"words": None, "subset": 5}) == "S=5"
     top = next(r for p in probes for r in p["and"]["removed"][:1])
-    assert f"{top['base_value']:+.3f} → {top['value']:+.3f}" in md
+    assert f"{_signed(top['base_value'])} → {_signed(top['value'])}" in md
 
 
 @pytest.mark.parametrize("stop", [True, False])

@@ -148,7 +148,7 @@ def _differences(labels: list[str], reports: list[TrackReport]) -> list[str]:
 
 
 def _markdown(rows: list[dict[str, Any]], differences: list[str]) -> str:
-    from sftint_fast.plot import bound
+    from sftint_fast.plot import bound, count
 
     lines = ["# Tracked SFT runs compared", ""]
     if differences:
@@ -163,14 +163,15 @@ def _markdown(rows: list[dict[str, Any]], differences: list[str]) -> str:
         lines.append(
             f"| {r['label']} | {r['steps'][0]}–{r['last_step']} ({len(r['steps'])}) | {r['probes']} "
             f"| {r['base_salient']:.0f} | {r['removed']:.0f} | {r['emerged']:.0f} "
-            f"| {r['removed_excess_cumulative']:.0f} ({bound(r['removed_excess_cumulative_lo'])}) "
-            f"| {r['emerged_excess_total']:.0f} | {_opt(r['phase_boundary'])} "
+            f"| {count(r['removed_excess_cumulative'])} ({bound(r['removed_excess_cumulative_lo'])}) "
+            f"| {count(r['emerged_excess_total'])} | {_opt(r['phase_boundary'])} "
             f"| {_loss(r['heldout_loss_first'])} → {_loss(r['heldout_loss_last'])} "
             f"({_opt(r['heldout_loss_min_step'])}) "
             f"| {_loss(r['train_loss_last'])} | {r['p_y_first']:.3f} → {r['p_y_last']:.3f} "
             f"| {_num(r['seconds_per_checkpoint'])} |")
     lines += ["", "Excess removals: removals beyond the noise floor, summed over the checkpoints, with the bootstrap "
-              "lower bound (a denoising stage shows as a lower bound above 0); excess emergence likewise for new "
+              "lower bound (a denoising stage shows as a lower bound above 0; one that later checkpoints' excess "
+              "summed back under it shows in the run's report.md verdict); excess emergence likewise for new "
               "interactions (unshared with the reference where one was given). Each run's own report.md has the "
               "details.", "", "![compare.png](compare.png)"]
     return "\n".join(lines) + "\n"
