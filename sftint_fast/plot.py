@@ -329,7 +329,8 @@ def markdown(report: TrackReport, *, figures: list[str], sets: dict[str, Any] | 
              f"- floor cost: {report.floor_cost['rows_decomposed']:.0f} extra decompositions, "
              f"{report.floor_cost['seconds']:.1f} s, no forward passes",
              *_cost_line(report.cost),
-             f"- numerical error (engine: trie vs naive; precision: bf16 vs fp32, RMS to compare with the 'iid' floor's sd): "
+             "- numerical error (engine: trie vs naive; precision: bf16 vs fp32, RMS to compare with the 'iid' "
+             "floor's sd): "
              + ("not measured (numerics_check=False, or values fed with add_values)" if report.numerics is None
                 else f"{report.numerics}"), "",
              head, "|" + "---|" * (head.count("|") - 1)]
