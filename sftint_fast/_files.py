@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +20,8 @@ def atomic_write(target: str | os.PathLike, write: Callable[[Path], Any]) -> Pat
     the format from it work), then ``os.replace``: a reader sees the old file or the whole new one. A failed or
     interrupted write leaves no temp file behind; the file and the rename are fsynced. The file gets the mode a plain
     ``open()`` would give it (safetensors and ``mkstemp`` create 0600 files, which a collaborator on a shared machine
-    could not read)."""
+    could not read). A write that fails for want of space (or any other I/O error, also one safetensors reports as its
+    own ``SafetensorError``) raises an ``OSError`` of that errno naming ``target``; the earlier files stay whole."""
     target = Path(target)
     fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}")
     os.close(fd)
@@ -29,11 +31,27 @@ def atomic_write(target: str | os.PathLike, write: Callable[[Path], Any]) -> Pat
         os.chmod(tmp, _default_mode())
         _fsync(tmp)  # the data on disk before the rename: a power loss leaves the old file or the new one, whole
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
-        raise
+        code = _io_errno(err)
+        if code is None:
+            raise
+        # a full disk must read as one (safetensors' own error is no OSError, and an OSError of the temp file's write
+        # names no file), saying which result was not saved
+        raise OSError(code, f"could not write {target}: {os.strerror(code)}") from err
     _fsync(target.parent, directory=True)  # and the rename itself
     return target
+
+
+def _io_errno(err: BaseException) -> int | None:
+    """The errno of an I/O error raised while writing a file: an ``OSError``'s, or the ``(os error N)`` that
+    safetensors' ``SafetensorError`` ends with; None for anything else (a bad tensor, an interrupt)."""
+    from safetensors import SafetensorError
+
+    if isinstance(err, OSError):
+        return err.errno or None
+    match = re.search(r"\(os error (\d+)\)", str(err)) if isinstance(err, SafetensorError) else None
+    return int(match.group(1)) if match else None
 
 
 def _fsync(path: Path, *, directory: bool = False) -> None:

@@ -327,7 +327,8 @@ def evaluate_sharded(
     """``v`` of every game, computed across the ranks of the process group (or here, without one).
 
     Each rank evaluates its share (:func:`assign_shards` on ``costs``, default :func:`game_cost`), skipping
-    games whose shard file exists in ``out_dir`` and saving each new one as soon as it is done. The results
+    games whose shard file exists in ``out_dir`` (one that cannot be read is evaluated again, with a warning) and
+    saving each new one as soon as it is done. The results
     are exchanged so that **every rank returns the full list, in the order of ``games``, as CPU float32
     tensors** ``(2^n,)`` (or ``(len(subsets),)``).
 
@@ -341,6 +342,8 @@ def evaluate_sharded(
         **evaluate_kwargs: passed to the evaluation (``method``, ``subsets``, ``batch_size``, …); the
             per-game progress bar is off, one bar counts this rank's games.
     """
+    from safetensors import SafetensorError
+
     games = list(games)
     for i, game in enumerate(games):
         if not isinstance(game, Game):
@@ -361,9 +364,13 @@ def evaluate_sharded(
     for i in mine:
         path = shard_path(out_dir, keys[i]) if out_dir is not None else None
         if path is not None and path.exists():
-            local[i] = load_shard(path)
-        else:
-            pending.append(i)
+            try:
+                local[i] = load_shard(path)
+                continue
+            except (OSError, KeyError, SafetensorError) as err:
+                # a file cut short outside our atomic writes (a copy, the file system) is no result: redone, not fatal
+                logger.warning("rank %d: %s could not be read (%s); its game is evaluated again", rank(), path, err)
+        pending.append(i)
     if len(pending) < len(mine):
         logger.info("rank %d: %d of %d games resumed from %s", rank(), len(mine) - len(pending), len(mine), out_dir)
 

@@ -122,6 +122,36 @@ def test_explain_file_rerun_keeps_complete_folders_without_redoing_and_or(model_
     assert all(json.loads((f / "config.json").read_text())["top"] == 2 for f in folders)
 
 
+def test_explain_file_on_a_full_disk_says_which_file_and_resumes(model_dir, prompts, tmp_path, capsys, monkeypatch):
+    """The disk filling up while a prompt's results were written ended the command with safetensors' own error (no
+    OSError) as a traceback naming no file; now it is the one-line refusal naming the file, the prompts written
+    before stay complete, and a rerun with space again redoes only the rest."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    out = tmp_path / "run"
+    argv = ["explain", "--model", str(model_dir), "--file", str(prompts), "--method", "naive", "--out", str(out),
+            "--top", "3", "--andor", "sgd", "--niter", "5"]
+    real = safetensors.torch.serialize_file
+
+    def serialize_file(tensors, filename, metadata=None):
+        if "prompt_0002" in str(filename):  # full from there on
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "serialize_file", serialize_file)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and str(out / "prompt_0002" / "v.safetensors") in err
+    assert "Traceback" not in err
+    assert not (out / "prompt_0002" / "config.json").exists()
+    monkeypatch.undo()
+    calls = count_calls(monkeypatch, {"and_or": sf})
+    assert main(argv) == 0
+    assert calls["and_or"] == len(ROWS) - 2 and capsys.readouterr().out.count("kept ") == 2
+    _check_outputs(out, _expected())
+
+
 @pytest.mark.parametrize("line,message", [('{"text": "a"}', '"prompt" string'), ("not json", "invalid JSON"),
                                           ('{"prompt": "a cat", "players": "x,y"}', "players"),
                                           ('{"prompt": "a cat", "extra": 1}', "extra"),

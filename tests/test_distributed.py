@@ -271,6 +271,32 @@ def test_evaluate_sharded_resumes_from_saved_shards(tmp_path):
     assert len(calls) == 11  # other weights: nothing reused
 
 
+@pytest.mark.parametrize("damage", ["truncated", "empty", "no v"])
+def test_evaluate_sharded_evaluates_an_unreadable_shard_again(tmp_path, damage, caplog):
+    """A shard file that cannot be read (cut short by a copy or a crash of the file system, not by our own writes,
+    which are atomic) stopped every resumed run with safetensors' traceback, naming no file; now that game is
+    evaluated again (with a warning naming the file) and its shard rewritten, the others still resumed."""
+    from safetensors.torch import save_file
+
+    games = make_games(3)
+    calls: list[str] = []
+    first = D.evaluate_sharded(None, games, out_dir=tmp_path, model_key="m", evaluate_fn=_fake_evaluate(calls),
+                               progress=False)
+    shard = sorted(tmp_path.glob("shard-*.safetensors"))[0]
+    if damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:40])
+    elif damage == "empty":
+        shard.write_bytes(b"")
+    else:
+        save_file({"w": torch.zeros(2)}, str(shard))
+    with caplog.at_level("WARNING", logger="sftint_fast.distributed"):
+        again = D.evaluate_sharded(None, games, out_dir=tmp_path, model_key="m", evaluate_fn=_fake_evaluate(calls),
+                                   progress=False)
+    assert len(calls) == 4 and str(shard) in caplog.text  # that game alone, again
+    assert all(torch.equal(x, y) for x, y in zip(again, first, strict=True))
+    assert any(torch.equal(D.load_shard(shard), v) for v in first)  # rewritten whole
+
+
 def test_evaluate_many_with_out_dir_resumes_and_matches_evaluate(tmp_path, tiny_llama):
     import sftint_fast as sf
 

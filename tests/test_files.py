@@ -63,3 +63,50 @@ def test_the_file_and_its_rename_reach_the_disk_before_the_writer_returns(tmp_pa
     save_shard(target, torch.zeros(3), {})
     assert len(synced) == 2 and synced[1] == str(tmp_path)  # the temp file's data, then the folder's rename
     assert synced[0].startswith(str(tmp_path / ".a.")) and target.is_file()
+
+
+def _disk_full_after(monkeypatch, written: int = 0) -> None:
+    """safetensors' writer fails as on a full disk: ``written`` bytes reach the file, then the error it raises there
+    (a ``SafetensorError``, no ``OSError``)."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def serialize_file(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"\0" * written)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "serialize_file", serialize_file)
+
+
+@pytest.mark.parametrize("written", [0, 5])
+def test_a_full_disk_while_saving_tensors_is_an_oserror_that_names_the_file(tmp_path, monkeypatch, written):
+    """safetensors reports a full disk as its own SafetensorError, which callers catching OSError (the CLI's one-line
+    refusal) let through as a traceback that named no file."""
+    import errno
+
+    from sftint_fast.distributed import load_shard
+
+    target = tmp_path / "shard.safetensors"
+    save_shard(target, torch.ones(4), {})
+    _disk_full_after(monkeypatch, written)
+    with pytest.raises(OSError, match="No space left on device") as info:
+        save_shard(target, torch.zeros(4), {})
+    assert info.value.errno == errno.ENOSPC and str(target) in str(info.value)
+    with pytest.raises(OSError, match=r"step\.safetensors"):
+        _atomic_save_tensors(tmp_path / "step.safetensors", {"values": torch.zeros(2)})
+    monkeypatch.undo()
+    assert torch.equal(load_shard(target), torch.ones(4))  # the earlier file, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["shard.safetensors"]  # no temp file left
+
+
+def test_other_write_errors_keep_their_type(tmp_path):
+    """Only I/O errors become OSErrors naming the file: a tensor safetensors refuses stays its own error."""
+    from safetensors import SafetensorError
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "a.json", lambda tmp: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises((ValueError, SafetensorError)) as info:
+        _atomic_save_tensors(tmp_path / "b.safetensors", {"x": torch.zeros(4, 4).t()})  # not contiguous
+    assert not isinstance(info.value, OSError)
+    assert list(tmp_path.iterdir()) == []
