@@ -354,6 +354,15 @@ def _run_explain(args: argparse.Namespace) -> int:
                 # name the row: the same message could come from --players/--target or from any row of the file
                 kind = TypeError if isinstance(err, TypeError) else ValueError
                 raise kind(f"--file {args.file}, prompt {i} ({text[:40]!r}): {err}") from err
+        if args.andor == "lp":  # refused before the 2^n evaluation, not after it (and after the AND results)
+            from sftint_fast.interactions.andor import LP_MAX_PLAYERS
+
+            for i, game in enumerate(games):
+                if game.num_players > LP_MAX_PLAYERS:
+                    row = "" if args.file is None else f"--file {args.file}, prompt {i}: "
+                    raise ValueError(f"{row}--andor lp: expected at most {LP_MAX_PLAYERS} players (its constraint "
+                                     f"matrix grows with 3^n), received {game.num_players}; choose fewer players "
+                                     "(--n-players, --players) or use --andor sgd")
         if args.file is None and not distributed.is_distributed():
             values = [sf.evaluate(model, games[0], method=args.method, progress=True).cpu()]
         else:

@@ -188,3 +188,26 @@ def test_bench_too_many_players_points_at_the_cli_options(model_dir, capsys):
     assert main(["bench", "--model", str(model_dir), "--text", LONG_TEXT, "--players", players]) == 2
     err = capsys.readouterr().err
     assert "all 2^48 variants" in err and "subsets=" not in err and "--sample" in err and "--n-players" in err
+
+
+@pytest.mark.parametrize("source", ["text", "file"])
+def test_explain_refuses_an_lp_too_large_before_evaluating(model_dir, tmp_path, monkeypatch, capsys, source):
+    """11 players with --andor lp: the LP refused only after the 2^11 evaluation had run and the AND results were
+    printed, and --out got nothing. It is refused now before any variant is evaluated, naming the way out."""
+    def never(*args, **kwargs):
+        raise AssertionError("evaluated before the refusal")
+
+    monkeypatch.setattr(sf, "evaluate", never)
+    monkeypatch.setattr(sf, "evaluate_many", never)
+    text = "the big cat sat on the mat the big cat sat on"  # 12 words, all players
+    if source == "text":
+        argv = ["--text", text]
+    else:
+        rows = tmp_path / "rows.jsonl"
+        rows.write_text(json.dumps({"prompt": "the cat"}) + "\n" + json.dumps({"prompt": text}) + "\n")
+        argv = ["--file", str(rows)]
+    assert main(["explain", "--model", str(model_dir), *argv, "--andor", "lp", "--out", str(tmp_path / "o")]) == 2
+    captured = capsys.readouterr()
+    assert "--andor lp: expected at most 10 players" in captured.err and "received 12" in captured.err
+    assert "--andor sgd" in captured.err and "AND interactions" not in captured.out
+    assert (source == "file") == ("prompt 1" in captured.err)
