@@ -300,3 +300,63 @@ def test_evaluate_gives_each_submodule_its_own_mode_back():
     modes = [m.training for m in model.modules()]
     sf.evaluate(model, Game.from_text(model, TOK, TEXT_B, target="mat"), progress=False)
     assert [m.training for m in model.modules()] == modes
+
+
+class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak bytes of the storages that ops create inside the mode and keep alive (views and in-place outputs of an
+    input's storage, e.g. the weights' ``t()``, are not new memory)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak = 0, 0
+
+    def _free(self, size):
+        self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        from torch.utils._pytree import tree_flatten
+
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        seen = set()
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs | seen:
+                storage = t.untyped_storage()
+                seen.add(storage.data_ptr())
+                self.live += storage.nbytes()
+                weakref.finalize(storage, self._free, storage.nbytes())
+        self.peak = max(self.peak, self.live)
+        return out
+
+
+def test_naive_batch_size_does_not_override_max_memory():
+    """``batch_size`` and ``max_memory`` together: the naive engine ran ``batch_size`` variants per forward whatever
+    the budget (64 variants of a 4-variant budget: 9.8x the budget in live tensors); like the trie, it now takes
+    the smaller of the two, and its live tensors stay within ``max_memory``."""
+    from sftint_fast.engine.naive import sequence_bytes
+
+    model = tiny_model("llama")
+    game = Game.from_text(model, TOK, TEXT_A, players="words", target="mat")
+    budget = 4 * sequence_bytes(model, game)
+    reference = sf.evaluate(model, game, method="naive", progress=False)
+    with _LiveBytes() as tracked:
+        v = sf.evaluate(model, game, method="naive", batch_size=64, max_memory=budget, progress=False)
+    assert torch.allclose(v, reference, atol=1e-5)
+    assert tracked.peak <= budget, (tracked.peak, budget)
+
+
+def test_naive_refuses_a_max_memory_below_one_variant():
+    """A ``max_memory`` smaller than one variant's forward: the naive engine ran it anyway, one variant per batch,
+    silently above the budget (2.5x on a 223-token prompt); now a ValueError that says how much one variant needs
+    and what the budget is (``method='auto'`` after the trie's refusal too)."""
+    from sftint_fast.engine.naive import sequence_bytes
+
+    model = tiny_model("llama")
+    game = Game.from_text(model, TOK, TEXT_A, players=[0, 2], target="mat")
+    needed = sequence_bytes(model, game)
+    with pytest.raises(ValueError, match=rf"needs about .*\({needed} bytes\).*max_memory is .*\({needed - 1} bytes\)"):
+        sf.evaluate(model, game, method="naive", max_memory=needed - 1, progress=False)
+    assert sf.evaluate(model, game, method="naive", max_memory=needed, progress=False).shape == (4,)

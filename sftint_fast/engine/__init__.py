@@ -260,7 +260,9 @@ def evaluate(
         subsets: None → all ``2^n`` variants, result ``(2^n,)`` indexed by bitmask (bit ``i`` = player ``i``
             present); else a 1-D integer tensor of bitmasks, result ``(len(subsets),)`` in that order.
         batch_size: variants (naive) or nodes (trie) per forward; None = from a memory estimate.
-        max_memory: memory budget in bytes; None = a safe fraction of free memory.
+        max_memory: memory budget in bytes for the engine's activations (and the trie's KV store); it also bounds
+            ``batch_size``, and a budget too small for one variant (naive) or the trie's store raises ValueError;
+            None = a safe fraction of free memory.
         attention_backend: the trie's attention: ``"auto"`` = the fused Triton kernel on CUDA for a float16,
             bfloat16 or float32 model, else torch (a float64 model: torch; ``"triton"`` refuses it).
         compute_dtype: see the module docstring.

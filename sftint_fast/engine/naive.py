@@ -336,6 +336,15 @@ def evaluate_naive_games(
     embedding = model.get_input_embeddings()
     embeds = [embedding(game.input_ids.to(device)[None])[0] for game in games]  # (L, H) each
     m = first.target.numel()
+    if max_memory is not None:  # a budget bounds the batch (as the trie's), and refuses what one variant exceeds
+        needed = sequence_bytes(model, first)
+        if needed > max_memory:
+            raise ValueError(f"the naive engine: one variant of {first.input_ids.numel()} tokens needs about "
+                             f"{needed / 2**30:.2f} GiB ({needed} bytes) of activations, but max_memory is "
+                             f"{max_memory / 2**30:.2f} GiB ({max_memory} bytes); raise max_memory or shorten "
+                             "the prompt")
+        if batch_size is not None:
+            batch_size = min(batch_size, max_memory // needed)
     if batch_size is None:
         batch_size = naive_batch_size(model, first, max_memory=max_memory)
     keep_kw = {"logits_to_keep": m} if _accepts_logits_to_keep(model) else {}
