@@ -228,6 +228,28 @@ def test_memory_error_comes_before_allocating_the_levels_and_states_bytes():
         plan_trie(layout(*LAYOUTS[0]), dims=DIMS, max_memory=10_000)
 
 
+def test_a_trie_refused_under_the_default_budget_says_the_budget_was_the_default(monkeypatch):
+    """``sf.evaluate(method="trie")`` without ``max_memory``: the refusal named "max_memory is X GiB" as if the user
+    had passed it. It now says the limit was the default share of the free memory and how to set it; a budget the
+    user gave is named as before."""
+    import sftint_fast as sf
+    from sftint_fast.engine import plan as plan_module
+    from sftint_fast.game import Game
+
+    from conftest import tiny_model
+
+    model = tiny_model("llama")
+    hidden = model.get_input_embeddings().weight.shape[1]
+    game = Game(input_ids=torch.arange(4, 10), player_spans=tuple((i, i + 1) for i in range(6)), words=("w",) * 6,
+                target=torch.tensor([5]), baseline=torch.zeros(hidden), prompt_length=6)
+    monkeypatch.setattr(plan_module, "free_memory", lambda device: 20_000)
+    with pytest.raises(plan_module.TrieMemoryError, match=r"max_memory is .*\(12000 bytes\);.* \(max_memory not given: "
+                                                          r"the default, 60% of the free memory; pass max_memory="):
+        sf.evaluate(model, game, method="trie", progress=False)
+    with pytest.raises(plan_module.TrieMemoryError, match=r"\(12000 bytes\); evaluate fewer players.*method='naive'$"):
+        sf.evaluate(model, game, method="trie", progress=False, max_memory=12_000)
+
+
 def test_a_float_memory_budget_plans_as_its_whole_bytes():
     """``max_memory`` is validated as any positive finite number (``1.5e5``, as ``sf.evaluate`` takes it): a float
     budget that bounds the chunks plans as ``int(max_memory)`` (it gave float chunk sizes and a TypeError in

@@ -331,8 +331,13 @@ def evaluate_games(
         try:
             values = run(model, games, subsets, **kwargs)
         except _trie_memory_error() as error:  # raised by the plan, before any forward
+            if max_memory is None:  # the budget the message names is the default one, not a number the user gave
+                from sftint_fast.engine.plan import FREE_MEMORY_FRACTION
+
+                error = type(error)(f"{error} (max_memory not given: the default, {FREE_MEMORY_FRACTION:.0%} of the "
+                                    "free memory; pass max_memory= to set it)")
             if method != "auto":
-                raise
+                raise error from None
             warnings.warn(f"{error}; falling back to the naive engine (slower, same values)", stacklevel=3)
             kwargs.pop("attention_backend")
             values = evaluate_naive_games(model, games, _every_variant(subsets, n, device), **kwargs)
