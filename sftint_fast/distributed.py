@@ -275,8 +275,13 @@ def game_key(game: Game, *, model_key: str, options: Mapping[str, Any] | None = 
     }, sort_keys=True).encode())
     for tensor in (game.input_ids, game.target, game.baseline):
         digest.update(_tensor_bytes(tensor))
-    for name in sorted(options or {}):
-        value = (options or {})[name]
+    _hash_options(digest, options or {})
+    return digest.hexdigest()[:32]
+
+
+def _hash_options(digest: Any, options: Mapping[str, Any]) -> None:
+    for name in sorted(options):
+        value = options[name]
         digest.update(name.encode())
         if isinstance(value, torch.Tensor):
             # integer tensors (subsets) as the int64 the engine evaluates: their bytes alone would give an int32
@@ -286,7 +291,33 @@ def game_key(game: Game, *, model_key: str, options: Mapping[str, Any] | None = 
             digest.update(_tensor_bytes(value.to(torch.int64) if integer else value))
         else:
             digest.update(repr(value).encode())
-    return digest.hexdigest()[:32]
+
+
+def _check_same_work(games: Sequence[Game], costs: Sequence[float], model: Any, model_key: str | None,
+                     options: Mapping[str, Any]) -> None:
+    """Every rank splits the games by the same assignment and takes the others' values for its own games: ranks
+    with other games, weights, options or costs would mix their results silently. Collective; ValueError on every
+    rank, naming what differs."""
+    if model_key is None and isinstance(model, torch.nn.Module):
+        try:
+            model_key = model_fingerprint(model)
+        except (RuntimeError, NotImplementedError):  # weights that cannot be read here (offloaded to 'meta')
+            model_key = type(model).__qualname__
+    games_digest, options_digest = hashlib.sha256(), hashlib.sha256()
+    for game in games:
+        games_digest.update(game_key(game, model_key="").encode())
+    _hash_options(options_digest, options)
+    summary = {"number of games": len(games), "games": games_digest.hexdigest()[:12], "model": model_key,
+               "options": options_digest.hexdigest()[:12],
+               "costs": hashlib.sha256(repr([float(c) for c in costs]).encode()).hexdigest()[:12]}
+    parts: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(parts, summary)
+    differ = [name for name in summary if len({repr(part[name]) for part in parts}) > 1]
+    if differ:
+        received = "; ".join(f"rank {r}: " + ", ".join(f"{name} {part[name]}" for name in differ)
+                             for r, part in enumerate(parts))
+        raise ValueError(f"evaluate_sharded: expected the same {' and the same '.join(differ)} on every rank (each "
+                         f"rank evaluates its share of the games and takes the others' values), received {received}")
 
 
 def shard_path(out_dir: str | os.PathLike[str], key: str) -> Path:
@@ -306,10 +337,14 @@ def save_shard(path: Path, v: torch.Tensor, metadata: Mapping[str, str]) -> None
 
 
 def load_shard(path: Path) -> torch.Tensor:
-    """The ``v`` saved by :func:`save_shard`."""
+    """The ``v`` saved by :func:`save_shard` (ValueError naming the file where it cannot be read)."""
     from safetensors.torch import load_file
 
-    return load_file(str(path))["v"]
+    try:
+        return load_file(str(path))["v"]
+    except Exception as err:  # safetensors' errors name neither the file nor what to do
+        raise ValueError(f"{path}: expected a shard saved by evaluate_sharded (a safetensors file holding 'v'), "
+                         f"received one that cannot be read ({type(err).__name__}: {err})") from err
 
 
 def evaluate_sharded(
@@ -332,6 +367,11 @@ def evaluate_sharded(
     are exchanged so that **every rank returns the full list, in the order of ``games``, as CPU float32
     tensors** ``(2^n,)`` (or ``(len(subsets),)``).
 
+    Under a process group every rank must pass the same games, costs, value-changing options and weights (or
+    ``model_key``): ValueError on every rank, before anything is evaluated, naming what differs. An error on one
+    rank (a failed evaluation or shard write) is raised there and, as a RuntimeError naming that rank and its
+    error, on the others (which keep the shards they finished).
+
     Args:
         out_dir: folder for ``shard-<key>.safetensors`` files (None = nothing saved, nothing resumed).
         model_key: names the weights in the keys (None = :func:`model_fingerprint` of ``model``).
@@ -342,7 +382,6 @@ def evaluate_sharded(
         **evaluate_kwargs: passed to the evaluation (``method``, ``subsets``, ``batch_size``, …); the
             per-game progress bar is off, one bar counts this rank's games.
     """
-    from safetensors import SafetensorError
 
     games = list(games)
     for i, game in enumerate(games):
@@ -353,26 +392,17 @@ def evaluate_sharded(
     if costs is None:
         costs = [game_cost(g, method=evaluate_kwargs.get("method", "auto"), subsets=evaluate_kwargs.get("subsets"))
                  for g in games]
+    options = {name: evaluate_kwargs.get(name) for name in VALUE_OPTIONS}
+    if out_dir is not None:
+        model_key = model_key or model_fingerprint(model)
+    if is_distributed():
+        _check_same_work(games, costs, model, model_key, options)
     mine = assign_shards(costs, world_size())[rank()]
     keys: dict[int, str] = {}
     if out_dir is not None:
-        model_key = model_key or model_fingerprint(model)
-        options = {name: evaluate_kwargs.get(name) for name in VALUE_OPTIONS}
         keys = {i: game_key(games[i], model_key=model_key, options=options) for i in mine}
     local: dict[int, torch.Tensor] = {}
-    pending = []
-    for i in mine:
-        path = shard_path(out_dir, keys[i]) if out_dir is not None else None
-        if path is not None and path.exists():
-            try:
-                local[i] = load_shard(path)
-                continue
-            except (OSError, KeyError, SafetensorError) as err:
-                # a file cut short outside our atomic writes (a copy, the file system) is no result: redone, not fatal
-                logger.warning("rank %d: %s could not be read (%s); its game is evaluated again", rank(), path, err)
-        pending.append(i)
-    if len(pending) < len(mine):
-        logger.info("rank %d: %d of %d games resumed from %s", rank(), len(mine) - len(pending), len(mine), out_dir)
+    pending: list[int] = []
 
     def finish(i: int, v: torch.Tensor) -> None:
         v = v.detach().to("cpu", torch.float32)
@@ -380,25 +410,57 @@ def evaluate_sharded(
             save_shard(shard_path(out_dir, keys[i]), v, {"key": keys[i], "words": json.dumps(list(games[i].words))})
         local[i] = v
 
-    with tqdm(total=len(mine), initial=len(mine) - len(pending), desc=f"games (rank {rank()})", unit="game",
-              disable=not progress) as bar:
-        if evaluate_fn is not None:
-            for i in pending:
-                finish(i, evaluate_fn(model, games[i], progress=False, **evaluate_kwargs))
-                bar.update(1)
-        elif pending:
-            from sftint_fast import engine
+    def evaluate_mine() -> None:
+        for i in mine:
+            path = shard_path(out_dir, keys[i]) if out_dir is not None else None
+            if path is not None and path.exists():
+                try:
+                    local[i] = load_shard(path)
+                    continue
+                except ValueError as err:
+                    # a file cut short outside our atomic writes (a copy, the file system) is no result: redone
+                    logger.warning("rank %d: %s; its game is evaluated again", rank(), err)
+            pending.append(i)
+        if len(pending) < len(mine):
+            logger.info("rank %d: %d of %d games resumed from %s", rank(), len(mine) - len(pending), len(mine),
+                        out_dir)
+        with tqdm(total=len(mine), initial=len(mine) - len(pending), desc=f"games (rank {rank()})", unit="game",
+                  disable=not progress) as bar:
+            if evaluate_fn is not None:
+                for i in pending:
+                    finish(i, evaluate_fn(model, games[i], progress=False, **evaluate_kwargs))
+                    bar.update(1)
+            elif pending:
+                from sftint_fast import engine
 
-            grouping = {name: evaluate_kwargs.get(name) for name in
-                        ("subsets", "batch_size", "max_memory", "compute_dtype")}
-            grouping["attention_backend"] = evaluate_kwargs.get("attention_backend", "auto")
-            groups = engine.group_games(model, [games[i] for i in pending], method=evaluate_kwargs.get("method", "auto"),
-                                        group_size=group_size, **grouping)
-            for group in groups:
-                members = [pending[j] for j in group]
-                values = engine.evaluate_games(model, [games[i] for i in members], progress=False, **evaluate_kwargs)
-                for i, v in zip(members, values):
-                    finish(i, v)
-                bar.update(len(members))
-    gathered = gather_metrics(local)
+                grouping = {name: evaluate_kwargs.get(name) for name in
+                            ("subsets", "batch_size", "max_memory", "compute_dtype")}
+                grouping["attention_backend"] = evaluate_kwargs.get("attention_backend", "auto")
+                groups = engine.group_games(model, [games[i] for i in pending],
+                                            method=evaluate_kwargs.get("method", "auto"), group_size=group_size,
+                                            **grouping)
+                for group in groups:
+                    members = [pending[j] for j in group]
+                    values = engine.evaluate_games(model, [games[i] for i in members], progress=False,
+                                                   **evaluate_kwargs)
+                    for i, v in zip(members, values):
+                        finish(i, v)
+                    bar.update(len(members))
+
+    failure: Exception | None = None
+    try:
+        evaluate_mine()
+    except Exception as err:
+        if not is_distributed():
+            raise
+        failure = err  # the other ranks wait for this one's results: tell them why none come
+    error = None if failure is None else f"{type(failure).__name__}: {failure}"
+    parts = gather_metrics({rank(): (error, local if failure is None else {})})
+    if failure is not None:
+        raise failure
+    failed = {r: error for r, (error, _) in parts.items() if error is not None}
+    if failed:
+        raise RuntimeError("evaluate_sharded: " + "; ".join(f"rank {r} failed: {error}" for r, error in failed.items())
+                           + (f" (this rank's finished games are saved in {out_dir})" if out_dir is not None else ""))
+    gathered = {i: v for _, values in parts.values() for i, v in values.items()}
     return [gathered[i] for i in range(len(games))]

@@ -425,3 +425,79 @@ def test_torchrun_evaluate_many_with_a_rank_without_games(tmp_path, single_proce
     assert len(list(shards.glob("shard-*.safetensors"))) == 1
     (v,) = _load(tmp_path / "two.safetensors")
     assert torch.equal(v, single_process[1][0])
+
+
+# ---------------------------------------------------------------- 2 gloo ranks in-process (spawn), stand-in evaluate
+
+
+def _two_ranks(tmp_path: Path, case: str, out_dir: Path | None = None) -> dict[int, tuple]:
+    """``sharded_cases.run_case`` on 2 spawned gloo ranks: ``{rank: (evaluated, values, error)}``; a hang fails."""
+    import torch.multiprocessing as mp
+    from sharded_cases import run_case
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    out = str(out_dir if out_dir is not None else tmp_path / "shards")
+    procs = [ctx.Process(target=run_case, args=(r, 2, str(tmp_path / "init"), case, out, queue)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    results = {}
+    try:
+        for _ in procs:
+            rank, evaluated, values, error = queue.get(timeout=90)
+            results[rank] = (evaluated, values, error)
+    finally:
+        for proc in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+    return results
+
+
+@pytest.mark.parametrize("case, what", [("other-game", "games"), ("fewer-games", "number of games"),
+                                        ("other-model", "model"), ("other-options", "options"),
+                                        ("other-costs", "costs")])
+def test_evaluate_sharded_refuses_ranks_that_disagree(tmp_path, case, what):
+    """Every rank splits the games by the same assignment, so ranks with other games, weights, options or costs mixed
+    their results silently (another game's values, another model's) or failed with a bare KeyError: refused on every
+    rank, before anything is evaluated, naming what differs."""
+    results = _two_ranks(tmp_path, case)
+    for rank, (evaluated, values, error) in results.items():
+        assert values is None and evaluated == [], (rank, values, error)
+        assert error.startswith("ValueError") and f"the same {what}" in error and "rank 1" in error, error
+    assert not list((tmp_path / "shards").glob("shard-*"))
+
+
+def test_evaluate_sharded_reports_a_failing_rank_on_every_rank(tmp_path):
+    """A rank whose evaluation (or shard write) fails raises its error; the others raised gloo's 'Connection closed by
+    peer' (or waited for it): they now raise a RuntimeError that names the rank and its error, and keep their shards."""
+    results = _two_ranks(tmp_path, "write-fails")
+    assert results[1][2] == f"OSError: {tmp_path / 'shards'}: disk full"
+    evaluated, values, error = results[0]
+    assert values is None and error.startswith("RuntimeError") and "rank 1" in error and "disk full" in error, error
+    assert len(list((tmp_path / "shards").glob("shard-*.safetensors"))) == len(evaluated) > 0
+
+
+@pytest.mark.parametrize("count", [0, 1, 3])
+def test_evaluate_sharded_on_two_ranks_evaluates_each_game_once(tmp_path, count):
+    """Fewer games than ranks (and none): each game evaluated by one rank, every rank returns all values in order; a
+    rerun on the same out_dir evaluates nothing and returns the same."""
+    from sharded_cases import fake_value
+
+    expected = [fake_value(g).tolist() for g in make_games(count)]
+    for _ in range(2):
+        results = _two_ranks(tmp_path, f"games-{count}")
+        assert all(error is None and values == expected for _, values, error in results.values()), results
+        evaluated = sorted(i for done, _, _ in results.values() for i in done)
+        assert evaluated == (list(range(count)) if _ == 0 else [])
+        (tmp_path / "init").unlink(missing_ok=True)
+
+
+def test_evaluate_sharded_evaluates_a_damaged_shard_of_one_rank_again_on_two_ranks(tmp_path):
+    """A shard file that cannot be read (resume) raised safetensors' bare 'HeaderTooLarge' on its rank and gloo's
+    'Connection closed by peer' on the others: its game is evaluated again (with a warning naming the file), and both
+    ranks return every value."""
+    results = _two_ranks(tmp_path, "corrupt-shard")
+    assert results[0][2] is None and results[1][2] is None, results
+    assert results[0][1] == results[1][1] and len(results[0][1]) == 5  # every value on both ranks
+    assert sorted(results[0][0] + results[1][0]) == list(range(5))  # the damaged game evaluated, once
