@@ -134,7 +134,8 @@ def game_cost(game: Game, *, method: str = "auto", subsets: torch.Tensor | None 
 
 def assign_shards(costs: Sequence[float], num_ranks: int) -> list[list[int]]:
     """Deterministic balanced assignment of items to ranks: items by decreasing cost (ties: lower index first)
-    go to the least-loaded rank (ties: lower rank). Returns, per rank, its item indices in increasing order
+    go to the least-loaded rank (ties: the rank with fewer items, then the lower rank, so zero-cost items spread
+    too). Returns, per rank, its item indices in increasing order
     (a rank may get none). Costs must be finite and >= 0."""
     if not isinstance(num_ranks, int) or isinstance(num_ranks, bool) or num_ranks < 1:
         raise ValueError(f"num_ranks: expected a positive int, received {num_ranks!r}")
@@ -146,7 +147,7 @@ def assign_shards(costs: Sequence[float], num_ranks: int) -> list[list[int]]:
     loads = [0.0] * num_ranks
     shards: list[list[int]] = [[] for _ in range(num_ranks)]
     for index in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
-        target = min(range(num_ranks), key=lambda r: (loads[r], r))
+        target = min(range(num_ranks), key=lambda r: (loads[r], len(shards[r]), r))
         loads[target] += weights[index]
         shards[target].append(index)
     return [sorted(shard) for shard in shards]

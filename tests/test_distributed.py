@@ -35,6 +35,13 @@ def test_assign_shards_partitions_and_balances(costs, ranks):
     assert D.assign_shards(costs, ranks) == shards
 
 
+def test_assign_shards_spreads_items_that_cost_nothing():
+    """Zero costs (user costs, or games of empty subset lists) left every load at 0, and ties went to rank 0: every
+    item on one rank while the others idled. Ties now go to the rank with fewer items."""
+    assert D.assign_shards([0.0] * 5, 2) == [[0, 2, 4], [1, 3]]
+    assert D.assign_shards([4.0, 0.0, 0.0, 0.0], 2) == [[0], [1, 2, 3]]  # the zero-cost items balance the count
+
+
 def test_assign_shards_rejects_bad_world():
     with pytest.raises(ValueError, match="num_ranks"):
         D.assign_shards([1.0], 0)
