@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sftint_fast._memory import free_memory
+from sftint_fast.engine.adapters.base import mlp_tensors
 from sftint_fast.game import Game, _eval_mode
 
 MAX_BATCH = 512
@@ -56,7 +57,9 @@ def available_memory(device: torch.device) -> int:
 
 
 def sequence_bytes(model: Any, game: Game) -> int:
-    """Rough peak activation bytes of one variant's forward (no grad): hidden states, QKV, MLP, scores, logits."""
+    """Rough peak activation bytes of one variant's forward (no grad): hidden states, QKV, MLP (as many
+    MLP-wide tensors as its activation keeps alive: :func:`~sftint_fast.engine.adapters.base.mlp_tensors`), scores,
+    logits."""
     cfg = model.config
     hidden = model.get_input_embeddings().weight.shape[1]
     inter = _largest(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden)
@@ -64,7 +67,7 @@ def sequence_bytes(model: Any, game: Game) -> int:
     vocab = model.get_input_embeddings().num_embeddings
     length = game.input_ids.numel()
     elem = model.get_input_embeddings().weight.element_size()
-    activations = length * (8 * hidden + 3 * inter + 3 * heads * length) * elem
+    activations = length * (8 * hidden + mlp_tensors(model) * inter + 3 * heads * length) * elem
     logits = 3 * game.target.numel() * vocab * 4
     return activations + logits
 

@@ -228,7 +228,8 @@ def _chunk_activation_bytes(dims: ModelDims, seg_len: int, num_keys: int, num_ta
     """Bytes one node of a chunk needs while a layer runs (hidden states, gathered K/V, scores, mask, logits);
     the fused kernel (``fused``) gathers no K/V and materialises no scores."""
     size = dims.dtype_bytes
-    per_token = (4 * dims.hidden_size + 3 * dims.intermediate_size + 2 * dims.num_heads * dims.head_dim) * size
+    per_token = (4 * dims.hidden_size + dims.mlp_tensors * dims.intermediate_size
+                 + 2 * dims.num_heads * dims.head_dim) * size
     gathered = 0 if fused else 2 * num_keys * dims.num_heads * dims.head_dim * size  # K, V (GQA expanded at worst)
     scores = 0 if fused else dims.num_heads * seg_len * num_keys * 4 + seg_len * num_keys
     logits = 2 * num_targets * dims.vocab_size * 4 if last else 0

@@ -27,10 +27,27 @@ class ModelDims:
     intermediate_size: int
     vocab_size: int
     dtype: torch.dtype
+    #: MLP-wide (``intermediate_size``) tensors one token keeps alive at its MLP's peak (:func:`mlp_tensors`)
+    mlp_tensors: int = 3
 
     @property
     def dtype_bytes(self) -> int:
         return torch.empty((), dtype=self.dtype).element_size()
+
+
+#: Activations that transformers writes as a chain of elementwise ops, and how many tensors of their input's size
+#: each keeps alive at its peak, its output included (measured with a live-storage counter; one kernel: 1).
+_ACTIVATION_TENSORS = {"NewGELUActivation": 3, "AccurateGELUActivation": 3, "FastGELUActivation": 4,
+                       "LaplaceActivation": 3, "ClippedGELUActivation": 2, "QuickGELUActivation": 2,
+                       "ReLUSquaredActivation": 2, "SqrtSoftplusActivation": 2, "XIELUActivation": 6}
+
+
+def mlp_tensors(module: torch.nn.Module) -> int:
+    """MLP-wide tensors one token keeps alive at the peak of the MLPs in ``module``: 3 (a gated MLP's gate, up
+    projection and product), or the activation's input and its own peak where that is more: GPT-2's ``gelu_new``
+    keeps its input, ``0.5 * x`` and two temporaries of its chain alive (4)."""
+    own = max((_ACTIVATION_TENSORS.get(type(m).__name__, 1) for m in module.modules()), default=1)
+    return max(3, 1 + own)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from sftint_fast.engine.adapters.base import Adapter, AttendFn, FusedBackend, LayerSpec, ModelDims, last_layer_rows
+from sftint_fast.engine.adapters.base import (Adapter, AttendFn, FusedBackend, LayerSpec, ModelDims, last_layer_rows,
+                                              mlp_tensors)
 
 
 class GPT2Adapter(Adapter):
@@ -27,6 +28,7 @@ class GPT2Adapter(Adapter):
             intermediate_size=config.n_inner or 4 * hidden,
             vocab_size=config.vocab_size,
             dtype=self._wte.weight.dtype,
+            mlp_tensors=mlp_tensors(self._blocks[0].mlp),
         )
         self.layers = tuple(LayerSpec(scale=float(block.attn.scaling)) for block in self._blocks)
 

@@ -11,7 +11,7 @@ import sys
 import torch
 
 from sftint_fast.engine.adapters.base import (Adapter, AttendFn, FusedBackend, LayerSpec, ModelDims,
-                                              last_layer_rows)
+                                              last_layer_rows, mlp_tensors)
 
 #: HF ``model_type`` values this adapter serves (each checked against the naive engine in tests/test_trie.py).
 MODEL_TYPES = frozenset({"llama", "qwen2", "mistral", "gemma3_text"})
@@ -50,6 +50,7 @@ class LlamaLikeAdapter(Adapter):
             intermediate_size=config.intermediate_size,
             vocab_size=config.vocab_size,
             dtype=self._embed_tokens.weight.dtype,
+            mlp_tensors=mlp_tensors(self._blocks[0].mlp),
         )
         # fused elementwise ops (``run_layers(fused=...)``): which of the model's ops they can stand in for
         self._rope_fusable = _function_name(self._apply_rope) == "apply_rotary_pos_emb"
