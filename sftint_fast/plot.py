@@ -254,8 +254,11 @@ def headline(report: TrackReport) -> dict[str, Any]:
     emerged_key = "all/emerged_unshared_new_excess" if report.gamma_available else "all/emerged_new_excess"
     emerged_excess_total = sum(c[emerged_key])
     base = c["all/preserved"][0]
+    # without a noise floor the floor counts as 0: the counts are raw, and the verdict must not name a floor
+    floor = report.config.get("noise_floor") is not None
+    above, beyond = ("above the noise floor", " beyond the noise floor") if floor else ("in the raw counts", "")
     if len(report.probes["kept"]) < 2:  # resampling one probe gives it back every time: the bounds are the estimate
-        verdict = (f"Cumulative excess removals beyond the noise floor are {count(excess_removed)} out of {base:.0f} "
+        verdict = (f"Cumulative excess removals{beyond} are {count(excess_removed)} out of {base:.0f} "
                    "base salient interactions, from one probe: the bootstrap over probes has nothing to resample, so "
                    "there is no lower bound and no denoising stage is shown")
     else:
@@ -267,23 +270,23 @@ def headline(report: TrackReport) -> dict[str, Any]:
         significant = [t for t in range(1, len(cumulative)) if lows[t] > 0]
         peak = max(significant, key=lambda t: (cumulative[t], -t)) if significant else None
         if peak is not None:
-            verdict = (f"A denoising stage above the noise floor is visible: cumulative excess removals beyond the "
-                       f"floor reached {count(cumulative[peak])} by step {report.steps[peak]} (bootstrap lower bound "
+            verdict = (f"A denoising stage {above} is visible: cumulative excess removals{beyond} "
+                       f"reached {count(cumulative[peak])} by step {report.steps[peak]} (bootstrap lower bound "
                        f"{bound(lows[peak])} > 0) out of {base:.0f} base salient interactions"
                        + ("" if peak == len(cumulative) - 1 else
                           f"; by step {report.steps[-1]} they are {count(excess_removed)} (bootstrap lower bound "
                           f"{bound(lo_removed)})"))
         else:
-            verdict = (f"No denoising stage above the noise floor is visible: cumulative excess removals are "
+            verdict = (f"No denoising stage {above} is visible: cumulative excess removals are "
                        f"{count(excess_removed)} (bootstrap lower bound {bound(lo_removed)} <= 0) out of {base:.0f} "
                        "base salient interactions")
-    verdict += ("; emergence beyond the floor"
+    verdict += ("; emergence" + beyond
                 + (" (of interactions not shared with the reference)" if report.gamma_available else "")
                 + f" totals {count(emerged_excess_total)}"
                 + (f", and the phase boundary falls at step {report.phase_boundary}." if report.phase_boundary is not None
                    else ", and no phase boundary is reported."))
-    if report.config.get("noise_floor") is None:
-        verdict += " But no noise floor was measured (noise_floor=None): the floor counts as 0, so these are raw counts."
+    if not floor:
+        verdict += " No noise floor was measured (noise_floor=None): the floor counts as 0, so these are raw counts."
     return {
         "steps": list(report.steps), "base_salient": base, "removed": c["all/removed"][-1],
         "preserved": c["all/preserved"][-1], "emerged": c["all/emerged"][-1],

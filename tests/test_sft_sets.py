@@ -625,8 +625,11 @@ def test_verdict_without_a_noise_floor_says_its_counts_are_raw():
     rep = _report_planted(noise_floor=None)
     assert rep.curves["all/removed_new_floor"] == [0.0] * len(rep.steps)
     verdict = headline(rep)["verdict"]
-    assert "no noise floor was measured" in verdict
-    assert "no noise floor was measured" not in headline(_report_planted())["verdict"]
+    assert "No noise floor was measured" in verdict
+    assert "noise floor is visible" not in verdict and "beyond the" not in verdict  # it had named a floor it lacked
+    assert "in the raw counts is visible" in verdict
+    with_floor = headline(_report_planted())["verdict"]
+    assert "No noise floor was measured" not in with_floor and "above the noise floor is visible" in with_floor
 
 
 def test_training_paragraph_names_the_step_its_boundary_loss_comes_from():
