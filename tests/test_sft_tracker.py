@@ -1251,6 +1251,25 @@ def test_reference_players_are_the_probe_words_not_earlier_text_that_contains_th
     assert ref.player_spans == base.player_spans == ((2, 3), (4, 5))  # were (0, 1) "this" and (1, 2) "skyline"
 
 
+def test_reference_players_are_the_probe_words_not_an_earlier_word_of_the_same_text(tokenizer, monkeypatch):
+    """A word-index probe naming the second "the" of its prompt: the reference game's player is that word, not the
+    first "the" (the whole-word search from the prompt's start took the first)."""
+    from sftint_fast.game import Game
+
+    built = []
+    real = Game.from_text.__func__
+    recorded = classmethod(lambda cls, *a, **k: built.append(real(cls, *a, **k)) or built[-1])
+    monkeypatch.setattr(Game, "from_text", recorded)
+    probe = Probe(prompt="the cat saw the dog", players=(3, 4))
+    tracker = SFTTracker([probe], tokenizer, n_players=2, andor_method="and", min_base_py=0.0, bootstrap=100,
+                         progress=False, numerics_check=False, noise_floor=None,
+                         reference=(tiny_model("llama", seed=3), tokenizer))
+    tracker.add_checkpoint(_checkpoints(1)[0], 0)
+    base, ref = built
+    assert base.words == ref.words == ("the", "dog")
+    assert ref.player_spans == base.player_spans == ((3, 4), (4, 5))  # was (0, 1): the first "the"
+
+
 def test_add_values_tracks_every_row_and_the_report_says_min_base_py_was_not_applied(caplog):
     """min_base_py drops probes where add_checkpoint builds the games; add_values tracks the rows it is given. Its
     report listed every row as kept under a min_base_py they did not meet, with nothing saying no filter ran."""

@@ -855,6 +855,7 @@ class SFTTracker:
         """The same prompts, words and target text on the reference model (its own tokens)."""
         from sftint_fast.baseline import _eval_mode
         from sftint_fast.game import Game
+        from sftint_fast.players import word_char_spans
 
         model = unwrap_model(model)
         games = []
@@ -864,9 +865,15 @@ class SFTTracker:
         with _eval_mode(model):  # every submodule's own mode back after: a frozen (eval) part stays in eval
             for i, game in zip(self.kept, self.games):
                 prompt, named = self.probes[i].prompt, self.probes[i].players
-                # character-span probes keep their spans (a span's text may also occur earlier in the prompt)
-                spans = (list(named) if named and isinstance(named[0], (tuple, list))
-                         else _char_spans(prompt, game.words))
+                # character-span probes keep their spans and word-index probes take their words' (a player's text may
+                # also occur earlier in the prompt); only players chosen by n_players are searched for
+                if named and isinstance(named[0], (tuple, list)):
+                    spans = list(named)
+                elif named:
+                    words = word_char_spans(prompt)
+                    spans = [words[w] for w in named]
+                else:
+                    spans = _char_spans(prompt, game.words)
                 target = game.target if same_vocab else self.tokenizer.decode(game.target.tolist())
                 if not same_vocab and not target.strip():
                     raise ValueError(f"reference: probes[{i}]'s target ids {game.target.tolist()} decode to "
