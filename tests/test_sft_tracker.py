@@ -1231,22 +1231,28 @@ def test_resume_on_another_day_with_a_chat_template_that_reads_the_clock_is_not_
         _tracker(other, run, heldout=pairs)
 
 
-@pytest.mark.parametrize("players", [(2, 4), ((13, 15), (20, 23))])
-def test_reference_players_are_the_probe_words_not_earlier_text_that_contains_them(tokenizer, monkeypatch, players):
-    """The reference game's players are found from the base game's words: "is" (or the character span "is") must not
-    be taken from inside "this", nor "sky" from inside "skyline". With the base tokenizer, the same token spans."""
+def _base_and_reference_games(tokenizer, monkeypatch, probe):
+    """The base game and the reference game the tracker builds for one probe (a reference model of its own)."""
     from sftint_fast.game import Game
 
     built = []
     real = Game.from_text.__func__
     recorded = classmethod(lambda cls, *a, **k: built.append(real(cls, *a, **k)) or built[-1])
     monkeypatch.setattr(Game, "from_text", recorded)
-    probe = Probe(prompt="this skyline is the sky", players=players)
     tracker = SFTTracker([probe], tokenizer, n_players=2, andor_method="and", min_base_py=0.0, bootstrap=100,
                          progress=False, numerics_check=False, noise_floor=None,
                          reference=(tiny_model("llama", seed=3), tokenizer))
     tracker.add_checkpoint(_checkpoints(1)[0], 0)
     base, ref = built
+    return base, ref
+
+
+@pytest.mark.parametrize("players", [(2, 4), ((13, 15), (20, 23))])
+def test_reference_players_are_the_probe_words_not_earlier_text_that_contains_them(tokenizer, monkeypatch, players):
+    """The reference game's players are found from the base game's words: "is" (or the character span "is") must not
+    be taken from inside "this", nor "sky" from inside "skyline". With the base tokenizer, the same token spans."""
+    probe = Probe(prompt="this skyline is the sky", players=players)
+    base, ref = _base_and_reference_games(tokenizer, monkeypatch, probe)
     assert base.words == ref.words == ("is", "sky")
     assert ref.player_spans == base.player_spans == ((2, 3), (4, 5))  # were (0, 1) "this" and (1, 2) "skyline"
 
@@ -1254,18 +1260,7 @@ def test_reference_players_are_the_probe_words_not_earlier_text_that_contains_th
 def test_reference_players_are_the_probe_words_not_an_earlier_word_of_the_same_text(tokenizer, monkeypatch):
     """A word-index probe naming the second "the" of its prompt: the reference game's player is that word, not the
     first "the" (the whole-word search from the prompt's start took the first)."""
-    from sftint_fast.game import Game
-
-    built = []
-    real = Game.from_text.__func__
-    recorded = classmethod(lambda cls, *a, **k: built.append(real(cls, *a, **k)) or built[-1])
-    monkeypatch.setattr(Game, "from_text", recorded)
-    probe = Probe(prompt="the cat saw the dog", players=(3, 4))
-    tracker = SFTTracker([probe], tokenizer, n_players=2, andor_method="and", min_base_py=0.0, bootstrap=100,
-                         progress=False, numerics_check=False, noise_floor=None,
-                         reference=(tiny_model("llama", seed=3), tokenizer))
-    tracker.add_checkpoint(_checkpoints(1)[0], 0)
-    base, ref = built
+    base, ref = _base_and_reference_games(tokenizer, monkeypatch, Probe(prompt="the cat saw the dog", players=(3, 4)))
     assert base.words == ref.words == ("the", "dog")
     assert ref.player_spans == base.player_spans == ((3, 4), (4, 5))  # was (0, 1): the first "the"
 
