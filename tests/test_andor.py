@@ -199,6 +199,41 @@ def test_lp_objective_is_the_l1_norm_at_the_p_q_it_returns():
     assert bool((sgd.objective[-1] >= res.objective[0] - 1e-7).all())
 
 
+@pytest.mark.parametrize("scale", [1e-10, 1e-8, 1e6], ids=["1e-10", "1e-8", "1e6"])
+def test_lp_optimum_does_not_depend_on_the_scale_of_v(scale):
+    """The LP is positively homogeneous (v → s·v takes p, q and the optimum with it), so a game of tiny values is
+    solved as exactly as one of unit values. HiGHS's tolerances are absolute (~1e-7): on v of size 1e-8 its
+    "optimum" was 1.6x the true one (n=3) and the objective it reported was not that of the p, q it returned
+    (negative at 1e-10)."""
+    from sftint_fast.ops.reference import brute_or_interactions, brute_transform
+
+    v = torch.randn(2, 16, generator=torch.Generator().manual_seed(3), dtype=F64)
+    unit = sf.and_or(v, method="lp", progress=False)
+    res = sf.and_or(v * scale, method="lp", progress=False)
+    rows = (v - v[:, :1]) * scale
+    half = 0.5 * (rows + res.q)
+    i_and = brute_transform(half + res.p, "subset_mobius")
+    i_or = brute_or_interactions(half - res.p)
+    l1 = i_and.abs().sum(-1) + i_or.abs().sum(-1)
+    torch.testing.assert_close(l1 / scale, unit.objective[0], rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(res.objective[0] / scale, unit.objective[0], rtol=1e-7, atol=1e-9)
+    assert bool((res.q.abs() <= 0.04 * rows[:, -1:].abs() * (1 + 1e-12)).all())
+
+
+def test_lp_of_a_small_game_on_a_large_offset_without_baseline_offset():
+    """baseline_offset=False keeps v(∅) = 1e6 beside a spread of 1e-2: the LP's scaling must not shrink the spread
+    under HiGHS's tolerances (scaled by max|v| it returned an objective 4x the L1 norm at its own p, q)."""
+    from sftint_fast.ops.reference import brute_or_interactions, brute_transform
+
+    v = 1e6 + 1e-2 * torch.randn(2, 16, generator=torch.Generator().manual_seed(0), dtype=F64)
+    res = sf.and_or(v, method="lp", baseline_offset=False, progress=False)
+    half = 0.5 * (v + res.q)
+    i_and, i_or = brute_transform(half + res.p, "subset_mobius"), brute_or_interactions(half - res.p)
+    l1 = i_and.abs().sum(-1) + i_or.abs().sum(-1)
+    torch.testing.assert_close(l1 - 1e6, res.objective[0] - 1e6, rtol=0, atol=1e-6)
+    assert bool((l1 - 1e6 < 0.1).all())
+
+
 # Measured on this planted game (n=8, |v| up to 4.9): with the reference defaults (lr=1e-6, 20000 steps)
 # SGD barely moves, from 26.0 to 25.6 = 2.58× the LP optimum 9.92; lr=1e-4 ends at 1.93× (min 1.63×).
 SGD_DEFAULT_FACTOR = 2.7
@@ -331,6 +366,15 @@ def test_bad_inputs():
         sf.and_or(v, method="lp", init=(torch.zeros_like(v), torch.zeros_like(v)))
     with pytest.raises(ValueError, match="nonzeros.*MiB"):
         sf.and_or(torch.zeros(2**11, dtype=F64), method="lp")
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.bool], ids=["complex", "bool"])
+def test_init_of_a_non_real_dtype_is_refused(dtype):
+    """A complex init lost its imaginary part (a torch warning, then a run from the real part) and a bool one became
+    0/1 values: neither is a (p, q) of the game."""
+    v = torch.randn(8, dtype=F64)
+    with pytest.raises(TypeError, match=f"init: expected real numbers in p and q, got p of dtype {dtype}"):
+        sf.and_or(v, niter=1, init=(torch.zeros(8, dtype=dtype), torch.zeros(8, dtype=F64)), progress=False)
 
 
 @requires_ext

@@ -191,6 +191,8 @@ def _initial(
     for name, t in zip(("p", "q"), init):
         if t.shape != shape:
             raise ValueError(f"init: expected {name} of shape {tuple(shape)} (the shape of v), got {tuple(t.shape)}")
+        if t.is_complex() or t.dtype == torch.bool:  # .to(float) would drop the imaginary part / make 0/1 values
+            raise TypeError(f"init: expected real numbers in p and q, got {name} of dtype {t.dtype}")
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"init: expected finite {name}, got NaN/inf")
         out.append(t.detach().to(device=rows.device, dtype=rows.dtype).reshape(rows.shape).clone())
@@ -376,14 +378,19 @@ def _lp(
     objective = np.empty((1, rows))
     status = []
     for row in tqdm(range(rows), desc="and_or lp", disable=not progress):
-        b_ub = np.concatenate([np.zeros(4 * size), v64[row] + b64[row], b64[row] - v64[row]])
+        # the LP is positively homogeneous: solved on the row scaled to a spread max|v - v(∅)| of 1, since HiGHS's
+        # tolerances are absolute (~1e-7; a game of values ~1e-8 came back 1.6x off its optimum). The spread, not
+        # max|v|: with baseline_offset=False a large v(∅) would shrink the rest of the game under the tolerances.
+        scale = float(np.abs(v64[row] - v64[row, 0]).max()) or float(np.abs(v64[row]).max()) or 1.0
+        v_row, b_row = v64[row] / scale, b64[row] / scale
+        b_ub = np.concatenate([np.zeros(4 * size), v_row + b_row, b_row - v_row])
         sol = linprog(cost, A_ub=a_ub, b_ub=b_ub, bounds=var_bounds, method=lp_method)
         if sol.status != 0:
             raise RuntimeError(f"and_or: HiGHS failed on row {row}: {sol.message}")
         x_and, x_or = sol.x[:size], sol.x[size : 2 * size]
-        p[row] = 0.5 * (x_and - x_or)
-        q[row] = np.clip(x_and + x_or - v64[row], -b64[row], b64[row])
-        objective[0, row] = sol.fun
+        p[row] = 0.5 * (x_and - x_or) * scale
+        q[row] = np.clip(x_and + x_or - v_row, -b_row, b_row) * scale
+        objective[0, row] = sol.fun * scale
         status.append(str(sol.message))
     logger.debug("and_or lp: solved %d rows, n=%d", rows, n)
     p_t, q_t, objective_t = (torch.from_numpy(a).to(device=v.device, dtype=v.dtype) for a in (p, q, objective))
