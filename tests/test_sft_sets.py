@@ -792,3 +792,21 @@ def test_write_report_of_a_report_read_back_from_report_json(tmp_path):
     again = write_report(TrackReport.load(tmp_path / "run"), tmp_path / "again")
     assert again.read_text() == md.read_text()
     assert (tmp_path / "again" / "orders.png").stat().st_size > 0
+
+
+def test_a_constant_base_game_is_warned_about_by_probe():
+    """A probe whose base interactions are all 0 gets the threshold tau * 0 = 0: later rounding noise makes every
+    non-empty set 'emerge'. It is said at the base, naming the probe; a non-constant probe alone is not warned."""
+    import warnings
+
+    g = torch.Generator().manual_seed(0)
+    base = _I(3, {0b011: 1.0, 0b100: -0.5}, rows=2)
+    base[1, 1:] = 0.0
+    later = base + 1e-12 * torch.randn(2, 8, generator=g, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"AND interactions of probe\(s\) \[1\] are all 0 at the base"):
+        tracker = _run([base, later, later], persistence=1)
+    assert tracker.report().curves["and/emerged"][-1] == 7  # the rule as written: all 7 sets of probe 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _run([base[:1], later[:1]], persistence=1)
+        _run([base, later], persistence=1, threshold_reference="absolute", tau=0.1)

@@ -484,6 +484,8 @@ class SFTTracker:
                                "min_base_py=%g (it drops probes only in add_checkpoint)", below, py.shape[0],
                                self.config.min_base_py)
         self._ingest(record)
+        if len(self.records) == 1:
+            self._warn_zero_thresholds()
         if self._writes:
             try:
                 self._save_record(record)
@@ -491,6 +493,21 @@ class SFTTracker:
                 self.records.pop()
                 self.states.pop()
                 raise
+
+    def _warn_zero_thresholds(self) -> None:
+        """A probe whose base interactions are all 0 (a constant game) gets the threshold ``τ · 0 = 0``: every later
+        non-zero interaction, rounding noise included, would count as salient and emerge. Said once, at the base."""
+        c = self.config
+        if c.threshold_reference == "absolute" or self.records[0].values.shape[-1] < 2:
+            return
+        for kind in c.kinds:
+            rows = (self.states[0][kind].base_threshold[:, 0] == 0).nonzero().flatten().tolist()
+            if rows:
+                names = [self.kept[r] for r in rows] if self.kept is not None else rows
+                warnings.warn(f"{kind.upper()} interactions of probe(s) {names} are all 0 at the base (a constant "
+                              f"game): their salience threshold is tau * 0 = 0, so any non-zero interaction at a "
+                              f"later checkpoint counts as emerged; drop these probes or use "
+                              f"threshold_reference='absolute'", UserWarning, stacklevel=3)
 
     @property
     def solver(self) -> str:
