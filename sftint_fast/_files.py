@@ -7,6 +7,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+#: the temp files :func:`atomic_write` makes: ``.<stem>.<8 chars of mkstemp>.tmp<suffix>``
+_TEMP = re.compile(r"\.(?P<stem>.+)\.[a-z0-9_]{8}\.tmp(?P<suffix>\.[^.]*)?")
+
 
 def _default_mode() -> int:
     """What ``open()`` would give a new file under this process's umask (``os.umask`` only reads by setting)."""
@@ -41,6 +44,19 @@ def atomic_write(target: str | os.PathLike, write: Callable[[Path], Any]) -> Pat
         raise OSError(code, f"could not write {target}: {os.strerror(code)}") from err
     _fsync(target.parent, directory=True)  # and the rename itself
     return target
+
+
+def remove_stale_temps(folder: str | os.PathLike, names: Callable[[str], bool]) -> list[str]:
+    """Removes the temp files a killed :func:`atomic_write` left in ``folder`` (no cleanup runs after a SIGKILL or a
+    power loss) for the targets whose file name ``names`` accepts; returns the names removed. Only for a folder that
+    this process alone writes now (resuming a run): another writer's temp file would be taken from under it."""
+    removed = []
+    for path in Path(folder).iterdir() if Path(folder).is_dir() else ():
+        match = _TEMP.fullmatch(path.name)
+        if match and path.is_file() and names(match["stem"] + (match["suffix"] or "")):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return sorted(removed)
 
 
 def _io_errno(err: BaseException) -> int | None:

@@ -493,6 +493,22 @@ def test_track_cli_interrupted_right_after_saving_its_base_still_refuses_another
     assert json.loads((out / "report.json").read_text())["steps"] == [0, 10]
 
 
+def test_track_cli_rerun_after_a_kill_removes_the_temp_files_it_left(folders, tmp_path, monkeypatch, capsys):
+    """Killed while writing its report (and its tracker's step), a run leaves temp files no cleanup removed; the rerun
+    gives the whole report and removes them (they piled up at every kill)."""
+    root, _ = folders
+    run, killed = tmp_path / "run", tmp_path / "killed"
+    interrupt_write(monkeypatch, KeyboardInterrupt(), name="report.json", kill=(run, killed))
+    with pytest.raises(KeyboardInterrupt):
+        _track(root, run, [str(root / "ckpt" / "checkpoint-10")])
+    monkeypatch.undo()
+    assert [p.name for p in killed.iterdir() if p.name.startswith(".report.")]  # what the kill left
+    (killed / "tracker" / ".step_000000020.abcdefgh.tmp.safetensors").write_bytes(b"half")
+    assert _track(root, killed, [str(root / "ckpt" / "checkpoint-10")]) == 0, capsys.readouterr().err
+    assert json.loads((killed / "report.json").read_text())["steps"] == [0, 10]
+    assert not [p for p in killed.rglob(".*") if ".tmp" in p.name]
+
+
 def test_track_cli_refuses_two_folders_of_one_step(folders, tmp_path, capsys):
     """Two runs' checkpoint-10: the second was taken as tracked already, without a word. The same folder spelled
     twice is one folder."""
@@ -507,6 +523,43 @@ def test_track_cli_refuses_two_folders_of_one_step(folders, tmp_path, capsys):
     same = [str(root / "ckpt" / "checkpoint-10"), str(root / "ckpt" / "checkpoint-10") + "/"]
     assert _track(root, tmp_path / "b", same, "--noise-floor", "none") == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "b" / "report.json").read_text())["steps"] == [0, 10]
+
+
+@pytest.mark.parametrize("order", [sorted, lambda paths: sorted(paths, reverse=True)], ids=["listed", "reversed"])
+def test_track_one_folder_linked_under_two_steps_is_refused_whatever_the_listing_order(tmp_path, monkeypatch, order):
+    """checkpoint-20 a link to checkpoint-10: the folder was kept under the name the directory listing gave first,
+    so it was tracked as step 10 or as step 20 depending on the file system's order. Now refused either way; the
+    same folder spelled twice under one step is still one folder."""
+    import glob
+
+    from sftint_fast.sft import demo
+
+    (tmp_path / "checkpoint-10").mkdir()
+    (tmp_path / "checkpoint-20").symlink_to(tmp_path / "checkpoint-10", target_is_directory=True)
+    real = glob.glob
+    monkeypatch.setattr(demo.glob, "glob", lambda pattern: order(real(pattern)))
+    with pytest.raises(ValueError, match=r"one step per folder.*checkpoint-10.*checkpoint-20"):
+        demo._match([str(tmp_path / "checkpoint-*")])
+    assert demo._match([str(tmp_path / "checkpoint-10"), str(tmp_path / "checkpoint-10") + "/"]) == [
+        str(tmp_path / "checkpoint-10")]
+
+
+def test_track_cli_refuses_a_checkpoint_whose_trainer_state_names_another_step(folders, tmp_path, capsys):
+    """A renamed checkpoint folder (checkpoint-10 holding the Trainer's state at global_step 20) was tracked as step
+    10: the report put its interactions, and the training loss logged up to step 10, at a step the model never was.
+    A folder whose trainer_state.json agrees with its name is tracked."""
+    import shutil
+
+    root, _ = folders
+    for name, step in (("checkpoint-10", 20), ("checkpoint-20", 20)):
+        folder = tmp_path / "ckpt" / name
+        shutil.copytree(root / "ckpt" / "checkpoint-20", folder)
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+    assert _track(root, tmp_path / "a", [str(tmp_path / "ckpt" / "checkpoint-10")]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint-10" in err and "named for step 10" in err and "global_step 20" in err
+    assert not (tmp_path / "a" / "tracker" / "step_000000010.json").exists()
+    assert _track(root, tmp_path / "b", [str(tmp_path / "ckpt" / "checkpoint-20")]) == 0, capsys.readouterr().err
 
 
 DELETED_ON_ONE_RANK = '''

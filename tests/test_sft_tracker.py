@@ -142,6 +142,19 @@ def test_refuses_mismatched_config_and_architecture(tokenizer, tmp_path):
         resumed.add_checkpoint(tiny_model("qwen2"), 5)
 
 
+@pytest.mark.parametrize("text", [None, '["x"]', '{"tracker": ', ""], ids=["model", "list", "truncated", "empty"])
+def test_an_out_dir_whose_config_json_is_not_a_trackers_is_refused_clearly(tokenizer, tmp_path, text):
+    """An out_dir shared with a Trainer's output_dir (``save_model`` writes the model's config.json over the
+    tracker's) or given a model folder by mistake: the resumed tracker raised a bare KeyError('tracker') (JSON errors
+    and AttributeErrors for other files), which ``sftint track`` does not catch; now a ValueError names the folder."""
+    if text is None:
+        tiny_model("llama").save_pretrained(tmp_path)
+    else:
+        (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=f"out_dir {tmp_path}: expected the tracker's config.json"):
+        _tracker(tokenizer, tmp_path)
+
+
 def test_a_refused_base_checkpoint_leaves_nothing_a_retry_would_build_on(tokenizer, tmp_path):
     model = tiny_model("llama")
     tracker = _tracker(tokenizer, tmp_path / "a", min_base_py=0.99)
@@ -600,6 +613,39 @@ def test_resume_reads_the_saved_steps_in_step_order_not_name_order(tmp_path):
     resumed = _plain(out_dir=tmp_path)
     assert resumed.steps == steps
     assert resumed.report().to_dict()["curves"] == tracker.report().to_dict()["curves"]
+
+
+@pytest.mark.parametrize("name", ["step_000000010.safetensors", "step_000000010.json"])
+def test_a_run_killed_while_saving_resumes_to_the_same_report_and_removes_its_temp_files(tmp_path, monkeypatch,
+                                                                                          name):
+    """Killed (no cleanup runs) while a step's file is renamed into place, a run leaves its temp file
+    (``.step_000000010.<random>.tmp.safetensors``): the resumed tracker gives the uninterrupted run's report and
+    removes the temp files of its own saves (they piled up in out_dir at every kill); other files stay."""
+    g = torch.Generator().manual_seed(0)
+    values = [torch.randn(3, 8, generator=g, dtype=torch.float64) for _ in range(3)]
+    opts = dict(noise_floor="iid", persistence=2, noise_draws=2)
+    full = _plain(out_dir=tmp_path / "full", **opts)
+    for t, v in enumerate(values):
+        full.add_values(t * 10, v)
+    run, killed = tmp_path / "run", tmp_path / "killed"
+    interrupt_write(monkeypatch, KeyboardInterrupt(), name=name, kill=(run, killed))
+    first = _plain(out_dir=run, **opts)
+    with pytest.raises(KeyboardInterrupt):
+        for t, v in enumerate(values):
+            first.add_values(t * 10, v)
+    monkeypatch.undo()
+    left = [p.name for p in killed.iterdir() if ".tmp" in p.name]
+    assert len(left) == 1 and left[0].startswith(".step_000000010.")  # what the kill left
+    (killed / ".notes.abcdefgh.tmp.txt").write_text("not the tracker's")
+    resumed = _plain(out_dir=killed, **opts)
+    assert resumed.steps == [0]  # step 10 counts as saved only once its JSON is in place
+    for t, v in enumerate(values):
+        resumed.add_values(t * 10, v)
+    assert sorted(p.name for p in killed.iterdir() if ".tmp" in p.name) == [".notes.abcdefgh.tmp.txt"]
+    got, want = resumed.report().to_dict(), full.report().to_dict()
+    for report in (got, want):  # timings differ
+        report["floor_cost"] = report["cost"] = report["curves"]["seconds_tracking"] = None
+    assert json.dumps(got, sort_keys=True) == json.dumps(want, sort_keys=True)
 
 
 def _from_interactions(rows):

@@ -225,6 +225,12 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
             raise ValueError(f"checkpoints: expected folders, got nothing for {unmatched or list(checkpoints)}")
     _check_folders(base, [] if watch is not None else paths, reference)
     fingerprint = _check_base(base, out)
+    if distributed.is_main_process():  # what a killed run left half-written (its tracker's own: the tracker's)
+        from sftint_fast._files import remove_stale_temps
+
+        stale = remove_stale_temps(out, lambda name: name in _RUN_FILES or name.endswith(".png"))
+        if stale:
+            logger.info("%s: removed %d temp file(s) of an interrupted save: %s", out, len(stale), stale)
     pairs = None
     if heldout is not None:
         rows = load_probes(heldout)
@@ -251,6 +257,8 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
         if tracker.steps and step < tracker.steps[-1]:
             logger.warning("%s: step %d is before the last tracked step %d; skipped", path, step, tracker.steps[-1])
             return False
+        if step > 0:
+            _check_trainer_step(path, step)
         error = fingerprint = None
         try:
             # its files' fingerprint for the record before the load: a folder deleted once loaded (save_total_limit)
@@ -373,10 +381,17 @@ def _follow(tracker: SFTTracker, patterns: Sequence[str], track: Any, report: An
 
 
 def _match(patterns: Sequence[str]) -> list[str]:
-    folders: dict[str, str] = {}  # one path per folder: "ckpt/checkpoint-10" and "ckpt/checkpoint-10/" are one
+    # one path per folder and step: "ckpt/checkpoint-10" and "ckpt/checkpoint-10/" are one
+    folders: dict[tuple[str, int], str] = {}
     for pattern in patterns:
         for path in glob.glob(pattern):
-            folders.setdefault(os.path.realpath(path), path)
+            folders.setdefault((os.path.realpath(path), _step_of(path)), path)
+    named: dict[str, str] = {}
+    for (real, _), path in sorted(folders.items(), key=lambda item: item[0][1]):
+        if real in named:  # a link: which name is kept would depend on the order the file system lists them in
+            raise ValueError(f"checkpoints: expected one step per folder, got {named[real]!r} and {path!r}, one "
+                             f"folder ({real}) under two step names")
+        named[real] = path
     paths = sorted(folders.values(), key=_step_of)
     for a, b in zip(paths, paths[1:]):
         if _step_of(a) == _step_of(b):  # the second would be taken as tracked already, without a word
@@ -462,6 +477,8 @@ def _check_base(base: str, out: str | os.PathLike) -> str:
 
 #: The run folder's record of the checkpoint folders it tracked (their fingerprints, by step), checked on resume.
 CHECKPOINTS_RECORD = "checkpoints.json"
+#: What ``sftint track`` writes in its run folder (the figures aside: ``*.png``).
+_RUN_FILES = (BASE_RECORD, CHECKPOINTS_RECORD, "report.json", "report.md", "sets.json", "training_log.json")
 
 
 def _record_tracked(out: str | os.PathLike, step: int, path: str, fingerprint: str) -> None:
@@ -491,6 +508,29 @@ def _check_tracked(out: str | os.PathLike, step: int, path: str) -> None:
             refusal = (f"checkpoints: expected the checkpoint this run folder tracked at step {step} "
                        f"({saved['path']!r}), got {str(path)!r}, whose config or weight files differ (retrained into "
                        "the same folder?); track it into another --out")
+    refusal = distributed.broadcast_object(refusal)
+    if refusal is not None:
+        raise ValueError(refusal)
+
+
+def _check_trainer_step(path: str, step: int) -> None:
+    """Refuses a checkpoint folder named for another step than the ``global_step`` of the ``Trainer`` state it holds (a
+    renamed folder): it would be reported at a step its model never was, beside that step's training losses.
+    Collective under ``torch.distributed``: rank 0 decides. A state that cannot be read is left to the training log
+    (which warns)."""
+    from sftint_fast import distributed
+    from sftint_fast.sft.training_log import _read_state
+
+    refusal = None
+    if distributed.is_main_process() and (Path(path) / "trainer_state.json").is_file():
+        try:
+            saved = _read_state(Path(path) / "trainer_state.json").get("global_step")
+        except ValueError:
+            saved = None
+        if isinstance(saved, int) and not isinstance(saved, bool) and saved != step:
+            refusal = (f"checkpoints: expected the folder of step {step} to hold the Trainer's state of that step, "
+                       f"got {str(path)!r}, named for step {step}, whose trainer_state.json says global_step {saved} "
+                       f"(a renamed folder?); name it checkpoint-{saved}")
     refusal = distributed.broadcast_object(refusal)
     if refusal is not None:
         raise ValueError(refusal)

@@ -43,6 +43,9 @@ from sftint_fast.sft.probes import Probe, as_probes, heldout_batches, sft_exampl
 logger = logging.getLogger(__name__)
 
 AndOrMethod = Literal["sgd", "lp", "and"]
+#: the files a tracker writes in its out_dir
+_TRACKER_FILE = re.compile(r"config\.json|games\.(?:json|safetensors)|reference\.safetensors"
+                           r"|step_\d+\.(?:json|safetensors)")
 SETS = ("removed", "preserved", "emerged")
 #: Variants of the first probe that the numerics check evaluates three times (naive, trie, the other precision).
 NUMERICS_VARIANTS = 16
@@ -943,15 +946,23 @@ class SFTTracker:
         return blob
 
     def _open_out_dir(self) -> None:
+        from sftint_fast._files import remove_stale_temps
+
         out = self.out_dir
         out.mkdir(parents=True, exist_ok=True)
+        # the one process that writes out_dir, so no other write is under way (under torchrun before the process
+        # group is set up, every rank writes config.json: none removes another's temp file)
+        if distributed.is_main_process() and (distributed.is_distributed() or os.environ.get("WORLD_SIZE", "1") == "1"):
+            stale = remove_stale_temps(out, lambda name: _TRACKER_FILE.fullmatch(name) is not None)
+            if stale:
+                logger.info("out_dir %s: removed %d temp file(s) of an interrupted save: %s", out, len(stale), stale)
         path = out / "config.json"
         blob = _json_safe(self._config_blob())
         if not path.exists():
             if distributed.is_main_process():
                 _atomic_write_text(path, json.dumps(blob, indent=1))
             return
-        saved = json.loads(path.read_text())
+        saved = _read_saved_config(path)
         if ("baseline_sha256" in blob and "baseline_sha256" not in saved
                 and saved.get("tracker", {}).get("baseline") == "tensor"):
             logger.warning("out_dir %s: saved without the digest of its baseline tensor (an older run); the given "
@@ -1062,6 +1073,22 @@ class SFTTracker:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+def _read_saved_config(path: Path) -> dict[str, Any]:
+    """The run configuration a tracker saved in ``out_dir/config.json``; ValueError for another file of that name (a
+    model's, where out_dir is also a ``Trainer``'s output_dir or a model folder), which would be compared as a run."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"out_dir {path.parent}: expected the tracker's config.json, could not read it: "
+                         f"{err}") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("tracker"), dict):
+        got = (f"one without the tracker's options (keys {sorted(saved)[:8]})" if isinstance(saved, dict)
+               else f"a JSON {type(saved).__name__}")
+        raise ValueError(f"out_dir {path.parent}: expected the tracker's config.json, got {got}: a model's config.json "
+                         "(a Trainer's output_dir or a model folder?); give the tracker a folder of its own")
+    return saved
 
 
 def _saved_step(path: Path) -> int:
