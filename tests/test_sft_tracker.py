@@ -1327,3 +1327,17 @@ def test_add_values_tracks_every_row_and_the_report_says_min_base_py_was_not_app
     confident = SFTTracker(None, andor_method="and", bootstrap=20, noise_draws=1, progress=False)
     confident.add_values(0, values, p_y=torch.tensor([0.9, 0.6, 0.7]))
     assert not any("min_base_py" in note for note in confident.report().notes)
+
+
+def test_callback_refuses_a_tracker_writing_into_the_trainers_output_dir(tokenizer, tmp_path):
+    """The Trainer's save_model writes the model's config.json into output_dir, over the tracker's config.json of
+    the same name: the run went on and its resume failed later. Refused before training; a subfolder is fine."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True)
+    tracker = _tracker(tokenizer, tmp_path / "out" / ".", persistence=1, noise_floor=None)
+    with pytest.raises(ValueError, match=r"expected a folder of the tracker's own, got the Trainer's output_dir"):
+        sf.InteractionCallback(tracker, every=1000).on_train_begin(args, TrainerState(), TrainerControl(), model=None)
+    assert tracker.steps == []
+    inner = _tracker(tokenizer, tmp_path / "out" / "interactions", persistence=1, noise_floor=None)
+    sf.InteractionCallback(inner, every=1000).on_train_begin(args, TrainerState(), TrainerControl(), model=None)

@@ -112,6 +112,11 @@ class InteractionCallback(TrainerCallback):
         return 0.0 if self._clock is None else time.perf_counter() - self._clock
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        out_dir, output_dir = self.tracker.out_dir, getattr(args, "output_dir", None)
+        if out_dir is not None and output_dir is not None and os.path.realpath(out_dir) == os.path.realpath(output_dir):
+            raise ValueError(f"out_dir: expected a folder of the tracker's own, got the Trainer's output_dir "
+                             f"{str(output_dir)!r}, where save_model writes the model's config.json over the "
+                             f"tracker's; use e.g. {os.path.join(str(output_dir), 'interactions')!r}")
         if model is not None:  # a sharded model (FSDP, ZeRO-3) is refused before training, whatever the tracker holds
             unwrap_model(model)
         if self.stop_at_boundary:  # collective under torch.distributed: every rank, whatever its tracker holds
