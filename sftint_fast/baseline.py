@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sftint_fast.engine.naive import _accepts_logits_to_keep, check_inputs_embeds, model_device
-from sftint_fast.game import Game, _eval_mode
+from sftint_fast.game import Game, _describe, _eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def _check_games(model: Any, games: Game | Sequence[Game], per_player: bool) -> 
 def _initial_baseline(game: Game, per_player: bool, init: torch.Tensor | None) -> torch.Tensor:
     start = game.baseline if init is None else init
     if not isinstance(start, torch.Tensor) or not start.is_floating_point():
-        raise TypeError(f"init: expected a floating-point tensor, got {type(start).__name__}")
+        raise TypeError(f"init: expected a floating-point tensor, got {_describe(start)}")
     start = start.detach().float()
     if not bool(torch.isfinite(start).all()):
         raise ValueError("init: expected finite values, received NaN/inf")
@@ -115,7 +115,7 @@ def baseline_objective(
     mode (each submodule's mode restored after), as in :func:`learn_baseline`."""
     if not isinstance(baseline, torch.Tensor) or not baseline.is_floating_point():
         raise TypeError(f"baseline: expected a floating-point tensor (hidden,) or (n, hidden), got "
-                        f"{type(baseline).__name__}")
+                        f"{_describe(baseline)}")
     game_list = _check_games(model, games, per_player=baseline.dim() == 2)
     if not (isinstance(samples, int) and not isinstance(samples, bool) and samples >= 1):
         raise ValueError(f"samples: expected an int >= 1, got {samples!r}")

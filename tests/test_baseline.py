@@ -192,4 +192,9 @@ def test_objective_names_a_bad_baseline():
         baseline_objective(model, game, [0.0] * 32)
     with pytest.raises(ValueError, match=r"baseline: expected shape \(32,\) or \(5, 32\).*\(31,\)"):
         baseline_objective(model, game, torch.zeros(31))
+    # an integer tensor: the message said "got Tensor", not what is wrong with it (its dtype)
+    with pytest.raises(TypeError, match=r"baseline: expected a floating-point tensor .*dtype torch.int64"):
+        baseline_objective(model, game, torch.zeros(32, dtype=torch.int64))
+    with pytest.raises(TypeError, match=r"init: expected a floating-point tensor, got .*dtype torch.int32"):
+        sf.learn_baseline(model, game, epochs=0, init=torch.zeros(32, dtype=torch.int32), progress=False)
     assert baseline_objective(model, game, torch.zeros(5, 32), samples=2) >= 0

@@ -240,7 +240,9 @@ def test_read_prompts_accepts_a_file_that_starts_with_a_byte_order_mark(tmp_path
     path = tmp_path / "bom.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in ROWS[:2]) + "\n", encoding="utf-8-sig")
     assert _read_prompts(str(path)) == ROWS[:2]
-    assert [p.prompt for p in load_probes(path)] == [r["prompt"] for r in ROWS[:2]]
+    probes = tmp_path / "bom-probes.jsonl"  # a probe's answer is "answer" (load_probes refuses explain's "target")
+    probes.write_text("\n".join(json.dumps({"prompt": r["prompt"]}) for r in ROWS[:2]) + "\n", encoding="utf-8-sig")
+    assert [p.prompt for p in load_probes(probes)] == [r["prompt"] for r in ROWS[:2]]
 
 
 def test_explain_needs_text_or_file(model_dir):

@@ -177,7 +177,11 @@ def test_heldout_batches_refuse_misshapen_batches(batch, message):
     ({"prompt": "a b", "answer": 5}, r"probes\[0\]: expected an 'answer' string, got 5"),
     ({"prompt": "a b", "players": ["x"]}, r"probes\[0\]: expected 'players' as a list of word indices"),
     ({"prompt": "a b", "players": 3}, r"probes\[0\]: expected 'players' as a list of word indices"),
-], ids=["blank-prompt", "answer-int", "players-words", "players-int"])
+    # a misspelt or foreign key was dropped: the probe was tracked with the base target / the first words as players
+    ({"prompt": "a b", "anwser": " c"},
+     r"probes\[0\]: expected keys 'prompt', 'answer', 'players', got also \['anwser'\]"),
+    ({"prompt": "a b", "target": " c"}, r"got also \['target'\] \(a probe's target text is its 'answer'\)"),
+], ids=["blank-prompt", "answer-int", "players-words", "players-int", "misspelt-key", "explain-target-key"])
 def test_as_probes_rejects_malformed_entries(item, message):
     with pytest.raises(ValueError, match=message):
         P.as_probes([item])

@@ -1341,3 +1341,15 @@ def test_callback_refuses_a_tracker_writing_into_the_trainers_output_dir(tokeniz
     assert tracker.steps == []
     inner = _tracker(tokenizer, tmp_path / "out" / "interactions", persistence=1, noise_floor=None)
     sf.InteractionCallback(inner, every=1000).on_train_begin(args, TrainerState(), TrainerControl(), model=None)
+
+
+@pytest.mark.parametrize("players, message", [((0, 1, 2, 9), r"word indices in \[0, 8\), received 9"),
+                                              (((0, 3), (4, 4)), r"non-empty character span")])
+def test_a_probe_whose_players_do_not_fit_its_prompt_is_named(tokenizer, players, message):
+    """A probes file row naming word 9 of an 8-word prompt (or an empty character span): the error said what was wrong
+    but not which of the probes, the one thing a user needs to find it in a long probes file."""
+    probes = [Probe(PROMPTS[1]), Probe(PROMPTS[0], players=players)]
+    tracker = SFTTracker(probes, tokenizer, n_players=4, andor_method="and", min_base_py=0.0, progress=False,
+                         numerics_check=False)
+    with pytest.raises(ValueError, match=r"probes\[1\] \('the big cat sat on the red mat'\): .*" + message):
+        tracker.add_checkpoint(tiny_model("llama"), 0)

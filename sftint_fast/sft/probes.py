@@ -29,8 +29,12 @@ class Probe:
     players: tuple | None = None
 
 
+_PROBE_KEYS = frozenset({"prompt", "answer", "players"})
+
+
 def as_probes(items: Sequence[Any]) -> list[Probe]:
-    """Normalises strings, dicts ``{"prompt", "answer"?, "players"?}`` and :class:`Probe` objects."""
+    """Normalises strings, dicts ``{"prompt", "answer"?, "players"?}`` (other keys refused) and :class:`Probe`
+    objects."""
     if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
         raise TypeError(f"probes: expected a list of prompts, dicts or Probe, got {type(items).__name__}")
     out = []
@@ -42,6 +46,10 @@ def as_probes(items: Sequence[Any]) -> list[Probe]:
                 raise ValueError(f"probes[{i}]: expected a non-empty prompt string, got {item!r}")
             out.append(Probe(prompt=item))
         elif isinstance(item, dict):
+            unknown = sorted(set(item) - _PROBE_KEYS, key=str)
+            if unknown:  # a typo ("anwser", "player") or explain's "target" would be dropped: another target/players
+                hint = " (a probe's target text is its 'answer')" if "target" in unknown else ""
+                raise ValueError(f"probes[{i}]: expected keys 'prompt', 'answer', 'players', got also {unknown}{hint}")
             if not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
                 raise ValueError(f"probes[{i}]: expected a non-empty 'prompt' string, got {item.get('prompt')!r}")
             if item.get("answer") is not None and not isinstance(item["answer"], str):

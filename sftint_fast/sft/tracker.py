@@ -718,9 +718,11 @@ class SFTTracker:
             try:
                 game = Game.from_text(model, self.tokenizer, probe.prompt, players=players, baseline=self._baseline,
                                       target=target, chat=c.chat, **kwargs)
-            except ValueError as err:
-                if not str(err).startswith("n_players"):
-                    raise
+            except (ValueError, TypeError) as err:
+                if isinstance(err, TypeError) or not str(err).startswith("n_players"):
+                    # which probe: the message alone does not say which row of a probes file to mend
+                    kind = TypeError if isinstance(err, TypeError) else ValueError
+                    raise kind(f"probes[{i}] ({probe.prompt[:40]!r}): {err}") from err
                 logger.warning("probe %d dropped (%s): %r", i, err, probe.prompt)
                 continue
             if game.num_players != c.n_players:
