@@ -39,8 +39,8 @@ def as_probes(items: Sequence[Any]) -> list[Probe]:
         raise TypeError(f"probes: expected a list of prompts, dicts or Probe, got {type(items).__name__}")
     out = []
     for i, item in enumerate(items):
-        if isinstance(item, Probe):
-            out.append(item)
+        if isinstance(item, Probe):  # its players checked as a file's are: Probe(players=()) would be dropped here,
+            out.append(Probe(item.prompt, item.answer, _players(item.players, i)))  # and reload with the first words
         elif isinstance(item, str):
             if not item.strip():
                 raise ValueError(f"probes[{i}]: expected a non-empty prompt string, got {item!r}")
