@@ -9,6 +9,8 @@ how far it is from its ideal. Ratios are only meaningful within one run (one mac
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import statistics
 import threading
@@ -200,6 +202,21 @@ def compare_engines(model: Any, game: Any, engines: Sequence[str] = ("naive", "t
                  "ideal_ratio": plan.ideal_ratio},
         "reference": engines[0], "engines": results,
     }
+
+
+def to_json(report: dict[str, Any]) -> str:
+    """A :func:`compare_engines` report as strict JSON: a non-finite number (``max_abs_diff`` of an engine whose
+    values are NaN) as the string ``"nan"``, ``"inf"`` or ``"-inf"`` (as report.json writes a diverged held-out loss),
+    never the bare token ``NaN`` that strict JSON readers refuse."""
+
+    def strict(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: strict(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [strict(v) for v in x]
+        return str(x) if isinstance(x, float) and not math.isfinite(x) else x
+
+    return json.dumps(strict(report), indent=2, allow_nan=False)
 
 
 def format_report(report: dict[str, Any]) -> str:

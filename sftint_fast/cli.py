@@ -840,13 +840,12 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 def _run_bench(args: argparse.Namespace) -> int:
     import dataclasses
-    import json
     from pathlib import Path
 
     import torch
 
     import sftint_fast as sf
-    from sftint_fast.bench import compare_engines, format_report, sample_subsets
+    from sftint_fast.bench import compare_engines, format_report, sample_subsets, to_json
     from sftint_fast.interactions.result import _atomic_write
     from sftint_fast.models import resolve_device
     from sftint_fast.players import is_content_word
@@ -915,7 +914,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.out is not None:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2), encoding="utf-8"))
+        _atomic_write(out, lambda tmp: Path(tmp).write_text(to_json(report), encoding="utf-8"))
         print(f"wrote {out}")
     return 0
 

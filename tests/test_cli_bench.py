@@ -217,3 +217,24 @@ def test_format_report_numbers_read_back_as_the_report_has_them():
             assert value == pytest.approx(e[key], rel=0.01, abs=1e-12), (name, key, cells)
         if name == "trie":
             assert float(cells[4]) == pytest.approx(e["speedup"] / report["plan"]["ideal_ratio"], abs=0.005)
+
+
+def test_bench_cli_writes_strict_json_when_an_engine_gives_nan(model_dir, tmp_path, capsys):
+    """A model whose values are NaN (fp16 overflow, a broken checkpoint) makes max_abs_diff NaN: --out wrote it as
+    the bare token NaN, which strict JSON readers (jq, JSON.parse) refuse; it is the string "nan" now."""
+    real = sf.engine.evaluate
+
+    def broken(model, game, **kwargs):
+        v = real(model, game, **kwargs)
+        return torch.full_like(v, float("nan")) if kwargs["method"] == "trie" else v
+
+    out = tmp_path / "bench.json"
+    with mock.patch("sftint_fast.engine.evaluate", broken):
+        assert main(["bench", "--model", str(model_dir), "--text", TEXT, "--sample", "4", "--out", str(out)]) == 0
+    assert " nan" in capsys.readouterr().out  # the table shows it
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    report = json.loads(out.read_text(), parse_constant=refuse)
+    assert report["engines"]["trie"]["max_abs_diff"] == "nan" and report["engines"]["naive"]["max_abs_diff"] == 0

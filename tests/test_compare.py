@@ -113,6 +113,7 @@ def test_compare_refuses_bad_runs_and_labels(tmp_path, capsys):
              ([a, str(tmp_path)], "report.json: expected a tracking report"),
              ([a, b, "--labels", "x"], "expected one label per run (2), got 1"),
              ([a, b, "--labels", "x,x"], "expected distinct labels"),
+             ([a, b, "--labels", "x,"], "labels: expected non-empty names, got ['x', '']"),
              ([a, b, a + "/"], f"runs: expected distinct run folders, got {a!r} twice")]
     for args, message in cases:
         assert main(["compare", *args, "--out", str(tmp_path / "cmp")]) == 2
@@ -309,3 +310,42 @@ def test_compare_shows_fractional_excess_counts_without_a_minus_zero(tmp_path, c
     assert "| -0.3 (" in md and "| -0.7 |" in md
     assert "excess removals -0.3 (lower bound" in printed and "excess emergence -0.7," in printed
     assert "None" not in printed and "phase boundary none, held-out loss min at step 6" in printed
+
+
+def test_compare_says_which_runs_have_no_noise_floor(tmp_path):
+    """Runs tracked with noise_floor=None have raw counts in the excess columns; compare.md called them "removals
+    beyond the noise floor" (their own report.md verdict says the counts are raw), and with every run floorless no
+    difference was listed either."""
+    v = inverse_harsanyi(0.3 * torch.randn(4, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    for name, floor in (("a", None), ("b", None), ("c", "iid")):
+        tracker = SFTTracker(None, andor_method="and", min_base_py=0.0, bootstrap=20, noise_floor=floor,
+                             progress=False)
+        for t in range(3):
+            tracker.add_values(t, v + 0.1 * t * torch.randn(v.shape, generator=torch.Generator().manual_seed(t),
+                                                            dtype=torch.float64))
+        tracker.report().save(tmp_path / name)
+    result, md = compare_runs([tmp_path / "a", tmp_path / "b"], tmp_path / "ab", labels=["A", "B"])
+    assert result["differences"] == []
+    assert "No noise floor was measured for A, B: their excess counts are raw counts" in md.read_text()
+    result, md = compare_runs([tmp_path / "c", tmp_path / "a"], tmp_path / "ca", labels=["C", "A"])
+    assert "option noise_floor: C 'iid', A None" in result["differences"]
+    assert "No noise floor was measured for A: its excess counts are raw counts" in md.read_text()
+
+
+def test_compare_says_when_runs_measured_their_heldout_loss_on_other_data(tmp_path):
+    """compare.md puts the runs' held-out losses side by side; runs whose held-out loss came from other held-out
+    examples (another --heldout file, another demo --seed) were called like for like. Their tracker's config.json
+    (beside report.json under tracker/) records which examples; a run folder without one is not judged."""
+    v = inverse_harsanyi(0.3 * torch.randn(3, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    sets = {"a": [("the cat", "sat")], "b": [("the cat", "sat")], "c": [("a dog", "ran")], "d": None}
+    for name, heldout in sets.items():
+        tracker = SFTTracker(None, andor_method="and", min_base_py=0.0, bootstrap=20, noise_floor=None,
+                             heldout=heldout, out_dir=None if heldout is None else tmp_path / name / "tracker",
+                             progress=False)
+        for t in range(2):
+            tracker.add_values(t, v + 0.1 * t, heldout_loss=2.0 - 0.1 * t)
+        tracker.report().save(tmp_path / name)
+    result, md = compare_runs([tmp_path / name for name in sets], tmp_path / "cmp")
+    assert result["differences"] == ["c measured its held-out loss on other held-out examples than a, so their "
+                                     "held-out losses are not comparable"]
+    assert "**Not like for like**" in md.read_text()

@@ -160,3 +160,38 @@ def test_demo_prints_its_headline_as_strict_json(tmp_path, monkeypatch, capsys):
 
     headline = json.loads(body, parse_constant=refuse)
     assert headline["rho_removed"] is None and headline["steps"] == [0]
+
+
+def test_demo_rerun_with_other_training_options_is_refused_before_training(tmp_path, monkeypatch):
+    """A rerun into an --out that holds a run resumes its tracker: the steps saved there are skipped, so a rerun
+    with another --lr (--lora, batch size) reported the first run's interactions and held-out losses beside the new
+    run's training losses. It is refused before the model loads; the same options still resume."""
+    import functools
+
+    import sftint_fast as sf
+    import sftint_fast.sft.demo as demo
+    from conftest import tiny_model
+    from dist_scripts.sft_callback import make_tokenizer
+
+    if importlib.util.find_spec("chatterbot_corpus") is None:
+        pytest.skip("chatterbot-corpus is not installed (README install command)")
+    tok = make_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+                         "{% if add_generation_prompt %}<s> assistant {% endif %}")
+    monkeypatch.setattr(sf, "load_default", lambda: (tiny_model("llama"), tok), raising=False)
+    monkeypatch.setattr(demo, "_reference", lambda: None)
+    monkeypatch.setattr(demo, "SFTTracker", functools.partial(demo.SFTTracker, min_base_py=0.0, bootstrap=20,
+                                                              numerics_check=False))
+    save_probes([Probe("the big cat sat on the red mat")], tmp_path / "probes.jsonl")
+    out = tmp_path / "demo"
+    options = dict(steps=2, every=2, probes_file=tmp_path / "probes.jsonl", n_players=3, andor_method="and",
+                   progress=False, batch_size=2, heldout=2)
+    first, _ = demo.run_demo(out, lr=1e-4, **options)
+    assert first.steps == (0, 2)
+    monkeypatch.setattr(sf, "load_default", lambda: pytest.fail("loaded the model"), raising=False)
+    with pytest.raises(ValueError, match=r"out: .* holds a demo run trained with other options \(differs in "
+                                         r"\(saved, given\): \{'lr': \(0\.0001, 0\.1\)\}\)"):
+        demo.run_demo(out, lr=0.1, **options)
+    if importlib.util.find_spec("peft") is not None:  # --lora needs the peft extra before anything else
+        with pytest.raises(ValueError, match=r"differs in \(saved, given\): \{'lora': \(None, 4\)\}"):
+            demo.run_demo(out, lr=1e-4, lora=4, **options)

@@ -619,6 +619,29 @@ def test_verdict_names_the_unshared_emergence_it_totals():
     assert "not shared with the reference" not in headline(_report_planted())["verdict"]
 
 
+def test_unshared_emergence_counts_the_kinds_the_reference_lacks():
+    """A reference of AND interactions alone shares no OR interaction (its G_S is 0, as the noise floor counts it):
+    the OR emergences are unshared. The report left them out of all/emerged_unshared_new, so the verdict's
+    "emergence (of interactions not shared with the reference)" and the phase boundary saw the AND ones only."""
+    from sftint_fast.plot import headline
+
+    g = torch.Generator().manual_seed(3)
+    inter = 0.3 * torch.randn(4, 16, generator=g, dtype=torch.float64)
+    ref = {"I_and": inter.clone()}
+    tracker = SFTTracker(None, andor_method="lp", noise_floor="iid", noise_draws=2, persistence=1, hysteresis=False,
+                         bootstrap=50, min_base_py=0.0, reference=ref, progress=False)
+    for t in range(4):
+        tracker.add_values(t, inverse_harsanyi(inter) + 0.1 * t * torch.randn(inter.shape, generator=g,
+                                                                              dtype=torch.float64))
+    c = tracker.report().curves
+    assert sum(c["or/emerged_new"]) > 0 and "or/emerged_gamma" not in c  # no γ without the reference's OR
+    for suffix in ("", "_floor", "_excess"):
+        assert c[f"all/emerged_unshared_new{suffix}"] == pytest.approx(
+            [a + b for a, b in zip(c[f"and/emerged_unshared_new{suffix}"], c[f"or/emerged_new{suffix}"])])
+    assert headline(tracker.report())["emerged_excess_total"] == pytest.approx(
+        sum(c["and/emerged_unshared_new_excess"]) + sum(c["or/emerged_new_excess"]))
+
+
 def test_verdict_without_a_noise_floor_says_its_counts_are_raw():
     from sftint_fast.plot import headline
 

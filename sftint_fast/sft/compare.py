@@ -60,6 +60,8 @@ def compare_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     labels = [str(x) for x in labels]
     if len(labels) != len(runs):
         raise ValueError(f"labels: expected one label per run ({len(runs)}), got {len(labels)}: {labels}")
+    if not all(x.strip() for x in labels):  # a row and a legend entry no one can tell apart
+        raise ValueError(f"labels: expected non-empty names, got {labels}")
     if len(set(labels)) < len(labels):
         raise ValueError(f"labels: expected distinct labels, got {labels}")
     loaded = [load_run(r) for r in runs]
@@ -83,9 +85,10 @@ def compare_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
             "train_loss_last": train[-1] if train else None, "p_y_first": c["p_y_mean"][0],
             "p_y_last": c["p_y_mean"][-1],
             "rho_emerged": h["rho_emerged"], "gamma_emerged": h["gamma_emerged"], "solver": report.solver,
+            "noise_floor": report.config.get("noise_floor"),
             "seconds_per_checkpoint": report.cost.get("seconds_per_checkpoint"),
         })
-    differences = _differences(labels, [r for r, _ in loaded])
+    differences = _differences(labels, [r for r, _ in loaded], [_heldout_examples(r) for r in runs])
     result = {"rows": rows, "differences": differences}
     target = Path(out)
     target.mkdir(parents=True, exist_ok=True)
@@ -99,8 +102,21 @@ def compare_runs(runs: Sequence[str | os.PathLike], out: str | os.PathLike, *,
     return result, md
 
 
-def _differences(labels: list[str], reports: list[TrackReport]) -> list[str]:
-    """What keeps the runs from being comparable: options tracked with, and base values."""
+def _heldout_examples(folder: Path) -> Any:
+    """Which held-out examples the run's held-out loss came from, as its tracker recorded them (``tracker/config.json``
+    of sftint track / demo: digests of the examples); None where the folder has no such record or no held-out data."""
+    try:
+        saved = json.loads((folder / "tracker" / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(saved, dict) or saved.get("heldout") is None:
+        return None
+    return [saved.get("heldout"), saved.get("heldout_sha256")]
+
+
+def _differences(labels: list[str], reports: list[TrackReport], heldout: list[Any]) -> list[str]:
+    """What keeps the runs from being comparable: options tracked with, base values, and (``heldout``:
+    :func:`_heldout_examples` per run) the held-out examples of their held-out loss."""
     out = []
     first = reports[0]
     keys = sorted({k for r in reports for k in r.config} - {"seed"})  # seeds: sampling, not another method
@@ -123,6 +139,12 @@ def _differences(labels: list[str], reports: list[TrackReport]) -> list[str]:
             out.append(f"{label} was tracked against another reference than {known[0][0]} ({reference['source']}, "
                        f"sha256 {reference['sha256']} vs {known[0][1]['source']}, {known[0][1]['sha256']}), so its γ "
                        "and its emergence unshared with the reference are not measured alike")
+    # the held-out loss columns sit side by side: losses over other examples are not those of the same data
+    measured = [(label, h) for label, h in zip(labels, heldout) if h is not None]
+    for label, examples in measured[1:]:
+        if examples != measured[0][1]:
+            out.append(f"{label} measured its held-out loss on other held-out examples than {measured[0][0]}, so their "
+                       "held-out losses are not comparable")
     base, prompts, words = first.probes["p_y"][0], first.probes.get("prompts"), first.probes.get("words")
     for label, report in zip(labels[1:], reports[1:]):
         other, theirs = report.probes["p_y"][0], report.probes.get("prompts")
@@ -174,6 +196,12 @@ def _markdown(rows: list[dict[str, Any]], differences: list[str]) -> str:
               "summed back under it shows in the run's report.md verdict); excess emergence likewise for new "
               "interactions (unshared with the reference where one was given). Each run's own report.md has the "
               "details.", "", "![compare.png](compare.png)"]
+    # the floor counts as 0 there (the runs' own verdicts say so): "beyond the noise floor" would misname raw counts
+    floorless = [r["label"] for r in rows if r["noise_floor"] is None]
+    if floorless:
+        lines[-2:-2] = [f"No noise floor was measured for {', '.join(floorless)}: "
+                        f"{'its' if len(floorless) == 1 else 'their'} excess counts are raw counts (noise_floor=None).",
+                        ""]
     return "\n".join(lines) + "\n"
 
 

@@ -21,7 +21,7 @@ import torch
 
 from sftint_fast.sft.probes import (PROBE_SOURCES, chatterbot_pairs, confident_candidates, confident_probes,
                                     load_probes, pad_batch, save_probes, sft_example, split_pairs)
-from sftint_fast.sft.tracker import SFTTracker, TrackReport, _saved_step
+from sftint_fast.sft.tracker import SFTTracker, TrackReport, _atomic_write_text, _saved_step
 from sftint_fast.sft.training_log import TrainingLog, read_training_log
 
 logger = logging.getLogger(__name__)
@@ -76,7 +76,8 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     out = Path(out)
-    _check_rerun(out, steps)
+    training_options = {"lr": lr, "batch_size": batch_size, "lora": lora}
+    _check_rerun(out, steps, training_options)
     model, tokenizer = sf.load_default()
     model = model.to(device)
     train_pairs, held_pairs = split_pairs(chatterbot_pairs(), heldout_fraction=0.1, seed=seed)
@@ -96,6 +97,7 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
                          reference=reference, heldout=held_pairs[:heldout] or None, out_dir=out / "tracker", seed=seed,
                          chat=True, progress=False)
     save_probes(probe_set, out / "probes.jsonl")  # once the tracker took the folder (not one holding another run)
+    _atomic_write_text(out / DEMO_RECORD, json.dumps(training_options))
     examples = [sft_example(tokenizer, q, a) for q, a in train_pairs]
     pad = tokenizer.pad_token_id
     args = TrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=batch_size, max_steps=steps,
@@ -125,11 +127,24 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
     return _report(tracker, out, lambda: training, cost=overhead)
 
 
-def _check_rerun(out: Path, steps: int) -> None:
+#: the demo's training options, saved in its ``out`` folder (the tracker's own options are in ``tracker/config.json``)
+DEMO_RECORD = "demo.json"
+
+
+def _check_rerun(out: Path, steps: int, training_options: dict[str, Any]) -> None:
     """Refuses a rerun into ``out`` that would stop before the steps its tracker holds: it would train again, track
     nothing new and report the earlier run's steps (or, its last step not among them, have it refused after
-    training)."""
+    training); and one with other training options (``training_options``; ``DEMO_RECORD``): the tracker resumes
+    and skips the steps it holds, so the report would show the earlier run's interactions beside this run's
+    training loss."""
     saved = sorted(_saved_step(path) for path in (out / "tracker").glob("step_*.json"))
+    record = out / DEMO_RECORD
+    if saved and record.is_file():
+        earlier = json.loads(record.read_text())
+        differs = {k: (earlier.get(k), v) for k, v in training_options.items() if earlier.get(k) != v}
+        if differs:
+            raise ValueError(f"out: {out} holds a demo run trained with other options (differs in (saved, given): "
+                             f"{differs}); rerun with that run's options to resume it, or pass another out folder")
     if saved and steps < saved[-1]:
         raise ValueError(f"steps: {out / 'tracker'} holds the steps {saved} an earlier run into {out} tracked; "
                          f"expected steps >= {saved[-1]} to resume that run, received {steps}; pass another out "

@@ -1456,15 +1456,19 @@ def _build_report(tracker: SFTTracker) -> TrackReport:
     for kind in c.kinds:
         inters = torch.stack([r.interactions[kind] for r in records])          # (T, B, 2^n)
         shared = None
-        if tracker.reference is not None and kind in tracker.reference:
+        if tracker.reference is not None:
+            # a kind the reference lacks shares nothing (G_S = 0, as the noise floor counts it): its emergences are
+            # unshared; it has no γ
             shared = torch.stack([_shared(inters[t], tracker.reference, kind, c.tau,
                                           threshold_reference=c.threshold_reference) for t in range(T)])
+        gamma_shared = shared if kind in (tracker.reference or {}) else None
         sets = {name: torch.stack([getattr(s[kind], name) for s in states]) for name in SETS}
         for name, member in sets.items():
             # a removed interaction is measured where it was salient: the base checkpoint's I, and its G_S
             base_only = name == "removed"
             values = inters[:1].expand_as(inters) if base_only else inters
-            set_shared = shared[:1].expand_as(shared) if base_only and shared is not None else shared
+            set_shared = (gamma_shared[:1].expand_as(gamma_shared) if base_only and gamma_shared is not None
+                          else gamma_shared)
             put_sum(f"{kind}/{name}", member.sum(-1).double() * relevant)
             put_sum(f"{kind}/{name}_irrelevant", member.sum(-1).double() * (1 - relevant))
             # the measures describe the probes the counts count: a flagged probe's sets are left out of both
