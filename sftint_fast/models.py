@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -149,15 +149,48 @@ def _load_converted(cache: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     return model, tokenizer
 
 
+def _check_dtype(dtype: Any) -> torch.dtype:
+    """``dtype`` (a torch dtype or its name) as a floating-point torch dtype; TypeError before anything is converted."""
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise TypeError(f"dtype: expected a floating-point torch.dtype (e.g. torch.float32), received {dtype!r}")
+    return resolved
+
+
+def _load_cached(cache: Path, dtype: Any, ensure: Callable[[Path], None]) -> tuple[Any, Any]:
+    """``ensure(cache)``, then the converted copy there. A copy that cannot be read (a file cut short or lost outside
+    the atomic write: a crash before its data reached the disk, a partial copy of the cache) is moved aside and
+    converted again, once."""
+    from safetensors import SafetensorError
+
+    dtype = _check_dtype(dtype)
+    ensure(cache)
+    try:
+        return _load_converted(cache, dtype)
+    except (OSError, ValueError, SafetensorError) as err:  # what the loaders raise on a file cut short or missing
+        logger.warning("cache %s: the converted copy cannot be loaded (%s: %s); converting it again", cache,
+                       type(err).__name__, err)
+    aside = Path(tempfile.mkdtemp(prefix=cache.name + ".broken-", dir=cache.parent))
+    try:
+        try:
+            os.replace(cache, aside / cache.name)
+        except FileNotFoundError:  # another process moved it aside first
+            pass
+        ensure(cache)
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+    return _load_converted(cache, dtype)
+
+
 def load_default(*, cache_dir: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     """The bundled SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576, vocab 49152) → ``(model, tokenizer)``.
 
     Offline. The first call converts the GGUF file into ``cache_dir`` (default
-    ``default_cache_root()/smollm2-135m-instruct``); later calls reload it. The model is in eval mode.
+    ``default_cache_root()/smollm2-135m-instruct``); later calls reload it (a copy that cannot be read is converted
+    again). The model is in eval mode. ``dtype``: a floating-point torch dtype (or its name).
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_root() / "smollm2-135m-instruct"
-    _ensure_default(cache)
-    return _load_converted(cache, dtype)
+    return _load_cached(cache, dtype, _ensure_default)
 
 
 def _ensure_default(cache: Path) -> None:
@@ -174,8 +207,7 @@ def load_gemma(*, cache_dir: str | os.PathLike | None = None, dtype: torch.dtype
     Raises ``ImportError`` with the install command when the package is missing.
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_root() / "gemma-3-270m"
-    _ensure_gemma(cache)
-    return _load_converted(cache, dtype)
+    return _load_cached(cache, dtype, _ensure_gemma)
 
 
 def _ensure_gemma(cache: Path) -> None:

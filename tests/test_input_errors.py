@@ -499,12 +499,33 @@ def dataclasses_replace(game, **changes):
      "subsets: expected a 1-D integer tensor of bitmasks, received shape \\(2,\\) dtype torch.int64 on meta"),
     (lambda m, g: sf.evaluate(m, dataclasses_replace(g, baseline=torch.zeros(64)), method="naive", progress=False),
      ValueError, r"games\[0\].baseline: expected rows of the model's hidden size 32, received shape \(64,\)"),
+    # nothing to evaluate (no subsets, no games) returned [] / an empty v for any method, backend or compute_dtype
+    (lambda m, g: sf.evaluate(m, g, subsets=torch.tensor([], dtype=torch.int64), method="fast", progress=False),
+     ValueError, "method: expected 'auto', 'naive' or 'trie', received 'fast'"),
+    (lambda m, g: sf.evaluate(m, g, subsets=torch.tensor([], dtype=torch.int64), compute_dtype="fp16"), ValueError,
+     "compute_dtype: expected None, 'float32', 'bfloat16' or 'tf32', received 'fp16'"),
+    (lambda m, g: sf.evaluate_games(m, [], attention_backend="cuda"), ValueError,
+     "attention_backend: expected 'auto', 'torch' or 'triton', received 'cuda'"),
 ], ids=["group-size-bool", "group-batch-zero", "group-max-memory-str", "group-compute-dtype", "group-backend",
-        "games-one-game", "subsets-meta", "baseline-other-model"])
+        "games-one-game", "subsets-meta", "baseline-other-model", "empty-subsets-method", "empty-subsets-dtype",
+        "no-games-backend"])
 def test_engine_entry_points_check_their_options(llama_game, call, error, message):
     model, game = llama_game
     with pytest.raises(error, match=message):
         call(model, game)
+
+
+@pytest.mark.parametrize("method", ["naive", "trie"])
+def test_evaluate_many_names_the_callers_index_of_a_game_for_another_model(llama_game, method, tmp_path):
+    """evaluate_many checked each group's games with their index in the group: the 4th game of [3 players, 1 player,
+    3 players, bad ids] was named games[1] (the 2nd of its layout), a game the caller had not got wrong."""
+    model, game = llama_game
+    one = dataclasses_replace(game, player_spans=((0, 1),), words=("the",))
+    bad = dataclasses_replace(game, input_ids=torch.tensor([3, 200, 5]))
+    for out_dir in (None, tmp_path):  # the grouped path and the sharded one
+        with pytest.raises(ValueError, match=r"games\[3\].input_ids: expected token ids in \[0, 128\).* received "
+                                             r"\[200\] at positions \[1\]"):
+            sf.evaluate_many(model, [game, one, game, bad], method=method, progress=False, out_dir=out_dir)
 
 
 @pytest.mark.parametrize("method", ["naive", "trie"])

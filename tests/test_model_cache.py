@@ -1,6 +1,9 @@
 """The converted copy of a bundled GGUF model: converted again when what it came from changed."""
 import json
 
+import pytest
+import torch
+
 from test_input_errors import fake_gguf  # noqa: F401 -- the fixture
 
 
@@ -35,3 +38,53 @@ def test_a_copy_converted_from_another_version_is_converted_again(tmp_path, fake
     cache.rename(tmp_path / "root" / "smollm2-135m-instruct")
     assert M.bundled_folder("default") == tmp_path / "root" / "smollm2-135m-instruct"  # what track --base uses
     assert len(calls) == 3 and M._cached_record(M.bundled_folder("default")) == record
+
+
+@pytest.fixture
+def fake_gguf_file(monkeypatch):
+    """As ``fake_gguf``, but only the GGUF file is faked: the converted copy is read from disk."""
+    import transformers
+    from conftest import tiny_model
+    from word_tokenizer import word_tokenizer
+
+    for cls, fake in ((transformers.AutoTokenizer, word_tokenizer), (transformers.AutoModelForCausalLM,
+                                                                      lambda: tiny_model("llama"))):
+        real = cls.from_pretrained
+        monkeypatch.setattr(cls, "from_pretrained",
+                            lambda *a, _fake=fake, _real=real, **k: _fake() if "gguf_file" in k else _real(*a, **k))
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json"])
+def test_a_copy_cut_short_is_converted_again(tmp_path, fake_gguf_file, monkeypatch, name):
+    """A converted copy with a file cut short or lost outside the atomic write (a crash before its data reached the
+    disk, a partial copy of the cache) failed every later load_default with the loader's error (SafetensorError:
+    'incomplete metadata', 'no file named model.safetensors'), the folder never named; it is converted again."""
+    import sftint_fast.models as M
+
+    cache = tmp_path / "smollm2"
+    M.load_default(cache_dir=cache)
+    broken = cache / name
+    broken.write_bytes(broken.read_bytes()[:len(broken.read_bytes()) // 2])
+    calls = []
+    real = M._convert_gguf
+    monkeypatch.setattr(M, "_convert_gguf", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    model, tokenizer = M.load_default(cache_dir=cache)
+    assert calls == [cache] and model.config.vocab_size == 128 and tokenizer("the cat")["input_ids"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2"]  # nothing moved aside is left
+    (cache / "model.safetensors").unlink()
+    M.load_default(cache_dir=cache)
+    assert calls == [cache, cache]
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, "bf16", 32])
+def test_load_default_refuses_a_dtype_that_is_not_floating_before_converting(tmp_path, fake_gguf_file, dtype):
+    """dtype=torch.int64 or a typo converted the model (30-60 s) before from_pretrained refused it, and with a copy
+    there it would be taken for a broken copy and converted again."""
+    import sftint_fast.models as M
+
+    with pytest.raises(TypeError, match=r"dtype: expected a floating-point torch.dtype \(e.g. torch.float32\), "
+                                        f"received {dtype!r}"):
+        M.load_default(cache_dir=tmp_path / "smollm2", dtype=dtype)
+    assert not (tmp_path / "smollm2").exists()
+    model, _ = M.load_default(cache_dir=tmp_path / "smollm2", dtype="bfloat16")  # a floating dtype's name still works
+    assert model.dtype == torch.bfloat16

@@ -86,3 +86,21 @@ def test_sampled_subsets_of_twenty_words_trie_equals_naive(smollm2):
     naive = sf.evaluate(model, game, method="naive", subsets=subsets, progress=False)
     assert (trie - naive).abs().max() <= 1e-4 * max(1.0, float(naive.abs().max()))
     assert float(trie.std()) > 0.1  # the sampled variants differ
+
+
+@pytest.mark.parametrize("masking", ["embedding", "attention"])
+def test_chat_answer_target_on_masked_variants_is_the_method_value(smollm2, masking):
+    """Chat template, a 2-token teacher-forced answer and masked variants: both engines give METHOD.md's value,
+    recomputed from plain forwards (pad embedding rows substituted, or the players hidden by a 4D mask)."""
+    from test_value_definition import method_value
+
+    model, tok = smollm2
+    game = Game.from_text(model, tok, "The capital of France is", target="Paris.", chat=True, masking=masking)
+    assert game.target.numel() == 2 and tok.decode(game.target) == "Paris."
+    # the template's tokens (<|im_start|>system ... user) are background: the players are the 5 words of the text
+    assert game.words == ("The", "capital", "of", "France", "is") and game.player_spans[0][0] > 20
+    subsets = [0, 0b01000, 0b10111, 31]
+    expected = torch.tensor([method_value(model, game, s, tok.pad_token_id) for s in subsets], dtype=torch.float64)
+    for method in ("naive", "trie"):
+        v = sf.evaluate(model, game, method=method, subsets=torch.tensor(subsets), progress=False).double()
+        assert (v - expected).abs().max() <= 1e-4 * max(1.0, float(expected.abs().max())), method

@@ -139,8 +139,6 @@ def _resolve_backend(attention_backend: AttentionBackend, device: torch.device, 
 
 
 def _choose_engine(model: Any, method: Method, compute_dtype: ComputeDtype | None = None) -> Literal["naive", "trie"]:
-    if method not in ("auto", "naive", "trie"):
-        raise ValueError(f"method: expected 'auto', 'naive' or 'trie', received {method!r}")
     if method == "naive":
         return "naive"
     from sftint_fast.engine.adapters import find_adapter  # imported on use: the trie pulls in more modules
@@ -167,6 +165,13 @@ def _check_options(batch_size: int | None, max_memory: int | float | None) -> No
     if max_memory is not None and (not isinstance(max_memory, (int, float)) or isinstance(max_memory, bool)
                                    or not 0 < max_memory < math.inf):
         raise ValueError(f"max_memory: expected a positive finite number of bytes or None, received {max_memory!r}")
+
+
+def _check_names(method: Any, compute_dtype: Any, attention_backend: Any) -> None:
+    if method not in ("auto", "naive", "trie"):
+        raise ValueError(f"method: expected 'auto', 'naive' or 'trie', received {method!r}")
+    _check_compute_dtype(compute_dtype)
+    _resolve_backend(attention_backend, torch.device("cpu"))  # checks the name
 
 
 def _check_games(games: Sequence[Any]) -> list[Game]:
@@ -300,6 +305,7 @@ def evaluate_games(
     """
     games = _check_games(games)
     _check_options(batch_size, max_memory)
+    _check_names(method, compute_dtype, attention_backend)  # before the early returns: a typo is refused anyway
     if not games:
         return []
     _check_model(model, games)
@@ -417,8 +423,7 @@ def group_games(
     if group_size is not None and (not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1):
         raise ValueError(f"group_size: expected a positive int or None, received {group_size!r}")
     _check_options(batch_size, max_memory)
-    _check_compute_dtype(compute_dtype)
-    _resolve_backend(attention_backend, torch.device("cpu"))  # checks the name
+    _check_names(method, compute_dtype, attention_backend)
     if not games:
         return []
     engine = _choose_engine(model, method, compute_dtype)
@@ -446,6 +451,8 @@ def evaluate_many(model: Any, games: Sequence[Game], *, progress: bool = True, o
     from sftint_fast import distributed
 
     games = _check_games(games)
+    if games:  # here, where an error can name the caller's index of the game, not its index in a group
+        _check_model(model, games)
     if out_dir is not None or distributed.is_distributed():
         return distributed.evaluate_sharded(model, games, out_dir=out_dir, progress=progress, group_size=group_size,
                                             **kwargs)
