@@ -13,6 +13,8 @@ import logging
 import os
 import shutil
 import tempfile
+import time
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, Callable
 
@@ -97,8 +99,10 @@ def _convert_gguf(folder: Path, gguf_name: str, out: Path, record: dict[str, Any
     model.tie_weights()
     model.generation_config = quantised.generation_config
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(out)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
     try:
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would stay on the copy: others sharing the cache could not read it
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / SOURCE_RECORD).write_text(json.dumps(record, sort_keys=True), encoding="utf-8")
@@ -119,6 +123,29 @@ def _convert_gguf(folder: Path, gguf_name: str, out: Path, record: dict[str, Any
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+#: a work folder (``.tmp-``, ``.stale-``, ``.broken-``) older than this is a killed conversion's (one takes < 1 min)
+ABANDONED_SECONDS = 3600
+
+
+def _remove_abandoned(out: Path) -> list[str]:
+    """Removes the work folders of ``out`` that a killed conversion left beside it (each a whole model, ~540 MB
+    for the bundled one); a younger one may be another process's conversion under way and is kept."""
+    removed = []
+    for path in out.parent.glob(glob_escape(out.name) + ".*-*"):
+        kind = path.name[len(out.name):].split("-", 1)[0]
+        try:
+            old = time.time() - path.stat().st_mtime > ABANDONED_SECONDS
+        except FileNotFoundError:
+            continue
+        if kind in (".tmp", ".stale", ".broken") and path.is_dir() and old:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    if removed:
+        logger.info("cache %s: removed %d work folder(s) of interrupted conversions: %s", out.parent, len(removed),
+                    sorted(removed))
+    return sorted(removed)
 
 
 def _replace_stale(fresh: Path, out: Path, record: dict[str, Any]) -> None:

@@ -88,3 +88,27 @@ def test_load_default_refuses_a_dtype_that_is_not_floating_before_converting(tmp
     assert not (tmp_path / "smollm2").exists()
     model, _ = M.load_default(cache_dir=tmp_path / "smollm2", dtype="bfloat16")  # a floating dtype's name still works
     assert model.dtype == torch.bfloat16
+
+
+def test_a_killed_conversions_work_folders_are_removed_and_the_copy_is_readable_by_others(tmp_path, fake_gguf_file):
+    """A conversion killed mid-way leaves its work folder (the whole model, ~540 MB for the bundled one) beside the
+    copy: they piled up. The next conversion removes those older than an hour and keeps a young one (another
+    process's conversion under way) and anything not of our naming; the copy is not mkdtemp's owner-only 0700."""
+    import os
+    import stat
+    import time
+
+    import sftint_fast.models as M
+
+    cache = tmp_path / "smollm2"
+    names = ["smollm2.tmp-abc123", "smollm2.stale-x1", "smollm2.broken-y2", "smollm2.tmp-young", "smollm2.notes-z",
+             "other.tmp-abc"]
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"half")
+        if name != "smollm2.tmp-young":
+            os.utime(tmp_path / name, (time.time() - 2 * M.ABANDONED_SECONDS,) * 2)
+    M.load_default(cache_dir=cache)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.tmp-abc", "smollm2", "smollm2.notes-z",
+                                                          "smollm2.tmp-young"]
+    assert stat.S_IMODE(cache.stat().st_mode) & 0o055 == 0o055
