@@ -10,7 +10,7 @@ import sftint_fast as sf
 import sftint_fast.engine
 from conftest import interrupt_write, tiny_model
 from dist_scripts.sft_callback import make_tokenizer
-from sftint_fast.sft.probes import Probe, load_probes, save_probes
+from sftint_fast.sft.probes import Probe, load_probes, save_probes, sft_example
 from sftint_fast.sft.tracker import SFTTracker
 
 PROMPTS = ["the big cat sat on the red mat", "a small dog did run over the blue river",
@@ -1353,3 +1353,29 @@ def test_a_probe_whose_players_do_not_fit_its_prompt_is_named(tokenizer, players
                          numerics_check=False)
     with pytest.raises(ValueError, match=r"probes\[1\] \('the big cat sat on the red mat'\): .*" + message):
         tracker.add_checkpoint(tiny_model("llama"), 0)
+
+
+def test_heldout_pairs_cut_at_the_sft_length_are_said_by_index(caplog):
+    """Held-out pairs are cut to SFT_MAX_LENGTH tokens (chat template included), as the demo trains: a long answer
+    was scored on its first tokens only, and one behind a long prompt not at all, without a word."""
+    from sftint_fast.sft.probes import SFT_MAX_LENGTH
+    from sftint_fast.sft.tracker import _heldout_tokens_digest
+
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+                               "{% if add_generation_prompt %}<s> assistant {% endif %}")
+    words = " ".join(["the cat"] * SFT_MAX_LENGTH)
+    pairs = [("the big cat", "sat on the mat"), ("the big cat", words), (words, "sat on the mat")]
+    with caplog.at_level("WARNING", logger="sftint_fast.sft.tracker"):
+        digest = _heldout_tokens_digest(pairs, tokenizer)
+    said = [r.getMessage() for r in caplog.records if r.name == "sftint_fast.sft.tracker"]
+    assert len(said) == 1 and f"pairs [1, 2] are longer than {SFT_MAX_LENGTH} tokens" in said[0], said
+    assert "pairs [2] keep no answer token" in said[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sftint_fast.sft.tracker"):
+        assert _heldout_tokens_digest(pairs[:1], tokenizer) is not None
+    assert not caplog.records
+    import hashlib
+
+    expected = [sft_example(tokenizer, *pair) for pair in pairs]  # the digest is of what the loss sees
+    assert digest == hashlib.sha256(repr([(e["input_ids"], e["labels"]) for e in expected]).encode()).hexdigest()[:16]

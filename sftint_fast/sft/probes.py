@@ -293,8 +293,13 @@ def prompt_ids(tokenizer: Any, prompt: str, *, chat: bool) -> list[int]:
     return list(tokenizer(prompt)["input_ids"])
 
 
-def sft_example(tokenizer: Any, prompt: str, answer: str, *, max_length: int = 96) -> dict[str, list[int]]:
-    """Chat SFT example: ``input_ids`` of ``[user, assistant]`` and ``labels`` = -100 on the prompt prefix."""
+#: SFT and held-out examples are cut to this many tokens, chat template included (:func:`sft_example`)
+SFT_MAX_LENGTH = 96
+
+
+def sft_example(tokenizer: Any, prompt: str, answer: str, *, max_length: int = SFT_MAX_LENGTH) -> dict[str, list[int]]:
+    """Chat SFT example: ``input_ids`` of ``[user, assistant]`` and ``labels`` = -100 on the prompt prefix; cut to
+    ``max_length`` tokens."""
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
         raise ValueError(f"max_length: expected an int >= 1, got {max_length!r}")
     if getattr(tokenizer, "chat_template", None) is None:

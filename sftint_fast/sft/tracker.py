@@ -38,7 +38,7 @@ from sftint_fast import distributed
 from sftint_fast.interactions.harsanyi import harsanyi
 from sftint_fast.ops.transforms import popcount
 from sftint_fast.sft import noise as N
-from sftint_fast.sft.probes import Probe, as_probes, heldout_batches, sft_example
+from sftint_fast.sft.probes import SFT_MAX_LENGTH, Probe, as_probes, heldout_batches, sft_example
 
 logger = logging.getLogger(__name__)
 
@@ -1361,8 +1361,20 @@ def _heldout_tokens_digest(items: Any, tokenizer: Any) -> str | None:
     # would be refused
     if isinstance(tokenizer.chat_template, str) and "strftime_now" in tokenizer.chat_template:
         tokenizer = _FixedClock(tokenizer)
-    examples = [sft_example(tokenizer, *pair) for pair in pairs]
+    examples = [sft_example(tokenizer, *pair, max_length=1 << 62) for pair in pairs]
+    cut = [i for i, e in enumerate(examples) if len(e["input_ids"]) > SFT_MAX_LENGTH]
+    examples = [{k: e[k][:SFT_MAX_LENGTH] for k in ("input_ids", "labels")} for e in examples]  # what the loss sees
+    if cut:  # the loss is taken on what is left, as the demo trains; an answer cut off entirely counts for nothing
+        lost = [i for i in cut if all(label == -100 for label in examples[i]["labels"])]
+        logger.warning("held-out pairs %s are longer than %d tokens (chat template included): their loss is taken on "
+                       "their first %d tokens%s", _few(cut), SFT_MAX_LENGTH, SFT_MAX_LENGTH,
+                       f"; pairs {_few(lost)} keep no answer token and do not count" if lost else "")
     return hashlib.sha256(repr([(e["input_ids"], e["labels"]) for e in examples]).encode()).hexdigest()[:16]
+
+
+def _few(indices: list[int], limit: int = 10) -> str:
+    """``[0, 3, 7]``, or the first ``limit`` and how many more."""
+    return str(indices) if len(indices) <= limit else f"{indices[:limit]} (and {len(indices) - limit} more)"
 
 
 class _FixedClock:
