@@ -264,6 +264,8 @@ class Game:
             spans, words = P.word_players(tokenized, region=region, players=players, n_players=n_players, pick=pick)
 
         target_ids = _resolve_target(model, tokenizer, prompt_ids, target, vocab)
+        if isinstance(target, str) and not chat:
+            _warn_unspaced_target(tokenizer, text, target, target_ids)
         input_ids = torch.cat([prompt_ids, target_ids[:-1]])
         base = _resolve_baseline(model, tokenizer, baseline, len(spans))
         return cls(
@@ -383,6 +385,20 @@ def _wraps(wrapper: Any, original: Any) -> bool:
         if any(inner is target for target in targets):
             return True
     return False
+
+
+def _warn_unspaced_target(tokenizer: Any, text: str, target: str, ids: torch.Tensor) -> None:
+    """A target text is tokenised on its own: ``"Paris"`` after ``"... France is"`` scores the token 'Paris' where
+    the model would write ' Paris' (SmolLM2: p = 5e-4 vs 0.77), a value of another question. Said where a leading
+    space would give other tokens and neither the text nor the target has one."""
+    if target[:1].isspace() or text[-1:].isspace():
+        return
+    spaced = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
+    if list(spaced) != ids.tolist():
+        warnings.warn(f"target {target!r} is tokenised on its own, as {ids.tolist()}: after a prompt that ends in a "
+                      f"word the model's next token usually carries the space ({' ' + target!r} is {list(spaced)}); "
+                      f"pass the target with its leading space if that is what the prompt leads to", UserWarning,
+                      stacklevel=3)
 
 
 def _resolve_target(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, target: Any, vocab: int) -> torch.Tensor:

@@ -301,3 +301,33 @@ def test_word_index_players_after_a_token_that_straddles_two_words(model):
     assert game.player_spans == (every.player_spans[2], every.player_spans[4])
     with pytest.raises(ValueError, match=r"word 2 'sat' shares a token with a neighbouring word \(together 'cat sat'\)"):
         Game.from_text(model, tok, text, players=[2], target=[5])
+
+
+def _byte_level_bpe():
+    """A tiny byte-level BPE (GPT-2 / SmolLM2 style: ' paris' and 'paris' are different tokens), trained offline."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["the capital of france is paris", "paris is big", "paris"] * 20, vocab_size=300,
+                            min_frequency=1, show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+
+
+def test_a_target_without_its_leading_space_is_warned_about():
+    """target='paris' after '... is' scores the token 'paris', where the model would write ' paris' (on SmolLM2
+    p = 5e-4 vs 0.77): a value of another question, without a word. Said when a space would change the tokens;
+    not for ' paris', a prompt ending in a space, a chat (the answer starts a turn) or a word-level tokenizer."""
+    import warnings
+
+    tok = _byte_level_bpe()
+    net = tiny_model("llama", vocab_size=len(tok))
+    text, zero = "the capital of france is", {"baseline": torch.zeros(net.config.hidden_size)}
+    assert tok("paris", add_special_tokens=False)["input_ids"] != tok(" paris", add_special_tokens=False)["input_ids"]
+    with pytest.warns(UserWarning, match=r"target 'paris' is tokenised on its own.*' paris' is \["):
+        Game.from_text(net, tok, text, target="paris", **zero)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Game.from_text(net, tok, text, target=" paris", **zero)
+        Game.from_text(net, tok, text + " ", target="paris", **zero)
+        Game.from_text(tiny_model("llama"), word_tokenizer(), text, target="mat")
