@@ -99,11 +99,12 @@ def _initial_baseline(game: Game, per_player: bool, init: torch.Tensor | None) -
     hidden = game.baseline.shape[-1]
     if per_player and start.dim() == 1:
         start = start.expand(game.num_players, hidden)
-    if not per_player and start.dim() == 2 and start.shape[0] == game.num_players:
+    if init is None and not per_player and start.dim() == 2:  # only the game's own rows: a caller's init is kept
         start = start.mean(0)
     expected = (game.num_players, hidden) if per_player else (hidden,)
     if tuple(start.shape) != expected:
-        raise ValueError(f"init: expected shape {expected}, got {tuple(start.shape)}")
+        hint = " (per_player=True learns one row per player)" if not per_player and start.dim() == 2 else ""
+        raise ValueError(f"init: expected shape {expected}{hint}, got {tuple(start.shape)}")
     return start.clone()
 
 

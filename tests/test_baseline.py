@@ -198,3 +198,15 @@ def test_objective_names_a_bad_baseline():
     with pytest.raises(TypeError, match=r"init: expected a floating-point tensor, got .*dtype torch.int32"):
         sf.learn_baseline(model, game, epochs=0, init=torch.zeros(32, dtype=torch.int32), progress=False)
     assert baseline_objective(model, game, torch.zeros(5, 32), samples=2) >= 0
+
+
+def test_a_per_player_init_without_per_player_is_refused_not_averaged():
+    """init (n, hidden) with per_player=False was silently averaged into one row (the docstring averages only the
+    game's own per-player baseline, the default): the caller's per-player start was lost without a word."""
+    model = tiny_model("llama")
+    game = make_game(0)
+    with pytest.raises(ValueError, match=r"init: expected shape \(32,\) .*per_player=True.*got \(5, 32\)"):
+        sf.learn_baseline(model, game, epochs=0, init=torch.randn(5, 32), progress=False)
+    per_player_game = dataclasses.replace(game, baseline=torch.randn(5, 32))
+    assert torch.allclose(sf.learn_baseline(model, per_player_game, epochs=0, progress=False),
+                          per_player_game.baseline.mean(0))  # the default start still averages the game's rows

@@ -833,3 +833,55 @@ def test_a_constant_base_game_is_warned_about_by_probe():
         warnings.simplefilter("error")
         _run([base[:1], later[:1]], persistence=1)
         _run([base, later], persistence=1, threshold_reference="absolute", tau=0.1)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**45, 2**64 - 1])
+def test_a_seed_torch_accepts_draws_the_noise_floor_and_one_it_refuses_is_refused_up_front(seed):
+    """The floor's per-checkpoint seed ``seed * 1_000_003 + t`` overflowed torch's 64 bits from seed 2**45 on: the
+    run died at its first floor, after the base was saved with that seed (a resume died again)."""
+    g = torch.Generator().manual_seed(0)
+    I = torch.randn(4, 16, generator=g, dtype=torch.float64)
+    tracker = SFTTracker(None, andor_method="and", min_base_py=0.0, bootstrap=20, seed=seed, persistence=1)
+    for t in range(3):
+        tracker.add_values(t, inverse_harsanyi(I + 0.01 * torch.randn(I.shape, generator=g, dtype=torch.float64)))
+    assert tracker.records[2].floors["and/removed_new"].shape == (3, 4)
+    for bad in (2**64, -2**63 - 1):
+        with pytest.raises(ValueError, match=r"seed: expected an int in \[-2\*\*63, 2\*\*64\)"):
+            SFTTracker(None, andor_method="and", seed=bad)
+
+
+def test_the_floor_draws_of_a_seed_are_those_of_the_same_seed_modulo_2_64():
+    """The floor's seed is reduced modulo 2**64 (what torch.Generator does to a negative seed), so seeds that worked
+    before draw what they drew."""
+    g = torch.Generator().manual_seed(1)
+    I = torch.randn(3, 16, generator=g, dtype=torch.float64)
+    seq = [inverse_harsanyi(I + 0.02 * torch.randn(I.shape, generator=g, dtype=torch.float64)) for _ in range(3)]
+    floors = []
+    for seed in (-1, 2**64 - 1):
+        tracker = SFTTracker(None, andor_method="and", min_base_py=0.0, bootstrap=20, seed=seed, persistence=1)
+        for t, v in enumerate(seq):
+            tracker.add_values(t, v)
+        floors.append([r.floors for r in tracker.records])
+    assert [sorted(f) for f in floors[0]] == [sorted(f) for f in floors[1]] and floors[0][-1]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(*floors) for k in a)
+
+
+@pytest.mark.parametrize("warm_start", [False, True])
+def test_the_floor_decomposes_its_replicates_as_the_observed_chain(monkeypatch, warm_start):
+    """METHOD.md 7.1: the floor re-runs *the same* decomposition. Replicates equal to the observed checkpoints must
+    give the observed counts; with warm_start the floor decomposed them cold (p = q = 0) while the observed chain
+    started each checkpoint from the previous one's (p, q): on pure noise its removal floor was 0.77 of the observed
+    (6 seeds, n=5) and two of six runs reported a phase boundary."""
+    def replay(anchor, later, *, draws, **_):
+        return torch.stack(list(later))[:, None].expand(-1, draws, -1, -1).clone()
+
+    monkeypatch.setattr(N, "null_values", replay)
+    I, _, g = _planted_games(B=8, n=4, seed=5)
+    tracker = SFTTracker(None, andor_method="sgd", andor_niter=300, andor_lr=3e-3, warm_start=warm_start,
+                         min_base_py=0.0, bootstrap=20, progress=False)
+    for t in range(5):
+        tracker.add_values(t, inverse_harsanyi(I + 0.02 * torch.randn(I.shape, generator=g, dtype=torch.float64)))
+    rep = tracker.report()
+    for name in ("removed_new", "emerged_new"):
+        assert sum(rep.curves[f"all/{name}"]) > 0
+        assert rep.curves[f"all/{name}_floor"] == rep.curves[f"all/{name}"], name

@@ -118,6 +118,8 @@ class TrackerConfig:
             raise ValueError(f"andor_lr: expected a finite number > 0, got {lr!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise TypeError(f"seed: expected an int, got {type(self.seed).__name__}")
+        if not -2**63 <= self.seed < 2**64:  # torch.Generator.manual_seed's range (the bootstrap's generator)
+            raise ValueError(f"seed: expected an int in [-2**63, 2**64), got {self.seed}")
         for name in ("warm_start", "hysteresis", "boundary_significant", "chat"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
@@ -659,12 +661,21 @@ class SFTTracker:
         later = [r.values for r in self.records[anchor + 1:]] + [values]
         earlier = [r.values for r in self.records[:anchor]]
         # seeded per checkpoint so a resumed run draws exactly what an uninterrupted one would
-        generator = torch.Generator().manual_seed(c.seed * 1_000_003 + t)
+        generator = torch.Generator().manual_seed((c.seed * 1_000_003 + t) % 2**64)  # manual_seed takes < 2**64
         fakes = N.null_values(self.records[anchor].values, later, earlier=earlier, kind=c.noise_floor,
                               draws=c.noise_draws, generator=generator)                    # (p, K, B, 2^n)
         p, k, b, size = fakes.shape
-        fakes = fakes.reshape(p * k * b, size)
-        inter, _ = _decompose(fakes, method=c.andor_method, config=c, progress=False)
+        if c.warm_start and c.andor_method == "sgd":
+            # the observed chain's decomposition: each replicate warm-started from the one before it, the first from
+            # the anchor's (p, q); a cold start would change sets the observed chain keeps (a floor too low)
+            parts, init = [], {name: x.repeat(k, 1) for name, x in self.records[anchor].extra.items()}
+            for j in range(p):
+                part, init = _decompose(fakes[j].reshape(k * b, size), method="sgd", config=c, progress=False,
+                                        init=init)
+                parts.append(part)
+            inter = {kind: torch.cat([part[kind] for part in parts]) for kind in c.kinds}
+        else:
+            inter, _ = _decompose(fakes.reshape(p * k * b, size), method=c.andor_method, config=c, progress=False)
         counts: dict[str, torch.Tensor] = {}
         for kind in c.kinds:
             fake = inter[kind].reshape(p, k * b, size)
