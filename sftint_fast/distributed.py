@@ -7,15 +7,16 @@ per game, :func:`assign_shards`), evaluates its own games, saves each finished `
 restarted job finds the files whose key matches and skips those games, whatever the new world size.
 
 The key (:func:`game_key`) hashes everything that decides the values: the game's ids, spans, target,
-baseline, prompt length, masking and value function (a callable by its module, qualified name and code), the
-evaluation options that change values (``method``, ``subsets``, ``compute_dtype``, ``attention_backend``;
-not ``batch_size``, ``max_memory`` or ``progress``) and a fingerprint of the model's weights
+baseline, prompt length, masking and value function (a callable by its module, qualified name and code; a
+callable object or bound method also by its object's attributes), the evaluation options that change values
+(``method``, ``subsets``, ``compute_dtype``, ``attention_backend``; not ``batch_size``, ``max_memory`` or
+``progress``) and a fingerprint of the model's weights
 (:func:`model_fingerprint`: every parameter's name, shape, dtype and the bytes of up to 64 evenly spaced
 elements). Pass ``model_key=`` to name the weights yourself (e.g. a checkpoint path).
 
 Backends: gloo on CPU, NCCL on GPU (call ``torch.cuda.set_device(local_rank)`` first, as usual under
 ``torchrun``; :func:`init_from_env` does both). Without an initialised process group every function here
-behaves as a world of one rank.
+behaves as a world of one rank (under ``torchrun``'s environment, evaluating logs a warning that says so).
 
 Under DDP (e.g. a ``Trainer`` callback) use :func:`shard_indices` to pick this rank's probes and
 :func:`gather_metrics` to merge the per-probe results on every rank; log on :func:`is_main_process` only.
@@ -73,6 +74,24 @@ def broadcast_object(value: T) -> T:
     box = [value]
     torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
+
+
+_warned_without_group = False
+
+
+def _warn_without_group() -> None:
+    """Logs once per process when ``torchrun``'s environment names several ranks (``WORLD_SIZE`` > 1, or a ``RANK``
+    > 0) but no process group is initialised: every such process then works as a world of one rank (all the games,
+    every file), not on its share."""
+    global _warned_without_group
+    if _warned_without_group or is_distributed():
+        return
+    world, this = os.environ.get("WORLD_SIZE", "1"), os.environ.get("RANK", "0")
+    if world.strip() not in ("", "0", "1") or this.strip() not in ("", "0"):
+        _warned_without_group = True
+        logger.warning("WORLD_SIZE=%s, RANK=%s but no torch.distributed process group: this process evaluates every "
+                       "game it is given, as do the others; call sftint_fast.distributed.init_from_env() first to "
+                       "split them across the ranks", world, this)
 
 
 def init_from_env(backend: str | None = None) -> bool:
@@ -214,8 +233,9 @@ def _value_name(value: Any, depth: int = 0) -> str:
 
 
 def _value_state(obj: Any, depth: int) -> bytes | None:
-    """Bytes that tell apart what a value function was made with and its code; None where there is nothing (a builtin,
-    a callable object: its name alone)."""
+    """Bytes that tell apart what a value function was made with and its code; None where there is nothing (a builtin:
+    its name alone). A callable object and a bound method by their object's attributes too (two instances of one class
+    made with other arguments share the name and the code)."""
     import functools
 
     if depth > 4:
@@ -225,6 +245,11 @@ def _value_state(obj: Any, depth: int) -> bytes | None:
         parts += [_value_part(a, depth) for a in obj.args]
         parts += [k.encode() + b"=" + _value_part(v, depth) for k, v in sorted(obj.keywords.items())]
         return b"partial(" + b",".join(parts) + b")"
+    if isinstance(obj, types.MethodType):
+        return b"method(" + _object_part(obj.__self__, depth) + b";" + (_value_state(obj.__func__, depth) or b"") + b")"
+    call = getattr(type(obj), "__call__", None)
+    if isinstance(call, types.FunctionType) and not isinstance(obj, (types.FunctionType, type)):
+        return b"object(" + _code_part(call.__code__) + b";" + _object_part(obj, depth) + b")"
     cells = getattr(obj, "__closure__", None) or ()
     defaults = (getattr(obj, "__defaults__", None) or ()) + tuple(sorted((getattr(obj, "__kwdefaults__", None) or {})
                                                                          .items()))
@@ -248,6 +273,16 @@ def _code_part(code: types.CodeType) -> bytes:
     consts = [_code_part(c) if isinstance(c, types.CodeType) else
               _value_part(sorted(c, key=repr) if isinstance(c, frozenset) else c, 0) for c in code.co_consts]
     return b"code(" + code.co_code + b";" + b",".join(consts) + b";" + ",".join(code.co_names).encode() + b")"
+
+
+def _object_part(x: Any, depth: int) -> bytes:
+    """An object's class and attributes (``vars``; objects among them by their type, as in :func:`_value_part`); a
+    module by :func:`model_fingerprint` (sampled weights, not all of them)."""
+    name = f"{type(x).__module__}.{type(x).__qualname__}".encode()
+    if isinstance(x, torch.nn.Module):
+        return name + b":" + model_fingerprint(x).encode()
+    state = getattr(x, "__dict__", None)
+    return name + (_value_part(dict(state), depth) if isinstance(state, dict) else b"")
 
 
 def _value_part(x: Any, depth: int) -> bytes:
@@ -375,7 +410,7 @@ def evaluate_sharded(
 
     Args:
         out_dir: folder for ``shard-<key>.safetensors`` files (None = nothing saved, nothing resumed).
-        model_key: names the weights in the keys (None = :func:`model_fingerprint` of ``model``).
+        model_key: names the weights in the keys (a string or a path; None = :func:`model_fingerprint` of ``model``).
         costs: one cost per game for the balancing (None = :func:`game_cost`).
         evaluate_fn: ``fn(model, game, **evaluate_kwargs) -> v``, called per game; None = this rank's pending
             games grouped by layout (:func:`sftint_fast.engine.group_games`, ``group_size``) and each group
@@ -388,6 +423,12 @@ def evaluate_sharded(
     for i, game in enumerate(games):
         if not isinstance(game, Game):
             raise TypeError(f"games[{i}]: expected a sftint_fast.Game, received {type(game).__name__}")
+    _warn_without_group()
+    if isinstance(model_key, os.PathLike):  # a checkpoint path: keyed as its string
+        model_key = os.fspath(model_key)
+    if model_key is not None and not isinstance(model_key, str):
+        raise TypeError(f"model_key: expected a string or a path naming the weights (or None), received "
+                        f"{type(model_key).__name__}")
     if costs is not None and len(costs) != len(games):
         raise ValueError(f"costs: expected one cost per game ({len(games)}), received {len(costs)}")
     if costs is None:
@@ -407,6 +448,8 @@ def evaluate_sharded(
 
     def finish(i: int, v: torch.Tensor) -> None:
         v = v.detach().to("cpu", torch.float32)
+        if v.untyped_storage().nbytes() != v.numel() * v.element_size():
+            v = v.clone()  # a row of its group's (G, 2^n) output: pickled (gathered) alone, not with the whole group
         if out_dir is not None:
             save_shard(shard_path(out_dir, keys[i]), v, {"key": keys[i], "words": json.dumps(list(games[i].words))})
         local[i] = v

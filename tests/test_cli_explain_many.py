@@ -267,3 +267,24 @@ def test_explain_file_under_torchrun_two_ranks(model_dir, prompts, tmp_path):
     assert len(list((out / "shards").glob("shard-*.safetensors"))) == len(ROWS)
     assert proc.stdout.count("[0] ") == 1  # printed once, by rank 0
     assert "games (rank 1)" in proc.stderr  # rank 1 evaluated its own share
+
+
+def test_explain_file_under_torchrun_ranks_do_not_wait_out_rank_0_writing(model_dir, prompts, tmp_path):
+    """Once the values are gathered, rank 0 alone decomposes, plots and writes every prompt's folder (serially), while
+    the other ranks waited at a barrier bound by the process group's timeout (gloo 30 min, NCCL 10 min): a file of
+    many prompts made them raise a timeout, and torchrun tore down rank 0 mid-way. They now leave once the values are
+    gathered (the run here: a 15 s timeout, rank 0 taking 5 s per prompt)."""
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    script = Path(__file__).parent / "dist_scripts" / "explain_slow_writer.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1", SLOW_WRITE="5")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), str(script), "--pg-timeout", "15", "explain", "--model", str(model_dir),
+           "--file", str(prompts), "--method", "naive", "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    _check_outputs(out, _expected())

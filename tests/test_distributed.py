@@ -240,6 +240,41 @@ def _same_names_in_another_process(*values: str) -> None:
                                                                                         "test_distributed.")
 
 
+class _Pick:
+    """A value function as a callable object: what it picks is in its state, not in its code."""
+
+    def __init__(self, index):
+        self.index = index
+
+    def __call__(self, logits):
+        return logits[:, -1, self.index]
+
+    def pick(self, logits):
+        return logits[:, -1, self.index]
+
+
+def test_game_key_tells_apart_callable_objects_by_what_they_hold(tmp_path, tiny_llama):
+    """Two instances of one class (or bound methods of two instances) keyed by the class's name alone: evaluate_many
+    with one out_dir gave _Pick(7) the saved values of _Pick(5). Their attributes now enter the key."""
+    import dataclasses
+
+    import sftint_fast as sf
+
+    game = make_games(1)[0]
+
+    def key(value):
+        return D.game_key(dataclasses.replace(game, value=value), model_key="m")
+
+    assert key(_Pick(5)) == key(_Pick(5)) != key(_Pick(7))
+    assert key(_Pick(5).pick) == key(_Pick(5).pick) != key(_Pick(7).pick)
+    assert key(_Pick(torch.ones(2))) != key(_Pick(torch.zeros(2)))
+    first, second = (dataclasses.replace(game, value=_Pick(i)) for i in (5, 7))
+    sf.evaluate_many(tiny_llama, [first], out_dir=tmp_path, progress=False)
+    resumed = sf.evaluate_many(tiny_llama, [second], out_dir=tmp_path, progress=False)[0]
+    assert torch.equal(resumed, sf.evaluate(tiny_llama, second, progress=False).cpu())
+    _same_names_in_another_process("t._Pick(5)", "t._Pick(5).pick", "t._Pick(torch.ones(3))")
+
+
 def _with_nested_code(logits):
     pick = lambda x: x[:, -1, 0]  # noqa: E731 - a nested code object among the constants
     return pick(logits) if logits.shape[0] not in {1, 2, "a", "b"} else pick(logits) * 2
@@ -345,6 +380,58 @@ def test_save_shard_leaves_no_temp_file_when_interrupted(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_evaluate_sharded_takes_a_checkpoint_path_as_model_key(tmp_path):
+    """model_key names the weights, "e.g. a checkpoint path": a pathlib.Path failed with json's 'Object of type
+    PosixPath is not JSON serializable'. A path keys as its string; anything else is refused by name."""
+    games = make_games(2)
+    calls: list[str] = []
+    first = D.evaluate_sharded(None, games, out_dir=tmp_path, model_key=tmp_path / "ckpt-10",
+                               evaluate_fn=_fake_evaluate(calls), progress=False)
+    again = D.evaluate_sharded(None, games, out_dir=tmp_path, model_key=str(tmp_path / "ckpt-10"),
+                               evaluate_fn=_fake_evaluate(calls), progress=False)
+    assert len(calls) == 2 and all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    with pytest.raises(TypeError, match="model_key: expected a string or a path.*received int"):
+        D.evaluate_sharded(None, games, out_dir=tmp_path, model_key=10, evaluate_fn=_fake_evaluate(calls))
+
+
+def test_evaluate_sharded_values_hold_their_own_game_only(tmp_path, tiny_llama):
+    """The naive engine returns each game's v as a row of its group's (G, 2^n) output: kept as such, every value
+    pickled the whole group (all_gather_object sent G times the data to every rank, and each rank unpickled G copies).
+    Each value now holds its own 2^n floats."""
+    import pickle
+
+    import sftint_fast as sf
+
+    games = make_games(12)[::4]  # 3 games of one layout: one group
+    values = sf.evaluate_many(tiny_llama, games, out_dir=tmp_path, method="naive", progress=False)
+    for v, game in zip(values, games, strict=True):
+        assert v.untyped_storage().nbytes() == v.numel() * 4 == 4 << game.num_players
+    assert len(pickle.dumps(values)) < len(pickle.dumps([v.clone() for v in values])) + 100
+
+
+@pytest.mark.parametrize("env, warned", [({"WORLD_SIZE": "2", "RANK": "1"}, True), ({"RANK": "1"}, True),
+                                         ({"WORLD_SIZE": "1", "RANK": "0"}, False), ({}, False)],
+                         ids=["torchrun", "rank-only", "one-rank", "plain"])
+def test_evaluate_many_under_torchrun_without_a_process_group_says_it_does_not_shard(tiny_llama, monkeypatch, caplog,
+                                                                                    env, warned):
+    """Under torchrun with no process group initialised every rank evaluated every game (and wrote every shard), which
+    the README's "under torchrun evaluate_many shards the games" does not lead one to expect, and said nothing: one
+    warning per process says so and what to call."""
+    import sftint_fast as sf
+
+    for name in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(D, "_warned_without_group", False)
+    games = make_games(2)
+    with caplog.at_level("WARNING", logger="sftint_fast.distributed"):
+        for _ in range(2):
+            sf.evaluate_many(tiny_llama, games, method="naive", progress=False)
+    messages = [r.getMessage() for r in caplog.records if "init_from_env" in r.getMessage()]
+    assert len(messages) == (1 if warned else 0), messages
+
+
 def test_evaluate_sharded_rejects_non_games():
     with pytest.raises(TypeError, match=r"games\[1\]"):
         D.evaluate_sharded(None, [make_games(1)[0], "text"], evaluate_fn=_fake_evaluate([]))
@@ -432,6 +519,27 @@ def test_torchrun_evaluate_many_with_a_rank_without_games(tmp_path, single_proce
     assert len(list(shards.glob("shard-*.safetensors"))) == 1
     (v,) = _load(tmp_path / "two.safetensors")
     assert torch.equal(v, single_process[1][0])
+
+
+def test_torchrun_resumes_on_other_world_sizes_and_every_rank_returns_the_same_values(tmp_path, single_process):
+    """9 games through ``sf.evaluate_many`` (grouped engine) on 3 ranks, then rerun by one process and by 2 ranks on
+    the same shard folder: each game evaluated once in all, every shard reused (none rewritten), and every rank of
+    every run returns the single process's values bitwise, in the games' order."""
+    shards = tmp_path / "shards"
+    games = "--num-games", "9", "--many", "--every-rank", "--shard-dir", str(shards)
+    _run(tmp_path, "three", *games, nproc=3)
+    assert sorted(_counts(tmp_path / "three")) == sorted(f"g{i}" for i in range(9))
+    saved = {path: path.stat().st_mtime_ns for path in shards.glob("shard-*.safetensors")}
+    assert len(saved) == 9
+    _run(tmp_path, "one", *games)
+    _run(tmp_path, "two", *games, nproc=2)
+    assert _counts(tmp_path / "one") == [] and _counts(tmp_path / "two") == []
+    assert saved == {path: path.stat().st_mtime_ns for path in shards.glob("shard-*.safetensors")}
+    results = [tmp_path / name for name in ("three.safetensors", "three.safetensors.rank1", "three.safetensors.rank2",
+                                             "one.safetensors", "two.safetensors", "two.safetensors.rank1")]
+    for path in results:
+        for v, ref in zip(_load(path), single_process[1], strict=True):
+            assert torch.equal(v, ref), (path.name, (v - ref).abs().max())
 
 
 # ---------------------------------------------------------------- 2 gloo ranks in-process (spawn), stand-in evaluate

@@ -453,6 +453,7 @@ def evaluate_many(model: Any, games: Sequence[Game], *, progress: bool = True, o
     games = _check_games(games)
     if games:  # here, where an error can name the caller's index of the game, not its index in a group
         _check_model(model, games)
+    distributed._warn_without_group()
     if out_dir is not None or distributed.is_distributed():
         return distributed.evaluate_sharded(model, games, out_dir=out_dir, progress=progress, group_size=group_size,
                                             **kwargs)

@@ -1,7 +1,8 @@
 """Run ``evaluate_sharded`` on seeded tiny games; launched by tests/test_distributed.py (plain or torchrun).
 
-Rank 0 saves every game's ``v`` to ``--out``; each rank appends the ids of the games it evaluated to
-``<count-dir>/rank<r>.txt``; ``--crash-after k`` makes rank 0 exit hard before its (k+1)-th evaluation.
+Rank 0 saves every game's ``v`` to ``--out`` (with ``--every-rank`` each rank ``r > 0`` to ``--out.rank<r>``);
+each rank appends the ids of the games it evaluated to ``<count-dir>/rank<r>.txt``; ``--crash-after k`` makes rank 0
+exit hard before its (k+1)-th evaluation.
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--count-dir", required=True)
     parser.add_argument("--crash-after", type=int, default=-1)
     parser.add_argument("--many", action="store_true", help="go through sf.evaluate_many instead")
+    parser.add_argument("--every-rank", action="store_true", help="ranks > 0 save their values too (--out.rank<r>)")
     parser.add_argument("--backend", default="gloo", help="process group backend (nccl: model on this rank's GPU)")
     args = parser.parse_args()
     device = torch.device("cpu")
@@ -67,17 +69,27 @@ def main() -> None:
             f.write(done[-1] + "\n")
         return sf.evaluate(model, game, **kwargs)
 
-    if args.many:
+    if args.many:  # counted per group the engine evaluates
+        from sftint_fast import engine
+
+        evaluate_games = engine.evaluate_games
+
+        def counting_evaluate_games(model, group, **kwargs):
+            with counter.open("a") as f:
+                f.writelines(game.words[0].split("w")[0] + "\n" for game in group)
+            return evaluate_games(model, group, **kwargs)
+
+        engine.evaluate_games = counting_evaluate_games
         values = sf.evaluate_many(model, games, out_dir=args.shard_dir, progress=False, method="naive")
     else:
         values = distributed.evaluate_sharded(model, games, out_dir=args.shard_dir, progress=False,
                                               evaluate_fn=counting_evaluate, method="naive")
     if len(values) != len(games) or any(v.shape != (1 << g.num_players,) for v, g in zip(values, games)):
         raise SystemExit(f"rank {rank}: wrong result shapes")
-    if rank == 0:
+    if rank == 0 or args.every_rank:
         from safetensors.torch import save_file
 
-        save_file({f"v{i}": v for i, v in enumerate(values)}, args.out)
+        save_file({f"v{i}": v for i, v in enumerate(values)}, args.out + ("" if rank == 0 else f".rank{rank}"))
     distributed.shutdown()
 
 
