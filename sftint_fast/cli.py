@@ -261,9 +261,15 @@ def _parse_players(value):
                                                        for x in items):
         raise ValueError(f"players: expected 'all' or comma-separated word indices, received {value!r}")
     try:
-        return [int(x) for x in items]
+        indices = [int(x) for x in items]
     except (TypeError, ValueError):
         raise ValueError(f"players: expected 'all' or comma-separated word indices, received {value!r}") from None
+    # what no prompt's words accept, refused before the model loads (the game checks the upper bound)
+    if min(indices) < 0:
+        raise ValueError(f"players: expected word indices >= 0, received {value!r}")
+    if sorted(set(indices)) != indices:
+        raise ValueError(f"players: expected strictly increasing word indices, received {value!r}")
+    return indices
 
 
 def _read_prompts(path: str) -> list[dict]:
@@ -420,6 +426,7 @@ def _is_complete(out, config: dict, v, andor_options: dict | None) -> bool:
     try:
         saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
         saved_v = load_file(out / "v.safetensors")["v"]
+        saved_interactions = load_file(out / "interactions.safetensors")  # printed again when kept
     except (OSError, ValueError, KeyError, SafetensorError):
         return False
     if not isinstance(saved, dict):
@@ -429,7 +436,25 @@ def _is_complete(out, config: dict, v, andor_options: dict | None) -> bool:
         return False
     if andor_options is None:
         return saved_andor is None
-    return isinstance(saved_andor, dict) and all(saved_andor.get(k) == x for k, x in andor_options.items())
+    return (isinstance(saved_andor, dict) and all(saved_andor.get(k) == x for k, x in andor_options.items())
+            and {"andor_and", "andor_or"} <= set(saved_interactions))
+
+
+def _print_andor(args: argparse.Namespace, interactions, i_and, i_or, words: list[str]) -> list:
+    """Prints the AND-OR decomposition's ``I_and`` / ``I_or`` (as saved: float32, so that a rerun that keeps its
+    folder prints what the first run printed) beside the AND interactions; returns its top ``(kind, ranked)``."""
+    import sftint_fast as sf
+
+    both = sorted([("AND", r) for r in sf.top_interactions(i_and, args.top, words)]
+                  + [("OR", r) for r in sf.top_interactions(i_or, args.top, words)],
+                  key=lambda item: -abs(item[1].value))[:args.top]
+    l1_and = float(interactions[1:].abs().sum())
+    l1_andor = float(i_and[1:].abs().sum() + i_or.abs().sum())
+    print(f"AND-OR decomposition ({args.andor}): sum |I| {l1_and:.4f} with AND only -> {l1_andor:.4f}; "
+          f"top {len(both)}:")
+    for kind, r in both:
+        print(f"  {r.value:+10.4f}  {kind:<3} {{{', '.join(r.words)}}}")
+    return both
 
 
 def _explain_one(args: argparse.Namespace, tokenizer, text: str, game, v, out, choice: tuple) -> None:
@@ -438,7 +463,7 @@ def _explain_one(args: argparse.Namespace, tokenizer, text: str, game, v, out, c
     import json
     from pathlib import Path
 
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     import sftint_fast as sf
     from sftint_fast.interactions.result import _atomic_write
@@ -469,22 +494,18 @@ def _explain_one(args: argparse.Namespace, tokenizer, text: str, game, v, out, c
     }
     given = {name: value for name, value in (("qthres", args.qthres), ("niter", args.niter)) if value is not None}
     if out is not None and _is_complete(out, config, v, None if args.andor == "none" else _andor_options(args, given)):
-        # a rerun in the same --out: the AND-OR decomposition (minutes for many players) is not redone
+        # a rerun in the same --out: the AND-OR decomposition (minutes for many players) is not redone, its saved
+        # results are printed as the run that saved them printed them
+        if args.andor != "none":
+            saved = load_file(out / "interactions.safetensors")
+            _print_andor(args, interactions, saved["andor_and"], saved["andor_or"], words)
         print(f"kept {out}: complete, from an earlier run with this config (delete its config.json to redo it)")
         return
     andor = None
     if args.andor != "none":
         andor = sf.and_or(v.double(), method=args.andor, progress=True, **given)
-        both = sorted([("AND", r) for r in sf.top_interactions(andor.I_and, args.top, words)]
-                      + [("OR", r) for r in sf.top_interactions(andor.I_or, args.top, words)],
-                      key=lambda item: -abs(item[1].value))[:args.top]
-        l1_and = float(interactions[1:].abs().sum())
-        l1_andor = float(andor.I_and[1:].abs().sum() + andor.I_or.abs().sum())
-        print(f"AND-OR decomposition ({args.andor}): sum |I| {l1_and:.4f} with AND only -> {l1_andor:.4f}; "
-              f"top {len(both)}:")
-        for kind, r in both:
-            print(f"  {r.value:+10.4f}  {kind:<3} {{{', '.join(r.words)}}}")
         tensors.update({"andor_and": andor.I_and.float().contiguous(), "andor_or": andor.I_or.float().contiguous()})
+        both = _print_andor(args, interactions, tensors["andor_and"], tensors["andor_or"], words)
         bars = ([f"{kind} {{{', '.join(r.words)}}}" for kind, r in both], [r.value for _, r in both],
                 "AND-OR interaction of v - v(empty)")
     if out is None:
@@ -585,7 +606,8 @@ def _run_track(args: argparse.Namespace) -> int:
         if refusal is not None:
             print(refusal, file=sys.stderr)
             return 2
-    refusal = _out_refusal("track", "--out", args.out, "folder")
+    refusal = (_out_refusal("track", "--out", args.out, "folder")
+               or _out_refusal("track", "--boundary-file", args.boundary_file, "file"))
     if refusal is not None:
         print(refusal, file=sys.stderr)
         return 2
@@ -786,6 +808,10 @@ def _run_compare(args: argparse.Namespace) -> int:
     from sftint_fast.plot import bound, count
     from sftint_fast.sft.compare import compare_runs
 
+    refusal = _out_refusal("compare", "--out", args.out, "folder")
+    if refusal is not None:
+        print(refusal, file=sys.stderr)
+        return 2
     labels = None if args.labels is None else [x.strip() for x in args.labels.split(",")]
     result, md = compare_runs(args.runs, args.out, labels=labels)
     print(f"comparison: {md}")
@@ -866,6 +892,10 @@ def _run_bench(args: argparse.Namespace) -> int:
     _refuse_unused("--n-players", args.n_players if players != "words" else None, "with --players all",
                    f"with --players {args.players}")
     _refuse_unused("--seed", args.seed if args.sample is None else None, "with --sample", "without --sample")
+    if args.compute_dtype == "bfloat16" and args.dtype == "float32" and args.engines != ["naive"]:
+        raise ValueError("--compute-dtype: expected bfloat16 only with --engines naive or --dtype bfloat16 (on a "
+                         "float32 model it runs under autocast, which only the naive engine supports), received "
+                         f"--compute-dtype bfloat16 with --dtype float32 and --engines {','.join(args.engines)}")
     pick = args.pick or "first"
     seed = 0 if args.seed is None else args.seed
     if args.threads is not None:

@@ -158,7 +158,7 @@ def test_bench_cli_compute_dtype(model_dir, tmp_path, capsys):
     # bf16 autocast runs the naive engine only: the trie refuses it before anything is timed
     assert main(["bench", "--model", str(model_dir), "--text", TEXT, "--compute-dtype", "bfloat16"]) == 2
     captured = capsys.readouterr()
-    assert "only the naive engine supports; received engines ['trie']" in captured.err
+    assert "only the naive engine supports), received --compute-dtype bfloat16 with --dtype float32" in captured.err
     assert "naive:" not in captured.err  # nothing ran
 
 

@@ -147,3 +147,46 @@ def test_bench_refuses_seed_without_sample(tmp_path, capsys):
     assert main(["bench", "--model", str(tmp_path / "not-loaded"), "--seed", "3"]) == 2
     err = capsys.readouterr().err
     assert "--seed: expected only with --sample, received --seed 3 without --sample" in err and "model:" not in err
+
+
+@pytest.mark.parametrize("command", ["explain", "bench"])
+@pytest.mark.parametrize("players, message", [
+    ("2,1", "strictly increasing word indices, received '2,1'"),
+    ("0,0", "strictly increasing word indices, received '0,0'"),
+    ("-1", "word indices >= 0, received '-1'"),
+], ids=["unsorted", "repeated", "negative"])
+def test_word_indices_that_no_prompt_accepts_are_refused_before_loading(tmp_path, command, players, message, capsys):
+    # were refused by the game only once the model had loaded
+    assert main([command, "--model", str(tmp_path / "not-loaded"), "--text", TEXT, f"--players={players}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("--players: expected") and message in err and "model:" not in err
+
+
+def test_track_refuses_a_boundary_file_that_cannot_be_written_before_anything_runs(tmp_path, monkeypatch, capsys):
+    # was found only once the phase boundary was, after tracking the checkpoints up to it ("[Errno 20] Not a
+    # directory"), or, a folder, never written while a StopFileCallback watching it stopped its run at once
+    monkeypatch.setattr(sftint_fast.sft.demo, "run_track", _never)
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text(json.dumps({"prompt": TEXT}) + "\n")
+    folder, file = tmp_path / "a-folder", tmp_path / "a-file"
+    folder.mkdir()
+    file.write_text("")
+    for path, got in ((folder, "is a folder"), (file / "STOP", "is inside the file")):
+        assert main(["track", "--base", str(tmp_path), "--checkpoints", str(tmp_path), "--probes", str(probes),
+                     "--out", str(tmp_path / "run"), "--boundary-file", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"sftint track: --boundary-file: expected a file to write, {str(path)!r} {got}" in err, err
+
+
+def test_bench_refuses_bfloat16_autocast_with_a_trie_engine_before_loading(tmp_path, capsys):
+    # the default engines (naive,trie) with --compute-dtype bfloat16 on the default --dtype float32 were refused by
+    # compare_engines only once the model had loaded, advising to "load the model in bfloat16" (no option's name)
+    assert main(["bench", "--model", str(tmp_path / "not-loaded"), "--compute-dtype", "bfloat16"]) == 2
+    err = capsys.readouterr().err
+    assert ("--compute-dtype: expected bfloat16 only with --engines naive or --dtype bfloat16 (on a float32 model it "
+            "runs under autocast, which only the naive engine supports), received --compute-dtype bfloat16 with "
+            "--dtype float32 and --engines naive,trie") in err
+    assert "model:" not in err
+    for ok in (["--engines", "naive"], ["--dtype", "bfloat16"]):  # these reach the model
+        assert main(["bench", "--model", str(tmp_path / "not-loaded"), "--compute-dtype", "bfloat16", *ok]) == 2
+        assert "model:" in capsys.readouterr().err

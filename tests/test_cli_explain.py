@@ -211,3 +211,17 @@ def test_explain_refuses_an_lp_too_large_before_evaluating(model_dir, tmp_path, 
     assert "--andor lp: expected at most 10 players" in captured.err and "received 12" in captured.err
     assert "--andor sgd" in captured.err and "AND interactions" not in captured.out
     assert (source == "file") == ("prompt 1" in captured.err)
+
+
+def test_explain_rerun_that_keeps_its_folder_prints_the_same_results(model_dir, tmp_path, capsys):
+    # a rerun of the same command into the same --out kept the folder and printed the AND interactions and Shapley
+    # values but no AND-OR decomposition, the results --andor asked for
+    argv = ["explain", "--model", str(model_dir), "--text", TEXT, "--players", "1,2,3,6", "--method", "naive",
+            "--andor", "lp", "--top", "4", "--out", str(tmp_path / "run")]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert main(argv) == 0
+    second = capsys.readouterr().out
+    assert "kept " in second and "AND-OR decomposition (lp)" in first
+    results = [line for line in first.splitlines() if not line.startswith("wrote ")]
+    assert [line for line in second.splitlines() if not line.startswith("kept ")] == results

@@ -750,3 +750,52 @@ def test_track_cli_watch_tracks_a_checkpoint_deleted_right_after_it_was_loaded(f
     rc = _track(root, tmp_path / "run", [str(live / "checkpoint-*")], "--watch", "0.1", "--idle-timeout", "1")
     assert rc == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "run" / "report.json").read_text())["steps"] == [0, 10, 20]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--tau", "1.5"], "tau: expected a number in the open interval (0, 1)"),
+    (["--min-base-py", "2"], "min_base_py: expected a number in [0, 1]"),
+], ids=["tau", "min-base-py"])
+def test_track_cli_refuses_a_bad_option_before_loading_the_reference(folders, tmp_path, monkeypatch, extra, message,
+                                                                     capsys):
+    # the tracker checked its options only once constructed, after --reference had loaded (a second model, minutes
+    # for a large one) and the probes file had been read
+    import sftint_fast.models
+    from conftest import count_calls
+
+    root, _ = folders
+    calls = count_calls(monkeypatch, {"load_causal_lm": sftint_fast.models})
+    assert _track(root, tmp_path / "run", [str(root / "ckpt" / "checkpoint-10")], "--reference",
+                  str(root / "ckpt" / "checkpoint-30"), *extra) == 2
+    assert message in capsys.readouterr().err
+    assert calls["load_causal_lm"] == 0 and not (tmp_path / "run" / "tracker").exists()
+
+
+def test_track_cli_refuses_a_bad_probes_file_before_loading_the_reference(folders, tmp_path, monkeypatch, capsys):
+    import sftint_fast.models
+    from conftest import count_calls
+
+    root, _ = folders
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text('{"prompt": "the big cat sat on the mat"}\n{"prompt": \n')
+    calls = count_calls(monkeypatch, {"load_causal_lm": sftint_fast.models})
+    assert main(["track", "--base", str(root / "base"), "--checkpoints", str(root / "ckpt" / "checkpoint-10"),
+                 "--probes", str(probes), "--reference", str(root / "ckpt" / "checkpoint-30"), "--out",
+                 str(tmp_path / "run"), *FAST]) == 2
+    assert str(probes) in capsys.readouterr().err and calls["load_causal_lm"] == 0
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "expected at least one probe, got none"),
+    (json.dumps({"prompt": "", "answer": "sat"}) + "\n", "probes[0]: expected a non-empty 'prompt' string"),
+    (b"\xff\xfe{}\n", "expected a UTF-8 JSONL file"),
+], ids=["empty", "empty-prompt", "not-utf8"])
+def test_track_cli_names_the_jsonl_file_a_refusal_is_about(folders, tmp_path, text, message, capsys):
+    # an empty --heldout file was refused as "probes: expected at least one probe, got none", while the --probes
+    # file was fine; a file that is not UTF-8 by the codec's words alone
+    root, _ = folders
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_bytes(text if isinstance(text, bytes) else text.encode())
+    assert _track(root, tmp_path / "run", [str(root / "ckpt" / "checkpoint-10")], "--heldout", str(heldout)) == 2
+    err = capsys.readouterr().err
+    assert f"sftint track: {heldout}: " in err and message in err, err

@@ -349,3 +349,15 @@ def test_compare_says_when_runs_measured_their_heldout_loss_on_other_data(tmp_pa
     assert result["differences"] == ["c measured its held-out loss on other held-out examples than a, so their "
                                      "held-out losses are not comparable"]
     assert "**Not like for like**" in md.read_text()
+
+
+def test_compare_refuses_an_out_that_cannot_be_written_by_its_option(tmp_path, capsys):
+    # was "sftint compare: [Errno 17] File exists: '.../a-file'", naming neither --out nor what was expected
+    _run(tmp_path / "a", seed=1, drift=0.05, log=False)
+    _run(tmp_path / "b", seed=2, drift=0.05, log=False)
+    file = tmp_path / "a-file"
+    file.write_text("")
+    for out, got in ((file, "is a file"), (file / "sub", "is inside the file")):
+        assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"sftint compare: --out: expected a folder to write, {str(out)!r} {got}" in err, err

@@ -195,3 +195,26 @@ def test_demo_rerun_with_other_training_options_is_refused_before_training(tmp_p
     if importlib.util.find_spec("peft") is not None:  # --lora needs the peft extra before anything else
         with pytest.raises(ValueError, match=r"differs in \(saved, given\): \{'lora': \(None, 4\)\}"):
             demo.run_demo(out, lr=1e-4, lora=4, **options)
+
+
+@pytest.mark.parametrize("given, differs", [
+    ({"n_players": 4}, "{'n_players': (3, 4)}"),
+    ({"andor_method": "sgd", "andor_niter": 50}, "{'andor_method': ('and', 'sgd'), 'andor_niter': (20000, 50)}"),
+    ({"seed": 1}, "{'seed': (0, 1)}"),
+], ids=["n-players", "andor", "seed"])
+def test_demo_rerun_with_other_tracking_options_is_refused_before_loading(tmp_path, monkeypatch, given, differs):
+    """The tracker refused a rerun into an --out that holds a run tracked with another --n-players, --andor-method,
+    --niter or --seed, but only once constructed: after the model had loaded and the probes had been scanned."""
+    import sftint_fast as sf
+    from sftint_fast.sft.demo import run_demo
+    from sftint_fast.sft.tracker import SFTTracker
+
+    out = tmp_path / "demo"
+    SFTTracker(None, n_players=3, andor_method="and", progress=False, out_dir=out / "tracker")  # the run there
+    probes = tmp_path / "probes.jsonl"
+    save_probes([Probe("the big cat sat on the red mat")], probes)
+    monkeypatch.setattr(sf, "load_default", lambda: pytest.fail("loaded the model"), raising=False)
+    options = {"n_players": 3, "andor_method": "and", **given}
+    with pytest.raises(ValueError, match=re.escape(f"out: {out} holds a demo run tracked with other options "
+                                                   f"(differs in (saved, given): {differs})")):
+        run_demo(out, probes_file=probes, progress=False, **options)

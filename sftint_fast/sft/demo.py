@@ -7,6 +7,7 @@ tracker over saved checkpoints.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -21,7 +22,7 @@ import torch
 
 from sftint_fast.sft.probes import (PROBE_SOURCES, chatterbot_pairs, confident_candidates, confident_probes,
                                     load_probes, pad_batch, save_probes, sft_example, split_pairs)
-from sftint_fast.sft.tracker import SFTTracker, TrackReport, _atomic_write_text, _saved_step
+from sftint_fast.sft.tracker import SFTTracker, TrackerConfig, TrackReport, _atomic_write_text, _saved_step
 from sftint_fast.sft.training_log import TrainingLog, read_training_log
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,8 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
     torch.manual_seed(seed)
     out = Path(out)
     training_options = {"lr": lr, "batch_size": batch_size, "lora": lora}
-    _check_rerun(out, steps, training_options)
+    _check_rerun(out, steps, training_options, {"n_players": n_players, "andor_method": andor_method,
+                                                "andor_niter": andor_niter, "seed": seed})
     model, tokenizer = sf.load_default()
     model = model.to(device)
     train_pairs, held_pairs = split_pairs(chatterbot_pairs(), heldout_fraction=0.1, seed=seed)
@@ -131,12 +133,14 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
 DEMO_RECORD = "demo.json"
 
 
-def _check_rerun(out: Path, steps: int, training_options: dict[str, Any]) -> None:
+def _check_rerun(out: Path, steps: int, training_options: dict[str, Any],
+                 tracker_options: dict[str, Any] | None = None) -> None:
     """Refuses a rerun into ``out`` that would stop before the steps its tracker holds: it would train again, track
     nothing new and report the earlier run's steps (or, its last step not among them, have it refused after
     training); and one with other training options (``training_options``; ``DEMO_RECORD``): the tracker resumes
     and skips the steps it holds, so the report would show the earlier run's interactions beside this run's
-    training loss."""
+    training loss. ``tracker_options``: the tracker options the demo sets, compared with those its tracker saved
+    (the tracker refuses others too, but only once the model has loaded and the probes were scanned)."""
     saved = sorted(_saved_step(path) for path in (out / "tracker").glob("step_*.json"))
     record = out / DEMO_RECORD
     if saved and record.is_file():
@@ -149,6 +153,18 @@ def _check_rerun(out: Path, steps: int, training_options: dict[str, Any]) -> Non
         raise ValueError(f"steps: {out / 'tracker'} holds the steps {saved} an earlier run into {out} tracked; "
                          f"expected steps >= {saved[-1]} to resume that run, received {steps}; pass another out "
                          "folder for a shorter run")
+    config = out / "tracker" / "config.json"
+    if tracker_options and config.is_file():
+        try:
+            tracked = json.loads(config.read_text()).get("tracker")
+        except (OSError, ValueError, AttributeError):  # the tracker says what is wrong with the file
+            tracked = None
+        if isinstance(tracked, dict):
+            differs = {k: (tracked[k], v) for k, v in tracker_options.items() if k in tracked and tracked[k] != v}
+            if differs:
+                raise ValueError(f"out: {out} holds a demo run tracked with other options (differs in (saved, "
+                                 f"given): {differs}); rerun with that run's options to resume it, or pass another "
+                                 "out folder")
 
 
 def _import_peft() -> Any:
@@ -230,6 +246,10 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
     from sftint_fast.models import load_causal_lm, resolve_device, tokenizer_folder
 
     device = resolve_device(device)
+    # the tracker's options, before anything loads (the reference model, minutes for a large one, loads before the
+    # tracker that would check them): a bad value stops the run in a second
+    given = {k: v for k, v in options.items() if k in {f.name for f in dataclasses.fields(TrackerConfig)}}
+    TrackerConfig(**{**given, "n_players": n_players, "andor_method": andor_method, "baseline": "pad"}).validate()
     if boundary_file is not None and Path(boundary_file).exists():
         logger.warning("%s exists already: a StopFileCallback watching it stops its training run at once",
                        boundary_file)
@@ -254,12 +274,13 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
             raise ValueError(f"heldout {heldout}: expected an \"answer\" in every row, got none in rows "
                              f"{unanswered[:10]}")
         pairs = [(row.prompt, row.answer) for row in rows]
+    probes = load_probes(probes_path)  # a malformed file is refused before the reference loads
     tokenizer = AutoTokenizer.from_pretrained(base)
     ref = None
     if reference is not None:
         ref = (load_causal_lm(reference, dtype=torch.float32).to(device),
                AutoTokenizer.from_pretrained(tokenizer_folder(reference)))
-    tracker = SFTTracker(load_probes(probes_path), tokenizer, n_players=n_players, andor_method=andor_method,
+    tracker = SFTTracker(probes, tokenizer, n_players=n_players, andor_method=andor_method,
                          reference=ref, heldout=pairs, out_dir=Path(out) / "tracker", **options)
 
     tracked_folders: list[str] = []

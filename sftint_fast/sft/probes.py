@@ -85,15 +85,22 @@ def _players(players: Any, i: int) -> tuple | None:
 def load_probes(path: str | os.PathLike) -> list[Probe]:
     """Reads a JSONL file of probes (one JSON object per line; blank lines skipped)."""
     rows = []
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: expected a UTF-8 JSONL file, got bytes that are not UTF-8 ({err})") from None
     # rows end at "\n" only: splitlines() would also split inside a JSON string at U+2028, U+0085, ...; utf-8-sig
     # drops the byte-order mark a Windows editor may start the file with
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8-sig").split("\n"), 1):
+    for number, line in enumerate(text.split("\n"), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{number}: expected a JSON object per line, got {line[:60]!r} ({err})") from err
-    return as_probes(rows)
+    try:
+        return as_probes(rows)
+    except (ValueError, TypeError) as err:  # the file it is about: probes, held-out pairs or candidates
+        raise type(err)(f"{path}: {err}") from err
 
 
 def save_probes(probes: Sequence[Probe], path: str | os.PathLike) -> Path:
