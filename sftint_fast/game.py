@@ -389,12 +389,16 @@ def _wraps(wrapper: Any, original: Any) -> bool:
 
 def _warn_unspaced_target(tokenizer: Any, text: str, target: str, ids: torch.Tensor) -> None:
     """A target text is tokenised on its own: ``"Paris"`` after ``"... France is"`` scores the token 'Paris' where
-    the model would write ' Paris' (SmolLM2: p = 5e-4 vs 0.77), a value of another question. Said where a leading
-    space would give other tokens and neither the text nor the target has one."""
-    if target[:1].isspace() or text[-1:].isspace():
+    the model would write ' Paris' (SmolLM2: p = 5e-4 vs 0.77), a value of another question. Said where the target
+    after a space in the text gets other tokens and neither the text nor the target has one (a SentencePiece
+    tokenizer that prefixes its own '▁' gives 'Paris' the tokens of ' Paris' in the text: not said)."""
+    if not target[:1].isalnum() or text[-1:].isspace():  # a space before it, or punctuation (which takes none)
         return
-    spaced = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
-    if list(spaced) != ids.tolist():
+    alone = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    joined = list(tokenizer(text + " " + target, add_special_tokens=False)["input_ids"])
+    spaced = (joined[len(alone):] if joined[:len(alone)] == alone
+              else list(tokenizer(" " + target, add_special_tokens=False)["input_ids"]))
+    if spaced != ids.tolist():
         warnings.warn(f"target {target!r} is tokenised on its own, as {ids.tolist()}: after a prompt that ends in a "
                       f"word the model's next token usually carries the space ({' ' + target!r} is {list(spaced)}); "
                       f"pass the target with its leading space if that is what the prompt leads to", UserWarning,

@@ -330,4 +330,30 @@ def test_a_target_without_its_leading_space_is_warned_about():
         warnings.simplefilter("error")
         Game.from_text(net, tok, text, target=" paris", **zero)
         Game.from_text(net, tok, text + " ", target="paris", **zero)
+        Game.from_text(net, tok, text, target=".", **zero)  # punctuation takes no space
         Game.from_text(tiny_model("llama"), word_tokenizer(), text, target="mat")
+
+
+def test_a_sentencepiece_target_is_not_warned_about():
+    """A Llama-2-style SentencePiece tokenizer prefixes its own '▁': 'paris' is ['▁paris'], the token the text
+    continues with, while ' paris' is ['▁', '▁paris']. The target is right as given; a warning asking for the
+    leading space would give a wrong two-token target."""
+    import warnings
+
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["<unk>", "<s>", "</s>", "▁"] + [p + w for w in ("the", "capital", "of", "france", "is", "paris")
+                                              for p in ("▁", "")]
+    sp = Tokenizer(models.Unigram([(piece, -1.0) for piece in vocab], unk_id=0))
+    sp.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    sp.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    text = "the capital of france is"
+    assert tok.convert_ids_to_tokens(tok(" paris", add_special_tokens=False)["input_ids"]) == ["▁", "▁paris"]
+    assert tok(text + " paris")["input_ids"][-1:] == tok("paris", add_special_tokens=False)["input_ids"]
+    net = tiny_model("llama", vocab_size=len(tok))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        game = Game.from_text(net, tok, text, target="paris", baseline=torch.zeros(net.config.hidden_size))
+    assert tok.convert_ids_to_tokens(game.target.tolist()) == ["▁paris"]

@@ -195,6 +195,9 @@ def test_demo_rerun_with_other_training_options_is_refused_before_training(tmp_p
     if importlib.util.find_spec("peft") is not None:  # --lora needs the peft extra before anything else
         with pytest.raises(ValueError, match=r"differs in \(saved, given\): \{'lora': \(None, 4\)\}"):
             demo.run_demo(out, lr=1e-4, lora=4, **options)
+    (out / demo.DEMO_RECORD).write_text('{"lr": ')  # damaged: said, not a bare JSONDecodeError
+    with pytest.raises(ValueError, match=r"demo\.json could not be read .*delete it to resume"):
+        demo.run_demo(out, lr=1e-4, **options)
 
 
 @pytest.mark.parametrize("given, differs", [

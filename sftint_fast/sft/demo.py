@@ -144,7 +144,14 @@ def _check_rerun(out: Path, steps: int, training_options: dict[str, Any],
     saved = sorted(_saved_step(path) for path in (out / "tracker").glob("step_*.json"))
     record = out / DEMO_RECORD
     if saved and record.is_file():
-        earlier = json.loads(record.read_text())
+        try:
+            earlier = json.loads(record.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise ValueError(f"out: {record} could not be read ({err}); delete it to resume the run with the options "
+                             "given, or pass another out folder") from None
+        if not isinstance(earlier, dict):
+            raise ValueError(f"out: expected {record} to hold the demo's training options (a JSON object), got "
+                             f"{type(earlier).__name__}")
         differs = {k: (earlier.get(k), v) for k, v in training_options.items() if earlier.get(k) != v}
         if differs:
             raise ValueError(f"out: {out} holds a demo run trained with other options (differs in (saved, given): "
