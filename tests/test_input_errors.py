@@ -182,7 +182,8 @@ def test_heldout_batches_refuse_misshapen_batches(batch, message):
      r"probes\[0\]: expected keys 'prompt', 'answer', 'players', got also \['anwser'\]"),
     ({"prompt": "a b", "target": " c"}, r"got also \['target'\] \(a probe's target text is its 'answer'\)"),
     # a Probe object with no players: tracked as dropped, but saved without players and reloaded with the first words
-    (P.Probe("a b", players=()), r"probes\[0\]: expected 'players' as a list of word indices .* at least one, got \(\)"),
+    (P.Probe("a b", players=()),
+     r"probes\[0\]: expected 'players' as a list of word indices .* at least one, got \(\)"),
     (P.Probe("a b", players=(0.5,)), r"probes\[0\]: expected 'players' as a list of word indices"),
 ], ids=["blank-prompt", "answer-int", "players-words", "players-int", "misspelt-key", "explain-target-key",
         "probe-no-players", "probe-float-player"])
