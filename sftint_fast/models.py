@@ -8,6 +8,7 @@ Nothing here contacts a model hub.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -16,7 +17,7 @@ import tempfile
 import time
 from glob import escape as glob_escape
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -152,18 +153,25 @@ def _replace_stale(fresh: Path, out: Path, record: dict[str, Any]) -> None:
     """Swaps the stale converted copy ``out`` for ``fresh``: the old one is moved aside (a rename), then removed."""
     logger.warning("cache %s holds a copy converted from %s; replacing it with one from %s", out,
                    _cached_record(out), record)
-    aside = Path(tempfile.mkdtemp(prefix=out.name + ".stale-", dir=out.parent))
-    try:
-        try:
-            os.replace(out, aside / out.name)
-        except FileNotFoundError:  # another process moved it aside first
-            pass
+    with _moved_aside(out, "stale"):
         try:
             os.replace(fresh, out)
         except OSError:
             if _cached_record(out) != record:  # not another process's fresh copy either
                 raise
             shutil.rmtree(fresh, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _moved_aside(path: Path, kind: str) -> Iterator[None]:
+    """Moves the folder ``path`` aside (a rename into ``<name>.<kind>-*``) for the block, then removes it."""
+    aside = Path(tempfile.mkdtemp(prefix=f"{path.name}.{kind}-", dir=path.parent))
+    try:
+        try:
+            os.replace(path, aside / path.name)
+        except FileNotFoundError:  # another process moved it aside first
+            pass
+        yield
     finally:
         shutil.rmtree(aside, ignore_errors=True)
 
@@ -197,15 +205,8 @@ def _load_cached(cache: Path, dtype: Any, ensure: Callable[[Path], None]) -> tup
     except (OSError, ValueError, SafetensorError) as err:  # what the loaders raise on a file cut short or missing
         logger.warning("cache %s: the converted copy cannot be loaded (%s: %s); converting it again", cache,
                        type(err).__name__, err)
-    aside = Path(tempfile.mkdtemp(prefix=cache.name + ".broken-", dir=cache.parent))
-    try:
-        try:
-            os.replace(cache, aside / cache.name)
-        except FileNotFoundError:  # another process moved it aside first
-            pass
+    with _moved_aside(cache, "broken"):
         ensure(cache)
-    finally:
-        shutil.rmtree(aside, ignore_errors=True)
     return _load_converted(cache, dtype)
 
 
