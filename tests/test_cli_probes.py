@@ -281,3 +281,70 @@ def test_scanning_probes_gives_each_submodule_its_own_mode_back():
     modes = [m.training for m in model.modules()]
     scan_probes(model, make_tokenizer(), count=1, min_py=0, n_players=1, candidates=CANDIDATES[:2], chat=False)
     assert [m.training for m in model.modules()] == modes
+
+
+def _corpus(tmp_path, monkeypatch, files):
+    """chatterbot_pairs reads these ``{name: yaml text}`` files as the corpus's English data."""
+    import types
+
+    root = tmp_path / "corpus"
+    (root / "data" / "english").mkdir(parents=True)
+    (root / "__init__.py").write_text("")
+    for name, text in files.items():
+        (root / "data" / "english" / name).write_text(text, encoding="utf-8")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: types.SimpleNamespace(
+        origin=str(root / "__init__.py")) if name == "chatterbot_corpus" else real(name, *a))
+
+
+def test_chatterbot_pairs_skip_conversations_that_are_not_lists(tmp_path, monkeypatch):
+    """trivia.yml holds one conversation written as a string ("In a game of bingo, ... - '22'"): its characters were
+    read as the turns, and the pair ("I", "n") went into the demo's SFT data."""
+    from sftint_fast.sft.probes import chatterbot_pairs
+
+    _corpus(tmp_path, monkeypatch, {
+        "a.yml": "conversations:\n- - What is two plus two?\n  - '4'\n"
+                 "- In a game of bingo, which number is two little ducks? - '22'\n"
+                 "- - How many legs has a spider?\n  - 8\n- - Is water wet?\n  - yes\n- - {a: 1}\n  - b\n",
+        "b.yml": "",  # an empty file is no conversation, not an AttributeError
+    })
+    assert chatterbot_pairs() == [("What is two plus two?", "4"), ("How many legs has a spider?", "8")]
+
+
+def test_held_out_pairs_ask_no_question_of_the_training_pairs():
+    """chatterbot-corpus holds 2026 first-turn pairs but 749 questions ("My printer is not printing." 121 times):
+    split by pair, 140 of the demo's 203 held-out pairs (13 of the 16 it scores) were training questions, most with
+    the same answer, so the held-out loss was mostly training loss."""
+    from sftint_fast.sft.probes import split_pairs
+
+    pairs = [(f"q{i % 7}", f"a{i % 3}") for i in range(60)] + [(f"r{i}", "b") for i in range(30)]
+    for seed in range(5):
+        train, held = split_pairs(pairs, heldout_fraction=0.2, seed=seed)
+        assert not {q for q, _ in train} & {q for q, _ in held}
+        assert len(held) == len(set(held)) and set(train) | set(held) == set(pairs)
+        assert len(train) == len(pairs) - sum(pairs.count(p) for p in held)  # the training data keeps its copies
+        assert split_pairs(pairs, heldout_fraction=0.2, seed=seed) == (train, held)
+
+
+def test_scan_probes_scores_a_repeated_candidate_once():
+    """A candidates file listing a probe twice gave it twice to the probe set: one probe counted twice in every
+    per-probe mean and bootstrap of the tracker (the bundled sources already keep each question once)."""
+    from sftint_fast.sft.probes import scan_probes
+
+    tok, model = make_tokenizer(), tiny_model("llama")
+    rows = [CANDIDATES[0], CANDIDATES[2], CANDIDATES[0], Probe(CANDIDATES[2]), Probe(CANDIDATES[2], players=(1, 2, 3))]
+    scored = scan_probes(model, tok, count=5, min_py=0, n_players=3, candidates=rows, chat=False)
+    assert [s.probe for s in scored] == [Probe(CANDIDATES[0]), Probe(CANDIDATES[2]),
+                                         Probe(CANDIDATES[2], players=(1, 2, 3))]
+
+
+def test_country_names_keep_their_own_spelling():
+    """``name.title()`` wrote "Republic Of The Congo" and "Bosnia And Herzegovina" into the probes' prompts."""
+    from sftint_fast.sft.probes import confident_candidates
+
+    if importlib.util.find_spec("countryinfo") is None:
+        pytest.skip("countryinfo is not installed (README install command)")
+    prompts = [c.prompt for c in confident_candidates(["countries"])]
+    assert "Quick geography question: what is the capital city of Bosnia and Herzegovina?" in prompts
+    assert "Quick geography question: what is the capital city of France?" in prompts
+    assert not [p for p in prompts if " Of " in p or " And " in p]

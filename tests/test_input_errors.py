@@ -145,6 +145,9 @@ def test_probe_helpers_reject_non_positive_sizes():
         P.confident_probes(None, None, count=0, candidates=[])
     with pytest.raises(ValueError, match=r"min_py: expected a probability in \[0, 1\], got 2"):
         P.confident_probes(None, None, count=1, min_py=2, candidates=[])
+    for n_players in (0, 2.5, True, "8"):  # 0 and 2.5 chose probes the tracker then refused; "8" a bare TypeError
+        with pytest.raises(ValueError, match=f"n_players: expected an int >= 1, got {n_players!r}"):
+            P.confident_probes(None, None, count=1, n_players=n_players, candidates=["a b c"])
     with pytest.raises(ValueError, match="max_length: expected an int >= 1, got 0"):
         P.sft_example(None, "q", "a", max_length=0)
     with pytest.raises(ValueError, match="batch_size: expected an int >= 1, got 0"):

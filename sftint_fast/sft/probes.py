@@ -125,23 +125,35 @@ def chatterbot_pairs(*, language: str = "english") -> list[tuple[str, str]]:
     if spec is None or spec.origin is None:
         raise ImportError("chatterbot-corpus is not installed: pip install --no-deps chatterbot-corpus==1.3.3")
     root = Path(spec.origin).parent / "data" / language
+
+    def turn(x: Any) -> str:  # a number ("- 8") is its text; a YAML bool ("- yes" is True) or a mapping is none
+        return str(x).strip() if isinstance(x, (str, int, float)) and not isinstance(x, bool) else ""
+
     pairs = []
     for f in sorted(root.glob("*.yml")):
-        for conv in yaml.safe_load(f.read_text(encoding="utf-8")).get("conversations", []):
-            if len(conv) >= 2 and str(conv[0]).strip() and str(conv[1]).strip():
-                pairs.append((str(conv[0]).strip(), str(conv[1]).strip()))
+        # a conversation written as one string (trivia.yml has one) is no list of turns: read as one, its first two
+        # characters made the pair ("I", "n")
+        for conv in (yaml.safe_load(f.read_text(encoding="utf-8")) or {}).get("conversations") or []:
+            if isinstance(conv, list) and len(conv) >= 2 and turn(conv[0]) and turn(conv[1]):
+                pairs.append((turn(conv[0]), turn(conv[1])))
     return pairs
 
 
 def split_pairs(pairs: Sequence[tuple[str, str]], *, heldout_fraction: float = 0.1,
                 seed: int = 0) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """Deterministic (train, held-out) split of pairs by a seeded shuffle."""
+    """Deterministic (train, held-out) split of pairs by a seeded shuffle of their questions.
+
+    ``heldout_fraction`` of the distinct questions are held out: no held-out question is asked in the training pairs
+    (chatterbot-corpus repeats questions, one of them 121 times, so a split by pair held out mostly training
+    questions), and each held-out pair is kept once. The training pairs keep their order and their copies."""
     if not 0 < heldout_fraction < 1:
         raise ValueError(f"heldout_fraction: expected a number in (0, 1), got {heldout_fraction!r}")
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    cut = max(1, int(round(len(pairs) * heldout_fraction)))
-    return [pairs[i] for i in order[cut:]], [pairs[i] for i in order[:cut]]
+    questions = list(dict.fromkeys(q for q, _ in pairs))
+    random.Random(seed).shuffle(questions)
+    cut = max(1, int(round(len(questions) * heldout_fraction)))
+    held = {q: k for k, q in enumerate(questions[:cut])}
+    heldout = sorted(dict.fromkeys(tuple(p) for p in pairs if p[0] in held), key=lambda p: held[p[0]])
+    return [p for p in pairs if p[0] not in held], heldout
 
 
 def chat_probes(pairs: Sequence[tuple[str, str]], *, count: int, min_words: int) -> list[Probe]:
@@ -199,9 +211,9 @@ def confident_candidates(sources: Sequence[str] = PROBE_SOURCES) -> list[Probe]:
                 capital = country.capital()
                 if isinstance(capital, list):
                     capital = capital[0] if capital else None
-                name = country.name()
+                name = country.name()  # as spelled: name.title() made "Bosnia And Herzegovina", "Of The Congo"
                 if capital and name:
-                    out.append(Probe(prompt=f"Quick geography question: what is the capital city of {name.title()}?",
+                    out.append(Probe(prompt=f"Quick geography question: what is the capital city of {name}?",
                                      answer=f" {capital}"))
         else:
             out.extend(Probe(prompt=q, answer=a) for q, a in chatterbot_pairs()
@@ -242,7 +254,11 @@ def scan_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 0.5, 
         raise ValueError(f"min_py: expected a probability in [0, 1], got {min_py!r}")
     if not isinstance(max_tries, int) or isinstance(max_tries, bool) or max_tries < 1:
         raise ValueError(f"max_tries: expected an int >= 1, got {max_tries!r}")
-    pool = as_probes(candidates) if candidates is not None else confident_candidates(sources)
+    if not isinstance(n_players, int) or isinstance(n_players, bool) or n_players < 1:
+        raise ValueError(f"n_players: expected an int >= 1, got {n_players!r}")
+    # a candidate listed again (the same prompt, answer and players) is one probe: chosen twice, it would count twice
+    # in every per-probe mean and bootstrap of the tracker
+    pool = list(dict.fromkeys(as_probes(candidates))) if candidates is not None else confident_candidates(sources)
     from sftint_fast.baseline import _eval_mode
     from sftint_fast.players import is_content_word
 
