@@ -74,8 +74,9 @@ bool use_avx2() {
 }
 
 // exp(x) for float32, Cephes' expf: x = k ln2 + r, |r| <= ln2 / 2, a degree-5 polynomial for e^r, 2^k from the
-// exponent bits. Branch-free, so loops over it vectorize. Clamped to [-87.3, 88.7] (normal range: e^x below
-// 1.2e-38 comes out as 1.2e-38, above 3.4e38 as 3.4e38); NaN stays NaN.
+// exponent bits. Branch-free, so loops over it vectorize. Below -87.3 (e^x under the normal range) it is clamped:
+// e^x comes out as 1.2e-38; above 88.37 it is inf, as the true e^x (>= 2.4e38) is or nearly is: a clamp there made
+// silu(-1e38) = -1e38 / 2.4e38 = -0.42 instead of -0. NaN stays NaN.
 SFTINT_INLINE float exp_f32(float x) {
   const float lo = -87.3365447505531f, hi = 88.3762626647949f;
   float xc = x < lo ? lo : x;
@@ -94,7 +95,7 @@ SFTINT_INLINE float exp_f32(float x) {
   const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return x > hi ? std::numeric_limits<float>::infinity() : p * scale;
 }
 
 // ---- RMSNorm ------------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ def _load() -> tuple[bool, str]:
 
 def _register_fakes() -> None:
     for op in _TRANSFORM_OPS:
-        torch.library.register_fake(f"sftint::{op}")(lambda x: torch.empty_like(x, memory_format=torch.contiguous_format))
+        torch.library.register_fake(f"sftint::{op}")(functools.partial(_transform_fake, op))
 
     @torch.library.register_fake("sftint::andor_sgd_")
     def _andor_sgd_fake(v, p, q, buf_p, buf_q, bound, lrs, momentum):
@@ -60,6 +60,20 @@ def _register_fakes() -> None:
 
     torch.library.register_autograd("sftint::log_odds", layer_ops._log_odds_backward,
                                     setup_context=layer_ops._log_odds_setup_context)
+
+
+def _transform_fake(op: str, x: torch.Tensor) -> torch.Tensor:
+    """The output of a transform op on meta / fake tensors, after the checks of csrc/transforms.cpp (same
+    messages): shape propagation must refuse what the kernel refuses."""
+    if x.dtype not in (torch.float32, torch.float64):
+        raise RuntimeError(f"sftint::{op}: expected dtype float32 or float64, got {x.dtype}")
+    if x.dim() < 1:
+        raise RuntimeError(f"sftint::{op}: expected a tensor with at least 1 dimension (..., 2^n), got a 0-d tensor")
+    size = x.shape[-1]
+    if isinstance(size, int) and (size < 1 or size & (size - 1)):  # a symbolic size is checked by the kernel
+        raise RuntimeError(f"sftint::{op}: expected the last dimension to be a power of two 2^n (n = number of "
+                           f"players), got {size}")
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def extension_status() -> tuple[bool, str]:

@@ -100,6 +100,16 @@ def test_silu_mul_propagates_nan_and_inf():
     assert got[0].isnan() and got[1] == float("inf") and got[2].isnan()
 
 
+def test_silu_mul_of_a_gate_beyond_exps_range_is_torchs():
+    """exp(-gate) above float32's range is inf, as in torch: a huge finite negative gate gives -0 (exp's clamp to
+    3.4e38 gave -1e38 / 2.4e38 = -0.42), a -inf gate NaN (it gave -inf)."""
+    gate = torch.tensor([-1e38, -1e33, -1e30, -3e4, -89.0, float("-inf"), float("inf"), -20.0])
+    up = torch.full_like(gate, 3.0)
+    want = torch.nn.functional.silu(gate) * up
+    got = layer_ops.silu_mul_(gate.clone(), up)
+    torch.testing.assert_close(got, want, rtol=TOL, atol=1e-30, equal_nan=True)
+
+
 def _log_odds_reference(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     y = target.view(1, -1, 1).expand(logits.shape[0], -1, 1)
     return (logits.gather(-1, y).squeeze(-1) - logits.scatter(-1, y, float("-inf")).logsumexp(-1)).sum(-1)

@@ -321,3 +321,20 @@ def test_transform_kind_of_the_wrong_type_says_what_is_expected(kind):
 
     with pytest.raises(ValueError, match=r"kind: expected one of \['subset_mobius'"):
         transform(torch.zeros(4), kind)
+
+
+def test_transforms_of_meta_tensors_give_the_shape_or_the_error_of_a_real_one():
+    """Meta tensors (shape propagation, torch.compile's fake tensors): the public transforms failed on the finiteness
+    check ('Tensor.item() cannot be called on meta tensors'), and the C++ ops' fake impls accepted any last dimension
+    and dtype that the kernels refuse."""
+    out = sf.harsanyi(torch.empty(2, 8, device="meta"))
+    assert out.device.type == "meta" and out.shape == (2, 8)
+    with pytest.raises(ValueError, match="expected the last dimension to have size 2\\^n.*got 6"):
+        sf.harsanyi(torch.empty(2, 6, device="meta"))
+    with pytest.raises(ValueError, match="v: expected a tensor with values \\(CPU or CUDA\\), got a meta tensor"):
+        sf.and_or(torch.empty(2, 8, device="meta"), niter=1, progress=False)
+    if _ext.has_ext():
+        with pytest.raises(RuntimeError, match="sftint::subset_mobius: expected the last dimension to be a power"):
+            torch.ops.sftint.subset_mobius(torch.empty(2, 6, device="meta"))
+        with pytest.raises(RuntimeError, match="sftint::superset_zeta: expected dtype float32 or float64, got"):
+            torch.ops.sftint.superset_zeta(torch.empty(2, 8, device="meta", dtype=torch.int64))

@@ -109,6 +109,8 @@ def and_or(
     if method == "lp":
         _check_lp_size(v, limit)
     n = T.validate_game_tensor(v, name="v", max_players=limit)
+    if v.device.type == "meta":  # the optimiser and the result's config read values
+        raise ValueError("v: expected a tensor with values (CPU or CUDA), got a meta tensor")
     if v.dim() > 2:
         raise ValueError(f"v: expected shape (2^n,) or (B, 2^n), got {tuple(v.shape)}")
     # numbers.Real/Integral: numpy scalars (np.float32, np.int64) are numbers too; used as Python ones from here on
