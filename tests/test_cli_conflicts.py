@@ -90,6 +90,16 @@ def test_track_refuses_options_the_lp_or_a_missing_noise_floor_ignores(tmp_path,
     assert message in capsys.readouterr().err
 
 
+def _probes_folder_and_file(tmp_path):
+    """A one-prompt probes file, an empty folder and an empty file under ``tmp_path``."""
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text(json.dumps({"prompt": TEXT}) + "\n")
+    folder, file = tmp_path / "a-folder", tmp_path / "a-file"
+    folder.mkdir()
+    file.write_text("")
+    return probes, folder, file
+
+
 @pytest.mark.parametrize("command, kind", [("explain", "folder"), ("bench", "file"), ("probes", "file"),
                                            ("track", "folder"), ("demo", "folder")])
 def test_an_out_that_cannot_be_written_is_refused_before_anything_runs(tmp_path, monkeypatch, command, kind, capsys):
@@ -97,11 +107,7 @@ def test_an_out_that_cannot_be_written_is_refused_before_anything_runs(tmp_path,
     # naming a temp file ("[Errno 21] Is a directory: '.bench.x1.tmp.json' -> 'out'")
     monkeypatch.setattr(sftint_fast.sft.demo, "run_track", _never)
     monkeypatch.setattr(sftint_fast.sft.demo, "run_demo", _never)
-    probes = tmp_path / "probes.jsonl"
-    probes.write_text(json.dumps({"prompt": TEXT}) + "\n")
-    folder, file = tmp_path / "a-folder", tmp_path / "a-file"
-    folder.mkdir()
-    file.write_text("")
+    probes, folder, file = _probes_folder_and_file(tmp_path)
     extra = {"explain": ["--model", str(tmp_path / "not-loaded"), "--text", TEXT],
              "bench": ["--model", str(tmp_path / "not-loaded")], "probes": ["--model", str(tmp_path / "not-loaded")],
              "track": ["--base", str(tmp_path), "--checkpoints", str(tmp_path), "--probes", str(probes)], "demo": []}
@@ -166,11 +172,7 @@ def test_track_refuses_a_boundary_file_that_cannot_be_written_before_anything_ru
     # was found only once the phase boundary was, after tracking the checkpoints up to it ("[Errno 20] Not a
     # directory"), or, a folder, never written while a StopFileCallback watching it stopped its run at once
     monkeypatch.setattr(sftint_fast.sft.demo, "run_track", _never)
-    probes = tmp_path / "probes.jsonl"
-    probes.write_text(json.dumps({"prompt": TEXT}) + "\n")
-    folder, file = tmp_path / "a-folder", tmp_path / "a-file"
-    folder.mkdir()
-    file.write_text("")
+    probes, folder, file = _probes_folder_and_file(tmp_path)
     for path, got in ((folder, "is a folder"), (file / "STOP", "is inside the file")):
         assert main(["track", "--base", str(tmp_path), "--checkpoints", str(tmp_path), "--probes", str(probes),
                      "--out", str(tmp_path / "run"), "--boundary-file", str(path)]) == 2
