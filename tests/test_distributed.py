@@ -521,23 +521,21 @@ def test_torchrun_evaluate_many_with_a_rank_without_games(tmp_path, single_proce
     assert torch.equal(v, single_process[1][0])
 
 
-def test_torchrun_resumes_on_other_world_sizes_and_every_rank_returns_the_same_values(tmp_path, single_process):
-    """9 games through ``sf.evaluate_many`` (grouped engine) on 3 ranks, then rerun by one process and by 2 ranks on
-    the same shard folder: each game evaluated once in all, every shard reused (none rewritten), and every rank of
-    every run returns the single process's values bitwise, in the games' order."""
+def test_torchrun_resumes_on_another_world_size_and_every_rank_returns_the_same_values(tmp_path, single_process):
+    """9 games through ``sf.evaluate_many`` (grouped engine) on 2 ranks, then rerun by one process on the same shard
+    folder: each game evaluated once in all, every shard reused (none rewritten), and every rank of every run returns
+    the single process's values bitwise, in the games' order. (In-process, 2 -> 1 -> 3 -> 7 ranks reused every
+    shard too; one torchrun world-size change is kept here for CI time.)"""
     shards = tmp_path / "shards"
     games = "--num-games", "9", "--many", "--every-rank", "--shard-dir", str(shards)
-    _run(tmp_path, "three", *games, nproc=3)
-    assert sorted(_counts(tmp_path / "three")) == sorted(f"g{i}" for i in range(9))
+    _run(tmp_path, "two", *games, nproc=2)
+    assert sorted(_counts(tmp_path / "two")) == sorted(f"g{i}" for i in range(9))
     saved = {path: path.stat().st_mtime_ns for path in shards.glob("shard-*.safetensors")}
     assert len(saved) == 9
     _run(tmp_path, "one", *games)
-    _run(tmp_path, "two", *games, nproc=2)
-    assert _counts(tmp_path / "one") == [] and _counts(tmp_path / "two") == []
+    assert _counts(tmp_path / "one") == []
     assert saved == {path: path.stat().st_mtime_ns for path in shards.glob("shard-*.safetensors")}
-    results = [tmp_path / name for name in ("three.safetensors", "three.safetensors.rank1", "three.safetensors.rank2",
-                                             "one.safetensors", "two.safetensors", "two.safetensors.rank1")]
-    for path in results:
+    for path in (tmp_path / name for name in ("two.safetensors", "two.safetensors.rank1", "one.safetensors")):
         for v, ref in zip(_load(path), single_process[1], strict=True):
             assert torch.equal(v, ref), (path.name, (v - ref).abs().max())
 
