@@ -94,6 +94,21 @@ def _warn_without_group() -> None:
                        "split them across the ranks", world, this)
 
 
+def _env_int(name: str, default: int) -> int:
+    """``torchrun``'s integer environment variable ``name`` (``default`` when unset or empty), or a clear error."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be a non-negative integer (torchrun sets it), "
+                         f"got {text!r}") from None
+    if value < 0:
+        raise ValueError(f"environment variable {name} must be a non-negative integer (torchrun sets it), got {value}")
+    return value
+
+
 def init_from_env(backend: str | None = None) -> bool:
     """Initialise the default process group from ``torchrun``'s environment, if it describes several ranks.
 
@@ -102,12 +117,12 @@ def init_from_env(backend: str | None = None) -> bool:
     """
     if is_distributed():
         return True
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not torch.distributed.is_available():
+    if _env_int("WORLD_SIZE", 1) <= 1 or not torch.distributed.is_available():
         return False
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
     torch.distributed.init_process_group(backend)
     logger.info("initialised %s process group: rank %d of %d", backend, rank(), world_size())
     return True

@@ -432,6 +432,21 @@ def test_evaluate_many_under_torchrun_without_a_process_group_says_it_does_not_s
     assert len(messages) == (1 if warned else 0), messages
 
 
+@pytest.mark.parametrize("value", ["two", "-1", "2.0"])
+def test_init_from_env_names_a_bad_world_size(monkeypatch, value):
+    monkeypatch.setenv("WORLD_SIZE", value)
+    with pytest.raises(ValueError, match=rf"WORLD_SIZE must be a non-negative integer.*{value[1:]}"):
+        D.init_from_env()
+
+
+def test_init_from_env_single_process_without_group(monkeypatch):
+    for value in ("", "1", " 1 "):
+        monkeypatch.setenv("WORLD_SIZE", value)
+        assert D.init_from_env() is False
+    monkeypatch.delenv("WORLD_SIZE")
+    assert D.init_from_env() is False
+
+
 def test_evaluate_sharded_rejects_non_games():
     with pytest.raises(TypeError, match=r"games\[1\]"):
         D.evaluate_sharded(None, [make_games(1)[0], "text"], evaluate_fn=_fake_evaluate([]))
