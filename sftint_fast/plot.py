@@ -209,13 +209,16 @@ def write_report(report: TrackReport, out_dir: str | os.PathLike, *, sets: dict[
     ``sets``: :meth:`SFTTracker.sets <sftint_fast.sft.tracker.SFTTracker.sets>`, whose strongest removed and emerged
     interactions report.md then lists by their words. ``training``: the run's
     :class:`~sftint_fast.sft.training_log.TrainingLog`; its losses go into counts.png, report.md and
-    ``training_log.json`` (the logged series and their values at the tracked steps)."""
+    ``training_log.json`` (the logged series and their values at the tracked steps; None removes an earlier
+    report's ``training_log.json`` from ``out_dir``)."""
     _check_report(report)
     _check_training(training)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if training is not None:
         _atomic_write_text(out / "training_log.json", json.dumps(_json_safe(training.to_dict(report.steps)), indent=1))
+    else:  # an earlier report's log in this folder would be read back (sftint compare) as this run's losses
+        (out / "training_log.json").unlink(missing_ok=True)
     figures = {
         "counts.png": plot_counts(report, out / "counts.png", training=training),
         "floor.png": plot_floor(report, out / "floor.png"),

@@ -8,7 +8,7 @@ import torch
 from sftint_fast.cli import main
 from sftint_fast.interactions.harsanyi import inverse_harsanyi
 from sftint_fast.plot import headline, write_report
-from sftint_fast.sft.compare import compare_runs
+from sftint_fast.sft.compare import compare_runs, load_run
 from sftint_fast.sft.tracker import SFTTracker, TrackReport
 from sftint_fast.sft.training_log import TrainingLog
 
@@ -41,6 +41,16 @@ def test_report_and_training_log_files_read_back(tmp_path):
     write_report(report, tmp_path / "b", training=nan)
     assert "NaN" not in (tmp_path / "b" / "training_log.json").read_text()  # strict JSON
     assert math.isnan(TrainingLog.load(tmp_path / "b" / "training_log.json").series["loss"][0][1])
+
+
+def test_report_without_training_log_removes_an_older_one(tmp_path):
+    """A folder rewritten without a training log must not keep the previous run's: compare would read it back as
+    this run's losses."""
+    _run(tmp_path / "a", seed=1, drift=0.05)
+    assert (tmp_path / "a" / "training_log.json").is_file()
+    report, _ = _run(tmp_path / "a", seed=2, drift=0.05, log=False)
+    assert not (tmp_path / "a" / "training_log.json").exists()
+    assert load_run(tmp_path / "a")[1] is None
 
 
 @pytest.mark.parametrize("text, message", [
