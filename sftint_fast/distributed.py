@@ -11,8 +11,8 @@ baseline, prompt length, masking and value function (a callable by its module, q
 callable object or bound method also by its object's attributes), the evaluation options that change values
 (``method``, ``subsets``, ``compute_dtype``, ``attention_backend``; not ``batch_size``, ``max_memory`` or
 ``progress``) and a fingerprint of the model's weights
-(:func:`model_fingerprint`: every parameter's name, shape, dtype and the bytes of up to 64 evenly spaced
-elements). Pass ``model_key=`` to name the weights yourself (e.g. a checkpoint path).
+(:func:`model_fingerprint`: the config, every parameter's and buffer's name, shape, dtype and the bytes of up to
+64 evenly spaced elements). Pass ``model_key=`` to name the weights yourself (e.g. a checkpoint path).
 
 Backends: gloo on CPU, NCCL on GPU (call ``torch.cuda.set_device(local_rank)`` first, as usual under
 ``torchrun``; :func:`init_from_env` does both). Without an initialised process group every function here
@@ -225,14 +225,39 @@ def _tensor_bytes(x: torch.Tensor) -> bytes:
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
+#: Config entries that do not change a forward's values (or change during training: gradient checkpointing turns
+#: ``use_cache`` off), left out of :func:`model_fingerprint`.
+_FINGERPRINT_CONFIG_SKIP = frozenset({
+    "use_cache", "_name_or_path", "name_or_path", "transformers_version", "_commit_hash", "output_attentions",
+    "output_hidden_states", "return_dict", "torchscript", "architectures", "torch_dtype", "dtype",
+    "_attn_implementation", "_attn_implementation_autoset", "attn_implementation", "_attn_implementation_internal",
+    "tokenizer_class", "use_return_dict"})
+
+
+def _config_bytes(model: torch.nn.Module) -> bytes:
+    to_dict = getattr(getattr(model, "config", None), "to_dict", None)
+    if not callable(to_dict):
+        return b""
+    try:
+        config = {k: v for k, v in to_dict().items() if k not in _FINGERPRINT_CONFIG_SKIP}
+        return json.dumps(config, sort_keys=True, default=repr).encode()
+    except Exception:  # noqa: BLE001 -- an odd config: the weights and buffers still key the model
+        return b"?"
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of the model's class and weights (names, shapes, dtypes, up to 64 evenly spaced elements of
-    each parameter): cheap, exact on the sampled bytes, and different after any real training step."""
+    """A short hash of the model's class, config (a Hugging Face model's ``config.to_dict()``, less entries that do
+    not change values such as ``use_cache``), weights and buffers (names, shapes, dtypes, up to 64 evenly spaced
+    elements of each parameter and buffer, e.g. RoPE's ``inv_freq``): cheap, exact on the sampled bytes, and
+    different after any real training step or with another config (``rms_norm_eps``, ``rope_scaling``, ...)."""
     digest = hashlib.sha256(type(model).__qualname__.encode())
-    for name, param in model.named_parameters():
-        flat = param.detach().reshape(-1)
+    digest.update(_config_bytes(model))
+    tensors = [("param", *item) for item in model.named_parameters()]
+    tensors += [("buffer", *item) for item in model.named_buffers()]
+    for kind, name, tensor in tensors:
+        flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // _FINGERPRINT_ELEMENTS)
-        digest.update(f"{name}|{tuple(param.shape)}|{param.dtype}".encode())
+        digest.update(f"{kind}|{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
         digest.update(_tensor_bytes(flat[::step][:_FINGERPRINT_ELEMENTS]))
     return digest.hexdigest()[:16]
 

@@ -288,6 +288,25 @@ def test_model_fingerprint_tracks_weights(tiny_llama):
     assert D.model_fingerprint(tiny_llama) != before
 
 
+def test_model_fingerprint_tracks_config_and_buffers(tiny_llama):
+    """Same weights, another config that changes values (or another RoPE buffer): saved shards must not be reused."""
+    before = D.model_fingerprint(tiny_llama)
+    tiny_llama.config.use_cache = not tiny_llama.config.use_cache  # gradient checkpointing does this mid-training
+    assert D.model_fingerprint(tiny_llama) == before
+    eps = tiny_llama.config.rms_norm_eps
+    tiny_llama.config.rms_norm_eps = eps * 10
+    changed = D.model_fingerprint(tiny_llama)
+    tiny_llama.config.rms_norm_eps = eps
+    assert changed != before and D.model_fingerprint(tiny_llama) == before
+    name, buffer = next(iter(tiny_llama.named_buffers()))
+    saved = buffer.clone()
+    buffer.mul_(1.5)
+    try:
+        assert D.model_fingerprint(tiny_llama) != before, name
+    finally:
+        buffer.copy_(saved)
+
+
 def _fake_evaluate(calls):
     def evaluate(model, game, *, progress, **kwargs):
         calls.append(game.words[0])
