@@ -8,7 +8,7 @@ from conftest import tiny_model
 from test_trie import make_game
 
 import sftint_fast as sf
-from sftint_fast.engine.adapters import get_adapter
+from sftint_fast.engine.adapters import find_adapter, get_adapter
 
 peft = pytest.importorskip("peft", reason="the peft extra (pip install -e '.[peft]')")
 
@@ -93,3 +93,26 @@ def test_a_lora_model_prepared_for_bf16_mixed_precision_is_evaluated_without_its
                                        atol=2e-5, rtol=1e-5)
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_a_prompt_tuning_model_is_not_run_by_the_trie_which_would_drop_its_virtual_tokens():
+    """A prompt-tuning ``PeftModel`` prepends learned virtual tokens in its forward; the trie looked through it to the
+    base model and returned the base model's values (|dv| ~ 0.8 from its own), silently: a prompt-tuning run tracked
+    with the callback showed no change at all. The trie refuses it; ``"auto"`` runs its forward (naive)."""
+    base = tiny_model("llama", initializer_range=0.2)
+    model = peft.get_peft_model(base, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).eval()
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight.normal_(0, 1, generator=torch.Generator().manual_seed(0))
+    game = make_game("spread_n5", seed=4)
+    naive = sf.evaluate(model, game, method="naive", progress=False)
+    with model.disable_adapter():
+        assert (sf.evaluate(model, game, method="naive", progress=False) - naive).abs().max() > 1e-2
+    adapter, reason = find_adapter(model)
+    assert adapter is None and "prompt-learning adapter PROMPT_TUNING" in reason
+    with pytest.raises(ValueError, match="prompt-learning adapter PROMPT_TUNING"):
+        sf.evaluate(model, game, method="trie", progress=False)
+    with pytest.warns(UserWarning, match="falling back to the naive engine"):
+        torch.testing.assert_close(sf.evaluate(model, game, progress=False), naive)
+    lora_model = lora("llama")
+    assert find_adapter(lora_model)[0] is not None  # a weight adapter stays on the trie

@@ -35,6 +35,10 @@ def find_adapter(model: torch.nn.Module) -> tuple[Adapter | None, str]:
         return None, (f"{type(model).__name__} has its parameters on several devices ({', '.join(devices)}: a "
                       "device_map split or offload), and the trie engine runs a model on one device")
     for layer in wrapped_models(model):
+        prompt_learning = _prompt_learning(layer)
+        if prompt_learning is not None:  # its forward prepends virtual tokens: the layer loop below would drop them
+            return None, (f"{type(layer).__name__} runs the prompt-learning adapter {prompt_learning}, whose virtual "
+                          "tokens only its own forward prepends (the trie engine runs the base model's layers)")
         for adapter_cls in _ADAPTERS:
             if adapter_cls.supports(layer):
                 try:
@@ -48,6 +52,17 @@ def find_adapter(model: torch.nn.Module) -> tuple[Adapter | None, str]:
     config = getattr(model, "config", None)
     return None, (f"no trie adapter for {type(model).__name__} (model_type "
                   f"{getattr(config, 'model_type', None)!r}; supported: {', '.join(SUPPORTED)})")
+
+
+def _prompt_learning(model: torch.nn.Module) -> str | None:
+    """The PEFT type of ``model``'s active adapter when it is a prompt-learning one (prompt / prefix / p-tuning)."""
+    try:
+        config = getattr(model, "active_peft_config", None)
+    except (AttributeError, KeyError, TypeError):  # a PeftModel without an active adapter of one name
+        return None
+    if not getattr(config, "is_prompt_learning", False):
+        return None
+    return str(getattr(config.peft_type, "value", config.peft_type))
 
 
 def wrapped_models(model: torch.nn.Module, depth: int = 4):
