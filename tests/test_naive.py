@@ -90,6 +90,28 @@ def test_subsets_order_batch_size_and_auto():
     assert all(torch.equal(x, full) for x in many)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # DataParallel without GPUs
+def test_a_ddp_or_dataparallel_wrapped_model_is_evaluated_as_the_model_it_holds():
+    """A custom training loop holds its model wrapped; evaluate raised AttributeError ('DistributedDataParallel'
+    object has no attribute 'get_input_embeddings') on it."""
+    import torch.distributed as dist
+
+    model = tiny_model("llama")
+    game = Game.from_text(model, TOK, TEXT_A)
+    plain = {method: sf.evaluate(model, game, method=method, progress=False) for method in ("naive", "trie")}
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        wrappers = [torch.nn.parallel.DistributedDataParallel(model), torch.nn.DataParallel(model)]
+        for wrapped in wrappers:
+            for method, want in plain.items():
+                torch.testing.assert_close(sf.evaluate(wrapped, game, method=method, progress=False), want,
+                                           rtol=0, atol=0)
+            many = sf.evaluate_many(wrapped, [game, game], method="naive", progress=False)
+            torch.testing.assert_close(many[1], plain["naive"], rtol=0, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_unsupported_architecture_falls_back_to_naive():
     from transformers import AutoModelForCausalLM, GPTNeoXConfig
 

@@ -231,6 +231,16 @@ def _check_positions(model: Any, games: Sequence[Game]) -> None:
                              f"{length - game.prompt_length}); shorten the prompt")
 
 
+def _unwrap_parallel(model: Any) -> Any:
+    """The model a ``DistributedDataParallel`` / ``DataParallel`` wrapper holds (a training loop's model): its
+    forward is the same computation, but the wrapper has no ``get_input_embeddings`` and would sync buffers."""
+    for _ in range(4):
+        if not isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            break
+        model = model.module
+    return model
+
+
 def _check_model(model: Any, games: Sequence[Game]) -> None:
     """ValueError for a model without weights (meta device) or games built for another model: token ids outside
     its vocabulary, a baseline of another hidden size (instead of an error deep in the embedding or the layers)."""
@@ -308,6 +318,7 @@ def evaluate_games(
     _check_names(method, compute_dtype, attention_backend)  # before the early returns: a typo is refused anyway
     if not games:
         return []
+    model = _unwrap_parallel(model)
     _check_model(model, games)
     n = games[0].num_players
     if subsets is not None and any(game.num_players != n for game in games):
@@ -451,6 +462,7 @@ def evaluate_many(model: Any, games: Sequence[Game], *, progress: bool = True, o
     from sftint_fast import distributed
 
     games = _check_games(games)
+    model = _unwrap_parallel(model)  # its shards keyed as the model it holds
     if games:  # here, where an error can name the caller's index of the game, not its index in a group
         _check_model(model, games)
     distributed._warn_without_group()
