@@ -292,6 +292,25 @@ def test_attention_masking_refuses_a_model_the_masks_do_not_reach(make, reason):
     assert sf.evaluate(model, embedding, method="naive", progress=False).shape == (4,)
 
 
+def test_a_memory_shortage_in_the_masking_probe_is_raised_not_kept_as_the_model_verdict():
+    """The attention-masking probe (run once per model) kept any exception as the model's permanent reason to refuse
+    attention masking: one out-of-memory during it refused the model for the rest of a training run."""
+    model = tiny_model("llama")
+    game = Game.from_text(model, TOK, TEXT_A, players=[0, 2], target="mat", masking="attention")
+    forward = model.forward
+
+    def short_of_memory(*args, **kwargs):
+        if kwargs.get("attention_mask") is None:  # the inputs_embeds probe: fine
+            return forward(*args, **kwargs)
+        model.forward = forward
+        raise torch.cuda.OutOfMemoryError("out of memory (test)")
+
+    model.forward = short_of_memory
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="out of memory"):
+        sf.evaluate(model, game, method="naive", progress=False)
+    assert sf.evaluate(model, game, method="naive", progress=False).shape == (4,)
+
+
 def test_batch_size_estimate_takes_per_layer_sizes():
     """A config may give ``intermediate_size`` per layer (Gemma-3n): the memory estimate used the largest, not a
     TypeError (``int + list``)."""

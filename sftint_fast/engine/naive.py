@@ -262,6 +262,8 @@ def _masking_fault(model: Any) -> str:
     try:
         last = model(inputs_embeds=embeds, use_cache=False, **_attention_kwargs(model, probe, subsets, embeds),
                      **keep_kw).logits[:, -1].float()
+    except (MemoryError, torch.cuda.OutOfMemoryError):
+        raise  # a passing shortage, not the model's verdict (it would be kept for the model's lifetime)
     except Exception as error:  # noqa: BLE001 - whatever the model's code raises is the reason to give
         return f"failed on the 4D attention masks ({type(error).__name__}: {error})"
     hidden, shown = (last[0] - last[1]).abs().max(), (last[2] - last[3]).abs().max()
