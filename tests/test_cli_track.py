@@ -787,12 +787,15 @@ def test_track_cli_refuses_a_bad_probes_file_before_loading_the_reference(folder
 
 @pytest.mark.parametrize("text, message", [
     ("", "expected at least one probe, got none"),
-    (json.dumps({"prompt": "", "answer": "sat"}) + "\n", "probes[0]: expected a non-empty 'prompt' string"),
+    (json.dumps({"prompt": "", "answer": "sat"}) + "\n", "rows[0]: expected a non-empty 'prompt' string"),
+    (json.dumps({"prompt": "the big cat", "answer": "sat", "players": [0]}) + "\n",
+     'expected {"prompt", "answer"} rows, got "players" in rows [0]'),
     (b"\xff\xfe{}\n", "expected a UTF-8 JSONL file"),
-], ids=["empty", "empty-prompt", "not-utf8"])
+], ids=["empty", "empty-prompt", "players", "not-utf8"])
 def test_track_cli_names_the_jsonl_file_a_refusal_is_about(folders, tmp_path, text, message, capsys):
     # an empty --heldout file was refused as "probes: expected at least one probe, got none", while the --probes
-    # file was fine; a file that is not UTF-8 by the codec's words alone
+    # file was fine; a file that is not UTF-8 by the codec's words alone; a held-out row's "players" was accepted and
+    # never used, and its rows were called probes[i]
     root, _ = folders
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_bytes(text if isinstance(text, bytes) else text.encode())

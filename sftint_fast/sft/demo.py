@@ -275,11 +275,15 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
             logger.info("%s: removed %d temp file(s) of an interrupted save: %s", out, len(stale), stale)
     pairs = None
     if heldout is not None:
-        rows = load_probes(heldout)
+        rows = load_probes(heldout, what="rows")
         unanswered = [i for i, row in enumerate(rows) if not row.answer]
         if unanswered:
-            raise ValueError(f"heldout {heldout}: expected an \"answer\" in every row, got none in rows "
+            raise ValueError(f"{heldout}: expected an \"answer\" in every row, got none in rows "
                              f"{unanswered[:10]}")
+        with_players = [i for i, row in enumerate(rows) if row.players is not None]
+        if with_players:  # a held-out pair is scored as a whole (its loss), so "players" would be silently unused
+            raise ValueError(f"{heldout}: expected {{\"prompt\", \"answer\"}} rows, got \"players\" in rows "
+                             f"{with_players[:10]} (held-out pairs give the loss; players belong in the probes file)")
         pairs = [(row.prompt, row.answer) for row in rows]
     probes = load_probes(probes_path)  # a malformed file is refused before the reference loads
     tokenizer = AutoTokenizer.from_pretrained(base)

@@ -32,37 +32,37 @@ class Probe:
 _PROBE_KEYS = frozenset({"prompt", "answer", "players"})
 
 
-def as_probes(items: Sequence[Any]) -> list[Probe]:
+def as_probes(items: Sequence[Any], *, what: str = "probes") -> list[Probe]:
     """Normalises strings, dicts ``{"prompt", "answer"?, "players"?}`` (other keys refused) and :class:`Probe`
-    objects."""
+    objects. ``what``: how errors name the list (``probes[3]: ...``)."""
     if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
-        raise TypeError(f"probes: expected a list of prompts, dicts or Probe, got {type(items).__name__}")
+        raise TypeError(f"{what}: expected a list of prompts, dicts or Probe, got {type(items).__name__}")
     out = []
     for i, item in enumerate(items):
         if isinstance(item, Probe):  # its players checked as a file's are: Probe(players=()) would be dropped here,
-            out.append(Probe(item.prompt, item.answer, _players(item.players, i)))  # and reload with the first words
+            out.append(Probe(item.prompt, item.answer, _players(item.players, i, what)))  # and reload with the first words
         elif isinstance(item, str):
             if not item.strip():
-                raise ValueError(f"probes[{i}]: expected a non-empty prompt string, got {item!r}")
+                raise ValueError(f"{what}[{i}]: expected a non-empty prompt string, got {item!r}")
             out.append(Probe(prompt=item))
         elif isinstance(item, dict):
             unknown = sorted(set(item) - _PROBE_KEYS, key=str)
             if unknown:  # a typo ("anwser", "player") or explain's "target" would be dropped: another target/players
                 hint = " (a probe's target text is its 'answer')" if "target" in unknown else ""
-                raise ValueError(f"probes[{i}]: expected keys 'prompt', 'answer', 'players', got also {unknown}{hint}")
+                raise ValueError(f"{what}[{i}]: expected keys 'prompt', 'answer', 'players', got also {unknown}{hint}")
             if not isinstance(item.get("prompt"), str) or not item["prompt"].strip():
-                raise ValueError(f"probes[{i}]: expected a non-empty 'prompt' string, got {item.get('prompt')!r}")
+                raise ValueError(f"{what}[{i}]: expected a non-empty 'prompt' string, got {item.get('prompt')!r}")
             if item.get("answer") is not None and not isinstance(item["answer"], str):
-                raise ValueError(f"probes[{i}]: expected an 'answer' string, got {item['answer']!r}")
-            out.append(Probe(prompt=item["prompt"], answer=item.get("answer"), players=_players(item.get("players"), i)))
+                raise ValueError(f"{what}[{i}]: expected an 'answer' string, got {item['answer']!r}")
+            out.append(Probe(prompt=item["prompt"], answer=item.get("answer"), players=_players(item.get("players"), i, what)))
         else:
-            raise TypeError(f"probes[{i}]: expected a str, dict or Probe, got {type(item).__name__}")
+            raise TypeError(f"{what}[{i}]: expected a str, dict or Probe, got {type(item).__name__}")
     if not out:
-        raise ValueError("probes: expected at least one probe, got none")
+        raise ValueError(f"{what}: expected at least one probe, got none")
     return out
 
 
-def _players(players: Any, i: int) -> tuple | None:
+def _players(players: Any, i: int, what: str = "probes") -> tuple | None:
     """Word indices or ``[start, end]`` character spans as a tuple; ValueError naming the probe otherwise."""
     if players is None:
         return None
@@ -78,12 +78,13 @@ def _players(players: Any, i: int) -> tuple | None:
             return tuple(tuple(p) for p in players)
     elif listed and all(whole(p) for p in players):
         return tuple(players)
-    raise ValueError(f"probes[{i}]: expected 'players' as a list of word indices (ints) or of [start, end] character "
+    raise ValueError(f"{what}[{i}]: expected 'players' as a list of word indices (ints) or of [start, end] character "
                      f"spans, at least one, got {players!r}")
 
 
-def load_probes(path: str | os.PathLike) -> list[Probe]:
-    """Reads a JSONL file of probes (one JSON object per line; blank lines skipped)."""
+def load_probes(path: str | os.PathLike, *, what: str = "probes") -> list[Probe]:
+    """Reads a JSONL file of probes (one JSON object per line; blank lines skipped). ``what``: how errors name its
+    rows (``probes[3]``; ``rows`` for a file of held-out pairs)."""
     rows = []
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
@@ -98,7 +99,7 @@ def load_probes(path: str | os.PathLike) -> list[Probe]:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{number}: expected a JSON object per line, got {line[:60]!r} ({err})") from err
     try:
-        return as_probes(rows)
+        return as_probes(rows, what=what)
     except (ValueError, TypeError) as err:  # the file it is about: probes, held-out pairs or candidates
         raise type(err)(f"{path}: {err}") from err
 
