@@ -200,6 +200,42 @@ def test_demo_rerun_with_other_training_options_is_refused_before_training(tmp_p
         demo.run_demo(out, lr=1e-4, **options)
 
 
+def test_demo_leaves_the_probes_questions_out_of_training(tmp_path, monkeypatch):
+    """A probe drawn from chatterbot (--probe-sources chatterbot: 240 of 267 confident ones were training questions)
+    was trained on: its interactions then measured memorisation. Its pairs are left out of training; a rerun into a
+    folder trained on other pairs (another probe set) is refused."""
+    import functools
+
+    import sftint_fast as sf
+    import sftint_fast.sft.demo as demo
+    from conftest import tiny_model
+    from dist_scripts.sft_callback import make_tokenizer
+    from sftint_fast.sft.probes import drop_questions, sft_example, split_pairs
+
+    words = "the big cat sat on a red mat under blue sky when sun is over green tree".split()
+    pairs = [(" ".join(words[i:i + 6]), " ".join(words[i + 6:i + 8])) for i in range(10)] * 2
+    monkeypatch.setattr(demo, "chatterbot_pairs", lambda: pairs)
+    train, _ = split_pairs(pairs, heldout_fraction=0.1, seed=0)
+    question = train[0][0]
+    assert drop_questions(train, [Probe(f" {question.upper()} ")]) == [p for p in train if p[0] != question]
+    tok = make_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+                         "{% if add_generation_prompt %}<s> assistant {% endif %}")
+    monkeypatch.setattr(sf, "load_default", lambda: (tiny_model("llama"), tok), raising=False)
+    monkeypatch.setattr(demo, "_reference", lambda: None)
+    monkeypatch.setattr(demo, "SFTTracker", functools.partial(demo.SFTTracker, min_base_py=0.0, bootstrap=20,
+                                                              numerics_check=False))
+    trained = []
+    monkeypatch.setattr(demo, "sft_example", lambda tokenizer, q, a: trained.append(q) or sft_example(tokenizer, q, a))
+    save_probes([Probe(question)], tmp_path / "probes.jsonl")
+    options = dict(steps=1, every=1, n_players=3, andor_method="and", progress=False, batch_size=2, heldout=2)
+    demo.run_demo(tmp_path / "demo", probes_file=tmp_path / "probes.jsonl", **options)
+    assert trained and question not in trained and len(trained) == len([p for p in train if p[0] != question])
+    save_probes([Probe("the big cat sat on the red mat")], tmp_path / "other.jsonl")
+    with pytest.raises(ValueError, match=r"differs in \(saved, given\): \{'train_pairs_sha256'.*other training pairs"):
+        demo.run_demo(tmp_path / "demo", probes_file=tmp_path / "other.jsonl", **options)
+
+
 @pytest.mark.parametrize("given, differs", [
     ({"n_players": 4}, "{'n_players': (3, 4)}"),
     ({"andor_method": "sgd", "andor_niter": 50}, "{'andor_method': ('and', 'sgd'), 'andor_niter': (20000, 50)}"),

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from sftint_fast.sft.probes import (PROBE_SOURCES, chatterbot_pairs, confident_candidates, confident_probes,
-                                    load_probes, pad_batch, save_probes, sft_example, split_pairs)
+                                    drop_questions, load_probes, pad_batch, save_probes, sft_example, split_pairs)
 from sftint_fast.sft.tracker import SFTTracker, TrackerConfig, TrackReport, _atomic_write_text, _saved_step
 from sftint_fast.sft.training_log import TrainingLog, read_training_log
 
@@ -59,7 +59,7 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
     cities from countryinfo, then chatterbot trivia; a missing source is an error) on which the base model's next
     token has ``p_y >= 0.5``, or every probe of ``probes_file`` (JSONL, as ``sftint track --probes``). The probes
     tracked are written to ``out/probes.jsonl``, so that ``sftint track`` (with ``--chat`` and ``--n-players`` as
-    here) can follow the same ones elsewhere.
+    here) can follow the same ones elsewhere. Training pairs that ask a probe's question are left out of training.
     """
     from transformers import Trainer, TrainingArguments
 
@@ -92,6 +92,14 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
         if not probe_set:
             raise ValueError(f"demo: no confident probe found in the sources {list(probe_sources)}")
         logger.info("demo: %d probes with p_y >= 0.5 from %s", len(probe_set), ", ".join(probe_sources))
+    kept = drop_questions(train_pairs, probe_set)  # the probes are not trained on (chatterbot ones would be)
+    if len(kept) < len(train_pairs):
+        logger.info("demo: %d training pairs ask a probe's question, left out of training", len(train_pairs) - len(kept))
+    train_pairs = kept
+    # the training data is part of the run: a rerun whose pairs differ (another probe set, corpus, or an older
+    # version's split) would resume the tracker's steps of another training
+    training_options["train_pairs_sha256"] = hashlib.sha256(json.dumps(train_pairs).encode()).hexdigest()[:16]
+    _check_rerun(out, steps, training_options)
     reference = _reference()
     if reference is not None:
         reference = (reference[0].to(device), reference[1])
@@ -154,8 +162,11 @@ def _check_rerun(out: Path, steps: int, training_options: dict[str, Any],
                              f"{type(earlier).__name__}")
         differs = {k: (earlier.get(k), v) for k, v in training_options.items() if earlier.get(k) != v}
         if differs:
+            data = (" (train_pairs_sha256: other training pairs: another probe set, corpus or sftint_fast version)"
+                    if "train_pairs_sha256" in differs else "")
             raise ValueError(f"out: {out} holds a demo run trained with other options (differs in (saved, given): "
-                             f"{differs}); rerun with that run's options to resume it, or pass another out folder")
+                             f"{differs}){data}; rerun with that run's options to resume it, or pass another out "
+                             "folder")
     if saved and steps < saved[-1]:
         raise ValueError(f"steps: {out / 'tracker'} holds the steps {saved} an earlier run into {out} tracked; "
                          f"expected steps >= {saved[-1]} to resume that run, received {steps}; pass another out "

@@ -140,6 +140,13 @@ def chatterbot_pairs(*, language: str = "english") -> list[tuple[str, str]]:
     return pairs
 
 
+def drop_questions(pairs: Sequence[tuple[str, str]], probes: Sequence[Probe]) -> list[tuple[str, str]]:
+    """``pairs`` less those whose question is a probe's prompt (compared without surrounding space and case): a probe
+    the run trains on measures what SFT memorises of it, not how its inference patterns change."""
+    asked = {p.prompt.strip().casefold() for p in probes}
+    return [p for p in pairs if p[0].strip().casefold() not in asked]
+
+
 def split_pairs(pairs: Sequence[tuple[str, str]], *, heldout_fraction: float = 0.1,
                 seed: int = 0) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """Deterministic (train, held-out) split of pairs by a seeded shuffle of their questions.
