@@ -266,6 +266,8 @@ class Game:
         target_ids = _resolve_target(model, tokenizer, prompt_ids, target, vocab)
         if isinstance(target, str) and not chat:
             _warn_unspaced_target(tokenizer, text, target, target_ids)
+        if isinstance(target, str):
+            _warn_spaced_target(tokenizer, tokenized.text, target, target_ids)
         input_ids = torch.cat([prompt_ids, target_ids[:-1]])
         base = _resolve_baseline(model, tokenizer, baseline, len(spans))
         return cls(
@@ -403,6 +405,25 @@ def _warn_unspaced_target(tokenizer: Any, text: str, target: str, ids: torch.Ten
                       f"word the model's next token usually carries the space ({' ' + target!r} is {list(spaced)}); "
                       f"pass the target with its leading space if that is what the prompt leads to", UserWarning,
                       stacklevel=3)
+
+
+def _warn_spaced_target(tokenizer: Any, context: str, target: str, ids: torch.Tensor) -> None:
+    """The other way round: a target text with its leading space, where the tokenizer gives that space a token of its
+    own that ``context`` (the prompt's text, or the rendered chat) followed by the target does not have: on a Llama-2
+    SentencePiece tokenizer ``" Paris"`` alone is ['▁', '▁Paris'] while "... is Paris" ends in '▁Paris', so the value
+    would add the log-odds of a lone '▁'. Not said where the space is the prompt's own continuation (byte-level BPE)."""
+    if not target[:1].isspace() or not target.strip() or context[-1:].isspace():
+        return
+    alone = list(tokenizer(context, add_special_tokens=False)["input_ids"])
+    joined = list(tokenizer(context + target, add_special_tokens=False)["input_ids"])
+    continued = joined[len(alone):]
+    if joined[:len(alone)] != alone or continued == ids.tolist():
+        return
+    stripped = list(tokenizer(target.lstrip(), add_special_tokens=False)["input_ids"])
+    warnings.warn(f"target {target!r} is tokenised on its own, as {ids.tolist()}: the prompt followed by it continues "
+                  f"with {continued} ({target.lstrip()!r} is {stripped}): this tokenizer marks the space itself; pass "
+                  "those ids (or the text without its leading space) if that is what the prompt leads to", UserWarning,
+                  stacklevel=3)
 
 
 def _resolve_target(model: Any, tokenizer: Any, prompt_ids: torch.Tensor, target: Any, vocab: int) -> torch.Tensor:

@@ -91,6 +91,14 @@ def _offsets_by_decoding(tokenizer: Any, text: str, ids: Sequence[int]) -> tuple
         if decoded.endswith("\ufffd") and k + 1 < len(ids):
             continue  # an incomplete character: its bytes take the span of the character they complete
         piece = decoded[len(previous):].strip().casefold()
+        if not piece and unknown:
+            # whitespace after an unknown token (a SentencePiece '▁' before the next unknown word) locates nothing:
+            # the unknown tokens' text goes on past it, so it must not close their stretch of text here
+            for j in pending:
+                offsets[j] = (origin[cursor], origin[cursor])
+            pending = []
+            previous = decoded
+            continue
         start = folded.find(piece, cursor) if piece else cursor
         if start < 0:
             raise ValueError(

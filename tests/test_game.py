@@ -357,3 +357,33 @@ def test_a_sentencepiece_target_is_not_warned_about():
         warnings.simplefilter("error")
         game = Game.from_text(net, tok, text, target="paris", baseline=torch.zeros(net.config.hidden_size))
     assert tok.convert_ids_to_tokens(game.target.tolist()) == ["▁paris"]
+
+
+def test_a_sentencepiece_target_whose_leading_space_becomes_a_token_is_warned_about():
+    """The other way round: ' paris' (the habit from GPT-2-style tokenizers, and the bundled probes' answers) is
+    ['▁', '▁paris'] on a Llama-2-style SentencePiece tokenizer, where the prompt continues with ['▁paris']: the
+    value silently became the log-odds of a lone '▁' plus those of '▁paris' after it. Said, in chat too; not where
+    the leading space is the prompt's own continuation (byte-level ' paris')."""
+    import warnings
+
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["<unk>", "<s>", "</s>", "▁"] + [p + w for w in ("the", "capital", "of", "france", "is", "paris", "[inst]",
+                                                             "[/inst]", "user", ":") for p in ("▁", "")]
+    sp = Tokenizer(models.Unigram([(piece, -1.0) for piece in vocab], unk_id=0))
+    sp.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    sp.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok.chat_template = "{% for m in messages %}[inst] {{ m['content'] }} [/inst]{% endfor %}"
+    text, net = "the capital of france is", tiny_model("llama", vocab_size=len(tok))
+    zero = {"baseline": torch.zeros(net.config.hidden_size)}
+    for chat in (False, True):
+        with pytest.warns(UserWarning, match=r"target ' paris' is tokenised on its own, as \[3, \d+\]: the prompt "
+                                             r"followed by it continues with \[\d+\]"):
+            game = Game.from_text(net, tok, text, target=" paris", chat=chat, **zero)
+        assert tok.convert_ids_to_tokens(game.target.tolist()) == ["▁", "▁paris"]  # as given: said, not changed
+    bpe = _byte_level_bpe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Game.from_text(tiny_model("llama", vocab_size=len(bpe)), bpe, text, target=" paris", **zero)

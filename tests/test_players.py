@@ -203,3 +203,28 @@ def test_word_indices_name_whitespace_words_after_a_token_straddles_two():
     with pytest.raises(ValueError, match=r"word indices in \[0, 4\), received 4"):
         P.word_players(tokenized, players=[4])
     assert P.word_players(tokenized) == ([(0, 2), (2, 3), (3, 4)], ["ab cd", "ef", "gh"])  # "words" merges them
+
+
+def _sentencepiece_without_byte_fallback():
+    """A T5-style SentencePiece unigram without byte fallback: an unknown word is '▁' + '<unk>'."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["<unk>", "<s>", "</s>", "▁"] + [p + w for w in ("the", "cat", "sat") for p in ("▁", "")]
+    sp = Tokenizer(models.Unigram([(piece, -1.0) for piece in vocab], unk_id=0))
+    sp.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    sp.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.mark.parametrize("text", ["the 🍕 ☕ cat", "the 🍕 ☕", "the cat 🍕 ☕ 🍕 sat"])
+def test_fallback_without_offsets_keeps_unknown_words_apart_across_a_space_token(text):
+    # ['▁the', '▁', '<unk>', '▁', '<unk>', ...]: the '▁' after the first unknown token decodes to a space only; it
+    # closed the unknown text before it began, so '🍕' got no characters, '🍕 ☕' became one player of token 4 alone
+    # and token 2 was never masked
+    tok = _sentencepiece_without_byte_fallback()
+    with_offsets = P.tokenize_with_offsets(tok, text)
+    decoded = P.tokenize_with_offsets(NoOffsetsTokenizer(tok), text)
+    assert P.word_players(decoded) == P.word_players(with_offsets)
+    spans, words = P.word_players(decoded)
+    assert words == text.split()
