@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from sftint_fast.interactions.harsanyi import inverse_harsanyi
+from sftint_fast.interactions.harsanyi import harsanyi, inverse_harsanyi
+from sftint_fast.ops.transforms import popcount
 from sftint_fast.sft import noise as N
 from sftint_fast.sft.tracker import SFTTracker
 
@@ -290,6 +291,24 @@ def test_null_values_replace_noise_level_interactions_by_fresh_noise(null):
     strong = got[:, :, 0b000111] - ref[:, 0b000111]
     assert strong.mean().abs().item() < 0.01
     assert strong.pow(2).mean().sqrt().item() == pytest.approx(sd * math.sqrt(2 * 8), rel=0.15)
+
+
+def test_iid_null_values_are_iid_noise_on_v_not_on_each_coefficient():
+    """The iid null drew every Harsanyi coefficient's fresh noise independently (of the right marginal, 2^k s^2),
+    which puts (3^k - 1) s^2 on v'(S) = v(S) - v(0) instead of two checkpoints' entries' 2 s^2: on the full set of
+    n=6, 728 s^2. An AND-OR solver reads v as a whole, and its floor came out about twice the observed counts under
+    pure noise. The order-matched null is in the interaction domain by definition (independent coefficients)."""
+    g = torch.Generator().manual_seed(5)
+    n, rows, draws, sd = 6, 200, 4, 0.01
+    chain = [sd * torch.randn(rows, 2**n, generator=g, dtype=torch.float64) for _ in range(3)]
+    fakes = N.null_values(chain[1], [chain[2]], earlier=[chain[0]], kind="iid", draws=draws, generator=g)
+    shifted = fakes[0] - fakes[0, ..., :1]                       # v'(S): entries of v less v(0)
+    order = popcount(2**n)
+    for k in (1, 3, n):
+        rms = shifted[..., order == k].pow(2).mean().sqrt().item()
+        assert rms == pytest.approx(sd * math.sqrt(2), rel=0.15), k
+    got = harsanyi(shifted)                                      # each coefficient still has its iid spread
+    assert got[..., order == n].pow(2).mean().sqrt().item() == pytest.approx(sd * 8, rel=0.15)
 
 
 def test_null_values_noise_level_and_signal_use_the_checkpoints_around_the_anchor():
