@@ -2,13 +2,14 @@
 import copy
 import dataclasses
 import json
+import warnings
 
 import pytest
 import torch
 
 import sftint_fast as sf
 import sftint_fast.engine
-from conftest import interrupt_write, tiny_model
+from conftest import count_calls, interrupt_write, tiny_model
 from dist_scripts.sft_callback import make_tokenizer
 from sftint_fast.sft.probes import Probe, load_probes, save_probes, sft_example
 from sftint_fast.sft.tracker import SFTTracker
@@ -350,6 +351,40 @@ def test_callback_with_trainer_logs_metrics(tokenizer, tmp_path):
             in markdown(tracker.report(), figures=[]))
     with pytest.raises(ValueError, match="architecture"):
         tracker.add_checkpoint(tiny_model("gpt2"), 10)
+
+
+def test_tracking_under_a_trainer_with_neftune_and_gradient_checkpointing_runs_the_trie(tokenizer, tmp_path,
+                                                                                         monkeypatch):
+    """The Trainer's own hooks (NEFTune's noise, gradient checkpointing's require-grads, transformers' output
+    recorders after an ``output_hidden_states`` forward) do not turn the trie off: every tracked checkpoint runs it,
+    without a fallback warning (a user's hook would: tests/test_hooks.py)."""
+    from transformers import TrainerCallback
+
+    from sftint_fast.engine import trie
+    from sftint_fast.engine.adapters import user_hooks
+
+    calls = count_calls(monkeypatch, {"evaluate_trie_games": trie})
+    trainer = _trainer(tmp_path, max_steps=2, lr=1e-2, neftune_noise_alpha=5.0, gradient_checkpointing=True)
+    with torch.no_grad():
+        trainer.model(torch.tensor([[5, 6, 7]]), output_hidden_states=True)
+    trainer.model.enable_input_require_grads()
+    seen = []
+
+    class Hooks(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            seen.append((sorted({getattr(h, "__name__", "") for m in model.modules()
+                                 for h in m._forward_hooks.values()}), user_hooks(model)))
+
+    trainer.add_callback(Hooks())
+    tracker = _tracker(tokenizer)
+    sf.InteractionCallback(tracker, every=1).attach(trainer)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*falling back to the naive engine")
+        trainer.train()
+    assert tracker.steps == [0, 1, 2]
+    assert seen[0][0] == ["make_inputs_require_grads", "neftune_post_forward_hook", "output_capturing_hook"]
+    assert all(found == [] for _, found in seen)
+    assert calls["evaluate_trie_games"] >= 3  # the trie at every checkpoint
 
 
 def test_numerics_report_engine_and_precision_error(tokenizer):

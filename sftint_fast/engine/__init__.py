@@ -3,8 +3,9 @@
 ``evaluate`` validates its inputs, runs under ``torch.no_grad`` with the model in eval mode (its
 train/eval mode restored afterwards) and dispatches to an engine: ``"naive"`` (every variant its own
 sequence, ``engine/naive.py``) or ``"trie"`` (shared prefixes computed once, ``engine/trie.py``).
-``"auto"`` picks the trie when an adapter supports the model's architecture and the model is on one device (not
-split by a ``device_map`` or offloaded), else naive with a warning; it also falls back to naive, with a warning, when
+``"auto"`` picks the trie when an adapter supports the model's architecture, the model is on one device (not split by
+a ``device_map`` or offloaded) and carries no forward hooks of a user's (``adapters.user_hooks``: the trie would not run
+them as the model's forward does), else naive with a warning; it also falls back to naive, with a warning, when
 the trie's plan does not fit the memory budget (its KV store holds every node of levels ``< n`` for all ``2^n``
 variants, the nodes the sampled subsets reach otherwise).
 

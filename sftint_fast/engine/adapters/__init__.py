@@ -7,7 +7,8 @@ from sftint_fast.engine.adapters.base import Adapter, AttendFn, LayerSpec, Model
 from sftint_fast.engine.adapters.gpt2 import GPT2Adapter
 from sftint_fast.engine.adapters.llama import LlamaLikeAdapter
 
-__all__ = ["Adapter", "AttendFn", "LayerSpec", "ModelDims", "find_adapter", "get_adapter", "wrapped_models"]
+__all__ = ["Adapter", "AttendFn", "LayerSpec", "ModelDims", "find_adapter", "get_adapter", "user_hooks",
+           "wrapped_models"]
 
 _ADAPTERS: tuple[type[Adapter], ...] = (LlamaLikeAdapter, GPT2Adapter)
 SUPPORTED = ("llama", "qwen2", "mistral", "gemma3_text", "gpt2")
@@ -29,7 +30,8 @@ def find_adapter(model: torch.nn.Module) -> tuple[Adapter | None, str]:
     one whose model code the adapter could not read (a transformers release that changed it): the engine then says
     why, and ``method="auto"`` falls back to the naive engine (same values, slower) instead of failing. A model split
     over devices (``device_map`` across GPUs, or offloaded) has no adapter: the trie keeps its KV stores on one device
-    and calls the layers directly, without accelerate's hooks that move the activations between devices."""
+    and calls the layers directly, without accelerate's hooks that move the activations between devices. Nor has a
+    model with forward hooks or pre-hooks (:func:`user_hooks`): the naive engine runs them, the trie would not."""
     devices = sorted({str(p.device) for p in model.parameters()})
     if len(devices) > 1:
         return None, (f"{type(model).__name__} has its parameters on several devices ({', '.join(devices)}: a "
@@ -42,16 +44,85 @@ def find_adapter(model: torch.nn.Module) -> tuple[Adapter | None, str]:
         for adapter_cls in _ADAPTERS:
             if adapter_cls.supports(layer):
                 try:
-                    return adapter_cls(layer), ""
+                    adapter = adapter_cls(layer)
                 except (AttributeError, TypeError, KeyError, IndexError, ValueError) as err:
                     import transformers
 
                     return None, (f"the {adapter_cls.__name__} could not read this {type(layer).__name__} "
                                   f"(model_type {getattr(layer.config, 'model_type', None)!r}, transformers "
                                   f"{transformers.__version__}): {type(err).__name__}: {err}")
+                hooks = user_hooks(model)
+                if hooks:
+                    shown = "; ".join(hooks[:5]) + (f"; and {len(hooks) - 5} more" if len(hooks) > 5 else "")
+                    return None, (f"{type(model).__name__} has forward hooks that the trie engine would not run as the "
+                                  f"model's forward does ({shown}): it calls the layers' parts itself, on flat token "
+                                  "batches, and skips the decoder layers' and blocks' own forwards; remove the hooks "
+                                  "or evaluate with the naive engine, which runs them")
+                return adapter, ""
     config = getattr(model, "config", None)
     return None, (f"no trie adapter for {type(model).__name__} (model_type "
                   f"{getattr(config, 'model_type', None)!r}; supported: {', '.join(SUPPORTED)})")
+
+
+#: Forward hooks that libraries install and that change no value an engine computes, as ``(package, function name)``
+#: of the hook function: transformers' output recorders (``output_hidden_states`` / ``output_attentions`` install them
+#: on the decoder layers and attention modules, 5.x, and leave them there, inactive outside such a call),
+#: ``enable_input_require_grads`` (gradient checkpointing: the embedding's output requires grad; transformers', and
+#: PEFT's and TRL's copies), NEFTune's noise on the embedding (a ``Trainer`` with ``neftune_noise_alpha``; it adds
+#: noise in training mode only, and the engines run the model in eval mode), and the global hooks of torch's module
+#: trackers (``FlopCounterMode``: they only record which module runs). Any other hook (a user's steering or
+#: ablation hook, a module-global one, another library's) turns the trie off. The function name, not its qualified
+#: name: the functions that install these hooks get renamed between releases.
+LIBRARY_HOOKS = frozenset({("transformers", "output_capturing_hook"), ("transformers", "make_inputs_require_grads"),
+                           ("transformers", "neftune_post_forward_hook"), ("peft", "make_inputs_require_grad"),
+                           ("trl", "make_inputs_require_grad"),
+                           # torch's module trackers (FlopCounterMode, the memory tracker): global observers
+                           ("torch", "_fw_pre_hook"), ("torch", "_fw_post_hook")})
+_HOOK_KINDS = (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"))
+
+
+def _hook_origin(hook) -> tuple[str, str]:
+    """``(module, name)`` of a hook: its function's, through ``functools.partial`` and bound methods; a callable
+    object's class otherwise."""
+    for _ in range(8):
+        inner = getattr(hook, "func", None) or getattr(hook, "__func__", None)
+        if inner is None:
+            break
+        hook = inner
+    if not hasattr(hook, "__name__"):
+        hook = type(hook)
+    return str(getattr(hook, "__module__", None) or ""), str(getattr(hook, "__qualname__", hook.__name__))
+
+
+def _library_hook(hook) -> bool:
+    module, name = _hook_origin(hook)
+    return (module.split(".", 1)[0], name.rsplit(".", 1)[-1]) in LIBRARY_HOOKS
+
+
+def user_hooks(model: torch.nn.Module) -> list[str]:
+    """``"module name: kind name"`` of each forward hook and pre-hook on ``model`` or its submodules (with or without
+    kwargs, always-called ones too) and each module-global one (``torch.nn.modules.module
+    .register_module_forward_hook`` / ``_pre_hook``), except :data:`LIBRARY_HOOKS`.
+
+    The trie engine cannot honour them: it skips the modules whose forward the adapter replaces (the model and its
+    inner ``model``, the decoder layers, attention and MLP blocks, the norms the fused ops stand in for) and calls the
+    others (projections, embedding, LM head) on flat ``[tokens, hidden]`` batches of the trie's nodes (the last layer
+    on the scored rows only), where the model's forward gives ``[batch, seq, hidden]``: a hook that reads positions
+    would act on other numbers. So any such hook sends the model to the naive engine, which runs them as the model's
+    forward does."""
+    import torch.nn.modules.module as module_globals
+
+    found = []
+    for kind_attr, kind in _HOOK_KINDS:
+        for hook in getattr(module_globals, f"_global{kind_attr}", {}).values():
+            if not _library_hook(hook):
+                found.append(f"every module (global): {kind} {_hook_origin(hook)[1]!r}")
+    for name, module in model.named_modules():
+        for kind_attr, kind in _HOOK_KINDS:
+            for hook in getattr(module, kind_attr, {}).values():
+                if not _library_hook(hook):
+                    found.append(f"{name or type(module).__name__}: {kind} {_hook_origin(hook)[1]!r}")
+    return found
 
 
 def _prompt_learning(model: torch.nn.Module) -> str | None:

@@ -1,0 +1,209 @@
+"""Forward hooks on the model: the naive engine runs them (it calls the model's forward); the trie engine calls the
+layers' parts itself and used to skip them silently (a steering hook on a decoder layer changed the naive values, not
+the trie's). A model with a user's hook now has no trie adapter: method="auto" runs naive with a warning naming the
+hooks, method="trie" refuses. The hooks transformers (and PEFT) install themselves keep the trie on."""
+import functools
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_trie import make_game
+
+import sftint_fast as sf
+from sftint_fast.engine.adapters import find_adapter, user_hooks
+
+
+def _steer(width: int, seed: int = 3):
+    vector = torch.randn(width, generator=torch.Generator().manual_seed(seed))
+
+    def steer(module, args, output):  # activation steering: a vector added to the module's output
+        if isinstance(output, tuple):
+            return (output[0] + vector,) + output[1:]
+        return output + vector
+
+    return steer
+
+
+def _scale_input(module, args, kwargs):  # a pre-hook with kwargs: the attention's input halved
+    if "hidden_states" in kwargs:
+        return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * 0.5}
+    return (args[0] * 0.5,) + args[1:], kwargs
+
+
+def _last_position(module, args, output):  # reads positions: [batch, seq, hidden] in the model's forward
+    output = output.clone()
+    output[:, -1] += 1.0
+    return output
+
+
+def _zero_head(module, args):  # zeroes head 1 of the attention's output (the o_proj input)
+    x = args[0].clone()
+    x[..., 8:16] = 0
+    return (x,)
+
+
+def _register(model, case: str):
+    width = model.config.hidden_size
+    if case == "layer_steering":
+        return model.model.layers[0].register_forward_hook(_steer(width))
+    if case == "gpt2_block_steering":
+        return model.transformer.h[0].register_forward_hook(_steer(width))
+    if case == "attention_pre_hook_with_kwargs":
+        return model.model.layers[1].self_attn.register_forward_pre_hook(_scale_input, with_kwargs=True)
+    if case == "mlp_steering":
+        return model.model.layers[0].mlp.register_forward_hook(_steer(width), always_call=True)
+    if case == "norm_steering":
+        return model.model.layers[1].input_layernorm.register_forward_hook(_steer(width))
+    if case == "inner_model_steering":
+        return model.model.register_forward_hook(
+            lambda m, a, out: out.__class__(last_hidden_state=out.last_hidden_state * 1.5))
+    if case == "o_proj_last_position":  # a module the trie calls, on flat [tokens, hidden] rows: other numbers
+        return model.model.layers[0].self_attn.o_proj.register_forward_hook(_last_position)
+    if case == "o_proj_zero_head":  # the trie would run this one right, but it cannot tell such hooks apart
+        return model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(_zero_head)
+    if case == "global_steering":
+        layer = type(model.model.layers[0])
+        steer = _steer(width)
+        return torch.nn.modules.module.register_module_forward_hook(
+            lambda m, a, out: steer(m, a, out) if isinstance(m, layer) else None)
+    raise ValueError(case)
+
+
+CASES = {"layer_steering": ("llama", "model.layers.0: forward hook '_steer.<locals>.steer'"),
+         "gpt2_block_steering": ("gpt2", "transformer.h.0: forward hook '_steer.<locals>.steer'"),
+         "attention_pre_hook_with_kwargs": ("qwen2", "model.layers.1.self_attn: forward pre-hook '_scale_input'"),
+         "mlp_steering": ("llama", "model.layers.0.mlp: forward hook"),
+         "norm_steering": ("llama", "model.layers.1.input_layernorm: forward hook"),
+         "inner_model_steering": ("llama", "model: forward hook '_register.<locals>.<lambda>'"),
+         "o_proj_last_position": ("llama", "model.layers.0.self_attn.o_proj: forward hook '_last_position'"),
+         "o_proj_zero_head": ("llama", "model.layers.0.self_attn.o_proj: forward pre-hook '_zero_head'"),
+         "global_steering": ("llama", "every module (global): forward hook '_register.<locals>.<lambda>'")}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_users_hook_sends_auto_to_the_naive_engine_and_trie_refuses(case):
+    arch, named = CASES[case]
+    model = tiny_model(arch, initializer_range=0.2)
+    game = make_game("first_and_last")
+    with torch.no_grad():
+        plain = sf.evaluate(model, game, method="naive", progress=False)
+        handle = _register(model, case)
+        try:
+            hooked = sf.evaluate(model, game, method="naive", progress=False)
+            assert (hooked - plain).abs().max() > 1e-2  # the hook changes the model's numbers
+            with pytest.warns(UserWarning, match="forward hooks that the trie engine would not run.*falling back"):
+                auto = sf.evaluate(model, game, progress=False)
+            with pytest.raises(ValueError, match="method='trie': .*has forward hooks") as error:
+                sf.evaluate(model, game, method="trie", progress=False)
+            with pytest.raises(ValueError, match="forward hooks"):
+                sf.evaluate_many(model, [game, game], method="trie", progress=False)
+            reason = find_adapter(model)[1]
+        finally:
+            handle.remove()
+        assert named in reason and named in str(error.value)
+        assert torch.equal(auto, hooked)  # the trie gave the unhooked values here
+        # the hook removed: the trie is back, and equals the plain model
+        torch.testing.assert_close(sf.evaluate(model, game, method="trie", progress=False), plain, atol=1e-5,
+                                   rtol=1e-5)
+
+
+def test_a_hooked_lora_model_falls_back_and_names_the_hook():
+    peft = pytest.importorskip("peft")
+    model = tiny_model("llama", initializer_range=0.2)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                       init_lora_weights=False)).eval()
+    game = make_game("n1")
+    handle = model.base_model.model.model.layers[1].register_forward_hook(_steer(32))
+    try:
+        with torch.no_grad(), pytest.warns(UserWarning, match="base_model.model.model.layers.1: forward hook"):
+            auto = sf.evaluate(model, game, progress=False)
+        naive = sf.evaluate(model, game, method="naive", progress=False)
+    finally:
+        handle.remove()
+    assert torch.equal(auto, naive)
+
+
+def _gemma3():
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                           num_key_value_heads=2, num_hidden_layers=2, head_dim=8, max_position_embeddings=128,
+                           pad_token_id=0, bos_token_id=2, eos_token_id=1, initializer_range=0.2, sliding_window=4)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+
+
+def _lora(arch: str):
+    peft = pytest.importorskip("peft")
+    targets = ["c_attn"] if arch == "gpt2" else ["q_proj", "v_proj", "down_proj"]
+    config = peft.LoraConfig(r=2, target_modules=targets, init_lora_weights=False, fan_in_fan_out=arch == "gpt2",
+                             task_type="CAUSAL_LM")
+    return peft.get_peft_model(tiny_model(arch, initializer_range=0.2), config).eval()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:peft")
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gemma3", "lora_llama", "lora_gpt2"])
+def test_the_hooks_transformers_installs_keep_the_trie_on(arch):
+    """transformers 5.x leaves output-recording hooks on the decoder layers and attention modules after a forward with
+    output_hidden_states / output_attentions; enable_input_require_grads (gradient checkpointing, also through PEFT)
+    leaves one on the input embedding. They change no value: the trie stays on, equal to naive."""
+    model = _gemma3() if arch == "gemma3" else _lora(arch[5:]) if arch.startswith("lora_") else tiny_model(
+        arch, initializer_range=0.2)
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True, output_attentions=True)
+    assert out.hidden_states is not None and out.attentions is not None
+    model.enable_input_require_grads()
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    assert hooks >= 1 + 2 * (model.config.num_hidden_layers)  # the recorders and the require-grads hook are there
+    assert user_hooks(model) == []
+    adapter, reason = find_adapter(model)
+    assert adapter is not None, reason
+    game = make_game("first_and_last")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback warning
+        trie = sf.evaluate(model, game, method="trie", progress=False)
+        auto = sf.evaluate(model, game, progress=False)
+    naive = sf.evaluate(model, game, method="naive", progress=False)
+    assert torch.equal(auto, trie)
+    torch.testing.assert_close(trie, naive, atol=2e-5, rtol=1e-5)
+    # and a forward with the recorders after the evaluations still records (nothing was removed)
+    with torch.no_grad():
+        again = model(input_ids=ids, output_hidden_states=True)
+    assert len(again.hidden_states) == model.config.num_hidden_layers + 1
+
+
+def test_library_hooks_are_told_apart_by_package_and_function_name():
+    """The rule: a hook is the library's when its function (through partials and bound methods) lives in the package
+    and has the name listed in LIBRARY_HOOKS; a user's function of the same name, or another function of the
+    package, is not."""
+    from transformers.integrations.neftune import neftune_post_forward_hook
+
+    model = tiny_model("llama")
+    handle = model.model.embed_tokens.register_forward_hook(functools.partial(neftune_post_forward_hook))
+    assert user_hooks(model) == []
+    handle.remove()
+
+    def make_inputs_require_grads(module, args, output):  # a user's function with a library hook's name
+        return output * 2
+
+    handle = model.model.embed_tokens.register_forward_hook(make_inputs_require_grads)
+    name = "test_library_hooks_are_told_apart_by_package_and_function_name.<locals>.make_inputs_require_grads"
+    assert user_hooks(model) == [f"model.embed_tokens: forward hook {name!r}"]
+    handle.remove()
+
+
+def test_flop_counter_keeps_the_trie_on():
+    """FlopCounterMode installs torch's module tracker as global hooks (observers): counting the trie's FLOPs must
+    count the trie's, not send it to the naive engine."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = tiny_model("llama")
+    game = make_game("spread_n5", seed=1)
+    naive = sf.evaluate(model, game, method="naive", progress=False)
+    with FlopCounterMode(display=False) as counter, warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        assert user_hooks(model) == []
+        torch.testing.assert_close(sf.evaluate(model, game, method="trie", progress=False), naive, rtol=0, atol=1e-4)
+    assert counter.get_total_flops() > 0
