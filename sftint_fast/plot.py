@@ -166,6 +166,7 @@ def plot_compare(labels: list[str], reports: list[TrackReport], logs: list[Train
     have_train = any(log is not None and log.series.get("loss") for log in logs)
     for i, (label, report, log) in enumerate(zip(labels, reports, logs)):
         color = colors[i % len(colors)]
+        label = f" {label}" if label.startswith("_") else label  # matplotlib leaves "_..." labels out of legends
         steps, c = list(report.steps), report.curves
         ax = axes[0][0]
         ax.plot(steps, c["all/removed_new_excess_cumulative"], marker="o", color=color, label=label)

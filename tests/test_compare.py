@@ -371,3 +371,17 @@ def test_compare_refuses_an_out_that_cannot_be_written_by_its_option(tmp_path, c
         assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert f"sftint compare: --out: expected a folder to write, {str(out)!r} {got}" in err, err
+
+
+def test_compare_png_legend_shows_labels_starting_with_an_underscore(tmp_path, monkeypatch):
+    """matplotlib leaves a label that starts with "_" out of the legend: a run folder named "_base" had no entry."""
+    import matplotlib.pyplot as plt
+
+    from sftint_fast import plot
+
+    reports = [_run(tmp_path / name, seed=i, drift=0.05)[0] for i, name in enumerate(("_base", "tuned"))]
+    legends = []
+    monkeypatch.setattr(plot, "_save", lambda fig, path: legends.append(
+        [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]) or plt.close(fig))
+    plot.plot_compare(["_base", "tuned"], reports, [None, None], tmp_path / "compare.png")
+    assert legends and " _base" in legends[0] and "tuned" in legends[0]
