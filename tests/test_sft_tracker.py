@@ -650,6 +650,33 @@ def test_resume_reads_the_saved_steps_in_step_order_not_name_order(tmp_path):
     assert resumed.report().to_dict()["curves"] == tracker.report().to_dict()["curves"]
 
 
+@pytest.mark.parametrize("options, refused", [({"noise_floor": "iid"}, True), ({"warm_start": True}, True),
+                                              ({}, False), ({"noise_floor": None}, False)],
+                         ids=["iid", "warm-start", "order-matched", "no-floor"])
+def test_a_run_saved_by_an_earlier_floor_algorithm_is_refused_where_its_floors_differ(tmp_path, options, refused):
+    """The iid null (noise on v) and warm-started replicates changed how floors are drawn: an older run resumed kept
+    its saved steps' floors beside new ones. Refused, naming the floor version; order-matched cold floors resume."""
+    import json
+
+    from sftint_fast.sft.tracker import FLOOR_VERSION
+
+    if "warm_start" in options:
+        options = {**options, "andor_method": "sgd", "andor_niter": 20}
+    g = torch.Generator().manual_seed(0)
+    tracker = SFTTracker(None, out_dir=tmp_path, progress=False, **{"andor_method": "and", **options})
+    for step in (0, 1):
+        tracker.add_values(step, torch.randn(2, 8, generator=g, dtype=torch.float64))
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config.get("floor_version") == (None if options.get("noise_floor", "x") is None else FLOOR_VERSION)
+    config.pop("floor_version", None)  # as an earlier version saved it
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    if refused:
+        with pytest.raises(ValueError, match=r"another version of the floor \(saved 1, this sftint_fast 2\)"):
+            SFTTracker(None, out_dir=tmp_path, progress=False, **{"andor_method": "and", **options})
+    else:
+        assert SFTTracker(None, out_dir=tmp_path, progress=False, **{"andor_method": "and", **options}).steps == [0, 1]
+
+
 @pytest.mark.parametrize("name", ["step_000000010.safetensors", "step_000000010.json"])
 def test_a_run_killed_while_saving_resumes_to_the_same_report_and_removes_its_temp_files(tmp_path, monkeypatch,
                                                                                           name):

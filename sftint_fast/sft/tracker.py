@@ -41,6 +41,10 @@ from sftint_fast.sft import noise as N
 from sftint_fast.sft.probes import SFT_MAX_LENGTH, Probe, as_probes, heldout_batches, sft_example
 
 logger = logging.getLogger(__name__)
+#: The noise floor's algorithm, saved in ``config.json``: a run resumed under another one would report its saved
+#: steps' floors beside floors drawn another way. 2: warm-started SGD replicates, the iid null as noise on ``v``
+#: (absent = 1, the earlier one; order-matched cold-start floors are the same up to rounding).
+FLOOR_VERSION = 2
 
 AndOrMethod = Literal["sgd", "lp", "and"]
 #: the files a tracker writes in its out_dir
@@ -951,6 +955,8 @@ class SFTTracker:
             blob["heldout_sha256"] = heldout
         if self._heldout_tokens is not None:
             blob["heldout_tokens_sha256"] = self._heldout_tokens
+        if self.config.noise_floor is not None:
+            blob["floor_version"] = FLOOR_VERSION
         reference = self._reference_fingerprint()
         if reference is not None:
             # "reference" records only "interactions" or the model's type: a resumed run uses the reference values
@@ -995,6 +1001,9 @@ class SFTTracker:
             logger.warning("out_dir %s: saved without the digest of its reference (an older run); the given reference "
                            "cannot be checked against the one it saved, which is the one used", out)
             del blob["reference_sha256"]
+        if ("floor_version" in blob and "floor_version" not in saved and self.config.noise_floor == "order_matched"
+                and not self.config.warm_start):
+            del blob["floor_version"]  # an earlier version's floors, drawn as now (up to rounding)
         if saved != blob:
             diff = sorted(k for k in set(saved) | set(blob) if saved.get(k) != blob.get(k))
             detail = {}
@@ -1003,12 +1012,16 @@ class SFTTracker:
                           if saved["tracker"].get(k) != blob["tracker"].get(k)}
             if "baseline_sha256" in diff:
                 detail["baseline_sha256"] = (saved.get("baseline_sha256"), blob.get("baseline_sha256"))
-            for key in ("heldout_sha256", "heldout_tokens_sha256", "reference_sha256"):
+            for key in ("heldout_sha256", "heldout_tokens_sha256", "reference_sha256", "floor_version"):
                 if key in diff:
                     detail[key] = (saved.get(key), blob.get(key))
             hint = ("; the tokenizer gives the held-out pairs other tokens than the run's (another tokenizer or chat "
                     "template?)" if "heldout_tokens_sha256" in diff and saved.get("heldout") == blob.get("heldout")
                     else "")
+            if diff == ["floor_version"]:
+                hint = (f"; its noise floors were drawn by another version of the floor (saved "
+                        f"{saved.get('floor_version', 1)}, this sftint_fast {FLOOR_VERSION}), and its saved steps' "
+                        "floors would be reported beside floors drawn another way")
             raise ValueError(f"out_dir {out}: holds a run with another configuration (differs in {diff}; "
                              f"tracker options (saved, given): {detail}{hint}); use a new out_dir")
         self._load_saved()
