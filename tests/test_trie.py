@@ -247,6 +247,9 @@ def test_subset_attention_rejects_bad_inputs():
         subset_attention(q[:, :1], k_store, v_store, nodes, offsets, lens, players, positions, level=2, scale=1.0)
     with pytest.raises(ValueError, match="len\\(node_ids\\)"):
         subset_attention(q, k_store, v_store, nodes[:-1], offsets, lens, players, positions, level=2, scale=1.0)
+    with pytest.raises(ValueError, match="Hq must be a multiple of Hkv"):  # was ZeroDivisionError
+        subset_attention(q, k_store[:, :0], v_store[:, :0], nodes, offsets, lens, players, positions, level=2,
+                         scale=1.0)
     for option, message in (({"sliding_window": 0}, "sliding_window"), ({"softcap": 0.0}, "softcap"),
                             ({"scale": 0.0}, "scale")):  # as the fused kernel: a window of 0 gave NaN rows
         with pytest.raises(ValueError, match=message):

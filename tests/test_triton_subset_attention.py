@@ -350,6 +350,24 @@ def test_bad_inputs_raise_value_error():
             pytest.fail(name)
 
 
+@pytest.mark.parametrize("option, value", [("sliding_window", 2.5), ("sliding_window", True), ("level", 2.5),
+                                           ("scale", "0.1"), ("softcap", True)],
+                         ids=["window=2.5", "window=True", "level=2.5", "scale=str", "softcap=True"])
+def test_non_integer_window_and_level_are_refused(option, value):
+    """A fractional window was truncated by ``int()`` (w=2.5 kept q - k < 2, one key fewer than q - k < 2.5), a
+    fractional level floored (2.5 ran level 2), ``softcap=True`` became a cap of 1.0: silently other numbers.
+    Refused, as the dispatcher refuses them; a str scale raised Python's bare comparison TypeError."""
+    from sftint_fast.ops.triton.subset_attention import subset_attention
+
+    lens, players, level, nodes, hq, hkv, d = CASES["level2-gqa2"]
+    k_store, v_store, tables, _ = make_store(lens, players, hkv, d, torch.float32, 0)
+    q = torch.randn(len(nodes), lens[level], hq, d)
+    kw = {"level": level, "scale": 0.1, option: value}
+    error = ValueError if option == "sliding_window" else TypeError
+    with pytest.raises(error, match=option):
+        subset_attention(q, k_store, v_store, torch.tensor(nodes), *tables, **kw)
+
+
 def _cuda_backend_available() -> bool:
     try:
         from triton.backends import backends

@@ -171,7 +171,7 @@ def subset_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tens
     if q.dim() != 4 or k_store.dim() != 3 or k_store.shape != v_store.shape:
         raise ValueError(f"expected q [C, S, Hq, D] and k_store/v_store [T, Hkv, D] of equal shapes, got "
                          f"{tuple(q.shape)}, {tuple(k_store.shape)}, {tuple(v_store.shape)}")
-    if q.shape[-1] != k_store.shape[-1] or q.shape[2] % k_store.shape[1]:
+    if q.shape[-1] != k_store.shape[-1] or k_store.shape[1] == 0 or q.shape[2] % k_store.shape[1]:
         raise ValueError(f"head dims must match and Hq must be a multiple of Hkv, got q {tuple(q.shape)}, "
                          f"store {tuple(k_store.shape)}")
     for name, store in (("k_store", k_store), ("v_store", v_store)):

@@ -23,6 +23,7 @@ keeps the ``tl.dot`` tiles at least 16 rows tall when segments are only a few to
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
@@ -353,12 +354,17 @@ def _check_common(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor,
     num_kv_heads = k_store.shape[1]
     if num_kv_heads == 0 or num_q_heads % num_kv_heads:
         raise ValueError(f"q: expected a number of heads divisible by k_store's {num_kv_heads}, got {num_q_heads}")
-    if not 0 < scale < math.inf:
-        raise ValueError(f"scale: expected a positive float, got {scale}")
-    if softcap is not None and not 0 < softcap < math.inf:
-        raise ValueError(f"softcap: expected None or a positive float, got {softcap}")
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window: expected None or an int >= 1, got {sliding_window}")
+    for name, value in (("scale", scale), ("softcap", softcap)):
+        if name == "softcap" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name}: expected a positive float, got {type(value).__name__} {value!r}")
+        if not 0 < value < math.inf:
+            raise ValueError(f"{name}: expected a positive float, got {value}")
+    # the kernel takes int(window): a fractional or bool one would silently become another window
+    window_int = isinstance(sliding_window, numbers.Integral) and not isinstance(sliding_window, bool)
+    if sliding_window is not None and not (window_int and sliding_window >= 1):
+        raise ValueError(f"sliding_window: expected None or an int >= 1, got {sliding_window!r}")
 
 
 def tf32_matmuls() -> bool:
@@ -473,6 +479,8 @@ def subset_attention(
     Runs on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before import (tests).
     """
     path = DEFAULT_PATH if path is None else path
+    if isinstance(level, bool) or not isinstance(level, numbers.Integral):  # int() floored a fractional level
+        raise TypeError(f"level: expected an int >= 0, got {level!r}")
     level = int(level)
     if q.dim() != 4:
         raise ValueError(f"q: expected shape [C, S, Hq, D], got {tuple(q.shape)}")
