@@ -272,3 +272,25 @@ def test_a_float_memory_budget_plans_as_its_whole_bytes():
     one = sf.evaluate(net, game, method="naive", progress=False)
     for v in many:  # grouped games: other batch shapes, so rounding may differ with the thread count
         torch.testing.assert_close(v, one, rtol=1e-5, atol=1e-5)
+
+
+def test_plan_without_a_model_refuses_node_ids_beyond_memory(monkeypatch):
+    """``plan_trie`` without a model (token counts, ``ideal_ratio``) had no memory check at all: for n=34 it built the
+    node ids of all 2^j nodes of every level (2^35 int64, 256 GiB) and the process was killed by the OOM killer. It
+    now raises TrieMemoryError, naming the bytes the ids need and the budget, before building any of them."""
+    from sftint_fast.engine import plan as plan_module
+
+    def built(*args, **kwargs):
+        raise AssertionError("the node ids were built before the memory check")
+
+    monkeypatch.setattr(plan_module, "_level_nodes", built)
+    big = layout(43, tuple((1 + i, 2 + i) for i in range(40)))
+    with pytest.raises(plan_module.TrieMemoryError, match=r"n=40.*node ids .* need .*\(17592186044408 bytes\).*"
+                                                         r"max_memory is .*\(1073741824 bytes\)"):
+        plan_trie(big, max_memory=1 << 30)
+    monkeypatch.setattr(plan_module, "free_memory", lambda device: 1 << 30)
+    with pytest.raises(plan_module.TrieMemoryError, match=r"n=40.*node ids .* need .*\(the default\)"):
+        plan_trie(big)
+    monkeypatch.undo()
+    small = plan_trie(layout(*LAYOUTS[1]), max_memory=8 * (2**5 - 1))  # exactly the ids of n=4 fit
+    assert small.kv_bytes == 0 and small.max_memory == 8 * (2**5 - 1)

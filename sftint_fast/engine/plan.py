@@ -265,7 +265,8 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
     Raises:
         ValueError: bad spans or subsets; :class:`TrieMemoryError` (a ValueError): a plan that does not fit
             ``max_memory`` even one node per chunk (the message says how much it needs, in GiB and bytes; raised
-            before the node ids of all ``2^n`` variants are built).
+            before the node ids of all ``2^n`` variants are built); without a model, ids of all ``2^n`` variants
+            that do not fit ``max_memory`` (default: a safe fraction of the available RAM).
 
     Example:
         >>> from types import SimpleNamespace
@@ -360,6 +361,14 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
         kv_bytes = fixed + window_nodes * window_bytes
     else:
         per_node, room = [0] * (num_players + 1), None
+        if level_nodes is None:  # no KV store to size, but the int64 ids of all 2^j nodes of every level are built
+            id_bytes = 8 * sum(counts)
+            budget = max_memory if max_memory is not None else default_max_memory(torch.device("cpu"))
+            if id_bytes > budget:
+                raise TrieMemoryError(f"the trie plan for n={num_players}: the node ids of all 2^j nodes of every "
+                                      f"level need {_size(id_bytes)}, but max_memory is {_size(budget)}"
+                                      f"{'' if max_memory is not None else ' (the default)'}; pass subsets= to "
+                                      "plan a sample, or evaluate fewer players")
     if level_nodes is None:
         level_nodes, leaf_index = _level_nodes(num_players, None)
     # Level by level, the same chunk of every game side by side: a chunk's ancestors are always scheduled earlier.
