@@ -981,7 +981,10 @@ _COMMANDS = [_add_info, _add_explain, _add_probes, _add_track, _add_demo, _add_c
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sftint", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="sftint", description=(
+        "Fast AND-OR interaction explanations of LLMs, and tracking of what supervised fine-tuning removes, keeps "
+        "and adds. 'sftint <command> --help' describes each command; 'sftint demo' runs the main job on the "
+        "bundled model."))
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _COMMANDS:
         add(sub)
