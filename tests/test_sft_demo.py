@@ -162,10 +162,8 @@ def test_demo_prints_its_headline_as_strict_json(tmp_path, monkeypatch, capsys):
     assert headline["rho_removed"] is None and headline["steps"] == [0]
 
 
-def test_demo_rerun_with_other_training_options_is_refused_before_training(tmp_path, monkeypatch):
-    """A rerun into an --out that holds a run resumes its tracker: the steps saved there are skipped, so a rerun
-    with another --lr (--lora, batch size) reported the first run's interactions and held-out losses beside the new
-    run's training losses. It is refused before the model loads; the same options still resume."""
+def _tiny_demo(monkeypatch):
+    """run_demo on a tiny random llama with a word-level chat tokenizer, no reference model, a cheap tracker."""
     import functools
 
     import sftint_fast as sf
@@ -173,8 +171,6 @@ def test_demo_rerun_with_other_training_options_is_refused_before_training(tmp_p
     from conftest import tiny_model
     from dist_scripts.sft_callback import make_tokenizer
 
-    if importlib.util.find_spec("chatterbot_corpus") is None:
-        pytest.skip("chatterbot-corpus is not installed (README install command)")
     tok = make_tokenizer()
     tok.chat_template = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
                          "{% if add_generation_prompt %}<s> assistant {% endif %}")
@@ -182,6 +178,18 @@ def test_demo_rerun_with_other_training_options_is_refused_before_training(tmp_p
     monkeypatch.setattr(demo, "_reference", lambda: None)
     monkeypatch.setattr(demo, "SFTTracker", functools.partial(demo.SFTTracker, min_base_py=0.0, bootstrap=20,
                                                               numerics_check=False))
+
+
+def test_demo_rerun_with_other_training_options_is_refused_before_training(tmp_path, monkeypatch):
+    """A rerun into an --out that holds a run resumes its tracker: the steps saved there are skipped, so a rerun
+    with another --lr (--lora, batch size) reported the first run's interactions and held-out losses beside the new
+    run's training losses. It is refused before the model loads; the same options still resume."""
+    import sftint_fast as sf
+    import sftint_fast.sft.demo as demo
+
+    if importlib.util.find_spec("chatterbot_corpus") is None:
+        pytest.skip("chatterbot-corpus is not installed (README install command)")
+    _tiny_demo(monkeypatch)
     save_probes([Probe("the big cat sat on the red mat")], tmp_path / "probes.jsonl")
     out = tmp_path / "demo"
     options = dict(steps=2, every=2, probes_file=tmp_path / "probes.jsonl", n_players=3, andor_method="and",
@@ -204,12 +212,7 @@ def test_demo_leaves_the_probes_questions_out_of_training(tmp_path, monkeypatch)
     """A probe drawn from chatterbot (--probe-sources chatterbot: 240 of 267 confident ones were training questions)
     was trained on: its interactions then measured memorisation. Its pairs are left out of training; a rerun into a
     folder trained on other pairs (another probe set) is refused."""
-    import functools
-
-    import sftint_fast as sf
     import sftint_fast.sft.demo as demo
-    from conftest import tiny_model
-    from dist_scripts.sft_callback import make_tokenizer
     from sftint_fast.sft.probes import drop_questions, sft_example, split_pairs
 
     words = "the big cat sat on a red mat under blue sky when sun is over green tree".split()
@@ -218,13 +221,7 @@ def test_demo_leaves_the_probes_questions_out_of_training(tmp_path, monkeypatch)
     train, _ = split_pairs(pairs, heldout_fraction=0.1, seed=0)
     question = train[0][0]
     assert drop_questions(train, [Probe(f" {question.upper()} ")]) == [p for p in train if p[0] != question]
-    tok = make_tokenizer()
-    tok.chat_template = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
-                         "{% if add_generation_prompt %}<s> assistant {% endif %}")
-    monkeypatch.setattr(sf, "load_default", lambda: (tiny_model("llama"), tok), raising=False)
-    monkeypatch.setattr(demo, "_reference", lambda: None)
-    monkeypatch.setattr(demo, "SFTTracker", functools.partial(demo.SFTTracker, min_base_py=0.0, bootstrap=20,
-                                                              numerics_check=False))
+    _tiny_demo(monkeypatch)
     trained = []
     monkeypatch.setattr(demo, "sft_example", lambda tokenizer, q, a: trained.append(q) or sft_example(tokenizer, q, a))
     save_probes([Probe(question)], tmp_path / "probes.jsonl")
