@@ -91,6 +91,13 @@ class Game:
             raise ValueError("baseline: expected finite values, received NaN/inf")
         if self.masking not in ("embedding", "attention"):
             raise ValueError(f"masking: expected 'embedding' or 'attention', received {self.masking!r}")
+        last_token = (self.prompt_length - 1, self.prompt_length)
+        if self.masking == "attention" and m == 1 and spans and spans[-1] == last_token:
+            # a masked token is hidden from the other queries only; the scored query keeps its own token
+            warnings.warn(f"masking='attention': player {n - 1} ({words[-1]!r}) is only the prompt's last token, which "
+                          "no query but its own (the scored one) attends to with a one-token target, so it is a null "
+                          "player (every interaction with it is 0); use masking='embedding' or leave it out",
+                          UserWarning, stacklevel=3)
         if not (self.value == "log_odds" or callable(self.value)):
             raise ValueError(f"value: expected 'log_odds' or a callable on logits (B, m, V), received {self.value!r}")
         rows = torch.full((ids.numel(),), -1, dtype=torch.int64)

@@ -1,9 +1,11 @@
 """Game.from_text: ids, players, targets, baselines, chat; masked_embeds and values_from_logits."""
 import dataclasses
+import warnings
 
 import pytest
 import torch
 
+import sftint_fast as sf
 from sftint_fast.game import Game
 
 from conftest import tiny_model
@@ -387,3 +389,18 @@ def test_a_sentencepiece_target_whose_leading_space_becomes_a_token_is_warned_ab
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Game.from_text(tiny_model("llama", vocab_size=len(bpe)), bpe, text, target=" paris", **zero)
+
+
+def test_attention_masking_warns_of_a_last_token_player(model, tok):
+    # "attention" masking hides a masked token from the other queries only: a player that is just the prompt's last
+    # token is seen by no query but its own (the scored one) with a one-token target, so it is a null player
+    with pytest.warns(UserWarning, match="null player"):
+        game = Game.from_text(model, tok, "the cat sat on the mat", masking="attention")
+    v = sf.evaluate(model, game, progress=False)
+    last = 1 << (game.num_players - 1)
+    assert torch.equal(v[last:], v[:last])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a target token after it attends to it; embedding masking replaces it
+        Game.from_text(model, tok, "the cat sat on the mat", masking="attention", target="the mat")
+        Game.from_text(model, tok, "the cat sat on the mat")
+        Game.from_text(model, tok, "the cat sat on the mat", masking="attention", players=[0, 1])
