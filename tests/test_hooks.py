@@ -207,3 +207,30 @@ def test_flop_counter_keeps_the_trie_on():
         assert user_hooks(model) == []
         torch.testing.assert_close(sf.evaluate(model, game, method="trie", progress=False), naive, rtol=0, atol=1e-4)
     assert counter.get_total_flops() > 0
+
+
+def test_trl_activation_offloading_keeps_the_trie_on(monkeypatch):
+    """TRL's SFTTrainer(activation_offloading=True) leaves a pair of lambdas on the LM head (they enter and leave a
+    no-op saved-tensors context: no value changes); they kept the whole tracking run on the naive engine."""
+    offloading = pytest.importorskip("trl.models.activation_offloading")
+
+    class NoAccelerator:  # OffloadActivations needs an accelerator; the hooks are what is tested here
+        def __init__(self, **kwargs):
+            pass
+
+        def update_model_params(self, model):
+            pass
+
+    monkeypatch.setattr(offloading, "OffloadActivations", NoAccelerator)
+    model = tiny_model("llama", initializer_range=0.2)
+    offloading.get_act_offloading_ctx_manager(model=model)
+    assert len(model.lm_head._forward_hooks) == len(model.lm_head._forward_pre_hooks) == 1
+    assert user_hooks(model) == []
+    game = make_game("first_and_last")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback warning
+        trie = sf.evaluate(model, game, method="trie", progress=False)
+    torch.testing.assert_close(trie, sf.evaluate(model, game, method="naive", progress=False), atol=2e-5, rtol=1e-5)
+    # a lambda of another module (a user's) is still refused
+    model.lm_head.register_forward_hook(lambda module, args, output: output * 2)
+    assert len(user_hooks(model)) == 1

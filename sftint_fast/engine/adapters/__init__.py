@@ -70,12 +70,14 @@ def find_adapter(model: torch.nn.Module) -> tuple[Adapter | None, str]:
 #: ``enable_input_require_grads`` (gradient checkpointing: the embedding's output requires grad; transformers', and
 #: PEFT's and TRL's copies), NEFTune's noise on the embedding (a ``Trainer`` with ``neftune_noise_alpha``; it adds
 #: noise in training mode only, and the engines run the model in eval mode), and the global hooks of torch's module
-#: trackers (``FlopCounterMode``: they only record which module runs). Any other hook (a user's steering or
-#: ablation hook, a module-global one, another library's) turns the trie off. The function name, not its qualified
-#: name: the functions that install these hooks get renamed between releases.
+#: trackers (``FlopCounterMode``: they only record which module runs), and TRL's activation offloading (an
+#: ``SFTTrainer`` with ``activation_offloading``: lambdas on the LM head that enter and leave a no-op saved-tensors
+#: context; a lambda is told by its full module name). Any other hook (a user's steering or ablation hook, a
+#: module-global one, another library's) turns the trie off. The function name, not its qualified name: the
+#: functions that install these hooks get renamed between releases.
 LIBRARY_HOOKS = frozenset({("transformers", "output_capturing_hook"), ("transformers", "make_inputs_require_grads"),
                            ("transformers", "neftune_post_forward_hook"), ("peft", "make_inputs_require_grad"),
-                           ("trl", "make_inputs_require_grad"),
+                           ("trl", "make_inputs_require_grad"), ("trl.models.activation_offloading", "<lambda>"),
                            # torch's module trackers (FlopCounterMode, the memory tracker): global observers
                            ("torch", "_fw_pre_hook"), ("torch", "_fw_post_hook")})
 _HOOK_KINDS = (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"))
@@ -96,7 +98,8 @@ def _hook_origin(hook) -> tuple[str, str]:
 
 def _library_hook(hook) -> bool:
     module, name = _hook_origin(hook)
-    return (module.split(".", 1)[0], name.rsplit(".", 1)[-1]) in LIBRARY_HOOKS
+    name = name.rsplit(".", 1)[-1]
+    return (module.split(".", 1)[0], name) in LIBRARY_HOOKS or (module, name) in LIBRARY_HOOKS
 
 
 def user_hooks(model: torch.nn.Module) -> list[str]:
