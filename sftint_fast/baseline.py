@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from sftint_fast.engine import _no_autocast
 from sftint_fast.engine.naive import _accepts_logits_to_keep, check_inputs_embeds, model_device
 from sftint_fast.game import Game, _describe, _eval_mode
 
@@ -129,7 +130,8 @@ def baseline_objective(
     generator = torch.Generator().manual_seed(int(seed))
     device = model_device(model)
     total = 0.0
-    with torch.no_grad(), _eval_mode(model):  # dropout would make the same baseline score differently
+    # dropout would make the same baseline score differently; a caller's autocast is off, as in sf.evaluate
+    with torch.no_grad(), _eval_mode(model), _no_autocast(device):
         for game in game_list:
             triples = sample_triples(game.num_players, samples, generator)
             total += float(_objective(model, game, baseline.to(device), triples))
@@ -169,7 +171,7 @@ def learn_baseline(
         ``dataclasses.replace(game, baseline=b)``.
 
     The model's parameters get no gradients (``requires_grad`` is switched off and restored) and the model
-    runs in eval mode (restored after).
+    runs in eval mode (restored after), outside a caller's autocast region (as in ``sf.evaluate``).
     """
     for name, flag in (("per_player", per_player), ("progress", progress)):
         if not isinstance(flag, bool):  # a string is truthy: per_player="no" would learn (n, hidden)
@@ -190,8 +192,9 @@ def learn_baseline(
     params = list(model.parameters())
     grad_flags = [p.requires_grad for p in params]
     try:
-        # the SGD needs autograd even when the caller runs under torch.no_grad() / torch.inference_mode()
-        with _eval_mode(model), torch.inference_mode(False), torch.enable_grad():
+        # the SGD needs autograd even when the caller runs under torch.no_grad() / torch.inference_mode(); a caller's
+        # autocast is off: the baseline is learned on the values sf.evaluate will score it with
+        with _eval_mode(model), torch.inference_mode(False), torch.enable_grad(), _no_autocast(device):
             baseline = start.to(device).clone().requires_grad_(True)  # not an inference tensor
             optimizer = torch.optim.SGD([baseline], lr=lr, momentum=momentum)
             for p in params:

@@ -210,3 +210,18 @@ def test_a_per_player_init_without_per_player_is_refused_not_averaged():
     per_player_game = dataclasses.replace(game, baseline=torch.randn(5, 32))
     assert torch.allclose(sf.learn_baseline(model, per_player_game, epochs=0, progress=False),
                           per_player_game.baseline.mean(0))  # the default start still averages the game's rows
+
+
+def test_a_callers_autocast_region_is_switched_off_as_by_the_engine():
+    """``sf.evaluate`` switches a caller's autocast off (``compute_dtype`` alone sets the precision), the baseline's
+    objective did not: under ``torch.autocast(bfloat16)`` it scored, and learned against, bf16 values (0.00273
+    instead of 0.00262), not the values the engine will evaluate the learned baseline with."""
+    model = tiny_model("llama")
+    game = make_game(0)
+    expected_score = baseline_objective(model, game, game.baseline, samples=16, seed=5)
+    expected = sf.learn_baseline(model, game, epochs=2, lr=1.0, progress=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        score = baseline_objective(model, game, game.baseline, samples=16, seed=5)
+        learned = sf.learn_baseline(model, game, epochs=2, lr=1.0, progress=False)
+    assert score == expected_score
+    assert torch.equal(learned, expected)

@@ -104,3 +104,19 @@ def test_sampling_approximator_on_many_players_runs_in_the_trie(model):
         estimates[method] = np.array([estimate[(i,)] for i in range(n)])
     np.testing.assert_allclose(estimates["trie"], estimates["naive"], atol=1e-4)
     assert np.abs(estimates["trie"]).max() > 1e-3  # a non-trivial estimate
+
+
+def test_the_empty_coalition_is_exactly_zero_in_any_batch(model):
+    """shapiq's imputers set the empty coalition's rows to ``empty_prediction`` (their normalisation value), so a
+    normalised game is exactly 0 there. Ours re-evaluated v(∅) in the batch shapiq passed, where fp32 sums differ
+    from the construction-time evaluation: ExactComputer's Möbius m(∅) and baseline_value were -9.5e-7, not 0."""
+    game = six_player_game(seed=1)
+    shap_game = MaskedLMGame(model, game, method="naive")
+    coalitions = np.random.default_rng(0).random((40, 6)) < 0.5
+    coalitions[[0, 17]] = False
+    values = shap_game(coalitions)
+    assert values[0] == 0.0 and values[17] == 0.0
+    moebius = shapiq.ExactComputer(shap_game)("Moebius")
+    assert moebius.baseline_value == 0.0 and moebius[()] == 0.0
+    raw = MaskedLMGame(model, game, method="naive", normalize=False)
+    np.testing.assert_allclose(raw(coalitions)[[0, 17]], shap_game.normalization_value, atol=1e-5)

@@ -7,7 +7,8 @@ sftint_fast game = bit i of our bitmask** (``S = Σ_i coalition[i] · 2^i``), so
 
 Normalisation: shapiq subtracts ``normalization_value`` from every value it returns; with ``normalize=True``
 (the default) that is ``v(∅)``, evaluated once at construction, so the shapiq game is ``v(S) - v(∅)``
-and its Möbius transform equals ``sf.harsanyi(v - v[0])``.
+and its Möbius transform equals ``sf.harsanyi(v - v[0])``. As in shapiq's imputers (``empty_prediction``), the
+empty coalition's rows return that value, so the normalised game is exactly 0 there in any batch.
 
 Requires the optional extra: ``pip install "sftint_fast[shapiq]"``.
 """
@@ -68,6 +69,7 @@ class MaskedLMGame(shapiq.Game):
         self.masked_game = game
         self.evaluate_kwargs = evaluate_kwargs
         empty = float(self._evaluate(torch.zeros(1, dtype=torch.int64))[0]) if normalize else None
+        self.empty_value = empty  # v(∅) for the empty rows of every batch (fp32 sums differ with the batch)
         names = list(game.words) if len(set(game.words)) == len(game.words) else None
         super().__init__(n_players=game.num_players, normalize=normalize, normalization_value=empty,
                          verbose=verbose, player_names=names)
@@ -83,4 +85,8 @@ class MaskedLMGame(shapiq.Game):
         if matrix.ndim == 2 and matrix.shape[1] != self.n_players:
             raise ValueError(f"coalitions: expected {self.n_players} columns (one per player), received "
                              f"{matrix.shape[1]}")
-        return self._evaluate(coalitions_to_bitmasks(matrix))
+        subsets = coalitions_to_bitmasks(matrix)
+        values = self._evaluate(subsets)
+        if self.empty_value is not None:
+            values[subsets.numpy() == 0] = self.empty_value
+        return values
