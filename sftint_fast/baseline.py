@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from sftint_fast.engine import _no_autocast
+from sftint_fast.engine import _no_autocast, _unwrap_parallel
 from sftint_fast.engine.naive import _accepts_logits_to_keep, check_inputs_embeds, model_device
 from sftint_fast.game import Game, _describe, _eval_mode
 
@@ -118,6 +118,7 @@ def baseline_objective(
     if not isinstance(baseline, torch.Tensor) or not baseline.is_floating_point():
         raise TypeError(f"baseline: expected a floating-point tensor (hidden,) or (n, hidden), got "
                         f"{_describe(baseline)}")
+    model = _unwrap_parallel(model)  # a training loop's DDP / DataParallel model, as sf.evaluate takes it
     game_list = _check_games(model, games, per_player=baseline.dim() == 2)
     if not (isinstance(samples, int) and not isinstance(samples, bool) and samples >= 1):
         raise ValueError(f"samples: expected an int >= 1, got {samples!r}")
@@ -176,6 +177,7 @@ def learn_baseline(
     for name, flag in (("per_player", per_player), ("progress", progress)):
         if not isinstance(flag, bool):  # a string is truthy: per_player="no" would learn (n, hidden)
             raise TypeError(f"{name}: expected a bool, got {flag!r}")
+    model = _unwrap_parallel(model)  # a training loop's DDP / DataParallel model, as sf.evaluate takes it
     game_list = _check_games(model, games, per_player)
     if not (isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 0):
         raise ValueError(f"epochs: expected an int >= 0, got {epochs!r}")

@@ -225,3 +225,15 @@ def test_a_callers_autocast_region_is_switched_off_as_by_the_engine():
         learned = sf.learn_baseline(model, game, epochs=2, lr=1.0, progress=False)
     assert score == expected_score
     assert torch.equal(learned, expected)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # DataParallel without GPUs
+def test_a_dataparallel_model_learns_the_baseline_of_the_model_it_holds():
+    """A training loop's wrapped model: sf.evaluate looks through it, learn_baseline raised AttributeError."""
+    model = tiny_model("llama")
+    game = make_game(3)
+    plain = sf.learn_baseline(model, game, epochs=2, lr=0.01, progress=False)
+    wrapped = torch.nn.DataParallel(model)
+    torch.testing.assert_close(sf.learn_baseline(wrapped, game, epochs=2, lr=0.01, progress=False), plain,
+                               rtol=0, atol=0)
+    assert baseline_objective(wrapped, game, plain) == baseline_objective(model, game, plain)
