@@ -120,3 +120,15 @@ def test_the_empty_coalition_is_exactly_zero_in_any_batch(model):
     assert moebius.baseline_value == 0.0 and moebius[()] == 0.0
     raw = MaskedLMGame(model, game, method="naive", normalize=False)
     np.testing.assert_allclose(raw(coalitions)[[0, 17]], shap_game.normalization_value, atol=1e-5)
+
+
+def test_grand_and_empty_coalition_values(model):
+    """shapiq's properties took float() of a (1,) array: a TypeError with numpy >= 2.4, on every game."""
+    game = six_player_game(seed=2)
+    v = sf.evaluate(model, game, method="naive", progress=False).double()
+    shap_game = MaskedLMGame(model, game, method="naive")
+    assert shap_game.empty_coalition_value == 0.0
+    assert shap_game.grand_coalition_value == pytest.approx(float(v[-1] - v[0]), abs=1e-5)
+    raw = MaskedLMGame(model, game, method="naive", normalize=False)
+    assert raw.grand_coalition_value == pytest.approx(float(v[-1]), abs=1e-5)
+    assert raw.empty_coalition_value == pytest.approx(float(v[0]), abs=1e-5)

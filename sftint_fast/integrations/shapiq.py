@@ -74,6 +74,21 @@ class MaskedLMGame(shapiq.Game):
         super().__init__(n_players=game.num_players, normalize=normalize, normalization_value=empty,
                          verbose=verbose, player_names=names)
 
+    # shapiq's own properties take float() of a (1,) array, an error from numpy 2.4 on
+    @property
+    def empty_coalition_value(self) -> float:
+        """The game's value (normalised when ``normalize``) of the empty coalition."""
+        if self._empty_coalition_value_property is None:
+            self._empty_coalition_value_property = float(np.asarray(self(self.empty_coalition)).reshape(-1)[0])
+        return self._empty_coalition_value_property
+
+    @property
+    def grand_coalition_value(self) -> float:
+        """The game's value (normalised when ``normalize``) of the grand coalition."""
+        if self._grand_coalition_value_property is None:
+            self._grand_coalition_value_property = float(np.asarray(self(self.grand_coalition)).reshape(-1)[0])
+        return self._grand_coalition_value_property
+
     def _evaluate(self, subsets: torch.Tensor) -> np.ndarray:
         values = evaluate(self.model, self.masked_game, subsets=subsets, progress=False, **self.evaluate_kwargs)
         return values.detach().to("cpu", torch.float64).numpy()
