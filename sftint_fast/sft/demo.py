@@ -94,7 +94,8 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
         logger.info("demo: %d probes with p_y >= 0.5 from %s", len(probe_set), ", ".join(probe_sources))
     kept = drop_questions(train_pairs, probe_set)  # the probes are not trained on (chatterbot ones would be)
     if len(kept) < len(train_pairs):
-        logger.info("demo: %d training pairs ask a probe's question, left out of training", len(train_pairs) - len(kept))
+        logger.info("demo: %d training pairs ask a probe's question, left out of training",
+                    len(train_pairs) - len(kept))
     train_pairs = kept
     # the training data is part of the run: a rerun whose pairs differ (another probe set, corpus, or an older
     # version's split) would resume the tracker's steps of another training

@@ -40,7 +40,8 @@ def as_probes(items: Sequence[Any], *, what: str = "probes") -> list[Probe]:
     out = []
     for i, item in enumerate(items):
         if isinstance(item, Probe):  # its players checked as a file's are: Probe(players=()) would be dropped here,
-            out.append(Probe(item.prompt, item.answer, _players(item.players, i, what)))  # and reload with the first words
+            # and reload with the first words
+            out.append(Probe(item.prompt, item.answer, _players(item.players, i, what)))
         elif isinstance(item, str):
             if not item.strip():
                 raise ValueError(f"{what}[{i}]: expected a non-empty prompt string, got {item!r}")
@@ -54,7 +55,8 @@ def as_probes(items: Sequence[Any], *, what: str = "probes") -> list[Probe]:
                 raise ValueError(f"{what}[{i}]: expected a non-empty 'prompt' string, got {item.get('prompt')!r}")
             if item.get("answer") is not None and not isinstance(item["answer"], str):
                 raise ValueError(f"{what}[{i}]: expected an 'answer' string, got {item['answer']!r}")
-            out.append(Probe(prompt=item["prompt"], answer=item.get("answer"), players=_players(item.get("players"), i, what)))
+            out.append(Probe(prompt=item["prompt"], answer=item.get("answer"),
+                             players=_players(item.get("players"), i, what)))
         else:
             raise TypeError(f"{what}[{i}]: expected a str, dict or Probe, got {type(item).__name__}")
     if not out:
