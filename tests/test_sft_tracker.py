@@ -269,6 +269,47 @@ def test_probe_sources_come_in_order_and_a_missing_one_is_an_error(monkeypatch):
             P.confident_candidates(bad)
 
 
+def test_callback_tracks_the_last_step_when_every_does_not_divide_it(tokenizer, tmp_path):
+    """The model training ends with is tracked whatever ends it: max_steps not a multiple of ``every`` (5 with
+    every=2, no saving) tracked steps 0, 2, 4 and never the final model; a StopFileCallback stopping without a save
+    (step 3) the same; the step is logged once, with the final model (not the best one loaded after it)."""
+    trainer = _trainer(tmp_path, max_steps=5, lr=1e-2, logging_steps=1)
+    tracker = _tracker(tokenizer, persistence=1, noise_floor=None)
+    sf.InteractionCallback(tracker, every=2).attach(trainer)
+    trainer.train()
+    assert tracker.steps == [0, 2, 4, 5]
+    assert [h["step"] for h in trainer.state.log_history if "interactions/removed" in h] == [0, 2, 4, 5]
+
+    from transformers import TrainerCallback
+
+    stop = tmp_path / "STOP"
+
+    class Appears(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                stop.write_text("3")
+
+    trainer = _trainer(tmp_path, max_steps=10, lr=1e-2, callbacks=[Appears(), sf.StopFileCallback(stop, save=False)])
+    tracker = _tracker(tokenizer, persistence=1, noise_floor=None)
+    sf.InteractionCallback(tracker, every=2).attach(trainer)
+    trainer.train()
+    assert trainer.state.global_step == 3 and tracker.steps == [0, 2, 3]
+
+
+def test_callback_warns_when_training_begins_before_the_steps_its_tracker_holds(tokenizer, tmp_path, caplog):
+    """``trainer.train()`` a second time (global_step back to 0, the model trained on): every step up to the
+    tracker's last (4) was skipped in silence, and the run tracked nothing; it is tracked the same, and said."""
+    trainer = _trainer(tmp_path, max_steps=4, lr=1e-2)
+    tracker = _tracker(tokenizer, persistence=1, noise_floor=None)
+    sf.InteractionCallback(tracker, every=2).attach(trainer)
+    trainer.train()
+    with caplog.at_level("WARNING", logger="sftint_fast.sft.callback"):
+        trainer.train()
+    assert tracker.steps == [0, 2, 4]
+    warned = [r.getMessage() for r in caplog.records if r.name == "sftint_fast.sft.callback"]
+    assert len(warned) == 1 and "training begins at step 0" in warned[0] and "up to step 4" in warned[0]
+
+
 def test_callback_whose_report_cannot_be_written_warns_and_training_goes_on(tokenizer, tmp_path, caplog):
     (tmp_path / "taken").write_text("a file where the report folder should be")
     trainer = _trainer(tmp_path, max_steps=2, lr=1e-2)
@@ -1021,14 +1062,15 @@ def test_callback_spaces_tracking_to_keep_within_its_overhead_budget(tokenizer, 
     callback = sf.InteractionCallback(tracker, every=2, max_overhead=0.25).attach(trainer)
     trainer.train()
     # base at 0 (9 s, outside the budget); step 2 (S=9, W=11): k = (18/0.25 - 20) / 1 = 52 -> 54;
-    # step 54 (S=18, W=72): k = (27/0.25 - 81) = 27 -> 81; step 81 (S=27, W=108): k = (36/0.25 - 117) = 27 -> 108
-    assert tracker.steps == [0, 2, 54, 81]
-    assert callback.next_step == 108 and callback.seconds_first == 9.0 and callback.seconds_tracking == 27.0
-    assert callback.seconds_tracking / callback.seconds_training == pytest.approx(27 / 127)  # within 0.25
+    # step 54 (S=18, W=72): k = (27/0.25 - 81) = 27 -> 81; step 81 (S=27, W=108): k = (36/0.25 - 117) = 27 -> 108;
+    # the last step (100, where training ends) is tracked whatever the budget: (S=36, W=136): k = 180 - 145 -> 135
+    assert tracker.steps == [0, 2, 54, 81, 100]
+    assert callback.next_step == 135 and callback.seconds_first == 9.0 and callback.seconds_tracking == 36.0
+    assert callback.seconds_tracking / callback.seconds_training == pytest.approx(36 / 136)
     logged = [h for h in trainer.state.log_history if "interactions/next_tracking_step" in h]
-    assert [h["interactions/next_tracking_step"] for h in logged] == [2, 54, 81, 108]
+    assert [h["interactions/next_tracking_step"] for h in logged] == [2, 54, 81, 108, 135]
     assert [round(h["interactions/tracking_overhead"], 6) for h in logged[1:]] == [
-        round(9 / 11, 6), round(18 / 72, 6), round(27 / 108, 6)]
+        round(9 / 11, 6), round(18 / 72, 6), round(27 / 108, 6), round(36 / 136, 6)]
     with pytest.raises(ValueError, match=r"max_overhead: expected a share of the run's wall time in \(0, 1\)"):
         sf.InteractionCallback(tracker, max_overhead=1.0)
     with pytest.raises(TypeError, match="report_dir: expected a folder path or None, got int"):

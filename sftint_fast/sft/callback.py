@@ -35,7 +35,8 @@ logger = logging.getLogger(__name__)
 
 
 class InteractionCallback(TrainerCallback):
-    """Runs ``tracker.add_checkpoint`` at step 0, every ``every`` steps and on every save.
+    """Runs ``tracker.add_checkpoint`` at step 0, every ``every`` steps, on every save and at the step training
+    ends (the final model, whatever ended it).
 
     The model is evaluated in eval mode under ``torch.no_grad`` and its train mode is restored; with ``bf16``/``fp16``
     its own forward runs, not the Trainer's autocast one (the tracker's ``compute_dtype`` sets the precision).
@@ -134,6 +135,11 @@ class InteractionCallback(TrainerCallback):
                            "model. To compare with the pre-training model, track that first "
                            "(tracker.add_checkpoint(base_model, 0)) or resume the tracker of the run that began at "
                            "step 0 (the same out_dir)", state.global_step, where, state.global_step)
+        if self.tracker.steps and state.global_step < self.tracker.steps[-1] and state.is_world_process_zero:
+            logger.warning("training begins at step %d, and the tracker holds steps up to step %d: those steps are "
+                           "not tracked again (a second trainer.train(), or a resume from an earlier checkpoint); "
+                           "tracking goes on after step %d", state.global_step, self.tracker.steps[-1],
+                           self.tracker.steps[-1])
         self._track(state, control, model, state.global_step)
         if (self.stop_at_boundary and state.is_world_process_zero and self.tracker.records
                 and self.tracker.records[0].values.shape[0] < 2 and self.tracker.config.boundary_significant):
@@ -151,6 +157,13 @@ class InteractionCallback(TrainerCallback):
         else:
             due = self.next_step is not None and state.global_step >= self.next_step
         if due:
+            self._track(state, control, model, state.global_step)
+        return control
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        # training ends (max_steps, an early stop, a stop file): track the final model, whatever ``every`` and the
+        # saves left out; here, before ``load_best_model_at_end`` swaps in another model (on_train_end is too late)
+        if control.should_training_stop:
             self._track(state, control, model, state.global_step)
         return control
 
