@@ -326,13 +326,14 @@ def load_causal_lm(path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
     the same function as the adapted model up to float rounding, at the base model's speed. ``merge=False`` keeps the
     ``PeftModel`` (the trie engine runs it too). Prompt-learning adapters (prefix / prompt tuning) are refused: they
     change the input sequence the players index. ValueError for a folder with neither config, an adapter whose
-    weights do not fit the base; ImportError without ``peft`` (the ``peft`` extra).
+    weights do not fit the base, safetensors that cannot be read (cut off: a save still in progress); ImportError
+    without ``peft`` (the ``peft`` extra).
     """
-    from transformers import AutoModelForCausalLM
+    from safetensors import SafetensorError
 
     path = Path(path)
     if (path / "config.json").is_file():
-        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+        return _from_pretrained(path, dtype).eval()
     if not (path / "adapter_config.json").is_file():
         found = sorted(p.name for p in path.iterdir())[:10] if path.is_dir() else "not a folder"
         raise ValueError(f"checkpoint {path}: expected a model folder (config.json) or a PEFT adapter folder "
@@ -350,15 +351,33 @@ def load_causal_lm(path: str | os.PathLike, *, dtype: torch.dtype = torch.float3
     named = config.base_model_name_or_path
     if base is not None and named and Path(named).is_dir() and Path(named).resolve() != base_dir.resolve():
         logger.warning("adapter %s names the base %s; applying it over %s as asked", path, named, base_dir)
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype)
+    model = _from_pretrained(base_dir, dtype)
     try:
         model = peft.PeftModel.from_pretrained(model, str(path))
+    except SafetensorError as err:
+        raise _cut_off(path, err) from None
     except (RuntimeError, ValueError, KeyError) as err:  # size mismatch / target modules missing in this base
         raise ValueError(f"checkpoint {path}: expected an adapter trained on the base {base_dir}, but its weights do "
                          f"not fit that model: {' '.join(str(err).split())[:500]}") from None
     if merge:
         model = model.merge_and_unload()
     return model.eval()
+
+
+def _from_pretrained(path: Path, dtype: torch.dtype) -> Any:
+    from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    except SafetensorError as err:
+        raise _cut_off(path, err) from None
+
+
+def _cut_off(path: Path, err: Exception) -> ValueError:
+    # a save killed or still in progress, a copy cut short: the library's own message names no file
+    return ValueError(f"checkpoint {path}: expected complete weight files, got safetensors that cannot be read (a "
+                      f"save or copy cut off or still in progress?): {err}")
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

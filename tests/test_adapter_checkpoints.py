@@ -3,6 +3,7 @@ them over their base and merges, ``sftint track`` tracks them like full checkpoi
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -208,3 +209,18 @@ def test_explain_cli_on_an_adapter_whose_base_is_given_with_base(folders, tmp_pa
     torch.testing.assert_close(saved, expected, atol=1e-4, rtol=1e-4)
     assert main([*argv, "--base", str(tmp_path / "nowhere"), "--out", str(tmp_path / "y")]) == 2
     assert "base: expected 'default', 'gemma' or a local model folder" in capsys.readouterr().err
+
+
+def test_a_cut_off_adapter_checkpoint_is_refused_with_its_path(folders, tmp_path):
+    """An adapter whose adapter_model.safetensors was cut off (a LoRA Trainer's save killed or still being copied):
+    a ValueError naming the folder (it was the safetensors library's own error, naming no file, and a traceback
+    out of `sftint track`), not the "do not fit that model" of a mismatched base."""
+    import shutil
+
+    root, _ = folders
+    ckpt = tmp_path / "checkpoint-10"
+    shutil.copytree(root / "ckpt" / "checkpoint-10", ckpt)
+    weights = ckpt / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"checkpoint {re.escape(str(ckpt))}: expected complete weight files"):
+        load_causal_lm(ckpt, base=root / "base")

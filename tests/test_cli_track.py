@@ -802,3 +802,87 @@ def test_track_cli_names_the_jsonl_file_a_refusal_is_about(folders, tmp_path, te
     assert _track(root, tmp_path / "run", [str(root / "ckpt" / "checkpoint-10")], "--heldout", str(heldout)) == 2
     err = capsys.readouterr().err
     assert f"sftint track: {heldout}: " in err and message in err, err
+
+
+def test_track_cli_watch_waits_for_an_earlier_checkpoint_still_being_written(folders, tmp_path, monkeypatch, caplog):
+    """checkpoint-10 is still being written (config.json only, no trainer_state.json) when a complete checkpoint-20
+    is listed (a copy or sync that runs out of step order): 20 waits for 10, both are tracked in step order (20 was
+    tracked first, and 10, complete a moment later, skipped as before the last tracked step: lost)."""
+    import shutil
+
+    from sftint_fast.sft import demo
+
+    root, _ = folders
+    live = tmp_path / "live"
+    src = root / "ckpt"
+    shutil.copytree(src / "checkpoint-20", live / "checkpoint-20")
+    (live / "checkpoint-20" / "trainer_state.json").write_text(json.dumps({"global_step": 20}))
+    (live / "checkpoint-10").mkdir()
+    shutil.copy(src / "checkpoint-10" / "config.json", live / "checkpoint-10" / "config.json")
+    real, looks = demo._complete, []
+
+    def finished_at_the_second_look(path, settle):
+        if path.endswith("checkpoint-10"):
+            looks.append(path)
+            if len(looks) == 2:  # the save ends between the first look and the second
+                for f in (src / "checkpoint-10").iterdir():
+                    shutil.copy(f, live / "checkpoint-10" / f.name)
+                (live / "checkpoint-10" / "trainer_state.json").write_text(json.dumps({"global_step": 10}))
+        return real(path, settle)
+
+    monkeypatch.setattr(demo, "_complete", finished_at_the_second_look)
+    with caplog.at_level("WARNING", logger="sftint_fast.sft.demo"):
+        assert _track(root, tmp_path / "run", [str(live / "checkpoint-*")], "--watch", "0.1", "--idle-timeout",
+                      "1") == 0
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["steps"] == [0, 10, 20]
+    assert "before the last tracked step" not in caplog.text
+    assert "checkpoint-10 is not complete yet" in caplog.text
+
+
+def test_watch_complete_is_not_fooled_by_kept_modification_times(tmp_path, monkeypatch):
+    """A folder copied with its files' modification times kept (cp -a, rsync -a, shutil.copytree: a checkpoint
+    synced from the training machine) is complete only once unchanged for `settle` seconds: its files' old mtimes
+    made a copy still in progress (config.json there, the weights not yet) count as settled at once."""
+    import os
+    import time
+
+    from sftint_fast.sft import demo
+
+    folder = tmp_path / "checkpoint-10"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    os.utime(folder / "config.json", (time.time() - 3600, time.time() - 3600))  # kept from the source
+    assert not demo._complete(str(folder), 30.0)
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 31)
+    assert demo._complete(str(folder), 30.0)
+
+
+def test_track_cli_refuses_a_truncated_checkpoint_with_its_path(folders, tmp_path, capsys):
+    """A checkpoint whose safetensors file was cut off (a save killed, a copy in progress): the exit code 2 and a
+    message naming the folder, not the safetensors library's traceback."""
+    import shutil
+
+    root, _ = folders
+    ckpt = tmp_path / "ckpt" / "checkpoint-10"
+    shutil.copytree(root / "ckpt" / "checkpoint-10", ckpt)
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert _track(root, tmp_path / "run", [str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {ckpt}: expected complete weight files" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("name, value", [("watch", float("nan")), ("watch", float("inf")),
+                                         ("settle", float("nan")), ("idle_timeout", float("nan"))])
+def test_run_track_refuses_a_time_that_is_not_finite(folders, tmp_path, name, value):
+    """run_track (the API behind `sftint track`) took NaN and inf seconds: settle=nan left every folder without a
+    trainer_state.json unsettled forever, idle_timeout=nan never ran out, watch=nan/inf crashed in time.sleep."""
+    from sftint_fast.sft.demo import run_track
+
+    root, _ = folders
+    times = {"watch": 0.1, name: value}
+    with pytest.raises(ValueError, match=f"{name}: expected a finite number of seconds"):
+        run_track(str(root / "base"), [str(root / "ckpt" / "checkpoint-*")], str(root / "probes.jsonl"),
+                  tmp_path / "run", **times)
+    assert not (tmp_path / "run").exists()

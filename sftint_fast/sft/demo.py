@@ -12,6 +12,7 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -235,9 +236,9 @@ def run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str 
     from sftint_fast import distributed
 
     for name, value in (("watch", watch), ("idle_timeout", idle_timeout), ("settle", settle)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0
-                                  or (name == "watch" and value == 0)):
-            raise ValueError(f"{name}: expected a number of seconds {'> 0' if name == 'watch' else '>= 0'}, "
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value < 0 or (name == "watch" and value == 0)):
+            raise ValueError(f"{name}: expected a finite number of seconds {'> 0' if name == 'watch' else '>= 0'}, "
                              f"got {value!r}")
     if until_step is not None and (isinstance(until_step, bool) or not isinstance(until_step, int) or until_step < 1):
         raise ValueError(f"until_step: expected an int >= 1, got {until_step!r}")
@@ -407,6 +408,7 @@ def _follow(tracker: SFTTracker, patterns: Sequence[str], track: Any, report: An
     last_new = time.monotonic()
     skipped: set[str] = set()  # handed to track already: one not tracked (deleted, before the last step) is not
                                # listed again
+    waiting: set[str] = set()  # incomplete folders said to hold the later ones back (said once each)
     try:
         while until_step is None or not tracker.steps or tracker.steps[-1] < until_step:
             ready = None
@@ -414,7 +416,8 @@ def _follow(tracker: SFTTracker, patterns: Sequence[str], track: Any, report: An
                 try:  # rank 0 alone checks (the ranks act alike); one deleted since it was listed is left to track
                     # a step tracked already (a resumed run) goes to track too: it checks that its folder is the one
                     # tracked, not a retrained one
-                    ready = [p for p in _match(patterns) if p not in skipped and _complete(p, settle)]
+                    ready = _ready(_match(patterns), skipped, settle, tracker.steps[-1] if tracker.steps else -1,
+                                   waiting)
                     _check_folders(None, [p for p in ready if Path(p).exists()], None)
                 except ValueError as err:
                     ready = err
@@ -458,9 +461,30 @@ def _match(patterns: Sequence[str]) -> list[str]:
     return paths
 
 
+def _ready(paths: Sequence[str], skipped: set[str], settle: float, last_step: int, waiting: set[str]) -> list[str]:
+    """The listed folders (in step order) to track now: the complete ones not handed to track yet, up to the first
+    folder after ``last_step`` that is still being written (tracked first, a later one would leave it before the
+    last tracked step, skipped)."""
+    ready = []
+    for path in paths:
+        if path in skipped:
+            continue
+        if _complete(path, settle):
+            ready.append(path)
+        elif _step_of(path) > last_step and Path(path).is_dir():
+            if path not in waiting and any(_complete(p, settle) for p in paths[paths.index(path) + 1:]
+                                           if p not in skipped):
+                waiting.add(path)
+                logger.warning("%s is not complete yet (no trainer_state.json, or changed in the last %.0f s): the "
+                               "later checkpoints wait for it, to be tracked in step order", path, settle)
+            break
+    return ready
+
+
 def _complete(path: str, settle: float) -> bool:
     """A checkpoint folder is complete: ``trainer_state.json`` (written last by the ``Trainer``) is there, or it has a
-    model/adapter config and none of its files changed for ``settle`` seconds."""
+    model/adapter config and none of its files changed for ``settle`` seconds. A file's change time counts too: a
+    copy that keeps its source's modification times (``cp -a``, ``rsync -a``) is changing the folder now."""
     import time
 
     folder = Path(path)
@@ -469,7 +493,8 @@ def _complete(path: str, settle: float) -> bool:
     if not any((folder / name).is_file() for name in ("config.json", "adapter_config.json")):
         return False
     try:
-        newest = max(f.stat().st_mtime for f in folder.rglob("*") if f.is_file())
+        newest = max(max(s.st_mtime, s.st_ctime) for s in (f.stat() for f in [folder, *folder.rglob("*")]
+                                                            if f.is_file() or f.is_dir()))
     except (OSError, ValueError):  # a file vanished while listing: not settled
         return False
     return time.time() - newest >= settle
