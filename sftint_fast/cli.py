@@ -232,7 +232,7 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_explain)
 
 
-def _save_bar_plot(path, labels: list[str], values: list[float], xlabel: str) -> None:
+def _save_bar_plot(path, labels: list[str], values: list[float], xlabel: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -246,6 +246,7 @@ def _save_bar_plot(path, labels: list[str], values: list[float], xlabel: str) ->
     ax.invert_yaxis()
     ax.axvline(0.0, color="black", linewidth=0.8)
     ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     plt.close(fig)
@@ -482,6 +483,10 @@ def _explain_one(args: argparse.Namespace, tokenizer, text: str, game, v, out, c
     tensors = {"and": interactions.contiguous(), "shapley": phi.contiguous()}
     bars = (["{" + ", ".join(r.words) + "}" for r in ranked], [r.value for r in ranked],
             "AND interaction I(S) of v - v(empty)")
+    # what the bars explain: which output of which prompt, and the total they share out (v(N) - v(empty))
+    prompt = text if len(text) <= 60 else text[:57] + "..."
+    about = (f"of {prompt!r} -> target {tokenizer.decode(game.target)!r}\n"
+             f"(n={len(words)} players, v(N) - v(empty) = {float(v[-1] - v[0]):+.3f})")
     config = {
         "model": args.model, "base": args.base, "dtype": args.dtype,
         "device": getattr(args, "model_device", args.device),
@@ -501,13 +506,14 @@ def _explain_one(args: argparse.Namespace, tokenizer, text: str, game, v, out, c
             _print_andor(args, interactions, saved["andor_and"], saved["andor_or"], words)
         print(f"kept {out}: complete, from an earlier run with this config (delete its config.json to redo it)")
         return
-    andor = None
+    andor, kinds = None, "AND"
     if args.andor != "none":
         andor = sf.and_or(v.double(), method=args.andor, progress=True, **given)
         tensors.update({"andor_and": andor.I_and.float().contiguous(), "andor_or": andor.I_or.float().contiguous()})
         both = _print_andor(args, interactions, tensors["andor_and"], tensors["andor_or"], words)
         bars = ([f"{kind} {{{', '.join(r.words)}}}" for kind, r in both], [r.value for _, r in both],
                 "AND-OR interaction of v - v(empty)")
+        kinds = "AND-OR"
     if out is None:
         return
     config["andor"] = None if andor is None else andor.config
@@ -519,7 +525,7 @@ def _explain_one(args: argparse.Namespace, tokenizer, text: str, game, v, out, c
     metadata = {"config": text_config}
     _atomic_write(out / "v.safetensors", lambda tmp: save_file({"v": v.contiguous()}, tmp, metadata=metadata))
     _atomic_write(out / "interactions.safetensors", lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    _save_bar_plot(out / "interactions.png", *bars)
+    _save_bar_plot(out / "interactions.png", *bars, f"Top {len(bars[0])} {kinds} interactions {about}")
     # last: a folder with a config.json holds every file of _EXPLAIN_FILES (what _is_complete relies on)
     _atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text_config, encoding="utf-8"))
     print(f"wrote {out}/v.safetensors, interactions.safetensors, config.json, interactions.png")

@@ -249,10 +249,17 @@ def write_tracker_report(tracker: Any, out_dir: str | os.PathLike, *, training: 
 
 
 def headline(report: TrackReport) -> dict[str, Any]:
-    """The numbers a reader wants first, plus one sentence computed from them. Counts are summed over AND and OR;
-    ``rho_*`` / ``gamma_*`` are those of the AND sets at the last checkpoint (``report.curves["or/..."]`` holds OR's)."""
+    """The numbers a reader wants first, plus one sentence computed from them. Every figure covers the same
+    interactions, AND and OR together: counts are summed over the kinds, and ``rho_*`` / ``gamma_*`` /
+    ``mean_order_*`` (last checkpoint) are measured on each probe's AND and OR sets as one set (the ``all/``
+    curves; ``report.curves["and/..."]`` / ``["or/..."]`` hold each kind's own). None where the report has no such
+    curve (no reference for γ, or a report saved before the pooled measures existed)."""
     _check_report(report)
     c = report.curves
+
+    def last(key: str) -> Any:
+        return c[key][-1] if key in c else None
+
     excess_removed = c["all/removed_new_excess_cumulative"][-1]
     lo_removed = report.intervals["all/removed_new_excess_cumulative"][0][-1]
     emerged_key = "all/emerged_unshared_new_excess" if report.gamma_available else "all/emerged_new_excess"
@@ -298,9 +305,8 @@ def headline(report: TrackReport) -> dict[str, Any]:
         "removed_excess_cumulative_lo": lo_removed if len(report.probes["kept"]) > 1 else None,
         "emerged_excess_total": emerged_excess_total, "phase_boundary": report.phase_boundary,
         "heldout_loss_min_step": report.heldout_loss_min_step, "p_y_mean": c["p_y_mean"],
-        "rho_removed": c["and/removed_rho"][-1], "rho_emerged": c["and/emerged_rho"][-1],
-        "gamma_removed": c.get("and/removed_gamma", [None])[-1], "gamma_emerged": c.get("and/emerged_gamma", [None])[-1],
-        "mean_order_removed": c["and/removed_mean_order"][-1], "mean_order_emerged": c["and/emerged_mean_order"][-1],
+        **{f"{measure}_{name}": last(f"all/{name}_{measure}")
+           for measure in ("rho", "gamma", "mean_order") for name in ("removed", "emerged")},
         "verdict": verdict,
     }
 

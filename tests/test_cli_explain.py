@@ -225,3 +225,23 @@ def test_explain_rerun_that_keeps_its_folder_prints_the_same_results(model_dir, 
     assert "kept " in second and "AND-OR decomposition (lp)" in first
     results = [line for line in first.splitlines() if not line.startswith("wrote ")]
     assert [line for line in second.splitlines() if not line.startswith("kept ")] == results
+
+
+def test_explain_plot_has_a_title_that_says_what_it_explains(model_dir, tmp_path, monkeypatch):
+    """interactions.png had no title: a reader could not tell which prompt, target or kind of interaction its bars
+    were, unlike the tracking report's figures."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig) or close(fig))
+    for andor, kind in (("none", "AND"), ("lp", "AND-OR")):
+        out = tmp_path / andor
+        assert main(["explain", "--model", str(model_dir), "--text", TEXT, "--players", "1,2,3", "--target", "the",
+                     "--method", "naive", "--andor", andor, "--out", str(out), "--top", "4"]) == 0
+        config = json.loads((out / "config.json").read_text())
+        (ax,) = figures[-1].axes
+        v = load_file(out / "v.safetensors")["v"]
+        assert ax.get_title() == (f"Top {len(ax.patches)} {kind} interactions of {TEXT!r} -> target "
+                                  f"{config['target_text']!r}\n(n=3 players, v(N) - v(empty) = "
+                                  f"{float(v[-1] - v[0]):+.3f})")

@@ -91,8 +91,9 @@ def test_demo_says_which_probe_source_is_missing_before_loading_anything(tmp_pat
 
 
 def test_demo_refused_on_another_run_leaves_that_runs_probes_file_alone(tmp_path, monkeypatch):
-    """A rerun on an --out that holds another run is refused by the tracker; the probes.jsonl there must still list
-    the probes that run tracked (sftint track --probes reads it), not the refused run's."""
+    """A rerun on an --out that holds another run is refused; the probes.jsonl there must still list the probes that
+    run tracked (sftint track --probes reads it), not the refused run's. A probes file is known before the model
+    loads (16 s on the bundled model): its other probes are refused then, not by the tracker once it had loaded."""
     import sftint_fast as sf
     from conftest import tiny_model
     from dist_scripts.sft_callback import make_tokenizer
@@ -109,7 +110,10 @@ def test_demo_refused_on_another_run_leaves_that_runs_probes_file_alone(tmp_path
     SFTTracker(first, tok, n_players=3, out_dir=out / "tracker")  # the run already there
     save_probes(first, out / "probes.jsonl")
     save_probes([Probe("a small dog did run over the blue river")], tmp_path / "mine.jsonl")
-    with pytest.raises(ValueError, match="holds a run with another configuration"):
+    monkeypatch.setattr(sf, "load_default", lambda: pytest.fail("loaded the model"), raising=False)
+    with pytest.raises(ValueError, match=re.escape(f"out: {out} holds a demo run that tracked other probes (1 saved, 1 "
+                                                   "given; 1 not among the saved ones, e.g. 'a small dog did run over "
+                                                   "the blue river')")):
         run_demo(out, probes_file=tmp_path / "mine.jsonl", n_players=3, progress=False)
     assert load_probes(out / "probes.jsonl") == first
 
@@ -195,7 +199,13 @@ def test_demo_rerun_with_other_training_options_is_refused_before_training(tmp_p
                    progress=False, batch_size=2, heldout=2)
     first, _ = demo.run_demo(out, lr=1e-4, **options)
     assert first.steps == (0, 2)
+    # the run's steps and seed are recorded with its other options (demo.json had neither)
+    record = json.loads((out / demo.DEMO_RECORD).read_text())
+    assert record["steps"] == 2 and record["seed"] == 0 and record["lr"] == 1e-4
     monkeypatch.setattr(sf, "load_default", lambda: pytest.fail("loaded the model"), raising=False)
+    with pytest.raises(ValueError, match=r"trained with other options \(differs in \(saved, given\): "
+                                         r"\{'seed': \(0, 1\)\}\)"):
+        demo.run_demo(out, lr=1e-4, seed=1, **options)
     with pytest.raises(ValueError, match=r"out: .* holds a demo run trained with other options \(differs in "
                                          r"\(saved, given\): \{'lr': \(0\.0001, 0\.1\)\}\)"):
         demo.run_demo(out, lr=0.1, **options)
@@ -227,9 +237,9 @@ def test_demo_leaves_the_probes_questions_out_of_training(tmp_path, monkeypatch)
     options = dict(steps=1, every=1, n_players=3, andor_method="and", progress=False, batch_size=2, heldout=2)
     demo.run_demo(tmp_path / "demo", probes_file=tmp_path / "probes.jsonl", **options)
     assert trained and question not in trained and len(trained) == len([p for p in train if p[0] != question])
-    save_probes([Probe("the big cat sat on the red mat")], tmp_path / "other.jsonl")
+    monkeypatch.setattr(demo, "chatterbot_pairs", lambda: pairs[2:])  # another corpus, the same probes
     with pytest.raises(ValueError, match=r"differs in \(saved, given\): \{'train_pairs_sha256'.*other training pairs"):
-        demo.run_demo(tmp_path / "demo", probes_file=tmp_path / "other.jsonl", **options)
+        demo.run_demo(tmp_path / "demo", probes_file=tmp_path / "probes.jsonl", **options)
 
 
 @pytest.mark.parametrize("given, differs", [
@@ -253,3 +263,4 @@ def test_demo_rerun_with_other_tracking_options_is_refused_before_loading(tmp_pa
     with pytest.raises(ValueError, match=re.escape(f"out: {out} holds a demo run tracked with other options "
                                                    f"(differs in (saved, given): {differs})")):
         run_demo(out, probes_file=probes, progress=False, **options)
+

@@ -904,3 +904,39 @@ def test_the_floor_decomposes_its_replicates_as_the_observed_chain(monkeypatch, 
     for name in ("removed_new", "emerged_new"):
         assert sum(rep.curves[f"all/{name}"]) > 0
         assert rep.curves[f"all/{name}_floor"] == rep.curves[f"all/{name}"], name
+
+
+def test_headline_measures_cover_the_and_and_or_interactions_its_counts_count():
+    """The headline's counts summed AND and OR but its ρ and γ were the AND sets' alone (ρ of the emerged set 0.71
+    where the 21 interactions counted had 0.29): every headline figure now covers the same AND+OR sets."""
+    from sftint_fast.plot import headline
+    from sftint_fast.sft.callback import scalars
+
+    g = torch.Generator().manual_seed(0)
+    B, size = 4, 2**4
+    base = torch.randn(B, size, generator=g, dtype=torch.float64) * 2
+    reference = {f"I_{k}": torch.randn(B, size, generator=g, dtype=torch.float64) for k in ("and", "or")}
+    tracker = SFTTracker(None, andor_method="lp", noise_floor=None, bootstrap=10, min_base_py=0.0, persistence=1,
+                         progress=False, reference=reference)
+    for t in range(3):
+        tracker.add_values(t, base + 0.5 * t * torch.randn(B, size, generator=g, dtype=torch.float64))
+    report = tracker.report()
+    h, c = headline(report), report.curves
+    relevant = ~torch.tensor(report.probes["irrelevant"][-1])
+    for name in ("removed", "emerged"):
+        # a removed interaction is measured where it was salient: at the base
+        record = tracker.records[0 if name == "removed" else -1]
+        member = {k: getattr(tracker.states[-1][k], name) & relevant.unsqueeze(-1) for k in ("and", "or")}
+        assert h[name] == c[f"and/{name}"][-1] + c[f"or/{name}"][-1] == sum(int(m.sum()) for m in member.values())
+        signed = sum((record.interactions[k] * member[k]).sum(-1) for k in member)
+        mag = {k: (record.interactions[k].abs() * member[k]).sum(-1) for k in member}
+        total = mag["and"] + mag["or"]
+        rho = (signed.abs() / total)[total > 0].mean().item()
+        assert h[f"rho_{name}"] == pytest.approx(rho, rel=1e-12)
+        # γ pooled over probes: each kind's γ weighted by its Σ|I|
+        gamma = sum(c[f"{k}/{name}_gamma"][-1] * float(mag[k].sum()) for k in member) / float(total.sum())
+        assert h[f"gamma_{name}"] == pytest.approx(gamma, rel=1e-12)
+    assert h["rho_emerged"] != pytest.approx(c["and/emerged_rho"][-1])  # the AND sets' alone: another number
+    logged = scalars(tracker, report)
+    assert logged["interactions/rho_emerged"] == pytest.approx(h["rho_emerged"])
+    assert logged["interactions/gamma_removed"] == pytest.approx(h["gamma_removed"])

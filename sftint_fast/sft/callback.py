@@ -44,8 +44,9 @@ class InteractionCallback(TrainerCallback):
     ``removed_new``, ``removed_floor``, ``removed_excess``, ``emerged_new``, ``emerged_floor`` and
     ``emerged_excess`` (this checkpoint's new changes, their noise floor and the excess over it; counts summed over
     AND and OR), ``gamma_emerged``/``gamma_removed``/``gamma_preserved`` (with a reference) and
-    ``rho_emerged``/``rho_removed`` (of the AND sets: ``report.curves["or/..."]`` holds the OR ones), ``p_y_mean``,
-    ``heldout_loss``, ``irrelevant_probes`` (probes whose target became irrelevant), and ``phase_boundary`` (the
+    ``rho_emerged``/``rho_removed`` (like the counts, of AND and OR together; ``report.curves["and/..."]`` and
+    ``["or/..."]`` hold each kind's), ``p_y_mean``, ``heldout_loss``,
+    ``irrelevant_probes`` (probes whose target became irrelevant), and ``phase_boundary`` (the
     step that ended the denoising stage, METHOD.md section 6) once there is one; ``tracking_seconds`` (this
     checkpoint's tracking) and ``tracking_overhead``: the share of the wall time since the base was tracked
     (before the first training step, a fixed cost) spent tracking the later checkpoints. The callback's attributes
@@ -319,9 +320,9 @@ def scalars(tracker: SFTTracker, report: Any = None) -> dict[str, float]:
         "removed_new": "all/removed_new", "removed_floor": "all/removed_new_floor",
         "removed_excess": "all/removed_new_excess", "emerged_new": "all/emerged_new",
         "emerged_floor": "all/emerged_new_floor", "emerged_excess": "all/emerged_new_excess",
-        "rho_emerged": "and/emerged_rho", "rho_removed": "and/removed_rho",
-        "gamma_emerged": "and/emerged_gamma", "gamma_removed": "and/removed_gamma",
-        "gamma_preserved": "and/preserved_gamma", "p_y_mean": "p_y_mean", "heldout_loss": "heldout_loss",
+        "rho_emerged": "all/emerged_rho", "rho_removed": "all/removed_rho",
+        "gamma_emerged": "all/emerged_gamma", "gamma_removed": "all/removed_gamma",
+        "gamma_preserved": "all/preserved_gamma", "p_y_mean": "p_y_mean", "heldout_loss": "heldout_loss",
         "irrelevant_probes": "irrelevant_probes",
     }
     out = {}

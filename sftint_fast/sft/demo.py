@@ -21,9 +21,10 @@ from typing import Any, Sequence
 
 import torch
 
-from sftint_fast.sft.probes import (PROBE_SOURCES, chatterbot_pairs, confident_candidates, confident_probes,
+from sftint_fast.sft.probes import (PROBE_SOURCES, Probe, chatterbot_pairs, confident_candidates, confident_probes,
                                     drop_questions, load_probes, pad_batch, save_probes, sft_example, split_pairs)
-from sftint_fast.sft.tracker import SFTTracker, TrackerConfig, TrackReport, _atomic_write_text, _saved_step
+from sftint_fast.sft.tracker import (SFTTracker, TrackerConfig, TrackReport, _atomic_write_text, _json_safe,
+                                     _saved_step)
 from sftint_fast.sft.training_log import TrainingLog, read_training_log
 
 logger = logging.getLogger(__name__)
@@ -78,9 +79,13 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     out = Path(out)
-    training_options = {"lr": lr, "batch_size": batch_size, "lora": lora}
+    # seed: the Trainer's and the training / held-out split's; probes: which probes the sources give (a probes file
+    # is compared with the probes the tracker saved)
+    training_options = {"lr": lr, "batch_size": batch_size, "lora": lora, "seed": seed,
+                        "probes": None if chosen is not None else probes,
+                        "probe_sources": None if chosen is not None else list(probe_sources)}
     _check_rerun(out, steps, training_options, {"n_players": n_players, "andor_method": andor_method,
-                                                "andor_niter": andor_niter, "seed": seed})
+                                                "andor_niter": andor_niter, "seed": seed}, probes=chosen)
     model, tokenizer = sf.load_default()
     model = model.to(device)
     train_pairs, held_pairs = split_pairs(chatterbot_pairs(), heldout_fraction=0.1, seed=seed)
@@ -109,7 +114,8 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
                          reference=reference, heldout=held_pairs[:heldout] or None, out_dir=out / "tracker", seed=seed,
                          chat=True, progress=False)
     save_probes(probe_set, out / "probes.jsonl")  # once the tracker took the folder (not one holding another run)
-    _atomic_write_text(out / DEMO_RECORD, json.dumps(training_options))
+    # steps: recorded, not compared: a longer rerun resumes the run (constant learning rate: the same first steps)
+    _atomic_write_text(out / DEMO_RECORD, json.dumps({**training_options, "steps": steps}))
     examples = [sft_example(tokenizer, q, a) for q, a in train_pairs]
     pad = tokenizer.pad_token_id
     args = TrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=batch_size, max_steps=steps,
@@ -141,16 +147,20 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
 
 #: the demo's training options, saved in its ``out`` folder (the tracker's own options are in ``tracker/config.json``)
 DEMO_RECORD = "demo.json"
+#: options a demo.json written before they were recorded lacks: not compared there (the seed is in the tracker's
+#: config.json too, and the probes themselves as the tracker saved them)
+_NEWER_OPTIONS = frozenset({"seed", "probes", "probe_sources"})
 
 
 def _check_rerun(out: Path, steps: int, training_options: dict[str, Any],
-                 tracker_options: dict[str, Any] | None = None) -> None:
+                 tracker_options: dict[str, Any] | None = None, *, probes: Sequence[Probe] | None = None) -> None:
     """Refuses a rerun into ``out`` that would stop before the steps its tracker holds: it would train again, track
     nothing new and report the earlier run's steps (or, its last step not among them, have it refused after
     training); and one with other training options (``training_options``; ``DEMO_RECORD``): the tracker resumes
     and skips the steps it holds, so the report would show the earlier run's interactions beside this run's
     training loss. ``tracker_options``: the tracker options the demo sets, compared with those its tracker saved
-    (the tracker refuses others too, but only once the model has loaded and the probes were scanned)."""
+    (the tracker refuses others too, but only once the model has loaded and the probes were scanned). ``probes``:
+    the probes of a probes file, compared with those the tracker saved, before the model loads."""
     saved = sorted(_saved_step(path) for path in (out / "tracker").glob("step_*.json"))
     record = out / DEMO_RECORD
     if saved and record.is_file():
@@ -162,7 +172,12 @@ def _check_rerun(out: Path, steps: int, training_options: dict[str, Any],
         if not isinstance(earlier, dict):
             raise ValueError(f"out: expected {record} to hold the demo's training options (a JSON object), got "
                              f"{type(earlier).__name__}")
-        differs = {k: (earlier.get(k), v) for k, v in training_options.items() if earlier.get(k) != v}
+        differs = {k: (earlier.get(k), v) for k, v in training_options.items()
+                   if earlier.get(k) != v and (k in earlier or k not in _NEWER_OPTIONS)}
+        if earlier.get("probes") is None or training_options.get("probes") is None:
+            # a probes file on either side: the probes are compared with the tracker's below, or once chosen
+            differs.pop("probes", None)
+            differs.pop("probe_sources", None)
         if differs:
             data = (" (train_pairs_sha256: other training pairs: another probe set, corpus or sftint_fast version)"
                     if "train_pairs_sha256" in differs else "")
@@ -176,14 +191,26 @@ def _check_rerun(out: Path, steps: int, training_options: dict[str, Any],
     config = out / "tracker" / "config.json"
     if tracker_options and config.is_file():
         try:
-            tracked = json.loads(config.read_text()).get("tracker")
+            saved_config = json.loads(config.read_text())
+            tracked = saved_config.get("tracker")
         except (OSError, ValueError, AttributeError):  # the tracker says what is wrong with the file
-            tracked = None
+            saved_config, tracked = {}, None
         if isinstance(tracked, dict):
             differs = {k: (tracked[k], v) for k, v in tracker_options.items() if k in tracked and tracked[k] != v}
             if differs:
                 raise ValueError(f"out: {out} holds a demo run tracked with other options (differs in (saved, "
                                  f"given): {differs}); rerun with that run's options to resume it, or pass another "
+                                 "out folder")
+        saved_probes = saved_config.get("probes")
+        if probes is not None and isinstance(saved_probes, list) and saved_probes:  # []: a tracker fed values
+            given = json.loads(json.dumps(_json_safe([dataclasses.asdict(p) for p in probes])))
+            if given != saved_probes:
+                new = [p["prompt"] for p in given if p not in saved_probes]
+                raise ValueError(f"out: {out} holds a demo run that tracked other probes ({len(saved_probes)} saved, "
+                                 f"{len(given)} given"
+                                 + (f"; {len(new)} not among the saved ones, e.g. {new[0]!r}" if new else
+                                    "; the same probes in another order or number")
+                                 + "); rerun with that run's probes (its probes.jsonl) to resume it, or pass another "
                                  "out folder")
 
 

@@ -155,7 +155,11 @@ class TrackReport:
     """All curves of one tracked run (plain lists, index = checkpoint) and the phase boundary.
 
     ``curves`` maps names to per-checkpoint lists; names are ``<kind>/<quantity>`` with kind ``and``, ``or``
-    or ``all`` (counts summed over kinds). Counts and set measures (ρ, γ, mean ``|I|``, order) cover the probes whose
+    or ``all``. ``and/`` and ``or/`` cover one kind's sets (METHOD.md keeps them apart); ``all/`` covers both: its
+    counts are the kinds' counts summed, and its set measures (``all/<set>_rho``, ``_gamma``, ``_mean_abs``,
+    ``_mean_order``, ``_strength_*``) those of each probe's AND and OR sets taken together as one set of
+    interactions, so that they describe the interactions ``all/<set>`` counts (``all/<set>_gamma`` only where
+    the reference has every kind). Counts and set measures (ρ, γ, mean ``|I|``, order) cover the probes whose
     target is still relevant at that checkpoint; ``<kind>/<count>_irrelevant`` counts the flagged probes' apart
     (METHOD.md section 7.5). ``intervals`` maps a curve name to ``(lo, hi)`` bootstrap lists.
     ``probes`` holds per-probe tables (``p_y``, ``gain`` = ``v(N)−v(∅)``, ``irrelevant`` flags), each
@@ -1489,6 +1493,8 @@ def _build_report(tracker: SFTTracker) -> TrackReport:
         intervals[name] = N.bootstrap_sum(per_probe, boot)
 
     totals: dict[str, torch.Tensor] = {}
+    # per set, each kind's (values, member, shared) measured: pooled below into the "all/" measures
+    pooled: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]] = {name: [] for name in SETS}
     for kind in c.kinds:
         inters = torch.stack([r.interactions[kind] for r in records])          # (T, B, 2^n)
         shared = None
@@ -1510,6 +1516,7 @@ def _build_report(tracker: SFTTracker) -> TrackReport:
             # the measures describe the probes the counts count: a flagged probe's sets are left out of both
             member = member & ~irrelevant.unsqueeze(-1)
             _set_measures(curves, intervals, f"{kind}/{name}", values, member, order, n, boot, set_shared)
+            pooled[name].append((values, member, set_shared))
         new = {"removed_new": torch.zeros(T, B), "emerged_new": torch.zeros(T, B)}
         if shared is not None:
             new["emerged_unshared_new"] = torch.zeros(T, B)
@@ -1544,6 +1551,13 @@ def _build_report(tracker: SFTTracker) -> TrackReport:
         put_sum(f"all/{key}", tensor * relevant)
         if key.endswith("_excess"):
             put_sum(f"all/{key}_cumulative", (tensor * relevant).cumsum(0))
+    # the measures of the sets the "all/" counts count: a probe's AND and OR sets side by side, one set of
+    # interactions (METHOD.md section 4's ρ and γ of a set Ω'); γ only where the reference has every kind
+    for name, parts in pooled.items():
+        shares = [shared for _, _, shared in parts]
+        _set_measures(curves, intervals, f"all/{name}", torch.cat([v for v, _, _ in parts], -1),
+                      torch.cat([m for _, m, _ in parts], -1), order.repeat(len(parts)), n, boot,
+                      None if any(x is None for x in shares) else torch.cat(shares, -1))
 
     has_ref = tracker.reference is not None
     emerged_key = "emerged_unshared_new_excess" if has_ref else "emerged_new_excess"
