@@ -594,6 +594,10 @@ def _add_track(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--settle", type=_non_negative_float, default=None, metavar="SECONDS",
                    help="with --watch: a folder without trainer_state.json is complete once unchanged this long "
                         "(default 30)")
+    p.add_argument("--stale-after", type=_positive_float, default=None, metavar="SECONDS",
+                   help="with --watch: an incomplete folder unchanged this long while a later checkpoint is complete "
+                        "was abandoned (a save cut off): skip it with a warning (default 600, or twice --settle when "
+                        "longer; more than --settle); until then later checkpoints wait for it")
     p.add_argument("--boundary-file", default=None, metavar="PATH",
                    help="write PATH (JSON) once the phase boundary is found; sf.StopFileCallback(PATH) in the "
                         "training run then saves and stops it")
@@ -627,6 +631,8 @@ def _run_track(args: argparse.Namespace) -> int:
     _refuse_unused("--noise-draws", options["noise_draws"] if args.noise_floor == "none" else None,
                    "with --noise-floor order_matched or iid", "with --noise-floor none (no noise floor is drawn)")
     _refuse_unused("--settle", args.settle if args.watch is None else None, "with --watch", "without --watch")
+    _refuse_unused("--stale-after", args.stale_after if args.watch is None else None, "with --watch",
+                   "without --watch")
     options = {key: value for key, value in options.items() if value is not None}
     owns_group = not distributed.is_distributed() and distributed.init_from_env()  # under torchrun
     failed = False
@@ -636,6 +642,7 @@ def _run_track(args: argparse.Namespace) -> int:
                           noise_floor=None if args.noise_floor == "none" else args.noise_floor,
                           heldout=args.heldout, device=args.device, watch=args.watch, until_step=args.until_step,
                           idle_timeout=args.idle_timeout, settle=30.0 if args.settle is None else args.settle,
+                          stale_after=args.stale_after,
                           boundary_file=args.boundary_file,
                           **options)
         if distributed.is_main_process():
@@ -644,7 +651,7 @@ def _run_track(args: argparse.Namespace) -> int:
         failed = True
         if _debug():
             raise
-        print(f"sftint track: {_cli_message('track', err)}", file=sys.stderr)
+        print(f"sftint track: {_cli_message('track', err)}\n(SFTINT_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
     finally:
         if owns_group:  # no barrier after an error: a rank that failed alone must not wait for the others
@@ -990,7 +997,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sftint", description=(
         "Fast AND-OR interaction explanations of LLMs, and tracking of what supervised fine-tuning removes, keeps "
         "and adds. 'sftint <command> --help' describes each command; 'sftint demo' runs the main job on the "
-        "bundled model."))
+        "bundled model."), epilog=(
+        "exit codes: 0 done; 2 refused before or while running, with a one-line message on stderr (a usage error, "
+        "or an option, file, model or checkpoint the command or library refused; SFTINT_DEBUG=1 shows the "
+        "traceback instead); 1 ran but found less than asked (sftint probes); any other failure shows its traceback "
+        "(exit 1)."))
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _COMMANDS:
         add(sub)

@@ -175,7 +175,10 @@ def test_track_cli_refuses_a_checkpoint_of_another_model(folders, tmp_path, caps
     other = tmp_path / "ckpt" / "checkpoint-50"
     tiny_model("llama", vocab_size=160).save_pretrained(other)
     assert _track(root, tmp_path / "run", [str(other)]) == 2
-    assert "model: expected the base model's architecture" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # named: under a glob (or --watch) the message alone did not say which folder holds another model
+    assert f"checkpoint {other} (step 50): model: expected the base model's architecture" in err
+    assert "SFTINT_DEBUG=1 shows the traceback" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -848,10 +851,14 @@ def test_watch_complete_is_not_fooled_by_kept_modification_times(tmp_path, monke
 
     from sftint_fast.sft import demo
 
+    from safetensors.torch import save_file
+
     folder = tmp_path / "checkpoint-10"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
-    os.utime(folder / "config.json", (time.time() - 3600, time.time() - 3600))  # kept from the source
+    save_file({"w": torch.zeros(3)}, folder / "model.safetensors")
+    for name in ("config.json", "model.safetensors"):
+        os.utime(folder / name, (time.time() - 3600, time.time() - 3600))  # kept from the source
     assert not demo._complete(str(folder), 30.0)
     real = time.time
     monkeypatch.setattr(time, "time", lambda: real() + 31)
@@ -886,3 +893,107 @@ def test_run_track_refuses_a_time_that_is_not_finite(folders, tmp_path, name, va
         run_track(str(root / "base"), [str(root / "ckpt" / "checkpoint-*")], str(root / "probes.jsonl"),
                   tmp_path / "run", **times)
     assert not (tmp_path / "run").exists()
+
+
+def _cut_off_save(folder, src):
+    """``folder`` as a save killed mid-write leaves it: config.json and the first half of the weights."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_bytes((src / "config.json").read_bytes())
+    weights = (src / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+
+
+def test_watch_ready_skips_an_abandoned_incomplete_folder_after_the_grace_period(folders, tmp_path, monkeypatch,
+                                                                                caplog):
+    """An earlier checkpoint left half-written (a crashed save: config.json and cut-off weights, no
+    trainer_state.json) held every later checkpoint back: once settled it even counted as complete, and its load
+    stopped the watch. It is incomplete (its weights are cut off); later checkpoints wait for it while it may still
+    be written, and once it has not changed for stale_after seconds it is skipped, named, and the later ones go on.
+    One still changing is waited for however old it is."""
+    import os
+    import time
+
+    from sftint_fast.sft import demo
+
+    root, _ = folders
+    live = tmp_path / "live"
+    _cut_off_save(live / "checkpoint-10", root / "ckpt" / "checkpoint-10")
+    (live / "checkpoint-20").mkdir()
+    (live / "checkpoint-20" / "config.json").write_text("{}")
+    (live / "checkpoint-20" / "trainer_state.json").write_text("{}")
+    paths = [str(live / "checkpoint-10"), str(live / "checkpoint-20")]
+    real = time.time
+    clock = [0.0]
+    monkeypatch.setattr(time, "time", lambda: real() + clock[0])
+
+    def ready():
+        skipped, abandoned = set(), []
+        return demo._ready(paths, skipped, 30.0, 0, set(), 600.0, abandoned), skipped, abandoned
+
+    with caplog.at_level("WARNING", logger="sftint_fast.sft.demo"):
+        assert ready() == ([], set(), [])  # just written: it may still be
+        clock[0] = 31.0  # settled, but its weights are cut off: still not complete
+        assert not demo._complete(paths[0], 30.0) and ready() == ([], set(), [])
+        assert "checkpoint-10 is not complete yet" in caplog.text and "is still incomplete" not in caplog.text
+        clock[0] = 601.0
+        assert ready() == ([paths[1]], {paths[0]}, [paths[0]])
+    assert f"{paths[0]} is still incomplete" in caplog.text and "skipped as abandoned" in caplog.text
+    now = real() + clock[0]
+    os.utime(live / "checkpoint-10" / "model.safetensors", (now, now))  # a slow save still writing it
+    assert ready() == ([], set(), [])
+    # whole weights: complete once settled, as before
+    (live / "checkpoint-10" / "model.safetensors").write_bytes(
+        (root / "ckpt" / "checkpoint-10" / "model.safetensors").read_bytes())
+    clock[0] = 631.0
+    assert ready() == (paths, set(), [])
+
+
+@pytest.mark.parametrize("left", ["cut-off weights", "config only", "empty"])
+def test_track_cli_watch_goes_on_past_an_abandoned_checkpoint(folders, tmp_path, monkeypatch, capsys, caplog, left):
+    """--watch over a run whose save of checkpoint-10 was cut off (the trainer crashed mid-save, or a rotation left
+    it partial) and checkpoint-20 complete: 20 was held back until the idle timeout (an empty folder) or the watch
+    stopped at 10's failed load (exit 2). Past --stale-after, 10 is skipped with a warning naming it, recorded in
+    checkpoints.json, and 20 is tracked."""
+    import shutil
+    import time
+
+    root, _ = folders
+    live = tmp_path / "live"
+    src = root / "ckpt" / "checkpoint-10"
+    if left == "cut-off weights":
+        _cut_off_save(live / "checkpoint-10", src)
+    else:
+        (live / "checkpoint-10").mkdir(parents=True)
+        if left == "config only":
+            shutil.copy(src / "config.json", live / "checkpoint-10" / "config.json")
+    shutil.copytree(root / "ckpt" / "checkpoint-20", live / "checkpoint-20")
+    (live / "checkpoint-20" / "trainer_state.json").write_text(json.dumps({"global_step": 20}))
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 3600)  # both written an hour ago
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="sftint_fast.sft.demo"):
+        rc = _track(root, out, [str(live / "checkpoint-*")], "--watch", "0.1", "--idle-timeout", "1")
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads((out / "report.json").read_text())["steps"] == [0, 20]
+    assert f"{live / 'checkpoint-10'} is still incomplete" in caplog.text
+    skipped = json.loads((out / "checkpoints.json").read_text())["skipped"]
+    assert skipped == {"10": {"path": str(live / "checkpoint-10"), "why": "abandoned incomplete"}}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--stale-after", "60"], "--stale-after: expected only with --watch"),
+    (["--watch", "1", "--settle", "60", "--stale-after", "60"], "stale_after: expected more seconds than settle"),
+])
+def test_track_cli_refuses_a_stale_after_it_cannot_use(folders, tmp_path, extra, message, capsys):
+    root, _ = folders
+    assert _track(root, tmp_path / "run", [str(root / "ckpt" / "checkpoint-10")], *extra) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_sftint_help_states_the_exit_codes(capsys):
+    """`sftint --help` says what each exit code means (the README alone did)."""
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert exc.value.code == 0
+    assert "exit codes: 0 done; 2 refused" in out and "SFTINT_DEBUG=1" in out and "1 ran but found less" in out

@@ -226,8 +226,8 @@ def run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str 
               reference: str | None = None, n_players: int = 8, andor_method: str = "sgd",
               heldout: str | os.PathLike | None = None, device: str | torch.device | None = None,
               watch: float | None = None, until_step: int | None = None, idle_timeout: float | None = None,
-              settle: float = 30.0, boundary_file: str | os.PathLike | None = None,
-              **options: Any) -> tuple[TrackReport, Path]:
+              settle: float = 30.0, stale_after: float | None = None,
+              boundary_file: str | os.PathLike | None = None, **options: Any) -> tuple[TrackReport, Path]:
     """Tracks saved checkpoints in step order; resumable.
 
     ``base``: the base model folder (step 0). ``checkpoints``: folders (or globs) named ``checkpoint-<step>``, each a
@@ -250,7 +250,10 @@ def run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str 
     ``trainer_state.json`` (the ``Trainer`` writes it last) or, without one, once none of its files changed for
     ``settle`` seconds. It stops after the first checkpoint at or past ``until_step``, after ``idle_timeout`` seconds
     without a new one, or on Ctrl-C (what was tracked is saved and reported). A checkpoint deleted before it is read
-    (``save_total_limit``) is skipped with a warning.
+    (``save_total_limit``) is skipped with a warning. Checkpoints are tracked in step order: a later complete one
+    waits for an earlier one still being written, until that one has not changed for ``stale_after`` seconds (None:
+    600 or twice ``settle``, whichever is longer; more than ``settle``): it was abandoned (a save cut off, a rotation
+    that left it partial) and is skipped with a warning, recorded in ``checkpoints.json`` under ``"skipped"``.
 
     ``boundary_file``: once the phase boundary is found, write this file (JSON: the boundary step, the tracked
     steps, the report's path), for :class:`~sftint_fast.sft.callback.StopFileCallback` in the training run to stop
@@ -262,7 +265,8 @@ def run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str 
     """
     from sftint_fast import distributed
 
-    for name, value in (("watch", watch), ("idle_timeout", idle_timeout), ("settle", settle)):
+    for name, value in (("watch", watch), ("idle_timeout", idle_timeout), ("settle", settle),
+                        ("stale_after", stale_after)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not math.isfinite(value) or value < 0 or (name == "watch" and value == 0)):
             raise ValueError(f"{name}: expected a finite number of seconds {'> 0' if name == 'watch' else '>= 0'}, "
@@ -271,12 +275,19 @@ def run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str 
         raise ValueError(f"until_step: expected an int >= 1, got {until_step!r}")
     if watch is None and (until_step is not None or idle_timeout is not None):
         raise ValueError("until_step / idle_timeout: expected them only with watch (following a run still saving)")
+    if watch is None and stale_after is not None:
+        raise ValueError(f"stale_after: expected it only with watch (following a run still saving), got "
+                         f"{stale_after!r} without watch")
+    if stale_after is not None and stale_after <= settle:  # a folder settling would be skipped just before it counts
+        raise ValueError(f"stale_after: expected more seconds than settle ({settle:g}: a folder unchanged that long "
+                         f"counts as complete), got {stale_after!r}")
+    stale_after = max(600.0, 2.0 * settle) if stale_after is None else float(stale_after)
     owns_group = not distributed.is_distributed() and distributed.init_from_env()
     try:
         return _run_track(base, checkpoints, probes_path, out, reference=reference, n_players=n_players,
                           andor_method=andor_method, heldout=heldout, device=device, watch=watch,
                           until_step=until_step, idle_timeout=idle_timeout, settle=settle,
-                          boundary_file=boundary_file, **options)
+                          stale_after=stale_after, boundary_file=boundary_file, **options)
     finally:
         if owns_group:
             distributed.shutdown(synchronize=sys.exc_info()[0] is None)
@@ -285,8 +296,8 @@ def run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str 
 def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str | os.PathLike, *,
                reference: str | None, n_players: int, andor_method: str, heldout: str | os.PathLike | None,
                device: str | torch.device | None, watch: float | None, until_step: int | None,
-               idle_timeout: float | None, settle: float, boundary_file: str | os.PathLike | None,
-               **options: Any) -> tuple[TrackReport, Path]:
+               idle_timeout: float | None, settle: float, stale_after: float,
+               boundary_file: str | os.PathLike | None, **options: Any) -> tuple[TrackReport, Path]:
     from transformers import AutoTokenizer
 
     from sftint_fast import distributed
@@ -368,7 +379,12 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
         started = time.perf_counter()
         if fingerprint is not None:  # before its values can be saved, as the base's record
             _record_tracked(out, step, path, fingerprint)
-        tracker.add_checkpoint(model, step)
+        try:
+            tracker.add_checkpoint(model, step)
+        except ValueError as err:  # another model's checkpoint: which of the listed folders it is
+            if step == 0:
+                raise
+            raise ValueError(f"checkpoint {path} (step {step}): {err}") from err
         tracked_folders.append(path)
         if distributed.is_main_process():
             logger.info("step %d: tracked %s in %.1f s", step, path, time.perf_counter() - started)
@@ -388,7 +404,8 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
         track(_step_of(path), path)
     if watch is not None:
         _follow(tracker, checkpoints, track, lambda: _report(tracker, out, training, boundary_file=boundary_file),
-                watch=watch, until_step=until_step, idle_timeout=idle_timeout, settle=settle)
+                watch=watch, until_step=until_step, idle_timeout=idle_timeout, settle=settle, stale_after=stale_after,
+                abandoned=lambda path: _record_skipped(out, path, "abandoned incomplete"))
     return _report(tracker, out, training, boundary_file=boundary_file)
 
 
@@ -426,7 +443,8 @@ def _summary(report: TrackReport) -> str:
 
 
 def _follow(tracker: SFTTracker, patterns: Sequence[str], track: Any, report: Any, *, watch: float,
-            until_step: int | None, idle_timeout: float | None, settle: float) -> None:
+            until_step: int | None, idle_timeout: float | None, settle: float, stale_after: float = math.inf,
+            abandoned: Any = lambda path: None) -> None:
     """The watch loop of :func:`run_track`: rank 0 lists the complete new checkpoints, every rank tracks them."""
     import time
 
@@ -443,8 +461,11 @@ def _follow(tracker: SFTTracker, patterns: Sequence[str], track: Any, report: An
                 try:  # rank 0 alone checks (the ranks act alike); one deleted since it was listed is left to track
                     # a step tracked already (a resumed run) goes to track too: it checks that its folder is the one
                     # tracked, not a retrained one
+                    skips: list[str] = []
                     ready = _ready(_match(patterns), skipped, settle, tracker.steps[-1] if tracker.steps else -1,
-                                   waiting)
+                                   waiting, stale_after, skips)
+                    for path in skips:
+                        abandoned(path)
                     _check_folders(None, [p for p in ready if Path(p).exists()], None)
                 except ValueError as err:
                     ready = err
@@ -488,43 +509,100 @@ def _match(patterns: Sequence[str]) -> list[str]:
     return paths
 
 
-def _ready(paths: Sequence[str], skipped: set[str], settle: float, last_step: int, waiting: set[str]) -> list[str]:
+def _ready(paths: Sequence[str], skipped: set[str], settle: float, last_step: int, waiting: set[str],
+           stale_after: float = math.inf, abandoned: list[str] | None = None) -> list[str]:
     """The listed folders (in step order) to track now: the complete ones not handed to track yet, up to the first
     folder after ``last_step`` that is still being written (tracked first, a later one would leave it before the
-    last tracked step, skipped)."""
+    last tracked step, skipped). An incomplete folder unchanged for ``stale_after`` seconds while a later one is
+    complete was abandoned (a save cut off by a crash, a rotation that left it partial): it is skipped with a
+    warning (added to ``skipped`` and ``abandoned``) and the later ones go on; one still changing is waited for."""
     ready = []
-    for path in paths:
+    for i, path in enumerate(paths):
         if path in skipped:
             continue
         if _complete(path, settle):
             ready.append(path)
         elif _step_of(path) > last_step and Path(path).is_dir():
-            if path not in waiting and any(_complete(p, settle) for p in paths[paths.index(path) + 1:]
-                                           if p not in skipped):
+            later = next((p for p in paths[i + 1:] if p not in skipped and _complete(p, settle)), None)
+            idle = _unchanged_for(path)
+            if later is not None and idle is not None and idle >= stale_after:
+                skipped.add(path)
+                if abandoned is not None:
+                    abandoned.append(path)
+                logger.warning("%s is still incomplete (no trainer_state.json, or no complete weight files) and has "
+                               "not changed for %.0f s, while the later %s is complete: skipped as abandoned (a save "
+                               "cut off or a checkpoint rotation left it partial); it is not tracked even if it is "
+                               "completed later", path, idle, later)
+                continue
+            if later is not None and path not in waiting:
                 waiting.add(path)
                 logger.warning("%s is not complete yet (no trainer_state.json, or changed in the last %.0f s): the "
-                               "later checkpoints wait for it, to be tracked in step order", path, settle)
+                               "later checkpoints wait for it, to be tracked in step order (skipped as abandoned once "
+                               "unchanged for %.0f s)", path, settle, stale_after)
             break
     return ready
 
 
-def _complete(path: str, settle: float) -> bool:
-    """A checkpoint folder is complete: ``trainer_state.json`` (written last by the ``Trainer``) is there, or it has a
-    model/adapter config and none of its files changed for ``settle`` seconds. A file's change time counts too: a
-    copy that keeps its source's modification times (``cp -a``, ``rsync -a``) is changing the folder now."""
+def _last_change(path: str) -> float | None:
+    """The newest modification or change time of a folder and the files and folders in it; None when it vanished
+    while listed. A file's change time counts: a copy that keeps its source's modification times (``cp -a``,
+    ``rsync -a``) is changing the folder now."""
+    folder = Path(path)
+    try:
+        return max(max(s.st_mtime, s.st_ctime) for s in (f.stat() for f in [folder, *folder.rglob("*")]
+                                                           if f.is_file() or f.is_dir()))
+    except (OSError, ValueError):
+        return None
+
+
+def _unchanged_for(path: str) -> float | None:
+    """Seconds since :func:`_last_change` of ``path`` (None when it vanished)."""
     import time
 
+    last = _last_change(path)
+    return None if last is None else time.time() - last
+
+
+def _whole_weights(folder: Path) -> bool:
+    """Whether ``folder`` holds a weight file and each of its safetensors files is whole: the header it starts with
+    can be read and the tensors it lists end at the file's end (a save cut off leaves a shorter file)."""
+    weights = [f for f in folder.iterdir() if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt")]
+    if not weights:
+        return False
+    for file in weights:
+        if file.suffix != ".safetensors":
+            continue
+        try:
+            size = file.stat().st_size
+            with open(file, "rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                if length <= 0 or 8 + length > size:
+                    return False
+                header = json.loads(handle.read(length))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (OSError, ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return False
+        if 8 + length + end != size:
+            return False
+    return True
+
+
+def _complete(path: str, settle: float) -> bool:
+    """A checkpoint folder is complete: ``trainer_state.json`` (written last by the ``Trainer``) is there, or it has a
+    model/adapter config and whole weight files (:func:`_whole_weights`) and none of its files changed for ``settle``
+    seconds (:func:`_last_change`)."""
     folder = Path(path)
     if (folder / "trainer_state.json").is_file():
         return True
     if not any((folder / name).is_file() for name in ("config.json", "adapter_config.json")):
         return False
-    try:
-        newest = max(max(s.st_mtime, s.st_ctime) for s in (f.stat() for f in [folder, *folder.rglob("*")]
-                                                            if f.is_file() or f.is_dir()))
-    except (OSError, ValueError):  # a file vanished while listing: not settled
+    idle = _unchanged_for(path)
+    if idle is None or idle < settle:  # a file vanished while listing: not settled
         return False
-    return time.time() - newest >= settle
+    try:
+        return _whole_weights(folder)
+    except OSError:  # deleted while read
+        return False
 
 
 def _check_folders(base: str | None, paths: Sequence[str], reference: str | None) -> None:
@@ -598,6 +676,16 @@ def _record_tracked(out: str | os.PathLike, step: int, path: str, fingerprint: s
     record = Path(out) / CHECKPOINTS_RECORD
     saved = json.loads(record.read_text()) if record.is_file() else {}
     saved[str(step)] = {"path": str(path), "fingerprint": fingerprint}
+    _atomic_write_text(record, json.dumps(saved, indent=1))
+
+
+def _record_skipped(out: str | os.PathLike, path: str, why: str) -> None:
+    """Adds ``path`` (its step and ``why``) to the run folder's record of the checkpoint folders it skipped."""
+    from sftint_fast.sft.tracker import _atomic_write_text
+
+    record = Path(out) / CHECKPOINTS_RECORD
+    saved = json.loads(record.read_text()) if record.is_file() else {}
+    saved.setdefault("skipped", {})[str(_step_of(path))] = {"path": str(path), "why": why}
     _atomic_write_text(record, json.dumps(saved, indent=1))
 
 
