@@ -3,6 +3,7 @@ layers' parts itself and used to skip them silently (a steering hook on a decode
 the trie's). A model with a user's hook now has no trie adapter: method="auto" runs naive with a warning naming the
 hooks, method="trie" refuses. The hooks transformers (and PEFT) install themselves keep the trie on."""
 import functools
+import types
 import warnings
 
 import pytest
@@ -234,3 +235,142 @@ def test_trl_activation_offloading_keeps_the_trie_on(monkeypatch):
     # a lambda of another module (a user's) is still refused
     model.lm_head.register_forward_hook(lambda module, args, output: output * 2)
     assert len(user_hooks(model)) == 1
+
+
+class _SteeredMLP(torch.nn.Module):  # a module swapped in for another class: the decoder layer's MLP, steered
+    def __init__(self, mlp, vector):
+        super().__init__()
+        self.inner, self.vector = mlp, vector
+
+    def forward(self, x):
+        return self.inner(x) + self.vector
+
+
+def _replace(model, case: str):
+    vector = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    if case == "gpt2_block_instance":
+        module = model.transformer.h[0]
+    elif case == "outer_model_instance":
+        module = model
+    else:
+        module = {"layer": model.model.layers[0], "attention": model.model.layers[1].self_attn,
+                  "norm": model.model.layers[0].input_layernorm}.get(case.split("_")[0])
+    if case == "mlp_swapped":
+        model.model.layers[0].mlp = _SteeredMLP(model.model.layers[0].mlp, vector)
+        return "model.layers.0.mlp: class _SteeredMLP"
+    if case in ("layer_subclass", "norm_class_patched"):
+        base = type(module)
+        forward = lambda self, *args, **kwargs: _steer_output(base.forward(self, *args, **kwargs), vector)  # noqa
+        if case == "norm_class_patched":  # a subclass of the same name: the fused op would stand in for it
+            module.__class__ = type(base.__name__, (base,), {"forward": forward})
+            return "model.layers.0.input_layernorm: class LlamaRMSNorm"
+        module.__class__ = type("Steered", (base,), {"forward": forward})
+        return "model.layers.0: class Steered"
+    original = module.forward
+    if case.endswith("method"):
+        module.forward = types.MethodType(lambda self, *args, **kwargs: _steer_output(original(*args, **kwargs),
+                                                                                      vector), module)
+    else:
+        module.forward = lambda *args, **kwargs: _steer_output(original(*args, **kwargs), vector)
+    name = {"gpt2_block_instance": "transformer.h.0", "outer_model_instance": "LlamaForCausalLM",
+            "attention_method": "model.layers.1.self_attn", "norm_instance": "model.layers.0.input_layernorm"}[case]
+    return f"{name}: forward replaced on the instance"
+
+
+def _steer_output(output, vector):
+    if isinstance(output, tuple):
+        return (output[0] + vector,) + output[1:]
+    if hasattr(output, "logits"):
+        output.logits = output.logits + torch.linspace(0, 1, output.logits.shape[-1])  # log-odds change
+        return output
+    return output + vector
+
+
+REPLACED = {"gpt2_block_instance": "gpt2", "outer_model_instance": "llama", "attention_method": "llama",
+            "norm_instance": "llama", "mlp_swapped": "llama", "layer_subclass": "llama", "norm_class_patched": "llama"}
+
+
+@pytest.mark.parametrize("case", list(REPLACED))
+def test_a_replaced_forward_sends_auto_to_the_naive_engine_and_trie_refuses(case):
+    """A forward replaced on a module instance, or a module of another class (swapped in, ``__class__`` set to a
+    subclass overriding ``forward``), was silently skipped by the trie (max |trie - naive| 0.1 to 2 on these tiny
+    models): now the trie refuses, naming it, and auto runs the naive engine."""
+    model = tiny_model(REPLACED[case], initializer_range=0.2)
+    game = make_game("first_and_last")
+    with torch.no_grad():
+        plain = sf.evaluate(model, game, method="naive", progress=False)
+        named = _replace(model, case)
+        replaced = sf.evaluate(model, game, method="naive", progress=False)
+        assert (replaced - plain).abs().max() > 1e-2  # the replacement changes the model's numbers
+        with pytest.warns(UserWarning, match="replaced forwards that the trie engine would not run.*falling back"):
+            auto = sf.evaluate(model, game, progress=False)
+        with pytest.raises(ValueError, match="method='trie': .*has replaced forwards") as error:
+            sf.evaluate(model, game, method="trie", progress=False)
+    assert named in str(error.value) and named in find_adapter(model)[1]
+    assert torch.equal(auto, replaced)
+
+
+def _library_case(case: str):
+    model = tiny_model("llama", initializer_range=0.2)
+    if case == "gradient_checkpointing":
+        model.gradient_checkpointing_enable()
+    elif case == "compiled_layer_forward":  # torch.compile of a module's own forward, set on the instance
+        model.model.layers[0].forward = torch.compile(model.model.layers[0].forward)
+    elif case == "own_forward_rebound":
+        model.model.layers[0].mlp.forward = types.MethodType(type(model.model.layers[0].mlp).forward,
+                                                             model.model.layers[0].mlp)
+    elif case == "accelerate_hooks":  # device placement hooks on every module (accelerate sets them as forwards)
+        from accelerate import dispatch_model
+
+        model = dispatch_model(model, device_map={"": "cpu"}, force_hooks=True)
+    elif case == "accelerate_autocast":  # a Trainer's bf16 mixed precision wraps the forward (evaluations unwrap it)
+        from accelerate import Accelerator
+
+        model = Accelerator(mixed_precision="bf16", cpu=True).prepare(model)
+    elif case == "lora_swapped_linears":
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "down_proj"],
+                                                           init_lora_weights=False)).eval()
+    elif case == "norm_subclass":  # another class, run as its module (not fused): the trie runs its forward
+        norm = model.model.layers[1].post_attention_layernorm
+        base = type(norm)
+        norm.__class__ = type("ScaledNorm", (base,), {"forward": lambda self, x: base.forward(self, x) * 2})
+    return model
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:peft")
+@pytest.mark.parametrize("case", ["gradient_checkpointing", "compiled_layer_forward", "own_forward_rebound",
+                                  "accelerate_hooks", "accelerate_autocast", "lora_swapped_linears", "norm_subclass"])
+def test_forwards_that_libraries_set_keep_the_trie_on(case):
+    """What libraries do to a model's forwards and classes that the trie runs the same: they stay on it."""
+    model = _library_case(case)
+    adapter, reason = find_adapter(model)
+    assert adapter is not None, reason
+    game = make_game("first_and_last")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback warning
+        trie = sf.evaluate(model, game, method="trie", progress=False)
+    torch.testing.assert_close(trie, sf.evaluate(model, game, method="naive", progress=False), atol=2e-5, rtol=1e-5)
+
+
+def test_a_replaced_rope_function_gets_the_layout_the_attention_module_gives_it(monkeypatch):
+    """Liger-Kernel's ``apply_liger_kernel_to_llama(rope=True)`` replaces the modeling code's
+    ``apply_rotary_pos_emb`` with a function that assumes ``[batch, heads, seq, head_dim]`` and ignores
+    ``unsqueeze_dim``. The trie called it on ``[1, tokens, heads, head_dim]`` with ``unsqueeze_dim=2`` (right for
+    transformers' own function only): it now calls it as the attention module does."""
+    from transformers.models.llama import modeling_llama
+
+    def liger_like_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+        assert q.dim() == 4 and q.shape[2] == cos.shape[1], "expects [batch, heads, seq, head_dim]"  # like Liger's
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # its own layout, whatever unsqueeze_dim says
+        return ((q * cos) + (modeling_llama.rotate_half(q) * sin), (k * cos) + (modeling_llama.rotate_half(k) * sin))
+
+    model = tiny_model("llama", initializer_range=0.2)
+    game = make_game("first_and_last")
+    with torch.no_grad():
+        plain = sf.evaluate(model, game, method="naive", progress=False)
+        monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", liger_like_rotary_pos_emb)
+        naive = sf.evaluate(model, game, method="naive", progress=False)
+        trie = sf.evaluate(model, game, method="trie", progress=False)
+    torch.testing.assert_close(naive, plain, atol=1e-5, rtol=1e-5)  # the same rotation, in its own layout
+    torch.testing.assert_close(trie, naive, atol=2e-5, rtol=1e-5)

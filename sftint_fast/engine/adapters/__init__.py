@@ -7,8 +7,8 @@ from sftint_fast.engine.adapters.base import Adapter, AttendFn, LayerSpec, Model
 from sftint_fast.engine.adapters.gpt2 import GPT2Adapter
 from sftint_fast.engine.adapters.llama import LlamaLikeAdapter
 
-__all__ = ["Adapter", "AttendFn", "LayerSpec", "ModelDims", "find_adapter", "get_adapter", "user_hooks",
-           "wrapped_models"]
+__all__ = ["Adapter", "AttendFn", "LayerSpec", "ModelDims", "find_adapter", "get_adapter", "replaced_forwards",
+           "user_hooks", "wrapped_models"]
 
 _ADAPTERS: tuple[type[Adapter], ...] = (LlamaLikeAdapter, GPT2Adapter)
 SUPPORTED = ("llama", "qwen2", "mistral", "gemma3_text", "gpt2")
@@ -31,7 +31,8 @@ def find_adapter(model: torch.nn.Module) -> tuple[Adapter | None, str]:
     why, and ``method="auto"`` falls back to the naive engine (same values, slower) instead of failing. A model split
     over devices (``device_map`` across GPUs, or offloaded) has no adapter: the trie keeps its KV stores on one device
     and calls the layers directly, without accelerate's hooks that move the activations between devices. Nor has a
-    model with forward hooks or pre-hooks (:func:`user_hooks`): the naive engine runs them, the trie would not."""
+    model with forward hooks or pre-hooks (:func:`user_hooks`), or with replaced forwards (:func:`replaced_forwards`):
+    the naive engine runs them, the trie would not."""
     devices = sorted({str(p.device) for p in model.parameters()})
     if len(devices) > 1:
         return None, (f"{type(model).__name__} has its parameters on several devices ({', '.join(devices)}: a "
@@ -58,6 +59,13 @@ def find_adapter(model: torch.nn.Module) -> tuple[Adapter | None, str]:
                                   f"model's forward does ({shown}): it calls the layers' parts itself, on flat token "
                                   "batches, and skips the decoder layers' and blocks' own forwards; remove the hooks "
                                   "or evaluate with the naive engine, which runs them")
+                replaced = replaced_forwards(model, adapter.skipped_modules())
+                if replaced:
+                    shown = "; ".join(replaced[:5]) + (f"; and {len(replaced) - 5} more" if len(replaced) > 5 else "")
+                    return None, (f"{type(model).__name__} has replaced forwards that the trie engine would not run as "
+                                  f"the model's forward does ({shown}): it calls the layers' parts itself, on flat "
+                                  "token batches, and skips the decoder layers' and blocks' own forwards; restore "
+                                  "them or evaluate with the naive engine, which runs them")
                 return adapter, ""
     config = getattr(model, "config", None)
     return None, (f"no trie adapter for {type(model).__name__} (model_type "
@@ -125,6 +133,88 @@ def user_hooks(model: torch.nn.Module) -> list[str]:
             for hook in getattr(module, kind_attr, {}).values():
                 if not _library_hook(hook):
                     found.append(f"{name or type(module).__name__}: {kind} {_hook_origin(hook)[1]!r}")
+    return found
+
+
+#: Packages whose forwards, bound onto a model's modules or as their classes', compute what the modules' own forwards
+#: do (the trie's module calls and fused ops give the same values): Liger-Kernel's RMSNorm, SwiGLU MLP and
+#: fused-linear-cross-entropy forwards (``apply_liger_kernel_to_llama(model=...)``, a ``Trainer`` with
+#: ``use_liger_kernel``; its cross entropy only runs with labels, which the engines do not pass).
+LIBRARY_FORWARDS = frozenset({"liger_kernel"})
+
+
+def _package(fn) -> str:
+    for _ in range(8):  # through bound methods and partials to the function
+        inner = getattr(fn, "__func__", None) or getattr(fn, "func", None)
+        if inner is None:
+            break
+        fn = inner
+    return str(getattr(fn, "__module__", None) or "").split(".", 1)[0]
+
+
+def _runs_own_forward(module: torch.nn.Module, fn, depth: int = 8) -> bool:
+    """Whether ``fn``, set as ``module.forward`` on the instance, computes the module's own forward: that forward
+    bound to it (again), torch.compile of it (``m.forward = torch.compile(m.forward)``, an ``OptimizedModule``'s),
+    accelerate's hooks for device placement (``_hf_hook`` of accelerate's own hook classes, around ``_old_forward``),
+    accelerate's mixed-precision autocast around ``_original_forward`` (the engines run that one:
+    ``game._own_forward``), or a forward of :data:`LIBRARY_FORWARDS` bound to it."""
+    from sftint_fast.game import _wraps
+
+    if depth == 0:
+        return False
+    if getattr(fn, "__self__", None) is module and getattr(fn, "__func__", None) is type(module).forward:
+        return True
+    compiled = getattr(fn, "_torchdynamo_orig_callable", None)
+    if compiled is not None:
+        owner = getattr(compiled, "__self__", None)
+        if owner is getattr(module, "_orig_mod", None) and isinstance(owner, torch.nn.Module):  # torch.compile(model)
+            return getattr(compiled, "__func__", None) in (torch.nn.Module._wrapped_call_impl, torch.nn.Module.__call__)
+        return _runs_own_forward(module, compiled, depth - 1)
+    state = module.__dict__
+    if "_hf_hook" in state and "_old_forward" in state and _package(fn) == "accelerate" and (
+            getattr(fn, "args", (None,))[:1] == (module,)):
+        hook = state["_hf_hook"]
+        hooks = getattr(hook, "hooks", None) or (hook,)  # a SequentialHook holds several
+        return (all(type(h).__module__.split(".", 1)[0] == "accelerate" for h in hooks)
+                and _runs_own_forward(module, state["_old_forward"], depth - 1))
+    original = state.get("_original_forward")
+    if original is not None and _wraps(fn, original):
+        return _runs_own_forward(module, original, depth - 1)
+    return _package(fn) in LIBRARY_FORWARDS and getattr(fn, "__self__", module) is module
+
+
+def replaced_forwards(model: torch.nn.Module, skipped=()) -> list[str]:
+    """``"module name: what"`` of each forward of ``model`` that the trie engine would not run as the model does:
+
+    - a ``forward`` set on a module instance (``m.forward = fn``, ``types.MethodType``), on any submodule, except
+      the wrappers that run the module's own forward (:func:`_runs_own_forward`: torch.compile, accelerate's device
+      and autocast hooks) and :data:`LIBRARY_FORWARDS`' (Liger-Kernel's);
+    - among ``skipped`` (the modules whose forwards the trie skips or stands in for with fused ops: the adapter's
+      ``skipped_modules()``), one whose class's ``forward`` is not the architecture's transformers modeling code's
+      (the class of the model's ``model_type``: a module swapped for another class, ``__class__`` set to a subclass
+      that overrides ``forward``, or ``forward`` patched on the class), a torch or PEFT wrapper's or a
+      :data:`LIBRARY_FORWARDS` one's.
+
+    Modules the trie calls as modules (projections, embedding, LM head) may be of other classes (PEFT's LoRA layers,
+    quantized linears): their own forwards run, on flat ``[tokens, hidden]`` batches."""
+    found, skipped = [], list(skipped)
+    for name, module in model.named_modules():
+        fn = module.__dict__.get("forward")
+        if fn is not None and not _runs_own_forward(module, fn):
+            found.append(f"{name or type(module).__name__}: forward replaced on the instance by "
+                         f"{'.'.join(_hook_origin(fn))!r}")
+    names = {id(module): name for name, module in model.named_modules()}
+    home = type(skipped[0] if skipped else model).__module__  # the architecture's modeling code (its inner model's)
+    for module in skipped:
+        forward = type(module).forward
+        origin = str(getattr(forward, "__module__", None) or "")
+        # torch's wrappers (torch.compile's OptimizedModule) and PEFT's (a PeftModel the adapter reads through) run the
+        # model's forward
+        if origin != home and origin.split(".", 1)[0] not in ("torch", "peft") and _package(
+                forward) not in LIBRARY_FORWARDS:
+            label = names.get(id(module)) or type(module).__name__
+            found.append(f"{label}: class {type(module).__qualname__} with the forward"
+                         f" {origin}.{getattr(forward, '__qualname__', forward)!s} (not {home}'s)")
     return found
 
 

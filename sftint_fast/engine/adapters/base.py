@@ -88,6 +88,12 @@ class Adapter(ABC):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head on the requested rows only: ``[..., H]`` → ``[..., V]``."""
 
+    @abstractmethod
+    def skipped_modules(self) -> list[torch.nn.Module]:
+        """The modules whose own forwards the layer loop does not run (it calls their parts, or fused ops stand in
+        for them), the inner model (of the architecture's modeling code) first: a forward replaced on one of them
+        would not be run (:func:`~sftint_fast.engine.adapters.replaced_forwards`)."""
+
 
 def last_layer_rows(out: torch.Tensor, hidden: torch.Tensor, keep: torch.Tensor | None
                     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,6 +13,7 @@ class GPT2Adapter(Adapter):
     def __init__(self, model: torch.nn.Module) -> None:
         config = model.config
         inner = model.transformer
+        self._model, self._inner = model, inner
         self._wte = inner.wte
         self._wpe = inner.wpe
         self._blocks = list(inner.h)
@@ -37,6 +38,10 @@ class GPT2Adapter(Adapter):
         config = getattr(model, "config", None)
         return (getattr(config, "model_type", None) == "gpt2" and not getattr(config, "add_cross_attention", False)
                 and hasattr(model, "transformer") and hasattr(model, "lm_head"))
+
+    def skipped_modules(self) -> list[torch.nn.Module]:
+        # the MLPs and LayerNorms run as modules
+        return [self._inner, self._model] + [m for block in self._blocks for m in (block, block.attn)]
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._wte(input_ids)

@@ -26,6 +26,7 @@ class LlamaLikeAdapter(Adapter):
     def __init__(self, model: torch.nn.Module) -> None:
         config = model.config
         inner = model.model
+        self._model, self._inner = model, inner
         self._embed_tokens = inner.embed_tokens
         self._blocks = list(inner.layers[: config.num_hidden_layers])
         self._norm = inner.norm
@@ -78,6 +79,15 @@ class LlamaLikeAdapter(Adapter):
         return all(hasattr(inner, name) for name in ("embed_tokens", "layers", "norm", "rotary_emb")) and hasattr(
             model, "lm_head")
 
+    def skipped_modules(self) -> list[torch.nn.Module]:
+        """The models, decoder layers, attention modules, MLPs (a fused op may stand in) and the layers' norms of
+        :data:`FUSED_NORMS` classes (by class name: a fused op stands in); the final norm runs as its module."""
+        modules = [self._inner, self._model]
+        for block in self._blocks:
+            modules += [block, block.self_attn, block.mlp]
+            modules += [m for m in block.modules() if type(m).__name__ in FUSED_NORMS]
+        return modules
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self._embed_tokens(input_ids)
 
@@ -121,9 +131,10 @@ class LlamaLikeAdapter(Adapter):
             cos, sin = tables[index]
             if ops and ops.rope_fits(q, cos, head_dim):
                 q, k = ops.rope(q, cos[0], sin[0]), ops.rope(k, cos[0], sin[0])
-            else:  # cos/sin are [1, N, D]: rotate [1, N, H, D] views of the flat tokens.
-                q, k = self._apply_rope(q.unsqueeze(0), k.unsqueeze(0), cos, sin, unsqueeze_dim=2)
-                q, k = q[0], k[0]
+            else:  # cos/sin are [1, N, D]: rotate the flat tokens as [1, H, N, D], the layout the attention
+                # module gives the function (a replacement, e.g. Liger-Kernel's, may assume it and ignore unsqueeze_dim)
+                q, k = self._apply_rope(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), cos, sin)
+                q, k = q[0].transpose(0, 1), k[0].transpose(0, 1)
             out = attend(index, q, k, v).flatten(1)
             if index == last:
                 out, hidden = last_layer_rows(out, hidden, keep)
