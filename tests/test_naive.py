@@ -441,3 +441,44 @@ def test_mlp_tensors_follow_the_activation(arch, act, expected):
 
     model = tiny_model(arch, **({"hidden_act": act} if arch == "llama" else {"activation_function": act}))
     assert get_adapter(model).dims.mlp_tensors == expected
+
+
+def _one_token_players(n):
+    spans = tuple((i, i + 1) for i in range(n))
+    return Game(input_ids=torch.randint(3, 128, (n + 3,), generator=torch.Generator().manual_seed(n)),
+                player_spans=spans, words=tuple(f"w{i}" for i in range(n)), target=torch.tensor([5]),
+                baseline=torch.zeros(32), prompt_length=n + 3)
+
+
+def test_naive_engine_refuses_more_variants_than_max_variants(monkeypatch):
+    """All 2^n variants at n=24..30 went to the naive engine one forward each (2^30 = a billion forwards: it never
+    ended, without a word; method='auto' fell back to it when the trie's memory check refused, warning only
+    'slower'). Refused now before any forward, saying how many forwards it would need and how to sample or override;
+    auto's fallback warning states the count."""
+    from sftint_fast.engine import plan
+
+    net = tiny_model("llama")
+    game = _one_token_players(24)
+    with pytest.raises(ValueError, match=f"{1 << 24} forward passes.*max_variants={1 << 20}.*subsets="):
+        sf.evaluate(net, game, method="naive", progress=False)
+
+    def refuse(*args, **kwargs):
+        raise plan.TrieMemoryError("the trie needs more than max_memory")
+
+    monkeypatch.setattr("sftint_fast.engine.trie.plan_trie", refuse)
+    with pytest.raises(ValueError, match=f"method='auto': the trie needs more.*{1 << 24} forward passes"):
+        sf.evaluate(net, game, progress=False)
+    small = _one_token_players(3)
+    with pytest.raises(ValueError, match="8 variants of a game need 8 forward passes \\(one sequence each\\), more "
+                                         "than max_variants=4"):
+        sf.evaluate(net, small, progress=False, max_variants=4)
+    with pytest.warns(UserWarning, match="falling back to the naive engine \\(8 forward passes"):
+        v = sf.evaluate(net, small, progress=False, max_variants=8)
+    assert v.shape == (8,)
+    # the limit is per game: prompts at a practical n are many forwards in all, as their caller chose
+    both = sf.evaluate_games(net, [small, small], method="naive", progress=False, max_variants=8)
+    assert [x.shape for x in both] == [(8,), (8,)] and torch.equal(both[0], v)
+    sampled = sf.evaluate(net, game, method="naive", subsets=torch.tensor([0, (1 << 24) - 1]), progress=False)
+    assert sampled.shape == (2,)
+    with pytest.raises(ValueError, match="max_variants: expected None or an int >= 1"):
+        sf.evaluate(net, small, method="naive", max_variants=0, progress=False)

@@ -246,7 +246,8 @@ def test_a_trie_refused_under_the_default_budget_says_the_budget_was_the_default
     with pytest.raises(plan_module.TrieMemoryError, match=r"max_memory is .*\(12000 bytes\);.* \(max_memory not given: "
                                                           r"the default, 60% of the free memory; pass max_memory="):
         sf.evaluate(model, game, method="trie", progress=False)
-    with pytest.raises(plan_module.TrieMemoryError, match=r"\(12000 bytes\); evaluate fewer players.*method='naive'$"):
+    with pytest.raises(plan_module.TrieMemoryError, match=r"\(12000 bytes\); evaluate fewer players.*method='naive' "
+                                                          r"\(one forward per variant: 2\^6 of them here\)$"):
         sf.evaluate(model, game, method="trie", progress=False, max_memory=12_000)
 
 

@@ -479,3 +479,43 @@ def test_fp32_dots_follow_torchs_tf32_setting_from_either_api(setting, expected,
     out, ref = run_both(*CASES["level1-mha"], torch.float32)
     assert seen == [expected]
     torch.testing.assert_close(out, ref, atol=TOL[torch.float32] if expected == "ieee" else 2e-2, rtol=0)
+
+
+@pytest.mark.parametrize("entry", ["triton", "dispatch", "reference", "pass"])
+def test_node_ids_out_of_range_are_refused(entry):
+    """Node ids outside [0, 2^level), path indices or offsets addressing rows past the store were read unchecked:
+    node 4 at level 2 read level 2's rows 4*6.. past the 4 nodes stored there (another node's or no memory at all:
+    wrong numbers, or a crash on a GPU). The public entry points refuse them; the engine's private ones do not look."""
+    from sftint_fast.ops.subset_attention import subset_attention as dispatch
+    from sftint_fast.ops.triton.subset_attention import subset_attention, subset_attention_pass
+
+    lens, players, level, nodes, hq, hkv, d = CASES["level2-gqa2"]
+    k_store, v_store, tables, gen = make_store(lens, players, hkv, d, torch.float32, 0)
+    k_store, v_store = torch.cat([k_store, k_store[-6:]]), torch.cat([v_store, v_store[-6:]])  # room for node 4
+    q = torch.randn(len(nodes), lens[level], hq, d, generator=gen)
+
+    def call(node_ids, offsets=tables[0], store=k_store, path_index=None):
+        args = [t.to(DEVICE) for t in (q, store, store, torch.tensor(node_ids), offsets, *tables[1:])]
+        kw = dict(level=level, scale=0.1, path_index=None if path_index is None else path_index.to(DEVICE))
+        if entry == "triton":
+            return subset_attention(*args, **kw)
+        if entry == "dispatch":
+            return dispatch(*args, **kw)
+        if entry == "reference":
+            return subset_attention_reference(*args, **kw)
+        meta = torch.tensor([[node, level, i * lens[level], 0] for i, node in enumerate(node_ids)], device=DEVICE)
+        index, _ = kw.pop("path_index"), kw.pop("level")
+        return subset_attention_pass(args[0].flatten(0, 1), *args[1:3], meta, args[4].view(1, -1), *args[5:],
+                                     max_seg_len=lens[level], path_index=index, **kw)
+
+    call([3, 1])
+    with pytest.raises(ValueError, match=r"expected node ids in \[0, 2\^2\) = \[0, 4\) at level 2, received 4"):
+        call([3, 4])
+    with pytest.raises(ValueError, match="received -1"):
+        call([-1, 1])
+    short = tables[0].clone()
+    short[2] += 4  # level 2 starts 4 rows later: node 3's segment runs past the store
+    with pytest.raises(ValueError, match=r"k_store, v_store: expected the rows .* within the store's \[0, 23\)"):
+        call([3, 1], offsets=short, store=k_store[:23])
+    with pytest.raises(ValueError, match="path_index: expected ancestor indices >= 0"):
+        call([3, 1], path_index=torch.tensor([[0, 1, 3], [0, -1, 1]]))

@@ -35,8 +35,9 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from sftint_fast.engine.naive import (available_memory, check_batch_size, check_subsets, evaluate_naive_games,
-                                      naive_batch_size, naive_layout, model_device)
+from sftint_fast.engine.naive import (NAIVE_MAX_VARIANTS, available_memory, check_batch_size, check_naive_variants,
+                                      check_subsets, evaluate_naive_games, naive_batch_size, naive_layout,
+                                      model_device)
 from sftint_fast.game import MAX_PLAYERS, Game, _eval_mode
 from sftint_fast.ops.triton import KERNEL_DTYPES
 
@@ -139,7 +140,13 @@ def _resolve_backend(attention_backend: AttentionBackend, device: torch.device, 
     return "triton" if device.type == "cuda" and importlib.util.find_spec("triton") is not None else "torch"
 
 
-def _choose_engine(model: Any, method: Method, compute_dtype: ComputeDtype | None = None) -> Literal["naive", "trie"]:
+def _naive_cost(forwards: int) -> str:
+    return f"{forwards} forward passes, one per variant: slower, same values"
+
+
+def _choose_engine(model: Any, method: Method, compute_dtype: ComputeDtype | None = None,
+                   forwards: int | None = None) -> Literal["naive", "trie"]:
+    """The engine to run; ``forwards`` (the naive engine's forward passes), when known, goes into the warnings."""
     if method == "naive":
         return "naive"
     from sftint_fast.engine.adapters import find_adapter  # imported on use: the trie pulls in more modules
@@ -148,7 +155,8 @@ def _choose_engine(model: Any, method: Method, compute_dtype: ComputeDtype | Non
     if adapter is None:
         if method == "trie":
             raise ValueError(f"method='trie': {reason}; use method='naive'")
-        warnings.warn(f"{reason}; falling back to the naive engine (slower, same values)", stacklevel=4)
+        cost = "slower, same values" if forwards is None else _naive_cost(forwards)
+        warnings.warn(f"{reason}; falling back to the naive engine ({cost})", stacklevel=4)
         return "naive"
     if _uses_autocast(model, compute_dtype):
         # The trie engine keeps its KV stores in the model's dtype, so it cannot run under autocast.
@@ -269,6 +277,7 @@ def evaluate(
     progress: bool = True,
     attention_backend: AttentionBackend = "auto",
     compute_dtype: ComputeDtype | None = None,
+    max_variants: int | None = NAIVE_MAX_VARIANTS,
 ) -> torch.Tensor:
     """The game's values ``v`` on the model's device, float32.
 
@@ -282,6 +291,9 @@ def evaluate(
         attention_backend: the trie's attention: ``"auto"`` = the fused Triton kernel on CUDA for a float16,
             bfloat16 or float32 model, else torch (a float64 model: torch; ``"triton"`` refuses it).
         compute_dtype: see the module docstring.
+        max_variants: the most variants of one game (one forward pass each) the naive engine runs, also when
+            ``"auto"`` falls back to it; more raise ValueError saying how many forwards they need (all ``2^30`` of
+            n=30 would never end): pass ``subsets=`` to sample, or None to lift the limit. The trie ignores it.
 
     >>> v = evaluate(model, game)          # doctest: +SKIP
     >>> v[-1] - v[0]                       # v(N) - v(∅)  # doctest: +SKIP
@@ -290,7 +302,7 @@ def evaluate(
         raise TypeError(f"game: expected a sftint_fast.Game, received {type(game).__name__}")
     return evaluate_games(model, [game], method=method, subsets=subsets, batch_size=batch_size,
                           max_memory=max_memory, progress=progress, attention_backend=attention_backend,
-                          compute_dtype=compute_dtype)[0]
+                          compute_dtype=compute_dtype, max_variants=max_variants)[0]
 
 
 def evaluate_games(
@@ -304,6 +316,7 @@ def evaluate_games(
     progress: bool = True,
     attention_backend: AttentionBackend = "auto",
     compute_dtype: ComputeDtype | None = None,
+    max_variants: int | None = NAIVE_MAX_VARIANTS,
 ) -> list[torch.Tensor]:
     """:func:`evaluate` on several games of one layout at once → one ``v`` per game, equal to evaluating each.
 
@@ -332,7 +345,12 @@ def evaluate_games(
         subsets = _validate_subsets(subsets, n, device, max_memory)
         if subsets.numel() == 0:
             return [torch.empty(0, dtype=torch.float32, device=device) for _ in games]
-    engine = _choose_engine(model, method, compute_dtype)
+    variants = (1 << n) if subsets is None else subsets.numel()  # of each game
+    forwards = len(games) * variants  # what the naive engine would run
+    check_naive_variants(0, max_variants)  # the name, before any engine runs
+    engine = _choose_engine(model, method, compute_dtype, forwards)
+    if engine == "naive":  # refused before the 2^n bitmasks are built
+        check_naive_variants(variants, max_variants)
     backend = _resolve_backend(attention_backend, device, dtype=model.get_input_embeddings().weight.dtype)
     kwargs: dict[str, Any] = {"batch_size": batch_size, "progress": progress, "max_memory": max_memory}
     if engine == "trie":
@@ -342,6 +360,7 @@ def evaluate_games(
         kwargs["attention_backend"] = backend
     else:
         run = evaluate_naive_games
+        kwargs["max_variants"] = max_variants
         subsets = _every_variant(subsets, n, device)
     # each submodule's own mode back after (model.train(m) would put a frozen, eval-mode part in train mode); a
     # caller's autocast region off: compute_dtype sets the precision (the trie's stores would take its K/V dtype)
@@ -356,9 +375,14 @@ def evaluate_games(
                                     "free memory; pass max_memory= to set it)")
             if method != "auto":
                 raise error from None
-            warnings.warn(f"{error}; falling back to the naive engine (slower, same values)", stacklevel=3)
+            try:
+                check_naive_variants(variants, max_variants)
+            except ValueError as refusal:
+                raise ValueError(f"method='auto': {error}; and {refusal}") from None
+            warnings.warn(f"{error}; falling back to the naive engine ({_naive_cost(forwards)})", stacklevel=3)
             kwargs.pop("attention_backend")
-            values = evaluate_naive_games(model, games, _every_variant(subsets, n, device), **kwargs)
+            values = evaluate_naive_games(model, games, _every_variant(subsets, n, device), max_variants=max_variants,
+                                          **kwargs)
     return [v.to(torch.float32) for v in values]
 
 

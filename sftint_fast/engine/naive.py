@@ -284,6 +284,24 @@ def _accepts_logits_to_keep(model: Any) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
+#: Most variants of one game (one forward pass each) the naive engine runs unless told otherwise (``max_variants=``):
+#: all 2^20 variants of n=20 players; 2^30 (n=30) would be a billion forwards, which never ends in practice. Per game:
+#: many prompts at a practical n are a workload their caller chose.
+NAIVE_MAX_VARIANTS = 1 << 20
+
+
+def check_naive_variants(num_variants: int, max_variants: int | None) -> None:
+    """ValueError when the naive engine would run more than ``max_variants`` variants of one game, one forward pass
+    each (None: no limit)."""
+    if max_variants is not None and (isinstance(max_variants, bool) or not isinstance(max_variants, int)
+                                     or max_variants < 1):
+        raise ValueError(f"max_variants: expected None or an int >= 1, received {max_variants!r}")
+    if max_variants is not None and num_variants > max_variants:
+        raise ValueError(f"the naive engine: {num_variants} variants of a game need {num_variants} forward passes (one "
+                         f"sequence each), more than max_variants={max_variants}; pass subsets= (a tensor of "
+                         "bitmasks) to evaluate a sample, or max_variants=None (or a larger limit) to run them all")
+
+
 def evaluate_naive(
     model: Any,
     game: Game,
@@ -292,15 +310,17 @@ def evaluate_naive(
     batch_size: int | None = None,
     progress: bool = True,
     max_memory: int | None = None,
+    max_variants: int | None = NAIVE_MAX_VARIANTS,
 ) -> torch.Tensor:
     """``v`` for each bitmask of ``subsets`` ``(B,)`` int64 → float32 ``(B,)`` on the model's device.
 
     Every variant is a full sequence given as ``inputs_embeds`` (embedding masking: baseline rows
     substituted; attention masking: a 4D mask and explicit ``position_ids``). ``subsets`` (any integer dtype) and
     ``batch_size`` are checked here (TypeError/ValueError); callers (``evaluate``) handle ``no_grad`` and eval mode.
+    More than ``max_variants`` variants (None: no limit) raise ValueError, saying how many forwards they need.
     """
     return evaluate_naive_games(model, [game], subsets, batch_size=batch_size, progress=progress,
-                                max_memory=max_memory)[0]
+                                max_memory=max_memory, max_variants=max_variants)[0]
 
 
 def naive_layout(game: Game) -> tuple:
@@ -319,9 +339,11 @@ def evaluate_naive_games(
     batch_size: int | None = None,
     progress: bool = True,
     max_memory: int | None = None,
+    max_variants: int | None = NAIVE_MAX_VARIANTS,
 ) -> list[torch.Tensor]:
     """:func:`evaluate_naive` on several games of one :func:`naive_layout`, their variants batched together
-    (``batch_size`` variants per forward over all games) → one float32 ``(B,)`` tensor per game."""
+    (``batch_size`` variants per forward over all games) → one float32 ``(B,)`` tensor per game; ``max_variants``
+    bounds the variants of each game (one forward pass each)."""
     games = list(games)
     if not games:
         return []
@@ -333,6 +355,7 @@ def evaluate_naive_games(
     first = games[0]
     check_batch_size(batch_size)
     subsets = check_subsets(subsets, first.num_players)
+    check_naive_variants(subsets.numel(), max_variants)
     check_inputs_embeds(model)
     if first.masking == "attention":
         check_attention_masking(model)

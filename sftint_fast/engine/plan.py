@@ -349,7 +349,8 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
             raise TrieMemoryError(f"the trie for n={num_players}, L={seq_len}{games} needs at least {_size(needed)} "
                                   f"(KV store {_size(fixed)}: {reached} of every level j < n, + one node's "
                                   f"activations), but max_memory is {_size(max_memory)}; evaluate fewer players, "
-                                  f"games or subsets, or use method='naive'")
+                                  f"games or subsets (subsets= samples variants), or use method='naive' (one "
+                                  f"forward per variant: 2^{num_players} of them here)")
         room = max_memory - fixed
         fit = room // (per_node[-1] + window_bytes)
         if window_bytes:

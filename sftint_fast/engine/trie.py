@@ -30,7 +30,7 @@ from sftint_fast.engine.adapters import Adapter, find_adapter
 from sftint_fast.engine.adapters.base import FusedBackend
 from sftint_fast.engine.plan import PlanUnit, TriePlan, default_max_memory, default_pass_tokens, plan_trie
 from sftint_fast.game import raise_faults
-from sftint_fast.ops.subset_attention import key_layout, subset_attention
+from sftint_fast.ops.subset_attention import _subset_attention, key_layout
 from sftint_fast.ops.triton import KERNEL_DTYPES
 
 logger = logging.getLogger(__name__)
@@ -155,9 +155,11 @@ class _Pass:
 
 
 def subset_attention_pass(*args, **kwargs) -> torch.Tensor:
-    from sftint_fast.ops.triton.subset_attention import subset_attention_pass as fused_pass
+    """The fused kernel's pass entry point without the check of the tables' values (node ids, store rows): the plan
+    built them, and reading them on the host would be a GPU sync per layer."""
+    from sftint_fast.ops.triton.subset_attention import _subset_attention_pass as fused_pass
 
-    return fused_pass(*args, **kwargs)
+    return fused_pass(*args, **kwargs, check_ids=False)
 
 
 def trie_layout(game: Any) -> tuple:
@@ -296,11 +298,11 @@ def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: t
                                              sliding_window=spec.sliding_window, k_pass=k, v_pass=v,
                                              path_index=pass_.path_index)
             return torch.cat([
-                subset_attention(q[c.start:c.stop].unflatten(0, (len(c.nodes), -1)), k_stores[layer],
-                                 v_stores[layer], c.nodes, *c.tables, level=c.level, scale=spec.scale,
-                                 attention_masking=attention_masking, softcap=spec.softcap,
-                                 sliding_window=spec.sliding_window, backend=attention_backend,
-                                 layout=layout).flatten(0, 1)
+                _subset_attention(q[c.start:c.stop].unflatten(0, (len(c.nodes), -1)), k_stores[layer],
+                                  v_stores[layer], c.nodes, *c.tables, level=c.level, scale=spec.scale,
+                                  attention_masking=attention_masking, softcap=spec.softcap,
+                                  sliding_window=spec.sliding_window, backend=attention_backend, layout=layout,
+                                  path_index=None, check_ids=False).flatten(0, 1)
                 for c, layout in zip(chunks, layouts)])
 
         # the final hidden states of the leaves' scored tokens only: [leaf nodes * num_scores, H], leaf by leaf

@@ -80,6 +80,11 @@ def subset_attention_reference(
     segment up to the query), see ``sftint_fast.ops.subset_attention.subset_attention`` for the semantics
     (``path_index``: a compact store's ancestor indices, None = the ancestor ids).
     """
+    from sftint_fast.ops.subset_attention import check_node_ids
+
+    if len(node_ids):  # out-of-range ids would read other nodes' rows (or raise an IndexError) without a word
+        check_node_ids(node_ids, torch.tensor(level, device=node_ids.device), level_offsets[:level + 1].reshape(1, -1),
+                       level_lens, k_store.shape[0], path_index)
     offsets, lens, players, positions = (t.tolist() for t in (level_offsets, level_lens, player_lens, level_positions))
     num_nodes, seq_len, num_q_heads, _ = q.shape
     group = num_q_heads // k_store.shape[1]

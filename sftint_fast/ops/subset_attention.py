@@ -112,6 +112,74 @@ def _subset_attention_torch(q: torch.Tensor, k_store: torch.Tensor, v_store: tor
     return out.transpose(1, 2)
 
 
+def check_node_ids(node_ids: torch.Tensor, levels: torch.Tensor, offsets: torch.Tensor, level_lens: torch.Tensor,
+                   store_rows: int, path_index: torch.Tensor | None = None, *, own_in_store: bool = True,
+                   names: tuple[str, str, str] = ("node_ids", "level", "level_offsets")) -> None:
+    """ValueError unless every node id lies in ``[0, 2^level)`` of its level and every store row its path reads (the
+    segments of levels ``k <= level``, ``k < level`` when not ``own_in_store``) lies in ``[0, store_rows)``.
+
+    ``node_ids``, ``levels`` ``[N]`` int64, ``offsets`` ``[N, W]`` (each node's row of store offsets), ``level_lens``
+    ``[>= W]``, ``path_index`` ``[N, W]`` or None (ancestor ids from the node bits), all on one device, shapes already
+    checked. The kernels read these rows unchecked (other memory: wrong numbers or a crash), so the public entry points
+    call this; it reads the tensors on the host, i.e. one GPU sync per call on CUDA, so the trie engine, which builds
+    them from its plan, calls the unchecked private entry points instead. ``names``: how the message names the ids,
+    the level and the offsets table."""
+    id_name, level_name, offsets_name = names
+    width = offsets.shape[1]
+    levels = levels.expand(node_ids.shape)
+    k = torch.arange(width, device=node_ids.device)
+    read = k[None, :] <= levels[:, None] if own_in_store else k[None, :] < levels[:, None]
+    lens = level_lens[:width]
+    read = read & (lens > 0)[None, :]
+    # 2^level overflows int64 past level 62: any id >= 0 is then in range
+    bad_id = (node_ids < 0) | ((levels < 63) & ((node_ids >> levels.clamp(0, 62)) != 0))
+    if path_index is None:
+        ancestors = node_ids[:, None] & ((1 << k.clamp(max=62))[None, :] - 1)
+        bad_index = torch.zeros_like(bad_id)
+    else:
+        ancestors = path_index[:, :width]
+        bad_index = ((ancestors < 0) & read).any(dim=1)
+    first = offsets + ancestors * lens[None, :]
+    bad_row = read & ((first < 0) | (first + lens[None, :] > store_rows))
+    flags = torch.stack([bad_id.any(), bad_index.any(), bad_row.any()]).tolist()  # the one host read
+    if flags[0]:
+        i = int(bad_id.nonzero()[0, 0])
+        level = int(levels[i])
+        raise ValueError(f"{id_name}: expected node ids in [0, 2^{level}) = [0, {1 << level}) at {level_name} "
+                         f"{level}, received {int(node_ids[i])} (node {i})")
+    if flags[1]:
+        i = int(bad_index.nonzero()[0, 0])
+        raise ValueError(f"path_index: expected ancestor indices >= 0, received row {i}: "
+                         f"{path_index[i, :int(levels[i]) + 1].tolist()}")
+    if flags[2]:
+        i, j = (int(x) for x in bad_row.nonzero()[0])
+        start = int(first[i, j])
+        raise ValueError(f"k_store, v_store: expected the rows [{start}, {start + int(lens[j])}) that node "
+                         f"{int(node_ids[i])} at {level_name} {int(levels[i])} reads at level {j} "
+                         f"({offsets_name}[{j}] {int(offsets[i, j])} + ancestor index {int(ancestors[i, j])} * "
+                         f"level_lens[{j}] {int(lens[j])}) within the store's [0, {store_rows}), received a store "
+                         f"of {store_rows} rows")
+
+
+def _check_ids(node_ids: torch.Tensor, level: int, level_offsets: torch.Tensor, level_lens: torch.Tensor,
+               store_rows: int, path_index: torch.Tensor | None, layout: KeyLayout | None) -> None:
+    """:func:`check_node_ids` for a chunk of one level; with a key layout, its rows are what is read."""
+    if node_ids.numel() == 0:
+        return
+    device = node_ids.device
+    levels = torch.tensor(level, device=device)
+    offsets = level_offsets.to(device)[None, :]
+    if layout is None:
+        check_node_ids(node_ids, levels, offsets, level_lens.to(device), store_rows, path_index)
+        return
+    check_node_ids(node_ids, levels, offsets, torch.zeros_like(level_lens, device=device), store_rows)  # ids only
+    rows = layout.rows
+    bad = (rows < 0) | (rows >= store_rows)
+    if bool(bad.any()):
+        raise ValueError(f"layout: expected store rows in [0, {store_rows}) (k_store's), received "
+                         f"{rows[bad][:5].tolist()}")
+
+
 def _subset_attention_triton(*args, **kwargs) -> torch.Tensor:
     from sftint_fast.ops.triton.subset_attention import subset_attention as fused
 
@@ -155,6 +223,10 @@ def subset_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tens
             ancestor id ``node & (2^k - 1)`` (a store of all ``2^k`` nodes per level). Masking still reads the bits
             of ``node_ids``.
 
+    Raises:
+        ValueError: bad shapes, dtypes or options, node ids outside ``[0, 2^level)``, or store rows they (or
+        ``path_index``, ``layout``) address outside the stores (read on the host: one GPU sync per call on CUDA).
+
     Returns:
         ``[C, S, Hq, D]`` in ``q``'s dtype.
 
@@ -165,6 +237,19 @@ def subset_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tens
         ...                  level=1, scale=8 ** -0.5).shape
         torch.Size([2, 3, 4, 8])
     """
+    return _subset_attention(q, k_store, v_store, node_ids, level_offsets, level_lens, player_lens, level_positions,
+                             level=level, scale=scale, attention_masking=attention_masking, softcap=softcap,
+                             sliding_window=sliding_window, backend=backend, layout=layout, path_index=path_index,
+                             check_ids=True)
+
+
+def _subset_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, node_ids: torch.Tensor,
+                      level_offsets: torch.Tensor, level_lens: torch.Tensor, player_lens: torch.Tensor,
+                      level_positions: torch.Tensor, *, level: int, scale: float, attention_masking: bool,
+                      softcap: float | None, sliding_window: int | None, backend: Backend, layout: KeyLayout | None,
+                      path_index: torch.Tensor | None, check_ids: bool) -> torch.Tensor:
+    """:func:`subset_attention`; ``check_ids=False`` (the trie engine, whose ids come from its plan) skips the
+    check of the ids' and rows' values, which reads them on the host (a GPU sync per layer)."""
     impl = _BACKENDS.get(backend)
     if impl is None:
         raise ValueError(f"backend must be one of {sorted(_BACKENDS)}, got {backend!r}")
@@ -222,6 +307,8 @@ def subset_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tens
         if layout is not None:
             raise ValueError("path_index: the key layout already holds the rows; pass path_index to key_layout")
         options["path_index"] = path_index
+    if check_ids and backend != "triton":  # the fused function checks its own
+        _check_ids(node_ids, level, level_offsets, level_lens, k_store.shape[0], path_index, layout)
     return impl(q, k_store, v_store, node_ids, level_offsets, level_lens, player_lens, level_positions, level=level,
                 scale=scale, attention_masking=attention_masking, softcap=softcap, sliding_window=sliding_window,
                 **options)

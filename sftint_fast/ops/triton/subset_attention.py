@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from sftint_fast.ops.subset_attention import check_node_ids
 from sftint_fast.ops.triton import KERNEL_DTYPES, check_interpreter, on_device
 
 # Finite "minus infinity" for the running max, so a block with no visible key gives exp2(-inf - finite) = 0
@@ -462,6 +463,10 @@ def subset_attention(
             ``level_offsets[k] + index * level_lens[k]``), column ``level`` the node's own. None: the ancestor ids
             ``node & (2^k - 1)``. Masking reads the bits of ``node_ids`` either way.
 
+    Raises:
+        ValueError: bad shapes, dtypes or options; node ids outside ``[0, 2^level)``; store rows the ids (or
+        ``path_index``) address outside the stores. The values are read on the host: one GPU sync per call.
+
     Returns:
         ``[C, S, Hq, D]`` in ``q``'s dtype; query head ``h`` reads KV head ``h // (Hq // Hkv)``. Scores and the
         softmax are accumulated in float32; float32 inputs use IEEE dots unless TF32 matmuls are allowed
@@ -506,6 +511,9 @@ def subset_attention(
                              f"(positions[k+1] = positions[k] + lens[k]), got positions {positions.tolist()} and "
                              f"lens {lens.tolist()}; use path='segments'")
 
+    if num_nodes:  # the kernel reads the rows these address unchecked (a host read: one GPU sync per call)
+        check_node_ids(node_ids, torch.tensor(level, device=q.device), level_offsets[:level + 1].reshape(1, -1),
+                       level_lens, k_store.shape[0], path_index)
     out = torch.empty((num_nodes * seq_len, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
     if num_nodes == 0 or seq_len == 0:
         return out.view(q.shape)
@@ -563,9 +571,41 @@ def subset_attention_pass(
         ``[T, Hq, D]`` in ``q``'s dtype, each node's rows where its queries are (rows of no node are left as
         allocated).
 
-    Only shapes, dtypes and devices are checked (no table contents: that would cost a GPU sync per layer). The
-    engine builds these tables from its plan; tests compare the result with :func:`subset_attention` per chunk.
+    Raises:
+        ValueError: bad shapes, dtypes or options; meta rows whose level, offsets-table row, node id (outside
+        ``[0, 2^level)``) or query rows are out of range; store rows they (or ``path_index``) address outside the
+        stores. The values are read on the host: one GPU sync per call (the engine, which builds these tables from its
+        plan, calls the unchecked private twin: a sync per layer would serialise host and GPU). Tests compare the
+        result with :func:`subset_attention` per chunk.
     """
+    return _subset_attention_pass(q, k_store, v_store, meta, level_offsets, level_lens, player_lens, level_positions,
+                                  max_seg_len=max_seg_len, scale=scale, attention_masking=attention_masking,
+                                  softcap=softcap, sliding_window=sliding_window, path=path, k_pass=k_pass,
+                                  v_pass=v_pass, path_index=path_index, check_ids=True)
+
+
+def _subset_attention_pass(
+    q: torch.Tensor,
+    k_store: torch.Tensor,
+    v_store: torch.Tensor,
+    meta: torch.Tensor,
+    level_offsets: torch.Tensor,
+    level_lens: torch.Tensor,
+    player_lens: torch.Tensor,
+    level_positions: torch.Tensor,
+    *,
+    max_seg_len: int,
+    scale: float,
+    attention_masking: bool = False,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+    path: str | None = None,
+    k_pass: torch.Tensor | None = None,
+    v_pass: torch.Tensor | None = None,
+    path_index: torch.Tensor | None = None,
+    check_ids: bool,
+) -> torch.Tensor:
+    """:func:`subset_attention_pass`; ``check_ids=False`` skips the check of the tables' values (the engine)."""
     path = DEFAULT_PATH if path is None else path
     if q.dim() != 3:
         raise ValueError(f"q: expected shape [T, Hq, D], got {tuple(q.shape)}")
@@ -592,6 +632,8 @@ def subset_attention_pass(
                                  f"shape {tuple(t.shape)} on {t.device}")
         k_pass = k_pass if k_pass.stride(2) == 1 else k_pass.contiguous()
         v_pass = v_pass if v_pass.stride(2) == 1 else v_pass.contiguous()
+    if check_ids and meta.shape[0]:
+        _check_pass_rows(q, k_store, meta, level_offsets, level_lens, max_seg_len, path_index, k_pass is None)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if q.stride(2) != 1:
         q = q.contiguous()
@@ -599,3 +641,32 @@ def subset_attention_pass(
             player_lens.contiguous(), level_positions.contiguous(), max_seg_len, scale, attention_masking, softcap,
             sliding_window, path, k_pass, v_pass, None if path_index is None else path_index.contiguous())
     return out
+
+
+def _check_pass_rows(q: torch.Tensor, k_store: torch.Tensor, meta: torch.Tensor, level_offsets: torch.Tensor,
+                     level_lens: torch.Tensor, max_seg_len: int, path_index: torch.Tensor | None,
+                     own_in_store: bool) -> None:
+    """ValueError for meta rows the kernel would read out of range: a level past the tables, an offsets-table row
+    past ``level_offsets``, query rows past ``q`` or a segment longer than ``max_seg_len``; then
+    :func:`check_node_ids` (node ids, store rows)."""
+    num_tables, width = level_offsets.shape
+    nodes, levels, first, tables = meta.unbind(1)
+    bad_level = (levels < 0) | (levels >= width)
+    bad_table = (tables < 0) | (tables >= num_tables)
+    seg = level_lens[levels.clamp(0, width - 1)]
+    bad_rows = (first < 0) | (first + seg > q.shape[0]) | (seg > max_seg_len)
+    flags = torch.stack([bad_level.any(), bad_table.any(), bad_rows.any()]).tolist()
+    if flags[0]:
+        i = int(bad_level.nonzero()[0, 0])
+        raise ValueError(f"meta[{i}]: expected a level in [0, {width}) (the tables' width), received {int(levels[i])}")
+    if flags[1]:
+        i = int(bad_table.nonzero()[0, 0])
+        raise ValueError(f"meta[{i}]: expected an offsets-table row in [0, {num_tables}) (level_offsets' rows), "
+                         f"received {int(tables[i])}")
+    if flags[2]:
+        i = int(bad_rows.nonzero()[0, 0])
+        raise ValueError(f"meta[{i}]: expected query rows [first, first + level_lens[level]) within q's "
+                         f"{q.shape[0]} rows and a segment of at most max_seg_len={max_seg_len} tokens, received "
+                         f"first row {int(first[i])} and {int(seg[i])} tokens at level {int(levels[i])}")
+    check_node_ids(nodes, levels, level_offsets[tables], level_lens, k_store.shape[0], path_index,
+                   own_in_store=own_in_store, names=("meta[:, 0]", "level", "level_offsets[meta[:, 3]]"))
