@@ -83,6 +83,10 @@ def _refuse_unused(flag: str, value, needs: str, instead: str) -> None:
         raise ValueError(f"{flag}: expected only {needs}, received {flag} {shown} {instead}")
 
 
+#: the second line of a refusal printed from an exception (SFTINT_DEBUG=1 raises it instead)
+_DEBUG_HINT = "(SFTINT_DEBUG=1 shows the traceback)"
+
+
 def _debug() -> bool:
     """Whether ``SFTINT_DEBUG`` asks for a refusal's traceback instead of its one-line message."""
     import os
@@ -162,7 +166,8 @@ def _run_info(args: argparse.Namespace) -> int:
 
 def _add_game_args(p: argparse.ArgumentParser, n_players_help: str = "") -> None:
     """The options that turn a prompt into a game (``explain`` and ``bench``)."""
-    p.add_argument("--players", default="all", help="'all' or comma-separated word indices, e.g. 0,2,5")
+    p.add_argument("--players", default="all",
+                   help="'all' (default) or comma-separated word indices, e.g. 0,2,5")
     p.add_argument("--n-players", type=_int_at_least(1), default=None,
                    help="keep N content words as players (the first N, or the last with --pick last)"
                         + n_players_help)
@@ -170,7 +175,9 @@ def _add_game_args(p: argparse.ArgumentParser, n_players_help: str = "") -> None
                    help="with --n-players: keep the first (default) or the last N content words")
     p.add_argument("--target", default=None, help="answer text (teacher-forced); default: the greedy next token")
     p.add_argument("--chat", action="store_true", help="wrap the text in the tokenizer's chat template")
-    p.add_argument("--masking", choices=["embedding", "attention"], default="embedding")
+    p.add_argument("--masking", choices=["embedding", "attention"], default="embedding",
+                   help="how a masked word is removed: its embedding replaced by the baseline's (default) or "
+                        "hidden from attention")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -219,12 +226,15 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
                                        "the options); "
                                        "evaluated across the ranks under torchrun, resumable from <out>/shards")
     _add_game_args(p)
-    p.add_argument("--method", choices=["auto", "naive", "trie"], default="auto")
+    p.add_argument("--method", choices=["auto", "naive", "trie"], default="auto",
+                   help="evaluation engine (default auto: the trie where an adapter reads the model, else naive)")
     p.add_argument("--out", default=None, help="folder for v, interactions, config.json and interactions.png "
                                                "(with --file: one subfolder prompt_<i> per row)")
-    p.add_argument("--top", type=_int_at_least(0), default=10, help="how many interactions to print and plot")
+    p.add_argument("--top", type=_int_at_least(0), default=10,
+                   help="how many interactions to print and plot (default 10)")
     p.add_argument("--andor", choices=["none", "sgd", "lp"], default="none",
-                   help="also the sparse AND-OR decomposition (METHOD.md section 3): sgd or the exact lp")
+                   help="also the sparse AND-OR decomposition (METHOD.md section 3): sgd or the exact lp "
+                        "(default none)")
     p.add_argument("--qthres", type=_non_negative_float, default=None,
                    help="with --andor: AND-OR noise bound, a share of |v(N) - v(empty)| (default 0.04)")
     p.add_argument("--niter", type=_int_at_least(0), default=None,
@@ -630,9 +640,9 @@ def _run_track(args: argparse.Namespace) -> int:
                        "with --andor-method lp (the LP is solved exactly, without SGD)")
     _refuse_unused("--noise-draws", options["noise_draws"] if args.noise_floor == "none" else None,
                    "with --noise-floor order_matched or iid", "with --noise-floor none (no noise floor is drawn)")
-    _refuse_unused("--settle", args.settle if args.watch is None else None, "with --watch", "without --watch")
-    _refuse_unused("--stale-after", args.stale_after if args.watch is None else None, "with --watch",
-                   "without --watch")
+    for flag, value in (("--until-step", args.until_step), ("--idle-timeout", args.idle_timeout),
+                        ("--settle", args.settle), ("--stale-after", args.stale_after)):
+        _refuse_unused(flag, value if args.watch is None else None, "with --watch", "without --watch")
     options = {key: value for key, value in options.items() if value is not None}
     owns_group = not distributed.is_distributed() and distributed.init_from_env()  # under torchrun
     failed = False
@@ -651,7 +661,7 @@ def _run_track(args: argparse.Namespace) -> int:
         failed = True
         if _debug():
             raise
-        print(f"sftint track: {_cli_message('track', err)}\n(SFTINT_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(f"sftint track: {_cli_message('track', err)}\n{_DEBUG_HINT}", file=sys.stderr)
         return 2
     finally:
         if owns_group:  # no barrier after an error: a rank that failed alone must not wait for the others
@@ -752,16 +762,17 @@ def _add_probes(sub: argparse._SubParsersAction) -> None:
                         help="the bundled candidates, in order: countries (capital-city questions), chatterbot "
                              "(trivia); default: countries,chatterbot")
     p.add_argument("--out", required=True, help="the probes JSONL to write (sftint track --probes)")
-    p.add_argument("--count", type=_int_at_least(1), default=8, help="how many probes to keep")
+    p.add_argument("--count", type=_int_at_least(1), default=8, help="how many probes to keep (default 8)")
     p.add_argument("--n-players", type=_int_at_least(1), default=8,
-                   help="keep only candidates with at least this many content words (as sftint track --n-players)")
+                   help="keep only candidates with at least this many content words (as sftint track --n-players; "
+                        "default 8)")
     p.add_argument("--min-py", type=_probability, default=0.5,
-                   help="the least base probability of the greedy next token (sftint track drops probes below its "
-                        "--min-base-py, 0.5 by default)")
+                   help="the least base probability of the greedy next token (default 0.5; sftint track drops "
+                        "probes below its --min-base-py, 0.5 by default)")
     p.add_argument("--chat", action="store_true",
                    help="score the prompts in the chat template (then track with sftint track --chat too)")
     p.add_argument("--max-tries", type=_int_at_least(1), default=200,
-                   help="look at no more than the first N candidates")
+                   help="look at no more than the first N candidates (default 200)")
     p.add_argument("--content-target", action="store_true",
                    help="keep only prompts whose greedy next token is a content word (the answer itself, not 'The')")
     p.set_defaults(func=_run_probes)
@@ -870,7 +881,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sample", type=_int_at_least(1), default=None,
                    help="time this many random variants (distinct bitmasks) instead of all 2^n")
     p.add_argument("--seed", type=int, default=None, help="seed of --sample (default 0)")
-    p.add_argument("--repeat", type=_int_at_least(1), default=1, help="timed runs per engine (the median is shown)")
+    p.add_argument("--repeat", type=_int_at_least(1), default=1,
+                   help="timed runs per engine (the median is shown; default 1)")
     p.add_argument("--compute-dtype", choices=["float32", "tf32", "bfloat16"], default=None,
                    help="tf32: TF32 matmuls on CUDA; bfloat16: autocast of a float32 model (naive only)")
     p.add_argument("--threads", type=_int_at_least(1), default=None, help="CPU threads (torch.set_num_threads)")
@@ -930,7 +942,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     except ValueError as err:
         if _debug():
             raise
-        print(f"sftint bench: {err}", file=sys.stderr)
+        print(f"sftint bench: {err}\n{_DEBUG_HINT}", file=sys.stderr)
         return 2
     subsets = None
     if args.sample is not None:
@@ -946,7 +958,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     except ValueError as err:
         if _debug():
             raise
-        print(f"sftint bench: {_cli_message('bench', err)}", file=sys.stderr)
+        print(f"sftint bench: {_cli_message('bench', err)}\n{_DEBUG_HINT}", file=sys.stderr)
         return 2
     report["config"] = {"model": args.model, "text": args.text, "players": args.players, "n_players": game.num_players,
                         "pick": pick, "base": args.base, "target": args.target, "chat": args.chat,
@@ -1020,8 +1032,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, ImportError) as err:
         if _debug():
             raise
-        print(f"sftint {args.command}: {_cli_message(args.command, err)}\n(SFTINT_DEBUG=1 shows the traceback)",
-              file=sys.stderr)
+        print(f"sftint {args.command}: {_cli_message(args.command, err)}\n{_DEBUG_HINT}", file=sys.stderr)
         return 2
 
 

@@ -126,14 +126,18 @@ def test_bench_cli_rejects_bad_arguments_before_loading(argv, message, capsys):
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--sample", "100"], "--sample: expected at most 2^6 = 64 variants, received 100"),
-    (["--n-players", "30"], "n_players: expected at most"),
-    (["--players", "1,x"], "players: expected 'all' or comma-separated word indices"),
+@pytest.mark.parametrize("argv,message,library", [
+    (["--sample", "100"], "--sample: expected at most 2^6 = 64 variants, received 100", False),
+    (["--n-players", "30"], "n_players: expected at most", True),
+    (["--players", "1,x"], "players: expected 'all' or comma-separated word indices", False),
 ])
-def test_bench_cli_reports_bad_game_options(model_dir, argv, message, capsys):
+def test_bench_cli_reports_bad_game_options(model_dir, argv, message, library, capsys):
+    """The command's own refusals are one line; one raised inside the library (Game.from_text) adds the
+    SFTINT_DEBUG hint, as every other command prints it."""
     rc = main(["bench", "--model", str(model_dir), "--text", TEXT, *argv])
-    assert rc == 2 and message in capsys.readouterr().err
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and message in lines[-2 if library else -1]
+    assert (lines[-1] == "(SFTINT_DEBUG=1 shows the traceback)") == library
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
@@ -145,7 +149,9 @@ def test_bench_cli_cuda_without_a_device(model_dir, capsys):
 def test_bench_cli_triton_on_cpu_needs_the_interpreter(model_dir, capsys, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     rc = main(["bench", "--model", str(model_dir), "--text", TEXT, "--device", "cpu", "--engines", "naive,trie-triton"])
-    assert rc == 2 and "'trie-triton' runs on a CUDA model (or under TRITON_INTERPRET=1)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert rc == 2 and "'trie-triton' runs on a CUDA model (or under TRITON_INTERPRET=1)" in err
+    assert err.strip().splitlines()[-1] == "(SFTINT_DEBUG=1 shows the traceback)"  # compare_engines' refusal
 
 
 def test_bench_cli_compute_dtype(model_dir, tmp_path, capsys):

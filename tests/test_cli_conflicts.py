@@ -192,3 +192,18 @@ def test_bench_refuses_bfloat16_autocast_with_a_trie_engine_before_loading(tmp_p
     for ok in (["--engines", "naive"], ["--dtype", "bfloat16"]):  # these reach the model
         assert main(["bench", "--model", str(tmp_path / "not-loaded"), "--compute-dtype", "bfloat16", *ok]) == 2
         assert "model:" in capsys.readouterr().err
+
+
+def test_every_option_with_a_default_names_it_in_its_help():
+    """``sftint <command> --help`` gave no default for 11 options (probes --count / --n-players / --max-tries, bench
+    --repeat, explain --top / --andor / --method, --masking and --players of explain and bench: the last two had no
+    help at all), though the README quotes them (probes' --min-py 0.5, bench's --repeat median)."""
+    import argparse
+
+    from sftint_fast.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    silent = [f"{name} {action.option_strings[0]}" for name, parser in commands.items() for action in parser._actions
+              if action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
+              and "default" not in (action.help or "")]
+    assert silent == []

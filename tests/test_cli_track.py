@@ -343,13 +343,18 @@ def test_track_cli_watch_stops_when_idle_and_skips_a_deleted_checkpoint(folders,
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--until-step", "5"], "until_step / idle_timeout: expected them only with watch"),
-    (["--idle-timeout", "5"], "until_step / idle_timeout: expected them only with watch"),
+    (["--until-step", "5"], "--until-step: expected only with --watch, received --until-step 5 without --watch"),
+    (["--idle-timeout", "5"], "--idle-timeout: expected only with --watch, received --idle-timeout 5.0 without "
+                              "--watch"),
+    (["--settle", "5"], "--settle: expected only with --watch, received --settle 5.0 without --watch"),
 ])
 def test_track_cli_watch_options_need_watch(folders, tmp_path, extra, message, capsys):
+    """Named by their flags, as --settle always was (--until-step / --idle-timeout were refused by run_track with its
+    parameter names, 'until_step / idle_timeout ... only with watch'), before anything is written."""
     root, _ = folders
     assert _track(root, tmp_path / "run", [str(root / "ckpt" / "checkpoint-10")], *extra) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_track_cli_writes_the_boundary_file_once_the_boundary_is_found(folders, tmp_path, monkeypatch, capsys, caplog):
@@ -467,6 +472,7 @@ def test_track_cli_resume_refuses_another_base_model(folders, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "base: expected the base model this run folder tracked" in err and "checkpoint-10" in err
+    assert err.strip().splitlines()[-1] == "(SFTINT_DEBUG=1 shows the traceback)"  # the library's refusal: the hint
     assert _track(root, out, [str(root / "ckpt" / "checkpoint-20")]) == 0  # the same base resumes
     assert json.loads((out / "report.json").read_text())["steps"] == [0, 10, 20]
 

@@ -721,6 +721,23 @@ def test_phase_boundary_needs_the_running_maximum_itself_significant():
     assert N.phase_boundary([0, 10, 9.5], [0, -1, 4], emerged, emerged_lo) is None
 
 
+def test_probe_sums_that_are_zero_are_not_above_zero_from_roundoff():
+    """Per-probe excess counts are counts minus floors (means of K draws): 0 - 1/3 and 3 - 8/3 sum to 0, but to
+    +1.7e-16 in float64. A demo run with 2 probes reported "A denoising stage above the noise floor is visible ...
+    (bootstrap lower bound 0.0 > 0)" from such a 4.4e-16 lower bound, which the phase boundary rule also takes as
+    significant. The sums over probes and their bootstrap bounds are exact to 1e-9."""
+    draws = torch.tensor([[0.0, 1.0, 0.0], [3.0, 3.0, 2.0]], dtype=torch.float64)
+    counts = torch.tensor([0.0, 3.0], dtype=torch.float64)
+    per_probe = (counts - draws.mean(-1))[None]  # (T=1, B=2): -1/3 and +1/3
+    assert per_probe.sum().item() > 0  # float64 roundoff: the case this guards
+    lo, hi = N.bootstrap_sum(per_probe, torch.tensor([[0, 1], [1, 0], [0, 1]]))  # resamples whose exact sum is 0
+    assert lo == [0.0] and hi == [0.0]
+    assert N.probe_sum(per_probe).tolist() == [0.0]
+    assert N.phase_boundary([0.0, 5.0], [0.0, lo[0]], [0.0, 0.0], [0.0, 0.0]) is None  # not significant
+    wide = torch.tensor([[0.5, 2.25, -1.0]])
+    assert N.probe_sum(wide).tolist() == [1.75] and N.probe_sum(wide).dtype == torch.float64
+
+
 def _with_cumulative_removals(report, cumulative, lo):
     """``report`` with its cumulative excess removals (and their bootstrap lower bounds) replaced."""
     import dataclasses

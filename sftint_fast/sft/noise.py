@@ -332,14 +332,23 @@ def bootstrap_indices(num_probes: int, *, resamples: int, seed: int) -> torch.Te
     return torch.randint(0, max(num_probes, 1), (resamples, num_probes), generator=generator)
 
 
+#: decimals a sum over probes is rounded to: counts minus floors (means of a few draws) are exact rationals, and a
+#: sum that is 0 must not read as 2e-16 > 0 (a significant removal, a phase boundary) from float roundoff
+SUM_DECIMALS = 9
+
+
+def probe_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum of ``values`` over the last dimension (the probes), in float64, rounded to :data:`SUM_DECIMALS`."""
+    return torch.round(values.double().sum(dim=-1), decimals=SUM_DECIMALS)
+
+
 def bootstrap_sum(values: torch.Tensor, indices: torch.Tensor, *,
                   level: float = 0.95) -> tuple[list[float], list[float]]:
     """Interval of the probe sum of ``values`` ``(T, B)`` per checkpoint: two lists of length ``T``."""
     if values.shape[1] == 0:
         zeros = [0.0] * values.shape[0]
         return zeros, list(zeros)
-    sums = values[:, indices].sum(dim=-1).double()
-    return _quantiles(sums, level)
+    return _quantiles(probe_sum(values[:, indices]), level)
 
 
 def bootstrap_ratio(numerator: torch.Tensor, denominator: torch.Tensor, indices: torch.Tensor, *,

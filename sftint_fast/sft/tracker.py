@@ -1489,7 +1489,7 @@ def _build_report(tracker: SFTTracker) -> TrackReport:
     intervals: dict[str, tuple[list[float], list[float]]] = {}
 
     def put_sum(name: str, per_probe: torch.Tensor) -> None:
-        curves[name] = per_probe.sum(-1).tolist()
+        curves[name] = N.probe_sum(per_probe).tolist()
         intervals[name] = N.bootstrap_sum(per_probe, boot)
 
     totals: dict[str, torch.Tensor] = {}
