@@ -234,26 +234,72 @@ _FINGERPRINT_CONFIG_SKIP = frozenset({
     "tokenizer_class", "use_return_dict"})
 
 
+def _config_entries(config: Any, entries: dict[str, Any], depth: int = 0) -> dict[str, Any]:
+    """``entries`` (``config.to_dict()``) less :data:`_FINGERPRINT_CONFIG_SKIP`, in its sub-configs too (a multimodal
+    config's ``text_config``: its own ``use_cache``, ``_name_or_path``, ``dtype``). Only the entries that are configs
+    on ``config`` are recursed into: other dicts (``rope_parameters``, ``quantization_config``) are kept whole."""
+    kept = {}
+    for key, value in entries.items():
+        if key in _FINGERPRINT_CONFIG_SKIP:
+            continue
+        sub = getattr(config, key, None) if isinstance(value, dict) and depth < 8 else None
+        if sub is not None and sub is not config and callable(getattr(sub, "to_dict", None)):
+            value = _config_entries(sub, value, depth + 1)
+        kept[key] = value
+    return kept
+
+
 def _config_bytes(model: torch.nn.Module) -> bytes:
-    to_dict = getattr(getattr(model, "config", None), "to_dict", None)
+    config = getattr(model, "config", None)
+    to_dict = getattr(config, "to_dict", None)
     if not callable(to_dict):
         return b""
     try:
-        config = {k: v for k, v in to_dict().items() if k not in _FINGERPRINT_CONFIG_SKIP}
-        return json.dumps(config, sort_keys=True, default=repr).encode()
+        return json.dumps(_config_entries(config, to_dict()), sort_keys=True, default=repr).encode()
     except Exception:  # noqa: BLE001 -- an odd config: the weights and buffers still key the model
         return b"?"
 
 
+def _runtime_buffers(model: torch.nn.Module) -> set[str]:
+    """Names of the buffers a forward rewrites: a dynamic or LongRoPE rotary embedding's ``inv_freq`` (per layer type:
+    ``<type>_inv_freq``), recomputed for the longest sequence seen (HF ``dynamic_rope_update``). Its value follows
+    from the config and ``original_inv_freq``, which stay in :func:`model_fingerprint`."""
+    names = set()
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        rope = getattr(module, "rope_type", None)
+        types = {"": rope} if isinstance(rope, str) else rope if isinstance(rope, dict) else {}
+        for layer_type, kind in types.items():
+            if isinstance(kind, str) and ("dynamic" in kind or kind == "longrope"):
+                buffer = f"{layer_type}_inv_freq" if layer_type else "inv_freq"
+                names.add(f"{prefix}.{buffer}" if prefix else buffer)
+    return names
+
+
+def _fingerprint_buffers(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """``model.named_buffers()`` less :func:`_runtime_buffers`. A buffer shared under two names is listed once,
+    under its first name that is not a runtime one: a dynamic RoPE's reset makes ``inv_freq`` the
+    ``original_inv_freq`` tensor, which ``named_buffers`` would then list under ``inv_freq`` alone."""
+    runtime = _runtime_buffers(model)
+    seen: set[int] = set()
+    kept = []
+    for name, buffer in model.named_buffers(remove_duplicate=False):
+        if name in runtime or id(buffer) in seen:
+            continue
+        seen.add(id(buffer))
+        kept.append((name, buffer))
+    return kept
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """A short hash of the model's class, config (a Hugging Face model's ``config.to_dict()``, less entries that do
-    not change values such as ``use_cache``), weights and buffers (names, shapes, dtypes, up to 64 evenly spaced
-    elements of each parameter and buffer, e.g. RoPE's ``inv_freq``): cheap, exact on the sampled bytes, and
-    different after any real training step or with another config (``rms_norm_eps``, ``rope_scaling``, ...)."""
+    not change values such as ``use_cache``, in its sub-configs too), weights and buffers (names, shapes, dtypes, up
+    to 64 evenly spaced elements of each parameter and buffer, e.g. RoPE's ``inv_freq``; not the ``inv_freq`` a
+    dynamic RoPE rewrites in a long forward): cheap, exact on the sampled bytes, and different after any real
+    training step or with another config (``rms_norm_eps``, ``rope_scaling``, ...)."""
     digest = hashlib.sha256(type(model).__qualname__.encode())
     digest.update(_config_bytes(model))
     tensors = [("param", *item) for item in model.named_parameters()]
-    tensors += [("buffer", *item) for item in model.named_buffers()]
+    tensors += [("buffer", *item) for item in _fingerprint_buffers(model)]
     for kind, name, tensor in tensors:
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // _FINGERPRINT_ELEMENTS)

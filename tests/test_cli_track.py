@@ -720,6 +720,74 @@ def test_track_cli_watch_resume_refuses_a_tracked_step_whose_checkpoint_changed(
     assert json.loads((out / "report.json").read_text())["steps"] == [0, 10]  # nothing of the new run mixed in
 
 
+def test_track_cli_watch_refuses_a_tracked_checkpoint_saved_again_while_watched(folders, tmp_path, capsys):
+    """Training restarted from checkpoint-10 while the watch runs: it saves checkpoint-20 again, in place, with other
+    weights, then its checkpoint-30. A tracked folder was never looked at again: the report kept the first run's
+    step 20 and went on with the new run's step 30, without a word. The watch stops (exit 2) naming the folder,
+    as a rerun into the same --out refuses it; the report keeps what was tracked."""
+    import shutil
+
+    root, _ = folders
+    live = tmp_path / "live"
+    for step in (10, 20):
+        shutil.copytree(root / "ckpt" / f"checkpoint-{step}", live / f"checkpoint-{step}")
+        (live / f"checkpoint-{step}" / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    out = tmp_path / "run"
+
+    def save_again():  # the restarted run's step 20: the same folder, other weights
+        weights = live / "checkpoint-20" / "model.safetensors"
+        weights.write_bytes((root / "ckpt" / "checkpoint-30" / "model.safetensors").read_bytes())
+
+    def save_30():
+        shutil.copytree(root / "ckpt" / "checkpoint-30", live / "checkpoint-30")
+        (live / "checkpoint-30" / "trainer_state.json").write_text(json.dumps({"global_step": 30}))
+
+    thread = _save_later([(0.3, save_again), (0.5, save_30)], after=out / "tracker" / "step_000000020.json")
+    rc = _track(root, out, [str(live / "checkpoint-*")], "--watch", "0.1", "--idle-timeout", "5")
+    thread.join()
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "checkpoints: expected the checkpoint this run folder tracked at step 20" in err
+    assert str(live / "checkpoint-20") in err and "saved again since it was tracked" in err
+    assert json.loads((out / "report.json").read_text())["steps"] == [0, 10, 20]  # nothing of the new run mixed in
+
+
+def test_watch_tracked_folder_touched_but_not_changed_goes_on(folders, tmp_path, monkeypatch, capsys):
+    """A tracked folder whose files are touched (trainer_state.json rewritten, a file's times changed) but whose
+    config and weights are the ones tracked is not refused: the watch goes on to the next checkpoint (its files
+    compared with the record once, not at every poll)."""
+    import os
+    import shutil
+    import time
+
+    from sftint_fast.sft import demo
+
+    compared = []
+    real = demo._tracked_refusal
+    monkeypatch.setattr(demo, "_tracked_refusal", lambda *a, **k: compared.append(a[2]) or real(*a, **k))
+    root, _ = folders
+    live = tmp_path / "live"
+    shutil.copytree(root / "ckpt" / "checkpoint-10", live / "checkpoint-10")
+    (live / "checkpoint-10" / "trainer_state.json").write_text(json.dumps({"global_step": 10}))
+    out = tmp_path / "run"
+
+    def touch():
+        (live / "checkpoint-10" / "trainer_state.json").write_text(json.dumps({"global_step": 10, "best": 1}))
+        os.utime(live / "checkpoint-10" / "model.safetensors", (time.time(), time.time()))
+
+    def save_20():
+        shutil.copytree(root / "ckpt" / "checkpoint-20", live / "checkpoint-20")
+        (live / "checkpoint-20" / "trainer_state.json").write_text(json.dumps({"global_step": 20}))
+
+    thread = _save_later([(0.3, touch), (0.5, save_20)], after=out / "tracker" / "step_000000010.json")
+    rc = _track(root, out, [str(live / "checkpoint-*")], "--watch", "0.1", "--idle-timeout", "3",
+                "--until-step", "20")
+    thread.join()
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads((out / "report.json").read_text())["steps"] == [0, 10, 20]
+    assert compared == [str(live / "checkpoint-10")]
+
+
 def test_track_cli_watch_tracks_a_checkpoint_deleted_right_after_it_was_loaded(folders, tmp_path, monkeypatch,
                                                                                capsys):
     """save_total_limit deletes checkpoint-10 once the tracker has loaded it: the model in memory is tracked as
@@ -869,6 +937,42 @@ def test_watch_complete_is_not_fooled_by_kept_modification_times(tmp_path, monke
     real = time.time
     monkeypatch.setattr(time, "time", lambda: real() + 31)
     assert demo._complete(str(folder), 30.0)
+
+
+def test_watch_whole_weights_needs_every_shard_of_a_sharded_save(tmp_path):
+    """A sharded save (model-0000k-of-0000N.safetensors, then model.safetensors.index.json: the Trainer writes the
+    index last) cut off between two shards, or copied with the index first, counted as whole: each shard there was
+    whole. Every shard the index names must be there, and numbered shards need all their numbers and the index."""
+    from safetensors.torch import save_file
+
+    from sftint_fast.sft import demo
+
+    folder = tmp_path / "checkpoint-10"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    shards = [f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    index = {"metadata": {}, "weight_map": {"a": shards[0], "b": shards[1]}}
+    save_file({"a": torch.zeros(3)}, folder / shards[0])
+    assert not demo._whole_weights(folder)  # cut off after the first shard
+    save_file({"b": torch.ones(3)}, folder / shards[1])
+    assert not demo._whole_weights(folder)  # cut off before the index
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert demo._whole_weights(folder)
+    (folder / shards[1]).unlink()  # the index copied before the last shard
+    assert not demo._whole_weights(folder)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index)[:20])  # cut off while written
+    save_file({"b": torch.ones(3)}, folder / shards[1])
+    assert not demo._whole_weights(folder)
+    # a PyTorch .bin save: its index names its shards too
+    (folder / "model.safetensors.index.json").unlink()
+    for shard in shards:
+        (folder / shard).unlink()
+    bins = [f"pytorch_model-0000{i}-of-00002.bin" for i in (1, 2)]
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"a": bins[0], "b": bins[1]}}))
+    torch.save({"a": torch.zeros(3)}, folder / bins[0])
+    assert not demo._whole_weights(folder)
+    torch.save({"b": torch.zeros(3)}, folder / bins[1])
+    assert demo._whole_weights(folder)
 
 
 def test_track_cli_refuses_a_truncated_checkpoint_with_its_path(folders, tmp_path, capsys):

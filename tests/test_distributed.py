@@ -15,6 +15,7 @@ from sftint_fast import distributed as D
 SCRIPT = Path(__file__).parent / "dist_scripts" / "evaluate_games.py"
 sys.path.insert(0, str(SCRIPT.parent))
 
+from conftest import tiny_model  # noqa: E402
 from evaluate_games import make_games  # noqa: E402
 
 
@@ -305,6 +306,46 @@ def test_model_fingerprint_tracks_config_and_buffers(tiny_llama):
         assert D.model_fingerprint(tiny_llama) != before, name
     finally:
         buffer.copy_(saved)
+
+
+
+def test_model_fingerprint_ignores_settings_nested_in_sub_configs(tiny_llama):
+    """A multimodal config holds its language model's config as ``text_config``: its use_cache (gradient
+    checkpointing), _name_or_path and dtype were hashed (the skip list applied at the top level only), so the same
+    weights fingerprinted differently; a setting that changes values still counts."""
+    from transformers import LlavaConfig
+
+    model = torch.nn.Linear(2, 2)
+    model.config = LlavaConfig(text_config=tiny_llama.config.to_dict())
+    before = D.model_fingerprint(model)
+    text = model.config.text_config
+    text.use_cache, text._name_or_path = not text.use_cache, "/elsewhere/checkpoint-10"
+    text.output_hidden_states = True
+    assert D.model_fingerprint(model) == before
+    text.rms_norm_eps *= 10
+    assert D.model_fingerprint(model) != before
+
+
+def test_model_fingerprint_ignores_a_dynamic_rope_frequency_update():
+    """A dynamic RoPE recomputes its ``inv_freq`` buffer in a forward longer than ``max_position_embeddings`` (HF
+    ``dynamic_rope_update``) and resets it on a short one: the same model fingerprinted differently before and after
+    (shards of a resumed run recomputed; ranks that saw other lengths refused as other models). Its
+    ``original_inv_freq`` and the config still key the RoPE."""
+    model = tiny_model("llama", max_position_embeddings=16,
+                       rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    before = D.model_fingerprint(model)
+    rotary = model.model.rotary_emb
+    initial = rotary.inv_freq.clone()
+    with torch.no_grad():
+        model(torch.arange(3, 43)[None])
+    assert not torch.equal(rotary.inv_freq, initial)  # the update happened
+    assert D.model_fingerprint(model) == before
+    with torch.no_grad():
+        model(torch.arange(3, 8)[None])  # back to the original frequencies (inv_freq aliases original_inv_freq)
+    assert D.model_fingerprint(model) == before
+    with torch.no_grad():
+        rotary.original_inv_freq.mul_(1.5)
+    assert D.model_fingerprint(model) != before
 
 
 def _fake_evaluate(calls):

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -243,7 +244,9 @@ def run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str 
 
     A rerun on the same ``out`` resumes. It refuses another ``base`` than the run's (``base.json``: a fingerprint of
     its config and weight files) before anything loads, and a checkpoint folder of a tracked step whose files changed
-    since it was tracked (``checkpoints.json``, watching too): its step would keep the first run's values.
+    since it was tracked (``checkpoints.json``, watching too): its step would keep the first run's values. Watching,
+    a tracked folder listed again is checked at each poll (its files' times; its files once they changed): saved again
+    with other weights (training restarted from an earlier checkpoint), it stops the watch with that refusal.
 
     ``watch``: follow a training run that is still saving: every ``watch`` seconds the globs are matched again and
     each new complete checkpoint is tracked, the report rewritten after each. A folder is complete once it holds
@@ -346,10 +349,19 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
                          reference=ref, heldout=pairs, out_dir=Path(out) / "tracker", **options)
 
     tracked_folders: list[str] = []
+    # rank 0: each tracked checkpoint folder's last change (:func:`_last_change`) when it was tracked, for the watch
+    # to notice one saved again later (taken before its files are read: a change while reading counts)
+    tracked_at: dict[str, float] = {}
+
+    def watch_from(path: str, changed_at: float | None) -> None:
+        if watch is not None and changed_at is not None:
+            tracked_at[path] = changed_at
 
     def track(step: int, path: str) -> bool:
         if step in tracker.steps:
+            changed_at = _last_change(path) if distributed.is_main_process() else None
             _check_tracked(out, step, path)
+            watch_from(path, changed_at)
             tracked_folders.append(path)
             return False
         if tracker.steps and step < tracker.steps[-1]:
@@ -357,11 +369,12 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
             return False
         if step > 0:
             _check_trainer_step(path, step)
-        error = fingerprint = None
+        error = fingerprint = changed_at = None
         try:
             # its files' fingerprint for the record before the load: a folder deleted once loaded (save_total_limit)
             # is tracked from memory, as one deleted while loading is skipped
             if step > 0 and distributed.is_main_process():
+                changed_at = _last_change(path)
                 fingerprint = _fingerprint(path)
             model = load_causal_lm(path, dtype=torch.float32, base=base).to(device)
         except (OSError, ValueError) as err:
@@ -385,6 +398,7 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
             if step == 0:
                 raise
             raise ValueError(f"checkpoint {path} (step {step}): {err}") from err
+        watch_from(path, changed_at)
         tracked_folders.append(path)
         if distributed.is_main_process():
             logger.info("step %d: tracked %s in %.1f s", step, path, time.perf_counter() - started)
@@ -405,7 +419,8 @@ def _run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str
     if watch is not None:
         _follow(tracker, checkpoints, track, lambda: _report(tracker, out, training, boundary_file=boundary_file),
                 watch=watch, until_step=until_step, idle_timeout=idle_timeout, settle=settle, stale_after=stale_after,
-                abandoned=lambda path: _record_skipped(out, path, "abandoned incomplete"))
+                abandoned=lambda path: _record_skipped(out, path, "abandoned incomplete"),
+                saved_again=lambda paths: _check_watched(out, tracked_at, paths))
     return _report(tracker, out, training, boundary_file=boundary_file)
 
 
@@ -444,8 +459,10 @@ def _summary(report: TrackReport) -> str:
 
 def _follow(tracker: SFTTracker, patterns: Sequence[str], track: Any, report: Any, *, watch: float,
             until_step: int | None, idle_timeout: float | None, settle: float, stale_after: float = math.inf,
-            abandoned: Any = lambda path: None) -> None:
-    """The watch loop of :func:`run_track`: rank 0 lists the complete new checkpoints, every rank tracks them."""
+            abandoned: Any = lambda path: None, saved_again: Any = lambda paths: None) -> None:
+    """The watch loop of :func:`run_track`: rank 0 lists the complete new checkpoints, every rank tracks them.
+    ``saved_again(paths)`` (rank 0, each poll, the listed folders) raises ValueError for a tracked folder whose files
+    changed since it was tracked: the watch stops there."""
     import time
 
     from sftint_fast import distributed
@@ -462,7 +479,9 @@ def _follow(tracker: SFTTracker, patterns: Sequence[str], track: Any, report: An
                     # a step tracked already (a resumed run) goes to track too: it checks that its folder is the one
                     # tracked, not a retrained one
                     skips: list[str] = []
-                    ready = _ready(_match(patterns), skipped, settle, tracker.steps[-1] if tracker.steps else -1,
+                    listed = _match(patterns)
+                    saved_again(listed)  # a tracked folder saved again (training restarted from an earlier step)
+                    ready = _ready(listed, skipped, settle, tracker.steps[-1] if tracker.steps else -1,
                                    waiting, stale_after, skips)
                     for path in skips:
                         abandoned(path)
@@ -563,11 +582,40 @@ def _unchanged_for(path: str) -> float | None:
     return None if last is None else time.time() - last
 
 
+#: A shard of a sharded save: ``model-00002-of-00005.safetensors`` (prefix, number, count, suffix).
+_SHARD_NAME = re.compile(r"(.+)-(\d{5})-of-(\d{5})(\.safetensors|\.bin)")
+
+
+def _all_shards(folder: Path, names: set[str]) -> bool:
+    """Whether a sharded save in ``folder`` (file ``names``) is all there: each file its index
+    (``model.safetensors.index.json``, ``pytorch_model.bin.index.json``, with a variant) names in its ``weight_map``,
+    and numbered shards (``-0000k-of-0000N``) with every number and an index (the ``Trainer`` writes it last: a save
+    cut off between shards has none)."""
+    indexes = [name for name in names if ".index." in name and name.endswith(".json")]
+    for name in indexes:
+        try:
+            weight_map = json.loads((folder / name).read_text()).get("weight_map")
+        except (ValueError, AttributeError):  # cut off while written
+            return False
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f in names for f in weight_map.values()):
+            return False
+    groups: dict[tuple[str, str, str], set[int]] = {}
+    for name in names:
+        match = _SHARD_NAME.fullmatch(name)
+        if match is not None:
+            prefix, number, count, suffix = match.groups()
+            groups.setdefault((prefix, count, suffix), set()).add(int(number))
+    return not groups or (bool(indexes) and all(numbers == set(range(1, int(count) + 1))
+                                                for (_, count, _), numbers in groups.items()))
+
+
 def _whole_weights(folder: Path) -> bool:
-    """Whether ``folder`` holds a weight file and each of its safetensors files is whole: the header it starts with
-    can be read and the tensors it lists end at the file's end (a save cut off leaves a shorter file)."""
-    weights = [f for f in folder.iterdir() if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt")]
-    if not weights:
+    """Whether ``folder`` holds a weight file, every shard of a sharded save (:func:`_all_shards`) and each of its
+    safetensors files is whole: the header it starts with can be read and the tensors it lists end at the file's end
+    (a save cut off leaves a shorter file)."""
+    files = [f for f in folder.iterdir() if f.is_file()]
+    weights = [f for f in files if f.suffix in (".safetensors", ".bin", ".pt")]
+    if not weights or not _all_shards(folder, {f.name for f in files}):
         return False
     for file in weights:
         if file.suffix != ".safetensors":
@@ -695,21 +743,49 @@ def _check_tracked(out: str | os.PathLike, step: int, path: str) -> None:
     ``torch.distributed``: rank 0 decides."""
     from sftint_fast import distributed
 
-    refusal = None
-    if distributed.is_main_process():
-        record = Path(out) / CHECKPOINTS_RECORD
-        saved = json.loads(record.read_text()).get(str(step)) if record.is_file() else None
-        try:
-            changed = saved is not None and Path(path).is_dir() and saved["fingerprint"] != _fingerprint(path)
-        except FileNotFoundError:  # deleted while read (save_total_limit): no files left to compare
-            changed = False
-        if changed:
-            refusal = (f"checkpoints: expected the checkpoint this run folder tracked at step {step} "
-                       f"({saved['path']!r}), got {str(path)!r}, whose config or weight files differ (retrained into "
-                       "the same folder?); track it into another --out")
+    refusal = _tracked_refusal(out, step, path) if distributed.is_main_process() else None
     refusal = distributed.broadcast_object(refusal)
     if refusal is not None:
         raise ValueError(refusal)
+
+
+def _tracked_refusal(out: str | os.PathLike, step: int, path: str, watching: bool = False) -> str | None:
+    """Why the checkpoint folder ``path`` of the tracked ``step`` is refused (its config or weight files differ from
+    the ones ``checkpoints.json`` recorded when it was tracked), or None. ``watching``: noticed by the watch that
+    tracked it, not by a rerun."""
+    record = Path(out) / CHECKPOINTS_RECORD
+    saved = json.loads(record.read_text()).get(str(step)) if record.is_file() else None
+    try:
+        changed = saved is not None and Path(path).is_dir() and saved["fingerprint"] != _fingerprint(path)
+    except FileNotFoundError:  # deleted while read (save_total_limit): no files left to compare
+        changed = False
+    if not changed:
+        return None
+    if watching:
+        return (f"checkpoints: expected the checkpoint this run folder tracked at step {step} to stay as it was, got "
+                f"{str(path)!r} saved again since it was tracked: its config or weight files changed (a training "
+                "run restarted from an earlier checkpoint?); stopped watching, the report keeps the values tracked "
+                "before; track the new run into another --out")
+    return (f"checkpoints: expected the checkpoint this run folder tracked at step {step} ({saved['path']!r}), got "
+            f"{str(path)!r}, whose config or weight files differ (retrained into the same folder?); track it into "
+            "another --out")
+
+
+def _check_watched(out: str | os.PathLike, tracked_at: dict[str, float], paths: Sequence[str]) -> None:
+    """Refuses a listed checkpoint folder the watch tracked (``tracked_at``: its :func:`_last_change` then) that was
+    saved again since, with other config or weight files (:func:`_tracked_refusal`): its step would keep the first
+    run's values beside the restarted run's later steps. A poll reads only the times of the tracked folders' files;
+    a folder changed since is read (1 MiB per weight file) once per change: touched files alone (a rewritten
+    ``trainer_state.json``) are no refusal."""
+    for path in paths:
+        since = tracked_at.get(path)
+        last = None if since is None else _last_change(path)
+        if last is None or last <= since:
+            continue
+        refusal = _tracked_refusal(out, _step_of(path), path, watching=True)
+        if refusal is not None:
+            raise ValueError(refusal)
+        tracked_at[path] = last
 
 
 def _check_trainer_step(path: str, step: int) -> None:
