@@ -138,6 +138,17 @@ def test_q_stays_within_bound_and_reaches_it():
     assert brute_matching(v, lp) < 1e-9
 
 
+def test_lp_q_stays_within_its_bound_exactly_at_every_scale():
+    """|q_T| <= q_bound holds without a tolerance: the LP solves the row scaled to a spread of 1 and q was clipped
+    to the scaled bound before scaling back, so (b / s)·s overshot the bound by an ulp (3 of these 60 rows)."""
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(60, 16, generator=gen, dtype=F64) * torch.logspace(-3, 3, 60, dtype=F64).unsqueeze(-1)
+    res = sf.and_or(v, method="lp", progress=False)
+    bound = torch.tensor(res.config["q_bound"], dtype=F64).unsqueeze(-1)
+    assert bool((res.q.abs() == bound).any()), "the test needs q pushed against its bound"
+    assert bool((res.q.abs() <= bound).all()), f"|q| - bound up to {float((res.q.abs() - bound).max()):.3g}"
+
+
 def test_init_q_is_clamped_and_warm_start_continues():
     gen = torch.Generator().manual_seed(5)
     v = torch.randn(2, 16, dtype=F64, generator=gen)

@@ -391,7 +391,8 @@ def _lp(
             raise RuntimeError(f"and_or: HiGHS failed on row {row}: {sol.message}")
         x_and, x_or = sol.x[:size], sol.x[size : 2 * size]
         p[row] = 0.5 * (x_and - x_or) * scale
-        q[row] = np.clip(x_and + x_or - v_row, -b_row, b_row) * scale
+        # clipped after scaling back: (b_row clipped)·scale can overshoot the bound b64[row] by an ulp
+        q[row] = np.clip((x_and + x_or - v_row) * scale, -b64[row], b64[row])
         objective[0, row] = sol.fun * scale
         status.append(str(sol.message))
     logger.debug("and_or lp: solved %d rows, n=%d", rows, n)
