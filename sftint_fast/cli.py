@@ -80,6 +80,8 @@ def _refuse_unused(flag: str, value, needs: str, instead: str) -> None:
     ``instead`` is): an option is refused, never silently dropped."""
     if value is not None:
         shown = ",".join(value) if isinstance(value, tuple) else value
+        if isinstance(shown, float):  # as typed: 5, not 5.0 (repr keeps every digit of 0.1 or 1e-05)
+            shown = repr(shown).removesuffix(".0")
         raise ValueError(f"{flag}: expected only {needs}, received {flag} {shown} {instead}")
 
 
@@ -330,16 +332,28 @@ def _run_explain(args: argparse.Namespace) -> int:
     if refusal is not None:
         print(refusal, file=sys.stderr)
         return 2
-    try:
-        rows = [{"prompt": args.text}] if args.file is None else _read_prompts(args.file)
-        requests = [(row["prompt"], _parse_players(row.get("players", args.players)), row.get("target", args.target))
-                    for row in rows]
-        empty = [i for i, row in enumerate(rows) if not row["prompt"].strip()]
-        if empty:  # refused before the model loads
-            raise ValueError(f"text: expected a non-empty prompt, received {rows[empty[0]]['prompt']!r}"
-                             + ("" if args.file is None else f" (prompt {empty[0]})"))
+    try:  # the options' own refusals: one line
+        option_players = _parse_players(args.players)
+        if args.file is None and not args.text.strip():  # refused before the model loads
+            raise ValueError(f"text: expected a non-empty prompt, received {args.text!r}")
     except ValueError as err:
-        print(f"--{err}" if args.file is None else f"--file: {err}", file=sys.stderr)
+        print(f"--{err}", file=sys.stderr)
+        return 2
+    try:  # a --file row's: its file's content, refused as the library refuses a probes file
+        rows = [{"prompt": args.text}] if args.file is None else _read_prompts(args.file)
+        requests = []
+        for i, row in enumerate(rows):
+            if not row["prompt"].strip():
+                raise ValueError(f"text: expected a non-empty prompt, received {row['prompt']!r} (prompt {i})")
+            try:
+                row_players = option_players if "players" not in row else _parse_players(row["players"])
+            except ValueError as err:
+                raise ValueError(f"{err} (prompt {i})") from None
+            requests.append((row["prompt"], row_players, row.get("target", args.target)))
+    except ValueError as err:
+        if _debug():
+            raise
+        print(f"sftint explain: --file: {err}\n{_DEBUG_HINT}", file=sys.stderr)
         return 2
     if not any(players == "words" for _, players, _ in requests):  # --n-players would choose no prompt's players
         named = args.file is not None and any("players" in row for row in rows)
@@ -731,7 +745,9 @@ def _run_demo(args: argparse.Namespace) -> int:
         try:
             check_probe_sources(sources)
         except ImportError as err:
-            print(f"sftint demo: {err} (--probe-sources chooses the sources)", file=sys.stderr)
+            if _debug():
+                raise
+            print(f"sftint demo: {err} (--probe-sources chooses the sources)\n{_DEBUG_HINT}", file=sys.stderr)
             return 2
     else:
         refusal = _file_refusal("demo", "--probes-file", args.probes_file, "a JSONL file of probes")
@@ -793,7 +809,9 @@ def _run_probes(args: argparse.Namespace) -> int:
         try:  # before the model loads
             check_probe_sources(args.sources or PROBE_SOURCES)
         except ImportError as err:
-            print(f"sftint probes: {err} (--sources chooses the sources)", file=sys.stderr)
+            if _debug():
+                raise
+            print(f"sftint probes: {err} (--sources chooses the sources)\n{_DEBUG_HINT}", file=sys.stderr)
             return 2
     model, tokenizer = _load(args)
     scored = scan_probes(model, tokenizer, count=args.count, min_py=args.min_py, n_players=args.n_players,

@@ -540,6 +540,9 @@ def evaluate_sharded(
             save_shard(shard_path(out_dir, keys[i]), v, {"key": keys[i], "words": json.dumps(list(games[i].words))})
         local[i] = v
 
+    # the rank names this process's bar and messages under a process group only (alone, "rank 0" says nothing)
+    who = f"rank {rank()}" if is_distributed() else ""
+
     def evaluate_mine() -> None:
         for i in mine:
             path = shard_path(out_dir, keys[i]) if out_dir is not None else None
@@ -549,13 +552,13 @@ def evaluate_sharded(
                     continue
                 except ValueError as err:
                     # a file cut short outside our atomic writes (a copy, the file system) is no result: redone
-                    logger.warning("rank %d: %s; its game is evaluated again", rank(), err)
+                    logger.warning("%s%s; its game is evaluated again", who and f"{who}: ", err)
             pending.append(i)
         if len(pending) < len(mine):
-            logger.info("rank %d: %d of %d games resumed from %s", rank(), len(mine) - len(pending), len(mine),
+            logger.info("%s%d of %d games resumed from %s", who and f"{who}: ", len(mine) - len(pending), len(mine),
                         out_dir)
-        with tqdm(total=len(mine), initial=len(mine) - len(pending), desc=f"games (rank {rank()})", unit="game",
-                  disable=not progress) as bar:
+        with tqdm(total=len(mine), initial=len(mine) - len(pending), desc=f"games ({who})" if who else "games",
+                  unit="game", disable=not progress) as bar:
             if evaluate_fn is not None:
                 for i in pending:
                     finish(i, evaluate_fn(model, games[i], progress=False, **evaluate_kwargs))

@@ -78,8 +78,11 @@ def test_explain_refuses_niter_with_andor_lp(tmp_path, capsys):
     (["--andor-method", "lp", "--andor-lr", "1e-5"], "--andor-lr: expected only with --andor-method sgd"),
     (["--noise-floor", "none", "--noise-draws", "2"], "--noise-draws: expected only with --noise-floor "
                                                       "order_matched or iid, received --noise-draws 2"),
-    (["--settle", "5"], "--settle: expected only with --watch, received --settle 5.0 without --watch"),
-], ids=["niter-lp", "lr-lp", "noise-draws-without-floor", "settle-without-watch"])
+    (["--settle", "5"], "--settle: expected only with --watch, received --settle 5 without --watch"),
+    (["--stale-after", "2.5"], "--stale-after: expected only with --watch, received --stale-after 2.5 without"),
+    (["--andor-method", "and", "--qthres", "0.1"], "received --qthres 0.1 with --andor-method and"),
+], ids=["niter-lp", "lr-lp", "noise-draws-without-floor", "settle-without-watch", "stale-after-without-watch",
+        "qthres-and"])
 def test_track_refuses_options_the_lp_or_a_missing_noise_floor_ignores(tmp_path, monkeypatch, argv, message,
                                                                        capsys):
     monkeypatch.setattr(sftint_fast.sft.demo, "run_track", _never)

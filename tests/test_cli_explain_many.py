@@ -160,7 +160,23 @@ def test_explain_file_rejects_bad_rows(model_dir, tmp_path, capsys, line, messag
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(ROWS[0]) + "\n" + line + "\n")
     assert main(["explain", "--model", str(model_dir), "--file", str(path)]) == 2
-    assert message in capsys.readouterr().err
+    lines = capsys.readouterr().err.strip().splitlines()
+    # the file's refusal, named by its line or row, ends as a library's refusal of a probes file does
+    assert message in lines[-2] and ("bad.jsonl:2" in lines[-2] or "(prompt 1)" in lines[-2])
+    assert lines[-2].startswith("sftint explain: --file: ") and lines[-1] == "(SFTINT_DEBUG=1 shows the traceback)"
+
+
+def test_explain_file_refusals_of_the_options_stay_one_line(tmp_path, monkeypatch, capsys):
+    """A bad --players is the option's refusal (one line, as --text's), even when every --file row names its own."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"prompt": "a cat sat", "players": [0, 1]}) + "\n")
+    assert main(["explain", "--model", str(tmp_path / "not-loaded"), "--file", str(path), "--players", "x"]) == 2
+    assert capsys.readouterr().err.strip() == "--players: expected 'all' or comma-separated word indices, received 'x'"
+    path.write_text(json.dumps({"prompt": "a cat sat", "players": "x"}) + "\n")  # the row's: SFTINT_DEBUG raises it
+    monkeypatch.setenv("SFTINT_DEBUG", "1")
+    with pytest.raises(ValueError, match=r"players: expected 'all' or comma-separated word indices, received 'x' "
+                                         r"\(prompt 0\)"):
+        main(["explain", "--model", str(tmp_path / "not-loaded"), "--file", str(path)])
 
 
 def test_explain_file_names_the_row_a_game_error_comes_from(model_dir, tmp_path, capsys):

@@ -227,8 +227,12 @@ def test_probes_says_which_source_is_missing_before_loading_a_model(tmp_path, mo
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "countryinfo" else real(name, *a))
     monkeypatch.setattr("sftint_fast.cli._load", lambda args: pytest.fail("the model was loaded"))
     assert main(["probes", "--out", str(tmp_path / "p.jsonl")]) == 2
-    err = capsys.readouterr().err
-    assert "'countries' needs countryinfo" in err and "--sources chooses the sources" in err
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert "'countries' needs countryinfo" in lines[-2] and "--sources chooses the sources" in lines[-2]
+    assert lines[-1] == "(SFTINT_DEBUG=1 shows the traceback)"  # the library's refusal, as every command prints it
+    monkeypatch.setenv("SFTINT_DEBUG", "1")
+    with pytest.raises(ImportError, match="'countries' needs countryinfo"):
+        main(["probes", "--out", str(tmp_path / "p.jsonl")])
 
 
 def test_scored_probe_confident_is_the_kept_rule():

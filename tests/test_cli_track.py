@@ -344,9 +344,11 @@ def test_track_cli_watch_stops_when_idle_and_skips_a_deleted_checkpoint(folders,
 
 @pytest.mark.parametrize("extra,message", [
     (["--until-step", "5"], "--until-step: expected only with --watch, received --until-step 5 without --watch"),
-    (["--idle-timeout", "5"], "--idle-timeout: expected only with --watch, received --idle-timeout 5.0 without "
+    (["--idle-timeout", "5"], "--idle-timeout: expected only with --watch, received --idle-timeout 5 without "
                               "--watch"),
-    (["--settle", "5"], "--settle: expected only with --watch, received --settle 5.0 without --watch"),
+    (["--settle", "5"], "--settle: expected only with --watch, received --settle 5 without --watch"),
+    (["--stale-after", "600"], "--stale-after: expected only with --watch, received --stale-after 600 without "
+                               "--watch"),
 ])
 def test_track_cli_watch_options_need_watch(folders, tmp_path, extra, message, capsys):
     """Named by their flags, as --settle always was (--until-step / --idle-timeout were refused by run_track with its

@@ -373,6 +373,19 @@ def test_evaluate_sharded_resumes_from_saved_shards(tmp_path):
     assert len(calls) == 11  # other weights: nothing reused
 
 
+def test_evaluate_sharded_names_no_rank_without_a_process_group(tmp_path, capsys, caplog):
+    """Outside torchrun the bar read 'games (rank 0)' and the resume message 'rank 0: 2 of 3 games resumed': the
+    rank is named under a process group only (test_cli_explain_many checks 'games (rank 1)' under torchrun)."""
+    games = make_games(3)
+    D.evaluate_sharded(None, games[:2], out_dir=tmp_path, model_key="m", evaluate_fn=_fake_evaluate([]),
+                       progress=False)
+    with caplog.at_level("INFO", logger="sftint_fast.distributed"):
+        D.evaluate_sharded(None, games, out_dir=tmp_path, model_key="m", evaluate_fn=_fake_evaluate([]))
+    err = capsys.readouterr().err
+    assert "games: " in err and "rank" not in err
+    assert "2 of 3 games resumed from" in caplog.text and "rank" not in caplog.text
+
+
 @pytest.mark.parametrize("damage", ["truncated", "empty", "no v"])
 def test_evaluate_sharded_evaluates_an_unreadable_shard_again(tmp_path, damage, caplog):
     """A shard file that cannot be read (cut short by a copy or a crash of the file system, not by our own writes,

@@ -86,6 +86,7 @@ def test_demo_says_which_probe_source_is_missing_before_loading_anything(tmp_pat
     err = capsys.readouterr().err
     assert "probe source 'countries' needs countryinfo" in err and "pip install --no-deps countryinfo==1.0.1" in err
     assert "--probe-sources" in err
+    assert err.strip().splitlines()[-1] == "(SFTINT_DEBUG=1 shows the traceback)"  # the library's refusal
     assert main(["demo", "--out", str(tmp_path / "x"), "--probes-file", str(tmp_path / "none.jsonl")]) == 2
     assert "--probes-file: expected a JSONL file of probes" in capsys.readouterr().err
 

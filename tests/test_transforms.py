@@ -338,3 +338,40 @@ def test_transforms_of_meta_tensors_give_the_shape_or_the_error_of_a_real_one():
             torch.ops.sftint.subset_mobius(torch.empty(2, 6, device="meta"))
         with pytest.raises(RuntimeError, match="sftint::superset_zeta: expected dtype float32 or float64, got"):
             torch.ops.sftint.superset_zeta(torch.empty(2, 8, device="meta", dtype=torch.int64))
+
+
+@pytest.mark.parametrize("name", ["harsanyi", "inverse_harsanyi", "shapley", "or_interactions",
+                                  "inverse_or_interactions", *KINDS])
+def test_public_functions_under_vmap_match_a_loop_and_still_refuse_nan(name, recwarn):
+    """torch.func.vmap over the public functions raised vmap's 'data-dependent control flow' RuntimeError: the
+    finiteness check branched on the batched tensor. It now checks the plain tensor vmap wraps (all of the batch),
+    and the transforms take their vmap rule (no per-sample fallback loop, which warned)."""
+    fn = getattr(sf, name)
+    x = torch.randn(3, 2, 16, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    for dim in (0, 1):
+        batched = torch.func.vmap(fn, in_dims=dim)(x)
+        torch.testing.assert_close(batched, torch.stack([fn(row) for row in x.unbind(dim)]))
+    assert not [w for w in recwarn if "batching rule" in str(w.message)]
+    bad = x.clone()
+    bad[2, 1, 5] = float("inf")
+    with pytest.raises(ValueError, match=r"expected finite values, got NaN/inf \(first at index \[2, 1, 5\] of the "
+                                         r"batched input, under torch.func\)"):
+        torch.func.vmap(fn)(bad)
+    with pytest.raises(ValueError, match=r"expected finite values, got NaN/inf \(first at index \[2, 1, 5\]\)"):
+        fn(bad)
+
+
+def test_vmap_of_grad_and_compile_of_harsanyi():
+    """Nested transforms (vmap of jacrev) unwrap every level; torch.compile without fullgraph breaks the graph at the
+    finiteness check and still refuses NaN."""
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    jacobians = torch.func.vmap(torch.func.jacrev(sf.shapley))(x)
+    torch.testing.assert_close(jacobians, torch.stack([torch.func.jacrev(sf.shapley)(row) for row in x]))
+
+    def total(t):
+        return sf.harsanyi(t * 2).sum(-1)
+
+    compiled = torch.compile(total, fullgraph=False, backend="eager")
+    torch.testing.assert_close(compiled(x), total(x))
+    with pytest.raises(ValueError, match="v: expected finite values, got NaN/inf"):
+        compiled(torch.full((2, 8), float("nan"), dtype=torch.float64))

@@ -12,7 +12,9 @@ Every transform is ``O(n·2^n)`` per row (an in-place butterfly; no ``2^n×2^n``
 float32/float64 of shape ``(..., 2^n)`` on any device and returns the same shape and dtype. The
 backend is chosen per call: the C++ extension for CPU tensors, Triton for CUDA tensors when Triton
 is importable, a pure-torch butterfly otherwise. All four are differentiable: each is linear and
-its adjoint is another member of the family (subset ↔ superset, same sign).
+its adjoint is another member of the family (subset ↔ superset, same sign). They (and ``sf.harsanyi``,
+``sf.shapley``, ``sf.or_interactions``...) also run under ``torch.func`` (``vmap``, ``grad``, ``jacrev``): a
+vmapped dimension is one more leading batch dimension, and NaN/inf anywhere in the batch is refused.
 """
 from __future__ import annotations
 
@@ -76,10 +78,27 @@ def validate_game_tensor(
             f"(2^{n} values per row, {x.element_size() * 2**n / 2**30:.2f} GiB); pass max_players= to raise it"
         )
     # a meta tensor has no values to check (shape propagation)
-    if check_finite and x.numel() and x.device.type != "meta" and not bool(torch.isfinite(x).all()):
-        bad = (~torch.isfinite(x)).nonzero()[0].tolist()
-        raise ValueError(f"{name}: expected finite values, got NaN/inf (first at index {bad})")
+    if check_finite and x.numel() and x.device.type != "meta":
+        values, where = _plain_values(x), ""
+        if values is not x:
+            where = " of the batched input, under torch.func"
+        if not bool(torch.isfinite(values).all()):
+            bad = (~torch.isfinite(values)).nonzero()[0].tolist()
+            raise ValueError(f"{name}: expected finite values, got NaN/inf (first at index {bad}{where})")
     return n
+
+
+def _plain_values(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself, or under torch.func (vmap, grad, jacrev...) the plain tensor its wrappers hold: a check of
+    that one is no data-dependent branch on a batched tensor, which vmap refuses (all of the batch is checked)."""
+    functorch = getattr(torch._C, "_functorch", None)
+    wrapped = getattr(functorch, "is_functorch_wrapped_tensor", None)
+    unwrap = getattr(functorch, "get_unwrapped", None)
+    if wrapped is None or unwrap is None or not torch._C._are_functorch_transforms_active():
+        return x  # (a torch without these: the check runs on x, which vmap refuses with its own error)
+    while wrapped(x):
+        x = unwrap(x)
+    return x
 
 
 def _torch_butterfly(x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -157,9 +176,9 @@ def transform(x: torch.Tensor, kind: Kind, *, max_players: int | None = None, ch
 
 def apply_unchecked(x: torch.Tensor, kind: str) -> torch.Tensor:
     """:func:`transform` without input validation, for internal loops that already validated."""
+    if torch._C._are_functorch_transforms_active():  # its vmap rule: no per-sample fallback loop under vmap
+        return _FuncTransform.apply(x, kind)
     if x.requires_grad and torch.is_grad_enabled():
-        if torch._C._are_functorch_transforms_active():
-            return _FuncTransform.apply(x, kind)
         return _Transform.apply(x, kind)
     return _raw(x, kind)
 
