@@ -315,7 +315,7 @@ def _library_case(case: str):
     if case == "gradient_checkpointing":
         model.gradient_checkpointing_enable()
     elif case == "compiled_layer_forward":  # torch.compile of a module's own forward, set on the instance
-        model.model.layers[0].forward = torch.compile(model.model.layers[0].forward)
+        model.model.layers[0].forward = torch.compile(model.model.layers[0].forward, backend="eager")
     elif case == "own_forward_rebound":
         model.model.layers[0].mlp.forward = types.MethodType(type(model.model.layers[0].mlp).forward,
                                                              model.model.layers[0].mlp)
