@@ -237,6 +237,33 @@ def test_trl_activation_offloading_keeps_the_trie_on(monkeypatch):
     assert len(user_hooks(model)) == 1
 
 
+def test_trl_fused_lm_head_keeps_the_trie_on():
+    """TRL's GRPOTrainer, RLOOTrainer and KTOTrainer bind a fused-LM-head forward onto the model they train
+    (``add_fused_lm_head``): without ``fused_lm_head=True``, which no engine passes, it runs the model's own forward.
+    It sent every tracked checkpoint of such a run to the naive engine; the same forward around a forward set on
+    the instance (a user's) still turns the trie off."""
+    trl_utils = pytest.importorskip("trl.trainer.utils")
+    model = tiny_model("llama", initializer_range=0.2)
+    game = make_game("first_and_last")
+    reference = sf.evaluate(model, game, method="naive", progress=False)
+    trl_utils.add_fused_lm_head(model, outputs=("log_probs", "entropy"))
+    assert "forward" in model.__dict__
+    adapter, reason = find_adapter(model)
+    assert adapter is not None, reason
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback warning
+        trie = sf.evaluate(model, game, method="trie", progress=False)
+    naive = sf.evaluate(model, game, method="naive", progress=False)
+    torch.testing.assert_close(naive, reference, rtol=0, atol=0)
+    torch.testing.assert_close(trie, naive, atol=2e-5, rtol=1e-5)
+    other = tiny_model("llama", initializer_range=0.2)
+    own = other.forward
+    other.forward = lambda *args, **kwargs: own(*args, **kwargs)  # a user's forward around the model's
+    trl_utils.add_fused_lm_head(other)
+    adapter, reason = find_adapter(other)
+    assert adapter is None and "replaced forwards" in reason
+
+
 class _SteeredMLP(torch.nn.Module):  # a module swapped in for another class: the decoder layer's MLP, steered
     def __init__(self, mlp, vector):
         super().__init__()

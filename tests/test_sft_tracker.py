@@ -560,6 +560,41 @@ def test_resume_refuses_another_reference(tokenizer, tmp_path):
         _tracker(tokenizer, run, reference=(tiny_model("llama", seed=4), tokenizer))
 
 
+def _legacy_reference_digest(model):
+    """The reference digest of sftint_fast up to its canonical one: the whole config less ``_name_or_path``."""
+    import hashlib
+
+    from sftint_fast.sft.tracker import _tensor_digest
+
+    digest, settings = hashlib.sha256(), model.config.to_dict()
+    settings.pop("_name_or_path", None)
+    digest.update(repr(sorted(settings.items())).encode())
+    for name, param in model.named_parameters():
+        flat = param.detach().reshape(-1)
+        digest.update(f"{name}:{tuple(param.shape)}:{_tensor_digest(flat[:: max(1, flat.numel() // 1024)])};".encode())
+    return digest.hexdigest()[:16]
+
+
+def test_resume_accepts_the_reference_loaded_otherwise(tokenizer, tmp_path):
+    """The same reference loaded with SDPA instead of eager attention and ``use_cache`` off (gradient checkpointing)
+    computes the same values: a resume accepts it, also in a run folder saved with the earlier digest, which hashed
+    those entries; another reference is still refused there."""
+    base = _checkpoints(1)[0]
+    run = tmp_path / "run"
+    _tracker(tokenizer, run, reference=(tiny_model("llama", seed=3), tokenizer)).add_checkpoint(base, 0)
+    other = tiny_model("llama", seed=3, attn="sdpa")
+    other.config.use_cache = False
+    assert _tracker(tokenizer, run, reference=(other, tokenizer)).steps == [0]
+    config = json.loads((run / "config.json").read_text())
+    legacy = _legacy_reference_digest(tiny_model("llama", seed=3))
+    assert legacy not in (config["reference_sha256"], _legacy_reference_digest(other))
+    config["reference_sha256"] = legacy  # a run saved by the earlier version
+    (run / "config.json").write_text(json.dumps(config))
+    assert _tracker(tokenizer, run, reference=(tiny_model("llama", seed=3), tokenizer)).steps == [0]
+    with pytest.raises(ValueError, match=r"another configuration \(differs in \['reference_sha256'\]"):
+        _tracker(tokenizer, run, reference=(tiny_model("llama", seed=4), tokenizer))
+
+
 class _NoLogitsToKeep(torch.nn.Module):
     """A causal LM whose forward has no ``logits_to_keep`` (e.g. an older or custom model): full logits, sliced."""
 

@@ -283,7 +283,10 @@ class SFTTracker:
         out_dir: each checkpoint is saved there; a new tracker on the same folder resumes (ValueError when its
             options differ, or its tokenizer gives the held-out pairs other tokens; a tensor ``baseline`` is
             compared by the sha256 of its float64 values, except for runs saved before that digest was recorded,
-            which resume with any tensor and a warning).
+            which resume with any tensor and a warning). A reference model is compared by its weights and config
+            less the entries that change no value (``use_cache``, ``dtype``, the attention implementation): the
+            same reference loaded otherwise resumes; a run saved by an earlier version, whose digest hashed those
+            entries, resumes with the reference as it was loaded then.
         noise_floor: ``"order_matched"``, ``"iid"`` or None; ``noise_draws`` draws per checkpoint.
         compute_dtype, engine_method: passed to :func:`sftint_fast.evaluate`; ``compute_dtype="auto"`` runs each
             model in its own dtype (a float64 or bfloat16 model as it is). It alone sets the precision of the game
@@ -1005,6 +1008,12 @@ class SFTTracker:
             logger.warning("out_dir %s: saved without the digest of its reference (an older run); the given reference "
                            "cannot be checked against the one it saved, which is the one used", out)
             del blob["reference_sha256"]
+        if ("reference_sha256" in blob and saved.get("reference_sha256") not in (None, blob["reference_sha256"])
+                and isinstance(self._reference_source, (tuple, list))
+                and saved["reference_sha256"] == _reference_digest(self._reference_source, legacy=True)):
+            # saved by an earlier version, whose digest hashed the whole config (use_cache, dtype, ...): the same
+            # reference given as loaded then
+            blob["reference_sha256"] = saved["reference_sha256"]
         if ("floor_version" in blob and "floor_version" not in saved and self.config.noise_floor == "order_matched"
                 and not self.config.warm_start):
             del blob["floor_version"]  # an earlier version's floors, drawn as now (up to rounding)
@@ -1330,9 +1339,15 @@ def _describe_reference(source: Any) -> str | None:
     return "interactions"
 
 
-def _reference_digest(source: Any) -> str | None:
+def _reference_digest(source: Any, *, legacy: bool = False) -> str | None:
     """A fingerprint of a reference given as interactions (their values) or as ``(model, tokenizer)`` (its config and
-    a strided sample of every parameter: another model of the same type differs); None for a path or none."""
+    a strided sample of every parameter: another model of the same type differs); None for a path or none.
+
+    A model's config is hashed less the entries that change no value (:data:`distributed._FINGERPRINT_CONFIG_SKIP`:
+    ``use_cache``, ``dtype``, the attention implementation, where it was loaded from, ..., in its sub-configs too), so
+    the same reference loaded with SDPA instead of eager attention, or with ``use_cache`` off, is the same reference.
+    ``legacy``: the digest of sftint_fast before that (only ``_name_or_path`` left out), which run folders saved then
+    hold in their config.json; a resume accepts either (:meth:`SFTTracker._open_out_dir`)."""
     if isinstance(source, dict):
         digest = hashlib.sha256()
         for key in sorted(source):
@@ -1343,7 +1358,10 @@ def _reference_digest(source: Any) -> str | None:
         digest = hashlib.sha256()
         config = getattr(model, "config", None)
         settings = config.to_dict() if hasattr(config, "to_dict") else {}
-        settings.pop("_name_or_path", None)  # where it was loaded from: the same model moved is the same reference
+        if legacy:
+            settings.pop("_name_or_path", None)  # where it was loaded from: the same model moved is the same reference
+        else:
+            settings = distributed._config_entries(config, settings)
         digest.update(repr(sorted(settings.items())).encode())
         with torch.no_grad():
             for name, param in model.named_parameters():

@@ -152,12 +152,31 @@ def _package(fn) -> str:
     return str(getattr(fn, "__module__", None) or "").split(".", 1)[0]
 
 
+def _trl_fused_lm_head(module: torch.nn.Module, fn):
+    """The forward that TRL's ``add_fused_lm_head`` kept when ``fn`` is the one it bound to ``module`` (TRL's
+    ``GRPOTrainer``, ``RLOOTrainer`` and ``KTOTrainer`` put it on the model they train), else None. Without
+    ``fused_lm_head=True``, which no engine passes, that forward calls the kept one with the same arguments; it
+    copies the kept forward's name (``functools.wraps``), so it is told by its code and the module it is defined in."""
+    func = getattr(fn, "__func__", None)
+    code = getattr(func, "__code__", None)
+    if getattr(fn, "__self__", None) is not module or code is None or code.co_name != "_fused_forward":
+        return None
+    if str(getattr(func, "__globals__", {}).get("__name__", "")).split(".", 1)[0] != "trl":
+        return None
+    cells = dict(zip(code.co_freevars, func.__closure__ or ()))
+    try:
+        return cells["original_forward"].cell_contents
+    except (KeyError, ValueError):  # another TRL function of that name, or the cell not yet set
+        return None
+
+
 def _runs_own_forward(module: torch.nn.Module, fn, depth: int = 8) -> bool:
     """Whether ``fn``, set as ``module.forward`` on the instance, computes the module's own forward: that forward
     bound to it (again), torch.compile of it (``m.forward = torch.compile(m.forward)``, an ``OptimizedModule``'s),
     accelerate's hooks for device placement (``_hf_hook`` of accelerate's own hook classes, around ``_old_forward``),
     accelerate's mixed-precision autocast around ``_original_forward`` (the engines run that one:
-    ``game._own_forward``), or a forward of :data:`LIBRARY_FORWARDS` bound to it."""
+    ``game._own_forward``), TRL's fused LM head around the forward it kept (:func:`_trl_fused_lm_head`), or a forward
+    of :data:`LIBRARY_FORWARDS` bound to it."""
     from sftint_fast.game import _wraps
 
     if depth == 0:
@@ -180,6 +199,9 @@ def _runs_own_forward(module: torch.nn.Module, fn, depth: int = 8) -> bool:
     original = state.get("_original_forward")
     if original is not None and _wraps(fn, original):
         return _runs_own_forward(module, original, depth - 1)
+    kept = _trl_fused_lm_head(module, fn)
+    if kept is not None:
+        return _runs_own_forward(module, kept, depth - 1)
     return _package(fn) in LIBRARY_FORWARDS and getattr(fn, "__self__", module) is module
 
 
@@ -188,7 +210,7 @@ def replaced_forwards(model: torch.nn.Module, skipped=()) -> list[str]:
 
     - a ``forward`` set on a module instance (``m.forward = fn``, ``types.MethodType``), on any submodule, except
       the wrappers that run the module's own forward (:func:`_runs_own_forward`: torch.compile, accelerate's device
-      and autocast hooks) and :data:`LIBRARY_FORWARDS`' (Liger-Kernel's);
+      and autocast hooks, TRL's fused LM head) and :data:`LIBRARY_FORWARDS`' (Liger-Kernel's);
     - among ``skipped`` (the modules whose forwards the trie skips or stands in for with fused ops: the adapter's
       ``skipped_modules()``), one whose class's ``forward`` is not the architecture's transformers modeling code's
       (the class of the model's ``model_type``: a module swapped for another class, ``__class__`` set to a subclass
