@@ -109,6 +109,39 @@ def test_a_users_hook_sends_auto_to_the_naive_engine_and_trie_refuses(case):
                                    rtol=1e-5)
 
 
+def test_one_evaluate_checks_the_hooks_once_and_each_call_checks_them_anew(monkeypatch):
+    """find_adapter's hook and forward checks walk every module (~3 ms on SmolLM2's 30 layers, 1.5% of an n=4
+    evaluate): an evaluate runs them once (the trie takes the adapter the engine choice found; it ran them again),
+    evaluate_many once to group the games and once per group (it ran them 1 + 2 per layout + 2 per group). Nothing
+    is kept between calls: a hook registered after one evaluate sends the next to the naive engine."""
+    from conftest import count_calls
+
+    from sftint_fast.engine import adapters, trie
+
+    model = tiny_model("llama", initializer_range=0.2)
+    game, other = make_game("first_and_last"), make_game("first_and_last", seed=1)
+    found = count_calls(monkeypatch, {"find_adapter": adapters})
+    found_by_trie = count_calls(monkeypatch, {"find_adapter": trie})  # its own name for it, imported
+    runs = count_calls(monkeypatch, {"evaluate_trie_games": trie})
+    with torch.no_grad():
+        plain = sf.evaluate(model, game, progress=False)
+        assert (found["find_adapter"] + found_by_trie["find_adapter"], runs["evaluate_trie_games"]) == (1, 1)
+        found["find_adapter"] = found_by_trie["find_adapter"] = 0
+        sf.evaluate_many(model, [game, other], progress=False)  # one group: both games have one layout
+        assert (found["find_adapter"] + found_by_trie["find_adapter"], runs["evaluate_trie_games"]) == (2, 2)
+        handle = _register(model, "layer_steering")
+        try:
+            with pytest.warns(UserWarning, match="forward hooks that the trie engine would not run.*falling back"):
+                hooked = sf.evaluate(model, game, progress=False)
+        finally:
+            handle.remove()
+        assert runs["evaluate_trie_games"] == 2 and (hooked - plain).abs().max() > 1e-2  # naive, with the hook
+        torch.testing.assert_close(sf.evaluate(model, game, progress=False), plain, atol=0, rtol=0)
+        assert runs["evaluate_trie_games"] == 3  # the hook removed: the trie again
+    with pytest.raises(TypeError, match="adapter: expected a .*Adapter or None, received str"):
+        trie.evaluate_trie_games(model, [game], adapter="llama", progress=False)
+
+
 def test_a_hooked_lora_model_falls_back_and_names_the_hook():
     peft = pytest.importorskip("peft")
     model = tiny_model("llama", initializer_range=0.2)

@@ -147,8 +147,16 @@ def _naive_cost(forwards: int) -> str:
 def _choose_engine(model: Any, method: Method, compute_dtype: ComputeDtype | None = None,
                    forwards: int | None = None) -> Literal["naive", "trie"]:
     """The engine to run; ``forwards`` (the naive engine's forward passes), when known, goes into the warnings."""
+    return _engine_and_adapter(model, method, compute_dtype, forwards, stacklevel=5)[0]
+
+
+def _engine_and_adapter(model: Any, method: Method, compute_dtype: ComputeDtype | None = None,
+                        forwards: int | None = None, *, stacklevel: int = 4) -> tuple[Literal["naive", "trie"], Any]:
+    """:func:`_choose_engine` and, for the trie, the adapter it found (None for naive): the caller runs the trie
+    with it, for ``find_adapter``'s checks walk every module (a few ms on a 30-layer model, ~1.5% of a small
+    ``evaluate``) and nothing between the two can add a hook."""
     if method == "naive":
-        return "naive"
+        return "naive", None
     from sftint_fast.engine.adapters import find_adapter  # imported on use: the trie pulls in more modules
 
     adapter, reason = find_adapter(model)
@@ -156,17 +164,17 @@ def _choose_engine(model: Any, method: Method, compute_dtype: ComputeDtype | Non
         if method == "trie":
             raise ValueError(f"method='trie': {reason}; use method='naive'")
         cost = "slower, same values" if forwards is None else _naive_cost(forwards)
-        warnings.warn(f"{reason}; falling back to the naive engine ({cost})", stacklevel=4)
-        return "naive"
+        warnings.warn(f"{reason}; falling back to the naive engine ({cost})", stacklevel=stacklevel)
+        return "naive", None
     if _uses_autocast(model, compute_dtype):
         # The trie engine keeps its KV stores in the model's dtype, so it cannot run under autocast.
         if method == "trie":
             raise ValueError("compute_dtype='bfloat16' on a float32 model runs under torch.autocast, which the trie "
                              "engine does not support; convert the model (model.to(torch.bfloat16)) or use method='naive'")
         warnings.warn("compute_dtype='bfloat16' on a float32 model runs under torch.autocast, which the trie engine "
-                      "does not support; using the naive engine", stacklevel=4)
-        return "naive"
-    return "trie"
+                      "does not support; using the naive engine", stacklevel=stacklevel)
+        return "naive", None
+    return "trie", adapter
 
 
 def _check_options(batch_size: int | None, max_memory: int | float | None) -> None:
@@ -348,7 +356,7 @@ def evaluate_games(
     variants = (1 << n) if subsets is None else subsets.numel()  # of each game
     forwards = len(games) * variants  # what the naive engine would run
     check_naive_variants(0, max_variants)  # the name, before any engine runs
-    engine = _choose_engine(model, method, compute_dtype, forwards)
+    engine, adapter = _engine_and_adapter(model, method, compute_dtype, forwards)
     if engine == "naive":  # refused before the 2^n bitmasks are built
         check_naive_variants(variants, max_variants)
     backend = _resolve_backend(attention_backend, device, dtype=model.get_input_embeddings().weight.dtype)
@@ -357,7 +365,7 @@ def evaluate_games(
         from sftint_fast.engine.trie import evaluate_trie_games
 
         run: Callable[..., list[torch.Tensor]] = evaluate_trie_games
-        kwargs["attention_backend"] = backend
+        kwargs.update(attention_backend=backend, adapter=adapter)
     else:
         run = evaluate_naive_games
         kwargs["max_variants"] = max_variants
@@ -381,6 +389,7 @@ def evaluate_games(
                 raise ValueError(f"method='auto': {error}; and {refusal}") from None
             warnings.warn(f"{error}; falling back to the naive engine ({_naive_cost(forwards)})", stacklevel=3)
             kwargs.pop("attention_backend")
+            kwargs.pop("adapter")
             values = evaluate_naive_games(model, games, _every_variant(subsets, n, device), max_variants=max_variants,
                                           **kwargs)
     return [v.to(torch.float32) for v in values]
@@ -411,11 +420,12 @@ def _layout_fn(engine: str) -> Callable[[Game], tuple]:
 
 
 def _auto_group_size(model: Any, engine: str, game: Game, subsets: torch.Tensor | None, batch_size: int | None,
-                     max_memory: int | None, attention_backend: AttentionBackend = "auto") -> int:
+                     max_memory: int | None, attention_backend: AttentionBackend = "auto", adapter: Any = None) -> int:
     """Games of ``game``'s layout worth running together: up to ``GROUP_TOKENS`` trie tokens for the model's device
     (trie) or two batches (naive), with every game's KV store within half the memory budget. The store is the one
     the trie will build: with the fused kernel (``attention_backend`` resolving to ``"triton"``) the last level's
-    K/V are never kept, so the plan has no last-level window."""
+    K/V are never kept, so the plan has no last-level window. ``adapter``: the model's, as the engine choice found it
+    (None: found here)."""
     if subsets is not None:
         subsets = _validate_subsets(subsets, game.num_players, torch.device("cpu"), max_memory)
     variants = (1 << game.num_players) if subsets is None else max(1, int(subsets.numel()))
@@ -425,13 +435,13 @@ def _auto_group_size(model: Any, engine: str, game: Game, subsets: torch.Tensor 
     from sftint_fast.engine.adapters import get_adapter
     from sftint_fast.engine.plan import TrieMemoryError, default_max_memory, default_pass_tokens, plan_trie
 
+    dims = (adapter or get_adapter(model)).dims
     budget = max_memory if max_memory is not None else default_max_memory(model_device(model))
     try:
-        plan = plan_trie(game, subsets=subsets, dims=get_adapter(model).dims, batch_size=batch_size,
+        plan = plan_trie(game, subsets=subsets, dims=dims, batch_size=batch_size,
                          max_memory=budget, num_targets=int(game.score_positions.numel()),
                          pass_tokens=default_pass_tokens(model_device(model)),
-                         window=_resolve_backend(attention_backend, model_device(model),
-                                                 dtype=get_adapter(model).dims.dtype) != "triton")
+                         window=_resolve_backend(attention_backend, model_device(model), dtype=dims.dtype) != "triton")
     except TrieMemoryError:  # not even one game fits: evaluate_games falls back to naive (auto) or says so
         return 1
     by_memory = (budget // 2) // max(1, plan.kv_bytes)
@@ -462,7 +472,7 @@ def group_games(
     _check_names(method, compute_dtype, attention_backend)
     if not games:
         return []
-    engine = _choose_engine(model, method, compute_dtype)
+    engine, adapter = _engine_and_adapter(model, method, compute_dtype)
     layout = _layout_fn(engine)
     by_layout: dict[tuple, list[int]] = {}
     for i, game in enumerate(games):
@@ -470,7 +480,7 @@ def group_games(
     groups = []
     for members in by_layout.values():
         size = group_size or _auto_group_size(model, engine, games[members[0]], subsets, batch_size, max_memory,
-                                              attention_backend)
+                                              attention_backend, adapter)
         groups.extend(members[start:start + size] for start in range(0, len(members), size))
     return sorted(groups, key=lambda group: group[0])
 

@@ -215,13 +215,16 @@ def evaluate_trie(model: torch.nn.Module, game: Any, subsets: torch.Tensor | Non
 @torch.no_grad()
 def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: torch.Tensor | None = None, *,
                         batch_size: int | None = None, max_memory: int | None = None, progress: bool = True,
-                        attention_backend: Literal["torch", "triton"] = "torch") -> list[torch.Tensor]:
+                        attention_backend: Literal["torch", "triton"] = "torch",
+                        adapter: Adapter | None = None) -> list[torch.Tensor]:
     """:func:`evaluate_trie` on several games of one layout at once (one plan, shared passes).
 
     The games must have the same length, player spans, scored positions and masking mode (ValueError
     otherwise); tokens, baselines, targets and value functions may differ. ``batch_size`` bounds the nodes of a
     pass over all games; the KV stores hold every game's levels (``plan_trie(..., num_games=len(games))`` says
-    how much memory that takes and raises when it does not fit).
+    how much memory that takes and raises when it does not fit). ``adapter``: the one
+    :func:`~sftint_fast.engine.adapters.find_adapter` just returned for ``model`` (``sf.evaluate`` passes the one its
+    choice of engine found: its hook and forward checks walk every module, a few ms per call); None finds it.
 
     Returns:
         one float32 tensor per game, as :func:`evaluate_trie` returns it.
@@ -229,11 +232,15 @@ def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: t
     games = list(games)
     if attention_backend not in ("torch", "triton"):
         raise ValueError(f"attention_backend: expected 'torch' or 'triton', received {attention_backend!r}")
+    if adapter is not None and not isinstance(adapter, Adapter):
+        raise TypeError(f"adapter: expected a sftint_fast.engine.adapters.Adapter or None, received "
+                        f"{type(adapter).__name__}")
     if not games:
         return []
-    adapter, reason = find_adapter(model)
     if adapter is None:
-        raise ValueError(f"{reason}; use method='naive'")
+        adapter, reason = find_adapter(model)
+        if adapter is None:
+            raise ValueError(f"{reason}; use method='naive'")
     if attention_backend == "triton" and adapter.dims.dtype not in KERNEL_DTYPES:
         raise ValueError(f"attention_backend='triton': expected a float16, bfloat16 or float32 model (what the fused "
                          f"kernels load), received a {adapter.dims.dtype} model; use attention_backend='torch'")

@@ -829,10 +829,11 @@ class SFTTracker:
         out: dict[str, Any] = {"probe": 0, "compute_dtype": self.config.compute_dtype,
                                "variants": 1 << game.num_players if subsets is None else int(subsets.numel())}
         naive = sf.evaluate(model, game, method="naive", subsets=subsets, progress=False, compute_dtype=dtype).double()
-        if get_adapter(model) is not None and _uses_autocast(model, dtype):
+        trie_runs = get_adapter(model) is not None
+        if trie_runs and _uses_autocast(model, dtype):
             # bf16 autocast of a float32 model: the run evaluates with the naive engine (the trie cannot run so)
             out["engine"] = "naive (the trie engine does not run under bfloat16 autocast)"
-        elif get_adapter(model) is not None:
+        elif trie_runs:
             trie = sf.evaluate(model, game, method="trie", subsets=subsets, progress=False,
                                compute_dtype=dtype).double()
             out.update(engine_max_abs=(trie - naive).abs().max().item(),

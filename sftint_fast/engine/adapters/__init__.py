@@ -33,8 +33,9 @@ def find_adapter(model: torch.nn.Module) -> tuple[Adapter | None, str]:
     and calls the layers directly, without accelerate's hooks that move the activations between devices. Nor has a
     model with forward hooks or pre-hooks (:func:`user_hooks`), or with replaced forwards (:func:`replaced_forwards`):
     the naive engine runs them, the trie would not."""
-    devices = sorted({str(p.device) for p in model.parameters()})
+    devices = {p.device for p in model.parameters()}
     if len(devices) > 1:
+        devices = sorted(map(str, devices))
         return None, (f"{type(model).__name__} has its parameters on several devices ({', '.join(devices)}: a "
                       "device_map split or offload), and the trie engine runs a model on one device")
     for layer in wrapped_models(model):
@@ -52,20 +53,15 @@ def find_adapter(model: torch.nn.Module) -> tuple[Adapter | None, str]:
                     return None, (f"the {adapter_cls.__name__} could not read this {type(layer).__name__} "
                                   f"(model_type {getattr(layer.config, 'model_type', None)!r}, transformers "
                                   f"{transformers.__version__}): {type(err).__name__}: {err}")
-                hooks = user_hooks(model)
-                if hooks:
-                    shown = "; ".join(hooks[:5]) + (f"; and {len(hooks) - 5} more" if len(hooks) > 5 else "")
-                    return None, (f"{type(model).__name__} has forward hooks that the trie engine would not run as the "
-                                  f"model's forward does ({shown}): it calls the layers' parts itself, on flat token "
-                                  "batches, and skips the decoder layers' and blocks' own forwards; remove the hooks "
-                                  "or evaluate with the naive engine, which runs them")
-                replaced = replaced_forwards(model, adapter.skipped_modules())
-                if replaced:
-                    shown = "; ".join(replaced[:5]) + (f"; and {len(replaced) - 5} more" if len(replaced) > 5 else "")
-                    return None, (f"{type(model).__name__} has replaced forwards that the trie engine would not run as "
-                                  f"the model's forward does ({shown}): it calls the layers' parts itself, on flat "
-                                  "token batches, and skips the decoder layers' and blocks' own forwards; restore "
-                                  "them or evaluate with the naive engine, which runs them")
+                for found, what, undo in ((user_hooks(model), "forward hooks", "remove the hooks"),
+                                          (replaced_forwards(model, adapter.skipped_modules()), "replaced forwards",
+                                           "restore them")):
+                    if found:
+                        shown = "; ".join(found[:5]) + (f"; and {len(found) - 5} more" if len(found) > 5 else "")
+                        return None, (f"{type(model).__name__} has {what} that the trie engine would not run as the "
+                                      f"model's forward does ({shown}): it calls the layers' parts itself, on flat "
+                                      "token batches, and skips the decoder layers' and blocks' own forwards; "
+                                      f"{undo} or evaluate with the naive engine, which runs them")
                 return adapter, ""
     config = getattr(model, "config", None)
     return None, (f"no trie adapter for {type(model).__name__} (model_type "
@@ -219,13 +215,13 @@ def replaced_forwards(model: torch.nn.Module, skipped=()) -> list[str]:
 
     Modules the trie calls as modules (projections, embedding, LM head) may be of other classes (PEFT's LoRA layers,
     quantized linears): their own forwards run, on flat ``[tokens, hidden]`` batches."""
-    found, skipped = [], list(skipped)
+    found, skipped, names = [], list(skipped), {}
     for name, module in model.named_modules():
+        names[id(module)] = name
         fn = module.__dict__.get("forward")
         if fn is not None and not _runs_own_forward(module, fn):
             found.append(f"{name or type(module).__name__}: forward replaced on the instance by "
                          f"{'.'.join(_hook_origin(fn))!r}")
-    names = {id(module): name for name, module in model.named_modules()}
     home = type(skipped[0] if skipped else model).__module__  # the architecture's modeling code (its inner model's)
     for module in skipped:
         forward = type(module).forward
