@@ -993,10 +993,12 @@ def test_track_cli_refuses_a_truncated_checkpoint_with_its_path(folders, tmp_pat
 
 
 @pytest.mark.parametrize("name, value", [("watch", float("nan")), ("watch", float("inf")),
-                                         ("settle", float("nan")), ("idle_timeout", float("nan"))])
+                                         ("settle", float("nan")), ("idle_timeout", float("nan")),
+                                         ("settle", None)])
 def test_run_track_refuses_a_time_that_is_not_finite(folders, tmp_path, name, value):
     """run_track (the API behind `sftint track`) took NaN and inf seconds: settle=nan left every folder without a
-    trainer_state.json unsettled forever, idle_timeout=nan never ran out, watch=nan/inf crashed in time.sleep."""
+    trainer_state.json unsettled forever, idle_timeout=nan never ran out, watch=nan/inf crashed in time.sleep;
+    settle=None (it has no 'no limit') escaped as a TypeError from the default of stale_after."""
     from sftint_fast.sft.demo import run_track
 
     root, _ = folders

@@ -434,3 +434,58 @@ def test_a_replaced_rope_function_gets_the_layout_the_attention_module_gives_it(
         trie = sf.evaluate(model, game, method="trie", progress=False)
     torch.testing.assert_close(naive, plain, atol=1e-5, rtol=1e-5)  # the same rotation, in its own layout
     torch.testing.assert_close(trie, naive, atol=2e-5, rtol=1e-5)
+
+
+def test_a_wrapped_function_is_named_as_itself_not_as_the_function_it_wraps():
+    """``functools.wraps`` copies the wrapped function's name and module onto the wrapper: a forward replaced by a
+    wrapper of the module's own forward was named ``...LlamaMLP.forward`` (the forward it replaced), and a user's
+    hook wrapping a library hook (``@functools.wraps(neftune_post_forward_hook)``) passed as that library hook,
+    keeping the trie on while it changed the values. Both are named by their own code and module now."""
+    from transformers.integrations.neftune import neftune_post_forward_hook
+
+    model = tiny_model("llama")
+    mlp = model.model.layers[0].mlp
+    original = mlp.forward
+
+    @functools.wraps(original)
+    def doubled(*args, **kwargs):
+        return original(*args, **kwargs) * 2
+
+    mlp.forward = doubled
+    reason = find_adapter(model)[1]
+    own = f"{__name__}.test_a_wrapped_function_is_named_as_itself_not_as_the_function_it_wraps.<locals>.doubled"
+    assert f"forward replaced on the instance by {own!r}" in reason
+    del mlp.forward
+
+    @functools.wraps(neftune_post_forward_hook)
+    def steer(module, args, output):
+        return output + 1.0
+
+    model.model.embed_tokens.register_forward_hook(steer)
+    name = "test_a_wrapped_function_is_named_as_itself_not_as_the_function_it_wraps.<locals>.steer"
+    assert user_hooks(model) == [f"model.embed_tokens: forward hook {name!r}"]
+    assert find_adapter(model)[0] is None
+
+
+def test_a_class_forward_patched_with_a_functools_wraps_wrapper_turns_the_trie_off(monkeypatch):
+    """Monkeypatching a class's forward with a ``functools.wraps`` wrapper (the usual idiom) copies the modeling
+    code's ``__module__`` onto the wrapper, so the MLPs' patched forward passed as the modeling code's: the trie
+    skipped it silently (its values differed from the naive engine's). The wrapper is told by its code; transformers'
+    own decorators of the class forwards (deprecation, output checks) are looked through and keep the trie on."""
+    model = tiny_model("llama", initializer_range=0.2)
+    game = make_game("first_and_last")
+    assert find_adapter(model)[0] is not None  # the modeling code's decorated forwards: the trie runs
+    mlp_class = type(model.model.layers[0].mlp)
+    original = mlp_class.forward
+
+    @functools.wraps(original)
+    def steered(self, x):
+        return original(self, x) + 0.5
+
+    monkeypatch.setattr(mlp_class, "forward", steered)
+    adapter, reason = find_adapter(model)
+    assert adapter is None and "model.layers.0.mlp: class LlamaMLP with the forward " in reason
+    assert "<locals>.steered" in reason
+    with pytest.warns(UserWarning, match="replaced forwards"):
+        auto = sf.evaluate(model, game, progress=False)
+    assert torch.equal(auto, sf.evaluate(model, game, method="naive", progress=False))

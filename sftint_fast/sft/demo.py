@@ -270,8 +270,10 @@ def run_track(base: str, checkpoints: Sequence[str], probes_path: str, out: str 
 
     for name, value in (("watch", watch), ("idle_timeout", idle_timeout), ("settle", settle),
                         ("stale_after", stale_after)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                  or not math.isfinite(value) or value < 0 or (name == "watch" and value == 0)):
+        # settle has no None (no limit): a folder without trainer_state.json needs one to count as complete
+        if (value is not None or name == "settle") and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or value < 0 or (name == "watch" and value == 0)):
             raise ValueError(f"{name}: expected a finite number of seconds {'> 0' if name == 'watch' else '>= 0'}, "
                              f"got {value!r}")
     if until_step is not None and (isinstance(until_step, bool) or not isinstance(until_step, int) or until_step < 1):

@@ -1,6 +1,8 @@
 """Architecture adapters for the trie engine. ``get_adapter(model)`` → an :class:`Adapter`, or None if unsupported."""
 from __future__ import annotations
 
+import types
+
 import torch
 
 from sftint_fast.engine.adapters.base import Adapter, AttendFn, LayerSpec, ModelDims
@@ -89,12 +91,17 @@ _HOOK_KINDS = (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "f
 
 def _hook_origin(hook) -> tuple[str, str]:
     """``(module, name)`` of a hook: its function's, through ``functools.partial`` and bound methods; a callable
-    object's class otherwise."""
+    object's class otherwise. A Python function is named by its code and the module it is defined in, not by the
+    ``__name__`` / ``__module__`` that ``functools.wraps`` copies onto a wrapper from the function it wraps."""
     for _ in range(8):
         inner = getattr(hook, "func", None) or getattr(hook, "__func__", None)
         if inner is None:
             break
         hook = inner
+    code, scope = getattr(hook, "__code__", None), getattr(hook, "__globals__", None)
+    if isinstance(code, types.CodeType) and isinstance(scope, dict):
+        module = scope.get("__name__") or getattr(hook, "__module__", None) or ""
+        return str(module), str(getattr(code, "co_qualname", code.co_name))
     if not hasattr(hook, "__name__"):
         hook = type(hook)
     return str(getattr(hook, "__module__", None) or ""), str(getattr(hook, "__qualname__", hook.__name__))
@@ -139,13 +146,27 @@ def user_hooks(model: torch.nn.Module) -> list[str]:
 LIBRARY_FORWARDS = frozenset({"liger_kernel"})
 
 
-def _package(fn) -> str:
-    for _ in range(8):  # through bound methods and partials to the function
-        inner = getattr(fn, "__func__", None) or getattr(fn, "func", None)
-        if inner is None:
+#: Packages whose decorators wrap the modeling code's class forwards (``functools.wraps``: transformers' deprecation
+#: and output checks, the hub kernels' layer wrapper): :func:`_defined_in` looks through them.
+_FORWARD_DECORATORS = frozenset({"transformers", "kernels"})
+
+
+def _defined_in(fn) -> tuple[str, str]:
+    """``(module, name)`` of ``fn``'s code (:func:`_hook_origin`), through bound methods, partials and the
+    decorators of :data:`_FORWARD_DECORATORS`: not the ``__module__`` that ``functools.wraps`` copies onto a
+    wrapper, which would make a forward patched with a user's wrapper pass as the one it wraps."""
+    origin = _hook_origin(fn)
+    for _ in range(8):
+        inner = getattr(getattr(fn, "__func__", fn), "__wrapped__", None)
+        if inner is None or origin[0].split(".", 1)[0] not in _FORWARD_DECORATORS:
             break
         fn = inner
-    return str(getattr(fn, "__module__", None) or "").split(".", 1)[0]
+        origin = _hook_origin(fn)
+    return origin
+
+
+def _package(fn) -> str:
+    return _defined_in(fn)[0].split(".", 1)[0]
 
 
 def _trl_fused_lm_head(module: torch.nn.Module, fn):
@@ -225,14 +246,14 @@ def replaced_forwards(model: torch.nn.Module, skipped=()) -> list[str]:
     home = type(skipped[0] if skipped else model).__module__  # the architecture's modeling code (its inner model's)
     for module in skipped:
         forward = type(module).forward
-        origin = str(getattr(forward, "__module__", None) or "")
+        origin, defined = _defined_in(forward)
         # torch's wrappers (torch.compile's OptimizedModule) and PEFT's (a PeftModel the adapter reads through) run the
         # model's forward
         if origin != home and origin.split(".", 1)[0] not in ("torch", "peft") and _package(
                 forward) not in LIBRARY_FORWARDS:
             label = names.get(id(module)) or type(module).__name__
             found.append(f"{label}: class {type(module).__qualname__} with the forward"
-                         f" {origin}.{getattr(forward, '__qualname__', forward)!s} (not {home}'s)")
+                         f" {origin}.{defined} (not {home}'s)")
     return found
 
 
