@@ -1111,3 +1111,24 @@ def test_sftint_help_states_the_exit_codes(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert exc.value.code == 0
     assert "exit codes: 0 done; 2 refused" in out and "SFTINT_DEBUG=1" in out and "1 ran but found less" in out
+
+
+def test_watch_shares_an_os_error_of_rank_0_with_every_rank(monkeypatch):
+    """Under torchrun rank 0 alone lists and checks the checkpoint folders, then broadcasts what it found. An OSError
+    there (a folder it may not read) escaped on rank 0 before the broadcast, and the other ranks waited for it
+    forever; it is now broadcast like a refusal, and every rank raises it."""
+    from sftint_fast import distributed
+    from sftint_fast.sft import demo
+
+    sent = []
+    monkeypatch.setattr(distributed, "broadcast_object", lambda obj: sent.append(obj) or obj)
+
+    def unreadable(patterns):
+        raise PermissionError(13, "Permission denied", "run/checkpoint-20")
+
+    monkeypatch.setattr(demo, "_match", unreadable)
+    tracker = SFTTracker(None, andor_method="and", noise_floor=None, progress=False)
+    with pytest.raises(PermissionError, match="checkpoint-20"):
+        demo._follow(tracker, ["run/checkpoint-*"], lambda step, path: False, lambda: None, watch=0.01,
+                     until_step=None, idle_timeout=0.0, settle=0.0)
+    assert len(sent) == 1 and isinstance(sent[0], PermissionError)  # what the other ranks receive

@@ -488,10 +488,10 @@ def _follow(tracker: SFTTracker, patterns: Sequence[str], track: Any, report: An
                     for path in skips:
                         abandoned(path)
                     _check_folders(None, [p for p in ready if Path(p).exists()], None)
-                except ValueError as err:
+                except (ValueError, OSError) as err:  # every rank raises it: the others must not wait for rank 0
                     ready = err
             ready = distributed.broadcast_object(ready)
-            if isinstance(ready, ValueError):
+            if isinstance(ready, (ValueError, OSError)):
                 raise ready
             if ready:
                 for path in ready:
