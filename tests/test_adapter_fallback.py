@@ -26,8 +26,8 @@ def test_an_architecture_without_adapter_runs_naive_and_says_so():
     model = _opt()
     adapter, reason = find_adapter(model)
     assert adapter is None and get_adapter(model) is None
-    assert reason == ("no trie adapter for OPTForCausalLM (model_type 'opt'; supported: llama, qwen2, mistral, "
-                      "gemma3_text, gpt2)")
+    assert reason == ("no trie adapter for OPTForCausalLM (model_type 'opt'; supported: llama, qwen2, qwen3, "
+                      "mistral, gemma3_text, smollm3, gpt2)")
     game = Game.from_text(model, TOK, TEXT_A)
     with torch.no_grad():
         naive = sf.evaluate(model, game, method="naive", progress=False)
@@ -100,6 +100,53 @@ def test_an_attention_softcap_the_model_applies_is_refused_not_dropped(monkeypat
     with torch.no_grad(), pytest.warns(UserWarning, match="soft-cap.*falling back to the naive engine"):
         auto = sf.evaluate(model, game, progress=False)
     assert torch.equal(auto, naive)
+
+
+def _smollm3(**options):
+    from transformers import AutoModelForCausalLM, SmolLM3Config
+
+    torch.manual_seed(0)
+    cfg = SmolLM3Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                        num_key_value_heads=2, num_hidden_layers=2, max_position_embeddings=128, pad_token_id=0,
+                        bos_token_id=1, eos_token_id=2, initializer_range=0.2, no_rope_layers=[1, 0], **options)
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
+
+
+def test_a_smollm3_whose_layer_masks_and_attention_windows_disagree_is_refused():
+    """SmolLM3 builds each layer's mask from layer_types, but gives its attention modules a window only with
+    use_sliding_window: a sliding layer without it has SDPA's mask slide and flash attention's not. The adapter
+    refuses it rather than pick one (auto: naive, the model's own forward)."""
+    model = _smollm3(use_sliding_window=False, sliding_window=3, layer_types=["full_attention", "sliding_attention"])
+    assert model.model.layers[1].self_attn.sliding_window is None
+    game = Game.from_text(model, TOK, TEXT_A)
+    assert game.input_ids.numel() > 3
+    full = _smollm3(use_sliding_window=False, sliding_window=3, layer_types=["full_attention"] * 2)
+    with torch.no_grad():  # the SDPA forward does slide: the module's window (None) would give other numbers
+        ids = game.input_ids[None]
+        assert not torch.allclose(model(input_ids=ids).logits, full(input_ids=ids).logits)
+    adapter, reason = find_adapter(model)
+    assert adapter is None and reason.startswith("the LlamaLikeAdapter could not read this SmolLM3ForCausalLM")
+    assert ("ValueError: layer 1 is a 'sliding_attention' layer (config.layer_types), whose attention mask is a "
+            "sliding window of 3 keys, but its attention module's sliding_window is None (use_sliding_window=False)"
+            in reason)
+    with torch.no_grad():
+        naive = sf.evaluate(model, game, method="naive", progress=False)
+        with pytest.warns(UserWarning, match="sliding_window is None.*falling back to the naive engine"):
+            auto = sf.evaluate(model, game, progress=False)
+    assert torch.equal(auto, naive)
+    assert find_adapter(full)[0] is not None
+    assert find_adapter(_smollm3(use_sliding_window=True, sliding_window=3))[0].layers[1].sliding_window == 3
+
+
+def test_a_smollm3_attention_without_its_nope_switch_is_refused(monkeypatch):
+    """The adapter reads each SmolLM3 attention module's use_rope (0 on NoPE layers): a release that renamed it would
+    otherwise have every layer rotated."""
+    model = _smollm3()
+    assert [block.self_attn.use_rope for block in model.model.layers] == [1, 0]
+    assert find_adapter(model)[0] is not None
+    monkeypatch.delattr(model.model.layers[1].self_attn, "use_rope")
+    adapter, reason = find_adapter(model)
+    assert adapter is None and "SmolLM3ForCausalLM" in reason and "AttributeError" in reason and "use_rope" in reason
 
 
 def test_a_model_split_over_devices_has_no_adapter():

@@ -61,7 +61,7 @@ def run_both(net, game: Game, subsets=None, **kwargs):
 
 @pytest.mark.parametrize("masking", ["embedding", "attention"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "gpt2"])
 def test_trie_matches_naive(arch, attn, masking):
     net = model(arch, attn)
     trie, naive = run_both(net, make_game("first_and_last", masking=masking), batch_size=3)
@@ -78,7 +78,7 @@ def test_trie_layouts(arch, layout, masking):
 
 
 @pytest.mark.parametrize("masking", ["embedding", "attention"])
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "gpt2"])
 def test_multi_token_target_and_baseline_rows(arch, masking):
     game = make_game("adjacent_multi_token", masking=masking, num_targets=3, seed=2, baseline_rows=True)
     trie, naive = run_both(model(arch), game, batch_size=5)
@@ -165,7 +165,7 @@ def test_random_subset_list(arch, masking):
 
 
 def _sliding_model(kind: str, attn: str):
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, MistralConfig
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, MistralConfig, Qwen3Config, SmolLM3Config
 
     torch.manual_seed(0)
     common = dict(vocab_size=128, hidden_size=HIDDEN, intermediate_size=64, num_attention_heads=4,
@@ -177,16 +177,25 @@ def _sliding_model(kind: str, attn: str):
     elif kind == "mistral-layer-types":  # Mistral's forward ignores layer_types: its window applies to every layer
         cfg = MistralConfig(num_hidden_layers=2, sliding_window=5, bos_token_id=1, eos_token_id=2,
                             layer_types=["sliding_attention", "full_attention"], **common)
+    elif kind == "qwen3":  # layers from max_window_layers on slide (q/k norms before RoPE)
+        cfg = Qwen3Config(num_hidden_layers=3, head_dim=8, use_sliding_window=True, sliding_window=4,
+                          max_window_layers=1, bos_token_id=1, eos_token_id=2, **common)
+    elif kind == "smollm3":  # the NoPE layers (no_rope_layers 0) slide, the RoPE ones attend to the whole prompt
+        cfg = SmolLM3Config(num_hidden_layers=3, no_rope_layers=[1, 0, 1], use_sliding_window=True, sliding_window=4,
+                            bos_token_id=1, eos_token_id=2, **common)
     else:
         cfg = MistralConfig(num_hidden_layers=2, sliding_window=5, bos_token_id=1, eos_token_id=2, **common)
     return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("kind", ["gemma3", "mistral", "mistral-layer-types"])
+@pytest.mark.parametrize("kind", ["gemma3", "mistral", "mistral-layer-types", "qwen3", "smollm3"])
 def test_sliding_window_models(kind, attn):
     net = _sliding_model(kind, attn)
-    assert get_adapter(net) is not None
+    adapter = get_adapter(net)
+    assert adapter is not None
+    if kind in ("qwen3", "smollm3"):  # full and sliding layers mixed
+        assert [spec.sliding_window for spec in adapter.layers] == [None, 4, None if kind == "smollm3" else 4]
     trie, naive = run_both(net, make_game("first_and_last", seed=6), batch_size=3)
     check_close(trie, naive)
     # Attention masking: with every player present the trie must equal the model's own forward (sliding window
@@ -337,7 +346,8 @@ def test_sequence_length_dependent_rope(rope, masking):
 
 #: Llama-like configs the other tests do not reach: static RoPE scalings (the rotary module's own tables), tied
 #: embeddings, biased projections with head_dim != hidden / heads, Qwen2 with full and sliding layers mixed (window 3,
-#: shorter than the prompt), a window of one token (every query sees only itself).
+#: shorter than the prompt), a window of one token (every query sees only itself), Qwen3 with biased projections (its
+#: output projection's too) and q/k norms over 16-wide heads, SmolLM3 with NoPE on the first layer and biases.
 CONFIGS = {
     "rope-linear": ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 3.0, "rope_theta": 10000.0}}),
     "rope-llama3": ("llama", {"rope_parameters": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
@@ -349,16 +359,20 @@ CONFIGS = {
     "bias-head-dim": ("llama", {"attention_bias": True, "mlp_bias": True, "head_dim": 16}),
     "qwen2-mixed-window": ("qwen2", {"use_sliding_window": True, "sliding_window": 3, "max_window_layers": 1}),
     "mistral-window-1": ("mistral", {"sliding_window": 1}),
+    "qwen3-bias-head-dim": ("qwen3", {"attention_bias": True, "head_dim": 16}),
+    "smollm3-nope-first-biases": ("smollm3", {"no_rope_layers": [0, 1], "attention_bias": True, "mlp_bias": True}),
 }
 
 
 @pytest.mark.parametrize("masking", ["embedding", "attention"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_llama_like_configs_match_naive_and_the_models_forward(name, masking):
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config,
+                              SmolLM3Config)
 
     arch, options = CONFIGS[name]
-    config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[arch]
+    config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "qwen3": Qwen3Config,
+                  "smollm3": SmolLM3Config}[arch]
     torch.manual_seed(0)
     cfg = config_cls(vocab_size=128, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0,

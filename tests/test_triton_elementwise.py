@@ -129,10 +129,11 @@ def _count_fused(monkeypatch) -> dict:
 
 
 @pytest.mark.parametrize("fused", ["triton", pytest.param("cpu", marks=requires_ext)])
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "gemma3"])
 def test_layer_loop_uses_the_fused_ops_and_matches_the_model(arch, fused, monkeypatch):
     """``run_layers(fused=...)`` replaces every RMSNorm, RoPE and (SiLU models) the gate, and gives the model's
-    numbers; Gemma-3's GELU MLP stays its module. Per layer: Llama/Qwen2 2 norms, Gemma-3 4 + q/k norms.
+    numbers; Gemma-3's GELU MLP stays its module. Per layer: Llama/Qwen2/SmolLM3 2 norms, Qwen3 2 + q/k norms,
+    Gemma-3 4 + q/k norms; SmolLM3's NoPE layer (the second) no RoPE.
     ``"triton"``: the Triton ops on ``DEVICE``; ``"cpu"``: the C++ ops (``sftint_fast.ops.layer_ops``)."""
     from test_layer_ops import count_cpu_ops
     from test_trie import _sliding_model
@@ -167,6 +168,10 @@ def test_layer_loop_uses_the_fused_ops_and_matches_the_model(arch, fused, monkey
     counts = sorted(calls.values())  # rms_norm, rope, silu_mul under either backend's names
     if arch == "gemma3":
         assert counts == sorted([6 * layers, 2 * layers, 0]), calls
+    elif arch == "qwen3":
+        assert counts == sorted([4 * layers, 2 * layers, layers]), calls
+    elif arch == "smollm3":
+        assert counts == sorted([2 * layers, 2 * (layers - 1), layers]), calls
     else:
         assert counts == sorted([2 * layers, 2 * layers, layers]), calls
     _close(out, plain)
@@ -175,10 +180,11 @@ def test_layer_loop_uses_the_fused_ops_and_matches_the_model(arch, fused, monkey
 
 
 @pytest.mark.parametrize("masking", ["embedding", "attention"])
-@pytest.mark.parametrize("kind", ["gemma3", "mistral"])
+@pytest.mark.parametrize("kind", ["gemma3", "mistral", "qwen3", "smollm3"])
 def test_trie_with_triton_on_sliding_window_models_matches_naive(kind, masking):
-    """Gemma-3 (sandwich norms, q/k norms, (1 + w) RMSNorm, per-layer-type RoPE, soft-capped logits, GELU) and
-    Mistral through the fused kernel and the fused elementwise ops."""
+    """Gemma-3 (sandwich norms, q/k norms, (1 + w) RMSNorm, per-layer-type RoPE, soft-capped logits, GELU), Mistral,
+    Qwen3 (q/k norms, full and sliding layers) and SmolLM3 (a sliding NoPE layer between RoPE ones) through the fused
+    kernel and the fused elementwise ops."""
     from test_trie import _sliding_model, check_close, make_game
 
     from sftint_fast.engine.naive import evaluate_naive

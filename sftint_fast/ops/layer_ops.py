@@ -48,7 +48,7 @@ def _op(name: str, **untracked: torch.Tensor):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, gemma: bool = False) -> torch.Tensor:
     """RMSNorm over the last dimension of float32 ``x [..., H]`` with ``weight [H]``, as HF computes it:
-    ``weight * (x * rsqrt(mean(x²) + eps))`` (Llama, Qwen2, Mistral) or, ``gemma=True`` (Gemma-3),
+    ``weight * (x * rsqrt(mean(x²) + eps))`` (Llama, Qwen2, Qwen3, Mistral, SmolLM3) or, ``gemma=True`` (Gemma-3),
     ``x * rsqrt(mean(x²) + eps) * (1 + weight)``. A new tensor."""
     return _op("rms_norm", x=x, weight=weight)(x, weight, float(eps), bool(gemma))
 

@@ -1,4 +1,5 @@
-"""Llama-like decoders (Llama, SmolLM2, Qwen2, Mistral, Gemma-3 text): pre-norm blocks with RoPE and GQA.
+"""Llama-like decoders (Llama, SmolLM2, Qwen2, Qwen3, Mistral, Gemma-3 text, SmolLM3): pre-norm blocks with RoPE
+(none on SmolLM3's NoPE layers) and GQA.
 
 The layer loop calls the HF modules themselves (norms, projections, rotary embedding, MLP, LM head), so every
 number equals the model's own forward; only the attention is handed to the engine's callback.
@@ -14,10 +15,15 @@ from sftint_fast.engine.adapters.base import (Adapter, AttendFn, FusedBackend, L
                                               last_layer_rows, mlp_tensors)
 
 #: HF ``model_type`` values this adapter serves (each checked against the naive engine in tests/test_trie.py).
-MODEL_TYPES = frozenset({"llama", "qwen2", "mistral", "gemma3_text"})
+MODEL_TYPES = frozenset({"llama", "qwen2", "mistral", "gemma3_text", "qwen3", "smollm3"})
 #: RMSNorm classes the fused ops (Triton, C++) reproduce: ``"llama"`` = ``w * norm(x).to(dtype)`` (``variance_epsilon``),
 #: ``"gemma"`` = ``(norm(x) * (1 + w)).to(dtype)`` (``eps``). Any other norm runs as its module.
-FUSED_NORMS = {"LlamaRMSNorm": "llama", "Qwen2RMSNorm": "llama", "MistralRMSNorm": "llama", "Gemma3RMSNorm": "gemma"}
+FUSED_NORMS = {"LlamaRMSNorm": "llama", "Qwen2RMSNorm": "llama", "Qwen3RMSNorm": "llama", "MistralRMSNorm": "llama",
+               "SmolLM3RMSNorm": "llama", "Gemma3RMSNorm": "gemma"}
+#: Model types whose forward picks each layer's attention mask by ``config.layer_types`` (a ``"sliding_attention"``
+#: layer's mask keeps ``config.sliding_window`` keys), while flash attention reads the attention module's
+#: ``sliding_window``: the two must agree (:func:`_layer_windows`).
+_MASK_BY_LAYER_TYPE = frozenset({"qwen2", "qwen3", "smollm3", "gemma3_text"})
 
 
 class LlamaLikeAdapter(Adapter):
@@ -61,12 +67,12 @@ class LlamaLikeAdapter(Adapter):
         # dynamic / longrope RoPE picks its frequencies from the largest position it is given (HF's
         # ``dynamic_rope_update``): the tables must come from the whole sequence's positions, as in the model's forward
         self._rope_by_length = _length_dependent_rope(self._rotary)
-        mistral_window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
-        self.layers = tuple(
-            LayerSpec(scale=float(block.self_attn.scaling),
-                      sliding_window=getattr(block.self_attn, "sliding_window", mistral_window))
-            for block in self._blocks
-        )
+        self.layers = tuple(LayerSpec(scale=float(block.self_attn.scaling), sliding_window=window)
+                            for block, window in zip(self._blocks, _layer_windows(config, self._blocks)))
+        # SmolLM3's NoPE layers (``no_rope_layers[i] == 0``): the attention module skips RoPE where ``use_rope`` is
+        # falsy; read from the module (an AttributeError if a release renames it: the adapter then refuses the model)
+        self._rope_layers = tuple(bool(block.self_attn.use_rope) if config.model_type == "smollm3" else True
+                                  for block in self._blocks)
 
     @classmethod
     def supports(cls, model: torch.nn.Module) -> bool:
@@ -129,12 +135,8 @@ class LlamaLikeAdapter(Adapter):
                 q = norm(attn.q_norm, q)
                 k = norm(attn.k_norm, k)
             cos, sin = tables[index]
-            if ops and ops.rope_fits(q, cos, head_dim):
-                q, k = ops.rope(q, cos[0], sin[0]), ops.rope(k, cos[0], sin[0])
-            else:  # cos/sin are [1, N, D]: rotate the flat tokens as [1, H, N, D], the layout the attention
-                # module gives the function (a replacement, e.g. Liger-Kernel's, may assume it and ignore unsqueeze_dim)
-                q, k = self._apply_rope(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), cos, sin)
-                q, k = q[0].transpose(0, 1), k[0].transpose(0, 1)
+            if self._rope_layers[index]:  # (a NoPE layer's q and k go to the attention as they are)
+                q, k = self._rope(ops, q, k, cos, sin)
             out = attend(index, q, k, v).flatten(1)
             if index == last:
                 out, hidden = last_layer_rows(out, hidden, keep)
@@ -149,6 +151,15 @@ class LlamaLikeAdapter(Adapter):
                 hidden = hidden + out
                 hidden = hidden + mlp(block.mlp, norm(block.post_attention_layernorm, hidden))
         return hidden
+
+    def _rope(self, ops: _FusedOps | None, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+              sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if ops and ops.rope_fits(q, cos, self.dims.head_dim):
+            return ops.rope(q, cos[0], sin[0]), ops.rope(k, cos[0], sin[0])
+        # cos/sin are [1, N, D]: rotate the flat tokens as [1, H, N, D], the layout the attention module gives the
+        # function (a replacement, e.g. Liger-Kernel's, may assume it and ignore unsqueeze_dim)
+        q, k = self._apply_rope(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), cos, sin)
+        return q[0].transpose(0, 1), k[0].transpose(0, 1)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self._lm_head(self._norm(hidden))
@@ -166,6 +177,27 @@ def _function_name(fn) -> str | None:
             return "apply_rotary_pos_emb"
         return type(fn).__name__
     return getattr(fn, "__name__", None)
+
+
+def _layer_windows(config, blocks: list[torch.nn.Module]) -> list[int | None]:
+    """Each layer's sliding window, the attention module's ``sliding_window`` (Mistral's attention has none: its
+    ``config.sliding_window`` applies to every layer, whatever ``layer_types`` says). For :data:`_MASK_BY_LAYER_TYPE`
+    models the window of the mask that eager / SDPA attention apply must be that one: SmolLM3 gives its attention
+    modules a window only with ``use_sliding_window``, while its forward builds the masks from ``layer_types`` alone;
+    where they disagree the model's number depends on its attention implementation, and the adapter refuses it."""
+    mistral_window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
+    windows = [getattr(block.self_attn, "sliding_window", mistral_window) for block in blocks]
+    kinds = getattr(config, "layer_types", None) if config.model_type in _MASK_BY_LAYER_TYPE else None
+    for index, (kind, window) in enumerate(zip(kinds or (), windows)):
+        masked = config.sliding_window if kind == "sliding_attention" else None
+        if window != masked:
+            mask = "the causal mask" if masked is None else f"a sliding window of {masked} keys"
+            raise ValueError(f"layer {index} is a {kind!r} layer (config.layer_types), whose attention mask is "
+                             f"{mask}, but its attention module's sliding_window is {window} (use_sliding_window="
+                             f"{getattr(config, 'use_sliding_window', None)}): the model's attention implementations "
+                             "disagree (eager / SDPA apply the mask, flash attention the module's window), so the "
+                             "adapter does not pick one")
+    return windows
 
 
 def _attention_softcaps(attn: torch.nn.Module) -> bool:

@@ -36,8 +36,8 @@ def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, n_rows, n_cols, stride_x, stride_y, ep
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, gemma: bool = False) -> torch.Tensor:
     """RMSNorm over the last dimension of ``x [..., H]`` with ``weight [H]``, as HF computes it.
 
-    ``gemma=False`` (Llama, Qwen2, Mistral): ``weight * (x * rsqrt(mean(x²) + eps)).to(x.dtype)``, in the promoted
-    dtype of ``weight`` and ``x``. ``gemma=True`` (Gemma-3):
+    ``gemma=False`` (Llama, Qwen2, Qwen3, Mistral, SmolLM3): ``weight * (x * rsqrt(mean(x²) + eps)).to(x.dtype)``, in
+    the promoted dtype of ``weight`` and ``x``. ``gemma=True`` (Gemma-3):
     ``(x * rsqrt(mean(x²) + eps) * (1 + weight)).to(x.dtype)``.
     Statistics in float32.
     """
