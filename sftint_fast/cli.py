@@ -337,7 +337,7 @@ def _run_explain(args: argparse.Namespace) -> int:
         if args.file is None and not args.text.strip():  # refused before the model loads
             raise ValueError(f"text: expected a non-empty prompt, received {args.text!r}")
     except ValueError as err:
-        print(f"--{err}", file=sys.stderr)
+        print(f"sftint explain: --{err}", file=sys.stderr)
         return 2
     try:  # a --file row's: its file's content, refused as the library refuses a probes file
         rows = [{"prompt": args.text}] if args.file is None else _read_prompts(args.file)
@@ -363,7 +363,7 @@ def _run_explain(args: argparse.Namespace) -> int:
     try:
         resolve_device(args.device)
     except ValueError as err:
-        print(f"--{err}", file=sys.stderr)
+        print(f"sftint explain: --{err}", file=sys.stderr)
         return 2
     owns_group = not distributed.is_distributed() and distributed.init_from_env()
     try:
@@ -739,7 +739,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     try:
         resolve_device(args.device)
     except ValueError as err:
-        print(f"--{err}", file=sys.stderr)
+        print(f"sftint demo: --{err}", file=sys.stderr)
         return 2
     if args.probes_file is None:
         try:
@@ -795,6 +795,7 @@ def _add_probes(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_probes(args: argparse.Namespace) -> int:
+    from sftint_fast.players import is_content_word
     from sftint_fast.sft.probes import PROBE_SOURCES, load_probes, save_probes, scan_probes
 
     from sftint_fast.sft.probes import check_probe_sources
@@ -834,7 +835,11 @@ def _run_probes(args: argparse.Namespace) -> int:
         agrees = "" if not s.probe.answer else (
             "  (answer agrees)" if s.probe.answer.strip().startswith(s.token.strip()) and s.token.strip()
             else f"  (answer {s.probe.answer.strip()!r} differs: track with the default --target base)")
-        print(f"  p_y {s.p_y:.3f}  next {s.token!r}  {s.probe.prompt}{agrees}")
+        # a confident newline or "The" is a probe of that token, not of an answer: say how to keep answers only
+        stop = "" if is_content_word(s.token.strip()) else (
+            "  (next token is not a content word: --content-target keeps answers only"
+            f"{'' if args.chat else '; --chat scores a chat model in its template'})")
+        print(f"  p_y {s.p_y:.3f}  next {s.token!r}  {s.probe.prompt}{agrees}{stop}")
     return 0 if len(chosen) == args.count else 1
 
 
@@ -928,7 +933,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         players = _parse_players(args.players)
         resolve_device(args.device)
     except ValueError as err:
-        print(f"--{err}", file=sys.stderr)
+        print(f"sftint bench: --{err}", file=sys.stderr)
         return 2
     _refuse_unused("--pick", args.pick if players != "words" else None, "with --n-players or --players all",
                    f"with --players {args.players}")
@@ -966,8 +971,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.sample is not None:
         total = 1 << game.num_players
         if args.sample > total:
-            print(f"--sample: expected at most 2^{game.num_players} = {total} variants, received {args.sample}",
-                  file=sys.stderr)
+            print(f"sftint bench: --sample: expected at most 2^{game.num_players} = {total} variants, received "
+                  f"{args.sample}", file=sys.stderr)
             return 2
         subsets = sample_subsets(game.num_players, args.sample, seed=seed)
     try:

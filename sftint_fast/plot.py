@@ -331,9 +331,10 @@ def markdown(report: TrackReport, *, figures: list[str], sets: dict[str, Any] | 
     measure_head = "".join(f" ρ emerged ({k.upper()}) | γ emerged ({k.upper()}) |" for k in kinds)
     head = ("| step | removed | preserved | emerged | new removed (floor, excess) | new emerged (floor, excess) |"
             + measure_head + " mean p_y | held-out loss |" + extra_head)
+    floor = report.config["noise_floor"]  # its draws only where there was one
+    floor = f"{floor} (K={report.config['noise_draws']})" if floor is not None else "none"
     lines = ["# SFT interaction tracking report", "", h["verdict"], "",
-             f"- solver: {report.solver}; noise floor: {report.config['noise_floor']} "
-             f"(K={report.config['noise_draws']}); threshold: {report.config['threshold_reference']}, "
+             f"- solver: {report.solver}; noise floor: {floor}; threshold: {report.config['threshold_reference']}, "
              f"tau={report.config['tau']}; hysteresis: {report.config['hysteresis']}; "
              f"persistence: {report.config['persistence']}",
              f"- probes tracked: {len(report.probes['kept'])}; gamma available: {report.gamma_available}",

@@ -168,7 +168,7 @@ def test_word_indices_that_no_prompt_accepts_are_refused_before_loading(tmp_path
     # were refused by the game only once the model had loaded
     assert main([command, "--model", str(tmp_path / "not-loaded"), "--text", TEXT, f"--players={players}"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("--players: expected") and message in err and "model:" not in err
+    assert err.startswith(f"sftint {command}: --players: expected") and message in err and "model:" not in err
 
 
 def test_track_refuses_a_boundary_file_that_cannot_be_written_before_anything_runs(tmp_path, monkeypatch, capsys):
@@ -210,3 +210,20 @@ def test_every_option_with_a_default_names_it_in_its_help():
               if action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
               and "default" not in (action.help or "")]
     assert silent == []
+
+
+@pytest.mark.parametrize("command,argv,message", [
+    ("explain", ["--text", TEXT, "--players", "x"], "--players: expected 'all' or comma-separated word indices"),
+    ("explain", ["--text", " "], "--text: expected a non-empty prompt"),
+    ("explain", ["--text", TEXT, "--device", "tpu"], "--device: expected"),
+    ("bench", ["--text", TEXT, "--players", "0,x"], "--players: expected 'all' or comma-separated word indices"),
+    ("bench", ["--text", TEXT, "--device", "tpu"], "--device: expected"),
+    ("demo", ["--out", "unused", "--device", "tpu"], "--device: expected"),
+], ids=["explain-players", "explain-text", "explain-device", "bench-players", "bench-device", "demo-device"])
+def test_an_options_refusal_names_its_command(tmp_path, command, argv, message, capsys):
+    """An option refused before any model loads is printed as every other refusal: 'sftint <command>: ...' (it
+    was the bare '--players: ...', without the command that refused it)."""
+    extra = [] if command == "demo" else ["--model", str(tmp_path / "not-loaded")]
+    assert main([command, *extra, *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"sftint {command}: {message}") and len(err.splitlines()) == 1, err

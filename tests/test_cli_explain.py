@@ -70,7 +70,7 @@ def test_cli_debug_env_reraises(model_dir, monkeypatch):
 
 def test_explain_refuses_an_empty_prompt_before_loading(tmp_path, capsys):
     assert main(["explain", "--model", str(tmp_path / "never-loaded"), "--text", "  "]) == 2
-    assert capsys.readouterr().err.strip() == "--text: expected a non-empty prompt, received '  '"
+    assert capsys.readouterr().err.strip() == "sftint explain: --text: expected a non-empty prompt, received '  '"
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "the cat sat"}\n{"prompt": ""}\n')
     assert main(["explain", "--model", str(tmp_path / "never-loaded"), "--file", str(prompts)]) == 2

@@ -171,7 +171,8 @@ def test_explain_file_refusals_of_the_options_stay_one_line(tmp_path, monkeypatc
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps({"prompt": "a cat sat", "players": [0, 1]}) + "\n")
     assert main(["explain", "--model", str(tmp_path / "not-loaded"), "--file", str(path), "--players", "x"]) == 2
-    assert capsys.readouterr().err.strip() == "--players: expected 'all' or comma-separated word indices, received 'x'"
+    assert capsys.readouterr().err.strip() == ("sftint explain: --players: expected 'all' or comma-separated word "
+                                               "indices, received 'x'")
     path.write_text(json.dumps({"prompt": "a cat sat", "players": "x"}) + "\n")  # the row's: SFTINT_DEBUG raises it
     monkeypatch.setenv("SFTINT_DEBUG", "1")
     with pytest.raises(ValueError, match=r"players: expected 'all' or comma-separated word indices, received 'x' "

@@ -185,6 +185,29 @@ def test_confident_probes_content_target_keeps_only_content_word_answers():
     assert [p.prompt for p in content] == [c for c in CANDIDATES if c.split()[-1] in ("mat", "france")]
 
 
+def test_probes_says_when_a_kept_probes_next_token_is_not_a_content_word(folder, tmp_path, monkeypatch, capsys):
+    """A probe kept for a confident 'the' explains that token, not an answer: its line says how to keep answers
+    only (it printed only the p_y, as for a probe whose next token is the answer)."""
+    import sftint_fast.cli
+
+    root, _, _ = folder
+    tok = make_tokenizer()
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # ends with the prompt's last word
+    ids = {w: tok.convert_tokens_to_ids(w) for w in ("mat", "france", "the", "cat")}
+    table = {i: ids["the"] for i in range(len(tok))}  # a prompt ending in "mat" or "france" is answered by "cat"
+    table.update({ids["mat"]: ids["cat"], ids["france"]: ids["cat"]})
+    monkeypatch.setattr(sftint_fast.cli, "_load", lambda args: (_NextWord(table, len(tok)), tok))
+    out = tmp_path / "probes.jsonl"
+    for chat in ([], ["--chat"]):
+        assert _probes(root, "--out", str(out), "--count", str(len(CANDIDATES)), "--n-players", "1", *chat) == 0
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  p_y ")]
+        assert len(lines) == len(CANDIDATES)
+        for line, candidate in zip(lines, CANDIDATES):
+            stop_word = candidate.split()[-1] not in ("mat", "france")
+            assert candidate in line and ("not a content word" in line) == stop_word, line
+            assert ("--content-target" in line) == stop_word and ("--chat" in line) == (stop_word and not chat)
+
+
 def test_confident_probes_keeps_a_probe_with_its_own_players_only_when_the_tracker_would():
     """A candidate naming its players becomes a game of exactly that many players, and the tracker drops a probe
     whose game has other than ``n_players`` players: choosing one with more players than ``n_players`` would hand

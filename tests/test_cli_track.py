@@ -399,14 +399,18 @@ def test_track_cli_shows_each_checkpoint_on_stderr(folders, tmp_path, monkeypatc
         assert re.search(rf"^sftint: step {step}: tracked \S+ in [0-9.]+ s$", err, re.M), (step, err)
     report = json.loads((tmp_path / "a" / "report.json").read_text())
     c = report["curves"]
-    assert (f"sftint: step 20: {c['all/removed'][-1]:.0f} removed "
-            f"({c['all/removed_new_excess_cumulative'][-1]:+.1f} beyond the floor so far), "
+    assert (f"sftint: step 20: {c['all/removed'][-1]:.0f} removed (no noise floor), "
             f"{c['all/emerged'][-1]:.0f} emerged, {c['all/preserved'][-1]:.0f} preserved; "
             f"mean p_y {c['p_y_mean'][-1]:.3f}; phase boundary: none yet") in err
     assert len(package.handlers) == 1
     monkeypatch.setenv("RANK", "1")
     assert _track(root, tmp_path / "b", ckpts, "--device", "cpu", "--noise-floor", "none") == 0
     assert "sftint: step" not in capsys.readouterr().err and len(package.handlers) == 1  # installed once
+    monkeypatch.delenv("RANK")
+    assert _track(root, tmp_path / "f", ckpts, "--device", "cpu", "--noise-draws", "2") == 0
+    c = json.loads((tmp_path / "f" / "report.json").read_text())["curves"]
+    assert (f"sftint: step 20: {c['all/removed'][-1]:.0f} removed "
+            f"({c['all/removed_new_excess_cumulative'][-1]:+.1f} beyond the floor so far), ") in capsys.readouterr().err
 
 
 def test_track_cli_resume_skips_a_checkpoint_before_the_last_tracked_one(folders, tmp_path, caplog):

@@ -342,6 +342,21 @@ def test_compare_says_which_runs_have_no_noise_floor(tmp_path):
     assert "No noise floor was measured for A: its excess counts are raw counts" in md.read_text()
 
 
+def test_report_md_names_the_noise_draws_only_with_a_floor(tmp_path):
+    """report.md's settings line read "noise floor: None (K=3)" for a run without a floor: K draws of a null that
+    was never drawn."""
+    v = inverse_harsanyi(0.3 * torch.randn(3, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    for floor, draws in ((None, 3), ("iid", 2)):
+        draws_option = {"noise_draws": draws} if floor else {}  # the default 3 without a floor: not drawn
+        tracker = SFTTracker(None, andor_method="and", min_base_py=0.0, bootstrap=20, noise_floor=floor,
+                             progress=False, **draws_option)
+        for t in range(2):
+            tracker.add_values(t, v + 0.1 * t)
+        line = next(r for r in write_report(tracker.report(), tmp_path / str(floor)).read_text().splitlines()
+                    if r.startswith("- solver:"))
+        assert (f"noise floor: {floor} (K={draws});" if floor else "noise floor: none;") in line, line
+
+
 def test_compare_says_when_runs_measured_their_heldout_loss_on_other_data(tmp_path):
     """compare.md puts the runs' held-out losses side by side; runs whose held-out loss came from other held-out
     examples (another --heldout file, another demo --seed) were called like for like. Their tracker's config.json

@@ -453,7 +453,9 @@ def _summary(report: TrackReport) -> str:
     c, t = report.curves, -1
     loss = c["heldout_loss"][t]
     excess = c["all/removed_new_excess_cumulative"][t]
-    return (f"step {report.steps[t]}: {c['all/removed'][t]:.0f} removed ({excess:+.1f} beyond the floor so far), "
+    # without a floor the excess is the raw count: say so rather than call it "beyond the floor"
+    beyond = "no noise floor" if report.config["noise_floor"] is None else f"{excess:+.1f} beyond the floor so far"
+    return (f"step {report.steps[t]}: {c['all/removed'][t]:.0f} removed ({beyond}), "
             f"{c['all/emerged'][t]:.0f} emerged, {c['all/preserved'][t]:.0f} preserved; "
             f"mean p_y {c['p_y_mean'][t]:.3f}" + ("" if loss is None else f", held-out loss {loss:.3f}")
             + f"; phase boundary: {'none yet' if report.phase_boundary is None else f'step {report.phase_boundary}'}")
