@@ -30,7 +30,8 @@ requires_triton = pytest.mark.skipif(not _has_triton(), reason="needs triton (co
 
 def tiny_model(arch: str = "llama", *, seed: int = 0, attn: str = "eager", **overrides):
     """A tiny random-init decoder (~30k params) of the given architecture, in eval mode."""
-    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config, Qwen3Config, SmolLM3Config
+    from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config, Qwen3Config,
+                              SmolLM3Config)
 
     torch.manual_seed(seed)
     common = dict(vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -48,6 +49,9 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, attn: str = "eager", **ove
                             num_key_value_heads=2, max_position_embeddings=128, no_rope_layer_interval=2, **common)
     elif arch == "gpt2":
         cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, **common)
+    elif arch == "gpt_neox":  # Pythia's layout: fused qkv, parallel residual, RoPE on half of each 8-wide head
+        cfg = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            max_position_embeddings=128, rotary_pct=0.5, **common)
     else:
         raise ValueError(arch)
     for key, value in overrides.items():

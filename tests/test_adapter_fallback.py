@@ -27,7 +27,7 @@ def test_an_architecture_without_adapter_runs_naive_and_says_so():
     adapter, reason = find_adapter(model)
     assert adapter is None and get_adapter(model) is None
     assert reason == ("no trie adapter for OPTForCausalLM (model_type 'opt'; supported: llama, qwen2, qwen3, "
-                      "mistral, gemma3_text, smollm3, gpt2)")
+                      "mistral, gemma3_text, smollm3, gpt2, gpt_neox)")
     game = Game.from_text(model, TOK, TEXT_A)
     with torch.no_grad():
         naive = sf.evaluate(model, game, method="naive", progress=False)
@@ -98,6 +98,35 @@ def test_an_attention_softcap_the_model_applies_is_refused_not_dropped(monkeypat
     adapter, reason = find_adapter(model)
     assert adapter is None and "logit soft-cap (attn_logit_softcapping=0.5)" in reason
     with torch.no_grad(), pytest.warns(UserWarning, match="soft-cap.*falling back to the naive engine"):
+        auto = sf.evaluate(model, game, progress=False)
+    assert torch.equal(auto, naive)
+
+
+@pytest.mark.parametrize("option", ["softcap", "sliding_window"])
+def test_a_gpt_neox_attention_passing_an_option_the_adapter_lacks_is_refused(option, monkeypatch):
+    """GPT-NeoX's attention passes the attention function neither a logit soft-cap nor a sliding window (transformers
+    4.56 to 5.25): a release whose forward passes one is refused, naming it, rather than computed without it."""
+    model = tiny_model("gpt_neox", initializer_range=0.2)
+    game = Game.from_text(model, TOK, TEXT_A)
+    assert find_adapter(model)[0] is not None
+    with torch.no_grad():
+        naive = sf.evaluate(model, game, method="naive", progress=False)
+    attention = type(model.gpt_neox.layers[0].attention)
+    original = attention.forward
+
+    def with_softcap(self, *args, **kwargs):  # a release whose attention passes softcap=self.softcap
+        return original(self, *args, **kwargs)
+
+    def with_window(self, *args, **kwargs):  # a release whose attention passes sliding_window=self.sliding_window
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "forward", with_softcap if option == "softcap" else with_window)
+    adapter, reason = find_adapter(model)
+    assert adapter is None
+    assert reason.startswith("the GPTNeoXAdapter could not read this GPTNeoXForCausalLM (model_type 'gpt_neox'")
+    assert (f"ValueError: its attention's forward (GPTNeoXAttention) passes {option} to the attention function, which "
+            "this adapter does not carry over") in reason
+    with torch.no_grad(), pytest.warns(UserWarning, match=f"passes {option}.*falling back to the naive engine"):
         auto = sf.evaluate(model, game, progress=False)
     assert torch.equal(auto, naive)
 

@@ -86,7 +86,7 @@ def test_plan_for_several_games_needs_their_kv_and_says_so():
 
 
 @pytest.mark.parametrize("masking", ["embedding", "attention"])
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
 def test_trie_games_equal_each_game_alone(arch, masking):
     net = model(arch)
     games = games_of("spread_n5", 3, masking=masking, num_targets=2, baseline_rows=True)

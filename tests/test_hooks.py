@@ -50,6 +50,10 @@ def _register(model, case: str):
         return model.model.layers[0].register_forward_hook(_steer(width))
     if case == "gpt2_block_steering":
         return model.transformer.h[0].register_forward_hook(_steer(width))
+    if case == "gpt_neox_layer_steering":
+        return model.gpt_neox.layers[0].register_forward_hook(_steer(width))
+    if case == "gpt_neox_dropout_steering":  # identity in eval mode, and not run by the trie
+        return model.gpt_neox.layers[1].post_attention_dropout.register_forward_hook(_steer(width))
     if case == "attention_pre_hook_with_kwargs":
         return model.model.layers[1].self_attn.register_forward_pre_hook(_scale_input, with_kwargs=True)
     if case == "mlp_steering":
@@ -73,6 +77,8 @@ def _register(model, case: str):
 
 CASES = {"layer_steering": ("llama", "model.layers.0: forward hook '_steer.<locals>.steer'"),
          "gpt2_block_steering": ("gpt2", "transformer.h.0: forward hook '_steer.<locals>.steer'"),
+         "gpt_neox_layer_steering": ("gpt_neox", "gpt_neox.layers.0: forward hook '_steer.<locals>.steer'"),
+         "gpt_neox_dropout_steering": ("gpt_neox", "gpt_neox.layers.1.post_attention_dropout: forward hook"),
          "attention_pre_hook_with_kwargs": ("qwen2", "model.layers.1.self_attn: forward pre-hook '_scale_input'"),
          "mlp_steering": ("llama", "model.layers.0.mlp: forward hook"),
          "norm_steering": ("llama", "model.layers.1.input_layernorm: forward hook"),
@@ -170,14 +176,16 @@ def _gemma3():
 
 def _lora(arch: str):
     peft = pytest.importorskip("peft")
-    targets = ["c_attn"] if arch == "gpt2" else ["q_proj", "v_proj", "down_proj"]
+    targets = {"gpt2": ["c_attn"], "gpt_neox": ["query_key_value", "dense_4h_to_h"]}.get(
+        arch, ["q_proj", "v_proj", "down_proj"])
     config = peft.LoraConfig(r=2, target_modules=targets, init_lora_weights=False, fan_in_fan_out=arch == "gpt2",
                              task_type="CAUSAL_LM")
     return peft.get_peft_model(tiny_model(arch, initializer_range=0.2), config).eval()
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning:peft")
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "gpt2", "gemma3", "lora_llama", "lora_gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "gpt2", "gpt_neox", "gemma3", "lora_llama",
+                                  "lora_gpt2", "lora_gpt_neox"])
 def test_the_hooks_transformers_installs_keep_the_trie_on(arch):
     """transformers 5.x leaves output-recording hooks on the decoder layers and attention modules after a forward with
     output_hidden_states / output_attentions; enable_input_require_grads (gradient checkpointing, also through PEFT)
@@ -310,22 +318,31 @@ def _replace(model, case: str):
     vector = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(3))
     if case == "gpt2_block_instance":
         module = model.transformer.h[0]
+    elif case == "gpt_neox_attention_instance":
+        module = model.gpt_neox.layers[1].attention
+    elif case == "gpt_neox_layer_subclass":
+        module = model.gpt_neox.layers[0]
+    elif case == "gpt_neox_dropout_swapped":
+        module = None
     elif case == "outer_model_instance":
         module = model
     else:
         module = {"layer": model.model.layers[0], "attention": model.model.layers[1].self_attn,
                   "norm": model.model.layers[0].input_layernorm}.get(case.split("_")[0])
+    if case == "gpt_neox_dropout_swapped":  # a steering module in the dropout's place: the trie skips the dropouts
+        model.gpt_neox.layers[0].post_mlp_dropout = _SteeredMLP(model.gpt_neox.layers[0].post_mlp_dropout, vector)
+        return "gpt_neox.layers.0.post_mlp_dropout: class _SteeredMLP"
     if case == "mlp_swapped":
         model.model.layers[0].mlp = _SteeredMLP(model.model.layers[0].mlp, vector)
         return "model.layers.0.mlp: class _SteeredMLP"
-    if case in ("layer_subclass", "norm_class_patched"):
+    if case in ("layer_subclass", "norm_class_patched", "gpt_neox_layer_subclass"):
         base = type(module)
         forward = lambda self, *args, **kwargs: _steer_output(base.forward(self, *args, **kwargs), vector)  # noqa
         if case == "norm_class_patched":  # a subclass of the same name: the fused op would stand in for it
             module.__class__ = type(base.__name__, (base,), {"forward": forward})
             return "model.layers.0.input_layernorm: class LlamaRMSNorm"
         module.__class__ = type("Steered", (base,), {"forward": forward})
-        return "model.layers.0: class Steered"
+        return f"{'gpt_neox' if case.startswith('gpt_neox') else 'model'}.layers.0: class Steered"
     original = module.forward
     if case.endswith("method"):
         module.forward = types.MethodType(lambda self, *args, **kwargs: _steer_output(original(*args, **kwargs),
@@ -333,6 +350,7 @@ def _replace(model, case: str):
     else:
         module.forward = lambda *args, **kwargs: _steer_output(original(*args, **kwargs), vector)
     name = {"gpt2_block_instance": "transformer.h.0", "outer_model_instance": "LlamaForCausalLM",
+            "gpt_neox_attention_instance": "gpt_neox.layers.1.attention",
             "attention_method": "model.layers.1.self_attn", "norm_instance": "model.layers.0.input_layernorm"}[case]
     return f"{name}: forward replaced on the instance"
 
@@ -347,7 +365,9 @@ def _steer_output(output, vector):
 
 
 REPLACED = {"gpt2_block_instance": "gpt2", "outer_model_instance": "llama", "attention_method": "llama",
-            "norm_instance": "llama", "mlp_swapped": "llama", "layer_subclass": "llama", "norm_class_patched": "llama"}
+            "norm_instance": "llama", "mlp_swapped": "llama", "layer_subclass": "llama", "norm_class_patched": "llama",
+            "gpt_neox_attention_instance": "gpt_neox", "gpt_neox_layer_subclass": "gpt_neox",
+            "gpt_neox_dropout_swapped": "gpt_neox"}
 
 
 @pytest.mark.parametrize("case", list(REPLACED))

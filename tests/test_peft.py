@@ -13,7 +13,7 @@ from sftint_fast.engine.adapters import find_adapter, get_adapter
 peft = pytest.importorskip("peft", reason="the peft extra (pip install -e '.[peft]')")
 
 TARGETS = {"llama": ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"], "qwen2": ["q_proj", "k_proj", "up_proj"],
-           "gpt2": ["c_attn", "c_fc"]}
+           "gpt2": ["c_attn", "c_fc"], "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h"]}
 
 
 def lora(arch: str, *, task_type: str | None = "CAUSAL_LM"):
@@ -25,7 +25,7 @@ def lora(arch: str, *, task_type: str | None = "CAUSAL_LM"):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gpt_neox"])
 @pytest.mark.parametrize("masking", ["embedding", "attention"])
 def test_trie_on_a_lora_model_matches_naive(arch, masking):
     model = lora(arch)

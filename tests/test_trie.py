@@ -61,7 +61,7 @@ def run_both(net, game: Game, subsets=None, **kwargs):
 
 @pytest.mark.parametrize("masking", ["embedding", "attention"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "gpt2", "gpt_neox"])
 def test_trie_matches_naive(arch, attn, masking):
     net = model(arch, attn)
     trie, naive = run_both(net, make_game("first_and_last", masking=masking), batch_size=3)
@@ -71,21 +71,21 @@ def test_trie_matches_naive(arch, attn, masking):
 
 @pytest.mark.parametrize("masking", ["embedding", "attention"])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gpt_neox"])
 def test_trie_layouts(arch, layout, masking):
     trie, naive = run_both(model(arch), make_game(layout, masking=masking, seed=1))
     check_close(trie, naive)
 
 
 @pytest.mark.parametrize("masking", ["embedding", "attention"])
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "gpt2", "gpt_neox"])
 def test_multi_token_target_and_baseline_rows(arch, masking):
     game = make_game("adjacent_multi_token", masking=masking, num_targets=3, seed=2, baseline_rows=True)
     trie, naive = run_both(model(arch), game, batch_size=5)
     check_close(trie, naive)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
 def test_last_layer_runs_only_the_scored_leaf_rows(arch, monkeypatch):
     """After the last attention only the leaves' scored tokens go on (output projection, MLP): the inner nodes and
     the unscored leaf tokens gave all they had (their K/V). Every other layer runs every token of every pass."""
@@ -93,7 +93,8 @@ def test_last_layer_runs_only_the_scored_leaf_rows(arch, monkeypatch):
 
     net = model(arch)
     game = make_game("adjacent_multi_token", num_targets=3, seed=4)
-    blocks = net.model.layers if arch == "llama" else net.transformer.h
+    blocks = {"llama": lambda: net.model.layers, "gpt2": lambda: net.transformer.h,
+              "gpt_neox": lambda: net.gpt_neox.layers}[arch]()
     rows = {0: [], len(blocks) - 1: []}
     naive = evaluate_naive(net, game, torch.arange(1 << game.num_players), progress=False)
     # the MLP's last projection: called with the MLP's rows whether the MLP runs as its module or as fused ops
@@ -154,7 +155,7 @@ def test_tiny_memory_budget_chunks_and_still_matches():
 
 
 @pytest.mark.parametrize("masking", ["embedding", "attention"])
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
 def test_random_subset_list(arch, masking):
     game = make_game("spread_n5", masking=masking, seed=5)
     subsets = torch.randint(0, 32, (11,), generator=torch.Generator().manual_seed(0))  # repeats, any order
@@ -382,6 +383,50 @@ def test_llama_like_configs_match_naive_and_the_models_forward(name, masking):
     game = make_game("first_and_last", masking=masking, num_targets=2, seed=9, baseline_rows=True)
     trie, naive = run_both(net, game, batch_size=3)
     check_close(trie, naive)
+    with torch.no_grad():  # every player present: the model's own forward on the ids
+        own = game.values_from_logits(net(input_ids=game.input_ids[None]).logits[:, -2:])
+    check_close(trie[-1:], own)
+
+
+#: GPT-NeoX (Pythia) configs: parallel and sequential residual, RoPE on a quarter, half or all of each head (16 wide:
+#: 2 heads), attention projections with and without biases, tied embeddings, and dynamic RoPE over a partial rotary
+#: table (its frequencies depend on the sequence length: max_position_embeddings 8 is shorter than the prompt).
+GPT_NEOX_CONFIGS = {
+    "parallel-bias-rotary-quarter": {"use_parallel_residual": True, "attention_bias": True, "rotary_pct": 0.25},
+    "sequential-bias-rotary-quarter": {"use_parallel_residual": False, "attention_bias": True, "rotary_pct": 0.25},
+    "parallel-no-bias-rotary-half": {"use_parallel_residual": True, "attention_bias": False, "rotary_pct": 0.5},
+    "sequential-no-bias-rotary-full": {"use_parallel_residual": False, "attention_bias": False, "rotary_pct": 1.0},
+    "sequential-tied-rotary-half": {"use_parallel_residual": False, "rotary_pct": 0.5, "tie_word_embeddings": True},
+    "parallel-rope-dynamic-quarter": {"rotary_pct": 0.25, "max_position_embeddings": 8,
+                                      "rope_parameters": {"rope_type": "dynamic", "factor": 2.0,
+                                                          "rope_theta": 10000.0}},
+}
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("masking", ["embedding", "attention"])
+@pytest.mark.parametrize("name", sorted(GPT_NEOX_CONFIGS))
+def test_gpt_neox_configs_match_naive_and_the_models_forward(name, masking, attn):
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    options = {"max_position_embeddings": 32, **GPT_NEOX_CONFIGS[name]}
+    torch.manual_seed(0)
+    cfg = GPTNeoXConfig(vocab_size=128, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.2,
+                        **options)
+    net = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
+    attention = net.gpt_neox.layers[1].attention
+    # the options reached the modules the model's forward reads
+    assert attention.rotary_ndims == int(16 * options["rotary_pct"])
+    assert net.gpt_neox.layers[1].use_parallel_residual == options.get("use_parallel_residual", True)
+    assert (attention.query_key_value.bias is not None) == options.get("attention_bias", True)
+    adapter = get_adapter(net)
+    assert adapter is not None and adapter.dims.head_dim == 16 and adapter.layers[0].scale == 16 ** -0.5
+    game = make_game("first_and_last", masking=masking, num_targets=2, seed=9, baseline_rows=True)
+    assert game.input_ids.numel() > cfg.max_position_embeddings or "rope_parameters" not in options
+    trie, naive = run_both(net, game, batch_size=3)
+    check_close(trie, naive)
+    assert naive.std() > 1e-2
     with torch.no_grad():  # every player present: the model's own forward on the ids
         own = game.values_from_logits(net(input_ids=game.input_ids[None]).logits[:, -2:])
     check_close(trie[-1:], own)
