@@ -55,6 +55,9 @@ CASES = {
     "empty-bg0": ([0, 3, 2], [0, 1, 1], 2, [2, 3, 0], 4, 2, 32),
     "seg-len-1": ([1, 1, 1, 1], [0, 1, 1, 1], 3, [5, 2], 2, 1, 32),
     "player-block-skip": ([2, 23, 3], [0, 18, 2], 2, [0, 2, 3], 2, 1, 32),
+    # head widths that are not powers of two (Pythia-2.8B: 80, Phi-3-mini: 96): the padded lanes must stay out
+    "head-dim-80": ([4, 1, 6], [0, 1, 2], 2, [3, 1], 4, 2, 80),
+    "head-dim-96-mha": ([3, 2, 2], [0, 1, 1], 2, [2, 0, 3], 2, 2, 96),
 }
 OPTIONS = {
     "plain": {},
