@@ -401,8 +401,12 @@ def _run_explain(args: argparse.Namespace) -> int:
             values = sf.evaluate_many(model, games, method=args.method, progress=True, out_dir=shards)
         if not distributed.is_main_process():
             return 0
+        from sftint_fast._files import remove_stale_temps
+
         for i, ((text, _, _), choice, game, v) in enumerate(zip(requests, choices, games, values)):
             out = None if args.out is None else Path(args.out) if args.file is None else Path(args.out) / f"prompt_{i:04d}"
+            if out is not None:  # what a killed run left half-written there (rank 0 alone writes these folders)
+                remove_stale_temps(out, lambda name: name in _EXPLAIN_FILES)
             if args.file is not None:
                 print(f"[{i}] {text}")
             _explain_one(args, tokenizer, text, game, v.cpu(), out, choice)

@@ -528,7 +528,14 @@ def evaluate_sharded(
     mine = assign_shards(costs, world_size())[rank()]
     keys: dict[int, str] = {}
     if out_dir is not None:
+        from sftint_fast._files import remove_stale_temps
+
         keys = {i: game_key(games[i], model_key=model_key, options=options) for i in mine}
+        # what a killed run left half-written: the temp files of this rank's own shards (no other rank writes them)
+        names = {shard_path(out_dir, key).name for key in keys.values()}
+        stale = remove_stale_temps(out_dir, lambda name: name in names)
+        if stale:
+            logger.info("%s: removed %d temp file(s) of an interrupted save", out_dir, len(stale))
     local: dict[int, torch.Tensor] = {}
     pending: list[int] = []
 

@@ -14,7 +14,7 @@ import sftint_fast.engine
 from sftint_fast.cli import main
 from sftint_fast.game import Game
 
-from conftest import count_calls, tiny_model
+from conftest import count_calls, interrupt_write, tiny_model
 from word_tokenizer import word_tokenizer
 
 
@@ -150,6 +150,30 @@ def test_explain_file_on_a_full_disk_says_which_file_and_resumes(model_dir, prom
     assert main(argv) == 0
     assert calls["and_or"] == len(ROWS) - 2 and capsys.readouterr().out.count("kept ") == 2
     _check_outputs(out, _expected())
+
+
+def test_explain_file_rerun_after_a_kill_removes_the_temp_files_it_left(model_dir, prompts, tmp_path, monkeypatch,
+                                                                       capsys):
+    """Killed while it writes a prompt's results (or a shard), a run leaves temp files that no cleanup removed: the
+    rerun completed the folders but kept them beside the results, one more at every kill (the tracker's run folder
+    was cleaned, this one not). Now the rerun removes them."""
+    run, killed = tmp_path / "run", tmp_path / "killed"
+    argv = ["explain", "--model", str(model_dir), "--file", str(prompts), "--method", "naive", "--top", "3", "--out"]
+    fired = interrupt_write(monkeypatch, KeyboardInterrupt(), name="interactions.safetensors", kill=(run, killed))
+    with pytest.raises(KeyboardInterrupt):
+        main(argv + [str(run)])
+    monkeypatch.undo()
+    assert fired["target"] == run / "prompt_0000" / "interactions.safetensors"
+    left = [p.name for p in (killed / "prompt_0000").iterdir() if p.name.startswith(".interactions.")]
+    assert left  # what the kill left: the temp file it was renaming
+    shard = sorted((killed / "shards").glob("shard-*.safetensors"))[0]  # one killed while its shard was written
+    (shard.parent / f".{shard.stem}.abcdefgh.tmp.safetensors").write_bytes(b"half")
+    shard.unlink()
+    capsys.readouterr()
+    assert main(argv + [str(killed)]) == 0, capsys.readouterr().err
+    _check_outputs(killed, _expected())
+    assert not [p for p in killed.rglob(".*") if ".tmp" in p.name]
+    assert len(list((killed / "shards").iterdir())) == len(ROWS)
 
 
 @pytest.mark.parametrize("line,message", [('{"text": "a"}', '"prompt" string'), ("not json", "invalid JSON"),
