@@ -1039,8 +1039,8 @@ def build_parser() -> argparse.ArgumentParser:
         "bundled model."), epilog=(
         "exit codes: 0 done; 2 refused before or while running, with a one-line message on stderr (a usage error, "
         "or an option, file, model or checkpoint the command or library refused; SFTINT_DEBUG=1 shows the "
-        "traceback instead); 1 ran but found less than asked (sftint probes); any other failure shows its traceback "
-        "(exit 1)."))
+        "traceback instead); 1 ran but found less than asked (sftint probes); 130 interrupted (Ctrl-C); any other "
+        "failure shows its traceback (exit 1)."))
     sub = parser.add_subparsers(dest="command", required=True)
     for add in _COMMANDS:
         add(sub)
@@ -1061,6 +1061,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"sftint {args.command}: {_cli_message(args.command, err)}\n{_DEBUG_HINT}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a line, not a traceback, and whether a rerun picks up what was saved
+        if _debug():
+            raise
+        print(f"sftint {args.command}: interrupted{_resumes(args)}", file=sys.stderr)
+        return 130
+
+
+def _resumes(args: argparse.Namespace) -> str:
+    """What a rerun of an interrupted command keeps: each file is saved whole or not at all."""
+    if args.command in ("track", "demo") or (args.command == "explain" and args.file and args.out):
+        return f"; what was saved in {args.out} is kept, and the same command resumes from it"
+    return ""
 
 
 if __name__ == "__main__":

@@ -227,3 +227,34 @@ def test_an_options_refusal_names_its_command(tmp_path, command, argv, message, 
     assert main([command, *extra, *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"sftint {command}: {message}") and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("argv,resumes", [
+    (["explain", "--text", TEXT], False),
+    (["explain", "--file", "rows.jsonl", "--out", "runs/x"], True),
+    (["probes", "--out", "p.jsonl"], False),
+], ids=["explain-text", "explain-file-out", "probes"])
+def test_ctrl_c_ends_with_a_line_and_exit_130(tmp_path, monkeypatch, capsys, argv, resumes):
+    """Ctrl-C (KeyboardInterrupt) in a command: one line saying so, and whether a rerun resumes from the saved files,
+    exit 130, no traceback; SFTINT_DEBUG=1 re-raises it."""
+    import sftint_fast.cli
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while the model loads
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sftint_fast.cli, "_load", interrupted)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"prompt": TEXT}) + "\n")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    try:
+        rc = main([argv[0], "--model", str(tmp_path / "m"), *argv[1:]])
+    except KeyboardInterrupt:  # (not let through: pytest would stop the whole session)
+        pytest.fail("the KeyboardInterrupt escaped main")
+    assert rc == 130
+    err = capsys.readouterr().err
+    assert err.startswith(f"sftint {argv[0]}: interrupted") and "Traceback" not in err
+    assert ("the same command resumes from it" in err) == resumes and (not resumes or "runs/x" in err)
+    monkeypatch.setenv("SFTINT_DEBUG", "1")
+    with pytest.raises(KeyboardInterrupt):
+        main([argv[0], "--model", str(tmp_path / "m"), *argv[1:]])
