@@ -30,8 +30,8 @@ requires_triton = pytest.mark.skipif(not _has_triton(), reason="needs triton (co
 
 def tiny_model(arch: str = "llama", *, seed: int = 0, attn: str = "eager", **overrides):
     """A tiny random-init decoder (~30k params) of the given architecture, in eval mode."""
-    from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, Qwen2Config, Qwen3Config,
-                              SmolLM3Config)
+    from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, Phi3Config, Qwen2Config,
+                              Qwen3Config, SmolLM3Config)
 
     torch.manual_seed(seed)
     common = dict(vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -47,6 +47,11 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, attn: str = "eager", **ove
     elif arch == "smollm3":  # NoPE on every second layer (no_rope_layers [1, 0])
         cfg = SmolLM3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                             num_key_value_heads=2, max_position_embeddings=128, no_rope_layer_interval=2, **common)
+    elif arch == "phi3":  # fused qkv and gate_up projections; RoPE on the first 6 of 8 head dims (as Phi-4-mini's 0.75)
+        rope = {"rope_type": "default", "rope_theta": 10000.0,
+                "partial_rotary_factor": overrides.pop("partial_rotary_factor", 0.75)}
+        cfg = Phi3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=128, rope_parameters=rope, **common)
     elif arch == "gpt2":
         cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, **common)
     elif arch == "gpt_neox":  # Pythia's layout: fused qkv, parallel residual, RoPE on half of each 8-wide head

@@ -27,7 +27,7 @@ def test_an_architecture_without_adapter_runs_naive_and_says_so():
     adapter, reason = find_adapter(model)
     assert adapter is None and get_adapter(model) is None
     assert reason == ("no trie adapter for OPTForCausalLM (model_type 'opt'; supported: llama, qwen2, qwen3, "
-                      "mistral, gemma3_text, smollm3, gpt2, gpt_neox)")
+                      "mistral, gemma3_text, smollm3, phi3, gpt2, gpt_neox)")
     game = Game.from_text(model, TOK, TEXT_A)
     with torch.no_grad():
         naive = sf.evaluate(model, game, method="naive", progress=False)
@@ -189,3 +189,16 @@ def test_a_model_split_over_devices_has_no_adapter():
     assert adapter is None and "several devices (cpu, meta" in reason
     with pytest.raises(ValueError, match="several devices"):
         sf.engine._choose_engine(model, "trie")
+
+
+def test_a_phi3_whose_fused_qkv_projection_is_not_split_by_its_head_counts_is_refused():
+    """The Phi-3 adapter splits ``qkv_proj``'s output into q, k, v by the head counts, as the attention module does;
+    a projection of another width would be split otherwise than the model (whose own forward fails on it)."""
+    model = tiny_model("phi3", initializer_range=0.2)
+    assert find_adapter(model)[0] is not None
+    model.model.layers[1].self_attn.qkv_proj = torch.nn.Linear(32, 72, bias=False)
+    adapter, reason = find_adapter(model)
+    assert adapter is None
+    assert reason.endswith("ValueError: layer 1's qkv_proj gives 72 features, expected (num_attention_heads 4 + 2 * "
+                           "num_key_value_heads 2) * head_dim 8 = 64: the adapter would split it otherwise than the "
+                           "model"), reason

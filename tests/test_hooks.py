@@ -176,7 +176,8 @@ def _gemma3():
 
 def _lora(arch: str):
     peft = pytest.importorskip("peft")
-    targets = {"gpt2": ["c_attn"], "gpt_neox": ["query_key_value", "dense_4h_to_h"]}.get(
+    targets = {"gpt2": ["c_attn"], "gpt_neox": ["query_key_value", "dense_4h_to_h"],
+               "phi3": ["qkv_proj", "gate_up_proj", "o_proj"]}.get(
         arch, ["q_proj", "v_proj", "down_proj"])
     config = peft.LoraConfig(r=2, target_modules=targets, init_lora_weights=False, fan_in_fan_out=arch == "gpt2",
                              task_type="CAUSAL_LM")
@@ -184,8 +185,8 @@ def _lora(arch: str):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning:peft")
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "gpt2", "gpt_neox", "gemma3", "lora_llama",
-                                  "lora_gpt2", "lora_gpt_neox"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "phi3", "gpt2", "gpt_neox", "gemma3",
+                                  "lora_llama", "lora_gpt2", "lora_gpt_neox", "lora_phi3"])
 def test_the_hooks_transformers_installs_keep_the_trie_on(arch):
     """transformers 5.x leaves output-recording hooks on the decoder layers and attention modules after a forward with
     output_hidden_states / output_attentions; enable_input_require_grads (gradient checkpointing, also through PEFT)

@@ -113,12 +113,11 @@ def test_a_ddp_or_dataparallel_wrapped_model_is_evaluated_as_the_model_it_holds(
 
 
 def test_unsupported_architecture_falls_back_to_naive():
-    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+    from transformers import AutoModelForCausalLM, OPTConfig
 
     torch.manual_seed(0)
-    cfg = GPTNeoXConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
-                        eos_token_id=2)
+    cfg = OPTConfig(vocab_size=128, hidden_size=32, word_embed_proj_dim=32, ffn_dim=64, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     game = Game.from_text(model, TOK, "the cat sat")
     naive = sf.evaluate(model, game, method="naive", progress=False)
@@ -433,13 +432,15 @@ def test_wide_gelu_new_mlp_stays_within_max_memory(method):
 
 @pytest.mark.parametrize("arch, act, expected", [("llama", "silu", 3), ("llama", "gelu_pytorch_tanh", 3),
                                                  ("llama", "gelu_new", 4), ("gpt2", "gelu_new", 4),
-                                                 ("gpt2", "relu", 3), ("gpt2", "gelu_fast", 5)])
+                                                 ("gpt2", "relu", 3), ("gpt2", "gelu_fast", 5),
+                                                 ("phi3", "silu", 4), ("phi3", "gelu_new", 5)])
 def test_mlp_tensors_follow_the_activation(arch, act, expected):
     """The MLP-wide tensors the memory estimates count: 3 for a gated MLP with a one-kernel activation (the Llama
-    estimates are unchanged), more for an activation written as a chain of ops, whatever the architecture."""
+    estimates are unchanged), more for an activation written as a chain of ops, whatever the architecture, and one
+    more for Phi-3's fused gate and up projection (its two-wide output lives until the product)."""
     from sftint_fast.engine.adapters import get_adapter
 
-    model = tiny_model(arch, **({"hidden_act": act} if arch == "llama" else {"activation_function": act}))
+    model = tiny_model(arch, **({"activation_function": act} if arch == "gpt2" else {"hidden_act": act}))
     assert get_adapter(model).dims.mlp_tensors == expected
 
 

@@ -61,7 +61,7 @@ def run_both(net, game: Game, subsets=None, **kwargs):
 
 @pytest.mark.parametrize("masking", ["embedding", "attention"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "phi3", "gpt2", "gpt_neox"])
 def test_trie_matches_naive(arch, attn, masking):
     net = model(arch, attn)
     trie, naive = run_both(net, make_game("first_and_last", masking=masking), batch_size=3)
@@ -78,7 +78,7 @@ def test_trie_layouts(arch, layout, masking):
 
 
 @pytest.mark.parametrize("masking", ["embedding", "attention"])
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "phi3", "gpt2", "gpt_neox"])
 def test_multi_token_target_and_baseline_rows(arch, masking):
     game = make_game("adjacent_multi_token", masking=masking, num_targets=3, seed=2, baseline_rows=True)
     trie, naive = run_both(model(arch), game, batch_size=5)
@@ -166,7 +166,8 @@ def test_random_subset_list(arch, masking):
 
 
 def _sliding_model(kind: str, attn: str):
-    from transformers import AutoModelForCausalLM, Gemma3TextConfig, MistralConfig, Qwen3Config, SmolLM3Config
+    from transformers import (AutoModelForCausalLM, Gemma3TextConfig, MistralConfig, Phi3Config, Qwen3Config,
+                              SmolLM3Config)
 
     torch.manual_seed(0)
     common = dict(vocab_size=128, hidden_size=HIDDEN, intermediate_size=64, num_attention_heads=4,
@@ -184,19 +185,25 @@ def _sliding_model(kind: str, attn: str):
     elif kind == "smollm3":  # the NoPE layers (no_rope_layers 0) slide, the RoPE ones attend to the whole prompt
         cfg = SmolLM3Config(num_hidden_layers=3, no_rope_layers=[1, 0, 1], use_sliding_window=True, sliding_window=4,
                             bos_token_id=1, eos_token_id=2, **common)
+    elif kind == "phi3":  # Phi-3's forward slides every layer's window (config.sliding_window); partial RoPE
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}
+        cfg = Phi3Config(num_hidden_layers=2, sliding_window=4, rope_parameters=rope, bos_token_id=1, eos_token_id=2,
+                         **common)
     else:
         cfg = MistralConfig(num_hidden_layers=2, sliding_window=5, bos_token_id=1, eos_token_id=2, **common)
     return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("kind", ["gemma3", "mistral", "mistral-layer-types", "qwen3", "smollm3"])
+@pytest.mark.parametrize("kind", ["gemma3", "mistral", "mistral-layer-types", "qwen3", "smollm3", "phi3"])
 def test_sliding_window_models(kind, attn):
     net = _sliding_model(kind, attn)
     adapter = get_adapter(net)
     assert adapter is not None
     if kind in ("qwen3", "smollm3"):  # full and sliding layers mixed
         assert [spec.sliding_window for spec in adapter.layers] == [None, 4, None if kind == "smollm3" else 4]
+    if kind == "phi3":
+        assert [spec.sliding_window for spec in adapter.layers] == [4, 4]
     trie, naive = run_both(net, make_game("first_and_last", seed=6), batch_size=3)
     check_close(trie, naive)
     # Attention masking: with every player present the trie must equal the model's own forward (sliding window
@@ -349,6 +356,8 @@ def test_sequence_length_dependent_rope(rope, masking):
 #: embeddings, biased projections with head_dim != hidden / heads, Qwen2 with full and sliding layers mixed (window 3,
 #: shorter than the prompt), a window of one token (every query sees only itself), Qwen3 with biased projections (its
 #: output projection's too) and q/k norms over 16-wide heads, SmolLM3 with NoPE on the first layer and biases.
+#: Phi-3 (fused qkv and gate_up projections) with RoPE over the whole head, partial RoPE (6 of 8 dims) under a window
+#: of 3, longrope past its original length of 8 on 6 of 8 dims, and a GELU gate over 16-wide heads.
 CONFIGS = {
     "rope-linear": ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 3.0, "rope_theta": 10000.0}}),
     "rope-llama3": ("llama", {"rope_parameters": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
@@ -362,18 +371,25 @@ CONFIGS = {
     "mistral-window-1": ("mistral", {"sliding_window": 1}),
     "qwen3-bias-head-dim": ("qwen3", {"attention_bias": True, "head_dim": 16}),
     "smollm3-nope-first-biases": ("smollm3", {"no_rope_layers": [0, 1], "attention_bias": True, "mlp_bias": True}),
+    "phi3-full-rotary": ("phi3", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
+    "phi3-partial-rotary-window-3": ("phi3", {"sliding_window": 3, "rope_parameters": {
+        "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}}),
+    "phi3-longrope-partial": ("phi3", {"original_max_position_embeddings": 8, "rope_parameters": {
+        "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75, "short_factor": [1.0, 1.1, 1.2],
+        "long_factor": [2.0, 3.0, 5.0], "original_max_position_embeddings": 8}}),
+    "phi3-gelu-head-dim-16": ("phi3", {"hidden_act": "gelu_new", "head_dim": 16}),
 }
 
 
 @pytest.mark.parametrize("masking", ["embedding", "attention"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_llama_like_configs_match_naive_and_the_models_forward(name, masking):
-    from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config,
+    from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config,
                               SmolLM3Config)
 
     arch, options = CONFIGS[name]
     config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "qwen3": Qwen3Config,
-                  "smollm3": SmolLM3Config}[arch]
+                  "smollm3": SmolLM3Config, "phi3": Phi3Config}[arch]
     torch.manual_seed(0)
     cfg = config_cls(vocab_size=128, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0,
@@ -430,6 +446,25 @@ def test_gpt_neox_configs_match_naive_and_the_models_forward(name, masking, attn
     with torch.no_grad():  # every player present: the model's own forward on the ids
         own = game.values_from_logits(net(input_ids=game.input_ids[None]).logits[:, -2:])
     check_close(trie[-1:], own)
+
+
+@pytest.mark.parametrize("method", ["trie", "naive"])
+def test_phi3_residual_dropouts_are_off_in_a_model_left_in_training_mode(method):
+    """Phi-3's decoder layers drop out the attention and MLP outputs (``resid_pdrop``), which the trie's layer loop
+    does not run: exact because the engines evaluate in eval mode, where the dropouts are identities."""
+    import sftint_fast as sf
+
+    net = model("phi3")
+    game = make_game("first_and_last", seed=3)
+    with torch.no_grad():
+        reference = sf.evaluate(net, game, method=method, progress=False)
+    for layer in net.model.layers:
+        layer.resid_attn_dropout.p = layer.resid_mlp_dropout.p = 0.5
+    net.train()
+    with torch.no_grad():
+        values = sf.evaluate(net, game, method=method, progress=False)
+    assert net.training  # the model's mode is its own again
+    check_close(values, reference)
 
 
 def _many_players_game(n: int) -> Game:

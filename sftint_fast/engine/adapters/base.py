@@ -45,9 +45,11 @@ _ACTIVATION_TENSORS = {"NewGELUActivation": 3, "AccurateGELUActivation": 3, "Fas
 def mlp_tensors(module: torch.nn.Module) -> int:
     """MLP-wide tensors one token keeps alive at the peak of the MLPs in ``module``: 3 (a gated MLP's gate, up
     projection and product), or the activation's input and its own peak where that is more: GPT-2's ``gelu_new``
-    keeps its input, ``0.5 * x`` and two temporaries of its chain alive (4)."""
+    keeps its input, ``0.5 * x`` and two temporaries of its chain alive (4). One more where the gate and up
+    projections are one (Phi-3's ``gate_up_proj``): its output, two MLP widths, stays alive until the product."""
     own = max((_ACTIVATION_TENSORS.get(type(m).__name__, 1) for m in module.modules()), default=1)
-    return max(3, 1 + own)
+    fused_gate_up = any(isinstance(getattr(m, "gate_up_proj", None), torch.nn.Module) for m in module.modules())
+    return max(3, 1 + own) + fused_gate_up
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ MODEL_TYPES = frozenset({"llama", "qwen2", "mistral", "gemma3_text", "qwen3", "s
 #: RMSNorm classes the fused ops (Triton, C++) reproduce: ``"llama"`` = ``w * norm(x).to(dtype)`` (``variance_epsilon``),
 #: ``"gemma"`` = ``(norm(x) * (1 + w)).to(dtype)`` (``eps``). Any other norm runs as its module.
 FUSED_NORMS = {"LlamaRMSNorm": "llama", "Qwen2RMSNorm": "llama", "Qwen3RMSNorm": "llama", "MistralRMSNorm": "llama",
-               "SmolLM3RMSNorm": "llama", "Gemma3RMSNorm": "gemma"}
+               "SmolLM3RMSNorm": "llama", "Phi3RMSNorm": "llama", "Gemma3RMSNorm": "gemma"}
 #: Model types whose forward picks each layer's attention mask by ``config.layer_types`` (a ``"sliding_attention"``
 #: layer's mask keeps ``config.sliding_window`` keys), while flash attention reads the attention module's
 #: ``sliding_window``: the two must agree (:func:`_layer_windows`).
@@ -28,6 +28,9 @@ _MASK_BY_LAYER_TYPE = frozenset({"qwen2", "qwen3", "smollm3", "gemma3_text"})
 
 class LlamaLikeAdapter(Adapter):
     """Adapter over ``model.model.{embed_tokens, layers, norm, rotary_emb}`` and ``model.lm_head``."""
+
+    #: the ``model_type`` values this class serves (a subclass serves its own)
+    model_types: frozenset[str] = MODEL_TYPES
 
     def __init__(self, model: torch.nn.Module) -> None:
         config = model.config
@@ -77,7 +80,7 @@ class LlamaLikeAdapter(Adapter):
     @classmethod
     def supports(cls, model: torch.nn.Module) -> bool:
         config = getattr(model, "config", None)
-        if getattr(config, "model_type", None) not in MODEL_TYPES:
+        if getattr(config, "model_type", None) not in cls.model_types:
             return False
         if getattr(config, "use_bidirectional_attention", False):
             return False
@@ -119,7 +122,6 @@ class LlamaLikeAdapter(Adapter):
         others run the modules); everything else (projections, other norms and activations) stays the model's
         modules."""
         tables = self._rope_tables(embeds.unsqueeze(0), positions, seq_len)
-        head_dim = self.dims.head_dim
         ops = _FusedOps(self, fused) if fused else None
         norm = ops.norm if ops else _call
         mlp = ops.mlp if ops else _call
@@ -127,10 +129,7 @@ class LlamaLikeAdapter(Adapter):
         last = len(self._blocks) - 1
         for index, block in enumerate(self._blocks):
             attn = block.self_attn
-            normed = norm(block.input_layernorm, hidden)
-            q = attn.q_proj(normed).unflatten(-1, (-1, head_dim))
-            k = attn.k_proj(normed).unflatten(-1, (-1, head_dim))
-            v = attn.v_proj(normed).unflatten(-1, (-1, head_dim))
+            q, k, v = self._project(attn, norm(block.input_layernorm, hidden))
             if hasattr(attn, "q_norm"):
                 q = norm(attn.q_norm, q)
                 k = norm(attn.k_norm, k)
@@ -151,6 +150,12 @@ class LlamaLikeAdapter(Adapter):
                 hidden = hidden + out
                 hidden = hidden + mlp(block.mlp, norm(block.post_attention_layernorm, hidden))
         return hidden
+
+    def _project(self, attn: torch.nn.Module, normed: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q ``[N, Hq, D]``, k and v ``[N, Hkv, D]``: the attention module's projections of the normed tokens."""
+        head_dim = self.dims.head_dim
+        return tuple(proj(normed).unflatten(-1, (-1, head_dim)) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
 
     def _rope(self, ops: _FusedOps | None, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,12 +185,13 @@ def _function_name(fn) -> str | None:
 
 
 def _layer_windows(config, blocks: list[torch.nn.Module]) -> list[int | None]:
-    """Each layer's sliding window, the attention module's ``sliding_window`` (Mistral's attention has none: its
-    ``config.sliding_window`` applies to every layer, whatever ``layer_types`` says). For :data:`_MASK_BY_LAYER_TYPE`
-    models the window of the mask that eager / SDPA attention apply must be that one: SmolLM3 gives its attention
-    modules a window only with ``use_sliding_window``, while its forward builds the masks from ``layer_types`` alone;
-    where they disagree the model's number depends on its attention implementation, and the adapter refuses it."""
-    mistral_window = getattr(config, "sliding_window", None) if config.model_type == "mistral" else None
+    """Each layer's sliding window, the attention module's ``sliding_window`` (Mistral's and Phi-3's attention have
+    none: their ``config.sliding_window`` applies to every layer, whatever ``layer_types`` says). For
+    :data:`_MASK_BY_LAYER_TYPE` models the window of the mask that eager / SDPA attention apply must be that one:
+    SmolLM3 gives its attention modules a window only with ``use_sliding_window``, while its forward builds the masks
+    from ``layer_types`` alone; where they disagree the model's number depends on its attention implementation, and
+    the adapter refuses it."""
+    mistral_window = getattr(config, "sliding_window", None) if config.model_type in ("mistral", "phi3") else None
     windows = [getattr(block.self_attn, "sliding_window", mistral_window) for block in blocks]
     kinds = getattr(config, "layer_types", None) if config.model_type in _MASK_BY_LAYER_TYPE else None
     for index, (kind, window) in enumerate(zip(kinds or (), windows)):
