@@ -30,8 +30,8 @@ requires_triton = pytest.mark.skipif(not _has_triton(), reason="needs triton (co
 
 def tiny_model(arch: str = "llama", *, seed: int = 0, attn: str = "eager", **overrides):
     """A tiny random-init decoder (~30k params) of the given architecture, in eval mode."""
-    from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, Phi3Config, Qwen2Config,
-                              Qwen3Config, SmolLM3Config)
+    from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, Olmo2Config, Olmo3Config,
+                              Phi3Config, Qwen2Config, Qwen3Config, SmolLM3Config)
 
     torch.manual_seed(seed)
     common = dict(vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -57,6 +57,13 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, attn: str = "eager", **ove
     elif arch == "gpt_neox":  # Pythia's layout: fused qkv, parallel residual, RoPE on half of each 8-wide head
         cfg = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                             max_position_embeddings=128, rotary_pct=0.5, **common)
+    elif arch == "olmo2":  # post-norm layers, q/k norms over the whole projection
+        cfg = Olmo2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=128, **common)
+    elif arch == "olmo3":  # OLMo-2's layers, the first sliding (a window of 4, shorter than the tests' prompts)
+        cfg = Olmo3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=128, sliding_window=4,
+                          layer_types=["sliding_attention", "full_attention"], **common)
     else:
         raise ValueError(arch)
     for key, value in overrides.items():

@@ -27,7 +27,7 @@ def test_an_architecture_without_adapter_runs_naive_and_says_so():
     adapter, reason = find_adapter(model)
     assert adapter is None and get_adapter(model) is None
     assert reason == ("no trie adapter for OPTForCausalLM (model_type 'opt'; supported: llama, qwen2, qwen3, "
-                      "mistral, gemma3_text, smollm3, phi3, gpt2, gpt_neox)")
+                      "mistral, gemma3_text, smollm3, phi3, gpt2, gpt_neox, olmo2, olmo3)")
     game = Game.from_text(model, TOK, TEXT_A)
     with torch.no_grad():
         naive = sf.evaluate(model, game, method="naive", progress=False)
@@ -202,3 +202,35 @@ def test_a_phi3_whose_fused_qkv_projection_is_not_split_by_its_head_counts_is_re
     assert reason.endswith("ValueError: layer 1's qkv_proj gives 72 features, expected (num_attention_heads 4 + 2 * "
                            "num_key_value_heads 2) * head_dim 8 = 64: the adapter would split it otherwise than the "
                            "model"), reason
+
+
+def test_an_olmo3_whose_layer_masks_and_attention_windows_disagree_is_refused():
+    """OLMo-3's forward picks each layer's mask by config.layer_types, its flash attention reads the attention
+    module's sliding_window: where they disagree the adapter refuses the model (auto: naive)."""
+    model = tiny_model("olmo3", initializer_range=0.2)
+    assert find_adapter(model)[0].layers[0].sliding_window == 4
+    model.model.layers[0].self_attn.sliding_window = None
+    adapter, reason = find_adapter(model)
+    assert adapter is None and reason.startswith("the OlmoAdapter could not read this Olmo3ForCausalLM")
+    assert ("ValueError: layer 0 is a 'sliding_attention' layer (config.layer_types), whose attention mask is a "
+            "sliding window of 4 keys, but its attention module's sliding_window is None" in reason)
+
+
+@pytest.mark.parametrize("change", ["per_head_q_norm", "input_layernorm", "pre_feedforward_layernorm"])
+def test_an_olmo_layer_the_adapter_does_not_run_as_written_is_refused(change):
+    """The adapter runs OLMo's post-norm layers with q/k norms over the whole projection: a model code with a norm
+    before the attention or the MLP, or per-head q/k norms (Qwen3's), is refused, naming it, not computed wrong."""
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    model = tiny_model("olmo2", initializer_range=0.2)
+    assert find_adapter(model)[0] is not None
+    block = model.model.layers[1]
+    if change == "per_head_q_norm":
+        block.self_attn.q_norm = Olmo2RMSNorm(block.self_attn.head_dim)
+        expected = "layer 1's q_norm has weight shape (8,): expected (32,), a norm over the whole projection"
+    else:
+        setattr(block, change, Olmo2RMSNorm(32))
+        expected = f"layer 1 (Olmo2DecoderLayer) has {change}: this adapter runs OLMo's post-norm layers"
+    adapter, reason = find_adapter(model)
+    assert adapter is None and reason.startswith("the OlmoAdapter could not read this Olmo2ForCausalLM")
+    assert expected in reason

@@ -186,7 +186,7 @@ def _lora(arch: str):
 
 @pytest.mark.filterwarnings("ignore::UserWarning:peft")
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "phi3", "gpt2", "gpt_neox", "gemma3",
-                                  "lora_llama", "lora_gpt2", "lora_gpt_neox", "lora_phi3"])
+                                  "lora_llama", "lora_gpt2", "lora_gpt_neox", "lora_phi3", "olmo2", "olmo3"])
 def test_the_hooks_transformers_installs_keep_the_trie_on(arch):
     """transformers 5.x leaves output-recording hooks on the decoder layers and attention modules after a forward with
     output_hidden_states / output_attentions; enable_input_require_grads (gradient checkpointing, also through PEFT)

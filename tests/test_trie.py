@@ -61,9 +61,12 @@ def run_both(net, game: Game, subsets=None, **kwargs):
 
 @pytest.mark.parametrize("masking", ["embedding", "attention"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "phi3", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "phi3", "gpt2", "gpt_neox", "olmo2",
+                                  "olmo3"])
 def test_trie_matches_naive(arch, attn, masking):
     net = model(arch, attn)
+    if arch == "olmo3":  # a sliding layer (window 4 < the 12-token prompt), then a full one
+        assert [spec.sliding_window for spec in get_adapter(net).layers] == [4, None]
     trie, naive = run_both(net, make_game("first_and_last", masking=masking), batch_size=3)
     check_close(trie, naive)
     assert naive.std() > 1e-2  # the variants really differ
@@ -78,14 +81,15 @@ def test_trie_layouts(arch, layout, masking):
 
 
 @pytest.mark.parametrize("masking", ["embedding", "attention"])
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "phi3", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "phi3", "gpt2", "gpt_neox", "olmo2",
+                                  "olmo3"])
 def test_multi_token_target_and_baseline_rows(arch, masking):
     game = make_game("adjacent_multi_token", masking=masking, num_targets=3, seed=2, baseline_rows=True)
     trie, naive = run_both(model(arch), game, batch_size=5)
     check_close(trie, naive)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "olmo2"])
 def test_last_layer_runs_only_the_scored_leaf_rows(arch, monkeypatch):
     """After the last attention only the leaves' scored tokens go on (output projection, MLP): the inner nodes and
     the unscored leaf tokens gave all they had (their K/V). Every other layer runs every token of every pass."""
@@ -94,11 +98,11 @@ def test_last_layer_runs_only_the_scored_leaf_rows(arch, monkeypatch):
     net = model(arch)
     game = make_game("adjacent_multi_token", num_targets=3, seed=4)
     blocks = {"llama": lambda: net.model.layers, "gpt2": lambda: net.transformer.h,
-              "gpt_neox": lambda: net.gpt_neox.layers}[arch]()
+              "gpt_neox": lambda: net.gpt_neox.layers, "olmo2": lambda: net.model.layers}[arch]()
     rows = {0: [], len(blocks) - 1: []}
     naive = evaluate_naive(net, game, torch.arange(1 << game.num_players), progress=False)
     # the MLP's last projection: called with the MLP's rows whether the MLP runs as its module or as fused ops
-    mlps = {i: blocks[i].mlp.down_proj if arch == "llama" else blocks[i].mlp for i in rows}
+    mlps = {i: blocks[i].mlp.down_proj if arch in ("llama", "olmo2") else blocks[i].mlp for i in rows}
     # counted in the forward of a subclass of the module's (not a forward hook or a forward set on the instance: a
     # model with either has no trie, tests/test_hooks.py; a module the trie calls may be of another class)
     for i, mlp in mlps.items():
@@ -166,8 +170,8 @@ def test_random_subset_list(arch, masking):
 
 
 def _sliding_model(kind: str, attn: str):
-    from transformers import (AutoModelForCausalLM, Gemma3TextConfig, MistralConfig, Phi3Config, Qwen3Config,
-                              SmolLM3Config)
+    from transformers import (AutoModelForCausalLM, Gemma3TextConfig, MistralConfig, Olmo3Config, Phi3Config,
+                              Qwen3Config, SmolLM3Config)
 
     torch.manual_seed(0)
     common = dict(vocab_size=128, hidden_size=HIDDEN, intermediate_size=64, num_attention_heads=4,
@@ -189,18 +193,22 @@ def _sliding_model(kind: str, attn: str):
         rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}
         cfg = Phi3Config(num_hidden_layers=2, sliding_window=4, rope_parameters=rope, bos_token_id=1, eos_token_id=2,
                          **common)
+    elif kind == "olmo3":  # post-norm, whole-projection q/k norms, one RoPE table per layer type
+        cfg = Olmo3Config(num_hidden_layers=3, sliding_window=4, bos_token_id=1, eos_token_id=2,
+                          layer_types=["full_attention", "sliding_attention", "sliding_attention"], **common)
     else:
         cfg = MistralConfig(num_hidden_layers=2, sliding_window=5, bos_token_id=1, eos_token_id=2, **common)
     return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-@pytest.mark.parametrize("kind", ["gemma3", "mistral", "mistral-layer-types", "qwen3", "smollm3", "phi3"])
+@pytest.mark.parametrize("kind", ["gemma3", "mistral", "mistral-layer-types", "qwen3", "smollm3", "phi3",
+                                  "olmo3"])
 def test_sliding_window_models(kind, attn):
     net = _sliding_model(kind, attn)
     adapter = get_adapter(net)
     assert adapter is not None
-    if kind in ("qwen3", "smollm3"):  # full and sliding layers mixed
+    if kind in ("qwen3", "smollm3", "olmo3"):  # full and sliding layers mixed
         assert [spec.sliding_window for spec in adapter.layers] == [None, 4, None if kind == "smollm3" else 4]
     if kind == "phi3":
         assert [spec.sliding_window for spec in adapter.layers] == [4, 4]
@@ -358,6 +366,8 @@ def test_sequence_length_dependent_rope(rope, masking):
 #: output projection's too) and q/k norms over 16-wide heads, SmolLM3 with NoPE on the first layer and biases.
 #: Phi-3 (fused qkv and gate_up projections) with RoPE over the whole head, partial RoPE (6 of 8 dims) under a window
 #: of 3, longrope past its original length of 8 on 6 of 8 dims, and a GELU gate over 16-wide heads.
+#: OLMo-2 with biases, tied embeddings, YaRN and heads of 16 (q/k norms 64 wide, not the hidden size), with dynamic
+#: RoPE past its 8 positions, and OLMo-3 with a one-token window on its second layer.
 CONFIGS = {
     "rope-linear": ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 3.0, "rope_theta": 10000.0}}),
     "rope-llama3": ("llama", {"rope_parameters": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
@@ -378,21 +388,30 @@ CONFIGS = {
         "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75, "short_factor": [1.0, 1.1, 1.2],
         "long_factor": [2.0, 3.0, 5.0], "original_max_position_embeddings": 8}}),
     "phi3-gelu-head-dim-16": ("phi3", {"hidden_act": "gelu_new", "head_dim": 16}),
+    "olmo2-bias-tied-rope-yarn": ("olmo2", {"attention_bias": True, "tie_word_embeddings": True, "head_dim": 16,
+                                            "rope_parameters": {"rope_type": "yarn", "factor": 4.0,
+                                                                "rope_theta": 10000.0,
+                                                                "original_max_position_embeddings": 8}}),
+    "olmo2-rope-dynamic": ("olmo2", {"max_position_embeddings": 8, "rope_parameters": {
+        "rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}),
+    "olmo3-bias-window-1": ("olmo3", {"attention_bias": True, "sliding_window": 1,
+                                      "layer_types": ["full_attention", "sliding_attention"]}),
 }
 
 
 @pytest.mark.parametrize("masking", ["embedding", "attention"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_llama_like_configs_match_naive_and_the_models_forward(name, masking):
-    from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config,
-                              SmolLM3Config)
+    from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, Olmo2Config, Olmo3Config,
+                              Phi3Config, Qwen2Config, Qwen3Config, SmolLM3Config)
 
     arch, options = CONFIGS[name]
     config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "qwen3": Qwen3Config,
-                  "smollm3": SmolLM3Config, "phi3": Phi3Config}[arch]
+                  "smollm3": SmolLM3Config, "phi3": Phi3Config, "olmo2": Olmo2Config, "olmo3": Olmo3Config}[arch]
     torch.manual_seed(0)
+    options = {"max_position_embeddings": 32, **options}
     cfg = config_cls(vocab_size=128, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32, pad_token_id=0,
+                     num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
                      bos_token_id=1, eos_token_id=2, initializer_range=0.2, **options)
     net = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa").eval()
     assert get_adapter(net) is not None

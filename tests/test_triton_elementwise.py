@@ -28,24 +28,26 @@ def _on(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("cls_name", ["LlamaRMSNorm", "Qwen2RMSNorm", "Gemma3RMSNorm"])
+@pytest.mark.parametrize("cls_name", ["LlamaRMSNorm", "Qwen2RMSNorm", "Gemma3RMSNorm", "Olmo2RMSNorm"])
 @pytest.mark.parametrize("shape", [(37, 72), (5, 3, 8), (300, 16)])  # H not a power of 2; 3-D; rows > one program
 def test_rms_norm_matches_hf(cls_name, dtype, shape):
     import transformers.models.gemma3.modeling_gemma3 as gemma3
     import transformers.models.llama.modeling_llama as llama
+    import transformers.models.olmo2.modeling_olmo2 as olmo2
     import transformers.models.qwen2.modeling_qwen2 as qwen2
 
     from sftint_fast.ops.triton.rms_norm import rms_norm
 
     cls = {"LlamaRMSNorm": llama.LlamaRMSNorm, "Qwen2RMSNorm": qwen2.Qwen2RMSNorm,
-           "Gemma3RMSNorm": gemma3.Gemma3RMSNorm}[cls_name]
+           "Gemma3RMSNorm": gemma3.Gemma3RMSNorm, "Olmo2RMSNorm": olmo2.Olmo2RMSNorm}[cls_name]
     gen = torch.Generator().manual_seed(0)
     module = cls(shape[-1], eps=1e-5).to(dtype)
     with torch.no_grad():
         module.weight.copy_(torch.randn(shape[-1], generator=gen))
     x = (3 * torch.randn(shape, generator=gen)).to(dtype)
-    gemma = cls_name == "Gemma3RMSNorm"
-    got = rms_norm(*_on(x, module.weight.detach()), module.eps if gemma else module.variance_epsilon, gemma=gemma)
+    gemma, olmo = cls_name == "Gemma3RMSNorm", cls_name == "Olmo2RMSNorm"
+    got = rms_norm(*_on(x, module.weight.detach()), module.eps if gemma else module.variance_epsilon, gemma=gemma,
+                   olmo=olmo)
     with torch.no_grad():
         _close(got, module(x))
 
@@ -129,12 +131,14 @@ def _count_fused(monkeypatch) -> dict:
 
 
 @pytest.mark.parametrize("fused", ["triton", pytest.param("cpu", marks=requires_ext)])
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "gemma3", "phi3", "phi3-full-rotary"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "gemma3", "phi3", "phi3-full-rotary", "olmo2",
+                                  "olmo3"])
 def test_layer_loop_uses_the_fused_ops_and_matches_the_model(arch, fused, monkeypatch):
     """``run_layers(fused=...)`` replaces every RMSNorm, RoPE and (SiLU models) the gate, and gives the model's
     numbers; Gemma-3's GELU MLP stays its module. Per layer: Llama/Qwen2/SmolLM3 2 norms, Qwen3 2 + q/k norms,
-    Gemma-3 4 + q/k norms; SmolLM3's NoPE layer (the second) no RoPE. Phi-3: 2 norms, RoPE only where it spans the
-    whole head (the model's function rotates part of it, and passes the rest), its fused gate_up MLP as its module.
+    Gemma-3 4 + q/k norms, OLMo-2/3 2 (post-norms) + q/k norms; SmolLM3's NoPE layer (the second) no RoPE. Phi-3: 2
+    norms, RoPE only where it spans the whole head (the model's function rotates part of it, and passes the rest), its
+    fused gate_up MLP as its module.
     ``"triton"``: the Triton ops on ``DEVICE``; ``"cpu"``: the C++ ops (``sftint_fast.ops.layer_ops``)."""
     from test_layer_ops import count_cpu_ops
     from test_trie import _sliding_model
@@ -174,7 +178,7 @@ def test_layer_loop_uses_the_fused_ops_and_matches_the_model(arch, fused, monkey
     counts = sorted(calls.values())  # rms_norm, rope, silu_mul under either backend's names
     if arch == "gemma3":
         assert counts == sorted([6 * layers, 2 * layers, 0]), calls
-    elif arch == "qwen3":
+    elif arch in ("qwen3", "olmo2", "olmo3"):
         assert counts == sorted([4 * layers, 2 * layers, layers]), calls
     elif arch == "smollm3":
         assert counts == sorted([2 * layers, 2 * (layers - 1), layers]), calls
@@ -190,12 +194,44 @@ def test_layer_loop_uses_the_fused_ops_and_matches_the_model(arch, fused, monkey
     torch.testing.assert_close(adapter._norm(out), own, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["olmo2", "olmo3"])
+def test_olmo_layer_loop_in_half_precision_rounds_as_the_model(arch, monkeypatch):
+    """OLMo's RMSNorm rounds ``w * norm(x)`` once (not ``norm(x)`` before the multiply, as Llama's), and its RoPE
+    tables stay float32 in a float16 model (HF's products are then float32, rounded once, where the fused RoPE rounds
+    each): the loop takes the ``olmo`` norm form and leaves RoPE to the model's function, so the fused loop gives the
+    unfused loop's float16 numbers (the other forms differ on more than half of them)."""
+    from sftint_fast.engine.adapters import get_adapter
+
+    net = tiny_model(arch, initializer_range=0.2).to(DEVICE, torch.float16)
+    adapter = get_adapter(net)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 128, (9,), generator=gen).to(DEVICE)
+    positions = torch.arange(9, device=DEVICE)
+
+    def attend(layer, q, k, v):  # causal attention in float32, no window: both loops get the same one
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1).float(), v.repeat_interleave(group, 1).float()
+        scores = torch.einsum("qhd,khd->hqk", q.float(), k) * adapter.layers[layer].scale
+        scores = scores.masked_fill(~torch.ones(9, 9, dtype=torch.bool, device=DEVICE).tril(), float("-inf"))
+        return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
+
+    with torch.no_grad():
+        plain = adapter.run_layers(adapter.embed(ids), positions, attend)
+        calls = _count_fused(monkeypatch)
+        out = adapter.run_layers(adapter.embed(ids), positions, attend, fused="triton")
+    layers = net.config.num_hidden_layers
+    assert calls == {"rms_norm": 4 * layers, "rope": 0, "silu_mul": layers}
+    assert out.dtype == plain.dtype == torch.float16
+    assert (out != plain).float().mean().item() < 0.05, (out.float() - plain.float()).abs().max().item()
+
+
 @pytest.mark.parametrize("masking", ["embedding", "attention"])
-@pytest.mark.parametrize("kind", ["gemma3", "mistral", "qwen3", "smollm3", "phi3"])
+@pytest.mark.parametrize("kind", ["gemma3", "mistral", "qwen3", "smollm3", "phi3", "olmo3"])
 def test_trie_with_triton_on_sliding_window_models_matches_naive(kind, masking):
     """Gemma-3 (sandwich norms, q/k norms, (1 + w) RMSNorm, per-layer-type RoPE, soft-capped logits, GELU), Mistral,
-    Qwen3 (q/k norms, full and sliding layers), SmolLM3 (a sliding NoPE layer between RoPE ones) and Phi-3 (fused
-    qkv and gate_up projections, partial RoPE) through the fused kernel and the fused elementwise ops."""
+    Qwen3 (q/k norms, full and sliding layers), SmolLM3 (a sliding NoPE layer between RoPE ones), Phi-3 (fused
+    qkv and gate_up projections, partial RoPE) and OLMo-3 (post-norms, whole-projection q/k norms, per-layer-type
+    RoPE) through the fused kernel and the fused elementwise ops."""
     from test_trie import _sliding_model, check_close, make_game
 
     from sftint_fast.engine.naive import evaluate_naive
@@ -274,8 +310,10 @@ def test_kernels_compile_for_sm90():
                                target=target)
 
         for dtype in ("bf16", "fp16", "fp32"):
-            for block, gemma in ((1024, False), (2048, True), (64, True)):
-                compile(_rms_norm_kernel, dict(ROWS=max(1, 4096 // block), BLOCK=block, GEMMA=gemma), ("eps",))
+            for block, gemma, olmo in ((1024, False, False), (2048, True, False), (64, True, False),
+                                       (2048, False, True)):
+                compile(_rms_norm_kernel, dict(ROWS=max(1, 4096 // block), BLOCK=block, GEMMA=gemma, OLMO=olmo),
+                        ("eps",))
             for heads, half in ((16, 32), (32, 32), (4, 32)):
                 compile(_rope_kernel, dict(HALF=half, BLOCK_T=max(1, 2048 // (heads * half)), BLOCK_H=heads,
                                            BLOCK_D=half))

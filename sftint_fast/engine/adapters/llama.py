@@ -17,13 +17,15 @@ from sftint_fast.engine.adapters.base import (Adapter, AttendFn, FusedBackend, L
 #: HF ``model_type`` values this adapter serves (each checked against the naive engine in tests/test_trie.py).
 MODEL_TYPES = frozenset({"llama", "qwen2", "mistral", "gemma3_text", "qwen3", "smollm3"})
 #: RMSNorm classes the fused ops (Triton, C++) reproduce: ``"llama"`` = ``w * norm(x).to(dtype)`` (``variance_epsilon``),
-#: ``"gemma"`` = ``(norm(x) * (1 + w)).to(dtype)`` (``eps``). Any other norm runs as its module.
+#: ``"gemma"`` = ``(norm(x) * (1 + w)).to(dtype)`` (``eps``), ``"olmo"`` = ``(w * norm(x)).to(dtype)``
+#: (``variance_epsilon``). Any other norm runs as its module.
 FUSED_NORMS = {"LlamaRMSNorm": "llama", "Qwen2RMSNorm": "llama", "Qwen3RMSNorm": "llama", "MistralRMSNorm": "llama",
-               "SmolLM3RMSNorm": "llama", "Phi3RMSNorm": "llama", "Gemma3RMSNorm": "gemma"}
+               "SmolLM3RMSNorm": "llama", "Phi3RMSNorm": "llama", "Gemma3RMSNorm": "gemma",
+               "Olmo2RMSNorm": "olmo", "Olmo3RMSNorm": "olmo"}
 #: Model types whose forward picks each layer's attention mask by ``config.layer_types`` (a ``"sliding_attention"``
 #: layer's mask keeps ``config.sliding_window`` keys), while flash attention reads the attention module's
 #: ``sliding_window``: the two must agree (:func:`_layer_windows`).
-_MASK_BY_LAYER_TYPE = frozenset({"qwen2", "qwen3", "smollm3", "gemma3_text"})
+_MASK_BY_LAYER_TYPE = frozenset({"qwen2", "qwen3", "smollm3", "gemma3_text", "olmo3"})
 
 
 class LlamaLikeAdapter(Adapter):
@@ -239,11 +241,13 @@ class _FusedOps:
 
             self._rms_norm, self._rope, self._silu_mul = rms_norm.rms_norm, rope.rope, silu_mul.silu_mul
             self._fits = _any_tensor
+            self._olmo = {"olmo": True}
         elif backend == "cpu":
             from sftint_fast.ops import layer_ops
 
             self._rms_norm, self._rope, self._silu_mul = layer_ops.rms_norm, layer_ops.rope_, layer_ops.silu_mul_
             self._fits = layer_ops.available
+            self._olmo = {}  # float32 only: ``(w * norm(x)).to(float32)`` is the "llama" op's ``w * norm(x)``
         else:
             raise ValueError(f"fused: expected 'triton', 'cpu' or None, received {backend!r}")
         self._adapter = adapter
@@ -256,6 +260,8 @@ class _FusedOps:
             return self._rms_norm(x, module.weight, module.variance_epsilon)
         if kind == "gemma" and hasattr(module, "eps"):
             return self._rms_norm(x, module.weight, module.eps, gemma=True)
+        if kind == "olmo" and hasattr(module, "variance_epsilon"):
+            return self._rms_norm(x, module.weight, module.variance_epsilon, **self._olmo)
         return module(x)
 
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -267,9 +273,11 @@ class _FusedOps:
         return module.down_proj(self._silu_mul(module.gate_proj(x), module.up_proj(x)))
 
     def rope_fits(self, x: torch.Tensor, cos: torch.Tensor, head_dim: int) -> bool:
-        """The rotate-half RoPE over the whole head (tables ``[1, N, head_dim]``), on tensors this backend takes."""
-        return (self._adapter._rope_fusable and cos.dim() == 3 and cos.shape[-1] == head_dim and self._fits(x)
-                and self._fits(cos))
+        """The rotate-half RoPE over the whole head (tables ``[1, N, head_dim]``), on tensors this backend takes.
+        The tables must be in ``x``'s dtype: OLMo-2/3's are float32 whatever the model's dtype, and HF's products
+        with a bfloat16 ``x`` are then float32 ones, rounded once, where the fused ops round each product."""
+        return (self._adapter._rope_fusable and cos.dim() == 3 and cos.shape[-1] == head_dim
+                and cos.dtype == x.dtype and self._fits(x) and self._fits(cos))
 
 
 def _any_tensor(x: torch.Tensor) -> bool:
