@@ -90,6 +90,26 @@ def tiny_gemma3n():
     return model
 
 
+def tiny_gemma2(*, attn: str = "eager", seed: int = 0, **overrides):
+    """A tiny Gemma-2 (Gemma Scope's model), in eval mode: 3 layers alternating sliding (window 4) and full attention,
+    attention logit soft-cap 1.0 (it binds at this init), final logit soft-cap 5.0, ``query_pre_attn_scalar`` 16 (not
+    ``head_dim``), sandwich norms with random weights (HF zeroes them, and ``(1 + w)`` then hides a ``w``-style norm),
+    GELU-tanh MLP. ``overrides``: config fields."""
+    from transformers import AutoModelForCausalLM, Gemma2Config
+
+    options = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=8, max_position_embeddings=128, sliding_window=4,
+                   query_pre_attn_scalar=16, attn_logit_softcapping=1.0, final_logit_softcapping=5.0, pad_token_id=0,
+                   bos_token_id=2, eos_token_id=1, initializer_range=0.2)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(Gemma2Config(**{**options, **overrides}), attn_implementation=attn).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(0.0, 0.5)
+    return model
+
+
 def count_calls(monkeypatch, functions: dict) -> dict:
     """Wraps ``functions`` (``{name: module}``: the function ``module.name``) to count their calls, each still run;
     returns the live counts ``{name: calls}``."""

@@ -27,7 +27,7 @@ def test_an_architecture_without_adapter_runs_naive_and_says_so():
     adapter, reason = find_adapter(model)
     assert adapter is None and get_adapter(model) is None
     assert reason == ("no trie adapter for OPTForCausalLM (model_type 'opt'; supported: llama, qwen2, qwen3, "
-                      "mistral, gemma3_text, smollm3, phi3, gpt2, gpt_neox, olmo2, olmo3)")
+                      "mistral, gemma3_text, smollm3, phi3, gpt2, gpt_neox, olmo2, olmo3, gemma2)")
     game = Game.from_text(model, TOK, TEXT_A)
     with torch.no_grad():
         naive = sf.evaluate(model, game, method="naive", progress=False)
@@ -100,6 +100,53 @@ def test_an_attention_softcap_the_model_applies_is_refused_not_dropped(monkeypat
     with torch.no_grad(), pytest.warns(UserWarning, match="soft-cap.*falling back to the naive engine"):
         auto = sf.evaluate(model, game, progress=False)
     assert torch.equal(auto, naive)
+
+
+def test_a_gemma2_softcap_the_adapter_cannot_carry_is_refused(monkeypatch):
+    """Gemma-2's soft-cap is carried where its attention passes ``softcap=self.attn_logit_softcapping`` and the
+    model's attention implementation applies it; a model configured for SDPA (transformers' SDPA raises on a soft-cap;
+    earlier releases dropped it) or a forward that passes the cap otherwise is refused, naming it."""
+    from conftest import tiny_gemma2
+
+    model = tiny_gemma2()
+    assert [spec.softcap for spec in find_adapter(model)[0].layers] == [1.0, 1.0, 1.0]
+    monkeypatch.setattr(model.config, "_attn_implementation", "sdpa")
+    adapter, reason = find_adapter(model)
+    assert adapter is None
+    assert ("ValueError: its attention applies a logit soft-cap (attn_logit_softcapping=1.0) that its attention "
+            "implementation 'sdpa' does not") in reason
+    with pytest.raises(ValueError, match="`sdpa` attention does not support `softcap`"):  # nor does the model run
+        model(input_ids=torch.tensor([[3, 4, 5]]))
+    monkeypatch.setattr(model.config, "_attn_implementation", "eager")
+    attention = type(model.model.layers[0].self_attn)
+    original = attention.forward
+
+    def forward(self, *args, **kwargs):  # a release whose attention passes softcap=2 * self.attn_logit_softcapping
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(attention, "forward", forward)
+    adapter, reason = find_adapter(model)
+    assert adapter is None
+    assert "logit soft-cap (attn_logit_softcapping=1.0), which this adapter does not carry" in reason
+
+
+def test_a_model_forward_that_scales_the_embeddings_is_refused(monkeypatch):
+    """transformers 4.x's Gemma-2 multiplied the embedding's output by ``normalizer`` (sqrt(hidden_size)) in the model's
+    forward, where 5.x's embedding module scales it (the rows the trie's ``embed`` returns): such a forward is
+    refused, not run without the scale."""
+    from conftest import tiny_gemma2
+
+    model = tiny_gemma2()
+    assert find_adapter(model)[0] is not None
+    inner = type(model.model)
+    original = inner.forward
+
+    def forward(self, *args, **kwargs):  # hidden_states = hidden_states * normalizer, as transformers 4.x
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(inner, "forward", forward)
+    adapter, reason = find_adapter(model)
+    assert adapter is None and "scales the input embeddings itself (normalizer" in reason
 
 
 @pytest.mark.parametrize("option", ["softcap", "sliding_window"])

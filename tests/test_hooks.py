@@ -186,13 +186,16 @@ def _lora(arch: str):
 
 @pytest.mark.filterwarnings("ignore::UserWarning:peft")
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "phi3", "gpt2", "gpt_neox", "gemma3",
-                                  "lora_llama", "lora_gpt2", "lora_gpt_neox", "lora_phi3", "olmo2", "olmo3"])
+                                  "lora_llama", "lora_gpt2", "lora_gpt_neox", "lora_phi3", "olmo2", "olmo3",
+                                  "gemma2"])
 def test_the_hooks_transformers_installs_keep_the_trie_on(arch):
     """transformers 5.x leaves output-recording hooks on the decoder layers and attention modules after a forward with
     output_hidden_states / output_attentions; enable_input_require_grads (gradient checkpointing, also through PEFT)
     leaves one on the input embedding. They change no value: the trie stays on, equal to naive."""
-    model = _gemma3() if arch == "gemma3" else _lora(arch[5:]) if arch.startswith("lora_") else tiny_model(
-        arch, initializer_range=0.2)
+    from conftest import tiny_gemma2
+
+    model = _gemma3() if arch == "gemma3" else _lora(arch[5:]) if arch.startswith("lora_") else tiny_gemma2() if (
+        arch == "gemma2") else tiny_model(arch, initializer_range=0.2)
     ids = torch.tensor([[1, 5, 6, 7, 8]])
     with torch.no_grad():
         out = model(input_ids=ids, output_hidden_states=True, output_attentions=True)

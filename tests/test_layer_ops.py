@@ -15,25 +15,26 @@ TOL = 2e-6
 
 
 def _hf_norm(cls_name: str, size: int, gen: torch.Generator) -> torch.nn.Module:
+    import transformers.models.gemma2.modeling_gemma2 as gemma2
     import transformers.models.gemma3.modeling_gemma3 as gemma3
     import transformers.models.llama.modeling_llama as llama
     import transformers.models.qwen2.modeling_qwen2 as qwen2
 
     cls = {"LlamaRMSNorm": llama.LlamaRMSNorm, "Qwen2RMSNorm": qwen2.Qwen2RMSNorm,
-           "Gemma3RMSNorm": gemma3.Gemma3RMSNorm}[cls_name]
+           "Gemma3RMSNorm": gemma3.Gemma3RMSNorm, "Gemma2RMSNorm": gemma2.Gemma2RMSNorm}[cls_name]
     module = cls(size, eps=1e-5)
     with torch.no_grad():
         module.weight.copy_(torch.randn(size, generator=gen))
     return module
 
 
-@pytest.mark.parametrize("cls_name", ["LlamaRMSNorm", "Qwen2RMSNorm", "Gemma3RMSNorm"])
+@pytest.mark.parametrize("cls_name", ["LlamaRMSNorm", "Qwen2RMSNorm", "Gemma3RMSNorm", "Gemma2RMSNorm"])
 @pytest.mark.parametrize("shape", [(1, 8), (37, 72), (5, 3, 8), (300, 576), (2, 1)])  # odd H, 3-D, one element
 def test_rms_norm_matches_hf(cls_name, shape):
     gen = torch.Generator().manual_seed(0)
     module = _hf_norm(cls_name, shape[-1], gen)
     x = 3 * torch.randn(shape, generator=gen)
-    gemma = cls_name == "Gemma3RMSNorm"
+    gemma = cls_name in ("Gemma3RMSNorm", "Gemma2RMSNorm")
     got = layer_ops.rms_norm(x, module.weight.detach(), module.eps if gemma else module.variance_epsilon,
                              gemma=gemma)
     with torch.no_grad():

@@ -228,6 +228,53 @@ def test_sliding_window_models(kind, attn):
     check_close(trie_all, naive_all)
 
 
+#: Gemma-2 configurations: the tiny model's soft-caps (attention 1.0, final 5.0), and none (``None`` for both)
+GEMMA2_CONFIGS = {"softcaps": {}, "no-softcaps": {"attn_logit_softcapping": None, "final_logit_softcapping": None}}
+
+
+# eager: the reference; flex attention: Gemma-2's default in transformers 5.25 (on the CPU, torch 2.13's flex attention
+# under the naive engine's attention-masking masks corrupts the heap and aborts the process: not run)
+@pytest.mark.parametrize("attn,masking", [("eager", "embedding"), ("eager", "attention"),
+                                          ("flex_attention", "embedding")])
+@pytest.mark.parametrize("config", sorted(GEMMA2_CONFIGS))
+def test_gemma2_matches_naive(config, attn, masking):
+    """Gemma-2: the embedding module's sqrt(H) scale, ``query_pre_attn_scalar``, the attention logit soft-cap
+    ``tanh(s / c) * c`` after scaling and before the mask, sliding and full layers alternating (the window shorter
+    than the prompt), sandwich (1 + w) RMSNorms, the GELU-tanh MLP and the final logit soft-cap: the trie equals the
+    naive engine (the model's own forward per variant), and equals the model on the full prompt."""
+    import dataclasses
+
+    from conftest import tiny_gemma2
+
+    from sftint_fast.engine.trie import evaluate_trie_games
+
+    net = tiny_gemma2(attn=attn, **GEMMA2_CONFIGS[config])
+    adapter = get_adapter(net)
+    assert adapter is not None
+    capped = config == "softcaps"
+    assert [spec.softcap for spec in adapter.layers] == [1.0 if capped else None] * 3
+    assert [spec.sliding_window for spec in adapter.layers] == [4, None, 4]
+    assert [spec.scale for spec in adapter.layers] == [16 ** -0.5] * 3
+    game = make_game("first_and_last", masking=masking, seed=6)
+    assert game.input_ids.numel() > net.config.sliding_window
+    trie, naive = run_both(net, game, batch_size=3)
+    check_close(trie, naive)
+    assert naive.std() > 1e-2
+    full = torch.tensor([(1 << game.num_players) - 1])
+    with torch.no_grad():
+        own = game.values_from_logits(net(input_ids=game.input_ids[None]).logits[:, -1:])
+        check_close(evaluate_trie(net, game, full, progress=False), own)
+    if capped:  # each soft-cap moves the values beyond the tolerance: dropping either would fail the checks above
+        for drop in ("attention", "final"):
+            uncapped = get_adapter(net)
+            if drop == "attention":
+                uncapped.layers = tuple(dataclasses.replace(spec, softcap=None) for spec in uncapped.layers)
+            else:
+                uncapped._final_softcap = None
+            wrong = evaluate_trie_games(net, [game], progress=False, adapter=uncapped)[0]
+            assert ((wrong - naive).abs() > 1e-4 * naive.abs().clamp(min=1)).any(), drop
+
+
 def test_unsupported_model_has_no_adapter():
     from transformers import AutoModelForCausalLM, OPTConfig
 

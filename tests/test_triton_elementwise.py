@@ -28,9 +28,11 @@ def _on(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("cls_name", ["LlamaRMSNorm", "Qwen2RMSNorm", "Gemma3RMSNorm", "Olmo2RMSNorm"])
+@pytest.mark.parametrize("cls_name", ["LlamaRMSNorm", "Qwen2RMSNorm", "Gemma3RMSNorm", "Olmo2RMSNorm",
+                                      "Gemma2RMSNorm"])
 @pytest.mark.parametrize("shape", [(37, 72), (5, 3, 8), (300, 16)])  # H not a power of 2; 3-D; rows > one program
 def test_rms_norm_matches_hf(cls_name, dtype, shape):
+    import transformers.models.gemma2.modeling_gemma2 as gemma2
     import transformers.models.gemma3.modeling_gemma3 as gemma3
     import transformers.models.llama.modeling_llama as llama
     import transformers.models.olmo2.modeling_olmo2 as olmo2
@@ -39,13 +41,14 @@ def test_rms_norm_matches_hf(cls_name, dtype, shape):
     from sftint_fast.ops.triton.rms_norm import rms_norm
 
     cls = {"LlamaRMSNorm": llama.LlamaRMSNorm, "Qwen2RMSNorm": qwen2.Qwen2RMSNorm,
-           "Gemma3RMSNorm": gemma3.Gemma3RMSNorm, "Olmo2RMSNorm": olmo2.Olmo2RMSNorm}[cls_name]
+           "Gemma3RMSNorm": gemma3.Gemma3RMSNorm, "Olmo2RMSNorm": olmo2.Olmo2RMSNorm,
+           "Gemma2RMSNorm": gemma2.Gemma2RMSNorm}[cls_name]
     gen = torch.Generator().manual_seed(0)
     module = cls(shape[-1], eps=1e-5).to(dtype)
     with torch.no_grad():
         module.weight.copy_(torch.randn(shape[-1], generator=gen))
     x = (3 * torch.randn(shape, generator=gen)).to(dtype)
-    gemma, olmo = cls_name == "Gemma3RMSNorm", cls_name == "Olmo2RMSNorm"
+    gemma, olmo = cls_name in ("Gemma3RMSNorm", "Gemma2RMSNorm"), cls_name == "Olmo2RMSNorm"
     got = rms_norm(*_on(x, module.weight.detach()), module.eps if gemma else module.variance_epsilon, gemma=gemma,
                    olmo=olmo)
     with torch.no_grad():
@@ -132,14 +135,15 @@ def _count_fused(monkeypatch) -> dict:
 
 @pytest.mark.parametrize("fused", ["triton", pytest.param("cpu", marks=requires_ext)])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "gemma3", "phi3", "phi3-full-rotary", "olmo2",
-                                  "olmo3"])
+                                  "olmo3", "gemma2"])
 def test_layer_loop_uses_the_fused_ops_and_matches_the_model(arch, fused, monkeypatch):
     """``run_layers(fused=...)`` replaces every RMSNorm, RoPE and (SiLU models) the gate, and gives the model's
     numbers; Gemma-3's GELU MLP stays its module. Per layer: Llama/Qwen2/SmolLM3 2 norms, Qwen3 2 + q/k norms,
-    Gemma-3 4 + q/k norms, OLMo-2/3 2 (post-norms) + q/k norms; SmolLM3's NoPE layer (the second) no RoPE. Phi-3: 2
-    norms, RoPE only where it spans the whole head (the model's function rotates part of it, and passes the rest), its
-    fused gate_up MLP as its module.
+    Gemma-3 4 + q/k norms, Gemma-2 4 (its GELU-tanh MLP stays its module), OLMo-2/3 2 (post-norms) + q/k norms;
+    SmolLM3's NoPE layer (the second) no RoPE. Phi-3: 2 norms, RoPE only where it spans the whole head (the model's
+    function rotates part of it, and passes the rest), its fused gate_up MLP as its module.
     ``"triton"``: the Triton ops on ``DEVICE``; ``"cpu"``: the C++ ops (``sftint_fast.ops.layer_ops``)."""
+    from conftest import tiny_gemma2
     from test_layer_ops import count_cpu_ops
     from test_trie import _sliding_model
 
@@ -148,6 +152,8 @@ def test_layer_loop_uses_the_fused_ops_and_matches_the_model(arch, fused, monkey
     device = DEVICE if fused == "triton" else "cpu"
     if arch == "gemma3":
         net = _sliding_model("gemma3", "sdpa")
+    elif arch == "gemma2":
+        net = tiny_gemma2()
     elif arch == "phi3-full-rotary":
         net = tiny_model("phi3", initializer_range=0.2, partial_rotary_factor=1.0)
     else:
@@ -162,6 +168,8 @@ def test_layer_loop_uses_the_fused_ops_and_matches_the_model(arch, fused, monkey
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
         scores = torch.einsum("qhd,khd->hqk", q, k) * adapter.layers[layer].scale
+        if adapter.layers[layer].softcap:  # Gemma-2's, after the scale, before the mask
+            scores = torch.tanh(scores / adapter.layers[layer].softcap) * adapter.layers[layer].softcap
         scores = scores.masked_fill(~torch.ones(9, 9, dtype=torch.bool, device=device).tril(), float("-inf"))
         if adapter.layers[layer].sliding_window:
             window = adapter.layers[layer].sliding_window
@@ -178,6 +186,8 @@ def test_layer_loop_uses_the_fused_ops_and_matches_the_model(arch, fused, monkey
     counts = sorted(calls.values())  # rms_norm, rope, silu_mul under either backend's names
     if arch == "gemma3":
         assert counts == sorted([6 * layers, 2 * layers, 0]), calls
+    elif arch == "gemma2":
+        assert counts == sorted([4 * layers, 2 * layers, 0]), calls
     elif arch in ("qwen3", "olmo2", "olmo3"):
         assert counts == sorted([4 * layers, 2 * layers, layers]), calls
     elif arch == "smollm3":
@@ -226,18 +236,20 @@ def test_olmo_layer_loop_in_half_precision_rounds_as_the_model(arch, monkeypatch
 
 
 @pytest.mark.parametrize("masking", ["embedding", "attention"])
-@pytest.mark.parametrize("kind", ["gemma3", "mistral", "qwen3", "smollm3", "phi3", "olmo3"])
+@pytest.mark.parametrize("kind", ["gemma3", "mistral", "qwen3", "smollm3", "phi3", "olmo3", "gemma2"])
 def test_trie_with_triton_on_sliding_window_models_matches_naive(kind, masking):
     """Gemma-3 (sandwich norms, q/k norms, (1 + w) RMSNorm, per-layer-type RoPE, soft-capped logits, GELU), Mistral,
     Qwen3 (q/k norms, full and sliding layers), SmolLM3 (a sliding NoPE layer between RoPE ones), Phi-3 (fused
     qkv and gate_up projections, partial RoPE) and OLMo-3 (post-norms, whole-projection q/k norms, per-layer-type
-    RoPE) through the fused kernel and the fused elementwise ops."""
+    RoPE) through the fused kernel and the fused elementwise ops; Gemma-2 (eager: its attention logit soft-cap in the
+    kernel) too."""
+    from conftest import tiny_gemma2
     from test_trie import _sliding_model, check_close, make_game
 
     from sftint_fast.engine.naive import evaluate_naive
     from sftint_fast.engine.trie import evaluate_trie
 
-    net = _sliding_model(kind, "sdpa").to(DEVICE)
+    net = (tiny_gemma2() if kind == "gemma2" else _sliding_model(kind, "sdpa")).to(DEVICE)
     game = make_game("first_and_last", masking=masking, seed=6)
     assert game.input_ids.numel() > net.config.sliding_window
     subsets = torch.arange(1 << game.num_players)

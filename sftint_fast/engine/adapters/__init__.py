@@ -17,7 +17,7 @@ __all__ = ["Adapter", "AttendFn", "LayerSpec", "ModelDims", "find_adapter", "get
 
 _ADAPTERS: tuple[type[Adapter], ...] = (LlamaLikeAdapter, Phi3Adapter, GPT2Adapter, GPTNeoXAdapter, OlmoAdapter)
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "smollm3", "phi3", "gpt2", "gpt_neox", "olmo2",
-             "olmo3")
+             "olmo3", "gemma2")
 
 
 def get_adapter(model: torch.nn.Module) -> Adapter | None:
@@ -25,7 +25,8 @@ def get_adapter(model: torch.nn.Module) -> Adapter | None:
 
     Supported: Llama / SmolLM2, Qwen2, Qwen3, Mistral, Gemma-3 text, SmolLM3 (``model_type`` llama, qwen2, qwen3,
     mistral, gemma3_text, smollm3), Phi-3 / Phi-3.5 / Phi-4 / Phi-4-mini (``phi3``), GPT-2, GPT-NeoX / Pythia
-    (``gpt_neox``) and OLMo-2 / OLMo-3 (``olmo2``, ``olmo3``). The adapter reuses the model's own modules, so it
+    (``gpt_neox``), OLMo-2 / OLMo-3 (``olmo2``, ``olmo3``) and Gemma-2 (``gemma2``: its attention logit soft-cap
+    needs eager, flex or flash attention; SDPA is refused). The adapter reuses the model's own modules, so it
     follows later changes to the model's weights.
     Wrappers are looked through: a PEFT model (``get_base_model()``: its LoRA layers sit inside the HF model and run
     as the modules they replaced) and DDP / accelerate's ``.module``.

@@ -1,12 +1,15 @@
-"""Llama-like decoders (Llama, SmolLM2, Qwen2, Qwen3, Mistral, Gemma-3 text, SmolLM3): pre-norm blocks with RoPE
-(none on SmolLM3's NoPE layers) and GQA.
+"""Llama-like decoders (Llama, SmolLM2, Qwen2, Qwen3, Mistral, Gemma-3 text, SmolLM3, Gemma-2): pre-norm blocks with
+RoPE (none on SmolLM3's NoPE layers) and GQA.
 
 The layer loop calls the HF modules themselves (norms, projections, rotary embedding, MLP, LM head), so every
 number equals the model's own forward; only the attention is handed to the engine's callback.
 """
 from __future__ import annotations
 
+import functools
 import inspect
+import math
+import re
 import sys
 
 import torch
@@ -15,17 +18,21 @@ from sftint_fast.engine.adapters.base import (Adapter, AttendFn, FusedBackend, L
                                               last_layer_rows, mlp_tensors)
 
 #: HF ``model_type`` values this adapter serves (each checked against the naive engine in tests/test_trie.py).
-MODEL_TYPES = frozenset({"llama", "qwen2", "mistral", "gemma3_text", "qwen3", "smollm3"})
+MODEL_TYPES = frozenset({"llama", "qwen2", "mistral", "gemma3_text", "qwen3", "smollm3", "gemma2"})
 #: RMSNorm classes the fused ops (Triton, C++) reproduce: ``"llama"`` = ``w * norm(x).to(dtype)`` (``variance_epsilon``),
 #: ``"gemma"`` = ``(norm(x) * (1 + w)).to(dtype)`` (``eps``), ``"olmo"`` = ``(w * norm(x)).to(dtype)``
 #: (``variance_epsilon``). Any other norm runs as its module.
 FUSED_NORMS = {"LlamaRMSNorm": "llama", "Qwen2RMSNorm": "llama", "Qwen3RMSNorm": "llama", "MistralRMSNorm": "llama",
-               "SmolLM3RMSNorm": "llama", "Phi3RMSNorm": "llama", "Gemma3RMSNorm": "gemma",
+               "SmolLM3RMSNorm": "llama", "Phi3RMSNorm": "llama", "Gemma3RMSNorm": "gemma", "Gemma2RMSNorm": "gemma",
                "Olmo2RMSNorm": "olmo", "Olmo3RMSNorm": "olmo"}
 #: Model types whose forward picks each layer's attention mask by ``config.layer_types`` (a ``"sliding_attention"``
 #: layer's mask keeps ``config.sliding_window`` keys), while flash attention reads the attention module's
 #: ``sliding_window``: the two must agree (:func:`_layer_windows`).
-_MASK_BY_LAYER_TYPE = frozenset({"qwen2", "qwen3", "smollm3", "gemma3_text", "olmo3"})
+_MASK_BY_LAYER_TYPE = frozenset({"qwen2", "qwen3", "smollm3", "gemma3_text", "olmo3", "gemma2"})
+#: Model types whose attention modules pass ``softcap=self.attn_logit_softcapping`` to the attention function, which
+#: applies ``tanh(scores / cap) * cap`` to the scaled scores before the mask (eager, flex and flash attention; HF's
+#: SDPA attention cannot): the adapter carries it as :attr:`LayerSpec.softcap` (:func:`_layer_softcaps`).
+_SOFTCAP_CARRIED = frozenset({"gemma2"})
 
 
 class LlamaLikeAdapter(Adapter):
@@ -49,10 +56,11 @@ class LlamaLikeAdapter(Adapter):
         self._layer_types = tuple(config.layer_types) if config.model_type == "gemma3_text" else None
         self._sandwich = hasattr(self._blocks[0], "pre_feedforward_layernorm")
         attn0 = self._blocks[0].self_attn
-        cap = getattr(config, "attn_logit_softcapping", None)
-        if cap is not None and _attention_softcaps(attn0):
-            raise ValueError(f"its attention applies a logit soft-cap (attn_logit_softcapping={cap}), which this "
-                             f"adapter does not carry over")
+        softcaps = _layer_softcaps(config, self._blocks)
+        if _scales_embeddings_in_forward(inner):
+            raise ValueError(f"its model's forward ({type(inner).__name__}) scales the input embeddings itself "
+                             "(normalizer, as transformers 4.x's Gemma models do), which this adapter does not carry "
+                             "over (it takes the embedding module's output as the layers' input)")
         self.dims = ModelDims(
             num_layers=len(self._blocks),
             num_heads=config.num_attention_heads,
@@ -72,8 +80,9 @@ class LlamaLikeAdapter(Adapter):
         # dynamic / longrope RoPE picks its frequencies from the largest position it is given (HF's
         # ``dynamic_rope_update``): the tables must come from the whole sequence's positions, as in the model's forward
         self._rope_by_length = _length_dependent_rope(self._rotary)
-        self.layers = tuple(LayerSpec(scale=float(block.self_attn.scaling), sliding_window=window)
-                            for block, window in zip(self._blocks, _layer_windows(config, self._blocks)))
+        self.layers = tuple(LayerSpec(scale=float(block.self_attn.scaling), sliding_window=window, softcap=cap)
+                            for block, window, cap in zip(self._blocks, _layer_windows(config, self._blocks),
+                                                          softcaps))
         # SmolLM3's NoPE layers (``no_rope_layers[i] == 0``): the attention module skips RoPE where ``use_rope`` is
         # falsy; read from the module (an AttributeError if a release renames it: the adapter then refuses the model)
         self._rope_layers = tuple(bool(block.self_attn.use_rope) if config.model_type == "smollm3" else True
@@ -208,13 +217,68 @@ def _layer_windows(config, blocks: list[torch.nn.Module]) -> list[int | None]:
     return windows
 
 
+def _forward_source(module: torch.nn.Module) -> str | None:
+    """The source of the module class's ``forward`` (through ``functools.wraps`` decorators), None if unreadable."""
+    return _source_of(type(module).forward)
+
+
+@functools.lru_cache(maxsize=256)
+def _source_of(function) -> str | None:
+    # (read once per function: every evaluate builds an adapter, and reading the source was 80% of its lookup)
+    try:
+        return inspect.getsource(function)
+    except (OSError, TypeError):
+        return None
+
+
 def _attention_softcaps(attn: torch.nn.Module) -> bool:
     """Whether the attention module's forward passes a logit soft-cap to the attention function (Gemma-2 does;
     Gemma-3's, as of transformers 5.25, ignores ``attn_logit_softcapping``). True when its source cannot be read."""
-    try:
-        return "softcap" in inspect.getsource(type(attn).forward)
-    except (OSError, TypeError):
-        return True
+    source = _forward_source(attn)
+    return source is None or "softcap" in source
+
+
+#: transformers' attention implementations that apply the ``softcap`` they are passed (flash attention raises where
+#: its kernel lacks it); SDPA cannot (transformers 5.x raises, earlier releases dropped it).
+_SOFTCAP_IMPLEMENTATIONS = ("eager", "flex_attention", "flash_attention")
+
+
+def _layer_softcaps(config, blocks: list[torch.nn.Module]) -> list[float | None]:
+    """Each layer's attention logit soft-cap: for :data:`_SOFTCAP_CARRIED` model types whose attention passes
+    ``softcap=self.attn_logit_softcapping``, that attribute of each layer's module, applied as eager attention does;
+    else None where the attention ignores ``config.attn_logit_softcapping`` (or it is None). A soft-cap the adapter
+    cannot carry exactly (another model type's, one passed otherwise, one whose source cannot be read, or a model
+    configured for an attention implementation that does not apply it) is refused with a ValueError naming it."""
+    cap = getattr(config, "attn_logit_softcapping", None)
+    attn = blocks[0].self_attn
+    source = _forward_source(attn)
+    passed = source is not None and re.search(r"softcap\s*=\s*self\.attn_logit_softcapping\b", source) is not None
+    if config.model_type in _SOFTCAP_CARRIED and passed:
+        caps = [block.self_attn.attn_logit_softcapping for block in blocks]
+        for index, layer_cap in enumerate(caps):
+            if layer_cap is not None and (isinstance(layer_cap, bool) or not isinstance(layer_cap, (int, float))
+                                          or not 0 < layer_cap < math.inf):
+                raise ValueError(f"layer {index}'s attention logit soft-cap (attn_logit_softcapping): expected None "
+                                 f"or a positive finite number, received {layer_cap!r}")
+        implementation = getattr(config, "_attn_implementation", None) or "eager"
+        if any(c is not None for c in caps) and not str(implementation).startswith(_SOFTCAP_IMPLEMENTATIONS):
+            raise ValueError(f"its attention applies a logit soft-cap (attn_logit_softcapping={cap}) that its "
+                             f"attention implementation {implementation!r} does not (transformers' SDPA attention "
+                             "cannot: it raises or drops it), so the model's forward is not the one the adapter would "
+                             "compute; load it with attn_implementation='eager'")
+        return [None if c is None else float(c) for c in caps]
+    if cap is not None and _attention_softcaps(attn):
+        raise ValueError(f"its attention applies a logit soft-cap (attn_logit_softcapping={cap}), which this "
+                         f"adapter does not carry over")
+    return [None] * len(blocks)
+
+
+def _scales_embeddings_in_forward(inner: torch.nn.Module) -> bool:
+    """Whether the inner model's forward multiplies the input embeddings by a ``normalizer`` (transformers 4.x's
+    Gemma-2: ``sqrt(hidden_size)`` after the embedding; 5.x scales in the embedding module,
+    ``Gemma2TextScaledWordEmbedding``, whose output is what the adapter's ``embed`` returns)."""
+    source = _forward_source(inner)
+    return source is not None and "normalizer" in source
 
 
 def _length_dependent_rope(rotary: torch.nn.Module) -> bool:
