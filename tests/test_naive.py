@@ -291,6 +291,23 @@ def test_attention_masking_refuses_a_model_the_masks_do_not_reach(make, reason):
     assert sf.evaluate(model, embedding, method="naive", progress=False).shape == (4,)
 
 
+def test_attention_masking_refuses_flex_attention_on_the_cpu_before_any_forward(monkeypatch):
+    """torch's flex attention on the CPU corrupted the heap on the 4D variant masks ("free(): invalid next size"; the
+    whole process aborted, in the masking probe already): refused, naming the implementation, before any forward."""
+    import sftint_fast.engine.naive as naive_module
+
+    model = tiny_model("llama", attn="flex_attention")
+
+    def probed(*args, **kwargs):  # (what aborted the process: a regression fails here instead)
+        raise AssertionError("the masking probe ran a forward with flex attention on the CPU")
+
+    monkeypatch.setattr(naive_module, "_masking_fault", probed)
+    game = Game.from_text(model, TOK, TEXT_A, players=[0, 2], target="mat", masking="attention")
+    with pytest.raises(ValueError, match=r"masking='attention'.*LlamaForCausalLM with attn_implementation="
+                                         r"'flex_attention' on the CPU.*attn_implementation='eager'"):
+        sf.evaluate(model, game, method="naive", progress=False)
+
+
 def test_a_memory_shortage_in_the_masking_probe_is_raised_not_kept_as_the_model_verdict():
     """The attention-masking probe (run once per model) kept any exception as the model's permanent reason to refuse
     attention masking: one out-of-memory during it refused the model for the rest of a training run."""

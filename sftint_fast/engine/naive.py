@@ -189,6 +189,14 @@ def check_attention_masking(model: Any) -> None:
         raise ValueError(f"masking='attention': expected a model whose every token-mixing layer is full or sliding "
                          f"attention, received {type(model).__name__} with layer types {others}, which an attention "
                          f"mask cannot hide the masked players from; use masking='embedding'")
+    implementation = str(getattr(model.config, "_attn_implementation", None) or "")
+    if implementation.startswith("flex_attention") and model_device(model).type == "cpu":
+        # torch 2.13's flex attention on CPU corrupts the heap on these 4D masks ("free(): invalid next size"): the
+        # process aborts, so the probe cannot even be tried
+        raise ValueError(f"masking='attention': expected a model whose attention implementation takes the 4D "
+                         f"variant masks, received {type(model).__name__} with attn_implementation={implementation!r} "
+                         f"on the CPU, where flex attention aborts the process on them; load it with "
+                         f"attn_implementation='eager' (or 'sdpa'), or use masking='embedding'")
     fault = _probed(model, _masking_fault)
     if fault:
         raise ValueError(f"masking='attention': expected a model whose attention masks hide the masked players, "
