@@ -226,12 +226,20 @@ def _level_nodes(num_players: int, subsets: torch.Tensor | None) -> tuple[tuple[
 def _chunk_activation_bytes(dims: ModelDims, seg_len: int, num_keys: int, num_targets: int, last: bool,
                             fused: bool = False) -> int:
     """Bytes one node of a chunk needs while a layer runs (hidden states, gathered K/V, scores, mask, logits);
-    the fused kernel (``fused``) gathers no K/V and materialises no scores."""
+    the fused kernel (``fused``) gathers no K/V and materialises no scores. A soft-capped attention
+    (``dims.softcap``) keeps the gathered K/V and their copies repeated to every head, three float32 score tensors
+    (the capped scores, the masked ones, their softmax) and the mask and its negation alive."""
     size = dims.dtype_bytes
     per_token = (4 * dims.hidden_size + dims.mlp_tensors * dims.intermediate_size
                  + 2 * dims.num_heads * dims.head_dim) * size
-    gathered = 0 if fused else 2 * num_keys * dims.num_heads * dims.head_dim * size  # K, V (GQA expanded at worst)
-    scores = 0 if fused else dims.num_heads * seg_len * num_keys * 4 + seg_len * num_keys
+    if fused:
+        gathered = scores = 0
+    elif dims.softcap:
+        gathered = 2 * num_keys * (dims.num_heads + dims.num_kv_heads) * dims.head_dim * size
+        scores = 3 * dims.num_heads * seg_len * num_keys * 4 + 2 * seg_len * num_keys
+    else:
+        gathered = 2 * num_keys * dims.num_heads * dims.head_dim * size  # K, V (GQA expanded at worst)
+        scores = dims.num_heads * seg_len * num_keys * 4 + seg_len * num_keys
     logits = 2 * num_targets * dims.vocab_size * 4 if last else 0
     return seg_len * per_token + gathered + scores + logits
 

@@ -29,6 +29,10 @@ class ModelDims:
     dtype: torch.dtype
     #: MLP-wide (``intermediate_size``) tensors one token keeps alive at its MLP's peak (:func:`mlp_tensors`)
     mlp_tensors: int = 3
+    #: some layer soft-caps its attention logits (Gemma-2): the torch attention path then computes the scores in
+    #: steps, as eager attention does, with the K/V repeated to every head (:func:`~sftint_fast.engine.plan.plan_trie`
+    #: counts those tensors), where SDPA keeps at most one score-sized tensor
+    softcap: bool = False
 
     @property
     def dtype_bytes(self) -> int:

@@ -71,6 +71,7 @@ class LlamaLikeAdapter(Adapter):
             vocab_size=config.vocab_size,
             dtype=self._embed_tokens.weight.dtype,
             mlp_tensors=mlp_tensors(self._blocks[0].mlp),
+            softcap=any(cap is not None for cap in softcaps),
         )
         # fused elementwise ops (``run_layers(fused=...)``): which of the model's ops they can stand in for
         self._rope_fusable = _function_name(self._apply_rope) == "apply_rotary_pos_emb"
