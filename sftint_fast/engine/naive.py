@@ -64,10 +64,13 @@ def sequence_bytes(model: Any, game: Game) -> int:
     hidden = model.get_input_embeddings().weight.shape[1]
     inter = _largest(getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or 4 * hidden)
     heads = _largest(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 1))
+    # q / attention output width: heads x head_dim, which may exceed the hidden size (Qwen3, Gemma, OLMo-2 configs)
+    head_dim = getattr(cfg, "head_dim", None)
+    width = max(hidden, heads * head_dim) if isinstance(head_dim, int) and head_dim > 0 else hidden
     vocab = model.get_input_embeddings().num_embeddings
     length = game.input_ids.numel()
     elem = model.get_input_embeddings().weight.element_size()
-    activations = length * (8 * hidden + mlp_tensors(model) * inter + 3 * heads * length) * elem
+    activations = length * (8 * width + mlp_tensors(model) * inter + 3 * heads * length) * elem
     logits = 3 * game.target.numel() * vocab * 4
     return activations + logits
 
