@@ -64,11 +64,39 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, attn: str = "eager", **ove
         cfg = Olmo3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, max_position_embeddings=128, sliding_window=4,
                           layer_types=["sliding_attention", "full_attention"], **common)
+    elif arch in MOE_ARCHS:
+        cfg = tiny_moe_config(arch, **common)
     else:
         raise ValueError(arch)
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
+
+
+#: Mixture-of-Experts architectures :func:`tiny_model` builds: 4 experts, top-2, a Llama-like attention.
+MOE_ARCHS = ("qwen3_moe", "mixtral", "olmoe", "qwen2_moe")
+
+
+def tiny_moe_config(arch: str, **options):
+    """A tiny MoE config: 3 layers of 4 experts (16 wide), each token routed to 2. Qwen3-MoE: per-head q/k norms, the
+    middle layer a dense MLP (``mlp_only_layers``); Qwen2-MoE: a shared expert behind a sigmoid gate, only the middle
+    layer sparse (``decoder_sparse_step`` 2: layers whose 1-based index is even);
+    Mixtral: renormalised top-2, no dense layer; OLMoE: q/k norms over the whole projection."""
+    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    base = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=128, num_experts_per_tok=2)
+    if arch == "qwen3_moe":
+        return Qwen3MoeConfig(**{**base, "intermediate_size": 64, "moe_intermediate_size": 16, "num_experts": 4,
+                                 "head_dim": 8, "mlp_only_layers": [1], **options})
+    if arch == "qwen2_moe":
+        return Qwen2MoeConfig(**{**base, "intermediate_size": 64, "moe_intermediate_size": 16, "num_experts": 4,
+                                 "shared_expert_intermediate_size": 24, "decoder_sparse_step": 2, **options})
+    if arch == "mixtral":
+        return MixtralConfig(**{**base, "intermediate_size": 16, "num_local_experts": 4, **options})
+    if arch == "olmoe":
+        return OlmoeConfig(**{**base, "intermediate_size": 16, "num_experts": 4, **options})
+    raise ValueError(arch)
 
 
 def tiny_gemma3n():

@@ -27,7 +27,8 @@ def test_an_architecture_without_adapter_runs_naive_and_says_so():
     adapter, reason = find_adapter(model)
     assert adapter is None and get_adapter(model) is None
     assert reason == ("no trie adapter for OPTForCausalLM (model_type 'opt'; supported: llama, qwen2, qwen3, "
-                      "mistral, gemma3_text, smollm3, phi3, gpt2, gpt_neox, olmo2, olmo3, gemma2)")
+                      "mistral, gemma3_text, smollm3, phi3, gpt2, gpt_neox, olmo2, olmo3, gemma2, qwen3_moe, mixtral, "
+                      "olmoe, qwen2_moe)")
     game = Game.from_text(model, TOK, TEXT_A)
     with torch.no_grad():
         naive = sf.evaluate(model, game, method="naive", progress=False)
@@ -281,3 +282,53 @@ def test_an_olmo_layer_the_adapter_does_not_run_as_written_is_refused(change):
     adapter, reason = find_adapter(model)
     assert adapter is None and reason.startswith("the OlmoAdapter could not read this Olmo2ForCausalLM")
     assert expected in reason
+
+
+def _moe_layer_forward_of_transformers_4(self, hidden_states, attention_mask=None, position_ids=None, cache=None,
+                                         use_cache=False, position_embeddings=None, **kwargs):
+    residual = hidden_states
+    hidden_states = self.input_layernorm(hidden_states)
+    hidden_states, _ = self.self_attn(hidden_states=hidden_states, attention_mask=attention_mask,
+                                      position_ids=position_ids, position_embeddings=position_embeddings, **kwargs)
+    hidden_states = residual + hidden_states
+    residual = hidden_states
+    hidden_states = self.post_attention_layernorm(hidden_states)
+    hidden_states, _router_logits = self.block_sparse_moe(hidden_states)
+    return residual + hidden_states
+
+
+@pytest.mark.parametrize("change", ["olmoe_window", "per_head_q_norm", "layer_of_transformers_4", "unknown_mlp"])
+def test_a_moe_model_the_adapter_does_not_run_as_written_is_refused(change):
+    """What the MoE adapter cannot carry exactly is refused, naming it (auto: the naive engine, same values): an OLMoE
+    window (its forward masks without one, its flash attention would apply it), q/k norms of another width than the
+    model type's (OLMoE's span the projection), a decoder layer that unpacks (hidden, router_logits) from
+    block_sparse_moe (transformers 4.x's Mixtral), an MLP that is neither a gated MLP nor a sparse block."""
+    from transformers.models.olmoe.modeling_olmoe import OlmoeRMSNorm
+
+    model = tiny_model("mixtral" if change == "layer_of_transformers_4" else "olmoe", initializer_range=0.2)
+    assert find_adapter(model)[0] is not None
+    block = model.model.layers[1]
+    if change == "olmoe_window":
+        model.config.sliding_window = 4
+        expected = "its config has sliding_window=4, which OLMoE's attention passes to flash attention"
+    elif change == "per_head_q_norm":
+        block.self_attn.q_norm = OlmoeRMSNorm(block.self_attn.head_dim)
+        expected = "layer 1's q_norm has weight shape (8,): expected (32,), a norm over the whole projection"
+    elif change == "layer_of_transformers_4":
+        for layer in model.model.layers:
+            base = type(layer)
+            layer.__class__ = type(f"Old{base.__name__}", (base,), {"forward": _moe_layer_forward_of_transformers_4})
+        expected = "does not call `hidden_states = self.mlp(hidden_states)` and take a tensor back"
+    else:
+        block.mlp = torch.nn.Identity()
+        expected = "layer 1's mlp (Identity) is neither a gated MLP (gate_proj, up_proj, down_proj) nor a sparse MoE"
+    adapter, reason = find_adapter(model)
+    assert adapter is None and reason.startswith(f"the MoeAdapter could not read this {type(model).__name__}")
+    assert expected in reason, reason
+    if change == "olmoe_window":  # (the others are no models transformers runs)
+        game = Game.from_text(model, TOK, TEXT_A)
+        with torch.no_grad():
+            naive = sf.evaluate(model, game, method="naive", progress=False)
+            with pytest.warns(UserWarning, match="sliding_window=4"):
+                auto = sf.evaluate(model, game, progress=False)
+        assert torch.equal(auto, naive)

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import MOE_ARCHS, tiny_model
 from test_trie import make_game
 
 import sftint_fast as sf
@@ -187,19 +187,25 @@ def _lora(arch: str):
 @pytest.mark.filterwarnings("ignore::UserWarning:peft")
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "phi3", "gpt2", "gpt_neox", "gemma3",
                                   "lora_llama", "lora_gpt2", "lora_gpt_neox", "lora_phi3", "olmo2", "olmo3",
-                                  "gemma2"])
+                                  "gemma2", *MOE_ARCHS])
 def test_the_hooks_transformers_installs_keep_the_trie_on(arch):
     """transformers 5.x leaves output-recording hooks on the decoder layers and attention modules after a forward with
-    output_hidden_states / output_attentions; enable_input_require_grads (gradient checkpointing, also through PEFT)
-    leaves one on the input embedding. They change no value: the trie stays on, equal to naive."""
+    output_hidden_states / output_attentions (and on MoE routers after output_router_logits);
+    enable_input_require_grads (gradient checkpointing, also through PEFT) leaves one on the input embedding. They
+    change no value: the trie stays on, equal to naive."""
     from conftest import tiny_gemma2
 
     model = _gemma3() if arch == "gemma3" else _lora(arch[5:]) if arch.startswith("lora_") else tiny_gemma2() if (
         arch == "gemma2") else tiny_model(arch, initializer_range=0.2)
     ids = torch.tensor([[1, 5, 6, 7, 8]])
+    moe = arch in MOE_ARCHS
     with torch.no_grad():
-        out = model(input_ids=ids, output_hidden_states=True, output_attentions=True)
+        out = model(input_ids=ids, output_hidden_states=True, output_attentions=True,
+                    **({"output_router_logits": True} if moe else {}))
     assert out.hidden_states is not None and out.attentions is not None
+    if moe:  # the routers' recorders: on the modules the sparse blocks call
+        assert len(out.router_logits) == sum(hasattr(block.mlp, "gate") for block in model.model.layers) >= 1
+        assert all(block.mlp.gate._forward_hooks for block in model.model.layers if hasattr(block.mlp, "gate"))
     model.enable_input_require_grads()
     hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     assert hooks >= 1 + 2 * (model.config.num_hidden_layers)  # the recorders and the require-grads hook are there

@@ -473,6 +473,38 @@ def test_soft_capped_attention_stays_within_max_memory():
     assert tracked.peak <= budget, (tracked.peak, budget)
 
 
+@pytest.mark.parametrize("arch, experts", [("mixtral", "eager"), ("mixtral", "grouped_mm"), ("mixtral", "batched_mm"),
+                                           ("qwen2_moe", "grouped_mm")])
+def test_moe_trie_stays_within_max_memory(arch, experts):
+    """A MoE model with wide experts (512, 8 of them, top-4): counted as a dense MLP of the experts' width
+    (3 widths a token) a budget just above the estimate ran 1.14x (eager's loop over the experts), 4.1x (grouped_mm:
+    every token's 4 expert rows at once) and 93x (batched_mm: each row gathers its expert's weights) over
+    ``max_memory`` in live tensors. The adapter now counts the sparse block's peak per implementation."""
+    import re
+
+    from conftest import tiny_moe_config
+    from transformers import AutoModelForCausalLM
+
+    from sftint_fast.engine.plan import TrieMemoryError, plan_trie
+
+    torch.manual_seed(0)
+    wide = ({"intermediate_size": 512, "num_local_experts": 8} if arch == "mixtral" else
+            {"moe_intermediate_size": 512, "num_experts": 8, "decoder_sparse_step": 1})
+    cfg = tiny_moe_config(arch, vocab_size=128, pad_token_id=0, num_experts_per_tok=4, **wide)
+    model = AutoModelForCausalLM.from_config(cfg, experts_implementation=experts).eval()
+    text = "the cat sat on the mat and the dog sat on the rug while the bird sat on the tree near the house by the mat"
+    game = Game.from_text(model, TOK, text, players=[0, 1, 2], target="mat")
+    with pytest.raises(TrieMemoryError) as refused:
+        plan_trie(game, model=model, max_memory=1)
+    needed = int(re.search(r"needs at least .*?\((\d+) bytes\)", str(refused.value)).group(1))
+    budget = needed + needed // 20
+    reference = sf.evaluate(model, game, method="naive", progress=False)
+    with _LiveBytes() as tracked:
+        v = sf.evaluate(model, game, method="trie", max_memory=budget, attention_backend="torch", progress=False)
+    assert torch.allclose(v, reference, atol=1e-5)
+    assert tracked.peak <= budget, (tracked.peak, budget)
+
+
 @pytest.mark.parametrize("arch", ["qwen3", "olmo2", "phi3"])
 def test_naive_batches_of_wide_heads_stay_within_max_memory(arch):
     """Heads wider than the hidden size (heads x head_dim = 8 x hidden here; Qwen3-0.6B's is 2x): the naive engine's

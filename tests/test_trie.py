@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import MOE_ARCHS, tiny_model
 
 from sftint_fast.engine.adapters import get_adapter
 from sftint_fast.engine.naive import evaluate_naive
@@ -62,7 +62,7 @@ def run_both(net, game: Game, subsets=None, **kwargs):
 @pytest.mark.parametrize("masking", ["embedding", "attention"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "phi3", "gpt2", "gpt_neox", "olmo2",
-                                  "olmo3"])
+                                  "olmo3", *MOE_ARCHS])
 def test_trie_matches_naive(arch, attn, masking):
     net = model(arch, attn)
     if arch == "olmo3":  # a sliding layer (window 4 < the 12-token prompt), then a full one
@@ -82,7 +82,7 @@ def test_trie_layouts(arch, layout, masking):
 
 @pytest.mark.parametrize("masking", ["embedding", "attention"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "phi3", "gpt2", "gpt_neox", "olmo2",
-                                  "olmo3"])
+                                  "olmo3", *MOE_ARCHS])
 def test_multi_token_target_and_baseline_rows(arch, masking):
     game = make_game("adjacent_multi_token", masking=masking, num_targets=3, seed=2, baseline_rows=True)
     trie, naive = run_both(model(arch), game, batch_size=5)
@@ -468,6 +468,71 @@ def test_llama_like_configs_match_naive_and_the_models_forward(name, masking):
     with torch.no_grad():  # every player present: the model's own forward on the ids
         own = game.values_from_logits(net(input_ids=game.input_ids[None]).logits[:, -2:])
     check_close(trie[-1:], own)
+
+
+#: Mixture-of-Experts configs the other tests do not reach (tiny_moe_config's 3 layers of 4 experts, top-2, unless
+#: said): transformers' eager loop over the experts (the default elsewhere is grouped_mm) with renormalised top-k
+#: weights (norm_topk_prob) and Qwen3-MoE's dense middle layer; Qwen3-MoE with top-1 under a window of 3 on every
+#: layer; Mixtral eager under a window of 3, and batched_mm; OLMoE with clip_qkv 0.5 (it binds at this init),
+#: biased projections and renormalised weights; Qwen2-MoE (shared expert) with a dense first layer (mlp_only_layers),
+#: two sparse ones and a window of 3 on the first (layer_types).
+MOE_CONFIGS = {
+    "qwen3_moe-eager-norm-topk": ("qwen3_moe", "eager", {"norm_topk_prob": True}),
+    "qwen3_moe-top1-window-3": ("qwen3_moe", "grouped_mm", {"num_experts_per_tok": 1, "use_sliding_window": True,
+                                                           "sliding_window": 3}),
+    "mixtral-eager-window-3": ("mixtral", "eager", {"sliding_window": 3}),
+    "mixtral-batched-mm": ("mixtral", "batched_mm", {}),
+    "olmoe-clip-bias-norm-topk": ("olmoe", "eager", {"clip_qkv": 0.5, "attention_bias": True,
+                                                     "norm_topk_prob": True}),
+    "qwen2_moe-dense-first-window-3": ("qwen2_moe", "eager", {"decoder_sparse_step": 1, "mlp_only_layers": [0],
+                                                              "use_sliding_window": True, "sliding_window": 3,
+                                                              "max_window_layers": 1}),
+}
+
+
+@pytest.mark.parametrize("masking", ["embedding", "attention"])
+@pytest.mark.parametrize("name", sorted(MOE_CONFIGS))
+def test_moe_configs_match_naive_and_the_models_forward(name, masking):
+    from conftest import tiny_moe_config
+    from transformers import AutoModelForCausalLM
+
+    arch, experts, options = MOE_CONFIGS[name]
+    torch.manual_seed(0)
+    cfg = tiny_moe_config(arch, vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                          initializer_range=0.2, max_position_embeddings=32, **options)
+    net = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", experts_implementation=experts).eval()
+    assert net.config._experts_implementation == experts
+    adapter = get_adapter(net)
+    assert adapter is not None
+    sparse = [hasattr(block.mlp, "experts") for block in net.model.layers]
+    assert sparse == {"qwen3_moe": [True, False, True], "qwen2_moe": [False, True, True]}.get(arch, [True] * 3)
+    game = make_game("first_and_last", masking=masking, num_targets=2, seed=9, baseline_rows=True)
+    trie, naive = run_both(net, game, batch_size=3)
+    check_close(trie, naive)
+    assert naive.std() > 1e-2
+    with torch.no_grad():  # every player present: the model's own forward on the ids
+        own = game.values_from_logits(net(input_ids=game.input_ids[None]).logits[:, -2:])
+    check_close(trie[-1:], own)
+
+
+@pytest.mark.parametrize("method", ["trie", "naive"])
+def test_mixtral_router_jitter_is_off_in_a_model_left_in_training_mode(method):
+    """Mixtral's sparse block multiplies its input by uniform noise (router_jitter_noise) in training mode, which would
+    route each evaluation differently: the engines evaluate in eval mode, where it is off."""
+    import sftint_fast as sf
+
+    net = model("mixtral")
+    game = make_game("first_and_last", seed=3)
+    with torch.no_grad():
+        reference = sf.evaluate(net, game, method=method, progress=False)
+    net.config.router_jitter_noise = 0.5
+    for layer in net.model.layers:
+        layer.mlp.jitter_noise = 0.5
+    net.train()
+    with torch.no_grad():
+        values = sf.evaluate(net, game, method=method, progress=False)
+    assert net.training
+    check_close(values, reference)
 
 
 #: GPT-NeoX (Pythia) configs: parallel and sequential residual, RoPE on a quarter, half or all of each head (16 wide:

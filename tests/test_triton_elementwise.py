@@ -135,13 +135,15 @@ def _count_fused(monkeypatch) -> dict:
 
 @pytest.mark.parametrize("fused", ["triton", pytest.param("cpu", marks=requires_ext)])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "gemma3", "phi3", "phi3-full-rotary", "olmo2",
-                                  "olmo3", "gemma2"])
+                                  "olmo3", "gemma2", "qwen3_moe", "mixtral", "olmoe", "qwen2_moe"])
 def test_layer_loop_uses_the_fused_ops_and_matches_the_model(arch, fused, monkeypatch):
     """``run_layers(fused=...)`` replaces every RMSNorm, RoPE and (SiLU models) the gate, and gives the model's
     numbers; Gemma-3's GELU MLP stays its module. Per layer: Llama/Qwen2/SmolLM3 2 norms, Qwen3 2 + q/k norms,
     Gemma-3 4 + q/k norms, Gemma-2 4 (its GELU-tanh MLP stays its module), OLMo-2/3 2 (post-norms) + q/k norms;
     SmolLM3's NoPE layer (the second) no RoPE. Phi-3: 2 norms, RoPE only where it spans the whole head (the model's
-    function rotates part of it, and passes the rest), its fused gate_up MLP as its module.
+    function rotates part of it, and passes the rest), its fused gate_up MLP as its module. MoE models: 2 norms
+    (Qwen3-MoE and OLMoE + q/k norms), the gate in the dense layers only (Qwen3-MoE's 1 of 3, Qwen2-MoE's 2 of 3);
+    the sparse blocks run as their modules.
     ``"triton"``: the Triton ops on ``DEVICE``; ``"cpu"``: the C++ ops (``sftint_fast.ops.layer_ops``)."""
     from conftest import tiny_gemma2
     from test_layer_ops import count_cpu_ops
@@ -190,6 +192,11 @@ def test_layer_loop_uses_the_fused_ops_and_matches_the_model(arch, fused, monkey
         assert counts == sorted([4 * layers, 2 * layers, 0]), calls
     elif arch in ("qwen3", "olmo2", "olmo3"):
         assert counts == sorted([4 * layers, 2 * layers, layers]), calls
+    elif arch in ("qwen3_moe", "mixtral", "olmoe", "qwen2_moe"):
+        dense = sum(hasattr(block.mlp, "gate_proj") for block in net.model.layers)
+        assert dense == {"qwen3_moe": 1, "qwen2_moe": 2}.get(arch, 0)
+        norms = 4 if arch in ("qwen3_moe", "olmoe") else 2
+        assert counts == sorted([norms * layers, 2 * layers, dense]), calls
     elif arch == "smollm3":
         assert counts == sorted([2 * layers, 2 * (layers - 1), layers]), calls
     elif arch.startswith("phi3"):

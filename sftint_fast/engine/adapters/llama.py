@@ -24,11 +24,12 @@ MODEL_TYPES = frozenset({"llama", "qwen2", "mistral", "gemma3_text", "qwen3", "s
 #: (``variance_epsilon``). Any other norm runs as its module.
 FUSED_NORMS = {"LlamaRMSNorm": "llama", "Qwen2RMSNorm": "llama", "Qwen3RMSNorm": "llama", "MistralRMSNorm": "llama",
                "SmolLM3RMSNorm": "llama", "Phi3RMSNorm": "llama", "Gemma3RMSNorm": "gemma", "Gemma2RMSNorm": "gemma",
-               "Olmo2RMSNorm": "olmo", "Olmo3RMSNorm": "olmo"}
+               "Olmo2RMSNorm": "olmo", "Olmo3RMSNorm": "olmo", "Qwen3MoeRMSNorm": "llama", "Qwen2MoeRMSNorm": "llama",
+               "MixtralRMSNorm": "llama", "OlmoeRMSNorm": "llama"}
 #: Model types whose forward picks each layer's attention mask by ``config.layer_types`` (a ``"sliding_attention"``
 #: layer's mask keeps ``config.sliding_window`` keys), while flash attention reads the attention module's
 #: ``sliding_window``: the two must agree (:func:`_layer_windows`).
-_MASK_BY_LAYER_TYPE = frozenset({"qwen2", "qwen3", "smollm3", "gemma3_text", "olmo3", "gemma2"})
+_MASK_BY_LAYER_TYPE = frozenset({"qwen2", "qwen3", "smollm3", "gemma3_text", "olmo3", "gemma2", "qwen2_moe"})
 #: Model types whose attention modules pass ``softcap=self.attn_logit_softcapping`` to the attention function, which
 #: applies ``tanh(scores / cap) * cap`` to the scaled scores before the mask (eager, flex and flash attention; HF's
 #: SDPA attention cannot): the adapter carries it as :attr:`LayerSpec.softcap` (:func:`_layer_softcaps`).
@@ -136,15 +137,12 @@ class LlamaLikeAdapter(Adapter):
         tables = self._rope_tables(embeds.unsqueeze(0), positions, seq_len)
         ops = _FusedOps(self, fused) if fused else None
         norm = ops.norm if ops else _call
-        mlp = ops.mlp if ops else _call
+        mlp = self._mlp_call(ops)
         hidden = embeds
         last = len(self._blocks) - 1
         for index, block in enumerate(self._blocks):
             attn = block.self_attn
-            q, k, v = self._project(attn, norm(block.input_layernorm, hidden))
-            if hasattr(attn, "q_norm"):
-                q = norm(attn.q_norm, q)
-                k = norm(attn.k_norm, k)
+            q, k, v = self._normed_qkv(norm, attn, *self._project(attn, norm(block.input_layernorm, hidden)))
             cos, sin = tables[index]
             if self._rope_layers[index]:  # (a NoPE layer's q and k go to the attention as they are)
                 q, k = self._rope(ops, q, k, cos, sin)
@@ -168,6 +166,17 @@ class LlamaLikeAdapter(Adapter):
         """q ``[N, Hq, D]``, k and v ``[N, Hkv, D]``: the attention module's projections of the normed tokens."""
         head_dim = self.dims.head_dim
         return tuple(proj(normed).unflatten(-1, (-1, head_dim)) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+
+    def _normed_qkv(self, norm, attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v after the attention's q/k norms, per head (Qwen3's, Gemma-3's) where it has them."""
+        if hasattr(attn, "q_norm"):
+            q, k = norm(attn.q_norm, q), norm(attn.k_norm, k)
+        return q, k, v
+
+    def _mlp_call(self, ops: _FusedOps | None):
+        """``mlp(module, x)``: each layer's MLP, as its module or a fused op."""
+        return ops.mlp if ops else _call
 
     def _rope(self, ops: _FusedOps | None, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,13 +206,14 @@ def _function_name(fn) -> str | None:
 
 
 def _layer_windows(config, blocks: list[torch.nn.Module]) -> list[int | None]:
-    """Each layer's sliding window, the attention module's ``sliding_window`` (Mistral's and Phi-3's attention have
-    none: their ``config.sliding_window`` applies to every layer, whatever ``layer_types`` says). For
+    """Each layer's sliding window, the attention module's ``sliding_window`` (Mistral's, Phi-3's and Mixtral's
+    attention have none: their ``config.sliding_window`` applies to every layer, whatever ``layer_types`` says). For
     :data:`_MASK_BY_LAYER_TYPE` models the window of the mask that eager / SDPA attention apply must be that one:
     SmolLM3 gives its attention modules a window only with ``use_sliding_window``, while its forward builds the masks
     from ``layer_types`` alone; where they disagree the model's number depends on its attention implementation, and
     the adapter refuses it."""
-    mistral_window = getattr(config, "sliding_window", None) if config.model_type in ("mistral", "phi3") else None
+    every_layer = config.model_type in ("mistral", "phi3", "mixtral")
+    mistral_window = getattr(config, "sliding_window", None) if every_layer else None
     windows = [getattr(block.self_attn, "sliding_window", mistral_window) for block in blocks]
     kinds = getattr(config, "layer_types", None) if config.model_type in _MASK_BY_LAYER_TYPE else None
     for index, (kind, window) in enumerate(zip(kinds or (), windows)):

@@ -1,0 +1,170 @@
+"""Mixture-of-Experts decoders whose attention is Llama's: Qwen3-MoE, Mixtral, OLMoE, Qwen2-MoE (``model_type``
+qwen3_moe, mixtral, olmoe, qwen2_moe). Only the MLP differs: a sparse block (a top-k router ``gate`` and the
+``experts``; Qwen2-MoE's adds a ``shared_expert`` behind a sigmoid ``shared_expert_gate``) on some or all layers.
+
+What differs from Llama, and how the adapter carries it:
+
+- The sparse block runs as its module, on the flat token batch as one sequence ``[1, N, H]`` (its forward reads
+  ``(batch, seq, hidden)``). Exact: transformers' router and experts (eager loop, ``grouped_mm``, ``batched_mm``) are
+  per token, with no capacity limit or token dropping, so a token's output is the same whatever other tokens share
+  its batch. Mixtral's router jitter multiplies the input by noise in training mode only; the engines run in eval.
+- Dense and sparse layers mixed (Qwen-MoE's ``decoder_sparse_step`` / ``mlp_only_layers``): each layer's ``mlp`` is
+  read as it is, a gated MLP (``gate_proj``, ``up_proj``, ``down_proj``) or a sparse block.
+- OLMoE's q/k RMSNorms span the whole projection (all heads, before the head reshape, as OLMo-2's) and its
+  ``clip_qkv`` clamps q, k and v after them; Qwen3-MoE's are per head (as Qwen3's).
+- Windows: Mixtral's ``config.sliding_window`` masks every layer (as Mistral's); Qwen3-MoE's attention modules carry
+  the window of its every-layer mask; Qwen2-MoE's follow ``layer_types`` (as Qwen2's). OLMoE's forward masks without a
+  window while its attention passes ``config.sliding_window`` to flash attention: a window there is refused.
+- The layer's forward must call ``hidden_states = self.mlp(hidden_states)`` and take a tensor back (transformers
+  5.x); transformers 4.x's layers (Mixtral's ``block_sparse_moe``, blocks returning ``(hidden, router_logits)``) are
+  refused, as is any sparse block the adapter does not know (``experts`` / ``gate`` missing).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+import torch
+
+from sftint_fast.engine.adapters.base import _ACTIVATION_TENSORS, mlp_tensors
+from sftint_fast.engine.adapters.llama import LlamaLikeAdapter, _forward_source
+
+#: HF ``model_type`` values this adapter serves (each checked against the naive engine in tests/test_trie.py).
+MODEL_TYPES = frozenset({"qwen3_moe", "mixtral", "olmoe", "qwen2_moe"})
+
+
+class MoeAdapter(LlamaLikeAdapter):
+    """Adapter over ``model.model.{embed_tokens, layers, norm, rotary_emb}`` and ``model.lm_head`` of a Llama-like
+    Mixture-of-Experts decoder. What the layers' forwards do that this loop does not carry is refused (a ValueError,
+    so the model runs naive)."""
+
+    model_types = MODEL_TYPES
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__(model)
+        config = model.config
+        self._whole_qk_norm = config.model_type == "olmoe"
+        self._clip_qkv = getattr(config, "clip_qkv", None) if self._whole_qk_norm else None
+        if self._whole_qk_norm and getattr(config, "sliding_window", None) is not None:
+            raise ValueError(f"its config has sliding_window={config.sliding_window}, which OLMoE's attention passes "
+                             "to flash attention while its forward's mask has no window: the model's attention "
+                             "implementations disagree, so the adapter does not pick one")
+        if self._clip_qkv is not None and (isinstance(self._clip_qkv, bool) or not isinstance(
+                self._clip_qkv, (int, float)) or not 0 < self._clip_qkv < math.inf):
+            raise ValueError(f"clip_qkv: expected None or a positive finite number, received {self._clip_qkv!r}")
+        dims = self.dims
+        for index, block in enumerate(self._blocks):  # OLMoE's q/k norms span the projection, Qwen3-MoE's a head
+            for name, heads in (("q_norm", dims.num_heads), ("k_norm", dims.num_kv_heads)):
+                norm = getattr(block.self_attn, name, None)
+                if norm is None:
+                    continue
+                width, expected = tuple(norm.weight.shape), (heads * dims.head_dim if self._whole_qk_norm
+                                                             else dims.head_dim,)
+                if width != expected:
+                    raise ValueError(f"layer {index}'s {name} has weight shape {width}: expected {expected}, a norm "
+                                     f"over {'the whole projection' if self._whole_qk_norm else 'each head'} "
+                                     f"({heads} heads of {dims.head_dim}), as {config.model_type}'s attention has")
+        source = _forward_source(self._blocks[0])
+        if source is None or not re.search(r"hidden_states\s*=\s*self\.mlp\(hidden_states\)\s*\n", source) or (
+                "router_logits" in source or re.search(r"isinstance\(hidden_states,\s*tuple\)", source)):
+            raise ValueError(f"its decoder layer's forward ({type(self._blocks[0]).__qualname__}) does not call "
+                             "`hidden_states = self.mlp(hidden_states)` and take a tensor back (transformers 4.x's MoE "
+                             "layers call block_sparse_moe or unpack (hidden, router_logits)), which is what this "
+                             "adapter runs")
+        self._sparse = frozenset(id(block.mlp) for block in self._blocks if _is_sparse(block.mlp))
+        implementation = getattr(config, "_experts_implementation", None) or "eager"
+        widths, elements = [], []
+        for index, block in enumerate(self._blocks):
+            mlp = block.mlp
+            if id(mlp) in self._sparse:
+                widths.append(mlp.experts.intermediate_dim)
+                elements.append(moe_block_elements(mlp, implementation, self.dims.dtype_bytes))
+            elif all(isinstance(getattr(mlp, name, None), torch.nn.Module)
+                     for name in ("gate_proj", "up_proj", "down_proj")):
+                widths.append(mlp.down_proj.in_features)
+                elements.append(mlp_tensors(mlp) * mlp.down_proj.in_features)
+            else:
+                raise ValueError(f"layer {index}'s mlp ({type(mlp).__qualname__}) is neither a gated MLP (gate_proj, "
+                                 "up_proj, down_proj) nor a sparse MoE block (a router `gate` with top_k and "
+                                 "`experts` with num_experts, hidden_dim, intermediate_dim, act_fn), which this "
+                                 "adapter runs")
+        # The planner counts ``mlp_tensors * intermediate_size`` elements per token at the MLP's peak: the widest
+        # MLP, times as many of its widths as the most demanding layer keeps alive per token (rounded up: safe)
+        width = max(widths)
+        self.dims = dataclasses.replace(self.dims, intermediate_size=width,
+                                        mlp_tensors=max(1, -(-max(elements) // width)))
+        dense = [block.mlp for block in self._blocks if id(block.mlp) not in self._sparse]
+        self._mlp_fusable = bool(dense) and all(
+            isinstance(mlp.act_fn, torch.nn.SiLU) or type(mlp.act_fn).__name__ == "SiLUActivation" for mlp in dense)
+
+    def skipped_modules(self) -> list[torch.nn.Module]:
+        """As :meth:`LlamaLikeAdapter.skipped_modules`, less the sparse blocks: they run as their modules."""
+        return [m for m in super().skipped_modules() if id(m) not in self._sparse]
+
+    def _mlp_call(self, ops):
+        dense = super()._mlp_call(ops)
+        sparse = self._sparse
+
+        def run(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+            if id(module) in sparse:  # the flat tokens as one sequence: the block's forward reads (batch, seq, hidden)
+                return module(x.unsqueeze(0)).squeeze(0)
+            return dense(module, x)
+
+        return run
+
+    def _normed_qkv(self, norm, attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if not self._whole_qk_norm:
+            return super()._normed_qkv(norm, attn, q, k, v)
+        # OLMoE: norms over all heads at once (the projection's width), then ``clip_qkv`` on q, k and v, as its
+        # attention does before the head reshape; flattening the fresh ``[N, heads, D]`` views is the projection
+        q, k = norm(attn.q_norm, q.flatten(1)).unflatten(-1, q.shape[1:]), norm(attn.k_norm, k.flatten(1)).unflatten(
+            -1, k.shape[1:])
+        if self._clip_qkv is not None:
+            clip = self._clip_qkv
+            q, k, v = (t.clamp(min=-clip, max=clip) for t in (q, k, v))
+        return q, k, v
+
+
+def _is_sparse(mlp: torch.nn.Module) -> bool:
+    experts, gate = getattr(mlp, "experts", None), getattr(mlp, "gate", None)
+    return (isinstance(experts, torch.nn.Module) and isinstance(gate, torch.nn.Module) and hasattr(gate, "top_k")
+            and all(hasattr(experts, name) for name in ("num_experts", "hidden_dim", "intermediate_dim", "act_fn")))
+
+
+def moe_block_elements(block: torch.nn.Module, implementation: str, dtype_bytes: int) -> int:
+    """Elements (of the model's dtype) one token keeps alive at the peak of a sparse MoE block, an over-estimate.
+
+    With ``H`` hidden, ``I`` an expert's width, ``E`` experts, ``k`` of them per token, ``a`` the tensors the
+    activation keeps alive (1 for SiLU) and ``b`` bytes per element, in bytes per token:
+
+    - the router: its logits ``E·b``, their float32 softmax ``4E``, the top-k values (float32) and indices (int64),
+      the weights cast back ``k·(12 + b)``;
+    - ``eager`` (the loop over experts): the int64 one-hot expert mask ``8k(E + 1)`` and the output accumulator
+      ``H·b``; each expert's step gathers its tokens (``H``), projects them to ``2I`` (gate and up, alive until the
+      next step), the activation and product (``max(2, a)·I``), the down projection and its weighted copy (float32
+      when the router's weights are, as Mixtral's) and the cast back (``H·(2 + 4/b)``), with int64 indices. A token
+      is at most once in a step, but the previous step's tensors live on while the next is built: two steps' worth;
+    - ``grouped_mm`` / ``batched_mm``: the same per (token, expert) pair, ``k`` of them for every token at once, the
+      sort's int64 permutations, and the float32 sum over the ``k``; ``batched_mm`` also gathers each pair's expert
+      weights, ``3I·H`` (the down projection's ``I·H`` are gathered while the gate-up's ``2I·H`` are still held).
+      Any other implementation (a hub kernel) is counted as ``batched_mm``, the largest;
+    - a shared expert (Qwen2-MoE): its MLP's peak, then its output, gate and the sum (``3H + 2``).
+    """
+    experts, gate = block.experts, block.gate
+    hidden, width, num_experts, top_k = experts.hidden_dim, experts.intermediate_dim, experts.num_experts, gate.top_k
+    act = _ACTIVATION_TENSORS.get(type(experts.act_fn).__name__, 1)
+    b = dtype_bytes
+    router = num_experts * (b + 4) + top_k * (12 + b)
+    pair = hidden * b + (2 + max(2, act)) * width * b + hidden * (2 * b + 4) + 3 * 8
+    if implementation == "eager":
+        total = router + 8 * top_k * (num_experts + 1) + hidden * b + 2 * pair
+    else:
+        total = router + top_k * (pair + 4 * 8) + hidden * (4 + b)
+        if implementation != "grouped_mm":  # batched_mm, or a kernel this estimate does not know
+            total += top_k * 3 * width * hidden * b
+    shared = getattr(block, "shared_expert", None)
+    if isinstance(shared, torch.nn.Module):
+        total += (mlp_tensors(shared) * shared.down_proj.in_features + 3 * hidden + 2) * b
+    return -(-total // b)
