@@ -505,6 +505,29 @@ def test_moe_trie_stays_within_max_memory(arch, experts):
     assert tracked.peak <= budget, (tracked.peak, budget)
 
 
+@pytest.mark.parametrize("experts", ["grouped_mm", "batched_mm"])
+def test_naive_batches_of_a_moe_model_stay_within_max_memory(experts):
+    """The naive engine's per-variant estimate counted a MoE model's MLP as a dense one of the experts' width: a budget
+    of 4 variants ran over ``max_memory`` in live tensors (batched_mm gathers each token's top-k experts' weights).
+    It counts the sparse block's peak now, as the trie's plan does."""
+    from conftest import tiny_moe_config
+    from transformers import AutoModelForCausalLM
+
+    from sftint_fast.engine.naive import sequence_bytes
+
+    torch.manual_seed(0)
+    cfg = tiny_moe_config("mixtral", vocab_size=128, pad_token_id=0, num_experts_per_tok=4, intermediate_size=512,
+                          num_local_experts=8)
+    model = AutoModelForCausalLM.from_config(cfg, experts_implementation=experts).eval()
+    game = Game.from_text(model, TOK, "the cat sat on the mat and the dog sat on the rug", players=[0, 1, 2],
+                          target="mat")
+    budget = 4 * sequence_bytes(model, game)
+    budget += budget // 20
+    with _LiveBytes() as tracked:
+        sf.evaluate(model, game, method="naive", max_memory=budget, progress=False)
+    assert tracked.peak <= budget, (tracked.peak, budget)
+
+
 @pytest.mark.parametrize("arch", ["qwen3", "olmo2", "phi3"])
 def test_naive_batches_of_wide_heads_stay_within_max_memory(arch):
     """Heads wider than the hidden size (heads x head_dim = 8 x hidden here; Qwen3-0.6B's is 2x): the naive engine's

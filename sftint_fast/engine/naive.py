@@ -70,9 +70,19 @@ def sequence_bytes(model: Any, game: Game) -> int:
     vocab = model.get_input_embeddings().num_embeddings
     length = game.input_ids.numel()
     elem = model.get_input_embeddings().weight.element_size()
-    activations = length * (8 * width + mlp_tensors(model) * inter + 3 * heads * length) * elem
+    mlp = max(mlp_tensors(model) * inter, _sparse_mlp_elements(model, elem))
+    activations = length * (8 * width + mlp + 3 * heads * length) * elem
     logits = 3 * game.target.numel() * vocab * 4
     return activations + logits
+
+
+def _sparse_mlp_elements(model: Any, elem: int) -> int:
+    """Elements one token keeps alive at the peak of the model's largest sparse MoE block (0 without one): its
+    experts implementation may gather a top-k expert's weights per token (``batched_mm``), far above a dense MLP's."""
+    from sftint_fast.engine.adapters.moe import _is_sparse, moe_block_elements
+
+    implementation = getattr(model.config, "_experts_implementation", None) or "eager"
+    return max((moe_block_elements(m, implementation, elem) for m in model.modules() if _is_sparse(m)), default=0)
 
 
 def _largest(size: Any) -> int:
