@@ -23,6 +23,20 @@ def _has_triton() -> bool:
 #: Where tests that run Triton kernels put their tensors: compiled on CUDA, else interpreted on the CPU.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run the tests marked slow (minutes each on 2 CPU cores: a cold torch.compile)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow (minutes on 2 CPU cores); pytest --run-slow runs it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 requires_ext = pytest.mark.skipif(not _ext.extension_status()[0], reason="needs the C++ extension sftint_fast._C")
 requires_triton = pytest.mark.skipif(not _has_triton(), reason="needs triton (compiled on CUDA or TRITON_INTERPRET=1)")
