@@ -116,3 +116,36 @@ def test_a_prompt_tuning_model_is_not_run_by_the_trie_which_would_drop_its_virtu
         torch.testing.assert_close(sf.evaluate(model, game, progress=False), naive)
     lora_model = lora("llama")
     assert find_adapter(lora_model)[0] is not None  # a weight adapter stays on the trie
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe"])
+@pytest.mark.parametrize("target", ["attention", "experts", "router"])
+def test_a_lora_on_a_moe_model_runs_on_the_trie_or_is_refused_naming_it(arch, target):
+    """A LoRA on a MoE model's attention projections runs on the trie, exact. PEFT wraps a LoRA on the experts' 3-D
+    weights (``target_parameters``) or on the router (``target_modules=["gate"]``) in a ``lora.ParamWrapper``, which
+    the adapter does not run: it is refused, never skipped (auto: the naive engine, same values). The reason said
+    the block was "neither a gated MLP nor a sparse MoE block" (the wrapper hides the experts' attributes); it now
+    names the wrapper and what it adapts."""
+    options = {"attention": {"target_modules": ["q_proj", "v_proj", "o_proj"]},
+               "experts": {"target_modules": [], "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]},
+               "router": {"target_modules": ["gate"]}}[target]
+    base = tiny_model(arch, initializer_range=0.2)
+    torch.manual_seed(1)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **options)).eval()
+    game = make_game("spread_n5", seed=4)
+    with torch.no_grad():
+        naive = sf.evaluate(model, game, method="naive", progress=False)
+        with model.disable_adapter():
+            assert (sf.evaluate(model, game, method="naive", progress=False) - naive).abs().max() > 1e-2
+    adapter, reason = find_adapter(model)
+    if target == "attention":
+        assert adapter is not None
+        torch.testing.assert_close(sf.evaluate(model, game, method="trie", progress=False), naive,
+                                   atol=2e-5, rtol=1e-5)
+        return
+    wrapped = "gate" if target == "router" else "experts"
+    layer = 1 if arch == "qwen2_moe" else 0  # (Qwen2-MoE's first sparse layer)
+    assert adapter is None and f"layer {layer}'s mlp.{wrapped} is a PEFT ParamWrapper" in reason, reason
+    with pytest.warns(UserWarning, match="falling back to the naive engine"):
+        torch.testing.assert_close(sf.evaluate(model, game, progress=False), naive)

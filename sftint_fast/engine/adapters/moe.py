@@ -8,6 +8,12 @@ What differs from Llama, and how the adapter carries it:
   ``(batch, seq, hidden)``). Exact: transformers' router and experts (eager loop, ``grouped_mm``, ``batched_mm``) are
   per token, with no capacity limit or token dropping, so a token's output is the same whatever other tokens share
   its batch. Mixtral's router jitter multiplies the input by noise in training mode only; the engines run in eval.
+  Up to rounding: the router's logits are a matmul whose last bits may depend on the batch's shape, so where a
+  token's k-th and (k+1)-th experts score within that rounding of each other (a near-tie) the trie's and the naive
+  engine's batches may pick different experts for it, and their values differ by more than rounding there (as the
+  model's own forward does between batch sizes). Exact ties (identical router rows) score bitwise equal and pick the
+  same expert in both (tests/test_trie.py, every experts implementation on the CPU).
+- A PEFT layer over the router or the experts (``lora.ParamWrapper``: a LoRA on their weights) is refused, naming it.
 - Dense and sparse layers mixed (Qwen-MoE's ``decoder_sparse_step`` / ``mlp_only_layers``): each layer's ``mlp`` is
   read as it is, a gated MLP (``gate_proj``, ``up_proj``, ``down_proj``) or a sparse block.
 - OLMoE's q/k RMSNorms span the whole projection (all heads, before the head reshape, as OLMo-2's) and its
@@ -84,6 +90,13 @@ class MoeAdapter(LlamaLikeAdapter):
                      for name in ("gate_proj", "up_proj", "down_proj")):
                 widths.append(mlp.down_proj.in_features)
                 elements.append(mlp_tensors(mlp) * mlp.down_proj.in_features)
+            elif wrapped := _peft_wrapped(mlp):
+                whose = "router's" if wrapped == "gate" else "experts'"
+                raise ValueError(f"layer {index}'s mlp.{wrapped} is a PEFT {type(getattr(mlp, wrapped)).__name__} "
+                                 f"(a LoRA on the {whose} weights, "
+                                 "target_parameters / a non-Linear target), which this adapter does not run (PEFT "
+                                 "rebuilds the whole weight each forward, outside the trie's memory plan); a LoRA on "
+                                 "the attention projections or the dense MLPs runs on the trie")
             else:
                 raise ValueError(f"layer {index}'s mlp ({type(mlp).__qualname__}) is neither a gated MLP (gate_proj, "
                                  "up_proj, down_proj) nor a sparse MoE block (a router `gate` with top_k and "
@@ -131,6 +144,16 @@ def _is_sparse(mlp: torch.nn.Module) -> bool:
     experts, gate = getattr(mlp, "experts", None), getattr(mlp, "gate", None)
     return (isinstance(experts, torch.nn.Module) and isinstance(gate, torch.nn.Module) and hasattr(gate, "top_k")
             and all(hasattr(experts, name) for name in ("num_experts", "hidden_dim", "intermediate_dim", "act_fn")))
+
+
+def _peft_wrapped(mlp: torch.nn.Module) -> str | None:
+    """``"gate"`` or ``"experts"`` where a sparse block's router or experts is a PEFT layer over the module (its
+    ``base_layer``, e.g. ``lora.ParamWrapper``), else None."""
+    for name in ("gate", "experts"):
+        module = getattr(mlp, name, None)
+        if isinstance(module, torch.nn.Module) and isinstance(getattr(module, "base_layer", None), torch.nn.Module):
+            return name
+    return None
 
 
 def moe_block_elements(block: torch.nn.Module, implementation: str, dtype_bytes: int) -> int:
