@@ -54,6 +54,32 @@ def _probe_sources(text: str) -> tuple[str, ...]:
     return names
 
 
+def _template_kwargs(text: str) -> dict:
+    """An argparse ``type`` for ``--chat-template-kwargs``: a JSON object of chat template variables."""
+    import json
+
+    from sftint_fast.game import check_chat_template_kwargs
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"enable_thinking\": false}}', received "
+                                         f"invalid JSON {text!r} ({err})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"enable_thinking\": false}}', received "
+                                         f"a JSON {type(value).__name__} {text!r}")
+    try:
+        return check_chat_template_kwargs(value, chat=True)
+    except (TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("chat_template_kwargs: ")) from None
+
+
+#: ``--chat-template-kwargs``'s help (every command that takes ``--chat``)
+_TEMPLATE_KWARGS_HELP = ("with --chat: a JSON object of chat template variables, e.g. '{\"enable_thinking\": false}' "
+                         "for a thinking model (Qwen3, SmolLM3), whose template otherwise has the target scored where "
+                         "the model opens <think>")
+
+
 def _unit_float(text: str, *, closed: bool, what: str) -> float:
     """``text`` as a float in [0, 1] (``closed``) or (0, 1); ArgumentTypeError naming ``what`` otherwise."""
     try:
@@ -73,6 +99,12 @@ def _probability(text: str) -> float:
 def _share(text: str) -> float:
     """An argparse ``type`` for a share strictly between 0 and 1."""
     return _unit_float(text, closed=False, what="a share")
+
+
+def _refuse_template_kwargs(args: argparse.Namespace) -> None:
+    """``--chat-template-kwargs`` without ``--chat`` would be ignored: refused."""
+    _refuse_unused("--chat-template-kwargs", None if args.chat else args.chat_template_kwargs, "with --chat",
+                   "without --chat")
 
 
 def _refuse_unused(flag: str, value, needs: str, instead: str) -> None:
@@ -177,6 +209,8 @@ def _add_game_args(p: argparse.ArgumentParser, n_players_help: str = "") -> None
                    help="with --n-players: keep the first (default) or the last N content words")
     p.add_argument("--target", default=None, help="answer text (teacher-forced); default: the greedy next token")
     p.add_argument("--chat", action="store_true", help="wrap the text in the tokenizer's chat template")
+    p.add_argument("--chat-template-kwargs", type=_template_kwargs, default=None, metavar="JSON",
+                   help=_TEMPLATE_KWARGS_HELP)
     p.add_argument("--masking", choices=["embedding", "attention"], default="embedding",
                    help="how a masked word is removed: its embedding replaced by the baseline's (default) or "
                         "hidden from attention")
@@ -323,6 +357,7 @@ def _run_explain(args: argparse.Namespace) -> int:
 
     _refuse_unused("--pick", None if args.n_players is not None else args.pick, "with --n-players",
                    "without --n-players")
+    _refuse_template_kwargs(args)
     for flag, value in (("--qthres", args.qthres), ("--niter", args.niter)):
         _refuse_unused(flag, None if args.andor != "none" else value, "with --andor sgd or lp", "with --andor none")
     _refuse_unused("--niter", args.niter if args.andor == "lp" else None, "with --andor sgd",
@@ -378,6 +413,7 @@ def _run_explain(args: argparse.Namespace) -> int:
             try:
                 games.append(sf.Game.from_text(model, tokenizer, text, players=players, n_players=n_players,
                                                target=target, chat=args.chat, masking=args.masking,
+                                               chat_template_kwargs=args.chat_template_kwargs,
                                                pick=choices[-1][1]))
             except (ValueError, TypeError) as err:
                 if args.file is None:
@@ -518,7 +554,8 @@ def _explain_one(args: argparse.Namespace, tokenizer, text: str, game, v, out, c
     config = {
         "model": args.model, "base": args.base, "dtype": args.dtype,
         "device": getattr(args, "model_device", args.device),
-        "text": text, "chat": args.chat, "masking": args.masking, "n_players": choice[0],
+        "text": text, "chat": args.chat, "chat_template_kwargs": args.chat_template_kwargs, "masking": args.masking,
+        "n_players": choice[0],
         "pick": choice[1], "top": args.top,
         "method": args.method, "words": list(game.words), "player_spans": [list(s) for s in game.player_spans],
         "input_ids": game.input_ids.tolist(), "target": game.target.tolist(),
@@ -577,6 +614,8 @@ _TRACK_OPTIONS = [
                             "help": "base: the base model's greedy next token (default); answer: each probe's "
                                     "answer, teacher-forced"}),
     ("--chat", "chat", {"action": "store_const", "const": True, "help": "wrap probes in the chat template"}),
+    ("--chat-template-kwargs", "chat_template_kwargs", {"type": _template_kwargs, "metavar": "JSON",
+                                                        "help": _TEMPLATE_KWARGS_HELP}),
     ("--hysteresis", "hysteresis", {"action": argparse.BooleanOptionalAction,
                                     "help": "enter above tau, leave below tau/2 (default on; --no-hysteresis: off)"}),
     ("--persistence", "persistence", {"type": _int_at_least(1),
@@ -656,6 +695,8 @@ def _run_track(args: argparse.Namespace) -> int:
     for flag, key in (("--niter", "andor_niter"), ("--andor-lr", "andor_lr")):
         _refuse_unused(flag, options[key] if args.andor_method == "lp" else None, "with --andor-method sgd",
                        "with --andor-method lp (the LP is solved exactly, without SGD)")
+    _refuse_unused("--chat-template-kwargs", None if options["chat"] else options["chat_template_kwargs"],
+                   "with --chat", "without --chat")
     _refuse_unused("--noise-draws", options["noise_draws"] if args.noise_floor == "none" else None,
                    "with --noise-floor order_matched or iid", "with --noise-floor none (no noise floor is drawn)")
     for flag, value in (("--until-step", args.until_step), ("--idle-timeout", args.idle_timeout),
@@ -791,6 +832,8 @@ def _add_probes(sub: argparse._SubParsersAction) -> None:
                         "probes below its --min-base-py, 0.5 by default)")
     p.add_argument("--chat", action="store_true",
                    help="score the prompts in the chat template (then track with sftint track --chat too)")
+    p.add_argument("--chat-template-kwargs", type=_template_kwargs, default=None, metavar="JSON",
+                   help=_TEMPLATE_KWARGS_HELP + " (then track with the same option)")
     p.add_argument("--max-tries", type=_int_at_least(1), default=200,
                    help="look at no more than the first N candidates (default 200)")
     p.add_argument("--content-target", action="store_true",
@@ -804,6 +847,7 @@ def _run_probes(args: argparse.Namespace) -> int:
 
     from sftint_fast.sft.probes import check_probe_sources
 
+    _refuse_template_kwargs(args)
     refusal = (_file_refusal("probes", "--candidates", args.candidates, "a JSONL file of candidate prompts")
                or _out_refusal("probes", "--out", args.out, "file"))
     if refusal is not None:
@@ -821,7 +865,8 @@ def _run_probes(args: argparse.Namespace) -> int:
     model, tokenizer = _load(args)
     scored = scan_probes(model, tokenizer, count=args.count, min_py=args.min_py, n_players=args.n_players,
                          candidates=candidates, chat=args.chat, max_tries=args.max_tries,
-                         sources=args.sources or PROBE_SOURCES, content_target=args.content_target)
+                         sources=args.sources or PROBE_SOURCES, content_target=args.content_target,
+                         chat_template_kwargs=args.chat_template_kwargs)
     chosen = [s for s in scored if s.confident(args.min_py, args.content_target)]
     if not chosen:
         what = " and a content-word next token" if args.content_target else ""
@@ -944,6 +989,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     _refuse_unused("--n-players", args.n_players if players != "words" else None, "with --players all",
                    f"with --players {args.players}")
     _refuse_unused("--seed", args.seed if args.sample is None else None, "with --sample", "without --sample")
+    _refuse_template_kwargs(args)
     if args.compute_dtype == "bfloat16" and args.dtype == "float32" and args.engines != ["naive"]:
         raise ValueError("--compute-dtype: expected bfloat16 only with --engines naive or --dtype bfloat16 (on a "
                          "float32 model it runs under autocast, which only the naive engine supports), received "
@@ -953,7 +999,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     model, tokenizer = _load(args)
-    options = {"target": args.target, "chat": args.chat, "masking": args.masking}
+    options = {"target": args.target, "chat": args.chat, "masking": args.masking,
+               "chat_template_kwargs": args.chat_template_kwargs}
     try:
         game = sf.Game.from_text(model, tokenizer, args.text, players=players, n_players=args.n_players,
                                  pick=pick if args.n_players is not None else "first", **options)
@@ -989,6 +1036,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         return 2
     report["config"] = {"model": args.model, "text": args.text, "players": args.players, "n_players": game.num_players,
                         "pick": pick, "base": args.base, "target": args.target, "chat": args.chat,
+                        "chat_template_kwargs": args.chat_template_kwargs,
                         "masking": args.masking,
                         "engines": args.engines,
                         "sample": args.sample, "seed": seed, "dtype": args.dtype,

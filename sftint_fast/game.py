@@ -9,6 +9,7 @@ outputs by the baseline rows; ``"attention"`` masking hides its tokens as keys f
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import warnings
 from dataclasses import dataclass, field
@@ -195,6 +196,7 @@ class Game:
         chat: bool = False,
         n_players: int | None = None,
         pick: Literal["first", "last"] = "first",
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> "Game":
         """Build a game from a prompt text.
 
@@ -209,6 +211,10 @@ class Game:
                 special tokens) or ids, teacher-forced.
             chat: wrap ``text`` as a user message with ``tokenizer.apply_chat_template`` (generation prompt
                 added); players are the words of ``text`` inside the templated ids.
+            chat_template_kwargs: with ``chat``, further variables of the chat template (``apply_chat_template``'s
+                keyword arguments), e.g. ``{"enable_thinking": False}`` for a thinking model (Qwen3, SmolLM3), whose
+                template otherwise leaves the target where the model opens ``<think>``: a template with such a switch
+                that the caller leaves unset is warned about (:func:`warn_thinking_switch`).
             n_players / pick: with ``players="words"``, keep only the first/last ``n_players`` content words (a
                 ``pick`` other than ``"first"`` without ``n_players`` or with explicit players is refused).
         """
@@ -224,24 +230,27 @@ class Game:
         if span_unit == "chars" and (isinstance(players, str) or (players and not _is_span_list(players))):
             raise ValueError(f"span_unit: expected 'tokens' (the default) unless players are (start, end) spans, "
                              f"received 'chars' with players={players!r}")
+        template_kwargs = check_chat_template_kwargs(chat_template_kwargs, chat=chat)
         if chat:
             rendered = tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False, **template_kwargs
             )
             tokenized = P.tokenize_with_offsets(tokenizer, rendered, add_special_tokens=False)
             shown = text
-            start = _user_text_start(tokenizer, rendered, text)
+            start = _user_text_start(tokenizer, rendered, text, template_kwargs)
             if start < 0 and text.strip() != text:
                 # templates that render `content | trim` (Llama 3, Gemma 3) drop the whitespace around the text
                 shown = text.strip()
-                start = _user_text_start(tokenizer, rendered, shown)
+                start = _user_text_start(tokenizer, rendered, shown, template_kwargs)
                 if start >= 0 and span_unit == "chars" and _is_span_list(players):
                     raise ValueError("chat: the chat template trims the user text, so character offsets into it "
                                      "would not match; pass the text without its leading and trailing whitespace")
             if start < 0:
                 raise ValueError("chat: the user text was not found verbatim in the rendered chat template")
             region = (start, start + len(shown))
-            templated = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+            warn_thinking_switch(tokenizer, chat_template_kwargs, rendered[start + len(shown):])
+            templated = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                      **template_kwargs)
             templated_ids = list(templated["input_ids"] if hasattr(templated, "keys") else templated)
             if templated_ids != list(tokenized.input_ids):
                 logger.warning("chat: tokenising the rendered template differs from apply_chat_template's ids; using the former")
@@ -292,17 +301,91 @@ class Game:
 _CHAT_MARKER = "\ue000sftint-user-text\ue000"  # private-use characters: no template or prompt contains them
 
 
-def _user_text_start(tokenizer: Any, rendered: str, text: str) -> int:
+def _user_text_start(tokenizer: Any, rendered: str, text: str, template_kwargs: dict[str, Any]) -> int:
     """Where the user message ``text`` starts in the rendered chat template (-1 if not verbatim): the place the
     template puts a marker message, so a prompt that also occurs in the template's own text (``"assistant"``)
     is not taken from there; the last occurrence when the template alters the marker."""
     marked = tokenizer.apply_chat_template(
-        [{"role": "user", "content": _CHAT_MARKER}], add_generation_prompt=True, tokenize=False
+        [{"role": "user", "content": _CHAT_MARKER}], add_generation_prompt=True, tokenize=False, **template_kwargs
     )
     at = marked.find(_CHAT_MARKER)
     if at >= 0 and marked[:at] + text + marked[at + len(_CHAT_MARKER):] == rendered:
         return at
     return rendered.rfind(text)
+
+
+def check_chat_template_kwargs(value: Any, *, chat: bool) -> dict[str, Any]:
+    """``chat_template_kwargs`` as a dict (``{}`` for None): ValueError/TypeError for one given without ``chat`` (it
+    would be ignored), one that is not a dict of JSON values with string keys (it is saved with the results), or a
+    key that ``apply_chat_template`` reads itself (how it renders or tokenises) rather than as a template variable."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TypeError(f"chat_template_kwargs: expected a dict of chat template variables (e.g. "
+                        f"{{'enable_thinking': False}}) or None, received {type(value).__name__} {value!r}")
+    if not chat:
+        raise ValueError(f"chat_template_kwargs: expected only with chat=True (the chat template renders them), "
+                         f"received {value!r} with chat=False")
+    bad = [k for k in value if not isinstance(k, str)]
+    if bad:
+        raise TypeError(f"chat_template_kwargs: expected string keys, received {bad!r}")
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"chat_template_kwargs: expected JSON values (they are saved with the results), received "
+                        f"{value!r} ({err})") from None
+    clash = sorted(set(value) & _CHAT_CALL_ARGS)
+    if clash:
+        raise ValueError(f"chat_template_kwargs: expected chat template variables, received {clash}, which "
+                         f"apply_chat_template takes as its own arguments (sftint_fast sets them)")
+    return dict(value)
+
+
+#: ``apply_chat_template``'s own arguments that ``chat_template_kwargs`` may not set: sftint_fast sets them, or they
+#: change how the rendered chat is tokenised (``tools`` and ``documents`` are rendered, and may be given)
+_CHAT_CALL_ARGS = frozenset({"conversation", "add_generation_prompt", "tokenize", "chat_template", "return_dict",
+                             "continue_final_message", "return_tensors", "tokenizer_kwargs", "padding", "truncation",
+                             "max_length", "return_assistant_tokens_mask"})
+
+#: templates already warned about by :func:`warn_thinking_switch` (their source), so each is warned about once
+_WARNED_THINKING: set[str] = set()
+
+
+def thinking_switch(tokenizer: Any, chat_template_kwargs: dict[str, Any] | None, generation_prompt: str) -> str | None:
+    """Why the position scored after ``generation_prompt`` (the rendered chat after the user's text) may be where a
+    thinking model opens its thoughts, not its answer; None when the template has no thinking switch or the caller
+    set it. A template that reads ``enable_thinking`` (Qwen3, SmolLM3) needs it set; one whose generation prompt
+    opens ``<think>`` without closing it needs the caller to pass the variables that close it."""
+    source = getattr(tokenizer, "chat_template", None)
+    source = " ".join(map(str, source.values())) if isinstance(source, dict) else str(source or "")
+    given = chat_template_kwargs or {}
+    if "enable_thinking" in source and "enable_thinking" not in given:
+        return ("the chat template has a thinking switch (enable_thinking) that was left unset, so the target is "
+                "scored where the model may open <think> rather than answer; pass chat_template_kwargs="
+                "{'enable_thinking': False} (CLI: --chat-template-kwargs '{\"enable_thinking\": false}') to score "
+                "the answer, or {'enable_thinking': True} to score the thinking on purpose")
+    if not given and generation_prompt.rfind("<think>") > generation_prompt.rfind("</think>"):
+        return ("the chat template's generation prompt opens <think> without closing it, so the target is scored "
+                "inside the model's thinking, not its answer; pass chat_template_kwargs with the template "
+                "variables that close or skip the thinking block (to keep it, pass them explicitly)")
+    return None
+
+
+def warn_thinking_switch(tokenizer: Any, chat_template_kwargs: dict[str, Any] | None,
+                         generation_prompt: str | None = None) -> None:
+    """A ``UserWarning`` of :func:`thinking_switch`'s reason, once per chat template and reason. ``generation_prompt``:
+    what the template renders after a user message (None: rendered here, after a marker message)."""
+    if generation_prompt is None:
+        marked = tokenizer.apply_chat_template([{"role": "user", "content": _CHAT_MARKER}], add_generation_prompt=True,
+                                               tokenize=False, **(chat_template_kwargs or {}))
+        generation_prompt = marked[marked.rfind(_CHAT_MARKER) + len(_CHAT_MARKER):]
+    reason = thinking_switch(tokenizer, chat_template_kwargs, generation_prompt)
+    if reason is None:
+        return
+    key = f"{reason}\0{getattr(tokenizer, 'chat_template', None)}"
+    if key not in _WARNED_THINKING:
+        _WARNED_THINKING.add(key)
+        warnings.warn(f"chat: {reason}", UserWarning, stacklevel=3)
 
 
 #: :meth:`Game.values_and_faults` codes: NaN/inf logits; a NaN/inf value from the game's callable ``value``.

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
+from sftint_fast.game import check_chat_template_kwargs
 from sftint_fast.sft.probes import (PROBE_SOURCES, Probe, chatterbot_pairs, confident_candidates, confident_probes,
                                     drop_questions, load_probes, pad_batch, save_probes, sft_example, split_pairs)
 from sftint_fast.sft.tracker import (SFTTracker, TrackerConfig, TrackReport, _atomic_write_text, _json_safe,
@@ -48,7 +49,8 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
              progress: bool = True, device: str | torch.device | None = "cpu", lora: int | None = None,
              stop_at_boundary: bool = False, max_overhead: float | None = None,
              probe_sources: Sequence[str] = PROBE_SOURCES,
-             probes_file: str | os.PathLike | None = None) -> tuple[TrackReport, Path]:
+             probes_file: str | os.PathLike | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None) -> tuple[TrackReport, Path]:
     """SFT of the bundled model with interaction tracking; returns the report and the path of report.md.
 
     ``device``: where training and tracking run (``"cpu"``, the default, as the demo's timings assume; None = CUDA
@@ -63,6 +65,8 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
     token has ``p_y >= 0.5``, or every probe of ``probes_file`` (JSONL, as ``sftint track --probes``). The probes
     tracked are written to ``out/probes.jsonl``, so that ``sftint track`` (with ``--chat`` and ``--n-players`` as
     here) can follow the same ones elsewhere. Training pairs that ask a probe's question are left out of training.
+    ``chat_template_kwargs``: the chat template's variables for choosing and tracking the probes (as
+    :class:`~sftint_fast.sft.tracker.SFTTracker`'s; the training chats are rendered without them).
     """
     from transformers import Trainer, TrainingArguments
 
@@ -72,6 +76,7 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
     device = resolve_device(device)
     if lora is not None and (isinstance(lora, bool) or not isinstance(lora, int) or lora < 1):
         raise ValueError(f"lora: expected a LoRA rank (an int >= 1) or None, got {lora!r}")
+    check_chat_template_kwargs(chat_template_kwargs, chat=True)
     peft = _import_peft() if lora is not None else None
     chosen = load_probes(probes_file) if probes_file is not None else None
     candidates = confident_candidates(probe_sources) if chosen is None else None  # a missing source fails here
@@ -95,7 +100,7 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
         logger.info("demo: %d probes of %s", len(probe_set), probes_file)
     else:
         probe_set = confident_probes(model, tokenizer, count=probes, n_players=n_players, chat=True,
-                                     candidates=candidates)
+                                     candidates=candidates, chat_template_kwargs=chat_template_kwargs)
         if not probe_set:
             raise ValueError(f"demo: no confident probe found in the sources {list(probe_sources)}")
         logger.info("demo: %d probes with p_y >= 0.5 from %s", len(probe_set), ", ".join(probe_sources))
@@ -113,7 +118,7 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
         reference = (reference[0].to(device), reference[1])
     tracker = SFTTracker(probe_set, tokenizer, n_players=n_players, andor_method=andor_method, andor_niter=andor_niter,
                          reference=reference, heldout=held_pairs[:heldout] or None, out_dir=out / "tracker", seed=seed,
-                         chat=True, progress=False)
+                         chat=True, chat_template_kwargs=chat_template_kwargs, progress=False)
     save_probes(probe_set, out / "probes.jsonl")  # once the tracker took the folder (not one holding another run)
     # steps: recorded, not compared: a longer rerun resumes the run (constant learning rate: the same first steps)
     _atomic_write_text(out / DEMO_RECORD, json.dumps({**training_options, "steps": steps}))

@@ -253,13 +253,17 @@ class ScoredProbe:
 
 def scan_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 0.5, n_players: int = 8,
                 candidates: Sequence[Probe] | None = None, chat: bool = True, max_tries: int = 200,
-                sources: Sequence[str] = PROBE_SOURCES, content_target: bool = False) -> list[ScoredProbe]:
+                sources: Sequence[str] = PROBE_SOURCES, content_target: bool = False,
+                chat_template_kwargs: dict[str, Any] | None = None) -> list[ScoredProbe]:
     """Every candidate scored, in order, until ``count`` are confident (see :func:`confident_probes`).
 
     A candidate counts when ``p_y >= min_py`` and, with ``content_target``, its greedy token is a content word
     (not a stop word such as "The" or "I", nor punctuation): the tracked target is then the model's answer itself.
     """
+    from sftint_fast.game import check_chat_template_kwargs, warn_thinking_switch
+
     _check_count(count)
+    check_chat_template_kwargs(chat_template_kwargs, chat=chat)
     if not (isinstance(min_py, (int, float)) and not isinstance(min_py, bool) and 0 <= min_py <= 1):
         raise ValueError(f"min_py: expected a probability in [0, 1], got {min_py!r}")
     if not isinstance(max_tries, int) or isinstance(max_tries, bool) or max_tries < 1:
@@ -274,6 +278,8 @@ def scan_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 0.5, 
 
     from sftint_fast.engine import _no_autocast
 
+    if chat:
+        warn_thinking_switch(tokenizer, chat_template_kwargs)
     scored, found = [], 0
     device = next(model.parameters()).device
     # each submodule's own mode back after (a frozen part stays in eval); the model's own dtype in an autocast region
@@ -282,7 +288,7 @@ def scan_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 0.5, 
             if (len(probe.players) != n_players if probe.players  # the tracker drops other player counts
                     else sum(is_content_word(w) for w in probe.prompt.split()) < n_players):
                 continue
-            ids = prompt_ids(tokenizer, probe.prompt, chat=chat)
+            ids = prompt_ids(tokenizer, probe.prompt, chat=chat, chat_template_kwargs=chat_template_kwargs)
             logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float()
             p_y, token = torch.softmax(logits, -1).max(-1)
             scored.append(ScoredProbe(probe, p_y.item(), int(token), tokenizer.decode([int(token)])))
@@ -299,7 +305,8 @@ def scan_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 0.5, 
 
 def confident_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 0.5, n_players: int = 8,
                      candidates: Sequence[Probe] | None = None, chat: bool = True, max_tries: int = 200,
-                     sources: Sequence[str] = PROBE_SOURCES, content_target: bool = False) -> list[Probe]:
+                     sources: Sequence[str] = PROBE_SOURCES, content_target: bool = False,
+                     chat_template_kwargs: dict[str, Any] | None = None) -> list[Probe]:
     """Probes whose base-model target probability ``p_y`` (argmax next token) is at least ``min_py``.
 
     Scores candidates (default: :func:`confident_candidates` of ``sources``) with one forward pass each, keeping
@@ -308,20 +315,25 @@ def confident_probes(model: Any, tokenizer: Any, *, count: int, min_py: float = 
     found or the first ``max_tries`` candidates were looked at. ``content_target``: only probes whose greedy token
     is a content word (the answer itself, not "The ..."). ``chat`` (default True, as ``sftint demo`` tracks them):
     score each prompt in the tokenizer's chat template; pass the same ``chat`` as the tracker's (whose default is
-    False), or ``p_y`` is that of another prompt than the one tracked.
+    False), or ``p_y`` is that of another prompt than the one tracked; likewise ``chat_template_kwargs`` (the chat
+    template's variables, e.g. ``{"enable_thinking": False}`` for a thinking model: see :meth:`Game.from_text`).
     """
     scored = scan_probes(model, tokenizer, count=count, min_py=min_py, n_players=n_players, candidates=candidates,
-                         chat=chat, max_tries=max_tries, sources=sources, content_target=content_target)
+                         chat=chat, max_tries=max_tries, sources=sources, content_target=content_target,
+                         chat_template_kwargs=chat_template_kwargs)
     return [s.probe for s in scored if s.confident(min_py, content_target)]
 
 
 # ----------------------------------------------------------------------------------------- SFT examples
 
 
-def prompt_ids(tokenizer: Any, prompt: str, *, chat: bool) -> list[int]:
-    """Token ids of a prompt, as a chat user turn with the generation prompt when ``chat``."""
+def prompt_ids(tokenizer: Any, prompt: str, *, chat: bool,
+               chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
+    """Token ids of a prompt, as a chat user turn with the generation prompt when ``chat`` (rendered with the
+    template variables ``chat_template_kwargs``)."""
     if chat:
-        out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            **(chat_template_kwargs or {}))
         return list(out["input_ids"] if hasattr(out, "keys") else out)
     return list(tokenizer(prompt)["input_ids"])
 

@@ -82,6 +82,7 @@ class TrackerConfig:
     bootstrap: int = 1000
     chat: bool = False
     target: str = "base"
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def validate(self) -> None:
         choices = {
@@ -127,6 +128,9 @@ class TrackerConfig:
         for name in ("warm_start", "hysteresis", "boundary_significant", "chat"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}: expected a bool, got {getattr(self, name)!r}")
+        from sftint_fast.game import check_chat_template_kwargs
+
+        check_chat_template_kwargs(self.chat_template_kwargs, chat=self.chat)
 
     def ignored(self) -> dict[str, str]:
         """Options set other than their defaults that the chosen methods never read, each with the reason."""
@@ -302,6 +306,10 @@ class SFTTracker:
         bootstrap: probe-level bootstrap resamples behind ``report().intervals``.
         seed: seeds the noise-floor draws, the bootstrap and the variants of the numerics check.
         chat: wrap each probe in the tokenizer's chat template (as a user message, generation prompt added).
+        chat_template_kwargs: with ``chat``, the chat template's variables (saved with the run, compared on resume),
+            e.g. ``{"enable_thinking": False}`` for a thinking model (Qwen3, SmolLM3): left unset, its probes' target
+            is scored where the model opens ``<think>`` (a warning says so). The reference model's games use them
+            too; the held-out pairs are rendered without them.
         target: ``"base"``: the base model's greedy next token, fixed for the run; ``"answer"``: each probe's
             answer text, teacher-forced (every probe needs one).
         numerics_check: at the base checkpoint, measure the engine's (trie vs naive) and the precision's
@@ -340,6 +348,7 @@ class SFTTracker:
         bootstrap: int = 1000,
         chat: bool = False,
         target: Literal["base", "answer"] = "base",
+        chat_template_kwargs: dict[str, Any] | None = None,
         numerics_check: bool = True,
         progress: bool = True,
     ) -> None:
@@ -351,6 +360,8 @@ class SFTTracker:
             min_base_py=min_base_py, irrelevant_fraction=irrelevant_fraction,
             boundary_removed_fraction=boundary_removed_fraction, boundary_significant=boundary_significant,
             bootstrap=bootstrap, chat=chat, target=target,
+            chat_template_kwargs=dict(chat_template_kwargs) if isinstance(chat_template_kwargs, dict)
+            else chat_template_kwargs,
         )
         self.config.validate()
         for name, reason in self.config.ignored().items():
@@ -739,7 +750,8 @@ class SFTTracker:
                 kwargs["span_unit"] = "chars"
             try:
                 game = Game.from_text(model, self.tokenizer, probe.prompt, players=players, baseline=self._baseline,
-                                      target=target, chat=c.chat, **kwargs)
+                                      target=target, chat=c.chat, chat_template_kwargs=c.chat_template_kwargs,
+                                      **kwargs)
             except (ValueError, TypeError) as err:
                 if isinstance(err, TypeError) or not str(err).startswith("n_players"):
                     # which probe: the message alone does not say which row of a probes file to mend
@@ -924,9 +936,11 @@ class SFTTracker:
                     raise ValueError(f"reference: probes[{i}]'s target ids {game.target.tolist()} decode to "
                                      f"{target!r}, which the reference model's tokenizer cannot be given; use "
                                      "probes with answers (target='answer') or a reference of the same vocabulary")
+                chat = bool(self.config.chat and getattr(tokenizer, "chat_template", None))
                 ref_game = Game.from_text(model, tokenizer, prompt, players=spans, span_unit="chars",
                                           baseline=self._baseline if isinstance(self._baseline, str) else "pad",
-                                          target=target, chat=bool(self.config.chat and getattr(tokenizer, "chat_template", None)))
+                                          target=target, chat=chat,
+                                          chat_template_kwargs=self.config.chat_template_kwargs if chat else None)
                 games.append(ref_game)
             return self._evaluate_games(model, games)
 
@@ -1015,6 +1029,8 @@ class SFTTracker:
             # saved by an earlier version, whose digest hashed the whole config (use_cache, dtype, ...): the same
             # reference given as loaded then
             blob["reference_sha256"] = saved["reference_sha256"]
+        if "chat_template_kwargs" not in saved["tracker"] and blob["tracker"].get("chat_template_kwargs") is None:
+            del blob["tracker"]["chat_template_kwargs"]  # an earlier version's run: the template's defaults, as now
         if ("floor_version" in blob and "floor_version" not in saved and self.config.noise_floor == "order_matched"
                 and not self.config.warm_start):
             del blob["floor_version"]  # an earlier version's floors, drawn as now (up to rounding)
