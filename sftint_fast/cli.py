@@ -759,6 +759,9 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-overhead", type=_share, default=None, metavar="F",
                    help="track when due so that tracking takes at most F (0-1) of the wall time after the base; "
                         "--every is then the shortest interval")
+    p.add_argument("--chat-template-kwargs", type=_template_kwargs, default=None, metavar="JSON",
+                   help=_TEMPLATE_KWARGS_HELP.removeprefix("with --chat: ") + " (the demo always uses the chat "
+                        "template: for its probes, training and held-out chats)")
     p.set_defaults(func=_run_demo)
 
 
@@ -804,7 +807,7 @@ def _run_demo(args: argparse.Namespace) -> int:
                           andor_niter=20000 if args.niter is None else args.niter, seed=args.seed,
                           device=args.device, lora=args.lora, stop_at_boundary=args.stop_at_boundary,
                           max_overhead=args.max_overhead, probe_sources=sources,
-                          probes_file=args.probes_file)
+                          probes_file=args.probes_file, chat_template_kwargs=args.chat_template_kwargs)
     h = headline(report)
     print(f"report: {md}")
     # strict JSON, as report.json: a NaN (a measure of an empty set) as null

@@ -338,6 +338,7 @@ def markdown(report: TrackReport, *, figures: list[str], sets: dict[str, Any] | 
              f"tau={report.config['tau']}; hysteresis: {report.config['hysteresis']}; "
              f"persistence: {report.config['persistence']}",
              f"- probes tracked: {len(report.probes['kept'])}; gamma available: {report.gamma_available}",
+             *_template_line(report.config),
              f"- phase boundary: {_opt(report.phase_boundary)}; held-out loss minimum at step: "
              f"{_loss_min_step(report)}",
              f"- floor cost: {report.floor_cost['rows_decomposed']:.0f} extra decompositions, "
@@ -433,6 +434,15 @@ def _training_paragraph(report: TrackReport, training: TrainingLog, logged: dict
                     "without a held-out loss (sftint track --heldout) or an eval loss, nothing here tells whether "
                     "the lower training loss still generalised.")]
     return lines
+
+
+def _template_line(config: dict[str, Any]) -> list[str]:
+    """The chat template variables the probes (and held-out chats) were rendered with, when set: another
+    ``enable_thinking`` scores another position, so the report says which."""
+    kwargs = config.get("chat_template_kwargs")  # absent from a report.json an earlier version wrote
+    if not kwargs:
+        return []
+    return [f"- chat template variables (chat_template_kwargs): `{json.dumps(kwargs, sort_keys=True)}`"]
 
 
 def _cost_line(cost: dict[str, Any]) -> list[str]:

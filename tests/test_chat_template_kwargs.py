@@ -10,7 +10,7 @@ import sftint_fast.game
 from conftest import tiny_model
 from sftint_fast.cli import main
 from sftint_fast.game import Game
-from sftint_fast.sft.probes import Probe, prompt_ids, scan_probes
+from sftint_fast.sft.probes import Probe, heldout_batches, prompt_ids, scan_probes, sft_example
 from sftint_fast.sft.tracker import SFTTracker
 from word_tokenizer import word_tokenizer
 
@@ -202,10 +202,11 @@ def test_cli_explain_and_bench_pass_and_record_the_kwargs(thinking_dir, tmp_path
     ("[1]", "received a JSON list '[1]'"),
     ('{"tokenize": false}', "which apply_chat_template takes as its own arguments"),
 ])
-@pytest.mark.parametrize("command", ["explain", "bench", "probes", "track"])
+@pytest.mark.parametrize("command", [["explain", "--chat"], ["bench", "--chat"], ["probes", "--chat"],
+                                     ["track", "--chat"], ["demo"]], ids=lambda c: c[0])
 def test_cli_refuses_a_bad_json_value(command, value, message, capsys):
     with pytest.raises(SystemExit) as exit_:
-        main([command, "--chat", "--chat-template-kwargs", value])
+        main([*command, "--chat-template-kwargs", value])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "argument --chat-template-kwargs: expected" in err and message in err
@@ -223,3 +224,115 @@ def test_cli_refuses_the_kwargs_without_chat(command, thinking_dir, tmp_path, mo
     err = capsys.readouterr().err
     assert "--chat-template-kwargs: expected only with --chat, received --chat-template-kwargs" in err
     assert not (tmp_path / "o").exists() and not (tmp_path / "probes.jsonl").exists()
+
+
+# modelled on Qwen3's too, with the assistant turn as it renders the last one: an empty thinking block before the
+# content, so the generation prompt with enable_thinking=false is how that turn starts
+CLOSED_THINK_TEMPLATE = ("{% for m in messages %}<bos> {{ m['role'] }} : "
+                         "{% if m['role'] == 'assistant' %}<think> </think> {% endif %}{{ m['content'] }} <eos> "
+                         "{% endfor %}{% if add_generation_prompt %}<bos> assistant : "
+                         "{% if enable_thinking is defined and enable_thinking is false %}<think> </think> {% endif %}"
+                         "{% endif %}")
+HELDOUT = [("what is the capital of france", "paris"), ("who ran fast", "the big dog ran very fast")]
+
+
+def _labelled(example):
+    return [t for t in example["labels"] if t != -100]
+
+
+def test_sft_examples_label_the_answer_after_the_prompt_the_kwargs_render():
+    tok = _tokenizer(CLOSED_THINK_TEMPLATE)
+    answer = tok("paris", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    off = sft_example(tok, *HELDOUT[0], chat_template_kwargs=OFF)
+    assert _labelled(off) == answer
+    assert _labelled(sft_example(tok, *HELDOUT[0]))[:2] == _think_ids(tok)  # the default: the block is labelled
+    with pytest.raises(TypeError, match="chat_template_kwargs: expected a dict"):
+        sft_example(tok, *HELDOUT[0], chat_template_kwargs="enable_thinking=False")
+
+
+def test_a_template_whose_prompt_is_no_prefix_of_the_chat_is_refused_naming_the_kwargs(tok):
+    """THINKING_TEMPLATE renders the empty thinking block in the generation prompt only: the answer's tokens cannot
+    be told apart from the prompt's, so the held-out loss (and the demo's training labels) would be wrong."""
+    message = (r"rendered with chat_template_kwargs=\{'enable_thinking': False\}, received a full chat that differs "
+               r"from token \d+ on \(prompt: '<think> </think>', full chat: 'paris <eos>'\)")
+    with pytest.raises(ValueError, match=message):
+        sft_example(tok, *HELDOUT[0], chat_template_kwargs=OFF)
+    with pytest.raises(ValueError, match=message):  # when the tracker is made, not at a checkpoint
+        _tracker(tok, None, chat_template_kwargs=OFF, heldout=HELDOUT)
+    sft_example(tok, *HELDOUT[0])  # without the kwargs the prompt is a prefix
+
+
+def test_the_heldout_loss_is_taken_on_the_chats_the_kwargs_render(model):
+    tok = _tokenizer(CLOSED_THINK_TEMPLATE)
+    losses = {}
+    for name, kwargs in (("off", OFF), ("on", {"enable_thinking": True})):
+        tracker = _tracker(tok, None, chat_template_kwargs=kwargs, heldout=HELDOUT)
+        tracker.add_checkpoint(model, 0)
+        losses[name] = tracker.report().curves["heldout_loss"][0]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for pair in HELDOUT:
+            example = sft_example(tok, *pair, chat_template_kwargs=OFF)
+            assert _think_ids(tok)[0] not in _labelled(example)
+            logits = model(input_ids=torch.tensor([example["input_ids"]])).logits[0, :-1]
+            labels = torch.tensor(example["labels"][1:])
+            total += float(torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum"))
+            count += int((labels != -100).sum())
+    assert losses["off"] == pytest.approx(total / count, rel=1e-5)
+    assert abs(losses["off"] - losses["on"]) > 1e-3  # enable_thinking=true labels the thinking block too
+    batch = next(heldout_batches(HELDOUT[:1], tok, chat_template_kwargs=OFF))
+    assert batch["labels"][0].tolist() == sft_example(tok, *HELDOUT[0], chat_template_kwargs=OFF)["labels"]
+
+
+def test_demo_trains_on_the_chats_the_kwargs_render_and_reports_them(tmp_path, monkeypatch, capsys):
+    """`sftint demo --chat-template-kwargs`: the probes, the training chats and the held-out chats all rendered with
+    them, and report.md says which."""
+    import functools
+
+    import sftint_fast as sf
+    import sftint_fast.sft.demo as demo
+    from sftint_fast.sft.probes import save_probes
+
+    tok = _tokenizer(CLOSED_THINK_TEMPLATE)
+    words = "the big cat sat on a red mat and the small dog ran very fast over the blue river".split()
+    pairs = [(" ".join(words[i:i + 6]), " ".join(words[i + 6:i + 8])) for i in range(10)]
+    monkeypatch.setattr(demo, "chatterbot_pairs", lambda: pairs)
+    monkeypatch.setattr(sf, "load_default", lambda: (tiny_model("llama"), tok), raising=False)
+    monkeypatch.setattr(demo, "_reference", lambda: None)
+    monkeypatch.setattr(demo, "SFTTracker", functools.partial(demo.SFTTracker, min_base_py=0.0, bootstrap=20,
+                                                              numerics_check=False))
+    trained = []
+    real = demo.sft_example
+    monkeypatch.setattr(demo, "sft_example", lambda *a, **kw: trained.append(real(*a, **kw)) or trained[-1])
+    save_probes([Probe("the big cat sat on the red mat")], tmp_path / "probes.jsonl")
+    out = tmp_path / "demo"
+    assert main(["demo", "--steps", "1", "--every", "1", "--n-players", "3", "--andor-method", "and",
+                 "--out", str(out), "--probes-file", str(tmp_path / "probes.jsonl"),
+                 "--chat-template-kwargs", '{"enable_thinking": false}']) == 0
+    assert trained and all(_labelled(e)[0] not in _think_ids(tok) for e in trained)
+    assert json.loads((out / "tracker" / "config.json").read_text())["tracker"]["chat_template_kwargs"] == OFF
+    assert '- chat template variables (chat_template_kwargs): `{"enable_thinking": false}`' in \
+        (out / "report.md").read_text()
+    with pytest.raises(ValueError, match=r"differs in \(saved, given\): \{'chat_template_kwargs': "
+                                         r"\(\{'enable_thinking': False\}, \{'enable_thinking': True\}\)\}"):
+        monkeypatch.setattr(sf, "load_default", lambda: pytest.fail("loaded the model"), raising=False)
+        demo.run_demo(out, steps=1, every=1, n_players=3, andor_method="and", progress=False,
+                      probes_file=tmp_path / "probes.jsonl", chat_template_kwargs={"enable_thinking": True})
+
+
+def test_cli_track_renders_the_heldout_pairs_with_the_kwargs(thinking_dir, tmp_path, capsys):
+    """`sftint track --heldout --chat-template-kwargs`: the held-out chats are rendered with them, so a template
+    whose generation prompt then is no prefix of the chat (THINKING_TEMPLATE) is refused before anything is saved."""
+    import shutil
+
+    shutil.copytree(thinking_dir, tmp_path / "checkpoint-10")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": TEXT}) + "\n")
+    (tmp_path / "h.jsonl").write_text(json.dumps({"prompt": HELDOUT[0][0], "answer": HELDOUT[0][1]}) + "\n")
+    command = ["track", "--base", str(thinking_dir), "--checkpoints", str(tmp_path / "checkpoint-10"), "--probes",
+               str(tmp_path / "p.jsonl"), "--heldout", str(tmp_path / "h.jsonl"), "--out", str(tmp_path / "run"),
+               "--chat", "--n-players", "2", "--andor-method", "and", "--noise-floor", "none", "--device", "cpu",
+               "--min-base-py", "0"]
+    assert main([*command, "--chat-template-kwargs", '{"enable_thinking": false}']) == 2
+    err = capsys.readouterr().err
+    assert "rendered with chat_template_kwargs={'enable_thinking': False}" in err and "prefix" in err
+    assert not (tmp_path / "run" / "tracker" / "config.json").exists()

@@ -233,7 +233,8 @@ def test_demo_leaves_the_probes_questions_out_of_training(tmp_path, monkeypatch)
     assert drop_questions(train, [Probe(f" {question.upper()} ")]) == [p for p in train if p[0] != question]
     _tiny_demo(monkeypatch)
     trained = []
-    monkeypatch.setattr(demo, "sft_example", lambda tokenizer, q, a: trained.append(q) or sft_example(tokenizer, q, a))
+    monkeypatch.setattr(demo, "sft_example",
+                        lambda tokenizer, q, a, **kw: trained.append(q) or sft_example(tokenizer, q, a, **kw))
     save_probes([Probe(question)], tmp_path / "probes.jsonl")
     options = dict(steps=1, every=1, n_players=3, andor_method="and", progress=False, batch_size=2, heldout=2)
     demo.run_demo(tmp_path / "demo", probes_file=tmp_path / "probes.jsonl", **options)
@@ -247,7 +248,9 @@ def test_demo_leaves_the_probes_questions_out_of_training(tmp_path, monkeypatch)
     ({"n_players": 4}, "{'n_players': (3, 4)}"),
     ({"andor_method": "sgd", "andor_niter": 50}, "{'andor_method': ('and', 'sgd'), 'andor_niter': (20000, 50)}"),
     ({"seed": 1}, "{'seed': (0, 1)}"),
-], ids=["n-players", "andor", "seed"])
+    ({"chat_template_kwargs": {"enable_thinking": False}},
+     "{'chat_template_kwargs': (None, {'enable_thinking': False})}"),
+], ids=["n-players", "andor", "seed", "chat-template-kwargs"])
 def test_demo_rerun_with_other_tracking_options_is_refused_before_loading(tmp_path, monkeypatch, given, differs):
     """The tracker refused a rerun into an --out that holds a run tracked with another --n-players, --andor-method,
     --niter or --seed, but only once constructed: after the model had loaded and the probes had been scanned."""

@@ -66,7 +66,7 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
     tracked are written to ``out/probes.jsonl``, so that ``sftint track`` (with ``--chat`` and ``--n-players`` as
     here) can follow the same ones elsewhere. Training pairs that ask a probe's question are left out of training.
     ``chat_template_kwargs``: the chat template's variables for choosing and tracking the probes (as
-    :class:`~sftint_fast.sft.tracker.SFTTracker`'s; the training chats are rendered without them).
+    :class:`~sftint_fast.sft.tracker.SFTTracker`'s), rendering the training and held-out chats too.
     """
     from transformers import Trainer, TrainingArguments
 
@@ -91,7 +91,8 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
                         "probes": None if chosen is not None else probes,
                         "probe_sources": None if chosen is not None else list(probe_sources)}
     _check_rerun(out, steps, training_options, {"n_players": n_players, "andor_method": andor_method,
-                                                "andor_niter": andor_niter, "seed": seed}, probes=chosen)
+                                                "andor_niter": andor_niter, "seed": seed,
+                                                "chat_template_kwargs": chat_template_kwargs}, probes=chosen)
     model, tokenizer = sf.load_default()
     model = model.to(device)
     train_pairs, held_pairs = split_pairs(chatterbot_pairs(), heldout_fraction=0.1, seed=seed)
@@ -122,7 +123,8 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
     save_probes(probe_set, out / "probes.jsonl")  # once the tracker took the folder (not one holding another run)
     # steps: recorded, not compared: a longer rerun resumes the run (constant learning rate: the same first steps)
     _atomic_write_text(out / DEMO_RECORD, json.dumps({**training_options, "steps": steps}))
-    examples = [sft_example(tokenizer, q, a) for q, a in train_pairs]
+    # rendered as the probes and the held-out pairs are (the tracker refused a template that cannot be)
+    examples = [sft_example(tokenizer, q, a, chat_template_kwargs=chat_template_kwargs) for q, a in train_pairs]
     pad = tokenizer.pad_token_id
     args = TrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=batch_size, max_steps=steps,
                              learning_rate=lr, optim="adamw_torch", logging_steps=1, save_strategy="no", report_to=[],

@@ -342,19 +342,34 @@ def prompt_ids(tokenizer: Any, prompt: str, *, chat: bool,
 SFT_MAX_LENGTH = 96
 
 
-def sft_example(tokenizer: Any, prompt: str, answer: str, *, max_length: int = SFT_MAX_LENGTH) -> dict[str, list[int]]:
+def sft_example(tokenizer: Any, prompt: str, answer: str, *, max_length: int = SFT_MAX_LENGTH,
+                chat_template_kwargs: dict[str, Any] | None = None) -> dict[str, list[int]]:
     """Chat SFT example: ``input_ids`` of ``[user, assistant]`` and ``labels`` = -100 on the prompt prefix; cut to
-    ``max_length`` tokens."""
+    ``max_length`` tokens. ``chat_template_kwargs``: the chat template's variables (as the probes'), for both the
+    prompt (user turn and generation prompt) and the full chat; its prompt must render as a prefix of the full chat
+    (ValueError otherwise): the answer's labels are the tokens after it."""
     if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1:
         raise ValueError(f"max_length: expected an int >= 1, got {max_length!r}")
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError("tokenizer: expected a chat template (SFT and held-out examples are user/assistant chats), "
                          f"got a {type(tokenizer).__name__} without one")
-    head = prompt_ids(tokenizer, prompt, chat=True)
-    full = tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}])
+    from sftint_fast.game import check_chat_template_kwargs
+
+    template_kwargs = check_chat_template_kwargs(chat_template_kwargs, chat=True)
+    head = prompt_ids(tokenizer, prompt, chat=True, chat_template_kwargs=template_kwargs)
+    chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    full = tokenizer.apply_chat_template(chat, **template_kwargs)
     full = list(full["input_ids"] if hasattr(full, "keys") else full)
     if full[:len(head)] != head:
-        raise ValueError(f"sft_example: the prompt tokens are not a prefix of the full chat for {prompt!r}")
+        at = next((k for k, (a, b) in enumerate(zip(head, full)) if a != b), min(len(head), len(full)))
+        given = f"chat_template_kwargs={template_kwargs!r}" if template_kwargs else "no chat_template_kwargs"
+        raise ValueError(
+            f"sft_example: expected the prompt's tokens (user turn and generation prompt) as a prefix of the full "
+            f"chat's (user and assistant turns), both rendered with {given}, received a full chat that differs from "
+            f"token {at} on (prompt: {tokenizer.decode(head[at:])!r}, full chat: {tokenizer.decode(full[at:])!r}) "
+            f"for {prompt!r}: the template's generation prompt is not how it starts an assistant turn (e.g. an "
+            "empty thinking block only in the generation prompt), so the answer's tokens cannot be told apart; "
+            "pass other chat_template_kwargs (for a held-out loss, or ready batches {'input_ids', 'labels'})")
     labels = [-100] * len(head) + full[len(head):]
     return {"input_ids": full[:max_length], "labels": labels[:max_length]}
 
@@ -379,8 +394,10 @@ def pad_batch(examples: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def heldout_batches(heldout: Sequence[Any], tokenizer: Any, *, batch_size: int = 8) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches for the held-out loss from ``(prompt, answer)`` pairs or ready ``{"input_ids", "labels"}`` dicts."""
+def heldout_batches(heldout: Sequence[Any], tokenizer: Any, *, batch_size: int = 8,
+                    chat_template_kwargs: dict[str, Any] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches for the held-out loss from ``(prompt, answer)`` pairs (chats rendered with the template variables
+    ``chat_template_kwargs``: :func:`sft_example`) or ready ``{"input_ids", "labels"}`` dicts."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     pending = []
@@ -390,7 +407,7 @@ def heldout_batches(heldout: Sequence[Any], tokenizer: Any, *, batch_size: int =
             yield _checked_batch(item, i)
             continue
         prompt, answer = item
-        pending.append(sft_example(tokenizer, prompt, answer))
+        pending.append(sft_example(tokenizer, prompt, answer, chat_template_kwargs=chat_template_kwargs))
         if len(pending) == batch_size:
             yield pad_batch(pending, pad)
             pending = []

@@ -308,8 +308,9 @@ class SFTTracker:
         chat: wrap each probe in the tokenizer's chat template (as a user message, generation prompt added).
         chat_template_kwargs: with ``chat``, the chat template's variables (saved with the run, compared on resume),
             e.g. ``{"enable_thinking": False}`` for a thinking model (Qwen3, SmolLM3): left unset, its probes' target
-            is scored where the model opens ``<think>`` (a warning says so). The reference model's games use them
-            too; the held-out pairs are rendered without them.
+            is scored where the model opens ``<think>`` (a warning says so). The reference model's games and the
+            held-out ``(prompt, answer)`` pairs use them too (a template whose generation prompt so rendered does not
+            start its assistant turn is refused: the answer's tokens could not be told apart).
         target: ``"base"``: the base model's greedy next token, fixed for the run; ``"answer"``: each probe's
             answer text, teacher-forced (every probe needs one).
         numerics_check: at the base checkpoint, measure the engine's (trie vs naive) and the precision's
@@ -392,7 +393,7 @@ class SFTTracker:
         self._heldout = list(heldout) if heldout is not None else None
         # the held-out loss of (prompt, answer) pairs is computed on the tokens this tokenizer gives them, at every
         # checkpoint: recorded, so that a run resumed with another tokenizer (or chat template) is not mixed in
-        self._heldout_tokens = _heldout_tokens_digest(self._heldout, tokenizer)
+        self._heldout_tokens = _heldout_tokens_digest(self._heldout, tokenizer, self.config.chat_template_kwargs)
         self.numerics_check = numerics_check
         self.progress = progress
         self.out_dir = Path(out_dir) if out_dir is not None else None
@@ -867,7 +868,8 @@ class SFTTracker:
 
         device = next(model.parameters()).device
         total, count = 0.0, 0
-        for batch in heldout_batches(self._heldout, self.tokenizer):
+        for batch in heldout_batches(self._heldout, self.tokenizer,
+                                     chat_template_kwargs=self.config.chat_template_kwargs):
             ids = batch["input_ids"].to(device)
             labels = batch["labels"].to(device)
             mask = batch.get("attention_mask")
@@ -1409,9 +1411,11 @@ def _heldout_digest(items: Any) -> str | None:
     return digest.hexdigest()[:16]
 
 
-def _heldout_tokens_digest(items: Any, tokenizer: Any) -> str | None:
-    """sha256 of the token ids and labels ``tokenizer`` gives held-out ``(prompt, answer)`` pairs (None without any
-    pair, or a tokenizer without a chat template: the held-out loss refuses that one, at the checkpoint)."""
+def _heldout_tokens_digest(items: Any, tokenizer: Any,
+                           chat_template_kwargs: dict[str, Any] | None = None) -> str | None:
+    """sha256 of the token ids and labels ``tokenizer`` gives held-out ``(prompt, answer)`` pairs, their chats
+    rendered with ``chat_template_kwargs`` (None without any pair, or a tokenizer without a chat template: the
+    held-out loss refuses that one, at the checkpoint)."""
     pairs = [x for x in items or [] if not isinstance(x, dict)]
     if not pairs or getattr(tokenizer, "chat_template", None) is None:
         return None
@@ -1424,7 +1428,8 @@ def _heldout_tokens_digest(items: Any, tokenizer: Any) -> str | None:
     # would be refused
     if isinstance(tokenizer.chat_template, str) and "strftime_now" in tokenizer.chat_template:
         tokenizer = _FixedClock(tokenizer)
-    examples = [sft_example(tokenizer, *pair, max_length=1 << 62) for pair in pairs]
+    examples = [sft_example(tokenizer, *pair, max_length=1 << 62, chat_template_kwargs=chat_template_kwargs)
+                for pair in pairs]
     cut = [i for i, e in enumerate(examples) if len(e["input_ids"]) > SFT_MAX_LENGTH]
     examples = [{k: e[k][:SFT_MAX_LENGTH] for k in ("input_ids", "labels")} for e in examples]  # what the loss sees
     if cut:  # the loss is taken on what is left, as the demo trains; an answer cut off entirely counts for nothing
