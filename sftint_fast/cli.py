@@ -743,6 +743,11 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
                    help="players (content words) per probe (default 6)")
     p.add_argument("--every", type=_int_at_least(1), default=4, help="track every N training steps (default 4)")
     p.add_argument("--lr", type=_positive_float, default=1e-4, help="learning rate (default 1e-4)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8,
+                   help="training examples per step (default 8)")
+    p.add_argument("--heldout", type=_int_at_least(0), default=16, metavar="N",
+                   help="held-out chat pairs whose loss is taken at each tracked step (default 16; 0: no held-out "
+                        "loss)")
     p.add_argument("--andor-method", choices=["sgd", "lp", "and"], default="sgd",
                    help="the decomposition: sgd (default), the exact lp, or and (AND interactions alone)")
     p.add_argument("--niter", type=_int_at_least(0), default=None,
@@ -803,7 +808,8 @@ def _run_demo(args: argparse.Namespace) -> int:
             print(refusal, file=sys.stderr)
             return 2
     report, md = run_demo(args.out, steps=args.steps, probes=8 if args.probes is None else args.probes,
-                          n_players=args.n_players, every=args.every, lr=args.lr, andor_method=args.andor_method,
+                          n_players=args.n_players, every=args.every, lr=args.lr, batch_size=args.batch_size,
+                          heldout=args.heldout, andor_method=args.andor_method,
                           andor_niter=20000 if args.niter is None else args.niter, seed=args.seed,
                           device=args.device, lora=args.lora, stop_at_boundary=args.stop_at_boundary,
                           max_overhead=args.max_overhead, probe_sources=sources,

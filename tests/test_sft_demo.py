@@ -16,9 +16,10 @@ def test_demo_ci_sized_writes_a_complete_report(tmp_path, capsys):
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"the bundled fixture package {package} is not installed (README install command)")
     out = tmp_path / "demo"
-    # --max-overhead 0.9: tracking (~10 s) and training steps (~10 s) keep the interval at --every
+    # --max-overhead 0.9: tracking (~10 s) and training steps (~3 s) keep the interval at --every; --batch-size 2
+    # and --heldout 4 keep CI's time (batch 8 and 16 held-out pairs took 46 of the test's 100 s)
     assert main(["demo", "--steps", "4", "--probes", "2", "--n-players", "4", "--every", "2", "--out", str(out),
-                 "--andor-method", "and", "--max-overhead", "0.9"]) == 0
+                 "--andor-method", "and", "--max-overhead", "0.9", "--batch-size", "2", "--heldout", "4"]) == 0
     for name in ("counts.png", "floor.png", "orders.png", "rho_gamma.png", "report.json", "report.md"):
         assert (out / name).stat().st_size > 0
     report = json.loads((out / "report.json").read_text())
@@ -268,3 +269,48 @@ def test_demo_rerun_with_other_tracking_options_is_refused_before_loading(tmp_pa
                                                    f"(differs in (saved, given): {differs})")):
         run_demo(out, probes_file=probes, progress=False, **options)
 
+
+
+def test_demo_cli_batch_size_and_heldout_reach_the_trainer_and_the_tracker(tmp_path, monkeypatch, capsys):
+    """``--batch-size`` and ``--heldout`` (run_demo's options; the CLI had neither, fixed at 8 and 16 pairs)."""
+    import functools
+
+    import sftint_fast.sft.demo as demo
+
+    if importlib.util.find_spec("chatterbot_corpus") is None:
+        pytest.skip("chatterbot-corpus is not installed (README install command)")
+    _tiny_demo(monkeypatch)
+    seen = {}
+    tracker_cls = demo.SFTTracker
+
+    def tracker(*args, heldout=None, **kwargs):
+        seen["heldout"] = heldout
+        return tracker_cls(*args, heldout=heldout, **kwargs)
+
+    monkeypatch.setattr(demo, "SFTTracker", tracker)
+    from transformers import Trainer
+
+    train = Trainer.train
+
+    @functools.wraps(train)
+    def recorded(self, *args, **kwargs):
+        seen["batch_size"] = self.args.per_device_train_batch_size
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train", recorded)
+    save_probes([Probe("the big cat sat on the red mat")], tmp_path / "probes.jsonl")
+    base = ["demo", "--steps", "1", "--every", "1", "--n-players", "3", "--andor-method", "and",
+            "--probes-file", str(tmp_path / "probes.jsonl")]
+    assert main([*base, "--out", str(tmp_path / "a"), "--batch-size", "3", "--heldout", "2"]) == 0
+    assert seen == {"heldout": seen["heldout"], "batch_size": 3} and len(seen["heldout"]) == 2
+    assert json.loads((tmp_path / "a" / demo.DEMO_RECORD).read_text())["batch_size"] == 3
+    assert main([*base, "--out", str(tmp_path / "b"), "--heldout", "0"]) == 0
+    assert seen["heldout"] is None and seen["batch_size"] == 8
+    assert json.loads((tmp_path / "b" / "report.json").read_text())["curves"]["heldout_loss"] == [None, None]
+    capsys.readouterr()
+    for flag, value in (("--batch-size", "0"), ("--heldout", "-1"), ("--heldout", "x")):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*base, "--out", str(tmp_path / "c"), flag, value])
+        assert exit_info.value.code == 2 and flag in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"heldout: expected an int >= 0, got -1"):
+        demo.run_demo(tmp_path / "d", heldout=-1, probes_file=tmp_path / "probes.jsonl")

@@ -58,7 +58,8 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
     ``peft`` extra) instead of every weight, tracked on the trie engine like the full model. ``stop_at_boundary``:
     stop training where the denoising stage ends (:class:`~sftint_fast.sft.callback.InteractionCallback`).
     ``max_overhead``: track when due so that tracking takes at most this share of the run's wall time after the
-    base (``every`` is then the shortest interval).
+    base (``every`` is then the shortest interval). ``batch_size``: training examples per step; ``heldout``: how many
+    held-out chat pairs (the split's first) give the held-out loss at each tracked step (0: none).
 
     Probes: the first ``probes`` questions of ``probe_sources`` (:data:`~sftint_fast.sft.probes.PROBE_SOURCES`: capital
     cities from countryinfo, then chatterbot trivia; a missing source is an error) on which the base model's next
@@ -76,6 +77,9 @@ def run_demo(out: str | os.PathLike, *, steps: int = 24, probes: int = 8, n_play
     device = resolve_device(device)
     if lora is not None and (isinstance(lora, bool) or not isinstance(lora, int) or lora < 1):
         raise ValueError(f"lora: expected a LoRA rank (an int >= 1) or None, got {lora!r}")
+    for name, value, least in (("batch_size", batch_size, 1), ("heldout", heldout, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name}: expected an int >= {least}, got {value!r}")
     check_chat_template_kwargs(chat_template_kwargs, chat=True)
     peft = _import_peft() if lora is not None else None
     chosen = load_probes(probes_file) if probes_file is not None else None
