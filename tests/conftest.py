@@ -55,8 +55,8 @@ requires_triton = pytest.mark.skipif(not _has_triton(), reason="needs triton (co
 
 def tiny_model(arch: str = "llama", *, seed: int = 0, attn: str = "eager", **overrides):
     """A tiny random-init decoder (~30k params) of the given architecture, in eval mode."""
-    from transformers import (AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig, Olmo2Config, Olmo3Config,
-                              Phi3Config, Qwen2Config, Qwen3Config, SmolLM3Config)
+    from transformers import (AutoModelForCausalLM, GemmaConfig, GPT2Config, GPTNeoXConfig, GraniteConfig, LlamaConfig,
+                              Olmo2Config, Olmo3Config, Phi3Config, Qwen2Config, Qwen3Config, SmolLM3Config)
 
     torch.manual_seed(seed)
     common = dict(vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -89,13 +89,26 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, attn: str = "eager", **ove
         cfg = Olmo3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, max_position_embeddings=128, sliding_window=4,
                           layer_types=["sliding_attention", "full_attention"], **common)
+    elif arch == "gemma":  # (1 + w) RMSNorms (random w below), GELU-tanh MLP, the embedding scaled by sqrt(32)
+        cfg = GemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=8, max_position_embeddings=128, **common)
+    elif arch == "granite":  # Granite-3's multipliers, none of them 1 (and the attention's not head_dim ** -0.5)
+        cfg = GraniteConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, max_position_embeddings=128, embedding_multiplier=4.0,
+                            attention_multiplier=0.5, residual_multiplier=0.5, logits_scaling=2.0, **common)
     elif arch in MOE_ARCHS:
         cfg = tiny_moe_config(arch, **common)
     else:
         raise ValueError(arch)
     for key, value in overrides.items():
         setattr(cfg, key, value)
-    return AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
+    if arch == "gemma":  # HF zeroes the norms' w, and (1 + w) would then hide a w-style norm
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.normal_(0.0, 0.5)
+    return model
 
 
 #: Mixture-of-Experts architectures :func:`tiny_model` builds: 4 experts, top-2, a Llama-like attention.

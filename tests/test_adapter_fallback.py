@@ -28,7 +28,7 @@ def test_an_architecture_without_adapter_runs_naive_and_says_so():
     assert adapter is None and get_adapter(model) is None
     assert reason == ("no trie adapter for OPTForCausalLM (model_type 'opt'; supported: llama, qwen2, qwen3, "
                       "mistral, gemma3_text, smollm3, phi3, gpt2, gpt_neox, olmo2, olmo3, gemma2, qwen3_moe, mixtral, "
-                      "olmoe, qwen2_moe)")
+                      "olmoe, qwen2_moe, gemma, granite)")
     game = Game.from_text(model, TOK, TEXT_A)
     with torch.no_grad():
         naive = sf.evaluate(model, game, method="naive", progress=False)
@@ -131,13 +131,14 @@ def test_a_gemma2_softcap_the_adapter_cannot_carry_is_refused(monkeypatch):
     assert "logit soft-cap (attn_logit_softcapping=1.0), which this adapter does not carry" in reason
 
 
-def test_a_model_forward_that_scales_the_embeddings_is_refused(monkeypatch):
-    """transformers 4.x's Gemma-2 multiplied the embedding's output by ``normalizer`` (sqrt(hidden_size)) in the model's
-    forward, where 5.x's embedding module scales it (the rows the trie's ``embed`` returns): such a forward is
-    refused, not run without the scale."""
+@pytest.mark.parametrize("arch", ["gemma2", "gemma"])
+def test_a_model_forward_that_scales_the_embeddings_is_refused(arch, monkeypatch):
+    """transformers 4.x's Gemma-2 and Gemma multiplied the embedding's output by ``normalizer`` (sqrt(hidden_size))
+    in the model's forward, where 5.x's embedding module scales it (the rows the trie's ``embed`` returns): such a
+    forward is refused, not run without the scale."""
     from conftest import tiny_gemma2
 
-    model = tiny_gemma2()
+    model = tiny_gemma2() if arch == "gemma2" else tiny_model("gemma", initializer_range=0.2)
     assert find_adapter(model)[0] is not None
     inner = type(model.model)
     original = inner.forward
@@ -148,6 +149,32 @@ def test_a_model_forward_that_scales_the_embeddings_is_refused(monkeypatch):
     monkeypatch.setattr(inner, "forward", forward)
     adapter, reason = find_adapter(model)
     assert adapter is None and "scales the input embeddings itself (normalizer" in reason
+
+
+@pytest.mark.parametrize("part", ["model", "inner", "layer"])
+def test_a_granite_forward_that_applies_a_multiplier_otherwise_is_refused(part, monkeypatch):
+    """Granite's adapter applies the embedding multiplier (the inner model's forward), the residual multiplier (the
+    decoder layer's) and the logits scaling (the causal LM's) as transformers 5.x's forwards do: a release whose
+    forward reads otherwise is refused, naming the op, and ``method="auto"`` runs it naive."""
+    model = tiny_model("granite", initializer_range=0.2)
+    game = Game.from_text(model, TOK, TEXT_A)
+    assert find_adapter(model)[0] is not None
+    with torch.no_grad():
+        naive = sf.evaluate(model, game, method="naive", progress=False)
+    cls = type({"model": model, "inner": model.model, "layer": model.model.layers[0]}[part])
+    original = cls.forward
+
+    def forward(self, *args, **kwargs):  # a release that applies its multiplier elsewhere, or not at all
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "forward", forward)
+    adapter, reason = find_adapter(model)
+    assert adapter is None
+    assert reason.startswith("the GraniteAdapter could not read this GraniteForCausalLM (model_type 'granite'")
+    assert f"ValueError: {cls.__name__}.forward does not read as transformers 5.x's Granite code" in reason
+    with torch.no_grad(), pytest.warns(UserWarning, match="Granite code.*falling back to the naive engine"):
+        auto = sf.evaluate(model, game, progress=False)
+    assert torch.equal(auto, naive)
 
 
 @pytest.mark.parametrize("option", ["softcap", "sliding_window"])

@@ -17,24 +17,30 @@ TOL = 2e-6
 def _hf_norm(cls_name: str, size: int, gen: torch.Generator) -> torch.nn.Module:
     import transformers.models.gemma2.modeling_gemma2 as gemma2
     import transformers.models.gemma3.modeling_gemma3 as gemma3
+    import transformers.models.gemma.modeling_gemma as gemma1
+    import transformers.models.granite.modeling_granite as granite
     import transformers.models.llama.modeling_llama as llama
     import transformers.models.qwen2.modeling_qwen2 as qwen2
 
     cls = {"LlamaRMSNorm": llama.LlamaRMSNorm, "Qwen2RMSNorm": qwen2.Qwen2RMSNorm,
-           "Gemma3RMSNorm": gemma3.Gemma3RMSNorm, "Gemma2RMSNorm": gemma2.Gemma2RMSNorm}[cls_name]
+           "Gemma3RMSNorm": gemma3.Gemma3RMSNorm, "Gemma2RMSNorm": gemma2.Gemma2RMSNorm,
+           "GemmaRMSNorm": gemma1.GemmaRMSNorm, "GraniteRMSNorm": granite.GraniteRMSNorm}[cls_name]
     module = cls(size, eps=1e-5)
     with torch.no_grad():
         module.weight.copy_(torch.randn(size, generator=gen))
     return module
 
 
-@pytest.mark.parametrize("cls_name", ["LlamaRMSNorm", "Qwen2RMSNorm", "Gemma3RMSNorm", "Gemma2RMSNorm"])
+@pytest.mark.parametrize("cls_name", ["LlamaRMSNorm", "Qwen2RMSNorm", "Gemma3RMSNorm", "Gemma2RMSNorm",
+                                      "GemmaRMSNorm", "GraniteRMSNorm"])
 @pytest.mark.parametrize("shape", [(1, 8), (37, 72), (5, 3, 8), (300, 576), (2, 1)])  # odd H, 3-D, one element
 def test_rms_norm_matches_hf(cls_name, shape):
+    from sftint_fast.engine.adapters.llama import FUSED_NORMS
+
     gen = torch.Generator().manual_seed(0)
     module = _hf_norm(cls_name, shape[-1], gen)
     x = 3 * torch.randn(shape, generator=gen)
-    gemma = cls_name in ("Gemma3RMSNorm", "Gemma2RMSNorm")
+    gemma = FUSED_NORMS[cls_name] == "gemma"  # the form the adapters pick for this class
     got = layer_ops.rms_norm(x, module.weight.detach(), module.eps if gemma else module.variance_epsilon,
                              gemma=gemma)
     with torch.no_grad():

@@ -62,7 +62,7 @@ def run_both(net, game: Game, subsets=None, **kwargs):
 @pytest.mark.parametrize("masking", ["embedding", "attention"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "phi3", "gpt2", "gpt_neox", "olmo2",
-                                  "olmo3", *MOE_ARCHS])
+                                  "olmo3", "gemma", "granite", *MOE_ARCHS])
 def test_trie_matches_naive(arch, attn, masking):
     net = model(arch, attn)
     if arch == "olmo3":  # a sliding layer (window 4 < the 12-token prompt), then a full one
@@ -82,7 +82,7 @@ def test_trie_layouts(arch, layout, masking):
 
 @pytest.mark.parametrize("masking", ["embedding", "attention"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "phi3", "gpt2", "gpt_neox", "olmo2",
-                                  "olmo3", *MOE_ARCHS])
+                                  "olmo3", "gemma", "granite", *MOE_ARCHS])
 def test_multi_token_target_and_baseline_rows(arch, masking):
     game = make_game("adjacent_multi_token", masking=masking, num_targets=3, seed=2, baseline_rows=True)
     trie, naive = run_both(model(arch), game, batch_size=5)
@@ -276,6 +276,99 @@ def test_gemma2_matches_naive(config, attn, masking):
             assert ((wrong - naive).abs() > 1e-4 * naive.abs().clamp(min=1)).any(), drop
 
 
+def _moved(wrong: torch.Tensor, right: torch.Tensor) -> bool:
+    """Whether ``wrong`` leaves :func:`check_close`'s tolerance of ``right`` somewhere."""
+    return bool(((wrong - right).abs() > 1e-4 * right.abs().clamp(min=1)).any())
+
+
+@pytest.mark.parametrize("masking", ["embedding", "attention"])
+def test_granite_multipliers_are_carried(masking):
+    """Granite's four multipliers (embedding 4, attention 0.5, residual 0.5, logits / 2): the trie equals the naive
+    engine and the model's own forward, and without any one of them (as 1, the attention's as head_dim ** -0.5, a
+    Llama's) it would not: each moves the values beyond the tolerance, so the checks above catch a dropped one."""
+    import dataclasses
+
+    from sftint_fast.engine.adapters.granite import GraniteAdapter
+    from sftint_fast.engine.trie import evaluate_trie_games
+
+    net = model("granite")
+    adapter = get_adapter(net)
+    assert isinstance(adapter, GraniteAdapter)
+    assert [spec.scale for spec in adapter.layers] == [0.5, 0.5]
+    game = make_game("first_and_last", masking=masking, num_targets=2, seed=4, baseline_rows=True)
+    trie, naive = run_both(net, game, batch_size=3)
+    check_close(trie, naive)
+    assert naive.std() > 1e-2
+    with torch.no_grad():
+        own = game.values_from_logits(net(input_ids=game.input_ids[None]).logits[:, -2:])
+    check_close(trie[-1:], own)
+    for drop in ("embedding", "attention", "residual", "logits"):
+        wrong = get_adapter(net)
+        if drop == "embedding":
+            wrong._embedding_multiplier = 1.0
+        elif drop == "attention":
+            wrong.layers = tuple(dataclasses.replace(spec, scale=8 ** -0.5) for spec in wrong.layers)
+        elif drop == "residual":
+            wrong._residual_multipliers = (1.0,) * len(wrong._residual_multipliers)
+        else:
+            wrong._logits_scaling = 1.0
+        with torch.no_grad():
+            values = evaluate_trie_games(net, [game], progress=False, adapter=wrong)[0]
+        assert _moved(values, naive), drop
+
+
+def test_granite_multipliers_are_read_from_the_model():
+    """Each multiplier comes from where the model's forward reads it: a changed config value moves both engines."""
+    net = model("granite")
+    net.model.embedding_multiplier = 3.0
+    for block in net.model.layers:
+        block.residual_multiplier = 0.7
+    net.config.logits_scaling = 2.5
+    adapter = get_adapter(net)
+    assert adapter._embedding_multiplier == 3.0 and adapter._residual_multipliers == (0.7, 0.7)
+    assert adapter._logits_scaling == 2.5
+    trie, naive = run_both(net, make_game("first_and_last", seed=5), batch_size=3)
+    check_close(trie, naive)
+
+
+@pytest.mark.parametrize("masking", ["embedding", "attention"])
+def test_gemma_embedding_scale_is_carried(masking):
+    """Gemma (v1): transformers 5.x scales the embedding by sqrt(hidden) in the embedding module
+    (``GemmaTextScaledWordEmbedding``, the scale rounded to the weights' dtype), not in the model's forward: the
+    adapter's embed is that module's output, the rows a game's baseline replaces, and the trie equals the naive
+    engine. Without the scale (the plain lookup) the values would move beyond the tolerance."""
+    from sftint_fast.engine.trie import evaluate_trie_games
+
+    net = model("gemma")
+    adapter = get_adapter(net)
+    assert adapter is not None and not adapter._mlp_fusable  # GELU-tanh: the fused SiLU gate must not stand in
+    ids = make_game("n1").input_ids
+    plain = torch.nn.functional.embedding(ids, net.model.embed_tokens.weight)
+    with torch.no_grad():
+        assert torch.equal(adapter.embed(ids), plain * torch.tensor(HIDDEN ** 0.5))
+    game = make_game("first_and_last", masking=masking, seed=3)
+    trie, naive = run_both(net, game, batch_size=3)
+    check_close(trie, naive)
+    assert naive.std() > 1e-2
+    unscaled = get_adapter(net)
+    unscaled.embed = lambda input_ids: torch.nn.functional.embedding(input_ids, net.model.embed_tokens.weight)
+    with torch.no_grad():
+        assert _moved(evaluate_trie_games(net, [game], progress=False, adapter=unscaled)[0], naive)
+
+
+def test_gemma_embedding_scale_rounds_to_the_model_dtype():
+    """In bfloat16 the scale is rounded first (sqrt(32) = 5.657 -> 5.656), as the model's forward rounds it: the
+    adapter's embed is the module's output itself, and the trie equals the naive engine on a bfloat16 Gemma."""
+    assert torch.tensor(HIDDEN ** 0.5).to(torch.bfloat16).item() != HIDDEN ** 0.5
+    net = model("gemma").to(torch.bfloat16)
+    adapter = get_adapter(net)
+    ids = make_game("first_and_last").input_ids
+    with torch.no_grad():
+        assert torch.equal(adapter.embed(ids), net.get_input_embeddings()(ids))
+        rounded = net.model.embed_tokens.weight[ids] * torch.tensor(HIDDEN ** 0.5).to(torch.bfloat16)
+        assert torch.equal(adapter.embed(ids), rounded)
+
+
 def test_unsupported_model_has_no_adapter():
     from transformers import AutoModelForCausalLM, OPTConfig
 
@@ -444,18 +537,26 @@ CONFIGS = {
         "rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}}),
     "olmo3-bias-window-1": ("olmo3", {"attention_bias": True, "sliding_window": 1,
                                       "layer_types": ["full_attention", "sliding_attention"]}),
+    "gemma-bias-rope-linear-untied": ("gemma", {"attention_bias": True, "tie_word_embeddings": False, "head_dim": 16,
+                                                "rope_parameters": {"rope_type": "linear", "factor": 2.0,
+                                                                    "rope_theta": 10000.0}}),
+    "granite-biases-tied-multipliers": ("granite", {"attention_bias": True, "mlp_bias": True,
+                                                    "tie_word_embeddings": True, "embedding_multiplier": 12.0,
+                                                    "attention_multiplier": 0.1, "residual_multiplier": 0.22,
+                                                    "logits_scaling": 8.0}),
 }
 
 
 @pytest.mark.parametrize("masking", ["embedding", "attention"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_llama_like_configs_match_naive_and_the_models_forward(name, masking):
-    from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, Olmo2Config, Olmo3Config,
-                              Phi3Config, Qwen2Config, Qwen3Config, SmolLM3Config)
+    from transformers import (AutoModelForCausalLM, GemmaConfig, GraniteConfig, LlamaConfig, MistralConfig,
+                              Olmo2Config, Olmo3Config, Phi3Config, Qwen2Config, Qwen3Config, SmolLM3Config)
 
     arch, options = CONFIGS[name]
     config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "qwen3": Qwen3Config,
-                  "smollm3": SmolLM3Config, "phi3": Phi3Config, "olmo2": Olmo2Config, "olmo3": Olmo3Config}[arch]
+                  "smollm3": SmolLM3Config, "phi3": Phi3Config, "olmo2": Olmo2Config, "olmo3": Olmo3Config,
+                  "gemma": GemmaConfig, "granite": GraniteConfig}[arch]
     torch.manual_seed(0)
     options = {"max_position_embeddings": 32, **options}
     cfg = config_cls(vocab_size=128, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,

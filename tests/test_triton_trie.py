@@ -33,7 +33,7 @@ def make_game(masking: str, seed: int = 0) -> Game:
 
 @pytest.mark.parametrize("path", ["flat", "segments"])
 @pytest.mark.parametrize("masking", ["embedding", "attention"])
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gpt_neox"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gpt_neox", "granite"])
 def test_trie_with_triton_attention_matches_naive(arch, masking, path, monkeypatch):
     from sftint_fast.ops.triton import subset_attention as kernel
 

@@ -1,5 +1,5 @@
-"""Llama-like decoders (Llama, SmolLM2, Qwen2, Qwen3, Mistral, Gemma-3 text, SmolLM3, Gemma-2): pre-norm blocks with
-RoPE (none on SmolLM3's NoPE layers) and GQA.
+"""Llama-like decoders (Llama, SmolLM2, Qwen2, Qwen3, Mistral, Gemma, Gemma-3 text, SmolLM3, Gemma-2): pre-norm
+blocks with RoPE (none on SmolLM3's NoPE layers) and GQA.
 
 The layer loop calls the HF modules themselves (norms, projections, rotary embedding, MLP, LM head), so every
 number equals the model's own forward; only the attention is handed to the engine's callback.
@@ -18,14 +18,15 @@ from sftint_fast.engine.adapters.base import (Adapter, AttendFn, FusedBackend, L
                                               last_layer_rows, mlp_tensors)
 
 #: HF ``model_type`` values this adapter serves (each checked against the naive engine in tests/test_trie.py).
-MODEL_TYPES = frozenset({"llama", "qwen2", "mistral", "gemma3_text", "qwen3", "smollm3", "gemma2"})
+MODEL_TYPES = frozenset({"llama", "qwen2", "mistral", "gemma3_text", "qwen3", "smollm3", "gemma2", "gemma"})
 #: RMSNorm classes the fused ops (Triton, C++) reproduce: ``"llama"`` = ``w * norm(x).to(dtype)`` (``variance_epsilon``),
 #: ``"gemma"`` = ``(norm(x) * (1 + w)).to(dtype)`` (``eps``), ``"olmo"`` = ``(w * norm(x)).to(dtype)``
 #: (``variance_epsilon``). Any other norm runs as its module.
 FUSED_NORMS = {"LlamaRMSNorm": "llama", "Qwen2RMSNorm": "llama", "Qwen3RMSNorm": "llama", "MistralRMSNorm": "llama",
                "SmolLM3RMSNorm": "llama", "Phi3RMSNorm": "llama", "Gemma3RMSNorm": "gemma", "Gemma2RMSNorm": "gemma",
                "Olmo2RMSNorm": "olmo", "Olmo3RMSNorm": "olmo", "Qwen3MoeRMSNorm": "llama", "Qwen2MoeRMSNorm": "llama",
-               "MixtralRMSNorm": "llama", "OlmoeRMSNorm": "llama"}
+               "MixtralRMSNorm": "llama", "OlmoeRMSNorm": "llama", "GemmaRMSNorm": "gemma",
+               "GraniteRMSNorm": "llama"}
 #: Model types whose forward picks each layer's attention mask by ``config.layer_types`` (a ``"sliding_attention"``
 #: layer's mask keeps ``config.sliding_window`` keys), while flash attention reads the attention module's
 #: ``sliding_window``: the two must agree (:func:`_layer_windows`).
@@ -157,9 +158,13 @@ class LlamaLikeAdapter(Adapter):
                 ff = mlp(block.mlp, norm(block.pre_feedforward_layernorm, hidden))
                 hidden = hidden + norm(block.post_feedforward_layernorm, ff)
             else:
-                hidden = hidden + out
-                hidden = hidden + mlp(block.mlp, norm(block.post_attention_layernorm, hidden))
+                hidden = self._residual(index, hidden, out)
+                hidden = self._residual(index, hidden, mlp(block.mlp, norm(block.post_attention_layernorm, hidden)))
         return hidden
+
+    def _residual(self, index: int, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Layer ``index``'s residual stream after adding a block's output ``out`` (its attention's or MLP's)."""
+        return hidden + out
 
     def _project(self, attn: torch.nn.Module, normed: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
