@@ -118,34 +118,147 @@ def test_a_prompt_tuning_model_is_not_run_by_the_trie_which_would_drop_its_virtu
     assert find_adapter(lora_model)[0] is not None  # a weight adapter stays on the trie
 
 
+#: LoRA placements on a MoE model: PEFT wraps a LoRA on the experts' 3-D weights (``target_parameters``) or on the
+#: router (``target_modules=["gate"]``, not an ``nn.Linear``) in ``lora.ParamWrapper`` layers, nested one per parameter
+MOE_LORA = {"attention": {"target_modules": ["q_proj", "v_proj", "o_proj"]},
+            "experts": {"target_modules": [], "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]},
+            "router": {"target_modules": ["gate"]},
+            "experts_router_attention": {"target_modules": ["gate", "q_proj"],
+                                         "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]}}
+
+
+def moe_lora(arch: str, target: str, base=None, **options):
+    base = tiny_model(arch, initializer_range=0.2) if base is None else base
+    torch.manual_seed(1)
+    config = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **MOE_LORA[target], **options)
+    return peft.get_peft_model(base, config).eval()
+
+
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "olmoe", "qwen2_moe"])
-@pytest.mark.parametrize("target", ["attention", "experts", "router"])
-def test_a_lora_on_a_moe_model_runs_on_the_trie_or_is_refused_naming_it(arch, target):
-    """A LoRA on a MoE model's attention projections runs on the trie, exact. PEFT wraps a LoRA on the experts' 3-D
-    weights (``target_parameters``) or on the router (``target_modules=["gate"]``) in a ``lora.ParamWrapper``, which
-    the adapter does not run: it is refused, never skipped (auto: the naive engine, same values). The reason said
-    the block was "neither a gated MLP nor a sparse MoE block" (the wrapper hides the experts' attributes); it now
-    names the wrapper and what it adapts."""
-    options = {"attention": {"target_modules": ["q_proj", "v_proj", "o_proj"]},
-               "experts": {"target_modules": [], "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]},
-               "router": {"target_modules": ["gate"]}}[target]
-    base = tiny_model(arch, initializer_range=0.2)
-    torch.manual_seed(1)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **options)).eval()
-    game = make_game("spread_n5", seed=4)
+@pytest.mark.parametrize("target", list(MOE_LORA))
+@pytest.mark.parametrize("masking", ["embedding", "attention"])
+def test_a_lora_on_a_moe_models_experts_or_router_runs_on_the_trie(arch, target, masking):
+    """A LoRA on a MoE model's experts or router (``lora.ParamWrapper``) was refused by the trie (``auto`` fell back
+    to the naive engine). The sparse block runs as its module, so its wrappers fold the LoRA into the weights for the
+    call as the model's forward does: exact against the naive engine, and ``auto`` picks the trie."""
+    import warnings
+
+    model = moe_lora(arch, target)
+    game = make_game("spread_n5", masking=masking, seed=4)
+    adapter, reason = find_adapter(model)
+    assert adapter is not None, reason
     with torch.no_grad():
         naive = sf.evaluate(model, game, method="naive", progress=False)
+        trie = sf.evaluate(model, game, method="trie", progress=False)
         with model.disable_adapter():
-            assert (sf.evaluate(model, game, method="naive", progress=False) - naive).abs().max() > 1e-2
-    adapter, reason = find_adapter(model)
+            base = sf.evaluate(model, game, method="trie", progress=False)
+            torch.testing.assert_close(base, sf.evaluate(model, game, method="naive", progress=False),
+                                       atol=2e-6, rtol=1e-6)
+    torch.testing.assert_close(trie, naive, atol=2e-6, rtol=1e-6)
+    assert (trie - base).abs().max() > 1e-2  # the LoRA weights are in the trie's numbers
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # "no trie adapter ...; falling back to the naive engine"
+        assert sf.engine._choose_engine(model, "auto") == "trie"
     if target == "attention":
-        assert adapter is not None
-        torch.testing.assert_close(sf.evaluate(model, game, method="trie", progress=False), naive,
-                                   atol=2e-5, rtol=1e-5)
-        return
-    wrapped = "gate" if target == "router" else "experts"
-    layer = 1 if arch == "qwen2_moe" else 0  # (Qwen2-MoE's first sparse layer)
-    assert adapter is None and f"layer {layer}'s mlp.{wrapped} is a PEFT ParamWrapper" in reason, reason
-    with pytest.warns(UserWarning, match="falling back to the naive engine"):
-        torch.testing.assert_close(sf.evaluate(model, game, progress=False), naive)
+        assert adapter.dims.forward_bytes == 0
+    else:  # the adapted expert / router weights a block's forward holds are in the plan
+        assert adapter.dims.forward_bytes > 0
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_a_merged_lora_on_a_moe_models_experts_runs_on_the_trie(arch):
+    """``merge_adapter()`` folds the experts' and router's LoRA into their weights (the wrappers then run the base
+    modules): the trie runs the merged model as its forward does, with the LoRA's values."""
+    model = moe_lora(arch, "experts_router_attention")
+    game = make_game("spread_n5", seed=4)
+    with torch.no_grad():
+        unmerged = sf.evaluate(model, game, method="naive", progress=False)
+        model.merge_adapter()
+        assert all(m.merged for m in model.modules() if type(m).__name__ == "ParamWrapper")
+        trie = sf.evaluate(model, game, method="trie", progress=False)
+        naive = sf.evaluate(model, game, method="naive", progress=False)
+    torch.testing.assert_close(trie, naive, atol=2e-6, rtol=1e-6)
+    torch.testing.assert_close(trie, unmerged, atol=2e-5, rtol=1e-5)  # (the merged weights round differently)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_lora_dropout_on_a_moe_model_is_the_identity_in_the_engines():
+    """A LoRA's dropout (on the attention projections: PEFT refuses it on the experts' ``ParamWrapper``) is the
+    identity in eval mode, where both engines run a model left in training mode (and hand it back so)."""
+    import copy
+
+    base = tiny_model("mixtral", initializer_range=0.2)
+    with pytest.raises(ValueError, match="lora_dropout"):
+        moe_lora("mixtral", "experts", base=copy.deepcopy(base), lora_dropout=0.1)
+    plain = moe_lora("mixtral", "attention", base=copy.deepcopy(base))
+    model = moe_lora("mixtral", "attention", base=base, lora_dropout=0.5).train()
+    game = make_game("spread_n5", seed=4)
+    ids = game.input_ids[None]
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(input_ids=ids).logits, plain(input_ids=ids).logits)  # same LoRA
+        assert (model.train()(input_ids=ids).logits - plain(input_ids=ids).logits).abs().max() > 1e-2  # dropout on
+    want = sf.evaluate(plain, game, method="naive", progress=False)
+    for method in ("trie", "naive"):
+        torch.testing.assert_close(sf.evaluate(model, game, method=method, progress=False), want,
+                                   atol=2e-6, rtol=1e-6)
+        assert model.training
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.parametrize("arch, experts", [("mixtral", "eager"), ("mixtral", "grouped_mm"),
+                                           ("qwen3_moe", "grouped_mm")])
+def test_a_lora_on_moe_experts_stays_within_max_memory(arch, experts):
+    """PEFT's ``ParamWrapper`` builds each adapted expert weight whole (``E x 2I x H`` and ``E x H x I``) on every call
+    of a sparse block, alive through its forward. Uncounted, a budget 5% above the plan's need ran 3.5x (eager) and
+    1.9x (grouped_mm) over ``max_memory`` in live tensors on the trie, and a naive budget of 4 variants 1.1x; the
+    plan and the naive batch size count them now (``ModelDims.forward_bytes``)."""
+    import re
+
+    from conftest import tiny_moe_config
+    from test_naive import TOK, _LiveBytes
+    from transformers import AutoModelForCausalLM
+
+    from sftint_fast.engine.naive import held_bytes, sequence_bytes
+    from sftint_fast.engine.plan import TrieMemoryError, plan_trie
+    from sftint_fast.game import Game
+
+    torch.manual_seed(0)
+    wide = ({"intermediate_size": 512, "num_local_experts": 8} if arch == "mixtral" else
+            {"moe_intermediate_size": 512, "num_experts": 8, "mlp_only_layers": []})
+    cfg = tiny_moe_config(arch, vocab_size=128, pad_token_id=0, num_experts_per_tok=4, **wide)
+    base = AutoModelForCausalLM.from_config(cfg, experts_implementation=experts).eval()
+    model = moe_lora(arch, "experts_router_attention", base=base)
+    text = "the cat sat on the mat and the dog sat on the rug while the bird sat on the tree near the house by the mat"
+    game = Game.from_text(model, TOK, text, players=[0, 1, 2], target="mat")
+    with pytest.raises(TrieMemoryError) as refused:
+        plan_trie(game, model=model, max_memory=1)
+    needed = int(re.search(r"needs at least .*?\((\d+) bytes\)", str(refused.value)).group(1))
+    budget = needed + needed // 20
+    reference = sf.evaluate(model, game, method="naive", progress=False)
+    with _LiveBytes() as tracked:
+        v = sf.evaluate(model, game, method="trie", max_memory=budget, attention_backend="torch", progress=False)
+    torch.testing.assert_close(v, reference, atol=2e-6, rtol=1e-6)
+    assert tracked.peak <= budget, (tracked.peak, budget)
+    budget = 4 * sequence_bytes(model, game) + held_bytes(model)
+    budget += budget // 20
+    with _LiveBytes() as tracked:
+        sf.evaluate(model, game, method="naive", max_memory=budget, progress=False)
+    assert tracked.peak <= budget, (tracked.peak, budget)
+
+
+def test_peft_weight_bytes_count_three_parameters_without_peft_factors_path(monkeypatch):
+    """A PEFT without ``_LoraFactorsProxy`` (before 0.22) builds a 3-D parameter's delta and the sum: three of its
+    size, where 0.22's factors path holds one."""
+    import peft.tuners.lora.layer as layer
+
+    from sftint_fast.engine.adapters import moe
+
+    if not hasattr(layer, "_LoraFactorsProxy"):
+        pytest.skip("this PEFT has no factors path to compare with")
+    model = moe_lora("qwen3_moe", "experts")
+    block = next(m.mlp for m in model.get_base_model().model.layers)
+    with_factors = moe.peft_weight_bytes(block)
+    monkeypatch.delattr(layer, "_LoraFactorsProxy")
+    assert with_factors > 0 and moe.peft_weight_bytes(block) == 3 * with_factors

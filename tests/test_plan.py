@@ -135,6 +135,33 @@ def test_memory_plan_chunks_and_errors():
         plan_trie(game, dims=DIMS, max_memory=1 << 20)
 
 
+def test_bytes_a_forward_holds_are_planned_once():
+    """``ModelDims.forward_bytes`` (PEFT's adapted MoE expert weights, built whole on every call of a sparse block)
+    are held by every pass whatever its tokens: the plan needs them once more, fits its chunks to what is left of
+    the budget, and counts them in its peak (the plan ignored them and ran over ``max_memory``)."""
+    import dataclasses
+    import re
+
+    from sftint_fast.engine.plan import TrieMemoryError
+
+    game = layout(*LAYOUTS[-1])
+    held = 96 << 20
+    holding = dataclasses.replace(DIMS, forward_bytes=held)
+    needed = []
+    for dims in (DIMS, holding):
+        with pytest.raises(TrieMemoryError) as refused:
+            plan_trie(game, dims=dims, max_memory=1)
+        needed.append(int(re.search(r"needs at least .*?\((\d+) bytes\)", str(refused.value)).group(1)))
+    assert needed[1] == needed[0] + held and "adapted weights a forward holds" in str(refused.value)
+    budget = plan_trie(game, dims=DIMS, max_memory=64 << 30).kv_bytes // 2 + (64 << 20)
+    plain, plan = plan_trie(game, dims=DIMS, max_memory=budget), plan_trie(game, dims=holding, max_memory=budget + held)
+    assert plan.level_chunk_nodes == plain.level_chunk_nodes and plan.peak_bytes == plain.peak_bytes + held
+    assert plan.peak_bytes <= plan.max_memory
+    tight = plan_trie(game, dims=holding, max_memory=budget)
+    assert tight.peak_bytes <= tight.max_memory and max(tight.level_chunk_nodes) < max(plain.level_chunk_nodes)
+
+
+
 @pytest.mark.parametrize("spans", [((3, 2),), ((0, 2), (1, 3)), ((5, 10),)])
 def test_bad_spans(spans):
     with pytest.raises(ValueError, match="player_spans"):

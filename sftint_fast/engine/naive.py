@@ -85,6 +85,15 @@ def _sparse_mlp_elements(model: Any, elem: int) -> int:
     return max((moe_block_elements(m, implementation, elem) for m in model.modules() if _is_sparse(m)), default=0)
 
 
+def held_bytes(model: Any) -> int:
+    """Bytes a forward holds whatever its batch, beyond the weights: the adapted expert weights PEFT's
+    ``lora.ParamWrapper`` layers build while the largest sparse MoE block runs
+    (:func:`~sftint_fast.engine.adapters.moe.peft_weight_bytes`; 0 without them)."""
+    from sftint_fast.engine.adapters.moe import _is_sparse, peft_weight_bytes
+
+    return max((peft_weight_bytes(m) for m in model.modules() if _is_sparse(m)), default=0)
+
+
 def _largest(size: Any) -> int:
     """A config size that may be given per layer (Gemma-3n's ``intermediate_size`` list): the largest."""
     return max(size) if isinstance(size, (list, tuple)) else size
@@ -92,12 +101,13 @@ def _largest(size: Any) -> int:
 
 def naive_batch_size(model: Any, game: Game, *, max_memory: int | None = None) -> int:
     """Variants per forward that fit ``max_memory`` bytes (default: half of CUDA free memory, or 1/4 of host
-    available memory capped at 2 GiB)."""
+    available memory capped at 2 GiB), less what a forward holds whatever its batch (:func:`held_bytes`)."""
     device = model_device(model)
     if max_memory is None:
         free = available_memory(device)
         max_memory = free // 2 if device.type == "cuda" else min(free // 4, 2 << 30)
-    return int(max(1, min(MAX_BATCH, max_memory // max(1, sequence_bytes(model, game)))))
+    room = max_memory - held_bytes(model)
+    return int(max(1, min(MAX_BATCH, room // max(1, sequence_bytes(model, game)))))
 
 
 def attention_keep_mask(
@@ -386,14 +396,15 @@ def evaluate_naive_games(
     embeds = [embedding(game.input_ids.to(device)[None])[0] for game in games]  # (L, H) each
     m = first.target.numel()
     if max_memory is not None:  # a budget bounds the batch (as the trie's), and refuses what one variant exceeds
-        needed = sequence_bytes(model, first)
-        if needed > max_memory:
+        needed, held = sequence_bytes(model, first), held_bytes(model)
+        if needed + held > max_memory:
+            weights = f" and {held / 2**30:.2f} GiB ({held} bytes) of adapted weights a forward holds" if held else ""
             raise ValueError(f"the naive engine: one variant of {first.input_ids.numel()} tokens needs about "
-                             f"{needed / 2**30:.2f} GiB ({needed} bytes) of activations, but max_memory is "
+                             f"{needed / 2**30:.2f} GiB ({needed} bytes) of activations{weights}, but max_memory is "
                              f"{max_memory / 2**30:.2f} GiB ({max_memory} bytes); raise max_memory or shorten "
                              "the prompt")
         if batch_size is not None:
-            batch_size = min(batch_size, max_memory // needed)
+            batch_size = min(batch_size, (max_memory - held) // needed)
     if batch_size is None:
         batch_size = naive_batch_size(model, first, max_memory=max_memory)
     keep_kw = {"logits_to_keep": m} if _accepts_logits_to_keep(model) else {}

@@ -92,8 +92,8 @@ class TriePlan:
         trie_tokens, naive_tokens, ideal_ratio: tokens computed by the trie, by ``2^n`` (or ``len(subsets)``) full
             sequences (both per game), and their ratio.
         kv_bytes, activation_bytes, peak_bytes: memory estimates (KV stores of all layers and games; the largest
-            pass's activations; their sum). ``max_memory``: the budget the chunk sizes were fitted to (None = no
-            model).
+            pass's activations, with what a forward holds whatever its tokens, ``ModelDims.forward_bytes``; their
+            sum). ``max_memory``: the budget the chunk sizes were fitted to (None = no model).
     """
 
     num_players: int
@@ -345,21 +345,23 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
             max_memory = default_max_memory(torch.device(device))
         row_bytes = dims.num_layers * 2 * dims.num_kv_heads * dims.head_dim * dims.dtype_bytes
         fixed = num_games * window_start * row_bytes
+        held = dims.forward_bytes  # held by every forward whatever its tokens (PEFT's adapted MoE weights)
         per_node = [_chunk_activation_bytes(dims, level_lens[j], level_positions[j] + level_lens[j], num_targets,
                                             j == num_players, fused=not window) for j in range(num_players + 1)]
         # per last-level node (every game's window), for the run
         window_bytes = num_games * level_lens[-1] * row_bytes if window else 0
         other = max(per_node[:-1], default=0)
-        needed = fixed + window_bytes + max(other, per_node[-1])
+        needed = fixed + held + window_bytes + max(other, per_node[-1])
         if max_memory < needed:
             games = f" x {num_games} games" if num_games > 1 else ""
             reached = "the nodes the subsets reach" if compact else "all 2^j nodes"
+            weights = f", + {_size(held)} of adapted weights a forward holds" if held else ""
             raise TrieMemoryError(f"the trie for n={num_players}, L={seq_len}{games} needs at least {_size(needed)} "
                                   f"(KV store {_size(fixed)}: {reached} of every level j < n, + one node's "
-                                  f"activations), but max_memory is {_size(max_memory)}; evaluate fewer players, "
-                                  f"games or subsets (subsets= samples variants), or use method='naive' (one "
+                                  f"activations{weights}), but max_memory is {_size(max_memory)}; evaluate fewer "
+                                  f"players, games or subsets (subsets= samples variants), or use method='naive' (one "
                                   f"forward per variant: 2^{num_players} of them here)")
-        room = max_memory - fixed
+        room = max_memory - fixed - held
         fit = room // (per_node[-1] + window_bytes)
         if window_bytes:
             fit = min(fit, (room - other) // window_bytes)
@@ -369,7 +371,7 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
         chunk_nodes[:-1] = [max(1, min(c, room // max(p, 1))) for c, p in zip(chunk_nodes[:-1], per_node[:-1])]
         kv_bytes = fixed + window_nodes * window_bytes
     else:
-        per_node, room = [0] * (num_players + 1), None
+        per_node, room, held = [0] * (num_players + 1), None, 0
         if level_nodes is None:  # no KV store to size, but the int64 ids of all 2^j nodes of every level are built
             id_bytes = 8 * sum(counts)
             budget = max_memory if max_memory is not None else default_max_memory(torch.device("cpu"))
@@ -386,6 +388,7 @@ def plan_trie(game: Any, *, subsets: torch.Tensor | None = None, model: torch.nn
              for game in range(num_games)]
     passes, activation_bytes = _group_passes(units, level_lens, [len(u.nodes) * per_node[u.level] for u in units],
                                              num_players if window else -1, batch_size, room, pass_tokens)
+    activation_bytes += held
     window_rows = window_nodes * level_lens[-1]
     game_rows = window_start + window_rows
     plan = TriePlan(

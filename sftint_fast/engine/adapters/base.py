@@ -33,6 +33,9 @@ class ModelDims:
     #: steps, as eager attention does, with the K/V repeated to every head (:func:`~sftint_fast.engine.plan.plan_trie`
     #: counts those tensors), where SDPA keeps at most one score-sized tensor
     softcap: bool = False
+    #: bytes a forward holds while it runs whatever its tokens, beyond the model's weights (PEFT's adapted MoE expert
+    #: weights, :func:`~sftint_fast.engine.adapters.moe.peft_weight_bytes`): the plan counts them once
+    forward_bytes: int = 0
 
     @property
     def dtype_bytes(self) -> int:

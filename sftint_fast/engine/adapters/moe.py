@@ -13,7 +13,14 @@ What differs from Llama, and how the adapter carries it:
   engine's batches may pick different experts for it, and their values differ by more than rounding there (as the
   model's own forward does between batch sizes). Exact ties (identical router rows) score bitwise equal and pick the
   same expert in both (tests/test_trie.py, every experts implementation on the CPU).
-- A PEFT layer over the router or the experts (``lora.ParamWrapper``: a LoRA on their weights) is refused, naming it.
+- A PEFT LoRA on the router's or the experts' weights (``LoraConfig(target_parameters=...)`` or
+  ``target_modules=["gate"]``: a ``lora.ParamWrapper``, nested one per parameter) runs as the model's forward runs
+  it: the block calls its ``gate`` / ``experts`` wrappers, which fold the LoRA into the weight for that call. The
+  adapter reads the shapes from the wrapped module (``base_layer``); the plan counts what PEFT materialises per
+  call, the whole adapted parameter (``E x 2I x H`` for ``gate_up_proj``, ``E x H x I`` for ``down_proj``) alive
+  through the block's forward, as a fixed cost (:func:`peft_weight_bytes`). A merged LoRA is the base weights. PEFT
+  refuses ``lora_dropout`` on a ``ParamWrapper``; a LoRA's dropout elsewhere is the identity in eval mode, where the
+  engines run.
 - Dense and sparse layers mixed (Qwen-MoE's ``decoder_sparse_step`` / ``mlp_only_layers``): each layer's ``mlp`` is
   read as it is, a gated MLP (``gate_proj``, ``up_proj``, ``down_proj``) or a sparse block.
 - OLMoE's q/k RMSNorms span the whole projection (all heads, before the head reshape, as OLMo-2's) and its
@@ -80,23 +87,17 @@ class MoeAdapter(LlamaLikeAdapter):
                              "adapter runs")
         self._sparse = frozenset(id(block.mlp) for block in self._blocks if _is_sparse(block.mlp))
         implementation = getattr(config, "_experts_implementation", None) or "eager"
-        widths, elements = [], []
+        widths, elements, weights = [], [], [0]
         for index, block in enumerate(self._blocks):
             mlp = block.mlp
             if id(mlp) in self._sparse:
-                widths.append(mlp.experts.intermediate_dim)
+                widths.append(_base(mlp.experts).intermediate_dim)
                 elements.append(moe_block_elements(mlp, implementation, self.dims.dtype_bytes))
+                weights.append(peft_weight_bytes(mlp))
             elif all(isinstance(getattr(mlp, name, None), torch.nn.Module)
                      for name in ("gate_proj", "up_proj", "down_proj")):
                 widths.append(mlp.down_proj.in_features)
                 elements.append(mlp_tensors(mlp) * mlp.down_proj.in_features)
-            elif wrapped := _peft_wrapped(mlp):
-                whose = "router's" if wrapped == "gate" else "experts'"
-                raise ValueError(f"layer {index}'s mlp.{wrapped} is a PEFT {type(getattr(mlp, wrapped)).__name__} "
-                                 f"(a LoRA on the {whose} weights, "
-                                 "target_parameters / a non-Linear target), which this adapter does not run (PEFT "
-                                 "rebuilds the whole weight each forward, outside the trie's memory plan); a LoRA on "
-                                 "the attention projections or the dense MLPs runs on the trie")
             else:
                 raise ValueError(f"layer {index}'s mlp ({type(mlp).__qualname__}) is neither a gated MLP (gate_proj, "
                                  "up_proj, down_proj) nor a sparse MoE block (a router `gate` with top_k and "
@@ -105,8 +106,9 @@ class MoeAdapter(LlamaLikeAdapter):
         # The planner counts ``mlp_tensors * intermediate_size`` elements per token at the MLP's peak: the widest
         # MLP, times as many of its widths as the most demanding layer keeps alive per token (rounded up: safe)
         width = max(widths)
+        # PEFT's adapted expert weights live while one block runs: the largest block's, whatever the tokens
         self.dims = dataclasses.replace(self.dims, intermediate_size=width,
-                                        mlp_tensors=max(1, -(-max(elements) // width)))
+                                        mlp_tensors=max(1, -(-max(elements) // width)), forward_bytes=max(weights))
         dense = [block.mlp for block in self._blocks if id(block.mlp) not in self._sparse]
         self._mlp_fusable = bool(dense) and all(
             isinstance(mlp.act_fn, torch.nn.SiLU) or type(mlp.act_fn).__name__ == "SiLUActivation" for mlp in dense)
@@ -140,20 +142,57 @@ class MoeAdapter(LlamaLikeAdapter):
         return q, k, v
 
 
+def _base(module: torch.nn.Module) -> torch.nn.Module:
+    """The module under PEFT's layers (``base_layer`` after ``base_layer``: ``lora.ParamWrapper`` nests one per
+    adapted parameter), or ``module`` itself."""
+    while isinstance(getattr(module, "base_layer", None), torch.nn.Module):
+        module = module.base_layer
+    return module
+
+
 def _is_sparse(mlp: torch.nn.Module) -> bool:
-    experts, gate = getattr(mlp, "experts", None), getattr(mlp, "gate", None)
+    experts, gate = (_base(module) if isinstance(module := getattr(mlp, name, None), torch.nn.Module) else None
+                     for name in ("experts", "gate"))
     return (isinstance(experts, torch.nn.Module) and isinstance(gate, torch.nn.Module) and hasattr(gate, "top_k")
             and all(hasattr(experts, name) for name in ("num_experts", "hidden_dim", "intermediate_dim", "act_fn")))
 
 
-def _peft_wrapped(mlp: torch.nn.Module) -> str | None:
-    """``"gate"`` or ``"experts"`` where a sparse block's router or experts is a PEFT layer over the module (its
-    ``base_layer``, e.g. ``lora.ParamWrapper``), else None."""
+def peft_weight_bytes(block: torch.nn.Module) -> int:
+    """Bytes PEFT's ``lora.ParamWrapper`` layers in a sparse block's router and experts materialise while the block
+    runs, whatever its tokens (0 without them), an over-estimate.
+
+    Each call of a wrapper registers a parametrization of its parameter and runs the wrapped module under
+    ``torch.nn.utils.parametrize.cached()``: the adapted parameter, one tensor of the parameter's shape and dtype
+    (``baddbmm(W, B, A)``, a single adapter on a 3-D parameter), is computed on first use and lives until the
+    outermost wrapper returns, so the nested wrappers of one module hold theirs together. With several adapters, a
+    2-D parameter (the router) or a float8 one, PEFT builds the delta weight first (held by the parametrization)
+    and adds it, summing the adapters' deltas in turn: three of the parameter's size at the most. A merged LoRA
+    runs the base weights, but unmerging it (a disabled adapter) builds one delta: counted the same. A PEFT
+    without the factors path (``_LoraFactorsProxy``, before 0.22) builds delta and sum for a 3-D parameter too:
+    three of its size there."""
+    total, factors_path = 0, _peft_factors_path()
     for name in ("gate", "experts"):
-        module = getattr(mlp, name, None)
-        if isinstance(module, torch.nn.Module) and isinstance(getattr(module, "base_layer", None), torch.nn.Module):
-            return name
-    return None
+        module = getattr(block, name, None)
+        while isinstance(module, torch.nn.Module) and isinstance(getattr(module, "base_layer", None),
+                                                                 torch.nn.Module):
+            get_param, adapters = getattr(module, "get_param", None), getattr(module, "lora_A", None)
+            if callable(get_param) and adapters is not None:
+                param = get_param()
+                factors = (factors_path and len(adapters) == 1 and param.dim() == 3 and param.dtype.is_floating_point
+                           and param.element_size() > 1)
+                total += (1 if factors else 3) * param.numel() * param.element_size()
+            module = module.base_layer
+    return total
+
+
+def _peft_factors_path() -> bool:
+    """Whether the installed PEFT adapts a single-adapter 3-D parameter as ``baddbmm(W, B, A)`` (one tensor of the
+    parameter's size; ``_LoraFactorsProxy``) rather than building its delta weight first."""
+    try:
+        from peft.tuners.lora import layer
+    except ImportError:
+        return False
+    return hasattr(layer, "_LoraFactorsProxy")
 
 
 def moe_block_elements(block: torch.nn.Module, implementation: str, dtype_bytes: int) -> int:
@@ -175,7 +214,7 @@ def moe_block_elements(block: torch.nn.Module, implementation: str, dtype_bytes:
       Any other implementation (a hub kernel) is counted as ``batched_mm``, the largest;
     - a shared expert (Qwen2-MoE): its MLP's peak, then its output, gate and the sum (``3H + 2``).
     """
-    experts, gate = block.experts, block.gate
+    experts, gate = _base(block.experts), _base(block.gate)
     hidden, width, num_experts, top_k = experts.hidden_dim, experts.intermediate_dim, experts.num_experts, gate.top_k
     act = _ACTIVATION_TENSORS.get(type(experts.act_fn).__name__, 1)
     b = dtype_bytes
