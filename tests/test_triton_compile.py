@@ -133,7 +133,7 @@ def _unique(launches: list[dict]) -> list[dict]:
 def launches():
     """The launches of the trie engine (float32 and bfloat16, both masking modes, both KV paths, a Gemma-3 with sliding
     layers and its (1 + w) RMSNorm, SmolLM2-135M's head and MLP shapes, sampled subsets), of the kernel with a
-    soft-cap, and of the four transforms (n = 12: the low and the high bit groups)."""
+    soft-cap and with attention sinks, and of the four transforms (n = 12: the low and the high bit groups)."""
     from sftint_fast.ops.triton import subset_attention as attention
     from sftint_fast.ops.triton.transforms import butterfly
 
@@ -164,6 +164,13 @@ def launches():
                                        torch.tensor([0, 3], **i64), torch.tensor([3, 2], **i64),
                                        torch.tensor([0, 1], **i64), torch.tensor([0, 3], **i64), level=1,
                                        scale=0.25, softcap=30.0, sliding_window=3, attention_masking=True)
+            # gpt-oss's attention sinks (HAS_SINKS), on both KV paths
+            for path in ("flat", "segments"):
+                attention.subset_attention(q, k, torch.randn_like(k), torch.tensor([0, 1], **i64),
+                                           torch.tensor([0, 3], **i64), torch.tensor([3, 2], **i64),
+                                           torch.tensor([0, 1], **i64), torch.tensor([0, 3], **i64), level=1,
+                                           scale=0.25, sinks=torch.randn(4, dtype=dtype), sliding_window=3,
+                                           path=path)
         for kind in ("subset_mobius", "subset_zeta", "superset_mobius", "superset_zeta"):
             for dtype in (torch.float32, torch.float64):
                 butterfly(torch.randn(2, 1 << 12, dtype=dtype), kind)
@@ -180,6 +187,8 @@ def test_every_kernel_was_launched(launches):
                                            "_silu_mul_kernel"}
     index = {x["constexprs"]["HAS_INDEX"] for x in launches if x["kernel"] == "_subset_attention_kernel"}
     assert index == {True, False}  # the dense stores' launches and the compact stores' (sampled subsets)
+    sinks = {x["constexprs"]["HAS_SINKS"] for x in launches if x["kernel"] == "_subset_attention_kernel"}
+    assert sinks == {True, False}  # gpt-oss's attention sinks and every other model's
 
 
 def test_recorded_launches_compile_for_the_gpu(launches, tmp_path):

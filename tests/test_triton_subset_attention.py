@@ -399,7 +399,7 @@ def test_kernels_compile_for_sm90():
                                               ("bf16", False, True, True, True), ("bf16", False, False, False, True)):
             const = dict(GROUP=3, HEAD_DIM=64, BLOCK_D=64, IS_FP32=fp32, ATTENTION_MASKING=True, HAS_SOFTCAP=True,
                          HAS_WINDOW=True, INPUT_PRECISION="ieee" if fp32 else "tf32", FLAT_PATH=flat,
-                         OWN_FROM_PASS=own, HAS_INDEX=index, BLOCK_M=64, BLOCK_N=32)
+                         OWN_FROM_PASS=own, HAS_INDEX=index, HAS_SINKS=index, BLOCK_M=64, BLOCK_N=32)
             sig = {}
             for name in fn.arg_names:
                 if name.endswith("_ptr"):

@@ -79,10 +79,11 @@ def sequence_bytes(model: Any, game: Game) -> int:
 def _sparse_mlp_elements(model: Any, elem: int) -> int:
     """Elements one token keeps alive at the peak of the model's largest sparse MoE block (0 without one): its
     experts implementation may gather a top-k expert's weights per token (``batched_mm``), far above a dense MLP's."""
-    from sftint_fast.engine.adapters.moe import _is_sparse, moe_block_elements
+    from sftint_fast.engine.adapters.moe import _is_gpt_oss_block, _is_sparse, moe_block_elements
 
     implementation = getattr(model.config, "_experts_implementation", None) or "eager"
-    return max((moe_block_elements(m, implementation, elem) for m in model.modules() if _is_sparse(m)), default=0)
+    return max((moe_block_elements(m, implementation, elem) for m in model.modules()
+                if _is_sparse(m) or _is_gpt_oss_block(m)), default=0)
 
 
 def held_bytes(model: Any) -> int:

@@ -228,15 +228,17 @@ def _chunk_activation_bytes(dims: ModelDims, seg_len: int, num_keys: int, num_ta
     """Bytes one node of a chunk needs while a layer runs (hidden states, gathered K/V, scores, mask, logits);
     the fused kernel (``fused``) gathers no K/V and materialises no scores. A soft-capped attention
     (``dims.softcap``) keeps the gathered K/V and their copies repeated to every head, three float32 score tensors
-    (the capped scores, the masked ones, their softmax) and the mask and its negation alive."""
+    (the capped scores, the masked ones, their softmax) and the mask and its negation alive; attention sinks
+    (``dims.sinks``) take that path too, with one more (the scores joined to the sink column)."""
     size = dims.dtype_bytes
     per_token = (4 * dims.hidden_size + dims.mlp_tensors * dims.intermediate_size
                  + 2 * dims.num_heads * dims.head_dim) * size
     if fused:
         gathered = scores = 0
-    elif dims.softcap:
+    elif dims.softcap or dims.sinks:
         gathered = 2 * num_keys * (dims.num_heads + dims.num_kv_heads) * dims.head_dim * size
-        scores = 3 * dims.num_heads * seg_len * num_keys * 4 + 2 * seg_len * num_keys
+        score_tensors = 3 + (dims.softcap and dims.sinks)
+        scores = score_tensors * dims.num_heads * seg_len * (num_keys + dims.sinks) * 4 + 2 * seg_len * num_keys
     else:
         gathered = 2 * num_keys * dims.num_heads * dims.head_dim * size  # K, V (GQA expanded at worst)
         scores = dims.num_heads * seg_len * num_keys * 4 + seg_len * num_keys

@@ -302,12 +302,12 @@ def evaluate_trie_games(model: torch.nn.Module, games: Sequence[Any], subsets: t
                 return subset_attention_pass(q, k_stores[layer], v_stores[layer], *pass_.fused_tables,
                                              max_seg_len=pass_.max_seg_len, scale=spec.scale,
                                              attention_masking=attention_masking, softcap=spec.softcap,
-                                             sliding_window=spec.sliding_window, k_pass=k, v_pass=v,
+                                             sinks=spec.sinks, sliding_window=spec.sliding_window, k_pass=k, v_pass=v,
                                              path_index=pass_.path_index)
             return torch.cat([
                 _subset_attention(q[c.start:c.stop].unflatten(0, (len(c.nodes), -1)), k_stores[layer],
                                   v_stores[layer], c.nodes, *c.tables, level=c.level, scale=spec.scale,
-                                  attention_masking=attention_masking, softcap=spec.softcap,
+                                  attention_masking=attention_masking, softcap=spec.softcap, sinks=spec.sinks,
                                   sliding_window=spec.sliding_window, backend=attention_backend, layout=layout,
                                   path_index=None, check_ids=False).flatten(0, 1)
                 for c, layout in zip(chunks, layouts)])

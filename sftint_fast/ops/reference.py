@@ -72,13 +72,15 @@ def subset_attention_reference(
     softcap: float | None = None,
     sliding_window: int | None = None,
     path_index: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Ancestor-path attention over the flat KV store by explicit key lists, in float32.
 
     ``q`` ``[C, S, Hq, D]``, stores ``[T_total, Hkv, D]`` → ``[C, S, Hq, D]`` in ``q``'s dtype. For each node and
     query token the visible keys are listed one by one (ancestors' segments at levels ``< level``, then the own
     segment up to the query), see ``sftint_fast.ops.subset_attention.subset_attention`` for the semantics
-    (``path_index``: a compact store's ancestor indices, None = the ancestor ids).
+    (``path_index``: a compact store's ancestor indices, None = the ancestor ids; ``sinks``: ``[Hq]`` attention
+    sinks, a logit per head that joins the softmax with a zero value).
     """
     from sftint_fast.ops.subset_attention import check_node_ids
 
@@ -110,5 +112,8 @@ def subset_attention_reference(
                 logits = (keys @ q[c, t, h].float()) * scale
                 if softcap is not None:
                     logits = softcap * torch.tanh(logits / softcap)
+                if sinks is not None:  # the sink: one more logit in the denominator, no value
+                    logits = torch.cat([logits, sinks[h].float().reshape(1)])
+                    values = torch.cat([values, values.new_zeros(1, values.shape[1])])
                 out[c, t, h] = torch.softmax(logits, dim=0) @ values
     return out.to(q.dtype)

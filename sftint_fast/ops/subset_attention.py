@@ -73,7 +73,7 @@ def _key_layout(node_ids: torch.Tensor, level_offsets: list[int], level_lens: li
 def _subset_attention_torch(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, node_ids: torch.Tensor,
                             level_offsets: torch.Tensor, level_lens: torch.Tensor, player_lens: torch.Tensor,
                             level_positions: torch.Tensor, *, level: int, scale: float, attention_masking: bool,
-                            softcap: float | None, sliding_window: int | None,
+                            softcap: float | None, sliding_window: int | None, sinks: torch.Tensor | None = None,
                             layout: KeyLayout | None = None, path_index: torch.Tensor | None = None) -> torch.Tensor:
     chunk, seg_len, num_heads, head_dim = q.shape
     if chunk == 0 or seg_len == 0:  # no query (e.g. an empty level 0): the keys may be no rows at all
@@ -98,7 +98,7 @@ def _subset_attention_torch(q: torch.Tensor, k_store: torch.Tensor, v_store: tor
     mask = allowed.view(-1, 1, seg_len, num_keys)
 
     queries = q.transpose(1, 2)
-    if softcap is None:
+    if softcap is None and sinks is None:
         out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale,
                                              enable_gqa=num_heads != num_kv_heads)
     else:
@@ -106,8 +106,14 @@ def _subset_attention_torch(q: torch.Tensor, k_store: torch.Tensor, v_store: tor
         keys = keys.repeat_interleave(group, dim=1)
         values = values.repeat_interleave(group, dim=1)
         scores = torch.matmul(queries, keys.transpose(-1, -2)).float() * scale
-        scores = torch.tanh(scores / softcap) * softcap
-        weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1).to(values.dtype)
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        scores = scores.masked_fill(~mask, float("-inf"))
+        if sinks is not None:  # one more logit per head in the denominator (eager's extra column, then dropped)
+            sink = sinks.detach().float().view(1, num_heads, 1, 1).expand(*scores.shape[:-1], 1)
+            weights = torch.cat([scores, sink], dim=-1).softmax(dim=-1)[..., :-1].to(values.dtype)
+        else:
+            weights = scores.softmax(dim=-1).to(values.dtype)
         out = torch.matmul(weights, values)
     return out.transpose(1, 2)
 
@@ -190,6 +196,22 @@ _BACKENDS: dict[str, Callable[..., torch.Tensor]] = {"torch": _subset_attention_
                                                      "triton": _subset_attention_triton}
 
 
+def check_sinks(sinks: object, num_heads: int, device: torch.device, values: bool = True) -> None:
+    """ValueError unless ``sinks`` is None or a floating ``[num_heads]`` tensor on ``device`` (one logit per query
+    head) of finite values (``values``: read on the host, one GPU sync; the engine, whose sinks are the model's, skips
+    that)."""
+    if sinks is None:
+        return
+    if (not isinstance(sinks, torch.Tensor) or not sinks.is_floating_point() or tuple(sinks.shape) != (num_heads,)
+            or sinks.device != device):
+        got = (f"{sinks.dtype} of shape {tuple(sinks.shape)} on {sinks.device}" if isinstance(sinks, torch.Tensor)
+               else type(sinks).__name__)
+        raise ValueError(f"sinks: expected None or a floating tensor of shape ({num_heads},) (one logit per query "
+                         f"head) on {device}, got {got}")
+    if values and not bool(torch.isfinite(sinks).all()):
+        raise ValueError(f"sinks: expected finite logits, got {sinks.tolist()}")
+
+
 def _finite_positive(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 < x < math.inf
 
@@ -199,7 +221,7 @@ def subset_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tens
                      level_positions: torch.Tensor, *, level: int, scale: float, attention_masking: bool = False,
                      softcap: float | None = None, sliding_window: int | None = None,
                      backend: Backend = "torch", layout: KeyLayout | None = None,
-                     path_index: torch.Tensor | None = None) -> torch.Tensor:
+                     path_index: torch.Tensor | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one trie level's chunk of nodes over their ancestors' KV and their own segment.
 
     Args:
@@ -214,6 +236,8 @@ def subset_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tens
         attention_masking: skip, as keys, the player tokens of every segment (level ``k >= 1``) whose node's bit
             ``k - 1`` is 0, except at the query's own position.
         softcap: attention logit soft-cap ``c·tanh(s/c)``. sliding_window: keys with ``q_pos - k_pos < w`` only.
+        sinks: ``[Hq]`` attention sinks (gpt-oss): a logit per query head that joins each query's softmax
+            denominator (as one more key) and adds nothing to its output; None: none.
         backend: ``"torch"`` (gather + SDPA) or a registered fused kernel.
         layout: the torch backend's :func:`key_layout` of this chunk, built once and reused by every layer
             (None = built here).
@@ -240,14 +264,15 @@ def subset_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tens
     return _subset_attention(q, k_store, v_store, node_ids, level_offsets, level_lens, player_lens, level_positions,
                              level=level, scale=scale, attention_masking=attention_masking, softcap=softcap,
                              sliding_window=sliding_window, backend=backend, layout=layout, path_index=path_index,
-                             check_ids=True)
+                             check_ids=True, sinks=sinks)
 
 
 def _subset_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, node_ids: torch.Tensor,
                       level_offsets: torch.Tensor, level_lens: torch.Tensor, player_lens: torch.Tensor,
                       level_positions: torch.Tensor, *, level: int, scale: float, attention_masking: bool,
                       softcap: float | None, sliding_window: int | None, backend: Backend, layout: KeyLayout | None,
-                      path_index: torch.Tensor | None, check_ids: bool) -> torch.Tensor:
+                      path_index: torch.Tensor | None, check_ids: bool, sinks: torch.Tensor | None = None
+                      ) -> torch.Tensor:
     """:func:`subset_attention`; ``check_ids=False`` (the trie engine, whose ids come from its plan) skips the
     check of the ids' and rows' values, which reads them on the host (a GPU sync per layer)."""
     impl = _BACKENDS.get(backend)
@@ -272,6 +297,7 @@ def _subset_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Ten
     if sliding_window is not None and (isinstance(sliding_window, bool) or not isinstance(sliding_window, int)
                                        or sliding_window < 1):
         raise ValueError(f"sliding_window: expected None or an int >= 1, got {sliding_window!r}")
+    check_sinks(sinks, q.shape[2], q.device, values=check_ids)
     for name, table in (("node_ids", node_ids), ("level_offsets", level_offsets), ("level_lens", level_lens),
                         ("player_lens", player_lens), ("level_positions", level_positions)):
         if table.dtype != torch.int64:
@@ -309,6 +335,8 @@ def _subset_attention(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Ten
         options["path_index"] = path_index
     if check_ids and backend != "triton":  # the fused function checks its own
         _check_ids(node_ids, level, level_offsets, level_lens, k_store.shape[0], path_index, layout)
+    if sinks is not None:
+        options["sinks"] = sinks
     return impl(q, k_store, v_store, node_ids, level_offsets, level_lens, player_lens, level_positions, level=level,
                 scale=scale, attention_masking=attention_masking, softcap=softcap, sliding_window=sliding_window,
                 **options)

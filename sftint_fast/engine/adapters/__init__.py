@@ -8,6 +8,7 @@ import torch
 from sftint_fast.engine.adapters.base import Adapter, AttendFn, LayerSpec, ModelDims
 from sftint_fast.engine.adapters.gpt2 import GPT2Adapter
 from sftint_fast.engine.adapters.gpt_neox import GPTNeoXAdapter
+from sftint_fast.engine.adapters.gpt_oss import GptOssAdapter
 from sftint_fast.engine.adapters.granite import GraniteAdapter
 from sftint_fast.engine.adapters.llama import LlamaLikeAdapter
 from sftint_fast.engine.adapters.moe import MoeAdapter
@@ -18,9 +19,9 @@ __all__ = ["Adapter", "AttendFn", "LayerSpec", "ModelDims", "find_adapter", "get
            "user_hooks", "wrapped_models"]
 
 _ADAPTERS: tuple[type[Adapter], ...] = (LlamaLikeAdapter, Phi3Adapter, GPT2Adapter, GPTNeoXAdapter, OlmoAdapter,
-                                        MoeAdapter, GraniteAdapter)
+                                        MoeAdapter, GraniteAdapter, GptOssAdapter)
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "smollm3", "phi3", "gpt2", "gpt_neox", "olmo2",
-             "olmo3", "gemma2", "qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "gemma", "granite")
+             "olmo3", "gemma2", "qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "gemma", "granite", "gpt_oss")
 
 
 def get_adapter(model: torch.nn.Module) -> Adapter | None:
@@ -31,8 +32,10 @@ def get_adapter(model: torch.nn.Module) -> Adapter | None:
     (``gpt_neox``), OLMo-2 / OLMo-3 (``olmo2``, ``olmo3``), Gemma (v1, ``gemma``), IBM Granite 3.x (``granite``: its
     embedding, residual and logit multipliers as its forward applies them) and Gemma-2 (``gemma2``: its attention
     logit soft-cap needs eager, flex or flash attention; SDPA is refused), and the Mixture-of-Experts decoders
-    Qwen3-MoE, Mixtral, OLMoE and Qwen2-MoE (``qwen3_moe``, ``mixtral``, ``olmoe``, ``qwen2_moe``: their sparse blocks run as their
-    modules on the flat token batch, exact since transformers routes each token alone). The adapter reuses the
+    Qwen3-MoE, Mixtral, OLMoE and Qwen2-MoE (``qwen3_moe``, ``mixtral``, ``olmoe``, ``qwen2_moe``: their sparse
+    blocks run as their modules on the flat token batch, exact since transformers routes each token alone), and
+    gpt-oss (``gpt_oss``: its attention sinks carried into the engine's attention, which needs eager or flex
+    attention; SDPA and flash attention are refused; its MoE blocks run as modules). The adapter reuses the
     model's own modules, so it follows later changes to the model's weights.
     Wrappers are looked through: a PEFT model (``get_base_model()``: its LoRA layers sit inside the HF model and run
     as the modules they replaced) and DDP / accelerate's ``.module``.

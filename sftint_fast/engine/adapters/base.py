@@ -36,6 +36,9 @@ class ModelDims:
     #: bytes a forward holds while it runs whatever its tokens, beyond the model's weights (PEFT's adapted MoE expert
     #: weights, :func:`~sftint_fast.engine.adapters.moe.peft_weight_bytes`): the plan counts them once
     forward_bytes: int = 0
+    #: some layer's attention has learned sinks (gpt-oss): the torch attention path then computes the scores in steps
+    #: too, one more float32 score tensor (the sink column joined to the scores)
+    sinks: bool = False
 
     @property
     def dtype_bytes(self) -> int:
@@ -61,11 +64,14 @@ def mlp_tensors(module: torch.nn.Module) -> int:
 
 @dataclass(frozen=True)
 class LayerSpec:
-    """Attention options of one layer: softmax scale, sliding window (keys with ``q_pos - k_pos < w``), soft-cap."""
+    """Attention options of one layer: softmax scale, sliding window (keys with ``q_pos - k_pos < w``), soft-cap,
+    attention sinks (``[Hq]``: one learned logit per query head that joins the softmax's denominator and adds
+    nothing to its output, gpt-oss's ``sinks``; the module's parameter itself, so later weight changes follow)."""
 
     scale: float
     sliding_window: int | None = None
     softcap: float | None = None
+    sinks: torch.Tensor | None = None
 
 
 class Adapter(ABC):

@@ -157,6 +157,13 @@ def _is_sparse(mlp: torch.nn.Module) -> bool:
             and all(hasattr(experts, name) for name in ("num_experts", "hidden_dim", "intermediate_dim", "act_fn")))
 
 
+def _is_gpt_oss_block(mlp: torch.nn.Module) -> bool:
+    """gpt-oss's sparse block (``GptOssMLP``): a top-k ``router`` and experts of its own attribute names."""
+    experts, router = getattr(mlp, "experts", None), getattr(mlp, "router", None)
+    return (isinstance(experts, torch.nn.Module) and isinstance(router, torch.nn.Module) and hasattr(router, "top_k")
+            and all(hasattr(experts, name) for name in ("num_experts", "hidden_size", "intermediate_size")))
+
+
 def peft_weight_bytes(block: torch.nn.Module) -> int:
     """Bytes PEFT's ``lora.ParamWrapper`` layers in a sparse block's router and experts materialise while the block
     runs, whatever its tokens (0 without them), an over-estimate.
@@ -214,6 +221,8 @@ def moe_block_elements(block: torch.nn.Module, implementation: str, dtype_bytes:
       Any other implementation (a hub kernel) is counted as ``batched_mm``, the largest;
     - a shared expert (Qwen2-MoE): its MLP's peak, then its output, gate and the sum (``3H + 2``).
     """
+    if isinstance(getattr(block, "router", None), torch.nn.Module):  # gpt-oss's block: its own experts' forward
+        return _gpt_oss_block_elements(block, implementation, dtype_bytes)
     experts, gate = _base(block.experts), _base(block.gate)
     hidden, width, num_experts, top_k = experts.hidden_dim, experts.intermediate_dim, experts.num_experts, gate.top_k
     act = _ACTIVATION_TENSORS.get(type(experts.act_fn).__name__, 1)
@@ -229,4 +238,31 @@ def moe_block_elements(block: torch.nn.Module, implementation: str, dtype_bytes:
     shared = getattr(block, "shared_expert", None)
     if isinstance(shared, torch.nn.Module):
         total += (mlp_tensors(shared) * shared.down_proj.in_features + 3 * hidden + 2) * b
+    return -(-total // b)
+
+
+def _gpt_oss_block_elements(block: torch.nn.Module, implementation: str, dtype_bytes: int) -> int:
+    """:func:`moe_block_elements` of gpt-oss's ``GptOssMLP`` (``router``, ``experts`` with biases and the clamped
+    SwiGLU over the interleaved gate / up columns), in bytes per token as there:
+
+    - the router: its logits ``E·b``, the top-k values and their softmax ``2k·b``, the indices ``8k``;
+    - ``eager``: the int64 one-hot mask ``8k(E + 1)`` and the accumulator ``H·b``; each expert's step gathers its
+      tokens (``H``), projects them to ``2I`` and adds the bias (``2I`` more), gates them (the clamped gate and up,
+      the sigmoid's input and output, the gated product, ``up + 1`` and the result: ``5I`` beyond the projection),
+      projects down and adds the bias and the routing weight (``3H``), with int64 indices; two steps' worth;
+    - ``grouped_mm`` / ``batched_mm``: the same per (token, expert) pair, ``k`` of them, the sort's permutations,
+      and the float32 sum over the ``k``; ``batched_mm`` (or a kernel) also gathers each pair's weights and biases,
+      ``3I·H + 2I + H``."""
+    experts, router = block.experts, block.router
+    hidden, width = experts.hidden_size, experts.intermediate_size
+    num_experts, top_k = experts.num_experts, router.top_k
+    b = dtype_bytes
+    total = num_experts * b + top_k * (2 * b + 8)
+    pair = 4 * hidden * b + 9 * width * b + 3 * 8
+    if implementation == "eager":
+        total += 8 * top_k * (num_experts + 1) + hidden * b + 2 * pair
+    else:
+        total += top_k * (pair + 4 * 8) + hidden * (4 + b)
+        if implementation != "grouped_mm":
+            total += top_k * (3 * width * hidden + 2 * width + hidden) * b
     return -(-total // b)

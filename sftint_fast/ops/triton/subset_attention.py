@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from sftint_fast.ops.subset_attention import check_node_ids
+from sftint_fast.ops.subset_attention import check_node_ids, check_sinks
 from sftint_fast.ops.triton import KERNEL_DTYPES, check_interpreter, on_device
 
 # Finite "minus infinity" for the running max, so a block with no visible key gives exp2(-inf - finite) = 0
@@ -232,14 +232,14 @@ def _attend_segments(
 @triton.jit
 def _subset_attention_kernel(
     q_ptr, k_ptr, v_ptr, kp_ptr, vp_ptr, o_ptr, meta_ptr, offsets_ptr, lens_ptr, players_ptr, positions_ptr,
-    index_ptr,
+    index_ptr, sinks_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_kpt, stride_kph, stride_vpt, stride_vph,
     stride_ot, stride_oh, stride_offsets, stride_index,
     max_rows, qk_scale, softcap, window,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP32: tl.constexpr,
     ATTENTION_MASKING: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, FLAT_PATH: tl.constexpr, OWN_FROM_PASS: tl.constexpr, HAS_INDEX: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_SINKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program = one query node (meta row: node id, level, first query row, offsets-table row; with HAS_INDEX
     # the same row of the path-index table), one block of its (token, head-in-group) rows, one KV head. Blocks past
@@ -275,6 +275,11 @@ def _subset_attention_kernel(
     m_i = tl.full([BLOCK_M], _NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if HAS_SINKS:
+        # the head's sink joins the softmax as a key of logit ``sink`` (base 2 here) and value 0: the running max
+        # starts at it and the sum at exp2(sink - sink) = 1; the accumulator gets nothing
+        m_i = tl.maximum(tl.load(sinks_ptr + q_head).to(tl.float32) * 1.4426950408889634, _NEG_BIG)
+        l_i = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
 
     last_tok = (tl.minimum((m_block + 1) * BLOCK_M, num_rows) - 1) // GROUP
     if FLAT_PATH:
@@ -334,7 +339,8 @@ def _check_index(path_index: torch.Tensor | None, shape: tuple[int, int], device
 
 
 def _check_common(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, scale: float,
-                  softcap: float | None, sliding_window: int | None, path: str) -> None:
+                  softcap: float | None, sliding_window: int | None, path: str, sinks: torch.Tensor | None = None,
+                  sink_values: bool = True) -> None:
     """What both entry points check: ``q [..., Hq, D]`` against the stores, dtypes, devices and the options."""
     if path not in PATHS:
         raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
@@ -366,6 +372,7 @@ def _check_common(q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor,
     window_int = isinstance(sliding_window, numbers.Integral) and not isinstance(sliding_window, bool)
     if sliding_window is not None and not (window_int and sliding_window >= 1):
         raise ValueError(f"sliding_window: expected None or an int >= 1, got {sliding_window!r}")
+    check_sinks(sinks, num_q_heads, q.device, values=sink_values)
 
 
 def tf32_matmuls() -> bool:
@@ -383,11 +390,13 @@ def _launch(
     offsets: torch.Tensor, lens: torch.Tensor, players: torch.Tensor, positions: torch.Tensor, max_seg_len: int,
     scale: float, attention_masking: bool, softcap: float | None, sliding_window: int | None, path: str,
     k_pass: torch.Tensor | None = None, v_pass: torch.Tensor | None = None, path_index: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> None:
     """Launches the kernel on a ``(nodes, query blocks of the longest segment, Hkv)`` grid; ``q``/``out`` are
     ``[T, Hq, D]`` with a contiguous last dimension, the tables contiguous; ``k_pass``/``v_pass`` ``[T, Hkv, D]``
     (own segments read there) or None (own segments read from the stores); ``path_index`` ``[N, W]`` (a compact
-    store's ancestor indices, a row per meta row) or None (indices from the node bits)."""
+    store's ancestor indices, a row per meta row) or None (indices from the node bits); ``sinks`` ``[Hq]`` (read as
+    float32) or None."""
     num_nodes = meta.shape[0]
     if num_nodes == 0 or max_seg_len == 0:
         return
@@ -404,9 +413,11 @@ def _launch(
     kp, vp = (k_pass, v_pass) if own_from_pass else (k_store, v_store)
     has_index = path_index is not None
     index = path_index if has_index else meta  # without an index table the kernel never reads it
+    has_sinks = sinks is not None
+    sinks = sinks.detach().float().contiguous() if has_sinks else meta  # (never read without sinks)
     with on_device(q.device):
         _subset_attention_kernel[grid](
-            q, k_store, v_store, kp, vp, out, meta, offsets, lens, players, positions, index,
+            q, k_store, v_store, kp, vp, out, meta, offsets, lens, players, positions, index, sinks,
             q.stride(0), q.stride(1), k_store.stride(0), k_store.stride(1), v_store.stride(0), v_store.stride(1),
             kp.stride(0), kp.stride(1), vp.stride(0), vp.stride(1), out.stride(0), out.stride(1), offsets.stride(0),
             index.stride(0) if has_index else 0,
@@ -414,7 +425,7 @@ def _launch(
             GROUP=group, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), IS_FP32=is_fp32,
             ATTENTION_MASKING=bool(attention_masking), HAS_SOFTCAP=softcap is not None,
             HAS_WINDOW=sliding_window is not None, INPUT_PRECISION="ieee" if strict_fp32 else "tf32",
-            FLAT_PATH=path == "flat", OWN_FROM_PASS=own_from_pass, HAS_INDEX=has_index,
+            FLAT_PATH=path == "flat", OWN_FROM_PASS=own_from_pass, HAS_INDEX=has_index, HAS_SINKS=has_sinks,
         )
 
 
@@ -435,6 +446,7 @@ def subset_attention(
     sliding_window: int | None = None,
     path: str | None = None,
     path_index: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one trie level's queries over their ancestor path in the flat KV store (Triton).
 
@@ -452,6 +464,8 @@ def subset_attention(
             ``k - 1`` cleared, as keys, except from the query at that very position.
         softcap: logits become ``softcap * tanh(scale * q·k / softcap)`` (Gemma-2 style) when given.
         sliding_window: ``w`` keeps a key only when ``query_pos - key_pos < w``.
+        sinks: ``[Hq]`` attention sinks (gpt-oss): a logit per query head that joins the softmax's denominator and
+            adds nothing to the output (read as float32); None: none.
         path: how the KV loop walks the ancestor path (None = :data:`DEFAULT_PATH`). ``"flat"``: key blocks are
             runs of absolute positions from the root to the query, each key's level and row computed from the
             tables, so blocks stay full when segments are short (needs consecutive segments,
@@ -489,7 +503,7 @@ def subset_attention(
     level = int(level)
     if q.dim() != 4:
         raise ValueError(f"q: expected shape [C, S, Hq, D], got {tuple(q.shape)}")
-    _check_common(q, k_store, v_store, scale, softcap, sliding_window, path)
+    _check_common(q, k_store, v_store, scale, softcap, sliding_window, path, sinks)
     num_nodes, seq_len, num_q_heads, head_dim = q.shape
     if node_ids.dtype != torch.int64 or node_ids.shape != (num_nodes,) or node_ids.device != q.device:
         raise ValueError(f"node_ids: expected int64 of shape ({num_nodes},) on {q.device}, "
@@ -525,7 +539,7 @@ def subset_attention(
     _launch(q.reshape(num_nodes * seq_len, num_q_heads, head_dim), k_store, v_store, out, meta,
             level_offsets[:level + 1].contiguous().view(1, -1), level_lens.contiguous(), player_lens.contiguous(),
             level_positions.contiguous(), seq_len, scale, attention_masking, softcap, sliding_window, path,
-            path_index=None if path_index is None else path_index.contiguous())
+            path_index=None if path_index is None else path_index.contiguous(), sinks=sinks)
     return out.view(q.shape)
 
 
@@ -548,6 +562,7 @@ def subset_attention_pass(
     k_pass: torch.Tensor | None = None,
     v_pass: torch.Tensor | None = None,
     path_index: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`subset_attention` for a whole pass of the trie engine in one launch: nodes of any levels and KV blocks.
 
@@ -560,7 +575,7 @@ def subset_attention_pass(
             chunk: a game's block, the last level's window); level_lens, player_lens, level_positions: ``[W]``
             int64, shared by every node (one layout, consecutive segments when ``path="flat"``).
         max_seg_len: the longest segment of the nodes (sizes the grid without reading the tables).
-        scale, attention_masking, softcap, sliding_window, path: as in :func:`subset_attention`.
+        scale, attention_masking, softcap, sliding_window, path, sinks: as in :func:`subset_attention`.
         k_pass, v_pass: ``[T, Hkv, D]`` the pass's own keys and values (row ``i`` = the token of query row ``i``):
             each node's own segment is read there, so the store needs only the levels that have descendants (the
             engine keeps no KV of its last level at all). None (both): own segments are read from the store.
@@ -581,7 +596,7 @@ def subset_attention_pass(
     return _subset_attention_pass(q, k_store, v_store, meta, level_offsets, level_lens, player_lens, level_positions,
                                   max_seg_len=max_seg_len, scale=scale, attention_masking=attention_masking,
                                   softcap=softcap, sliding_window=sliding_window, path=path, k_pass=k_pass,
-                                  v_pass=v_pass, path_index=path_index, check_ids=True)
+                                  v_pass=v_pass, path_index=path_index, sinks=sinks, check_ids=True)
 
 
 def _subset_attention_pass(
@@ -603,13 +618,14 @@ def _subset_attention_pass(
     k_pass: torch.Tensor | None = None,
     v_pass: torch.Tensor | None = None,
     path_index: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
     check_ids: bool,
 ) -> torch.Tensor:
     """:func:`subset_attention_pass`; ``check_ids=False`` skips the check of the tables' values (the engine)."""
     path = DEFAULT_PATH if path is None else path
     if q.dim() != 3:
         raise ValueError(f"q: expected shape [T, Hq, D], got {tuple(q.shape)}")
-    _check_common(q, k_store, v_store, scale, softcap, sliding_window, path)
+    _check_common(q, k_store, v_store, scale, softcap, sliding_window, path, sinks, sink_values=check_ids)
     if meta.dtype != torch.int64 or meta.dim() != 2 or meta.shape[1] != 4 or meta.device != q.device:
         raise ValueError(f"meta: expected int64 [N, 4] on {q.device}, got {meta.dtype} of shape {tuple(meta.shape)} "
                          f"on {meta.device}")
@@ -639,7 +655,7 @@ def _subset_attention_pass(
         q = q.contiguous()
     _launch(q, k_store, v_store, out, meta.contiguous(), level_offsets.contiguous(), level_lens.contiguous(),
             player_lens.contiguous(), level_positions.contiguous(), max_seg_len, scale, attention_masking, softcap,
-            sliding_window, path, k_pass, v_pass, None if path_index is None else path_index.contiguous())
+            sliding_window, path, k_pass, v_pass, None if path_index is None else path_index.contiguous(), sinks)
     return out
 
 
