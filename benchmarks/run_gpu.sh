@@ -5,7 +5,7 @@
 #   1. the issue's bar: bf16, the three models, n=10 and n=12 (trie flat path, segments path, without the fused
 #      elementwise ops, 8192-token passes, torch path, strong naive; peaks; kernel alone) -> gpu_benchmark_bf16.json
 #   2. where the time goes: a profile of one bf16 SmolLM2 n=10 evaluation (trie and naive) -> profile_*.json
-#   3. the Triton tests compiled for real (not the ahead-of-time compile checks)     -> triton_tests.log
+#   3. the Triton tests compiled for real (not the ahead-of-time compile checks; gpt-oss sinks) -> triton_tests.log
 #   4. fp32 at n=10 (exactness at full precision, and the fp32 speed)                 -> gpu_benchmark_fp32.json
 #   5. tf32 at n=10, then evaluate_many grouped vs one by one, if time is left
 # Results land in $OUT. Usage: OUT=/some/dir bash benchmarks/run_gpu.sh [total-seconds, default 570]
@@ -40,7 +40,8 @@ BENCH_TAG=bf16 step bench_bf16 60 300 $PYTEST benchmarks/test_gpu.py $TINY_ARG -
 grep -oE "^\{'device.*\}|[0-9]+ (passed|failed).*" "$OUT/bench_bf16.log" | tail -8
 step profile 30 60 python benchmarks/profile_gpu.py --model smollm2-135m --layout n10 --precision bf16 $TINY_ARG
 cat "$OUT/profile.log" | grep -v "^STAGE\|^USDT" | tail -22
-step triton_tests 30 100 $PYTEST -x -k "not compile_for_sm90" tests/test_triton_transforms.py tests/test_triton_subset_attention.py tests/test_triton_trie.py
+step triton_tests 30 100 $PYTEST -x -k "not compile_for_sm90" tests/test_triton_transforms.py tests/test_triton_subset_attention.py \
+  tests/test_gpt_oss.py tests/test_triton_trie.py
 tail -3 "$OUT/triton_tests.log"
 BENCH_TAG=fp32 step bench_fp32 40 150 $PYTEST benchmarks/test_gpu.py $TINY_ARG -k "n10 and fp32"
 grep -oE "[0-9]+ (passed|failed).*" "$OUT/bench_fp32.log" | tail -2
