@@ -96,6 +96,8 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, attn: str = "eager", **ove
         cfg = GraniteConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                             num_key_value_heads=2, max_position_embeddings=128, embedding_multiplier=4.0,
                             attention_multiplier=0.5, residual_multiplier=0.5, logits_scaling=2.0, **common)
+    elif arch in LLAMA_LIKE_ARCHS:
+        cfg = tiny_llama_like_config(arch, **common)
     elif arch in MOE_ARCHS:
         cfg = tiny_moe_config(arch, **common)
     else:
@@ -108,7 +110,56 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, attn: str = "eager", **ove
             for name, param in model.named_parameters():
                 if name.endswith("norm.weight"):
                     param.normal_(0.0, 0.5)
+    if arch in LLAMA_LIKE_ARCHS:  # HF's constant norm weights (and biases) would hide a norm of another form
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "norm." in name:
+                    param.add_(0.5 * torch.randn_like(param))
     return model
+
+
+#: More Llama-like architectures :func:`tiny_model` builds (:func:`tiny_llama_like_config`).
+LLAMA_LIKE_ARCHS = ("ministral", "seed_oss", "arcee", "nemotron", "starcoder2", "helium", "ernie4_5", "glm",
+                    "apertus", "glm4")
+
+
+#: The RMSNorm classes of :data:`LLAMA_LIKE_ARCHS` that the adapters' fused ops stand in for (``FUSED_NORMS``), by
+#: their modeling modules (Nemotron's and StarCoder2's LayerNorms run as their modules).
+LLAMA_LIKE_NORMS = {"MinistralRMSNorm": "ministral", "SeedOssRMSNorm": "seed_oss", "ArceeRMSNorm": "arcee",
+                    "HeliumRMSNorm": "helium", "Ernie4_5RMSNorm": "ernie4_5", "GlmRMSNorm": "glm",
+                    "ApertusRMSNorm": "apertus", "Glm4RMSNorm": "glm4"}
+
+
+def llama_like_norm(cls_name: str) -> type:
+    """The HF class of one of :data:`LLAMA_LIKE_NORMS`."""
+    import importlib
+
+    module = LLAMA_LIKE_NORMS[cls_name]
+    return getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), cls_name)
+
+
+def tiny_llama_like_config(arch: str, **options):
+    """A tiny config of a Llama-like architecture (2 layers, 4 heads of 8, 2 KV heads): Ministral with a sliding
+    first layer (window 4) and a full one; Seed-OSS with biased q/k/v; Arcee's ReLU^2 MLP (not gated); Nemotron's
+    ReLU^2 MLP, (1 + w) LayerNorms with biases and RoPE on half of each head; StarCoder2's LayerNorms, GELU MLP,
+    biases and a window of 4 on every layer; Helium's, ERNIE-4.5's and GLM's interleaved RoPE (GLM's on half of each
+    head, and its fused gate_up MLP); Apertus' xIELU MLP (not gated), per-head q/k norms and its own norms' names;
+    GLM-4: GLM's layers with sandwich norms (four per layer), its RoPE over the whole head."""
+    import transformers
+
+    names = {"ministral": "MinistralConfig", "seed_oss": "SeedOssConfig", "arcee": "ArceeConfig",
+             "nemotron": "NemotronConfig", "starcoder2": "Starcoder2Config", "helium": "HeliumConfig",
+             "ernie4_5": "Ernie4_5Config", "glm": "GlmConfig", "apertus": "ApertusConfig", "glm4": "Glm4Config"}
+    extra = {"ministral": {"sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]},
+             "seed_oss": {"attention_bias": True}, "starcoder2": {"sliding_window": 4},
+             "apertus": {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                             "original_max_position_embeddings": 8, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0}},
+             "glm4": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0}},
+             }.get(arch, {})
+    return getattr(transformers, names[arch])(**{
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 128, **extra, **options})
 
 
 #: Mixture-of-Experts architectures :func:`tiny_model` builds: 4 experts, top-2, a Llama-like attention.

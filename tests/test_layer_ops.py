@@ -4,7 +4,7 @@ import doctest
 
 import pytest
 import torch
-from conftest import count_calls, requires_ext, tiny_model
+from conftest import LLAMA_LIKE_NORMS, count_calls, llama_like_norm, requires_ext, tiny_model
 
 from sftint_fast.ops import layer_ops
 
@@ -24,15 +24,15 @@ def _hf_norm(cls_name: str, size: int, gen: torch.Generator) -> torch.nn.Module:
 
     cls = {"LlamaRMSNorm": llama.LlamaRMSNorm, "Qwen2RMSNorm": qwen2.Qwen2RMSNorm,
            "Gemma3RMSNorm": gemma3.Gemma3RMSNorm, "Gemma2RMSNorm": gemma2.Gemma2RMSNorm,
-           "GemmaRMSNorm": gemma1.GemmaRMSNorm, "GraniteRMSNorm": granite.GraniteRMSNorm}[cls_name]
-    module = cls(size, eps=1e-5)
+           "GemmaRMSNorm": gemma1.GemmaRMSNorm, "GraniteRMSNorm": granite.GraniteRMSNorm}.get(cls_name)
+    module = (cls or llama_like_norm(cls_name))(size, eps=1e-5)
     with torch.no_grad():
         module.weight.copy_(torch.randn(size, generator=gen))
     return module
 
 
 @pytest.mark.parametrize("cls_name", ["LlamaRMSNorm", "Qwen2RMSNorm", "Gemma3RMSNorm", "Gemma2RMSNorm",
-                                      "GemmaRMSNorm", "GraniteRMSNorm"])
+                                      "GemmaRMSNorm", "GraniteRMSNorm", *LLAMA_LIKE_NORMS])
 @pytest.mark.parametrize("shape", [(1, 8), (37, 72), (5, 3, 8), (300, 576), (2, 1)])  # odd H, 3-D, one element
 def test_rms_norm_matches_hf(cls_name, shape):
     from sftint_fast.engine.adapters.llama import FUSED_NORMS

@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import MOE_ARCHS, tiny_model
+from conftest import LLAMA_LIKE_ARCHS, MOE_ARCHS, tiny_model
 
 from sftint_fast.engine.adapters import get_adapter
 from sftint_fast.engine.naive import evaluate_naive
@@ -62,11 +62,13 @@ def run_both(net, game: Game, subsets=None, **kwargs):
 @pytest.mark.parametrize("masking", ["embedding", "attention"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "phi3", "gpt2", "gpt_neox", "olmo2",
-                                  "olmo3", "gemma", "granite", *MOE_ARCHS])
+                                  "olmo3", "gemma", "granite", *MOE_ARCHS, *LLAMA_LIKE_ARCHS])
 def test_trie_matches_naive(arch, attn, masking):
     net = model(arch, attn)
-    if arch == "olmo3":  # a sliding layer (window 4 < the 12-token prompt), then a full one
+    if arch in ("olmo3", "ministral"):  # a sliding layer (window 4 < the 12-token prompt), then a full one
         assert [spec.sliding_window for spec in get_adapter(net).layers] == [4, None]
+    if arch == "starcoder2":  # its config's window on every layer, as Mistral's
+        assert [spec.sliding_window for spec in get_adapter(net).layers] == [4, 4]
     trie, naive = run_both(net, make_game("first_and_last", masking=masking), batch_size=3)
     check_close(trie, naive)
     assert naive.std() > 1e-2  # the variants really differ
@@ -508,7 +510,8 @@ def test_sequence_length_dependent_rope(rope, masking):
 #: Phi-3 (fused qkv and gate_up projections) with RoPE over the whole head, partial RoPE (6 of 8 dims) under a window
 #: of 3, longrope past its original length of 8 on 6 of 8 dims, and a GELU gate over 16-wide heads.
 #: OLMo-2 with biases, tied embeddings, YaRN and heads of 16 (q/k norms 64 wide, not the hidden size), with dynamic
-#: RoPE past its 8 positions, and OLMo-3 with a one-token window on its second layer.
+#: RoPE past its 8 positions, and OLMo-3 with a one-token window on its second layer. GLM with its interleaved RoPE
+#: over the whole head (where the fused RoPE ops, which rotate its halves, would otherwise take it).
 CONFIGS = {
     "rope-linear": ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 3.0, "rope_theta": 10000.0}}),
     "rope-llama3": ("llama", {"rope_parameters": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
@@ -544,19 +547,22 @@ CONFIGS = {
                                                     "tie_word_embeddings": True, "embedding_multiplier": 12.0,
                                                     "attention_multiplier": 0.1, "residual_multiplier": 0.22,
                                                     "logits_scaling": 8.0}),
+    "glm-full-rotary": ("glm", {"head_dim": 8, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                                   "partial_rotary_factor": 1.0}}),
 }
 
 
 @pytest.mark.parametrize("masking", ["embedding", "attention"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_llama_like_configs_match_naive_and_the_models_forward(name, masking):
-    from transformers import (AutoModelForCausalLM, GemmaConfig, GraniteConfig, LlamaConfig, MistralConfig,
-                              Olmo2Config, Olmo3Config, Phi3Config, Qwen2Config, Qwen3Config, SmolLM3Config)
+    from transformers import (AutoModelForCausalLM, GemmaConfig, GlmConfig, GraniteConfig, LlamaConfig,
+                              MistralConfig, Olmo2Config, Olmo3Config, Phi3Config, Qwen2Config, Qwen3Config,
+                              SmolLM3Config)
 
     arch, options = CONFIGS[name]
     config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "qwen3": Qwen3Config,
                   "smollm3": SmolLM3Config, "phi3": Phi3Config, "olmo2": Olmo2Config, "olmo3": Olmo3Config,
-                  "gemma": GemmaConfig, "granite": GraniteConfig}[arch]
+                  "gemma": GemmaConfig, "granite": GraniteConfig, "glm": GlmConfig}[arch]
     torch.manual_seed(0)
     options = {"max_position_embeddings": 32, **options}
     cfg = config_cls(vocab_size=128, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,

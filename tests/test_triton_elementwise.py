@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import DEVICE, count_calls, requires_ext, requires_triton, tiny_model
+from conftest import DEVICE, LLAMA_LIKE_NORMS, count_calls, llama_like_norm, requires_ext, requires_triton, tiny_model
 
 pytestmark = requires_triton
 
@@ -29,7 +29,7 @@ def _on(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cls_name", ["LlamaRMSNorm", "Qwen2RMSNorm", "Gemma3RMSNorm", "Olmo2RMSNorm",
-                                      "Gemma2RMSNorm", "GemmaRMSNorm", "GraniteRMSNorm"])
+                                      "Gemma2RMSNorm", "GemmaRMSNorm", "GraniteRMSNorm", *LLAMA_LIKE_NORMS])
 @pytest.mark.parametrize("shape", [(37, 72), (5, 3, 8), (300, 16)])  # H not a power of 2; 3-D; rows > one program
 def test_rms_norm_matches_hf(cls_name, dtype, shape):
     import transformers.models.gemma2.modeling_gemma2 as gemma2
@@ -46,7 +46,7 @@ def test_rms_norm_matches_hf(cls_name, dtype, shape):
     cls = {"LlamaRMSNorm": llama.LlamaRMSNorm, "Qwen2RMSNorm": qwen2.Qwen2RMSNorm,
            "Gemma3RMSNorm": gemma3.Gemma3RMSNorm, "Olmo2RMSNorm": olmo2.Olmo2RMSNorm,
            "Gemma2RMSNorm": gemma2.Gemma2RMSNorm, "GemmaRMSNorm": gemma1.GemmaRMSNorm,
-           "GraniteRMSNorm": granite.GraniteRMSNorm}[cls_name]
+           "GraniteRMSNorm": granite.GraniteRMSNorm}.get(cls_name) or llama_like_norm(cls_name)
     gen = torch.Generator().manual_seed(0)
     module = cls(shape[-1], eps=1e-5).to(dtype)
     with torch.no_grad():
@@ -139,7 +139,8 @@ def _count_fused(monkeypatch) -> dict:
 
 @pytest.mark.parametrize("fused", ["triton", pytest.param("cpu", marks=requires_ext)])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "gemma3", "phi3", "phi3-full-rotary", "olmo2",
-                                  "olmo3", "gemma2", "gemma", "granite", "qwen3_moe", "mixtral", "olmoe", "qwen2_moe"])
+                                  "olmo3", "gemma2", "gemma", "granite", "qwen3_moe", "mixtral", "olmoe", "qwen2_moe",
+                                  "helium", "glm4"])
 def test_layer_loop_uses_the_fused_ops_and_matches_the_model(arch, fused, monkeypatch):
     """``run_layers(fused=...)`` replaces every RMSNorm, RoPE and (SiLU models) the gate, and gives the model's
     numbers; Gemma-3's GELU MLP stays its module. Per layer: Llama/Qwen2/SmolLM3/Granite 2 norms, Gemma 2 (its
@@ -148,7 +149,8 @@ def test_layer_loop_uses_the_fused_ops_and_matches_the_model(arch, fused, monkey
     SmolLM3's NoPE layer (the second) no RoPE. Phi-3: 2 norms, RoPE only where it spans the whole head (the model's
     function rotates part of it, and passes the rest), its fused gate_up MLP as its module. MoE models: 2 norms
     (Qwen3-MoE and OLMoE + q/k norms), the gate in the dense layers only (Qwen3-MoE's 1 of 3, Qwen2-MoE's 2 of 3);
-    the sparse blocks run as their modules.
+    the sparse blocks run as their modules. Helium: 2 norms (OLMo's form), its interleaved RoPE as its function;
+    GLM-4: 4 (sandwich) norms, its interleaved RoPE and fused gate_up MLP as its function and module.
     ``"triton"``: the Triton ops on ``DEVICE``; ``"cpu"``: the C++ ops (``sftint_fast.ops.layer_ops``)."""
     from conftest import tiny_gemma2
     from test_layer_ops import count_cpu_ops
@@ -206,6 +208,10 @@ def test_layer_loop_uses_the_fused_ops_and_matches_the_model(arch, fused, monkey
         assert counts == sorted([norms * layers, 2 * layers, dense]), calls
     elif arch == "smollm3":
         assert counts == sorted([2 * layers, 2 * (layers - 1), layers]), calls
+    elif arch == "helium":
+        assert counts == sorted([2 * layers, 0, layers]), calls
+    elif arch == "glm4":
+        assert counts == sorted([4 * layers, 0, 0]), calls
     elif arch.startswith("phi3"):
         assert counts == sorted([2 * layers, 2 * layers if arch == "phi3-full-rotary" else 0, 0]), calls
     else:

@@ -21,7 +21,8 @@ __all__ = ["Adapter", "AttendFn", "LayerSpec", "ModelDims", "find_adapter", "get
 _ADAPTERS: tuple[type[Adapter], ...] = (LlamaLikeAdapter, Phi3Adapter, GPT2Adapter, GPTNeoXAdapter, OlmoAdapter,
                                         MoeAdapter, GraniteAdapter, GptOssAdapter)
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "smollm3", "phi3", "gpt2", "gpt_neox", "olmo2",
-             "olmo3", "gemma2", "qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "gemma", "granite", "gpt_oss")
+             "olmo3", "gemma2", "qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "gemma", "granite", "gpt_oss",
+             "ministral", "seed_oss", "arcee", "nemotron", "starcoder2", "helium", "ernie4_5", "glm", "apertus", "glm4")
 
 
 def get_adapter(model: torch.nn.Module) -> Adapter | None:
@@ -30,8 +31,14 @@ def get_adapter(model: torch.nn.Module) -> Adapter | None:
     Supported: Llama / SmolLM2, Qwen2, Qwen3, Mistral, Gemma-3 text, SmolLM3 (``model_type`` llama, qwen2, qwen3,
     mistral, gemma3_text, smollm3), Phi-3 / Phi-3.5 / Phi-4 / Phi-4-mini (``phi3``), GPT-2, GPT-NeoX / Pythia
     (``gpt_neox``), OLMo-2 / OLMo-3 (``olmo2``, ``olmo3``), Gemma (v1, ``gemma``), IBM Granite 3.x (``granite``: its
-    embedding, residual and logit multipliers as its forward applies them) and Gemma-2 (``gemma2``: its attention
-    logit soft-cap needs eager, flex or flash attention; SDPA is refused), and the Mixture-of-Experts decoders
+    embedding, residual and logit multipliers as its forward applies them), Gemma-2 (``gemma2``: its attention
+    logit soft-cap needs eager, flex or flash attention; SDPA is refused), Ministral (``ministral``: sliding layers
+    by ``layer_types``), Seed-OSS (``seed_oss``), Arcee AFM (``arcee``: its ReLU^2 MLP, not gated, as its module),
+    Apertus (``apertus``: its xIELU MLP as its module, per-head q/k norms),
+    Nemotron (``nemotron``: (1 + w) LayerNorms and a ReLU^2 MLP as their modules, partial RoPE), StarCoder2
+    (``starcoder2``: LayerNorms and GELU MLP as their modules, ``config.sliding_window`` on every layer), Helium,
+    ERNIE-4.5 (dense), GLM and GLM-4 (``helium``, ``ernie4_5``, ``glm``, ``glm4``: their interleaved RoPE as their
+    own function, never the fused op; GLM-4's sandwich norms), and the Mixture-of-Experts decoders
     Qwen3-MoE, Mixtral, OLMoE and Qwen2-MoE (``qwen3_moe``, ``mixtral``, ``olmoe``, ``qwen2_moe``: their sparse
     blocks run as their modules on the flat token batch, exact since transformers routes each token alone), and
     gpt-oss (``gpt_oss``: its attention sinks carried into the engine's attention, which needs eager or flex

@@ -1,5 +1,6 @@
-"""Llama-like decoders (Llama, SmolLM2, Qwen2, Qwen3, Mistral, Gemma, Gemma-3 text, SmolLM3, Gemma-2): pre-norm
-blocks with RoPE (none on SmolLM3's NoPE layers) and GQA.
+"""Llama-like decoders (Llama, SmolLM2, Qwen2, Qwen3, Mistral, Ministral, Gemma, Gemma-3 text, SmolLM3, Gemma-2,
+Seed-OSS, Arcee, Apertus, Nemotron, StarCoder2, Helium, ERNIE-4.5, GLM, GLM-4): pre-norm (Gemma-2/3 and GLM-4:
+sandwich) blocks with RoPE (none on SmolLM3's NoPE layers) and GQA.
 
 The layer loop calls the HF modules themselves (norms, projections, rotary embedding, MLP, LM head), so every
 number equals the model's own forward; only the attention is handed to the engine's callback.
@@ -18,7 +19,9 @@ from sftint_fast.engine.adapters.base import (Adapter, AttendFn, FusedBackend, L
                                               last_layer_rows, mlp_tensors)
 
 #: HF ``model_type`` values this adapter serves (each checked against the naive engine in tests/test_trie.py).
-MODEL_TYPES = frozenset({"llama", "qwen2", "mistral", "gemma3_text", "qwen3", "smollm3", "gemma2", "gemma"})
+MODEL_TYPES = frozenset({"llama", "qwen2", "mistral", "gemma3_text", "qwen3", "smollm3", "gemma2", "gemma",
+                         "ministral", "seed_oss", "arcee", "nemotron", "starcoder2", "helium", "ernie4_5", "glm",
+                         "apertus", "glm4"})
 #: RMSNorm classes the fused ops (Triton, C++) reproduce: ``"llama"`` = ``w * norm(x).to(dtype)`` (``variance_epsilon``),
 #: ``"gemma"`` = ``(norm(x) * (1 + w)).to(dtype)`` (``eps``), ``"olmo"`` = ``(w * norm(x)).to(dtype)``
 #: (``variance_epsilon``). Any other norm runs as its module.
@@ -26,11 +29,29 @@ FUSED_NORMS = {"LlamaRMSNorm": "llama", "Qwen2RMSNorm": "llama", "Qwen3RMSNorm":
                "SmolLM3RMSNorm": "llama", "Phi3RMSNorm": "llama", "Gemma3RMSNorm": "gemma", "Gemma2RMSNorm": "gemma",
                "Olmo2RMSNorm": "olmo", "Olmo3RMSNorm": "olmo", "Qwen3MoeRMSNorm": "llama", "Qwen2MoeRMSNorm": "llama",
                "MixtralRMSNorm": "llama", "OlmoeRMSNorm": "llama", "GemmaRMSNorm": "gemma",
-               "GraniteRMSNorm": "llama"}
+               "GraniteRMSNorm": "llama", "MinistralRMSNorm": "llama", "SeedOssRMSNorm": "llama",
+               "ArceeRMSNorm": "llama", "Ernie4_5RMSNorm": "llama", "GlmRMSNorm": "llama", "ApertusRMSNorm": "llama",
+               "Glm4RMSNorm": "llama",
+               # ``(w.to(float32) * norm(x)).to(dtype)``: OLMo's form (``w * norm(x)`` is float32 for any w dtype)
+               "HeliumRMSNorm": "olmo"}
 #: Model types whose forward picks each layer's attention mask by ``config.layer_types`` (a ``"sliding_attention"``
 #: layer's mask keeps ``config.sliding_window`` keys), while flash attention reads the attention module's
 #: ``sliding_window``: the two must agree (:func:`_layer_windows`).
-_MASK_BY_LAYER_TYPE = frozenset({"qwen2", "qwen3", "smollm3", "gemma3_text", "olmo3", "gemma2", "qwen2_moe"})
+_MASK_BY_LAYER_TYPE = frozenset({"qwen2", "qwen3", "smollm3", "gemma3_text", "olmo3", "gemma2", "qwen2_moe",
+                                 "ministral"})
+#: Model types whose ``apply_rotary_pos_emb`` rotates interleaved pairs (``rotate_half`` over ``x[..., 0::2]`` and
+#: ``x[..., 1::2]``, the tables' first halves repeated pairwise), not the two halves of a head that the fused RoPE ops
+#: rotate: their own function runs.
+_INTERLEAVED_ROPE = frozenset({"helium", "ernie4_5", "glm", "glm4"})
+#: A decoder layer's norms by role, ``(before the attention, on its output, before the MLP, on its output)``: Llama's
+#: pre-norm layers (no norm on a block's output), Gemma-2/3's sandwich ones, and the model types that name them
+#: otherwise (Apertus' pre-norm layers; GLM-4's sandwich ones, whose ``post_attention_layernorm`` is before the MLP).
+_PRE_NORMS = ("input_layernorm", None, "post_attention_layernorm", None)
+_SANDWICH_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                   "post_feedforward_layernorm")
+_NORM_NAMES = {"apertus": ("attention_layernorm", None, "feedforward_layernorm", None),
+               "glm4": ("input_layernorm", "post_self_attn_layernorm", "post_attention_layernorm",
+                        "post_mlp_layernorm")}
 #: Model types whose attention modules pass ``softcap=self.attn_logit_softcapping`` to the attention function, which
 #: applies ``tanh(scores / cap) * cap`` to the scaled scores before the mask (eager, flex and flash attention; HF's
 #: SDPA attention cannot): the adapter carries it as :attr:`LayerSpec.softcap` (:func:`_layer_softcaps`).
@@ -56,7 +77,13 @@ class LlamaLikeAdapter(Adapter):
         self._final_softcap = getattr(config, "final_logit_softcapping", None)
         # Gemma-3 keeps one rotary table per layer type; the others take no layer type argument.
         self._layer_types = tuple(config.layer_types) if config.model_type == "gemma3_text" else None
-        self._sandwich = hasattr(self._blocks[0], "pre_feedforward_layernorm")
+        sandwich = hasattr(self._blocks[0], "pre_feedforward_layernorm")
+        self._norm_names = _NORM_NAMES.get(config.model_type, _SANDWICH_NORMS if sandwich else _PRE_NORMS)
+        self._sandwich = self._norm_names[1] is not None
+        if config.model_type in _NORM_NAMES:  # a release that renames them again: the adapter refuses the model
+            for block in self._blocks:
+                for name in filter(None, self._norm_names):
+                    getattr(block, name)  # (an AttributeError where a layer lacks it)
         attn0 = self._blocks[0].self_attn
         softcaps = _layer_softcaps(config, self._blocks)
         if _scales_embeddings_in_forward(inner):
@@ -76,7 +103,8 @@ class LlamaLikeAdapter(Adapter):
             softcap=any(cap is not None for cap in softcaps),
         )
         # fused elementwise ops (``run_layers(fused=...)``): which of the model's ops they can stand in for
-        self._rope_fusable = _function_name(self._apply_rope) == "apply_rotary_pos_emb"
+        self._rope_fusable = (_function_name(self._apply_rope) == "apply_rotary_pos_emb"
+                              and config.model_type not in _INTERLEAVED_ROPE)
         mlp0 = self._blocks[0].mlp
         self._mlp_fusable = all(hasattr(mlp0, name) for name in ("gate_proj", "up_proj", "down_proj")) and (
             isinstance(mlp0.act_fn, torch.nn.SiLU) or type(mlp0.act_fn).__name__ == "SiLUActivation")
@@ -141,9 +169,10 @@ class LlamaLikeAdapter(Adapter):
         mlp = self._mlp_call(ops)
         hidden = embeds
         last = len(self._blocks) - 1
+        pre_attn, post_attn, pre_mlp, post_mlp = self._norm_names
         for index, block in enumerate(self._blocks):
             attn = block.self_attn
-            q, k, v = self._normed_qkv(norm, attn, *self._project(attn, norm(block.input_layernorm, hidden)))
+            q, k, v = self._normed_qkv(norm, attn, *self._project(attn, norm(getattr(block, pre_attn), hidden)))
             cos, sin = tables[index]
             if self._rope_layers[index]:  # (a NoPE layer's q and k go to the attention as they are)
                 q, k = self._rope(ops, q, k, cos, sin)
@@ -154,12 +183,12 @@ class LlamaLikeAdapter(Adapter):
                     return hidden
             out = attn.o_proj(out)
             if self._sandwich:
-                hidden = hidden + norm(block.post_attention_layernorm, out)
-                ff = mlp(block.mlp, norm(block.pre_feedforward_layernorm, hidden))
-                hidden = hidden + norm(block.post_feedforward_layernorm, ff)
+                hidden = hidden + norm(getattr(block, post_attn), out)
+                ff = mlp(block.mlp, norm(getattr(block, pre_mlp), hidden))
+                hidden = hidden + norm(getattr(block, post_mlp), ff)
             else:
                 hidden = self._residual(index, hidden, out)
-                hidden = self._residual(index, hidden, mlp(block.mlp, norm(block.post_attention_layernorm, hidden)))
+                hidden = self._residual(index, hidden, mlp(block.mlp, norm(getattr(block, pre_mlp), hidden)))
         return hidden
 
     def _residual(self, index: int, hidden: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -211,13 +240,13 @@ def _function_name(fn) -> str | None:
 
 
 def _layer_windows(config, blocks: list[torch.nn.Module]) -> list[int | None]:
-    """Each layer's sliding window, the attention module's ``sliding_window`` (Mistral's, Phi-3's and Mixtral's
-    attention have none: their ``config.sliding_window`` applies to every layer, whatever ``layer_types`` says). For
-    :data:`_MASK_BY_LAYER_TYPE` models the window of the mask that eager / SDPA attention apply must be that one:
-    SmolLM3 gives its attention modules a window only with ``use_sliding_window``, while its forward builds the masks
-    from ``layer_types`` alone; where they disagree the model's number depends on its attention implementation, and
-    the adapter refuses it."""
-    every_layer = config.model_type in ("mistral", "phi3", "mixtral")
+    """Each layer's sliding window, the attention module's ``sliding_window`` (Mistral's, Phi-3's, Mixtral's and
+    StarCoder2's attention have none: their ``config.sliding_window`` applies to every layer, whatever
+    ``layer_types`` says). For :data:`_MASK_BY_LAYER_TYPE` models the window of the mask that eager / SDPA attention
+    apply must be that one: SmolLM3 gives its attention modules a window only with ``use_sliding_window``, while its
+    forward builds the masks from ``layer_types`` alone; where they disagree the model's number depends on its
+    attention implementation, and the adapter refuses it."""
+    every_layer = config.model_type in ("mistral", "phi3", "mixtral", "starcoder2")
     mistral_window = getattr(config, "sliding_window", None) if every_layer else None
     windows = [getattr(block.self_attn, "sliding_window", mistral_window) for block in blocks]
     kinds = getattr(config, "layer_types", None) if config.model_type in _MASK_BY_LAYER_TYPE else None
