@@ -75,3 +75,24 @@ except ImportError:  # a lent GPU machine has its own packages (no registry): th
     @pytest.fixture
     def benchmark(request):
         return _PlainBenchmark(request.node.name)
+
+
+_TABLES = pytest.StashKey[dict]()
+
+
+@pytest.fixture(scope="session")
+def summary_tables(request) -> dict:
+    """``{title: [header, row, ...]}``: the rows benchmarks add here are printed as tables at the end of the run
+    (with or without ``-s``)."""
+    return request.config.stash.setdefault(_TABLES, {})
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    for title, rows in config.stash.get(_TABLES, {}).items():
+        if len(rows) < 2:
+            continue
+        cells = [[str(cell) for cell in row] for row in rows]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+        terminalreporter.write_sep("=", title)
+        for row in cells:
+            terminalreporter.write_line("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
