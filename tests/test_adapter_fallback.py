@@ -29,7 +29,7 @@ def test_an_architecture_without_adapter_runs_naive_and_says_so():
     assert reason == ("no trie adapter for OPTForCausalLM (model_type 'opt'; supported: llama, qwen2, qwen3, "
                       "mistral, gemma3_text, smollm3, phi3, gpt2, gpt_neox, olmo2, olmo3, gemma2, qwen3_moe, mixtral, "
                       "olmoe, qwen2_moe, gemma, granite, gpt_oss, ministral, seed_oss, arcee, nemotron, starcoder2, "
-                      "helium, ernie4_5, glm, apertus, glm4)")
+                      "helium, ernie4_5, glm, apertus, glm4, stablelm, cohere, cohere2, exaone4)")
     game = Game.from_text(model, TOK, TEXT_A)
     with torch.no_grad():
         naive = sf.evaluate(model, game, method="naive", progress=False)

@@ -6,6 +6,8 @@ import types
 import torch
 
 from sftint_fast.engine.adapters.base import Adapter, AttendFn, LayerSpec, ModelDims
+from sftint_fast.engine.adapters.cohere import CohereAdapter
+from sftint_fast.engine.adapters.exaone4 import Exaone4Adapter
 from sftint_fast.engine.adapters.gpt2 import GPT2Adapter
 from sftint_fast.engine.adapters.gpt_neox import GPTNeoXAdapter
 from sftint_fast.engine.adapters.gpt_oss import GptOssAdapter
@@ -14,15 +16,18 @@ from sftint_fast.engine.adapters.llama import LlamaLikeAdapter
 from sftint_fast.engine.adapters.moe import MoeAdapter
 from sftint_fast.engine.adapters.olmo import OlmoAdapter
 from sftint_fast.engine.adapters.phi3 import Phi3Adapter
+from sftint_fast.engine.adapters.stablelm import StableLmAdapter
 
 __all__ = ["Adapter", "AttendFn", "LayerSpec", "ModelDims", "find_adapter", "get_adapter", "replaced_forwards",
            "user_hooks", "wrapped_models"]
 
 _ADAPTERS: tuple[type[Adapter], ...] = (LlamaLikeAdapter, Phi3Adapter, GPT2Adapter, GPTNeoXAdapter, OlmoAdapter,
-                                        MoeAdapter, GraniteAdapter, GptOssAdapter)
+                                        MoeAdapter, GraniteAdapter, GptOssAdapter, StableLmAdapter, CohereAdapter,
+                                        Exaone4Adapter)
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "smollm3", "phi3", "gpt2", "gpt_neox", "olmo2",
              "olmo3", "gemma2", "qwen3_moe", "mixtral", "olmoe", "qwen2_moe", "gemma", "granite", "gpt_oss",
-             "ministral", "seed_oss", "arcee", "nemotron", "starcoder2", "helium", "ernie4_5", "glm", "apertus", "glm4")
+             "ministral", "seed_oss", "arcee", "nemotron", "starcoder2", "helium", "ernie4_5", "glm", "apertus", "glm4",
+             "stablelm", "cohere", "cohere2", "exaone4")
 
 
 def get_adapter(model: torch.nn.Module) -> Adapter | None:
@@ -38,7 +43,12 @@ def get_adapter(model: torch.nn.Module) -> Adapter | None:
     Nemotron (``nemotron``: (1 + w) LayerNorms and a ReLU^2 MLP as their modules, partial RoPE), StarCoder2
     (``starcoder2``: LayerNorms and GELU MLP as their modules, ``config.sliding_window`` on every layer), Helium,
     ERNIE-4.5 (dense), GLM and GLM-4 (``helium``, ``ernie4_5``, ``glm``, ``glm4``: their interleaved RoPE as their
-    own function, never the fused op; GLM-4's sandwich norms), and the Mixture-of-Experts decoders
+    own function, never the fused op; GLM-4's sandwich norms), StableLM / StableLM-2 (``stablelm``: LayerNorms,
+    partial RoPE, optional per-head q/k LayerNorms and parallel residual), Cohere / Command-R and Cohere-2
+    (``cohere``, ``cohere2``: attention and MLP in parallel on one LayerNorm'd input, interleaved RoPE as their own
+    function, the logit scale; Cohere's optional q/k norms; Cohere-2's sliding layers by ``layer_types``, no RoPE on
+    its full ones), EXAONE-4.0 (``exaone4``: OLMo-2's post-norm layers with per-head q/k norms, sliding layers by
+    ``layer_types``, no RoPE on its full ones where ``sliding_window`` is set), and the Mixture-of-Experts decoders
     Qwen3-MoE, Mixtral, OLMoE and Qwen2-MoE (``qwen3_moe``, ``mixtral``, ``olmoe``, ``qwen2_moe``: their sparse
     blocks run as their modules on the flat token batch, exact since transformers routes each token alone), and
     gpt-oss (``gpt_oss``: its attention sinks carried into the engine's attention, which needs eager or flex
