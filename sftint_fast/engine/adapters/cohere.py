@@ -18,8 +18,7 @@ import math
 import torch
 
 from sftint_fast.engine.adapters.base import AttendFn, FusedBackend, LayerSpec, last_layer_rows
-from sftint_fast.engine.adapters.llama import LlamaLikeAdapter, _call, _FusedOps
-from sftint_fast.engine.adapters.stablelm import check_source
+from sftint_fast.engine.adapters.llama import LlamaLikeAdapter, _call, _FusedOps, check_source
 
 #: HF ``model_type`` values this adapter serves (each checked against the naive engine in tests/test_more_adapters.py).
 MODEL_TYPES = frozenset({"cohere", "cohere2"})

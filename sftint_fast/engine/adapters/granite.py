@@ -17,12 +17,11 @@ no longer apply a multiplier as written above.
 """
 from __future__ import annotations
 
-import re
 
 import torch
 
 from sftint_fast.engine.adapters.base import AttendFn, FusedBackend
-from sftint_fast.engine.adapters.llama import LlamaLikeAdapter, _forward_source
+from sftint_fast.engine.adapters.llama import LlamaLikeAdapter, check_source
 
 #: HF ``model_type`` values this adapter serves (each checked against the naive engine in tests/test_trie.py).
 MODEL_TYPES = frozenset({"granite"})
@@ -44,13 +43,7 @@ class GraniteAdapter(LlamaLikeAdapter):
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__(model)
-        modules = {"model": model, "inner": self._inner, "layer": self._blocks[0]}
-        for what, pattern in _GRANITE_OPS:
-            source = _forward_source(modules[what])
-            if source is None or re.search(pattern, source) is None:
-                raise ValueError(f"{type(modules[what]).__name__}.forward does not read as transformers 5.x's "
-                                 f"Granite code (expected the op {pattern!r} in its source): the adapter would not "
-                                 "apply the model's multipliers as its forward does")
+        check_source({"model": model, "inner": self._inner, "layer": self._blocks[0]}, _GRANITE_OPS, "Granite")
         self._embedding_multiplier = _multiplier("embedding_multiplier", self._inner.embedding_multiplier)
         self._residual_multipliers = tuple(_multiplier(f"layer {index}'s residual_multiplier",
                                                        block.residual_multiplier)

@@ -267,6 +267,18 @@ def _forward_source(module: torch.nn.Module) -> str | None:
     return _source_of(type(module).forward)
 
 
+def check_source(modules: dict[str, torch.nn.Module], ops, family: str) -> None:
+    """A ValueError where the forward of ``modules[what]`` lacks the op ``pattern`` of some ``(what, pattern)`` of
+    ``ops`` (or its source cannot be read): a transformers release whose ``family`` code the adapter does not
+    reproduce."""
+    for what, pattern in ops:
+        source = _forward_source(modules[what])
+        if source is None or re.search(pattern, source) is None:
+            raise ValueError(f"{type(modules[what]).__name__}.forward does not read as transformers 5.x's {family} "
+                             f"code (expected the op {pattern!r} in its source): the adapter would not compute what "
+                             "its forward does")
+
+
 @functools.lru_cache(maxsize=256)
 def _source_of(function) -> str | None:
     # (read once per function: every evaluate builds an adapter, and reading the source was 80% of its lookup)

@@ -13,12 +13,11 @@ forwards no longer compute as written above.
 """
 from __future__ import annotations
 
-import re
 
 import torch
 
 from sftint_fast.engine.adapters.base import AttendFn, FusedBackend, last_layer_rows
-from sftint_fast.engine.adapters.llama import LlamaLikeAdapter, _call, _forward_source, _FusedOps
+from sftint_fast.engine.adapters.llama import LlamaLikeAdapter, _call, _FusedOps, check_source
 
 #: HF ``model_type`` values this adapter serves (each checked against the naive engine in tests/test_more_adapters.py).
 MODEL_TYPES = frozenset({"stablelm"})
@@ -34,16 +33,6 @@ _STABLELM_OPS = (
 )
 
 
-def check_source(modules: dict[str, torch.nn.Module], ops, family: str) -> None:
-    """A ValueError where the forward of ``modules[what]`` lacks the op ``pattern`` of some ``(what, pattern)`` of
-    ``ops`` (or its source cannot be read): a transformers release whose ``family`` code the adapter does not
-    reproduce."""
-    for what, pattern in ops:
-        source = _forward_source(modules[what])
-        if source is None or re.search(pattern, source) is None:
-            raise ValueError(f"{type(modules[what]).__name__}.forward does not read as transformers 5.x's {family} "
-                             f"code (expected the op {pattern!r} in its source): the adapter would not compute what "
-                             "its forward does")
 
 
 class StableLmAdapter(LlamaLikeAdapter):
